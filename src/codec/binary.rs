@@ -1,0 +1,259 @@
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{format_time, parse_time};
+use crate::error::Error;
+use crate::event::Event;
+
+/// How one protocol carries CloudEvents attributes in binary mode.
+///
+/// Attributes become headers named `prefix + attribute` (`ce-id`,
+/// `cloudEvents_type`, plain `source` for Redis fields); the payload is the
+/// message body. Where the protocol has a content-type header or property,
+/// `datacontenttype` goes there instead. Header names are matched without
+/// regard to case on decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding {
+    prefix: &'static str,
+    content_type: Option<&'static str>,
+    percent_encode: bool,
+}
+
+impl Binding {
+    /// NATS: `ce-<attr>` headers, `ce-datacontenttype` included; a
+    /// `content-type` header is also read on decode.
+    pub const NATS: Binding = Binding {
+        prefix: "ce-",
+        content_type: None,
+        percent_encode: false,
+    };
+
+    /// HTTP: `ce-<attr>` headers with percent-encoded values, the data's
+    /// type in `content-type`.
+    pub const HTTP: Binding = Binding {
+        prefix: "ce-",
+        content_type: Some("content-type"),
+        percent_encode: true,
+    };
+
+    /// AMQP: `cloudEvents_<attr>` application properties, the data's type
+    /// in the `content-type` message property (reported to the callback
+    /// under the name `content-type`).
+    pub const AMQP: Binding = Binding {
+        prefix: "cloudEvents_",
+        content_type: Some("content-type"),
+        percent_encode: false,
+    };
+
+    /// Redis Streams: one field per attribute under its plain name; the
+    /// payload goes in the `data` field, which the transport writes.
+    pub const REDIS: Binding = Binding {
+        prefix: "",
+        content_type: None,
+        percent_encode: false,
+    };
+
+    /// The header name prefix.
+    pub const fn prefix(&self) -> &'static str {
+        self.prefix
+    }
+
+    /// Calls `f(name, value)` for each header that carries `event`'s
+    /// attributes, `specversion` first.
+    pub fn write_headers(&self, event: &Event, mut f: impl FnMut(&str, &str)) {
+        let mut name = String::with_capacity(self.prefix.len() + 24);
+        let mut emit = |attr: &str, value: &str| {
+            name.clear();
+            name.push_str(self.prefix);
+            name.push_str(attr);
+            f(&name, &self.encode_value(value));
+        };
+        emit("specversion", event.specversion());
+        emit("id", event.id());
+        emit("type", event.ty());
+        emit("source", event.source());
+        if let Some(time) = event.time() {
+            emit("time", &format_time(time));
+        }
+        if let Some(subject) = event.subject() {
+            emit("subject", subject);
+        }
+        if let Some(schema) = event.dataschema() {
+            emit("dataschema", schema);
+        }
+        for (ext, value) in event.extensions() {
+            emit(ext, value);
+        }
+        if let Some(ct) = event.datacontenttype() {
+            match self.content_type {
+                Some(header) => f(header, &self.encode_value(ct)),
+                None => emit("datacontenttype", ct),
+            }
+        }
+    }
+
+    /// Builds an event from binary-mode headers and a body.
+    ///
+    /// Headers without the prefix (other than the content-type header) are
+    /// ignored; header values must be UTF-8.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Decode`](crate::ErrorKind::Decode) if `specversion` is
+    /// missing or not `1.0`, `id`, `source` or `type` is missing or empty,
+    /// `time` is not RFC 3339, a value is not UTF-8 (or badly
+    /// percent-encoded), or an extension name is invalid.
+    pub fn decode<I, N, V>(&self, headers: I, body: Option<Bytes>) -> Result<Event, Error>
+    where
+        I: IntoIterator<Item = (N, V)>,
+        N: AsRef<str>,
+        V: AsRef<[u8]>,
+    {
+        let mut attrs = Attrs::default();
+        for (name, value) in headers {
+            let name = name.as_ref();
+            let is_content_type = self
+                .content_type
+                .map_or(name.eq_ignore_ascii_case("content-type"), |h| {
+                    name.eq_ignore_ascii_case(h)
+                });
+            let attr = if is_content_type {
+                "datacontenttype".to_owned()
+            } else {
+                match strip_prefix_ignore_case(name, self.prefix) {
+                    Some(attr) => attr.to_ascii_lowercase(),
+                    None => continue,
+                }
+            };
+            let value = std::str::from_utf8(value.as_ref())
+                .map_err(|_| Error::decode(format!("header {name:?} is not UTF-8")))?;
+            let value = self.decode_value(value)?;
+            attrs.set(attr, value)?;
+        }
+        attrs.into_event(body)
+    }
+
+    fn encode_value<'a>(&self, value: &'a str) -> Cow<'a, str> {
+        if !self.percent_encode
+            || value
+                .bytes()
+                .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%')
+        {
+            return Cow::Borrowed(value);
+        }
+        let mut out = String::with_capacity(value.len() + 8);
+        for b in value.bytes() {
+            if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    fn decode_value<'a>(&self, value: &'a str) -> Result<Cow<'a, str>, Error> {
+        if !self.percent_encode || !value.contains('%') {
+            return Ok(Cow::Borrowed(value));
+        }
+        let bytes = value.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| Error::decode("bad percent-encoding in header value"))?;
+                out.push(hex);
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out)
+            .map(Cow::Owned)
+            .map_err(|_| Error::decode("percent-decoded header value is not UTF-8"))
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = name.get(..prefix.len())?;
+    if head.eq_ignore_ascii_case(prefix) && name.len() > prefix.len() {
+        name.get(prefix.len()..)
+    } else {
+        None
+    }
+}
+
+#[derive(Default)]
+struct Attrs {
+    specversion: Option<String>,
+    id: Option<Arc<str>>,
+    ty: Option<Arc<str>>,
+    source: Option<Arc<str>>,
+    time: Option<String>,
+    subject: Option<Arc<str>>,
+    datacontenttype: Option<Arc<str>>,
+    dataschema: Option<Arc<str>>,
+    extensions: Vec<(String, Arc<str>)>,
+}
+
+impl Attrs {
+    fn set(&mut self, attr: String, value: Cow<'_, str>) -> Result<(), Error> {
+        match attr.as_str() {
+            "specversion" => self.specversion = Some(value.into_owned()),
+            "id" => self.id = Some(value.into()),
+            "type" => self.ty = Some(value.into()),
+            "source" => self.source = Some(value.into()),
+            "time" => self.time = Some(value.into_owned()),
+            "subject" => self.subject = Some(value.into()),
+            "datacontenttype" => self.datacontenttype = Some(value.into()),
+            "dataschema" => self.dataschema = Some(value.into()),
+            "data" | "data_base64" => {
+                return Err(Error::decode(format!("`{attr}` is not allowed as a header")));
+            }
+            _ => self.extensions.push((attr, value.into())),
+        }
+        Ok(())
+    }
+
+    fn into_event(self, body: Option<Bytes>) -> Result<Event, Error> {
+        match self.specversion.as_deref() {
+            Some("1.0") => {}
+            Some(other) => return Err(Error::decode(format!("unsupported specversion {other:?}"))),
+            None => return Err(Error::decode("missing `specversion`")),
+        }
+        let required = |value: Option<Arc<str>>, name: &str| match value {
+            Some(v) if !v.is_empty() => Ok(v),
+            Some(_) => Err(Error::decode(format!("`{name}` must not be empty"))),
+            None => Err(Error::decode(format!("missing `{name}`"))),
+        };
+        let mut event = Event::bare(
+            required(self.id, "id")?,
+            required(self.ty, "type")?,
+            required(self.source, "source")?,
+        );
+        if let Some(time) = self.time {
+            event.set_time(Some(parse_time(&time)?));
+        }
+        event.set_subject(self.subject);
+        event.set_dataschema(self.dataschema);
+        for (name, value) in self.extensions {
+            event
+                .set_extension(&name, value)
+                .map_err(|e| Error::decode(e.message().to_owned()))?;
+        }
+        if self.datacontenttype.as_deref() == Some("") {
+            return Err(Error::decode("`datacontenttype` must not be empty"));
+        }
+        // An empty body without a content type is an event without data.
+        let body = body.filter(|b| !b.is_empty() || self.datacontenttype.is_some());
+        event.set_data_raw(self.datacontenttype, body, false);
+        Ok(event)
+    }
+}

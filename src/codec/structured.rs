@@ -1,0 +1,316 @@
+//! The CloudEvents JSON format (structured mode), both ways.
+//!
+//! ```
+//! use watchtower::{codec::structured, Event};
+//!
+//! let event = Event::binary("image.stored", "image/png", &b"\x89PNG"[..]);
+//! let json = structured::to_vec(&event)?;
+//! let text = std::str::from_utf8(&json).unwrap();
+//! assert!(text.contains(r#""data_base64":"iVBORw==""#));
+//! assert_eq!(structured::from_slice(&json)?, event);
+//! # Ok::<(), watchtower::Error>(())
+//! ```
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use serde::de::{self, Deserializer as _, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::{format_time, parse_time};
+use crate::error::{Error, ErrorKind};
+use crate::event::{Event, is_json_content_type};
+
+/// Encodes `event` as CloudEvents JSON.
+///
+/// # Errors
+///
+/// [`ErrorKind::InvalidEvent`] if the event breaks the CloudEvents rules.
+pub fn to_vec(event: &Event) -> Result<Vec<u8>, Error> {
+    event.validate()?;
+    let data_len = event.data().map_or(0, |d| d.len());
+    let mut out = Vec::with_capacity(160 + data_len + data_len / 3);
+    out.extend_from_slice(br#"{"specversion":"1.0","id":"#);
+    write_str(&mut out, event.id());
+    out.extend_from_slice(br#","type":"#);
+    write_str(&mut out, event.ty());
+    out.extend_from_slice(br#","source":"#);
+    write_str(&mut out, event.source());
+    if let Some(time) = event.time() {
+        out.extend_from_slice(br#","time":"#);
+        write_str(&mut out, &format_time(time));
+    }
+    for (name, value) in [
+        ("subject", event.subject()),
+        ("datacontenttype", event.datacontenttype()),
+        ("dataschema", event.dataschema()),
+    ] {
+        if let Some(value) = value {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+            write_str(&mut out, value);
+        }
+    }
+    for (name, value) in event.extensions() {
+        out.push(b',');
+        write_str(&mut out, name);
+        out.push(b':');
+        write_str(&mut out, value);
+    }
+    if let Some(data) = event.data() {
+        if event.is_json() && (event.data_is_json() || serde_json::from_slice::<&RawValue>(data).is_ok()) {
+            out.extend_from_slice(br#","data":"#);
+            out.extend_from_slice(data);
+        } else {
+            out.extend_from_slice(br#","data_base64":""#);
+            let start = out.len();
+            let len = base64::encoded_len(data.len(), true).unwrap_or(0);
+            out.resize(start + len, 0);
+            let written = BASE64.encode_slice(data, &mut out[start..]).unwrap_or(0);
+            out.truncate(start + written);
+            out.push(b'"');
+        }
+    }
+    out.push(b'}');
+    Ok(out)
+}
+
+/// Encodes `event` as CloudEvents JSON into [`Bytes`].
+///
+/// # Errors
+///
+/// As [`to_vec`].
+pub fn to_bytes(event: &Event) -> Result<Bytes, Error> {
+    to_vec(event).map(Bytes::from)
+}
+
+/// Decodes CloudEvents JSON, copying the payload out of `input`.
+///
+/// # Errors
+///
+/// [`ErrorKind::Decode`] if `input` is not a valid CloudEvents 1.0 JSON
+/// object (malformed JSON, missing or empty `id`/`source`/`type`, another
+/// `specversion`, a bad `time`, bad `data_base64`, an invalid extension
+/// name or value).
+pub fn from_slice(input: &[u8]) -> Result<Event, Error> {
+    decode(input, None)
+}
+
+/// Decodes CloudEvents JSON; the payload shares `input`'s memory when it
+/// is inline JSON.
+///
+/// # Errors
+///
+/// As [`from_slice`].
+pub fn from_bytes(input: &Bytes) -> Result<Event, Error> {
+    decode(input, Some(input))
+}
+
+fn decode(input: &[u8], shared: Option<&Bytes>) -> Result<Event, Error> {
+    let mut de = serde_json::Deserializer::from_slice(input);
+    let wire = de
+        .deserialize_map(WireVisitor)
+        .and_then(|wire| de.end().map(|()| wire))
+        .map_err(|e| Error::new(ErrorKind::Decode, format!("invalid CloudEvents JSON: {e}")))?;
+    wire.into_event(shared)
+}
+
+#[derive(Default)]
+struct Wire<'a> {
+    specversion: Option<Cow<'a, str>>,
+    id: Option<Cow<'a, str>>,
+    ty: Option<Cow<'a, str>>,
+    source: Option<Cow<'a, str>>,
+    time: Option<Cow<'a, str>>,
+    subject: Option<Cow<'a, str>>,
+    datacontenttype: Option<Cow<'a, str>>,
+    dataschema: Option<Cow<'a, str>>,
+    data: Option<&'a RawValue>,
+    data_base64: Option<Cow<'a, str>>,
+    extensions: Vec<(Cow<'a, str>, String)>,
+}
+
+impl<'a> Wire<'a> {
+    fn into_event(self, shared: Option<&Bytes>) -> Result<Event, Error> {
+        match self.specversion.as_deref() {
+            Some("1.0") => {}
+            Some(other) => return Err(Error::decode(format!("unsupported specversion {other:?}"))),
+            None => return Err(Error::decode("missing `specversion`")),
+        }
+        let required = |value: Option<Cow<'a, str>>, name: &str| match value {
+            Some(v) if !v.is_empty() => Ok(Arc::<str>::from(&*v)),
+            Some(_) => Err(Error::decode(format!("`{name}` must not be empty"))),
+            None => Err(Error::decode(format!("missing `{name}`"))),
+        };
+        let mut event = Event::bare(
+            required(self.id, "id")?,
+            required(self.ty, "type")?,
+            required(self.source, "source")?,
+        );
+        if let Some(time) = self.time {
+            event.set_time(Some(parse_time(&time)?));
+        }
+        event.set_subject(self.subject.map(|s| Arc::<str>::from(&*s)));
+        event.set_dataschema(self.dataschema.map(|s| Arc::<str>::from(&*s)));
+        for (name, value) in self.extensions {
+            event
+                .set_extension(&name, value)
+                .map_err(|e| Error::decode(e.message().to_owned()))?;
+        }
+        let content_type = self.datacontenttype.map(|s| Arc::<str>::from(&*s));
+        if content_type.as_deref() == Some("") {
+            return Err(Error::decode("`datacontenttype` must not be empty"));
+        }
+        match (self.data, self.data_base64) {
+            (Some(_), Some(_)) => return Err(Error::decode("both `data` and `data_base64` are present")),
+            (Some(raw), None) => {
+                let json = is_json_content_type(content_type.as_deref());
+                let text = raw.get();
+                let bytes = if !json && text.starts_with('"') {
+                    // A non-JSON payload given as a JSON string is the string's text.
+                    let s: String = serde_json::from_str(text)
+                        .map_err(|e| Error::decode(format!("invalid `data`: {e}")))?;
+                    Bytes::from(s)
+                } else {
+                    match shared {
+                        Some(input) => input.slice_ref(text.as_bytes()),
+                        None => Bytes::copy_from_slice(text.as_bytes()),
+                    }
+                };
+                event.set_data_raw(content_type, Some(bytes), json);
+            }
+            (None, Some(b64)) => {
+                let bytes = BASE64
+                    .decode(b64.as_bytes())
+                    .map_err(|e| Error::decode(format!("invalid `data_base64`: {e}")))?;
+                event.set_data_raw(content_type, Some(bytes.into()), false);
+            }
+            (None, None) => event.set_data_raw(content_type, None, false),
+        }
+        Ok(event)
+    }
+}
+
+struct WireVisitor;
+
+impl<'de> Visitor<'de> for WireVisitor {
+    type Value = Wire<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a CloudEvents JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Wire<'de>, A::Error> {
+        let mut wire = Wire::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            let slot = match &*key {
+                "specversion" => &mut wire.specversion,
+                "id" => &mut wire.id,
+                "type" => &mut wire.ty,
+                "source" => &mut wire.source,
+                "time" => &mut wire.time,
+                "subject" => &mut wire.subject,
+                "datacontenttype" => &mut wire.datacontenttype,
+                "dataschema" => &mut wire.dataschema,
+                "data_base64" => &mut wire.data_base64,
+                "data" => {
+                    let raw: &'de RawValue = map.next_value()?;
+                    if raw.get() != "null" {
+                        wire.data = Some(raw);
+                    }
+                    continue;
+                }
+                _ => {
+                    if let Some(value) = map.next_value::<ExtensionValue>()?.0 {
+                        wire.extensions.push((key, value));
+                    }
+                    continue;
+                }
+            };
+            *slot = map.next_value::<Option<CowStr<'de>>>()?.map(|s| s.0);
+        }
+        Ok(wire)
+    }
+}
+
+/// A string that borrows from the input when it has no escapes.
+struct CowStr<'a>(Cow<'a, str>);
+
+impl<'de> de::Deserialize<'de> for CowStr<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CowStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// An extension's value: strings, numbers and booleans are kept as text
+/// (binary mode carries them that way); null means absent.
+struct ExtensionValue(Option<String>);
+
+impl<'de> de::Deserialize<'de> for ExtensionValue {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ExtensionValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string, number, boolean or null extension value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ExtensionValue(Some(v.to_owned())))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(ExtensionValue(Some(v.to_string())))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(ExtensionValue(Some(v.to_string())))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(ExtensionValue(Some(v.to_string())))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(ExtensionValue(Some(v.to_string())))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(ExtensionValue(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Err(de::Error::custom(
+                    "extension values must be strings, numbers or booleans",
+                ))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Err(de::Error::custom(
+                    "extension values must be strings, numbers or booleans",
+                ))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a `str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}

@@ -1,0 +1,81 @@
+//! WatchTower: one event API over real message transports, built on tower.
+//!
+//! A transport's publisher is a `tower::Service<Event>`; circuit breaking,
+//! backpressure, retry and dead-lettering are `tower::Layer`s (in
+//! `watchtower-layers`) that compose with `ServiceBuilder`. Consuming is the
+//! mirror image: a transport's [`Subscriber`] yields [`Delivery`]s, and
+//! [`serve`] drives them into a handler service, acknowledging on `Ok`.
+//!
+//! This crate is the core every transport and layer shares:
+//!
+//! * [`Event`]: CloudEvents 1.0, payload as bytes, cheap to clone;
+//! * [`codec`]: the CloudEvents JSON format and the binary-mode header
+//!   mappings of NATS, HTTP, AMQP and Redis;
+//! * [`Error`] and [`ErrorKind`]: what failed and whether retrying helps;
+//! * [`TopicPattern`]: `user.*` and `user.>` for every transport;
+//! * [`Receipt`], [`Subscriber`], [`Delivery`], [`Acker`],
+//!   [`Capabilities`]: the publish and subscribe contracts;
+//! * [`serve`]: the consumer runtime;
+//! * [`MemoryDeadLetters`](dead_letter::MemoryDeadLetters): a bounded
+//!   in-memory dead-letter queue;
+//! * `conformance` (feature `conformance`): the test suite every transport
+//!   runs.
+//!
+//! # Example
+//!
+//! ```
+//! use tower::{service_fn, ServiceBuilder};
+//! use watchtower::prelude::*;
+//! use watchtower_memory::MemoryBroker;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let broker = MemoryBroker::new();
+//! let handle = broker
+//!     .subscriber()
+//!     .subscribe(["user.created"], service_fn(|event: Event| async move {
+//!         println!("received {event:?}");
+//!         Ok::<_, Error>(())
+//!     }))
+//!     .await?;
+//!
+//! let mut publisher = ServiceBuilder::new().service(broker.publisher());
+//! publisher.publish(Event::new("user.created", serde_json::json!({"user_id": 123}))).await?;
+//!
+//! broker.wait_idle(std::time::Duration::from_secs(5)).await;
+//! let stats = handle.stop().await?;
+//! assert_eq!(stats.acked, 1);
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod dead_letter;
+pub mod error;
+pub mod event;
+pub mod publish;
+pub mod serve;
+pub mod subscribe;
+pub mod topic;
+pub mod trace;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use error::{BoxError, Error, ErrorKind};
+pub use event::{Event, EventBuilder};
+pub use publish::PublishExt;
+pub use serve::{Serve, ServeStats, StatsHandle, SubscriberExt, SubscriptionHandle, serve};
+pub use subscribe::{
+    Acker, Capabilities, Delivery, Poison, RawMessage, Receipt, SubscribeOptions, Subscriber,
+};
+pub use topic::TopicPattern;
+
+/// The names most programs need: `use watchtower::prelude::*;`.
+pub mod prelude {
+    pub use crate::dead_letter::MemoryDeadLetters;
+    pub use crate::{
+        Acker, Capabilities, Delivery, Error, ErrorKind, Event, PublishExt, Receipt, SubscribeOptions,
+        Subscriber, SubscriberExt, SubscriptionHandle, TopicPattern, serve,
+    };
+}

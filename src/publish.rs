@@ -1,0 +1,56 @@
+//! The publishing convention and its conveniences.
+//!
+//! A publisher is a `tower::Service<Event>` whose response is a
+//! [`Receipt`](crate::Receipt) of what the broker acknowledged and whose
+//! error converts into [`Error`]. [`PublishExt::publish`] waits for
+//! readiness and calls it, for code that publishes one event at a time.
+//!
+//! ```
+//! use watchtower::{Event, PublishExt, dead_letter::MemoryDeadLetters};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let mut sink = MemoryDeadLetters::default(); // any Service<Event> will do
+//! sink.publish(Event::new("user.created", serde_json::json!({"user_id": 1}))).await?;
+//! assert_eq!(sink.len(), 1);
+//! # Ok(()) }
+//! ```
+
+use std::future::{Future, poll_fn};
+
+use tower::Service;
+
+use crate::error::{BoxError, Error};
+use crate::event::Event;
+
+/// `publish(event)` on any `Service<Event>`.
+pub trait PublishExt: Service<Event> {
+    /// Waits until the service is ready, then sends `event`.
+    ///
+    /// # Errors
+    ///
+    /// The service's readiness or call error, converted to [`Error`].
+    fn publish(&mut self, event: Event) -> impl Future<Output = Result<Self::Response, Error>> + Send + '_
+    where
+        Self: Send,
+        Self::Future: Send,
+        Self::Error: Into<BoxError>;
+}
+
+impl<S> PublishExt for S
+where
+    S: Service<Event>,
+{
+    fn publish(&mut self, event: Event) -> impl Future<Output = Result<Self::Response, Error>> + Send + '_
+    where
+        Self: Send,
+        Self::Future: Send,
+        Self::Error: Into<BoxError>,
+    {
+        async move {
+            poll_fn(|cx| self.poll_ready(cx))
+                .await
+                .map_err(|e| Error::from_boxed(e.into()))?;
+            self.call(event).await.map_err(|e| Error::from_boxed(e.into()))
+        }
+    }
+}

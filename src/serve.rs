@@ -1,0 +1,598 @@
+//! The consumer runtime: drives a subscription into a handler service.
+//!
+//! [`serve`](crate::serve()) takes a subscription (a stream of
+//! [`Delivery`]s) and a handler, any `Service<Event>` — often
+//! [`tower::service_fn`], often wrapped in layers — and:
+//!
+//! * keeps at most [`concurrency`](Serve::concurrency) events in flight,
+//!   and pulls nothing from the subscription while the handler's
+//!   `poll_ready` is pending;
+//! * acknowledges an event when the handler returns `Ok`, and nacks it when
+//!   the handler returns `Err` (after the error's
+//!   [`retry_after`](crate::Error::retry_after) hint, if any) or panics —
+//!   a panic is an error, not a crash;
+//! * sends messages that did not decode to the poison path (a
+//!   `Service<Event>`, by default a [`MemoryDeadLetters`]) as
+//!   [`Poison::into_event`](crate::Poison::into_event) events, then rejects
+//!   them so they do not loop; if the poison path fails, the message is
+//!   nacked and kept by the transport;
+//! * on graceful shutdown stops pulling, lets in-flight events finish
+//!   within [`shutdown_timeout`](Serve::shutdown_timeout), settles them and
+//!   returns the final [`ServeStats`]. Events still running at the deadline
+//!   are dropped unsettled, which makes the transport redeliver them.
+//!
+//! Handler futures run concurrently on the serving task; spawn inside the
+//! handler for CPU-heavy work.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::service_fn;
+//! use watchtower::{serve, Event, PublishExt, SubscribeOptions, Subscriber};
+//! use watchtower_memory::MemoryBroker;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let broker = MemoryBroker::new();
+//! let subscription = broker.subscriber().open(SubscribeOptions::new(["user.*"])?).await?;
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let server = tokio::spawn(
+//!     serve(subscription, service_fn(|event: Event| async move {
+//!         println!("got {}", event.ty());
+//!         Ok::<_, watchtower::Error>(())
+//!     }))
+//!     .concurrency(16)
+//!     .with_graceful_shutdown(async { stopped.await.ok(); })
+//!     .into_future(),
+//! );
+//! broker.publisher().publish(Event::new("user.created", serde_json::json!({}))).await?;
+//! broker.wait_idle(Duration::from_secs(5)).await;
+//! stop.send(()).ok();
+//! let stats = server.await.expect("serve task")?;
+//! assert_eq!(stats.acked, 1);
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::future::{Future, IntoFuture, poll_fn};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use futures_core::Stream;
+use futures_util::{FutureExt as _, StreamExt as _, stream::FuturesUnordered};
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceExt as _};
+use tracing::Instrument as _;
+
+use crate::dead_letter::MemoryDeadLetters;
+use crate::error::{BoxError, Error};
+use crate::event::Event;
+use crate::subscribe::{Acker, Delivery, SubscribeOptions, Subscriber};
+use crate::trace::process_span;
+
+/// Events in flight at once unless set: 64, enough to hide broker round
+/// trips without unbounded work.
+pub const DEFAULT_CONCURRENCY: usize = 64;
+
+/// How long shutdown waits for in-flight events unless set: 30 s, the
+/// JetStream ack-wait default, so a broker would redeliver about then
+/// anyway.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+type PoisonPath = BoxCloneSyncService<Event, (), Error>;
+type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Drives `subscription` into `handler`. See the [module docs](self).
+///
+/// Configure with the builder methods, then `.await` it (or call
+/// [`into_future`](IntoFuture::into_future) to spawn it).
+pub fn serve<St, A, H>(subscription: St, handler: H) -> Serve<St, H>
+where
+    St: Stream<Item = Result<Delivery<A>, Error>> + Unpin + Send + 'static,
+    A: Acker,
+    H: Service<Event> + Send + 'static,
+    H::Error: Into<BoxError>,
+    H::Future: Send + 'static,
+{
+    let dead_letters = MemoryDeadLetters::default();
+    Serve {
+        subscription,
+        handler,
+        concurrency: DEFAULT_CONCURRENCY,
+        poison: BoxCloneSyncService::new(dead_letters.clone()),
+        default_dead_letters: Some(dead_letters),
+        shutdown: None,
+        shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+        nack_delay: None,
+        counters: Arc::default(),
+    }
+}
+
+/// A configured consumer runtime; `.await` it to run. See [`serve`].
+#[must_use = "a Serve does nothing until awaited"]
+pub struct Serve<St, H> {
+    subscription: St,
+    handler: H,
+    concurrency: usize,
+    poison: PoisonPath,
+    default_dead_letters: Option<MemoryDeadLetters>,
+    shutdown: Option<Shutdown>,
+    shutdown_timeout: Duration,
+    nack_delay: Option<Duration>,
+    counters: Arc<Counters>,
+}
+
+impl<St, H> fmt::Debug for Serve<St, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Serve")
+            .field("concurrency", &self.concurrency)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("nack_delay", &self.nack_delay)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<St, H> Serve<St, H> {
+    /// At most `n` events in flight (at least 1). Default
+    /// [`DEFAULT_CONCURRENCY`].
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Where messages that do not decode go, as
+    /// [`Poison::into_event`](crate::Poison::into_event) events: any
+    /// cloneable `Service<Event>` (a dead-letter stream, a file). Default:
+    /// a [`MemoryDeadLetters`] of the default capacity, also logged.
+    pub fn poison<P>(mut self, path: P) -> Self
+    where
+        P: Service<Event> + Clone + Send + Sync + 'static,
+        P::Error: Into<BoxError>,
+        P::Future: Send + 'static,
+    {
+        self.poison =
+            BoxCloneSyncService::new(path.map_response(|_| ()).map_err(|e| Error::from_boxed(e.into())));
+        self.default_dead_letters = None;
+        self
+    }
+
+    /// The default poison path's queue, unless [`poison`](Serve::poison)
+    /// replaced it.
+    pub fn default_dead_letters(&self) -> Option<&MemoryDeadLetters> {
+        self.default_dead_letters.as_ref()
+    }
+
+    /// Shuts down gracefully when `signal` completes (a Ctrl-C future, a
+    /// [`CancellationToken::cancelled_owned`](tokio_util::sync::CancellationToken::cancelled_owned)).
+    pub fn with_graceful_shutdown<F>(mut self, signal: F) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.shutdown = Some(Box::pin(signal));
+        self
+    }
+
+    /// How long shutdown (or the end of the subscription) waits for
+    /// in-flight events. Default [`DEFAULT_SHUTDOWN_TIMEOUT`].
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// The delay asked for when nacking after a handler error that carries
+    /// no retry-after hint. Default: none (immediate redelivery).
+    pub fn nack_delay(mut self, delay: Duration) -> Self {
+        self.nack_delay = Some(delay);
+        self
+    }
+
+    /// A handle to read the statistics while the runtime runs.
+    pub fn stats(&self) -> StatsHandle {
+        StatsHandle(self.counters.clone())
+    }
+}
+
+impl<St, A, H> IntoFuture for Serve<St, H>
+where
+    St: Stream<Item = Result<Delivery<A>, Error>> + Unpin + Send + 'static,
+    A: Acker,
+    H: Service<Event> + Send + 'static,
+    H::Error: Into<BoxError>,
+    H::Future: Send + 'static,
+{
+    type Output = Result<ServeStats, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<ServeStats, Error>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+enum Step<A> {
+    Delivery(Delivery<A>),
+    StreamError(Error),
+    End,
+    Shutdown,
+    HandlerFailed(Error),
+}
+
+impl<St, A, H> Serve<St, H>
+where
+    St: Stream<Item = Result<Delivery<A>, Error>> + Unpin + Send + 'static,
+    A: Acker,
+    H: Service<Event> + Send + 'static,
+    H::Error: Into<BoxError>,
+    H::Future: Send + 'static,
+{
+    async fn run(self) -> Result<ServeStats, Error> {
+        let Serve {
+            mut subscription,
+            mut handler,
+            concurrency,
+            poison: poison_path,
+            shutdown,
+            shutdown_timeout,
+            nack_delay,
+            counters,
+            ..
+        } = self;
+        let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(std::future::pending()));
+        let mut in_flight = FuturesUnordered::new();
+        let mut fatal = None;
+        loop {
+            let step = poll_fn(|cx| {
+                while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
+                if shutdown.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Step::Shutdown);
+                }
+                if in_flight.len() >= concurrency {
+                    return Poll::Pending;
+                }
+                match handler.poll_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(Step::HandlerFailed(Error::from_boxed(e.into())));
+                    }
+                    Poll::Ready(Ok(())) => {}
+                }
+                subscription.poll_next_unpin(cx).map(|item| match item {
+                    Some(Ok(delivery)) => Step::Delivery(delivery),
+                    Some(Err(e)) => Step::StreamError(e),
+                    None => Step::End,
+                })
+            })
+            .await;
+            match step {
+                Step::Delivery(delivery) => {
+                    counters.received.fetch_add(1, Ordering::Relaxed);
+                    counters.in_flight.fetch_add(1, Ordering::Relaxed);
+                    let (system, count) = (delivery.system(), delivery.delivery_count());
+                    let topic: Arc<str> = delivery.topic().into();
+                    let (content, acker) = delivery.into_parts();
+                    let ctx = Settle {
+                        counters: counters.clone(),
+                        nack_delay,
+                    };
+                    match content {
+                        Ok(event) => {
+                            let span = process_span(system, &topic, &event, count);
+                            let call = {
+                                let _entered = span.enter();
+                                std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(event))).ok()
+                            };
+                            in_flight.push(process(Work::Handle(call), acker, ctx).instrument(span));
+                        }
+                        Err(poison) => {
+                            tracing::warn!(
+                                topic = &*topic,
+                                error = %poison.error,
+                                body_len = poison.raw.body.len(),
+                                "message is not a valid event; sending it to the poison path"
+                            );
+                            let work = Work::Poison(poison.into_event(), poison_path.clone());
+                            in_flight.push(process(work, acker, ctx).instrument(tracing::Span::current()));
+                        }
+                    }
+                }
+                Step::StreamError(e) => {
+                    counters.stream_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "subscription reported an error");
+                }
+                Step::End | Step::Shutdown => break,
+                Step::HandlerFailed(e) => {
+                    tracing::error!(error = %e, "handler failed in poll_ready; stopping");
+                    fatal = Some(e);
+                    break;
+                }
+            }
+        }
+        let drained = tokio::time::timeout(shutdown_timeout, async {
+            while in_flight.next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                abandoned = in_flight.len(),
+                "shutdown deadline passed; unsettled events will be redelivered"
+            );
+        }
+        drop(in_flight);
+        drop(subscription);
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(StatsHandle(counters).snapshot()),
+        }
+    }
+}
+
+enum Work<F> {
+    /// The handler's future, or `None` if `call` itself panicked.
+    Handle(Option<F>),
+    Poison(Event, PoisonPath),
+}
+
+struct Settle {
+    counters: Arc<Counters>,
+    nack_delay: Option<Duration>,
+}
+
+async fn process<F, R, E, A>(work: Work<F>, acker: A, ctx: Settle)
+where
+    F: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+    A: Acker,
+{
+    let counters = &ctx.counters;
+    let settled = match work {
+        Work::Handle(call) => {
+            // Reduce the handler's result to types that are `Send` before
+            // awaiting the settlement.
+            let outcome: Result<(), Option<Error>> = match call {
+                Some(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(Some(Error::from_boxed(e.into()))),
+                    Err(_panic) => Err(None),
+                },
+                None => Err(None),
+            };
+            match outcome {
+                Ok(()) => {
+                    let settled = acker.ack().await;
+                    if settled.is_ok() {
+                        counters.acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    settled
+                }
+                Err(Some(e)) => {
+                    counters.handler_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "handler failed; nacking");
+                    nack(acker, e.retry_after().or(ctx.nack_delay), counters).await
+                }
+                Err(None) => {
+                    counters.panics.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("handler panicked; nacking");
+                    nack(acker, ctx.nack_delay, counters).await
+                }
+            }
+        }
+        Work::Poison(event, path) => match path.oneshot(event).await {
+            Ok(()) => {
+                let settled = acker.reject().await;
+                if settled.is_ok() {
+                    counters.poisoned.fetch_add(1, Ordering::Relaxed);
+                }
+                settled
+            }
+            Err(e) => {
+                counters.poison_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "poison path failed; nacking so the transport keeps the message");
+                nack(acker, ctx.nack_delay.or(Some(Duration::from_secs(1))), counters).await
+            }
+        },
+    };
+    if let Err(e) = settled {
+        counters.settle_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, "could not settle a delivery; the transport will redeliver it");
+    }
+    counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn nack<A: Acker>(acker: A, delay: Option<Duration>, counters: &Counters) -> Result<(), Error> {
+    let settled = acker.nack(delay).await;
+    if settled.is_ok() {
+        counters.nacked.fetch_add(1, Ordering::Relaxed);
+    }
+    settled
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    received: AtomicU64,
+    acked: AtomicU64,
+    nacked: AtomicU64,
+    poisoned: AtomicU64,
+    handler_errors: AtomicU64,
+    panics: AtomicU64,
+    poison_errors: AtomicU64,
+    settle_errors: AtomicU64,
+    stream_errors: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// Reads a running consumer's statistics. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StatsHandle(Arc<Counters>);
+
+impl StatsHandle {
+    /// The statistics now.
+    pub fn snapshot(&self) -> ServeStats {
+        let c = &self.0;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ServeStats {
+            received: get(&c.received),
+            acked: get(&c.acked),
+            nacked: get(&c.nacked),
+            poisoned: get(&c.poisoned),
+            handler_errors: get(&c.handler_errors),
+            panics: get(&c.panics),
+            poison_errors: get(&c.poison_errors),
+            settle_errors: get(&c.settle_errors),
+            stream_errors: get(&c.stream_errors),
+            in_flight: get(&c.in_flight),
+        }
+    }
+}
+
+/// What a consumer runtime did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ServeStats {
+    /// Deliveries taken from the subscription.
+    pub received: u64,
+    /// Events handled and acknowledged.
+    pub acked: u64,
+    /// Events nacked (handler error, panic, or failed poison path).
+    pub nacked: u64,
+    /// Undecodable messages sent to the poison path and rejected.
+    pub poisoned: u64,
+    /// Handler calls that returned an error.
+    pub handler_errors: u64,
+    /// Handler calls that panicked.
+    pub panics: u64,
+    /// Poison messages the poison path refused (they were nacked).
+    pub poison_errors: u64,
+    /// Settlements (ack, nack, reject) the transport could not send.
+    pub settle_errors: u64,
+    /// Errors the subscription reported and survived.
+    pub stream_errors: u64,
+    /// Events in flight now; after the runtime returned, the events left
+    /// unsettled at the shutdown deadline.
+    pub in_flight: u64,
+}
+
+impl fmt::Display for ServeStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "received {}, acked {}, nacked {}, poisoned {}, handler errors {}, panics {}, in flight {}",
+            self.received,
+            self.acked,
+            self.nacked,
+            self.poisoned,
+            self.handler_errors,
+            self.panics,
+            self.in_flight
+        )
+    }
+}
+
+/// A running subscription started by [`SubscriberExt::subscribe`].
+///
+/// [`stop`](SubscriptionHandle::stop) shuts it down gracefully and returns
+/// the final statistics. Dropping the handle also starts a graceful
+/// shutdown, without waiting for it.
+#[derive(Debug)]
+pub struct SubscriptionHandle {
+    token: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<ServeStats, Error>>>,
+    stats: StatsHandle,
+    dead_letters: Option<MemoryDeadLetters>,
+}
+
+impl SubscriptionHandle {
+    /// The statistics so far.
+    pub fn stats(&self) -> ServeStats {
+        self.stats.snapshot()
+    }
+
+    /// The default poison path's queue (messages that did not decode).
+    pub fn dead_letters(&self) -> Option<&MemoryDeadLetters> {
+        self.dead_letters.as_ref()
+    }
+
+    /// Stops pulling, lets in-flight events finish and settles them, and
+    /// returns the final statistics.
+    ///
+    /// # Errors
+    ///
+    /// The runtime's error if the handler failed for good, or
+    /// [`ErrorKind::Closed`](crate::ErrorKind::Closed) if its task panicked.
+    pub async fn stop(mut self) -> Result<ServeStats, Error> {
+        self.token.cancel();
+        match self.task.take() {
+            Some(task) => task
+                .await
+                .map_err(|e| Error::closed(format!("consumer task failed: {e}")))?,
+            None => Ok(self.stats.snapshot()),
+        }
+    }
+}
+
+impl Drop for SubscriptionHandle {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// The seed's conveniences on any [`Subscriber`].
+pub trait SubscriberExt: Subscriber {
+    /// Subscribes to `patterns` and serves `handler` on a spawned task with
+    /// the default settings of [`serve`]; the returned handle stops it.
+    ///
+    /// # Errors
+    ///
+    /// If a pattern is invalid or the transport cannot subscribe.
+    fn subscribe<I, S, H>(
+        &self,
+        patterns: I,
+        handler: H,
+    ) -> impl Future<Output = Result<SubscriptionHandle, Error>> + Send
+    where
+        I: IntoIterator<Item = S> + Send,
+        S: AsRef<str>,
+        H: Service<Event> + Send + 'static,
+        H::Error: Into<BoxError>,
+        H::Future: Send + 'static,
+    {
+        let options = SubscribeOptions::new(patterns);
+        async move { self.subscribe_with(options?, handler).await }
+    }
+
+    /// As [`subscribe`](SubscriberExt::subscribe), with full options (a
+    /// consumer group, replay).
+    ///
+    /// # Errors
+    ///
+    /// If the transport cannot subscribe.
+    fn subscribe_with<H>(
+        &self,
+        options: SubscribeOptions,
+        handler: H,
+    ) -> impl Future<Output = Result<SubscriptionHandle, Error>> + Send
+    where
+        H: Service<Event> + Send + 'static,
+        H::Error: Into<BoxError>,
+        H::Future: Send + 'static,
+    {
+        async move {
+            let subscription = self.open(options).await?;
+            let token = tokio_util::sync::CancellationToken::new();
+            let serve = serve(subscription, handler).with_graceful_shutdown(token.clone().cancelled_owned());
+            let stats = serve.stats();
+            let dead_letters = serve.default_dead_letters().cloned();
+            let task = tokio::spawn(serve.into_future());
+            Ok(SubscriptionHandle {
+                token,
+                task: Some(task),
+                stats,
+                dead_letters,
+            })
+        }
+    }
+}
+
+impl<T: Subscriber + ?Sized> SubscriberExt for T {}
