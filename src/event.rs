@@ -293,6 +293,16 @@ impl Event {
         self.inner.topic.as_deref().unwrap_or(&self.inner.ty)
     }
 
+    /// The id, shared rather than copied.
+    pub(crate) fn id_shared(&self) -> Arc<str> {
+        self.inner.id.clone()
+    }
+
+    /// The topic, shared rather than copied.
+    pub(crate) fn topic_shared(&self) -> Arc<str> {
+        self.inner.topic.clone().unwrap_or_else(|| self.inner.ty.clone())
+    }
+
     /// The `traceparent` extension (W3C trace context), if present.
     pub fn traceparent(&self) -> Option<&str> {
         self.extension(ext::TRACEPARENT)

@@ -58,7 +58,20 @@ impl Receipt {
     pub fn new(topic: impl Into<Arc<str>>, event: &Event) -> Receipt {
         Receipt {
             topic: topic.into(),
-            event_id: event.id().into(),
+            event_id: event.id_shared(),
+            stream: None,
+            sequence: None,
+            message_id: None,
+            duplicate: false,
+        }
+    }
+
+    /// A receipt for `event` sent to its own [topic](Event::topic); shares
+    /// the event's strings instead of copying them.
+    pub fn for_event(event: &Event) -> Receipt {
+        Receipt {
+            topic: event.topic_shared(),
+            event_id: event.id_shared(),
             stream: None,
             sequence: None,
             message_id: None,

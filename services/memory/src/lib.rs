@@ -1,1 +1,629 @@
-//! Placeholder; see the workspace README.
+//! The in-memory WatchTower transport: the embedded default.
+//!
+//! A [`MemoryBroker`] lives in the process. Its [`MemoryPublisher`] is a
+//! `Service<Event>`; its [`MemorySubscriber`] opens subscriptions with
+//! wildcards (`user.*`, `user.>`), consumer groups (competing consumers),
+//! acknowledgements with redelivery and delivery counts, delayed nacks, and
+//! optional per-topic retention so a late subscriber can replay earlier
+//! events. No external service is needed, which makes it the transport of
+//! the quick start and of users' own tests.
+//!
+//! # Semantics
+//!
+//! * A subscription **without a group** is ephemeral: it receives events
+//!   published while it is open; events it holds unsettled when it closes
+//!   are gone with it (like core NATS).
+//! * A **group** is durable for the broker's lifetime: its members share
+//!   the events, and events published or nacked while no member is
+//!   connected wait for the next one. Members of a group should subscribe
+//!   to the same patterns (the group receives the union).
+//! * An event published to a topic no subscription matches is not stored
+//!   (unless retention is on).
+//! * Dropping a delivery unsettled redelivers it at once.
+//! * Order: one consumer sees a topic's events in publish order;
+//!   redelivered events go to the back of the queue.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::service_fn;
+//! use watchtower::prelude::*;
+//! use watchtower_memory::MemoryBroker;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Error> {
+//! let broker = MemoryBroker::new();
+//! let handle = broker
+//!     .subscriber()
+//!     .subscribe(["order.>"], service_fn(|event: Event| async move {
+//!         println!("{} {}", event.ty(), event.id());
+//!         Ok::<_, Error>(())
+//!     }))
+//!     .await?;
+//! let receipt = broker.publisher().publish(Event::new("order.placed", serde_json::json!({"id": 1}))).await?;
+//! assert_eq!(&*receipt.topic, "order.placed");
+//! assert!(broker.wait_idle(Duration::from_secs(5)).await);
+//! assert_eq!(handle.stop().await?.acked, 1);
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::{Future, Ready, ready};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_channel::{Receiver, Sender};
+use bytes::Bytes;
+use futures_core::Stream;
+use tokio::sync::Notify;
+use tower_service::Service;
+use watchtower::codec::structured;
+use watchtower::topic::validate_topic;
+use watchtower::{
+    Acker, Capabilities, Delivery, Error, ErrorKind, Event, Poison, RawMessage, Receipt, SubscribeOptions,
+    Subscriber, TopicPattern,
+};
+
+/// The `messaging.system` name of this transport.
+pub const SYSTEM: &str = "memory";
+
+/// Routes cached before the cache is reset: 10,000 topics, so that a
+/// publisher inventing topics cannot grow memory without bound.
+const ROUTE_CACHE_MAX: usize = 10_000;
+
+/// An in-process broker. Cheap to clone; clones share the broker.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    shared: Arc<Shared>,
+}
+
+/// Configures a [`MemoryBroker`].
+#[derive(Debug, Clone, Default)]
+pub struct MemoryBrokerBuilder {
+    retention: usize,
+    max_pending: Option<usize>,
+}
+
+impl MemoryBrokerBuilder {
+    /// Keeps the last `events` events of each topic for subscriptions that
+    /// ask to [replay](SubscribeOptions::replay). Default 0: nothing kept.
+    pub fn retention(mut self, events: usize) -> Self {
+        self.retention = events;
+        self
+    }
+
+    /// Refuses a publish with [`ErrorKind::Overloaded`] when a matching
+    /// subscription already holds `events` unconsumed events. Default:
+    /// unbounded.
+    pub fn max_pending(mut self, events: usize) -> Self {
+        self.max_pending = Some(events);
+        self
+    }
+
+    /// Builds the broker.
+    pub fn build(self) -> MemoryBroker {
+        MemoryBroker {
+            shared: Arc::new(Shared {
+                state: RwLock::new(State::default()),
+                retained: Mutex::new(HashMap::new()),
+                retention: self.retention,
+                max_pending: self.max_pending,
+                sequence: AtomicU64::new(1),
+                outstanding: AtomicU64::new(0),
+                idle: Notify::new(),
+                closed: AtomicBool::new(false),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+struct Shared {
+    state: RwLock<State>,
+    retained: Mutex<HashMap<Arc<str>, VecDeque<Item>>>,
+    retention: usize,
+    max_pending: Option<usize>,
+    sequence: AtomicU64,
+    /// Events handed to groups and not yet settled.
+    outstanding: AtomicU64,
+    idle: Notify,
+    closed: AtomicBool,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    groups: HashMap<Arc<str>, GroupEntry>,
+    routes: HashMap<Arc<str>, Arc<[Arc<Group>]>>,
+}
+
+struct GroupEntry {
+    group: Arc<Group>,
+    patterns: Vec<TopicPattern>,
+    members: usize,
+}
+
+struct Group {
+    key: Arc<str>,
+    durable: bool,
+    tx: Sender<Item>,
+    rx: Receiver<Item>,
+}
+
+#[derive(Clone)]
+struct Item {
+    message: Message,
+    topic: Arc<str>,
+    count: u32,
+}
+
+#[derive(Clone)]
+enum Message {
+    Event(Event),
+    Raw(RawMessage),
+}
+
+impl Item {
+    fn matches(&self, options: &SubscribeOptions) -> bool {
+        options.matches(&self.topic)
+    }
+}
+
+impl MemoryBroker {
+    /// A broker with no retention and unbounded queues.
+    pub fn new() -> MemoryBroker {
+        MemoryBroker::builder().build()
+    }
+
+    /// A builder for a configured broker.
+    pub fn builder() -> MemoryBrokerBuilder {
+        MemoryBrokerBuilder::default()
+    }
+
+    /// A publisher into this broker.
+    pub fn publisher(&self) -> MemoryPublisher {
+        MemoryPublisher {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A subscriber of this broker.
+    pub fn subscriber(&self) -> MemorySubscriber {
+        MemorySubscriber {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Publishes raw bytes as if a foreign client had sent them: the body
+    /// is decoded as CloudEvents JSON on delivery, and a body that does not
+    /// decode reaches subscribers as a [`Poison`] delivery.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidTopic`] for a bad topic, [`ErrorKind::Closed`]
+    /// after [`close`](MemoryBroker::close).
+    pub fn publish_raw(&self, topic: &str, body: impl Into<Bytes>) -> Result<(), Error> {
+        let raw = RawMessage {
+            topic: topic.into(),
+            headers: Vec::new(),
+            body: body.into(),
+        };
+        self.shared.publish(topic, Message::Raw(raw), None).map(|_| ())
+    }
+
+    /// Events published and not yet settled by every group they went to.
+    pub fn outstanding(&self) -> u64 {
+        self.shared.outstanding.load(Ordering::Acquire)
+    }
+
+    /// Waits until every published event has been settled (acked or
+    /// rejected) by every subscription it went to, or `timeout` passes.
+    /// Returns whether the broker became idle.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, async {
+            loop {
+                let notified = self.shared.idle.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.outstanding() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Closes the broker: publishers fail with [`ErrorKind::Closed`], and
+    /// subscriptions end once they have delivered what they hold.
+    pub fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        let state = self.shared.state.read().unwrap_or_else(PoisonError::into_inner);
+        for entry in state.groups.values() {
+            entry.group.tx.close();
+        }
+    }
+
+    /// Whether [`close`](MemoryBroker::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        MemoryBroker::new()
+    }
+}
+
+impl fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("retention", &self.shared.retention)
+            .field("max_pending", &self.shared.max_pending)
+            .field("outstanding", &self.outstanding())
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl Shared {
+    fn publish(&self, topic: &str, message: Message, event: Option<&Event>) -> Result<u64, Error> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed("memory broker is closed"));
+        }
+        let mut state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let targets = match state.routes.get(topic) {
+            Some(targets) => targets.clone(),
+            None => {
+                validate_topic(topic)?;
+                drop(state);
+                self.compute_route(topic);
+                state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+                match state.routes.get(topic) {
+                    Some(targets) => targets.clone(),
+                    None => Arc::from(Vec::new()),
+                }
+            }
+        };
+        if let Some(max) = self.max_pending {
+            if targets.iter().any(|g| g.rx.len() >= max) {
+                let err = Error::new(ErrorKind::Overloaded, "a subscription's queue is full");
+                return Err(match event {
+                    Some(event) => err.with_event(event.clone()),
+                    None => err,
+                });
+            }
+        }
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let topic: Arc<str> = match event {
+            Some(event) => Receipt::for_event(event).topic,
+            None => topic.into(),
+        };
+        let item = Item {
+            message,
+            topic,
+            count: 1,
+        };
+        if self.retention > 0 {
+            let mut retained = self.retained.lock().unwrap_or_else(PoisonError::into_inner);
+            let queue = retained.entry(item.topic.clone()).or_default();
+            if queue.len() >= self.retention {
+                queue.pop_front();
+            }
+            queue.push_back(item.clone());
+        }
+        // Held until the events are queued, so that a subscription that
+        // replays retained events cannot miss one published meanwhile.
+        let _state = state;
+        if let Some((last, rest)) = targets.split_last() {
+            for group in rest {
+                self.enqueue(group, item.clone());
+            }
+            self.enqueue(last, item);
+        }
+        Ok(sequence)
+    }
+
+    fn compute_route(&self, topic: &str) {
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let targets: Arc<[Arc<Group>]> = state
+            .groups
+            .values()
+            .filter(|e| e.patterns.iter().any(|p| p.matches(topic)))
+            .map(|e| e.group.clone())
+            .collect();
+        if state.routes.len() >= ROUTE_CACHE_MAX {
+            state.routes.clear();
+        }
+        state.routes.insert(topic.into(), targets);
+    }
+
+    fn enqueue(&self, group: &Group, item: Item) {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        if group.tx.try_send(item).is_err() {
+            // The group closed while the event was on its way: nobody is
+            // left to deliver it to.
+            self.settle();
+        }
+    }
+
+    fn settle(&self) {
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    fn requeue(self: &Arc<Self>, group: Arc<Group>, mut item: Item, delay: Option<Duration>) {
+        item.count = item.count.saturating_add(1);
+        let send = move |shared: &Shared| {
+            if group.tx.try_send(item).is_err() {
+                shared.settle();
+            }
+        };
+        match (delay, tokio::runtime::Handle::try_current()) {
+            (Some(delay), Ok(runtime)) if !delay.is_zero() => {
+                let shared = self.clone();
+                runtime.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    send(&shared);
+                });
+            }
+            _ => send(self),
+        }
+    }
+
+    fn join(self: &Arc<Self>, options: &SubscribeOptions) -> Result<Arc<Group>, Error> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed("memory broker is closed"));
+        }
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        state.routes.clear();
+        let key: Arc<str> = match options.group_name() {
+            Some(name) => name.into(),
+            None => format!("\0ephemeral-{}", self.next_id.fetch_add(1, Ordering::Relaxed)).into(),
+        };
+        let entry = state.groups.entry(key.clone()).or_insert_with(|| {
+            let (tx, rx) = async_channel::unbounded();
+            GroupEntry {
+                group: Arc::new(Group {
+                    key,
+                    durable: options.group_name().is_some(),
+                    tx,
+                    rx,
+                }),
+                patterns: Vec::new(),
+                members: 0,
+            }
+        });
+        entry.members += 1;
+        for pattern in options.patterns() {
+            if !entry.patterns.contains(pattern) {
+                entry.patterns.push(pattern.clone());
+            }
+        }
+        let group = entry.group.clone();
+        if options.is_replay() && self.retention > 0 {
+            let retained = self.retained.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut replay: Vec<&Item> = retained
+                .values()
+                .flat_map(|q| q.iter())
+                .filter(|item| item.matches(options))
+                .collect();
+            replay.sort_by_key(|item| match &item.message {
+                Message::Event(e) => e.time(),
+                Message::Raw(_) => None,
+            });
+            for item in replay {
+                self.enqueue(&group, item.clone());
+            }
+        }
+        Ok(group)
+    }
+
+    fn leave(&self, group: &Group) {
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let Some(entry) = state.groups.get_mut(&group.key) else {
+            return;
+        };
+        entry.members -= 1;
+        if entry.members == 0 && !group.durable {
+            state.groups.remove(&group.key);
+            state.routes.clear();
+            drop(state);
+            group.tx.close();
+            while group.rx.try_recv().is_ok() {
+                self.settle();
+            }
+        }
+    }
+}
+
+/// Publishes into a [`MemoryBroker`]. Cheap to clone.
+///
+/// The receipt's `sequence` is the broker-wide publish sequence. Events are
+/// validated ([`Event::validate`]) and their topic checked; publishing
+/// never waits.
+#[derive(Clone)]
+pub struct MemoryPublisher {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for MemoryPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryPublisher").finish_non_exhaustive()
+    }
+}
+
+impl Service<Event> for MemoryPublisher {
+    type Response = Receipt;
+    type Error = Error;
+    type Future = Ready<Result<Receipt, Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            Poll::Ready(Err(Error::closed("memory broker is closed")))
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn call(&mut self, event: Event) -> Self::Future {
+        let span = watchtower::trace::publish_span(SYSTEM, event.topic(), &event);
+        let _entered = span.enter();
+        let result = event.validate().and_then(|()| {
+            let sequence = self
+                .shared
+                .publish(event.topic(), Message::Event(event.clone()), Some(&event))?;
+            Ok(Receipt::for_event(&event).with_sequence(sequence))
+        });
+        ready(result)
+    }
+}
+
+/// Opens subscriptions on a [`MemoryBroker`].
+#[derive(Clone)]
+pub struct MemorySubscriber {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for MemorySubscriber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemorySubscriber").finish_non_exhaustive()
+    }
+}
+
+/// What the memory transport can do: everything, within one process.
+pub const CAPABILITIES: Capabilities = Capabilities::NONE
+    .persistent(true)
+    .consumer_groups(true)
+    .ordered(true)
+    .wildcards(true)
+    .redelivery(true)
+    .nack_delay(true);
+
+impl Subscriber for MemorySubscriber {
+    type Acker = MemoryAcker;
+    type Subscription = MemorySubscription;
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES.replay(self.shared.retention > 0)
+    }
+
+    fn open(
+        &self,
+        options: SubscribeOptions,
+    ) -> impl Future<Output = Result<MemorySubscription, Error>> + Send {
+        let opened = self.shared.join(&options).map(|group| MemorySubscription {
+            rx: Box::pin(group.rx.clone()),
+            group,
+            shared: self.shared.clone(),
+        });
+        ready(opened)
+    }
+}
+
+/// A subscription on a [`MemoryBroker`]: a stream of deliveries.
+pub struct MemorySubscription {
+    // The receiver's listener is self-referential, hence the box.
+    rx: Pin<Box<Receiver<Item>>>,
+    group: Arc<Group>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for MemorySubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemorySubscription")
+            .field("durable", &self.group.durable)
+            .field("queued", &self.rx.len())
+            .finish()
+    }
+}
+
+impl Stream for MemorySubscription {
+    type Item = Result<Delivery<MemoryAcker>, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let Some(item) = std::task::ready!(self.rx.as_mut().poll_next(cx)) else {
+            return Poll::Ready(None);
+        };
+        let acker = MemoryAcker {
+            item: Some(item.clone()),
+            group: self.group.clone(),
+            shared: self.shared.clone(),
+        };
+        let delivery = match item.message {
+            Message::Event(event) => Delivery::new(event, item.topic, acker),
+            Message::Raw(raw) => match structured::from_bytes(&raw.body) {
+                Ok(event) => Delivery::new(event, item.topic, acker),
+                Err(error) => Delivery::poison(Poison::new(raw, error), acker),
+            },
+        };
+        Poll::Ready(Some(Ok(delivery
+            .with_delivery_count(item.count)
+            .with_system(SYSTEM))))
+    }
+}
+
+impl Drop for MemorySubscription {
+    fn drop(&mut self) {
+        self.shared.leave(&self.group);
+    }
+}
+
+/// Settles a memory delivery. Dropped unsettled, it redelivers at once.
+pub struct MemoryAcker {
+    item: Option<Item>,
+    group: Arc<Group>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for MemoryAcker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryAcker")
+            .field("settled", &self.item.is_none())
+            .finish()
+    }
+}
+
+impl MemoryAcker {
+    fn settle(mut self) {
+        if self.item.take().is_some() {
+            self.shared.settle();
+        }
+    }
+}
+
+impl Acker for MemoryAcker {
+    fn ack(self) -> impl Future<Output = Result<(), Error>> + Send {
+        self.settle();
+        ready(Ok(()))
+    }
+
+    fn nack(mut self, delay: Option<Duration>) -> impl Future<Output = Result<(), Error>> + Send {
+        if let Some(item) = self.item.take() {
+            self.shared.requeue(self.group.clone(), item, delay);
+        }
+        ready(Ok(()))
+    }
+
+    fn reject(self) -> impl Future<Output = Result<(), Error>> + Send {
+        self.settle();
+        ready(Ok(()))
+    }
+}
+
+impl Drop for MemoryAcker {
+    fn drop(&mut self) {
+        if let Some(item) = self.item.take() {
+            self.shared.requeue(self.group.clone(), item, None);
+        }
+    }
+}
