@@ -414,13 +414,8 @@ impl Event {
                 ));
             }
         }
-        if let Some(ct) = self.datacontenttype() {
-            if ct.is_empty() {
-                return Err(Error::new(
-                    ErrorKind::InvalidEvent,
-                    "`datacontenttype` must not be empty",
-                ));
-            }
+        if self.datacontenttype().is_some_and(str::is_empty) {
+            return Err(Error::new(ErrorKind::InvalidEvent, "`datacontenttype` must not be empty"));
         }
         Ok(())
     }

@@ -40,6 +40,8 @@ impl<S> PublishExt for S
 where
     S: Service<Event>,
 {
+    // Written out rather than `async fn` so the future is declared `Send`.
+    #[allow(clippy::manual_async_fn)]
     fn publish(&mut self, event: Event) -> impl Future<Output = Result<Self::Response, Error>> + Send + '_
     where
         Self: Send,

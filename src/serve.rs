@@ -241,8 +241,12 @@ where
             ..
         } = self;
         let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(std::future::pending()));
-        let mut in_flight = FuturesUnordered::new();
         let mut fatal = None;
+        let settle = Settle {
+            counters: counters.clone(),
+            nack_delay,
+        };
+        let mut in_flight = FuturesUnordered::new();
         loop {
             let step = poll_fn(|cx| {
                 while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
@@ -270,32 +274,38 @@ where
                 Step::Delivery(delivery) => {
                     counters.received.fetch_add(1, Ordering::Relaxed);
                     counters.in_flight.fetch_add(1, Ordering::Relaxed);
-                    let (system, count) = (delivery.system(), delivery.delivery_count());
-                    let topic: Arc<str> = delivery.topic().into();
-                    let (content, acker) = delivery.into_parts();
-                    let ctx = Settle {
-                        counters: counters.clone(),
-                        nack_delay,
+                    let span = match delivery.event() {
+                        Some(event) => process_span(
+                            delivery.system(),
+                            delivery.topic(),
+                            event,
+                            delivery.delivery_count(),
+                        ),
+                        None => tracing::Span::current(),
                     };
-                    match content {
+                    let (content, acker) = delivery.into_parts();
+                    let work = match content {
                         Ok(event) => {
-                            let span = process_span(system, &topic, &event, count);
-                            let call = {
-                                let _entered = span.enter();
-                                std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(event))).ok()
-                            };
-                            in_flight.push(process(Work::Handle(call), acker, ctx).instrument(span));
+                            let _entered = span.enter();
+                            Work::Handle(
+                                std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(event))).ok(),
+                            )
                         }
                         Err(poison) => {
                             tracing::warn!(
-                                topic = &*topic,
+                                topic = &*poison.raw.topic,
                                 error = %poison.error,
                                 body_len = poison.raw.body.len(),
                                 "message is not a valid event; sending it to the poison path"
                             );
-                            let work = Work::Poison(poison.into_event(), poison_path.clone());
-                            in_flight.push(process(work, acker, ctx).instrument(tracing::Span::current()));
+                            Work::Poison(poison.into_event(), poison_path.clone())
                         }
+                    };
+                    // Most handlers finish without waiting: settle those
+                    // here, and keep only the rest in the in-flight set.
+                    let mut work = Box::pin(process(work, acker, &settle).instrument(span));
+                    if poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx).is_pending())).await {
+                        in_flight.push(work);
                     }
                 }
                 Step::StreamError(e) => {
@@ -340,7 +350,7 @@ struct Settle {
     nack_delay: Option<Duration>,
 }
 
-async fn process<F, R, E, A>(work: Work<F>, acker: A, ctx: Settle)
+async fn process<F, R, E, A>(work: Work<F>, acker: A, ctx: &Settle)
 where
     F: Future<Output = Result<R, E>>,
     E: Into<BoxError>,

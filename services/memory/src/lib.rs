@@ -48,13 +48,15 @@
 //! ```
 
 #![forbid(unsafe_code)]
+// Library code never panics on input it does not control.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{Future, Ready, ready};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -119,6 +121,7 @@ impl MemoryBrokerBuilder {
                 idle: Notify::new(),
                 closed: AtomicBool::new(false),
                 next_id: AtomicU64::new(0),
+                generation: AtomicU64::new(0),
             }),
         }
     }
@@ -135,6 +138,19 @@ struct Shared {
     idle: Notify,
     closed: AtomicBool,
     next_id: AtomicU64,
+    /// Bumped whenever routes may have changed, to invalidate publishers'
+    /// cached routes.
+    generation: AtomicU64,
+}
+
+type RouteCache = Option<CachedRoute>;
+type Targets = Arc<[Arc<Group>]>;
+
+#[derive(Clone)]
+struct CachedRoute {
+    topic: Arc<str>,
+    generation: u64,
+    targets: Arc<[Arc<Group>]>,
 }
 
 #[derive(Default)]
@@ -190,6 +206,7 @@ impl MemoryBroker {
     pub fn publisher(&self) -> MemoryPublisher {
         MemoryPublisher {
             shared: self.shared.clone(),
+            route: None,
         }
     }
 
@@ -214,7 +231,9 @@ impl MemoryBroker {
             headers: Vec::new(),
             body: body.into(),
         };
-        self.shared.publish(topic, Message::Raw(raw), None).map(|_| ())
+        self.shared
+            .publish(topic, Message::Raw(raw), None, None)
+            .map(|_| ())
     }
 
     /// Events published and not yet settled by every group they went to.
@@ -275,32 +294,48 @@ impl fmt::Debug for MemoryBroker {
 }
 
 impl Shared {
-    fn publish(&self, topic: &str, message: Message, event: Option<&Event>) -> Result<u64, Error> {
+    fn publish(
+        &self,
+        topic: &str,
+        message: Message,
+        event: Option<&Event>,
+        cache: Option<&mut RouteCache>,
+    ) -> Result<u64, Error> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::closed("memory broker is closed"));
         }
-        let mut state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        let targets = match state.routes.get(topic) {
-            Some(targets) => targets.clone(),
+        let generation = self.generation.load(Ordering::Acquire);
+        // Retention needs the state lock held while queueing (see below);
+        // without it, a publisher's cached route saves the lock and the
+        // lookup.
+        let cached = match &cache {
+            Some(Some(c)) if self.retention == 0 && c.generation == generation && *c.topic == *topic => {
+                Some(c.targets.clone())
+            }
+            _ => None,
+        };
+        let (targets, state) = match cached {
+            Some(targets) => (targets, None),
             None => {
-                validate_topic(topic)?;
-                drop(state);
-                self.compute_route(topic);
-                state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-                match state.routes.get(topic) {
-                    Some(targets) => targets.clone(),
-                    None => Arc::from(Vec::new()),
+                let (targets, state) = self.route(topic)?;
+                if let Some(cache) = cache {
+                    *cache = Some(CachedRoute {
+                        topic: topic.into(),
+                        generation,
+                        targets: targets.clone(),
+                    });
                 }
+                (targets, Some(state))
             }
         };
-        if let Some(max) = self.max_pending {
-            if targets.iter().any(|g| g.rx.len() >= max) {
-                let err = Error::new(ErrorKind::Overloaded, "a subscription's queue is full");
-                return Err(match event {
-                    Some(event) => err.with_event(event.clone()),
-                    None => err,
-                });
-            }
+        if let Some(max) = self.max_pending
+            && targets.iter().any(|g| g.rx.len() >= max)
+        {
+            let err = Error::new(ErrorKind::Overloaded, "a subscription's queue is full");
+            return Err(match event {
+                Some(event) => err.with_event(event.clone()),
+                None => err,
+            });
         }
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
         let topic: Arc<str> = match event {
@@ -320,8 +355,9 @@ impl Shared {
             }
             queue.push_back(item.clone());
         }
-        // Held until the events are queued, so that a subscription that
-        // replays retained events cannot miss one published meanwhile.
+        // The state lock, when taken, is held until the events are queued,
+        // so that a subscription that replays retained events cannot miss
+        // one published meanwhile.
         let _state = state;
         if let Some((last, rest)) = targets.split_last() {
             for group in rest {
@@ -330,6 +366,23 @@ impl Shared {
             self.enqueue(last, item);
         }
         Ok(sequence)
+    }
+
+    fn route(&self, topic: &str) -> Result<(Targets, RwLockReadGuard<'_, State>), Error> {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(targets) = state.routes.get(topic) {
+            return Ok((targets.clone(), state));
+        }
+        validate_topic(topic)?;
+        drop(state);
+        self.compute_route(topic);
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let targets = state
+            .routes
+            .get(topic)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(Vec::new()));
+        Ok((targets, state))
     }
 
     fn compute_route(&self, topic: &str) {
@@ -386,6 +439,7 @@ impl Shared {
         }
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         state.routes.clear();
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let key: Arc<str> = match options.group_name() {
             Some(name) => name.into(),
             None => format!("\0ephemeral-{}", self.next_id.fetch_add(1, Ordering::Relaxed)).into(),
@@ -437,6 +491,7 @@ impl Shared {
         if entry.members == 0 && !group.durable {
             state.groups.remove(&group.key);
             state.routes.clear();
+            self.generation.fetch_add(1, Ordering::AcqRel);
             drop(state);
             group.tx.close();
             while group.rx.try_recv().is_ok() {
@@ -454,6 +509,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct MemoryPublisher {
     shared: Arc<Shared>,
+    route: RouteCache,
 }
 
 impl fmt::Debug for MemoryPublisher {
@@ -479,9 +535,12 @@ impl Service<Event> for MemoryPublisher {
         let span = watchtower::trace::publish_span(SYSTEM, event.topic(), &event);
         let _entered = span.enter();
         let result = event.validate().and_then(|()| {
-            let sequence = self
-                .shared
-                .publish(event.topic(), Message::Event(event.clone()), Some(&event))?;
+            let sequence = self.shared.publish(
+                event.topic(),
+                Message::Event(event.clone()),
+                Some(&event),
+                Some(&mut self.route),
+            )?;
             Ok(Receipt::for_event(&event).with_sequence(sequence))
         });
         ready(result)

@@ -1,0 +1,474 @@
+//! The consumer runtime: readiness, concurrency, settlement, poison,
+//! shutdown. Deliveries come from a channel with a recording acker, so each
+//! settlement can be checked; the memory transport covers the rest.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{self, Stream};
+use tokio::sync::{Notify, mpsc};
+use tower::service_fn;
+use watchtower::prelude::*;
+use watchtower::{ErrorKind, Poison, RawMessage, ServeStats};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Settled {
+    Ack,
+    Nack(Option<Duration>),
+    Reject,
+    Dropped,
+}
+
+type Log = Arc<Mutex<Vec<(String, Settled)>>>;
+
+struct RecordingAcker {
+    id: String,
+    log: Log,
+    settled: bool,
+}
+
+impl RecordingAcker {
+    fn record(mut self, how: Settled) -> std::future::Ready<Result<(), Error>> {
+        self.settled = true;
+        self.log.lock().unwrap().push((self.id.clone(), how));
+        std::future::ready(Ok(()))
+    }
+}
+
+impl Drop for RecordingAcker {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.log.lock().unwrap().push((self.id.clone(), Settled::Dropped));
+        }
+    }
+}
+
+impl Acker for RecordingAcker {
+    fn ack(self) -> impl Future<Output = Result<(), Error>> + Send {
+        self.record(Settled::Ack)
+    }
+    fn nack(self, delay: Option<Duration>) -> impl Future<Output = Result<(), Error>> + Send {
+        self.record(Settled::Nack(delay))
+    }
+    fn reject(self) -> impl Future<Output = Result<(), Error>> + Send {
+        self.record(Settled::Reject)
+    }
+}
+
+/// A subscription fed by the test, counting how many deliveries the
+/// runtime has pulled.
+struct Feed {
+    tx: mpsc::UnboundedSender<Delivery<RecordingAcker>>,
+    log: Log,
+    pulled: Arc<AtomicUsize>,
+}
+
+fn feed() -> (
+    Feed,
+    impl Stream<Item = Result<Delivery<RecordingAcker>, Error>> + Unpin + Send + 'static,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let counter = pulled.clone();
+    let stream = Box::pin(stream::unfold(rx, move |mut rx| {
+        let counter = counter.clone();
+        async move {
+            let delivery = rx.recv().await?;
+            counter.fetch_add(1, Ordering::SeqCst);
+            Some((Ok(delivery), rx))
+        }
+    }));
+    (
+        Feed {
+            tx,
+            log: Log::default(),
+            pulled,
+        },
+        stream,
+    )
+}
+
+impl Feed {
+    fn acker(&self, id: &str) -> RecordingAcker {
+        RecordingAcker {
+            id: id.into(),
+            log: self.log.clone(),
+            settled: false,
+        }
+    }
+
+    fn send(&self, ty: &str) -> String {
+        let event = Event::builder(ty).build().unwrap();
+        let id = event.id().to_owned();
+        self.tx.send(Delivery::new(event, ty, self.acker(&id))).unwrap();
+        id
+    }
+
+    fn send_poison(&self, body: &'static [u8]) {
+        let raw = RawMessage {
+            topic: "orders".into(),
+            headers: vec![("ce-id".into(), Bytes::from_static(b"\xff"))],
+            body: Bytes::from_static(body),
+        };
+        let poison = Poison::new(raw, Error::decode("not an event"));
+        self.tx
+            .send(Delivery::poison(poison, self.acker("poison")))
+            .unwrap();
+    }
+
+    fn settled(&self) -> Vec<(String, Settled)> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn settlement_of(&self, id: &str) -> Option<Settled> {
+        self.settled().into_iter().find(|(i, _)| i == id).map(|(_, s)| s)
+    }
+}
+
+async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !condition() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+#[tokio::test]
+async fn pulls_nothing_while_the_handler_is_not_ready() {
+    let (feed, subscription) = feed();
+    let (handler, mut handle) = tower_test::mock::pair::<Event, ()>();
+    handle.allow(0);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve(subscription, handler)
+            .with_graceful_shutdown(async {
+                stopped.await.ok();
+            })
+            .into_future(),
+    );
+    let first = feed.send("a");
+    feed.send("b");
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(feed.pulled.load(Ordering::SeqCst), 0, "pulled while not ready");
+
+    handle.allow(1);
+    let (event, respond) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.id(), first);
+    assert_eq!(feed.pulled.load(Ordering::SeqCst), 1);
+    respond.send_response(());
+    until("the ack", || feed.settlement_of(&first) == Some(Settled::Ack)).await;
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        feed.pulled.load(Ordering::SeqCst),
+        1,
+        "pulled a second event with no readiness"
+    );
+
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!((stats.received, stats.acked), (1, 1));
+}
+
+#[tokio::test]
+async fn acks_on_ok_and_nacks_on_error_and_on_panic() {
+    let (feed, subscription) = feed();
+    let handler = service_fn(|event: Event| async move {
+        match event.ty() {
+            "ok" => Ok(()),
+            "later" => Err(Error::new(ErrorKind::Throttled, "busy").with_retry_after(Duration::from_secs(7))),
+            "fail" => Err(Error::new(ErrorKind::Handler, "no")),
+            _ => panic!("handler bug"),
+        }
+    });
+    let ids: Vec<String> = ["ok", "later", "fail", "panic"]
+        .iter()
+        .map(|t| feed.send(t))
+        .collect();
+    drop(feed.tx.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve(subscription, handler)
+            .nack_delay(Duration::from_secs(1))
+            .with_graceful_shutdown(async {
+                stopped.await.ok();
+            })
+            .into_future(),
+    );
+    until("four settlements", || feed.settled().len() == 4).await;
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!(feed.settlement_of(&ids[0]), Some(Settled::Ack));
+    assert_eq!(
+        feed.settlement_of(&ids[1]),
+        Some(Settled::Nack(Some(Duration::from_secs(7))))
+    );
+    assert_eq!(
+        feed.settlement_of(&ids[2]),
+        Some(Settled::Nack(Some(Duration::from_secs(1))))
+    );
+    assert_eq!(
+        feed.settlement_of(&ids[3]),
+        Some(Settled::Nack(Some(Duration::from_secs(1))))
+    );
+    assert_eq!(
+        (
+            stats.received,
+            stats.acked,
+            stats.nacked,
+            stats.handler_errors,
+            stats.panics,
+            stats.in_flight
+        ),
+        (4, 1, 3, 2, 1, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_panic_in_call_itself_is_an_error_too() {
+    #[derive(Clone)]
+    struct PanicsInCall;
+    impl tower::Service<Event> for PanicsInCall {
+        type Response = ();
+        type Error = Error;
+        type Future = std::future::Ready<Result<(), Error>>;
+        fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: Event) -> Self::Future {
+            panic!("bug in call")
+        }
+    }
+    let (feed, subscription) = feed();
+    let id = feed.send("x");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve(subscription, PanicsInCall)
+            .with_graceful_shutdown(async {
+                stopped.await.ok();
+            })
+            .into_future(),
+    );
+    until("the nack", || feed.settlement_of(&id).is_some()).await;
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!(feed.settlement_of(&id), Some(Settled::Nack(None)));
+    assert_eq!(stats.panics, 1);
+}
+
+#[tokio::test]
+async fn keeps_at_most_the_concurrency_bound_in_flight() {
+    let (feed, subscription) = feed();
+    let release = Arc::new(Notify::new());
+    let running = Arc::new(AtomicUsize::new(0));
+    let max_running = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (release, running, max_running) = (release.clone(), running.clone(), max_running.clone());
+        service_fn(move |_event: Event| {
+            let (release, running, max_running) = (release.clone(), running.clone(), max_running.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                max_running.fetch_max(now, Ordering::SeqCst);
+                release.notified().await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    for _ in 0..10 {
+        feed.send("work");
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve(subscription, handler)
+            .concurrency(3)
+            .with_graceful_shutdown(async {
+                stopped.await.ok();
+            })
+            .into_future(),
+    );
+    until("three running", || running.load(Ordering::SeqCst) == 3).await;
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(feed.pulled.load(Ordering::SeqCst), 3);
+    while feed.settled().len() < 10 {
+        release.notify_waiters();
+        tokio::task::yield_now().await;
+    }
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!(max_running.load(Ordering::SeqCst), 3);
+    assert_eq!(stats.acked, 10);
+    assert!(feed.settled().iter().all(|(_, s)| *s == Settled::Ack));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_finishes_in_flight_work_and_abandons_it_at_the_deadline() {
+    let (feed, subscription) = feed();
+    let finish_quick = Arc::new(Notify::new());
+    let handler = {
+        let finish_quick = finish_quick.clone();
+        service_fn(move |event: Event| {
+            let finish_quick = finish_quick.clone();
+            async move {
+                match event.ty() {
+                    "quick" => finish_quick.notified().await,
+                    _ => std::future::pending::<()>().await,
+                }
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let quick = feed.send("quick");
+    let stuck = feed.send("stuck");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serve = serve(subscription, handler)
+        .shutdown_timeout(Duration::from_secs(5))
+        .with_graceful_shutdown(async {
+            stopped.await.ok();
+        });
+    let stats_handle = serve.stats();
+    let run = tokio::spawn(serve.into_future());
+    until("both in flight", || stats_handle.snapshot().in_flight == 2).await;
+    stop.send(()).unwrap();
+    // After the signal, the runtime pulls nothing new.
+    let late = feed.send("late");
+    finish_quick.notify_waiters();
+    let stats: ServeStats = run.await.unwrap().unwrap();
+    assert_eq!(feed.settlement_of(&quick), Some(Settled::Ack));
+    assert_eq!(
+        feed.settlement_of(&stuck),
+        Some(Settled::Dropped),
+        "left for redelivery"
+    );
+    assert_eq!(
+        feed.settlement_of(&late),
+        Some(Settled::Dropped),
+        "never pulled, left to the transport"
+    );
+    assert_eq!((stats.received, stats.acked, stats.in_flight), (2, 1, 1));
+}
+
+#[tokio::test]
+async fn poison_goes_to_the_poison_path_and_is_rejected() {
+    let (feed, subscription) = feed();
+    feed.send_poison(b"\x00garbage");
+    let good = feed.send("good");
+    let serve = serve(subscription, service_fn(|_: Event| async { Ok::<_, Error>(()) }));
+    let dlq = serve.default_dead_letters().cloned().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve
+            .with_graceful_shutdown(async {
+                stopped.await.ok();
+            })
+            .into_future(),
+    );
+    tokio::time::timeout(Duration::from_secs(5), dlq.wait_for(1))
+        .await
+        .unwrap();
+    until("both settled", || feed.settled().len() == 2).await;
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!(feed.settlement_of("poison"), Some(Settled::Reject));
+    assert_eq!(feed.settlement_of(&good), Some(Settled::Ack));
+    let dead = dlq.drain();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].ty(), watchtower::subscribe::POISON_EVENT_TYPE);
+    assert_eq!(dead[0].data().map(|d| &d[..]), Some(&b"\x00garbage"[..]));
+    assert_eq!(dead[0].extension("deadlettertopic"), Some("orders"));
+    assert_eq!(dead[0].extension("deadletterkind"), Some("decode"));
+    assert_eq!((stats.poisoned, stats.acked), (1, 1));
+}
+
+#[tokio::test]
+async fn a_failing_poison_path_keeps_the_message() {
+    let (feed, subscription) = feed();
+    feed.send_poison(b"junk");
+    let full = MemoryDeadLetters::new(0);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve(subscription, service_fn(|_: Event| async { Ok::<_, Error>(()) }))
+            .poison(full)
+            .with_graceful_shutdown(async {
+                stopped.await.ok();
+            })
+            .into_future(),
+    );
+    until("the nack", || feed.settlement_of("poison").is_some()).await;
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert!(matches!(
+        feed.settlement_of("poison"),
+        Some(Settled::Nack(Some(_)))
+    ));
+    assert_eq!((stats.poisoned, stats.poison_errors), (0, 1));
+}
+
+#[tokio::test]
+async fn the_subscription_ending_ends_the_runtime() {
+    let (feed, subscription) = feed();
+    let id = feed.send("last");
+    drop(feed.tx);
+    let stats = serve(subscription, service_fn(|_: Event| async { Ok::<_, Error>(()) }))
+        .await
+        .unwrap();
+    assert_eq!(stats.acked, 1);
+    assert_eq!(feed.log.lock().unwrap().clone(), vec![(id, Settled::Ack)]);
+}
+
+#[tokio::test]
+async fn subscribe_and_stop_on_the_memory_transport_redelivers_after_a_failure() {
+    let broker = watchtower_memory::MemoryBroker::new();
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let seen = attempts.clone();
+    let handle = broker
+        .subscriber()
+        .subscribe(
+            ["user.*"],
+            service_fn(move |event: Event| {
+                let first = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(event.id().to_owned());
+                    seen.len() == 1
+                };
+                async move {
+                    if first {
+                        Err(Error::new(ErrorKind::Handler, "first attempt fails"))
+                    } else {
+                        Ok(())
+                    }
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    let event = Event::new("user.created", serde_json::json!({"user_id": 123}));
+    broker.publisher().publish(event.clone()).await.unwrap();
+    assert!(broker.wait_idle(Duration::from_secs(5)).await);
+    let stats = handle.stop().await.unwrap();
+    assert_eq!(*attempts.lock().unwrap(), vec![event.id().to_owned(); 2]);
+    assert_eq!((stats.received, stats.nacked, stats.acked), (2, 1, 1));
+}
+
+#[tokio::test]
+async fn invalid_patterns_fail_to_subscribe() {
+    let broker = watchtower_memory::MemoryBroker::new();
+    let err = broker
+        .subscriber()
+        .subscribe(["user.>.x"], service_fn(|_: Event| async { Ok::<_, Error>(()) }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidTopic);
+}
