@@ -1,1 +1,83 @@
-//! Placeholder; see the workspace README.
+//! RabbitMQ transport for WatchTower, on [`lapin`].
+//!
+//! * [`RabbitPublisher`] is a `tower::Service<Event>`: events go to an
+//!   exchange (topic by default) with the event's topic as routing key,
+//!   persistent, `mandatory`, and the call resolves on the broker's
+//!   publisher confirm. Unroutable events come back as
+//!   [`ErrorKind::Rejected`](watchtower::ErrorKind::Rejected) errors.
+//! * [`RabbitSubscriber`] implements [`watchtower::Subscriber`]: queues and
+//!   bindings declared from [`QueueOptions`] (quorum queues, delivery limit,
+//!   dead-letter exchange, TTL, max length), prefetch as the backpressure
+//!   bound, consumer groups as shared durable queues, batched `multiple`
+//!   acks.
+//! * Both keep their connection healthy: failures are detected (error
+//!   events, heartbeats, broker-closed connections), `poll_ready` and
+//!   [`Health`] follow the real state, and the connection is re-opened with
+//!   backoff and the topology declared again.
+//!
+//! # Wire format
+//!
+//! Binary-mode CloudEvents over AMQP 0-9-1, readable by any client:
+//!
+//! | CloudEvents | AMQP |
+//! |---|---|
+//! | `id`, `type`, `source`, `specversion`, `time`, `subject`, `dataschema`, extensions | headers `cloudEvents_<attr>` (long strings) |
+//! | `datacontenttype` | the `content-type` property |
+//! | `id` | also the `message-id` property |
+//! | `time` | also the `timestamp` property (seconds) |
+//! | data | the body |
+//!
+//! Structured-mode messages (`content-type: application/cloudevents+json`)
+//! are accepted on receive. A message that is neither is a poison message:
+//! the consumer runtime hands it, raw, to its poison path and rejects it.
+//! Messages the broker dead-lettered carry their `x-death` reason into the
+//! event's `deadletterreason`, `deadletterkind` and `deadlettertopic`
+//! extensions.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower::{ServiceBuilder, service_fn};
+//! use watchtower::{Event, PublishExt, SubscriberExt};
+//! use watchtower_rabbitmq::{ExchangeKind, RabbitConfig, RabbitPublisher, RabbitSubscriber};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let config = RabbitConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f")?
+//!     .exchange("orders", ExchangeKind::Topic)?
+//!     .connection_name("checkout");
+//!
+//! let subscriber = RabbitSubscriber::connect(config.clone()).await?;
+//! let handle = subscriber
+//!     .subscribe(["order.*"], service_fn(|event: Event| async move {
+//!         println!("{} {}", event.ty(), event.id());
+//!         Ok::<_, watchtower::Error>(())
+//!     }))
+//!     .await?;
+//!
+//! let mut publisher = ServiceBuilder::new()
+//!     .timeout(Duration::from_secs(5))
+//!     .service(RabbitPublisher::connect(config).await?);
+//! publisher.publish(Event::new("order.placed", serde_json::json!({"order": 7}))).await?;
+//! # handle.stop().await?;
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod ack;
+pub mod config;
+mod connection;
+pub mod publisher;
+pub mod subscriber;
+mod wire;
+
+pub use config::{ExchangeKind, Overflow, PublishOptions, QueueOptions, RabbitConfig};
+pub use connection::Health;
+pub use publisher::RabbitPublisher;
+pub use subscriber::{RabbitAcker, RabbitSubscriber, RabbitSubscription};
+
+/// The lapin crate, for [`FieldTable`](lapin::types::FieldTable) binding
+/// arguments and raw access.
+pub use lapin;

@@ -1,1 +1,79 @@
-//! Placeholder; see the workspace README.
+//! Redis Streams for WatchTower: publish with `XADD`, consume through
+//! consumer groups with batched `XACK`, reclaim what crashed consumers left
+//! with `XAUTOCLAIM`.
+//!
+//! * [`RedisPublisher`] is a `tower::Service<Event>`: one stream per topic
+//!   (named by [`RedisConfig::stream_prefix`] plus the topic), optional
+//!   `MAXLEN ~` trimming, a [`Receipt`](watchtower::Receipt) with the entry
+//!   id. Concurrent calls are pipelined on one multiplexed connection.
+//! * [`RedisSubscriber`] implements [`watchtower::Subscriber`]: consumer
+//!   groups, redelivery with rising delivery counts, reclaiming, a
+//!   dead-letter stream after too many deliveries, patterns resolved against
+//!   existing streams. See its docs for the details.
+//!
+//! # Wire format
+//!
+//! One stream field per CloudEvents attribute under its plain name
+//! (`specversion`, `id`, `type`, `source`, `time`, `subject`,
+//! `datacontenttype`, `dataschema`, extensions by name), and the payload in
+//! `data`, so `XRANGE` in `redis-cli` is readable and any client can
+//! consume:
+//!
+//! ```text
+//! 1) "specversion" "1.0"  "id" "0190..."  "type" "user.created"
+//!    "source" "/watchtower"  "time" "2026-01-01T00:00:00Z"
+//!    "datacontenttype" "application/json"  "data" "{\"user_id\":123}"
+//! ```
+//!
+//! An entry that does not decode reaches the consumer as a
+//! [`Delivery::poison`](watchtower::Delivery::poison) with its raw fields.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower::service_fn;
+//! use watchtower::{Event, PublishExt, SubscriberExt};
+//! use watchtower_redis::{RedisConfig, RedisPublisher, RedisSubscriber};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let config = RedisConfig::new("redis://127.0.0.1:6379");
+//! let subscriber = RedisSubscriber::connect(config.clone()).await?;
+//! let handle = subscriber
+//!     .subscribe(["user.created"], service_fn(|event: Event| async move {
+//!         println!("received {}", event.id());
+//!         Ok::<_, watchtower::Error>(())
+//!     }))
+//!     .await?;
+//!
+//! let mut publisher = RedisPublisher::connect(config).await?;
+//! let receipt = publisher
+//!     .publish(Event::new("user.created", serde_json::json!({"user_id": 123})))
+//!     .await?;
+//! println!("stored as entry {:?}", receipt.message_id);
+//! # tokio::time::sleep(Duration::from_millis(100)).await;
+//! handle.stop().await?;
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod acks;
+mod config;
+mod error;
+mod publisher;
+mod subscriber;
+mod wire;
+
+pub use config::{
+    DEFAULT_CONNECTION_TIMEOUT, DEFAULT_PIPELINE_BUFFER, DEFAULT_RECONNECT_RETRIES, DEFAULT_RESPONSE_TIMEOUT,
+    DEFAULT_URL, RedisConfig,
+};
+pub use publisher::{MaxLen, RedisPublisher, RedisPublisherBuilder, ResponseFuture};
+pub use subscriber::{
+    DEFAULT_BATCH_SIZE, DEFAULT_BLOCK, DEFAULT_CLAIM_IDLE, DEFAULT_CLAIM_INTERVAL,
+    DEFAULT_DEAD_LETTER_STREAM, DEFAULT_MAX_DELIVERIES, DEFAULT_RESCAN_INTERVAL, DeadLetter, RedisAcker,
+    RedisSubscriber, RedisSubscriberBuilder, RedisSubscription,
+};
+pub use wire::DATA_FIELD;

@@ -1,1 +1,140 @@
-//! Placeholder; see the workspace README.
+//! WebSocket transport for WatchTower: a reconnecting client and a fan-out
+//! hub for axum.
+//!
+//! * [`WsHub`] is the server side. Mount it in an axum router; it is a
+//!   `Service<Event>` that fans events out to every connected client whose
+//!   subscription matches, and hands the events clients send to a handler
+//!   service of yours: two-way, real-time events between services and to
+//!   browsers.
+//! * [`WsClient`] is one connection to a hub that reconnects by itself. A
+//!   [`WsPublisher`] (a `Service<Event>`) and [`WsSubscriber`] (a
+//!   [`Subscriber`](watchtower::Subscriber)) made from it share that
+//!   connection.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::service_fn;
+//! use watchtower::prelude::*;
+//! use watchtower_websocket::{WsClient, WsConfig, WsHub};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // The server: a hub at /events.
+//! let hub = WsHub::builder()
+//!     .handler(service_fn(|event: Event| async move {
+//!         println!("from a client: {}", event.ty());
+//!         Ok::<_, Error>(())
+//!     }))
+//!     .build();
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let url = format!("ws://{}/events", listener.local_addr()?);
+//! tokio::spawn(axum::serve(listener, hub.router::<()>("/events")).into_future());
+//!
+//! // A client: subscribe, then receive what the hub publishes.
+//! let client = WsClient::connect(WsConfig::new(url)).await?;
+//! let mut subscription = client.subscriber().open(SubscribeOptions::new(["user.*"])?).await?;
+//! hub.clone().publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
+//! use futures_util::StreamExt as _;
+//! let delivery = subscription.next().await.ok_or("ended")??;
+//! assert_eq!(delivery.event().map(|e| e.ty()), Some("user.created"));
+//!
+//! // And publish to the hub's handler.
+//! client.publisher().publish(Event::new("user.clicked", serde_json::json!({}))).await?;
+//! client.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Semantics
+//!
+//! [`CAPABILITIES`]: wildcard patterns and per-publisher order, nothing
+//! more. The hub keeps no events: a client that is not connected when an
+//! event is published misses it, and acknowledging, nacking or rejecting a
+//! delivery does nothing. Delivery is **at most once**; nothing is lost
+//! silently, though:
+//!
+//! * a client's publish resolves with an error carrying the event when the
+//!   event was dropped from the outgoing queue
+//!   ([`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped), see
+//!   [`Overflow`]), when the connection broke while it was being written
+//!   ([`ErrorKind::Connection`](watchtower::ErrorKind::Connection),
+//!   retryable) or when the client closed first, so a dead-letter layer
+//!   (for instance into
+//!   [`MemoryDeadLetters`](watchtower::dead_letter::MemoryDeadLetters)) can
+//!   keep it;
+//! * with [`WsConfig::acks`] a publish resolves only when the hub's handler
+//!   has run, which with a retry layer makes client-to-hub delivery at least
+//!   once;
+//! * events the hub drops for a slow client are counted in [`HubStats`]
+//!   and the client's subscriptions get an
+//!   [`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped) item saying how
+//!   many; a dropped connection shows as an
+//!   [`ErrorKind::Connection`](watchtower::ErrorKind::Connection) item;
+//! * a frame from the hub that is not an event reaches every subscription
+//!   of the client as a poison delivery (nothing in it says which
+//!   subscription it was for).
+//!
+//! # Wire protocol
+//!
+//! The WebSocket subprotocol is [`SUBPROTOCOL`], `cloudevents.json`: a
+//! browser needs nothing more than `new WebSocket(url, "cloudevents.json")`.
+//! Every frame is a text frame holding one JSON object:
+//!
+//! * an **event** is CloudEvents 1.0 in the JSON format (structured mode),
+//!   exactly as [`watchtower::codec::structured`] writes it. It always has a
+//!   `specversion` member. Its topic is its `type`, unless it carries the
+//!   `wttopic` extension (written when a publisher routed the event to
+//!   another topic, removed again on receipt);
+//! * a **control message** has a `wt` member naming it and never a
+//!   `specversion` member, so the two cannot be confused:
+//!
+//! | from | message | meaning |
+//! |---|---|---|
+//! | client | `{"wt":"subscribe","id":"1","patterns":["user.*","order.>"]}` | deliver events on matching topics; the same `id` again replaces the patterns |
+//! | client | `{"wt":"unsubscribe","id":"1"}` | stop subscription `1` |
+//! | client | `{"wt":"options","acks":true}` | acknowledge each event this client sends |
+//! | hub | `{"wt":"subscribed","id":"1"}` / `{"wt":"unsubscribed","id":"1"}` | done |
+//! | hub | `{"wt":"ack","id":"<event id>"}` | the handler accepted the event (with acks on) |
+//! | hub | `{"wt":"nack","id":"<event id>","message":"..."}` | the handler failed on it (with acks on) |
+//! | hub | `{"wt":"error","code":"...","message":"...","re":"...","count":n}` | something went wrong; `re` names the subscription or event |
+//!
+//! Error codes: `malformed` (a text frame that is neither a valid event nor
+//! a known control message), `binary` (a binary frame), `unsupported` (a
+//! control message only the hub sends), `invalid_pattern` (`re` is the
+//! subscription), `handler` (the handler failed on event `re`, acks off),
+//! `dropped` (`count` events for this client were dropped because it fell
+//! behind), `too_large`. The connection survives all of them except
+//! `too_large`, after which the hub closes it with code 1009: the rest of an
+//! oversized message cannot be skipped. Patterns are
+//! [`TopicPattern`](watchtower::TopicPattern)s: `*` one token, `>` the rest.
+//!
+//! Both sides ping every 15 s by default and drop a connection they heard
+//! nothing from for 45 s. The hub closes connections it shuts down with code
+//! 1001, slow clients it disconnects with 1008; the client closes with 1000.
+//!
+//! # Features
+//!
+//! * `rustls-ring`: `wss://` URLs for the client, with rustls on the `ring`
+//!   provider and the webpki root certificates. Without it the client speaks
+//!   plain `ws://` (put TLS in a proxy in front of the hub).
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod hub;
+mod protocol;
+
+pub use hub::{HubStats, SlowClient, WsHub, WsHubBuilder};
+
+/// The WebSocket subprotocol the transport speaks: CloudEvents JSON
+/// (structured mode) in text frames.
+pub const SUBPROTOCOL: &str = "cloudevents.json";
+
+pub use client::{
+    ConnectionState, Overflow, ResponseFuture, WsAcker, WsClient, WsConfig, WsPublisher, WsSubscriber,
+    WsSubscription,
+};
+
+/// What the transport can do: wildcard patterns, and events from one
+/// publisher on one topic arrive in order. No persistence, no consumer
+/// groups, no redelivery, no replay: delivery is at most once.
+pub const CAPABILITIES: watchtower::Capabilities = watchtower::Capabilities::NONE.wildcards(true).ordered(true);

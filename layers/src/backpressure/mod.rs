@@ -1,0 +1,332 @@
+//! Backpressure: a bounded queue in front of a service, with a policy for
+//! when it is full.
+//!
+//! [`BackpressureLayer`] puts a queue of `capacity` events in front of the
+//! inner service and a [`Worker`] behind it that feeds the service in
+//! order, at most [`concurrency`](BackpressureLayer::concurrency) calls at
+//! once. When the queue is full, the [`Overflow`] policy decides:
+//!
+//! * [`Overflow::Block`]: `poll_ready` stays pending until there is room —
+//!   the slot is reserved in `poll_ready`, consumed in `call`, and given
+//!   back if the service is dropped unused;
+//! * [`Overflow::DropNewest`]: the new event is refused;
+//! * [`Overflow::DropOldest`]: the oldest queued event is evicted for it.
+//!
+//! A refused or evicted event resolves **its own caller's** future with
+//! [`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped), the event
+//! attached ([`Error::event`](watchtower::Error::event)), so a dead-letter
+//! layer above keeps it. [`BackpressureHandle`] reads the depth, the
+//! high-water mark and the drop counts.
+//!
+//! When every clone of the service is dropped, the worker drains the queue
+//! and the calls in flight, then ends. If the worker itself is dropped
+//! (its runtime shut down), queued callers get
+//! [`ErrorKind::Closed`](watchtower::ErrorKind::Closed) with their event.
+//!
+//! # Example
+//!
+//! ```
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//! use watchtower::{Error, ErrorKind, Event};
+//! use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Error> {
+//! let layer = BackpressureLayer::new(1024, Overflow::Block).concurrency(8);
+//! let stats = layer.handle();
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service(service_fn(|_: Event| async { Ok::<_, Error>(()) }));
+//! svc.ready().await?.call(Event::empty("tick")).await?;
+//! assert_eq!(stats.stats().dropped_newest, 0);
+//! # Ok(()) }
+//! ```
+//!
+//! # Panics
+//!
+//! [`Layer::layer`] and [`Backpressure::new`] spawn the worker with
+//! [`tokio::spawn`], so they must run inside a tokio runtime; use
+//! [`Backpressure::pair`] to run the worker yourself.
+
+mod future;
+mod shared;
+mod worker;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_util::sync::PollSemaphore;
+use tower::{Layer, Service};
+use watchtower::{BoxError, Error, ErrorKind, Event};
+
+pub use future::ResponseFuture;
+pub use shared::{BackpressureHandle, BackpressureStats};
+pub use worker::Worker;
+
+use shared::{Counters, Job, Queue, Shared};
+
+/// The default concurrency: 64 calls in flight, as the consumer runtime
+/// uses, enough to hide a broker's round trip.
+pub const DEFAULT_CONCURRENCY: usize = 64;
+
+/// What to do with a new event when the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Wait for room: `poll_ready` is pending until a slot frees up.
+    Block,
+    /// Refuse the new event with `Dropped`.
+    DropNewest,
+    /// Evict the oldest queued event (its caller gets `Dropped`) and queue
+    /// the new one.
+    DropOldest,
+}
+
+/// Puts a bounded queue with an [`Overflow`] policy in front of a service.
+///
+/// Each service the layer makes has its own queue and worker; they share
+/// the layer's counters.
+#[derive(Clone, Debug)]
+pub struct BackpressureLayer {
+    capacity: usize,
+    overflow: Overflow,
+    concurrency: usize,
+    counters: Arc<Counters>,
+}
+
+impl BackpressureLayer {
+    /// A queue of `capacity` events (at least 1).
+    pub fn new(capacity: usize, overflow: Overflow) -> Self {
+        let capacity = capacity.max(1);
+        BackpressureLayer {
+            capacity,
+            overflow,
+            concurrency: DEFAULT_CONCURRENCY,
+            counters: Arc::new(Counters {
+                capacity,
+                ..Counters::default()
+            }),
+        }
+    }
+
+    /// How many calls the worker runs at once (at least 1). Default:
+    /// [`DEFAULT_CONCURRENCY`]; 1 keeps the inner service's order strict.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// A handle on the counters.
+    pub fn handle(&self) -> BackpressureHandle {
+        BackpressureHandle {
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+impl<S> Layer<S> for BackpressureLayer
+where
+    S: Service<Event> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    type Service = Backpressure<S::Response>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let (svc, worker) = Backpressure::build(inner, self);
+        tokio::spawn(worker);
+        svc
+    }
+}
+
+/// The caller side of a backpressure queue; `R` is the inner service's
+/// response. Clones share the queue. See the [module docs](self).
+pub struct Backpressure<R> {
+    handle: Arc<Handle<R>>,
+    semaphore: Option<PollSemaphore>,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+/// Closes the queue when the last caller-side clone goes.
+struct Handle<R> {
+    shared: Arc<Shared<R>>,
+    overflow: Overflow,
+}
+
+impl<R> Drop for Handle<R> {
+    fn drop(&mut self) {
+        let waker = {
+            let mut queue = self.shared.lock();
+            queue.closed = true;
+            queue.worker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+impl<R> Backpressure<R> {
+    /// A queue configured by `layer` in front of `inner`, its worker
+    /// spawned on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn new<S>(inner: S, layer: &BackpressureLayer) -> Self
+    where
+        S: Service<Event, Response = R> + Send + 'static,
+        S::Future: Send + 'static,
+        R: Send + 'static,
+        S::Error: Into<BoxError>,
+    {
+        layer.layer(inner)
+    }
+
+    /// A queue configured by `layer` in front of `inner`, and the worker
+    /// to run (spawn it, or poll it yourself).
+    pub fn pair<S>(inner: S, layer: &BackpressureLayer) -> (Self, Worker<S>)
+    where
+        S: Service<Event, Response = R>,
+        S::Error: Into<BoxError>,
+    {
+        Backpressure::build(inner, layer)
+    }
+
+    fn build<S>(inner: S, layer: &BackpressureLayer) -> (Self, Worker<S>)
+    where
+        S: Service<Event, Response = R>,
+    {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::with_capacity(layer.capacity.min(1024)),
+                worker: None,
+                closed: false,
+                stopped: false,
+            }),
+            counters: layer.counters.clone(),
+        });
+        let semaphore = (layer.overflow == Overflow::Block)
+            .then(|| PollSemaphore::new(Arc::new(Semaphore::new(layer.capacity))));
+        let worker = Worker::new(inner, shared.clone(), layer.concurrency);
+        let svc = Backpressure {
+            handle: Arc::new(Handle {
+                shared,
+                overflow: layer.overflow,
+            }),
+            semaphore,
+            slot: None,
+        };
+        (svc, worker)
+    }
+
+    /// A handle on the counters.
+    pub fn handle(&self) -> BackpressureHandle {
+        BackpressureHandle {
+            counters: self.handle.shared.counters.clone(),
+        }
+    }
+}
+
+impl<R> Clone for Backpressure<R> {
+    fn clone(&self) -> Self {
+        Backpressure {
+            handle: self.handle.clone(),
+            semaphore: self.semaphore.clone(),
+            slot: None,
+        }
+    }
+}
+
+impl<R> fmt::Debug for Backpressure<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backpressure")
+            .field("overflow", &self.handle.overflow)
+            .field("stats", &self.handle().stats())
+            .field("slot", &self.slot.is_some())
+            .finish()
+    }
+}
+
+impl<R> Service<Event> for Backpressure<R> {
+    type Response = R;
+    type Error = Error;
+    type Future = ResponseFuture<R>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.handle.shared.lock().stopped {
+            return Poll::Ready(Err(Error::closed("backpressure worker stopped")));
+        }
+        if let Some(semaphore) = &mut self.semaphore
+            && self.slot.is_none()
+        {
+            match semaphore.poll_acquire(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(slot)) => self.slot = Some(slot),
+                Poll::Ready(None) => return Poll::Ready(Err(Error::closed("backpressure queue closed"))),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, event: Event) -> Self::Future {
+        let shared = &self.handle.shared;
+        let counters = &shared.counters;
+        let slot = self.slot.take();
+        if self.semaphore.is_some() && slot.is_none() {
+            return ResponseFuture::failed(
+                Error::new(ErrorKind::Other, "backpressure called before poll_ready").with_event(event),
+            );
+        }
+        let (tx, rx) = oneshot::channel();
+        let job = Job {
+            event: event.clone(),
+            reply: tx,
+            _slot: slot,
+        };
+        let mut queue = shared.lock();
+        if queue.stopped {
+            drop(queue);
+            return ResponseFuture::failed(Error::closed("backpressure worker stopped").with_event(event));
+        }
+        let mut evicted = None;
+        if queue.jobs.len() >= counters.capacity {
+            match self.handle.overflow {
+                // The semaphore bounds the queue; this is unreachable in
+                // practice, and refusing is the safe answer.
+                Overflow::Block | Overflow::DropNewest => {
+                    drop(queue);
+                    counters.dropped_newest.fetch_add(1, Ordering::Relaxed);
+                    return ResponseFuture::failed(
+                        dropped("queue full, newest event dropped").with_event(event),
+                    );
+                }
+                Overflow::DropOldest => evicted = queue.jobs.pop_front(),
+            }
+        }
+        queue.jobs.push_back(job);
+        counters.set_depth(queue.jobs.len());
+        let waker = queue.worker.take();
+        drop(queue);
+        if let Some(old) = evicted {
+            counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
+            let _ = old.reply.send(Err(
+                dropped("queue full, oldest event evicted").with_event(old.event)
+            ));
+        }
+        if let Some(w) = waker {
+            w.wake();
+        }
+        ResponseFuture::queued(rx, event)
+    }
+}
+
+fn dropped(message: &'static str) -> Error {
+    Error::new(ErrorKind::Dropped, message)
+}

@@ -1,0 +1,97 @@
+//! The queue between callers and the worker.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+
+use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use watchtower::Event;
+
+pub(crate) type Reply<R> = oneshot::Sender<Result<R, watchtower::Error>>;
+
+pub(crate) struct Job<R> {
+    pub(crate) event: Event,
+    pub(crate) reply: Reply<R>,
+    // Held while queued: the caller's slot under `Overflow::Block`.
+    pub(crate) _slot: Option<OwnedSemaphorePermit>,
+}
+
+pub(crate) struct Queue<R> {
+    pub(crate) jobs: VecDeque<Job<R>>,
+    pub(crate) worker: Option<Waker>,
+    /// Every handle is gone: drain and stop.
+    pub(crate) closed: bool,
+    /// The worker is gone: refuse new work.
+    pub(crate) stopped: bool,
+}
+
+pub(crate) struct Shared<R> {
+    pub(crate) queue: Mutex<Queue<R>>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl<R> Shared<R> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Queue<R>> {
+        // Updates leave the queue consistent before anything can panic.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) capacity: usize,
+    pub(crate) depth: AtomicUsize,
+    pub(crate) high_water: AtomicUsize,
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) dropped_newest: AtomicU64,
+    pub(crate) dropped_oldest: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn set_depth(&self, depth: usize) {
+        self.depth.store(depth, Ordering::Relaxed);
+        if depth > self.high_water.load(Ordering::Relaxed) {
+            self.high_water.store(depth, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counters of a backpressure queue, as of one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BackpressureStats {
+    /// The queue's capacity.
+    pub capacity: usize,
+    /// Events waiting in the queue now.
+    pub depth: usize,
+    /// The most events ever waiting at once.
+    pub high_water: usize,
+    /// Events the inner service is working on now.
+    pub in_flight: usize,
+    /// New events refused because the queue was full (`DropNewest`).
+    pub dropped_newest: u64,
+    /// Queued events evicted for newer ones (`DropOldest`).
+    pub dropped_oldest: u64,
+}
+
+/// A cloneable handle on a backpressure layer's counters.
+#[derive(Clone, Debug)]
+pub struct BackpressureHandle {
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl BackpressureHandle {
+    /// The counters now.
+    pub fn stats(&self) -> BackpressureStats {
+        let c = &self.counters;
+        BackpressureStats {
+            capacity: c.capacity,
+            depth: c.depth.load(Ordering::Relaxed),
+            high_water: c.high_water.load(Ordering::Relaxed),
+            in_flight: c.in_flight.load(Ordering::Relaxed),
+            dropped_newest: c.dropped_newest.load(Ordering::Relaxed),
+            dropped_oldest: c.dropped_oldest.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+use std::time::Duration;
+
+use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_test::mock::{self, Spawn};
+use watchtower::{Error, ErrorKind, Event};
+
+use super::*;
+
+type Mock = mock::Mock<Event, &'static str>;
+type Handle = mock::Handle<Event, &'static str>;
+
+fn setup(capacity: usize, overflow: Overflow) -> (Backpressure<&'static str>, Handle, BackpressureHandle) {
+    let layer = BackpressureLayer::new(capacity, overflow).concurrency(1);
+    let (inner, mut handle): (Mock, Handle) = mock::pair();
+    handle.allow(0);
+    let stats = layer.handle();
+    (layer.layer(inner), handle, stats)
+}
+
+async fn next(handle: &mut Handle) -> (Event, mock::SendResponse<&'static str>) {
+    tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("the worker sends the next event")
+        .expect("a request")
+}
+
+#[tokio::test(start_paused = true)]
+async fn block_keeps_poll_ready_pending_until_there_is_room() {
+    let (svc, mut handle, stats) = setup(2, Overflow::Block);
+    let mut a = Spawn::new(svc.clone());
+    let mut c = Spawn::new(svc.clone());
+    assert!(a.poll_ready().is_ready());
+    let first = a.call(Event::empty("1"));
+    assert!(a.poll_ready().is_ready());
+    let second = a.call(Event::empty("2"));
+    assert!(c.poll_ready().is_pending(), "two queued, capacity two");
+    assert_eq!(stats.stats().depth, 2);
+
+    handle.allow(1);
+    let (event, respond) = next(&mut handle).await;
+    assert_eq!(event.ty(), "1");
+    assert!(c.is_woken());
+    assert!(c.poll_ready().is_ready(), "the worker took one: there is room");
+    respond.send_response("one");
+    assert_eq!(first.await.unwrap(), "one");
+    handle.allow(1);
+    let (event, respond) = next(&mut handle).await;
+    assert_eq!(event.ty(), "2");
+    respond.send_response("two");
+    assert_eq!(second.await.unwrap(), "two");
+    assert_eq!(stats.stats().high_water, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reserved_slot_is_released_when_the_service_is_dropped() {
+    let (svc, _handle, _) = setup(1, Overflow::Block);
+    let mut a = Spawn::new(svc.clone());
+    let mut b = Spawn::new(svc);
+    assert!(a.poll_ready().is_ready());
+    assert!(b.poll_ready().is_pending());
+    drop(a);
+    assert!(b.is_woken());
+    assert!(b.poll_ready().is_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn drop_newest_refuses_the_new_event_and_hands_it_back() {
+    let (mut svc, mut handle, stats) = setup(1, Overflow::DropNewest);
+    let first = svc.ready().await.unwrap().call(Event::empty("1"));
+    let mut err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Event::empty("2"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Dropped);
+    assert_eq!(err.take_event().unwrap().ty(), "2");
+    assert_eq!(stats.stats().dropped_newest, 1);
+    handle.allow(1);
+    let (event, respond) = next(&mut handle).await;
+    assert_eq!(event.ty(), "1");
+    respond.send_response("ok");
+    assert_eq!(first.await.unwrap(), "ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn drop_oldest_evicts_the_oldest_to_its_own_caller() {
+    let (mut svc, mut handle, stats) = setup(2, Overflow::DropOldest);
+    let mut futures = Vec::new();
+    for ty in ["1", "2", "3"] {
+        futures.push(svc.ready().await.unwrap().call(Event::empty(ty)));
+    }
+    let mut f = futures.into_iter();
+    let mut err = f.next().unwrap().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Dropped);
+    assert_eq!(err.take_event().unwrap().ty(), "1");
+    let s = stats.stats();
+    assert_eq!((s.dropped_oldest, s.depth, s.high_water), (1, 2, 2));
+    for ty in ["2", "3"] {
+        handle.allow(1);
+        let (event, respond) = next(&mut handle).await;
+        assert_eq!(event.ty(), ty);
+        respond.send_response("ok");
+        assert_eq!(f.next().unwrap().await.unwrap(), "ok");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn inner_readiness_error_fails_one_event_and_work_goes_on() {
+    let (mut svc, mut handle, _) = setup(4, Overflow::Block);
+    let first = svc.ready().await.unwrap().call(Event::empty("1"));
+    let second = svc.ready().await.unwrap().call(Event::empty("2"));
+    handle.send_error(Error::new(ErrorKind::Connection, "reset"));
+    let mut err = first.await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection);
+    assert_eq!(err.take_event().unwrap().ty(), "1");
+    handle.allow(1);
+    let (event, respond) = next(&mut handle).await;
+    assert_eq!(event.ty(), "2");
+    respond.send_response("ok");
+    assert_eq!(second.await.unwrap(), "ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn drains_the_queue_when_the_last_handle_goes() {
+    let layer = BackpressureLayer::new(100, Overflow::Block).concurrency(3);
+    let stats = layer.handle();
+    let inner = service_fn(|e: Event| async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok::<_, Error>(e.id().to_owned())
+    });
+    let (mut svc, worker) = Backpressure::pair(inner, &layer);
+    let worker = tokio::spawn(worker);
+    let mut futures = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let e = Event::empty("x");
+        ids.push(e.id().to_owned());
+        futures.push(tokio::spawn(svc.ready().await.unwrap().call(e)));
+    }
+    drop(svc);
+    let mut answered = Vec::new();
+    for f in futures {
+        answered.push(f.await.unwrap().unwrap());
+    }
+    assert_eq!(answered, ids);
+    tokio::time::timeout(Duration::from_secs(5), worker)
+        .await
+        .unwrap()
+        .unwrap();
+    let s = stats.stats();
+    assert_eq!((s.depth, s.in_flight), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_callers_get_their_event_back_when_the_worker_is_dropped() {
+    let layer = BackpressureLayer::new(10, Overflow::Block);
+    let (inner, mut handle): (Mock, Handle) = mock::pair();
+    handle.allow(0);
+    let (mut svc, worker) = Backpressure::pair(inner, &layer);
+    let fut = svc.ready().await.unwrap().call(Event::empty("kept"));
+    drop(worker);
+    let mut err = fut.await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+    assert_eq!(err.take_event().unwrap().ty(), "kept");
+    assert_eq!(svc.ready().await.err().map(|e| e.kind()), Some(ErrorKind::Closed));
+}

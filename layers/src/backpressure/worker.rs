@@ -1,0 +1,162 @@
+//! The task that feeds queued events to the inner service.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use pin_project_lite::pin_project;
+use tower::Service;
+use watchtower::{BoxError, Error, Event};
+
+use super::shared::{Reply, Shared};
+
+pin_project! {
+    /// Drives the inner service of a [`Backpressure`](super::Backpressure):
+    /// takes queued events in order, at most `concurrency` in flight, and
+    /// answers each caller. Resolves when every handle is dropped and the
+    /// queue and in-flight calls are drained.
+    ///
+    /// [`Backpressure::new`](super::Backpressure::new) spawns it; run it
+    /// yourself with [`Backpressure::pair`](super::Backpressure::pair).
+    #[must_use = "the worker does nothing unless polled"]
+    pub struct Worker<S>
+    where
+        S: Service<Event>,
+    {
+        inner: S,
+        shared: Arc<Shared<S::Response>>,
+        in_flight: FuturesUnordered<Call<S::Future, S::Response>>,
+        concurrency: usize,
+    }
+
+    impl<S> PinnedDrop for Worker<S>
+    where
+        S: Service<Event>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            // Whatever is still queued gets an answer carrying its event.
+            let jobs: Vec<_> = {
+                let mut queue = this.shared.lock();
+                queue.stopped = true;
+                queue.jobs.drain(..).collect()
+            };
+            this.shared.counters.set_depth(0);
+            for job in jobs {
+                let err = Error::closed("backpressure worker stopped").with_event(job.event);
+                let _ = job.reply.send(Err(err));
+            }
+        }
+    }
+}
+
+impl<S: Service<Event>> std::fmt::Debug for Worker<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("in_flight", &self.in_flight.len())
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Service<Event>> Worker<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<S::Response>>, concurrency: usize) -> Self {
+        Worker {
+            inner,
+            shared,
+            in_flight: FuturesUnordered::new(),
+            concurrency: concurrency.max(1),
+        }
+    }
+}
+
+pin_project! {
+    struct Call<F, R> {
+        #[pin]
+        future: F,
+        reply: Option<Reply<R>>,
+    }
+}
+
+impl<F, R, E> Future for Call<F, R>
+where
+    F: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let result = ready!(this.future.poll(cx)).map_err(|e| Error::from_boxed(e.into()));
+        if let Some(reply) = this.reply.take() {
+            // A caller that stopped waiting has chosen not to know.
+            let _ = reply.send(result);
+        }
+        Poll::Ready(())
+    }
+}
+
+impl<S> Future for Worker<S>
+where
+    S: Service<Event>,
+    S::Error: Into<BoxError>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let counters = &this.shared.counters;
+        loop {
+            while let Poll::Ready(Some(())) = this.in_flight.poll_next_unpin(cx) {}
+            if this.in_flight.len() >= *this.concurrency {
+                counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
+                return Poll::Pending;
+            }
+            // Wait for the service before taking a job, so that jobs stay
+            // queued (and can be evicted under `DropOldest`) meanwhile.
+            {
+                let mut queue = this.shared.lock();
+                if queue.jobs.is_empty() {
+                    counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
+                    if queue.closed && this.in_flight.is_empty() {
+                        queue.stopped = true;
+                        return Poll::Ready(());
+                    }
+                    queue.worker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            }
+            let ready = match this.inner.poll_ready(cx) {
+                Poll::Pending => {
+                    counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
+                    return Poll::Pending;
+                }
+                Poll::Ready(r) => r,
+            };
+            let job = {
+                let mut queue = this.shared.lock();
+                let job = queue.jobs.pop_front();
+                counters.set_depth(queue.jobs.len());
+                job
+            };
+            // Evicted meanwhile: the readiness stays for the next job.
+            let Some(job) = job else { continue };
+            match ready {
+                Ok(()) => {
+                    let future = this.inner.call(job.event);
+                    this.in_flight.push(Call {
+                        future,
+                        reply: Some(job.reply),
+                    });
+                }
+                Err(e) => {
+                    let err = Error::from_boxed(e.into()).with_event(job.event);
+                    let _ = job.reply.send(Err(err));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! The breaker itself: a state machine shared by every clone of a
+//! service, by the handle, and by keyed breakers.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use watchtower::{Error, ErrorKind};
+
+use super::config::{CircuitBreakerConfig, SlidingWindow, StateChange, Verdict};
+use super::window::{CountWindow, Counts, Outcome, TimeWindow, Window};
+
+/// The state of a circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Calls flow; outcomes are recorded and may open the breaker.
+    Closed,
+    /// Calls are refused until the open wait has passed.
+    Open,
+    /// A limited number of probe calls decide between closed and open.
+    HalfOpen,
+    /// Open until [`reset`](CircuitBreakerHandle::reset), whatever happens.
+    ForcedOpen,
+    /// Every call passes and nothing is recorded.
+    Disabled,
+    /// Every call passes; outcomes are recorded but never open the breaker.
+    MetricsOnly,
+}
+
+impl State {
+    const fn to_bits(self) -> u64 {
+        match self {
+            State::Closed => 0,
+            State::Open => 1,
+            State::HalfOpen => 2,
+            State::ForcedOpen => 3,
+            State::Disabled => 4,
+            State::MetricsOnly => 5,
+        }
+    }
+
+    /// A short lowercase name (`closed`, `half_open`, ...).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+            State::ForcedOpen => "forced_open",
+            State::Disabled => "disabled",
+            State::MetricsOnly => "metrics_only",
+        }
+    }
+
+    /// Whether calls are let through without a probe permit.
+    const fn is_free(bits: u64) -> bool {
+        bits == 0 || bits == 4 || bits == 5
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A snapshot of a breaker's state and counters.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Metrics {
+    /// The state now.
+    pub state: State,
+    /// Calls in the sliding window.
+    pub window_calls: u32,
+    /// Failed calls in the window.
+    pub window_failures: u32,
+    /// Slow calls in the window.
+    pub window_slow: u32,
+    /// Failure rate of the window in percent; `None` below the minimum
+    /// number of calls.
+    pub failure_rate: Option<f64>,
+    /// Slow-call rate of the window in percent; `None` below the minimum.
+    pub slow_call_rate: Option<f64>,
+    /// Successful calls recorded since creation.
+    pub successful_calls: u64,
+    /// Failed calls recorded since creation.
+    pub failed_calls: u64,
+    /// Calls refused because the breaker was open.
+    pub rejected_calls: u64,
+    /// Times the breaker has opened since creation.
+    pub trips: u64,
+    /// Time left before an open breaker lets probes through.
+    pub open_remaining: Option<Duration>,
+}
+
+// State in the low byte, epoch above: one load tells the fast path whether
+// to let the call through and which epoch its outcome belongs to.
+const STATE_BITS: u64 = 0xff;
+
+pub(crate) struct Breaker {
+    pub(crate) config: CircuitBreakerConfig,
+    packed: AtomicU64,
+    rejected: AtomicU64,
+    machine: Mutex<Machine>,
+    pub(crate) notify: Arc<Notify>,
+}
+
+struct Machine {
+    state: State,
+    epoch: u64,
+    window: Window,
+    open_until: Option<Instant>,
+    consecutive_trips: u32,
+    probes_issued: u32,
+    probe_counts: Counts,
+    successes: u64,
+    failures: u64,
+    trips: u64,
+}
+
+/// Why a call was refused.
+#[derive(Debug)]
+pub(crate) struct Rejection {
+    /// When the breaker will let a probe through, if it knows.
+    pub(crate) retry_after: Option<Duration>,
+}
+
+/// The right to make one call, taken in `poll_ready` and spent when the
+/// call's outcome is recorded. Dropped unspent, a probe slot is given back.
+pub(crate) struct Permit {
+    breaker: Arc<Breaker>,
+    epoch: u64,
+    probe: bool,
+    record: bool,
+    start: Option<Instant>,
+}
+
+type Transition = Option<StateChange>;
+
+impl Breaker {
+    pub(crate) fn new(config: CircuitBreakerConfig) -> Arc<Breaker> {
+        let now = Instant::now();
+        let window = match config.window {
+            SlidingWindow::Count(n) => Window::Count(CountWindow::new(n)),
+            SlidingWindow::Time { size, buckets } => Window::Time(TimeWindow::new(size, buckets, now)),
+        };
+        Arc::new(Breaker {
+            config,
+            packed: AtomicU64::new(State::Closed.to_bits()),
+            rejected: AtomicU64::new(0),
+            machine: Mutex::new(Machine {
+                state: State::Closed,
+                epoch: 0,
+                window,
+                open_until: None,
+                consecutive_trips: 0,
+                probes_issued: 0,
+                probe_counts: Counts::default(),
+                successes: 0,
+                failures: 0,
+                trips: 0,
+            }),
+            notify: Arc::new(Notify::new()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Machine> {
+        // Every update leaves the machine consistent before anything that
+        // can panic (hooks run outside the lock), so a poisoned lock is safe.
+        self.machine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a permit, or says why not. Lets the open wait lapse into
+    /// half-open on the way.
+    pub(crate) fn acquire(self: &Arc<Self>) -> Result<Permit, Rejection> {
+        let packed = self.packed.load(Ordering::Acquire);
+        let bits = packed & STATE_BITS;
+        if State::is_free(bits) {
+            return Ok(self.permit(packed >> 8, false, bits != State::Disabled.to_bits()));
+        }
+        let mut m = self.lock();
+        let now = Instant::now();
+        let mut change = None;
+        if m.state == State::Open && m.open_until.is_some_and(|t| now >= t) {
+            change = self.transition(&mut m, State::HalfOpen);
+        }
+        let result = match m.state {
+            State::Closed | State::MetricsOnly => Ok(self.permit(m.epoch, false, true)),
+            State::Disabled => Ok(self.permit(m.epoch, false, false)),
+            State::Open => Err(Rejection {
+                retry_after: m.open_until.map(|t| t.saturating_duration_since(now)),
+            }),
+            State::ForcedOpen => Err(Rejection { retry_after: None }),
+            State::HalfOpen if m.probes_issued < self.config.half_open_permits => {
+                m.probes_issued += 1;
+                Ok(self.permit(m.epoch, true, true))
+            }
+            State::HalfOpen => Err(Rejection { retry_after: None }),
+        };
+        drop(m);
+        self.fire(change);
+        result
+    }
+
+    fn permit(self: &Arc<Self>, epoch: u64, probe: bool, record: bool) -> Permit {
+        Permit {
+            breaker: self.clone(),
+            epoch,
+            probe,
+            record,
+            start: None,
+        }
+    }
+
+    /// Counts a refusal the caller sees, and calls the hook.
+    pub(crate) fn rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        if let Some(hook) = &self.config.on_rejected {
+            hook();
+        }
+    }
+
+    /// The error a refused caller gets.
+    pub(crate) fn open_error(&self, rejection: &Rejection) -> Error {
+        let mut err = Error::new(ErrorKind::CircuitOpen, &*self.config.name);
+        if let Some(after) = rejection.retry_after {
+            err = err.with_retry_after(after);
+        }
+        err
+    }
+
+    fn transition(&self, m: &mut Machine, to: State) -> Transition {
+        let from = m.state;
+        if from == to {
+            return None;
+        }
+        m.state = to;
+        m.epoch += 1;
+        m.probes_issued = 0;
+        m.probe_counts = Counts::default();
+        match to {
+            State::Open => {
+                m.trips += 1;
+                m.consecutive_trips += 1;
+                m.open_until = Some(Instant::now() + self.config.open_wait_for(m.consecutive_trips));
+            }
+            State::Closed => {
+                m.consecutive_trips = 0;
+                m.open_until = None;
+                m.window.clear();
+            }
+            _ => m.open_until = None,
+        }
+        self.packed
+            .store((m.epoch << 8) | to.to_bits(), Ordering::Release);
+        Some(StateChange { from, to })
+    }
+
+    fn fire(&self, change: Transition) {
+        if let Some(change) = change {
+            self.notify.notify_waiters();
+            tracing::debug!(breaker = &*self.config.name, from = %change.from, to = %change.to, "circuit breaker state change");
+            if let Some(hook) = &self.config.on_state_change {
+                hook(change);
+            }
+        }
+    }
+
+    fn trips(&self, counts: &Counts) -> bool {
+        let c = &self.config;
+        counts.calls >= c.minimum_calls
+            && (counts.failure_rate() >= c.failure_rate_threshold
+                || (c.slow_call_duration.is_some() && counts.slow_rate() >= c.slow_call_rate_threshold))
+    }
+
+    fn probes_fail(&self, counts: &Counts) -> bool {
+        let c = &self.config;
+        counts.failure_rate() >= c.failure_rate_threshold
+            || (c.slow_call_duration.is_some() && counts.slow_rate() >= c.slow_call_rate_threshold)
+    }
+
+    fn record(&self, epoch: u64, probe: bool, o: Outcome) {
+        let mut m = self.lock();
+        if o.failure {
+            m.failures += 1;
+        } else {
+            m.successes += 1;
+        }
+        // An outcome from an earlier state (a call let through while closed
+        // that ends after the breaker opened) says nothing about this one.
+        if m.epoch != epoch {
+            return;
+        }
+        let mut change = None;
+        match m.state {
+            State::Closed | State::MetricsOnly => {
+                let now = m.window.is_time().then(Instant::now);
+                m.window.record(o, now);
+                if m.state == State::Closed {
+                    let counts = m.window.counts();
+                    if self.trips(&counts) {
+                        change = self.transition(&mut m, State::Open);
+                    }
+                }
+            }
+            State::HalfOpen if probe => {
+                m.probe_counts.calls += 1;
+                m.probe_counts.failures += u32::from(o.failure);
+                m.probe_counts.slow += u32::from(o.slow);
+                if m.probe_counts.calls >= self.config.half_open_permits {
+                    let counts = m.probe_counts;
+                    let to = if self.probes_fail(&counts) {
+                        State::Open
+                    } else {
+                        State::Closed
+                    };
+                    change = self.transition(&mut m, to);
+                }
+            }
+            _ => {}
+        }
+        drop(m);
+        self.fire(change);
+    }
+
+    fn release_probe(&self, epoch: u64) {
+        let mut m = self.lock();
+        if m.epoch == epoch && m.state == State::HalfOpen {
+            m.probes_issued = m.probes_issued.saturating_sub(1);
+            drop(m);
+            self.notify.notify_waiters();
+        }
+    }
+
+    pub(crate) fn force(&self, to: State) {
+        let mut m = self.lock();
+        let change = self.transition(&mut m, to);
+        if to == State::Closed || to == State::MetricsOnly {
+            m.window.clear();
+        }
+        drop(m);
+        self.fire(change);
+    }
+
+    pub(crate) fn state(&self) -> State {
+        let mut m = self.lock();
+        let change = if m.state == State::Open && m.open_until.is_some_and(|t| Instant::now() >= t) {
+            self.transition(&mut m, State::HalfOpen)
+        } else {
+            None
+        };
+        let state = m.state;
+        drop(m);
+        self.fire(change);
+        state
+    }
+
+    pub(crate) fn metrics(&self) -> Metrics {
+        let state = self.state();
+        let mut m = self.lock();
+        let counts = m.window.counts();
+        let enough = counts.calls >= self.config.minimum_calls;
+        Metrics {
+            state,
+            window_calls: counts.calls,
+            window_failures: counts.failures,
+            window_slow: counts.slow,
+            failure_rate: enough.then(|| counts.failure_rate()),
+            slow_call_rate: enough.then(|| counts.slow_rate()),
+            successful_calls: m.successes,
+            failed_calls: m.failures,
+            rejected_calls: self.rejected.load(Ordering::Relaxed),
+            trips: m.trips,
+            open_remaining: m
+                .open_until
+                .filter(|_| m.state == State::Open)
+                .map(|t| t.saturating_duration_since(Instant::now())),
+        }
+    }
+}
+
+impl Permit {
+    /// Marks the start of the call, for slow-call detection.
+    pub(crate) fn start(mut self) -> Self {
+        if self.record && self.breaker.config.slow_call_duration.is_some() {
+            self.start = Some(Instant::now());
+        }
+        self
+    }
+
+    /// Records the call's outcome and spends the permit.
+    pub(crate) fn complete<T>(mut self, result: &Result<T, Error>) {
+        if !self.record {
+            self.probe = false;
+            return;
+        }
+        let failure = match result {
+            Ok(_) => false,
+            Err(e) => match (self.breaker.config.classifier)(e) {
+                Verdict::Failure => true,
+                Verdict::Success => false,
+                // Dropping the permit gives a probe slot back.
+                Verdict::Ignore => return,
+            },
+        };
+        let slow = match (self.start, self.breaker.config.slow_call_duration) {
+            (Some(start), Some(limit)) => start.elapsed() >= limit,
+            _ => false,
+        };
+        let probe = std::mem::replace(&mut self.probe, false);
+        self.breaker.record(self.epoch, probe, Outcome { failure, slow });
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.probe {
+            self.breaker.release_probe(self.epoch);
+        }
+    }
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("epoch", &self.epoch)
+            .field("probe", &self.probe)
+            .finish()
+    }
+}
+
+/// A cloneable handle on a breaker: read its state and metrics, force it
+/// open, disable it, or reset it.
+#[derive(Clone)]
+pub struct CircuitBreakerHandle {
+    pub(crate) breaker: Arc<Breaker>,
+}
+
+impl CircuitBreakerHandle {
+    /// The breaker's name, from its config.
+    pub fn name(&self) -> &str {
+        &self.breaker.config.name
+    }
+
+    /// The state now (an open breaker whose wait has passed reads as
+    /// half-open).
+    pub fn state(&self) -> State {
+        self.breaker.state()
+    }
+
+    /// A snapshot of the state and counters.
+    pub fn metrics(&self) -> Metrics {
+        self.breaker.metrics()
+    }
+
+    /// Refuses every call until [`reset`](Self::reset).
+    pub fn force_open(&self) {
+        self.breaker.force(State::ForcedOpen);
+    }
+
+    /// Lets every call through and records nothing until [`reset`](Self::reset).
+    pub fn disable(&self) {
+        self.breaker.force(State::Disabled);
+    }
+
+    /// Records outcomes but never opens, until [`reset`](Self::reset).
+    pub fn metrics_only(&self) {
+        self.breaker.force(State::MetricsOnly);
+    }
+
+    /// Back to closed with an empty window.
+    pub fn reset(&self) {
+        self.breaker.force(State::Closed);
+        let mut m = self.breaker.lock();
+        m.window.clear();
+        m.consecutive_trips = 0;
+    }
+}
+
+impl fmt::Debug for CircuitBreakerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerHandle")
+            .field("name", &self.name())
+            .field("state", &self.state())
+            .finish()
+    }
+}

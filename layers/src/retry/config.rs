@@ -1,0 +1,221 @@
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tower::retry::budget::Budget;
+use watchtower::Error;
+
+/// How the delay before a retry is spread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Jitter {
+    /// Exactly the exponential delay.
+    None,
+    /// Uniform between the minimum delay and the exponential delay ("full
+    /// jitter"), so that clients that failed together do not retry
+    /// together.
+    Full,
+}
+
+/// What a retry hook is told before each retry.
+#[derive(Debug)]
+pub struct RetryAttempt<'a> {
+    /// The attempt about to be made (2 for the first retry).
+    pub attempt: u32,
+    /// How long the layer waits before it.
+    pub delay: Duration,
+    /// The failure that caused it.
+    pub error: &'a Error,
+}
+
+pub(crate) type RetryIf = Arc<dyn Fn(&Error) -> bool + Send + Sync>;
+pub(crate) type OnRetry = Arc<dyn Fn(&RetryAttempt<'_>) + Send + Sync>;
+pub(crate) type SharedBudget = Arc<dyn Budget + Send + Sync>;
+
+/// When and how often [`Retry`](super::Retry) tries again.
+///
+/// ```
+/// use std::time::Duration;
+/// use watchtower_layers::retry::{Jitter, RetryConfig};
+///
+/// let config = RetryConfig::new()
+///     .max_attempts(5)
+///     .delays(Duration::from_millis(50), Duration::from_secs(5))
+///     .max_elapsed(Duration::from_secs(20))
+///     .jitter(Jitter::Full)
+///     .seed(42);
+/// assert_eq!(config.delay_before(2, &mut config.rng()), Duration::from_millis(50));
+/// ```
+#[derive(Clone)]
+pub struct RetryConfig {
+    pub(crate) max_attempts: u32,
+    pub(crate) min_delay: Duration,
+    pub(crate) max_delay: Duration,
+    pub(crate) multiplier: f64,
+    pub(crate) max_elapsed: Option<Duration>,
+    pub(crate) jitter: Jitter,
+    pub(crate) seed: Option<u64>,
+    pub(crate) budget: Option<SharedBudget>,
+    pub(crate) retry_if: Option<RetryIf>,
+    pub(crate) on_retry: Option<OnRetry>,
+}
+
+impl RetryConfig {
+    /// The defaults, listed with each setter.
+    pub fn new() -> Self {
+        RetryConfig {
+            max_attempts: 3,
+            min_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(10),
+            multiplier: 2.0,
+            max_elapsed: Some(Duration::from_secs(30)),
+            jitter: Jitter::Full,
+            seed: None,
+            budget: None,
+            retry_if: None,
+            on_retry: None,
+        }
+    }
+
+    /// Attempts in all, the first included (at least 1). Default: 3, which
+    /// rides out a blip without tripling an outage's load for long.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    /// The first retry's delay and the cap on any computed delay.
+    /// Default: 100 ms and 10 s.
+    pub fn delays(mut self, min: Duration, max: Duration) -> Self {
+        self.min_delay = min;
+        self.max_delay = max.max(min);
+        self
+    }
+
+    /// The factor each further retry's delay grows by (at least 1).
+    /// Default: 2.
+    pub fn multiplier(mut self, m: f64) -> Self {
+        self.multiplier = if m.is_finite() { m.max(1.0) } else { 2.0 };
+        self
+    }
+
+    /// Gives up when the next wait would end later than this after the
+    /// first failure; `None` for no limit. Default: 30 s, so that a caller
+    /// hears back within a bounded time.
+    pub fn max_elapsed(mut self, limit: impl Into<Option<Duration>>) -> Self {
+        self.max_elapsed = limit.into();
+        self
+    }
+
+    /// How delays are spread. Default: [`Jitter::Full`].
+    pub fn jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// Seeds the jitter, for reproducible schedules in tests. Default: a
+    /// random seed per layer.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Limits retries to a share of calls, so that retries cannot multiply
+    /// load during an outage; e.g. tower's
+    /// [`TpsBudget`](tower::retry::budget::TpsBudget). Default: none.
+    pub fn budget(mut self, budget: impl Budget + Send + Sync + 'static) -> Self {
+        self.budget = Some(Arc::new(budget));
+        self
+    }
+
+    /// Which errors are retried. Default:
+    /// [`Error::is_retryable`](watchtower::Error::is_retryable), which
+    /// follows the error's kind.
+    pub fn retry_if(mut self, f: impl Fn(&Error) -> bool + Send + Sync + 'static) -> Self {
+        self.retry_if = Some(Arc::new(f));
+        self
+    }
+
+    /// Called before each retry (for logs and metrics).
+    pub fn on_retry(mut self, f: impl Fn(&RetryAttempt<'_>) + Send + Sync + 'static) -> Self {
+        self.on_retry = Some(Arc::new(f));
+        self
+    }
+
+    /// The random source the layer draws jitter from: seeded by
+    /// [`seed`](Self::seed) if set.
+    pub fn rng(&self) -> SmallRng {
+        SmallRng::seed_from_u64(self.seed.unwrap_or_else(|| RandomState::new().hash_one(0u8)))
+    }
+
+    /// The delay before attempt `attempt` (2 for the first retry), before
+    /// any retry-after hint: `min · multiplier^(attempt-2)` capped at the
+    /// maximum, then jittered (in whole milliseconds).
+    pub fn delay_before(&self, attempt: u32, rng: &mut SmallRng) -> Duration {
+        let exp = i32::try_from(attempt.saturating_sub(2)).unwrap_or(i32::MAX);
+        let cap = Duration::try_from_secs_f64(self.min_delay.as_secs_f64() * self.multiplier.powi(exp))
+            .unwrap_or(self.max_delay)
+            .min(self.max_delay);
+        match self.jitter {
+            Jitter::None => cap,
+            Jitter::Full if cap <= self.min_delay => self.min_delay,
+            Jitter::Full => {
+                // Whole milliseconds: tokio's timer cannot wait any finer.
+                let lo = u64::try_from(self.min_delay.as_millis()).unwrap_or(u64::MAX);
+                let hi = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
+                Duration::from_millis(rng.random_range(lo..=hi)).max(self.min_delay)
+            }
+        }
+    }
+
+    pub(crate) fn is_retryable(&self, err: &Error) -> bool {
+        match &self.retry_if {
+            Some(f) => f(err),
+            None => err.is_retryable(),
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig::new()
+    }
+}
+
+impl fmt::Debug for RetryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryConfig")
+            .field("max_attempts", &self.max_attempts)
+            .field("min_delay", &self.min_delay)
+            .field("max_delay", &self.max_delay)
+            .field("multiplier", &self.multiplier)
+            .field("max_elapsed", &self.max_elapsed)
+            .field("jitter", &self.jitter)
+            .field("seed", &self.seed)
+            .field("budget", &self.budget.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: RetryConfig,
+    pub(crate) rng: Mutex<SmallRng>,
+    pub(crate) stats: super::stats::Counters,
+}
+
+impl Shared {
+    pub(crate) fn new(config: RetryConfig) -> Arc<Shared> {
+        Arc::new(Shared {
+            rng: Mutex::new(config.rng()),
+            config,
+            stats: Default::default(),
+        })
+    }
+
+    pub(crate) fn delay_before(&self, attempt: u32) -> Duration {
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        self.config.delay_before(attempt, &mut rng)
+    }
+}

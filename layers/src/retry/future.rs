@@ -1,0 +1,168 @@
+//! The retry layer's response future.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::Service;
+use watchtower::event::ext;
+use watchtower::{BoxError, Error, Event};
+
+use super::config::{RetryAttempt, Shared};
+use super::stats::Counters;
+
+pin_project! {
+    /// Response future of [`Retry`](super::Retry): runs the first attempt,
+    /// then waits and tries again on a clone of the service while the
+    /// error is retryable and the limits allow.
+    pub struct ResponseFuture<S, F> {
+        #[pin]
+        state: State<F>,
+        service: S,
+        event: Event,
+        shared: Arc<Shared>,
+        attempt: u32,
+        first_failure: Option<Instant>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Called { #[pin] future: F },
+        Waiting { #[pin] sleep: Sleep },
+        Checking,
+    }
+}
+
+impl<S, F> ResponseFuture<S, F> {
+    pub(crate) fn new(future: F, service: S, event: Event, shared: Arc<Shared>) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+            service,
+            event,
+            shared,
+            attempt: 1,
+            first_failure: None,
+        }
+    }
+}
+
+impl<S, F> std::fmt::Debug for ResponseFuture<S, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("attempt", &self.attempt)
+            .field("event_id", &self.event.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> ResponseFuture<S, S::Future>
+where
+    S: Service<Event>,
+{
+    /// What to do after attempt `attempt` failed with `err`: wait this
+    /// long, or give up with the error (carrying the event).
+    fn decide(
+        shared: &Shared,
+        attempt: u32,
+        first_failure: &mut Option<Instant>,
+        event: &Event,
+        err: Error,
+    ) -> Result<std::time::Duration, Error> {
+        let config = &shared.config;
+        let give_up = |mut err: Error, counter| {
+            Counters::add(counter);
+            if err.event().is_none() {
+                err = err.with_event(event.clone());
+            }
+            Err(err)
+        };
+        if !config.is_retryable(&err) {
+            return give_up(err, &shared.stats.not_retryable);
+        }
+        if attempt >= config.max_attempts {
+            return give_up(err, &shared.stats.exhausted);
+        }
+        let mut delay = shared.delay_before(attempt + 1);
+        if let Some(after) = err.retry_after() {
+            delay = delay.max(after);
+        }
+        let first = *first_failure.get_or_insert_with(Instant::now);
+        if let Some(limit) = config.max_elapsed
+            && first.elapsed() + delay > limit
+        {
+            return give_up(err, &shared.stats.exhausted);
+        }
+        if let Some(budget) = &config.budget
+            && !budget.withdraw()
+        {
+            return give_up(err, &shared.stats.budget_exhausted);
+        }
+        Counters::add(&shared.stats.retries);
+        if let Some(hook) = &config.on_retry {
+            hook(&RetryAttempt {
+                attempt: attempt + 1,
+                delay,
+                error: &err,
+            });
+        }
+        tracing::debug!(attempt = attempt + 1, ?delay, error = %err, "retrying");
+        Ok(delay)
+    }
+}
+
+impl<S> Future for ResponseFuture<S, S::Future>
+where
+    S: Service<Event>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let failure = match this.state.as_mut().project() {
+                StateProj::Called { future } => match ready!(future.poll(cx)) {
+                    Ok(response) => return Poll::Ready(Ok(response)),
+                    Err(e) => Error::from_boxed(e.into()),
+                },
+                StateProj::Waiting { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::Checking);
+                    continue;
+                }
+                StateProj::Checking => {
+                    let ready = ready!(this.service.poll_ready(cx));
+                    *this.attempt += 1;
+                    // Set on this attempt's copy only, so the first attempt
+                    // (the hot path) never copies the event.
+                    let _ = this.event.set_extension(ext::ATTEMPT, this.attempt.to_string());
+                    match ready {
+                        Ok(()) => {
+                            let future = this.service.call(this.event.clone());
+                            this.state.set(State::Called { future });
+                            continue;
+                        }
+                        Err(e) => Error::from_boxed(e.into()),
+                    }
+                }
+            };
+            match Self::decide(
+                this.shared,
+                *this.attempt,
+                this.first_failure,
+                this.event,
+                failure,
+            ) {
+                Ok(delay) => this.state.set(State::Waiting {
+                    sleep: tokio::time::sleep(delay),
+                }),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! WatchTower over NATS against raw async-nats, in the same run, against the
+//! local broker (127.0.0.1:4222).
+//!
+//! Run with `cargo bench -p watchtower-nats`. Each case runs raw and
+//! through WatchTower alternately, `ROUNDS` times, and keeps the best of
+//! each; the ratio is WatchTower's throughput over raw's.
+//!
+//! * core publish: raw `publish_with_headers` of the same binary-mode
+//!   CloudEvent (ce- headers built per message) vs. the full four-layer
+//!   stack (dead letter, retry, circuit breaker, backpressure) over
+//!   `NatsPublisher`; both end with a flush, so every byte reached the
+//!   server;
+//! * JetStream publish: 256 publishes awaiting their PubAck at once, raw
+//!   (`send_publish` + ack futures) vs. the same stack over
+//!   `JetStreamPublisher`;
+//! * round trip: events published on core NATS and received by a raw
+//!   subscriber loop vs. by `watchtower::serve` (decoding each event and
+//!   calling a handler service).
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use tower::{Service, ServiceBuilder, ServiceExt as _, service_fn};
+use watchtower::dead_letter::MemoryDeadLetters;
+use watchtower::{Event, SubscribeOptions, Subscriber};
+use watchtower_layers::ServiceBuilderExt as _;
+use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
+use watchtower_layers::circuit_breaker::CircuitBreakerConfig;
+use watchtower_layers::retry::RetryConfig;
+use watchtower_nats::jetstream::{StorageType, StreamConfig};
+use watchtower_nats::{JetStreamPublisher, NatsClient, NatsConfig, NatsPublisher, NatsSubscriber};
+
+const ROUNDS: usize = 3;
+const WINDOW: usize = 256;
+
+fn count(var: &str, default: usize) -> usize {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn payload() -> Bytes {
+    Bytes::from_static(br#"{"user_id":123,"name":"benchmark","tags":["a","b","c"],"amount":42.5}"#)
+}
+
+/// The binary-mode CloudEvent headers a hand-written client would set.
+fn raw_headers(ty: &str, msg_id: bool) -> HeaderMap {
+    let id = uuid::Uuid::now_v7().to_string();
+    let time = watchtower::codec::format_time(time::OffsetDateTime::now_utc());
+    let mut h = HeaderMap::new();
+    h.insert(HeaderName::from_static("ce-specversion"), HeaderValue::from("1.0"));
+    h.insert(HeaderName::from_static("ce-type"), HeaderValue::from(ty));
+    h.insert(HeaderName::from_static("ce-source"), HeaderValue::from("/bench"));
+    h.insert(HeaderName::from_static("ce-time"), HeaderValue::from(time.as_str()));
+    h.insert(HeaderName::from_static("ce-datacontenttype"), HeaderValue::from("application/json"));
+    if msg_id {
+        h.insert(HeaderName::from_static("Nats-Msg-Id"), HeaderValue::from(id.as_str()));
+    }
+    h.insert(HeaderName::from_static("ce-id"), HeaderValue::from(id));
+    h
+}
+
+fn event(ty: &str) -> Event {
+    Event::builder(ty)
+        .source("/bench")
+        .data("application/json", payload())
+        .build()
+        .unwrap()
+}
+
+fn stack<S>(inner: S) -> impl Service<Event, Error = watchtower::Error, Future: Send> + Send
+where
+    S: Service<Event, Response = watchtower::Receipt, Error = watchtower::Error> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    ServiceBuilder::new()
+        .dead_letter(MemoryDeadLetters::new(100_000))
+        .retries(RetryConfig::new())
+        .circuit_breaker(CircuitBreakerConfig::new().name("bench"))
+        .backpressure(BackpressureLayer::new(1024, Overflow::Block).concurrency(WINDOW))
+        .service(inner)
+}
+
+async fn core_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
+    let raw = client.raw();
+    let start = Instant::now();
+    for _ in 0..n {
+        raw.publish_with_headers(subject.to_owned(), raw_headers(subject, false), payload())
+            .await
+            .unwrap();
+    }
+    raw.flush().await.unwrap();
+    start.elapsed()
+}
+
+async fn core_stack(client: &NatsClient, subject: &str, n: usize) -> Duration {
+    let svc = stack(NatsPublisher::new(client.clone()));
+    let start = Instant::now();
+    let events = futures_util::stream::iter((0..n).map(|_| event(subject)));
+    let mut responses = svc.call_all(events).unordered();
+    while let Some(r) = responses.next().await {
+        r.unwrap();
+    }
+    client.raw().flush().await.unwrap();
+    start.elapsed()
+}
+
+async fn js_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
+    let js = client.jetstream();
+    let start = Instant::now();
+    let mut acks = FuturesUnordered::new();
+    for _ in 0..n {
+        if acks.len() >= WINDOW {
+            acks.next().await.unwrap().unwrap();
+        }
+        let message = PublishMessage::build()
+            .headers(raw_headers(subject, true))
+            .payload(payload());
+        let ack = js.send_publish(subject.to_owned(), message).await.unwrap();
+        acks.push(ack.into_future());
+    }
+    while let Some(ack) = acks.next().await {
+        ack.unwrap();
+    }
+    start.elapsed()
+}
+
+async fn js_stack(client: &NatsClient, subject: &str, n: usize) -> Duration {
+    let svc = stack(JetStreamPublisher::new(client.clone()).max_in_flight(WINDOW));
+    let start = Instant::now();
+    let events = futures_util::stream::iter((0..n).map(|_| event(subject)));
+    let mut responses = svc.call_all(events).unordered();
+    while let Some(r) = responses.next().await {
+        r.unwrap();
+    }
+    start.elapsed()
+}
+
+async fn publish_raw_events(client: NatsClient, subject: String, n: usize) {
+    let raw = client.raw();
+    for _ in 0..n {
+        raw.publish_with_headers(subject.clone(), raw_headers(&subject, false), payload())
+            .await
+            .unwrap();
+    }
+    raw.flush().await.unwrap();
+}
+
+async fn rt_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
+    let mut sub = client.raw().subscribe(subject.to_owned()).await.unwrap();
+    client.raw().flush().await.unwrap();
+    let start = Instant::now();
+    let publisher = tokio::spawn(publish_raw_events(client.clone(), subject.to_owned(), n));
+    let mut got = 0;
+    while got < n {
+        let message = sub.next().await.unwrap();
+        std::hint::black_box(&message);
+        got += 1;
+    }
+    let elapsed = start.elapsed();
+    publisher.await.unwrap();
+    elapsed
+}
+
+async fn rt_serve(client: &NatsClient, subject: &str, n: usize) -> Duration {
+    let sub = NatsSubscriber::new(client.clone())
+        .open(SubscribeOptions::new([subject]).unwrap())
+        .await
+        .unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let (seen, done) = (seen.clone(), done.clone());
+        service_fn(move |event: Event| {
+            std::hint::black_box(&event);
+            if seen.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                done.notify_one();
+            }
+            std::future::ready(Ok::<_, watchtower::Error>(()))
+        })
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        watchtower::serve(sub, handler)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .into_future(),
+    );
+    let start = Instant::now();
+    let publisher = tokio::spawn(publish_raw_events(client.clone(), subject.to_owned(), n));
+    done.notified().await;
+    let elapsed = start.elapsed();
+    publisher.await.unwrap();
+    let _ = stop.send(());
+    let stats = server.await.unwrap().unwrap();
+    assert_eq!(stats.acked as usize, n);
+    elapsed
+}
+
+fn report(name: &str, n: usize, raw: Duration, ours: Duration) {
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    println!(
+        "{name:<34} raw {:>10.0} msg/s   watchtower {:>10.0} msg/s   ratio {:.2}",
+        rate(raw),
+        rate(ours),
+        rate(ours) / rate(raw)
+    );
+}
+
+async fn run() {
+    let config = NatsConfig::new("nats://127.0.0.1:4222")
+        .name("watchtower-nats-bench")
+        .subscription_capacity(1 << 20)
+        .client_capacity(8192);
+    let client = NatsClient::connect(config).await.expect("the local NATS broker");
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let n_core = count("NATS_BENCH_CORE", 200_000);
+    let n_js = count("NATS_BENCH_JS", 30_000);
+    let n_rt = count("NATS_BENCH_RT", 100_000);
+
+    // Warm up connections, allocators and the server.
+    core_raw(&client, &format!("bench.{tag}.warm"), 10_000).await;
+    core_stack(&client, &format!("bench.{tag}.warm"), 10_000).await;
+
+    let subject = format!("bench.{tag}.core");
+    let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
+    for _ in 0..ROUNDS {
+        raw = raw.min(core_raw(&client, &subject, n_core).await);
+        ours = ours.min(core_stack(&client, &subject, n_core).await);
+    }
+    report("core publish (4-layer stack)", n_core, raw, ours);
+
+    let stream = format!("BENCH_{tag}");
+    client
+        .create_or_update_stream(StreamConfig {
+            name: stream.clone(),
+            subjects: vec![format!("{stream}.>")],
+            storage: StorageType::Memory,
+            max_messages: 1_000_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let subject = format!("{stream}.js");
+    js_raw(&client, &subject, 2_000).await;
+    js_stack(&client, &subject, 2_000).await;
+    let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
+    for _ in 0..ROUNDS {
+        raw = raw.min(js_raw(&client, &subject, n_js).await);
+        ours = ours.min(js_stack(&client, &subject, n_js).await);
+    }
+    report("JetStream publish (256 in flight)", n_js, raw, ours);
+    client.delete_stream(&stream).await.unwrap();
+
+    let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
+    for round in 0..ROUNDS {
+        raw = raw.min(rt_raw(&client, &format!("bench.{tag}.rt{round}r"), n_rt).await);
+        ours = ours.min(rt_serve(&client, &format!("bench.{tag}.rt{round}s"), n_rt).await);
+    }
+    report("round trip (consumer runtime)", n_rt, raw, ours);
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run());
+}

@@ -1,0 +1,240 @@
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use async_nats::Subject;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+use tokio_util::sync::PollSemaphore;
+use tower_service::Service;
+use tracing::Instrument as _;
+use watchtower::{Error, ErrorKind, Event, Receipt};
+
+use crate::client::NatsClient;
+use crate::config::{NatsConfig, WhenDisconnected};
+use crate::publisher::{ResponseFuture, poll_connection};
+use crate::subject::SubjectTemplate;
+use crate::wire;
+
+/// Publishes awaiting this many acknowledgements at most, unless set:
+/// 1024, enough to keep a local server busy without unbounded memory.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+
+/// Publishes events to JetStream and awaits each PubAck.
+///
+/// Each event goes, as a binary-mode CloudEvent, to the subject its
+/// [`SubjectTemplate`] gives; a stream must capture that subject. The
+/// `Nats-Msg-Id` header carries the event id, so a retried publish within
+/// the stream's duplicate window is stored once (the receipt then says
+/// [`duplicate`](Receipt::duplicate)). The receipt carries the stream's
+/// name and the sequence it stored the event at.
+///
+/// Concurrent callers pipeline: each call's future awaits its own
+/// acknowledgement, and up to [`max_in_flight`](Self::max_in_flight)
+/// publishes wait at once. `poll_ready` reserves one of those slots (and is
+/// pending while the window is full or the connection is down).
+///
+/// # Errors
+///
+/// [`ErrorKind::Timeout`] when no acknowledgement came within the request
+/// timeout (the event may be stored: retry it, deduplication makes that
+/// safe); [`ErrorKind::Connection`] when the connection dropped;
+/// [`ErrorKind::Rejected`] when no stream captures the subject or the
+/// stream refused the event; [`ErrorKind::Encode`] and
+/// [`ErrorKind::InvalidTopic`] for events that cannot be sent at all.
+pub struct JetStreamPublisher {
+    client: NatsClient,
+    subject: SubjectTemplate,
+    expected_stream: Option<Arc<str>>,
+    window: PollSemaphore,
+    max_in_flight: usize,
+    permit: Option<OwnedSemaphorePermit>,
+    recheck: Option<Pin<Box<Sleep>>>,
+}
+
+impl JetStreamPublisher {
+    /// A publisher on an existing connection.
+    pub fn new(client: NatsClient) -> JetStreamPublisher {
+        JetStreamPublisher {
+            client,
+            subject: SubjectTemplate::topic(),
+            expected_stream: None,
+            window: PollSemaphore::new(Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT))),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            permit: None,
+            recheck: None,
+        }
+    }
+
+    /// Connects and makes a publisher.
+    ///
+    /// # Errors
+    ///
+    /// As [`NatsClient::connect`].
+    pub async fn connect(config: NatsConfig) -> Result<JetStreamPublisher, Error> {
+        Ok(JetStreamPublisher::new(NatsClient::connect(config).await?))
+    }
+
+    /// Publishes to the subject `template` gives instead of the event's
+    /// topic.
+    pub fn subject_template(mut self, template: SubjectTemplate) -> Self {
+        self.subject = template;
+        self
+    }
+
+    /// Asks the server to store events only in the stream named `stream`
+    /// (`Nats-Expected-Stream`), rejecting them otherwise.
+    pub fn expected_stream(mut self, stream: impl Into<Arc<str>>) -> Self {
+        self.expected_stream = Some(stream.into());
+        self
+    }
+
+    /// At most `n` publishes (at least 1) await their acknowledgement at
+    /// once, across this publisher and its clones. Default
+    /// [`DEFAULT_MAX_IN_FLIGHT`].
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        let n = n.clamp(1, Semaphore::MAX_PERMITS);
+        self.window = PollSemaphore::new(Arc::new(Semaphore::new(n)));
+        self.max_in_flight = n;
+        self.permit = None;
+        self
+    }
+
+    /// Publishes awaiting their acknowledgement now.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.window.available_permits()
+    }
+
+    /// The connection.
+    pub fn client(&self) -> &NatsClient {
+        &self.client
+    }
+
+    /// Checks the connection. See [`NatsClient::health`].
+    ///
+    /// # Errors
+    ///
+    /// As [`NatsClient::health`].
+    pub async fn health(&self) -> Result<(), Error> {
+        self.client.health().await
+    }
+}
+
+impl Clone for JetStreamPublisher {
+    fn clone(&self) -> Self {
+        JetStreamPublisher {
+            client: self.client.clone(),
+            subject: self.subject.clone(),
+            expected_stream: self.expected_stream.clone(),
+            window: self.window.clone(),
+            max_in_flight: self.max_in_flight,
+            permit: None,
+            recheck: None,
+        }
+    }
+}
+
+impl fmt::Debug for JetStreamPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JetStreamPublisher")
+            .field("client", &self.client)
+            .field("subject", &self.subject)
+            .field("expected_stream", &self.expected_stream)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+impl Service<Event> for JetStreamPublisher {
+    type Response = Receipt;
+    type Error = Error;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.permit.is_none() {
+            match self.window.poll_acquire(cx) {
+                Poll::Ready(Some(permit)) => self.permit = Some(permit),
+                Poll::Ready(None) => return Poll::Ready(Err(Error::closed("publisher window closed"))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        poll_connection(&self.client, &mut self.recheck, cx)
+    }
+
+    fn call(&mut self, event: Event) -> ResponseFuture {
+        let Some(permit) = self
+            .permit
+            .take()
+            .or_else(|| self.window.clone_inner().try_acquire_owned().ok())
+        else {
+            return ResponseFuture::ready(Err(Error::new(
+                ErrorKind::Overloaded,
+                "JetStream publish window is full (call without poll_ready)",
+            )));
+        };
+        if !self.client.is_connected() && self.client.when_disconnected() == WhenDisconnected::Fail {
+            return ResponseFuture::ready(Err(self.client.disconnected_error()));
+        }
+        let prepared = self.subject.render(&event).and_then(|subject| {
+            let mut headers = wire::headers(&event, true)?;
+            if let Some(stream) = &self.expected_stream {
+                headers.insert("Nats-Expected-Stream", &**stream);
+            }
+            Ok((Arc::<str>::from(subject), headers))
+        });
+        let (subject, headers) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => return ResponseFuture::ready(Err(e)),
+        };
+        let span = watchtower::trace::publish_span("nats", &subject, &event);
+        let client = self.client.clone();
+        let payload = event.data().cloned().unwrap_or_default();
+        let receipt = Receipt::new(subject.clone(), &event);
+        let fut = async move {
+            let _permit = permit;
+            let message = PublishMessage::build().headers(headers).payload(payload);
+            let ack = client
+                .jetstream()
+                .send_publish(Subject::from(&*subject), message)
+                .await
+                .map_err(|e| publish_error(&e))?
+                .await
+                .map_err(|e| publish_error(&e))?;
+            Ok(receipt
+                .with_stream(ack.stream)
+                .with_sequence(ack.sequence)
+                .with_duplicate(ack.duplicate))
+        };
+        ResponseFuture::boxed(Box::pin(fut.instrument(span)))
+    }
+}
+
+fn publish_error(e: &PublishError) -> Error {
+    let detail = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .map(|js| (js.code(), js.to_string()));
+    match e.kind() {
+        PublishErrorKind::TimedOut => Error::new(ErrorKind::Timeout, "no JetStream acknowledgement in time"),
+        PublishErrorKind::BrokenPipe => {
+            Error::new(ErrorKind::Connection, "connection lost before the JetStream acknowledgement")
+        }
+        PublishErrorKind::StreamNotFound => Error::new(ErrorKind::Rejected, "no JetStream stream captures the subject"),
+        PublishErrorKind::MaxAckPending => Error::new(ErrorKind::Overloaded, "too many JetStream publishes in flight"),
+        PublishErrorKind::MaxPayloadExceeded => {
+            Error::new(ErrorKind::Rejected, "event is larger than the server's max payload")
+        }
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
+            Error::new(ErrorKind::Rejected, format!("JetStream refused the event: {}", e.kind()))
+        }
+        _ => match detail {
+            // 503: JetStream not ready yet (a restarting server), worth retrying.
+            Some((503, text)) => Error::new(ErrorKind::Connection, format!("JetStream unavailable: {text}")),
+            Some((_, text)) => Error::new(ErrorKind::Rejected, format!("JetStream refused the event: {text}")),
+            None => Error::new(ErrorKind::Connection, format!("JetStream publish failed: {e}")),
+        },
+    }
+}

@@ -1,0 +1,211 @@
+//! Core NATS subscribing: [`NatsSubscriber`].
+//!
+//! Patterns are NATS subjects already (`user.*`, `user.>`); a
+//! [group](watchtower::SubscribeOptions::group) becomes a NATS queue group,
+//! so members of one group split the events and every group gets all of
+//! them.
+//!
+//! Core NATS is **at-most-once**: nothing is stored, an event published
+//! while no one listens is gone, and settling a delivery does nothing
+//! (`nack` cannot bring an event back). The capability flags say so. When
+//! a subscription is read more slowly than events arrive, the client drops
+//! messages past its buffer
+//! ([`NatsConfig::subscription_capacity`](crate::NatsConfig::subscription_capacity));
+//! the subscription then yields an
+//! [`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped) item saying how
+//! many were lost, and [`NatsSubscription::dropped`] counts them.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use tower::service_fn;
+//! use watchtower::{Event, SubscriberExt};
+//! use watchtower_nats::{NatsClient, NatsConfig, NatsSubscriber};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let client = NatsClient::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
+//! let handle = NatsSubscriber::new(client)
+//!     .subscribe(["user.>"], service_fn(|event: Event| async move {
+//!         println!("{}", event.ty());
+//!         Ok::<_, watchtower::Error>(())
+//!     }))
+//!     .await?;
+//! handle.stop().await?;
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_core::Stream;
+use futures_util::StreamExt as _;
+use futures_util::stream::SelectAll;
+use watchtower::{Acker, Capabilities, Delivery, Error, ErrorKind, SubscribeOptions, Subscriber};
+
+use crate::client::{DropCounter, NatsClient, subscription_id};
+use crate::wire;
+
+/// Subscribes on core NATS. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct NatsSubscriber {
+    client: NatsClient,
+}
+
+impl NatsSubscriber {
+    /// What core NATS can do: wildcards, queue groups, per-publisher order;
+    /// no persistence, no redelivery.
+    pub const CAPABILITIES: Capabilities = Capabilities::NONE
+        .wildcards(true)
+        .consumer_groups(true)
+        .ordered(true);
+
+    /// A subscriber on `client`'s connection.
+    pub fn new(client: NatsClient) -> NatsSubscriber {
+        NatsSubscriber { client }
+    }
+
+    /// The connection.
+    pub fn client(&self) -> &NatsClient {
+        &self.client
+    }
+}
+
+impl Subscriber for NatsSubscriber {
+    type Acker = NatsAcker;
+    type Subscription = NatsSubscription;
+
+    fn capabilities(&self) -> Capabilities {
+        Self::CAPABILITIES
+    }
+
+    async fn open(&self, options: SubscribeOptions) -> Result<NatsSubscription, Error> {
+        let raw = self.client.raw();
+        let mut streams = SelectAll::new();
+        let mut counters = Vec::new();
+        let state = self.client.state().clone();
+        for pattern in options.patterns() {
+            let subscribed = match options.group_name() {
+                Some(group) => raw.queue_subscribe(pattern.as_str().to_owned(), group.to_owned()).await,
+                None => raw.subscribe(pattern.as_str().to_owned()).await,
+            };
+            let subscriber = subscribed.map_err(|e| match e.kind() {
+                async_nats::SubscribeErrorKind::InvalidSubject | async_nats::SubscribeErrorKind::InvalidQueueName => {
+                    Error::new(ErrorKind::InvalidTopic, format!("cannot subscribe to {:?}: {e}", pattern.as_str()))
+                }
+                async_nats::SubscribeErrorKind::Other => Error::closed("NATS client is closed"),
+            })?;
+            let sid = subscription_id(&subscriber);
+            counters.push((sid, state.register(sid)));
+            streams.push(subscriber);
+        }
+        // The server has the subscriptions once it answered the flush's ping:
+        // events published after `open` returns reach them.
+        tokio::time::timeout(self.client.request_timeout(), raw.flush())
+            .await
+            .map_err(|_| Error::new(ErrorKind::Timeout, "NATS server did not confirm the subscription"))?
+            .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot confirm the subscription: {e}")))?;
+        Ok(NatsSubscription {
+            client: self.client.clone(),
+            streams,
+            counters,
+            reported: 0,
+        })
+    }
+}
+
+/// A core NATS subscription: a stream of deliveries. See the
+/// [module docs](self).
+///
+/// Dropping it unsubscribes.
+pub struct NatsSubscription {
+    client: NatsClient,
+    streams: SelectAll<async_nats::Subscriber>,
+    counters: Vec<(Option<u64>, Arc<DropCounter>)>,
+    reported: u64,
+}
+
+impl NatsSubscription {
+    /// Messages the client dropped because this subscription was read too
+    /// slowly (at least this many).
+    pub fn dropped(&self) -> u64 {
+        self.counters
+            .iter()
+            .map(|(_, c)| c.dropped.load(Ordering::Acquire))
+            .sum()
+    }
+}
+
+impl Stream for NatsSubscription {
+    type Item = Result<Delivery<NatsAcker>, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        for (_, counter) in &this.counters {
+            counter.register(cx.waker());
+        }
+        let dropped = this.dropped();
+        if dropped > this.reported {
+            let lost = dropped - this.reported;
+            this.reported = dropped;
+            return Poll::Ready(Some(Err(Error::new(
+                ErrorKind::Dropped,
+                format!("slow consumer: the NATS client dropped {lost} message(s) for this subscription"),
+            ))));
+        }
+        match this.streams.poll_next_unpin(cx) {
+            Poll::Ready(Some(message)) => {
+                let subject = message.subject.as_str();
+                let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload.clone()) {
+                    Ok(event) => Delivery::new(event, subject, NatsAcker(())),
+                    Err(poison) => Delivery::poison(poison, NatsAcker(())),
+                };
+                Poll::Ready(Some(Ok(delivery.with_system("nats"))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for NatsSubscription {
+    fn drop(&mut self) {
+        for (sid, counter) in &self.counters {
+            self.client.state().unregister(*sid, counter);
+        }
+    }
+}
+
+impl fmt::Debug for NatsSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsSubscription")
+            .field("subjects", &self.streams.len())
+            .field("dropped", &self.dropped())
+            .finish()
+    }
+}
+
+/// Settles a core NATS delivery: there is nothing to settle, since core
+/// NATS neither stores nor redelivers. Every method succeeds at once.
+#[derive(Debug)]
+pub struct NatsAcker(());
+
+impl Acker for NatsAcker {
+    async fn ack(self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    async fn nack(self, _delay: Option<Duration>) -> Result<(), Error> {
+        // At-most-once: the event cannot come back. The consumer runtime
+        // has logged the handler's failure.
+        tracing::debug!("nack on core NATS: the event is not redelivered");
+        Ok(())
+    }
+
+    async fn reject(self) -> Result<(), Error> {
+        Ok(())
+    }
+}

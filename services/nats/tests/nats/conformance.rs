@@ -1,0 +1,121 @@
+//! The shared conformance suite on core NATS and on JetStream.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use watchtower::conformance::{self, Harness};
+use watchtower::{Capabilities, Error};
+use watchtower_nats::jetstream::{StorageType, StreamConfig};
+use watchtower_nats::{
+    ConsumerSettings, JetStreamPublisher, JetStreamSubscriber, NatsClient, NatsPublisher, NatsSubscriber,
+};
+
+use crate::support::local;
+
+struct Core {
+    client: NatsClient,
+}
+
+impl Harness for Core {
+    type Publisher = NatsPublisher;
+    type Subscriber = NatsSubscriber;
+
+    fn name(&self) -> String {
+        "nats (core)".into()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        NatsSubscriber::CAPABILITIES
+    }
+
+    async fn publisher(&self, _namespace: &str) -> Result<NatsPublisher, Error> {
+        Ok(NatsPublisher::new(self.client.clone()))
+    }
+
+    async fn subscriber(&self, _namespace: &str) -> Result<NatsSubscriber, Error> {
+        Ok(NatsSubscriber::new(self.client.clone()))
+    }
+
+    async fn publish_raw(&self, _namespace: &str, topic: &str, body: Bytes) -> Result<bool, Error> {
+        let raw = self.client.raw();
+        raw.publish(topic.to_owned(), body)
+            .await
+            .map_err(|e| Error::new(watchtower::ErrorKind::Connection, e.to_string()))?;
+        Ok(true)
+    }
+}
+
+struct Js {
+    client: NatsClient,
+}
+
+impl Harness for Js {
+    type Publisher = JetStreamPublisher;
+    type Subscriber = JetStreamSubscriber;
+
+    fn name(&self) -> String {
+        "nats (JetStream)".into()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        JetStreamSubscriber::CAPABILITIES
+    }
+
+    /// A stream per case, capturing everything under its namespace.
+    async fn setup(&self, namespace: &str) -> Result<(), Error> {
+        self.client
+            .create_or_update_stream(StreamConfig {
+                name: namespace.to_owned(),
+                subjects: vec![format!("{namespace}.>")],
+                storage: StorageType::Memory,
+                max_age: Duration::from_secs(600),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn teardown(&self, namespace: &str) -> Result<(), Error> {
+        self.client.delete_stream(namespace).await
+    }
+
+    async fn publisher(&self, _namespace: &str) -> Result<JetStreamPublisher, Error> {
+        Ok(JetStreamPublisher::new(self.client.clone()))
+    }
+
+    async fn subscriber(&self, namespace: &str) -> Result<JetStreamSubscriber, Error> {
+        // A short ack wait so that events left unsettled come back within
+        // the suite's patience; small batches so group members share.
+        JetStreamSubscriber::new(self.client.clone(), namespace)?
+            .settings(ConsumerSettings::new().ack_wait(Duration::from_secs(1)).batch(10))
+    }
+
+    async fn publish_raw(&self, _namespace: &str, topic: &str, body: Bytes) -> Result<bool, Error> {
+        let ack = self
+            .client
+            .jetstream()
+            .publish(topic.to_owned(), body)
+            .await
+            .map_err(|e| Error::new(watchtower::ErrorKind::Connection, e.to_string()))?;
+        ack.await
+            .map_err(|e| Error::new(watchtower::ErrorKind::Rejected, e.to_string()))?;
+        Ok(true)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_core_nats() {
+    let report = conformance::run(Core { client: local().await }).await;
+    report.assert_passed();
+    // Core NATS is at-most-once: the persistence cases are skipped, with a reason.
+    assert!(report.skipped().contains(&"nack_redelivery"));
+    assert!(report.passed().contains(&"consumer_groups"));
+    assert!(report.passed().contains(&"poison"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_jetstream() {
+    let report = conformance::run(Js { client: local().await }).await;
+    report.assert_passed();
+    assert!(report.skipped().is_empty(), "{report}");
+}

@@ -1,0 +1,227 @@
+//! Core NATS publish and subscribe against the local broker.
+
+use std::future::poll_fn;
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use tower::{Service, service_fn};
+use watchtower::dead_letter::MemoryDeadLetters;
+use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
+use watchtower_nats::{NatsClient, NatsConfig, NatsPublisher, NatsSubscriber, SubjectTemplate};
+
+use crate::support::{LOCAL, PATIENCE, local, unique};
+
+async fn next_event(sub: &mut watchtower_nats::NatsSubscription) -> watchtower::Delivery<watchtower_nats::NatsAcker> {
+    tokio::time::timeout(PATIENCE, sub.next())
+        .await
+        .expect("a delivery in time")
+        .expect("subscription open")
+        .expect("no stream error")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_in_binary_mode_readable_by_plain_clients() {
+    let client = local().await;
+    let ns = unique("wt");
+    let topic = format!("{ns}.user.created");
+    let mut sub = NatsSubscriber::new(client.clone())
+        .open(SubscribeOptions::new([format!("{ns}.user.*")]).unwrap())
+        .await
+        .unwrap();
+    let mut raw = client.raw().subscribe(format!("{ns}.>")).await.unwrap();
+    client.raw().flush().await.unwrap();
+
+    let event = Event::builder(topic.clone())
+        .subject("42")
+        .extension("tenant", "acme")
+        .json(&serde_json::json!({"user_id": 42}))
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut publisher = NatsPublisher::new(client.clone());
+    let receipt = publisher.publish(event.clone()).await.unwrap();
+    assert_eq!(&*receipt.topic, topic);
+    assert_eq!(&*receipt.event_id, event.id());
+
+    let delivery = next_event(&mut sub).await;
+    assert_eq!(delivery.event(), Some(&event));
+    assert_eq!(delivery.topic(), topic);
+    assert_eq!(delivery.system(), "nats");
+    assert_eq!(delivery.delivery_count(), 1);
+    delivery.ack().await.unwrap();
+
+    // What a client in another language sees: ce- headers and the JSON body.
+    let message = tokio::time::timeout(PATIENCE, raw.next()).await.unwrap().unwrap();
+    let headers = message.headers.expect("headers");
+    assert_eq!(headers.get("ce-specversion").unwrap().as_str(), "1.0");
+    assert_eq!(headers.get("ce-id").unwrap().as_str(), event.id());
+    assert_eq!(headers.get("ce-type").unwrap().as_str(), topic);
+    assert_eq!(headers.get("ce-subject").unwrap().as_str(), "42");
+    assert_eq!(headers.get("ce-tenant").unwrap().as_str(), "acme");
+    assert_eq!(headers.get("ce-datacontenttype").unwrap().as_str(), "application/json");
+    assert!(headers.get("ce-time").is_some());
+    let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(body, serde_json::json!({"user_id": 42}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_template_and_explicit_topic() {
+    let client = local().await;
+    let ns = unique("wt");
+    let mut sub = NatsSubscriber::new(client.clone())
+        .open(SubscribeOptions::new([format!("{ns}.>")]).unwrap())
+        .await
+        .unwrap();
+    let mut publisher = NatsPublisher::new(client.clone())
+        .subject_template(SubjectTemplate::new(&format!("{ns}.events.{{topic}}")).unwrap());
+    publisher.publish(Event::new("order.paid", serde_json::json!({}))).await.unwrap();
+    publisher
+        .publish(Event::new("order.paid", serde_json::json!({})).with_topic("audit"))
+        .await
+        .unwrap();
+    assert_eq!(next_event(&mut sub).await.topic(), format!("{ns}.events.order.paid"));
+    assert_eq!(next_event(&mut sub).await.topic(), format!("{ns}.events.audit"));
+
+    // A topic that is no subject is refused before it reaches the wire.
+    let err = publisher
+        .publish(Event::new("bad topic", serde_json::json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidTopic);
+    assert!(!err.is_retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_foreign_and_poison_messages() {
+    let client = local().await;
+    let ns = unique("wt");
+    let topic = format!("{ns}.in");
+    let sub = NatsSubscriber::new(client.clone())
+        .open(SubscribeOptions::new([topic.clone()]).unwrap())
+        .await
+        .unwrap();
+
+    let structured = Event::new("order.paid", serde_json::json!({"amount": 5}));
+    let body = watchtower::codec::structured::to_bytes(&structured).unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", watchtower::codec::CLOUDEVENTS_JSON);
+    let raw = client.raw();
+    raw.publish_with_headers(topic.clone(), headers, body.clone()).await.unwrap();
+    raw.publish(topic.clone(), Bytes::from_static(b"\x00\xffnot an event")).await.unwrap();
+    // Binary mode without the required `ce-source`.
+    let mut partial = async_nats::HeaderMap::new();
+    partial.insert("ce-specversion", "1.0");
+    partial.insert("ce-id", "1");
+    partial.insert("ce-type", "x.y");
+    raw.publish_with_headers(topic.clone(), partial, Bytes::new()).await.unwrap();
+    raw.publish(topic.clone(), body).await.unwrap(); // structured, no header
+    raw.flush().await.unwrap();
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let dlq = MemoryDeadLetters::new(8);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve(
+            sub,
+            service_fn(move |event: Event| {
+                let sent = tx.send(event);
+                async move { sent.map_err(|_| watchtower::Error::closed("test over")) }
+            }),
+        )
+        .poison(dlq.clone())
+        .with_graceful_shutdown(async {
+            let _ = stopped.await;
+        })
+        .into_future(),
+    );
+    for _ in 0..2 {
+        let got = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(got, structured);
+    }
+    tokio::time::timeout(PATIENCE, dlq.wait_for(2)).await.unwrap();
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!((stats.acked, stats.poisoned), (2, 2));
+    let dead = dlq.drain();
+    let garbage = dead
+        .iter()
+        .find(|e| e.data().map(|d| &d[..]) == Some(&b"\x00\xffnot an event"[..]))
+        .expect("garbage kept with its raw bytes");
+    assert_eq!(garbage.extension("deadletterkind"), Some("decode"));
+    assert_eq!(garbage.extension("deadlettertopic"), Some(topic.as_str()));
+    assert!(dead.iter().any(|e| e.extension("deadletterreason").unwrap().contains("source")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_groups_split_and_every_group_gets_all() {
+    let client = local().await;
+    let ns = unique("wt");
+    let topic = format!("{ns}.work");
+    let subscriber = NatsSubscriber::new(client.clone());
+    assert!(!subscriber.capabilities().persistent);
+    assert!(!subscriber.capabilities().redelivery);
+    let group = |g: &str| SubscribeOptions::new([topic.clone()]).unwrap().group(g).unwrap();
+    let mut a1 = subscriber.open(group("a")).await.unwrap();
+    let mut a2 = subscriber.open(group("a")).await.unwrap();
+    let mut b = subscriber.open(group("b")).await.unwrap();
+    let mut publisher = NatsPublisher::new(client.clone());
+    for i in 0..200 {
+        publisher.publish(Event::new(topic.clone(), serde_json::json!({ "i": i }))).await.unwrap();
+    }
+    for _ in 0..200 {
+        next_event(&mut b).await;
+    }
+    let (mut n1, mut n2) = (0, 0);
+    while n1 + n2 < 200 {
+        tokio::select! {
+            Some(d) = a1.next() => { d.unwrap(); n1 += 1 }
+            Some(d) = a2.next() => { d.unwrap(); n2 += 1 }
+            _ = tokio::time::sleep(PATIENCE) => panic!("group a got {} of 200", n1 + n2),
+        }
+    }
+    assert!(n1 > 0 && n2 > 0, "members did not share: {n1} / {n2}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_drops_are_reported() {
+    let client = NatsClient::connect(NatsConfig::new(LOCAL).subscription_capacity(4))
+        .await
+        .unwrap();
+    let ns = unique("wt");
+    let topic = format!("{ns}.flood");
+    let mut sub = NatsSubscriber::new(client.clone())
+        .open(SubscribeOptions::new([topic.clone()]).unwrap())
+        .await
+        .unwrap();
+    let mut publisher = NatsPublisher::new(client.clone());
+    for i in 0..200 {
+        publisher.publish(Event::new(topic.clone(), serde_json::json!({ "i": i }))).await.unwrap();
+    }
+    client.raw().flush().await.unwrap();
+    // Not reading while 200 arrive overflows the buffer of 4.
+    let mut received = 0u64;
+    let mut dropped_error = None;
+    while dropped_error.is_none() {
+        match tokio::time::timeout(PATIENCE, sub.next()).await.unwrap().unwrap() {
+            Ok(_) => received += 1,
+            Err(e) => dropped_error = Some(e),
+        }
+    }
+    let e = dropped_error.unwrap();
+    assert_eq!(e.kind(), ErrorKind::Dropped);
+    assert!(e.to_string().contains("slow consumer"), "{e}");
+    assert!(sub.dropped() > 0);
+    assert!(sub.dropped() + received <= 200);
+    assert!(client.stats().slow_consumer_drops >= sub.dropped());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_and_healthy_when_connected() {
+    let client = local().await;
+    client.health().await.unwrap();
+    assert!(client.is_connected());
+    let mut publisher = NatsPublisher::new(client.clone());
+    poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
+    publisher.health().await.unwrap();
+    assert!(client.stats().connects >= 1);
+}

@@ -1,0 +1,259 @@
+//! Faults: a private server killed and restarted, connections cut through
+//! a TCP proxy. The shared broker is never touched.
+
+use std::collections::HashSet;
+use std::future::poll_fn;
+use std::task::Poll;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tower::Service;
+use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber};
+use watchtower_nats::jetstream::StreamConfig;
+use watchtower_nats::{
+    ConsumerSettings, JetStreamPublisher, JetStreamSubscriber, NatsClient, NatsConfig, NatsPublisher,
+    WhenDisconnected,
+};
+
+use crate::support::{PATIENCE, PrivateServer, unique};
+
+fn config(url: &str) -> NatsConfig {
+    NatsConfig::new(url)
+        .max_reconnect_delay(Duration::from_millis(100))
+        .request_timeout(Duration::from_secs(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_and_health_follow_the_connection() {
+    let mut server = PrivateServer::start().await;
+    let client = NatsClient::connect(config(&server.url())).await.unwrap();
+    let mut publisher = NatsPublisher::new(client.clone());
+    poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
+
+    server.kill().await;
+    tokio::time::timeout(PATIENCE, client.disconnected()).await.unwrap();
+    let e = client.health().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Connection);
+    // Not ready while the server is gone.
+    let pending = poll_fn(|cx| Poll::Ready(publisher.poll_ready(cx).is_pending())).await;
+    assert!(pending, "publisher ready while disconnected");
+    // A publisher that fails fast instead says so in the call.
+    let fail_fast = NatsClient::connect(
+        config(&server.url())
+            .retry_initial_connect(true)
+            .when_disconnected(WhenDisconnected::Fail),
+    )
+    .await
+    .unwrap();
+    let mut failing = NatsPublisher::new(fail_fast.clone());
+    poll_fn(|cx| failing.poll_ready(cx)).await.unwrap();
+    let e = failing.call(Event::new("a.b", serde_json::json!({}))).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Connection);
+    assert!(e.is_retryable());
+
+    server.restart().await;
+    // The waiting publisher becomes ready by itself once reconnected.
+    tokio::time::timeout(PATIENCE, poll_fn(|cx| publisher.poll_ready(cx)))
+        .await
+        .unwrap()
+        .unwrap();
+    client.health().await.unwrap();
+    publisher.publish(Event::new("a.b", serde_json::json!({}))).await.unwrap();
+    assert!(client.stats().disconnects >= 1);
+    assert!(client.stats().connects >= 2);
+    tokio::time::timeout(PATIENCE, fail_fast.connected()).await.unwrap();
+    failing.publish(Event::new("a.b", serde_json::json!({}))).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_consumer_resumes_after_server_restart_and_gets_unacked_again() {
+    let mut server = PrivateServer::start().await;
+    let client = NatsClient::connect(config(&server.url())).await.unwrap();
+    let name = unique("F");
+    client
+        .create_or_update_stream(StreamConfig {
+            name: name.clone(),
+            subjects: vec![format!("{name}.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let subscriber = JetStreamSubscriber::new(client.clone(), &name)
+        .unwrap()
+        .settings(
+            ConsumerSettings::new()
+                .ack_wait(Duration::from_secs(1))
+                .batch(10)
+                .double_ack(true),
+        )
+        .unwrap();
+    let options = SubscribeOptions::new([format!("{name}.>")]).unwrap().group("g").unwrap();
+    let mut sub = subscriber.open(options.clone()).await.unwrap();
+    let mut publisher = JetStreamPublisher::new(client.clone());
+    let sent: Vec<Event> = (0..40)
+        .map(|i| Event::new(format!("{name}.e"), serde_json::json!({ "i": i })))
+        .collect();
+    for event in &sent {
+        publisher.publish(event.clone()).await.unwrap();
+    }
+    // Half acknowledged; one held unsettled across the restart.
+    let mut acked = HashSet::new();
+    let mut held = None;
+    while acked.len() < 20 {
+        match tokio::time::timeout(PATIENCE, sub.next()).await.unwrap().unwrap() {
+            Ok(d) => {
+                let id = d.event().unwrap().id().to_owned();
+                if held.is_none() {
+                    held = Some(d);
+                } else {
+                    d.ack().await.unwrap();
+                    acked.insert(id);
+                }
+            }
+            Err(e) => assert_eq!(e.kind(), ErrorKind::Connection),
+        }
+    }
+    let held_id = held.as_ref().unwrap().event().unwrap().id().to_owned();
+    drop(held);
+    drop(sub);
+
+    // Acknowledgements were confirmed (double ack) and the server stops
+    // cleanly, so none of them may be lost.
+    server.restart_gracefully().await;
+    tokio::time::timeout(PATIENCE, client.connected()).await.unwrap();
+    // A new member of the group gets everything not acknowledged, the
+    // unsettled one included.
+    let mut sub = subscriber.open(options).await.unwrap();
+    let mut rest = HashSet::new();
+    while acked.len() + rest.len() < sent.len() {
+        match tokio::time::timeout(PATIENCE, sub.next()).await.unwrap().unwrap() {
+            Ok(d) => {
+                let id = d.event().unwrap().id().to_owned();
+                assert!(!acked.contains(&id), "an acknowledged event came back");
+                d.ack().await.unwrap();
+                rest.insert(id);
+            }
+            Err(e) => assert_eq!(e.kind(), ErrorKind::Connection),
+        }
+    }
+    assert!(rest.contains(&held_id));
+    let all: HashSet<String> = sent.iter().map(|e| e.id().to_owned()).collect();
+    assert_eq!(acked.union(&rest).cloned().collect::<HashSet<_>>(), all);
+}
+
+/// The promise under faults: 10,000 JetStream publishes through dead
+/// letter + retry + circuit breaker, the connection cut twice on the way;
+/// every event ends up in the stream exactly once, or in the dead-letter
+/// queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_publishes_survive_two_cuts_exactly_once_or_dead_lettered() {
+    use futures_util::stream::FuturesUnordered;
+    use tower::{ServiceBuilder, ServiceExt as _};
+    use watchtower::conformance::TcpProxy;
+    use watchtower::dead_letter::MemoryDeadLetters;
+    use watchtower_layers::ServiceBuilderExt as _;
+    use watchtower_layers::circuit_breaker::CircuitBreakerConfig;
+    use watchtower_layers::dead_letter::Outcome;
+    use watchtower_layers::retry::RetryConfig;
+
+    const EVENTS: usize = 10_000;
+    const CONCURRENCY: usize = 256;
+
+    let proxy = TcpProxy::start("127.0.0.1:4222".parse().unwrap()).await.unwrap();
+    let client = NatsClient::connect(
+        config(&format!("nats://{}", proxy.addr())).request_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    let name = unique("DONE");
+    crate::support::stream(&client, &name).await;
+
+    let dlq = MemoryDeadLetters::new(EVENTS);
+    let publisher = ServiceBuilder::new()
+        .dead_letter(dlq.clone())
+        .retries(
+            RetryConfig::new()
+                .max_attempts(10)
+                .delays(Duration::from_millis(20), Duration::from_millis(500))
+                .max_elapsed(Duration::from_secs(30)),
+        )
+        .circuit_breaker(
+            CircuitBreakerConfig::new()
+                .name("jetstream")
+                .minimum_calls(50)
+                .open_wait(Duration::from_millis(200)),
+        )
+        .service(JetStreamPublisher::new(client.clone()).max_in_flight(512));
+
+    let sent: Vec<Event> = (0..EVENTS)
+        .map(|i| Event::new(format!("{name}.orders"), serde_json::json!({ "i": i })))
+        .collect();
+    let mut calls = FuturesUnordered::new();
+    let mut pending = sent.iter().cloned();
+    let (mut delivered, mut dead, mut duplicates, mut done) = (HashSet::new(), 0usize, 0usize, 0usize);
+    let mut cuts = 0;
+    loop {
+        while calls.len() < CONCURRENCY {
+            let Some(event) = pending.next() else { break };
+            calls.push(publisher.clone().oneshot(event));
+        }
+        let Some(result) = calls.next().await else { break };
+        match result.expect("nothing reaches the caller: delivered or dead-lettered") {
+            Outcome::Delivered(receipt) => {
+                duplicates += usize::from(receipt.duplicate);
+                delivered.insert(receipt.event_id.to_string());
+            }
+            Outcome::DeadLettered(_) => dead += 1,
+        }
+        done += 1;
+        if (done == 3_000 && cuts == 0) || (done == 6_500 && cuts == 1) {
+            proxy.cut();
+            cuts += 1;
+        }
+    }
+    assert_eq!(cuts, 2);
+    assert_eq!(done, EVENTS);
+    assert!(proxy.accepted_connections() >= 3, "the client never reconnected");
+    assert_eq!(delivered.len() + dead, EVENTS);
+
+    // Read the stream back from the start: each id at most once.
+    tokio::time::timeout(PATIENCE, client.connected()).await.unwrap();
+    let stored_count = client.stream_messages(&name).await.unwrap();
+    let reader = JetStreamSubscriber::new(client.clone(), &name)
+        .unwrap()
+        .settings(ConsumerSettings::new().batch(500).max_ack_pending(10_000))
+        .unwrap();
+    let mut sub = reader
+        .open(SubscribeOptions::new([format!("{name}.>")]).unwrap().replay(true))
+        .await
+        .unwrap();
+    let mut stored = HashSet::new();
+    while (stored.len() as u64) < stored_count {
+        let d = match tokio::time::timeout(PATIENCE, sub.next()).await.unwrap().unwrap() {
+            Ok(d) => d,
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Connection, "{e}");
+                continue;
+            }
+        };
+        let id = d.event().expect("a valid event").id().to_owned();
+        assert!(stored.insert(id), "an event is stored twice");
+        d.ack().await.unwrap();
+    }
+    assert_eq!(stored.len() as u64, stored_count);
+
+    let dead_ids: HashSet<String> = dlq.snapshot().iter().map(|e| e.id().to_owned()).collect();
+    assert_eq!(dead_ids.len(), dead);
+    assert!(delivered.is_subset(&stored), "a delivered receipt without a stored event");
+    let all: HashSet<String> = sent.iter().map(|e| e.id().to_owned()).collect();
+    let accounted: HashSet<String> = stored.union(&dead_ids).cloned().collect();
+    assert_eq!(accounted, all, "an event is neither in the stream nor dead-lettered");
+    println!(
+        "stored {} (of which {} confirmed as duplicates on retry), dead-lettered {}, dead-lettered but stored {}",
+        stored.len(),
+        duplicates,
+        dead,
+        dead_ids.intersection(&stored).count()
+    );
+    client.delete_stream(&name).await.unwrap();
+}

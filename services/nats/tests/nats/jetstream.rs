@@ -1,0 +1,268 @@
+//! JetStream publish and subscribe against the local broker.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use tower::ServiceExt as _;
+use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber};
+use watchtower_nats::{ConsumerSettings, JetStreamPublisher, JetStreamSubscriber, JetStreamSubscription};
+
+use crate::support::{PATIENCE, local, stream, unique};
+
+async fn next(sub: &mut JetStreamSubscription) -> watchtower::Delivery<watchtower_nats::JetStreamAcker> {
+    loop {
+        match tokio::time::timeout(PATIENCE, sub.next()).await.expect("a delivery in time") {
+            Some(Ok(d)) => return d,
+            // A missed heartbeat while the test waits is not a failure.
+            Some(Err(e)) if e.kind() == ErrorKind::Connection => continue,
+            other => panic!("subscription: {:?}", other.map(|r| r.map(|_| ()))),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipt_carries_stream_sequence_and_dedups_by_event_id() {
+    let client = local().await;
+    let name = unique("WT");
+    stream(&client, &name).await;
+    let mut publisher = JetStreamPublisher::new(client.clone());
+    let first = Event::new(format!("{name}.a"), serde_json::json!({"n": 1}));
+    let r1 = publisher.publish(first.clone()).await.unwrap();
+    let r2 = publisher
+        .publish(Event::new(format!("{name}.a"), serde_json::json!({"n": 2})))
+        .await
+        .unwrap();
+    assert_eq!(r1.stream.as_deref(), Some(name.as_str()));
+    assert_eq!((r1.sequence, r2.sequence), (Some(1), Some(2)));
+    assert!(!r1.duplicate);
+    // The same event again (a retry) is recognised and not stored twice.
+    let again = publisher.publish(first.clone()).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.sequence, Some(1));
+    assert_eq!(client.stream_messages(&name).await.unwrap(), 2);
+
+    // No stream captures this subject.
+    let err = publisher
+        .publish(Event::new(unique("nostream."), serde_json::json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Rejected);
+    client.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_pipeline_with_unique_sequences() {
+    let client = local().await;
+    let name = unique("WT");
+    stream(&client, &name).await;
+    let publisher = JetStreamPublisher::new(client.clone()).max_in_flight(64);
+    let mut calls = FuturesUnordered::new();
+    for i in 0..500 {
+        let svc = publisher.clone();
+        let event = Event::new(format!("{name}.p"), serde_json::json!({ "i": i }));
+        calls.push(async move { svc.oneshot(event).await });
+    }
+    let mut sequences = HashSet::new();
+    while let Some(receipt) = calls.next().await {
+        let receipt = receipt.unwrap();
+        assert!(!receipt.duplicate);
+        sequences.insert(receipt.sequence.unwrap());
+    }
+    assert_eq!(sequences, (1..=500).collect::<HashSet<u64>>());
+    assert_eq!(publisher.in_flight(), 0);
+    client.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_nack_with_delay_term_and_delivery_counts() {
+    let client = local().await;
+    let name = unique("WT");
+    stream(&client, &name).await;
+    let subscriber = JetStreamSubscriber::new(client.clone(), &name).unwrap();
+    let options = SubscribeOptions::new([format!("{name}.>")]).unwrap().group("workers").unwrap();
+    let mut sub = subscriber.open(options).await.unwrap();
+    let mut publisher = JetStreamPublisher::new(client.clone());
+    let nacked = Event::new(format!("{name}.a"), serde_json::json!({"n": 1}));
+    let termed = Event::new(format!("{name}.b"), serde_json::json!({"n": 2}));
+    publisher.publish(nacked.clone()).await.unwrap();
+    publisher.publish(termed.clone()).await.unwrap();
+
+    let d = next(&mut sub).await;
+    assert_eq!((d.event(), d.delivery_count(), d.system()), (Some(&nacked), 1, "nats"));
+    d.nack(None).await.unwrap();
+    // Order between the redelivery and the second event is the server's.
+    let mut seen_term = false;
+    let mut redelivered = None;
+    while redelivered.is_none() || !seen_term {
+        let d = next(&mut sub).await;
+        if d.event() == Some(&termed) {
+            assert_eq!(d.delivery_count(), 1);
+            d.reject().await.unwrap();
+            seen_term = true;
+        } else {
+            assert_eq!(d.event(), Some(&nacked));
+            redelivered = Some(d);
+        }
+    }
+    let d = redelivered.unwrap();
+    assert_eq!(d.delivery_count(), 2);
+    d.nack(Some(Duration::from_secs(1))).await.unwrap();
+    // A delayed nack lets a newer event through first.
+    let overtaker = Event::new(format!("{name}.c"), serde_json::json!({"first": true}));
+    publisher.publish(overtaker.clone()).await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(d.event(), Some(&overtaker), "the delayed event came back before its delay");
+    d.ack().await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!((d.event(), d.delivery_count()), (Some(&nacked), 3));
+    d.ack().await.unwrap();
+
+    // Acked and terminated events never come back: the next delivery is a
+    // new event.
+    let marker = Event::new(format!("{name}.c"), serde_json::json!({"marker": true}));
+    publisher.publish(marker.clone()).await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(d.event(), Some(&marker));
+    d.ack().await.unwrap();
+    client.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsettled_delivery_goes_to_the_next_group_member() {
+    let client = local().await;
+    let name = unique("WT");
+    stream(&client, &name).await;
+    let settings = ConsumerSettings::new().ack_wait(Duration::from_secs(1));
+    let subscriber = JetStreamSubscriber::new(client.clone(), &name)
+        .unwrap()
+        .settings(settings)
+        .unwrap();
+    let options = SubscribeOptions::new([format!("{name}.x")]).unwrap().group("g").unwrap();
+    let mut first = subscriber.open(options.clone()).await.unwrap();
+    let event = Event::new(format!("{name}.x"), serde_json::json!({}));
+    JetStreamPublisher::new(client.clone()).publish(event.clone()).await.unwrap();
+    let d = next(&mut first).await;
+    let (_, acker) = d.into_parts();
+    watchtower::Acker::progress(&acker).await.unwrap();
+    drop(acker);
+    drop(first);
+    let mut second = subscriber.open(options).await.unwrap();
+    let d = next(&mut second).await;
+    assert_eq!(d.event(), Some(&event));
+    assert_eq!(d.delivery_count(), 2);
+    d.ack().await.unwrap();
+    client.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_deliver_stops_redelivery_and_replay_reads_history() {
+    let client = local().await;
+    let name = unique("WT");
+    stream(&client, &name).await;
+    let mut publisher = JetStreamPublisher::new(client.clone());
+    let old = Event::new(format!("{name}.h"), serde_json::json!({"old": true}));
+    publisher.publish(old.clone()).await.unwrap();
+
+    let settings = ConsumerSettings::new()
+        .max_deliver(3)
+        .backoff([Duration::from_millis(100), Duration::from_millis(200)]);
+    let subscriber = JetStreamSubscriber::new(client.clone(), &name)
+        .unwrap()
+        .settings(settings)
+        .unwrap();
+    // A replaying subscription starts at the oldest held event.
+    let options = SubscribeOptions::new([format!("{name}.h")]).unwrap().replay(true);
+    let mut sub = subscriber.open(options).await.unwrap();
+    for count in 1..=3 {
+        let d = next(&mut sub).await;
+        assert_eq!((d.event(), d.delivery_count()), (Some(&old), count));
+        d.nack(None).await.unwrap();
+    }
+    let marker = Event::new(format!("{name}.h"), serde_json::json!({"marker": true}));
+    publisher.publish(marker.clone()).await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(d.event(), Some(&marker), "a fourth delivery went past max deliver");
+    d.ack().await.unwrap();
+    client.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_patterns_filter_in_the_client() {
+    let client = local().await;
+    let name = unique("WT");
+    stream(&client, &name).await;
+    let subscriber = JetStreamSubscriber::new(client.clone(), &name).unwrap();
+    let options = SubscribeOptions::new([format!("{name}.user.*"), format!("{name}.order.>")]).unwrap();
+    let mut sub = subscriber.open(options).await.unwrap();
+    let mut publisher = JetStreamPublisher::new(client.clone());
+    for topic in ["other", "user.created", "user.a.b", "order.x.y"] {
+        publisher
+            .publish(Event::new(format!("{name}.{topic}"), serde_json::json!({})))
+            .await
+            .unwrap();
+    }
+    let a = next(&mut sub).await;
+    let b = next(&mut sub).await;
+    assert_eq!(a.topic(), format!("{name}.user.created"));
+    assert_eq!(b.topic(), format!("{name}.order.x.y"));
+    client.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_terminated_and_the_consumer_goes_on() {
+    let client = local().await;
+    let name = unique("WT");
+    stream(&client, &name).await;
+    let subscriber = JetStreamSubscriber::new(client.clone(), &name).unwrap();
+    let options = SubscribeOptions::new([format!("{name}.>")]).unwrap().group("p").unwrap();
+    let sub = subscriber.open(options.clone()).await.unwrap();
+    let js = client.jetstream();
+    js.publish(format!("{name}.raw"), Bytes::from_static(b"\xde\xad\xbe\xef"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let good = Event::new(format!("{name}.ok"), serde_json::json!({}));
+    JetStreamPublisher::new(client.clone()).publish(good.clone()).await.unwrap();
+
+    let dlq = watchtower::dead_letter::MemoryDeadLetters::new(4);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        watchtower::serve(
+            sub,
+            tower::service_fn(move |e: Event| {
+                let sent = tx.send(e);
+                async move { sent.map_err(|_| watchtower::Error::closed("over")) }
+            }),
+        )
+        .poison(dlq.clone())
+        .with_graceful_shutdown(async {
+            let _ = stopped.await;
+        })
+        .into_future(),
+    );
+    assert_eq!(tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap(), Some(good));
+    tokio::time::timeout(PATIENCE, dlq.wait_for(1)).await.unwrap();
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!((stats.acked, stats.poisoned, stats.settle_errors), (1, 1, 0));
+    assert_eq!(dlq.drain()[0].data().map(|d| &d[..]), Some(&b"\xde\xad\xbe\xef"[..]));
+
+    // Terminated: a new member of the group is not handed the poison again.
+    let info = client
+        .jetstream()
+        .get_consumer_from_stream::<watchtower_nats::jetstream::ConsumerConfig, _, _>("p", name.as_str())
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(info.num_pending, 0);
+    client.delete_stream(&name).await.unwrap();
+}

@@ -1,0 +1,144 @@
+//! Shared test support: the local broker, unique names, private servers.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use watchtower_nats::jetstream::{StorageType, StreamConfig};
+use watchtower_nats::{NatsClient, NatsConfig};
+
+/// The shared broker every machine runs.
+pub const LOCAL: &str = "nats://127.0.0.1:4222";
+
+/// The longest any single wait in these tests may take.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A name no other test uses: `prefix` plus a random token.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+pub async fn local() -> NatsClient {
+    NatsClient::connect(NatsConfig::new(LOCAL).name("watchtower-nats-tests"))
+        .await
+        .expect("the local NATS broker at 127.0.0.1:4222")
+}
+
+/// A memory stream named `name` capturing `name.>`.
+pub async fn stream(client: &NatsClient, name: &str) {
+    client
+        .create_or_update_stream(StreamConfig {
+            name: name.to_owned(),
+            subjects: vec![format!("{name}.>")],
+            storage: StorageType::Memory,
+            max_age: Duration::from_secs(600),
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A private `nats-server -js` on a free port with its own store, that a
+/// test can kill and restart. Killed on drop.
+pub struct PrivateServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateServer {
+    pub async fn start() -> PrivateServer {
+        let dir = std::env::temp_dir().join(unique("wt-nats-"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut server = PrivateServer {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut child = tokio::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server binary");
+        let stderr = child.stderr.take().expect("piped stderr");
+        self.child = Some(child);
+        // The server logs "Server is ready" once it accepts clients.
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        tokio::time::timeout(PATIENCE, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("Server is ready") {
+                    return;
+                }
+            }
+            panic!("private nats-server exited before it was ready");
+        })
+        .await
+        .expect("private nats-server did not start");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("kill nats-server");
+        }
+    }
+
+    /// Stops the server the way an operator would (SIGTERM), letting it
+    /// flush its store.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+            tokio::time::timeout(PATIENCE, child.wait())
+                .await
+                .expect("nats-server did not stop")
+                .expect("wait for nats-server");
+        }
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port and
+    /// store.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+
+    /// Stops the server gracefully and starts it again.
+    pub async fn restart_gracefully(&mut self) {
+        self.stop().await;
+        self.spawn().await;
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

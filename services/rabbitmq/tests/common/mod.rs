@@ -1,0 +1,104 @@
+//! Test support: unique names, a raw lapin connection for checks and
+//! clean-up, and waiting with a deadline.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use watchtower_rabbitmq::{ExchangeKind, RabbitConfig};
+
+pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("wt-{prefix}-{}", &id[16..])
+}
+
+/// A configuration for a fresh exchange.
+pub fn config(exchange: &str) -> RabbitConfig {
+    RabbitConfig::new(URL)
+        .unwrap()
+        .exchange(exchange, ExchangeKind::Topic)
+        .unwrap()
+        .connection_name(format!("test {exchange}"))
+}
+
+/// Awaits `f`, failing the test after [`WAIT`].
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: nothing within {WAIT:?}"),
+    }
+}
+
+/// A raw connection to the broker, for what the transport does not do.
+pub struct Admin {
+    pub connection: Connection,
+    pub channel: lapin::Channel,
+}
+
+impl Admin {
+    pub async fn connect() -> Admin {
+        let connection = Connection::connect(URL, ConnectionProperties::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        Admin { connection, channel }
+    }
+
+    pub async fn delete_exchange(&self, name: &str) {
+        let _ = self
+            .channel
+            .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+
+    pub async fn delete_queue(&self, name: &str) {
+        let _ = self.channel.queue_delete(name.into(), QueueDeleteOptions::default()).await;
+    }
+
+    /// Messages ready in `queue`.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.unwrap();
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = channel.close(200, "ok".into()).await;
+        q.message_count()
+    }
+
+    /// Takes one message off `queue`, acknowledging it.
+    pub async fn get(&self, queue: &str) -> Option<lapin::message::Delivery> {
+        let message = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()?;
+        Some(message.delivery)
+    }
+
+    /// Publishes raw bytes, as a foreign client would.
+    pub async fn publish_raw(&self, exchange: &str, key: &str, properties: BasicProperties, body: &[u8]) {
+        self.channel
+            .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, properties)
+            .await
+            .unwrap();
+    }
+
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}

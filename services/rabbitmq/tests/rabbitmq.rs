@@ -1,0 +1,494 @@
+//! Publish and subscribe against the local RabbitMQ.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use lapin::BasicProperties;
+use lapin::types::AMQPValue;
+use tower::service_fn;
+use watchtower::dead_letter::MemoryDeadLetters;
+use watchtower::event::ext;
+use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
+use watchtower_rabbitmq::{
+    ExchangeKind, Overflow, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber,
+};
+
+use common::{Admin, URL, config, unique, within};
+
+#[tokio::test]
+async fn round_trip_in_binary_mode() {
+    let exchange = unique("rt");
+    let admin = Admin::connect().await;
+    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let mut subscription = subscriber.open(SubscribeOptions::new(["user.*"]).unwrap()).await.unwrap();
+    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+
+    let event = Event::builder("user.created")
+        .subject("u-1")
+        .extension("tenant", "acme")
+        .json(&serde_json::json!({"user_id": 1}))
+        .unwrap()
+        .build()
+        .unwrap();
+    let receipt = publisher.publish(event.clone()).await.unwrap();
+    assert_eq!(&*receipt.topic, "user.created");
+    assert_eq!(&*receipt.event_id, event.id());
+    assert_eq!(receipt.stream.as_deref(), Some(exchange.as_str()));
+
+    let delivery = within("delivery", subscription.next()).await.unwrap().unwrap();
+    assert_eq!(delivery.event(), Some(&event));
+    assert_eq!(delivery.topic(), "user.created");
+    assert_eq!(delivery.delivery_count(), 1);
+    assert_eq!(delivery.system(), "rabbitmq");
+    delivery.ack().await.unwrap();
+
+    // What another client sees: the AMQP binding of CloudEvents.
+    let queue = unique("rt-raw");
+    admin
+        .channel
+        .queue_declare(queue.as_str().into(), Default::default(), Default::default())
+        .await
+        .unwrap();
+    admin
+        .channel
+        .queue_bind(queue.as_str().into(), exchange.as_str().into(), "user.#".into(), Default::default(), Default::default())
+        .await
+        .unwrap();
+    publisher.publish(event.clone()).await.unwrap();
+    let raw = within("raw get", async {
+        loop {
+            if let Some(raw) = admin.get(&queue).await {
+                return raw;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let props = &raw.properties;
+    assert_eq!(props.content_type().as_ref().unwrap().as_str(), "application/json");
+    assert_eq!(props.message_id().as_ref().unwrap().as_str(), event.id());
+    assert_eq!(props.delivery_mode(), &Some(2));
+    assert_eq!(*props.timestamp(), Some(event.time().unwrap().unix_timestamp() as u64));
+    let headers = props.headers().as_ref().unwrap().inner();
+    assert_eq!(headers.get("cloudEvents_type"), Some(&AMQPValue::LongString("user.created".into())));
+    assert_eq!(headers.get("cloudEvents_tenant"), Some(&AMQPValue::LongString("acme".into())));
+    assert_eq!(headers.get("cloudEvents_specversion"), Some(&AMQPValue::LongString("1.0".into())));
+    assert_eq!(raw.data, event.data().unwrap().to_vec());
+
+    drop(subscription);
+    admin.delete_queue(&queue).await;
+    admin.delete_exchange(&exchange).await;
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn unroutable_event_is_rejected_not_lost() {
+    let exchange = unique("unroutable");
+    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let err = publisher.publish(Event::new("nobody.listens", serde_json::json!({}))).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("nobody.listens"), "{err}");
+    assert!(err.event().is_some());
+
+    // Without `mandatory`, the broker drops it and says yes.
+    let mut lax = RabbitPublisher::connect_with(config(&exchange), PublishOptions::new().mandatory(false))
+        .await
+        .unwrap();
+    lax.publish(Event::new("nobody.listens", serde_json::json!({}))).await.unwrap();
+    Admin::connect().await.delete_exchange(&exchange).await;
+}
+
+#[tokio::test]
+async fn zero_token_matches_of_hash_are_filtered_out() {
+    let exchange = unique("filter");
+    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let mut subscription = subscriber.open(SubscribeOptions::new(["user.>"]).unwrap()).await.unwrap();
+    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    // `user.#` routes `user` too; `user.>` must not see it.
+    publisher.publish(Event::new("user", serde_json::json!({}))).await.unwrap();
+    let deep = Event::new("user.profile.updated", serde_json::json!({}));
+    publisher.publish(deep.clone()).await.unwrap();
+    let delivery = within("delivery", subscription.next()).await.unwrap().unwrap();
+    assert_eq!(delivery.event(), Some(&deep));
+    delivery.ack().await.unwrap();
+    Admin::connect().await.delete_exchange(&exchange).await;
+}
+
+#[tokio::test]
+async fn classic_nack_counts_and_reject_dead_letters() {
+    let exchange = unique("classic");
+    let dlx = format!("{exchange}.dlx");
+    let dlq = format!("{exchange}.dlq");
+    let queue_options = QueueOptions::new()
+        .dead_letter_exchange(&dlx)
+        .unwrap()
+        .dead_letter_queue(&dlq)
+        .unwrap();
+    let subscriber = RabbitSubscriber::connect_with(config(&exchange), queue_options).await.unwrap();
+    let options = SubscribeOptions::new(["job.*"]).unwrap().group("workers").unwrap();
+    let mut subscription = subscriber.open(options).await.unwrap();
+    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let event = Event::new("job.run", serde_json::json!({"n": 1}));
+    publisher.publish(event.clone()).await.unwrap();
+
+    let mut counts = Vec::new();
+    for _ in 0..2 {
+        let delivery = within("delivery", subscription.next()).await.unwrap().unwrap();
+        counts.push(delivery.delivery_count());
+        delivery.nack(None).await.unwrap();
+    }
+    let delivery = within("delivery", subscription.next()).await.unwrap().unwrap();
+    counts.push(delivery.delivery_count());
+    assert_eq!(counts, [1, 2, 3]);
+    delivery.reject().await.unwrap();
+
+    // The DLQ holds it, with the broker's reason readable.
+    let dead_subscriber = RabbitSubscriber::connect_with(
+        config(&exchange).exchange(&dlx, ExchangeKind::Topic).unwrap(),
+        QueueOptions::new().queue(&dlq).unwrap().passive(true),
+    )
+    .await
+    .unwrap();
+    let mut dead = dead_subscriber.open(SubscribeOptions::new([">"]).unwrap()).await.unwrap();
+    let delivery = within("dead letter", dead.next()).await.unwrap().unwrap();
+    let got = delivery.event().unwrap();
+    assert_eq!(got.id(), event.id());
+    assert_eq!(got.data(), event.data());
+    assert_eq!(got.extension(ext::DEAD_LETTER_KIND), Some("rejected"));
+    assert_eq!(got.extension(ext::DEAD_LETTER_TOPIC), Some("job.run"));
+    delivery.ack().await.unwrap();
+
+    drop((subscription, dead));
+    let admin = Admin::connect().await;
+    admin.delete_queue(&subscriber.group_queue("workers")).await;
+    admin.delete_queue(&dlq).await;
+    admin.delete_exchange(&dlx).await;
+    admin.delete_exchange(&exchange).await;
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn quorum_delivery_limit_sends_to_dlx_with_x_death() {
+    let exchange = unique("quorum");
+    let dlx = format!("{exchange}.dlx");
+    let dlq = format!("{exchange}.dlq");
+    let queue_options = QueueOptions::new()
+        .quorum(true)
+        .delivery_limit(2)
+        .dead_letter_exchange(&dlx)
+        .unwrap()
+        .dead_letter_queue(&dlq)
+        .unwrap();
+    let subscriber = RabbitSubscriber::connect_with(config(&exchange), queue_options).await.unwrap();
+    let options = SubscribeOptions::new(["pay.*"]).unwrap().group("payers").unwrap();
+    let mut subscription = subscriber.open(options).await.unwrap();
+    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let event = Event::new("pay.charge", serde_json::json!({"amount": 5}));
+    publisher.publish(event.clone()).await.unwrap();
+
+    // Rejected (nacked) more often than the limit allows.
+    let mut counts = Vec::new();
+    for _ in 0..3 {
+        let delivery = within("delivery", subscription.next()).await.unwrap().unwrap();
+        assert_eq!(delivery.event().map(Event::id), Some(event.id()));
+        counts.push(delivery.delivery_count());
+        delivery.nack(None).await.unwrap();
+    }
+    assert_eq!(counts, [1, 2, 3]);
+
+    let dead_subscriber = RabbitSubscriber::connect_with(
+        config(&exchange).exchange(&dlx, ExchangeKind::Topic).unwrap(),
+        QueueOptions::new().queue(&dlq).unwrap().passive(true),
+    )
+    .await
+    .unwrap();
+    let mut dead = dead_subscriber.open(SubscribeOptions::new([">"]).unwrap()).await.unwrap();
+    let delivery = within("dead letter", dead.next()).await.unwrap().unwrap();
+    let got = delivery.event().unwrap().clone();
+    assert_eq!(got.id(), event.id());
+    assert_eq!(got.extension(ext::DEAD_LETTER_KIND), Some("delivery_limit"));
+    assert!(got.extension(ext::DEAD_LETTER_REASON).unwrap().contains("delivery_limit"));
+    delivery.ack().await.unwrap();
+
+    // It can be published again (redrive): back on its original topic.
+    let mut redriven = got.clone();
+    redriven.set_topic(got.extension(ext::DEAD_LETTER_TOPIC).unwrap().to_owned());
+    publisher.publish(redriven).await.unwrap();
+    let delivery = within("redriven", subscription.next()).await.unwrap().unwrap();
+    assert_eq!(delivery.event().map(Event::id), Some(event.id()));
+    delivery.ack().await.unwrap();
+
+    drop((subscription, dead));
+    let admin = Admin::connect().await;
+    admin.delete_queue(&subscriber.group_queue("payers")).await;
+    admin.delete_queue(&dlq).await;
+    admin.delete_exchange(&dlx).await;
+    admin.delete_exchange(&exchange).await;
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn poison_goes_to_the_poison_path_and_the_consumer_goes_on() {
+    let exchange = unique("poison");
+    let admin = Admin::connect().await;
+    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let subscription = subscriber.open(SubscribeOptions::new(["in.*"]).unwrap()).await.unwrap();
+    let garbage: &[u8] = b"\xff\xfe not an event";
+    admin.publish_raw(&exchange, "in.raw", BasicProperties::default(), garbage).await;
+    // Structured mode claimed, but the JSON is broken.
+    admin
+        .publish_raw(
+            &exchange,
+            "in.structured",
+            BasicProperties::default().with_content_type("application/cloudevents+json".into()),
+            b"{\"specversion\":",
+        )
+        .await;
+    let good = Event::new("in.good", serde_json::json!({}));
+    RabbitPublisher::connect(config(&exchange)).await.unwrap().publish(good.clone()).await.unwrap();
+
+    let poison = MemoryDeadLetters::new(8);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve(
+            subscription,
+            service_fn(move |event: Event| {
+                let _ = tx.send(event);
+                async { Ok::<_, watchtower::Error>(()) }
+            }),
+        )
+        .poison(poison.clone())
+        .with_graceful_shutdown(async {
+            let _ = stopped.await;
+        })
+        .into_future(),
+    );
+    assert_eq!(within("good event", rx.recv()).await, Some(good));
+    within("poison", poison.wait_for(2)).await;
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!((stats.poisoned, stats.acked), (2, 1));
+    let mut bodies: Vec<Bytes> = poison.drain().iter().map(|e| e.data().cloned().unwrap()).collect();
+    bodies.sort();
+    assert_eq!(bodies, [Bytes::from_static(b"{\"specversion\":"), Bytes::from_static(garbage)]);
+    admin.delete_exchange(&exchange).await;
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn full_queue_with_reject_publish_nacks_the_publisher() {
+    let exchange = unique("full");
+    let subscriber = RabbitSubscriber::connect_with(
+        config(&exchange),
+        QueueOptions::new().max_length(1).overflow(Overflow::RejectPublish),
+    )
+    .await
+    .unwrap();
+    let subscription = subscriber
+        .open(SubscribeOptions::new(["q.*"]).unwrap().group("tiny").unwrap())
+        .await
+        .unwrap();
+    // Stop consuming so the queue fills.
+    drop(subscription);
+    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    publisher.publish(Event::new("q.one", serde_json::json!({}))).await.unwrap();
+    let err = publisher.publish(Event::new("q.two", serde_json::json!({}))).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Rejected);
+    assert!(err.is_retryable(), "a full queue may drain: {err}");
+    let admin = Admin::connect().await;
+    assert_eq!(admin.depth(&subscriber.group_queue("tiny")).await, 1);
+    admin.delete_queue(&subscriber.group_queue("tiny")).await;
+    admin.delete_exchange(&exchange).await;
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn message_ttl_expires_into_the_dead_letter_queue() {
+    let exchange = unique("ttl");
+    let dlx = format!("{exchange}.dlx");
+    let dlq = format!("{exchange}.dlq");
+    let subscriber = RabbitSubscriber::connect_with(
+        config(&exchange),
+        QueueOptions::new()
+            .dead_letter_exchange(&dlx)
+            .unwrap()
+            .dead_letter_queue(&dlq)
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    drop(subscriber.open(SubscribeOptions::new(["t.*"]).unwrap().group("idle").unwrap()).await.unwrap());
+    let mut publisher = RabbitPublisher::connect_with(
+        config(&exchange),
+        PublishOptions::new().message_ttl(Duration::from_millis(1)),
+    )
+    .await
+    .unwrap();
+    let event = Event::new("t.short", serde_json::json!({}));
+    publisher.publish(event.clone()).await.unwrap();
+    let dead_subscriber = RabbitSubscriber::connect_with(
+        config(&exchange).exchange(&dlx, ExchangeKind::Topic).unwrap(),
+        QueueOptions::new().queue(&dlq).unwrap().passive(true),
+    )
+    .await
+    .unwrap();
+    let mut dead = dead_subscriber.open(SubscribeOptions::new([">"]).unwrap()).await.unwrap();
+    let delivery = within("expired", dead.next()).await.unwrap().unwrap();
+    assert_eq!(delivery.event().map(Event::id), Some(event.id()));
+    assert_eq!(delivery.event().unwrap().extension(ext::DEAD_LETTER_KIND), Some("expired"));
+    delivery.ack().await.unwrap();
+    drop(dead);
+    let admin = Admin::connect().await;
+    admin.delete_queue(&subscriber.group_queue("idle")).await;
+    admin.delete_queue(&dlq).await;
+    admin.delete_exchange(&dlx).await;
+    admin.delete_exchange(&exchange).await;
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn serve_acks_everything_in_batches() {
+    let exchange = unique("batch");
+    let subscriber = RabbitSubscriber::connect_with(config(&exchange), QueueOptions::new().prefetch(64))
+        .await
+        .unwrap();
+    let options = SubscribeOptions::new(["b.*"]).unwrap().group("batch").unwrap();
+    let subscription = subscriber.open(options).await.unwrap();
+    let publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let n = 2000;
+    let mut tasks = Vec::new();
+    for chunk in 0..8 {
+        let mut publisher = publisher.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..n / 8 {
+                publisher.publish(Event::new("b.x", serde_json::json!({"i": chunk * 1000 + i}))).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve(
+            subscription,
+            service_fn(move |event: Event| {
+                let _ = tx.send(event.id().to_owned());
+                async { Ok::<_, watchtower::Error>(()) }
+            }),
+        )
+        .concurrency(32)
+        .with_graceful_shutdown(async {
+            let _ = stopped.await;
+        })
+        .into_future(),
+    );
+    let mut ids = std::collections::HashSet::new();
+    while ids.len() < n {
+        ids.insert(within("events", rx.recv()).await.unwrap());
+    }
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!(stats.acked, n as u64);
+    // Every ack reached the broker: a new member finds nothing.
+    let admin = Admin::connect().await;
+    let queue = subscriber.group_queue("batch");
+    let mut again = subscriber
+        .open(SubscribeOptions::new(["b.*"]).unwrap().group("batch").unwrap())
+        .await
+        .unwrap();
+    publisher.clone().publish(Event::new("b.marker", serde_json::json!({}))).await.unwrap();
+    let next = within("marker", again.next()).await.unwrap().unwrap();
+    assert_eq!(next.event().unwrap().ty(), "b.marker", "an acked event came back");
+    next.ack().await.unwrap();
+    drop(again);
+    admin.delete_queue(&queue).await;
+    admin.delete_exchange(&exchange).await;
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn bad_configuration_fails_at_construction() {
+    // Nothing listens on port 1.
+    let err = RabbitPublisher::connect(RabbitConfig::new("amqp://guest:guest@127.0.0.1:1/%2f").unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err.kind(), ErrorKind::Connection | ErrorKind::Timeout), "{err}");
+
+    let err = RabbitSubscriber::connect(
+        RabbitConfig::new(URL).unwrap().credentials("guest", "wrong-s3cret"),
+    )
+    .await
+    .unwrap_err();
+    assert!(!err.to_string().contains("wrong-s3cret"), "{err}");
+    assert!(!format!("{err:?}").contains("wrong-s3cret"));
+
+    let err = RabbitPublisher::connect(config(&unique("absent")).passive_exchange(true)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+
+    let err = RabbitSubscriber::connect_with(config(&unique("x")), QueueOptions::new().delivery_limit(3))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+
+    let err = RabbitConfig::new("amqp://guest:pw@[::1").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+
+    // A queue that exists with other arguments.
+    let exchange = unique("mismatch");
+    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    drop(subscriber.open(SubscribeOptions::new(["m.*"]).unwrap().group("g").unwrap()).await.unwrap());
+    let quorum = RabbitSubscriber::connect_with(config(&exchange), QueueOptions::new().quorum(true))
+        .await
+        .unwrap();
+    let err = quorum
+        .open(SubscribeOptions::new(["m.*"]).unwrap().group("g").unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    let admin = Admin::connect().await;
+    admin.delete_queue(&subscriber.group_queue("g")).await;
+    admin.delete_exchange(&exchange).await;
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn direct_exchange_refuses_wildcards_and_routes_exact_keys() {
+    let exchange = unique("direct");
+    let cfg = config(&exchange).exchange(&exchange, ExchangeKind::Direct).unwrap();
+    let subscriber = RabbitSubscriber::connect(cfg.clone()).await.unwrap();
+    let err = subscriber.open(SubscribeOptions::new(["a.*"]).unwrap()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let mut subscription = subscriber.open(SubscribeOptions::new(["a.b"]).unwrap()).await.unwrap();
+    let mut publisher = RabbitPublisher::connect(cfg).await.unwrap();
+    let event = Event::new("a.b", serde_json::json!({}));
+    publisher.publish(event.clone()).await.unwrap();
+    let err = publisher.publish(Event::new("a.c", serde_json::json!({}))).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Rejected);
+    let delivery = within("direct", subscription.next()).await.unwrap().unwrap();
+    assert_eq!(delivery.event(), Some(&event));
+    delivery.ack().await.unwrap();
+    Admin::connect().await.delete_exchange(&exchange).await;
+}
+
+#[tokio::test]
+async fn health_reports_the_connection() {
+    let exchange = unique("health");
+    let publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let health = publisher.health();
+    assert!(health.connected && !health.closed);
+    assert_eq!(health.connections, 1);
+    publisher.close();
+    let mut p = publisher.clone();
+    let err = within("closed", p.publish(Event::new("h.x", serde_json::json!({})))).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+    assert!(publisher.health().closed);
+    Admin::connect().await.delete_exchange(&exchange).await;
+}

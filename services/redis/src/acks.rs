@@ -1,0 +1,143 @@
+//! Batched acknowledgements: one `XACK` per stream for many deliveries.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use redis::Value;
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot};
+use watchtower::{Error, ErrorKind};
+
+use crate::error::{from_redis, kind_of};
+use crate::subscriber::StreamInfo;
+
+/// `XACK` batches in flight at once: while they travel, new
+/// acknowledgements gather into the next batch.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// A request to the acknowledgement task.
+#[derive(Debug)]
+pub(crate) enum AckOp {
+    /// Acknowledge the entry; answer on `done` once its batch is.
+    Ack {
+        stream: Arc<str>,
+        id: Arc<str>,
+        done: oneshot::Sender<Result<(), Error>>,
+    },
+    /// Make an entry reclaimable at once (its delivery was dropped).
+    Release { stream: Arc<str>, id: Arc<str> },
+}
+
+/// Runs until every acker and the subscription are gone, then destroys an
+/// ephemeral group.
+pub(crate) async fn ack_loop(
+    conn: ConnectionManager,
+    group: Arc<str>,
+    consumer: Arc<str>,
+    claim_idle: Duration,
+    ephemeral: Option<Arc<RwLock<Vec<Arc<StreamInfo>>>>>,
+    mut rx: mpsc::UnboundedReceiver<AckOp>,
+    max_batch: usize,
+) {
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            op = rx.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => match op {
+                Some(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < max_batch {
+                        match rx.try_recv() {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    in_flight.push(send_batch(conn.clone(), group.clone(), consumer.clone(), claim_idle, batch));
+                }
+                None => open = false,
+            },
+        }
+    }
+    if let Some(streams) = ephemeral {
+        let keys: Vec<Arc<str>> = streams
+            .read()
+            .map(|s| s.iter().map(|s| s.key.clone()).collect())
+            .unwrap_or_default();
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("XGROUP")
+                .arg("DESTROY")
+                .arg(&**key)
+                .arg(&*group)
+                .ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut conn.clone()).await {
+            tracing::debug!(error = %e, "could not destroy a subscription's own consumer group");
+        }
+    }
+}
+
+async fn send_batch(
+    mut conn: ConnectionManager,
+    group: Arc<str>,
+    consumer: Arc<str>,
+    claim_idle: Duration,
+    batch: Vec<AckOp>,
+) {
+    let mut acks: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+    let mut releases: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+    let mut waiters = Vec::with_capacity(batch.len());
+    for op in batch {
+        match op {
+            AckOp::Ack { stream, id, done } => {
+                acks.entry(stream).or_default().push(id);
+                waiters.push(done);
+            }
+            AckOp::Release { stream, id } => releases.entry(stream).or_default().push(id),
+        }
+    }
+    let mut pipe = redis::pipe();
+    for (key, ids) in &acks {
+        pipe.cmd("XACK").arg(&**key).arg(&*group);
+        for id in ids {
+            pipe.arg(&**id);
+        }
+        pipe.ignore();
+    }
+    let idle = u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX);
+    for (key, ids) in &releases {
+        // Setting the idle time to the claim threshold makes the entries
+        // due for the next `XAUTOCLAIM` of any consumer in the group.
+        pipe.cmd("XCLAIM").arg(&**key).arg(&*group).arg(&*consumer).arg(0);
+        for id in ids {
+            pipe.arg(&**id);
+        }
+        pipe.arg("IDLE").arg(idle).arg("JUSTID").ignore();
+    }
+    let mut result = pipe.query_async::<Value>(&mut conn).await;
+    if let Err(e) = &result
+        && matches!(kind_of(e), ErrorKind::Connection | ErrorKind::Timeout)
+    {
+        // `XACK` and the release are idempotent: one more try on the
+        // re-established connection spares a redelivery.
+        result = pipe.query_async::<Value>(&mut conn).await;
+    }
+    match result {
+        Ok(_) => {
+            for done in waiters {
+                let _ = done.send(Ok(()));
+            }
+        }
+        Err(e) => {
+            let err = from_redis(e, "XACK");
+            tracing::debug!(error = %err, "acknowledgement batch failed");
+            for done in waiters {
+                let _ = done.send(Err(Error::new(err.kind(), err.message())));
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The stream entry format: one field per CloudEvents attribute under its
+//! plain name (`specversion`, `id`, `type`, `source`, `time`, ...,
+//! extensions by name) plus `data` for the payload, so that `XRANGE` in
+//! `redis-cli` is readable and any client can consume.
+//!
+//! Also the parsing of stream replies, which never panics on what the
+//! server sends.
+
+use bytes::Bytes;
+use redis::{Cmd, Value};
+use watchtower::codec::Binding;
+use watchtower::{Error, Event, Poison, RawMessage};
+
+/// The field that carries the payload.
+pub const DATA_FIELD: &str = "data";
+
+/// Appends `event`'s fields to an `XADD` command.
+pub(crate) fn write_fields(cmd: &mut Cmd, event: &Event) {
+    Binding::REDIS.write_headers(event, |name, value| {
+        cmd.arg(name).arg(value);
+    });
+    if let Some(data) = event.data() {
+        cmd.arg(DATA_FIELD).arg(&data[..]);
+    }
+}
+
+/// One stream entry as read: its id and fields in wire order. `fields` is
+/// `None` for an entry that was deleted while pending.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) id: String,
+    pub(crate) fields: Option<Vec<(Bytes, Bytes)>>,
+}
+
+/// Decodes an entry's fields into an event, or explains why it is poison.
+pub(crate) fn decode(topic: &str, fields: Vec<(Bytes, Bytes)>) -> Result<Event, Poison> {
+    let mut body = None;
+    let mut headers = Vec::with_capacity(fields.len());
+    let mut bad_name = None;
+    for (name, value) in &fields {
+        match std::str::from_utf8(name) {
+            Ok(DATA_FIELD) => body = Some(value.clone()),
+            Ok(name) => headers.push((name, value.clone())),
+            Err(_) => bad_name = Some(Error::decode("a field name is not UTF-8")),
+        }
+    }
+    let result = match bad_name {
+        Some(err) => Err(err),
+        None => Binding::REDIS.decode(headers.iter().map(|(n, v)| (*n, v)), body.clone()),
+    };
+    result.map_err(|error| {
+        let raw = RawMessage {
+            topic: topic.into(),
+            headers: fields
+                .iter()
+                .filter(|(n, _)| &n[..] != DATA_FIELD.as_bytes())
+                .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), v.clone()))
+                .collect(),
+            body: body.unwrap_or_default(),
+        };
+        Poison::new(raw, error)
+    })
+}
+
+fn bytes_of(value: &Value) -> Option<Bytes> {
+    match value {
+        Value::BulkString(b) => Some(Bytes::copy_from_slice(b)),
+        Value::SimpleString(s) => Some(Bytes::copy_from_slice(s.as_bytes())),
+        Value::VerbatimString { text, .. } => Some(Bytes::copy_from_slice(text.as_bytes())),
+        Value::Okay => Some(Bytes::from_static(b"OK")),
+        Value::Int(i) => Some(Bytes::from(i.to_string())),
+        _ => None,
+    }
+}
+
+pub(crate) fn string_of(value: &Value) -> Option<String> {
+    bytes_of(value).and_then(|b| String::from_utf8(b.to_vec()).ok())
+}
+
+fn malformed(what: &str) -> Error {
+    Error::decode(format!("unexpected reply shape for {what}"))
+}
+
+/// Pairs of (key, value) from an array of alternating items or a map.
+fn pairs(value: &Value) -> Option<Vec<(&Value, &Value)>> {
+    match value {
+        Value::Array(items) | Value::Set(items) => {
+            if items.len() % 2 != 0 {
+                return None;
+            }
+            Some(items.chunks(2).map(|c| (&c[0], &c[1])).collect())
+        }
+        Value::Map(items) => Some(items.iter().map(|(k, v)| (k, v)).collect()),
+        Value::Attribute { data, .. } => pairs(data),
+        _ => None,
+    }
+}
+
+fn items(value: &Value) -> Option<&[Value]> {
+    match value {
+        Value::Array(items) | Value::Set(items) => Some(items),
+        Value::Attribute { data, .. } => items(data),
+        _ => None,
+    }
+}
+
+/// Parses a list of entries (`[[id, [field, value, ...]], ...]`).
+pub(crate) fn parse_entries(value: &Value) -> Result<Vec<Entry>, Error> {
+    let list = match value {
+        Value::Nil => return Ok(Vec::new()),
+        v => items(v).ok_or_else(|| malformed("stream entries"))?,
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for entry in list {
+        let parts = items(entry).ok_or_else(|| malformed("a stream entry"))?;
+        let id = parts
+            .first()
+            .and_then(string_of)
+            .ok_or_else(|| malformed("a stream entry id"))?;
+        let fields = match parts.get(1) {
+            None | Some(Value::Nil) => None,
+            Some(fields) => Some(
+                pairs(fields)
+                    .ok_or_else(|| malformed("stream entry fields"))?
+                    .into_iter()
+                    .map(|(k, v)| Some((bytes_of(k)?, bytes_of(v)?)))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| malformed("a stream entry field"))?,
+            ),
+        };
+        out.push(Entry { id, fields });
+    }
+    Ok(out)
+}
+
+/// Parses an `XREAD`/`XREADGROUP` reply: entries per stream key. `Nil`
+/// (the block time passed) is no entries.
+pub(crate) fn parse_read(value: &Value) -> Result<Vec<(String, Vec<Entry>)>, Error> {
+    if let Value::Nil = value {
+        return Ok(Vec::new());
+    }
+    let streams: Vec<(&Value, &Value)> = match value {
+        Value::Map(_) => pairs(value).ok_or_else(|| malformed("XREADGROUP"))?,
+        v => items(v)
+            .ok_or_else(|| malformed("XREADGROUP"))?
+            .iter()
+            .map(|s| match items(s) {
+                Some([key, entries]) => Ok((key, entries)),
+                _ => Err(malformed("XREADGROUP stream")),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    streams
+        .into_iter()
+        .map(|(key, entries)| {
+            let key = string_of(key).ok_or_else(|| malformed("XREADGROUP stream key"))?;
+            Ok((key, parse_entries(entries)?))
+        })
+        .collect()
+}
+
+/// Parses an `XAUTOCLAIM` reply: the next cursor, the claimed entries and
+/// the ids of entries that no longer exist.
+pub(crate) fn parse_autoclaim(value: &Value) -> Result<(String, Vec<Entry>, Vec<String>), Error> {
+    let parts = items(value).ok_or_else(|| malformed("XAUTOCLAIM"))?;
+    let cursor = parts
+        .first()
+        .and_then(string_of)
+        .ok_or_else(|| malformed("XAUTOCLAIM cursor"))?;
+    let entries = parse_entries(parts.get(1).unwrap_or(&Value::Nil))?;
+    let deleted = parts
+        .get(2)
+        .and_then(items)
+        .map(|ids| ids.iter().filter_map(string_of).collect())
+        .unwrap_or_default();
+    Ok((cursor, entries, deleted))
+}
+
+/// Parses the extended `XPENDING` reply into (id, delivery count) pairs.
+pub(crate) fn parse_pending(value: &Value) -> Result<Vec<(String, u32)>, Error> {
+    let list = items(value).ok_or_else(|| malformed("XPENDING"))?;
+    list.iter()
+        .map(|row| match items(row) {
+            Some([id, _consumer, _idle, Value::Int(count)]) => Ok((
+                string_of(id).ok_or_else(|| malformed("XPENDING id"))?,
+                u32::try_from(*count).unwrap_or(u32::MAX),
+            )),
+            _ => Err(malformed("XPENDING row")),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use watchtower::ErrorKind;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn fields_of(event: &Event) -> Vec<(Bytes, Bytes)> {
+        let mut cmd = redis::cmd("XADD");
+        write_fields(&mut cmd, event);
+        let args: Vec<Bytes> = cmd
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => Bytes::copy_from_slice(b),
+                _ => Bytes::new(),
+            })
+            .collect();
+        args[1..]
+            .chunks(2)
+            .map(|c| (c[0].clone(), c[1].clone()))
+            .collect()
+    }
+
+    #[test]
+    fn fields_round_trip() {
+        let event = Event::builder("user.created")
+            .subject("u1")
+            .extension("correlationid", "c-1")
+            .json(&serde_json::json!({"user_id": 7}))
+            .unwrap()
+            .build()
+            .unwrap();
+        let fields = fields_of(&event);
+        let names: Vec<&[u8]> = fields.iter().map(|(n, _)| &n[..]).collect();
+        assert_eq!(names[0], b"specversion");
+        assert!(names.contains(&&b"type"[..]) && names.contains(&&b"data"[..]));
+        assert!(names.contains(&&b"correlationid"[..]));
+        let back = decode("user.created", fields).unwrap();
+        assert_eq!(back, event);
+        let binary = Event::binary("blob", "application/octet-stream", &b"\x00\xff"[..]);
+        assert_eq!(decode("blob", fields_of(&binary)).unwrap(), binary);
+        let empty = Event::empty("nothing");
+        assert_eq!(decode("nothing", fields_of(&empty)).unwrap(), empty);
+    }
+
+    #[test]
+    fn garbage_is_poison_with_raw_bytes() {
+        let fields = vec![
+            (Bytes::from_static(b"foo"), Bytes::from_static(b"bar")),
+            (Bytes::from_static(b"data"), Bytes::from_static(b"\xff\x00")),
+        ];
+        let poison = decode("t", fields).unwrap_err();
+        assert_eq!(poison.error.kind(), ErrorKind::Decode);
+        assert_eq!(&poison.raw.body[..], b"\xff\x00");
+        assert_eq!(poison.raw.headers.len(), 1);
+        let bad_name = vec![(Bytes::from_static(b"\xff"), Bytes::from_static(b"x"))];
+        assert_eq!(decode("t", bad_name).unwrap_err().error.kind(), ErrorKind::Decode);
+    }
+
+    #[test]
+    fn replies_parse_and_bad_shapes_are_errors() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("s"),
+            Value::Array(vec![
+                Value::Array(vec![bulk("1-0"), Value::Array(vec![bulk("a"), bulk("b")])]),
+                Value::Array(vec![bulk("2-0"), Value::Nil]),
+            ]),
+        ])]);
+        let read = parse_read(&reply).unwrap();
+        assert_eq!(read[0].0, "s");
+        assert_eq!(read[0].1[0].id, "1-0");
+        assert!(read[0].1[1].fields.is_none());
+        assert!(parse_read(&Value::Nil).unwrap().is_empty());
+        for bad in [
+            Value::Int(1),
+            Value::Array(vec![Value::Int(1)]),
+            Value::Array(vec![Value::Array(vec![
+                bulk("s"),
+                Value::Array(vec![Value::Int(3)]),
+            ])]),
+            Value::Array(vec![Value::Array(vec![
+                bulk("s"),
+                Value::Array(vec![Value::Array(vec![
+                    bulk("1-0"),
+                    Value::Array(vec![bulk("a")]),
+                ])]),
+            ])]),
+        ] {
+            assert_eq!(parse_read(&bad).unwrap_err().kind(), ErrorKind::Decode, "{bad:?}");
+        }
+        let claim = Value::Array(vec![
+            bulk("0-0"),
+            Value::Array(vec![]),
+            Value::Array(vec![bulk("3-0")]),
+        ]);
+        let (cursor, entries, deleted) = parse_autoclaim(&claim).unwrap();
+        assert_eq!(
+            (cursor.as_str(), entries.len(), deleted),
+            ("0-0", 0, vec!["3-0".to_owned()])
+        );
+        let pending = Value::Array(vec![Value::Array(vec![
+            bulk("1-0"),
+            bulk("c"),
+            Value::Int(10),
+            Value::Int(3),
+        ])]);
+        assert_eq!(parse_pending(&pending).unwrap(), vec![("1-0".to_owned(), 3)]);
+        assert!(parse_pending(&Value::Array(vec![Value::Int(1)])).is_err());
+    }
+}

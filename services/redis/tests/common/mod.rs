@@ -1,0 +1,168 @@
+//! Helpers shared by the integration tests: unique names, raw Redis
+//! access, cleanup, and private `redis-server` processes for fault tests.
+
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const URL: &str = "redis://127.0.0.1:6379";
+
+/// A unique topic namespace for one test.
+pub fn namespace(test: &str) -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("wtr_{test}_{}", &id[20..])
+}
+
+pub async fn raw(url: &str) -> MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Deletes every key starting with `prefix`.
+pub async fn cleanup(url: &str, prefix: &str) {
+    let mut conn = raw(url).await;
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+}
+
+/// Entries pending in `group` on `key`.
+pub async fn pending(conn: &mut MultiplexedConnection, key: &str, group: &str) -> i64 {
+    let summary: redis::Value = redis::cmd("XPENDING")
+        .arg(key)
+        .arg(group)
+        .query_async(conn)
+        .await
+        .unwrap();
+    match summary {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => panic!("unexpected XPENDING reply {items:?}"),
+        },
+        other => panic!("unexpected XPENDING reply {other:?}"),
+    }
+}
+
+/// Waits (with Redis blocking, not sleeping) until `key` has an entry after
+/// `after`, and returns the entries' fields.
+pub async fn wait_entries(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    after: &str,
+) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
+    let reply: redis::Value = redis::cmd("XREAD")
+        .arg("BLOCK")
+        .arg(20_000)
+        .arg("STREAMS")
+        .arg(key)
+        .arg(after)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let redis::Value::Array(streams) = reply else {
+        panic!("no entries in {key} within 20 s: {reply:?}")
+    };
+    let mut out = Vec::new();
+    for stream in streams {
+        let redis::Value::Array(parts) = stream else {
+            panic!()
+        };
+        let redis::Value::Array(entries) = &parts[1] else {
+            panic!()
+        };
+        for entry in entries {
+            let redis::Value::Array(e) = entry else { panic!() };
+            let id: String = redis::from_redis_value_ref(&e[0]).unwrap();
+            let flat: Vec<Vec<u8>> = redis::from_redis_value_ref(&e[1]).unwrap();
+            let fields = flat
+                .chunks(2)
+                .map(|c| (String::from_utf8(c[0].clone()).unwrap(), c[1].clone()))
+                .collect();
+            out.push((id, fields));
+        }
+    }
+    out
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A private `redis-server` without persistence, killed on drop.
+pub struct RedisProcess {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisProcess {
+    pub async fn start(port: u16, extra: &[&str]) -> RedisProcess {
+        let mut child = Command::new("redis-server")
+            .arg("--port")
+            .arg(port.to_string())
+            .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains("Ready to accept connections") {
+                    return;
+                }
+            }
+            panic!("redis-server exited before it was ready");
+        })
+        .await
+        .expect("redis-server ready within 20 s");
+        // Keep reading so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        RedisProcess { port, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}

@@ -1,0 +1,643 @@
+//! Publishing and subscribing against the local Redis.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use tower::{Service, ServiceExt as _, service_fn};
+use watchtower::dead_letter::MemoryDeadLetters;
+use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
+use watchtower_redis::{DeadLetter, MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
+
+use common::{URL, cleanup, namespace, pending, raw, wait_entries};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn next<S, A>(subscription: &mut S) -> watchtower::Delivery<A>
+where
+    S: futures_core::Stream<Item = Result<watchtower::Delivery<A>, Error>> + Unpin,
+    A: watchtower::Acker,
+{
+    tokio::time::timeout(WAIT, subscription.next())
+        .await
+        .expect("a delivery within the wait")
+        .expect("subscription open")
+        .expect("no subscription error")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipt_and_readable_wire_format() {
+    let ns = namespace("wire");
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
+        .await
+        .unwrap();
+    let event = Event::builder("user.created")
+        .subject("u-7")
+        .extension("tenant", "acme")
+        .json(&serde_json::json!({"user_id": 7}))
+        .unwrap()
+        .build()
+        .unwrap();
+    let receipt = publisher.publish(event.clone()).await.unwrap();
+    let key = format!("{ns}:user.created");
+    assert_eq!(receipt.stream.as_deref(), Some(key.as_str()));
+    assert_eq!(&*receipt.topic, "user.created");
+    assert_eq!(&*receipt.event_id, event.id());
+    let entry_id = receipt.message_id.clone().unwrap();
+
+    let mut conn = raw(URL).await;
+    let entries = wait_entries(&mut conn, &key, "0").await;
+    assert_eq!(entries.len(), 1);
+    let (id, fields) = &entries[0];
+    assert_eq!(id, &*entry_id);
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8(v.clone()).unwrap())
+    };
+    assert_eq!(get("specversion").as_deref(), Some("1.0"));
+    assert_eq!(get("id").as_deref(), Some(event.id()));
+    assert_eq!(get("type").as_deref(), Some("user.created"));
+    assert_eq!(get("source").as_deref(), Some("/watchtower"));
+    assert_eq!(get("subject").as_deref(), Some("u-7"));
+    assert_eq!(get("tenant").as_deref(), Some("acme"));
+    assert_eq!(get("datacontenttype").as_deref(), Some("application/json"));
+    assert_eq!(get("data").as_deref(), Some(r#"{"user_id":7}"#));
+    assert!(get("time").is_some());
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_len_trims_and_bad_topics_are_refused() {
+    let ns = namespace("maxlen");
+    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
+        .max_len(MaxLen::Exact(10))
+        .connect()
+        .await
+        .unwrap();
+    let topic = format!("{ns}.trim");
+    for i in 0..30 {
+        publisher
+            .publish(Event::new(topic.clone(), serde_json::json!({"i": i})))
+            .await
+            .unwrap();
+    }
+    let mut conn = raw(URL).await;
+    let len: i64 = redis::cmd("XLEN")
+        .arg(&topic)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 10);
+
+    let bad = Event::new("x", serde_json::json!({})).with_topic("a..b");
+    let mut err = publisher.publish(bad.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidTopic);
+    assert_eq!(
+        err.take_event().map(|e| e.id().to_owned()).as_deref(),
+        Some(bad.id())
+    );
+
+    let err = RedisPublisher::builder(RedisConfig::new(URL))
+        .max_len(MaxLen::Approx(0))
+        .connect()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_and_batches() {
+    let ns = namespace("concurrent");
+    let topic = format!("{ns}.load");
+    let publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let calls = (0..500).map(|i| {
+        let publisher = publisher.clone();
+        let topic = topic.clone();
+        async move {
+            publisher
+                .oneshot(Event::new(topic, serde_json::json!({"i": i})))
+                .await
+        }
+    });
+    let receipts = futures_util::future::join_all(calls).await;
+    let ids: HashSet<String> = receipts
+        .into_iter()
+        .map(|r| r.unwrap().message_id.unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 500);
+
+    let mut events: Vec<Event> = (0..20)
+        .map(|i| Event::new(topic.clone(), serde_json::json!({"b": i})))
+        .collect();
+    events.insert(
+        5,
+        Event::new("bad", serde_json::json!({})).with_topic("bad topic"),
+    );
+    let results = publisher.publish_batch(events).await.unwrap();
+    assert_eq!(results.len(), 21);
+    assert_eq!(results[5].as_ref().unwrap_err().kind(), ErrorKind::InvalidTopic);
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 20);
+    let mut conn = raw(URL).await;
+    let len: i64 = redis::cmd("XLEN")
+        .arg(&topic)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 520);
+    // Receipts follow the stream's order.
+    let batch_ids: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|r| r.message_id.clone().unwrap().to_string())
+        .collect();
+    let mut sorted = batch_ids.clone();
+    sorted.sort_by_key(|id| {
+        let (ms, seq) = id.split_once('-').unwrap();
+        (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+    });
+    assert_eq!(batch_ids, sorted);
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_acks_in_batches_and_nothing_stays_pending() {
+    let ns = namespace("serve");
+    let topic = format!("{ns}.orders");
+    let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
+    let options = SubscribeOptions::new([&topic]).unwrap().group("billing").unwrap();
+    let subscription = subscriber.open(options).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        serve(
+            subscription,
+            service_fn(move |event: Event| {
+                let sent = tx.send(event);
+                async move { sent.map_err(|_| Error::closed("test over")) }
+            }),
+        )
+        .concurrency(32)
+        .with_graceful_shutdown(async {
+            stopped.await.ok();
+        })
+        .into_future(),
+    );
+    let publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let sent: Vec<Event> = (0..300)
+        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
+        .collect();
+    for result in publisher.publish_batch(sent.clone()).await.unwrap() {
+        result.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 300 {
+        got.push(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap());
+    }
+    stop.send(()).unwrap();
+    let stats = server.await.unwrap().unwrap();
+    assert_eq!(stats.acked, 300);
+    assert_eq!(stats.settle_errors, 0);
+    let got_ids: Vec<&str> = got.iter().map(Event::id).collect();
+    let sent_ids: Vec<&str> = sent.iter().map(Event::id).collect();
+    assert_eq!(got_ids, sent_ids, "one stream is delivered in order");
+    let mut conn = raw(URL).await;
+    assert_eq!(pending(&mut conn, &topic, "billing").await, 0);
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_with_delay_redelivers_with_rising_count() {
+    let ns = namespace("nack");
+    let topic = format!("{ns}.retry");
+    let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut subscription = subscriber
+        .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
+        .await
+        .unwrap();
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let event = Event::new(topic.clone(), serde_json::json!({"n": 1}));
+    publisher.publish(event.clone()).await.unwrap();
+    let first = next(&mut subscription).await;
+    assert_eq!(first.delivery_count(), 1);
+    assert_eq!(first.event(), Some(&event));
+    first.nack(Some(Duration::from_millis(100))).await.unwrap();
+    let second = next(&mut subscription).await;
+    assert_eq!(second.delivery_count(), 2);
+    assert_eq!(second.event(), Some(&event));
+    second.nack(None).await.unwrap();
+    let third = next(&mut subscription).await;
+    assert_eq!(third.delivery_count(), 3);
+    third.ack().await.unwrap();
+    let mut conn = raw(URL).await;
+    assert_eq!(pending(&mut conn, &topic, "g").await, 0);
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_deliveries_go_to_the_dead_letter_stream() {
+    let ns = namespace("maxdel");
+    let topic = format!("{ns}.fragile");
+    let dlq = format!("{ns}:dlq");
+    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
+        .max_deliveries(Some(2))
+        .dead_letter(DeadLetter::Stream(dlq.clone()))
+        .connect()
+        .await
+        .unwrap();
+    let mut subscription = subscriber
+        .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
+        .await
+        .unwrap();
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let doomed = Event::new(topic.clone(), serde_json::json!({"doomed": true}));
+    publisher.publish(doomed.clone()).await.unwrap();
+    for count in 1..=2 {
+        let delivery = next(&mut subscription).await;
+        assert_eq!(delivery.delivery_count(), count);
+        delivery.nack(None).await.unwrap();
+    }
+    let mut conn = raw(URL).await;
+    let entries = wait_entries(&mut conn, &dlq, "0").await;
+    assert_eq!(entries.len(), 1);
+    let fields = &entries[0].1;
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(get("id").as_deref(), Some(doomed.id()));
+    assert_eq!(get("deadlettertopic").as_deref(), Some(topic.as_str()));
+    assert_eq!(get("attempt").as_deref(), Some("3"));
+    assert!(get("deadletterreason").unwrap().contains("delivered 3 times"));
+    // The dead-lettered entry is a valid event, and acknowledged in its group.
+    let fields: Vec<(bytes::Bytes, bytes::Bytes)> = fields
+        .iter()
+        .map(|(n, v)| (bytes::Bytes::from(n.clone()), bytes::Bytes::from(v.clone())))
+        .collect();
+    let back = watchtower::codec::Binding::REDIS
+        .decode(
+            fields
+                .iter()
+                .filter(|(n, _)| &n[..] != b"data")
+                .map(|(n, v)| (std::str::from_utf8(n).unwrap(), v)),
+            fields
+                .iter()
+                .find(|(n, _)| &n[..] == b"data")
+                .map(|(_, v)| v.clone()),
+        )
+        .unwrap();
+    assert_eq!(back.data(), doomed.data());
+    assert_eq!(pending(&mut conn, &topic, "g").await, 0);
+
+    // The consumer goes on with the next entry.
+    let fine = Event::new(topic.clone(), serde_json::json!({"fine": true}));
+    publisher.publish(fine.clone()).await.unwrap();
+    let delivery = next(&mut subscription).await;
+    assert_eq!(delivery.event(), Some(&fine));
+    delivery.ack().await.unwrap();
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_deliveries_can_use_the_poison_path() {
+    let ns = namespace("maxpoison");
+    let topic = format!("{ns}.fragile");
+    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
+        .max_deliveries(Some(1))
+        .dead_letter(DeadLetter::Poison)
+        .connect()
+        .await
+        .unwrap();
+    let subscription = subscriber
+        .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
+        .await
+        .unwrap();
+    let dead = MemoryDeadLetters::new(8);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        serve(
+            subscription,
+            service_fn(|_: Event| async { Err::<(), _>(Error::new(ErrorKind::Handler, "always fails")) }),
+        )
+        .poison(dead.clone())
+        .with_graceful_shutdown(async {
+            stopped.await.ok();
+        })
+        .into_future(),
+    );
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let event = Event::new(topic.clone(), serde_json::json!({"x": 1}));
+    publisher.publish(event.clone()).await.unwrap();
+    tokio::time::timeout(WAIT, dead.wait_for(1)).await.unwrap();
+    stop.send(()).unwrap();
+    let stats = server.await.unwrap().unwrap();
+    assert_eq!((stats.handler_errors, stats.poisoned), (1, 1));
+    let poisoned = dead.drain().remove(0);
+    assert_eq!(poisoned.ty(), watchtower::subscribe::POISON_EVENT_TYPE);
+    assert_eq!(poisoned.data(), event.data());
+    assert_eq!(poisoned.extension("deadletterkind"), Some("rejected"));
+    let mut conn = raw(URL).await;
+    assert_eq!(pending(&mut conn, &topic, "g").await, 0);
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_entries_reach_the_poison_path_and_the_consumer_goes_on() {
+    let ns = namespace("poison");
+    let topic = format!("{ns}.mixed");
+    let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
+    let subscription = subscriber
+        .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
+        .await
+        .unwrap();
+    let mut conn = raw(URL).await;
+    // Garbage bytes, missing attributes, a bad time, a non-UTF-8 attribute.
+    let bad: Vec<Vec<(&[u8], &[u8])>> = vec![
+        vec![(b"data", b"\xff\x00garbage")],
+        vec![(b"specversion", b"1.0"), (b"id", b"1"), (b"data", b"{}")],
+        vec![
+            (b"specversion", b"1.0"),
+            (b"id", b"1"),
+            (b"type", b"t"),
+            (b"source", b"s"),
+            (b"time", b"yesterday"),
+        ],
+        vec![
+            (b"specversion", b"1.0"),
+            (b"id", b"\xff"),
+            (b"type", b"t"),
+            (b"source", b"s"),
+        ],
+    ];
+    for fields in &bad {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&topic).arg("*");
+        for (n, v) in fields {
+            cmd.arg(*n).arg(*v);
+        }
+        let _: String = cmd.query_async(&mut conn).await.unwrap();
+    }
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let good = Event::new(topic.clone(), serde_json::json!({"ok": true}));
+    publisher.publish(good.clone()).await.unwrap();
+
+    let dead = MemoryDeadLetters::new(16);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        serve(
+            subscription,
+            service_fn(move |event: Event| {
+                let sent = tx.send(event);
+                async move { sent.map_err(|_| Error::closed("test over")) }
+            }),
+        )
+        .poison(dead.clone())
+        .with_graceful_shutdown(async {
+            stopped.await.ok();
+        })
+        .into_future(),
+    );
+    let received = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(received, good);
+    tokio::time::timeout(WAIT, dead.wait_for(4)).await.unwrap();
+    stop.send(()).unwrap();
+    let stats = server.await.unwrap().unwrap();
+    assert_eq!((stats.acked, stats.poisoned), (1, 4));
+    let poisoned = dead.drain();
+    assert_eq!(poisoned[0].data().map(|d| &d[..]), Some(&b"\xff\x00garbage"[..]));
+    assert!(
+        poisoned
+            .iter()
+            .all(|e| e.extension("deadletterkind") == Some("decode"))
+    );
+    assert!(
+        poisoned
+            .iter()
+            .all(|e| e.extension("deadlettertopic") == Some(topic.as_str()))
+    );
+    assert_eq!(pending(&mut conn, &topic, "g").await, 0);
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_consumer_first_takes_back_its_own_pending_entries() {
+    let ns = namespace("restart");
+    let topic = format!("{ns}.jobs");
+    let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
+    let builder = RedisSubscriber::builder(RedisConfig::new(URL))
+        .consumer(format!("{ns}-worker-1"))
+        // Far beyond the test: what comes back comes from the consumer's own
+        // pending list, not from reclaiming.
+        .claim_idle(Duration::from_secs(600));
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let sent: Vec<Event> = (0..5)
+        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
+        .collect();
+    let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
+    assert_eq!(taken, 5);
+
+    let subscriber = builder.connect().await.unwrap();
+    let mut subscription = subscriber.open(options).await.unwrap();
+    for event in &sent {
+        let delivery = next(&mut subscription).await;
+        assert_eq!(delivery.event(), Some(event));
+        assert_eq!(delivery.delivery_count(), 2);
+        delivery.ack().await.unwrap();
+    }
+    let mut conn = raw(URL).await;
+    assert_eq!(pending(&mut conn, &topic, "workers").await, 0);
+    cleanup(URL, &ns).await;
+}
+
+/// Opens a subscription on a runtime of its own, publishes `events`, takes
+/// them without settling, and kills the runtime: the consumer's tasks die
+/// as in a crashed process, and nothing is released.
+async fn crash_after_taking(
+    builder: watchtower_redis::RedisSubscriberBuilder,
+    options: SubscribeOptions,
+    publisher: &mut RedisPublisher,
+    events: &[Event],
+) -> usize {
+    let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let n = events.len();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let taken = rt.block_on(async move {
+            let subscriber = builder.connect().await.unwrap();
+            let mut subscription = subscriber.open(options).await.unwrap();
+            opened_tx.send(()).unwrap();
+            go_rx.await.unwrap();
+            let mut taken = Vec::new();
+            while taken.len() < n {
+                taken.push(next(&mut subscription).await);
+            }
+            (taken, subscription, subscriber)
+        });
+        drop(rt);
+        let count = taken.0.len();
+        drop(taken);
+        count
+    });
+    opened_rx.await.unwrap();
+    for event in events {
+        publisher.publish(event.clone()).await.unwrap();
+    }
+    go_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || thread.join().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_consumer_with_100_unacked_is_reclaimed_by_another_without_duplicates() {
+    let ns = namespace("reclaim");
+    let topic = format!("{ns}.work");
+    let options = SubscribeOptions::new([&topic]).unwrap().group("crew").unwrap();
+    let claim_idle = Duration::from_millis(500);
+    let builder = RedisSubscriber::builder(RedisConfig::new(URL))
+        .claim_idle(claim_idle)
+        .claim_interval(Duration::from_millis(100));
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let sent: Vec<Event> = (0..100)
+        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
+        .collect();
+    let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
+    assert_eq!(taken, 100);
+    let mut conn = raw(URL).await;
+    assert_eq!(pending(&mut conn, &topic, "crew").await, 100);
+
+    // A second member of the group, with a different consumer name.
+    let second = builder.connect().await.unwrap();
+    let subscription = second.open(options).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        serve(
+            subscription,
+            service_fn(move |event: Event| {
+                let sent = tx.send(event);
+                async move { sent.map_err(|_| Error::closed("test over")) }
+            }),
+        )
+        .with_graceful_shutdown(async {
+            stopped.await.ok();
+        })
+        .into_future(),
+    );
+    let mut got = Vec::new();
+    while got.len() < 100 {
+        got.push(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap());
+    }
+    // The consumer also goes on with new work.
+    let later = Event::new(topic.clone(), serde_json::json!({"later": true}));
+    publisher.publish(later.clone()).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap(),
+        later
+    );
+    // Shutting down settles everything in flight; an empty pending list
+    // afterwards means nothing acknowledged can ever be reclaimed again, and
+    // any duplicate handled before is in the channel.
+    stop.send(()).unwrap();
+    let stats = server.await.unwrap().unwrap();
+    got.extend(std::iter::from_fn(|| rx.try_recv().ok()));
+    let ids: HashSet<&str> = got.iter().map(Event::id).collect();
+    assert_eq!(ids.len(), 100, "no event twice");
+    assert_eq!(got.len(), 100, "no event handled twice after its ack");
+    assert_eq!(ids, sent.iter().map(Event::id).collect());
+    assert_eq!(stats.acked, 101);
+    assert_eq!(pending(&mut conn, &topic, "crew").await, 0);
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patterns_find_new_streams_and_skip_others() {
+    let ns = namespace("patterns");
+    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
+        .rescan_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
+        .await
+        .unwrap();
+    // One stream exists before the subscription, the others come later.
+    let early = Event::new("user.early", serde_json::json!({}));
+    publisher.publish(early.clone()).await.unwrap();
+    let mut subscription = subscriber
+        .open(SubscribeOptions::new(["user.*"]).unwrap())
+        .await
+        .unwrap();
+    let late = Event::new("user.late", serde_json::json!({}));
+    let other = Event::new("order.late", serde_json::json!({}));
+    let deep = Event::new("user.a.b", serde_json::json!({}));
+    let early2 = Event::new("user.early", serde_json::json!({"n": 2}));
+    for e in [&other, &deep, &late, &early2] {
+        publisher.publish(e.clone()).await.unwrap();
+    }
+    let mut got = HashSet::new();
+    for _ in 0..2 {
+        let delivery = next(&mut subscription).await;
+        got.insert(delivery.event().unwrap().id().to_owned());
+        delivery.ack().await.unwrap();
+    }
+    // The early entry predates the group, which starts at `$`.
+    assert_eq!(got, HashSet::from([late.id().to_owned(), early2.id().to_owned()]));
+    drop(subscription);
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_fails_at_construction() {
+    let err = RedisPublisher::connect(RedisConfig::new("http://u:hunter2@127.0.0.1:6379"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(!err.to_string().contains("hunter2"));
+    for builder in [
+        RedisSubscriber::builder(RedisConfig::new(URL)).batch_size(0),
+        RedisSubscriber::builder(RedisConfig::new(URL)).block(Duration::ZERO),
+        RedisSubscriber::builder(RedisConfig::new(URL)).max_deliveries(Some(0)),
+        RedisSubscriber::builder(RedisConfig::new(URL)).consumer("has space"),
+        RedisSubscriber::builder(RedisConfig::new(URL)).dead_letter(DeadLetter::Stream(String::new())),
+    ] {
+        assert_eq!(builder.connect().await.unwrap_err().kind(), ErrorKind::Config);
+    }
+    let closed = common::free_port();
+    let err = RedisPublisher::connect(
+        RedisConfig::new(format!("redis://:hunter2@127.0.0.1:{closed}"))
+            .reconnect_retries(0)
+            .connection_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::Connection | ErrorKind::Timeout),
+        "{err:?}"
+    );
+    assert!(!format!("{err} {err:?}").contains("hunter2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness_follow_the_connection() {
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    publisher.health().await.unwrap();
+    assert!(publisher.is_connected());
+    std::future::poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
+    let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
+    subscriber.health().await.unwrap();
+}
