@@ -686,3 +686,10 @@ impl Drop for MemoryAcker {
         }
     }
 }
+
+/// Everything a program using the memory transport needs:
+/// `use watchtower_memory::prelude::*;`.
+pub mod prelude {
+    pub use crate::{MemoryAcker, MemoryBroker, MemoryPublisher, MemorySubscriber, MemorySubscription};
+    pub use watchtower::prelude::*;
+}

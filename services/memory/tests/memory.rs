@@ -1,0 +1,145 @@
+//! Behaviour of the memory transport beyond the conformance suite.
+
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use watchtower::prelude::*;
+use watchtower_memory::MemoryBroker;
+
+fn options(patterns: &[&str]) -> SubscribeOptions {
+    SubscribeOptions::new(patterns).unwrap()
+}
+
+async fn next(
+    subscription: &mut (impl futures_util::Stream<Item = Result<Delivery<watchtower_memory::MemoryAcker>, Error>> + Unpin),
+) -> Delivery<watchtower_memory::MemoryAcker> {
+    tokio::time::timeout(Duration::from_secs(5), subscription.next())
+        .await
+        .expect("a delivery in time")
+        .expect("subscription open")
+        .expect("no error")
+}
+
+#[tokio::test]
+async fn close_fails_publishers_and_ends_subscriptions_after_what_they_hold() {
+    let broker = MemoryBroker::new();
+    let mut subscription = broker.subscriber().open(options(&["a"])).await.unwrap();
+    let mut publisher = broker.publisher();
+    let sent = Event::new("a", serde_json::json!(1));
+    publisher.publish(sent.clone()).await.unwrap();
+    broker.close();
+    let err = publisher.publish(Event::new("a", serde_json::json!(2))).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+    let delivery = next(&mut subscription).await;
+    assert_eq!(delivery.event(), Some(&sent));
+    delivery.ack().await.unwrap();
+    assert!(subscription.next().await.is_none());
+    let err = broker.subscriber().open(options(&["a"])).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+}
+
+#[tokio::test]
+async fn retention_lets_a_late_subscriber_replay_in_order() {
+    let broker = MemoryBroker::builder().retention(3).build();
+    let mut publisher = broker.publisher();
+    let sent: Vec<Event> = (0..5).map(|i| Event::new("orders.placed", serde_json::json!(i))).collect();
+    for event in &sent {
+        publisher.publish(event.clone()).await.unwrap();
+    }
+    assert!(broker.subscriber().capabilities().replay);
+    let mut replaying = broker
+        .subscriber()
+        .open(options(&["orders.*"]).replay(true))
+        .await
+        .unwrap();
+    for expected in &sent[2..] {
+        let delivery = next(&mut replaying).await;
+        assert_eq!(delivery.event(), Some(expected));
+        delivery.ack().await.unwrap();
+    }
+    let mut fresh = broker.subscriber().open(options(&["orders.*"])).await.unwrap();
+    let later = Event::new("orders.placed", serde_json::json!(5));
+    publisher.publish(later.clone()).await.unwrap();
+    assert_eq!(next(&mut fresh).await.event(), Some(&later), "no replay without asking");
+    assert_eq!(next(&mut replaying).await.event(), Some(&later));
+}
+
+#[tokio::test]
+async fn max_pending_refuses_with_the_event_attached() {
+    let broker = MemoryBroker::builder().max_pending(2).build();
+    let _subscription = broker.subscriber().open(options(&["q"])).await.unwrap();
+    let mut publisher = broker.publisher();
+    for i in 0..2 {
+        publisher.publish(Event::new("q", serde_json::json!(i))).await.unwrap();
+    }
+    let refused = Event::new("q", serde_json::json!(2));
+    let mut err = publisher.publish(refused.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Overloaded);
+    assert!(err.is_retryable());
+    assert_eq!(err.take_event(), Some(refused));
+}
+
+#[tokio::test(start_paused = true)]
+async fn nack_with_delay_redelivers_after_the_delay() {
+    let broker = MemoryBroker::new();
+    let mut subscription = broker.subscriber().open(options(&["d"])).await.unwrap();
+    broker.publisher().publish(Event::new("d", serde_json::json!(0))).await.unwrap();
+    let delivery = next(&mut subscription).await;
+    delivery.nack(Some(Duration::from_secs(30))).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_secs(29), subscription.next()).await;
+    assert!(early.is_err(), "redelivered before the delay");
+    let delivery = next(&mut subscription).await;
+    assert_eq!(delivery.delivery_count(), 2);
+    delivery.ack().await.unwrap();
+    assert!(broker.wait_idle(Duration::from_secs(1)).await);
+}
+
+#[tokio::test]
+async fn dropping_an_unsettled_delivery_redelivers_it() {
+    let broker = MemoryBroker::new();
+    let mut subscription = broker.subscriber().open(options(&["r"])).await.unwrap();
+    let sent = Event::new("r", serde_json::json!(0));
+    broker.publisher().publish(sent.clone()).await.unwrap();
+    drop(next(&mut subscription).await);
+    let again = next(&mut subscription).await;
+    assert_eq!((again.event(), again.delivery_count()), (Some(&sent), 2));
+    again.ack().await.unwrap();
+    assert_eq!(broker.outstanding(), 0);
+}
+
+#[tokio::test]
+async fn an_ephemeral_subscription_leaves_no_trace_when_dropped() {
+    let broker = MemoryBroker::new();
+    let subscription = broker.subscriber().open(options(&["gone"])).await.unwrap();
+    broker.publisher().publish(Event::new("gone", serde_json::json!(0))).await.unwrap();
+    assert_eq!(broker.outstanding(), 1);
+    drop(subscription);
+    assert_eq!(broker.outstanding(), 0);
+    broker.publisher().publish(Event::new("gone", serde_json::json!(1))).await.unwrap();
+    assert_eq!(broker.outstanding(), 0, "published to nobody");
+}
+
+#[tokio::test]
+async fn a_group_keeps_events_while_no_member_is_connected() {
+    let broker = MemoryBroker::new();
+    let group = options(&["jobs.>"]).group("workers").unwrap();
+    drop(broker.subscriber().open(group.clone()).await.unwrap());
+    let sent = Event::new("jobs.email", serde_json::json!({"to": "a@example.com"}));
+    broker.publisher().publish(sent.clone()).await.unwrap();
+    let mut member = broker.subscriber().open(group).await.unwrap();
+    let delivery = next(&mut member).await;
+    assert_eq!(delivery.event(), Some(&sent));
+    delivery.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_events_and_topics_are_refused() {
+    let broker = MemoryBroker::new();
+    let mut publisher = broker.publisher();
+    let mut bad = Event::new("ok", serde_json::json!(0));
+    bad.set_source("");
+    assert_eq!(publisher.publish(bad).await.unwrap_err().kind(), ErrorKind::InvalidEvent);
+    let wildcard_topic = Event::new("a.*", serde_json::json!(0));
+    assert_eq!(publisher.publish(wildcard_topic).await.unwrap_err().kind(), ErrorKind::InvalidTopic);
+    assert_eq!(broker.publish_raw("a..b", "x").unwrap_err().kind(), ErrorKind::InvalidTopic);
+}
