@@ -21,13 +21,14 @@
 //! ```
 
 use std::fmt;
+use std::hash::Hash;
 use std::sync::Arc;
 
 use serde::Serialize;
 use watchtower::dead_letter::MemoryDeadLetters;
 
 use crate::backpressure::{BackpressureHandle, BackpressureStats};
-use crate::circuit_breaker::{CircuitBreakerHandle, Metrics, State};
+use crate::circuit_breaker::{CircuitBreakerHandle, KeyedBreakers, Metrics, State};
 use crate::dead_letter::{DeadLetterHandle, DeadLetterStats};
 use crate::retry::{RetryHandle, RetryStats};
 
@@ -110,6 +111,7 @@ impl HealthReport {
 }
 
 type DeadLetterProbe = Arc<dyn Fn() -> DeadLetterHealth + Send + Sync>;
+type KeyedProbe = Arc<dyn Fn() -> Vec<(String, CircuitBreakerHandle)> + Send + Sync>;
 
 /// A set of named handles to report on. Cheap to clone; put it in your
 /// application state.
@@ -119,6 +121,7 @@ pub struct Health {
     queues: Vec<(String, BackpressureHandle)>,
     retries: Vec<(String, RetryHandle)>,
     dead_letters: Vec<DeadLetterProbe>,
+    keyed: Vec<KeyedProbe>,
 }
 
 impl Health {
@@ -130,6 +133,23 @@ impl Health {
     /// Adds a breaker.
     pub fn breaker(mut self, name: impl Into<String>, handle: CircuitBreakerHandle) -> Self {
         self.breakers.push((name.into(), handle));
+        self
+    }
+
+    /// Adds every breaker of a keyed registry, named `name/key`, as they
+    /// are at each report.
+    pub fn keyed_breakers<K>(mut self, name: impl Into<String>, breakers: KeyedBreakers<K>) -> Self
+    where
+        K: Eq + Hash + Clone + fmt::Display + Send + Sync + 'static,
+    {
+        let name = name.into();
+        self.keyed.push(Arc::new(move || {
+            breakers
+                .handles()
+                .into_iter()
+                .map(|(key, handle)| (format!("{name}/{key}"), handle))
+                .collect()
+        }));
         self
     }
 
@@ -176,9 +196,11 @@ impl Health {
     /// Reads every handle now.
     pub fn report(&self) -> HealthReport {
         let mut status = Status::Up;
+        let keyed: Vec<_> = self.keyed.iter().flat_map(|probe| probe()).collect();
         let breakers: Vec<_> = self
             .breakers
             .iter()
+            .chain(&keyed)
             .map(|(name, h)| {
                 let metrics = h.metrics();
                 status = status.max(match metrics.state {
@@ -242,6 +264,7 @@ impl fmt::Debug for Health {
             .field("queues", &self.queues.len())
             .field("retries", &self.retries.len())
             .field("dead_letters", &self.dead_letters.len())
+            .field("keyed", &self.keyed.len())
             .finish()
     }
 }

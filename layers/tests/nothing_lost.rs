@@ -53,11 +53,12 @@ fn flaky_transport(
     })
 }
 
-/// A dead-letter queue that refuses a seeded 5 % of events.
+/// A dead-letter queue that refuses a seeded share of events.
 #[derive(Clone)]
 struct FlakyDlq {
     inner: MemoryDeadLetters,
     rng: Arc<Mutex<SmallRng>>,
+    failure_rate: f64,
 }
 
 impl Service<Event> for FlakyDlq {
@@ -70,7 +71,7 @@ impl Service<Event> for FlakyDlq {
     }
 
     fn call(&mut self, event: Event) -> Self::Future {
-        if self.rng.lock().unwrap().random_bool(0.05) {
+        if self.rng.lock().unwrap().random_bool(self.failure_rate) {
             return std::future::ready(Err(Error::new(ErrorKind::Connection, "dlq unreachable")));
         }
         std::future::ready(self.inner.push(event))
@@ -197,22 +198,35 @@ fn check(sent: &[String], tally: &Tally, dlq: &MemoryDeadLetters) -> Result<(), 
     Ok(())
 }
 
-fn dlq() -> (FlakyDlq, MemoryDeadLetters) {
+fn dlq(failure_rate: f64) -> (FlakyDlq, MemoryDeadLetters) {
     let memory = MemoryDeadLetters::new(EVENTS);
     let flaky = FlakyDlq {
         inner: memory.clone(),
         rng: Arc::new(Mutex::new(SmallRng::seed_from_u64(5))),
+        failure_rate,
     };
     (flaky, memory)
+}
+
+fn summary(tally: &Tally) -> String {
+    format!(
+        "delivered {}, dead-lettered {}, returned {}",
+        tally.delivered.len(),
+        tally.dead_lettered.len(),
+        tally.returned.len()
+    )
 }
 
 #[tokio::test(start_paused = true)]
 async fn ten_thousand_events_nothing_lost() {
     let delivered = Ids::default();
-    let (flaky, memory) = dlq();
-    let svc = stack(flaky_transport(delivered.clone()), flaky);
+    let (reliable, memory) = dlq(0.0);
+    let svc = stack(flaky_transport(delivered.clone()), reliable);
     let (sent, tally) = run(svc).await;
     check(&sent, &tally, &memory).unwrap();
+    println!("{}", summary(&tally));
+    assert!(tally.returned.is_empty(), "a working DLQ takes every failure");
+    assert_eq!(tally.delivered.len() + tally.dead_lettered.len(), EVENTS);
     assert_eq!(
         *delivered.lock().unwrap(),
         tally.delivered,
@@ -220,14 +234,8 @@ async fn ten_thousand_events_nothing_lost() {
     );
 
     // Every path was exercised.
-    let summary = format!(
-        "delivered {}, dead-lettered {}, returned {}",
-        tally.delivered.len(),
-        tally.dead_lettered.len(),
-        tally.returned.len()
-    );
-    println!("{summary}");
-    assert!(tally.delivered.len() > 1000, "{summary}");
+    assert!(tally.delivered.len() > 1000, "{}", summary(&tally));
+    assert!(tally.dead_lettered.len() > 1000, "{}", summary(&tally));
     let kinds: HashSet<String> = memory
         .snapshot()
         .iter()
@@ -236,13 +244,25 @@ async fn ten_thousand_events_nothing_lost() {
     for kind in ["timeout", "connection", "circuit_open", "dropped"] {
         assert!(kinds.contains(kind), "no {kind} dead letters: {kinds:?}");
     }
-    assert!(!tally.returned.is_empty(), "the DLQ never failed");
     assert!(
         memory
             .snapshot()
             .iter()
             .any(|e| e.extension(ext::ATTEMPT) == Some("3")),
         "attempt counts are recorded"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_dlq_hands_events_back_to_their_callers() {
+    let (flaky, memory) = dlq(0.05);
+    let svc = stack(flaky_transport(Ids::default()), flaky);
+    let (sent, tally) = run(svc).await;
+    check(&sent, &tally, &memory).unwrap();
+    assert!(
+        !tally.returned.is_empty(),
+        "the DLQ never failed: {}",
+        summary(&tally)
     );
 }
 
@@ -284,7 +304,7 @@ where
 
 #[tokio::test(start_paused = true)]
 async fn a_dead_letter_layer_that_drops_on_dlq_failure_is_caught() {
-    let (flaky, memory) = dlq();
+    let (flaky, memory) = dlq(0.05);
     let svc = SwallowingDeadLetter(stack(flaky_transport(Ids::default()), flaky));
     let (sent, tally) = run(svc).await;
     let err = check(&sent, &tally, &memory).unwrap_err();

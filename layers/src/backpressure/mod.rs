@@ -13,7 +13,7 @@
 //! * [`Overflow::DropOldest`]: the oldest queued event is evicted for it.
 //!
 //! A refused or evicted event resolves **its own caller's** future with
-//! [`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped), the event
+//! [`ErrorKind::Dropped`], the event
 //! attached ([`Error::event`](watchtower::Error::event)), so a dead-letter
 //! layer above keeps it. [`BackpressureHandle`] reads the depth, the
 //! high-water mark and the drop counts.
@@ -21,7 +21,7 @@
 //! When every clone of the service is dropped, the worker drains the queue
 //! and the calls in flight, then ends. If the worker itself is dropped
 //! (its runtime shut down), queued callers get
-//! [`ErrorKind::Closed`](watchtower::ErrorKind::Closed) with their event.
+//! [`ErrorKind::Closed`] with their event.
 //!
 //! # Example
 //!
@@ -56,7 +56,7 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -208,8 +208,8 @@ impl<R> Backpressure<R> {
                 jobs: VecDeque::with_capacity(layer.capacity.min(1024)),
                 worker: None,
                 closed: false,
-                stopped: false,
             }),
+            stopped: AtomicBool::new(false),
             counters: layer.counters.clone(),
         });
         let semaphore = (layer.overflow == Overflow::Block)
@@ -260,7 +260,7 @@ impl<R> Service<Event> for Backpressure<R> {
     type Future = ResponseFuture<R>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.handle.shared.lock().stopped {
+        if self.handle.shared.stopped.load(Ordering::Acquire) {
             return Poll::Ready(Err(Error::closed("backpressure worker stopped")));
         }
         if let Some(semaphore) = &mut self.semaphore
@@ -291,7 +291,7 @@ impl<R> Service<Event> for Backpressure<R> {
             _slot: slot,
         };
         let mut queue = shared.lock();
-        if queue.stopped {
+        if shared.stopped.load(Ordering::Acquire) {
             drop(queue);
             return ResponseFuture::failed(Error::closed("backpressure worker stopped").with_event(event));
         }

@@ -1,7 +1,7 @@
 //! The queue between callers and the worker.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
@@ -23,12 +23,13 @@ pub(crate) struct Queue<R> {
     pub(crate) worker: Option<Waker>,
     /// Every handle is gone: drain and stop.
     pub(crate) closed: bool,
-    /// The worker is gone: refuse new work.
-    pub(crate) stopped: bool,
 }
 
 pub(crate) struct Shared<R> {
     pub(crate) queue: Mutex<Queue<R>>,
+    /// The worker is gone: refuse new work. Set with the queue locked, so
+    /// that a caller holding the lock sees it before pushing.
+    pub(crate) stopped: AtomicBool,
     pub(crate) counters: Arc<Counters>,
 }
 

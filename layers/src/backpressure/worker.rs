@@ -41,7 +41,7 @@ pin_project! {
             // Whatever is still queued gets an answer carrying its event.
             let jobs: Vec<_> = {
                 let mut queue = this.shared.lock();
-                queue.stopped = true;
+                this.shared.stopped.store(true, Ordering::Release);
                 queue.jobs.drain(..).collect()
             };
             this.shared.counters.set_depth(0);
@@ -122,7 +122,7 @@ where
                 if queue.jobs.is_empty() {
                     counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
                     if queue.closed && this.in_flight.is_empty() {
-                        queue.stopped = true;
+                        this.shared.stopped.store(true, Ordering::Release);
                         return Poll::Ready(());
                     }
                     queue.worker = Some(cx.waker().clone());

@@ -185,7 +185,10 @@ async fn file_dead_letters_round_trip_and_redrive() {
         .open(&path)
         .and_then(|mut f| std::io::Write::write_all(&mut f, b"not json\n"))
         .unwrap();
-    let file::FileContents { events, bad_lines: bad } = FileDeadLetters::read(&path).unwrap();
+    let file::FileContents {
+        events,
+        bad_lines: bad,
+    } = FileDeadLetters::read(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
     assert_eq!(bad.len(), 1);
     assert_eq!(bad[0].0, 6);

@@ -23,6 +23,12 @@
 //! service pass through `poll_ready` unchanged; a dead-letter layer above
 //! turns them into dead letters.
 //!
+//! # Order
+//!
+//! Put retry **above** the circuit breaker and **below** the dead-letter
+//! layer. A dead-letter layer below a retry answers `Ok` for a dead-lettered
+//! event, so this layer would never see the failure it should retry.
+//!
 //! [`is_retryable`]: watchtower::Error::is_retryable
 //! [`retry_after`]: watchtower::Error::retry_after
 //!

@@ -111,10 +111,33 @@ async fn core_stack(client: &NatsClient, subject: &str, n: usize) -> Duration {
     start.elapsed()
 }
 
+async fn core_bare(client: &NatsClient, subject: &str, n: usize) -> Duration {
+    let svc = NatsPublisher::new(client.clone());
+    let start = Instant::now();
+    let events = futures_util::stream::iter((0..n).map(|_| event(subject)));
+    let mut responses = svc.call_all(events).unordered();
+    while let Some(r) = responses.next().await {
+        r.unwrap();
+    }
+    client.raw().flush().await.unwrap();
+    start.elapsed()
+}
+
+async fn js_bare(client: &NatsClient, subject: &str, n: usize) -> Duration {
+    let svc = JetStreamPublisher::new(client.clone()).max_in_flight(WINDOW);
+    let start = Instant::now();
+    let events = futures_util::stream::iter((0..n).map(|_| event(subject)));
+    let mut responses = svc.call_all(events).unordered();
+    while let Some(r) = responses.next().await {
+        r.unwrap();
+    }
+    start.elapsed()
+}
+
 async fn js_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
     let js = client.jetstream();
     let start = Instant::now();
-    let mut acks = FuturesUnordered::new();
+    let mut acks = FuturesUnordered::<std::pin::Pin<Box<dyn std::future::Future<Output = Result<async_nats::jetstream::publish::PublishAck, async_nats::jetstream::context::PublishError>> + Send>>>::new();
     for _ in 0..n {
         if acks.len() >= WINDOW {
             acks.next().await.unwrap().unwrap();
@@ -123,7 +146,7 @@ async fn js_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
             .headers(raw_headers(subject, true))
             .payload(payload());
         let ack = js.send_publish(subject.to_owned(), message).await.unwrap();
-        acks.push(ack.into_future());
+        acks.push(std::future::IntoFuture::into_future(ack));
     }
     while let Some(ack) = acks.next().await {
         ack.unwrap();
@@ -236,6 +259,13 @@ async fn run() {
         ours = ours.min(core_stack(&client, &subject, n_core).await);
     }
     report("core publish (4-layer stack)", n_core, raw, ours);
+    if std::env::var("NATS_BENCH_BARE").is_ok() {
+        let mut bare = Duration::MAX;
+        for _ in 0..ROUNDS {
+            bare = bare.min(core_bare(&client, &subject, n_core).await);
+        }
+        report("core publish (publisher alone)", n_core, raw, bare);
+    }
 
     let stream = format!("BENCH_{tag}");
     client
@@ -257,6 +287,13 @@ async fn run() {
         ours = ours.min(js_stack(&client, &subject, n_js).await);
     }
     report("JetStream publish (256 in flight)", n_js, raw, ours);
+    if std::env::var("NATS_BENCH_BARE").is_ok() {
+        let mut bare = Duration::MAX;
+        for _ in 0..ROUNDS {
+            bare = bare.min(js_bare(&client, &subject, n_js).await);
+        }
+        report("JetStream publish (publisher alone)", n_js, raw, bare);
+    }
     client.delete_stream(&stream).await.unwrap();
 
     let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);

@@ -212,6 +212,10 @@ pub(crate) async fn declare_exchange(channel: &Channel, config: &RabbitConfig) -
         .map_err(|e| map_lapin_error(&e, &format!("declare exchange {:?}", &*config.exchange)))
 }
 
+fn usable(channels: &Channels) -> bool {
+    channels.channels.iter().all(|c| c.status().connected())
+}
+
 impl Service<Event> for RabbitPublisher {
     type Response = Receipt;
     type Error = Error;
@@ -223,18 +227,33 @@ impl Service<Event> for RabbitPublisher {
                 ready!(wait.as_mut().poll(cx));
                 self.reconnect = None;
             }
-            match self.inner.link.state() {
-                LinkState::Up(_) => break,
+            let stale = match self.inner.link.state() {
+                LinkState::Up(session)
+                    if session.connection.status().connected() && usable(&session.value) =>
+                {
+                    break;
+                }
+                // Dead under us but not yet replaced: report it, and wait
+                // for the replacement instead of failing fast in a loop.
+                LinkState::Up(session) => {
+                    self.inner.link.invalidate(session.generation);
+                    Some(session.generation)
+                }
                 LinkState::Closed => {
                     return Poll::Ready(Err(Error::closed("the RabbitMQ publisher is closed")));
                 }
-                LinkState::Connecting => {
-                    let mut rx = self.inner.link.watch();
-                    self.reconnect = Some(Box::pin(async move {
-                        let _ = rx.wait_for(|s| !matches!(s, LinkState::Connecting)).await;
-                    }));
-                }
-            }
+                LinkState::Connecting => None,
+            };
+            let mut rx = self.inner.link.watch();
+            self.reconnect = Some(Box::pin(async move {
+                let _ = rx
+                    .wait_for(|s| match s {
+                        LinkState::Connecting => false,
+                        LinkState::Up(session) => Some(session.generation) != stale,
+                        LinkState::Closed => true,
+                    })
+                    .await;
+            }));
         }
         if self.permit.is_none() {
             match ready!(self.semaphore.poll_acquire(cx)) {

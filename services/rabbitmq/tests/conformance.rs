@@ -25,7 +25,12 @@ impl Harness for RabbitHarness {
     type Subscriber = RabbitSubscriber;
 
     fn name(&self) -> String {
-        if self.quorum { "rabbitmq (quorum queues)" } else { "rabbitmq" }.to_owned()
+        if self.quorum {
+            "rabbitmq (quorum queues)"
+        } else {
+            "rabbitmq"
+        }
+        .to_owned()
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -48,7 +53,9 @@ impl Harness for RabbitHarness {
 
     async fn subscriber(&self, namespace: &str) -> Result<RabbitSubscriber, Error> {
         // Queues of groups the teardown does not know still go away.
-        let queue = QueueOptions::new().quorum(self.quorum).expires(Duration::from_secs(120));
+        let queue = QueueOptions::new()
+            .quorum(self.quorum)
+            .expires(Duration::from_secs(120));
         RabbitSubscriber::connect_with(config(namespace), queue).await
     }
 

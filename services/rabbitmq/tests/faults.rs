@@ -76,11 +76,18 @@ async fn publisher_reconnects_when_the_connection_is_cut_twice() {
             .map(|i| Event::new("cut.x", serde_json::json!({"t": t, "i": i})))
             .collect();
         sent.extend(events.iter().map(|e| e.id().to_owned()));
-        let (mut publisher, confirmed, progress, failures) =
-            (publisher.clone(), confirmed.clone(), progress.clone(), failures.clone());
+        let (mut publisher, confirmed, progress, failures) = (
+            publisher.clone(),
+            confirmed.clone(),
+            progress.clone(),
+            failures.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             for event in events {
-                failures.fetch_add(publish_until_confirmed(&mut publisher, event).await, Ordering::SeqCst);
+                failures.fetch_add(
+                    publish_until_confirmed(&mut publisher, event).await,
+                    Ordering::SeqCst,
+                );
                 confirmed.fetch_add(1, Ordering::SeqCst);
                 progress.notify_waiters();
             }
@@ -138,7 +145,9 @@ async fn subscription_resumes_after_a_cut_and_loses_nothing() {
         .into_future(),
     );
     let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
-    let events: Vec<Event> = (0..300).map(|i| Event::new("c.x", serde_json::json!({"i": i}))).collect();
+    let events: Vec<Event> = (0..300)
+        .map(|i| Event::new("c.x", serde_json::json!({"i": i})))
+        .collect();
     let sent: HashSet<String> = events.iter().map(|e| e.id().to_owned()).collect();
     let publishing = tokio::spawn(async move {
         for event in events {
@@ -251,14 +260,25 @@ async fn stalled_peer_is_detected_by_heartbeat() {
         .heartbeat(Duration::from_secs(1))
         .connect_timeout(Duration::from_secs(1));
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
-    drop(subscriber.open(SubscribeOptions::new(["s.*"]).unwrap().group("stall").unwrap()).await.unwrap());
+    drop(
+        subscriber
+            .open(SubscribeOptions::new(["s.*"]).unwrap().group("stall").unwrap())
+            .await
+            .unwrap(),
+    );
     let mut publisher = RabbitPublisher::connect(cfg).await.unwrap();
-    publisher.publish(Event::new("s.before", serde_json::json!({}))).await.unwrap();
+    publisher
+        .publish(Event::new("s.before", serde_json::json!({})))
+        .await
+        .unwrap();
     proxy.set_stalled(true);
     // The confirm never comes; the heartbeat notices the dead peer.
-    let err = within("stall noticed", publisher.publish(Event::new("s.during", serde_json::json!({}))))
-        .await
-        .unwrap_err();
+    let err = within(
+        "stall noticed",
+        publisher.publish(Event::new("s.during", serde_json::json!({}))),
+    )
+    .await
+    .unwrap_err();
     assert!(err.is_retryable(), "{err}");
     // The failure was the connection's: health says so at once.
     assert!(!publisher.is_connected());
@@ -266,7 +286,11 @@ async fn stalled_peer_is_detected_by_heartbeat() {
     proxy.cut();
     within("publish after the stall", async {
         loop {
-            if publisher.publish(Event::new("s.after", serde_json::json!({}))).await.is_ok() {
+            if publisher
+                .publish(Event::new("s.after", serde_json::json!({})))
+                .await
+                .is_ok()
+            {
                 break;
             }
         }

@@ -24,7 +24,10 @@ async fn round_trip_in_binary_mode() {
     let exchange = unique("rt");
     let admin = Admin::connect().await;
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
-    let mut subscription = subscriber.open(SubscribeOptions::new(["user.*"]).unwrap()).await.unwrap();
+    let mut subscription = subscriber
+        .open(SubscribeOptions::new(["user.*"]).unwrap())
+        .await
+        .unwrap();
     let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
 
     let event = Event::builder("user.created")
@@ -55,7 +58,13 @@ async fn round_trip_in_binary_mode() {
         .unwrap();
     admin
         .channel
-        .queue_bind(queue.as_str().into(), exchange.as_str().into(), "user.#".into(), Default::default(), Default::default())
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "user.#".into(),
+            Default::default(),
+            Default::default(),
+        )
         .await
         .unwrap();
     publisher.publish(event.clone()).await.unwrap();
@@ -69,14 +78,29 @@ async fn round_trip_in_binary_mode() {
     })
     .await;
     let props = &raw.properties;
-    assert_eq!(props.content_type().as_ref().unwrap().as_str(), "application/json");
+    assert_eq!(
+        props.content_type().as_ref().unwrap().as_str(),
+        "application/json"
+    );
     assert_eq!(props.message_id().as_ref().unwrap().as_str(), event.id());
     assert_eq!(props.delivery_mode(), &Some(2));
-    assert_eq!(*props.timestamp(), Some(event.time().unwrap().unix_timestamp() as u64));
+    assert_eq!(
+        *props.timestamp(),
+        Some(event.time().unwrap().unix_timestamp() as u64)
+    );
     let headers = props.headers().as_ref().unwrap().inner();
-    assert_eq!(headers.get("cloudEvents_type"), Some(&AMQPValue::LongString("user.created".into())));
-    assert_eq!(headers.get("cloudEvents_tenant"), Some(&AMQPValue::LongString("acme".into())));
-    assert_eq!(headers.get("cloudEvents_specversion"), Some(&AMQPValue::LongString("1.0".into())));
+    assert_eq!(
+        headers.get("cloudEvents_type"),
+        Some(&AMQPValue::LongString("user.created".into()))
+    );
+    assert_eq!(
+        headers.get("cloudEvents_tenant"),
+        Some(&AMQPValue::LongString("acme".into()))
+    );
+    assert_eq!(
+        headers.get("cloudEvents_specversion"),
+        Some(&AMQPValue::LongString("1.0".into()))
+    );
     assert_eq!(raw.data, event.data().unwrap().to_vec());
 
     drop(subscription);
@@ -89,7 +113,10 @@ async fn round_trip_in_binary_mode() {
 async fn unroutable_event_is_rejected_not_lost() {
     let exchange = unique("unroutable");
     let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
-    let err = publisher.publish(Event::new("nobody.listens", serde_json::json!({}))).await.unwrap_err();
+    let err = publisher
+        .publish(Event::new("nobody.listens", serde_json::json!({})))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
     assert!(!err.is_retryable());
     assert!(err.to_string().contains("nobody.listens"), "{err}");
@@ -99,7 +126,9 @@ async fn unroutable_event_is_rejected_not_lost() {
     let mut lax = RabbitPublisher::connect_with(config(&exchange), PublishOptions::new().mandatory(false))
         .await
         .unwrap();
-    lax.publish(Event::new("nobody.listens", serde_json::json!({}))).await.unwrap();
+    lax.publish(Event::new("nobody.listens", serde_json::json!({})))
+        .await
+        .unwrap();
     Admin::connect().await.delete_exchange(&exchange).await;
 }
 
@@ -107,10 +136,16 @@ async fn unroutable_event_is_rejected_not_lost() {
 async fn zero_token_matches_of_hash_are_filtered_out() {
     let exchange = unique("filter");
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
-    let mut subscription = subscriber.open(SubscribeOptions::new(["user.>"]).unwrap()).await.unwrap();
+    let mut subscription = subscriber
+        .open(SubscribeOptions::new(["user.>"]).unwrap())
+        .await
+        .unwrap();
     let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
     // `user.#` routes `user` too; `user.>` must not see it.
-    publisher.publish(Event::new("user", serde_json::json!({}))).await.unwrap();
+    publisher
+        .publish(Event::new("user", serde_json::json!({})))
+        .await
+        .unwrap();
     let deep = Event::new("user.profile.updated", serde_json::json!({}));
     publisher.publish(deep.clone()).await.unwrap();
     let delivery = within("delivery", subscription.next()).await.unwrap().unwrap();
@@ -129,8 +164,13 @@ async fn classic_nack_counts_and_reject_dead_letters() {
         .unwrap()
         .dead_letter_queue(&dlq)
         .unwrap();
-    let subscriber = RabbitSubscriber::connect_with(config(&exchange), queue_options).await.unwrap();
-    let options = SubscribeOptions::new(["job.*"]).unwrap().group("workers").unwrap();
+    let subscriber = RabbitSubscriber::connect_with(config(&exchange), queue_options)
+        .await
+        .unwrap();
+    let options = SubscribeOptions::new(["job.*"])
+        .unwrap()
+        .group("workers")
+        .unwrap();
     let mut subscription = subscriber.open(options).await.unwrap();
     let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
     let event = Event::new("job.run", serde_json::json!({"n": 1}));
@@ -154,7 +194,10 @@ async fn classic_nack_counts_and_reject_dead_letters() {
     )
     .await
     .unwrap();
-    let mut dead = dead_subscriber.open(SubscribeOptions::new([">"]).unwrap()).await.unwrap();
+    let mut dead = dead_subscriber
+        .open(SubscribeOptions::new([">"]).unwrap())
+        .await
+        .unwrap();
     let delivery = within("dead letter", dead.next()).await.unwrap().unwrap();
     let got = delivery.event().unwrap();
     assert_eq!(got.id(), event.id());
@@ -184,7 +227,9 @@ async fn quorum_delivery_limit_sends_to_dlx_with_x_death() {
         .unwrap()
         .dead_letter_queue(&dlq)
         .unwrap();
-    let subscriber = RabbitSubscriber::connect_with(config(&exchange), queue_options).await.unwrap();
+    let subscriber = RabbitSubscriber::connect_with(config(&exchange), queue_options)
+        .await
+        .unwrap();
     let options = SubscribeOptions::new(["pay.*"]).unwrap().group("payers").unwrap();
     let mut subscription = subscriber.open(options).await.unwrap();
     let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
@@ -207,12 +252,19 @@ async fn quorum_delivery_limit_sends_to_dlx_with_x_death() {
     )
     .await
     .unwrap();
-    let mut dead = dead_subscriber.open(SubscribeOptions::new([">"]).unwrap()).await.unwrap();
+    let mut dead = dead_subscriber
+        .open(SubscribeOptions::new([">"]).unwrap())
+        .await
+        .unwrap();
     let delivery = within("dead letter", dead.next()).await.unwrap().unwrap();
     let got = delivery.event().unwrap().clone();
     assert_eq!(got.id(), event.id());
     assert_eq!(got.extension(ext::DEAD_LETTER_KIND), Some("delivery_limit"));
-    assert!(got.extension(ext::DEAD_LETTER_REASON).unwrap().contains("delivery_limit"));
+    assert!(
+        got.extension(ext::DEAD_LETTER_REASON)
+            .unwrap()
+            .contains("delivery_limit")
+    );
     delivery.ack().await.unwrap();
 
     // It can be published again (redrive): back on its original topic.
@@ -237,9 +289,14 @@ async fn poison_goes_to_the_poison_path_and_the_consumer_goes_on() {
     let exchange = unique("poison");
     let admin = Admin::connect().await;
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
-    let subscription = subscriber.open(SubscribeOptions::new(["in.*"]).unwrap()).await.unwrap();
+    let subscription = subscriber
+        .open(SubscribeOptions::new(["in.*"]).unwrap())
+        .await
+        .unwrap();
     let garbage: &[u8] = b"\xff\xfe not an event";
-    admin.publish_raw(&exchange, "in.raw", BasicProperties::default(), garbage).await;
+    admin
+        .publish_raw(&exchange, "in.raw", BasicProperties::default(), garbage)
+        .await;
     // Structured mode claimed, but the JSON is broken.
     admin
         .publish_raw(
@@ -250,7 +307,12 @@ async fn poison_goes_to_the_poison_path_and_the_consumer_goes_on() {
         )
         .await;
     let good = Event::new("in.good", serde_json::json!({}));
-    RabbitPublisher::connect(config(&exchange)).await.unwrap().publish(good.clone()).await.unwrap();
+    RabbitPublisher::connect(config(&exchange))
+        .await
+        .unwrap()
+        .publish(good.clone())
+        .await
+        .unwrap();
 
     let poison = MemoryDeadLetters::new(8);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -274,9 +336,19 @@ async fn poison_goes_to_the_poison_path_and_the_consumer_goes_on() {
     stop.send(()).unwrap();
     let stats = run.await.unwrap().unwrap();
     assert_eq!((stats.poisoned, stats.acked), (2, 1));
-    let mut bodies: Vec<Bytes> = poison.drain().iter().map(|e| e.data().cloned().unwrap()).collect();
+    let mut bodies: Vec<Bytes> = poison
+        .drain()
+        .iter()
+        .map(|e| e.data().cloned().unwrap())
+        .collect();
     bodies.sort();
-    assert_eq!(bodies, [Bytes::from_static(b"{\"specversion\":"), Bytes::from_static(garbage)]);
+    assert_eq!(
+        bodies,
+        [
+            Bytes::from_static(b"{\"specversion\":"),
+            Bytes::from_static(garbage)
+        ]
+    );
     admin.delete_exchange(&exchange).await;
     admin.close().await;
 }
@@ -286,7 +358,9 @@ async fn full_queue_with_reject_publish_nacks_the_publisher() {
     let exchange = unique("full");
     let subscriber = RabbitSubscriber::connect_with(
         config(&exchange),
-        QueueOptions::new().max_length(1).overflow(Overflow::RejectPublish),
+        QueueOptions::new()
+            .max_length(1)
+            .overflow(Overflow::RejectPublish),
     )
     .await
     .unwrap();
@@ -297,8 +371,14 @@ async fn full_queue_with_reject_publish_nacks_the_publisher() {
     // Stop consuming so the queue fills.
     drop(subscription);
     let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
-    publisher.publish(Event::new("q.one", serde_json::json!({}))).await.unwrap();
-    let err = publisher.publish(Event::new("q.two", serde_json::json!({}))).await.unwrap_err();
+    publisher
+        .publish(Event::new("q.one", serde_json::json!({})))
+        .await
+        .unwrap();
+    let err = publisher
+        .publish(Event::new("q.two", serde_json::json!({})))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected);
     assert!(err.is_retryable(), "a full queue may drain: {err}");
     let admin = Admin::connect().await;
@@ -323,7 +403,12 @@ async fn message_ttl_expires_into_the_dead_letter_queue() {
     )
     .await
     .unwrap();
-    drop(subscriber.open(SubscribeOptions::new(["t.*"]).unwrap().group("idle").unwrap()).await.unwrap());
+    drop(
+        subscriber
+            .open(SubscribeOptions::new(["t.*"]).unwrap().group("idle").unwrap())
+            .await
+            .unwrap(),
+    );
     let mut publisher = RabbitPublisher::connect_with(
         config(&exchange),
         PublishOptions::new().message_ttl(Duration::from_millis(1)),
@@ -338,10 +423,16 @@ async fn message_ttl_expires_into_the_dead_letter_queue() {
     )
     .await
     .unwrap();
-    let mut dead = dead_subscriber.open(SubscribeOptions::new([">"]).unwrap()).await.unwrap();
+    let mut dead = dead_subscriber
+        .open(SubscribeOptions::new([">"]).unwrap())
+        .await
+        .unwrap();
     let delivery = within("expired", dead.next()).await.unwrap().unwrap();
     assert_eq!(delivery.event().map(Event::id), Some(event.id()));
-    assert_eq!(delivery.event().unwrap().extension(ext::DEAD_LETTER_KIND), Some("expired"));
+    assert_eq!(
+        delivery.event().unwrap().extension(ext::DEAD_LETTER_KIND),
+        Some("expired")
+    );
     delivery.ack().await.unwrap();
     drop(dead);
     let admin = Admin::connect().await;
@@ -367,7 +458,10 @@ async fn serve_acks_everything_in_batches() {
         let mut publisher = publisher.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..n / 8 {
-                publisher.publish(Event::new("b.x", serde_json::json!({"i": chunk * 1000 + i}))).await.unwrap();
+                publisher
+                    .publish(Event::new("b.x", serde_json::json!({"i": chunk * 1000 + i})))
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -404,7 +498,11 @@ async fn serve_acks_everything_in_batches() {
         .open(SubscribeOptions::new(["b.*"]).unwrap().group("batch").unwrap())
         .await
         .unwrap();
-    publisher.clone().publish(Event::new("b.marker", serde_json::json!({}))).await.unwrap();
+    publisher
+        .clone()
+        .publish(Event::new("b.marker", serde_json::json!({})))
+        .await
+        .unwrap();
     let next = within("marker", again.next()).await.unwrap().unwrap();
     assert_eq!(next.event().unwrap().ty(), "b.marker", "an acked event came back");
     next.ack().await.unwrap();
@@ -420,17 +518,24 @@ async fn bad_configuration_fails_at_construction() {
     let err = RabbitPublisher::connect(RabbitConfig::new("amqp://guest:guest@127.0.0.1:1/%2f").unwrap())
         .await
         .unwrap_err();
-    assert!(matches!(err.kind(), ErrorKind::Connection | ErrorKind::Timeout), "{err}");
+    assert!(
+        matches!(err.kind(), ErrorKind::Connection | ErrorKind::Timeout),
+        "{err}"
+    );
 
     let err = RabbitSubscriber::connect(
-        RabbitConfig::new(URL).unwrap().credentials("guest", "wrong-s3cret"),
+        RabbitConfig::new(URL)
+            .unwrap()
+            .credentials("guest", "wrong-s3cret"),
     )
     .await
     .unwrap_err();
     assert!(!err.to_string().contains("wrong-s3cret"), "{err}");
     assert!(!format!("{err:?}").contains("wrong-s3cret"));
 
-    let err = RabbitPublisher::connect(config(&unique("absent")).passive_exchange(true)).await.unwrap_err();
+    let err = RabbitPublisher::connect(config(&unique("absent")).passive_exchange(true))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
 
     let err = RabbitSubscriber::connect_with(config(&unique("x")), QueueOptions::new().delivery_limit(3))
@@ -444,7 +549,12 @@ async fn bad_configuration_fails_at_construction() {
     // A queue that exists with other arguments.
     let exchange = unique("mismatch");
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
-    drop(subscriber.open(SubscribeOptions::new(["m.*"]).unwrap().group("g").unwrap()).await.unwrap());
+    drop(
+        subscriber
+            .open(SubscribeOptions::new(["m.*"]).unwrap().group("g").unwrap())
+            .await
+            .unwrap(),
+    );
     let quorum = RabbitSubscriber::connect_with(config(&exchange), QueueOptions::new().quorum(true))
         .await
         .unwrap();
@@ -462,15 +572,26 @@ async fn bad_configuration_fails_at_construction() {
 #[tokio::test]
 async fn direct_exchange_refuses_wildcards_and_routes_exact_keys() {
     let exchange = unique("direct");
-    let cfg = config(&exchange).exchange(&exchange, ExchangeKind::Direct).unwrap();
+    let cfg = config(&exchange)
+        .exchange(&exchange, ExchangeKind::Direct)
+        .unwrap();
     let subscriber = RabbitSubscriber::connect(cfg.clone()).await.unwrap();
-    let err = subscriber.open(SubscribeOptions::new(["a.*"]).unwrap()).await.unwrap_err();
+    let err = subscriber
+        .open(SubscribeOptions::new(["a.*"]).unwrap())
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
-    let mut subscription = subscriber.open(SubscribeOptions::new(["a.b"]).unwrap()).await.unwrap();
+    let mut subscription = subscriber
+        .open(SubscribeOptions::new(["a.b"]).unwrap())
+        .await
+        .unwrap();
     let mut publisher = RabbitPublisher::connect(cfg).await.unwrap();
     let event = Event::new("a.b", serde_json::json!({}));
     publisher.publish(event.clone()).await.unwrap();
-    let err = publisher.publish(Event::new("a.c", serde_json::json!({}))).await.unwrap_err();
+    let err = publisher
+        .publish(Event::new("a.c", serde_json::json!({})))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected);
     let delivery = within("direct", subscription.next()).await.unwrap().unwrap();
     assert_eq!(delivery.event(), Some(&event));
@@ -487,7 +608,9 @@ async fn health_reports_the_connection() {
     assert_eq!(health.connections, 1);
     publisher.close();
     let mut p = publisher.clone();
-    let err = within("closed", p.publish(Event::new("h.x", serde_json::json!({})))).await.unwrap_err();
+    let err = within("closed", p.publish(Event::new("h.x", serde_json::json!({}))))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed);
     assert!(publisher.health().closed);
     Admin::connect().await.delete_exchange(&exchange).await;

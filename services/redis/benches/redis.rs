@@ -30,7 +30,7 @@ use watchtower_redis::{RedisConfig, RedisPublisher, RedisSubscriber};
 
 const N: usize = 50_000;
 const CALLERS: usize = 64;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 fn url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -275,19 +275,35 @@ fn best(rates: &[f64]) -> f64 {
     rates.iter().copied().fold(0.0, f64::max)
 }
 
+/// The median of the per-round ratios `a[i] / b[i]`: rounds run back to
+/// back, so a ratio compares runs under the same machine load.
+fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let mut ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios[ratios.len() / 2]
+}
+
+fn row(name: &str, rates: &[f64], base: Option<(&str, &[f64])>) {
+    match base {
+        None => println!("  {name:<52} {:>9.0}", best(rates)),
+        Some((base_name, base)) => println!(
+            "  {name:<52} {:>9.0}   {:.2}x {base_name} (median of per-round ratios {:.2}x)",
+            best(rates),
+            best(rates) / best(base),
+            median_ratio(rates, base)
+        ),
+    }
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let (mut raw, mut pipe, mut wt, mut bare) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             raw.push(publish_raw().await);
-            pipe.push(publish_raw_pipelined().await);
             wt.push(publish_watchtower().await);
             bare.push(publish_bare().await);
-        }
-        if std::env::var_os("BENCH_PUBLISH_ONLY").is_some() {
-            println!("raw {:.0} pipe {:.0} stack {:.0} bare {:.0}", best(&raw), best(&pipe), best(&wt), best(&bare));
-            return;
+            pipe.push(publish_raw_pipelined().await);
         }
         let stream = filled_stream().await;
         let (mut craw, mut cdef, mut ctuned) = (Vec::new(), Vec::new(), Vec::new());
@@ -298,32 +314,15 @@ fn main() {
         }
         del(&stream).await;
 
-        println!("redis streams, {N} events, best of {ROUNDS} rounds (events/s)");
+        println!("redis streams, {N} events per run, {ROUNDS} rounds, best run in events/s");
         println!("publish, {CALLERS} concurrent callers:");
-        println!("  raw XADD, concurrent on one multiplexed connection  {:>10.0}", best(&raw));
-        println!("  raw XADD, explicit pipelines of {CALLERS}               {:>10.0}", best(&pipe));
-        println!(
-            "  watchtower (dead letter + retry + breaker)           {:>10.0}  {:.2}x raw concurrent, {:.2}x raw pipelined",
-            best(&wt),
-            best(&wt) / best(&raw),
-            best(&wt) / best(&pipe)
-        );
-        println!(
-            "  watchtower publisher alone                           {:>10.0}  {:.2}x raw concurrent",
-            best(&bare),
-            best(&bare) / best(&raw)
-        );
+        row("raw XADD, concurrent on one multiplexed connection", &raw, None);
+        row("raw XADD, explicit pipelines of 64", &pipe, None);
+        row("watchtower dead letter + retry + breaker + publisher", &wt, Some(("raw", &raw)));
+        row("watchtower publisher alone", &bare, Some(("raw", &raw)));
         println!("consume:");
-        println!("  raw XREADGROUP COUNT 256 + XACK per batch            {:>10.0}", best(&craw));
-        println!(
-            "  watchtower serve, default concurrency (64)           {:>10.0}  {:.2}x raw",
-            best(&cdef),
-            best(&cdef) / best(&craw)
-        );
-        println!(
-            "  watchtower serve, concurrency 256                    {:>10.0}  {:.2}x raw",
-            best(&ctuned),
-            best(&ctuned) / best(&craw)
-        );
+        row("raw XREADGROUP COUNT 256 + XACK per batch", &craw, None);
+        row("watchtower serve, default concurrency (64)", &cdef, Some(("raw", &craw)));
+        row("watchtower serve, concurrency 256", &ctuned, Some(("raw", &craw)));
     });
 }

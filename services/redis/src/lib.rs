@@ -60,6 +60,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod acks;
+mod batch;
 mod config;
 mod error;
 mod publisher;

@@ -9,13 +9,14 @@ use std::task::{Context, Poll, ready};
 
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Value};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tower_service::Service;
-use tracing::Instrument as _;
 use watchtower::topic::validate_topic;
 use watchtower::trace::publish_span;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
+use crate::batch::{Request, batch_loop, server_error};
 use crate::config::RedisConfig;
 use crate::error::from_redis;
 use crate::wire::{string_of, write_fields};
@@ -92,6 +93,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// ```
 pub struct RedisPublisher {
     conn: ConnectionManager,
+    requests: mpsc::UnboundedSender<Request>,
     shared: Arc<PublisherShared>,
     probe: Option<JoinHandle<Result<(), Error>>>,
 }
@@ -100,6 +102,7 @@ impl Clone for RedisPublisher {
     fn clone(&self) -> Self {
         RedisPublisher {
             conn: self.conn.clone(),
+            requests: self.requests.clone(),
             shared: self.shared.clone(),
             probe: None,
         }
@@ -149,12 +152,16 @@ impl RedisPublisherBuilder {
         }
         let client = self.config.client()?;
         let conn = self.config.connect(&client, std::time::Duration::ZERO).await?;
+        let health = Health::new();
+        let (requests, rx) = mpsc::unbounded_channel();
+        tokio::spawn(batch_loop(conn.clone(), health.clone(), rx));
         Ok(RedisPublisher {
             conn,
+            requests,
             shared: Arc::new(PublisherShared {
                 config: self.config,
                 max_len: self.max_len,
-                health: Health::new(),
+                health,
             }),
             probe: None,
         })
@@ -208,6 +215,7 @@ impl RedisPublisher {
     /// timeout): then none, some or all events may have been stored.
     pub async fn publish_batch(&self, events: Vec<Event>) -> Result<Vec<Result<Receipt, Error>>, Error> {
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         let mut prepared = Vec::with_capacity(events.len());
         for event in events {
             match self.shared.xadd(&event) {
@@ -235,11 +243,7 @@ impl RedisPublisher {
             .map(|item| {
                 let (key, event) = item?;
                 match replies.next() {
-                    Some(Value::ServerError(e)) => Err(Error::new(
-                        ErrorKind::Rejected,
-                        format!("XADD to {key:?}: {}", e.details().unwrap_or("server error")),
-                    )),
-                    Some(reply) => receipt(&event, key, &reply),
+                    Some(reply) => receipt(&event, &key, &server_error(reply, &key)?),
                     None => Err(Error::decode("XADD pipeline: missing reply")),
                 }
             })
@@ -310,27 +314,45 @@ impl Service<Event> for RedisPublisher {
 
     fn call(&mut self, event: Event) -> ResponseFuture {
         let span = publish_span("redis", event.topic(), &event);
-        let prepared = self.shared.xadd(&event);
-        let mut conn = self.conn.clone();
-        let health = self.shared.health.clone();
-        let inner = async move {
-            let (key, cmd) = prepared.map_err(|e| e.with_event(event.clone()))?;
-            let result = cmd
-                .query_async::<Value>(&mut conn)
-                .await
-                .map_err(|e| from_redis(e, &format!("XADD to {key:?}")));
-            health.observe(&result);
-            receipt(&event, key, &result?)
+        let state = match self.shared.xadd(&event) {
+            Err(e) => State::Failed(Some(e.with_event(event))),
+            Ok((key, cmd)) => {
+                let (done, reply) = oneshot::channel();
+                match self.requests.send(Request { cmd, done }) {
+                    Ok(()) => State::Waiting {
+                        reply,
+                        key,
+                        event: Some(event),
+                    },
+                    Err(_) => State::Failed(Some(
+                        Error::closed("the publisher's connection task has stopped").with_event(event),
+                    )),
+                }
+            }
         };
-        ResponseFuture {
-            inner: Box::pin(inner.instrument(span)),
-        }
+        ResponseFuture { state, span }
     }
 }
 
-/// The future of [`RedisPublisher::call`].
+enum State {
+    Failed(Option<Error>),
+    Waiting {
+        reply: oneshot::Receiver<Result<Value, Error>>,
+        key: String,
+        event: Option<Event>,
+    },
+}
+
+/// The future of [`RedisPublisher::call`]: the `XADD` is queued for the
+/// next pipeline when `call` returns, and this waits for its reply.
+///
+/// # Cancel safety
+///
+/// Dropping the future does not withdraw the `XADD`: the event may be
+/// stored all the same.
 pub struct ResponseFuture {
-    inner: BoxFuture<Result<Receipt, Error>>,
+    state: State,
+    span: tracing::Span,
 }
 
 impl fmt::Debug for ResponseFuture {
@@ -343,6 +365,26 @@ impl Future for ResponseFuture {
     type Output = Result<Receipt, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
+        let this = &mut *self;
+        let _entered = this.span.enter();
+        match &mut this.state {
+            State::Failed(err) => Poll::Ready(Err(err
+                .take()
+                .unwrap_or_else(|| Error::closed("the publish future was polled after it finished")))),
+            State::Waiting { reply, key, event } => {
+                let result = ready!(Pin::new(reply).poll(cx));
+                let Some(event) = event.take() else {
+                    return Poll::Ready(Err(Error::closed("the publish future was polled after it finished")));
+                };
+                let result = result
+                    .unwrap_or_else(|_| Err(Error::closed("the publisher's connection task has stopped")))
+                    .and_then(|reply| server_error(reply, key))
+                    .and_then(|reply| receipt(&event, key, &reply));
+                Poll::Ready(result.map_err(|e| {
+                    let e = Error::new(e.kind(), format!("XADD to {key:?}: {}", e.message()));
+                    e.with_event(event)
+                }))
+            }
+        }
     }
 }

@@ -549,7 +549,7 @@ impl Shared {
             .query_async(&mut self.conn.clone())
             .await
             .map_err(|e| from_redis(e, &format!("XPENDING on {key:?}")))?;
-        Ok(wire::parse_pending(&value)?.into_iter().collect())
+        Ok(wire::parse_pending(value)?.into_iter().collect())
     }
 
     /// Turns an entry into a delivery, or sends it to the dead-letter
@@ -755,7 +755,7 @@ async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, tx: Tx) {
         if tx.is_closed() {
             // Whatever was read goes back for reclaiming; and a stream
             // deleted meanwhile must not be created again.
-            if let Ok(per_stream) = reply.as_ref().map_err(drop).and_then(|v| wire::parse_read(v).map_err(drop)) {
+            if let Ok(per_stream) = reply.map_err(drop).and_then(|v| wire::parse_read(v).map_err(drop)) {
                 for (key, entries) in per_stream {
                     for entry in entries {
                         shared.release(&key.as_str().into(), entry.id.into());
@@ -765,7 +765,7 @@ async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, tx: Tx) {
             return;
         }
         let read = match reply {
-            Ok(value) => wire::parse_read(&value),
+            Ok(value) => wire::parse_read(value),
             Err(e) if is_no_group(&e) => {
                 tracing::info!("consumer group or stream is gone; creating it again");
                 shared.recreate_groups().await.map(|()| Vec::new())
@@ -825,7 +825,7 @@ async fn drain_own(
             .query_async::<Value>(conn)
             .await
             .map_err(|e| connection_error(e, "XREADGROUP (pending)"))
-            .and_then(|v| wire::parse_read(&v));
+            .and_then(wire::parse_read);
         let entries: Vec<Entry> = match reply {
             Ok(per_stream) => per_stream.into_iter().flat_map(|(_, e)| e).collect(),
             Err(e) => {
@@ -903,7 +903,7 @@ async fn redeliver(shared: &Arc<Shared>, tx: &Tx, batch: Vec<Nack>) -> bool {
             .query_async::<Value>(&mut shared.conn.clone())
             .await
             .map_err(|e| from_redis(e, &format!("XCLAIM on {key:?}")))
-            .and_then(|v| wire::parse_entries(&v));
+            .and_then(wire::parse_entries);
         match claimed {
             Ok(entries) => {
                 let counts: HashMap<&str, u32> = nacks.iter().map(|n| (&*n.id, n.count + 1)).collect();
@@ -945,7 +945,7 @@ async fn reclaim(shared: &Arc<Shared>, tx: &Tx, cursors: &mut HashMap<Arc<str>, 
                 .query_async::<Value>(&mut shared.conn.clone())
                 .await
                 .map_err(|e| from_redis(e, &format!("XAUTOCLAIM on {:?}", stream.key)))
-                .and_then(|v| wire::parse_autoclaim(&v));
+                .and_then(wire::parse_autoclaim);
             let (next, entries, _deleted) = match claimed {
                 Ok(claimed) => claimed,
                 Err(e) => {

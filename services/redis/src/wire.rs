@@ -62,68 +62,91 @@ pub(crate) fn decode(topic: &str, fields: Vec<(Bytes, Bytes)>) -> Result<Event, 
     })
 }
 
-fn bytes_of(value: &Value) -> Option<Bytes> {
+fn into_bytes(value: Value) -> Option<Bytes> {
     match value {
-        Value::BulkString(b) => Some(Bytes::copy_from_slice(b)),
-        Value::SimpleString(s) => Some(Bytes::copy_from_slice(s.as_bytes())),
-        Value::VerbatimString { text, .. } => Some(Bytes::copy_from_slice(text.as_bytes())),
+        // Taking the buffers over avoids a copy per field.
+        Value::BulkString(b) => Some(Bytes::from(b)),
+        Value::SimpleString(s) => Some(Bytes::from(s)),
+        Value::VerbatimString { text, .. } => Some(Bytes::from(text)),
         Value::Okay => Some(Bytes::from_static(b"OK")),
         Value::Int(i) => Some(Bytes::from(i.to_string())),
         _ => None,
     }
 }
 
+fn into_string(value: Value) -> Option<String> {
+    match value {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        Value::VerbatimString { text, .. } => Some(text),
+        _ => None,
+    }
+}
+
+/// The text of a string reply.
 pub(crate) fn string_of(value: &Value) -> Option<String> {
-    bytes_of(value).and_then(|b| String::from_utf8(b.to_vec()).ok())
+    match value {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
 }
 
 fn malformed(what: &str) -> Error {
     Error::decode(format!("unexpected reply shape for {what}"))
 }
 
+fn into_items(value: Value) -> Option<Vec<Value>> {
+    match value {
+        Value::Array(items) | Value::Set(items) => Some(items),
+        Value::Attribute { data, .. } => into_items(*data),
+        _ => None,
+    }
+}
+
 /// Pairs of (key, value) from an array of alternating items or a map.
-fn pairs(value: &Value) -> Option<Vec<(&Value, &Value)>> {
+fn into_pairs(value: Value) -> Option<Vec<(Value, Value)>> {
     match value {
         Value::Array(items) | Value::Set(items) => {
             if items.len() % 2 != 0 {
                 return None;
             }
-            Some(items.chunks(2).map(|c| (&c[0], &c[1])).collect())
+            let mut out = Vec::with_capacity(items.len() / 2);
+            let mut items = items.into_iter();
+            while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                out.push((k, v));
+            }
+            Some(out)
         }
-        Value::Map(items) => Some(items.iter().map(|(k, v)| (k, v)).collect()),
-        Value::Attribute { data, .. } => pairs(data),
-        _ => None,
-    }
-}
-
-fn items(value: &Value) -> Option<&[Value]> {
-    match value {
-        Value::Array(items) | Value::Set(items) => Some(items),
-        Value::Attribute { data, .. } => items(data),
+        Value::Map(items) => Some(items),
+        Value::Attribute { data, .. } => into_pairs(*data),
         _ => None,
     }
 }
 
 /// Parses a list of entries (`[[id, [field, value, ...]], ...]`).
-pub(crate) fn parse_entries(value: &Value) -> Result<Vec<Entry>, Error> {
+pub(crate) fn parse_entries(value: Value) -> Result<Vec<Entry>, Error> {
     let list = match value {
         Value::Nil => return Ok(Vec::new()),
-        v => items(v).ok_or_else(|| malformed("stream entries"))?,
+        v => into_items(v).ok_or_else(|| malformed("stream entries"))?,
     };
     let mut out = Vec::with_capacity(list.len());
     for entry in list {
-        let parts = items(entry).ok_or_else(|| malformed("a stream entry"))?;
+        let mut parts = into_items(entry)
+            .ok_or_else(|| malformed("a stream entry"))?
+            .into_iter();
         let id = parts
-            .first()
-            .and_then(string_of)
+            .next()
+            .and_then(into_string)
             .ok_or_else(|| malformed("a stream entry id"))?;
-        let fields = match parts.get(1) {
+        let fields = match parts.next() {
             None | Some(Value::Nil) => None,
             Some(fields) => Some(
-                pairs(fields)
+                into_pairs(fields)
                     .ok_or_else(|| malformed("stream entry fields"))?
                     .into_iter()
-                    .map(|(k, v)| Some((bytes_of(k)?, bytes_of(v)?)))
+                    .map(|(k, v)| Some((into_bytes(k)?, into_bytes(v)?)))
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| malformed("a stream entry field"))?,
             ),
@@ -135,17 +158,21 @@ pub(crate) fn parse_entries(value: &Value) -> Result<Vec<Entry>, Error> {
 
 /// Parses an `XREAD`/`XREADGROUP` reply: entries per stream key. `Nil`
 /// (the block time passed) is no entries.
-pub(crate) fn parse_read(value: &Value) -> Result<Vec<(String, Vec<Entry>)>, Error> {
-    if let Value::Nil = value {
-        return Ok(Vec::new());
-    }
-    let streams: Vec<(&Value, &Value)> = match value {
-        Value::Map(_) => pairs(value).ok_or_else(|| malformed("XREADGROUP"))?,
-        v => items(v)
+pub(crate) fn parse_read(value: Value) -> Result<Vec<(String, Vec<Entry>)>, Error> {
+    let streams: Vec<(Value, Value)> = match value {
+        Value::Nil => return Ok(Vec::new()),
+        v @ Value::Map(_) => into_pairs(v).ok_or_else(|| malformed("XREADGROUP"))?,
+        v => into_items(v)
             .ok_or_else(|| malformed("XREADGROUP"))?
-            .iter()
-            .map(|s| match items(s) {
-                Some([key, entries]) => Ok((key, entries)),
+            .into_iter()
+            .map(|s| match into_items(s) {
+                Some(pair) if pair.len() == 2 => {
+                    let mut pair = pair.into_iter();
+                    match (pair.next(), pair.next()) {
+                        (Some(key), Some(entries)) => Ok((key, entries)),
+                        _ => Err(malformed("XREADGROUP stream")),
+                    }
+                }
                 _ => Err(malformed("XREADGROUP stream")),
             })
             .collect::<Result<_, _>>()?,
@@ -153,7 +180,7 @@ pub(crate) fn parse_read(value: &Value) -> Result<Vec<(String, Vec<Entry>)>, Err
     streams
         .into_iter()
         .map(|(key, entries)| {
-            let key = string_of(key).ok_or_else(|| malformed("XREADGROUP stream key"))?;
+            let key = into_string(key).ok_or_else(|| malformed("XREADGROUP stream key"))?;
             Ok((key, parse_entries(entries)?))
         })
         .collect()
@@ -161,26 +188,26 @@ pub(crate) fn parse_read(value: &Value) -> Result<Vec<(String, Vec<Entry>)>, Err
 
 /// Parses an `XAUTOCLAIM` reply: the next cursor, the claimed entries and
 /// the ids of entries that no longer exist.
-pub(crate) fn parse_autoclaim(value: &Value) -> Result<(String, Vec<Entry>, Vec<String>), Error> {
-    let parts = items(value).ok_or_else(|| malformed("XAUTOCLAIM"))?;
+pub(crate) fn parse_autoclaim(value: Value) -> Result<(String, Vec<Entry>, Vec<String>), Error> {
+    let mut parts = into_items(value).ok_or_else(|| malformed("XAUTOCLAIM"))?.into_iter();
     let cursor = parts
-        .first()
-        .and_then(string_of)
+        .next()
+        .and_then(into_string)
         .ok_or_else(|| malformed("XAUTOCLAIM cursor"))?;
-    let entries = parse_entries(parts.get(1).unwrap_or(&Value::Nil))?;
+    let entries = parse_entries(parts.next().unwrap_or(Value::Nil))?;
     let deleted = parts
-        .get(2)
-        .and_then(items)
-        .map(|ids| ids.iter().filter_map(string_of).collect())
+        .next()
+        .and_then(into_items)
+        .map(|ids| ids.into_iter().filter_map(into_string).collect())
         .unwrap_or_default();
     Ok((cursor, entries, deleted))
 }
 
 /// Parses the extended `XPENDING` reply into (id, delivery count) pairs.
-pub(crate) fn parse_pending(value: &Value) -> Result<Vec<(String, u32)>, Error> {
-    let list = items(value).ok_or_else(|| malformed("XPENDING"))?;
-    list.iter()
-        .map(|row| match items(row) {
+pub(crate) fn parse_pending(value: Value) -> Result<Vec<(String, u32)>, Error> {
+    let list = into_items(value).ok_or_else(|| malformed("XPENDING"))?;
+    list.into_iter()
+        .map(|row| match into_items(row).as_deref() {
             Some([id, _consumer, _idle, Value::Int(count)]) => Ok((
                 string_of(id).ok_or_else(|| malformed("XPENDING id"))?,
                 u32::try_from(*count).unwrap_or(u32::MAX),
@@ -260,11 +287,11 @@ mod tests {
                 Value::Array(vec![bulk("2-0"), Value::Nil]),
             ]),
         ])]);
-        let read = parse_read(&reply).unwrap();
+        let read = parse_read(reply).unwrap();
         assert_eq!(read[0].0, "s");
         assert_eq!(read[0].1[0].id, "1-0");
         assert!(read[0].1[1].fields.is_none());
-        assert!(parse_read(&Value::Nil).unwrap().is_empty());
+        assert!(parse_read(Value::Nil).unwrap().is_empty());
         for bad in [
             Value::Int(1),
             Value::Array(vec![Value::Int(1)]),
@@ -280,14 +307,14 @@ mod tests {
                 ])]),
             ])]),
         ] {
-            assert_eq!(parse_read(&bad).unwrap_err().kind(), ErrorKind::Decode, "{bad:?}");
+            assert_eq!(parse_read(bad.clone()).unwrap_err().kind(), ErrorKind::Decode, "{bad:?}");
         }
         let claim = Value::Array(vec![
             bulk("0-0"),
             Value::Array(vec![]),
             Value::Array(vec![bulk("3-0")]),
         ]);
-        let (cursor, entries, deleted) = parse_autoclaim(&claim).unwrap();
+        let (cursor, entries, deleted) = parse_autoclaim(claim).unwrap();
         assert_eq!(
             (cursor.as_str(), entries.len(), deleted),
             ("0-0", 0, vec!["3-0".to_owned()])
@@ -298,7 +325,7 @@ mod tests {
             Value::Int(10),
             Value::Int(3),
         ])]);
-        assert_eq!(parse_pending(&pending).unwrap(), vec![("1-0".to_owned(), 3)]);
-        assert!(parse_pending(&Value::Array(vec![Value::Int(1)])).is_err());
+        assert_eq!(parse_pending(pending).unwrap(), vec![("1-0".to_owned(), 3)]);
+        assert!(parse_pending(Value::Array(vec![Value::Int(1)])).is_err());
     }
 }

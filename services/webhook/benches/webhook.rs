@@ -129,6 +129,42 @@ fn delivery(c: &mut Criterion) {
                 .await
         })
     });
+    let hooks_url = format!("http://{addr}/hooks");
+    let secrets = [Secret::new(SECRET).unwrap()];
+    group.bench_function(
+        "raw_reqwest_hand_signed_to_verifying_receiver_64_in_flight",
+        |b| {
+            b.to_async(&rt).iter(|| async {
+                futures_util::stream::iter(0..BATCH)
+                    .for_each_concurrent(IN_FLIGHT, |_| {
+                        let raw = raw.clone();
+                        let url = hooks_url.clone();
+                        let secrets = secrets.clone();
+                        async move {
+                            let event = event();
+                            let body = watchtower::codec::structured::to_bytes(&event).unwrap();
+                            let ts = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .unwrap()
+                                .as_secs() as i64;
+                            let sig = signature::sign(&secrets, event.id(), ts, &body);
+                            let response = raw
+                                .post(url)
+                                .header("content-type", "application/cloudevents+json")
+                                .header("webhook-id", event.id())
+                                .header("webhook-timestamp", ts)
+                                .header("webhook-signature", sig)
+                                .body(body)
+                                .send()
+                                .await
+                                .unwrap();
+                            assert!(response.status().is_success());
+                        }
+                    })
+                    .await
+            })
+        },
+    );
     group.bench_function("signed_sender_to_verifying_receiver_64_in_flight", |b| {
         b.to_async(&rt).iter(|| async {
             futures_util::stream::iter(0..BATCH)

@@ -291,8 +291,13 @@ impl Shared {
         } else {
             ErrorKind::Connection
         };
-        self.error(kind, format_args!("{err}: {innermost}"))
-            .with_source(err)
+        let outer = err.to_string();
+        let message = if innermost.is_empty() || innermost == outer {
+            outer
+        } else {
+            format!("{outer}: {innermost}")
+        };
+        self.error(kind, message).with_source(err)
     }
 }
 

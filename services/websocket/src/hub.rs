@@ -59,7 +59,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt as _};
-use watchtower::{BoxError, Error, Event, Receipt, TopicPattern};
+use watchtower::{BoxError, Error, Event, Poison, RawMessage, Receipt, TopicPattern};
 
 use crate::SUBPROTOCOL;
 use crate::protocol::{Control, Frame, classify, code, encode};
@@ -70,7 +70,7 @@ type AuthFn = Arc<dyn Fn(&HeaderMap) -> Result<(), StatusCode> + Send + Sync>;
 /// How long a closing connection waits for the peer's close frame, and for
 /// its last frames to be written.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-/// Control replies a client may leave unread before the hub disconnects it.
+/// Control replies queued for a client before the hub stops reading from it.
 const MAX_PENDING_CONTROL: usize = 256;
 /// Frames written per flush.
 const BATCH: usize = 64;
@@ -95,6 +95,7 @@ pub enum SlowClient {
 /// Builds a [`WsHub`]; see [`WsHub::builder`].
 pub struct WsHubBuilder {
     handler: Option<Handler>,
+    poison: Option<Handler>,
     relay: bool,
     outbound_capacity: usize,
     slow_client: SlowClient,
@@ -108,6 +109,7 @@ impl fmt::Debug for WsHubBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WsHubBuilder")
             .field("handler", &self.handler.is_some())
+            .field("poison", &self.poison.is_some())
             .field("relay", &self.relay)
             .field("outbound_capacity", &self.outbound_capacity)
             .field("slow_client", &self.slow_client)
@@ -133,10 +135,24 @@ impl WsHubBuilder {
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        let handler = handler
-            .map_response(|_| ())
-            .map_err(|e: S::Error| Error::from_boxed(e.into()));
-        self.handler = Some(BoxCloneSyncService::new(handler));
+        self.handler = Some(boxed(handler));
+        self
+    }
+
+    /// Where frames from clients that are not events go (malformed text,
+    /// binary frames), wrapped by [`Poison::into_event`] with the raw bytes
+    /// and the reason: a dead-letter service such as
+    /// [`MemoryDeadLetters`](watchtower::dead_letter::MemoryDeadLetters).
+    /// The client gets an error message either way, and the frame is
+    /// counted in [`HubStats::invalid_frames`].
+    pub fn poison<S>(mut self, poison: S) -> Self
+    where
+        S: Service<Event> + Clone + Send + Sync + 'static,
+        S::Response: 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.poison = Some(boxed(poison));
         self
     }
 
@@ -201,6 +217,7 @@ impl WsHubBuilder {
         WsHub {
             inner: Arc::new(Inner {
                 handler: self.handler,
+                poison: self.poison,
                 relay: self.relay,
                 outbound_capacity: self.outbound_capacity,
                 slow_client: self.slow_client,
@@ -262,12 +279,27 @@ struct Counters {
     invalid_frames: AtomicU64,
 }
 
+fn boxed<S>(service: S) -> Handler
+where
+    S: Service<Event> + Clone + Send + Sync + 'static,
+    S::Response: 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    BoxCloneSyncService::new(
+        service
+            .map_response(|_| ())
+            .map_err(|e: S::Error| Error::from_boxed(e.into())),
+    )
+}
+
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
 struct Inner {
     handler: Option<Handler>,
+    poison: Option<Handler>,
     relay: bool,
     outbound_capacity: usize,
     slow_client: SlowClient,
@@ -320,6 +352,7 @@ impl WsHub {
     pub fn builder() -> WsHubBuilder {
         WsHubBuilder {
             handler: None,
+            poison: None,
             relay: false,
             outbound_capacity: 1024,
             slow_client: SlowClient::DropOldest,
@@ -387,7 +420,9 @@ impl WsHub {
         }
         let text = encode(event)?;
         bump(&self.inner.counters.published);
-        Ok(self.inner.fan_out(event.topic(), &Message::Text(Utf8Bytes::from(text))))
+        Ok(self
+            .inner
+            .fan_out(event.topic(), &Message::Text(Utf8Bytes::from(text))))
     }
 
     /// Sends `body` as a binary frame to every connection subscribed to
@@ -453,7 +488,13 @@ impl Service<Event> for WsHub {
         std::future::ready(
             self.broadcast(&event)
                 .map(|_| Receipt::for_event(&event))
-                .map_err(|e| if e.event().is_some() { e } else { e.with_event(event) }),
+                .map_err(|e| {
+                    if e.event().is_some() {
+                        e
+                    } else {
+                        e.with_event(event)
+                    }
+                }),
         )
     }
 }
@@ -507,8 +548,14 @@ struct Conn {
     subs: Mutex<Vec<(String, Vec<TopicPattern>)>>,
     queue: Mutex<Outbound>,
     notify: Notify,
-    /// Cancelled when the connection is to close; `close_code` says why.
+    /// Signalled when the writer takes queued frames.
+    drained: Notify,
+    /// Cancelled when the connection must close at once (hub shutdown, a
+    /// slow or silent client); `close_code` says why.
     close: CancellationToken,
+    /// Cancelled when the connection is to close once the replies queued so
+    /// far are written (the client left, or sent too large a message).
+    finish: CancellationToken,
     close_code: AtomicU16,
     writer_done: CancellationToken,
     acks: AtomicBool,
@@ -551,18 +598,28 @@ impl Conn {
         pushed
     }
 
-    /// Queues a control reply; a client that lets too many pile up is
-    /// disconnected rather than allowed to grow the hub's memory.
-    fn reply(&self, control: Control) {
-        let mut q = lock(&self.queue);
-        if q.control.len() >= MAX_PENDING_CONTROL {
-            drop(q);
-            self.close_with(close_code::POLICY);
-            return;
+    /// Queues a control reply. When a client lets too many pile up (it
+    /// sends faster than it reads), this waits, so the hub stops reading
+    /// from that client instead of growing its memory.
+    async fn reply(&self, control: Control) {
+        let message = Message::Text(Utf8Bytes::from(control.to_text()));
+        loop {
+            let drained = self.drained.notified();
+            {
+                let mut q = lock(&self.queue);
+                if q.control.len() < MAX_PENDING_CONTROL {
+                    q.control.push_back(message);
+                    drop(q);
+                    self.notify.notify_one();
+                    return;
+                }
+            }
+            tokio::select! {
+                () = drained => {}
+                () = self.close.cancelled() => return,
+                () = self.finish.cancelled() => return,
+            }
         }
-        q.control.push_back(Message::Text(Utf8Bytes::from(control.to_text())));
-        drop(q);
-        self.notify.notify_one();
     }
 
     fn close_with(&self, code: u16) {
@@ -571,6 +628,13 @@ impl Conn {
             .close_code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
         self.close.cancel();
+    }
+
+    fn finish_with(&self, code: u16) {
+        let _ = self
+            .close_code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        self.finish.cancel();
     }
 
     fn touch(&self) {
@@ -601,6 +665,8 @@ impl Conn {
         }
         let n = q.events.len().min(BATCH);
         out.extend(q.events.drain(..n));
+        drop(q);
+        self.drained.notify_waiters();
         n
     }
 }
@@ -630,7 +696,9 @@ async fn serve_connection(inner: Arc<Inner>, socket: WebSocket) {
             dropped: 0,
         }),
         notify: Notify::new(),
+        drained: Notify::new(),
         close: inner.shutdown.child_token(),
+        finish: CancellationToken::new(),
         close_code: AtomicU16::new(0),
         writer_done: CancellationToken::new(),
         acks: AtomicBool::new(false),
@@ -647,15 +715,43 @@ async fn serve_connection(inner: Arc<Inner>, socket: WebSocket) {
     tracing::debug!(connection = id, "websocket client connected");
 
     let (mut sink, mut stream) = socket.split();
-    let handler = inner.handler.clone();
+    let services = Services {
+        handler: inner.handler.clone(),
+        poison: inner.poison.clone(),
+    };
     tokio::join!(
-        read_loop(&inner, &conn, &mut stream, handler),
+        read_loop(&inner, &conn, &mut stream, services),
         write_loop(&inner, &conn, &mut sink),
     );
     tracing::debug!(connection = id, "websocket client disconnected");
 }
 
-async fn read_loop(inner: &Inner, conn: &Conn, stream: &mut SplitStream<WebSocket>, mut handler: Option<Handler>) {
+/// A connection's own clones of the hub's services.
+struct Services {
+    handler: Option<Handler>,
+    poison: Option<Handler>,
+}
+
+impl Services {
+    async fn poison(&mut self, body: Bytes, error: Error) {
+        let Some(poison) = &mut self.poison else { return };
+        let raw = RawMessage {
+            topic: Arc::from(""),
+            headers: Vec::new(),
+            body,
+        };
+        let event = Poison::new(raw, error).into_event();
+        let result = match poison.ready().await {
+            Ok(poison) => poison.call(event).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "the poison service failed on an invalid frame");
+        }
+    }
+}
+
+async fn read_loop(inner: &Inner, conn: &Conn, stream: &mut SplitStream<WebSocket>, mut services: Services) {
     loop {
         let next = tokio::select! {
             biased;
@@ -668,13 +764,12 @@ async fn read_loop(inner: &Inner, conn: &Conn, stream: &mut SplitStream<WebSocke
         let Some(next) = next else { break };
         conn.touch();
         match next {
-            Ok(Message::Text(text)) => on_text(inner, conn, text, &mut handler).await,
-            Ok(Message::Binary(_)) => {
+            Ok(Message::Text(text)) => on_text(inner, conn, text, &mut services).await,
+            Ok(Message::Binary(body)) => {
                 bump(&inner.counters.invalid_frames);
-                conn.reply(Control::error(
-                    code::BINARY,
-                    "binary frames are not supported; send CloudEvents JSON in text frames",
-                ));
+                let why = "binary frames are not supported; send CloudEvents JSON in text frames";
+                conn.reply(Control::error(code::BINARY, why)).await;
+                services.poison(body, Error::decode(why)).await;
             }
             Ok(_) => {}
             Err(e) => {
@@ -683,14 +778,15 @@ async fn read_loop(inner: &Inner, conn: &Conn, stream: &mut SplitStream<WebSocke
                     conn.reply(Control::error(
                         code::TOO_LARGE,
                         format!("message larger than {} bytes", inner.max_message_size),
-                    ));
-                    conn.close_with(CLOSE_TOO_BIG);
+                    ))
+                    .await;
+                    conn.finish_with(CLOSE_TOO_BIG);
                 }
                 break;
             }
         }
     }
-    conn.close_with(close_code::NORMAL);
+    conn.finish_with(close_code::NORMAL);
 }
 
 fn is_too_large(e: &axum::Error) -> bool {
@@ -705,7 +801,7 @@ fn is_too_large(e: &axum::Error) -> bool {
     false
 }
 
-async fn on_text(inner: &Inner, conn: &Conn, text: Utf8Bytes, handler: &mut Option<Handler>) {
+async fn on_text(inner: &Inner, conn: &Conn, text: Utf8Bytes, services: &mut Services) {
     match classify(text.as_str()) {
         Frame::Event(event) => {
             bump(&inner.counters.received);
@@ -714,7 +810,7 @@ async fn on_text(inner: &Inner, conn: &Conn, text: Utf8Bytes, handler: &mut Opti
                 inner.fan_out(event.topic(), &Message::Text(text));
             }
             let id = event.id().to_owned();
-            let result = match handler {
+            let result = match &mut services.handler {
                 Some(handler) => match handler.ready().await {
                     Ok(handler) => handler.call(event).await,
                     Err(e) => Err(e),
@@ -723,7 +819,7 @@ async fn on_text(inner: &Inner, conn: &Conn, text: Utf8Bytes, handler: &mut Opti
             };
             let acks = conn.acks.load(Ordering::Relaxed);
             match result {
-                Ok(()) if acks => conn.reply(Control::Ack { id }),
+                Ok(()) if acks => conn.reply(Control::Ack { id }).await,
                 Ok(()) => {}
                 Err(e) => {
                     bump(&inner.counters.handler_errors);
@@ -732,14 +828,16 @@ async fn on_text(inner: &Inner, conn: &Conn, text: Utf8Bytes, handler: &mut Opti
                         conn.reply(Control::Nack {
                             id,
                             message: e.to_string(),
-                        });
+                        })
+                        .await;
                     } else {
                         conn.reply(Control::Error {
                             code: code::HANDLER.to_owned(),
                             message: e.to_string(),
                             re: Some(id),
                             count: None,
-                        });
+                        })
+                        .await;
                     }
                 }
             }
@@ -753,18 +851,21 @@ async fn on_text(inner: &Inner, conn: &Conn, text: Utf8Bytes, handler: &mut Opti
                         None => subs.push((id.clone(), parsed)),
                     }
                 }
-                conn.reply(Control::Subscribed { id });
+                conn.reply(Control::Subscribed { id }).await;
             }
-            Err(e) => conn.reply(Control::Error {
-                code: code::INVALID_PATTERN.to_owned(),
-                message: e.to_string(),
-                re: Some(id),
-                count: None,
-            }),
+            Err(e) => {
+                conn.reply(Control::Error {
+                    code: code::INVALID_PATTERN.to_owned(),
+                    message: e.to_string(),
+                    re: Some(id),
+                    count: None,
+                })
+                .await
+            }
         },
         Frame::Control(Control::Unsubscribe { id }) => {
             lock(&conn.subs).retain(|(sid, _)| *sid != id);
-            conn.reply(Control::Unsubscribed { id });
+            conn.reply(Control::Unsubscribed { id }).await;
         }
         Frame::Control(Control::Options { acks }) => conn.acks.store(acks, Ordering::Relaxed),
         Frame::Control(other) => {
@@ -772,11 +873,13 @@ async fn on_text(inner: &Inner, conn: &Conn, text: Utf8Bytes, handler: &mut Opti
             conn.reply(Control::error(
                 code::UNSUPPORTED,
                 format!("a client cannot send {}", other.to_text()),
-            ));
+            ))
+            .await;
         }
         Frame::Invalid(e) => {
             bump(&inner.counters.invalid_frames);
-            conn.reply(Control::error(code::MALFORMED, e.to_string()));
+            conn.reply(Control::error(code::MALFORMED, e.to_string())).await;
+            services.poison(Bytes::from(text), e).await;
         }
     }
 }
@@ -786,6 +889,9 @@ async fn write_loop(inner: &Inner, conn: &Conn, sink: &mut SplitSink<WebSocket, 
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(BATCH + 2);
     loop {
+        if conn.finish.is_cancelled() {
+            break;
+        }
         batch.clear();
         let events = conn.take_batch(&mut batch);
         if !batch.is_empty() {
@@ -818,6 +924,7 @@ async fn write_loop(inner: &Inner, conn: &Conn, sink: &mut SplitSink<WebSocket, 
                 }
             }
             () = conn.close.cancelled() => break,
+            () = conn.finish.cancelled() => break,
         }
     }
     // The close handshake: outstanding replies (an error saying why), then
@@ -842,7 +949,10 @@ async fn write_loop(inner: &Inner, conn: &Conn, sink: &mut SplitSink<WebSocket, 
     conn.writer_done.cancel();
 }
 
-async fn send_all(sink: &mut SplitSink<WebSocket, Message>, batch: &mut Vec<Message>) -> Result<(), axum::Error> {
+async fn send_all(
+    sink: &mut SplitSink<WebSocket, Message>,
+    batch: &mut Vec<Message>,
+) -> Result<(), axum::Error> {
     for message in batch.drain(..) {
         sink.feed(message).await?;
     }

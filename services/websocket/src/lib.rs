@@ -137,4 +137,5 @@ pub use client::{
 /// What the transport can do: wildcard patterns, and events from one
 /// publisher on one topic arrive in order. No persistence, no consumer
 /// groups, no redelivery, no replay: delivery is at most once.
-pub const CAPABILITIES: watchtower::Capabilities = watchtower::Capabilities::NONE.wildcards(true).ordered(true);
+pub const CAPABILITIES: watchtower::Capabilities =
+    watchtower::Capabilities::NONE.wildcards(true).ordered(true);

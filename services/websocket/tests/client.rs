@@ -15,7 +15,9 @@ use support::*;
 
 async fn wait_state(client: &WsClient, want: fn(&ConnectionState) -> bool) {
     let mut states = client.state_changes();
-    within("the connection state change", states.wait_for(want)).await.unwrap();
+    within("the connection state change", states.wait_for(want))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +114,9 @@ async fn a_blocking_queue_holds_events_until_the_hub_is_back() {
         .queue_capacity(3);
     let client = WsClient::lazy(config).unwrap();
     let mut publisher = client.publisher();
-    let sent: Vec<Event> = (0..3).map(|i| Event::new("q.a", serde_json::json!({"i": i}))).collect();
+    let sent: Vec<Event> = (0..3)
+        .map(|i| Event::new("q.a", serde_json::json!({"i": i})))
+        .collect();
     let mut responses = Vec::new();
     for e in &sent {
         responses.push(publisher.ready().await.unwrap().call(e.clone()));
@@ -160,7 +164,10 @@ async fn with_acks_a_publish_resolves_on_the_hubs_verdict() {
     let server = Server::start(&hub).await;
     let client = WsClient::connect(server.config().acks(true)).await.unwrap();
     let mut publisher = client.publisher();
-    publisher.publish(Event::new("x.good", serde_json::json!({}))).await.unwrap();
+    publisher
+        .publish(Event::new("x.good", serde_json::json!({})))
+        .await
+        .unwrap();
     let bad = Event::new("x.bad", serde_json::json!({}));
     let mut err = publisher.publish(bad.clone()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected);
@@ -189,10 +196,14 @@ async fn a_dead_hub_is_detected_by_keepalive() {
     let server = tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
-            let ws = tokio_tungstenite::accept_hdr_async(tcp, |_req: &_, mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
-                resp.headers_mut().insert("sec-websocket-protocol", "cloudevents.json".parse().unwrap());
-                Ok(resp)
-            })
+            let ws = tokio_tungstenite::accept_hdr_async(
+                tcp,
+                |_req: &_, mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
+                    resp.headers_mut()
+                        .insert("sec-websocket-protocol", "cloudevents.json".parse().unwrap());
+                    Ok(resp)
+                },
+            )
             .await
             .unwrap();
             accepted_tx.send(ws).unwrap();
@@ -217,7 +228,8 @@ async fn the_hub_drops_clients_that_stop_answering_pings() {
         .idle_timeout(Duration::from_millis(100))
         .build();
     let server = Server::start(&hub).await;
-    let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(server.url()).unwrap();
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(server.url()).unwrap();
     request
         .headers_mut()
         .insert("sec-websocket-protocol", "cloudevents.json".parse().unwrap());
@@ -248,7 +260,11 @@ async fn close_performs_the_handshake_and_ends_subscriptions() {
     client.close().await;
     assert!(within("the end of the subscription", sub.next()).await.is_none());
     assert_eq!(
-        subscriber.open(SubscribeOptions::new(["a.*"]).unwrap()).await.unwrap_err().kind(),
+        subscriber
+            .open(SubscribeOptions::new(["a.*"]).unwrap())
+            .await
+            .unwrap_err()
+            .kind(),
         ErrorKind::Closed
     );
     within("the hub seeing the close", async {

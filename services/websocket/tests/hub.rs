@@ -9,8 +9,8 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tower::{Service as _, ServiceExt as _};
-use watchtower::prelude::*;
 use watchtower::TopicPattern;
+use watchtower::prelude::*;
 use watchtower_websocket::{SlowClient, WsClient, WsHub};
 
 use support::*;
@@ -31,8 +31,12 @@ async fn round_trip_both_ways() {
     assert_eq!(hub.stats().connections, 1);
 
     // Hub to client, including an event routed to a topic other than its type.
-    let plain = Event::new(format!("{ns}.user.created"), serde_json::json!({"id": 1, "name": "Zoë"}));
-    let routed = Event::new("user.renamed", serde_json::json!({"id": 1})).with_topic(format!("{ns}.user.renamed"));
+    let plain = Event::new(
+        format!("{ns}.user.created"),
+        serde_json::json!({"id": 1, "name": "Zoë"}),
+    );
+    let routed =
+        Event::new("user.renamed", serde_json::json!({"id": 1})).with_topic(format!("{ns}.user.renamed"));
     let elsewhere = Event::new(format!("{ns}.order.created"), serde_json::json!({}));
     let mut publisher = hub.clone();
     for e in [&elsewhere, &plain, &routed] {
@@ -43,7 +47,11 @@ async fn round_trip_both_ways() {
     let got = next_event(&mut sub).await;
     assert_eq!(got, routed);
     assert_eq!(got.topic(), format!("{ns}.user.renamed"));
-    assert_eq!(hub.broadcast(&elsewhere).unwrap(), 0, "nobody subscribed to orders");
+    assert_eq!(
+        hub.broadcast(&elsewhere).unwrap(),
+        0,
+        "nobody subscribed to orders"
+    );
 
     // Client to hub.
     let sent = Event::builder(format!("{ns}.cmd"))
@@ -54,10 +62,15 @@ async fn round_trip_both_ways() {
         .unwrap();
     let receipt = client.publisher().publish(sent.clone()).await.unwrap();
     assert_eq!(&*receipt.event_id, sent.id());
-    let got = within("the handler receiving the event", from_clients.recv()).await.unwrap();
+    let got = within("the handler receiving the event", from_clients.recv())
+        .await
+        .unwrap();
     assert_eq!(got, sent);
     let stats = hub.stats();
-    assert_eq!((stats.received, stats.handler_errors, stats.invalid_frames), (1, 0, 0));
+    assert_eq!(
+        (stats.received, stats.handler_errors, stats.invalid_frames),
+        (1, 0, 0)
+    );
 
     client.close().await;
     within("the hub seeing the client leave", async {
@@ -66,7 +79,10 @@ async fn round_trip_both_ways() {
         }
     })
     .await;
-    assert!(sub.next().await.is_none(), "the subscription ends with the client");
+    assert!(
+        sub.next().await.is_none(),
+        "the subscription ends with the client"
+    );
     let mut publisher = client.publisher();
     let err = publisher.ready().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed);
@@ -102,21 +118,30 @@ async fn hundred_clients_each_get_exactly_their_events() {
         for k in 0..2 {
             events.push(Event::new(format!("{ns}.g{g}.x{k}"), serde_json::json!({"g": g})));
         }
-        events.push(Event::new(format!("{ns}.g{g}.x.deep"), serde_json::json!({"g": g})));
+        events.push(Event::new(
+            format!("{ns}.g{g}.x.deep"),
+            serde_json::json!({"g": g}),
+        ));
     }
     let mut publisher = hub.clone();
     for e in &events {
         publisher.publish(e.clone()).await.unwrap();
     }
-    publisher.publish(Event::new(end.clone(), serde_json::json!({}))).await.unwrap();
+    publisher
+        .publish(Event::new(end.clone(), serde_json::json!({})))
+        .await
+        .unwrap();
 
     let tasks: Vec<_> = clients
         .into_iter()
         .enumerate()
         .map(|(i, (client, mut sub))| {
             let pattern = TopicPattern::new(&pattern(i)).unwrap();
-            let expected: Vec<String> =
-                events.iter().filter(|e| pattern.matches(e.topic())).map(|e| e.id().to_owned()).collect();
+            let expected: Vec<String> = events
+                .iter()
+                .filter(|e| pattern.matches(e.topic()))
+                .map(|e| e.id().to_owned())
+                .collect();
             let end = end.clone();
             tokio::spawn(async move {
                 let mut got = Vec::new();
@@ -145,19 +170,25 @@ async fn hundred_clients_each_get_exactly_their_events() {
 }
 
 /// A client that subscribes and then never reads.
-async fn stalled_client(server: &Server, topic: &str) -> tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-> {
+async fn stalled_client(
+    server: &Server,
+    topic: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
     let mut request = server.url().into_client_request().unwrap();
     request
         .headers_mut()
         .insert("sec-websocket-protocol", "cloudevents.json".parse().unwrap());
     let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
     assert_eq!(response.headers()["sec-websocket-protocol"], "cloudevents.json");
-    ws.send(Message::text(format!(r#"{{"wt":"subscribe","id":"slow","patterns":["{topic}"]}}"#)))
+    ws.send(Message::text(format!(
+        r#"{{"wt":"subscribe","id":"slow","patterns":["{topic}"]}}"#
+    )))
+    .await
+    .unwrap();
+    let reply = within("the subscription confirmation", ws.next())
         .await
+        .unwrap()
         .unwrap();
-    let reply = within("the subscription confirmation", ws.next()).await.unwrap().unwrap();
     assert_eq!(reply.to_text().unwrap(), r#"{"wt":"subscribed","id":"slow"}"#);
     ws
 }
@@ -208,12 +239,16 @@ async fn a_slow_client_is_disconnected_and_does_not_delay_others() {
 }
 
 fn control(message: &Message) -> HashMap<String, serde_json::Value> {
-    serde_json::from_str(message.to_text().unwrap()).unwrap()
+    serde_json::from_str(message.to_text().unwrap()).unwrap_or_else(|e| panic!("{message:?}: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_get_an_error_and_the_connection_survives_oversized_ones_close_it() {
-    let hub = WsHub::builder().max_message_size(4096).build();
+    let dlq = MemoryDeadLetters::new(16);
+    let hub = WsHub::builder()
+        .max_message_size(4096)
+        .poison(dlq.clone())
+        .build();
     let server = Server::start(&hub).await;
     let mut request = server.url().into_client_request().unwrap();
     request
@@ -235,15 +270,22 @@ async fn malformed_frames_get_an_error_and_the_connection_survives_oversized_one
         assert_eq!(reply["wt"], "error");
         assert_eq!(reply["code"], code, "{reply:?}");
     }
-    ws.send(Message::text(r#"{"wt":"subscribe","id":"a","patterns":["bad..pattern"]}"#))
-        .await
-        .unwrap();
+    ws.send(Message::text(
+        r#"{"wt":"subscribe","id":"a","patterns":["bad..pattern"]}"#,
+    ))
+    .await
+    .unwrap();
     let reply = control(&within("the error reply", ws.next()).await.unwrap().unwrap());
-    assert_eq!((&reply["code"], &reply["re"]), (&"invalid_pattern".into(), &"a".into()));
+    assert_eq!(
+        (&reply["code"], &reply["re"]),
+        (&"invalid_pattern".into(), &"a".into())
+    );
     // Still connected and working.
-    ws.send(Message::text(r#"{"wt":"subscribe","id":"a","patterns":["ok.*"]}"#))
-        .await
-        .unwrap();
+    ws.send(Message::text(
+        r#"{"wt":"subscribe","id":"a","patterns":["ok.*"]}"#,
+    ))
+    .await
+    .unwrap();
     let reply = control(&within("the confirmation", ws.next()).await.unwrap().unwrap());
     assert_eq!(reply["wt"], "subscribed");
     let event = Event::new("ok.go", serde_json::json!({}));
@@ -254,6 +296,23 @@ async fn malformed_frames_get_an_error_and_the_connection_survives_oversized_one
         event
     );
     assert_eq!(hub.stats().invalid_frames, 5);
+    // The frames that were not events reached the poison path with their bytes.
+    let poisoned = dlq.drain();
+    let bodies: Vec<&[u8]> = poisoned.iter().map(|e| &e.data().unwrap()[..]).collect();
+    assert_eq!(
+        bodies,
+        [
+            &b"not json at all"[..],
+            br#"{"specversion":"1.0","id":"1"}"#,
+            br#"{"hello":"world"}"#,
+            b"\xff\x00binary",
+        ]
+    );
+    assert!(
+        poisoned
+            .iter()
+            .all(|e| e.ty() == watchtower::subscribe::POISON_EVENT_TYPE)
+    );
 
     // Too large: an error, then the close handshake with 1009.
     ws.send(Message::text("x".repeat(8192))).await.unwrap();
@@ -291,7 +350,9 @@ async fn authentication_refused() {
     let err = WsClient::connect(server.config()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
     assert!(!err.is_retryable());
-    let err = WsClient::connect(server.config().bearer("wrong").unwrap()).await.unwrap_err();
+    let err = WsClient::connect(server.config().bearer("wrong").unwrap())
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
     assert!(err.to_string().contains("403"), "{err}");
     assert!(!format!("{err:?}").contains("wrong"), "no token in errors");
@@ -303,10 +364,15 @@ async fn authentication_refused() {
     let pending = publisher.ready().await.unwrap().call(event.clone());
     let mut err = within("the publish failing", pending).await.unwrap_err();
     assert_eq!(err.take_event(), Some(event));
-    assert!(matches!(client.state(), watchtower_websocket::ConnectionState::Closed(Some(_))));
+    assert!(matches!(
+        client.state(),
+        watchtower_websocket::ConnectionState::Closed(Some(_))
+    ));
     assert_eq!(publisher.ready().await.unwrap_err().kind(), ErrorKind::Closed);
 
-    let client = WsClient::connect(server.config().bearer("right").unwrap()).await.unwrap();
+    let client = WsClient::connect(server.config().bearer("right").unwrap())
+        .await
+        .unwrap();
     assert!(client.is_connected());
     let stats = hub.stats();
     assert_eq!((stats.refused, stats.accepted), (3, 1));

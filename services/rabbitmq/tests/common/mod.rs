@@ -46,7 +46,9 @@ pub struct Admin {
 
 impl Admin {
     pub async fn connect() -> Admin {
-        let connection = Connection::connect(URL, ConnectionProperties::default()).await.unwrap();
+        let connection = Connection::connect(URL, ConnectionProperties::default())
+            .await
+            .unwrap();
         let channel = connection.create_channel().await.unwrap();
         Admin { connection, channel }
     }
@@ -59,7 +61,10 @@ impl Admin {
     }
 
     pub async fn delete_queue(&self, name: &str) {
-        let _ = self.channel.queue_delete(name.into(), QueueDeleteOptions::default()).await;
+        let _ = self
+            .channel
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await;
     }
 
     /// Messages ready in `queue`.
@@ -93,7 +98,13 @@ impl Admin {
     /// Publishes raw bytes, as a foreign client would.
     pub async fn publish_raw(&self, exchange: &str, key: &str, properties: BasicProperties, body: &[u8]) {
         self.channel
-            .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, properties)
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
             .await
             .unwrap();
     }

@@ -25,9 +25,11 @@ pub fn namespace(test: &str) -> String {
 }
 
 pub async fn raw(url: &str) -> MultiplexedConnection {
+    // The client's 500 ms default is too short on a loaded test machine.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(20)));
     redis::Client::open(url)
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .unwrap()
 }

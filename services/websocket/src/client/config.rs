@@ -95,8 +95,8 @@ impl WsConfig {
     /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) if the name or
     /// value is not a valid header (the value is not shown).
     pub fn header(mut self, name: &str, value: &str) -> Result<WsConfig, Error> {
-        let name = HeaderName::try_from(name)
-            .map_err(|_| Error::config(format!("invalid header name {name:?}")))?;
+        let name =
+            HeaderName::try_from(name).map_err(|_| Error::config(format!("invalid header name {name:?}")))?;
         let mut value = HeaderValue::try_from(value)
             .map_err(|_| Error::config(format!("invalid value for header {name}")))?;
         value.set_sensitive(true);

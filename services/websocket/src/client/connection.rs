@@ -41,9 +41,21 @@ const BATCH: usize = 64;
 
 /// Builds the upgrade request: the URL, the subprotocol, the user's headers.
 pub(super) fn request(config: &super::WsConfig) -> Result<Request, Error> {
-    let mut request = config.url.as_str().into_client_request().map_err(|e| {
-        Error::config(format!("invalid websocket URL {}: {e}", redact_url(&config.url)))
-    })?;
+    if cfg!(not(feature = "rustls-ring"))
+        && config
+            .url
+            .get(..6)
+            .is_some_and(|s| s.eq_ignore_ascii_case("wss://"))
+    {
+        return Err(Error::config(
+            "wss:// URLs need the rustls-ring feature of watchtower-websocket",
+        ));
+    }
+    let mut request = config
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| Error::config(format!("invalid websocket URL {}: {e}", redact_url(&config.url))))?;
     let headers = request.headers_mut();
     headers.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
     for (name, value) in &config.headers {
@@ -65,7 +77,10 @@ async fn connect(shared: &Shared) -> Result<Ws, Error> {
         .map_err(|_| {
             Error::new(
                 ErrorKind::Timeout,
-                format!("connecting to {url} took longer than {:?}", config.connect_timeout),
+                format!(
+                    "connecting to {url} took longer than {:?}",
+                    config.connect_timeout
+                ),
             )
         })?
         .map_err(|e| connect_error(&url, e))?;
@@ -77,10 +92,16 @@ fn connect_error(url: &str, e: WsError) -> Error {
         WsError::Http(response) => {
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                Error::new(ErrorKind::Rejected, format!("{url} refused the connection: {status}"))
-                    .with_retryable(false)
+                Error::new(
+                    ErrorKind::Rejected,
+                    format!("{url} refused the connection: {status}"),
+                )
+                .with_retryable(false)
             } else {
-                Error::new(ErrorKind::Connection, format!("{url} answered the upgrade with {status}"))
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("{url} answered the upgrade with {status}"),
+                )
             }
         }
         WsError::Url(e) => Error::config(format!("invalid websocket URL {url}: {e}")),
@@ -151,7 +172,11 @@ pub(super) async fn drive(
                     break Some(e);
                 }
                 attempt = attempt.saturating_add(1);
-                if shared.config.max_reconnect_attempts.is_some_and(|max| attempt > max) {
+                if shared
+                    .config
+                    .max_reconnect_attempts
+                    .is_some_and(|max| attempt > max)
+                {
                     tracing::error!(error = %e, attempt, "websocket client giving up after its reconnect attempts");
                     break Some(e);
                 }
@@ -347,7 +372,8 @@ async fn on_text(shared: &Shared, conn: &Conn, text: Utf8Bytes) {
             }
             code::INVALID_PATTERN => {
                 let id = re.and_then(|r| r.parse::<u64>().ok());
-                let confirmed = id.and_then(|id| lock(&shared.subs).get_mut(&id).and_then(|s| s.confirmed.take()));
+                let confirmed =
+                    id.and_then(|id| lock(&shared.subs).get_mut(&id).and_then(|s| s.confirmed.take()));
                 if let Some(confirmed) = confirmed {
                     let _ = confirmed.send(Err(Error::new(ErrorKind::InvalidTopic, message)));
                 }
@@ -374,8 +400,11 @@ fn settle(shared: &Shared, id: &str, nack: Option<String>) {
         match nack {
             None => outgoing.succeed(),
             Some(why) => outgoing.fail(
-                Error::new(ErrorKind::Rejected, format!("the hub did not handle the event: {why}"))
-                    .with_retryable(true),
+                Error::new(
+                    ErrorKind::Rejected,
+                    format!("the hub did not handle the event: {why}"),
+                )
+                .with_retryable(true),
             ),
         }
     }

@@ -99,9 +99,10 @@ impl Outgoing {
 impl Drop for Outgoing {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
-            let _ = done.send(Err(
-                Error::closed("websocket client closed before the event was sent").with_event(self.event.clone())
-            ));
+            let _ = done.send(Err(Error::closed(
+                "websocket client closed before the event was sent",
+            )
+            .with_event(self.event.clone())));
         }
     }
 }
@@ -143,11 +144,14 @@ pub(crate) struct Shared {
 impl Shared {
     /// Queues an event, applying the overflow policy.
     pub(crate) fn enqueue(&self, outgoing: Outgoing) {
+        let mut queue = lock(&self.outbox);
+        // Checked under the lock: `finish` cancels before it drains, so an
+        // event is either drained there or refused here, never stranded.
         if self.shutdown.is_cancelled() {
+            drop(queue);
             outgoing.fail(Error::closed("websocket client is closed"));
             return;
         }
-        let mut queue = lock(&self.outbox);
         if queue.len() >= self.config.queue_capacity {
             match self.config.overflow {
                 Overflow::DropNewest => {
@@ -317,7 +321,12 @@ impl WsClient {
             inflight_changed: Notify::new(),
         });
         let (first_tx, first_rx) = oneshot::channel();
-        tokio::spawn(connection::drive(shared.clone(), command_rx, first_tx, fail_first));
+        tokio::spawn(connection::drive(
+            shared.clone(),
+            command_rx,
+            first_tx,
+            fail_first,
+        ));
         let client = WsClient {
             handle: Arc::new(Handle { shared }),
         };

@@ -70,9 +70,7 @@ impl WsPublisher {
 
     fn closed_error(&self) -> Error {
         match &*self.handle.shared.state.borrow() {
-            ConnectionState::Closed(Some(why)) => {
-                Error::closed(format!("websocket client gave up: {why}"))
-            }
+            ConnectionState::Closed(Some(why)) => Error::closed(format!("websocket client gave up: {why}")),
             _ => Error::closed("websocket client is closed"),
         }
     }

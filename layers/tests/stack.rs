@@ -1,0 +1,168 @@
+//! The layers together, with tower's own middleware in the same stack.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+use watchtower::dead_letter::MemoryDeadLetters;
+use watchtower::event::ext;
+use watchtower::{Error, ErrorKind, Event};
+use watchtower_layers::ServiceBuilderExt;
+use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
+use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, State};
+use watchtower_layers::health::{Health, Status};
+use watchtower_layers::retry::{Jitter, RetryConfig};
+
+#[tokio::test(start_paused = true)]
+async fn tower_timeout_inside_the_stack_is_retried_then_dead_lettered() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let dlq = MemoryDeadLetters::new(10);
+    let mut svc = ServiceBuilder::new()
+        .dead_letter(dlq.clone())
+        .retries(RetryConfig::new().max_attempts(3).jitter(Jitter::None))
+        .circuit_breaker(CircuitBreakerConfig::new())
+        .timeout(Duration::from_secs(1))
+        .service(service_fn(move |_: Event| {
+            c.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<(), Error>>()
+        }));
+    let start = tokio::time::Instant::now();
+    let outcome = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Event::empty("slow"))
+        .await
+        .unwrap();
+    let dead = outcome.dead_lettered().expect("dead-lettered");
+    assert_eq!(dead.error.kind(), ErrorKind::Timeout);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    // Three 1 s timeouts and waits of 100 ms and 200 ms.
+    assert_eq!(start.elapsed(), Duration::from_millis(3_300));
+    let kept = dlq.drain();
+    assert_eq!(kept[0].extension(ext::DEAD_LETTER_KIND), Some("timeout"));
+    assert_eq!(kept[0].extension(ext::ATTEMPT), Some("3"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_waits_out_an_open_breaker_then_succeeds() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new()
+            .minimum_calls(1)
+            .open_wait(Duration::from_secs(2))
+            .half_open_permits(1),
+    );
+    let handle = breaker.handle();
+    let mut svc = ServiceBuilder::new()
+        .dead_letter(MemoryDeadLetters::new(10))
+        .retries(
+            RetryConfig::new()
+                .max_attempts(3)
+                .jitter(Jitter::None)
+                .max_elapsed(Duration::from_secs(10)),
+        )
+        .circuit_breaker(breaker)
+        .service(service_fn(move |_: Event| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err(Error::new(ErrorKind::Connection, "reset"))
+                } else {
+                    Ok(())
+                }
+            }
+        }));
+    let start = tokio::time::Instant::now();
+    // The first failure opens the breaker. After 100 ms the retry finds it
+    // open with 1.9 s left (attempt 2 fails in readiness), waits exactly
+    // that long, and its probe (attempt 3) succeeds.
+    let outcome = svc.ready().await.unwrap().call(Event::empty("x")).await.unwrap();
+    assert!(outcome.is_delivered());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(handle.state(), State::Closed);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_reports_the_worst_part() {
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new()
+            .minimum_calls(1)
+            .open_wait(Duration::from_secs(5)),
+    );
+    let queue = BackpressureLayer::new(1, Overflow::DropNewest).concurrency(1);
+    let dlq = MemoryDeadLetters::new(10);
+    let health = Health::new()
+        .breaker("broker", breaker.handle())
+        .queue("outbox", queue.handle())
+        .memory_dead_letters("dlq", dlq.clone());
+    assert_eq!(health.report().status, Status::Up);
+
+    let mut svc = ServiceBuilder::new()
+        .dead_letter(dlq.clone())
+        .circuit_breaker(breaker.clone())
+        .service(service_fn(|_: Event| async {
+            Err::<(), _>(Error::new(ErrorKind::Connection, "down"))
+        }));
+    let _ = svc.ready().await.unwrap().call(Event::empty("x")).await.unwrap();
+    let report = health.report();
+    assert_eq!(report.status, Status::Down);
+    assert_eq!(report.breakers[0].metrics.state, State::Open);
+    assert_eq!(report.dead_letters[0].len, Some(1));
+
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert_eq!(
+        health.report().status,
+        Status::Degraded,
+        "half-open, and a dead letter waits"
+    );
+    breaker.handle().reset();
+    dlq.drain();
+    assert_eq!(health.report().status, Status::Up);
+
+    let report = serde_json::to_value(health.report()).unwrap();
+    assert_eq!(report["status"], "up");
+    assert_eq!(report["breakers"][0]["metrics"]["state"], "closed");
+    assert_eq!(report["queues"][0]["stats"]["capacity"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn drops_below_the_breaker_do_not_trip_it() {
+    let breaker = CircuitBreakerLayer::new(CircuitBreakerConfig::new().minimum_calls(2));
+    let handle = breaker.handle();
+    let (inner, mut mock) = tower_test::mock::pair::<Event, ()>();
+    mock.allow(0);
+    let mut svc = ServiceBuilder::new()
+        .circuit_breaker(breaker)
+        .backpressure(BackpressureLayer::new(1, Overflow::DropNewest).concurrency(1))
+        .service(inner);
+    let _queued = svc.ready().await.unwrap().call(Event::empty("1"));
+    for _ in 0..5 {
+        let err = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Event::empty("x"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Dropped);
+    }
+    let m = handle.metrics();
+    assert_eq!((m.state, m.window_calls, m.failed_calls), (State::Closed, 0, 0));
+}
+
+#[tokio::test]
+async fn health_lists_keyed_breakers() {
+    use watchtower_layers::circuit_breaker::KeyedBreakers;
+    let breakers = KeyedBreakers::new(CircuitBreakerConfig::new(), 10);
+    let health = Health::new().keyed_breakers("webhook", breakers.clone());
+    assert!(health.report().breakers.is_empty());
+    breakers.get("https://a.example/hook".to_owned()).force_open();
+    let report = health.report();
+    assert_eq!(report.status, Status::Down);
+    assert_eq!(report.breakers[0].name, "webhook/https://a.example/hook");
+}
