@@ -42,7 +42,12 @@ fn key(name: &str) -> String {
 
 fn events(topic: &str) -> Vec<Event> {
     (0..N)
-        .map(|i| Event::new(topic.to_owned(), serde_json::json!({"order_id": i, "amount": 1999, "currency": "EUR"})))
+        .map(|i| {
+            Event::new(
+                topic.to_owned(),
+                serde_json::json!({"order_id": i, "amount": 1999, "currency": "EUR"}),
+            )
+        })
         .collect()
 }
 
@@ -56,7 +61,10 @@ fn raw_fields(events: &[Event]) -> Vec<Vec<(&'static str, Vec<u8>)>> {
                 ("id", e.id().as_bytes().to_vec()),
                 ("type", e.ty().as_bytes().to_vec()),
                 ("source", e.source().as_bytes().to_vec()),
-                ("time", watchtower::codec::format_time(e.time().unwrap()).into_bytes()),
+                (
+                    "time",
+                    watchtower::codec::format_time(e.time().unwrap()).into_bytes(),
+                ),
                 ("datacontenttype", b"application/json".to_vec()),
                 ("data", e.data().unwrap().to_vec()),
             ]
@@ -296,7 +304,10 @@ fn row(name: &str, rates: &[f64], base: Option<(&str, &[f64])>) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let (mut raw, mut pipe, mut wt, mut bare) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
@@ -318,11 +329,19 @@ fn main() {
         println!("publish, {CALLERS} concurrent callers:");
         row("raw XADD, concurrent on one multiplexed connection", &raw, None);
         row("raw XADD, explicit pipelines of 64", &pipe, None);
-        row("watchtower dead letter + retry + breaker + publisher", &wt, Some(("raw", &raw)));
+        row(
+            "watchtower dead letter + retry + breaker + publisher",
+            &wt,
+            Some(("raw", &raw)),
+        );
         row("watchtower publisher alone", &bare, Some(("raw", &raw)));
         println!("consume:");
         row("raw XREADGROUP COUNT 256 + XACK per batch", &craw, None);
-        row("watchtower serve, default concurrency (64)", &cdef, Some(("raw", &craw)));
+        row(
+            "watchtower serve, default concurrency (64)",
+            &cdef,
+            Some(("raw", &craw)),
+        );
         row("watchtower serve, concurrency 256", &ctuned, Some(("raw", &craw)));
     });
 }

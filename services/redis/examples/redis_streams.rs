@@ -44,7 +44,12 @@ async fn main() -> Result<(), Error> {
             service_fn(move |event: Event| {
                 let (counter, done) = (counter.clone(), done.clone());
                 async move {
-                    println!("handled {} {} {}", event.ty(), event.id(), String::from_utf8_lossy(event.data().map_or(&[][..], |d| &d[..])));
+                    println!(
+                        "handled {} {} {}",
+                        event.ty(),
+                        event.id(),
+                        String::from_utf8_lossy(event.data().map_or(&[][..], |d| &d[..]))
+                    );
                     if counter.fetch_add(1, Ordering::SeqCst) + 1 == 6 {
                         done.notify_one();
                     }
@@ -66,8 +71,16 @@ async fn main() -> Result<(), Error> {
                 .connect()
                 .await?,
         );
-    for (i, ty) in ["order.placed", "order.paid", "order.shipped"].iter().cycle().take(6).enumerate() {
-        match publisher.publish(Event::new(*ty, serde_json::json!({"order_id": i}))).await? {
+    for (i, ty) in ["order.placed", "order.paid", "order.shipped"]
+        .iter()
+        .cycle()
+        .take(6)
+        .enumerate()
+    {
+        match publisher
+            .publish(Event::new(*ty, serde_json::json!({"order_id": i})))
+            .await?
+        {
             Outcome::Delivered(receipt) => println!(
                 "published {} to {:?} as entry {:?}",
                 receipt.event_id,

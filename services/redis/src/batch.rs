@@ -32,7 +32,11 @@ pub(crate) struct Request {
 }
 
 /// Sends requests until every sender is gone.
-pub(crate) async fn batch_loop(conn: ConnectionManager, health: Arc<Health>, mut rx: mpsc::UnboundedReceiver<Request>) {
+pub(crate) async fn batch_loop(
+    conn: ConnectionManager,
+    health: Arc<Health>,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+) {
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
@@ -57,8 +61,13 @@ pub(crate) async fn batch_loop(conn: ConnectionManager, health: Arc<Health>, mut
 
 async fn send(mut conn: ConnectionManager, health: Arc<Health>, batch: Vec<Request>) {
     if batch.len() == 1 {
-        let Some(Request { cmd, done }) = batch.into_iter().next() else { return };
-        let result = cmd.query_async::<Value>(&mut conn).await.map_err(|e| from_redis(e, "XADD"));
+        let Some(Request { cmd, done }) = batch.into_iter().next() else {
+            return;
+        };
+        let result = cmd
+            .query_async::<Value>(&mut conn)
+            .await
+            .map_err(|e| from_redis(e, "XADD"));
         health.observe(&result);
         let _ = done.send(result);
         return;
@@ -98,7 +107,11 @@ pub(crate) fn server_error(reply: Value, key: &str) -> Result<Value, Error> {
     match reply {
         Value::ServerError(e) => Err(Error::new(
             ErrorKind::Rejected,
-            format!("XADD to {key:?}: {} {}", e.code(), e.details().unwrap_or_default()),
+            format!(
+                "XADD to {key:?}: {} {}",
+                e.code(),
+                e.details().unwrap_or_default()
+            ),
         )),
         other => Ok(other),
     }

@@ -59,8 +59,6 @@ impl Health {
     }
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
 /// Publishes events to Redis Streams: a `tower::Service<Event>` that
 /// `XADD`s each event to the stream of its [topic](Event::topic) and
 /// answers with a [`Receipt`] carrying the stream key and the entry id.
@@ -274,7 +272,7 @@ impl PublisherShared {
     }
 }
 
-fn receipt(event: &Event, key: String, reply: &Value) -> Result<Receipt, Error> {
+fn receipt(event: &Event, key: &str, reply: &Value) -> Result<Receipt, Error> {
     let id = string_of(reply).ok_or_else(|| Error::decode("XADD did not answer with an entry id"))?;
     Ok(Receipt::new(event.topic(), event)
         .with_stream(key)
@@ -374,16 +372,15 @@ impl Future for ResponseFuture {
             State::Waiting { reply, key, event } => {
                 let result = ready!(Pin::new(reply).poll(cx));
                 let Some(event) = event.take() else {
-                    return Poll::Ready(Err(Error::closed("the publish future was polled after it finished")));
+                    return Poll::Ready(Err(Error::closed(
+                        "the publish future was polled after it finished",
+                    )));
                 };
                 let result = result
                     .unwrap_or_else(|_| Err(Error::closed("the publisher's connection task has stopped")))
                     .and_then(|reply| server_error(reply, key))
                     .and_then(|reply| receipt(&event, key, &reply));
-                Poll::Ready(result.map_err(|e| {
-                    let e = Error::new(e.kind(), format!("XADD to {key:?}: {}", e.message()));
-                    e.with_event(event)
-                }))
+                Poll::Ready(result.map_err(|e| e.with_event(event)))
             }
         }
     }

@@ -755,7 +755,10 @@ async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, tx: Tx) {
         if tx.is_closed() {
             // Whatever was read goes back for reclaiming; and a stream
             // deleted meanwhile must not be created again.
-            if let Ok(per_stream) = reply.map_err(drop).and_then(|v| wire::parse_read(v).map_err(drop)) {
+            if let Ok(per_stream) = reply
+                .map_err(drop)
+                .and_then(|v| wire::parse_read(v).map_err(drop))
+            {
                 for (key, entries) in per_stream {
                     for entry in entries {
                         shared.release(&key.as_str().into(), entry.id.into());

@@ -189,7 +189,9 @@ pub(crate) fn parse_read(value: Value) -> Result<Vec<(String, Vec<Entry>)>, Erro
 /// Parses an `XAUTOCLAIM` reply: the next cursor, the claimed entries and
 /// the ids of entries that no longer exist.
 pub(crate) fn parse_autoclaim(value: Value) -> Result<(String, Vec<Entry>, Vec<String>), Error> {
-    let mut parts = into_items(value).ok_or_else(|| malformed("XAUTOCLAIM"))?.into_iter();
+    let mut parts = into_items(value)
+        .ok_or_else(|| malformed("XAUTOCLAIM"))?
+        .into_iter();
     let cursor = parts
         .next()
         .and_then(into_string)
@@ -307,7 +309,11 @@ mod tests {
                 ])]),
             ])]),
         ] {
-            assert_eq!(parse_read(bad.clone()).unwrap_err().kind(), ErrorKind::Decode, "{bad:?}");
+            assert_eq!(
+                parse_read(bad.clone()).unwrap_err().kind(),
+                ErrorKind::Decode,
+                "{bad:?}"
+            );
         }
         let claim = Value::Array(vec![
             bulk("0-0"),

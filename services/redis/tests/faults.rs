@@ -49,14 +49,20 @@ async fn publisher_reports_a_dead_server_and_recovers_after_restart() {
     let port = free_port();
     let server = RedisProcess::start(port, &[]).await;
     let mut publisher = RedisPublisher::connect(quick(&server.url())).await.unwrap();
-    publisher.publish(Event::new("fault.before", serde_json::json!({}))).await.unwrap();
+    publisher
+        .publish(Event::new("fault.before", serde_json::json!({})))
+        .await
+        .unwrap();
 
     server.kill().await;
     let err = publisher
         .publish(Event::new("fault.during", serde_json::json!({})))
         .await
         .unwrap_err();
-    assert!(matches!(err.kind(), ErrorKind::Connection | ErrorKind::Timeout), "{err:?}");
+    assert!(
+        matches!(err.kind(), ErrorKind::Connection | ErrorKind::Timeout),
+        "{err:?}"
+    );
     assert!(err.is_retryable());
     assert!(!publisher.is_connected());
     assert!(publisher.health().await.is_err());
@@ -71,7 +77,10 @@ async fn publisher_reports_a_dead_server_and_recovers_after_restart() {
     .await
     .expect("ready again after the restart");
     assert!(publisher.is_connected());
-    let receipt = publisher.publish(Event::new("fault.after", serde_json::json!({}))).await.unwrap();
+    let receipt = publisher
+        .publish(Event::new("fault.after", serde_json::json!({})))
+        .await
+        .unwrap();
     assert!(receipt.message_id.is_some());
     publisher.health().await.unwrap();
     drop(server);
@@ -87,37 +96,61 @@ async fn subscription_reports_the_outage_and_resumes_after_restart() {
         .await
         .unwrap();
     let mut subscription = subscriber
-        .open(SubscribeOptions::new(["fault.events"]).unwrap().group("g").unwrap())
+        .open(
+            SubscribeOptions::new(["fault.events"])
+                .unwrap()
+                .group("g")
+                .unwrap(),
+        )
         .await
         .unwrap();
     let mut publisher = RedisPublisher::connect(quick(&server.url())).await.unwrap();
     let before = Event::new("fault.events", serde_json::json!({"n": 1}));
     publisher.publish(before.clone()).await.unwrap();
-    let delivery = tokio::time::timeout(WAIT, subscription.next()).await.unwrap().unwrap().unwrap();
+    let delivery = tokio::time::timeout(WAIT, subscription.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(delivery.event(), Some(&before));
     delivery.ack().await.unwrap();
 
     server.kill().await;
-    let outage = tokio::time::timeout(WAIT, subscription.next()).await.unwrap().unwrap();
+    let outage = tokio::time::timeout(WAIT, subscription.next())
+        .await
+        .unwrap()
+        .unwrap();
     let err = outage.unwrap_err();
-    assert!(matches!(err.kind(), ErrorKind::Connection | ErrorKind::Timeout), "{err:?}");
+    assert!(
+        matches!(err.kind(), ErrorKind::Connection | ErrorKind::Timeout),
+        "{err:?}"
+    );
 
     // The new server has neither the stream nor the group: both come back,
     // and what is published after the restart is delivered.
     let _server = RedisProcess::start(port, &[]).await;
-    let after: Vec<Event> = (0..5).map(|i| Event::new("fault.events", serde_json::json!({"i": i}))).collect();
+    let after: Vec<Event> = (0..5)
+        .map(|i| Event::new("fault.events", serde_json::json!({"i": i})))
+        .collect();
     for event in &after {
         publish_until_accepted(&mut publisher, event.clone()).await;
     }
     let mut got = Vec::new();
     while got.len() < after.len() {
-        match tokio::time::timeout(WAIT, subscription.next()).await.unwrap().unwrap() {
+        match tokio::time::timeout(WAIT, subscription.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
             Ok(delivery) => {
                 got.push(delivery.event().unwrap().clone());
                 delivery.ack().await.unwrap();
             }
             // Further errors of the same outage are allowed.
-            Err(e) => assert!(matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout), "{e:?}"),
+            Err(e) => assert!(
+                matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout),
+                "{e:?}"
+            ),
         }
     }
     assert_eq!(got, after);
@@ -137,11 +170,17 @@ async fn acl_credentials_work_and_never_leak() {
     let mut publisher = RedisPublisher::connect(quick(&url).username("alice").password("wonderland"))
         .await
         .unwrap();
-    publisher.publish(Event::new("acl.ok", serde_json::json!({}))).await.unwrap();
+    publisher
+        .publish(Event::new("acl.ok", serde_json::json!({})))
+        .await
+        .unwrap();
     // The default user, with the password in the URL.
     let with_url = format!("redis://:hunter2@127.0.0.1:{port}/0");
     let mut default_user = RedisPublisher::connect(quick(&with_url)).await.unwrap();
-    default_user.publish(Event::new("acl.ok", serde_json::json!({}))).await.unwrap();
+    default_user
+        .publish(Event::new("acl.ok", serde_json::json!({})))
+        .await
+        .unwrap();
     assert!(!format!("{default_user:?}").contains("hunter2"));
 
     let err = RedisPublisher::connect(quick(&url).username("alice").password("not-the-password"))
@@ -190,7 +229,9 @@ async fn consuming_through_cut_connections_loses_nothing() {
     );
     // Published directly, past the proxy.
     let publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
-    let sent: Vec<Event> = (0..1000).map(|i| Event::new(topic.clone(), serde_json::json!({"i": i}))).collect();
+    let sent: Vec<Event> = (0..1000)
+        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
+        .collect();
     for chunk in sent.chunks(100) {
         for result in publisher.publish_batch(chunk.to_vec()).await.unwrap() {
             result.unwrap();
@@ -264,13 +305,18 @@ async fn ten_thousand_publishes_through_the_layers_with_two_cuts_lose_nothing() 
         ))
         .service(publisher);
 
-    let sent: Vec<Event> = (0..N).map(|i| Event::new(topic.clone(), serde_json::json!({"i": i}))).collect();
+    let sent: Vec<Event> = (0..N)
+        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
+        .collect();
     let mut results = futures_util::stream::iter(sent.clone())
         .map(|event| stack.clone().oneshot(event))
         .buffer_unordered(64);
     let (mut delivered, mut dead_lettered, mut done) = (0usize, 0usize, 0usize);
     let mut down = false;
-    while let Some(result) = tokio::time::timeout(WAIT * 3, results.next()).await.expect("publishing stalled") {
+    while let Some(result) = tokio::time::timeout(WAIT * 3, results.next())
+        .await
+        .expect("publishing stalled")
+    {
         match result.expect("the dead-letter service never fails here") {
             Outcome::Delivered(_) => delivered += 1,
             Outcome::DeadLettered(_) => dead_lettered += 1,
@@ -322,9 +368,16 @@ async fn ten_thousand_publishes_through_the_layers_with_two_cuts_lose_nothing() 
     let dead: Vec<String> = dlq.drain().iter().map(|e| e.id().to_owned()).collect();
     assert_eq!(dead.len(), dead_lettered);
     let stream_ids: HashSet<&str> = in_stream.iter().map(String::as_str).collect();
-    let all: HashSet<&str> = stream_ids.iter().copied().chain(dead.iter().map(String::as_str)).collect();
+    let all: HashSet<&str> = stream_ids
+        .iter()
+        .copied()
+        .chain(dead.iter().map(String::as_str))
+        .collect();
     let missing = sent.iter().filter(|e| !all.contains(e.id())).count();
-    assert_eq!(missing, 0, "{missing} events neither in the stream nor dead-lettered");
+    assert_eq!(
+        missing, 0,
+        "{missing} events neither in the stream nor dead-lettered"
+    );
     assert!(in_stream.len() + dead.len() >= N);
     let duplicates = in_stream.len() - stream_ids.len();
     let both = dead.iter().filter(|id| stream_ids.contains(id.as_str())).count();

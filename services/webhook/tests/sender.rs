@@ -374,3 +374,18 @@ async fn errors_and_debug_never_show_secrets_or_url_credentials() {
         assert!(!shown.contains(secret), "{shown}");
     }
 }
+
+#[tokio::test]
+async fn https_goes_through_rustls_with_ring() {
+    // A plain-HTTP server cannot complete a TLS handshake: the sender fails
+    // with a retryable connection error (and no crypto-provider panic).
+    let (addr, seen) = status_server().await;
+    let mut sender = sender(format!("https://{addr}/status/200"))
+        .https_only(true)
+        .build()
+        .unwrap();
+    let err = sender.publish(event()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+    assert!(err.is_retryable());
+    assert_eq!(seen.lock().unwrap().len(), 0);
+}

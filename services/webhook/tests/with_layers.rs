@@ -172,3 +172,43 @@ async fn a_thousand_events_fan_out_past_a_failing_and_a_throttling_endpoint() {
             .any(|e| e.extension(ext::DEAD_LETTER_KIND) == Some("circuit_open"))
     );
 }
+
+#[tokio::test]
+async fn one_keyed_breaker_keys_the_endpoints_by_name() {
+    use watchtower_layers::circuit_breaker::KeyedCircuitBreakerLayer;
+
+    let healthy = recorder(Behaviour::Healthy).await;
+    let failing = recorder(Behaviour::Always(503)).await;
+    let keyed = KeyedCircuitBreakerLayer::new(
+        CircuitBreakerConfig::new()
+            .minimum_calls(5)
+            .open_wait(Duration::from_secs(600)),
+        100,
+        |event: &Event| endpoint_of(event).unwrap_or_default().to_owned(),
+    );
+    let breakers = keyed.breakers();
+    let mut fan_out = WebhookFanOut::builder()
+        .layer(keyed)
+        .endpoint(Endpoint::new(
+            sender(&healthy.url).name("healthy").build().unwrap(),
+        ))
+        .endpoint(Endpoint::new(
+            sender(&failing.url).name("failing").build().unwrap(),
+        ))
+        .build()
+        .unwrap();
+    for _ in 0..20 {
+        let err = fan_out
+            .publish(Event::new("a.b", serde_json::json!({})))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err.kind(), ErrorKind::Throttled | ErrorKind::CircuitOpen),
+            "{err}"
+        );
+    }
+    assert_eq!(breakers.get("failing".to_owned()).state(), State::Open);
+    assert_eq!(breakers.get("healthy".to_owned()).state(), State::Closed);
+    assert_eq!(failing.requests.get(), 5, "the open breaker stopped the requests");
+    assert_eq!(healthy.handled.get(), 20);
+}

@@ -276,3 +276,39 @@ async fn close_performs_the_handshake_and_ends_subscriptions() {
     assert!(matches!(client.state(), ConnectionState::Closed(None)));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_newest_refuses_at_once_and_close_returns_what_was_queued() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let config = watchtower_websocket::WsConfig::new(format!("ws://{addr}/events"))
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(100))
+        .queue_capacity(2)
+        .overflow(Overflow::DropNewest);
+    let client = WsClient::lazy(config).unwrap();
+    let mut publisher = client.publisher();
+    let sent: Vec<Event> = (0..3)
+        .map(|i| Event::new("q.a", serde_json::json!({"i": i})))
+        .collect();
+    let mut responses = Vec::new();
+    for e in &sent {
+        responses.push(publisher.ready().await.unwrap().call(e.clone()));
+    }
+    let third = responses.pop().unwrap();
+    let mut err = within("the refusal", third).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Dropped);
+    assert_eq!(err.take_event().as_ref(), Some(&sent[2]));
+
+    client.close().await;
+    for (response, e) in responses.into_iter().zip(&sent) {
+        let mut err = within("the queued event coming back", response)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Closed);
+        assert_eq!(err.take_event().as_ref(), Some(e));
+    }
+    let mut late = publisher.call(sent[0].clone()).await.unwrap_err();
+    assert_eq!(late.kind(), ErrorKind::Closed);
+    assert_eq!(late.take_event().as_ref(), Some(&sent[0]));
+}

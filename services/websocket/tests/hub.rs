@@ -72,6 +72,20 @@ async fn round_trip_both_ways() {
         (1, 0, 0)
     );
 
+    // Dropping the subscription unsubscribes.
+    drop(sub);
+    within("the unsubscribe", async {
+        while hub.broadcast(&plain).unwrap() != 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let mut sub = client
+        .subscriber()
+        .open(SubscribeOptions::new([format!("{ns}.other")]).unwrap())
+        .await
+        .unwrap();
+
     client.close().await;
     within("the hub seeing the client leave", async {
         while hub.connections() > 0 {

@@ -114,14 +114,12 @@ fn is_fatal(e: &Error) -> bool {
     matches!(e.kind(), ErrorKind::Rejected | ErrorKind::Config)
 }
 
-fn backoff(shared: &Shared, rng: &mut SmallRng, attempt: u32) -> Duration {
-    let config = &shared.config;
+/// The wait before reconnect attempt `attempt` (1-based): doubling from
+/// `initial` up to `max`, drawn from the upper half of that step ("equal
+/// jitter") so that it still grows while clients of one hub spread out.
+fn backoff(initial: Duration, max: Duration, rng: &mut SmallRng, attempt: u32) -> Duration {
     let exp = attempt.saturating_sub(1).min(20);
-    let full = config
-        .reconnect_initial
-        .saturating_mul(1 << exp)
-        .min(config.reconnect_max);
-    // "Equal jitter": at least half the step, so the backoff still grows.
+    let full = initial.saturating_mul(1 << exp).min(max);
     let half = full / 2;
     half + rng.random_range(Duration::ZERO..=full - half)
 }
@@ -186,7 +184,12 @@ pub(super) async fn drive(
         if attempt == 0 {
             attempt = 1;
         }
-        let delay = backoff(&shared, &mut rng, attempt);
+        let delay = backoff(
+            shared.config.reconnect_initial,
+            shared.config.reconnect_max,
+            &mut rng,
+            attempt,
+        );
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = shared.shutdown.cancelled() => break None,
@@ -572,4 +575,30 @@ async fn close_gracefully(shared: &Shared, sink: &mut Sink, batch: &mut Vec<Outg
     }));
     let _ = tokio::time::timeout(CLOSE_WAIT, sink.send(close)).await;
     "client closed".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter_in_the_upper_half() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        let (initial, max) = (Duration::from_millis(100), Duration::from_secs(2));
+        let mut distinct = HashSet::new();
+        for attempt in 1..=12 {
+            let full = (initial * 2u32.pow(attempt - 1)).min(max);
+            for _ in 0..50 {
+                let d = backoff(initial, max, &mut rng, attempt);
+                assert!(
+                    d >= full / 2 && d <= full,
+                    "attempt {attempt}: {d:?} not in [{:?}, {full:?}]",
+                    full / 2
+                );
+                distinct.insert(d);
+            }
+        }
+        assert!(distinct.len() > 100, "jitter spreads the waits");
+        assert!(backoff(initial, max, &mut rng, u32::MAX) <= max);
+    }
 }
