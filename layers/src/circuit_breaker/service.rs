@@ -1,4 +1,5 @@
 use std::fmt;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -101,8 +102,6 @@ impl<S> CircuitBreaker<S> {
         }
     }
 }
-
-use std::future::Future as _;
 
 impl<S> Service<Event> for CircuitBreaker<S>
 where

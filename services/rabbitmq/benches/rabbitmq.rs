@@ -113,7 +113,7 @@ async fn raw_publish(connection: &Connection, exchange: &str, n: usize) -> Durat
 
 async fn stack_publish(config: &RabbitConfig, n: usize) -> Duration {
     let publisher =
-        RabbitPublisher::connect_with(config.clone(), PublishOptions::new().max_in_flight(IN_FLIGHT))
+        RabbitPublisher::connect_with(config.clone(), publish_options())
             .await
             .unwrap();
     let dlq = MemoryDeadLetters::new(n);
@@ -213,6 +213,14 @@ async fn stack_consume(config: &RabbitConfig, queue: &str, n: usize) -> Duration
     elapsed
 }
 
+fn publish_options() -> PublishOptions {
+    let mut options = PublishOptions::new().max_in_flight(IN_FLIGHT);
+    if let Some(channels) = std::env::var("BENCH_CHANNELS").ok().and_then(|v| v.parse().ok()) {
+        options = options.channels(channels);
+    }
+    options
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -269,7 +277,8 @@ fn main() {
         );
 
         let (mut raw_con, mut stack_con) = (Duration::MAX, Duration::MAX);
-        for _ in 0..ROUNDS {
+        let rounds = if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "publish") { 0 } else { ROUNDS };
+        for _ in 0..rounds {
             preload(&config, n).await;
             raw_con = raw_con.min(raw_consume(&connection, &queue, n).await);
             preload(&config, n).await;
