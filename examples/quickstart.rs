@@ -1,8 +1,9 @@
 //! The quick start: publish and consume on the in-memory transport.
 //!
-//! A publisher built with `ServiceBuilder`, a subscriber whose handler
-//! fails one event on its first delivery and succeeds on the redelivery,
-//! and the consumer's final statistics.
+//! A publisher stack built with `ServiceBuilder` (dead letter, retry,
+//! circuit breaker, backpressure over the transport), a subscriber whose
+//! handler fails one event on its first delivery and succeeds on the
+//! redelivery, and the consumer's final statistics.
 //!
 //! ```text
 //! cargo run --example quickstart
@@ -14,6 +15,11 @@ use std::time::Duration;
 
 use tower::{ServiceBuilder, service_fn};
 use watchtower::prelude::*;
+use watchtower_layers::ServiceBuilderExt;
+use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
+use watchtower_layers::circuit_breaker::CircuitBreakerConfig;
+use watchtower_layers::dead_letter::Outcome;
+use watchtower_layers::retry::RetryConfig;
 use watchtower_memory::MemoryBroker;
 
 #[tokio::main]
@@ -40,24 +46,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let subscription = broker.subscriber().subscribe(["user.*"], handler).await?;
 
-    // Publish: the transport is a `Service<Event>`, so tower's layers stack on it.
+    // Publish: the transport is a `Service<Event>`; the fault-tolerance
+    // layers stack on it, outermost first. Whatever finally fails lands in
+    // the dead-letter queue instead of vanishing.
+    let dead_letters = MemoryDeadLetters::default();
     let mut publisher = ServiceBuilder::new()
+        .dead_letter(dead_letters.clone())
+        .retries(RetryConfig::new().max_attempts(3))
+        .circuit_breaker(CircuitBreakerConfig::new().name("memory"))
+        .backpressure(BackpressureLayer::new(1024, Overflow::Block))
         .timeout(Duration::from_secs(5))
-        .concurrency_limit(64)
         .service(broker.publisher());
     for (ty, id) in [
         ("user.created", 123),
         ("user.updated", 123),
         ("user.deleted", 123),
     ] {
-        let receipt = publisher
+        match publisher
             .publish(Event::new(ty, serde_json::json!({ "user_id": id })))
-            .await?;
-        println!(
-            "published {} as #{}",
-            receipt.topic,
-            receipt.sequence.unwrap_or_default()
-        );
+            .await?
+        {
+            Outcome::Delivered(receipt) => {
+                println!(
+                    "published {} as #{}",
+                    receipt.topic,
+                    receipt.sequence.unwrap_or_default()
+                )
+            }
+            Outcome::DeadLettered(dead) => println!("dead-lettered {}: {}", dead.event.id(), dead.error),
+        }
     }
 
     // Wait until every event is settled, then shut the consumer down gracefully.
@@ -66,6 +83,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let stats = subscription.stop().await?;
     println!("consumer statistics: {stats}");
-    assert_eq!((stats.acked, stats.nacked), (3, 1));
+    println!("dead letters: {}", dead_letters.len());
+    assert_eq!((stats.acked, stats.nacked, dead_letters.len()), (3, 1, 0));
     Ok(())
 }

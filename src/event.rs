@@ -415,7 +415,10 @@ impl Event {
             }
         }
         if self.datacontenttype().is_some_and(str::is_empty) {
-            return Err(Error::new(ErrorKind::InvalidEvent, "`datacontenttype` must not be empty"));
+            return Err(Error::new(
+                ErrorKind::InvalidEvent,
+                "`datacontenttype` must not be empty",
+            ));
         }
         Ok(())
     }

@@ -11,7 +11,9 @@ fn options(patterns: &[&str]) -> SubscribeOptions {
 }
 
 async fn next(
-    subscription: &mut (impl futures_util::Stream<Item = Result<Delivery<watchtower_memory::MemoryAcker>, Error>> + Unpin),
+    subscription: &mut (
+             impl futures_util::Stream<Item = Result<Delivery<watchtower_memory::MemoryAcker>, Error>> + Unpin
+         ),
 ) -> Delivery<watchtower_memory::MemoryAcker> {
     tokio::time::timeout(Duration::from_secs(5), subscription.next())
         .await
@@ -28,7 +30,10 @@ async fn close_fails_publishers_and_ends_subscriptions_after_what_they_hold() {
     let sent = Event::new("a", serde_json::json!(1));
     publisher.publish(sent.clone()).await.unwrap();
     broker.close();
-    let err = publisher.publish(Event::new("a", serde_json::json!(2))).await.unwrap_err();
+    let err = publisher
+        .publish(Event::new("a", serde_json::json!(2)))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed);
     let delivery = next(&mut subscription).await;
     assert_eq!(delivery.event(), Some(&sent));
@@ -42,7 +47,9 @@ async fn close_fails_publishers_and_ends_subscriptions_after_what_they_hold() {
 async fn retention_lets_a_late_subscriber_replay_in_order() {
     let broker = MemoryBroker::builder().retention(3).build();
     let mut publisher = broker.publisher();
-    let sent: Vec<Event> = (0..5).map(|i| Event::new("orders.placed", serde_json::json!(i))).collect();
+    let sent: Vec<Event> = (0..5)
+        .map(|i| Event::new("orders.placed", serde_json::json!(i)))
+        .collect();
     for event in &sent {
         publisher.publish(event.clone()).await.unwrap();
     }
@@ -60,7 +67,11 @@ async fn retention_lets_a_late_subscriber_replay_in_order() {
     let mut fresh = broker.subscriber().open(options(&["orders.*"])).await.unwrap();
     let later = Event::new("orders.placed", serde_json::json!(5));
     publisher.publish(later.clone()).await.unwrap();
-    assert_eq!(next(&mut fresh).await.event(), Some(&later), "no replay without asking");
+    assert_eq!(
+        next(&mut fresh).await.event(),
+        Some(&later),
+        "no replay without asking"
+    );
     assert_eq!(next(&mut replaying).await.event(), Some(&later));
 }
 
@@ -70,7 +81,10 @@ async fn max_pending_refuses_with_the_event_attached() {
     let _subscription = broker.subscriber().open(options(&["q"])).await.unwrap();
     let mut publisher = broker.publisher();
     for i in 0..2 {
-        publisher.publish(Event::new("q", serde_json::json!(i))).await.unwrap();
+        publisher
+            .publish(Event::new("q", serde_json::json!(i)))
+            .await
+            .unwrap();
     }
     let refused = Event::new("q", serde_json::json!(2));
     let mut err = publisher.publish(refused.clone()).await.unwrap_err();
@@ -83,7 +97,11 @@ async fn max_pending_refuses_with_the_event_attached() {
 async fn nack_with_delay_redelivers_after_the_delay() {
     let broker = MemoryBroker::new();
     let mut subscription = broker.subscriber().open(options(&["d"])).await.unwrap();
-    broker.publisher().publish(Event::new("d", serde_json::json!(0))).await.unwrap();
+    broker
+        .publisher()
+        .publish(Event::new("d", serde_json::json!(0)))
+        .await
+        .unwrap();
     let delivery = next(&mut subscription).await;
     delivery.nack(Some(Duration::from_secs(30))).await.unwrap();
     let early = tokio::time::timeout(Duration::from_secs(29), subscription.next()).await;
@@ -111,11 +129,19 @@ async fn dropping_an_unsettled_delivery_redelivers_it() {
 async fn an_ephemeral_subscription_leaves_no_trace_when_dropped() {
     let broker = MemoryBroker::new();
     let subscription = broker.subscriber().open(options(&["gone"])).await.unwrap();
-    broker.publisher().publish(Event::new("gone", serde_json::json!(0))).await.unwrap();
+    broker
+        .publisher()
+        .publish(Event::new("gone", serde_json::json!(0)))
+        .await
+        .unwrap();
     assert_eq!(broker.outstanding(), 1);
     drop(subscription);
     assert_eq!(broker.outstanding(), 0);
-    broker.publisher().publish(Event::new("gone", serde_json::json!(1))).await.unwrap();
+    broker
+        .publisher()
+        .publish(Event::new("gone", serde_json::json!(1)))
+        .await
+        .unwrap();
     assert_eq!(broker.outstanding(), 0, "published to nobody");
 }
 
@@ -138,8 +164,17 @@ async fn invalid_events_and_topics_are_refused() {
     let mut publisher = broker.publisher();
     let mut bad = Event::new("ok", serde_json::json!(0));
     bad.set_source("");
-    assert_eq!(publisher.publish(bad).await.unwrap_err().kind(), ErrorKind::InvalidEvent);
+    assert_eq!(
+        publisher.publish(bad).await.unwrap_err().kind(),
+        ErrorKind::InvalidEvent
+    );
     let wildcard_topic = Event::new("a.*", serde_json::json!(0));
-    assert_eq!(publisher.publish(wildcard_topic).await.unwrap_err().kind(), ErrorKind::InvalidTopic);
-    assert_eq!(broker.publish_raw("a..b", "x").unwrap_err().kind(), ErrorKind::InvalidTopic);
+    assert_eq!(
+        publisher.publish(wildcard_topic).await.unwrap_err().kind(),
+        ErrorKind::InvalidTopic
+    );
+    assert_eq!(
+        broker.publish_raw("a..b", "x").unwrap_err().kind(),
+        ErrorKind::InvalidTopic
+    );
 }

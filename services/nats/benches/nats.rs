@@ -28,7 +28,7 @@ use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
-use tower::{Service, ServiceBuilder, ServiceExt as _, service_fn};
+use tower::{Service, ServiceBuilder, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{Event, SubscribeOptions, Subscriber};
 use watchtower_layers::ServiceBuilderExt as _;
@@ -42,7 +42,10 @@ const ROUNDS: usize = 3;
 const WINDOW: usize = 256;
 
 fn count(var: &str, default: usize) -> usize {
-    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn payload() -> Bytes {
@@ -54,13 +57,25 @@ fn raw_headers(ty: &str, msg_id: bool) -> HeaderMap {
     let id = uuid::Uuid::now_v7().to_string();
     let time = watchtower::codec::format_time(time::OffsetDateTime::now_utc());
     let mut h = HeaderMap::new();
-    h.insert(HeaderName::from_static("ce-specversion"), HeaderValue::from("1.0"));
+    h.insert(
+        HeaderName::from_static("ce-specversion"),
+        HeaderValue::from("1.0"),
+    );
     h.insert(HeaderName::from_static("ce-type"), HeaderValue::from(ty));
     h.insert(HeaderName::from_static("ce-source"), HeaderValue::from("/bench"));
-    h.insert(HeaderName::from_static("ce-time"), HeaderValue::from(time.as_str()));
-    h.insert(HeaderName::from_static("ce-datacontenttype"), HeaderValue::from("application/json"));
+    h.insert(
+        HeaderName::from_static("ce-time"),
+        HeaderValue::from(time.as_str()),
+    );
+    h.insert(
+        HeaderName::from_static("ce-datacontenttype"),
+        HeaderValue::from("application/json"),
+    );
     if msg_id {
-        h.insert(HeaderName::from_static("Nats-Msg-Id"), HeaderValue::from(id.as_str()));
+        h.insert(
+            HeaderName::from_static("Nats-Msg-Id"),
+            HeaderValue::from(id.as_str()),
+        );
     }
     h.insert(HeaderName::from_static("ce-id"), HeaderValue::from(id));
     h
@@ -87,6 +102,33 @@ where
         .service(inner)
 }
 
+/// Calls `svc` for each event with up to `WINDOW` calls in flight,
+/// keeping the in-flight calls moving while waiting for readiness.
+async fn drive<S>(mut svc: S, events: impl Iterator<Item = Event>)
+where
+    S: Service<Event>,
+    S::Error: std::fmt::Debug,
+{
+    let mut in_flight = FuturesUnordered::<S::Future>::new();
+    for event in events {
+        if in_flight.len() >= WINDOW {
+            in_flight.next().await.unwrap().unwrap();
+        }
+        std::future::poll_fn(|cx| {
+            while let std::task::Poll::Ready(Some(r)) = in_flight.poll_next_unpin(cx) {
+                r.unwrap();
+            }
+            svc.poll_ready(cx)
+        })
+        .await
+        .unwrap();
+        in_flight.push(svc.call(event));
+    }
+    while let Some(r) = in_flight.next().await {
+        r.unwrap();
+    }
+}
+
 async fn core_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
     let raw = client.raw();
     let start = Instant::now();
@@ -102,11 +144,7 @@ async fn core_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
 async fn core_stack(client: &NatsClient, subject: &str, n: usize) -> Duration {
     let svc = stack(NatsPublisher::new(client.clone()));
     let start = Instant::now();
-    let events = futures_util::stream::iter((0..n).map(|_| event(subject)));
-    let mut responses = svc.call_all(events).unordered();
-    while let Some(r) = responses.next().await {
-        r.unwrap();
-    }
+    drive(svc, (0..n).map(|_| event(subject))).await;
     client.raw().flush().await.unwrap();
     start.elapsed()
 }
@@ -114,11 +152,7 @@ async fn core_stack(client: &NatsClient, subject: &str, n: usize) -> Duration {
 async fn core_bare(client: &NatsClient, subject: &str, n: usize) -> Duration {
     let svc = NatsPublisher::new(client.clone());
     let start = Instant::now();
-    let events = futures_util::stream::iter((0..n).map(|_| event(subject)));
-    let mut responses = svc.call_all(events).unordered();
-    while let Some(r) = responses.next().await {
-        r.unwrap();
-    }
+    drive(svc, (0..n).map(|_| event(subject))).await;
     client.raw().flush().await.unwrap();
     start.elapsed()
 }
@@ -126,18 +160,25 @@ async fn core_bare(client: &NatsClient, subject: &str, n: usize) -> Duration {
 async fn js_bare(client: &NatsClient, subject: &str, n: usize) -> Duration {
     let svc = JetStreamPublisher::new(client.clone()).max_in_flight(WINDOW);
     let start = Instant::now();
-    let events = futures_util::stream::iter((0..n).map(|_| event(subject)));
-    let mut responses = svc.call_all(events).unordered();
-    while let Some(r) = responses.next().await {
-        r.unwrap();
-    }
+    drive(svc, (0..n).map(|_| event(subject))).await;
     start.elapsed()
 }
 
 async fn js_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
     let js = client.jetstream();
     let start = Instant::now();
-    let mut acks = FuturesUnordered::<std::pin::Pin<Box<dyn std::future::Future<Output = Result<async_nats::jetstream::publish::PublishAck, async_nats::jetstream::context::PublishError>> + Send>>>::new();
+    let mut acks = FuturesUnordered::<
+        std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<
+                            async_nats::jetstream::publish::PublishAck,
+                            async_nats::jetstream::context::PublishError,
+                        >,
+                    > + Send,
+            >,
+        >,
+    >::new();
     for _ in 0..n {
         if acks.len() >= WINDOW {
             acks.next().await.unwrap().unwrap();
@@ -157,11 +198,7 @@ async fn js_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
 async fn js_stack(client: &NatsClient, subject: &str, n: usize) -> Duration {
     let svc = stack(JetStreamPublisher::new(client.clone()).max_in_flight(WINDOW));
     let start = Instant::now();
-    let events = futures_util::stream::iter((0..n).map(|_| event(subject)));
-    let mut responses = svc.call_all(events).unordered();
-    while let Some(r) = responses.next().await {
-        r.unwrap();
-    }
+    drive(svc, (0..n).map(|_| event(subject))).await;
     start.elapsed()
 }
 

@@ -41,7 +41,10 @@ async fn main() -> Result<(), Error> {
         .await?;
     let mut publisher = NatsPublisher::new(client.clone());
     publisher
-        .publish(Event::new("example.user.created", serde_json::json!({"user_id": 1})))
+        .publish(Event::new(
+            "example.user.created",
+            serde_json::json!({"user_id": 1}),
+        ))
         .await?;
     if let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
         println!("core NATS delivered {} {}", event.ty(), event.id());
@@ -59,7 +62,11 @@ async fn main() -> Result<(), Error> {
         .await?;
     let (handled_tx, mut handled) = tokio::sync::mpsc::unbounded_channel();
     let consumer = JetStreamSubscriber::new(client.clone(), "EXAMPLE_ORDERS")?
-        .settings(ConsumerSettings::new().max_deliver(5).ack_wait(Duration::from_secs(10)))?
+        .settings(
+            ConsumerSettings::new()
+                .max_deliver(5)
+                .ack_wait(Duration::from_secs(10)),
+        )?
         .subscribe_with(
             SubscribeOptions::new(["example.order.*"])?.group("billing")?,
             service_fn(move |event: Event| {
@@ -80,7 +87,10 @@ async fn main() -> Result<(), Error> {
         let outcome = orders
             .ready()
             .await?
-            .call(Event::new("example.order.paid", serde_json::json!({ "order": n })))
+            .call(Event::new(
+                "example.order.paid",
+                serde_json::json!({ "order": n }),
+            ))
             .await?;
         match outcome.delivered() {
             Some(receipt) => println!(

@@ -176,8 +176,14 @@ impl NatsClient {
         }
         match tokio::time::timeout(self.inner.request_timeout, self.inner.client.flush()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Error::new(ErrorKind::Connection, format!("NATS health check failed: {e}"))),
-            Err(_) => Err(Error::new(ErrorKind::Timeout, "NATS server did not answer the health check")),
+            Ok(Err(e)) => Err(Error::new(
+                ErrorKind::Connection,
+                format!("NATS health check failed: {e}"),
+            )),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                "NATS server did not answer the health check",
+            )),
         }
     }
 
@@ -244,10 +250,14 @@ fn parse_servers(config: &NatsConfig) -> Result<Vec<ServerAddr>, Error> {
         ));
     }
     if config.subscription_capacity == 0 || config.client_capacity == 0 {
-        return Err(Error::config("NATS subscription and client capacities must be at least 1"));
+        return Err(Error::config(
+            "NATS subscription and client capacities must be at least 1",
+        ));
     }
     if config.connect_timeout.is_zero() || config.request_timeout.is_zero() {
-        return Err(Error::config("NATS connect and request timeouts must be positive"));
+        return Err(Error::config(
+            "NATS connect and request timeouts must be positive",
+        ));
     }
     config
         .servers
@@ -371,7 +381,8 @@ impl ConnState {
             async_nats::Event::Connected => {
                 tracing::debug!("NATS connection established");
                 self.up.send_replace(true);
-                let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(PoisonError::into_inner));
+                let waiters =
+                    std::mem::take(&mut *self.waiters.lock().unwrap_or_else(PoisonError::into_inner));
                 waiters.into_iter().for_each(Waker::wake);
             }
             async_nats::Event::Disconnected => {
@@ -383,7 +394,8 @@ impl ConnState {
                 tracing::warn!("NATS connection closed");
                 self.closed.store(true, Ordering::Release);
                 self.up.send_replace(false);
-                let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(PoisonError::into_inner));
+                let waiters =
+                    std::mem::take(&mut *self.waiters.lock().unwrap_or_else(PoisonError::into_inner));
                 waiters.into_iter().for_each(Waker::wake);
             }
             async_nats::Event::SlowConsumer(sid) => self.slow_consumer(Some(sid)),

@@ -60,7 +60,9 @@ mod wire;
 pub use async_nats;
 pub use client::{ConnectionStats, NatsClient};
 pub use config::{NatsConfig, WhenDisconnected};
-pub use jetstream::{ConsumerSettings, JetStreamAcker, JetStreamPublisher, JetStreamSubscriber, JetStreamSubscription};
+pub use jetstream::{
+    ConsumerSettings, JetStreamAcker, JetStreamPublisher, JetStreamSubscriber, JetStreamSubscription,
+};
 pub use publisher::NatsPublisher;
 pub use subject::SubjectTemplate;
 pub use subscriber::{NatsAcker, NatsSubscriber, NatsSubscription};

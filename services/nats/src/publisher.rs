@@ -180,9 +180,10 @@ impl Service<Event> for NatsPublisher {
 
 pub(crate) fn core_publish_error(e: &async_nats::PublishError) -> Error {
     match e.kind() {
-        async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
-            Error::new(ErrorKind::Rejected, "event is larger than the server's max payload")
-        }
+        async_nats::client::PublishErrorKind::MaxPayloadExceeded => Error::new(
+            ErrorKind::Rejected,
+            "event is larger than the server's max payload",
+        ),
         async_nats::client::PublishErrorKind::InvalidSubject => {
             Error::new(ErrorKind::InvalidTopic, "subject rejected by the NATS client")
         }
@@ -228,11 +229,12 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Ready { result } => Poll::Ready(
-                result
-                    .take()
-                    .unwrap_or_else(|| Err(Error::new(ErrorKind::Other, "publish future polled after completion"))),
-            ),
+            StateProj::Ready { result } => Poll::Ready(result.take().unwrap_or_else(|| {
+                Err(Error::new(
+                    ErrorKind::Other,
+                    "publish future polled after completion",
+                ))
+            })),
             StateProj::Running { fut } => fut.as_mut().poll(cx),
         }
     }

@@ -30,8 +30,12 @@ fn header_name(name: &str) -> Result<HeaderName, Error> {
             return Ok(HeaderName::from_static(known));
         }
     }
-    HeaderName::from_str(name)
-        .map_err(|_| Error::new(ErrorKind::Encode, format!("{name:?} is not a valid NATS header name")))
+    HeaderName::from_str(name).map_err(|_| {
+        Error::new(
+            ErrorKind::Encode,
+            format!("{name:?} is not a valid NATS header name"),
+        )
+    })
 }
 
 /// The `ce-` headers of `event`, plus `Nats-Msg-Id` when `msg_id` is set.
@@ -88,7 +92,11 @@ pub(crate) fn decode(subject: &str, headers: Option<&HeaderMap>, payload: Bytes)
         let pairs = headers
             .into_iter()
             .flat_map(|h| h.iter())
-            .flat_map(|(name, values)| values.iter().map(move |v| (AsRef::<str>::as_ref(name), v.as_str())));
+            .flat_map(|(name, values)| {
+                values
+                    .iter()
+                    .map(move |v| (AsRef::<str>::as_ref(name), v.as_str()))
+            });
         Binding::NATS.decode(pairs, Some(payload.clone()))
     } else if payload.first() == Some(&b'{') {
         codec::structured::from_bytes(&payload)
@@ -112,9 +120,12 @@ fn raw(subject: &str, headers: Option<&HeaderMap>, body: Bytes) -> RawMessage {
         .into_iter()
         .flat_map(|h| h.iter())
         .flat_map(|(name, values)| {
-            values
-                .iter()
-                .map(move |v| (AsRef::<str>::as_ref(name).to_owned(), Bytes::copy_from_slice(v.as_str().as_bytes())))
+            values.iter().map(move |v| {
+                (
+                    AsRef::<str>::as_ref(name).to_owned(),
+                    Bytes::copy_from_slice(v.as_str().as_bytes()),
+                )
+            })
         })
         .collect();
     RawMessage {
@@ -141,8 +152,12 @@ mod tests {
         assert_eq!(map.get("ce-type").map(|v| v.as_str()), Some("user.created"));
         assert_eq!(map.get("ce-tenant").map(|v| v.as_str()), Some("acme"));
         assert_eq!(map.get(MSG_ID).map(|v| v.as_str()), Some(event.id()));
-        let back = decode("user.created", Some(&map), event.data().cloned().unwrap_or_default())
-            .unwrap_or_else(|p| panic!("{}", p.error));
+        let back = decode(
+            "user.created",
+            Some(&map),
+            event.data().cloned().unwrap_or_default(),
+        )
+        .unwrap_or_else(|p| panic!("{}", p.error));
         assert_eq!(back, event);
     }
 
@@ -168,7 +183,10 @@ mod tests {
         assert_eq!(poison.error.kind(), ErrorKind::Decode);
         assert_eq!(&*poison.raw.topic, "a.b");
         assert_eq!(poison.raw.body, Bytes::from_static(b"\xff\x00garbage"));
-        assert_eq!(poison.raw.headers, vec![("x-other".to_owned(), Bytes::from_static(b"1"))]);
+        assert_eq!(
+            poison.raw.headers,
+            vec![("x-other".to_owned(), Bytes::from_static(b"1"))]
+        );
 
         let mut missing = HeaderMap::new();
         missing.insert("ce-specversion", "1.0");
@@ -186,10 +204,7 @@ mod tests {
 
     #[test]
     fn newline_in_attribute_is_an_encode_error() {
-        let event = Event::builder("a.b")
-            .subject("line\r\nbreak")
-            .build()
-            .unwrap();
+        let event = Event::builder("a.b").subject("line\r\nbreak").build().unwrap();
         let err = headers(&event, false).err().unwrap_or_else(|| panic!("encoded"));
         assert_eq!(err.kind(), ErrorKind::Encode);
     }

@@ -35,7 +35,9 @@ use watchtower::{Event, SubscribeOptions, Subscriber, serve};
 use watchtower_layers::ServiceBuilderExt as _;
 use watchtower_layers::circuit_breaker::CircuitBreakerConfig;
 use watchtower_layers::retry::RetryConfig;
-use watchtower_rabbitmq::{ExchangeKind, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber};
+use watchtower_rabbitmq::{
+    ExchangeKind, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber,
+};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const IN_FLIGHT: usize = 1024;
@@ -43,7 +45,10 @@ const PREFETCH: u16 = 256;
 const ROUNDS: usize = 3;
 
 fn event(i: usize) -> Event {
-    Event::new("bench.order", serde_json::json!({"order": i, "item": "book", "qty": 1}))
+    Event::new(
+        "bench.order",
+        serde_json::json!({"order": i, "item": "book", "qty": 1}),
+    )
 }
 
 /// The properties a hand-written CloudEvents client sends.
@@ -68,7 +73,10 @@ fn raw_properties(id: &str) -> BasicProperties {
 
 async fn raw_publish(connection: &Connection, exchange: &str, n: usize) -> Duration {
     let channel = connection.create_channel().await.unwrap();
-    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let start = Instant::now();
     let mut in_flight = FuturesUnordered::new();
     let mut confirmed = 0;
@@ -80,7 +88,8 @@ async fn raw_publish(connection: &Connection, exchange: &str, n: usize) -> Durat
         let exchange = exchange.to_owned();
         in_flight.push(async move {
             let id = uuid::Uuid::now_v7().to_string();
-            let body = serde_json::to_vec(&serde_json::json!({"order": i, "item": "book", "qty": 1})).unwrap();
+            let body =
+                serde_json::to_vec(&serde_json::json!({"order": i, "item": "book", "qty": 1})).unwrap();
             let confirm = channel
                 .basic_publish(
                     exchange.into(),
@@ -112,10 +121,9 @@ async fn raw_publish(connection: &Connection, exchange: &str, n: usize) -> Durat
 }
 
 async fn stack_publish(config: &RabbitConfig, n: usize) -> Duration {
-    let publisher =
-        RabbitPublisher::connect_with(config.clone(), publish_options())
-            .await
-            .unwrap();
+    let publisher = RabbitPublisher::connect_with(config.clone(), publish_options())
+        .await
+        .unwrap();
     let dlq = MemoryDeadLetters::new(n);
     let mut stack = ServiceBuilder::new()
         .dead_letter(dlq.clone())
@@ -132,13 +140,7 @@ async fn stack_publish(config: &RabbitConfig, n: usize) -> Duration {
         }
         poll_fn(|cx| stack.poll_ready(cx)).await.unwrap();
         let call = stack.call(event(i));
-        in_flight.push(async move {
-            if call.await.unwrap().is_delivered() {
-                1
-            } else {
-                0
-            }
-        });
+        in_flight.push(async move { if call.await.unwrap().is_delivered() { 1 } else { 0 } });
         while let Some(Some(d)) = futures_util::FutureExt::now_or_never(in_flight.next()) {
             delivered += d;
         }
@@ -153,7 +155,8 @@ async fn stack_publish(config: &RabbitConfig, n: usize) -> Duration {
 
 async fn preload(config: &RabbitConfig, n: usize) {
     let mut publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
-    let mut in_flight: FuturesUnordered<watchtower_rabbitmq::publisher::ResponseFuture> = FuturesUnordered::new();
+    let mut in_flight: FuturesUnordered<watchtower_rabbitmq::publisher::ResponseFuture> =
+        FuturesUnordered::new();
     for i in 0..n {
         while in_flight.len() >= IN_FLIGHT {
             in_flight.next().await.unwrap().unwrap();
@@ -168,10 +171,18 @@ async fn preload(config: &RabbitConfig, n: usize) {
 
 async fn raw_consume(connection: &Connection, queue: &str, n: usize) -> Duration {
     let channel = connection.create_channel().await.unwrap();
-    channel.basic_qos(PREFETCH, BasicQosOptions::default()).await.unwrap();
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .unwrap();
     let start = Instant::now();
     let mut consumer = channel
-        .basic_consume(queue.into(), "raw".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.into(),
+            "raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     for _ in 0..n {
@@ -186,14 +197,21 @@ async fn raw_consume(connection: &Connection, queue: &str, n: usize) -> Duration
 async fn stack_consume(config: &RabbitConfig, queue: &str, n: usize) -> Duration {
     let subscriber = RabbitSubscriber::connect_with(
         config.clone(),
-        QueueOptions::new().queue(queue).unwrap().passive(true).prefetch(PREFETCH),
+        QueueOptions::new()
+            .queue(queue)
+            .unwrap()
+            .passive(true)
+            .prefetch(PREFETCH),
     )
     .await
     .unwrap();
     let handled = Arc::new(AtomicUsize::new(0));
     let all = Arc::new(Notify::new());
     let start = Instant::now();
-    let subscription = subscriber.open(SubscribeOptions::new(["bench.>"]).unwrap()).await.unwrap();
+    let subscription = subscriber
+        .open(SubscribeOptions::new(["bench.>"]).unwrap())
+        .await
+        .unwrap();
     let (h, a) = (handled.clone(), all.clone());
     let run = serve(
         subscription,
@@ -227,7 +245,10 @@ fn rate(n: usize, d: Duration) -> f64 {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
-    let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -58,9 +58,15 @@ async fn main() -> Result<(), Error> {
 
     let mut publisher = RabbitPublisher::connect(config.clone()).await?;
     publisher
-        .publish(Event::new("order.placed", serde_json::json!({"order": 1, "card": "ok"})))
+        .publish(Event::new(
+            "order.placed",
+            serde_json::json!({"order": 1, "card": "ok"}),
+        ))
         .await?;
-    let doomed = Event::new("order.placed", serde_json::json!({"order": 2, "card": "declined"}));
+    let doomed = Event::new(
+        "order.placed",
+        serde_json::json!({"order": 2, "card": "declined"}),
+    );
     publisher.publish(doomed.clone()).await?;
 
     // Drain the dead-letter queue: the event, intact, and the broker's
@@ -97,10 +103,14 @@ async fn main() -> Result<(), Error> {
         .map_err(|e| Error::new(ErrorKind::Connection, e.to_string()))?;
     if let Ok(channel) = connection.create_channel().await {
         for queue in [subscriber.group_queue("billing").as_str(), DLQ] {
-            let _ = channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
+            let _ = channel
+                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await;
         }
         for exchange in [EXCHANGE, DLX] {
-            let _ = channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()).await;
+            let _ = channel
+                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                .await;
         }
     }
     let _ = connection.close(200, "done".into()).await;

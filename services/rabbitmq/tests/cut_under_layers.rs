@@ -72,15 +72,18 @@ async fn ten_thousand_publishes_survive_two_cuts() {
         .circuit_breaker(CircuitBreakerConfig::new().open_wait(Duration::from_millis(200)))
         .service(publisher.clone());
 
-    let events: Vec<Event> = (0..TOTAL).map(|i| Event::new("tenk.x", serde_json::json!({"i": i}))).collect();
+    let events: Vec<Event> = (0..TOTAL)
+        .map(|i| Event::new("tenk.x", serde_json::json!({"i": i})))
+        .collect();
     let mut in_flight = FuturesUnordered::new();
     let (mut delivered, mut dead_lettered) = (HashSet::new(), HashSet::new());
     let mut cuts = 0;
-    let mut settle = |outcome: Result<(String, Outcome<watchtower::Receipt>), watchtower::Error>| match outcome {
-        Ok((id, Outcome::Delivered(_))) => assert!(delivered.insert(id)),
-        Ok((id, Outcome::DeadLettered(_))) => assert!(dead_lettered.insert(id)),
-        Err(e) => panic!("an event was neither delivered nor dead-lettered: {e}"),
-    };
+    let mut settle =
+        |outcome: Result<(String, Outcome<watchtower::Receipt>), watchtower::Error>| match outcome {
+            Ok((id, Outcome::Delivered(_))) => assert!(delivered.insert(id)),
+            Ok((id, Outcome::DeadLettered(_))) => assert!(dead_lettered.insert(id)),
+            Err(e) => panic!("an event was neither delivered nor dead-lettered: {e}"),
+        };
     for (i, event) in events.iter().enumerate() {
         // Cut while events are in flight, at 30% and 60%.
         if (i == TOTAL * 3 / 10 || i == TOTAL * 6 / 10) && !in_flight.is_empty() {
@@ -99,10 +102,17 @@ async fn ten_thousand_publishes_survive_two_cuts() {
         settle(outcome);
     }
     assert_eq!(cuts, 2);
-    assert_eq!(delivered.len() + dead_lettered.len(), TOTAL, "published = delivered + dead-lettered");
+    assert_eq!(
+        delivered.len() + dead_lettered.len(),
+        TOTAL,
+        "published = delivered + dead-lettered"
+    );
     assert_eq!(dlq.len(), dead_lettered.len());
     let health = publisher.health();
-    assert!(health.connections >= 3, "two reconnects after two cuts: {health:?}");
+    assert!(
+        health.connections >= 3,
+        "two reconnects after two cuts: {health:?}"
+    );
     assert!(proxy.accepted_connections() >= 3);
 
     // Every event the broker confirmed is in the queue (a retried one
@@ -114,7 +124,13 @@ async fn ten_thousand_publishes_survive_two_cuts() {
     let all: HashSet<String> = events.iter().map(|e| e.id().to_owned()).collect();
     let dead_ids: HashSet<String> = dlq.drain().iter().map(|e| e.id().to_owned()).collect();
     assert_eq!(dead_ids, dead_lettered);
-    assert!(received.union(&dead_ids).cloned().collect::<HashSet<_>>().is_superset(&all));
+    assert!(
+        received
+            .union(&dead_ids)
+            .cloned()
+            .collect::<HashSet<_>>()
+            .is_superset(&all)
+    );
     println!(
         "{} delivered, {} dead-lettered, {} connections",
         delivered.len(),

@@ -1,12 +1,12 @@
 //! The subscribing side: consumer groups, batched acknowledgements,
 //! redelivery and reclaiming.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures_core::Stream;
@@ -340,7 +340,8 @@ impl RedisSubscriber {
         let read_conn = self.config.connect(&self.client, self.options.block).await?;
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let (nack_tx, nack_rx) = mpsc::unbounded_channel();
-        let (tx, rx) = mpsc::channel(self.options.batch_size);
+        // One batch waits while the subscription works through another.
+        let (tx, rx) = mpsc::channel(1);
         let shared = Arc::new(Shared {
             conn: self.conn.clone(),
             config: self.config.clone(),
@@ -373,7 +374,10 @@ impl RedisSubscriber {
         ));
         tokio::spawn(read_loop(shared.clone(), read_conn, tx.clone()));
         tokio::spawn(maintain(shared, tx, nack_rx));
-        Ok(RedisSubscription { rx })
+        Ok(RedisSubscription {
+            rx,
+            ready: VecDeque::new(),
+        })
     }
 }
 
@@ -419,7 +423,9 @@ struct Shared {
     nack_tx: mpsc::UnboundedSender<Nack>,
 }
 
-type Tx = mpsc::Sender<Result<Delivery<RedisAcker>, Error>>;
+/// Deliveries travel in batches: one channel operation per read, not per
+/// entry.
+type Tx = mpsc::Sender<Result<Vec<Delivery<RedisAcker>>, Error>>;
 
 struct Nack {
     stream: Arc<StreamInfo>,
@@ -673,8 +679,8 @@ impl Shared {
         Ok(())
     }
 
-    /// Hands entries to the consumer; those that cannot be handed over
-    /// (the subscription is closed) are released for others to reclaim.
+    /// Hands entries to the consumer, as one batch; if the subscription is
+    /// closed, dropping the deliveries releases them for others to reclaim.
     /// Returns false once the subscription is closed.
     async fn hand_over(
         self: &Arc<Self>,
@@ -683,22 +689,23 @@ impl Shared {
         entries: Vec<Entry>,
         counts: impl Fn(&str) -> u32,
     ) -> bool {
-        let mut entries = entries.into_iter();
-        while let Some(entry) = entries.next() {
+        let mut batch = Vec::with_capacity(entries.len());
+        for entry in entries {
             let count = counts(&entry.id);
-            let Some(item) = self.delivery(stream, entry, count).await else {
-                continue;
-            };
-            if let Err(mpsc::error::SendError(item)) = tx.send(item).await {
-                // Dropping the delivery releases it.
-                drop(item);
-                for rest in entries {
-                    self.release(&stream.key, rest.id.into());
+            match self.delivery(stream, entry, count).await {
+                Some(Ok(delivery)) => batch.push(delivery),
+                Some(Err(e)) => {
+                    if !batch.is_empty() && tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
+                        return false;
+                    }
+                    if tx.send(Err(e)).await.is_err() {
+                        return false;
+                    }
                 }
-                return false;
+                None => {}
             }
         }
-        true
+        batch.is_empty() || tx.send(Ok(batch)).await.is_ok()
     }
 
     fn release(&self, stream: &Arc<str>, id: Arc<str>) {
@@ -727,7 +734,6 @@ async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, tx: Tx) {
         // Wait until the consumer has room, so that nothing is read that
         // would only wait in memory.
         let Ok(permit) = tx.reserve().await else { return };
-        let room = tx.capacity() + 1;
         drop(permit);
         let streams = shared.snapshot();
         if streams.is_empty() {
@@ -741,7 +747,7 @@ async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, tx: Tx) {
             .arg(&*shared.group)
             .arg(&*shared.options.consumer)
             .arg("COUNT")
-            .arg(shared.options.batch_size.min(room))
+            .arg(shared.options.batch_size)
             .arg("BLOCK")
             .arg(u64::try_from(shared.options.block.as_millis()).unwrap_or(u64::MAX))
             .arg("STREAMS");
@@ -1009,14 +1015,15 @@ async fn rescan_streams(shared: &Arc<Shared>) {
 /// A subscription's deliveries. Dropping it stops reading; entries read
 /// but not yet handed out are released for reclaiming.
 pub struct RedisSubscription {
-    rx: mpsc::Receiver<Result<Delivery<RedisAcker>, Error>>,
+    rx: mpsc::Receiver<Result<Vec<Delivery<RedisAcker>>, Error>>,
+    ready: VecDeque<Delivery<RedisAcker>>,
 }
 
 impl fmt::Debug for RedisSubscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisSubscription")
-            .field("queued", &self.rx.len())
-            .finish()
+            .field("ready", &self.ready.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -1024,7 +1031,16 @@ impl Stream for RedisSubscription {
     type Item = Result<Delivery<RedisAcker>, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        loop {
+            if let Some(delivery) = self.ready.pop_front() {
+                return Poll::Ready(Some(Ok(delivery)));
+            }
+            match ready!(self.rx.poll_recv(cx)) {
+                Some(Ok(batch)) => self.ready.extend(batch),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => return Poll::Ready(None),
+            }
+        }
     }
 }
 

@@ -114,7 +114,10 @@ impl NatsClient {
             {
                 Ok(())
             }
-            Err(e) => Err(admin_error(&format!("cannot delete JetStream stream {name:?}"), e)),
+            Err(e) => Err(admin_error(
+                &format!("cannot delete JetStream stream {name:?}"),
+                e,
+            )),
         }
     }
 

@@ -219,21 +219,31 @@ fn publish_error(e: &PublishError) -> Error {
         .map(|js| (js.code(), js.to_string()));
     match e.kind() {
         PublishErrorKind::TimedOut => Error::new(ErrorKind::Timeout, "no JetStream acknowledgement in time"),
-        PublishErrorKind::BrokenPipe => {
-            Error::new(ErrorKind::Connection, "connection lost before the JetStream acknowledgement")
+        PublishErrorKind::BrokenPipe => Error::new(
+            ErrorKind::Connection,
+            "connection lost before the JetStream acknowledgement",
+        ),
+        PublishErrorKind::StreamNotFound => {
+            Error::new(ErrorKind::Rejected, "no JetStream stream captures the subject")
         }
-        PublishErrorKind::StreamNotFound => Error::new(ErrorKind::Rejected, "no JetStream stream captures the subject"),
-        PublishErrorKind::MaxAckPending => Error::new(ErrorKind::Overloaded, "too many JetStream publishes in flight"),
-        PublishErrorKind::MaxPayloadExceeded => {
-            Error::new(ErrorKind::Rejected, "event is larger than the server's max payload")
+        PublishErrorKind::MaxAckPending => {
+            Error::new(ErrorKind::Overloaded, "too many JetStream publishes in flight")
         }
-        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
-            Error::new(ErrorKind::Rejected, format!("JetStream refused the event: {}", e.kind()))
-        }
+        PublishErrorKind::MaxPayloadExceeded => Error::new(
+            ErrorKind::Rejected,
+            "event is larger than the server's max payload",
+        ),
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => Error::new(
+            ErrorKind::Rejected,
+            format!("JetStream refused the event: {}", e.kind()),
+        ),
         _ => match detail {
             // 503: JetStream not ready yet (a restarting server), worth retrying.
             Some((503, text)) => Error::new(ErrorKind::Connection, format!("JetStream unavailable: {text}")),
-            Some((_, text)) => Error::new(ErrorKind::Rejected, format!("JetStream refused the event: {text}")),
+            Some((_, text)) => Error::new(
+                ErrorKind::Rejected,
+                format!("JetStream refused the event: {text}"),
+            ),
             None => Error::new(ErrorKind::Connection, format!("JetStream publish failed: {e}")),
         },
     }

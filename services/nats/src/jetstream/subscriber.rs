@@ -9,7 +9,9 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
 use futures_core::Stream;
 use futures_util::StreamExt as _;
-use watchtower::{Acker, Capabilities, Delivery, Error, ErrorKind, SubscribeOptions, Subscriber, TopicPattern};
+use watchtower::{
+    Acker, Capabilities, Delivery, Error, ErrorKind, SubscribeOptions, Subscriber, TopicPattern,
+};
 
 use crate::client::NatsClient;
 use crate::wire;
@@ -118,7 +120,9 @@ impl ConsumerSettings {
             return Err(Error::config("JetStream max deliver must be at least 1"));
         }
         if self.batch == 0 || self.max_ack_pending == 0 {
-            return Err(Error::config("JetStream batch and max ack pending must be at least 1"));
+            return Err(Error::config(
+                "JetStream batch and max ack pending must be at least 1",
+            ));
         }
         if self.expires < Duration::from_secs(1) {
             return Err(Error::config("JetStream pull expiry must be at least 1 s"));
@@ -251,7 +255,10 @@ impl Subscriber for JetStreamSubscriber {
     async fn open(&self, options: SubscribeOptions) -> Result<JetStreamSubscription, Error> {
         let config = self.settings.consumer_config(&options);
         let context = self.client.jetstream();
-        let consumer = match context.create_consumer_on_stream(config.clone(), &self.stream).await {
+        let consumer = match context
+            .create_consumer_on_stream(config.clone(), &self.stream)
+            .await
+        {
             Ok(consumer) => consumer,
             Err(e) => {
                 let existing = match &config.durable_name {
@@ -265,7 +272,9 @@ impl Subscriber for JetStreamSubscriber {
                 // start policy) is still the group's consumer when it reads the
                 // same subjects.
                 match existing {
-                    Some(consumer) if consumer.cached_info().config.filter_subject == config.filter_subject => {
+                    Some(consumer)
+                        if consumer.cached_info().config.filter_subject == config.filter_subject =>
+                    {
                         tracing::warn!(
                             stream = %self.stream,
                             error = %e,
@@ -285,7 +294,12 @@ impl Subscriber for JetStreamSubscriber {
             .heartbeat(heartbeat)
             .messages()
             .await
-            .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot start pulling from JetStream: {e}")))?;
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("cannot start pulling from JetStream: {e}"),
+                )
+            })?;
         let filter = (options.patterns().len() > 1).then(|| options.patterns().to_vec());
         Ok(JetStreamSubscription {
             messages,
@@ -304,9 +318,15 @@ fn consumer_error(stream: &str, e: &ConsumerError) -> Error {
         ConsumerErrorKind::JetStream(js) => {
             Error::config(format!("JetStream refused the consumer on {stream:?}: {js}"))
         }
-        ConsumerErrorKind::TimedOut => Error::new(ErrorKind::Timeout, "JetStream did not answer the consumer request"),
+        ConsumerErrorKind::TimedOut => Error::new(
+            ErrorKind::Timeout,
+            "JetStream did not answer the consumer request",
+        ),
         ConsumerErrorKind::InvalidName => Error::config("invalid JetStream consumer name"),
-        _ => Error::new(ErrorKind::Connection, format!("cannot create the JetStream consumer: {e}")),
+        _ => Error::new(
+            ErrorKind::Connection,
+            format!("cannot create the JetStream consumer: {e}"),
+        ),
     }
 }
 
@@ -383,7 +403,9 @@ impl Stream for JetStreamSubscription {
                 Ok(event) => Delivery::new(event, subject, acker),
                 Err(poison) => Delivery::poison(poison, acker),
             };
-            return Poll::Ready(Some(Ok(delivery.with_delivery_count(delivered).with_system("nats"))));
+            return Poll::Ready(Some(Ok(delivery
+                .with_delivery_count(delivered)
+                .with_system("nats"))));
         }
     }
 }
@@ -410,7 +432,12 @@ impl JetStreamAcker {
         } else {
             self.acker.ack_with(kind).await
         };
-        sent.map_err(|e| Error::new(ErrorKind::Connection, format!("cannot settle the JetStream message: {e}")))
+        sent.map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("cannot settle the JetStream message: {e}"),
+            )
+        })
     }
 }
 

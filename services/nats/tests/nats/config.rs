@@ -9,7 +9,9 @@ use watchtower_nats::{ConsumerSettings, JetStreamSubscriber, NatsClient, NatsCon
 use crate::support::{LOCAL, free_port, local};
 
 async fn connect_err(config: NatsConfig) -> watchtower::Error {
-    NatsClient::connect(config).await.expect_err("connect should fail")
+    NatsClient::connect(config)
+        .await
+        .expect_err("connect should fail")
 }
 
 #[tokio::test]
@@ -37,7 +39,10 @@ async fn invalid_addresses_and_options_are_config_errors() {
 async fn unreachable_server_is_a_connection_error_without_secrets() {
     let url = format!("nats://app:s3cret@127.0.0.1:{}", free_port());
     let e = connect_err(NatsConfig::new(url).connect_timeout(Duration::from_secs(2))).await;
-    assert!(matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout), "{e:?}");
+    assert!(
+        matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout),
+        "{e:?}"
+    );
     assert!(e.is_retryable());
     let shown = format!("{e} {e:?}");
     assert!(!shown.contains("s3cret"), "{shown}");
@@ -54,12 +59,21 @@ fn debug_hides_every_secret() {
     ];
     for config in configs {
         let shown = format!("{config:?}");
-        for secret in ["pw-in-url", "tok-secret", "pw-secret", "SUAKEYSEEDSECRET", "jwt-secret"] {
+        for secret in [
+            "pw-in-url",
+            "tok-secret",
+            "pw-secret",
+            "SUAKEYSEEDSECRET",
+            "jwt-secret",
+        ] {
             assert!(!shown.contains(secret), "{shown}");
         }
     }
     let shown = format!("{:?}", NatsConfig::new(LOCAL).user_password("app", "pw"));
-    assert!(shown.contains("user/password") && shown.contains("app"), "{shown}");
+    assert!(
+        shown.contains("user/password") && shown.contains("app"),
+        "{shown}"
+    );
 }
 
 #[tokio::test]
@@ -67,7 +81,14 @@ async fn wrong_credentials_are_refused_at_connect() {
     // The shared broker has no auth; a private one with a token does.
     let port = free_port();
     let mut child = tokio::process::Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--auth", "right-token"])
+        .args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--auth",
+            "right-token",
+        ])
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -84,15 +105,23 @@ async fn wrong_credentials_are_refused_at_connect() {
     let e = connect_err(NatsConfig::new(url.clone()).token("wrong-token")).await;
     assert_eq!(e.kind(), ErrorKind::Config, "{e:?}");
     assert!(!format!("{e} {e:?}").contains("wrong-token"));
-    let ok = NatsClient::connect(NatsConfig::new(url).token("right-token")).await.unwrap();
+    let ok = NatsClient::connect(NatsConfig::new(url).token("right-token"))
+        .await
+        .unwrap();
     ok.health().await.unwrap();
     child.kill().await.unwrap();
 }
 
 #[tokio::test]
 async fn bad_templates_names_and_consumer_settings() {
-    assert_eq!(SubjectTemplate::new("a.{who}").unwrap_err().kind(), ErrorKind::Config);
-    assert_eq!(SubjectTemplate::new("a.{topic").unwrap_err().kind(), ErrorKind::Config);
+    assert_eq!(
+        SubjectTemplate::new("a.{who}").unwrap_err().kind(),
+        ErrorKind::Config
+    );
+    assert_eq!(
+        SubjectTemplate::new("a.{topic").unwrap_err().kind(),
+        ErrorKind::Config
+    );
     assert_eq!(SubjectTemplate::new("").unwrap_err().kind(), ErrorKind::Config);
 
     let client = local().await;

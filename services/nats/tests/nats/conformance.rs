@@ -105,7 +105,10 @@ impl Harness for Js {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_core_nats() {
-    let report = conformance::run(Core { client: local().await }).await;
+    let report = conformance::run(Core {
+        client: local().await,
+    })
+    .await;
     report.assert_passed();
     // Core NATS is at-most-once: the persistence cases are skipped, with a reason.
     assert!(report.skipped().contains(&"nack_redelivery"));
@@ -115,7 +118,10 @@ async fn conformance_core_nats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_jetstream() {
-    let report = conformance::run(Js { client: local().await }).await;
+    let report = conformance::run(Js {
+        client: local().await,
+    })
+    .await;
     report.assert_passed();
     assert!(report.skipped().is_empty(), "{report}");
 }

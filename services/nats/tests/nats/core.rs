@@ -11,7 +11,9 @@ use watchtower_nats::{NatsClient, NatsConfig, NatsPublisher, NatsSubscriber, Sub
 
 use crate::support::{LOCAL, PATIENCE, local, unique};
 
-async fn next_event(sub: &mut watchtower_nats::NatsSubscription) -> watchtower::Delivery<watchtower_nats::NatsAcker> {
+async fn next_event(
+    sub: &mut watchtower_nats::NatsSubscription,
+) -> watchtower::Delivery<watchtower_nats::NatsAcker> {
     tokio::time::timeout(PATIENCE, sub.next())
         .await
         .expect("a delivery in time")
@@ -58,7 +60,10 @@ async fn round_trip_in_binary_mode_readable_by_plain_clients() {
     assert_eq!(headers.get("ce-type").unwrap().as_str(), topic);
     assert_eq!(headers.get("ce-subject").unwrap().as_str(), "42");
     assert_eq!(headers.get("ce-tenant").unwrap().as_str(), "acme");
-    assert_eq!(headers.get("ce-datacontenttype").unwrap().as_str(), "application/json");
+    assert_eq!(
+        headers.get("ce-datacontenttype").unwrap().as_str(),
+        "application/json"
+    );
     assert!(headers.get("ce-time").is_some());
     let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
     assert_eq!(body, serde_json::json!({"user_id": 42}));
@@ -74,12 +79,18 @@ async fn subject_template_and_explicit_topic() {
         .unwrap();
     let mut publisher = NatsPublisher::new(client.clone())
         .subject_template(SubjectTemplate::new(&format!("{ns}.events.{{topic}}")).unwrap());
-    publisher.publish(Event::new("order.paid", serde_json::json!({}))).await.unwrap();
+    publisher
+        .publish(Event::new("order.paid", serde_json::json!({})))
+        .await
+        .unwrap();
     publisher
         .publish(Event::new("order.paid", serde_json::json!({})).with_topic("audit"))
         .await
         .unwrap();
-    assert_eq!(next_event(&mut sub).await.topic(), format!("{ns}.events.order.paid"));
+    assert_eq!(
+        next_event(&mut sub).await.topic(),
+        format!("{ns}.events.order.paid")
+    );
     assert_eq!(next_event(&mut sub).await.topic(), format!("{ns}.events.audit"));
 
     // A topic that is no subject is refused before it reaches the wire.
@@ -106,14 +117,20 @@ async fn structured_foreign_and_poison_messages() {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Content-Type", watchtower::codec::CLOUDEVENTS_JSON);
     let raw = client.raw();
-    raw.publish_with_headers(topic.clone(), headers, body.clone()).await.unwrap();
-    raw.publish(topic.clone(), Bytes::from_static(b"\x00\xffnot an event")).await.unwrap();
+    raw.publish_with_headers(topic.clone(), headers, body.clone())
+        .await
+        .unwrap();
+    raw.publish(topic.clone(), Bytes::from_static(b"\x00\xffnot an event"))
+        .await
+        .unwrap();
     // Binary mode without the required `ce-source`.
     let mut partial = async_nats::HeaderMap::new();
     partial.insert("ce-specversion", "1.0");
     partial.insert("ce-id", "1");
     partial.insert("ce-type", "x.y");
-    raw.publish_with_headers(topic.clone(), partial, Bytes::new()).await.unwrap();
+    raw.publish_with_headers(topic.clone(), partial, Bytes::new())
+        .await
+        .unwrap();
     raw.publish(topic.clone(), body).await.unwrap(); // structured, no header
     raw.flush().await.unwrap();
 
@@ -149,7 +166,10 @@ async fn structured_foreign_and_poison_messages() {
         .expect("garbage kept with its raw bytes");
     assert_eq!(garbage.extension("deadletterkind"), Some("decode"));
     assert_eq!(garbage.extension("deadlettertopic"), Some(topic.as_str()));
-    assert!(dead.iter().any(|e| e.extension("deadletterreason").unwrap().contains("source")));
+    assert!(
+        dead.iter()
+            .any(|e| e.extension("deadletterreason").unwrap().contains("source"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +186,10 @@ async fn queue_groups_split_and_every_group_gets_all() {
     let mut b = subscriber.open(group("b")).await.unwrap();
     let mut publisher = NatsPublisher::new(client.clone());
     for i in 0..200 {
-        publisher.publish(Event::new(topic.clone(), serde_json::json!({ "i": i }))).await.unwrap();
+        publisher
+            .publish(Event::new(topic.clone(), serde_json::json!({ "i": i })))
+            .await
+            .unwrap();
     }
     for _ in 0..200 {
         next_event(&mut b).await;
@@ -195,7 +218,10 @@ async fn slow_consumer_drops_are_reported() {
         .unwrap();
     let mut publisher = NatsPublisher::new(client.clone());
     for i in 0..200 {
-        publisher.publish(Event::new(topic.clone(), serde_json::json!({ "i": i }))).await.unwrap();
+        publisher
+            .publish(Event::new(topic.clone(), serde_json::json!({ "i": i })))
+            .await
+            .unwrap();
     }
     client.raw().flush().await.unwrap();
     // Not reading while 200 arrive overflows the buffer of 4.

@@ -31,7 +31,9 @@ async fn readiness_and_health_follow_the_connection() {
     poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
 
     server.kill().await;
-    tokio::time::timeout(PATIENCE, client.disconnected()).await.unwrap();
+    tokio::time::timeout(PATIENCE, client.disconnected())
+        .await
+        .unwrap();
     let e = client.health().await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Connection);
     // Not ready while the server is gone.
@@ -47,7 +49,10 @@ async fn readiness_and_health_follow_the_connection() {
     .unwrap();
     let mut failing = NatsPublisher::new(fail_fast.clone());
     poll_fn(|cx| failing.poll_ready(cx)).await.unwrap();
-    let e = failing.call(Event::new("a.b", serde_json::json!({}))).await.unwrap_err();
+    let e = failing
+        .call(Event::new("a.b", serde_json::json!({})))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Connection);
     assert!(e.is_retryable());
 
@@ -58,11 +63,19 @@ async fn readiness_and_health_follow_the_connection() {
         .unwrap()
         .unwrap();
     client.health().await.unwrap();
-    publisher.publish(Event::new("a.b", serde_json::json!({}))).await.unwrap();
+    publisher
+        .publish(Event::new("a.b", serde_json::json!({})))
+        .await
+        .unwrap();
     assert!(client.stats().disconnects >= 1);
     assert!(client.stats().connects >= 2);
-    tokio::time::timeout(PATIENCE, fail_fast.connected()).await.unwrap();
-    failing.publish(Event::new("a.b", serde_json::json!({}))).await.unwrap();
+    tokio::time::timeout(PATIENCE, fail_fast.connected())
+        .await
+        .unwrap();
+    failing
+        .publish(Event::new("a.b", serde_json::json!({})))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +100,10 @@ async fn jetstream_consumer_resumes_after_server_restart_and_gets_unacked_again(
                 .double_ack(true),
         )
         .unwrap();
-    let options = SubscribeOptions::new([format!("{name}.>")]).unwrap().group("g").unwrap();
+    let options = SubscribeOptions::new([format!("{name}.>")])
+        .unwrap()
+        .group("g")
+        .unwrap();
     let mut sub = subscriber.open(options.clone()).await.unwrap();
     let mut publisher = JetStreamPublisher::new(client.clone());
     let sent: Vec<Event> = (0..40)
@@ -244,10 +260,16 @@ async fn ten_thousand_publishes_survive_two_cuts_exactly_once_or_dead_lettered()
 
     let dead_ids: HashSet<String> = dlq.snapshot().iter().map(|e| e.id().to_owned()).collect();
     assert_eq!(dead_ids.len(), dead);
-    assert!(delivered.is_subset(&stored), "a delivered receipt without a stored event");
+    assert!(
+        delivered.is_subset(&stored),
+        "a delivered receipt without a stored event"
+    );
     let all: HashSet<String> = sent.iter().map(|e| e.id().to_owned()).collect();
     let accounted: HashSet<String> = stored.union(&dead_ids).cloned().collect();
-    assert_eq!(accounted, all, "an event is neither in the stream nor dead-lettered");
+    assert_eq!(
+        accounted, all,
+        "an event is neither in the stream nor dead-lettered"
+    );
     println!(
         "stored {} (of which {} confirmed as duplicates on retry), dead-lettered {}, dead-lettered but stored {}",
         stored.len(),

@@ -14,7 +14,10 @@ use crate::support::{PATIENCE, local, stream, unique};
 
 async fn next(sub: &mut JetStreamSubscription) -> watchtower::Delivery<watchtower_nats::JetStreamAcker> {
     loop {
-        match tokio::time::timeout(PATIENCE, sub.next()).await.expect("a delivery in time") {
+        match tokio::time::timeout(PATIENCE, sub.next())
+            .await
+            .expect("a delivery in time")
+        {
             Some(Ok(d)) => return d,
             // A missed heartbeat while the test waits is not a failure.
             Some(Err(e)) if e.kind() == ErrorKind::Connection => continue,
@@ -82,7 +85,10 @@ async fn ack_nack_with_delay_term_and_delivery_counts() {
     let name = unique("WT");
     stream(&client, &name).await;
     let subscriber = JetStreamSubscriber::new(client.clone(), &name).unwrap();
-    let options = SubscribeOptions::new([format!("{name}.>")]).unwrap().group("workers").unwrap();
+    let options = SubscribeOptions::new([format!("{name}.>")])
+        .unwrap()
+        .group("workers")
+        .unwrap();
     let mut sub = subscriber.open(options).await.unwrap();
     let mut publisher = JetStreamPublisher::new(client.clone());
     let nacked = Event::new(format!("{name}.a"), serde_json::json!({"n": 1}));
@@ -91,7 +97,10 @@ async fn ack_nack_with_delay_term_and_delivery_counts() {
     publisher.publish(termed.clone()).await.unwrap();
 
     let d = next(&mut sub).await;
-    assert_eq!((d.event(), d.delivery_count(), d.system()), (Some(&nacked), 1, "nats"));
+    assert_eq!(
+        (d.event(), d.delivery_count(), d.system()),
+        (Some(&nacked), 1, "nats")
+    );
     d.nack(None).await.unwrap();
     // Order between the redelivery and the second event is the server's.
     let mut seen_term = false;
@@ -114,7 +123,11 @@ async fn ack_nack_with_delay_term_and_delivery_counts() {
     let overtaker = Event::new(format!("{name}.c"), serde_json::json!({"first": true}));
     publisher.publish(overtaker.clone()).await.unwrap();
     let d = next(&mut sub).await;
-    assert_eq!(d.event(), Some(&overtaker), "the delayed event came back before its delay");
+    assert_eq!(
+        d.event(),
+        Some(&overtaker),
+        "the delayed event came back before its delay"
+    );
     d.ack().await.unwrap();
     let d = next(&mut sub).await;
     assert_eq!((d.event(), d.delivery_count()), (Some(&nacked), 3));
@@ -140,10 +153,16 @@ async fn unsettled_delivery_goes_to_the_next_group_member() {
         .unwrap()
         .settings(settings)
         .unwrap();
-    let options = SubscribeOptions::new([format!("{name}.x")]).unwrap().group("g").unwrap();
+    let options = SubscribeOptions::new([format!("{name}.x")])
+        .unwrap()
+        .group("g")
+        .unwrap();
     let mut first = subscriber.open(options.clone()).await.unwrap();
     let event = Event::new(format!("{name}.x"), serde_json::json!({}));
-    JetStreamPublisher::new(client.clone()).publish(event.clone()).await.unwrap();
+    JetStreamPublisher::new(client.clone())
+        .publish(event.clone())
+        .await
+        .unwrap();
     let d = next(&mut first).await;
     let (_, acker) = d.into_parts();
     watchtower::Acker::progress(&acker).await.unwrap();
@@ -184,7 +203,11 @@ async fn max_deliver_stops_redelivery_and_replay_reads_history() {
     let marker = Event::new(format!("{name}.h"), serde_json::json!({"marker": true}));
     publisher.publish(marker.clone()).await.unwrap();
     let d = next(&mut sub).await;
-    assert_eq!(d.event(), Some(&marker), "a fourth delivery went past max deliver");
+    assert_eq!(
+        d.event(),
+        Some(&marker),
+        "a fourth delivery went past max deliver"
+    );
     d.ack().await.unwrap();
     client.delete_stream(&name).await.unwrap();
 }
@@ -217,7 +240,10 @@ async fn poison_messages_are_terminated_and_the_consumer_goes_on() {
     let name = unique("WT");
     stream(&client, &name).await;
     let subscriber = JetStreamSubscriber::new(client.clone(), &name).unwrap();
-    let options = SubscribeOptions::new([format!("{name}.>")]).unwrap().group("p").unwrap();
+    let options = SubscribeOptions::new([format!("{name}.>")])
+        .unwrap()
+        .group("p")
+        .unwrap();
     let sub = subscriber.open(options.clone()).await.unwrap();
     let js = client.jetstream();
     js.publish(format!("{name}.raw"), Bytes::from_static(b"\xde\xad\xbe\xef"))
@@ -226,7 +252,10 @@ async fn poison_messages_are_terminated_and_the_consumer_goes_on() {
         .await
         .unwrap();
     let good = Event::new(format!("{name}.ok"), serde_json::json!({}));
-    JetStreamPublisher::new(client.clone()).publish(good.clone()).await.unwrap();
+    JetStreamPublisher::new(client.clone())
+        .publish(good.clone())
+        .await
+        .unwrap();
 
     let dlq = watchtower::dead_letter::MemoryDeadLetters::new(4);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -245,12 +274,18 @@ async fn poison_messages_are_terminated_and_the_consumer_goes_on() {
         })
         .into_future(),
     );
-    assert_eq!(tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap(), Some(good));
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap(),
+        Some(good)
+    );
     tokio::time::timeout(PATIENCE, dlq.wait_for(1)).await.unwrap();
     stop.send(()).unwrap();
     let stats = run.await.unwrap().unwrap();
     assert_eq!((stats.acked, stats.poisoned, stats.settle_errors), (1, 1, 0));
-    assert_eq!(dlq.drain()[0].data().map(|d| &d[..]), Some(&b"\xde\xad\xbe\xef"[..]));
+    assert_eq!(
+        dlq.drain()[0].data().map(|d| &d[..]),
+        Some(&b"\xde\xad\xbe\xef"[..])
+    );
 
     // Terminated: a new member of the group is not handed the poison again.
     let info = client
