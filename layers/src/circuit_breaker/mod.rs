@@ -16,9 +16,14 @@
 //! The breaker never accepts work it will then refuse: it decides in
 //! `poll_ready`, holds the permit until `call`, and gives a probe slot
 //! back if the service or the response future is dropped first. The hot
-//! path (closed) is one atomic load in `poll_ready` and one uncontended
-//! lock when the call finishes; the future is not boxed and the inner
-//! service is never cloned.
+//! path (closed, count-based window) takes no lock: `poll_ready` reads one
+//! atomic state word, and a finished call claims the next slot of a ring of
+//! outcomes with one atomic increment, touching the counters only when the
+//! slot's old outcome differs; the lock is taken only to change state (and
+//! for time-based windows). The future is not boxed and the inner service
+//! is never cloned. Under concurrent load the [`Metrics`] snapshot is
+//! therefore eventually consistent: it may miss calls finishing while it is
+//! taken.
 //!
 //! Which errors count as failures is the [classifier]'s call: by default a
 //! `Rejected` or `InvalidEvent` error (the caller's fault) does not trip

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use watchtower::{Error, ErrorKind};
 
 use super::config::{CircuitBreakerConfig, SlidingWindow, StateChange, Verdict};
-use super::window::{CountWindow, Counts, Outcome, TimeWindow, Window};
+use super::window::{AtomicCountWindow, CountWindow, Counts, Outcome, Recorded, TimeWindow, Window};
 
 /// The state of a circuit breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -69,6 +69,11 @@ impl fmt::Display for State {
 }
 
 /// A snapshot of a breaker's state and counters.
+///
+/// Calls finish without taking a lock, so under concurrent load a snapshot
+/// may miss the outcomes of calls finishing while it is taken, and the
+/// lifetime counters may lag the window by those calls; once they have
+/// finished, the next snapshot counts them all.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Metrics {
     /// The state now.
@@ -104,6 +109,12 @@ pub(crate) struct Breaker {
     pub(crate) config: CircuitBreakerConfig,
     packed: AtomicU64,
     rejected: AtomicU64,
+    /// The count window, when it is small enough to be kept lock-free: a
+    /// call that ends while closed or metrics-only records here without the
+    /// lock, which is taken only to open the breaker.
+    ring: Option<AtomicCountWindow>,
+    /// Failures recorded in `ring`; its other writes are successes.
+    ring_failures: AtomicU64,
     machine: Mutex<Machine>,
     pub(crate) notify: Arc<Notify>,
 }
@@ -111,7 +122,8 @@ pub(crate) struct Breaker {
 struct Machine {
     state: State,
     epoch: u64,
-    window: Window,
+    /// The window kept under the lock: time-based, or too large for `ring`.
+    window: Option<Window>,
     open_until: Option<Instant>,
     consecutive_trips: u32,
     probes_issued: u32,
@@ -143,14 +155,21 @@ type Transition = Option<StateChange>;
 impl Breaker {
     pub(crate) fn new(config: CircuitBreakerConfig) -> Arc<Breaker> {
         let now = Instant::now();
-        let window = match config.window {
-            SlidingWindow::Count(n) => Window::Count(CountWindow::new(n)),
-            SlidingWindow::Time { size, buckets } => Window::Time(TimeWindow::new(size, buckets, now)),
+        let (ring, window) = match config.window {
+            SlidingWindow::Count(n) => match AtomicCountWindow::new(n) {
+                Some(ring) => (Some(ring), None),
+                None => (None, Some(Window::Count(CountWindow::new(n)))),
+            },
+            SlidingWindow::Time { size, buckets } => {
+                (None, Some(Window::Time(TimeWindow::new(size, buckets, now))))
+            }
         };
         Arc::new(Breaker {
             config,
             packed: AtomicU64::new(State::Closed.to_bits()),
             rejected: AtomicU64::new(0),
+            ring,
+            ring_failures: AtomicU64::new(0),
             machine: Mutex::new(Machine {
                 state: State::Closed,
                 epoch: 0,
@@ -250,7 +269,7 @@ impl Breaker {
             State::Closed => {
                 m.consecutive_trips = 0;
                 m.open_until = None;
-                m.window.clear();
+                self.clear_window(m);
             }
             _ => m.open_until = None,
         }
@@ -282,7 +301,62 @@ impl Breaker {
             || (c.slow_call_duration.is_some() && counts.slow_rate() >= c.slow_call_rate_threshold)
     }
 
+    fn clear_window(&self, m: &mut Machine) {
+        if let Some(ring) = &self.ring {
+            ring.clear();
+        }
+        if let Some(w) = &mut m.window {
+            w.clear();
+        }
+    }
+
+    fn window_counts(&self, m: &mut Machine) -> Counts {
+        match (&self.ring, &mut m.window) {
+            (Some(ring), _) => ring.counts(),
+            (None, Some(w)) => w.counts(),
+            (None, None) => Counts::default(),
+        }
+    }
+
     fn record(&self, epoch: u64, probe: bool, o: Outcome) {
+        if let Some(ring) = &self.ring {
+            // The state word was published after the window was cleared for
+            // this epoch, so a match means the outcome belongs in it.
+            let packed = self.packed.load(Ordering::Acquire);
+            let closed = packed == (epoch << 8) | State::Closed.to_bits();
+            if closed || packed == (epoch << 8) | State::MetricsOnly.to_bits() {
+                if o.failure {
+                    self.ring_failures.fetch_add(1, Ordering::Relaxed);
+                }
+                match ring.record(o) {
+                    Recorded::Raised(counts) if closed && self.trips(&counts) => self.open(epoch, Some(counts)),
+                    Recorded::Torn if closed => self.open(epoch, None),
+                    _ => {}
+                }
+                return;
+            }
+        }
+        self.record_locked(epoch, probe, o);
+    }
+
+    /// Opens the breaker if it is still closed in `epoch` and `counts` (or
+    /// the window read now, if `None`) trips it.
+    fn open(&self, epoch: u64, counts: Option<Counts>) {
+        let mut m = self.lock();
+        if m.epoch != epoch || m.state != State::Closed {
+            return;
+        }
+        let counts = counts.unwrap_or_else(|| self.window_counts(&mut m));
+        let change = if self.trips(&counts) {
+            self.transition(&mut m, State::Open)
+        } else {
+            None
+        };
+        drop(m);
+        self.fire(change);
+    }
+
+    fn record_locked(&self, epoch: u64, probe: bool, o: Outcome) {
         let mut m = self.lock();
         if o.failure {
             m.failures += 1;
@@ -297,10 +371,22 @@ impl Breaker {
         let mut change = None;
         match m.state {
             State::Closed | State::MetricsOnly => {
-                let now = m.window.is_time().then(Instant::now);
-                m.window.record(o, now);
+                match (&self.ring, &mut m.window) {
+                    (Some(ring), _) => {
+                        // Counted by the ring's writes, not the lock's totals.
+                        if o.failure {
+                            m.failures -= 1;
+                            self.ring_failures.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            m.successes -= 1;
+                        }
+                        ring.record(o);
+                    }
+                    (None, Some(w)) => w.record(o),
+                    (None, None) => {}
+                }
                 if m.state == State::Closed {
-                    let counts = m.window.counts();
+                    let counts = self.window_counts(&mut m);
                     if self.trips(&counts) {
                         change = self.transition(&mut m, State::Open);
                     }
@@ -339,7 +425,7 @@ impl Breaker {
         let mut m = self.lock();
         let change = self.transition(&mut m, to);
         if to == State::Closed || to == State::MetricsOnly {
-            m.window.clear();
+            self.clear_window(&mut m);
         }
         drop(m);
         self.fire(change);
@@ -361,7 +447,14 @@ impl Breaker {
     pub(crate) fn metrics(&self) -> Metrics {
         let state = self.state();
         let mut m = self.lock();
-        let counts = m.window.counts();
+        let counts = self.window_counts(&mut m);
+        let (ring_successes, ring_failures) = match &self.ring {
+            Some(ring) => {
+                let failures = self.ring_failures.load(Ordering::Relaxed);
+                (ring.recorded().saturating_sub(failures), failures)
+            }
+            None => (0, 0),
+        };
         let enough = counts.calls >= self.config.minimum_calls;
         Metrics {
             state,
@@ -370,8 +463,8 @@ impl Breaker {
             window_slow: counts.slow,
             failure_rate: enough.then(|| counts.failure_rate()),
             slow_call_rate: enough.then(|| counts.slow_rate()),
-            successful_calls: m.successes,
-            failed_calls: m.failures,
+            successful_calls: m.successes + ring_successes,
+            failed_calls: m.failures + ring_failures,
             rejected_calls: self.rejected.load(Ordering::Relaxed),
             trips: m.trips,
             open_remaining: m
@@ -475,7 +568,7 @@ impl CircuitBreakerHandle {
     pub fn reset(&self) {
         self.breaker.force(State::Closed);
         let mut m = self.breaker.lock();
-        m.window.clear();
+        self.breaker.clear_window(&mut m);
         m.consecutive_trips = 0;
     }
 }

@@ -5,10 +5,10 @@
 //! It watches the connection's events to
 //!
 //! * wake publishers whose `poll_ready` waits for the connection to come
-//!   back (see [`WhenDisconnected`](crate::WhenDisconnected)),
+//!   back (see [`WhenDisconnected`]),
 //! * attribute slow-consumer drops to the subscription that lost messages,
 //!   which then reports them as an
-//!   [`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped) item,
+//!   [`ErrorKind::Dropped`] item,
 //! * count disconnects for [`NatsClient::stats`].
 //!
 //! # Example

@@ -164,11 +164,12 @@ impl Service<Event> for NatsPublisher {
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
         let span = watchtower::trace::publish_span("nats", &subject, &event);
-        let client = self.client.raw().clone();
+        let client = self.client.clone();
         let payload = event.data().cloned().unwrap_or_default();
         let receipt = Receipt::new(subject.clone(), &event);
         let fut = async move {
             client
+                .raw()
                 .publish_with_headers(Subject::from(&*subject), headers, payload)
                 .await
                 .map_err(|e| core_publish_error(&e))?;

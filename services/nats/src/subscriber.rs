@@ -12,7 +12,7 @@
 //! messages past its buffer
 //! ([`NatsConfig::subscription_capacity`](crate::NatsConfig::subscription_capacity));
 //! the subscription then yields an
-//! [`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped) item saying how
+//! [`ErrorKind::Dropped`] item saying how
 //! many were lost, and [`NatsSubscription::dropped`] counts them.
 //!
 //! # Example
@@ -84,46 +84,36 @@ impl Subscriber for NatsSubscriber {
 
     async fn open(&self, options: SubscribeOptions) -> Result<NatsSubscription, Error> {
         let raw = self.client.raw();
-        let mut streams = SelectAll::new();
-        let mut counters = Vec::new();
-        let state = self.client.state().clone();
+        // Built as it goes so that, on an error, dropping it unregisters
+        // what was registered.
+        let mut subscription = NatsSubscription {
+            client: self.client.clone(),
+            streams: SelectAll::new(),
+            counters: Vec::new(),
+            reported: 0,
+        };
         for pattern in options.patterns() {
             let subscribed = match options.group_name() {
-                Some(group) => {
-                    raw.queue_subscribe(pattern.as_str().to_owned(), group.to_owned())
-                        .await
-                }
+                Some(group) => raw.queue_subscribe(pattern.as_str().to_owned(), group.to_owned()).await,
                 None => raw.subscribe(pattern.as_str().to_owned()).await,
             };
             let subscriber = subscribed.map_err(|e| match e.kind() {
-                async_nats::SubscribeErrorKind::InvalidSubject
-                | async_nats::SubscribeErrorKind::InvalidQueueName => Error::new(
-                    ErrorKind::InvalidTopic,
-                    format!("cannot subscribe to {:?}: {e}", pattern.as_str()),
-                ),
+                async_nats::SubscribeErrorKind::InvalidSubject | async_nats::SubscribeErrorKind::InvalidQueueName => {
+                    Error::new(ErrorKind::InvalidTopic, format!("cannot subscribe to {:?}: {e}", pattern.as_str()))
+                }
                 async_nats::SubscribeErrorKind::Other => Error::closed("NATS client is closed"),
             })?;
             let sid = subscription_id(&subscriber);
-            counters.push((sid, state.register(sid)));
-            streams.push(subscriber);
+            subscription.counters.push((sid, self.client.state().register(sid)));
+            subscription.streams.push(subscriber);
         }
         // The server has the subscriptions once it answered the flush's ping:
         // events published after `open` returns reach them.
         tokio::time::timeout(self.client.request_timeout(), raw.flush())
             .await
             .map_err(|_| Error::new(ErrorKind::Timeout, "NATS server did not confirm the subscription"))?
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("cannot confirm the subscription: {e}"),
-                )
-            })?;
-        Ok(NatsSubscription {
-            client: self.client.clone(),
-            streams,
-            counters,
-            reported: 0,
-        })
+            .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot confirm the subscription: {e}")))?;
+        Ok(subscription)
     }
 }
 
@@ -154,31 +144,46 @@ impl Stream for NatsSubscription {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        for (_, counter) in &this.counters {
-            counter.register(cx.waker());
-        }
-        let dropped = this.dropped();
-        if dropped > this.reported {
-            let lost = dropped - this.reported;
-            this.reported = dropped;
-            return Poll::Ready(Some(Err(Error::new(
-                ErrorKind::Dropped,
-                format!("slow consumer: the NATS client dropped {lost} message(s) for this subscription"),
-            ))));
+        if let Some(error) = this.take_drops() {
+            return Poll::Ready(Some(Err(error)));
         }
         match this.streams.poll_next_unpin(cx) {
             Poll::Ready(Some(message)) => {
                 let subject = message.subject.as_str();
-                let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload.clone())
-                {
+                let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload.clone()) {
                     Ok(event) => Delivery::new(event, subject, NatsAcker(())),
                     Err(poison) => Delivery::poison(poison, NatsAcker(())),
                 };
                 Poll::Ready(Some(Ok(delivery.with_system("nats"))))
             }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                // Only an idle subscription needs waking for drops; the check
+                // after registering catches one reported in between.
+                for (_, counter) in &this.counters {
+                    counter.register(cx.waker());
+                }
+                match this.take_drops() {
+                    Some(error) => Poll::Ready(Some(Err(error))),
+                    None => Poll::Pending,
+                }
+            }
         }
+    }
+}
+
+impl NatsSubscription {
+    fn take_drops(&mut self) -> Option<Error> {
+        let dropped = self.dropped();
+        if dropped <= self.reported {
+            return None;
+        }
+        let lost = dropped - self.reported;
+        self.reported = dropped;
+        Some(Error::new(
+            ErrorKind::Dropped,
+            format!("slow consumer: the NATS client dropped {lost} message(s) for this subscription"),
+        ))
     }
 }
 

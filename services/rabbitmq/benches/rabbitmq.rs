@@ -239,6 +239,14 @@ fn publish_options() -> PublishOptions {
     options
 }
 
+/// This process's CPU time so far (user + system), from /proc.
+fn cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: u64 = fields.get(11..13).map_or(0, |f| f.iter().filter_map(|t| t.parse::<u64>().ok()).sum());
+    Duration::from_millis(ticks * 10)
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -284,10 +292,15 @@ fn main() {
 
         println!("RabbitMQ, {n} messages per run, best of {ROUNDS} runs, same broker, same process");
         let (mut raw_pub, mut stack_pub) = (Duration::MAX, Duration::MAX);
+        let (mut raw_cpu, mut stack_cpu) = (Duration::ZERO, Duration::ZERO);
         for _ in 0..ROUNDS {
+            let c = cpu();
             raw_pub = raw_pub.min(raw_publish(&connection, &exchange, n).await);
+            raw_cpu += cpu() - c;
             admin.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await.unwrap();
+            let c = cpu();
             stack_pub = stack_pub.min(stack_publish(&config, n).await);
+            stack_cpu += cpu() - c;
             admin.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await.unwrap();
         }
         println!(
@@ -295,6 +308,11 @@ fn main() {
             rate(n, raw_pub),
             rate(n, stack_pub),
             raw_pub.as_secs_f64() / stack_pub.as_secs_f64()
+        );
+        println!(
+            "  client CPU per message: raw {:.1} us | stack {:.1} us",
+            raw_cpu.as_secs_f64() * 1e6 / (n * ROUNDS) as f64,
+            stack_cpu.as_secs_f64() * 1e6 / (n * ROUNDS) as f64
         );
 
         let (mut raw_con, mut stack_con) = (Duration::MAX, Duration::MAX);

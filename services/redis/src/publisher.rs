@@ -64,8 +64,12 @@ impl Health {
 /// answers with a [`Receipt`] carrying the stream key and the entry id.
 ///
 /// The connection is one multiplexed connection that reconnects by itself.
-/// Clones share it, and calls do not wait for each other: many concurrent
-/// callers (or one caller with many calls in flight) are pipelined on it.
+/// Clones share it, and calls do not wait for each other: the `XADD`s of
+/// concurrent callers (or of one caller with many calls in flight) are
+/// gathered into pipelines, a few on the wire at once, so a busy publisher
+/// pays one round trip per batch rather than per event.
+/// [`publish_batch`](RedisPublisher::publish_batch) sends a caller's own
+/// batch as one pipeline.
 ///
 /// # Readiness
 ///

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -112,8 +112,10 @@ struct Options {
 /// * Every [claim interval](RedisSubscriberBuilder::claim_interval), entries
 ///   of any consumer pending longer than the [claim idle
 ///   time](RedisSubscriberBuilder::claim_idle) are reclaimed with
-///   `XAUTOCLAIM`, with their delivery counts. Handlers that take longer
-///   than the claim idle time should call [`Acker::progress`].
+///   `XAUTOCLAIM`, with their delivery counts; entries this consumer still
+///   holds (read and not yet settled) are not delivered to it again.
+///   Handlers that take longer than the claim idle time should call
+///   [`Acker::progress`], or another consumer may take their entries.
 /// * An entry delivered more than [`max_deliveries`](RedisSubscriberBuilder::max_deliveries)
 ///   times goes to the [`DeadLetter`] path instead and is acknowledged.
 ///
@@ -184,8 +186,9 @@ impl RedisSubscriberBuilder {
         self
     }
 
-    /// Entries read at most per `XREADGROUP`, and the depth of the queue of
-    /// read entries waiting for the consumer. Default [`DEFAULT_BATCH_SIZE`].
+    /// Entries read at most per `XREADGROUP`. While the consumer works
+    /// through one batch, the next one is read, so up to two batches wait
+    /// in memory. Default [`DEFAULT_BATCH_SIZE`].
     pub fn batch_size(mut self, n: usize) -> Self {
         self.options.batch_size = n;
         self
@@ -349,6 +352,7 @@ impl RedisSubscriber {
             group: group.clone(),
             patterns: options.patterns().to_vec(),
             streams: Arc::new(RwLock::new(Vec::new())),
+            held: Mutex::new(HashSet::new()),
             ack_tx,
             nack_tx,
         });
@@ -419,6 +423,7 @@ struct Shared {
     group: Arc<str>,
     patterns: Vec<TopicPattern>,
     streams: Arc<RwLock<Vec<Arc<StreamInfo>>>>,
+    held: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
     ack_tx: mpsc::UnboundedSender<AckOp>,
     nack_tx: mpsc::UnboundedSender<Nack>,
 }
@@ -577,10 +582,12 @@ impl Shared {
             });
             return None;
         };
+        let id: Arc<str> = entry.id.as_str().into();
         let acker = RedisAcker {
             shared: self.clone(),
             stream: stream.clone(),
-            id: entry.id.as_str().into(),
+            held: None,
+            id,
             count,
             settled: false,
         };
@@ -615,12 +622,16 @@ impl Shared {
                         ErrorKind::Rejected,
                         format!("delivered {count} times, more than the maximum"),
                     );
+                    let mut acker = acker;
+                    acker.held = Some(Held::new(self, &stream.key, &acker.id));
                     return Some(Ok(Delivery::poison(Poison::new(raw, error), acker)
                         .with_delivery_count(count)
                         .with_system("redis")));
                 }
             }
         }
+        let mut acker = acker;
+        acker.held = Some(Held::new(self, &stream.key, &acker.id));
         let delivery = match wire::decode(&stream.topic, fields) {
             Ok(event) => Delivery::new(event, stream.topic.clone(), acker),
             Err(poison) => Delivery::poison(poison, acker),
@@ -963,6 +974,12 @@ async fn reclaim(shared: &Arc<Shared>, tx: &Tx, cursors: &mut HashMap<Arc<str>, 
                 }
             };
             *cursor = next;
+            // Entries this consumer still holds (read, being handled) are
+            // not delivered again; the claim only reset their idle time.
+            let mut entries = entries;
+            if let Ok(held) = shared.held.lock() {
+                entries.retain(|e| !held.contains(&(stream.key.clone(), Arc::from(e.id.as_str()))));
+            }
             if !entries.is_empty() {
                 tracing::info!(
                     stream = &*stream.key,
@@ -1052,6 +1069,36 @@ pub struct RedisAcker {
     id: Arc<str>,
     count: u32,
     settled: bool,
+    held: Option<Held>,
+}
+
+/// Marks an entry as held by this consumer (read, not yet settled), so that
+/// its own reclaiming does not deliver it a second time; dropped once the
+/// entry is settled or released.
+struct Held {
+    shared: Arc<Shared>,
+    key: (Arc<str>, Arc<str>),
+}
+
+impl Held {
+    fn new(shared: &Arc<Shared>, stream: &Arc<str>, id: &Arc<str>) -> Held {
+        let key = (stream.clone(), id.clone());
+        if let Ok(mut held) = shared.held.lock() {
+            held.insert(key.clone());
+        }
+        Held {
+            shared: shared.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.shared.held.lock() {
+            held.remove(&self.key);
+        }
+    }
 }
 
 impl fmt::Debug for RedisAcker {
@@ -1077,6 +1124,9 @@ impl RedisAcker {
 
     fn xack(mut self) -> impl Future<Output = Result<(), Error>> + Send + 'static {
         self.settled = true;
+        // Held until the acknowledgement is through: until then the entry is
+        // still pending and must not be reclaimed here.
+        let held = self.held.take();
         let (done, result) = oneshot::channel();
         let sent = self.shared.ack_tx.send(AckOp::Ack {
             stream: self.stream.key.clone(),
@@ -1084,6 +1134,7 @@ impl RedisAcker {
             done,
         });
         async move {
+            let _held = held;
             if sent.is_err() {
                 return Err(Error::closed("the acknowledgement task has stopped"));
             }

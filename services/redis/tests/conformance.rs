@@ -48,7 +48,7 @@ impl Harness for RedisHarness {
         // case; the defaults suit production.
         RedisSubscriber::builder(RedisConfig::new(URL))
             .block(Duration::from_millis(200))
-            .claim_idle(Duration::from_secs(1))
+            .claim_idle(Duration::from_secs(5))
             .claim_interval(Duration::from_millis(100))
             .rescan_interval(Duration::from_millis(100))
             .connect()

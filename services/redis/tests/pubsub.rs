@@ -641,3 +641,59 @@ async fn health_and_readiness_follow_the_connection() {
     let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
     subscriber.health().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_still_held_is_not_delivered_again_by_its_own_reclaiming() {
+    let ns = namespace("held");
+    let topic = format!("{ns}.slow");
+    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
+        .claim_idle(Duration::from_millis(100))
+        .claim_interval(Duration::from_millis(20))
+        .max_deliveries(None)
+        .connect()
+        .await
+        .unwrap();
+    let mut subscription = subscriber
+        .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
+        .await
+        .unwrap();
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let slow = Event::new(topic.clone(), serde_json::json!({"slow": true}));
+    publisher.publish(slow.clone()).await.unwrap();
+    let held = next(&mut subscription).await;
+    let id = held.event().unwrap().id().to_owned();
+    assert_eq!(id, slow.id());
+
+    // Wait until the consumer's own reclaiming has passed over the held
+    // entry at least twice (each pass claims it and raises its count).
+    let mut conn = raw(URL).await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+                .arg(&topic)
+                .arg("g")
+                .arg("-")
+                .arg("+")
+                .arg(10)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if rows.first().is_some_and(|r| r.3 >= 3) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("reclaim passes");
+    // Nothing was delivered a second time meanwhile; the next delivery is
+    // the next event.
+    let next_event = Event::new(topic.clone(), serde_json::json!({"next": true}));
+    publisher.publish(next_event.clone()).await.unwrap();
+    let delivery = next(&mut subscription).await;
+    assert_eq!(delivery.event(), Some(&next_event));
+    delivery.ack().await.unwrap();
+    held.ack().await.unwrap();
+    assert_eq!(pending(&mut conn, &topic, "g").await, 0);
+    cleanup(URL, &ns).await;
+}

@@ -27,7 +27,10 @@ use watchtower_websocket::{WsClient, WsConfig, WsHub};
 
 const CLIENTS: usize = 100;
 const BURST: usize = 2_000;
-const PACED: usize = 1_000;
+const PACED: usize = 500;
+/// The gap between paced events: light load, so the latency is the
+/// transport's rather than queueing behind other events.
+const PACE: Duration = Duration::from_millis(5);
 const PUBLISH: usize = 50_000;
 
 async fn serve(hub: &WsHub) -> String {
@@ -107,7 +110,7 @@ async fn fan_out() {
         let sent = start.elapsed().as_nanos() as u64;
         hub.broadcast(&Event::new("bench.paced", serde_json::json!(sent)))
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        tokio::time::sleep(PACE).await;
     }
     let mut latencies = Vec::with_capacity(PACED * CLIENTS);
     while latencies.len() < PACED * CLIENTS {
@@ -118,7 +121,7 @@ async fn fan_out() {
     }
     latencies.sort_unstable();
     println!(
-        "hub fan-out latency ({PACED} events, one per ms, x {CLIENTS} clients = {} deliveries): \
+        "hub fan-out latency ({PACED} events, one per {PACE:?}, x {CLIENTS} clients = {} deliveries): \
          p50 {:?}, p99 {:?}, max {:?}",
         latencies.len(),
         percentile(&latencies, 0.50),
@@ -128,6 +131,35 @@ async fn fan_out() {
     for c in clients {
         c.close().await;
     }
+    hub.shutdown().await;
+}
+
+/// Publish-to-receive latency with a single subscriber: the transport's
+/// own latency, without 100 clients sharing the CPU.
+async fn single_client_latency() {
+    let hub = WsHub::new();
+    let url = serve(&hub).await;
+    let client = WsClient::connect(WsConfig::new(&url)).await.unwrap();
+    let mut sub = client
+        .subscriber()
+        .open(SubscribeOptions::new(["bench.one"]).unwrap())
+        .await
+        .unwrap();
+    let mut latencies = Vec::with_capacity(PACED);
+    for i in 0..PACED {
+        let t0 = Instant::now();
+        hub.broadcast(&Event::new("bench.one", serde_json::json!(i))).unwrap();
+        sub.next().await.unwrap().unwrap();
+        latencies.push(t0.elapsed());
+        tokio::time::sleep(PACE).await;
+    }
+    latencies.sort_unstable();
+    println!(
+        "hub to one client latency ({PACED} events): p50 {:?}, p99 {:?}",
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+    );
+    client.close().await;
     hub.shutdown().await;
 }
 
@@ -222,6 +254,7 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         fan_out().await;
+        single_client_latency().await;
         let raw = raw_publish().await;
         let ours = client_publish(false).await;
         println!("client publish / raw: {:.2}", ours / raw);

@@ -241,7 +241,8 @@ impl WsHubBuilder {
 pub struct HubStats {
     /// Connections open now.
     pub connections: usize,
-    /// Connections accepted since the hub was built.
+    /// Upgrade requests accepted (past authentication) since the hub was
+    /// built.
     pub accepted: u64,
     /// Upgrade requests the authentication hook refused.
     pub refused: u64,
@@ -399,6 +400,7 @@ impl WsHub {
             bump(&inner.counters.refused);
             return status.into_response();
         }
+        bump(&inner.counters.accepted);
         let inner = self.inner.clone();
         ws.protocols([SUBPROTOCOL])
             .max_message_size(inner.max_message_size)
@@ -711,7 +713,6 @@ async fn serve_connection(inner: Arc<Inner>, socket: WebSocket) {
         .unwrap_or_else(|p| p.into_inner())
         .insert(id, conn.clone());
     let _registration = Registration { inner: &inner, id };
-    bump(&inner.counters.accepted);
     tracing::debug!(connection = id, "websocket client connected");
 
     let (mut sink, mut stream) = socket.split();

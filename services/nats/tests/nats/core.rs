@@ -216,7 +216,15 @@ async fn slow_consumer_drops_are_reported() {
         .open(SubscribeOptions::new([topic.clone()]).unwrap())
         .await
         .unwrap();
+    // A subscription that keeps up on the same connection is not blamed.
+    let calm_topic = format!("{ns}.calm");
+    let mut calm = NatsSubscriber::new(client.clone())
+        .open(SubscribeOptions::new([calm_topic.clone()]).unwrap())
+        .await
+        .unwrap();
     let mut publisher = NatsPublisher::new(client.clone());
+    publisher.publish(Event::new(calm_topic, serde_json::json!({}))).await.unwrap();
+    next_event(&mut calm).await;
     for i in 0..200 {
         publisher
             .publish(Event::new(topic.clone(), serde_json::json!({ "i": i })))
@@ -239,6 +247,7 @@ async fn slow_consumer_drops_are_reported() {
     assert!(sub.dropped() > 0);
     assert!(sub.dropped() + received <= 200);
     assert!(client.stats().slow_consumer_drops >= sub.dropped());
+    assert_eq!(calm.dropped(), 0, "drops attributed to the wrong subscription");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -157,6 +157,74 @@ async fn jetstream_consumer_resumes_after_server_restart_and_gets_unacked_again(
     assert_eq!(acked.union(&rest).cloned().collect::<HashSet<_>>(), all);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_carry_on_after_a_connection_cut() {
+    use watchtower::conformance::TcpProxy;
+
+    let proxy = TcpProxy::start("127.0.0.1:4222".parse().unwrap()).await.unwrap();
+    let client = NatsClient::connect(config(&format!("nats://{}", proxy.addr())))
+        .await
+        .unwrap();
+    let direct = crate::support::local().await;
+    let name = unique("CUT");
+    crate::support::stream(&direct, &name).await;
+    let mut core_sub = watchtower_nats::NatsSubscriber::new(client.clone())
+        .open(SubscribeOptions::new([format!("core{name}.>")]).unwrap())
+        .await
+        .unwrap();
+    let mut js_sub = JetStreamSubscriber::new(client.clone(), &name)
+        .unwrap()
+        .open(SubscribeOptions::new([format!("{name}.>")]).unwrap().group("g").unwrap())
+        .await
+        .unwrap();
+    let mut core_pub = NatsPublisher::new(direct.clone());
+    let mut js_pub = JetStreamPublisher::new(direct.clone());
+
+    for round in 0..2 {
+        let core_event = Event::new(format!("core{name}.r{round}"), serde_json::json!({}));
+        let js_event = Event::new(format!("{name}.r{round}"), serde_json::json!({}));
+        if round == 1 {
+            proxy.cut();
+            tokio::time::timeout(PATIENCE, proxy.wait_accepted(2)).await.unwrap();
+            // Core NATS keeps nothing: probe until the re-sent subscription
+            // is in place on the server.
+            let probe_topic = format!("core{name}.probe");
+            tokio::time::timeout(PATIENCE, async {
+                loop {
+                    core_pub.publish(Event::new(probe_topic.clone(), serde_json::json!({}))).await.unwrap();
+                    if let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(200), core_sub.next()).await
+                        && d.topic() == probe_topic
+                    {
+                        break;
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        }
+        core_pub.publish(core_event.clone()).await.unwrap();
+        js_pub.publish(js_event.clone()).await.unwrap();
+        let d = loop {
+            match tokio::time::timeout(PATIENCE, core_sub.next()).await.unwrap().unwrap() {
+                Ok(d) if d.topic().ends_with(".probe") => continue,
+                Ok(d) => break d,
+                Err(e) => assert_eq!(e.kind(), ErrorKind::Dropped),
+            }
+        };
+        assert_eq!(d.event(), Some(&core_event));
+        let d = loop {
+            match tokio::time::timeout(PATIENCE, js_sub.next()).await.unwrap().unwrap() {
+                Ok(d) => break d,
+                Err(e) => assert_eq!(e.kind(), ErrorKind::Connection, "{e}"),
+            }
+        };
+        assert_eq!(d.event(), Some(&js_event));
+        d.ack().await.unwrap();
+    }
+    assert!(client.stats().disconnects >= 1);
+    direct.delete_stream(&name).await.unwrap();
+}
+
 /// The promise under faults: 10,000 JetStream publishes through dead
 /// letter + retry + circuit breaker, the connection cut twice on the way;
 /// every event ends up in the stream exactly once, or in the dead-letter
