@@ -24,6 +24,8 @@
 //! | `consumer_groups` — two groups each get every event; one group's members split them | `consumer_groups` |
 //! | `wildcards` — `*` and `>` subscriptions get exactly their topics | `wildcards` |
 //! | `close_with_events_in_flight` — shut down mid-stream, resubscribe, nothing lost | `persistent`, `consumer_groups` |
+//! | `nack_with_delay` — a delayed nack is delivered again, count rising | `nack_delay` |
+//! | `replay` — a subscription that asks to replay gets earlier events in order | `replay` |
 //! | `poison` — an undecodable message reaches the poison path, the consumer goes on | [`Harness::publish_raw`] |
 //!
 //! # Example
@@ -243,6 +245,8 @@ pub async fn run<H: Harness>(harness: H) -> Report {
     case!(consumer_groups);
     case!(wildcards);
     case!(close_with_events_in_flight);
+    case!(nack_with_delay);
+    case!(replay);
     case!(poison);
     Report {
         transport: h.name(),
@@ -499,7 +503,8 @@ async fn many_topics<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
     for task in tasks {
         task.await.map_err(|e| err("publish task", e))??;
     }
-    let got = collector.take(sent.len()).await?;
+    let mut got = collector.take(sent.len()).await?;
+    got.extend(collector.drain_now());
     collector.stop().await?;
     same_set(&got, &sent)?;
     let mut per_topic: BTreeMap<&str, usize> = BTreeMap::new();
@@ -535,7 +540,8 @@ async fn concurrent_publishers<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
     for task in tasks {
         task.await.map_err(|e| err("publish task", e))??;
     }
-    let got = collector.take(sent.len()).await?;
+    let mut got = collector.take(sent.len()).await?;
+    got.extend(collector.drain_now());
     collector.stop().await?;
     if got.len() != 5000 {
         return Err(format!("received {} events, expected 5000", got.len()));
@@ -803,6 +809,69 @@ async fn close_with_events_in_flight<H: Harness>(h: &H, ns: &str) -> CaseResultO
     let mut all = acked_first;
     all.extend(got);
     same_set(&all, &sent)?;
+    Ok(Outcome::Passed)
+}
+
+async fn nack_with_delay<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
+    if !h.capabilities().nack_delay {
+        return Ok(Outcome::Skipped("transport does not delay nacks".into()));
+    }
+    let topic = format!("{ns}.delayed");
+    let subscriber = h.subscriber(ns).await.map_err(|e| err("subscriber", e))?;
+    let mut options = SubscribeOptions::new([&topic]).map_err(|e| err("options", e))?;
+    if h.capabilities().consumer_groups {
+        options = options.group("delayers").map_err(|e| err("group", e))?;
+    }
+    let mut subscription = subscriber.open(options).await.map_err(|e| err("open", e))?;
+    let sent = numbered(&topic, 1);
+    let mut publisher = h.publisher(ns).await.map_err(|e| err("publisher", e))?;
+    publish_all(&mut publisher, [sent.clone()]).await?;
+    let mut counts = Vec::new();
+    for round in 0..2 {
+        let delivery = match tokio::time::timeout(h.patience(), subscription.next()).await {
+            Ok(Some(Ok(delivery))) => delivery,
+            Ok(Some(Err(e))) => return Err(err("subscription", e)),
+            Ok(None) => return Err("subscription ended".into()),
+            Err(_) => return Err(format!("delivery {} did not arrive", round + 1)),
+        };
+        if delivery.event() != Some(&sent) {
+            return Err(format!("unexpected delivery {delivery:?}"));
+        }
+        counts.push(delivery.delivery_count());
+        if round == 0 {
+            delivery
+                .nack(Some(Duration::from_millis(200)))
+                .await
+                .map_err(|e| err("nack", e))?;
+        } else {
+            delivery.ack().await.map_err(|e| err("ack", e))?;
+        }
+    }
+    if counts != [1, 2] {
+        return Err(format!("delivery counts {counts:?}, expected [1, 2]"));
+    }
+    Ok(Outcome::Passed)
+}
+
+async fn replay<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
+    if !h.capabilities().replay {
+        return Ok(Outcome::Skipped("transport cannot replay earlier events".into()));
+    }
+    let topic = format!("{ns}.history");
+    let sent: Vec<Event> = (0..10).map(|i| numbered(&topic, i)).collect();
+    let mut publisher = h.publisher(ns).await.map_err(|e| err("publisher", e))?;
+    publish_all(&mut publisher, sent.clone()).await?;
+    let subscriber = h.subscriber(ns).await.map_err(|e| err("subscriber", e))?;
+    let options = SubscribeOptions::new([&topic])
+        .map_err(|e| err("options", e))?
+        .replay(true);
+    let mut collector = Collector::start(&subscriber, options, h.patience()).await?;
+    let mut got = collector.take(sent.len()).await?;
+    got.extend(collector.drain_now());
+    collector.stop().await?;
+    if ids(&got) != ids(&sent) {
+        return Err("replayed events are not the published ones, in order".into());
+    }
     Ok(Outcome::Passed)
 }
 

@@ -30,7 +30,35 @@ use tokio::sync::Notify;
 use tower::Service;
 
 use crate::error::{Error, ErrorKind};
-use crate::event::Event;
+use crate::event::{Event, ext};
+
+/// Marks `event` as dead-lettered: the `deadletterreason` (the error's
+/// message), `deadletterkind`, `deadlettertopic` (`topic`, where it was
+/// bound or came from) and `deadlettertime` extensions, and `attempt` when
+/// given (kept if the event already has one and `attempts` is `None`).
+///
+/// ```
+/// use watchtower::{dead_letter::annotate, Error, ErrorKind, Event};
+///
+/// let failed = Error::new(ErrorKind::Rejected, "unknown customer");
+/// let event = annotate(Event::new("order.placed", serde_json::json!({})), &failed, "orders", Some(3));
+/// assert_eq!(event.extension("deadletterkind"), Some("rejected"));
+/// assert_eq!(event.extension("deadlettertopic"), Some("orders"));
+/// assert_eq!(event.extension("attempt"), Some("3"));
+/// ```
+pub fn annotate(mut event: Event, error: &Error, topic: &str, attempts: Option<u32>) -> Event {
+    match attempts {
+        Some(n) => event.insert_extension(ext::ATTEMPT, n.to_string().into()),
+        None if event.extension(ext::ATTEMPT).is_none() => event.insert_extension(ext::ATTEMPT, "1".into()),
+        None => {}
+    }
+    event.insert_extension(ext::DEAD_LETTER_REASON, error.to_string().into());
+    event.insert_extension(ext::DEAD_LETTER_KIND, error.kind().as_str().into());
+    event.insert_extension(ext::DEAD_LETTER_TOPIC, topic.into());
+    let now = crate::codec::format_time(time::OffsetDateTime::now_utc());
+    event.insert_extension(ext::DEAD_LETTER_TIME, now.into());
+    event
+}
 
 /// The default capacity: 10,000 events, enough to ride out a burst without
 /// unbounded memory.

@@ -242,17 +242,34 @@ impl Error {
     }
 
     /// Converts any boxed error into an [`Error`], recognising WatchTower's
-    /// own errors and tower's `Elapsed` (timeout) and `Overloaded`
-    /// (load-shed), so that tower middleware can sit in a WatchTower stack.
+    /// own errors and tower's `Elapsed` (timeout), `Overloaded` (load-shed)
+    /// and `Closed` (buffer), so that tower middleware can sit in a
+    /// WatchTower stack.
+    ///
+    /// A WatchTower error wrapped by other middleware (tower's `Buffer`
+    /// wraps readiness failures) keeps its kind, retryability and
+    /// retry-after hint; the wrapper stays as the source.
     pub fn from_boxed(err: BoxError) -> Self {
         let err = match err.downcast::<Error>() {
             Ok(err) => return *err,
             Err(err) => err,
         };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = err.source();
+        while let Some(inner) = cause {
+            if let Some(ours) = inner.downcast_ref::<Error>() {
+                let mut wrapped =
+                    Error::new(ours.kind(), err.to_string()).with_retryable(ours.is_retryable());
+                wrapped.inner.retry_after = ours.retry_after();
+                return wrapped.with_source(err);
+            }
+            cause = inner.source();
+        }
         let kind = if err.is::<tower::timeout::error::Elapsed>() {
             ErrorKind::Timeout
         } else if err.is::<tower::load_shed::error::Overloaded>() {
             ErrorKind::Overloaded
+        } else if err.is::<tower::buffer::error::Closed>() {
+            ErrorKind::Closed
         } else {
             ErrorKind::Other
         };
@@ -375,6 +392,33 @@ mod tests {
         let back = Error::from(ours);
         assert_eq!(back.kind(), ErrorKind::Gone);
         assert_eq!(back.message(), "410");
+    }
+
+    #[tokio::test]
+    async fn errors_wrapped_by_tower_buffer_keep_their_kind() {
+        use tower::{Service, ServiceExt};
+        struct Down;
+        impl Service<Event> for Down {
+            type Response = ();
+            type Error = Error;
+            type Future = std::future::Ready<Result<(), Error>>;
+            fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Error>> {
+                std::task::Poll::Ready(Err(Error::new(ErrorKind::Connection, "broker unreachable")
+                    .with_retry_after(std::time::Duration::from_secs(2))))
+            }
+            fn call(&mut self, _: Event) -> Self::Future {
+                std::future::ready(Ok(()))
+            }
+        }
+        let mut buffered = tower::buffer::Buffer::new(Down, 4);
+        let err = match buffered.ready().await {
+            Err(e) => e,
+            Ok(svc) => svc.call(Event::empty("t")).await.unwrap_err(),
+        };
+        let err = Error::from_boxed(err);
+        assert_eq!(err.kind(), ErrorKind::Connection);
+        assert!(err.is_retryable());
+        assert_eq!(err.retry_after(), Some(std::time::Duration::from_secs(2)));
     }
 
     #[test]

@@ -323,9 +323,10 @@ impl Event {
         self.inner_mut().source = source.into();
     }
 
-    /// Sets or clears the `time` attribute.
+    /// Sets or clears the `time` attribute, kept in UTC (the canonical
+    /// RFC 3339 `Z` form on the wire).
     pub fn set_time(&mut self, time: Option<OffsetDateTime>) {
-        self.inner_mut().time = time;
+        self.inner_mut().time = time.map(|t| t.to_offset(time::UtcOffset::UTC));
     }
 
     /// Sets or clears the `subject` attribute.
@@ -414,6 +415,12 @@ impl Event {
                 ));
             }
         }
+        if self.time().is_some_and(|t| !(0..=9999).contains(&t.year())) {
+            return Err(Error::new(
+                ErrorKind::InvalidEvent,
+                "`time` must fall in the years 0 to 9999 (RFC 3339)",
+            ));
+        }
         if self.datacontenttype().is_some_and(str::is_empty) {
             return Err(Error::new(
                 ErrorKind::InvalidEvent,
@@ -447,7 +454,7 @@ pub fn is_json_content_type(content_type: Option<&str>) -> bool {
     let media = ct.split(';').next().unwrap_or_default().trim();
     media.eq_ignore_ascii_case("application/json")
         || media.eq_ignore_ascii_case("text/json")
-        || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case("+json"))
+        || (media.len() > 5 && media.as_bytes()[media.len() - 5..].eq_ignore_ascii_case(b"+json"))
 }
 
 /// The CloudEvents context attribute names; an extension may not reuse one.

@@ -8,14 +8,20 @@
 //!   and pulls nothing from the subscription while the handler's
 //!   `poll_ready` is pending;
 //! * acknowledges an event when the handler returns `Ok`, and nacks it when
-//!   the handler returns `Err` (after the error's
+//!   the handler returns a retryable `Err` (after the error's
 //!   [`retry_after`](crate::Error::retry_after) hint, if any) or panics —
-//!   a panic is an error, not a crash;
-//! * sends messages that did not decode to the poison path (a
-//!   `Service<Event>`, by default a [`MemoryDeadLetters`]) as
+//!   a panic is an error, not a crash; a redelivered event carries its
+//!   delivery count in the `attempt` extension;
+//! * gives up on an event when the handler's error is not retryable (a
+//!   decode error will not go away) or the delivery count reaches
+//!   [`max_deliveries`](Serve::max_deliveries): the event, annotated by
+//!   [`annotate`](crate::dead_letter::annotate), goes to the dead-letter
+//!   path and the delivery is rejected;
+//! * sends messages that did not decode to the same dead-letter path (set
+//!   with [`poison`](Serve::poison); by default a [`MemoryDeadLetters`]) as
 //!   [`Poison::into_event`](crate::Poison::into_event) events, then rejects
-//!   them so they do not loop; if the poison path fails, the message is
-//!   nacked and kept by the transport;
+//!   them so they do not loop; if the dead-letter path fails, the message
+//!   is nacked and kept by the transport;
 //! * on graceful shutdown stops pulling, lets in-flight events finish
 //!   within [`shutdown_timeout`](Serve::shutdown_timeout), settles them and
 //!   returns the final [`ServeStats`]. Events still running at the deadline
@@ -70,7 +76,7 @@ use tracing::Instrument as _;
 
 use crate::dead_letter::MemoryDeadLetters;
 use crate::error::{BoxError, Error};
-use crate::event::Event;
+use crate::event::{Event, ext};
 use crate::subscribe::{Acker, Delivery, SubscribeOptions, Subscriber};
 use crate::trace::process_span;
 
@@ -108,6 +114,7 @@ where
         shutdown: None,
         shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         nack_delay: None,
+        max_deliveries: None,
         counters: Arc::default(),
     }
 }
@@ -123,6 +130,7 @@ pub struct Serve<St, H> {
     shutdown: Option<Shutdown>,
     shutdown_timeout: Duration,
     nack_delay: Option<Duration>,
+    max_deliveries: Option<u32>,
     counters: Arc<Counters>,
 }
 
@@ -144,10 +152,11 @@ impl<St, H> Serve<St, H> {
         self
     }
 
-    /// Where messages that do not decode go, as
-    /// [`Poison::into_event`](crate::Poison::into_event) events: any
-    /// cloneable `Service<Event>` (a dead-letter stream, a file). Default:
-    /// a [`MemoryDeadLetters`] of the default capacity, also logged.
+    /// The dead-letter path: where messages that do not decode go, as
+    /// [`Poison::into_event`](crate::Poison::into_event) events, and events
+    /// the handler gave up on. Any cloneable `Service<Event>` (a
+    /// dead-letter stream, a file). Default: a [`MemoryDeadLetters`] of the
+    /// default capacity; every message sent there is also logged.
     pub fn poison<P>(mut self, path: P) -> Self
     where
         P: Service<Event> + Clone + Send + Sync + 'static,
@@ -187,6 +196,15 @@ impl<St, H> Serve<St, H> {
     /// no retry-after hint. Default: none (immediate redelivery).
     pub fn nack_delay(mut self, delay: Duration) -> Self {
         self.nack_delay = Some(delay);
+        self
+    }
+
+    /// Gives up on an event whose handler still fails on its `n`th
+    /// delivery (by the transport's delivery count): it goes to the
+    /// dead-letter path and is rejected. Default: no limit, so a retryable
+    /// failure is redelivered until it succeeds.
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = Some(n.max(1));
         self
     }
 
@@ -237,6 +255,7 @@ where
             shutdown,
             shutdown_timeout,
             nack_delay,
+            max_deliveries,
             counters,
             ..
         } = self;
@@ -245,6 +264,8 @@ where
         let settle = Settle {
             counters: counters.clone(),
             nack_delay,
+            max_deliveries,
+            dead_letter: poison_path.clone(),
         };
         let mut in_flight = FuturesUnordered::new();
         loop {
@@ -263,10 +284,17 @@ where
                     }
                     Poll::Ready(Ok(())) => {}
                 }
-                subscription.poll_next_unpin(cx).map(|item| match item {
-                    Some(Ok(delivery)) => Step::Delivery(delivery),
-                    Some(Err(e)) => Step::StreamError(e),
-                    None => Step::End,
+                // Take part in tokio's cooperative budget: a subscription
+                // that always has a message ready must not starve the
+                // other tasks of the runtime.
+                let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+                subscription.poll_next_unpin(cx).map(|item| {
+                    coop.made_progress();
+                    match item {
+                        Some(Ok(delivery)) => Step::Delivery(delivery),
+                        Some(Err(e)) => Step::StreamError(e),
+                        None => Step::End,
+                    }
                 })
             })
             .await;
@@ -283,22 +311,33 @@ where
                         ),
                         None => tracing::Span::current(),
                     };
+                    let count = delivery.delivery_count();
+                    let topic = delivery.shared_topic();
                     let (content, acker) = delivery.into_parts();
                     let work = match content {
-                        Ok(event) => {
+                        Ok(mut event) => {
+                            if count > 1 {
+                                event.insert_extension(ext::ATTEMPT, count.to_string().into());
+                            }
                             let _entered = span.enter();
-                            Work::Handle(
-                                std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(event))).ok(),
-                            )
+                            let kept = event.clone();
+                            let call =
+                                std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(event))).ok();
+                            Work::Handle {
+                                call,
+                                event: kept,
+                                topic,
+                                count,
+                            }
                         }
                         Err(poison) => {
                             tracing::warn!(
                                 topic = &*poison.raw.topic,
                                 error = %poison.error,
                                 body_len = poison.raw.body.len(),
-                                "message is not a valid event; sending it to the poison path"
+                                "message is not a valid event; sending it to the dead-letter path"
                             );
-                            Work::Poison(poison.into_event(), poison_path.clone())
+                            Work::Poison(poison.into_event())
                         }
                     };
                     // Most handlers finish without waiting: settle those
@@ -340,14 +379,22 @@ where
 }
 
 enum Work<F> {
-    /// The handler's future, or `None` if `call` itself panicked.
-    Handle(Option<F>),
-    Poison(Event, PoisonPath),
+    Handle {
+        /// The handler's future, or `None` if `call` itself panicked.
+        call: Option<F>,
+        /// The event, for the dead-letter path if the handler gives up.
+        event: Event,
+        topic: Arc<str>,
+        count: u32,
+    },
+    Poison(Event),
 }
 
 struct Settle {
     counters: Arc<Counters>,
     nack_delay: Option<Duration>,
+    max_deliveries: Option<u32>,
+    dead_letter: PoisonPath,
 }
 
 async fn process<F, R, E, A>(work: Work<F>, acker: A, ctx: &Settle)
@@ -358,16 +405,24 @@ where
 {
     let counters = &ctx.counters;
     let settled = match work {
-        Work::Handle(call) => {
+        Work::Handle {
+            call,
+            event,
+            topic,
+            count,
+        } => {
             // Reduce the handler's result to types that are `Send` before
             // awaiting the settlement.
-            let outcome: Result<(), Option<Error>> = match call {
+            let outcome: Result<(), Error> = match call {
                 Some(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(Some(Error::from_boxed(e.into()))),
-                    Err(_panic) => Err(None),
+                    Ok(Err(e)) => {
+                        counters.handler_errors.fetch_add(1, Ordering::Relaxed);
+                        Err(Error::from_boxed(e.into()))
+                    }
+                    Err(_panic) => Err(panicked(counters)),
                 },
-                None => Err(None),
+                None => Err(panicked(counters)),
             };
             match outcome {
                 Ok(()) => {
@@ -377,38 +432,59 @@ where
                     }
                     settled
                 }
-                Err(Some(e)) => {
-                    counters.handler_errors.fetch_add(1, Ordering::Relaxed);
+                Err(e) if !e.is_retryable() || ctx.max_deliveries.is_some_and(|max| count >= max) => {
+                    tracing::debug!(error = %e, attempts = count, "handler gave up; dead-lettering");
+                    let event = crate::dead_letter::annotate(event, &e, &topic, Some(count));
+                    dead_letter(event, acker, ctx, &counters.dead_lettered).await
+                }
+                Err(e) => {
                     tracing::debug!(error = %e, "handler failed; nacking");
                     nack(acker, e.retry_after().or(ctx.nack_delay), counters).await
                 }
-                Err(None) => {
-                    counters.panics.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!("handler panicked; nacking");
-                    nack(acker, ctx.nack_delay, counters).await
-                }
             }
         }
-        Work::Poison(event, path) => match path.oneshot(event).await {
-            Ok(()) => {
-                let settled = acker.reject().await;
-                if settled.is_ok() {
-                    counters.poisoned.fetch_add(1, Ordering::Relaxed);
-                }
-                settled
-            }
-            Err(e) => {
-                counters.poison_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "poison path failed; nacking so the transport keeps the message");
-                nack(acker, ctx.nack_delay.or(Some(Duration::from_secs(1))), counters).await
-            }
-        },
+        Work::Poison(event) => dead_letter(event, acker, ctx, &counters.poisoned).await,
     };
     if let Err(e) = settled {
         counters.settle_errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(error = %e, "could not settle a delivery; the transport will redeliver it");
     }
     counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+}
+
+fn panicked(counters: &Counters) -> Error {
+    counters.panics.fetch_add(1, Ordering::Relaxed);
+    tracing::error!("handler panicked");
+    Error::new(crate::ErrorKind::Handler, "handler panicked")
+}
+
+/// Sends `event` to the dead-letter path and rejects the delivery; if the
+/// path fails, nacks it so that the transport keeps it.
+async fn dead_letter<A: Acker>(
+    event: Event,
+    acker: A,
+    ctx: &Settle,
+    counter: &AtomicU64,
+) -> Result<(), Error> {
+    match ctx.dead_letter.clone().oneshot(event).await {
+        Ok(()) => {
+            let settled = acker.reject().await;
+            if settled.is_ok() {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            settled
+        }
+        Err(e) => {
+            ctx.counters.poison_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "dead-letter path failed; nacking so the transport keeps the message");
+            nack(
+                acker,
+                ctx.nack_delay.or(Some(Duration::from_secs(1))),
+                &ctx.counters,
+            )
+            .await
+        }
+    }
 }
 
 async fn nack<A: Acker>(acker: A, delay: Option<Duration>, counters: &Counters) -> Result<(), Error> {
@@ -425,6 +501,7 @@ struct Counters {
     acked: AtomicU64,
     nacked: AtomicU64,
     poisoned: AtomicU64,
+    dead_lettered: AtomicU64,
     handler_errors: AtomicU64,
     panics: AtomicU64,
     poison_errors: AtomicU64,
@@ -447,6 +524,7 @@ impl StatsHandle {
             acked: get(&c.acked),
             nacked: get(&c.nacked),
             poisoned: get(&c.poisoned),
+            dead_lettered: get(&c.dead_lettered),
             handler_errors: get(&c.handler_errors),
             panics: get(&c.panics),
             poison_errors: get(&c.poison_errors),
@@ -467,13 +545,17 @@ pub struct ServeStats {
     pub acked: u64,
     /// Events nacked (handler error, panic, or failed poison path).
     pub nacked: u64,
-    /// Undecodable messages sent to the poison path and rejected.
+    /// Undecodable messages sent to the dead-letter path and rejected.
     pub poisoned: u64,
+    /// Events the handler gave up on (a non-retryable error, or
+    /// [`max_deliveries`](Serve::max_deliveries) reached) sent to the
+    /// dead-letter path and rejected.
+    pub dead_lettered: u64,
     /// Handler calls that returned an error.
     pub handler_errors: u64,
     /// Handler calls that panicked.
     pub panics: u64,
-    /// Poison messages the poison path refused (they were nacked).
+    /// Messages the dead-letter path refused (they were nacked instead).
     pub poison_errors: u64,
     /// Settlements (ack, nack, reject) the transport could not send.
     pub settle_errors: u64,

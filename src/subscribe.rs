@@ -249,10 +249,13 @@ impl Poison {
     }
 
     /// Wraps the raw message in an event for a dead-letter service: type
-    /// [`POISON_EVENT_TYPE`], the raw body as `application/octet-stream`
-    /// data, the reason, error kind and original topic as the `deadletter*`
-    /// extensions, and the headers (as a JSON object, values lossily
-    /// decoded as UTF-8) in the `poisonheaders` extension.
+    /// [`POISON_EVENT_TYPE`] (also its topic, so that a publisher used as
+    /// the dead-letter path does not send it back where it came from), the
+    /// raw body as `application/octet-stream` data, the reason, error kind
+    /// and original topic as the `deadletter*` extensions, and the headers
+    /// (as a JSON object, values lossily decoded as UTF-8, without headers
+    /// that may hold credentials or signatures) in the `poisonheaders`
+    /// extension.
     pub fn into_event(self) -> Event {
         let mut event = Event::binary(POISON_EVENT_TYPE, "application/octet-stream", self.raw.body);
         event.insert_extension(ext::DEAD_LETTER_REASON, self.error.to_string().into());
@@ -263,13 +266,30 @@ impl Poison {
                 .raw
                 .headers
                 .iter()
+                .filter(|(k, _)| !is_secret_header(k))
                 .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned().into()))
                 .collect();
             event.insert_extension("poisonheaders", serde_json::Value::Object(map).to_string().into());
         }
-        event.set_topic(self.raw.topic);
         event
     }
+}
+
+/// Headers whose values may be credentials, left out of dead letters.
+fn is_secret_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "authorization",
+        "cookie",
+        "signature",
+        "token",
+        "secret",
+        "password",
+        "api-key",
+        "apikey",
+    ]
+    .iter()
+    .any(|s| name.contains(s))
 }
 
 /// One message received from a subscription, with its settlement.
@@ -331,6 +351,11 @@ impl<A: Acker> Delivery<A> {
     /// The topic the message arrived on.
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// The topic, shared rather than copied.
+    pub fn shared_topic(&self) -> Arc<str> {
+        self.topic.clone()
     }
 
     /// The messaging system's name.

@@ -43,7 +43,7 @@ pub const MAX_TOPIC_LEN: usize = 255;
 ///
 /// [`ErrorKind::InvalidTopic`] if the topic is empty, longer than
 /// [`MAX_TOPIC_LEN`], has an empty token, or contains whitespace, a control
-/// character, `*` or `>`.
+/// character, `#`, `*` or `>`.
 pub fn validate_topic(topic: &str) -> Result<(), Error> {
     check_common(topic)?;
     if let Some(token) = topic.split('.').find(|t| t.contains(['*', '>'])) {
@@ -61,6 +61,11 @@ fn check_common(text: &str) -> Result<(), Error> {
     }
     if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid(text, "contains whitespace or a control character"));
+    }
+    if text.contains('#') {
+        // `#` is AMQP's multi-token wildcard; as a literal it would change
+        // meaning on RabbitMQ.
+        return Err(invalid(text, "contains `#`"));
     }
     if text.split('.').any(str::is_empty) {
         return Err(invalid(text, "has an empty token"));
@@ -260,6 +265,7 @@ mod tests {
     fn invalid_patterns_are_typed_errors() {
         for bad in [
             "",
+            "a.#",
             "a..b",
             ".a",
             "a.",

@@ -137,7 +137,7 @@ fn bindings_name_headers_as_each_protocol_expects() {
     assert!(amqp.contains(&("cloudEvents_type".into(), "user.created".into())));
     assert!(amqp.contains(&("content-type".into(), "text/plain; charset=utf-8".into())));
     let http = headers(Binding::HTTP);
-    assert!(http.contains(&("content-type".into(), "text/plain;%20charset=utf-8".into())));
+    assert!(http.contains(&("content-type".into(), "text/plain; charset=utf-8".into())));
     let redis = headers(Binding::REDIS);
     assert!(redis.contains(&("subject".into(), "42".into())));
     for binding in [Binding::NATS, Binding::AMQP, Binding::HTTP, Binding::REDIS] {
@@ -296,5 +296,68 @@ proptest! {
                 prop_assert_eq!(pattern.matches(&topic), text == topic);
             }
         }
+    }
+}
+
+#[test]
+fn odd_content_types_never_panic() {
+    let text = r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","datacontenttype":"€€","data":1}"#;
+    let event = structured::from_slice(text.as_bytes()).unwrap();
+    assert!(!event.is_json());
+    let _ = format!("{event:?}");
+    let headers = [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "1"),
+        ("ce-source", "/s"),
+        ("ce-type", "t"),
+        ("ce-datacontenttype", "x€€"),
+    ];
+    let event = Binding::NATS
+        .decode(headers, Some(Bytes::from_static(b"x")))
+        .unwrap();
+    let _ = format!("{event:?}");
+    assert_eq!(event.json::<u8>().unwrap_err().kind(), ErrorKind::Decode);
+}
+
+#[test]
+fn time_is_written_in_utc_and_out_of_range_years_are_invalid() {
+    let offset = time::UtcOffset::from_hms(1, 0, 30).unwrap();
+    let local = time::OffsetDateTime::from_unix_timestamp(1_700_000_000)
+        .unwrap()
+        .to_offset(offset);
+    let event = Event::builder("t").time(local).build().unwrap();
+    let text = String::from_utf8(structured::to_vec(&event).unwrap()).unwrap();
+    assert!(text.contains(r#""time":"2023-11-14T22:13:20Z""#), "{text}");
+    assert_eq!(
+        structured::from_slice(text.as_bytes()).unwrap().time(),
+        Some(local)
+    );
+
+    let ancient = time::OffsetDateTime::from_unix_timestamp(-70_000_000_000).unwrap();
+    let err = Event::builder("t").time(ancient).build().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidEvent);
+}
+
+#[test]
+fn amqp_accepts_the_older_colon_prefix() {
+    let headers = [
+        ("cloudEvents:specversion", "1.0"),
+        ("cloudEvents:id", "1"),
+        ("cloudEvents:source", "/s"),
+        ("cloudEvents:type", "t"),
+    ];
+    assert_eq!(Binding::AMQP.decode(headers, None).unwrap().id(), "1");
+}
+
+proptest! {
+    #[test]
+    fn any_content_type_is_safe(ct in "\\PC{1,12}", data in proptest::collection::vec(any::<u8>(), 0..16)) {
+        let event = Event::builder("t").data(ct.as_str(), data).build().unwrap();
+        let _ = format!("{event:?}");
+        let json = structured::to_vec(&event).unwrap();
+        prop_assert_eq!(&structured::from_slice(&json).unwrap(), &event);
+        let mut headers = Vec::new();
+        Binding::HTTP.write_headers(&event, |k, v| headers.push((k.to_owned(), v.to_owned())));
+        let _ = Binding::HTTP.decode(headers, event.data().cloned());
     }
 }

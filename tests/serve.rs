@@ -472,3 +472,171 @@ async fn invalid_patterns_fail_to_subscribe() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidTopic);
 }
+
+#[tokio::test]
+async fn a_non_retryable_failure_is_dead_lettered_not_redelivered() {
+    let (feed, subscription) = feed();
+    let id = feed.send("bad.schema");
+    let serve = serve(
+        subscription,
+        service_fn(|_: Event| async { Err::<(), _>(Error::decode("payload does not match the schema")) }),
+    );
+    let dlq = serve.default_dead_letters().cloned().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve
+            .with_graceful_shutdown(async {
+                stopped.await.ok();
+            })
+            .into_future(),
+    );
+    until("the settlement", || feed.settlement_of(&id).is_some()).await;
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!(feed.settlement_of(&id), Some(Settled::Reject));
+    let dead = dlq.drain();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id(), id);
+    assert_eq!(dead[0].extension("deadletterkind"), Some("decode"));
+    assert_eq!(dead[0].extension("deadlettertopic"), Some("bad.schema"));
+    assert_eq!(dead[0].extension("attempt"), Some("1"));
+    assert_eq!(
+        (stats.dead_lettered, stats.nacked, stats.handler_errors),
+        (1, 0, 1)
+    );
+}
+
+#[tokio::test]
+async fn max_deliveries_gives_up_and_the_handler_sees_the_attempt() {
+    let broker = watchtower_memory::MemoryBroker::new();
+    let subscription = broker
+        .subscriber()
+        .open(SubscribeOptions::new(["flaky"]).unwrap())
+        .await
+        .unwrap();
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let seen = attempts.clone();
+    let handler = service_fn(move |event: Event| {
+        seen.lock()
+            .unwrap()
+            .push(event.extension("attempt").map(str::to_owned));
+        async { Err::<(), _>(Error::new(ErrorKind::Connection, "database down")) }
+    });
+    let serve = serve(subscription, handler).max_deliveries(3);
+    let dlq = serve.default_dead_letters().cloned().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve
+            .with_graceful_shutdown(async {
+                stopped.await.ok();
+            })
+            .into_future(),
+    );
+    broker
+        .publisher()
+        .publish(Event::new("flaky", serde_json::json!({})))
+        .await
+        .unwrap();
+    assert!(broker.wait_idle(Duration::from_secs(5)).await);
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        vec![None, Some("2".into()), Some("3".into())]
+    );
+    let dead = dlq.drain();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].extension("attempt"), Some("3"));
+    assert_eq!(dead[0].extension("deadletterkind"), Some("connection"));
+    assert_eq!((stats.nacked, stats.dead_lettered), (2, 1));
+}
+
+/// A handler that always fails with a retryable error, on a transport that
+/// redelivers at once, must not starve the runtime it runs on.
+#[test]
+fn an_always_failing_handler_does_not_starve_a_current_thread_runtime() {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let stats = runtime.block_on(async {
+            let broker = watchtower_memory::MemoryBroker::new();
+            let handle = broker
+                .subscriber()
+                .subscribe(
+                    ["loop"],
+                    service_fn(|_: Event| async { Err::<(), _>(Error::new(ErrorKind::Handler, "always")) }),
+                )
+                .await
+                .unwrap();
+            broker
+                .publisher()
+                .publish(Event::new("loop", serde_json::json!({})))
+                .await
+                .unwrap();
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            handle.stop().await.unwrap()
+        });
+        let _ = done_tx.send(stats);
+    });
+    let stats = done_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the runtime was starved: stop() never completed");
+    assert!(stats.nacked >= 1, "{stats}");
+    assert_eq!(stats.acked, 0);
+}
+
+#[tokio::test]
+async fn a_publisher_as_dead_letter_path_does_not_feed_poison_back() {
+    let broker = watchtower_memory::MemoryBroker::new();
+    let subscription = broker
+        .subscriber()
+        .open(SubscribeOptions::new(["in.>"]).unwrap())
+        .await
+        .unwrap();
+    let mut dead = broker
+        .subscriber()
+        .open(SubscribeOptions::new([watchtower::subscribe::POISON_EVENT_TYPE]).unwrap())
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let handler = service_fn(move |event: Event| {
+        let _ = tx.send(event.ty().to_owned());
+        async { Ok::<_, Error>(()) }
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve(subscription, handler)
+            .poison(broker.publisher())
+            .with_graceful_shutdown(async {
+                stopped.await.ok();
+            })
+            .into_future(),
+    );
+    broker.publish_raw("in.orders", "not json").unwrap();
+    broker
+        .publisher()
+        .publish(Event::new("in.orders", serde_json::json!({})))
+        .await
+        .unwrap();
+    let parked = tokio::time::timeout(Duration::from_secs(5), futures_util::StreamExt::next(&mut dead))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        parked.event().map(|e| e.extension("deadlettertopic")),
+        Some(Some("in.orders"))
+    );
+    assert_eq!(rx.recv().await.as_deref(), Some("in.orders"));
+    parked.ack().await.unwrap();
+    assert!(broker.wait_idle(Duration::from_secs(5)).await);
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+    assert!(rx.try_recv().is_err(), "the handler saw the poison event again");
+    assert_eq!((stats.poisoned, stats.acked), (1, 1));
+}

@@ -17,6 +17,8 @@ use crate::event::Event;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Binding {
     prefix: &'static str,
+    /// Also accepted on decode (AMQP's older `cloudEvents:`).
+    alt_prefix: Option<&'static str>,
     content_type: Option<&'static str>,
     percent_encode: bool,
 }
@@ -26,23 +28,27 @@ impl Binding {
     /// `content-type` header is also read on decode.
     pub const NATS: Binding = Binding {
         prefix: "ce-",
+        alt_prefix: None,
         content_type: None,
         percent_encode: false,
     };
 
     /// HTTP: `ce-<attr>` headers with percent-encoded values, the data's
-    /// type in `content-type`.
+    /// type in the ordinary `content-type` header (not encoded).
     pub const HTTP: Binding = Binding {
         prefix: "ce-",
+        alt_prefix: None,
         content_type: Some("content-type"),
         percent_encode: true,
     };
 
     /// AMQP: `cloudEvents_<attr>` application properties, the data's type
     /// in the `content-type` message property (reported to the callback
-    /// under the name `content-type`).
+    /// under the name `content-type`). The older `cloudEvents:` prefix is
+    /// accepted on decode.
     pub const AMQP: Binding = Binding {
         prefix: "cloudEvents_",
+        alt_prefix: Some("cloudEvents:"),
         content_type: Some("content-type"),
         percent_encode: false,
     };
@@ -51,6 +57,7 @@ impl Binding {
     /// payload goes in the `data` field, which the transport writes.
     pub const REDIS: Binding = Binding {
         prefix: "",
+        alt_prefix: None,
         content_type: None,
         percent_encode: false,
     };
@@ -88,7 +95,7 @@ impl Binding {
         }
         if let Some(ct) = event.datacontenttype() {
             match self.content_type {
-                Some(header) => f(header, &self.encode_value(ct)),
+                Some(header) => f(header, ct),
                 None => emit("datacontenttype", ct),
             }
         }
@@ -122,14 +129,20 @@ impl Binding {
             let attr = if is_content_type {
                 "datacontenttype".to_owned()
             } else {
-                match strip_prefix_ignore_case(name, self.prefix) {
+                let stripped = strip_prefix_ignore_case(name, self.prefix)
+                    .or_else(|| self.alt_prefix.and_then(|p| strip_prefix_ignore_case(name, p)));
+                match stripped {
                     Some(attr) => attr.to_ascii_lowercase(),
                     None => continue,
                 }
             };
             let value = std::str::from_utf8(value.as_ref())
                 .map_err(|_| Error::decode(format!("header {name:?} is not UTF-8")))?;
-            let value = self.decode_value(value)?;
+            let value = if is_content_type {
+                Cow::Borrowed(value)
+            } else {
+                self.decode_value(value)?
+            };
             attrs.set(attr, value)?;
         }
         attrs.into_event(body)

@@ -44,9 +44,16 @@ use crate::error::{Error, ErrorKind};
 /// The media type of a structured-mode CloudEvents JSON message.
 pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 
-/// Formats a `time` attribute as RFC 3339.
+/// Formats a `time` attribute as RFC 3339, in UTC.
+///
+/// Only a year outside 0–9999 cannot be written; [`Event::validate`]
+/// refuses such events, and encoders validate first.
+///
+/// [`Event::validate`]: crate::Event::validate
 pub fn format_time(time: OffsetDateTime) -> String {
-    time.format(&Rfc3339).unwrap_or_default()
+    time.to_offset(time::UtcOffset::UTC)
+        .format(&Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Parses an RFC 3339 `time` attribute.

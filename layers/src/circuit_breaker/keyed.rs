@@ -239,7 +239,10 @@ where
     fn call(&mut self, event: Event) -> Self::Future {
         let breaker = self.breakers.breaker(&(self.key_fn)(&event));
         match breaker.acquire() {
-            Ok(permit) => ResponseFuture::called(self.inner.call(event), permit.start()),
+            Ok(grant) => {
+                let permit = breaker.start(grant);
+                ResponseFuture::called(self.inner.call(event), permit)
+            }
             Err(rejection) => {
                 breaker.rejected();
                 ResponseFuture::failed(breaker.open_error(&rejection).with_event(event))

@@ -11,7 +11,7 @@ use watchtower::{BoxError, Error, ErrorKind, Event};
 
 use super::config::CircuitBreakerConfig;
 use super::future::ResponseFuture;
-use super::state::{Breaker, CircuitBreakerHandle, Permit};
+use super::state::{Breaker, CircuitBreakerHandle, Grant, Permit, Ticket};
 
 /// A circuit breaker in front of `S`. See the [module docs](super).
 ///
@@ -19,7 +19,10 @@ use super::state::{Breaker, CircuitBreakerHandle, Permit};
 pub struct CircuitBreaker<S> {
     inner: S,
     breaker: Arc<Breaker>,
-    permit: Option<Permit>,
+    /// The grant held between `poll_ready` and `call`: a plain ticket in
+    /// the common case, a probe permit (given back on drop) in half-open.
+    ticket: Option<Ticket>,
+    probe: Option<Permit>,
     wait: Option<Wait>,
 }
 
@@ -38,7 +41,8 @@ impl<S> CircuitBreaker<S> {
         CircuitBreaker {
             inner,
             breaker,
-            permit: None,
+            ticket: None,
+            probe: None,
             wait: None,
         }
     }
@@ -65,6 +69,21 @@ impl<S> CircuitBreaker<S> {
         self.inner
     }
 
+    fn hold(&mut self, grant: Grant) {
+        match grant {
+            Grant::Free(ticket) => self.ticket = Some(ticket),
+            Grant::Probe(permit) => self.probe = Some(permit),
+        }
+    }
+
+    /// The held grant, taken.
+    fn take_grant(&mut self) -> Option<Grant> {
+        match self.ticket.take() {
+            Some(ticket) => Some(Grant::Free(ticket)),
+            None => self.probe.take().map(Grant::Probe),
+        }
+    }
+
     fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
             if let Some(wait) = &mut self.wait {
@@ -75,8 +94,8 @@ impl<S> CircuitBreaker<S> {
                 self.wait = None;
             }
             let rejection = match self.breaker.acquire() {
-                Ok(permit) => {
-                    self.permit = Some(permit);
+                Ok(grant) => {
+                    self.hold(grant);
                     return Poll::Ready(Ok(()));
                 }
                 Err(rejection) => rejection,
@@ -92,8 +111,8 @@ impl<S> CircuitBreaker<S> {
                     // the two is not missed.
                     let mut notified = Box::pin(self.breaker.notify.clone().notified_owned());
                     notified.as_mut().enable();
-                    if let Ok(permit) = self.breaker.acquire() {
-                        self.permit = Some(permit);
+                    if let Ok(grant) = self.breaker.acquire() {
+                        self.hold(grant);
                         return Poll::Ready(Ok(()));
                     }
                     Wait::Notified(notified)
@@ -113,7 +132,7 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.permit.is_none() {
+        if self.ticket.is_none() && self.probe.is_none() {
             ready!(self.poll_permit(cx))?;
         }
         match self.inner.poll_ready(cx) {
@@ -122,8 +141,8 @@ where
             Poll::Ready(Err(e)) => {
                 let err = Error::from_boxed(e.into());
                 let result: Result<(), Error> = Err(err);
-                if let Some(permit) = self.permit.take() {
-                    permit.start().complete(&result);
+                if let Some(grant) = self.take_grant() {
+                    self.breaker.start(grant).complete(&result);
                 }
                 Poll::Ready(result)
             }
@@ -131,9 +150,9 @@ where
     }
 
     fn call(&mut self, event: Event) -> Self::Future {
-        match self.permit.take() {
-            Some(permit) => {
-                let permit = permit.start();
+        match self.take_grant() {
+            Some(grant) => {
+                let permit = self.breaker.start(grant);
                 ResponseFuture::called(self.inner.call(event), permit)
             }
             None => ResponseFuture::failed(
@@ -154,7 +173,8 @@ impl<S: fmt::Debug> fmt::Debug for CircuitBreaker<S> {
         f.debug_struct("CircuitBreaker")
             .field("inner", &self.inner)
             .field("name", &&*self.breaker.config.name)
-            .field("permit", &self.permit)
+            .field("ticket", &self.ticket)
+            .field("probe", &self.probe)
             .finish()
     }
 }

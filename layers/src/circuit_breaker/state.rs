@@ -2,6 +2,7 @@
 //! service, by the handle, and by keyed breakers.
 
 use std::fmt;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -117,6 +118,8 @@ pub(crate) struct Breaker {
     ring_failures: AtomicU64,
     machine: Mutex<Machine>,
     pub(crate) notify: Arc<Notify>,
+    /// What a permit's start time is measured from.
+    origin: Instant,
 }
 
 struct Machine {
@@ -140,14 +143,54 @@ pub(crate) struct Rejection {
     pub(crate) retry_after: Option<Duration>,
 }
 
+// A permit's flags, below its epoch.
+const RECORD: u64 = 1;
+const PROBE: u64 = 2;
+const FLAG_BITS: u32 = 2;
+
+/// What `acquire` grants.
+#[derive(Debug)]
+pub(crate) enum Grant {
+    /// A call let through without a probe slot: nothing to give back if it
+    /// is never made, so it is held as a plain word until `call`.
+    Free(Ticket),
+    /// A reserved probe slot, given back when dropped unspent.
+    Probe(Permit),
+}
+
+/// A [`Grant::Free`]: its permit's epoch and flags, nonzero so that an
+/// `Option<Ticket>` is one word.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ticket(NonZeroU64);
+
+impl Ticket {
+    const HELD: NonZeroU64 = match NonZeroU64::new(1 << 63) {
+        Some(bit) => bit,
+        None => NonZeroU64::MIN,
+    };
+
+    #[inline]
+    fn new(tag: u64) -> Self {
+        Ticket(Self::HELD | tag)
+    }
+
+    #[inline]
+    fn tag(self) -> u64 {
+        self.0.get() & !Self::HELD.get()
+    }
+}
+
 /// The right to make one call, taken in `poll_ready` and spent when the
 /// call's outcome is recorded. Dropped unspent, a probe slot is given back.
 pub(crate) struct Permit {
     breaker: Arc<Breaker>,
-    epoch: u64,
-    probe: bool,
-    record: bool,
-    start: Option<Instant>,
+    /// `epoch << FLAG_BITS | PROBE | RECORD`, one word so that moving the
+    /// permit into the future costs little.
+    tag: u64,
+    /// When the call started, for slow-call detection: nanoseconds since
+    /// the breaker's origin plus one, or 0 if not timed. A word rather than
+    /// an `Option<Instant>`, for the same reason.
+    start: u64,
 }
 
 type Transition = Option<StateChange>;
@@ -183,6 +226,7 @@ impl Breaker {
                 trips: 0,
             }),
             notify: Arc::new(Notify::new()),
+            origin: now,
         })
     }
 
@@ -194,12 +238,20 @@ impl Breaker {
 
     /// Takes a permit, or says why not. Lets the open wait lapse into
     /// half-open on the way.
-    pub(crate) fn acquire(self: &Arc<Self>) -> Result<Permit, Rejection> {
+    // Inlined across crates: this and the other hot-path functions are not
+    // generic, so they would otherwise stay calls into this crate.
+    #[inline]
+    pub(crate) fn acquire(self: &Arc<Self>) -> Result<Grant, Rejection> {
         let packed = self.packed.load(Ordering::Acquire);
         let bits = packed & STATE_BITS;
         if State::is_free(bits) {
-            return Ok(self.permit(packed >> 8, false, bits != State::Disabled.to_bits()));
+            let record = u64::from(bits != State::Disabled.to_bits());
+            return Ok(Grant::Free(Ticket::new((packed >> 8) << FLAG_BITS | record)));
         }
+        self.acquire_locked()
+    }
+
+    fn acquire_locked(self: &Arc<Self>) -> Result<Grant, Rejection> {
         let mut m = self.lock();
         let now = Instant::now();
         let mut change = None;
@@ -207,15 +259,19 @@ impl Breaker {
             change = self.transition(&mut m, State::HalfOpen);
         }
         let result = match m.state {
-            State::Closed | State::MetricsOnly => Ok(self.permit(m.epoch, false, true)),
-            State::Disabled => Ok(self.permit(m.epoch, false, false)),
+            State::Closed | State::MetricsOnly => Ok(Grant::Free(Ticket::new(m.epoch << FLAG_BITS | RECORD))),
+            State::Disabled => Ok(Grant::Free(Ticket::new(m.epoch << FLAG_BITS))),
             State::Open => Err(Rejection {
                 retry_after: m.open_until.map(|t| t.saturating_duration_since(now)),
             }),
             State::ForcedOpen => Err(Rejection { retry_after: None }),
             State::HalfOpen if m.probes_issued < self.config.half_open_permits => {
                 m.probes_issued += 1;
-                Ok(self.permit(m.epoch, true, true))
+                Ok(Grant::Probe(Permit {
+                    breaker: self.clone(),
+                    tag: m.epoch << FLAG_BITS | PROBE | RECORD,
+                    start: 0,
+                }))
             }
             State::HalfOpen => Err(Rejection { retry_after: None }),
         };
@@ -224,14 +280,24 @@ impl Breaker {
         result
     }
 
-    fn permit(self: &Arc<Self>, epoch: u64, probe: bool, record: bool) -> Permit {
+    /// The permit a call made with `ticket` records through.
+    #[inline]
+    pub(crate) fn permit(self: &Arc<Self>, ticket: Ticket) -> Permit {
         Permit {
             breaker: self.clone(),
-            epoch,
-            probe,
-            record,
-            start: None,
+            tag: ticket.tag(),
+            start: 0,
         }
+    }
+
+    /// The permit a call made with `grant` records through, started.
+    #[inline]
+    pub(crate) fn start(self: &Arc<Self>, grant: Grant) -> Permit {
+        match grant {
+            Grant::Free(ticket) => self.permit(ticket),
+            Grant::Probe(permit) => permit,
+        }
+        .start()
     }
 
     /// Counts a refusal the caller sees, and calls the hook.
@@ -269,6 +335,12 @@ impl Breaker {
             State::Closed => {
                 m.consecutive_trips = 0;
                 m.open_until = None;
+                self.clear_window(m);
+            }
+            State::MetricsOnly => {
+                m.open_until = None;
+                // Before the new state is published, so that no outcome
+                // recorded in it is wiped.
                 self.clear_window(m);
             }
             _ => m.open_until = None,
@@ -318,6 +390,7 @@ impl Breaker {
         }
     }
 
+    #[inline]
     fn record(&self, epoch: u64, probe: bool, o: Outcome) {
         if let Some(ring) = &self.ring {
             // The state word was published after the window was cleared for
@@ -329,7 +402,9 @@ impl Breaker {
                     self.ring_failures.fetch_add(1, Ordering::Relaxed);
                 }
                 match ring.record(o) {
-                    Recorded::Raised(counts) if closed && self.trips(&counts) => self.open(epoch, Some(counts)),
+                    Recorded::Raised(counts) if closed && self.trips(&counts) => {
+                        self.open(epoch, Some(counts))
+                    }
                     Recorded::Torn if closed => self.open(epoch, None),
                     _ => {}
                 }
@@ -424,7 +499,9 @@ impl Breaker {
     pub(crate) fn force(&self, to: State) {
         let mut m = self.lock();
         let change = self.transition(&mut m, to);
-        if to == State::Closed || to == State::MetricsOnly {
+        // A change of state has cleared the window already; forcing the
+        // state it is in starts it afresh all the same.
+        if change.is_none() && (to == State::Closed || to == State::MetricsOnly) {
             self.clear_window(&mut m);
         }
         drop(m);
@@ -477,17 +554,19 @@ impl Breaker {
 
 impl Permit {
     /// Marks the start of the call, for slow-call detection.
+    #[inline]
     pub(crate) fn start(mut self) -> Self {
-        if self.record && self.breaker.config.slow_call_duration.is_some() {
-            self.start = Some(Instant::now());
+        if self.tag & RECORD != 0 && self.breaker.config.slow_call_duration.is_some() {
+            let since = Instant::now().saturating_duration_since(self.breaker.origin);
+            self.start = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX - 1) + 1;
         }
         self
     }
 
     /// Records the call's outcome and spends the permit.
+    #[inline]
     pub(crate) fn complete<T>(mut self, result: &Result<T, Error>) {
-        if !self.record {
-            self.probe = false;
+        if self.tag & RECORD == 0 {
             return;
         }
         let failure = match result {
@@ -499,19 +578,25 @@ impl Permit {
                 Verdict::Ignore => return,
             },
         };
-        let slow = match (self.start, self.breaker.config.slow_call_duration) {
-            (Some(start), Some(limit)) => start.elapsed() >= limit,
+        let slow = match self.breaker.config.slow_call_duration {
+            Some(limit) if self.start != 0 => {
+                let start = self.breaker.origin + Duration::from_nanos(self.start - 1);
+                start.elapsed() >= limit
+            }
             _ => false,
         };
-        let probe = std::mem::replace(&mut self.probe, false);
-        self.breaker.record(self.epoch, probe, Outcome { failure, slow });
+        let probe = self.tag & PROBE != 0;
+        self.tag &= !PROBE;
+        self.breaker
+            .record(self.tag >> FLAG_BITS, probe, Outcome { failure, slow });
     }
 }
 
 impl Drop for Permit {
+    #[inline]
     fn drop(&mut self) {
-        if self.probe {
-            self.breaker.release_probe(self.epoch);
+        if self.tag & PROBE != 0 {
+            self.breaker.release_probe(self.tag >> FLAG_BITS);
         }
     }
 }
@@ -519,8 +604,8 @@ impl Drop for Permit {
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
-            .field("epoch", &self.epoch)
-            .field("probe", &self.probe)
+            .field("epoch", &(self.tag >> FLAG_BITS))
+            .field("probe", &(self.tag & PROBE != 0))
             .finish()
     }
 }
@@ -566,10 +651,9 @@ impl CircuitBreakerHandle {
 
     /// Back to closed with an empty window.
     pub fn reset(&self) {
+        // Forcing closed empties the window.
         self.breaker.force(State::Closed);
-        let mut m = self.breaker.lock();
-        self.breaker.clear_window(&mut m);
-        m.consecutive_trips = 0;
+        self.breaker.lock().consecutive_trips = 0;
     }
 }
 

@@ -285,6 +285,68 @@ async fn time_window_forgets_old_failures() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn count_window_too_large_for_the_ring_behaves_the_same() {
+    let size = super::window::ATOMIC_MAX + 1;
+    let layer = CircuitBreakerLayer::new(config().sliding_window(SlidingWindow::count(size)));
+    let handle = layer.handle();
+    let mut svc = layer.layer(flaky(Calls::default()));
+    for ty in ["ok", "fail", "bad", "ok"] {
+        let _ = send(&mut svc, ty).await;
+    }
+    let m = handle.metrics();
+    assert_eq!(
+        (m.state, m.window_calls, m.window_failures, m.successful_calls, m.failed_calls),
+        (State::Closed, 4, 1, 3, 1)
+    );
+    let _ = send(&mut svc, "fail").await;
+    let _ = send(&mut svc, "fail").await;
+    // 3 of 6 failed: 50 % >= 50 %.
+    assert_eq!(handle.state(), State::Open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_are_all_counted() {
+    const TASKS: usize = 8;
+    const EACH: usize = 250;
+    let calls = Calls::default();
+    let layer = CircuitBreakerLayer::new(config().sliding_window(SlidingWindow::count(64)));
+    let handle = layer.handle();
+    // Every outcome is recorded, but a burst of failures may not open it.
+    handle.metrics_only();
+    let svc = layer.layer(flaky(calls.clone()));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let mut svc = svc.clone();
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    let ty = if (i + t) % 4 == 0 { "fail" } else { "ok" };
+                    let _ = send(&mut svc, ty).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), TASKS * EACH);
+    let m = handle.metrics();
+    assert_eq!(m.state, State::MetricsOnly);
+    assert_eq!((m.successful_calls, m.failed_calls), (1500, 500));
+    assert_eq!(m.window_calls, 64, "the window holds exactly the last 64");
+    assert!(m.window_failures <= 64);
+
+    // Back to closed: the window starts empty and fills again exactly.
+    handle.reset();
+    let mut svc = svc.clone();
+    for _ in 0..3 {
+        send(&mut svc, "ok").await.unwrap();
+    }
+    let m = handle.metrics();
+    assert_eq!((m.state, m.window_calls, m.window_failures), (State::Closed, 3, 0));
+    assert_eq!(m.successful_calls, 1503);
+}
+
+#[tokio::test(start_paused = true)]
 async fn forced_disabled_and_metrics_only() {
     let calls = Calls::default();
     let rejected = Arc::new(AtomicUsize::new(0));

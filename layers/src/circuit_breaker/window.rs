@@ -107,10 +107,12 @@ const PRESENT: u8 = 1;
 const FAILED: u8 = 2;
 const SLOW: u8 = 4;
 
+#[inline]
 fn encode(o: Outcome) -> u8 {
     PRESENT | (u8::from(o.failure) * FAILED) | (u8::from(o.slow) * SLOW)
 }
 
+#[inline]
 fn pack(code: u8) -> u64 {
     u64::from(code & PRESENT)
         | (u64::from((code & FAILED) >> 1) << FIELD)
@@ -156,6 +158,7 @@ impl AtomicCountWindow {
         })
     }
 
+    #[inline]
     pub(crate) fn record(&self, o: Outcome) -> Recorded {
         let code = encode(o);
         let i = self.next.fetch_add(1, Ordering::Relaxed);
@@ -172,7 +175,10 @@ impl AtomicCountWindow {
         if delta == 0 {
             return Recorded::Unchanged;
         }
-        let after = self.counts.fetch_add(delta, Ordering::Relaxed).wrapping_add(delta);
+        let after = self
+            .counts
+            .fetch_add(delta, Ordering::Relaxed)
+            .wrapping_add(delta);
         // Only a bit the old slot lacked (a new call, failure or slow call)
         // can raise the count or a rate.
         if code & !old == 0 {
@@ -184,6 +190,7 @@ impl AtomicCountWindow {
         }
     }
 
+    #[inline]
     fn unpack(&self, v: u64) -> Option<Counts> {
         let field = |i: u32| u32::try_from((v >> (i * FIELD)) & FIELD_MASK).unwrap_or(u32::MAX);
         let c = Counts {

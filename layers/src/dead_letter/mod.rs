@@ -86,7 +86,6 @@ use std::task::{Context, Poll};
 
 use serde::Serialize;
 use tower::{Layer, Service};
-use watchtower::event::ext;
 use watchtower::{BoxError, Error, Event};
 
 pub use file::{FileContents, FileDeadLetters, WriteFuture};
@@ -116,20 +115,11 @@ impl Counters {
     }
 }
 
-/// Adds the dead-letter extensions to `event`.
-fn annotate(mut event: Event, failure: &Error, topic: Option<&str>) -> Event {
-    // The names are valid constants, so setting them cannot fail; a value
-    // that could not be set must not stop the event from being kept.
-    if event.extension(ext::ATTEMPT).is_none() {
-        let _ = event.set_extension(ext::ATTEMPT, "1");
-    }
+/// Adds the dead-letter extensions to `event`, and routes it to `topic`
+/// when one is set.
+fn annotate(event: Event, failure: &Error, topic: Option<&str>) -> Event {
     let original = event.topic().to_owned();
-    let _ = event.set_extension(ext::DEAD_LETTER_REASON, failure.to_string());
-    let _ = event.set_extension(ext::DEAD_LETTER_KIND, failure.kind().as_str());
-    let _ = event.set_extension(ext::DEAD_LETTER_TOPIC, original);
-    if let Ok(now) = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339) {
-        let _ = event.set_extension(ext::DEAD_LETTER_TIME, now);
-    }
+    let mut event = watchtower::dead_letter::annotate(event, failure, &original, None);
     if let Some(topic) = topic {
         event.set_topic(topic);
     }

@@ -18,7 +18,12 @@
 //!   connected wait for the next one. Members of a group should subscribe
 //!   to the same patterns (the group receives the union).
 //! * An event published to a topic no subscription matches is not stored
-//!   (unless retention is on).
+//!   (unless retention is on). A subscription that asks to replay gets the
+//!   retained events in publish order; a group joined with replay re-queues
+//!   them for the whole group.
+//! * `max_pending` is checked when an event is published, not in
+//!   `poll_ready` (which cannot know the event's topic): a full queue makes
+//!   the publish fail with [`ErrorKind::Overloaded`], the event attached.
 //! * Dropping a delivery unsettled redelivers it at once.
 //! * Order: one consumer sees a topic's events in publish order;
 //!   redelivered events go to the back of the queue.
@@ -177,6 +182,8 @@ struct Item {
     message: Message,
     topic: Arc<str>,
     count: u32,
+    /// The broker-wide publish sequence, the order of replay.
+    sequence: u64,
 }
 
 #[derive(Clone)]
@@ -346,6 +353,7 @@ impl Shared {
             message,
             topic,
             count: 1,
+            sequence,
         };
         if self.retention > 0 {
             let mut retained = self.retained.lock().unwrap_or_else(PoisonError::into_inner);
@@ -377,22 +385,18 @@ impl Shared {
         drop(state);
         self.compute_route(topic);
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        let targets = state
-            .routes
-            .get(topic)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(Vec::new()));
+        // The cache entry may already be gone again (a subscription came or
+        // went); then compute the route under this lock, uncached.
+        let targets = match state.routes.get(topic) {
+            Some(targets) => targets.clone(),
+            None => matching_groups(&state, topic),
+        };
         Ok((targets, state))
     }
 
     fn compute_route(&self, topic: &str) {
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-        let targets: Arc<[Arc<Group>]> = state
-            .groups
-            .values()
-            .filter(|e| e.patterns.iter().any(|p| p.matches(topic)))
-            .map(|e| e.group.clone())
-            .collect();
+        let targets = matching_groups(&state, topic);
         if state.routes.len() >= ROUTE_CACHE_MAX {
             state.routes.clear();
         }
@@ -434,10 +438,12 @@ impl Shared {
     }
 
     fn join(self: &Arc<Self>, options: &SubscribeOptions) -> Result<Arc<Group>, Error> {
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        // Checked under the lock: `close` closes every group it can see
+        // after setting the flag.
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::closed("memory broker is closed"));
         }
-        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         state.routes.clear();
         self.generation.fetch_add(1, Ordering::AcqRel);
         let key: Arc<str> = match options.group_name() {
@@ -471,10 +477,7 @@ impl Shared {
                 .flat_map(|q| q.iter())
                 .filter(|item| item.matches(options))
                 .collect();
-            replay.sort_by_key(|item| match &item.message {
-                Message::Event(e) => e.time(),
-                Message::Raw(_) => None,
-            });
+            replay.sort_by_key(|item| item.sequence);
             for item in replay {
                 self.enqueue(&group, item.clone());
             }
@@ -499,6 +502,15 @@ impl Shared {
             }
         }
     }
+}
+
+fn matching_groups(state: &State, topic: &str) -> Targets {
+    state
+        .groups
+        .values()
+        .filter(|e| e.patterns.iter().any(|p| p.matches(topic)))
+        .map(|e| e.group.clone())
+        .collect()
 }
 
 /// Publishes into a [`MemoryBroker`]. Cheap to clone.

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tower::Service;
 use watchtower::conformance::{Harness, run};
-use watchtower::{Capabilities, Error, Event, Receipt};
+use watchtower::{Capabilities, Error, Event, Receipt, Subscriber};
 use watchtower_memory::{CAPABILITIES, MemoryBroker, MemoryPublisher, MemorySubscriber};
 
 struct MemoryHarness {
@@ -24,7 +24,7 @@ impl Harness for MemoryHarness {
     }
 
     fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
+        self.broker.subscriber().capabilities()
     }
 
     async fn publisher(&self, _namespace: &str) -> Result<MemoryPublisher, Error> {
@@ -44,11 +44,11 @@ impl Harness for MemoryHarness {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_transport_passes_every_case() {
     let report = run(MemoryHarness {
-        broker: MemoryBroker::new(),
+        broker: MemoryBroker::builder().retention(100).build(),
     })
     .await;
     report.assert_passed();
-    assert_eq!(report.passed().len(), 11, "{report}");
+    assert_eq!(report.passed().len(), 13, "{report}");
     assert!(report.skipped().is_empty(), "{report}");
 }
 
@@ -130,5 +130,5 @@ async fn the_suite_fails_a_transport_that_drops_every_tenth_event() {
     ] {
         assert!(failed.contains(&case), "{case} should fail:\n{report}");
     }
-    assert_eq!(report.skipped(), vec!["poison"], "{report}");
+    assert_eq!(report.skipped(), vec!["replay", "poison"], "{report}");
 }

@@ -178,3 +178,70 @@ async fn invalid_events_and_topics_are_refused() {
         ErrorKind::InvalidTopic
     );
 }
+
+#[tokio::test]
+async fn replay_follows_publish_order_not_event_time() {
+    let broker = MemoryBroker::builder().retention(10).build();
+    let mut publisher = broker.publisher();
+    let now = time::OffsetDateTime::now_utc();
+    let mut sent = Vec::new();
+    for (i, back) in [(0, 1), (1, 2), (2, 3)] {
+        let event = Event::builder("audit")
+            .time(now - time::Duration::hours(back))
+            .json(&i)
+            .unwrap()
+            .build()
+            .unwrap();
+        publisher.publish(event.clone()).await.unwrap();
+        sent.push(event);
+    }
+    let undated = Event::builder("audit").no_time().build().unwrap();
+    publisher.publish(undated.clone()).await.unwrap();
+    sent.push(undated);
+    let mut replaying = broker
+        .subscriber()
+        .open(options(&["audit"]).replay(true))
+        .await
+        .unwrap();
+    for expected in &sent {
+        let delivery = next(&mut replaying).await;
+        assert_eq!(delivery.event(), Some(expected));
+        delivery.ack().await.unwrap();
+    }
+}
+
+#[test]
+fn publishing_to_new_topics_while_subscriptions_come_and_go_loses_nothing() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let broker = MemoryBroker::new();
+        let group = options(&["t.>"]).group("all").unwrap();
+        let subscription = broker.subscriber().open(group).await.unwrap();
+        let churn = {
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                for _ in 0..2_000 {
+                    drop(broker.subscriber().open(options(&["other"])).await.unwrap());
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let publish = {
+            let broker = broker.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut publisher = broker.publisher();
+                for i in 0..20_000 {
+                    let event = Event::new(format!("t.{i}"), serde_json::json!(i));
+                    tower::Service::call(&mut publisher, event).into_inner().unwrap();
+                }
+            })
+        };
+        publish.await.unwrap();
+        churn.await.unwrap();
+        assert_eq!(broker.outstanding(), 20_000, "events lost by a durable group");
+        drop(subscription);
+    });
+}

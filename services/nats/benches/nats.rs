@@ -38,7 +38,7 @@ use watchtower_layers::retry::RetryConfig;
 use watchtower_nats::jetstream::{StorageType, StreamConfig};
 use watchtower_nats::{JetStreamPublisher, NatsClient, NatsConfig, NatsPublisher, NatsSubscriber};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 3; // per case; raw and WatchTower alternate, best of each kept
 const WINDOW: usize = 256;
 
 fn count(var: &str, default: usize) -> usize {
@@ -285,60 +285,69 @@ async fn run() {
     let n_js = count("NATS_BENCH_JS", 30_000);
     let n_rt = count("NATS_BENCH_RT", 100_000);
 
+    let only = std::env::var("NATS_BENCH_ONLY").unwrap_or_default();
+    let runs = |case: &str| only.is_empty() || only == case;
+
     // Warm up connections, allocators and the server.
     core_raw(&client, &format!("bench.{tag}.warm"), 10_000).await;
     core_stack(&client, &format!("bench.{tag}.warm"), 10_000).await;
 
     let subject = format!("bench.{tag}.core");
-    let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
-    for _ in 0..ROUNDS {
-        raw = raw.min(core_raw(&client, &subject, n_core).await);
-        ours = ours.min(core_stack(&client, &subject, n_core).await);
-    }
-    report("core publish (4-layer stack)", n_core, raw, ours);
-    if std::env::var("NATS_BENCH_BARE").is_ok() {
-        let mut bare = Duration::MAX;
+    if runs("core") {
+        let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
         for _ in 0..ROUNDS {
-            bare = bare.min(core_bare(&client, &subject, n_core).await);
+            raw = raw.min(core_raw(&client, &subject, n_core).await);
+            ours = ours.min(core_stack(&client, &subject, n_core).await);
         }
-        report("core publish (publisher alone)", n_core, raw, bare);
+        report("core publish (4-layer stack)", n_core, raw, ours);
+        if std::env::var("NATS_BENCH_BARE").is_ok() {
+            let mut bare = Duration::MAX;
+            for _ in 0..ROUNDS {
+                bare = bare.min(core_bare(&client, &subject, n_core).await);
+            }
+            report("core publish (publisher alone)", n_core, raw, bare);
+        }
     }
 
-    let stream = format!("BENCH_{tag}");
-    client
-        .create_or_update_stream(StreamConfig {
-            name: stream.clone(),
-            subjects: vec![format!("{stream}.>")],
-            storage: StorageType::Memory,
-            max_messages: 1_000_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let subject = format!("{stream}.js");
-    js_raw(&client, &subject, 2_000).await;
-    js_stack(&client, &subject, 2_000).await;
-    let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
-    for _ in 0..ROUNDS {
-        raw = raw.min(js_raw(&client, &subject, n_js).await);
-        ours = ours.min(js_stack(&client, &subject, n_js).await);
-    }
-    report("JetStream publish (256 in flight)", n_js, raw, ours);
-    if std::env::var("NATS_BENCH_BARE").is_ok() {
-        let mut bare = Duration::MAX;
+    if runs("js") {
+        let stream = format!("BENCH_{tag}");
+        client
+            .create_or_update_stream(StreamConfig {
+                name: stream.clone(),
+                subjects: vec![format!("{stream}.>")],
+                storage: StorageType::Memory,
+                max_messages: 1_000_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let subject = format!("{stream}.js");
+        js_raw(&client, &subject, 2_000).await;
+        js_stack(&client, &subject, 2_000).await;
+        let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
         for _ in 0..ROUNDS {
-            bare = bare.min(js_bare(&client, &subject, n_js).await);
+            raw = raw.min(js_raw(&client, &subject, n_js).await);
+            ours = ours.min(js_stack(&client, &subject, n_js).await);
         }
-        report("JetStream publish (publisher alone)", n_js, raw, bare);
+        report("JetStream publish (256 in flight)", n_js, raw, ours);
+        if std::env::var("NATS_BENCH_BARE").is_ok() {
+            let mut bare = Duration::MAX;
+            for _ in 0..ROUNDS {
+                bare = bare.min(js_bare(&client, &subject, n_js).await);
+            }
+            report("JetStream publish (publisher alone)", n_js, raw, bare);
+        }
+        client.delete_stream(&stream).await.unwrap();
     }
-    client.delete_stream(&stream).await.unwrap();
 
-    let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
-    for round in 0..ROUNDS {
-        raw = raw.min(rt_raw(&client, &format!("bench.{tag}.rt{round}r"), n_rt).await);
-        ours = ours.min(rt_serve(&client, &format!("bench.{tag}.rt{round}s"), n_rt).await);
+    if runs("rt") {
+        let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
+        for round in 0..ROUNDS {
+            raw = raw.min(rt_raw(&client, &format!("bench.{tag}.rt{round}r"), n_rt).await);
+            ours = ours.min(rt_serve(&client, &format!("bench.{tag}.rt{round}s"), n_rt).await);
+        }
+        report("round trip (consumer runtime)", n_rt, raw, ours);
     }
-    report("round trip (consumer runtime)", n_rt, raw, ours);
 }
 
 fn main() {

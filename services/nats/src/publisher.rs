@@ -31,11 +31,9 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_nats::Subject;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -44,7 +42,7 @@ use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::client::NatsClient;
 use crate::config::{NatsConfig, WhenDisconnected};
-use crate::subject::SubjectTemplate;
+use crate::subject::{SubjectCache, SubjectTemplate};
 use crate::wire;
 
 /// How often a publisher waiting for the connection looks again, in case
@@ -55,6 +53,7 @@ const RECHECK: Duration = Duration::from_millis(200);
 pub struct NatsPublisher {
     client: NatsClient,
     subject: SubjectTemplate,
+    subjects: SubjectCache,
     recheck: Option<Pin<Box<Sleep>>>,
 }
 
@@ -64,6 +63,7 @@ impl NatsPublisher {
         NatsPublisher {
             client,
             subject: SubjectTemplate::topic(),
+            subjects: SubjectCache::default(),
             recheck: None,
         }
     }
@@ -81,6 +81,7 @@ impl NatsPublisher {
     /// topic.
     pub fn subject_template(mut self, template: SubjectTemplate) -> Self {
         self.subject = template;
+        self.subjects = SubjectCache::default();
         self
     }
 
@@ -104,6 +105,7 @@ impl Clone for NatsPublisher {
         NatsPublisher {
             client: self.client.clone(),
             subject: self.subject.clone(),
+            subjects: self.subjects.clone(),
             recheck: None,
         }
     }
@@ -155,22 +157,22 @@ impl Service<Event> for NatsPublisher {
         if !self.client.is_connected() && self.client.when_disconnected() == WhenDisconnected::Fail {
             return ResponseFuture::ready(Err(self.client.disconnected_error().with_event(event)));
         }
-        let prepared = self.subject.render(&event).and_then(|subject| {
+        let prepared = self.subjects.get(&self.subject, &event).and_then(|subject| {
             let headers = wire::headers(&event, false)?;
-            Ok((Arc::<str>::from(subject), headers))
+            Ok((subject, headers))
         });
-        let (subject, headers) = match prepared {
+        let ((topic, subject), headers) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
-        let span = watchtower::trace::publish_span("nats", &subject, &event);
+        let span = watchtower::trace::publish_span("nats", &topic, &event);
         let client = self.client.clone();
         let payload = event.data().cloned().unwrap_or_default();
-        let receipt = Receipt::new(subject.clone(), &event);
+        let receipt = Receipt::new(topic, &event);
         let fut = async move {
             client
                 .raw()
-                .publish_with_headers(Subject::from(&*subject), headers, payload)
+                .publish_with_headers(subject, headers, payload)
                 .await
                 .map_err(|e| core_publish_error(&e))?;
             Ok(receipt)

@@ -18,6 +18,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use watchtower::topic::validate_topic;
 use watchtower::{Error, Event};
@@ -101,7 +102,13 @@ impl SubjectTemplate {
     /// the result is not a valid subject (empty token, whitespace,
     /// wildcard).
     pub fn render<'a>(&self, event: &'a Event) -> Result<Cow<'a, str>, Error> {
-        let subject = match self.parts.as_slice() {
+        let subject = self.render_unchecked(event);
+        validate_topic(&subject)?;
+        Ok(subject)
+    }
+
+    fn render_unchecked<'a>(&self, event: &'a Event) -> Cow<'a, str> {
+        match self.parts.as_slice() {
             [Part::Topic] => Cow::Borrowed(event.topic()),
             [Part::Type] => Cow::Borrowed(event.ty()),
             parts => {
@@ -116,9 +123,36 @@ impl SubjectTemplate {
                 }
                 Cow::Owned(out)
             }
-        };
-        validate_topic(&subject)?;
-        Ok(subject)
+        }
+    }
+}
+
+/// The last subject a publisher rendered, kept so that a run of events to
+/// one subject (the usual case) validates and allocates it once.
+#[derive(Clone, Default)]
+pub(crate) struct SubjectCache {
+    last: Option<(Arc<str>, async_nats::Subject)>,
+}
+
+impl SubjectCache {
+    /// The subject for `event` under `template`, as the receipt's topic and
+    /// as the wire subject.
+    pub(crate) fn get(
+        &mut self,
+        template: &SubjectTemplate,
+        event: &Event,
+    ) -> Result<(Arc<str>, async_nats::Subject), Error> {
+        let rendered = template.render_unchecked(event);
+        if let Some((text, subject)) = &self.last
+            && **text == *rendered
+        {
+            return Ok((text.clone(), subject.clone()));
+        }
+        validate_topic(&rendered)?;
+        let text: Arc<str> = Arc::from(&*rendered);
+        let subject = async_nats::Subject::from(&*rendered);
+        self.last = Some((text.clone(), subject.clone()));
+        Ok((text, subject))
     }
 }
 
@@ -131,5 +165,30 @@ impl Default for SubjectTemplate {
 impl fmt::Debug for SubjectTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("SubjectTemplate").field(&self.text).finish()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_render_and_results_are_validated() {
+        let event = Event::builder("user.created").source("billing").build().unwrap();
+        let t = SubjectTemplate::new("app.{source}.{type}.v1").unwrap();
+        assert_eq!(t.render(&event).unwrap(), "app.billing.user.created.v1");
+        assert_eq!(
+            SubjectTemplate::new("{type}").unwrap().render(&event).unwrap(),
+            "user.created"
+        );
+        let spaced = Event::builder("user.created")
+            .source("has space")
+            .build()
+            .unwrap();
+        let err = t.render(&spaced).unwrap_err();
+        assert_eq!(err.kind(), watchtower::ErrorKind::InvalidTopic);
+        let routed = event.clone().with_topic("audit.all");
+        assert_eq!(SubjectTemplate::topic().render(&routed).unwrap(), "audit.all");
     }
 }

@@ -94,17 +94,24 @@ impl Subscriber for NatsSubscriber {
         };
         for pattern in options.patterns() {
             let subscribed = match options.group_name() {
-                Some(group) => raw.queue_subscribe(pattern.as_str().to_owned(), group.to_owned()).await,
+                Some(group) => {
+                    raw.queue_subscribe(pattern.as_str().to_owned(), group.to_owned())
+                        .await
+                }
                 None => raw.subscribe(pattern.as_str().to_owned()).await,
             };
             let subscriber = subscribed.map_err(|e| match e.kind() {
-                async_nats::SubscribeErrorKind::InvalidSubject | async_nats::SubscribeErrorKind::InvalidQueueName => {
-                    Error::new(ErrorKind::InvalidTopic, format!("cannot subscribe to {:?}: {e}", pattern.as_str()))
-                }
+                async_nats::SubscribeErrorKind::InvalidSubject
+                | async_nats::SubscribeErrorKind::InvalidQueueName => Error::new(
+                    ErrorKind::InvalidTopic,
+                    format!("cannot subscribe to {:?}: {e}", pattern.as_str()),
+                ),
                 async_nats::SubscribeErrorKind::Other => Error::closed("NATS client is closed"),
             })?;
             let sid = subscription_id(&subscriber);
-            subscription.counters.push((sid, self.client.state().register(sid)));
+            subscription
+                .counters
+                .push((sid, self.client.state().register(sid)));
             subscription.streams.push(subscriber);
         }
         // The server has the subscriptions once it answered the flush's ping:
@@ -112,7 +119,12 @@ impl Subscriber for NatsSubscriber {
         tokio::time::timeout(self.client.request_timeout(), raw.flush())
             .await
             .map_err(|_| Error::new(ErrorKind::Timeout, "NATS server did not confirm the subscription"))?
-            .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot confirm the subscription: {e}")))?;
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("cannot confirm the subscription: {e}"),
+                )
+            })?;
         Ok(subscription)
     }
 }
@@ -150,7 +162,8 @@ impl Stream for NatsSubscription {
         match this.streams.poll_next_unpin(cx) {
             Poll::Ready(Some(message)) => {
                 let subject = message.subject.as_str();
-                let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload.clone()) {
+                let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload.clone())
+                {
                     Ok(event) => Delivery::new(event, subject, NatsAcker(())),
                     Err(poison) => Delivery::poison(poison, NatsAcker(())),
                 };

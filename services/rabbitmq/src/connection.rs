@@ -32,6 +32,9 @@ pub(crate) struct Session<T> {
     pub(crate) connection: Arc<Connection>,
     pub(crate) generation: u64,
     pub(crate) value: T,
+    /// Cancelled when this session is given up, so that operations waiting
+    /// on it (a confirm whose frame never left) end instead of hanging.
+    pub(crate) lost: CancellationToken,
 }
 
 pub(crate) enum LinkState<T> {
@@ -129,6 +132,7 @@ impl<T: Send + Sync + 'static> Link<T> {
             connection,
             generation: 1,
             value,
+            lost: CancellationToken::new(),
         });
         let (state, _) = watch::channel(LinkState::Up(session.clone()));
         let token = CancellationToken::new();
@@ -211,6 +215,7 @@ async fn drive<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, setup: Setup<T>
         if let Some(current) = session.take() {
             let reason = watch_failure(&shared, &current).await;
             shared.state.send_replace(LinkState::Connecting);
+            current.lost.cancel();
             close_quietly(&current.connection).await;
             drop(current);
             match reason {
@@ -248,6 +253,7 @@ async fn drive<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, setup: Setup<T>
                     connection,
                     generation,
                     value,
+                    lost: CancellationToken::new(),
                 });
                 tracing::info!(url = %shared.config.redacted_url(), generation, "RabbitMQ connection re-established");
                 shared.state.send_replace(LinkState::Up(current.clone()));

@@ -293,36 +293,38 @@ impl Service<Event> for RabbitPublisher {
         ResponseFuture {
             inner: Box::pin(async move {
                 let _permit = permit;
-                let channels = &session.value.channels;
-                let channel = &channels[inner.next.fetch_add(1, Ordering::Relaxed) % channels.len()];
-                let options = BasicPublishOptions {
-                    mandatory: inner.options.mandatory,
-                    immediate: false,
-                };
-                let body: &[u8] = event.data().map_or(&[], |b| b.as_ref());
-                let failed = |e: lapin::Error, what: &str| {
-                    if breaks_channel(&e) && !channel.status().connected() {
-                        inner.link.invalidate(session.generation);
+                let lost = session.lost.clone();
+                let work = async {
+                    let channels = &session.value.channels;
+                    let channel = &channels[inner.next.fetch_add(1, Ordering::Relaxed) % channels.len()];
+                    let options = BasicPublishOptions {
+                        mandatory: inner.options.mandatory,
+                        immediate: false,
+                    };
+                    let body: &[u8] = event.data().map_or(&[], |b| b.as_ref());
+                    let failed = |e: lapin::Error, what: &str| {
+                        if breaks_channel(&e) && !channel.status().connected() {
+                            inner.link.invalidate(session.generation);
+                        }
+                        map_lapin_error(&e, what)
+                    };
+                    let confirm = channel
+                        .basic_publish(
+                            inner.exchange.clone(),
+                            routing_key.clone(),
+                            options,
+                            body,
+                            properties,
+                        )
+                        .await
+                        .map_err(|e| failed(e, "publish"))?;
+                    let receipt = Receipt::new(routing_key.as_str(), &event)
+                        .with_stream(inner.exchange.as_str())
+                        .with_message_id(event.id());
+                    if !inner.options.confirms {
+                        return Ok(receipt);
                     }
-                    map_lapin_error(&e, what)
-                };
-                let confirm = channel
-                    .basic_publish(
-                        inner.exchange.clone(),
-                        routing_key.clone(),
-                        options,
-                        body,
-                        properties,
-                    )
-                    .await
-                    .map_err(|e| failed(e, "publish"))?;
-                let receipt = Receipt::new(routing_key.as_str(), &event)
-                    .with_stream(inner.exchange.as_str())
-                    .with_message_id(event.id());
-                if !inner.options.confirms {
-                    return Ok(receipt);
-                }
-                match confirm.await.map_err(|e| failed(e, "publisher confirm"))? {
+                    match confirm.await.map_err(|e| failed(e, "publisher confirm"))? {
                     Confirmation::Ack(None) | Confirmation::NotRequested => Ok(receipt),
                     Confirmation::Ack(Some(returned)) => Err(Error::new(
                         ErrorKind::Rejected,
@@ -340,6 +342,15 @@ impl Service<Event> for RabbitPublisher {
                         "the broker nacked the event (a full queue refusing publishes, or an internal error)",
                     )
                     .with_retryable(true)),
+                }
+                };
+                tokio::select! {
+                    biased;
+                    result = work => result,
+                    () = lost.cancelled() => Err(Error::new(
+                        ErrorKind::Connection,
+                        "the connection was lost before the broker confirmed the event",
+                    )),
                 }
             }),
         }

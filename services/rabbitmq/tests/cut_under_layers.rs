@@ -16,7 +16,7 @@ use watchtower::conformance::TcpProxy;
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{Event, SubscribeOptions, Subscriber, serve};
 use watchtower_layers::ServiceBuilderExt as _;
-use watchtower_layers::circuit_breaker::CircuitBreakerConfig;
+use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use watchtower_layers::dead_letter::Outcome;
 use watchtower_layers::retry::RetryConfig;
 use watchtower_rabbitmq::{ExchangeKind, PublishOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber};
@@ -62,6 +62,12 @@ async fn ten_thousand_publishes_survive_two_cuts() {
         .await
         .unwrap();
     let dlq = MemoryDeadLetters::new(TOTAL);
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new()
+            .open_wait(Duration::from_millis(200))
+            .wait_when_open(true),
+    );
+    let breaker_state = breaker.handle();
     let mut stack = ServiceBuilder::new()
         .dead_letter(dlq.clone())
         .retries(
@@ -69,7 +75,7 @@ async fn ten_thousand_publishes_survive_two_cuts() {
                 .max_attempts(6)
                 .delays(Duration::from_millis(10), Duration::from_millis(200)),
         )
-        .circuit_breaker(CircuitBreakerConfig::new().open_wait(Duration::from_millis(200)))
+        .circuit_breaker(breaker)
         .service(publisher.clone());
 
     let events: Vec<Event> = (0..TOTAL)
@@ -93,7 +99,16 @@ async fn ten_thousand_publishes_survive_two_cuts() {
         while in_flight.len() >= IN_FLIGHT {
             settle(in_flight.next().await.unwrap());
         }
-        within("ready", poll_fn(|cx| stack.poll_ready(cx))).await.unwrap();
+        match tokio::time::timeout(common::WAIT, poll_fn(|cx| stack.poll_ready(cx))).await {
+            Ok(ready) => ready.unwrap(),
+            Err(_) => panic!(
+                "not ready after {i} events: breaker {:?} {:?}, publisher {:?}, {} in flight",
+                breaker_state.state(),
+                breaker_state.metrics(),
+                publisher.health(),
+                in_flight.len()
+            ),
+        }
         let id = event.id().to_owned();
         let call = stack.call(event.clone());
         in_flight.push(async move { call.await.map(|outcome| (id, outcome)) });
@@ -122,7 +137,15 @@ async fn ten_thousand_publishes_survive_two_cuts() {
         received.insert(within("queued events", rx.recv()).await.unwrap());
     }
     let all: HashSet<String> = events.iter().map(|e| e.id().to_owned()).collect();
-    let dead_ids: HashSet<String> = dlq.drain().iter().map(|e| e.id().to_owned()).collect();
+    let dead = dlq.drain();
+    let mut reasons = std::collections::BTreeMap::new();
+    for event in &dead {
+        *reasons
+            .entry(event.extension("deadletterreason").unwrap_or("").to_owned())
+            .or_insert(0) += 1;
+    }
+    println!("dead-letter reasons: {reasons:?}");
+    let dead_ids: HashSet<String> = dead.iter().map(|e| e.id().to_owned()).collect();
     assert_eq!(dead_ids, dead_lettered);
     assert!(
         received

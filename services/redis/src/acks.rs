@@ -16,7 +16,7 @@ use crate::subscriber::StreamInfo;
 
 /// `XACK` batches in flight at once: while they travel, new
 /// acknowledgements gather into the next batch.
-const MAX_IN_FLIGHT: usize = 4;
+const MAX_IN_FLIGHT: usize = 8;
 
 /// A request to the acknowledgement task.
 #[derive(Debug)]

@@ -365,7 +365,12 @@ impl RedisSubscriber {
             }
         }
         for key in initial {
-            shared.add_stream(key, start).await?;
+            if let Err(e) = shared.add_stream(key, start).await {
+                if ephemeral {
+                    shared.destroy_groups().await;
+                }
+                return Err(e);
+            }
         }
         tokio::spawn(ack_loop(
             self.conn.clone(),
@@ -531,6 +536,21 @@ impl Shared {
             Ok(_) => Ok(()),
             Err(e) if is_busy_group(&e) => Ok(()),
             Err(e) => Err(from_redis(e, &format!("XGROUP CREATE on {key:?}"))),
+        }
+    }
+
+    /// Best effort: removes the group from every stream joined so far.
+    async fn destroy_groups(&self) {
+        let mut pipe = redis::pipe();
+        for stream in self.snapshot() {
+            pipe.cmd("XGROUP")
+                .arg("DESTROY")
+                .arg(&*stream.key)
+                .arg(&*self.group)
+                .ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut self.conn.clone()).await {
+            tracing::debug!(error = %e, "could not remove a subscription's own consumer group");
         }
     }
 
@@ -727,10 +747,6 @@ impl Shared {
     }
 }
 
-fn connection_error(err: redis::RedisError, what: &str) -> Error {
-    from_redis(err, what)
-}
-
 /// Reads the consumer's own pending entries, then new entries, on the
 /// dedicated connection.
 async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, tx: Tx) {
@@ -790,7 +806,7 @@ async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, tx: Tx) {
                 tracing::info!("consumer group or stream is gone; creating it again");
                 shared.recreate_groups().await.map(|()| Vec::new())
             }
-            Err(e) => Err(connection_error(e, "XREADGROUP")),
+            Err(e) => Err(from_redis(e, "XREADGROUP")),
         };
         match read {
             Ok(per_stream) => {
@@ -844,7 +860,7 @@ async fn drain_own(
             .arg(&cursor)
             .query_async::<Value>(conn)
             .await
-            .map_err(|e| connection_error(e, "XREADGROUP (pending)"))
+            .map_err(|e| from_redis(e, "XREADGROUP (pending)"))
             .and_then(wire::parse_read);
         let entries: Vec<Entry> = match reply {
             Ok(per_stream) => per_stream.into_iter().flat_map(|(_, e)| e).collect(),

@@ -630,6 +630,20 @@ async fn bad_configuration_fails_at_construction() {
         "{err:?}"
     );
     assert!(!format!("{err} {err:?}").contains("hunter2"));
+
+    // TLS to a server that does not speak it: a connection error, no panic.
+    let err = RedisPublisher::connect(
+        RedisConfig::new("rediss://:hunter2@127.0.0.1:6379")
+            .reconnect_retries(0)
+            .connection_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::Connection | ErrorKind::Timeout),
+        "{err:?}"
+    );
+    assert!(!format!("{err} {err:?}").contains("hunter2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

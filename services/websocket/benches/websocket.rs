@@ -148,7 +148,8 @@ async fn single_client_latency() {
     let mut latencies = Vec::with_capacity(PACED);
     for i in 0..PACED {
         let t0 = Instant::now();
-        hub.broadcast(&Event::new("bench.one", serde_json::json!(i))).unwrap();
+        hub.broadcast(&Event::new("bench.one", serde_json::json!(i)))
+            .unwrap();
         sub.next().await.unwrap().unwrap();
         latencies.push(t0.elapsed());
         tokio::time::sleep(PACE).await;

@@ -195,7 +195,8 @@ impl WsHubBuilder {
     }
 
     /// A client the hub has heard nothing from (no frame, no pong) for this
-    /// long is dead and is disconnected. Default 45 s: three missed pings.
+    /// long is dead and is disconnected, even while a write to it is
+    /// blocked because it reads nothing. Default 45 s: three missed pings.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
         self
@@ -650,6 +651,18 @@ impl Conn {
         self.started.elapsed().saturating_sub(last)
     }
 
+    /// Resolves once nothing has arrived from the client for `timeout`: a
+    /// write blocked on a client that reads nothing ends there.
+    async fn silent_for(&self, timeout: Duration) {
+        loop {
+            let idle = self.idle_for();
+            if idle >= timeout {
+                return;
+            }
+            tokio::time::sleep(timeout - idle).await;
+        }
+    }
+
     /// Up to [`BATCH`] frames: control replies first, then a note of
     /// dropped events, then events.
     fn take_batch(&self, out: &mut Vec<Message>) -> usize {
@@ -899,6 +912,10 @@ async fn write_loop(inner: &Inner, conn: &Conn, sink: &mut SplitSink<WebSocket, 
             let written = tokio::select! {
                 r = send_all(sink, &mut batch) => r,
                 () = conn.close.cancelled() => break,
+                () = conn.silent_for(inner.idle_timeout) => {
+                    conn.close_with(close_code::AWAY);
+                    break;
+                }
             };
             match written {
                 Ok(()) => {
@@ -919,7 +936,15 @@ async fn write_loop(inner: &Inner, conn: &Conn, sink: &mut SplitSink<WebSocket, 
                     conn.close_with(close_code::AWAY);
                     break;
                 }
-                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                let pinged = tokio::select! {
+                    r = sink.send(Message::Ping(Bytes::new())) => r.is_ok(),
+                    () = conn.close.cancelled() => break,
+                    () = conn.silent_for(inner.idle_timeout) => {
+                        conn.close_with(close_code::AWAY);
+                        break;
+                    }
+                };
+                if !pinged {
                     conn.close_with(close_code::ABNORMAL);
                     break;
                 }

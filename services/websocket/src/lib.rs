@@ -72,7 +72,10 @@
 //!   [`ErrorKind::Connection`](watchtower::ErrorKind::Connection) item;
 //! * a frame from the hub that is not an event reaches every subscription
 //!   of the client as a poison delivery (nothing in it says which
-//!   subscription it was for).
+//!   subscription it was for);
+//! * a frame from a client that is not an event is answered with an error
+//!   message, counted, and with [`WsHubBuilder::poison`] handed to a
+//!   dead-letter service with its raw bytes.
 //!
 //! # Wire protocol
 //!

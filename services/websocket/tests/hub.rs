@@ -4,6 +4,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -405,5 +406,35 @@ async fn authentication_refused() {
     let stats = hub.stats();
     assert_eq!((stats.refused, stats.accepted), (3, 1));
     assert!(!format!("{:?}", server.config().bearer("right").unwrap()).contains("right"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_is_dropped_even_while_a_write_to_it_is_blocked() {
+    let hub = WsHub::builder()
+        .outbound_capacity(16)
+        .ping_interval(Duration::from_millis(20))
+        .idle_timeout(Duration::from_millis(200))
+        .build();
+    let server = Server::start(&hub).await;
+    let topic = format!("{}.feed", ns());
+    let stalled = stalled_client(&server, &topic).await;
+    let payload = "x".repeat(64 * 1024);
+    // Enough to fill the socket buffers, so the hub's writer blocks.
+    for i in 0..200 {
+        hub.broadcast(&Event::new(
+            topic.clone(),
+            serde_json::json!({"i": i, "pad": payload}),
+        ))
+        .unwrap();
+        tokio::task::yield_now().await;
+    }
+    within("the hub dropping the stalled client", async {
+        while hub.connections() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    drop(stalled);
     server.stop().await;
 }

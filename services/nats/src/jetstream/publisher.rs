@@ -3,7 +3,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use async_nats::Subject;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -16,7 +15,7 @@ use watchtower::{Error, ErrorKind, Event, Receipt};
 use crate::client::NatsClient;
 use crate::config::{NatsConfig, WhenDisconnected};
 use crate::publisher::{ResponseFuture, poll_connection};
-use crate::subject::SubjectTemplate;
+use crate::subject::{SubjectCache, SubjectTemplate};
 use crate::wire;
 
 /// Publishes awaiting this many acknowledgements at most, unless set:
@@ -48,6 +47,7 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 pub struct JetStreamPublisher {
     client: NatsClient,
     subject: SubjectTemplate,
+    subjects: SubjectCache,
     expected_stream: Option<Arc<str>>,
     window: PollSemaphore,
     max_in_flight: usize,
@@ -61,6 +61,7 @@ impl JetStreamPublisher {
         JetStreamPublisher {
             client,
             subject: SubjectTemplate::topic(),
+            subjects: SubjectCache::default(),
             expected_stream: None,
             window: PollSemaphore::new(Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT))),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
@@ -82,6 +83,7 @@ impl JetStreamPublisher {
     /// topic.
     pub fn subject_template(mut self, template: SubjectTemplate) -> Self {
         self.subject = template;
+        self.subjects = SubjectCache::default();
         self
     }
 
@@ -128,6 +130,7 @@ impl Clone for JetStreamPublisher {
         JetStreamPublisher {
             client: self.client.clone(),
             subject: self.subject.clone(),
+            subjects: self.subjects.clone(),
             expected_stream: self.expected_stream.clone(),
             window: self.window.clone(),
             max_in_flight: self.max_in_flight,
@@ -179,27 +182,27 @@ impl Service<Event> for JetStreamPublisher {
         if !self.client.is_connected() && self.client.when_disconnected() == WhenDisconnected::Fail {
             return ResponseFuture::ready(Err(self.client.disconnected_error()));
         }
-        let prepared = self.subject.render(&event).and_then(|subject| {
+        let prepared = self.subjects.get(&self.subject, &event).and_then(|subject| {
             let mut headers = wire::headers(&event, true)?;
             if let Some(stream) = &self.expected_stream {
                 headers.insert("Nats-Expected-Stream", &**stream);
             }
-            Ok((Arc::<str>::from(subject), headers))
+            Ok((subject, headers))
         });
-        let (subject, headers) = match prepared {
+        let ((topic, subject), headers) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
-        let span = watchtower::trace::publish_span("nats", &subject, &event);
+        let span = watchtower::trace::publish_span("nats", &topic, &event);
         let client = self.client.clone();
         let payload = event.data().cloned().unwrap_or_default();
-        let receipt = Receipt::new(subject.clone(), &event);
+        let receipt = Receipt::new(topic, &event);
         let fut = async move {
             let _permit = permit;
             let message = PublishMessage::build().headers(headers).payload(payload);
             let ack = client
                 .jetstream()
-                .send_publish(Subject::from(&*subject), message)
+                .send_publish(subject, message)
                 .await
                 .map_err(|e| publish_error(&e))?
                 .await

@@ -223,7 +223,10 @@ async fn slow_consumer_drops_are_reported() {
         .await
         .unwrap();
     let mut publisher = NatsPublisher::new(client.clone());
-    publisher.publish(Event::new(calm_topic, serde_json::json!({}))).await.unwrap();
+    publisher
+        .publish(Event::new(calm_topic, serde_json::json!({})))
+        .await
+        .unwrap();
     next_event(&mut calm).await;
     for i in 0..200 {
         publisher

@@ -174,7 +174,12 @@ async fn subscriptions_carry_on_after_a_connection_cut() {
         .unwrap();
     let mut js_sub = JetStreamSubscriber::new(client.clone(), &name)
         .unwrap()
-        .open(SubscribeOptions::new([format!("{name}.>")]).unwrap().group("g").unwrap())
+        .open(
+            SubscribeOptions::new([format!("{name}.>")])
+                .unwrap()
+                .group("g")
+                .unwrap(),
+        )
         .await
         .unwrap();
     let mut core_pub = NatsPublisher::new(direct.clone());
@@ -185,14 +190,20 @@ async fn subscriptions_carry_on_after_a_connection_cut() {
         let js_event = Event::new(format!("{name}.r{round}"), serde_json::json!({}));
         if round == 1 {
             proxy.cut();
-            tokio::time::timeout(PATIENCE, proxy.wait_accepted(2)).await.unwrap();
+            tokio::time::timeout(PATIENCE, proxy.wait_accepted(2))
+                .await
+                .unwrap();
             // Core NATS keeps nothing: probe until the re-sent subscription
             // is in place on the server.
             let probe_topic = format!("core{name}.probe");
             tokio::time::timeout(PATIENCE, async {
                 loop {
-                    core_pub.publish(Event::new(probe_topic.clone(), serde_json::json!({}))).await.unwrap();
-                    if let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(200), core_sub.next()).await
+                    core_pub
+                        .publish(Event::new(probe_topic.clone(), serde_json::json!({})))
+                        .await
+                        .unwrap();
+                    if let Ok(Some(Ok(d))) =
+                        tokio::time::timeout(Duration::from_millis(200), core_sub.next()).await
                         && d.topic() == probe_topic
                     {
                         break;
@@ -205,7 +216,11 @@ async fn subscriptions_carry_on_after_a_connection_cut() {
         core_pub.publish(core_event.clone()).await.unwrap();
         js_pub.publish(js_event.clone()).await.unwrap();
         let d = loop {
-            match tokio::time::timeout(PATIENCE, core_sub.next()).await.unwrap().unwrap() {
+            match tokio::time::timeout(PATIENCE, core_sub.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
                 Ok(d) if d.topic().ends_with(".probe") => continue,
                 Ok(d) => break d,
                 Err(e) => assert_eq!(e.kind(), ErrorKind::Dropped),
@@ -213,7 +228,11 @@ async fn subscriptions_carry_on_after_a_connection_cut() {
         };
         assert_eq!(d.event(), Some(&core_event));
         let d = loop {
-            match tokio::time::timeout(PATIENCE, js_sub.next()).await.unwrap().unwrap() {
+            match tokio::time::timeout(PATIENCE, js_sub.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
                 Ok(d) => break d,
                 Err(e) => assert_eq!(e.kind(), ErrorKind::Connection, "{e}"),
             }

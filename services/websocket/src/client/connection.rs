@@ -273,6 +273,17 @@ impl Conn {
         self.started.elapsed().saturating_sub(last)
     }
 
+    /// Resolves once nothing has arrived from the hub for `timeout`.
+    async fn silent_for(&self, timeout: Duration) {
+        loop {
+            let idle = self.idle_for();
+            if idle >= timeout {
+                return;
+            }
+            tokio::time::sleep(timeout - idle).await;
+        }
+    }
+
     /// Resolves once the writer has closed and the peer had its chance to
     /// answer, or the connection is broken.
     async fn closing(&self) {
@@ -468,10 +479,23 @@ async fn write_loop(
         batch.clear();
         shared.take_outgoing(BATCH, &mut batch);
         if !batch.is_empty() {
-            if let Err(e) = write_events(shared, sink, &mut batch).await {
-                break Some(format!("write failed: {e}"));
+            let idle_timeout = shared.config.idle_timeout;
+            let stalled = tokio::select! {
+                r = write_events(shared, sink, &mut batch) => match r {
+                    Ok(()) => continue,
+                    Err(e) => format!("write failed: {e}"),
+                },
+                () = conn.silent_for(idle_timeout) => format!("no frame from the hub for {idle_timeout:?}"),
+                () = conn.reader_done.cancelled() => "the connection closed".to_owned(),
+            };
+            // Cut short mid-write: whether the hub got these is unknown.
+            for outgoing in batch.drain(..) {
+                outgoing.fail(Error::new(
+                    ErrorKind::Connection,
+                    format!("websocket connection broke while sending: {stalled}"),
+                ));
             }
-            continue;
+            break Some(stalled);
         }
         tokio::select! {
             () = shared.shutdown.cancelled() => {}
@@ -496,8 +520,14 @@ async fn write_loop(
                 if conn.idle_for() >= shared.config.idle_timeout {
                     break Some(format!("no frame from the hub for {:?}", shared.config.idle_timeout));
                 }
-                if let Err(e) = sink.send(Message::Ping(Bytes::new())).await {
-                    break Some(format!("ping failed: {e}"));
+                let idle_timeout = shared.config.idle_timeout;
+                tokio::select! {
+                    r = sink.send(Message::Ping(Bytes::new())) => if let Err(e) = r {
+                        break Some(format!("ping failed: {e}"));
+                    },
+                    () = conn.silent_for(idle_timeout) => {
+                        break Some(format!("no frame from the hub for {idle_timeout:?}"));
+                    }
                 }
             }
         }
