@@ -278,15 +278,61 @@ impl Collector {
         options: SubscribeOptions,
         wait: Duration,
     ) -> Result<Collector, String> {
+        Collector::spawn(subscriber, options, wait, None, None).await
+    }
+
+    /// A collector that handles one event at a time and holds its first
+    /// event until `gate` is notified (or `wait` passes).
+    async fn start_gated<S: Subscriber + 'static>(
+        subscriber: &S,
+        options: SubscribeOptions,
+        wait: Duration,
+        gate: Option<Arc<tokio::sync::Notify>>,
+    ) -> Result<Collector, String> {
+        Collector::spawn(subscriber, options, wait, gate, None).await
+    }
+
+    /// A collector that notifies `started` when it receives an event.
+    async fn start_signalling<S: Subscriber + 'static>(
+        subscriber: &S,
+        options: SubscribeOptions,
+        wait: Duration,
+        started: Arc<tokio::sync::Notify>,
+    ) -> Result<Collector, String> {
+        Collector::spawn(subscriber, options, wait, None, Some(started)).await
+    }
+
+    async fn spawn<S: Subscriber + 'static>(
+        subscriber: &S,
+        options: SubscribeOptions,
+        wait: Duration,
+        gate: Option<Arc<tokio::sync::Notify>>,
+        started: Option<Arc<tokio::sync::Notify>>,
+    ) -> Result<Collector, String> {
         let subscription = subscriber.open(options).await.map_err(|e| err("open", e))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let concurrency = if gate.is_some() {
+            1
+        } else {
+            crate::serve::DEFAULT_CONCURRENCY
+        };
+        let gate = Arc::new(tokio::sync::Mutex::new(gate));
         let handler = service_fn(move |event: Event| {
-            let sent = tx.send(event);
-            async move { sent.map_err(|_| Error::closed("collector closed")) }
+            let (tx, gate, started) = (tx.clone(), gate.clone(), started.clone());
+            async move {
+                if let Some(gate) = gate.lock().await.take() {
+                    let _ = tokio::time::timeout(wait, gate.notified()).await;
+                }
+                if let Some(started) = started {
+                    started.notify_one();
+                }
+                tx.send(event).map_err(|_| Error::closed("collector closed"))
+            }
         });
         let task = tokio::spawn(
             serve(subscription, handler)
+                .concurrency(concurrency)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
                 })
@@ -656,8 +702,13 @@ async fn consumer_groups<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
         h.subscriber(ns).await.map_err(|e| err("subscriber", e))?,
         h.subscriber(ns).await.map_err(|e| err("subscriber", e))?,
     );
-    let mut a1 = Collector::start(&s1, group("alpha")?, h.patience()).await?;
-    let mut a2 = Collector::start(&s2, group("alpha")?, h.patience()).await?;
+    // The first member handles one event at a time and holds its first
+    // event until the second member has received one, so the test does not
+    // depend on how the scheduler happens to interleave the two.
+    let second_started = Arc::new(tokio::sync::Notify::new());
+    let mut a1 =
+        Collector::start_gated(&s1, group("alpha")?, h.patience(), Some(second_started.clone())).await?;
+    let mut a2 = Collector::start_signalling(&s2, group("alpha")?, h.patience(), second_started).await?;
     let mut b = Collector::start(&s3, group("beta")?, h.patience()).await?;
     let sent: Vec<Event> = (0..100).map(|i| numbered(&topic, i)).collect();
     let mut publisher = h.publisher(ns).await.map_err(|e| err("publisher", e))?;

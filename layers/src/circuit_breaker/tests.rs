@@ -295,7 +295,13 @@ async fn count_window_too_large_for_the_ring_behaves_the_same() {
     }
     let m = handle.metrics();
     assert_eq!(
-        (m.state, m.window_calls, m.window_failures, m.successful_calls, m.failed_calls),
+        (
+            m.state,
+            m.window_calls,
+            m.window_failures,
+            m.successful_calls,
+            m.failed_calls
+        ),
         (State::Closed, 4, 1, 3, 1)
     );
     let _ = send(&mut svc, "fail").await;
@@ -326,7 +332,10 @@ async fn concurrent_calls_are_all_counted() {
         })
         .collect();
     for task in tasks {
-        tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
     assert_eq!(calls.load(Ordering::SeqCst), TASKS * EACH);
     let m = handle.metrics();
@@ -342,7 +351,10 @@ async fn concurrent_calls_are_all_counted() {
         send(&mut svc, "ok").await.unwrap();
     }
     let m = handle.metrics();
-    assert_eq!((m.state, m.window_calls, m.window_failures), (State::Closed, 3, 0));
+    assert_eq!(
+        (m.state, m.window_calls, m.window_failures),
+        (State::Closed, 3, 0)
+    );
     assert_eq!(m.successful_calls, 1503);
 }
 

@@ -62,18 +62,15 @@ async fn ten_thousand_publishes_survive_two_cuts() {
         .await
         .unwrap();
     let dlq = MemoryDeadLetters::new(TOTAL);
-    let breaker = CircuitBreakerLayer::new(
-        CircuitBreakerConfig::new()
-            .open_wait(Duration::from_millis(200))
-            .wait_when_open(true),
-    );
+    let breaker = CircuitBreakerLayer::new(CircuitBreakerConfig::new().open_wait(Duration::from_millis(100)));
     let breaker_state = breaker.handle();
     let mut stack = ServiceBuilder::new()
         .dead_letter(dlq.clone())
         .retries(
             RetryConfig::new()
-                .max_attempts(6)
-                .delays(Duration::from_millis(10), Duration::from_millis(200)),
+                .max_attempts(30)
+                .delays(Duration::from_millis(10), Duration::from_millis(200))
+                .max_elapsed(Duration::from_secs(10)),
         )
         .circuit_breaker(breaker)
         .service(publisher.clone());

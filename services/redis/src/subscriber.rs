@@ -187,7 +187,7 @@ impl RedisSubscriberBuilder {
     }
 
     /// Entries read at most per `XREADGROUP`. While the consumer works
-    /// through one batch, the next one is read, so up to two batches wait
+    /// through one batch, the next ones are read, so up to three batches are
     /// in memory. Default [`DEFAULT_BATCH_SIZE`].
     pub fn batch_size(mut self, n: usize) -> Self {
         self.options.batch_size = n;
@@ -343,8 +343,9 @@ impl RedisSubscriber {
         let read_conn = self.config.connect(&self.client, self.options.block).await?;
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let (nack_tx, nack_rx) = mpsc::unbounded_channel();
-        // One batch waits while the subscription works through another.
-        let (tx, rx) = mpsc::channel(1);
+        // Two batches wait while the subscription works through another, so
+        // a slow read does not leave the consumer idle.
+        let (tx, rx) = mpsc::channel(2);
         let shared = Arc::new(Shared {
             conn: self.conn.clone(),
             config: self.config.clone(),
