@@ -298,8 +298,10 @@ impl Event {
         self.inner.id.clone()
     }
 
-    /// The topic, shared rather than copied.
-    pub(crate) fn topic_shared(&self) -> Arc<str> {
+    /// The [topic](Event::topic), shared rather than copied: for
+    /// transports that keep it beyond the event (a receipt, a cached
+    /// subject).
+    pub fn shared_topic(&self) -> Arc<str> {
         self.inner.topic.clone().unwrap_or_else(|| self.inner.ty.clone())
     }
 

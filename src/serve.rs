@@ -64,7 +64,7 @@ use std::future::{Future, IntoFuture, poll_fn};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -79,6 +79,9 @@ use crate::error::{BoxError, Error};
 use crate::event::{Event, ext};
 use crate::subscribe::{Acker, Delivery, SubscribeOptions, Subscriber};
 use crate::trace::process_span;
+
+/// How many events may be settling (ack on its way) per concurrency slot.
+const SETTLING_FACTOR: usize = 4;
 
 /// Events in flight at once unless set: 64, enough to hide broker round
 /// trips without unbounded work.
@@ -145,8 +148,11 @@ impl<St, H> fmt::Debug for Serve<St, H> {
 }
 
 impl<St, H> Serve<St, H> {
-    /// At most `n` events in flight (at least 1). Default
-    /// [`DEFAULT_CONCURRENCY`].
+    /// At most `n` events in the handler at once (at least 1). Default
+    /// [`DEFAULT_CONCURRENCY`]. Events whose handler finished but whose
+    /// settlement is still on its way to the broker do not count, up to
+    /// four times `n` in all, so that transports that batch their acks
+    /// keep the handler busy.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
@@ -266,6 +272,7 @@ where
             nack_delay,
             max_deliveries,
             dead_letter: poison_path.clone(),
+            handling: AtomicUsize::new(0),
         };
         let mut in_flight = FuturesUnordered::new();
         loop {
@@ -274,7 +281,12 @@ where
                 if shutdown.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Step::Shutdown);
                 }
-                if in_flight.len() >= concurrency {
+                // The bound counts events in the handler; events whose
+                // settlement is on its way to the broker (a batched ack)
+                // do not hold a slot, within a hard cap.
+                if settle.handling.load(Ordering::Relaxed) >= concurrency
+                    || in_flight.len() >= concurrency.saturating_mul(SETTLING_FACTOR)
+                {
                     return Poll::Pending;
                 }
                 match handler.poll_ready(cx) {
@@ -302,6 +314,7 @@ where
                 Step::Delivery(delivery) => {
                     counters.received.fetch_add(1, Ordering::Relaxed);
                     counters.in_flight.fetch_add(1, Ordering::Relaxed);
+                    settle.handling.fetch_add(1, Ordering::Relaxed);
                     let span = match delivery.event() {
                         Some(event) => process_span(
                             delivery.system(),
@@ -395,6 +408,8 @@ struct Settle {
     nack_delay: Option<Duration>,
     max_deliveries: Option<u32>,
     dead_letter: PoisonPath,
+    /// Events whose handler (or dead-letter path) has not finished.
+    handling: AtomicUsize,
 }
 
 async fn process<F, R, E, A>(work: Work<F>, acker: A, ctx: &Settle)
@@ -424,6 +439,7 @@ where
                 },
                 None => Err(panicked(counters)),
             };
+            ctx.handling.fetch_sub(1, Ordering::Relaxed);
             match outcome {
                 Ok(()) => {
                     let settled = acker.ack().await;
@@ -443,7 +459,10 @@ where
                 }
             }
         }
-        Work::Poison(event) => dead_letter(event, acker, ctx, &counters.poisoned).await,
+        Work::Poison(event) => {
+            ctx.handling.fetch_sub(1, Ordering::Relaxed);
+            dead_letter(event, acker, ctx, &counters.poisoned).await
+        }
     };
     if let Err(e) = settled {
         counters.settle_errors.fetch_add(1, Ordering::Relaxed);

@@ -70,7 +70,7 @@ impl Receipt {
     /// the event's strings instead of copying them.
     pub fn for_event(event: &Event) -> Receipt {
         Receipt {
-            topic: event.topic_shared(),
+            topic: event.shared_topic(),
             event_id: event.id_shared(),
             stream: None,
             sequence: None,
@@ -385,6 +385,17 @@ impl<A: Acker> Delivery<A> {
     /// If the transport could not send the negative acknowledgement.
     pub async fn nack(self, delay: Option<Duration>) -> Result<(), Error> {
         self.acker.nack(delay).await
+    }
+
+    /// Tells the broker the event is still being worked on, extending its
+    /// ack deadline (JetStream `+WPI`); a no-op where the transport has no
+    /// deadline.
+    ///
+    /// # Errors
+    ///
+    /// If the transport could not send it.
+    pub async fn progress(&self) -> Result<(), Error> {
+        self.acker.progress().await
     }
 
     /// Settles the delivery so that it is never delivered again.

@@ -61,6 +61,8 @@ pub(crate) struct Channels {
 struct Inner {
     link: Link<Channels>,
     exchange: ShortString,
+    /// The exchange name as the receipts' `stream`, allocated once.
+    stream: Arc<str>,
     options: PublishOptions,
     next: AtomicUsize,
     _guard: LinkGuard,
@@ -137,6 +139,7 @@ impl RabbitPublisher {
         Ok(RabbitPublisher {
             inner: Arc::new(Inner {
                 link,
+                stream: exchange.as_str().into(),
                 exchange,
                 options,
                 next: AtomicUsize::new(0),
@@ -318,9 +321,8 @@ impl Service<Event> for RabbitPublisher {
                         )
                         .await
                         .map_err(|e| failed(e, "publish"))?;
-                    let receipt = Receipt::new(routing_key.as_str(), &event)
-                        .with_stream(inner.exchange.as_str())
-                        .with_message_id(event.id());
+                    let receipt =
+                        Receipt::new(routing_key.as_str(), &event).with_stream(inner.stream.clone());
                     if !inner.options.confirms {
                         return Ok(receipt);
                     }
