@@ -236,12 +236,65 @@ where
     }
 }
 
-enum Step<A> {
-    Delivery(Delivery<A>),
-    StreamError(Error),
+enum Step {
     End,
     Shutdown,
     HandlerFailed(Error),
+}
+
+/// Starts handling one delivery: counts it, opens its span, calls the
+/// handler (or prepares the dead-letter path for poison).
+fn dispatch<A, H>(
+    delivery: Delivery<A>,
+    handler: &mut H,
+    settle: &Settle,
+) -> (Work<H::Future>, A, tracing::Span)
+where
+    A: Acker,
+    H: Service<Event>,
+{
+    let counters = &settle.counters;
+    counters.received.fetch_add(1, Ordering::Relaxed);
+    counters.in_flight.fetch_add(1, Ordering::Relaxed);
+    settle.handling.fetch_add(1, Ordering::Relaxed);
+    let span = match delivery.event() {
+        Some(event) => process_span(
+            delivery.system(),
+            delivery.topic(),
+            event,
+            delivery.delivery_count(),
+        ),
+        None => tracing::Span::current(),
+    };
+    let count = delivery.delivery_count();
+    let topic = delivery.shared_topic();
+    let (content, acker) = delivery.into_parts();
+    let work = match content {
+        Ok(mut event) => {
+            if count > 1 {
+                event.insert_extension(ext::ATTEMPT, count.to_string().into());
+            }
+            let _entered = span.enter();
+            let kept = event.clone();
+            let call = std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(event))).ok();
+            Work::Handle {
+                call,
+                event: kept,
+                topic,
+                count,
+            }
+        }
+        Err(poison) => {
+            tracing::warn!(
+                topic = &*poison.raw.topic,
+                error = %poison.error,
+                body_len = poison.raw.body.len(),
+                "message is not a valid event; sending it to the dead-letter path"
+            );
+            Work::Poison(poison.into_event())
+        }
+    };
+    (work, acker, span)
 }
 
 impl<St, A, H> Serve<St, H>
@@ -275,8 +328,10 @@ where
             handling: AtomicUsize::new(0),
         };
         let mut in_flight = FuturesUnordered::new();
-        loop {
-            let step = poll_fn(|cx| {
+        // One poll takes every delivery that is ready (within tokio's
+        // cooperative budget) and dispatches it on the spot.
+        let stop = poll_fn(|cx| {
+            loop {
                 while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
                 if shutdown.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Step::Shutdown);
@@ -300,76 +355,32 @@ where
                 // that always has a message ready must not starve the
                 // other tasks of the runtime.
                 let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
-                subscription.poll_next_unpin(cx).map(|item| {
-                    coop.made_progress();
-                    match item {
-                        Some(Ok(delivery)) => Step::Delivery(delivery),
-                        Some(Err(e)) => Step::StreamError(e),
-                        None => Step::End,
+                let delivery = match std::task::ready!(subscription.poll_next_unpin(cx)) {
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(e)) => {
+                        coop.made_progress();
+                        counters.stream_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "subscription reported an error");
+                        continue;
                     }
-                })
-            })
-            .await;
-            match step {
-                Step::Delivery(delivery) => {
-                    counters.received.fetch_add(1, Ordering::Relaxed);
-                    counters.in_flight.fetch_add(1, Ordering::Relaxed);
-                    settle.handling.fetch_add(1, Ordering::Relaxed);
-                    let span = match delivery.event() {
-                        Some(event) => process_span(
-                            delivery.system(),
-                            delivery.topic(),
-                            event,
-                            delivery.delivery_count(),
-                        ),
-                        None => tracing::Span::current(),
-                    };
-                    let count = delivery.delivery_count();
-                    let topic = delivery.shared_topic();
-                    let (content, acker) = delivery.into_parts();
-                    let work = match content {
-                        Ok(mut event) => {
-                            if count > 1 {
-                                event.insert_extension(ext::ATTEMPT, count.to_string().into());
-                            }
-                            let _entered = span.enter();
-                            let kept = event.clone();
-                            let call =
-                                std::panic::catch_unwind(AssertUnwindSafe(|| handler.call(event))).ok();
-                            Work::Handle {
-                                call,
-                                event: kept,
-                                topic,
-                                count,
-                            }
-                        }
-                        Err(poison) => {
-                            tracing::warn!(
-                                topic = &*poison.raw.topic,
-                                error = %poison.error,
-                                body_len = poison.raw.body.len(),
-                                "message is not a valid event; sending it to the dead-letter path"
-                            );
-                            Work::Poison(poison.into_event())
-                        }
-                    };
-                    // Most handlers finish without waiting: settle those
-                    // here, and keep only the rest in the in-flight set.
-                    let mut work = Box::pin(process(work, acker, &settle).instrument(span));
-                    if poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx).is_pending())).await {
-                        in_flight.push(work);
-                    }
+                    None => return Poll::Ready(Step::End),
+                };
+                coop.made_progress();
+                let (work, acker, span) = dispatch(delivery, &mut handler, &settle);
+                // Most handlers finish without waiting: settle those here,
+                // and keep only the rest in the in-flight set.
+                let mut work = Box::pin(process(work, acker, &settle).instrument(span));
+                if work.as_mut().poll(cx).is_pending() {
+                    in_flight.push(work);
                 }
-                Step::StreamError(e) => {
-                    counters.stream_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "subscription reported an error");
-                }
-                Step::End | Step::Shutdown => break,
-                Step::HandlerFailed(e) => {
-                    tracing::error!(error = %e, "handler failed in poll_ready; stopping");
-                    fatal = Some(e);
-                    break;
-                }
+            }
+        })
+        .await;
+        match stop {
+            Step::End | Step::Shutdown => {}
+            Step::HandlerFailed(e) => {
+                tracing::error!(error = %e, "handler failed in poll_ready; stopping");
+                fatal = Some(e);
             }
         }
         let drained = tokio::time::timeout(shutdown_timeout, async {

@@ -23,7 +23,10 @@
 //! for time-based windows). The future is not boxed and the inner service
 //! is never cloned. Under concurrent load the [`Metrics`] snapshot is
 //! therefore eventually consistent: it may miss calls finishing while it is
-//! taken.
+//! taken. Likewise a call that finishes at the very moment the breaker
+//! changes state may be counted in the window of the state it was let
+//! through in or of the next one, and calls finishing together enter the
+//! window in either order.
 //!
 //! Which errors count as failures is the [classifier]'s call: by default a
 //! `Rejected` or `InvalidEvent` error (the caller's fault) does not trip

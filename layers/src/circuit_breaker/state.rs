@@ -393,8 +393,11 @@ impl Breaker {
     #[inline]
     fn record(&self, epoch: u64, probe: bool, o: Outcome) {
         if let Some(ring) = &self.ring {
-            // The state word was published after the window was cleared for
-            // this epoch, so a match means the outcome belongs in it.
+            // The state word is published after the window is cleared for a
+            // new epoch, so a match means the outcome belongs in it. A state
+            // change between this check and the write below may still let it
+            // in: a call finishing just as the breaker changes state counts
+            // in either window (the lock-based path would drop it).
             let packed = self.packed.load(Ordering::Acquire);
             let closed = packed == (epoch << 8) | State::Closed.to_bits();
             if closed || packed == (epoch << 8) | State::MetricsOnly.to_bits() {

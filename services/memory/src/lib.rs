@@ -60,7 +60,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::{Future, Ready, ready};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -122,7 +122,9 @@ impl MemoryBrokerBuilder {
                 retention: self.retention,
                 max_pending: self.max_pending,
                 sequence: AtomicU64::new(1),
-                outstanding: AtomicU64::new(0),
+                enqueued: Padded(AtomicU64::new(0)),
+                settled: Padded(AtomicU64::new(0)),
+                idle_waiters: Padded(AtomicUsize::new(0)),
                 idle: Notify::new(),
                 closed: AtomicBool::new(false),
                 next_id: AtomicU64::new(0),
@@ -138,8 +140,13 @@ struct Shared {
     retention: usize,
     max_pending: Option<usize>,
     sequence: AtomicU64,
-    /// Events handed to groups and not yet settled.
-    outstanding: AtomicU64,
+    /// Events handed to groups, and events settled; their difference is
+    /// what is outstanding. Two counters on their own cache lines, so that
+    /// publishers and consumers on different cores do not contend for one.
+    enqueued: Padded<AtomicU64>,
+    settled: Padded<AtomicU64>,
+    /// Tasks in `wait_idle`; settling notifies only when there are some.
+    idle_waiters: Padded<AtomicUsize>,
     idle: Notify,
     closed: AtomicBool,
     next_id: AtomicU64,
@@ -147,6 +154,10 @@ struct Shared {
     /// cached routes.
     generation: AtomicU64,
 }
+
+/// Keeps a counter on a cache line of its own.
+#[repr(align(128))]
+struct Padded<T>(T);
 
 type RouteCache = Option<CachedRoute>;
 type Targets = Arc<[Arc<Group>]>;
@@ -245,13 +256,28 @@ impl MemoryBroker {
 
     /// Events published and not yet settled by every group they went to.
     pub fn outstanding(&self) -> u64 {
-        self.shared.outstanding.load(Ordering::Acquire)
+        // Settled first: every settlement follows its enqueue, so this
+        // never reads more settled than enqueued events.
+        let settled = self.shared.settled.0.load(Ordering::SeqCst);
+        self.shared
+            .enqueued
+            .0
+            .load(Ordering::SeqCst)
+            .saturating_sub(settled)
     }
 
     /// Waits until every published event has been settled (acked or
     /// rejected) by every subscription it went to, or `timeout` passes.
     /// Returns whether the broker became idle.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.shared.idle_waiters.0.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.shared.idle_waiters.0);
         tokio::time::timeout(timeout, async {
             loop {
                 let notified = self.shared.idle.notified();
@@ -404,7 +430,7 @@ impl Shared {
     }
 
     fn enqueue(&self, group: &Group, item: Item) {
-        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        self.enqueued.0.fetch_add(1, Ordering::SeqCst);
         if group.tx.try_send(item).is_err() {
             // The group closed while the event was on its way: nobody is
             // left to deliver it to.
@@ -413,7 +439,8 @@ impl Shared {
     }
 
     fn settle(&self) {
-        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+        self.settled.0.fetch_add(1, Ordering::SeqCst);
+        if self.idle_waiters.0.load(Ordering::SeqCst) > 0 {
             self.idle.notify_waiters();
         }
     }

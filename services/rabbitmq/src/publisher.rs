@@ -16,9 +16,9 @@
 //!   the confirm arrived: the event may or may not have been stored, so a
 //!   retry can duplicate it (at-least-once).
 //!
-//! Events are spread over several channels (see
-//! [`PublishOptions::channels`]) with up to
-//! [`max_in_flight`](PublishOptions::max_in_flight) unconfirmed at once;
+//! Confirms are pipelined: up to
+//! [`max_in_flight`](PublishOptions::max_in_flight) events are unconfirmed
+//! at once (on one channel by default, see [`PublishOptions::channels`]);
 //! `poll_ready` is pending while that window is full and while the
 //! connection is being re-established.
 //!
