@@ -63,6 +63,8 @@
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
+// Library code never panics on input it does not control.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod backpressure;
 mod builder;

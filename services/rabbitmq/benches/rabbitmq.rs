@@ -124,6 +124,9 @@ async fn stack_publish(config: &RabbitConfig, n: usize) -> Duration {
     let publisher = RabbitPublisher::connect_with(config.clone(), publish_options())
         .await
         .unwrap();
+    if std::env::var("BENCH_BARE").is_ok() {
+        return bare_publish(publisher, n).await;
+    }
     let dlq = MemoryDeadLetters::new(n);
     let mut stack = ServiceBuilder::new()
         .dead_letter(dlq.clone())
@@ -151,6 +154,25 @@ async fn stack_publish(config: &RabbitConfig, n: usize) -> Duration {
     let elapsed = start.elapsed();
     assert_eq!((delivered, dlq.len()), (n, 0));
     elapsed
+}
+
+/// The transport alone, without layers (`BENCH_BARE=1`), to tell their
+/// cost apart.
+async fn bare_publish(mut publisher: RabbitPublisher, n: usize) -> Duration {
+    let start = Instant::now();
+    let mut in_flight: FuturesUnordered<watchtower_rabbitmq::publisher::ResponseFuture> =
+        FuturesUnordered::new();
+    for i in 0..n {
+        while in_flight.len() >= IN_FLIGHT {
+            in_flight.next().await.unwrap().unwrap();
+        }
+        poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
+        in_flight.push(publisher.call(event(i)));
+    }
+    while let Some(r) = in_flight.next().await {
+        r.unwrap();
+    }
+    start.elapsed()
 }
 
 async fn preload(config: &RabbitConfig, n: usize) {

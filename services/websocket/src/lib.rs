@@ -121,6 +121,8 @@
 //!   provider and the webpki root certificates. Without it the client speaks
 //!   plain `ws://` (put TLS in a proxy in front of the hub).
 #![forbid(unsafe_code)]
+// Library code never panics on input it does not control.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod client;
 pub mod hub;
