@@ -10,8 +10,11 @@
 //!   `watchtower::serve` over `RabbitSubscriber` (decoding every event,
 //!   acknowledging only after the handler finished, in batches).
 //!
-//! `cargo bench -p watchtower-rabbitmq --bench rabbitmq` (env `BENCH_N`
-//! changes the message count, default 50,000).
+//! `cargo bench -p watchtower-rabbitmq --bench rabbitmq`. Environment:
+//! `BENCH_N` messages per run (default 50,000), `BENCH_CHANNELS` publisher
+//! channels, `BENCH_BARE=1` the publisher without layers, `BENCH_ONLY=publish`
+//! skips the consume runs. The client CPU time per message is printed too,
+//! since the broker shares the machine.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
