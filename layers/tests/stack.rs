@@ -88,6 +88,61 @@ async fn retry_waits_out_an_open_breaker_then_succeeds() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_event_arriving_while_the_breaker_is_open_is_retried_not_dead_lettered() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let inner = service_fn(move |_: Event| {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Err(Error::new(ErrorKind::Connection, "reset"))
+            } else {
+                Ok(())
+            }
+        }
+    });
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new()
+            .minimum_calls(1)
+            .open_wait(Duration::from_secs(2))
+            .half_open_permits(1),
+    );
+    let handle = breaker.handle();
+    // A call past the breaker alone fails and opens it.
+    let mut bare = tower::Layer::layer(&breaker, inner.clone());
+    let err = bare
+        .ready()
+        .await
+        .unwrap()
+        .call(Event::empty("first"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection);
+    assert_eq!(handle.state(), State::Open);
+
+    // The next event meets `CircuitOpen` in readiness: retry takes it as a
+    // failed first attempt, waits out the open breaker and delivers.
+    let dlq = MemoryDeadLetters::new(10);
+    let mut svc = ServiceBuilder::new()
+        .dead_letter(dlq.clone())
+        .retries(RetryConfig::new().max_attempts(3).jitter(Jitter::None))
+        .circuit_breaker(breaker)
+        .service(inner);
+    let start = tokio::time::Instant::now();
+    let outcome = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Event::empty("second"))
+        .await
+        .unwrap();
+    assert!(outcome.is_delivered(), "dead-lettered instead of retried");
+    assert_eq!(dlq.len(), 0);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
 async fn health_reports_the_worst_part() {
     let breaker = CircuitBreakerLayer::new(
         CircuitBreakerConfig::new()

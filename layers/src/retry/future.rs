@@ -32,6 +32,7 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F> {
+        Refused { error: Option<Error> },
         Called { #[pin] future: F },
         Waiting { #[pin] sleep: Sleep },
         Checking,
@@ -39,6 +40,19 @@ pin_project! {
 }
 
 impl<S, F> ResponseFuture<S, F> {
+    /// A call whose first attempt was the inner service refusing
+    /// readiness with `error`.
+    pub(crate) fn refused(error: Error, service: S, event: Event, shared: Arc<Shared>) -> Self {
+        ResponseFuture {
+            state: State::Refused { error: Some(error) },
+            service,
+            event,
+            shared,
+            attempt: 1,
+            first_failure: None,
+        }
+    }
+
     pub(crate) fn new(future: F, service: S, event: Event, shared: Arc<Shared>) -> Self {
         ResponseFuture {
             state: State::Called { future },
@@ -126,6 +140,13 @@ where
         let mut this = self.project();
         loop {
             let failure = match this.state.as_mut().project() {
+                StateProj::Refused { error } => match error.take() {
+                    Some(error) => error,
+                    None => Error::new(
+                        watchtower::ErrorKind::Other,
+                        "retry future polled after completion",
+                    ),
+                },
                 StateProj::Called { future } => match ready!(future.poll(cx)) {
                     Ok(response) => return Poll::Ready(Ok(response)),
                     Err(e) => Error::from_boxed(e.into()),

@@ -19,9 +19,13 @@
 //!
 //! Like tower's own `Retry`, the service must be `Clone`: the ready service
 //! goes into the response future and a clone takes its place, so each
-//! retry waits for readiness on its own copy. Readiness errors of the inner
-//! service pass through `poll_ready` unchanged; a dead-letter layer above
-//! turns them into dead letters.
+//! retry waits for readiness on its own copy. A *retryable* readiness
+//! error of the inner service (an open circuit breaker's `CircuitOpen`
+//! with its time left, a transport that is reconnecting) counts as a
+//! failed first attempt: `poll_ready` answers ready, and the call waits
+//! and retries as for any failed attempt. Other readiness errors pass
+//! through `poll_ready` unchanged; a dead-letter layer above turns them
+//! into dead letters.
 //!
 //! # Order
 //!
@@ -126,15 +130,28 @@ impl<S> Layer<S> for RetryLayer {
         Retry {
             inner,
             shared: self.handle.shared.clone(),
+            refused: None,
         }
     }
 }
 
 /// Retries failed calls to `S`. See the [module docs](self).
-#[derive(Clone)]
 pub struct Retry<S> {
     inner: S,
     shared: Arc<Shared>,
+    /// A retryable readiness error, to be handled by the next call as its
+    /// failed first attempt.
+    refused: Option<Error>,
+}
+
+impl<S: Clone> Clone for Retry<S> {
+    fn clone(&self) -> Self {
+        Retry {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            refused: None,
+        }
+    }
 }
 
 impl<S> Retry<S> {
@@ -185,12 +202,31 @@ where
     type Future = ResponseFuture<S, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.inner.poll_ready(cx).map_err(|e| Error::from_boxed(e.into()))
+        if self.refused.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        match std::task::ready!(self.inner.poll_ready(cx)) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => {
+                let e = Error::from_boxed(e.into());
+                if self.shared.config.is_retryable(&e) {
+                    self.refused = Some(e);
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Ready(Err(e))
+                }
+            }
+        }
     }
 
     fn call(&mut self, event: Event) -> Self::Future {
         if let Some(budget) = &self.shared.config.budget {
             budget.deposit();
+        }
+        if let Some(refused) = self.refused.take() {
+            // The inner service refused readiness: the call starts as a
+            // failed first attempt, on a copy that waits for readiness.
+            return ResponseFuture::refused(refused, self.inner.clone(), event, self.shared.clone());
         }
         // The ready service makes the first attempt; its clone takes its
         // place here and waits for readiness as usual.
