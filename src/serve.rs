@@ -331,18 +331,27 @@ where
         // One poll takes every delivery that is ready (within tokio's
         // cooperative budget) and dispatches it on the spot.
         let stop = poll_fn(|cx| {
+            // Both register this task's waker, so polling them once per
+            // wake-up is enough: a shutdown signal or a finished event
+            // wakes the task again.
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Step::Shutdown);
+            }
+            let mut polled_in_flight = false;
             loop {
-                while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
-                if shutdown.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Step::Shutdown);
-                }
                 // The bound counts events in the handler; events whose
                 // settlement is on its way to the broker (a batched ack)
                 // do not hold a slot, within a hard cap.
-                if settle.handling.load(Ordering::Relaxed) >= concurrency
-                    || in_flight.len() >= concurrency.saturating_mul(SETTLING_FACTOR)
-                {
-                    return Poll::Pending;
+                let full = |in_flight: &FuturesUnordered<_>| {
+                    settle.handling.load(Ordering::Relaxed) >= concurrency
+                        || in_flight.len() >= concurrency.saturating_mul(SETTLING_FACTOR)
+                };
+                if !polled_in_flight || full(&in_flight) {
+                    while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
+                    polled_in_flight = true;
+                    if full(&in_flight) {
+                        return Poll::Pending;
+                    }
                 }
                 match handler.poll_ready(cx) {
                     Poll::Pending => return Poll::Pending,

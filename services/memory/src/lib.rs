@@ -372,7 +372,7 @@ impl Shared {
         }
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
         let topic: Arc<str> = match event {
-            Some(event) => Receipt::for_event(event).topic,
+            Some(event) => event.shared_topic(),
             None => topic.into(),
         };
         let item = Item {
