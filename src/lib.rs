@@ -4,7 +4,7 @@
 //! backpressure, retry and dead-lettering are `tower::Layer`s (in
 //! `watchtower-layers`) that compose with `ServiceBuilder`. Consuming is the
 //! mirror image: a transport's [`Subscriber`] yields [`Delivery`]s, and
-//! [`serve`] drives them into a handler service, acknowledging on `Ok`.
+//! [`serve()`] drives them into a handler service, acknowledging on `Ok`.
 //!
 //! This crate is the core every transport and layer shares:
 //!
@@ -15,7 +15,7 @@
 //! * [`TopicPattern`]: `user.*` and `user.>` for every transport;
 //! * [`Receipt`], [`Subscriber`], [`Delivery`], [`Acker`],
 //!   [`Capabilities`]: the publish and subscribe contracts;
-//! * [`serve`]: the consumer runtime;
+//! * [`serve()`]: the consumer runtime;
 //! * [`MemoryDeadLetters`](dead_letter::MemoryDeadLetters): a bounded
 //!   in-memory dead-letter queue;
 //! * `conformance` (feature `conformance`): the test suite every transport

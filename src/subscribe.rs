@@ -1,7 +1,7 @@
 //! The subscription contract: deliveries, settlement, capabilities.
 //!
 //! A transport's [`Subscriber`] opens a subscription: a
-//! [`Stream`](futures_core::Stream) of [`Delivery`]s. A delivery is an event
+//! [`Stream`] of [`Delivery`]s. A delivery is an event
 //! (or, when the message did not decode, the raw message and why: a
 //! [`Poison`]) plus its settlement: [`ack`](Delivery::ack),
 //! [`nack`](Delivery::nack) with an optional delay, or

@@ -9,7 +9,7 @@
 //!   property, Redis Streams one field per attribute.
 //!
 //! Decoding never panics: any byte string or header map either yields a
-//! valid [`Event`] or an [`ErrorKind::Decode`] error.
+//! valid [`Event`](crate::Event) or an [`ErrorKind::Decode`] error.
 //!
 //! # Example
 //!
