@@ -74,3 +74,13 @@ pub mod health;
 pub mod retry;
 
 pub use builder::ServiceBuilderExt;
+
+/// The layers and their configuration: `use watchtower_layers::prelude::*;`.
+pub mod prelude {
+    pub use crate::ServiceBuilderExt;
+    pub use crate::backpressure::{BackpressureLayer, Overflow};
+    pub use crate::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
+    pub use crate::dead_letter::{DeadLetterLayer, Outcome};
+    pub use crate::health::Health;
+    pub use crate::retry::{RetryConfig, RetryLayer};
+}

@@ -81,3 +81,12 @@ pub use subscriber::{RabbitAcker, RabbitSubscriber, RabbitSubscription};
 /// The lapin crate, for [`FieldTable`](lapin::types::FieldTable) binding
 /// arguments and raw access.
 pub use lapin;
+
+/// Everything a program using the RabbitMQ transport needs:
+/// `use watchtower_rabbitmq::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        ExchangeKind, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber,
+    };
+    pub use watchtower::prelude::*;
+}

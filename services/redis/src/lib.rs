@@ -78,3 +78,10 @@ pub use subscriber::{
     RedisSubscriber, RedisSubscriberBuilder, RedisSubscription,
 };
 pub use wire::DATA_FIELD;
+
+/// Everything a program using the Redis transport needs:
+/// `use watchtower_redis::prelude::*;`.
+pub mod prelude {
+    pub use crate::{DeadLetter, MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
+    pub use watchtower::prelude::*;
+}

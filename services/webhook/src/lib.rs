@@ -64,3 +64,12 @@ pub use receiver::{
 };
 pub use sender::{ContentMode, Health, WebhookSender, WebhookSenderBuilder};
 pub use signature::Secret;
+
+/// Everything a program using the webhook transport needs:
+/// `use watchtower_webhook::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        ContentMode, Endpoint, Secret, WebhookFanOut, WebhookReceiverLayer, WebhookSender, WebhookVerifier,
+    };
+    pub use watchtower::prelude::*;
+}

@@ -144,3 +144,10 @@ pub use client::{
 /// groups, no redelivery, no replay: delivery is at most once.
 pub const CAPABILITIES: watchtower::Capabilities =
     watchtower::Capabilities::NONE.wildcards(true).ordered(true);
+
+/// Everything a program using the WebSocket transport needs:
+/// `use watchtower_websocket::prelude::*;`.
+pub mod prelude {
+    pub use crate::{Overflow, SlowClient, WsClient, WsConfig, WsHub, WsPublisher, WsSubscriber};
+    pub use watchtower::prelude::*;
+}
