@@ -600,38 +600,66 @@ async fn nack_redelivery<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
     if !h.capabilities().redelivery {
         return Ok(Outcome::Skipped("transport does not redeliver".into()));
     }
-    let topic = format!("{ns}.nack");
+    nack_then_ack(h, ns, "nack", 2, None).await
+}
+
+/// Publishes one event, nacks it `nacks` times (after `delay`), acks the
+/// last delivery, and checks the delivery counts rose 1, 2, 3, ...
+async fn nack_then_ack<H: Harness>(
+    h: &H,
+    ns: &str,
+    name: &str,
+    nacks: u32,
+    delay: Option<Duration>,
+) -> CaseResultOf {
+    let topic = format!("{ns}.{name}");
     let subscriber = h.subscriber(ns).await.map_err(|e| err("subscriber", e))?;
     let mut options = SubscribeOptions::new([&topic]).map_err(|e| err("options", e))?;
     if h.capabilities().consumer_groups {
-        options = options.group("nackers").map_err(|e| err("group", e))?;
+        options = options.group(name).map_err(|e| err("group", e))?;
     }
     let mut subscription = subscriber.open(options).await.map_err(|e| err("open", e))?;
     let sent = numbered(&topic, 1);
     let mut publisher = h.publisher(ns).await.map_err(|e| err("publisher", e))?;
     publish_all(&mut publisher, [sent.clone()]).await?;
     let mut counts = Vec::new();
-    for round in 0..3 {
-        let delivery = match tokio::time::timeout(h.patience(), subscription.next()).await {
-            Ok(Some(Ok(delivery))) => delivery,
-            Ok(Some(Err(e))) => return Err(err("subscription", e)),
-            Ok(None) => return Err("subscription ended".into()),
-            Err(_) => return Err(format!("delivery {} did not arrive", round + 1)),
-        };
-        if delivery.event() != Some(&sent) {
-            return Err(format!("unexpected delivery {delivery:?}"));
-        }
+    for round in 0..=nacks {
+        let delivery = next_delivery(&mut subscription, h.patience(), &sent, "delivery").await?;
         counts.push(delivery.delivery_count());
-        if round < 2 {
-            delivery.nack(None).await.map_err(|e| err("nack", e))?;
+        if round < nacks {
+            delivery.nack(delay).await.map_err(|e| err("nack", e))?;
         } else {
             delivery.ack().await.map_err(|e| err("ack", e))?;
         }
     }
-    if counts != [1, 2, 3] {
-        return Err(format!("delivery counts {counts:?}, expected [1, 2, 3]"));
+    let expected: Vec<u32> = (1..=nacks + 1).collect();
+    if counts != expected {
+        return Err(format!("delivery counts {counts:?}, expected {expected:?}"));
     }
     Ok(Outcome::Passed)
+}
+
+/// The next delivery from `subscription`, which must carry `expected`.
+async fn next_delivery<St, A>(
+    subscription: &mut St,
+    patience: Duration,
+    expected: &Event,
+    what: &str,
+) -> Result<crate::Delivery<A>, String>
+where
+    St: futures_core::Stream<Item = Result<crate::Delivery<A>, Error>> + Unpin,
+    A: crate::Acker,
+{
+    let delivery = match tokio::time::timeout(patience, subscription.next()).await {
+        Ok(Some(Ok(delivery))) => delivery,
+        Ok(Some(Err(e))) => return Err(err(what, e)),
+        Ok(None) => return Err(format!("{what}: subscription ended")),
+        Err(_) => return Err(format!("{what} did not arrive within {patience:?}")),
+    };
+    if delivery.event() != Some(expected) {
+        return Err(format!("{what}: unexpected {delivery:?}"));
+    }
+    Ok(delivery)
 }
 
 async fn unacked_survives_drop<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
@@ -650,33 +678,14 @@ async fn unacked_survives_drop<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
     let sent = numbered(&topic, 1);
     let mut publisher = h.publisher(ns).await.map_err(|e| err("publisher", e))?;
     publish_all(&mut publisher, [sent.clone()]).await?;
-    let delivery = match tokio::time::timeout(h.patience(), subscription.next()).await {
-        Ok(Some(Ok(delivery))) => delivery,
-        other => {
-            return Err(format!(
-                "first delivery did not arrive: {:?}",
-                other.map(|o| o.map(|r| r.map(|_| ())))
-            ));
-        }
-    };
-    if delivery.event() != Some(&sent) {
-        return Err(format!("unexpected delivery {delivery:?}"));
-    }
+    let delivery = next_delivery(&mut subscription, h.patience(), &sent, "first delivery").await?;
     // The consumer goes away without settling: subscription and delivery.
     drop(subscription);
     drop(delivery);
     drop(first);
     let second = h.subscriber(ns).await.map_err(|e| err("subscriber", e))?;
     let mut subscription = second.open(options).await.map_err(|e| err("open", e))?;
-    let delivery = match tokio::time::timeout(h.patience(), subscription.next()).await {
-        Ok(Some(Ok(delivery))) => delivery,
-        Ok(Some(Err(e))) => return Err(err("second subscription", e)),
-        Ok(None) => return Err("second subscription ended".into()),
-        Err(_) => return Err("the unacked event was not redelivered to the group".into()),
-    };
-    if delivery.event() != Some(&sent) {
-        return Err(format!("unexpected redelivery {delivery:?}"));
-    }
+    let delivery = next_delivery(&mut subscription, h.patience(), &sent, "redelivery to the group").await?;
     if delivery.delivery_count() < 2 {
         return Err(format!(
             "delivery count {} after a redelivery",
@@ -867,41 +876,7 @@ async fn nack_with_delay<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
     if !h.capabilities().nack_delay {
         return Ok(Outcome::Skipped("transport does not delay nacks".into()));
     }
-    let topic = format!("{ns}.delayed");
-    let subscriber = h.subscriber(ns).await.map_err(|e| err("subscriber", e))?;
-    let mut options = SubscribeOptions::new([&topic]).map_err(|e| err("options", e))?;
-    if h.capabilities().consumer_groups {
-        options = options.group("delayers").map_err(|e| err("group", e))?;
-    }
-    let mut subscription = subscriber.open(options).await.map_err(|e| err("open", e))?;
-    let sent = numbered(&topic, 1);
-    let mut publisher = h.publisher(ns).await.map_err(|e| err("publisher", e))?;
-    publish_all(&mut publisher, [sent.clone()]).await?;
-    let mut counts = Vec::new();
-    for round in 0..2 {
-        let delivery = match tokio::time::timeout(h.patience(), subscription.next()).await {
-            Ok(Some(Ok(delivery))) => delivery,
-            Ok(Some(Err(e))) => return Err(err("subscription", e)),
-            Ok(None) => return Err("subscription ended".into()),
-            Err(_) => return Err(format!("delivery {} did not arrive", round + 1)),
-        };
-        if delivery.event() != Some(&sent) {
-            return Err(format!("unexpected delivery {delivery:?}"));
-        }
-        counts.push(delivery.delivery_count());
-        if round == 0 {
-            delivery
-                .nack(Some(Duration::from_millis(200)))
-                .await
-                .map_err(|e| err("nack", e))?;
-        } else {
-            delivery.ack().await.map_err(|e| err("ack", e))?;
-        }
-    }
-    if counts != [1, 2] {
-        return Err(format!("delivery counts {counts:?}, expected [1, 2]"));
-    }
-    Ok(Outcome::Passed)
+    nack_then_ack(h, ns, "delayed", 1, Some(Duration::from_millis(200))).await
 }
 
 async fn replay<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
