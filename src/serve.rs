@@ -92,7 +92,7 @@ pub const DEFAULT_CONCURRENCY: usize = 64;
 /// anyway.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
-type PoisonPath = BoxCloneSyncService<Event, (), Error>;
+type DeadLetterPath = BoxCloneSyncService<Event, (), Error>;
 type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Drives `subscription` into `handler`. See the [module docs](self).
@@ -128,7 +128,7 @@ pub struct Serve<St, H> {
     subscription: St,
     handler: H,
     concurrency: usize,
-    poison: PoisonPath,
+    poison: DeadLetterPath,
     default_dead_letters: Option<MemoryDeadLetters>,
     shutdown: Option<Shutdown>,
     shutdown_timeout: Duration,
@@ -310,7 +310,7 @@ where
             mut subscription,
             mut handler,
             concurrency,
-            poison: poison_path,
+            poison: dead_letter,
             shutdown,
             shutdown_timeout,
             nack_delay,
@@ -324,7 +324,7 @@ where
             counters: counters.clone(),
             nack_delay,
             max_deliveries,
-            dead_letter: poison_path.clone(),
+            dead_letter,
             handling: AtomicUsize::new(0),
         };
         let mut in_flight = FuturesUnordered::new();
@@ -427,7 +427,7 @@ struct Settle {
     counters: Arc<Counters>,
     nack_delay: Option<Duration>,
     max_deliveries: Option<u32>,
-    dead_letter: PoisonPath,
+    dead_letter: DeadLetterPath,
     /// Events whose handler (or dead-letter path) has not finished.
     handling: AtomicUsize,
 }
