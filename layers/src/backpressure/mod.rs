@@ -56,12 +56,14 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
-use tokio_util::sync::PollSemaphore;
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::{Notify, oneshot};
 use tower::{Layer, Service};
 use watchtower::{BoxError, Error, ErrorKind, Event};
 
@@ -69,7 +71,7 @@ pub use future::ResponseFuture;
 pub use shared::{BackpressureHandle, BackpressureStats};
 pub use worker::Worker;
 
-use shared::{Counters, Job, Queue, Shared};
+use shared::{Counters, Job, Queue, Shared, Slots};
 
 /// The default concurrency: 64 calls in flight, as the consumer runtime
 /// uses, enough to hide a broker's round trip.
@@ -149,8 +151,10 @@ where
 /// response. Clones share the queue. See the [module docs](self).
 pub struct Backpressure<R> {
     handle: Arc<Handle<R>>,
-    semaphore: Option<PollSemaphore>,
-    slot: Option<OwnedSemaphorePermit>,
+    /// A slot reserved in `poll_ready` under `Overflow::Block`.
+    reserved: bool,
+    /// Waiting for a slot to free up.
+    waiting: Option<Pin<Box<OwnedNotified>>>,
 }
 
 /// Closes the queue when the last caller-side clone goes.
@@ -211,17 +215,20 @@ impl<R> Backpressure<R> {
             }),
             stopped: AtomicBool::new(false),
             counters: layer.counters.clone(),
+            slots: (layer.overflow == Overflow::Block).then(|| Slots {
+                taken: AtomicUsize::new(0),
+                capacity: layer.capacity,
+                room: Arc::new(Notify::new()),
+            }),
         });
-        let semaphore = (layer.overflow == Overflow::Block)
-            .then(|| PollSemaphore::new(Arc::new(Semaphore::new(layer.capacity))));
         let worker = Worker::new(inner, shared.clone(), layer.concurrency);
         let svc = Backpressure {
             handle: Arc::new(Handle {
                 shared,
                 overflow: layer.overflow,
             }),
-            semaphore,
-            slot: None,
+            reserved: false,
+            waiting: None,
         };
         (svc, worker)
     }
@@ -238,8 +245,16 @@ impl<R> Clone for Backpressure<R> {
     fn clone(&self) -> Self {
         Backpressure {
             handle: self.handle.clone(),
-            semaphore: self.semaphore.clone(),
-            slot: None,
+            reserved: false,
+            waiting: None,
+        }
+    }
+}
+
+impl<R> Drop for Backpressure<R> {
+    fn drop(&mut self) {
+        if self.reserved {
+            self.handle.shared.release_slot();
         }
     }
 }
@@ -249,7 +264,7 @@ impl<R> fmt::Debug for Backpressure<R> {
         f.debug_struct("Backpressure")
             .field("overflow", &self.handle.overflow)
             .field("stats", &self.handle().stats())
-            .field("slot", &self.slot.is_some())
+            .field("reserved", &self.reserved)
             .finish()
     }
 }
@@ -263,14 +278,30 @@ impl<R> Service<Event> for Backpressure<R> {
         if self.handle.shared.stopped.load(Ordering::Acquire) {
             return Poll::Ready(Err(Error::closed("backpressure worker stopped")));
         }
-        if let Some(semaphore) = &mut self.semaphore
-            && self.slot.is_none()
+        if let Some(slots) = &self.handle.shared.slots
+            && !self.reserved
         {
-            match semaphore.poll_acquire(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(slot)) => self.slot = Some(slot),
-                Poll::Ready(None) => return Poll::Ready(Err(Error::closed("backpressure queue closed"))),
+            loop {
+                if let Some(waiting) = &mut self.waiting {
+                    ready!(waiting.as_mut().poll(cx));
+                    self.waiting = None;
+                }
+                if self.handle.shared.stopped.load(Ordering::Acquire) {
+                    return Poll::Ready(Err(Error::closed("backpressure worker stopped")));
+                }
+                if slots.try_reserve() {
+                    break;
+                }
+                // Registered before trying again, so that a slot freed in
+                // between is not missed.
+                let mut waiting = Box::pin(slots.room.clone().notified_owned());
+                waiting.as_mut().enable();
+                if slots.try_reserve() {
+                    break;
+                }
+                self.waiting = Some(waiting);
             }
+            self.reserved = true;
         }
         Poll::Ready(Ok(()))
     }
@@ -278,8 +309,8 @@ impl<R> Service<Event> for Backpressure<R> {
     fn call(&mut self, event: Event) -> Self::Future {
         let shared = &self.handle.shared;
         let counters = &shared.counters;
-        let slot = self.slot.take();
-        if self.semaphore.is_some() && slot.is_none() {
+        let reserved = std::mem::take(&mut self.reserved);
+        if shared.slots.is_some() && !reserved {
             return ResponseFuture::failed(
                 Error::new(ErrorKind::Other, "backpressure called before poll_ready").with_event(event),
             );
@@ -288,11 +319,13 @@ impl<R> Service<Event> for Backpressure<R> {
         let job = Job {
             event: event.clone(),
             reply: tx,
-            _slot: slot,
         };
         let mut queue = shared.lock();
         if shared.stopped.load(Ordering::Acquire) {
             drop(queue);
+            if reserved {
+                shared.release_slot();
+            }
             return ResponseFuture::failed(Error::closed("backpressure worker stopped").with_event(event));
         }
         let mut evicted = None;
@@ -302,6 +335,9 @@ impl<R> Service<Event> for Backpressure<R> {
                 // practice, and refusing is the safe answer.
                 Overflow::Block | Overflow::DropNewest => {
                     drop(queue);
+                    if reserved {
+                        shared.release_slot();
+                    }
                     counters.dropped_newest.fetch_add(1, Ordering::Relaxed);
                     return ResponseFuture::failed(
                         dropped("queue full, newest event dropped").with_event(event),

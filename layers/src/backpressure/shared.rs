@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::sync::{Notify, oneshot};
 use watchtower::Event;
 
 pub(crate) type Reply<R> = oneshot::Sender<Result<R, watchtower::Error>>;
@@ -14,8 +14,6 @@ pub(crate) type Reply<R> = oneshot::Sender<Result<R, watchtower::Error>>;
 pub(crate) struct Job<R> {
     pub(crate) event: Event,
     pub(crate) reply: Reply<R>,
-    // Held while queued: the caller's slot under `Overflow::Block`.
-    pub(crate) _slot: Option<OwnedSemaphorePermit>,
 }
 
 pub(crate) struct Queue<R> {
@@ -31,12 +29,57 @@ pub(crate) struct Shared<R> {
     /// that a caller holding the lock sees it before pushing.
     pub(crate) stopped: AtomicBool,
     pub(crate) counters: Arc<Counters>,
+    /// Under `Overflow::Block`: slots reserved by callers (in `poll_ready`)
+    /// or held by queued jobs, at most the capacity.
+    pub(crate) slots: Option<Slots>,
 }
 
 impl<R> Shared<R> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Queue<R>> {
         // Updates leave the queue consistent before anything can panic.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the worker gone and wakes callers waiting for a slot, so that
+    /// they see it. Call with the queue locked.
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        if let Some(slots) = &self.slots {
+            slots.room.notify_waiters();
+        }
+    }
+
+    /// Gives back the slot of a job taken off the queue.
+    pub(crate) fn release_slot(&self) {
+        if let Some(slots) = &self.slots {
+            slots.release();
+        }
+    }
+}
+
+/// A counting semaphore for `Overflow::Block` whose uncontended path is
+/// one compare-and-swap each way: a caller waits on `room` only when
+/// every slot is taken.
+pub(crate) struct Slots {
+    pub(crate) taken: AtomicUsize,
+    pub(crate) capacity: usize,
+    pub(crate) room: Arc<Notify>,
+}
+
+impl Slots {
+    pub(crate) fn try_reserve(&self) -> bool {
+        self.taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| {
+                (taken < self.capacity).then_some(taken + 1)
+            })
+            .is_ok()
+    }
+
+    pub(crate) fn release(&self) {
+        self.taken.fetch_sub(1, Ordering::AcqRel);
+        // Wakes one waiting caller, or lets the next one that starts
+        // waiting through at once.
+        self.room.notify_one();
     }
 }
 

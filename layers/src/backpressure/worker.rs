@@ -29,7 +29,7 @@ pin_project! {
     {
         inner: S,
         shared: Arc<Shared<S::Response>>,
-        in_flight: FuturesUnordered<Call<S::Future, S::Response>>,
+        in_flight: FuturesUnordered<Pin<Box<Call<S::Future, S::Response>>>>,
         concurrency: usize,
     }
 
@@ -41,11 +41,12 @@ pin_project! {
             // Whatever is still queued gets an answer carrying its event.
             let jobs: Vec<_> = {
                 let mut queue = this.shared.lock();
-                this.shared.stopped.store(true, Ordering::Release);
+                this.shared.stop();
                 queue.jobs.drain(..).collect()
             };
             this.shared.counters.set_depth(0);
             for job in jobs {
+                this.shared.release_slot();
                 let err = Error::closed("backpressure worker stopped").with_event(job.event);
                 let _ = job.reply.send(Err(err));
             }
@@ -110,7 +111,11 @@ where
         let this = self.project();
         let counters = &this.shared.counters;
         loop {
-            while let Poll::Ready(Some(())) = this.in_flight.poll_next_unpin(cx) {}
+            // An empty set has nothing to poll (and polling it would
+            // register the waker for nothing).
+            if !this.in_flight.is_empty() {
+                while let Poll::Ready(Some(())) = this.in_flight.poll_next_unpin(cx) {}
+            }
             if this.in_flight.len() >= *this.concurrency {
                 counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
                 return Poll::Pending;
@@ -122,7 +127,7 @@ where
                 if queue.jobs.is_empty() {
                     counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
                     if queue.closed && this.in_flight.is_empty() {
-                        this.shared.stopped.store(true, Ordering::Release);
+                        this.shared.stop();
                         return Poll::Ready(());
                     }
                     queue.worker = Some(cx.waker().clone());
@@ -144,13 +149,19 @@ where
             };
             // Evicted meanwhile: the readiness stays for the next job.
             let Some(job) = job else { continue };
+            this.shared.release_slot();
             match ready {
                 Ok(()) => {
-                    let future = this.inner.call(job.event);
-                    this.in_flight.push(Call {
-                        future,
+                    let mut call = Box::pin(Call {
+                        future: this.inner.call(job.event),
                         reply: Some(job.reply),
                     });
+                    // Many calls finish at once (an in-memory publish, a
+                    // buffered write): answer those here, and keep only the
+                    // rest in the in-flight set.
+                    if call.as_mut().poll(cx).is_pending() {
+                        this.in_flight.push(call);
+                    }
                 }
                 Err(e) => {
                     let err = Error::from_boxed(e.into()).with_event(job.event);

@@ -21,7 +21,7 @@ pin_project! {
         D: Service<Event>,
     {
         #[pin]
-        state: State<F, Oneshot<D, Event>>,
+        state: State<F, Pin<Box<Oneshot<D, Event>>>>,
         event: Option<Event>,
         failure: Option<Error>,
         shared: Arc<Shared<D>>,
@@ -33,6 +33,8 @@ pin_project! {
     enum State<F, O> {
         Called { #[pin] future: F },
         NotReady,
+        // Boxed by the caller: the dead-letter call is the rare path, and
+        // the common one should not carry its space around.
         DeadLettering { #[pin] future: O },
     }
 }
@@ -103,7 +105,7 @@ where
                     tracing::warn!(event_id = event.id(), error = %failure, "dead-lettering event");
                     *this.event = Some(event.clone());
                     *this.failure = Some(failure);
-                    let future = this.shared.dlq.clone().oneshot(event);
+                    let future = Box::pin(this.shared.dlq.clone().oneshot(event));
                     this.state.set(State::DeadLettering { future });
                 }
                 StateProj::DeadLettering { future } => {

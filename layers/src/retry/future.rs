@@ -34,7 +34,9 @@ pin_project! {
     enum State<F> {
         Refused { error: Option<Error> },
         Called { #[pin] future: F },
-        Waiting { #[pin] sleep: Sleep },
+        // Boxed: a timer is large, and the first attempt (the hot path)
+        // should not carry its space around.
+        Waiting { sleep: Pin<Box<Sleep>> },
         Checking,
     }
 }
@@ -152,7 +154,7 @@ where
                     Err(e) => Error::from_boxed(e.into()),
                 },
                 StateProj::Waiting { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Checking);
                     continue;
                 }
@@ -180,7 +182,7 @@ where
                 failure,
             ) {
                 Ok(delay) => this.state.set(State::Waiting {
-                    sleep: tokio::time::sleep(delay),
+                    sleep: Box::pin(tokio::time::sleep(delay)),
                 }),
                 Err(e) => return Poll::Ready(Err(e)),
             }
