@@ -166,3 +166,44 @@ async fn queued_callers_get_their_event_back_when_the_worker_is_dropped() {
     assert_eq!(err.take_event().unwrap().ty(), "kept");
     assert_eq!(svc.ready().await.err().map(|e| e.kind()), Some(ErrorKind::Closed));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_waiting_for_a_slot_is_refused_when_the_worker_goes() {
+    let layer = BackpressureLayer::new(1, Overflow::Block);
+    let (inner, mut handle): (Mock, Handle) = mock::pair();
+    handle.allow(0);
+    let (mut svc, worker) = Backpressure::pair(inner, &layer);
+    let queued = svc.ready().await.unwrap().call(Event::empty("queued"));
+    let mut waiting = Spawn::new(svc.clone());
+    assert!(waiting.poll_ready().is_pending(), "the only slot is taken");
+    drop(worker);
+    assert!(waiting.is_woken());
+    match waiting.poll_ready() {
+        Poll::Ready(Err(e)) => assert_eq!(e.kind(), ErrorKind::Closed),
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    let mut err = queued.await.unwrap_err();
+    assert_eq!(err.take_event().unwrap().ty(), "queued");
+}
+
+#[tokio::test]
+async fn many_blocked_callers_all_get_through_a_small_queue() {
+    let layer = BackpressureLayer::new(2, Overflow::Block).concurrency(3);
+    let svc = layer.layer(service_fn(|e: Event| async move {
+        tokio::task::yield_now().await;
+        Ok::<_, Error>(e.ty().to_owned())
+    }));
+    let callers: Vec<_> = (0..200)
+        .map(|i| {
+            let svc = svc.clone();
+            tokio::spawn(async move { svc.oneshot(Event::empty(format!("e{i}"))).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for caller in callers {
+        answers.push(caller.await.unwrap().unwrap());
+    }
+    let expected: Vec<String> = (0..200).map(|i| format!("e{i}")).collect();
+    assert_eq!(answers, expected, "every caller got its own answer");
+    assert_eq!(layer.handle().stats().depth, 0);
+}
