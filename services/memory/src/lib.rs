@@ -62,10 +62,9 @@ use std::future::{Future, Ready, ready};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use async_channel::{Receiver, Sender};
 use bytes::Bytes;
 use futures_core::Stream;
 use tokio::sync::Notify;
@@ -184,8 +183,107 @@ struct GroupEntry {
 struct Group {
     key: Arc<str>,
     durable: bool,
-    tx: Sender<Item>,
-    rx: Receiver<Item>,
+    queue: Mutex<GroupQueue>,
+}
+
+/// A group's events, shared by its members (competing consumers).
+///
+/// One uncontended lock per event each way, and a waiting member costs a
+/// waker in a list: no allocation per wait, unlike a general-purpose
+/// channel.
+#[derive(Default)]
+struct GroupQueue {
+    items: VecDeque<Item>,
+    /// Members waiting for an event, by member id. Each new event wakes
+    /// one of them.
+    waiting: Vec<(u64, Waker)>,
+    closed: bool,
+}
+
+impl Group {
+    fn new(key: Arc<str>, durable: bool) -> Group {
+        Group {
+            key,
+            durable,
+            queue: Mutex::new(GroupQueue::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GroupQueue> {
+        // Every update leaves the queue consistent before it can panic.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `item` and wakes one waiting member; hands the item back if
+    /// the group is closed.
+    fn push(&self, item: Item) -> Result<(), Item> {
+        let mut queue = self.lock();
+        if queue.closed {
+            return Err(item);
+        }
+        queue.items.push_back(item);
+        let waiter = queue.waiting.pop();
+        drop(queue);
+        if let Some((_, waker)) = waiter {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// The next event for member `member`; `None` once the group is closed
+    /// and empty.
+    fn poll_pop(&self, member: u64, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+        let mut queue = self.lock();
+        if let Some(item) = queue.items.pop_front() {
+            return Poll::Ready(Some(item));
+        }
+        if queue.closed {
+            return Poll::Ready(None);
+        }
+        match queue.waiting.iter_mut().find(|(id, _)| *id == member) {
+            Some((_, waker)) => waker.clone_from(cx.waker()),
+            None => queue.waiting.push((member, cx.waker().clone())),
+        }
+        Poll::Pending
+    }
+
+    fn len(&self) -> usize {
+        self.lock().items.len()
+    }
+
+    /// Closes the group: members get what is queued, then the end.
+    fn close(&self) {
+        let waiting = {
+            let mut queue = self.lock();
+            queue.closed = true;
+            std::mem::take(&mut queue.waiting)
+        };
+        for (_, waker) in waiting {
+            waker.wake();
+        }
+    }
+
+    /// Member `member` is gone. If it was woken for an event it will not
+    /// take now, another waiting member is woken in its place.
+    fn forget(&self, member: u64) {
+        let waiter = {
+            let mut queue = self.lock();
+            queue.waiting.retain(|(id, _)| *id != member);
+            if queue.items.is_empty() {
+                None
+            } else {
+                queue.waiting.pop()
+            }
+        };
+        if let Some((_, waker)) = waiter {
+            waker.wake();
+        }
+    }
+
+    /// Takes every queued event out (the group is going away).
+    fn drain(&self) -> VecDeque<Item> {
+        std::mem::take(&mut self.lock().items)
+    }
 }
 
 #[derive(Clone)]
@@ -200,7 +298,8 @@ struct Item {
 #[derive(Clone)]
 enum Message {
     Event(Event),
-    Raw(RawMessage),
+    // Boxed: rare, and large next to an event.
+    Raw(Box<RawMessage>),
 }
 
 impl Item {
@@ -250,7 +349,7 @@ impl MemoryBroker {
             body: body.into(),
         };
         self.shared
-            .publish(topic, Message::Raw(raw), None, None)
+            .publish(topic, Message::Raw(Box::new(raw)), None, None)
             .map(|_| ())
     }
 
@@ -299,7 +398,7 @@ impl MemoryBroker {
         self.shared.closed.store(true, Ordering::Release);
         let state = self.shared.state.read().unwrap_or_else(PoisonError::into_inner);
         for entry in state.groups.values() {
-            entry.group.tx.close();
+            entry.group.close();
         }
     }
 
@@ -362,7 +461,7 @@ impl Shared {
             }
         };
         if let Some(max) = self.max_pending
-            && targets.iter().any(|g| g.rx.len() >= max)
+            && targets.iter().any(|g| g.len() >= max)
         {
             let err = Error::new(ErrorKind::Overloaded, "a subscription's queue is full");
             return Err(match event {
@@ -431,7 +530,7 @@ impl Shared {
 
     fn enqueue(&self, group: &Group, item: Item) {
         self.enqueued.0.fetch_add(1, Ordering::SeqCst);
-        if group.tx.try_send(item).is_err() {
+        if group.push(item).is_err() {
             // The group closed while the event was on its way: nobody is
             // left to deliver it to.
             self.settle();
@@ -448,7 +547,7 @@ impl Shared {
     fn requeue(self: &Arc<Self>, group: Arc<Group>, mut item: Item, delay: Option<Duration>) {
         item.count = item.count.saturating_add(1);
         let send = move |shared: &Shared| {
-            if group.tx.try_send(item).is_err() {
+            if group.push(item).is_err() {
                 shared.settle();
             }
         };
@@ -477,18 +576,10 @@ impl Shared {
             Some(name) => name.into(),
             None => format!("\0ephemeral-{}", self.next_id.fetch_add(1, Ordering::Relaxed)).into(),
         };
-        let entry = state.groups.entry(key.clone()).or_insert_with(|| {
-            let (tx, rx) = async_channel::unbounded();
-            GroupEntry {
-                group: Arc::new(Group {
-                    key,
-                    durable: options.group_name().is_some(),
-                    tx,
-                    rx,
-                }),
-                patterns: Vec::new(),
-                members: 0,
-            }
+        let entry = state.groups.entry(key.clone()).or_insert_with(|| GroupEntry {
+            group: Arc::new(Group::new(key, options.group_name().is_some())),
+            patterns: Vec::new(),
+            members: 0,
         });
         entry.members += 1;
         for pattern in options.patterns() {
@@ -523,8 +614,8 @@ impl Shared {
             state.routes.clear();
             self.generation.fetch_add(1, Ordering::AcqRel);
             drop(state);
-            group.tx.close();
-            while group.rx.try_recv().is_ok() {
+            group.close();
+            for _ in group.drain() {
                 self.settle();
             }
         }
@@ -620,7 +711,7 @@ impl Subscriber for MemorySubscriber {
         options: SubscribeOptions,
     ) -> impl Future<Output = Result<MemorySubscription, Error>> + Send {
         let opened = self.shared.join(&options).map(|group| MemorySubscription {
-            rx: Box::pin(group.rx.clone()),
+            member: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
             group,
             shared: self.shared.clone(),
         });
@@ -630,8 +721,8 @@ impl Subscriber for MemorySubscriber {
 
 /// A subscription on a [`MemoryBroker`]: a stream of deliveries.
 pub struct MemorySubscription {
-    // The receiver's listener is self-referential, hence the box.
-    rx: Pin<Box<Receiver<Item>>>,
+    /// This member's id within its group.
+    member: u64,
     group: Arc<Group>,
     shared: Arc<Shared>,
 }
@@ -640,7 +731,7 @@ impl fmt::Debug for MemorySubscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemorySubscription")
             .field("durable", &self.group.durable)
-            .field("queued", &self.rx.len())
+            .field("queued", &self.group.len())
             .finish()
     }
 }
@@ -648,8 +739,8 @@ impl fmt::Debug for MemorySubscription {
 impl Stream for MemorySubscription {
     type Item = Result<Delivery<MemoryAcker>, Error>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let Some(item) = std::task::ready!(self.rx.as_mut().poll_next(cx)) else {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let Some(item) = std::task::ready!(self.group.poll_pop(self.member, cx)) else {
             return Poll::Ready(None);
         };
         let acker = MemoryAcker {
@@ -661,7 +752,7 @@ impl Stream for MemorySubscription {
             Message::Event(event) => Delivery::new(event, item.topic, acker),
             Message::Raw(raw) => match structured::from_bytes(&raw.body) {
                 Ok(event) => Delivery::new(event, item.topic, acker),
-                Err(error) => Delivery::poison(Poison::new(raw, error), acker),
+                Err(error) => Delivery::poison(Poison::new(*raw, error), acker),
             },
         };
         Poll::Ready(Some(Ok(delivery
@@ -672,6 +763,7 @@ impl Stream for MemorySubscription {
 
 impl Drop for MemorySubscription {
     fn drop(&mut self) {
+        self.group.forget(self.member);
         self.shared.leave(&self.group);
     }
 }
