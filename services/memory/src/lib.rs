@@ -83,6 +83,10 @@ pub const SYSTEM: &str = "memory";
 /// publisher inventing topics cannot grow memory without bound.
 const ROUTE_CACHE_MAX: usize = 10_000;
 
+/// Events a member of a group with several members takes in a row before
+/// it lets the others have a turn.
+const FAIR_SHARE: u32 = 16;
+
 /// An in-process broker. Cheap to clone; clones share the broker.
 #[derive(Clone)]
 pub struct MemoryBroker {
@@ -184,6 +188,8 @@ struct Group {
     key: Arc<str>,
     durable: bool,
     queue: Mutex<GroupQueue>,
+    /// Connected members.
+    members: AtomicUsize,
 }
 
 /// A group's events, shared by its members (competing consumers).
@@ -200,12 +206,20 @@ struct GroupQueue {
     closed: bool,
 }
 
+impl GroupQueue {
+    /// The member that has waited longest.
+    fn pop_waiter(&mut self) -> Option<(u64, Waker)> {
+        (!self.waiting.is_empty()).then(|| self.waiting.remove(0))
+    }
+}
+
 impl Group {
     fn new(key: Arc<str>, durable: bool) -> Group {
         Group {
             key,
             durable,
             queue: Mutex::new(GroupQueue::default()),
+            members: AtomicUsize::new(0),
         }
     }
 
@@ -222,7 +236,7 @@ impl Group {
             return Err(item);
         }
         queue.items.push_back(item);
-        let waiter = queue.waiting.pop();
+        let waiter = queue.pop_waiter();
         drop(queue);
         if let Some((_, waker)) = waiter {
             waker.wake();
@@ -266,13 +280,19 @@ impl Group {
     /// Member `member` is gone. If it was woken for an event it will not
     /// take now, another waiting member is woken in its place.
     fn forget(&self, member: u64) {
+        self.lock().waiting.retain(|(id, _)| *id != member);
+        self.pass_on();
+    }
+
+    /// Wakes a waiting member if events are queued: a member that stops
+    /// taking them hands the turn on.
+    fn pass_on(&self) {
         let waiter = {
             let mut queue = self.lock();
-            queue.waiting.retain(|(id, _)| *id != member);
             if queue.items.is_empty() {
                 None
             } else {
-                queue.waiting.pop()
+                queue.pop_waiter()
             }
         };
         if let Some((_, waker)) = waiter {
@@ -582,6 +602,7 @@ impl Shared {
             members: 0,
         });
         entry.members += 1;
+        entry.group.members.fetch_add(1, Ordering::Relaxed);
         for pattern in options.patterns() {
             if !entry.patterns.contains(pattern) {
                 entry.patterns.push(pattern.clone());
@@ -609,6 +630,7 @@ impl Shared {
             return;
         };
         entry.members -= 1;
+        group.members.fetch_sub(1, Ordering::Relaxed);
         if entry.members == 0 && !group.durable {
             state.groups.remove(&group.key);
             state.routes.clear();
@@ -712,6 +734,7 @@ impl Subscriber for MemorySubscriber {
     ) -> impl Future<Output = Result<MemorySubscription, Error>> + Send {
         let opened = self.shared.join(&options).map(|group| MemorySubscription {
             member: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
+            streak: 0,
             group,
             shared: self.shared.clone(),
         });
@@ -723,6 +746,8 @@ impl Subscriber for MemorySubscriber {
 pub struct MemorySubscription {
     /// This member's id within its group.
     member: u64,
+    /// Events taken since this member last waited or gave way.
+    streak: u32,
     group: Arc<Group>,
     shared: Arc<Shared>,
 }
@@ -739,10 +764,24 @@ impl fmt::Debug for MemorySubscription {
 impl Stream for MemorySubscription {
     type Item = Result<Delivery<MemoryAcker>, Error>;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let Some(item) = std::task::ready!(self.group.poll_pop(self.member, cx)) else {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // A member that keeps finding events gives the group's other
+        // members a turn now and then (competing consumers share the work).
+        if self.streak >= FAIR_SHARE && self.group.members.load(Ordering::Relaxed) > 1 {
+            self.streak = 0;
+            self.group.pass_on();
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let polled = self.group.poll_pop(self.member, cx);
+        let Poll::Ready(item) = polled else {
+            self.streak = 0;
+            return Poll::Pending;
+        };
+        let Some(item) = item else {
             return Poll::Ready(None);
         };
+        self.streak += 1;
         let acker = MemoryAcker {
             item: Some(item.clone()),
             group: self.group.clone(),

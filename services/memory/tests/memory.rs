@@ -245,3 +245,95 @@ fn publishing_to_new_topics_while_subscriptions_come_and_go_loses_nothing() {
         drop(subscription);
     });
 }
+
+/// Two members of a group wait; the one woken for an event goes away
+/// without taking it: the other member is woken and gets it.
+#[tokio::test]
+async fn a_member_that_leaves_after_being_woken_passes_the_event_on() {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    struct Flag(std::sync::atomic::AtomicBool);
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let woken = |f: &Arc<Flag>| f.0.swap(false, std::sync::atomic::Ordering::SeqCst);
+
+    let broker = MemoryBroker::new();
+    let opts = || options(&["job.*"]).group("workers").unwrap();
+    let mut a = broker.subscriber().open(opts()).await.unwrap();
+    let mut b = broker.subscriber().open(opts()).await.unwrap();
+    let (fa, fb) = (Arc::new(Flag(false.into())), Arc::new(Flag(false.into())));
+    let (wa, wb) = (Waker::from(fa.clone()), Waker::from(fb.clone()));
+    assert!(a.poll_next_unpin(&mut Context::from_waker(&wa)).is_pending());
+    assert!(b.poll_next_unpin(&mut Context::from_waker(&wb)).is_pending());
+
+    broker.publisher().publish(Event::empty("job.run")).await.unwrap();
+    let (woke_a, woke_b) = (woken(&fa), woken(&fb));
+    assert!(woke_a ^ woke_b, "one event wakes exactly one member");
+    let (mut stays, flag) = if woke_a {
+        drop(a);
+        (b, fb)
+    } else {
+        drop(b);
+        (a, fa)
+    };
+    assert!(woken(&flag), "the remaining member is woken in its place");
+    let waker = Waker::from(flag);
+    match stays.poll_next_unpin(&mut Context::from_waker(&waker)) {
+        Poll::Ready(Some(Ok(delivery))) => {
+            assert_eq!(delivery.event().map(Event::ty), Some("job.run"));
+            delivery.ack().await.unwrap();
+        }
+        _ => panic!("the remaining member gets the event"),
+    }
+    assert!(broker.wait_idle(Duration::from_secs(5)).await);
+}
+
+/// Events published to a group with several busy members are shared out:
+/// every event is handled exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competing_members_handle_every_event_exactly_once() {
+    let broker = MemoryBroker::new();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let seen = seen.clone();
+        handles.push(
+            broker
+                .subscriber()
+                .subscribe_with(
+                    options(&["job.*"]).group("pool").unwrap(),
+                    tower::service_fn(move |e: Event| {
+                        let seen = seen.clone();
+                        async move {
+                            tokio::task::yield_now().await;
+                            seen.lock().unwrap().push(e.id().to_owned());
+                            Ok::<_, Error>(())
+                        }
+                    }),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    let mut publisher = broker.publisher();
+    let mut ids = Vec::new();
+    for i in 0..2_000 {
+        let event = Event::new("job.run", serde_json::json!({ "i": i }));
+        ids.push(event.id().to_owned());
+        publisher.publish(event).await.unwrap();
+    }
+    assert!(broker.wait_idle(Duration::from_secs(10)).await);
+    let mut acked = 0;
+    for handle in handles {
+        acked += handle.stop().await.unwrap().acked;
+    }
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids, "each event handled once");
+    assert_eq!(acked, 2_000);
+}
