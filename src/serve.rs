@@ -69,6 +69,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures_core::Stream;
+use futures_util::future::OptionFuture;
 use futures_util::{FutureExt as _, StreamExt as _, stream::FuturesUnordered};
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt as _};
@@ -328,6 +329,9 @@ where
             handling: AtomicUsize::new(0),
         };
         let mut in_flight = FuturesUnordered::new();
+        // The allocation of the last event that finished on the spot,
+        // reused for the next one.
+        let mut spare = None;
         // One poll takes every delivery that is ready (within tokio's
         // cooperative budget) and dispatches it on the spot.
         let stop = poll_fn(|cx| {
@@ -347,7 +351,7 @@ where
                         || in_flight.len() >= concurrency.saturating_mul(SETTLING_FACTOR)
                 };
                 if !polled_in_flight || full(&in_flight) {
-                    while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
+                    while let Poll::Ready(Some(_)) = in_flight.poll_next_unpin(cx) {}
                     polled_in_flight = true;
                     if full(&in_flight) {
                         return Poll::Pending;
@@ -378,9 +382,14 @@ where
                 let (work, acker, span) = dispatch(delivery, &mut handler, &settle);
                 // Most handlers finish without waiting: settle those here,
                 // and keep only the rest in the in-flight set.
-                let mut work = Box::pin(process(work, acker, &settle).instrument(span));
-                if work.as_mut().poll(cx).is_pending() {
-                    in_flight.push(work);
+                let mut slot = spare.take().unwrap_or_else(|| Box::pin(OptionFuture::from(None)));
+                slot.as_mut()
+                    .set(Some(process(work, acker, &settle).instrument(span)).into());
+                if slot.as_mut().poll(cx).is_pending() {
+                    in_flight.push(slot);
+                } else {
+                    slot.as_mut().set(None.into());
+                    spare = Some(slot);
                 }
             }
         })
