@@ -190,6 +190,9 @@ struct Group {
     queue: Mutex<GroupQueue>,
     /// Connected members.
     members: AtomicUsize,
+    /// Events members have taken into their own buffers and not yet
+    /// delivered.
+    taken: AtomicUsize,
 }
 
 /// A group's events, shared by its members (competing consumers).
@@ -220,6 +223,7 @@ impl Group {
             durable,
             queue: Mutex::new(GroupQueue::default()),
             members: AtomicUsize::new(0),
+            taken: AtomicUsize::new(0),
         }
     }
 
@@ -244,15 +248,24 @@ impl Group {
         Ok(())
     }
 
-    /// The next event for member `member`; `None` once the group is closed
-    /// and empty.
-    fn poll_pop(&self, member: u64, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+    /// Moves queued events into member `member`'s empty `local` buffer:
+    /// all of them for a lone member, a fair share otherwise. Ready with
+    /// `false` once the group is closed and empty.
+    fn poll_take(&self, member: u64, local: &mut VecDeque<Item>, cx: &mut Context<'_>) -> Poll<bool> {
         let mut queue = self.lock();
-        if let Some(item) = queue.items.pop_front() {
-            return Poll::Ready(Some(item));
+        if !queue.items.is_empty() {
+            if self.members.load(Ordering::Relaxed) <= 1 {
+                // O(1), and the buffers swap places for reuse.
+                std::mem::swap(&mut queue.items, local);
+            } else {
+                let n = queue.items.len().min(FAIR_SHARE as usize);
+                local.extend(queue.items.drain(..n));
+            }
+            self.taken.fetch_add(local.len(), Ordering::Relaxed);
+            return Poll::Ready(true);
         }
         if queue.closed {
-            return Poll::Ready(None);
+            return Poll::Ready(false);
         }
         match queue.waiting.iter_mut().find(|(id, _)| *id == member) {
             Some((_, waker)) => waker.clone_from(cx.waker()),
@@ -261,8 +274,21 @@ impl Group {
         Poll::Pending
     }
 
+    /// Events queued or taken by a member and not yet delivered.
     fn len(&self) -> usize {
-        self.lock().items.len()
+        self.lock().items.len() + self.taken.load(Ordering::Relaxed)
+    }
+
+    /// Puts events a member took and did not deliver back at the front.
+    fn give_back(&self, local: &mut VecDeque<Item>) {
+        if local.is_empty() {
+            return;
+        }
+        let mut queue = self.lock();
+        self.taken.fetch_sub(local.len(), Ordering::Relaxed);
+        for item in local.drain(..).rev() {
+            queue.items.push_front(item);
+        }
     }
 
     /// Closes the group: members get what is queued, then the end.
@@ -735,6 +761,7 @@ impl Subscriber for MemorySubscriber {
         let opened = self.shared.join(&options).map(|group| MemorySubscription {
             member: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
             streak: 0,
+            local: VecDeque::new(),
             group,
             shared: self.shared.clone(),
         });
@@ -748,6 +775,8 @@ pub struct MemorySubscription {
     member: u64,
     /// Events taken since this member last waited or gave way.
     streak: u32,
+    /// Events taken from the group in one go, delivered one by one.
+    local: VecDeque<Item>,
     group: Arc<Group>,
     shared: Arc<Shared>,
 }
@@ -773,14 +802,21 @@ impl Stream for MemorySubscription {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        let polled = self.group.poll_pop(self.member, cx);
-        let Poll::Ready(item) = polled else {
-            self.streak = 0;
-            return Poll::Pending;
-        };
-        let Some(item) = item else {
+        if self.local.is_empty() {
+            let this = &mut *self;
+            match this.group.poll_take(this.member, &mut this.local, cx) {
+                Poll::Pending => {
+                    this.streak = 0;
+                    return Poll::Pending;
+                }
+                Poll::Ready(false) => return Poll::Ready(None),
+                Poll::Ready(true) => {}
+            }
+        }
+        let Some(item) = self.local.pop_front() else {
             return Poll::Ready(None);
         };
+        self.group.taken.fetch_sub(1, Ordering::Relaxed);
         self.streak += 1;
         let acker = MemoryAcker {
             item: Some(item.clone()),
@@ -802,6 +838,7 @@ impl Stream for MemorySubscription {
 
 impl Drop for MemorySubscription {
     fn drop(&mut self) {
+        self.group.give_back(&mut self.local);
         self.group.forget(self.member);
         self.shared.leave(&self.group);
     }

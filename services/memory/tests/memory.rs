@@ -337,3 +337,28 @@ async fn competing_members_handle_every_event_exactly_once() {
     assert_eq!(seen, ids, "each event handled once");
     assert_eq!(acked, 2_000);
 }
+
+/// A member that goes away holding events it took but did not deliver
+/// gives them back, in order, to the next member of its group.
+#[tokio::test]
+async fn events_a_member_took_but_did_not_deliver_go_to_the_next_member_in_order() {
+    let broker = MemoryBroker::new();
+    let opts = || options(&["job.*"]).group("g").unwrap();
+    let mut first = broker.subscriber().open(opts()).await.unwrap();
+    let mut publisher = broker.publisher();
+    for i in 0..5 {
+        publisher.publish(Event::empty(format!("job.{i}"))).await.unwrap();
+    }
+    let delivery = next(&mut first).await;
+    assert_eq!(delivery.event().map(Event::ty), Some("job.0"));
+    delivery.ack().await.unwrap();
+    drop(first);
+    let mut second = broker.subscriber().open(opts()).await.unwrap();
+    for i in 1..5 {
+        let delivery = next(&mut second).await;
+        assert_eq!(delivery.event().map(Event::ty), Some(format!("job.{i}").as_str()));
+        assert_eq!(delivery.delivery_count(), 1);
+        delivery.ack().await.unwrap();
+    }
+    assert!(broker.wait_idle(Duration::from_secs(5)).await);
+}
