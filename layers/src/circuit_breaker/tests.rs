@@ -454,3 +454,85 @@ async fn keyed_breakers_are_independent_and_bounded() {
     keys.sort();
     assert_eq!(keys, ["a", "c"]);
 }
+
+/// Many callers waiting on an open breaker all get through once the
+/// probes close it again: none is left waiting in half-open.
+#[tokio::test(start_paused = true)]
+async fn many_waiting_callers_all_get_through_after_the_probes() {
+    let calls = Calls::default();
+    let layer = CircuitBreakerLayer::new(config().wait_when_open(true));
+    let handle = layer.handle();
+    let mut svc = layer.layer(flaky(calls.clone()));
+    trip(&mut svc).await;
+    let before = calls.load(Ordering::SeqCst);
+    let waiting: Vec<_> = (0..255)
+        .map(|_| {
+            let mut svc = svc.clone();
+            tokio::spawn(async move { send(&mut svc, "ok").await })
+        })
+        .collect();
+    for caller in waiting {
+        tokio::time::timeout(Duration::from_secs(60), caller)
+            .await
+            .expect("every waiting caller gets through")
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst) - before, 255);
+    assert_eq!(handle.state(), State::Closed);
+    assert_eq!(handle.metrics().rejected_calls, 0);
+}
+
+/// The same with probes that fail first: the breaker opens again, the
+/// callers wait another round, and the next probes close it.
+#[tokio::test(start_paused = true)]
+async fn waiting_callers_survive_a_failed_probe_round() {
+    let calls = Calls::default();
+    let fail_next = Arc::new(AtomicUsize::new(2));
+    let inner = {
+        let fail_next = fail_next.clone();
+        let calls = calls.clone();
+        service_fn(move |_: Event| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let fail = fail_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            async move {
+                if fail {
+                    Err(Error::new(ErrorKind::Connection, "down"))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+    };
+    let layer = CircuitBreakerLayer::new(config().wait_when_open(true));
+    let handle = layer.handle();
+    let mut tripper = layer.layer(flaky(Calls::default()));
+    trip(&mut tripper).await;
+    let svc = layer.layer(inner);
+    let waiting: Vec<_> = (0..64)
+        .map(|_| {
+            let mut svc = svc.clone();
+            tokio::spawn(async move { send(&mut svc, "ok").await })
+        })
+        .collect();
+    let mut failed = 0;
+    for caller in waiting {
+        match tokio::time::timeout(Duration::from_secs(60), caller)
+            .await
+            .expect("every waiting caller finishes")
+            .unwrap()
+        {
+            Ok(()) => {}
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Connection);
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(failed, 2, "only the two failing probes fail");
+    assert_eq!(calls.load(Ordering::SeqCst), 64);
+    assert_eq!(handle.state(), State::Closed);
+    assert_eq!(handle.metrics().trips, 2);
+}
