@@ -2,8 +2,11 @@
 //! local broker (127.0.0.1:4222).
 //!
 //! Run with `cargo bench -p watchtower-nats`. Each case runs raw and
-//! through WatchTower alternately, `ROUNDS` times, and keeps the best of
-//! each; the ratio is WatchTower's throughput over raw's.
+//! through WatchTower alternately (raw, ours, raw, ours, ...),
+//! `NATS_BENCH_ROUNDS` times (default 7), so that both see the same load
+//! on a shared machine. Each round gives a ratio, WatchTower's throughput
+//! over raw's; the report shows the median ratio and its range over the
+//! rounds, and the median throughput of each side.
 //!
 //! * core publish: raw `publish_with_headers` of the same binary-mode
 //!   CloudEvent (ce- headers built per message) vs. the full four-layer
@@ -38,7 +41,6 @@ use watchtower_layers::retry::RetryConfig;
 use watchtower_nats::jetstream::{StorageType, StreamConfig};
 use watchtower_nats::{JetStreamPublisher, NatsClient, NatsConfig, NatsPublisher, NatsSubscriber};
 
-const ROUNDS: usize = 3; // per case; raw and WatchTower alternate, best of each kept
 const WINDOW: usize = 256;
 
 fn count(var: &str, default: usize) -> usize {
@@ -264,14 +266,37 @@ async fn rt_serve(client: &NatsClient, subject: &str, n: usize) -> Duration {
     elapsed
 }
 
-fn report(name: &str, n: usize, raw: Duration, ours: Duration) {
-    let rate = |d: Duration| n as f64 / d.as_secs_f64();
-    println!(
-        "{name:<34} raw {:>10.0} msg/s   watchtower {:>10.0} msg/s   ratio {:.2}",
-        rate(raw),
-        rate(ours),
-        rate(ours) / rate(raw)
-    );
+/// Throughputs of alternating rounds of one case.
+#[derive(Default)]
+struct Rounds {
+    raw: Vec<f64>,
+    ours: Vec<f64>,
+}
+
+impl Rounds {
+    fn push(&mut self, n: usize, raw: Duration, ours: Duration) {
+        self.raw.push(n as f64 / raw.as_secs_f64());
+        self.ours.push(n as f64 / ours.as_secs_f64());
+    }
+
+    fn report(&self, name: &str) {
+        fn median(mut v: Vec<f64>) -> f64 {
+            v.sort_by(f64::total_cmp);
+            let mid = v.len() / 2;
+            if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 }
+        }
+        let ratios: Vec<f64> = self.raw.iter().zip(&self.ours).map(|(r, o)| o / r).collect();
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(0.0, f64::max);
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "{name:<36} raw {:>9.0} msg/s   watchtower {:>9.0} msg/s   ratio {:.2} ({lo:.2} - {hi:.2}) [{}]",
+            median(self.raw.clone()),
+            median(self.ours.clone()),
+            median(ratios),
+            each.join(" "),
+        );
+    }
 }
 
 async fn run() {
@@ -285,6 +310,7 @@ async fn run() {
     let n_js = count("NATS_BENCH_JS", 30_000);
     let n_rt = count("NATS_BENCH_RT", 100_000);
 
+    let rounds = count("NATS_BENCH_ROUNDS", 7);
     let only = std::env::var("NATS_BENCH_ONLY").unwrap_or_default();
     let runs = |case: &str| only.is_empty() || only == case;
 
@@ -294,18 +320,21 @@ async fn run() {
 
     let subject = format!("bench.{tag}.core");
     if runs("core") {
-        let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
-        for _ in 0..ROUNDS {
-            raw = raw.min(core_raw(&client, &subject, n_core).await);
-            ours = ours.min(core_stack(&client, &subject, n_core).await);
-        }
-        report("core publish (4-layer stack)", n_core, raw, ours);
-        if std::env::var("NATS_BENCH_BARE").is_ok() {
-            let mut bare = Duration::MAX;
-            for _ in 0..ROUNDS {
-                bare = bare.min(core_bare(&client, &subject, n_core).await);
+        let bare = std::env::var("NATS_BENCH_BARE").is_ok();
+        let (mut stacked, mut alone) = (Rounds::default(), Rounds::default());
+        for _ in 0..rounds {
+            let raw = core_raw(&client, &subject, n_core).await;
+            let ours = core_stack(&client, &subject, n_core).await;
+            stacked.push(n_core, raw, ours);
+            if bare {
+                let raw = core_raw(&client, &subject, n_core).await;
+                let ours = core_bare(&client, &subject, n_core).await;
+                alone.push(n_core, raw, ours);
             }
-            report("core publish (publisher alone)", n_core, raw, bare);
+        }
+        stacked.report("core publish (4-layer stack)");
+        if bare {
+            alone.report("core publish (publisher alone)");
         }
     }
 
@@ -324,29 +353,33 @@ async fn run() {
         let subject = format!("{stream}.js");
         js_raw(&client, &subject, 2_000).await;
         js_stack(&client, &subject, 2_000).await;
-        let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
-        for _ in 0..ROUNDS {
-            raw = raw.min(js_raw(&client, &subject, n_js).await);
-            ours = ours.min(js_stack(&client, &subject, n_js).await);
-        }
-        report("JetStream publish (256 in flight)", n_js, raw, ours);
-        if std::env::var("NATS_BENCH_BARE").is_ok() {
-            let mut bare = Duration::MAX;
-            for _ in 0..ROUNDS {
-                bare = bare.min(js_bare(&client, &subject, n_js).await);
+        let bare = std::env::var("NATS_BENCH_BARE").is_ok();
+        let (mut stacked, mut alone) = (Rounds::default(), Rounds::default());
+        for _ in 0..rounds {
+            let raw = js_raw(&client, &subject, n_js).await;
+            let ours = js_stack(&client, &subject, n_js).await;
+            stacked.push(n_js, raw, ours);
+            if bare {
+                let raw = js_raw(&client, &subject, n_js).await;
+                let ours = js_bare(&client, &subject, n_js).await;
+                alone.push(n_js, raw, ours);
             }
-            report("JetStream publish (publisher alone)", n_js, raw, bare);
+        }
+        stacked.report("JetStream publish (256 in flight)");
+        if bare {
+            alone.report("JetStream publish (publisher alone)");
         }
         client.delete_stream(&stream).await.unwrap();
     }
 
     if runs("rt") {
-        let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
-        for round in 0..ROUNDS {
-            raw = raw.min(rt_raw(&client, &format!("bench.{tag}.rt{round}r"), n_rt).await);
-            ours = ours.min(rt_serve(&client, &format!("bench.{tag}.rt{round}s"), n_rt).await);
+        let mut rt = Rounds::default();
+        for round in 0..rounds {
+            let raw = rt_raw(&client, &format!("bench.{tag}.rt{round}r"), n_rt).await;
+            let ours = rt_serve(&client, &format!("bench.{tag}.rt{round}s"), n_rt).await;
+            rt.push(n_rt, raw, ours);
         }
-        report("round trip (consumer runtime)", n_rt, raw, ours);
+        rt.report("round trip (consumer runtime)");
     }
 }
 

@@ -47,7 +47,7 @@ use futures_util::stream::SelectAll;
 use watchtower::{Acker, Capabilities, Delivery, Error, ErrorKind, SubscribeOptions, Subscriber};
 
 use crate::client::{DropCounter, NatsClient, subscription_id};
-use crate::wire;
+use crate::wire::{self, TopicCache};
 
 /// Subscribes on core NATS. See the [module docs](self).
 #[derive(Debug, Clone)]
@@ -91,6 +91,7 @@ impl Subscriber for NatsSubscriber {
             streams: SelectAll::new(),
             counters: Vec::new(),
             reported: 0,
+            topics: TopicCache::default(),
         };
         for pattern in options.patterns() {
             let subscribed = match options.group_name() {
@@ -138,6 +139,7 @@ pub struct NatsSubscription {
     streams: SelectAll<async_nats::Subscriber>,
     counters: Vec<(Option<u64>, Arc<DropCounter>)>,
     reported: u64,
+    topics: TopicCache,
 }
 
 impl NatsSubscription {
@@ -164,7 +166,7 @@ impl Stream for NatsSubscription {
                 let subject = message.subject.as_str();
                 let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload.clone())
                 {
-                    Ok(event) => Delivery::new(event, subject, NatsAcker(())),
+                    Ok(event) => Delivery::new(event, this.topics.get(subject), NatsAcker(())),
                     Err(poison) => Delivery::poison(poison, NatsAcker(())),
                 };
                 Poll::Ready(Some(Ok(delivery.with_system("nats"))))

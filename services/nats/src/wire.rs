@@ -11,63 +11,173 @@ use watchtower::{Error, ErrorKind, Event, Poison, RawMessage};
 /// The header JetStream deduplicates on.
 pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
 
-const STATIC_NAMES: [&str; 9] = [
-    "ce-specversion",
-    "ce-id",
-    "ce-type",
-    "ce-source",
-    "ce-time",
-    "ce-subject",
-    "ce-dataschema",
-    "ce-datacontenttype",
-    "ce-traceparent",
-];
+// Header names built once: a `HeaderName` made from a static string holds
+// no allocation, and cloning one copies a pointer.
+const SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
+const ID: HeaderName = HeaderName::from_static("ce-id");
+const TYPE: HeaderName = HeaderName::from_static("ce-type");
+const SOURCE: HeaderName = HeaderName::from_static("ce-source");
+const TIME: HeaderName = HeaderName::from_static("ce-time");
+const SUBJECT: HeaderName = HeaderName::from_static("ce-subject");
+const DATASCHEMA: HeaderName = HeaderName::from_static("ce-dataschema");
+const DATACONTENTTYPE: HeaderName = HeaderName::from_static("ce-datacontenttype");
+const TRACEPARENT: HeaderName = HeaderName::from_static("ce-traceparent");
+const NATS_MSG_ID: HeaderName = HeaderName::from_static(MSG_ID);
+const NATS_EXPECTED_STREAM: HeaderName = HeaderName::from_static("Nats-Expected-Stream");
 
-fn header_name(name: &str) -> Result<HeaderName, Error> {
-    // Interned names skip an allocation and a validation per header.
-    for known in STATIC_NAMES {
-        if known == name {
-            return Ok(HeaderName::from_static(known));
+/// Extension header names a publisher keeps, at most.
+const CACHED_EXTENSIONS: usize = 16;
+
+/// Writes events as `ce-` headers, the same as
+/// [`Binding::NATS`](watchtower::codec::Binding::NATS) does, with the
+/// header names prepared once per publisher rather than per event.
+///
+/// Only names are kept: every value comes from the event being encoded.
+#[derive(Clone, Default)]
+pub(crate) struct HeaderEncoder {
+    /// `ce-<name>` for extension names seen before.
+    extensions: Vec<(Box<str>, HeaderName)>,
+}
+
+impl HeaderEncoder {
+    /// The `ce-` headers of `event`, plus `Nats-Msg-Id` (the event id) when
+    /// `msg_id` is set and `Nats-Expected-Stream` when `expected_stream` is.
+    pub(crate) fn headers(
+        &mut self,
+        event: &Event,
+        msg_id: bool,
+        expected_stream: Option<&str>,
+    ) -> Result<HeaderMap, Error> {
+        let mut map = HeaderMap::new();
+        map.insert(SPECVERSION, HeaderValue::from(event.specversion()));
+        map.insert(ID, value(&ID, event.id())?);
+        map.insert(TYPE, value(&TYPE, event.ty())?);
+        map.insert(SOURCE, value(&SOURCE, event.source())?);
+        if let Some(time) = event.time() {
+            let text = match u32::try_from(time.year()) {
+                Ok(year) if year < 10_000 && time.offset().is_utc() => format_utc(
+                    year,
+                    u8::from(time.month()),
+                    time.day(),
+                    (time.hour(), time.minute(), time.second()),
+                    time.nanosecond(),
+                ),
+                _ => codec::format_time(time),
+            };
+            map.insert(TIME, HeaderValue::from(text));
         }
+        if let Some(subject) = event.subject() {
+            map.insert(SUBJECT, value(&SUBJECT, subject)?);
+        }
+        if let Some(schema) = event.dataschema() {
+            map.insert(DATASCHEMA, value(&DATASCHEMA, schema)?);
+        }
+        for (name, text) in event.extensions() {
+            let name = self.extension_name(name)?;
+            let text = value(&name, text)?;
+            map.insert(name, text);
+        }
+        if let Some(ct) = event.datacontenttype() {
+            map.insert(DATACONTENTTYPE, value(&DATACONTENTTYPE, ct)?);
+        }
+        if msg_id {
+            map.insert(NATS_MSG_ID, value(&NATS_MSG_ID, event.id())?);
+        }
+        if let Some(stream) = expected_stream {
+            map.insert(NATS_EXPECTED_STREAM, value(&NATS_EXPECTED_STREAM, stream)?);
+        }
+        Ok(map)
     }
-    HeaderName::from_str(name).map_err(|_| {
+
+    fn extension_name(&mut self, name: &str) -> Result<HeaderName, Error> {
+        if name == "traceparent" {
+            return Ok(TRACEPARENT);
+        }
+        if let Some((_, header)) = self.extensions.iter().find(|(known, _)| **known == *name) {
+            return Ok(header.clone());
+        }
+        let mut text = String::with_capacity(3 + name.len());
+        text.push_str("ce-");
+        text.push_str(name);
+        let header = HeaderName::from_str(&text).map_err(|_| {
+            Error::new(
+                ErrorKind::Encode,
+                format!("{text:?} is not a valid NATS header name"),
+            )
+        })?;
+        if self.extensions.len() < CACHED_EXTENSIONS {
+            self.extensions.push((name.into(), header.clone()));
+        }
+        Ok(header)
+    }
+}
+
+fn value(name: &HeaderName, text: &str) -> Result<HeaderValue, Error> {
+    HeaderValue::from_str(text).map_err(|_| {
         Error::new(
             ErrorKind::Encode,
-            format!("{name:?} is not a valid NATS header name"),
+            format!("attribute {:?} holds a character NATS headers cannot carry", name.as_ref() as &str),
         )
     })
 }
 
-/// The `ce-` headers of `event`, plus `Nats-Msg-Id` when `msg_id` is set.
-pub(crate) fn headers(event: &Event, msg_id: bool) -> Result<HeaderMap, Error> {
-    let mut map = HeaderMap::new();
-    let mut failed = None;
-    Binding::NATS.write_headers(event, |name, value| {
-        if failed.is_some() {
-            return;
+/// A UTC time as [`codec::format_time`] writes it: RFC 3339, `Z`, the
+/// fraction without trailing zeros (none when zero). `year` must be in
+/// 0..10_000, the other parts in their calendar ranges.
+fn format_utc(year: u32, month: u8, day: u8, hms: (u8, u8, u8), nanos: u32) -> String {
+    fn push(out: &mut String, n: u32, width: u32) {
+        let mut div = 10u32.pow(width - 1);
+        while div > 0 {
+            // A single decimal digit.
+            out.push(char::from(b'0' + (n / div % 10) as u8));
+            div /= 10;
         }
-        let value = match HeaderValue::from_str(value) {
-            Ok(value) => value,
-            Err(_) => {
-                failed = Some(Error::new(
-                    ErrorKind::Encode,
-                    format!("attribute {name:?} holds a character NATS headers cannot carry"),
-                ));
-                return;
+    }
+    let mut out = String::with_capacity(30);
+    push(&mut out, year, 4);
+    out.push('-');
+    push(&mut out, u32::from(month), 2);
+    out.push('-');
+    push(&mut out, u32::from(day), 2);
+    out.push('T');
+    push(&mut out, u32::from(hms.0), 2);
+    out.push(':');
+    push(&mut out, u32::from(hms.1), 2);
+    out.push(':');
+    push(&mut out, u32::from(hms.2), 2);
+    if nanos != 0 {
+        let mut nanos = nanos;
+        let mut width = 9;
+        while nanos.is_multiple_of(10) {
+            nanos /= 10;
+            width -= 1;
+        }
+        out.push('.');
+        push(&mut out, nanos, width);
+    }
+    out.push('Z');
+    out
+}
+
+/// The last subject a subscription received on, kept so that deliveries on
+/// one subject (the usual case) share one topic string instead of copying
+/// it each time.
+#[derive(Default)]
+pub(crate) struct TopicCache {
+    last: Option<Arc<str>>,
+}
+
+impl TopicCache {
+    pub(crate) fn get(&mut self, subject: &str) -> Arc<str> {
+        match &self.last {
+            Some(topic) if **topic == *subject => topic.clone(),
+            _ => {
+                let topic: Arc<str> = Arc::from(subject);
+                self.last = Some(topic.clone());
+                topic
             }
-        };
-        match header_name(name) {
-            Ok(name) => map.insert(name, value),
-            Err(e) => failed = Some(e),
         }
-    });
-    if let Some(e) = failed {
-        return Err(e);
     }
-    if msg_id {
-        map.insert(HeaderName::from_static(MSG_ID), HeaderValue::from(event.id()));
-    }
-    Ok(map)
 }
 
 /// Decodes a received message: structured mode when its `Content-Type`
@@ -148,7 +258,7 @@ mod tests {
             .json(&serde_json::json!({"id": 42}))
             .and_then(|b| b.build())
             .unwrap();
-        let map = headers(&event, true).unwrap();
+        let map = HeaderEncoder::default().headers(&event, true, None).unwrap();
         assert_eq!(map.get("ce-type").map(|v| v.as_str()), Some("user.created"));
         assert_eq!(map.get("ce-tenant").map(|v| v.as_str()), Some("acme"));
         assert_eq!(map.get(MSG_ID).map(|v| v.as_str()), Some(event.id()));
@@ -205,7 +315,7 @@ mod tests {
     #[test]
     fn newline_in_attribute_is_an_encode_error() {
         let event = Event::builder("a.b").subject("line\r\nbreak").build().unwrap();
-        let err = headers(&event, false).err().unwrap_or_else(|| panic!("encoded"));
+        let err = HeaderEncoder::default().headers(&event, false, None).err().unwrap_or_else(|| panic!("encoded"));
         assert_eq!(err.kind(), ErrorKind::Encode);
     }
 }

@@ -9,14 +9,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
-use tracing::Instrument as _;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::client::NatsClient;
 use crate::config::{NatsConfig, WhenDisconnected};
 use crate::publisher::{ResponseFuture, poll_connection};
 use crate::subject::{SubjectCache, SubjectTemplate};
-use crate::wire;
+use crate::wire::HeaderEncoder;
 
 /// Publishes awaiting this many acknowledgements at most, unless set:
 /// 1024, enough to keep a local server busy without unbounded memory.
@@ -48,6 +47,7 @@ pub struct JetStreamPublisher {
     client: NatsClient,
     subject: SubjectTemplate,
     subjects: SubjectCache,
+    headers: HeaderEncoder,
     expected_stream: Option<Arc<str>>,
     window: PollSemaphore,
     max_in_flight: usize,
@@ -62,6 +62,7 @@ impl JetStreamPublisher {
             client,
             subject: SubjectTemplate::topic(),
             subjects: SubjectCache::default(),
+            headers: HeaderEncoder::default(),
             expected_stream: None,
             window: PollSemaphore::new(Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT))),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
@@ -131,6 +132,7 @@ impl Clone for JetStreamPublisher {
             client: self.client.clone(),
             subject: self.subject.clone(),
             subjects: self.subjects.clone(),
+            headers: self.headers.clone(),
             expected_stream: self.expected_stream.clone(),
             window: self.window.clone(),
             max_in_flight: self.max_in_flight,
@@ -182,11 +184,9 @@ impl Service<Event> for JetStreamPublisher {
         if !self.client.is_connected() && self.client.when_disconnected() == WhenDisconnected::Fail {
             return ResponseFuture::ready(Err(self.client.disconnected_error()));
         }
+        let expected_stream = self.expected_stream.as_deref();
         let prepared = self.subjects.get(&self.subject, &event).and_then(|subject| {
-            let mut headers = wire::headers(&event, true)?;
-            if let Some(stream) = &self.expected_stream {
-                headers.insert("Nats-Expected-Stream", &**stream);
-            }
+            let headers = self.headers.headers(&event, true, expected_stream)?;
             Ok((subject, headers))
         });
         let ((topic, subject), headers) = match prepared {
@@ -197,26 +197,16 @@ impl Service<Event> for JetStreamPublisher {
         let client = self.client.clone();
         let payload = event.data().cloned().unwrap_or_default();
         let receipt = Receipt::new(topic, &event);
-        let fut = async move {
-            let _permit = permit;
+        drop(event);
+        let send = Box::pin(async move {
             let message = PublishMessage::build().headers(headers).payload(payload);
-            let ack = client
-                .jetstream()
-                .send_publish(subject, message)
-                .await
-                .map_err(|e| publish_error(&e))?
-                .await
-                .map_err(|e| publish_error(&e))?;
-            Ok(receipt
-                .with_stream(ack.stream)
-                .with_sequence(ack.sequence)
-                .with_duplicate(ack.duplicate))
-        };
-        ResponseFuture::boxed(Box::pin(fut.instrument(span)))
+            client.jetstream().send_publish(subject, message).await
+        });
+        ResponseFuture::jetstream(send, receipt, permit, span)
     }
 }
 
-fn publish_error(e: &PublishError) -> Error {
+pub(crate) fn publish_error(e: &PublishError) -> Error {
     let detail = std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
         .map(|js| (js.code(), js.to_string()));
