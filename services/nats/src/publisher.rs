@@ -164,7 +164,7 @@ impl Service<Event> for NatsPublisher {
     }
 
     fn call(&mut self, event: Event) -> ResponseFuture {
-        if !self.client.is_connected() && self.client.when_disconnected() == WhenDisconnected::Fail {
+        if self.client.when_disconnected() == WhenDisconnected::Fail && !self.client.is_connected() {
             return ResponseFuture::ready(Err(self.client.disconnected_error().with_event(event)));
         }
         let prepared = self.subjects.get(&self.subject, &event).and_then(|subject| {

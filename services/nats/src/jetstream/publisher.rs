@@ -181,7 +181,7 @@ impl Service<Event> for JetStreamPublisher {
                 "JetStream publish window is full (call without poll_ready)",
             )));
         };
-        if !self.client.is_connected() && self.client.when_disconnected() == WhenDisconnected::Fail {
+        if self.client.when_disconnected() == WhenDisconnected::Fail && !self.client.is_connected() {
             return ResponseFuture::ready(Err(self.client.disconnected_error()));
         }
         let expected_stream = self.expected_stream.as_deref();
