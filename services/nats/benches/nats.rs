@@ -308,7 +308,11 @@ impl Rounds {
         fn median(mut v: Vec<f64>) -> f64 {
             v.sort_by(f64::total_cmp);
             let mid = v.len() / 2;
-            if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 }
+            if v.len() % 2 == 1 {
+                v[mid]
+            } else {
+                (v[mid - 1] + v[mid]) / 2.0
+            }
         }
         let ratios: Vec<f64> = self.raw.iter().zip(&self.ours).map(|(r, o)| o / r).collect();
         let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
@@ -321,7 +325,12 @@ impl Rounds {
             median(ratios),
             each.join(" "),
         );
-        let cpu: Vec<f64> = self.ours_cpu.iter().zip(&self.raw_cpu).map(|(o, r)| o / r).collect();
+        let cpu: Vec<f64> = self
+            .ours_cpu
+            .iter()
+            .zip(&self.raw_cpu)
+            .map(|(o, r)| o / r)
+            .collect();
         println!(
             "{:<36} cpu {:>7.2} us/msg   watchtower {:>7.2} us/msg   ratio {:.2} (watchtower / raw)",
             "",

@@ -207,7 +207,10 @@ pub(crate) fn core_publish_error(e: &async_nats::PublishError) -> Error {
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Receipt, Error>> + Send>>;
 pub(crate) type SendFuture = Pin<
-    Box<dyn Future<Output = Result<async_nats::jetstream::context::PublishAckFuture, JetStreamPublishError>> + Send>,
+    Box<
+        dyn Future<Output = Result<async_nats::jetstream::context::PublishAckFuture, JetStreamPublishError>>
+            + Send,
+    >,
 >;
 type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, JetStreamPublishError>> + Send>>;
 
@@ -215,8 +218,14 @@ type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, JetStreamPublish
 /// publish in `call`. The tokio primitives a publish waits on (the client's
 /// queue, timers) take the waker of every poll, so the caller's first poll
 /// of a future left pending registers the real one.
+///
+/// The poll is outside tokio's cooperative budget: a caller that has used
+/// its budget up would otherwise see every later publish of the same task
+/// poll left pending, and handed over out of call order.
 fn poll_now<F: Future + ?Sized>(fut: Pin<&mut F>) -> Poll<F::Output> {
-    fut.poll(&mut Context::from_waker(std::task::Waker::noop()))
+    let mut fut = std::pin::pin!(tokio::task::unconstrained(fut));
+    fut.as_mut()
+        .poll(&mut Context::from_waker(std::task::Waker::noop()))
 }
 
 /// The future of a publish: resolves when the message is handed to the
@@ -228,7 +237,10 @@ pub struct ResponseFuture {
 enum State {
     Done(Option<Result<Receipt, Error>>),
     /// A core publish waiting for room in the client's queue.
-    Queued { fut: BoxFuture, span: Span },
+    Queued {
+        fut: BoxFuture,
+        span: Span,
+    },
     /// A JetStream publish: sending, then awaiting its PubAck.
     JetStream {
         step: Step,
@@ -286,7 +298,9 @@ impl ResponseFuture {
             if let Step::Send(send) = step {
                 match poll_now(send.as_mut()) {
                     Poll::Ready(Ok(ack)) => *step = Step::Ack(std::future::IntoFuture::into_future(ack)),
-                    Poll::Ready(Err(e)) => return ResponseFuture::ready(Err(crate::jetstream::publish_error(&e))),
+                    Poll::Ready(Err(e)) => {
+                        return ResponseFuture::ready(Err(crate::jetstream::publish_error(&e)));
+                    }
                     Poll::Pending => {}
                 }
             }

@@ -116,7 +116,10 @@ fn value(name: &HeaderName, text: &str) -> Result<HeaderValue, Error> {
     HeaderValue::from_str(text).map_err(|_| {
         Error::new(
             ErrorKind::Encode,
-            format!("attribute {:?} holds a character NATS headers cannot carry", name.as_ref() as &str),
+            format!(
+                "attribute {:?} holds a character NATS headers cannot carry",
+                name.as_ref() as &str
+            ),
         )
     })
 }
@@ -315,7 +318,174 @@ mod tests {
     #[test]
     fn newline_in_attribute_is_an_encode_error() {
         let event = Event::builder("a.b").subject("line\r\nbreak").build().unwrap();
-        let err = HeaderEncoder::default().headers(&event, false, None).err().unwrap_or_else(|| panic!("encoded"));
+        let err = HeaderEncoder::default()
+            .headers(&event, false, None)
+            .err()
+            .unwrap_or_else(|| panic!("encoded"));
         assert_eq!(err.kind(), ErrorKind::Encode);
+    }
+
+    fn pairs(map: &HeaderMap) -> Vec<(String, String)> {
+        let mut pairs: Vec<(String, String)> = map
+            .iter()
+            .flat_map(|(name, values)| {
+                values
+                    .iter()
+                    .map(move |v| (AsRef::<str>::as_ref(name).to_owned(), v.as_str().to_owned()))
+            })
+            .collect();
+        pairs.sort();
+        pairs
+    }
+
+    fn decoded(map: &HeaderMap, event: &Event) -> Event {
+        decode("t", Some(map), event.data().cloned().unwrap_or_default())
+            .unwrap_or_else(|p| panic!("{}", p.error))
+    }
+
+    #[test]
+    fn encoder_writes_what_the_core_binding_writes() {
+        let time = codec::parse_time("2026-03-04T05:06:07.123456780Z").unwrap();
+        let event = Event::builder("order.paid")
+            .source("/billing")
+            .time(time)
+            .subject("o-17")
+            .dataschema("https://example.com/schema")
+            .extension("tenant", "acme")
+            .extension(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .data("text/plain", "hello")
+            .build()
+            .unwrap();
+        let mut expected = Vec::new();
+        Binding::NATS.write_headers(&event, |name, value| {
+            expected.push((name.to_owned(), value.to_owned()))
+        });
+        expected.sort();
+        let map = HeaderEncoder::default().headers(&event, false, None).unwrap();
+        assert_eq!(pairs(&map), expected);
+        assert_eq!(
+            map.get("ce-time").map(|v| v.as_str()),
+            Some("2026-03-04T05:06:07.12345678Z")
+        );
+        assert_eq!(map.get(MSG_ID), None);
+        assert_eq!(map.get("Nats-Expected-Stream"), None);
+
+        let js = HeaderEncoder::default()
+            .headers(&event, true, Some("ORDERS"))
+            .unwrap();
+        assert_eq!(js.get(MSG_ID).map(|v| v.as_str()), Some(event.id()));
+        assert_eq!(js.get("Nats-Expected-Stream").map(|v| v.as_str()), Some("ORDERS"));
+        assert_eq!(js.len(), map.len() + 2);
+    }
+
+    #[test]
+    fn one_encoder_gives_each_event_exactly_its_own_headers() {
+        let mut encoder = HeaderEncoder::default();
+        let a = Event::builder("user.created")
+            .source("/a")
+            .subject("1")
+            .extension("tenant", "acme")
+            .extension("region", "eu")
+            .json(&serde_json::json!({"n": 1}))
+            .and_then(|b| b.build())
+            .unwrap();
+        let b = Event::builder("user.deleted")
+            .source("/b")
+            .no_time()
+            .extension("tenant", "globex")
+            .extension("shard", "7")
+            .data("application/octet-stream", Bytes::from_static(b"\x00\x01"))
+            .build()
+            .unwrap();
+        let c = Event::empty("user.seen");
+        // Interleaved, and each twice, so that cached names serve later events.
+        for event in [&a, &b, &c, &b, &a, &c] {
+            let map = encoder.headers(event, false, None).unwrap();
+            assert_eq!(&decoded(&map, event), event);
+            let mut expected = Vec::new();
+            Binding::NATS.write_headers(event, |name, value| {
+                expected.push((name.to_owned(), value.to_owned()))
+            });
+            expected.sort();
+            assert_eq!(pairs(&map), expected);
+        }
+        let map = encoder.headers(&b, false, None).unwrap();
+        assert_eq!(map.get("ce-region"), None);
+        assert_eq!(map.get("ce-subject"), None);
+        assert_eq!(map.get("ce-time"), None);
+        assert_eq!(map.get("ce-tenant").map(|v| v.as_str()), Some("globex"));
+    }
+
+    #[test]
+    fn extension_names_beyond_the_cache_are_still_written() {
+        let mut builder = Event::builder("many.ext");
+        for i in 0..(CACHED_EXTENSIONS + 8) {
+            builder = builder.extension(&format!("x{i}"), format!("v{i}"));
+        }
+        let event = builder.build().unwrap();
+        let mut encoder = HeaderEncoder::default();
+        for _ in 0..2 {
+            let map = encoder.headers(&event, false, None).unwrap();
+            assert_eq!(&decoded(&map, &event), &event);
+            assert_eq!(map.get("ce-x23").map(|v| v.as_str()), Some("v23"));
+        }
+        assert_eq!(encoder.extensions.len(), CACHED_EXTENSIONS);
+    }
+
+    #[test]
+    fn times_are_formatted_as_the_codec_formats_them() {
+        let base = codec::parse_time("2026-11-27T13:05:09Z").unwrap();
+        let nanos = [
+            0,
+            1,
+            10,
+            100,
+            1_000,
+            999_999_999,
+            100_000_000,
+            120_000_000,
+            123_456_789,
+            500_000,
+            7,
+        ];
+        let years = [0, 1, 999, 1970, 2026, 9999];
+        for year in years {
+            for nano in nanos {
+                let time = base
+                    .replace_year(year)
+                    .and_then(|t| t.replace_nanosecond(nano))
+                    .unwrap();
+                let event = Event::builder("t").time(time).build().unwrap();
+                let map = HeaderEncoder::default().headers(&event, false, None).unwrap();
+                assert_eq!(
+                    map.get("ce-time").map(|v| v.as_str().to_owned()),
+                    Some(codec::format_time(time)),
+                    "{time}"
+                );
+            }
+        }
+        // Other offsets go through the codec, converted to UTC.
+        let offset = codec::parse_time("2026-01-01T01:30:00.5+02:00").unwrap();
+        let event = Event::builder("t").time(offset).build().unwrap();
+        let map = HeaderEncoder::default().headers(&event, false, None).unwrap();
+        assert_eq!(
+            map.get("ce-time").map(|v| v.as_str()),
+            Some("2025-12-31T23:30:00.5Z")
+        );
+        assert_eq!(decoded(&map, &event).time(), Some(offset));
+    }
+
+    #[test]
+    fn topic_cache_shares_one_string_per_subject() {
+        let mut topics = TopicCache::default();
+        let a = topics.get("a.b");
+        let again = topics.get("a.b");
+        assert!(Arc::ptr_eq(&a, &again));
+        let other = topics.get("a.c");
+        assert_eq!(&*other, "a.c");
+        assert_eq!(&*topics.get("a.b"), "a.b");
     }
 }

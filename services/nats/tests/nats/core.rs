@@ -70,6 +70,36 @@ async fn round_trip_in_binary_mode_readable_by_plain_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_hand_events_over_in_call_order() {
+    let client = local().await;
+    let subject = format!("{}.order", unique("wt"));
+    let mut raw = client.raw().subscribe(subject.clone()).await.unwrap();
+    client.raw().flush().await.unwrap();
+    let mut publisher = NatsPublisher::new(client.clone());
+    let events: Vec<Event> = (0..200)
+        .map(|i| Event::new(subject.clone(), serde_json::json!({ "i": i })))
+        .collect();
+    let mut futures = Vec::new();
+    for event in &events {
+        poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
+        futures.push(publisher.call(event.clone()));
+    }
+    // Awaited last to first: the order on the wire is still that of the calls.
+    for future in futures.into_iter().rev() {
+        let receipt = future.await.unwrap();
+        assert_eq!(&*receipt.topic, subject);
+    }
+    for event in &events {
+        let message = tokio::time::timeout(PATIENCE, raw.next())
+            .await
+            .expect("a message in time")
+            .expect("subscription open");
+        let headers = message.headers.expect("headers");
+        assert_eq!(headers.get("ce-id").map(|v| v.as_str()), Some(event.id()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subject_template_and_explicit_topic() {
     let client = local().await;
     let ns = unique("wt");
