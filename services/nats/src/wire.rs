@@ -28,15 +28,53 @@ const NATS_EXPECTED_STREAM: HeaderName = HeaderName::from_static("Nats-Expected-
 /// Extension header names a publisher keeps, at most.
 const CACHED_EXTENSIONS: usize = 16;
 
+/// Header maps a publisher keeps as templates, at most.
+const TEMPLATES: usize = 8;
+
+/// With every template slot taken, one unmatched event in this many
+/// replaces a template (a publisher whose events keep changing type or
+/// source does not pay for a copy each time).
+const TEMPLATE_TURNOVER: u32 = 16;
+
 /// Writes events as `ce-` headers, the same as
-/// [`Binding::NATS`](watchtower::codec::Binding::NATS) does, with the
-/// header names prepared once per publisher rather than per event.
+/// [`Binding::NATS`](watchtower::codec::Binding::NATS) does, with the work
+/// that repeats from event to event done once per publisher:
 ///
-/// Only names are kept: every value comes from the event being encoded.
+/// * header names are built once (constants, and a small cache of
+///   `ce-<extension>` names);
+/// * the headers that usually stay the same across a publisher's events
+///   (`ce-specversion`, `ce-type`, `ce-source`, `ce-datacontenttype` and
+///   `Nats-Expected-Stream`) are kept as a ready header map, a template,
+///   keyed by exactly those values. An event whose values match copies the
+///   template (one allocation for the table, no hashing) and adds its own
+///   headers; any other event gets a map built from its own values.
 #[derive(Clone, Default)]
 pub(crate) struct HeaderEncoder {
     /// `ce-<name>` for extension names seen before.
     extensions: Vec<(Box<str>, HeaderName)>,
+    templates: Vec<Template>,
+    /// Unmatched events since the last template was replaced.
+    misses: u32,
+    /// The slot the next replacement takes.
+    next: usize,
+}
+
+#[derive(Clone)]
+struct Template {
+    ty: Box<str>,
+    source: Box<str>,
+    content_type: Option<Box<str>>,
+    expected_stream: Option<Box<str>>,
+    map: HeaderMap,
+}
+
+impl Template {
+    fn matches(&self, event: &Event, expected_stream: Option<&str>) -> bool {
+        *self.ty == *event.ty()
+            && *self.source == *event.source()
+            && self.content_type.as_deref() == event.datacontenttype()
+            && self.expected_stream.as_deref() == expected_stream
+    }
 }
 
 impl HeaderEncoder {
@@ -48,11 +86,8 @@ impl HeaderEncoder {
         msg_id: bool,
         expected_stream: Option<&str>,
     ) -> Result<HeaderMap, Error> {
-        let mut map = HeaderMap::new();
-        map.insert(SPECVERSION, HeaderValue::from(event.specversion()));
+        let mut map = self.base(event, expected_stream)?;
         map.insert(ID, value(&ID, event.id())?);
-        map.insert(TYPE, value(&TYPE, event.ty())?);
-        map.insert(SOURCE, value(&SOURCE, event.source())?);
         if let Some(time) = event.time() {
             let text = match u32::try_from(time.year()) {
                 Ok(year) if year < 10_000 && time.offset().is_utc() => format_utc(
@@ -77,14 +112,47 @@ impl HeaderEncoder {
             let text = value(&name, text)?;
             map.insert(name, text);
         }
-        if let Some(ct) = event.datacontenttype() {
-            map.insert(DATACONTENTTYPE, value(&DATACONTENTTYPE, ct)?);
-        }
         if msg_id {
             map.insert(NATS_MSG_ID, value(&NATS_MSG_ID, event.id())?);
         }
+        Ok(map)
+    }
+
+    /// The headers that usually repeat: a copy of the matching template, or
+    /// built from `event` (and kept as a template when there is room).
+    fn base(&mut self, event: &Event, expected_stream: Option<&str>) -> Result<HeaderMap, Error> {
+        if let Some(template) = self.templates.iter().find(|t| t.matches(event, expected_stream)) {
+            return Ok(template.map.clone());
+        }
+        let mut map = HeaderMap::new();
+        map.insert(SPECVERSION, HeaderValue::from(event.specversion()));
+        map.insert(TYPE, value(&TYPE, event.ty())?);
+        map.insert(SOURCE, value(&SOURCE, event.source())?);
+        if let Some(ct) = event.datacontenttype() {
+            map.insert(DATACONTENTTYPE, value(&DATACONTENTTYPE, ct)?);
+        }
         if let Some(stream) = expected_stream {
             map.insert(NATS_EXPECTED_STREAM, value(&NATS_EXPECTED_STREAM, stream)?);
+        }
+        let keep = self.templates.len() < TEMPLATES || {
+            self.misses += 1;
+            self.misses >= TEMPLATE_TURNOVER
+        };
+        if keep {
+            let template = Template {
+                ty: event.ty().into(),
+                source: event.source().into(),
+                content_type: event.datacontenttype().map(Into::into),
+                expected_stream: expected_stream.map(Into::into),
+                map: map.clone(),
+            };
+            if self.templates.len() < TEMPLATES {
+                self.templates.push(template);
+            } else {
+                self.templates[self.next] = template;
+                self.next = (self.next + 1) % TEMPLATES;
+                self.misses = 0;
+            }
         }
         Ok(map)
     }
@@ -417,6 +485,72 @@ mod tests {
         assert_eq!(map.get("ce-subject"), None);
         assert_eq!(map.get("ce-time"), None);
         assert_eq!(map.get("ce-tenant").map(|v| v.as_str()), Some("globex"));
+    }
+
+    fn core_pairs(event: &Event) -> Vec<(String, String)> {
+        let mut expected = Vec::new();
+        Binding::NATS.write_headers(event, |name, value| {
+            expected.push((name.to_owned(), value.to_owned()))
+        });
+        expected.sort();
+        expected
+    }
+
+    #[test]
+    fn templates_only_serve_events_with_the_same_repeated_values() {
+        let mut encoder = HeaderEncoder::default();
+        let base = || Event::builder("same.type").source("/one");
+        let events = [
+            base().build().unwrap(),
+            base().source("/two").build().unwrap(),
+            base().data("text/plain", "x").build().unwrap(),
+            base().data("text/csv", "x").build().unwrap(),
+            Event::builder("other.type").source("/one").build().unwrap(),
+            Event::empty("same.type"),
+        ];
+        for round in 0..3 {
+            for event in &events {
+                let map = encoder.headers(event, false, None).unwrap();
+                assert_eq!(pairs(&map), core_pairs(event), "round {round}");
+                assert_eq!(&decoded(&map, event), event);
+            }
+        }
+        // The expected stream is part of a template's key too.
+        let event = &events[0];
+        let plain = encoder.headers(event, true, None).unwrap();
+        assert_eq!(plain.get("Nats-Expected-Stream"), None);
+        let a = encoder.headers(event, true, Some("A")).unwrap();
+        let b = encoder.headers(event, true, Some("B")).unwrap();
+        assert_eq!(a.get("Nats-Expected-Stream").map(|v| v.as_str()), Some("A"));
+        assert_eq!(b.get("Nats-Expected-Stream").map(|v| v.as_str()), Some("B"));
+        assert_eq!(encoder.headers(event, true, None).unwrap(), plain);
+    }
+
+    #[test]
+    fn many_kinds_of_event_turn_templates_over_and_stay_correct() {
+        let mut encoder = HeaderEncoder::default();
+        let events: Vec<Event> = (0..40)
+            .map(|i| {
+                Event::builder(format!("kind.{i}"))
+                    .source(format!("/s{}", i % 3))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        for _ in 0..5 {
+            for event in &events {
+                let map = encoder.headers(event, false, None).unwrap();
+                assert_eq!(pairs(&map), core_pairs(event));
+            }
+        }
+        assert_eq!(encoder.templates.len(), TEMPLATES);
+        // Replaced along the way, not frozen at the first eight kinds.
+        assert!(
+            encoder
+                .templates
+                .iter()
+                .any(|t| !(0..TEMPLATES).any(|i| *t.ty == *format!("kind.{i}")))
+        );
     }
 
     #[test]
