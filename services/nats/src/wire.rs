@@ -255,18 +255,17 @@ impl TopicCache {
 /// says so, binary mode when it has `ce-` headers, and structured mode for
 /// a header-less JSON body (what most clients write).
 pub(crate) fn decode(subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Result<Event, Poison> {
-    let content_type = headers.and_then(|h| {
-        h.iter()
-            .find(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case("content-type"))
-            .and_then(|(_, values)| values.first())
-    });
-    let has_ce = headers.is_some_and(|h| {
-        h.iter().any(|(name, _)| {
-            AsRef::<str>::as_ref(name)
-                .get(..3)
-                .is_some_and(|p| p.eq_ignore_ascii_case("ce-"))
-        })
-    });
+    // One pass over the headers: the content type, and whether any is `ce-`.
+    let mut content_type = None;
+    let mut has_ce = false;
+    for (name, values) in headers.into_iter().flat_map(|h| h.iter()) {
+        let name: &str = name.as_ref();
+        if name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce-")) {
+            has_ce = true;
+        } else if content_type.is_none() && name.eq_ignore_ascii_case("content-type") {
+            content_type = values.first();
+        }
+    }
     let result = if content_type.is_some_and(|ct| codec::is_structured(ct.as_str())) {
         codec::structured::from_bytes(&payload)
     } else if has_ce {

@@ -30,10 +30,14 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// [`duplicate`](Receipt::duplicate)). The receipt carries the stream's
 /// name and the sequence it stored the event at.
 ///
-/// Concurrent callers pipeline: each call's future awaits its own
-/// acknowledgement, and up to [`max_in_flight`](Self::max_in_flight)
-/// publishes wait at once. `poll_ready` reserves one of those slots (and is
-/// pending while the window is full or the connection is down).
+/// Concurrent callers pipeline: `call` hands the message to the connection
+/// at once when the client's outgoing queue has room (so the stream stores
+/// events in the order of the calls), without a flush or a lock, and each
+/// call's future then awaits its own acknowledgement; up to
+/// [`max_in_flight`](Self::max_in_flight) publishes wait at once.
+/// `poll_ready` reserves one of those slots (and is pending while the
+/// window is full or the connection is down). A future dropped before its
+/// acknowledgement came gives the slot back; the event may still be stored.
 ///
 /// # Errors
 ///
