@@ -170,8 +170,8 @@ impl Stream for NatsSubscription {
         match this.poll_streams(cx) {
             Poll::Ready(Some(message)) => {
                 let subject = message.subject.as_str();
-                let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload.clone())
-                {
+                // The body moves into the event: no reference count taken.
+                let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload) {
                     Ok(event) => Delivery::new(event, this.topics.get(subject), NatsAcker(())),
                     Err(poison) => Delivery::poison(poison, NatsAcker(())),
                 };

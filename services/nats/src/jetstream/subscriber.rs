@@ -401,7 +401,7 @@ impl Stream for JetStreamSubscription {
                 });
                 continue;
             }
-            let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload.clone()) {
+            let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload) {
                 Ok(event) => Delivery::new(event, this.topics.get(subject), acker),
                 Err(poison) => Delivery::poison(poison, acker),
             };
