@@ -22,6 +22,13 @@
 //! * round trip: events published on core NATS and received by a raw
 //!   subscriber loop vs. by `watchtower::serve` (decoding each event and
 //!   calling a handler service).
+//!
+//! Environment: `NATS_BENCH_CORE`, `NATS_BENCH_JS`, `NATS_BENCH_RT` set the
+//! events per side and round (200,000, 60,000, 150,000);
+//! `NATS_BENCH_ONLY=core|js|rt` runs one case; `NATS_BENCH_BARE=1` adds
+//! rounds of the publishers without layers; `NATS_BENCH_PROFILE=<side>`
+//! (`core_raw`, `core_stack`, `core_bare`, `js_raw`, `js_stack`, `js_bare`,
+//! `rt_raw`, `rt_serve`) runs one side alone, for a profiler.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
