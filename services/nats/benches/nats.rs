@@ -2,8 +2,14 @@
 //! local broker (127.0.0.1:4222).
 //!
 //! Run with `cargo bench -p watchtower-nats`. Each case runs raw and
-//! through WatchTower alternately, `ROUNDS` times, and keeps the best of
-//! each; the ratio is WatchTower's throughput over raw's.
+//! through WatchTower alternately (raw, ours, raw, ours, ...),
+//! `NATS_BENCH_ROUNDS` times (default 7), so that both see the same load
+//! on a shared machine. Each round gives a ratio, WatchTower's throughput
+//! over raw's; the report shows the median ratio and its range over the
+//! rounds, and the median throughput of each side. It also shows the CPU
+//! time the process spent per message on each side (all its threads, from
+//! `/proc/self/task/*/schedstat`), which load from other programs on the
+//! machine disturbs much less than throughput.
 //!
 //! * core publish: raw `publish_with_headers` of the same binary-mode
 //!   CloudEvent (ce- headers built per message) vs. the full four-layer
@@ -16,6 +22,13 @@
 //! * round trip: events published on core NATS and received by a raw
 //!   subscriber loop vs. by `watchtower::serve` (decoding each event and
 //!   calling a handler service).
+//!
+//! Environment: `NATS_BENCH_CORE`, `NATS_BENCH_JS`, `NATS_BENCH_RT` set the
+//! events per side and round (200,000, 60,000, 150,000);
+//! `NATS_BENCH_ONLY=core|js|rt` runs one case; `NATS_BENCH_BARE=1` adds
+//! rounds of the publishers without layers; `NATS_BENCH_PROFILE=<side>`
+//! (`core_raw`, `core_stack`, `core_bare`, `js_raw`, `js_stack`, `js_bare`,
+//! `rt_raw`, `rt_serve`) runs one side alone, for a profiler.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -38,7 +51,6 @@ use watchtower_layers::retry::RetryConfig;
 use watchtower_nats::jetstream::{StorageType, StreamConfig};
 use watchtower_nats::{JetStreamPublisher, NatsClient, NatsConfig, NatsPublisher, NatsSubscriber};
 
-const ROUNDS: usize = 3; // per case; raw and WatchTower alternate, best of each kept
 const WINDOW: usize = 256;
 
 fn count(var: &str, default: usize) -> usize {
@@ -264,14 +276,76 @@ async fn rt_serve(client: &NatsClient, subject: &str, n: usize) -> Duration {
     elapsed
 }
 
-fn report(name: &str, n: usize, raw: Duration, ours: Duration) {
-    let rate = |d: Duration| n as f64 / d.as_secs_f64();
-    println!(
-        "{name:<34} raw {:>10.0} msg/s   watchtower {:>10.0} msg/s   ratio {:.2}",
-        rate(raw),
-        rate(ours),
-        rate(ours) / rate(raw)
-    );
+/// CPU time this process has used so far, all threads, in nanoseconds.
+fn cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Runs one side of a round: its wall time and the CPU time it used.
+async fn measured(side: impl std::future::Future<Output = Duration>) -> (Duration, u64) {
+    let before = cpu_ns();
+    let wall = side.await;
+    (wall, cpu_ns().saturating_sub(before))
+}
+
+/// Throughputs of alternating rounds of one case.
+#[derive(Default)]
+struct Rounds {
+    raw: Vec<f64>,
+    ours: Vec<f64>,
+    raw_cpu: Vec<f64>,
+    ours_cpu: Vec<f64>,
+}
+
+impl Rounds {
+    fn push(&mut self, n: usize, raw: (Duration, u64), ours: (Duration, u64)) {
+        self.raw.push(n as f64 / raw.0.as_secs_f64());
+        self.ours.push(n as f64 / ours.0.as_secs_f64());
+        self.raw_cpu.push(raw.1 as f64 / n as f64 / 1000.0);
+        self.ours_cpu.push(ours.1 as f64 / n as f64 / 1000.0);
+    }
+
+    fn report(&self, name: &str) {
+        fn median(mut v: Vec<f64>) -> f64 {
+            v.sort_by(f64::total_cmp);
+            let mid = v.len() / 2;
+            if v.len() % 2 == 1 {
+                v[mid]
+            } else {
+                (v[mid - 1] + v[mid]) / 2.0
+            }
+        }
+        let ratios: Vec<f64> = self.raw.iter().zip(&self.ours).map(|(r, o)| o / r).collect();
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(0.0, f64::max);
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "{name:<36} raw {:>9.0} msg/s   watchtower {:>9.0} msg/s   ratio {:.2} ({lo:.2} - {hi:.2}) [{}]",
+            median(self.raw.clone()),
+            median(self.ours.clone()),
+            median(ratios),
+            each.join(" "),
+        );
+        let cpu: Vec<f64> = self
+            .ours_cpu
+            .iter()
+            .zip(&self.raw_cpu)
+            .map(|(o, r)| o / r)
+            .collect();
+        println!(
+            "{:<36} cpu {:>7.2} us/msg   watchtower {:>7.2} us/msg   ratio {:.2} (watchtower / raw)",
+            "",
+            median(self.raw_cpu.clone()),
+            median(self.ours_cpu.clone()),
+            median(cpu),
+        );
+    }
 }
 
 async fn run() {
@@ -282,9 +356,15 @@ async fn run() {
     let client = NatsClient::connect(config).await.expect("the local NATS broker");
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let n_core = count("NATS_BENCH_CORE", 200_000);
-    let n_js = count("NATS_BENCH_JS", 30_000);
-    let n_rt = count("NATS_BENCH_RT", 100_000);
+    let n_js = count("NATS_BENCH_JS", 60_000);
+    let n_rt = count("NATS_BENCH_RT", 150_000);
 
+    let rounds = count("NATS_BENCH_ROUNDS", 7);
+    // One side of one case alone, for a profiler.
+    if let Ok(side) = std::env::var("NATS_BENCH_PROFILE") {
+        profile(&client, &tag, &side, rounds, (n_core, n_js, n_rt)).await;
+        return;
+    }
     let only = std::env::var("NATS_BENCH_ONLY").unwrap_or_default();
     let runs = |case: &str| only.is_empty() || only == case;
 
@@ -294,18 +374,21 @@ async fn run() {
 
     let subject = format!("bench.{tag}.core");
     if runs("core") {
-        let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
-        for _ in 0..ROUNDS {
-            raw = raw.min(core_raw(&client, &subject, n_core).await);
-            ours = ours.min(core_stack(&client, &subject, n_core).await);
-        }
-        report("core publish (4-layer stack)", n_core, raw, ours);
-        if std::env::var("NATS_BENCH_BARE").is_ok() {
-            let mut bare = Duration::MAX;
-            for _ in 0..ROUNDS {
-                bare = bare.min(core_bare(&client, &subject, n_core).await);
+        let bare = std::env::var("NATS_BENCH_BARE").is_ok();
+        let (mut stacked, mut alone) = (Rounds::default(), Rounds::default());
+        for _ in 0..rounds {
+            let raw = measured(core_raw(&client, &subject, n_core)).await;
+            let ours = measured(core_stack(&client, &subject, n_core)).await;
+            stacked.push(n_core, raw, ours);
+            if bare {
+                let raw = measured(core_raw(&client, &subject, n_core)).await;
+                let ours = measured(core_bare(&client, &subject, n_core)).await;
+                alone.push(n_core, raw, ours);
             }
-            report("core publish (publisher alone)", n_core, raw, bare);
+        }
+        stacked.report("core publish (4-layer stack)");
+        if bare {
+            alone.report("core publish (publisher alone)");
         }
     }
 
@@ -324,29 +407,78 @@ async fn run() {
         let subject = format!("{stream}.js");
         js_raw(&client, &subject, 2_000).await;
         js_stack(&client, &subject, 2_000).await;
-        let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
-        for _ in 0..ROUNDS {
-            raw = raw.min(js_raw(&client, &subject, n_js).await);
-            ours = ours.min(js_stack(&client, &subject, n_js).await);
-        }
-        report("JetStream publish (256 in flight)", n_js, raw, ours);
-        if std::env::var("NATS_BENCH_BARE").is_ok() {
-            let mut bare = Duration::MAX;
-            for _ in 0..ROUNDS {
-                bare = bare.min(js_bare(&client, &subject, n_js).await);
+        let bare = std::env::var("NATS_BENCH_BARE").is_ok();
+        let (mut stacked, mut alone) = (Rounds::default(), Rounds::default());
+        for _ in 0..rounds {
+            let raw = measured(js_raw(&client, &subject, n_js)).await;
+            let ours = measured(js_stack(&client, &subject, n_js)).await;
+            stacked.push(n_js, raw, ours);
+            if bare {
+                let raw = measured(js_raw(&client, &subject, n_js)).await;
+                let ours = measured(js_bare(&client, &subject, n_js)).await;
+                alone.push(n_js, raw, ours);
             }
-            report("JetStream publish (publisher alone)", n_js, raw, bare);
+        }
+        stacked.report("JetStream publish (256 in flight)");
+        if bare {
+            alone.report("JetStream publish (publisher alone)");
         }
         client.delete_stream(&stream).await.unwrap();
     }
 
     if runs("rt") {
-        let (mut raw, mut ours) = (Duration::MAX, Duration::MAX);
-        for round in 0..ROUNDS {
-            raw = raw.min(rt_raw(&client, &format!("bench.{tag}.rt{round}r"), n_rt).await);
-            ours = ours.min(rt_serve(&client, &format!("bench.{tag}.rt{round}s"), n_rt).await);
+        let mut rt = Rounds::default();
+        for round in 0..rounds {
+            let raw = measured(rt_raw(&client, &format!("bench.{tag}.rt{round}r"), n_rt)).await;
+            let ours = measured(rt_serve(&client, &format!("bench.{tag}.rt{round}s"), n_rt)).await;
+            rt.push(n_rt, raw, ours);
         }
-        report("round trip (consumer runtime)", n_rt, raw, ours);
+        rt.report("round trip (consumer runtime)");
+    }
+}
+
+async fn profile(client: &NatsClient, tag: &str, side: &str, rounds: usize, n: (usize, usize, usize)) {
+    let stream = format!("BENCH_{tag}");
+    if side.starts_with("js") {
+        client
+            .create_or_update_stream(StreamConfig {
+                name: stream.clone(),
+                subjects: vec![format!("{stream}.>")],
+                storage: StorageType::Memory,
+                max_messages: 1_000_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let core = format!("bench.{tag}.core");
+    let js = format!("{stream}.js");
+    for round in 0..rounds {
+        let rt = format!("bench.{tag}.rt{round}");
+        let (wall, cpu) = match side {
+            "core_raw" => measured(core_raw(client, &core, n.0)).await,
+            "core_stack" => measured(core_stack(client, &core, n.0)).await,
+            "core_bare" => measured(core_bare(client, &core, n.0)).await,
+            "js_raw" => measured(js_raw(client, &js, n.1)).await,
+            "js_stack" => measured(js_stack(client, &js, n.1)).await,
+            "js_bare" => measured(js_bare(client, &js, n.1)).await,
+            "rt_raw" => measured(rt_raw(client, &rt, n.2)).await,
+            "rt_serve" => measured(rt_serve(client, &rt, n.2)).await,
+            other => panic!("unknown side {other}"),
+        };
+        let n = match &side[..2] {
+            "co" => n.0,
+            "js" => n.1,
+            _ => n.2,
+        };
+        println!(
+            "{side}: {:.0} msg/s, {:.2} us CPU/msg",
+            n as f64 / wall.as_secs_f64(),
+            cpu as f64 / n as f64 / 1000.0
+        );
+    }
+    if side.starts_with("js") {
+        client.delete_stream(&stream).await.unwrap();
     }
 }
 

@@ -13,6 +13,11 @@
 //! not ready (or, with [`WhenDisconnected::Fail`](crate::WhenDisconnected),
 //! calls fail at once with a retryable connection error).
 //!
+//! `call` hands the message to the connection at once when the client's
+//! outgoing queue has room (the usual case), so events leave in the order
+//! of the calls and the returned future is already resolved; when the
+//! queue is full, the future waits for room.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -34,16 +39,18 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use pin_project_lite::pin_project;
+use async_nats::jetstream::context::PublishError as JetStreamPublishError;
+use async_nats::jetstream::publish::PublishAck;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 use tower_service::Service;
-use tracing::Instrument as _;
+use tracing::Span;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::client::NatsClient;
 use crate::config::{NatsConfig, WhenDisconnected};
 use crate::subject::{SubjectCache, SubjectTemplate};
-use crate::wire;
+use crate::wire::HeaderEncoder;
 
 /// How often a publisher waiting for the connection looks again, in case
 /// the connection's "connected" notice was lost.
@@ -54,6 +61,7 @@ pub struct NatsPublisher {
     client: NatsClient,
     subject: SubjectTemplate,
     subjects: SubjectCache,
+    headers: HeaderEncoder,
     recheck: Option<Pin<Box<Sleep>>>,
 }
 
@@ -64,6 +72,7 @@ impl NatsPublisher {
             client,
             subject: SubjectTemplate::topic(),
             subjects: SubjectCache::default(),
+            headers: HeaderEncoder::default(),
             recheck: None,
         }
     }
@@ -106,6 +115,7 @@ impl Clone for NatsPublisher {
             client: self.client.clone(),
             subject: self.subject.clone(),
             subjects: self.subjects.clone(),
+            headers: self.headers.clone(),
             recheck: None,
         }
     }
@@ -154,11 +164,11 @@ impl Service<Event> for NatsPublisher {
     }
 
     fn call(&mut self, event: Event) -> ResponseFuture {
-        if !self.client.is_connected() && self.client.when_disconnected() == WhenDisconnected::Fail {
+        if self.client.when_disconnected() == WhenDisconnected::Fail && !self.client.is_connected() {
             return ResponseFuture::ready(Err(self.client.disconnected_error().with_event(event)));
         }
         let prepared = self.subjects.get(&self.subject, &event).and_then(|subject| {
-            let headers = wire::headers(&event, false)?;
+            let headers = self.headers.headers(&event, false, None)?;
             Ok((subject, headers))
         });
         let ((topic, subject), headers) = match prepared {
@@ -169,15 +179,16 @@ impl Service<Event> for NatsPublisher {
         let client = self.client.clone();
         let payload = event.data().cloned().unwrap_or_default();
         let receipt = Receipt::new(topic, &event);
-        let fut = async move {
+        drop(event);
+        let fut = Box::pin(async move {
             client
                 .raw()
                 .publish_with_headers(subject, headers, payload)
                 .await
                 .map_err(|e| core_publish_error(&e))?;
             Ok(receipt)
-        };
-        ResponseFuture::boxed(Box::pin(fut.instrument(span)))
+        });
+        ResponseFuture::start(fut, span)
     }
 }
 
@@ -195,50 +206,162 @@ pub(crate) fn core_publish_error(e: &async_nats::PublishError) -> Error {
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Receipt, Error>> + Send>>;
+pub(crate) type SendFuture = Pin<
+    Box<
+        dyn Future<Output = Result<async_nats::jetstream::context::PublishAckFuture, JetStreamPublishError>>
+            + Send,
+    >,
+>;
+type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, JetStreamPublishError>> + Send>>;
 
-pin_project! {
-    /// The future of a publish: resolves when the message is handed to the
-    /// connection (core NATS) or acknowledged by the stream (JetStream).
-    pub struct ResponseFuture {
-        #[pin]
-        state: State,
-    }
+/// Polls `fut` once with a waker that does nothing: the eager start of a
+/// publish in `call`. The tokio primitives a publish waits on (the client's
+/// queue, timers) take the waker of every poll, so the caller's first poll
+/// of a future left pending registers the real one.
+///
+/// The poll is outside tokio's cooperative budget: a caller that has used
+/// its budget up would otherwise see every later publish of the same task
+/// poll left pending, and handed over out of call order.
+fn poll_now<F: Future + ?Sized>(fut: Pin<&mut F>) -> Poll<F::Output> {
+    let mut fut = std::pin::pin!(tokio::task::unconstrained(fut));
+    fut.as_mut()
+        .poll(&mut Context::from_waker(std::task::Waker::noop()))
 }
 
-pin_project! {
-    #[project = StateProj]
-    enum State {
-        Ready { result: Option<Result<Receipt, Error>> },
-        Running { fut: BoxFuture },
-    }
+/// The future of a publish: resolves when the message is handed to the
+/// connection (core NATS) or acknowledged by the stream (JetStream).
+pub struct ResponseFuture {
+    state: State,
+}
+
+enum State {
+    Done(Option<Result<Receipt, Error>>),
+    /// A core publish waiting for room in the client's queue.
+    Queued {
+        fut: BoxFuture,
+        span: Span,
+    },
+    /// A JetStream publish: sending, then awaiting its PubAck.
+    JetStream {
+        step: Step,
+        receipt: Option<Receipt>,
+        span: Span,
+        _permit: Option<OwnedSemaphorePermit>,
+    },
+}
+
+enum Step {
+    Send(SendFuture),
+    Ack(AckFuture),
 }
 
 impl ResponseFuture {
     pub(crate) fn ready(result: Result<Receipt, Error>) -> ResponseFuture {
         ResponseFuture {
-            state: State::Ready { result: Some(result) },
+            state: State::Done(Some(result)),
         }
     }
 
-    pub(crate) fn boxed(fut: BoxFuture) -> ResponseFuture {
-        ResponseFuture {
-            state: State::Running { fut },
+    /// Starts `fut` now; resolved at once unless it has to wait.
+    fn start(mut fut: BoxFuture, span: Span) -> ResponseFuture {
+        let first = {
+            let _entered = span.enter();
+            poll_now(fut.as_mut())
+        };
+        match first {
+            Poll::Ready(result) => ResponseFuture::ready(result),
+            Poll::Pending => ResponseFuture {
+                state: State::Queued { fut, span },
+            },
         }
+    }
+
+    /// Starts a JetStream publish now: `send` hands the message to the
+    /// connection, then the future awaits its acknowledgement and completes
+    /// `receipt` with it, holding `permit` until then.
+    pub(crate) fn jetstream(
+        send: SendFuture,
+        receipt: Receipt,
+        permit: OwnedSemaphorePermit,
+        span: Span,
+    ) -> ResponseFuture {
+        let mut future = ResponseFuture {
+            state: State::JetStream {
+                step: Step::Send(send),
+                receipt: Some(receipt),
+                span,
+                _permit: Some(permit),
+            },
+        };
+        if let State::JetStream { step, span, .. } = &mut future.state {
+            let _entered = span.enter();
+            if let Step::Send(send) = step {
+                match poll_now(send.as_mut()) {
+                    Poll::Ready(Ok(ack)) => *step = Step::Ack(std::future::IntoFuture::into_future(ack)),
+                    Poll::Ready(Err(e)) => {
+                        return ResponseFuture::ready(Err(crate::jetstream::publish_error(&e)));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+        }
+        future
     }
 }
 
 impl Future for ResponseFuture {
     type Output = Result<Receipt, Error>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Ready { result } => Poll::Ready(result.take().unwrap_or_else(|| {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            State::Done(result) => Poll::Ready(result.take().unwrap_or_else(|| {
                 Err(Error::new(
                     ErrorKind::Other,
                     "publish future polled after completion",
                 ))
             })),
-            StateProj::Running { fut } => fut.as_mut().poll(cx),
+            State::Queued { fut, span } => {
+                let _entered = span.enter();
+                fut.as_mut().poll(cx)
+            }
+            State::JetStream {
+                step, receipt, span, ..
+            } => {
+                let _entered = span.enter();
+                loop {
+                    match step {
+                        Step::Send(send) => match std::task::ready!(send.as_mut().poll(cx)) {
+                            Ok(ack) => *step = Step::Ack(std::future::IntoFuture::into_future(ack)),
+                            Err(e) => {
+                                let e = crate::jetstream::publish_error(&e);
+                                drop(_entered);
+                                self.state = State::Done(None);
+                                return Poll::Ready(Err(e));
+                            }
+                        },
+                        Step::Ack(ack) => {
+                            let result = match std::task::ready!(ack.as_mut().poll(cx)) {
+                                Ok(ack) => match receipt.take() {
+                                    Some(receipt) => Ok(receipt
+                                        .with_stream(ack.stream)
+                                        .with_sequence(ack.sequence)
+                                        .with_duplicate(ack.duplicate)),
+                                    None => Err(Error::new(
+                                        ErrorKind::Other,
+                                        "publish future polled after completion",
+                                    )),
+                                },
+                                Err(e) => Err(crate::jetstream::publish_error(&e)),
+                            };
+                            drop(_entered);
+                            // Releases the in-flight slot now, not when the
+                            // future is dropped.
+                            self.state = State::Done(None);
+                            return Poll::Ready(result);
+                        }
+                    }
+                }
+            }
         }
     }
 }

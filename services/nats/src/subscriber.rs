@@ -43,11 +43,10 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use futures_util::StreamExt as _;
-use futures_util::stream::SelectAll;
 use watchtower::{Acker, Capabilities, Delivery, Error, ErrorKind, SubscribeOptions, Subscriber};
 
 use crate::client::{DropCounter, NatsClient, subscription_id};
-use crate::wire;
+use crate::wire::{self, TopicCache};
 
 /// Subscribes on core NATS. See the [module docs](self).
 #[derive(Debug, Clone)]
@@ -88,9 +87,11 @@ impl Subscriber for NatsSubscriber {
         // what was registered.
         let mut subscription = NatsSubscription {
             client: self.client.clone(),
-            streams: SelectAll::new(),
+            streams: Vec::new(),
+            next: 0,
             counters: Vec::new(),
             reported: 0,
+            topics: TopicCache::default(),
         };
         for pattern in options.patterns() {
             let subscribed = match options.group_name() {
@@ -135,9 +136,16 @@ impl Subscriber for NatsSubscriber {
 /// Dropping it unsubscribes.
 pub struct NatsSubscription {
     client: NatsClient,
-    streams: SelectAll<async_nats::Subscriber>,
+    /// One client subscription per pattern, polled in turn (a message is
+    /// taken from each without a task queue in between, unlike
+    /// `SelectAll`, which allocates per message).
+    streams: Vec<async_nats::Subscriber>,
+    /// The stream polled first next time, so that a busy one does not
+    /// starve the others.
+    next: usize,
     counters: Vec<(Option<u64>, Arc<DropCounter>)>,
     reported: u64,
+    topics: TopicCache,
 }
 
 impl NatsSubscription {
@@ -159,12 +167,12 @@ impl Stream for NatsSubscription {
         if let Some(error) = this.take_drops() {
             return Poll::Ready(Some(Err(error)));
         }
-        match this.streams.poll_next_unpin(cx) {
+        match this.poll_streams(cx) {
             Poll::Ready(Some(message)) => {
                 let subject = message.subject.as_str();
-                let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload.clone())
-                {
-                    Ok(event) => Delivery::new(event, subject, NatsAcker(())),
+                // The body moves into the event: no reference count taken.
+                let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload) {
+                    Ok(event) => Delivery::new(event, this.topics.get(subject), NatsAcker(())),
                     Err(poison) => Delivery::poison(poison, NatsAcker(())),
                 };
                 Poll::Ready(Some(Ok(delivery.with_system("nats"))))
@@ -186,6 +194,35 @@ impl Stream for NatsSubscription {
 }
 
 impl NatsSubscription {
+    /// The next message of any of the client subscriptions; `None` once
+    /// all of them have ended.
+    fn poll_streams(&mut self, cx: &mut Context<'_>) -> Poll<Option<async_nats::Message>> {
+        let mut polled = 0;
+        while polled < self.streams.len() {
+            let i = self.next % self.streams.len();
+            match self.streams[i].poll_next_unpin(cx) {
+                Poll::Ready(Some(message)) => {
+                    self.next = i + 1;
+                    return Poll::Ready(Some(message));
+                }
+                Poll::Ready(None) => {
+                    // Ended: the rest move up one, so index `i` is next.
+                    self.streams.remove(i);
+                    self.next = i;
+                }
+                Poll::Pending => {
+                    self.next = i + 1;
+                    polled += 1;
+                }
+            }
+        }
+        if self.streams.is_empty() {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+
     fn take_drops(&mut self) -> Option<Error> {
         let dropped = self.dropped();
         if dropped <= self.reported {

@@ -11,81 +11,261 @@ use watchtower::{Error, ErrorKind, Event, Poison, RawMessage};
 /// The header JetStream deduplicates on.
 pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
 
-const STATIC_NAMES: [&str; 9] = [
-    "ce-specversion",
-    "ce-id",
-    "ce-type",
-    "ce-source",
-    "ce-time",
-    "ce-subject",
-    "ce-dataschema",
-    "ce-datacontenttype",
-    "ce-traceparent",
-];
+// Header names built once: a `HeaderName` made from a static string holds
+// no allocation, and cloning one copies a pointer.
+const SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
+const ID: HeaderName = HeaderName::from_static("ce-id");
+const TYPE: HeaderName = HeaderName::from_static("ce-type");
+const SOURCE: HeaderName = HeaderName::from_static("ce-source");
+const TIME: HeaderName = HeaderName::from_static("ce-time");
+const SUBJECT: HeaderName = HeaderName::from_static("ce-subject");
+const DATASCHEMA: HeaderName = HeaderName::from_static("ce-dataschema");
+const DATACONTENTTYPE: HeaderName = HeaderName::from_static("ce-datacontenttype");
+const TRACEPARENT: HeaderName = HeaderName::from_static("ce-traceparent");
+const NATS_MSG_ID: HeaderName = HeaderName::from_static(MSG_ID);
+const NATS_EXPECTED_STREAM: HeaderName = HeaderName::from_static("Nats-Expected-Stream");
 
-fn header_name(name: &str) -> Result<HeaderName, Error> {
-    // Interned names skip an allocation and a validation per header.
-    for known in STATIC_NAMES {
-        if known == name {
-            return Ok(HeaderName::from_static(known));
-        }
+/// Extension header names a publisher keeps, at most.
+const CACHED_EXTENSIONS: usize = 16;
+
+/// Header maps a publisher keeps as templates, at most.
+const TEMPLATES: usize = 8;
+
+/// With every template slot taken, one unmatched event in this many
+/// replaces a template (a publisher whose events keep changing type or
+/// source does not pay for a copy each time).
+const TEMPLATE_TURNOVER: u32 = 16;
+
+/// Writes events as `ce-` headers, the same as
+/// [`Binding::NATS`](watchtower::codec::Binding::NATS) does, with the work
+/// that repeats from event to event done once per publisher:
+///
+/// * header names are built once (constants, and a small cache of
+///   `ce-<extension>` names);
+/// * the headers that usually stay the same across a publisher's events
+///   (`ce-specversion`, `ce-type`, `ce-source`, `ce-datacontenttype` and
+///   `Nats-Expected-Stream`) are kept as a ready header map, a template,
+///   keyed by exactly those values. An event whose values match copies the
+///   template (one allocation for the table, no hashing) and adds its own
+///   headers; any other event gets a map built from its own values.
+#[derive(Clone, Default)]
+pub(crate) struct HeaderEncoder {
+    /// `ce-<name>` for extension names seen before.
+    extensions: Vec<(Box<str>, HeaderName)>,
+    templates: Vec<Template>,
+    /// Unmatched events since the last template was replaced.
+    misses: u32,
+    /// The slot the next replacement takes.
+    next: usize,
+}
+
+#[derive(Clone)]
+struct Template {
+    ty: Box<str>,
+    source: Box<str>,
+    content_type: Option<Box<str>>,
+    expected_stream: Option<Box<str>>,
+    map: HeaderMap,
+}
+
+impl Template {
+    fn matches(&self, event: &Event, expected_stream: Option<&str>) -> bool {
+        *self.ty == *event.ty()
+            && *self.source == *event.source()
+            && self.content_type.as_deref() == event.datacontenttype()
+            && self.expected_stream.as_deref() == expected_stream
     }
-    HeaderName::from_str(name).map_err(|_| {
+}
+
+impl HeaderEncoder {
+    /// The `ce-` headers of `event`, plus `Nats-Msg-Id` (the event id) when
+    /// `msg_id` is set and `Nats-Expected-Stream` when `expected_stream` is.
+    pub(crate) fn headers(
+        &mut self,
+        event: &Event,
+        msg_id: bool,
+        expected_stream: Option<&str>,
+    ) -> Result<HeaderMap, Error> {
+        let mut map = self.base(event, expected_stream)?;
+        map.insert(ID, value(&ID, event.id())?);
+        if let Some(time) = event.time() {
+            let text = match u32::try_from(time.year()) {
+                Ok(year) if year < 10_000 && time.offset().is_utc() => format_utc(
+                    year,
+                    u8::from(time.month()),
+                    time.day(),
+                    (time.hour(), time.minute(), time.second()),
+                    time.nanosecond(),
+                ),
+                _ => codec::format_time(time),
+            };
+            map.insert(TIME, HeaderValue::from(text));
+        }
+        if let Some(subject) = event.subject() {
+            map.insert(SUBJECT, value(&SUBJECT, subject)?);
+        }
+        if let Some(schema) = event.dataschema() {
+            map.insert(DATASCHEMA, value(&DATASCHEMA, schema)?);
+        }
+        for (name, text) in event.extensions() {
+            let name = self.extension_name(name)?;
+            let text = value(&name, text)?;
+            map.insert(name, text);
+        }
+        if msg_id {
+            map.insert(NATS_MSG_ID, value(&NATS_MSG_ID, event.id())?);
+        }
+        Ok(map)
+    }
+
+    /// The headers that usually repeat: a copy of the matching template, or
+    /// built from `event` (and kept as a template when there is room).
+    fn base(&mut self, event: &Event, expected_stream: Option<&str>) -> Result<HeaderMap, Error> {
+        if let Some(template) = self.templates.iter().find(|t| t.matches(event, expected_stream)) {
+            return Ok(template.map.clone());
+        }
+        let mut map = HeaderMap::new();
+        map.insert(SPECVERSION, HeaderValue::from(event.specversion()));
+        map.insert(TYPE, value(&TYPE, event.ty())?);
+        map.insert(SOURCE, value(&SOURCE, event.source())?);
+        if let Some(ct) = event.datacontenttype() {
+            map.insert(DATACONTENTTYPE, value(&DATACONTENTTYPE, ct)?);
+        }
+        if let Some(stream) = expected_stream {
+            map.insert(NATS_EXPECTED_STREAM, value(&NATS_EXPECTED_STREAM, stream)?);
+        }
+        let keep = self.templates.len() < TEMPLATES || {
+            self.misses += 1;
+            self.misses >= TEMPLATE_TURNOVER
+        };
+        if keep {
+            let template = Template {
+                ty: event.ty().into(),
+                source: event.source().into(),
+                content_type: event.datacontenttype().map(Into::into),
+                expected_stream: expected_stream.map(Into::into),
+                map: map.clone(),
+            };
+            if self.templates.len() < TEMPLATES {
+                self.templates.push(template);
+            } else {
+                self.templates[self.next] = template;
+                self.next = (self.next + 1) % TEMPLATES;
+                self.misses = 0;
+            }
+        }
+        Ok(map)
+    }
+
+    fn extension_name(&mut self, name: &str) -> Result<HeaderName, Error> {
+        if name == "traceparent" {
+            return Ok(TRACEPARENT);
+        }
+        if let Some((_, header)) = self.extensions.iter().find(|(known, _)| **known == *name) {
+            return Ok(header.clone());
+        }
+        let mut text = String::with_capacity(3 + name.len());
+        text.push_str("ce-");
+        text.push_str(name);
+        let header = HeaderName::from_str(&text).map_err(|_| {
+            Error::new(
+                ErrorKind::Encode,
+                format!("{text:?} is not a valid NATS header name"),
+            )
+        })?;
+        if self.extensions.len() < CACHED_EXTENSIONS {
+            self.extensions.push((name.into(), header.clone()));
+        }
+        Ok(header)
+    }
+}
+
+fn value(name: &HeaderName, text: &str) -> Result<HeaderValue, Error> {
+    HeaderValue::from_str(text).map_err(|_| {
         Error::new(
             ErrorKind::Encode,
-            format!("{name:?} is not a valid NATS header name"),
+            format!(
+                "attribute {:?} holds a character NATS headers cannot carry",
+                name.as_ref() as &str
+            ),
         )
     })
 }
 
-/// The `ce-` headers of `event`, plus `Nats-Msg-Id` when `msg_id` is set.
-pub(crate) fn headers(event: &Event, msg_id: bool) -> Result<HeaderMap, Error> {
-    let mut map = HeaderMap::new();
-    let mut failed = None;
-    Binding::NATS.write_headers(event, |name, value| {
-        if failed.is_some() {
-            return;
+/// A UTC time as [`codec::format_time`] writes it: RFC 3339, `Z`, the
+/// fraction without trailing zeros (none when zero). `year` must be in
+/// 0..10_000, the other parts in their calendar ranges.
+fn format_utc(year: u32, month: u8, day: u8, hms: (u8, u8, u8), nanos: u32) -> String {
+    fn push(out: &mut String, n: u32, width: u32) {
+        let mut div = 10u32.pow(width - 1);
+        while div > 0 {
+            // A single decimal digit.
+            out.push(char::from(b'0' + (n / div % 10) as u8));
+            div /= 10;
         }
-        let value = match HeaderValue::from_str(value) {
-            Ok(value) => value,
-            Err(_) => {
-                failed = Some(Error::new(
-                    ErrorKind::Encode,
-                    format!("attribute {name:?} holds a character NATS headers cannot carry"),
-                ));
-                return;
+    }
+    let mut out = String::with_capacity(30);
+    push(&mut out, year, 4);
+    out.push('-');
+    push(&mut out, u32::from(month), 2);
+    out.push('-');
+    push(&mut out, u32::from(day), 2);
+    out.push('T');
+    push(&mut out, u32::from(hms.0), 2);
+    out.push(':');
+    push(&mut out, u32::from(hms.1), 2);
+    out.push(':');
+    push(&mut out, u32::from(hms.2), 2);
+    if nanos != 0 {
+        let mut nanos = nanos;
+        let mut width = 9;
+        while nanos.is_multiple_of(10) {
+            nanos /= 10;
+            width -= 1;
+        }
+        out.push('.');
+        push(&mut out, nanos, width);
+    }
+    out.push('Z');
+    out
+}
+
+/// The last subject a subscription received on, kept so that deliveries on
+/// one subject (the usual case) share one topic string instead of copying
+/// it each time.
+#[derive(Default)]
+pub(crate) struct TopicCache {
+    last: Option<Arc<str>>,
+}
+
+impl TopicCache {
+    pub(crate) fn get(&mut self, subject: &str) -> Arc<str> {
+        match &self.last {
+            Some(topic) if **topic == *subject => topic.clone(),
+            _ => {
+                let topic: Arc<str> = Arc::from(subject);
+                self.last = Some(topic.clone());
+                topic
             }
-        };
-        match header_name(name) {
-            Ok(name) => map.insert(name, value),
-            Err(e) => failed = Some(e),
         }
-    });
-    if let Some(e) = failed {
-        return Err(e);
     }
-    if msg_id {
-        map.insert(HeaderName::from_static(MSG_ID), HeaderValue::from(event.id()));
-    }
-    Ok(map)
 }
 
 /// Decodes a received message: structured mode when its `Content-Type`
 /// says so, binary mode when it has `ce-` headers, and structured mode for
 /// a header-less JSON body (what most clients write).
 pub(crate) fn decode(subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Result<Event, Poison> {
-    let content_type = headers.and_then(|h| {
-        h.iter()
-            .find(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case("content-type"))
-            .and_then(|(_, values)| values.first())
-    });
-    let has_ce = headers.is_some_and(|h| {
-        h.iter().any(|(name, _)| {
-            AsRef::<str>::as_ref(name)
-                .get(..3)
-                .is_some_and(|p| p.eq_ignore_ascii_case("ce-"))
-        })
-    });
+    // One pass over the headers: the content type, and whether any is `ce-`.
+    let mut content_type = None;
+    let mut has_ce = false;
+    for (name, values) in headers.into_iter().flat_map(|h| h.iter()) {
+        let name: &str = name.as_ref();
+        if name.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("ce-")) {
+            has_ce = true;
+        } else if content_type.is_none() && name.eq_ignore_ascii_case("content-type") {
+            content_type = values.first();
+        }
+    }
     let result = if content_type.is_some_and(|ct| codec::is_structured(ct.as_str())) {
         codec::structured::from_bytes(&payload)
     } else if has_ce {
@@ -148,7 +328,7 @@ mod tests {
             .json(&serde_json::json!({"id": 42}))
             .and_then(|b| b.build())
             .unwrap();
-        let map = headers(&event, true).unwrap();
+        let map = HeaderEncoder::default().headers(&event, true, None).unwrap();
         assert_eq!(map.get("ce-type").map(|v| v.as_str()), Some("user.created"));
         assert_eq!(map.get("ce-tenant").map(|v| v.as_str()), Some("acme"));
         assert_eq!(map.get(MSG_ID).map(|v| v.as_str()), Some(event.id()));
@@ -205,7 +385,240 @@ mod tests {
     #[test]
     fn newline_in_attribute_is_an_encode_error() {
         let event = Event::builder("a.b").subject("line\r\nbreak").build().unwrap();
-        let err = headers(&event, false).err().unwrap_or_else(|| panic!("encoded"));
+        let err = HeaderEncoder::default()
+            .headers(&event, false, None)
+            .err()
+            .unwrap_or_else(|| panic!("encoded"));
         assert_eq!(err.kind(), ErrorKind::Encode);
+    }
+
+    fn pairs(map: &HeaderMap) -> Vec<(String, String)> {
+        let mut pairs: Vec<(String, String)> = map
+            .iter()
+            .flat_map(|(name, values)| {
+                values
+                    .iter()
+                    .map(move |v| (AsRef::<str>::as_ref(name).to_owned(), v.as_str().to_owned()))
+            })
+            .collect();
+        pairs.sort();
+        pairs
+    }
+
+    fn decoded(map: &HeaderMap, event: &Event) -> Event {
+        decode("t", Some(map), event.data().cloned().unwrap_or_default())
+            .unwrap_or_else(|p| panic!("{}", p.error))
+    }
+
+    #[test]
+    fn encoder_writes_what_the_core_binding_writes() {
+        let time = codec::parse_time("2026-03-04T05:06:07.123456780Z").unwrap();
+        let event = Event::builder("order.paid")
+            .source("/billing")
+            .time(time)
+            .subject("o-17")
+            .dataschema("https://example.com/schema")
+            .extension("tenant", "acme")
+            .extension(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .data("text/plain", "hello")
+            .build()
+            .unwrap();
+        let mut expected = Vec::new();
+        Binding::NATS.write_headers(&event, |name, value| {
+            expected.push((name.to_owned(), value.to_owned()))
+        });
+        expected.sort();
+        let map = HeaderEncoder::default().headers(&event, false, None).unwrap();
+        assert_eq!(pairs(&map), expected);
+        assert_eq!(
+            map.get("ce-time").map(|v| v.as_str()),
+            Some("2026-03-04T05:06:07.12345678Z")
+        );
+        assert_eq!(map.get(MSG_ID), None);
+        assert_eq!(map.get("Nats-Expected-Stream"), None);
+
+        let js = HeaderEncoder::default()
+            .headers(&event, true, Some("ORDERS"))
+            .unwrap();
+        assert_eq!(js.get(MSG_ID).map(|v| v.as_str()), Some(event.id()));
+        assert_eq!(js.get("Nats-Expected-Stream").map(|v| v.as_str()), Some("ORDERS"));
+        assert_eq!(js.len(), map.len() + 2);
+    }
+
+    #[test]
+    fn one_encoder_gives_each_event_exactly_its_own_headers() {
+        let mut encoder = HeaderEncoder::default();
+        let a = Event::builder("user.created")
+            .source("/a")
+            .subject("1")
+            .extension("tenant", "acme")
+            .extension("region", "eu")
+            .json(&serde_json::json!({"n": 1}))
+            .and_then(|b| b.build())
+            .unwrap();
+        let b = Event::builder("user.deleted")
+            .source("/b")
+            .no_time()
+            .extension("tenant", "globex")
+            .extension("shard", "7")
+            .data("application/octet-stream", Bytes::from_static(b"\x00\x01"))
+            .build()
+            .unwrap();
+        let c = Event::empty("user.seen");
+        // Interleaved, and each twice, so that cached names serve later events.
+        for event in [&a, &b, &c, &b, &a, &c] {
+            let map = encoder.headers(event, false, None).unwrap();
+            assert_eq!(&decoded(&map, event), event);
+            let mut expected = Vec::new();
+            Binding::NATS.write_headers(event, |name, value| {
+                expected.push((name.to_owned(), value.to_owned()))
+            });
+            expected.sort();
+            assert_eq!(pairs(&map), expected);
+        }
+        let map = encoder.headers(&b, false, None).unwrap();
+        assert_eq!(map.get("ce-region"), None);
+        assert_eq!(map.get("ce-subject"), None);
+        assert_eq!(map.get("ce-time"), None);
+        assert_eq!(map.get("ce-tenant").map(|v| v.as_str()), Some("globex"));
+    }
+
+    fn core_pairs(event: &Event) -> Vec<(String, String)> {
+        let mut expected = Vec::new();
+        Binding::NATS.write_headers(event, |name, value| {
+            expected.push((name.to_owned(), value.to_owned()))
+        });
+        expected.sort();
+        expected
+    }
+
+    #[test]
+    fn templates_only_serve_events_with_the_same_repeated_values() {
+        let mut encoder = HeaderEncoder::default();
+        let base = || Event::builder("same.type").source("/one");
+        let events = [
+            base().build().unwrap(),
+            base().source("/two").build().unwrap(),
+            base().data("text/plain", "x").build().unwrap(),
+            base().data("text/csv", "x").build().unwrap(),
+            Event::builder("other.type").source("/one").build().unwrap(),
+            Event::empty("same.type"),
+        ];
+        for round in 0..3 {
+            for event in &events {
+                let map = encoder.headers(event, false, None).unwrap();
+                assert_eq!(pairs(&map), core_pairs(event), "round {round}");
+                assert_eq!(&decoded(&map, event), event);
+            }
+        }
+        // The expected stream is part of a template's key too.
+        let event = &events[0];
+        let plain = encoder.headers(event, true, None).unwrap();
+        assert_eq!(plain.get("Nats-Expected-Stream"), None);
+        let a = encoder.headers(event, true, Some("A")).unwrap();
+        let b = encoder.headers(event, true, Some("B")).unwrap();
+        assert_eq!(a.get("Nats-Expected-Stream").map(|v| v.as_str()), Some("A"));
+        assert_eq!(b.get("Nats-Expected-Stream").map(|v| v.as_str()), Some("B"));
+        assert_eq!(encoder.headers(event, true, None).unwrap(), plain);
+    }
+
+    #[test]
+    fn many_kinds_of_event_turn_templates_over_and_stay_correct() {
+        let mut encoder = HeaderEncoder::default();
+        let events: Vec<Event> = (0..40)
+            .map(|i| {
+                Event::builder(format!("kind.{i}"))
+                    .source(format!("/s{}", i % 3))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        for _ in 0..5 {
+            for event in &events {
+                let map = encoder.headers(event, false, None).unwrap();
+                assert_eq!(pairs(&map), core_pairs(event));
+            }
+        }
+        assert_eq!(encoder.templates.len(), TEMPLATES);
+        // Replaced along the way, not frozen at the first eight kinds.
+        assert!(
+            encoder
+                .templates
+                .iter()
+                .any(|t| !(0..TEMPLATES).any(|i| *t.ty == *format!("kind.{i}")))
+        );
+    }
+
+    #[test]
+    fn extension_names_beyond_the_cache_are_still_written() {
+        let mut builder = Event::builder("many.ext");
+        for i in 0..(CACHED_EXTENSIONS + 8) {
+            builder = builder.extension(&format!("x{i}"), format!("v{i}"));
+        }
+        let event = builder.build().unwrap();
+        let mut encoder = HeaderEncoder::default();
+        for _ in 0..2 {
+            let map = encoder.headers(&event, false, None).unwrap();
+            assert_eq!(&decoded(&map, &event), &event);
+            assert_eq!(map.get("ce-x23").map(|v| v.as_str()), Some("v23"));
+        }
+        assert_eq!(encoder.extensions.len(), CACHED_EXTENSIONS);
+    }
+
+    #[test]
+    fn times_are_formatted_as_the_codec_formats_them() {
+        let base = codec::parse_time("2026-11-27T13:05:09Z").unwrap();
+        let nanos = [
+            0,
+            1,
+            10,
+            100,
+            1_000,
+            999_999_999,
+            100_000_000,
+            120_000_000,
+            123_456_789,
+            500_000,
+            7,
+        ];
+        let years = [0, 1, 999, 1970, 2026, 9999];
+        for year in years {
+            for nano in nanos {
+                let time = base
+                    .replace_year(year)
+                    .and_then(|t| t.replace_nanosecond(nano))
+                    .unwrap();
+                let event = Event::builder("t").time(time).build().unwrap();
+                let map = HeaderEncoder::default().headers(&event, false, None).unwrap();
+                assert_eq!(
+                    map.get("ce-time").map(|v| v.as_str().to_owned()),
+                    Some(codec::format_time(time)),
+                    "{time}"
+                );
+            }
+        }
+        // Other offsets go through the codec, converted to UTC.
+        let offset = codec::parse_time("2026-01-01T01:30:00.5+02:00").unwrap();
+        let event = Event::builder("t").time(offset).build().unwrap();
+        let map = HeaderEncoder::default().headers(&event, false, None).unwrap();
+        assert_eq!(
+            map.get("ce-time").map(|v| v.as_str()),
+            Some("2025-12-31T23:30:00.5Z")
+        );
+        assert_eq!(decoded(&map, &event).time(), Some(offset));
+    }
+
+    #[test]
+    fn topic_cache_shares_one_string_per_subject() {
+        let mut topics = TopicCache::default();
+        let a = topics.get("a.b");
+        let again = topics.get("a.b");
+        assert!(Arc::ptr_eq(&a, &again));
+        let other = topics.get("a.c");
+        assert_eq!(&*other, "a.c");
+        assert_eq!(&*topics.get("a.b"), "a.b");
     }
 }

@@ -53,6 +53,7 @@ mod subscriber;
 
 pub use async_nats::jetstream::consumer::pull::Config as ConsumerConfig;
 pub use async_nats::jetstream::stream::{Config as StreamConfig, Info as StreamInfo, StorageType};
+pub(crate) use publisher::publish_error;
 pub use publisher::{DEFAULT_MAX_IN_FLIGHT, JetStreamPublisher};
 pub use subscriber::{ConsumerSettings, JetStreamAcker, JetStreamSubscriber, JetStreamSubscription};
 

@@ -9,14 +9,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
-use tracing::Instrument as _;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::client::NatsClient;
 use crate::config::{NatsConfig, WhenDisconnected};
 use crate::publisher::{ResponseFuture, poll_connection};
 use crate::subject::{SubjectCache, SubjectTemplate};
-use crate::wire;
+use crate::wire::HeaderEncoder;
 
 /// Publishes awaiting this many acknowledgements at most, unless set:
 /// 1024, enough to keep a local server busy without unbounded memory.
@@ -31,10 +30,14 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// [`duplicate`](Receipt::duplicate)). The receipt carries the stream's
 /// name and the sequence it stored the event at.
 ///
-/// Concurrent callers pipeline: each call's future awaits its own
-/// acknowledgement, and up to [`max_in_flight`](Self::max_in_flight)
-/// publishes wait at once. `poll_ready` reserves one of those slots (and is
-/// pending while the window is full or the connection is down).
+/// Concurrent callers pipeline: `call` hands the message to the connection
+/// at once when the client's outgoing queue has room (so the stream stores
+/// events in the order of the calls), without a flush or a lock, and each
+/// call's future then awaits its own acknowledgement; up to
+/// [`max_in_flight`](Self::max_in_flight) publishes wait at once.
+/// `poll_ready` reserves one of those slots (and is pending while the
+/// window is full or the connection is down). A future dropped before its
+/// acknowledgement came gives the slot back; the event may still be stored.
 ///
 /// # Errors
 ///
@@ -48,6 +51,7 @@ pub struct JetStreamPublisher {
     client: NatsClient,
     subject: SubjectTemplate,
     subjects: SubjectCache,
+    headers: HeaderEncoder,
     expected_stream: Option<Arc<str>>,
     window: PollSemaphore,
     max_in_flight: usize,
@@ -62,6 +66,7 @@ impl JetStreamPublisher {
             client,
             subject: SubjectTemplate::topic(),
             subjects: SubjectCache::default(),
+            headers: HeaderEncoder::default(),
             expected_stream: None,
             window: PollSemaphore::new(Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT))),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
@@ -131,6 +136,7 @@ impl Clone for JetStreamPublisher {
             client: self.client.clone(),
             subject: self.subject.clone(),
             subjects: self.subjects.clone(),
+            headers: self.headers.clone(),
             expected_stream: self.expected_stream.clone(),
             window: self.window.clone(),
             max_in_flight: self.max_in_flight,
@@ -179,14 +185,12 @@ impl Service<Event> for JetStreamPublisher {
                 "JetStream publish window is full (call without poll_ready)",
             )));
         };
-        if !self.client.is_connected() && self.client.when_disconnected() == WhenDisconnected::Fail {
+        if self.client.when_disconnected() == WhenDisconnected::Fail && !self.client.is_connected() {
             return ResponseFuture::ready(Err(self.client.disconnected_error()));
         }
+        let expected_stream = self.expected_stream.as_deref();
         let prepared = self.subjects.get(&self.subject, &event).and_then(|subject| {
-            let mut headers = wire::headers(&event, true)?;
-            if let Some(stream) = &self.expected_stream {
-                headers.insert("Nats-Expected-Stream", &**stream);
-            }
+            let headers = self.headers.headers(&event, true, expected_stream)?;
             Ok((subject, headers))
         });
         let ((topic, subject), headers) = match prepared {
@@ -197,26 +201,16 @@ impl Service<Event> for JetStreamPublisher {
         let client = self.client.clone();
         let payload = event.data().cloned().unwrap_or_default();
         let receipt = Receipt::new(topic, &event);
-        let fut = async move {
-            let _permit = permit;
+        drop(event);
+        let send = Box::pin(async move {
             let message = PublishMessage::build().headers(headers).payload(payload);
-            let ack = client
-                .jetstream()
-                .send_publish(subject, message)
-                .await
-                .map_err(|e| publish_error(&e))?
-                .await
-                .map_err(|e| publish_error(&e))?;
-            Ok(receipt
-                .with_stream(ack.stream)
-                .with_sequence(ack.sequence)
-                .with_duplicate(ack.duplicate))
-        };
-        ResponseFuture::boxed(Box::pin(fut.instrument(span)))
+            client.jetstream().send_publish(subject, message).await
+        });
+        ResponseFuture::jetstream(send, receipt, permit, span)
     }
 }
 
-fn publish_error(e: &PublishError) -> Error {
+pub(crate) fn publish_error(e: &PublishError) -> Error {
     let detail = std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
         .map(|js| (js.code(), js.to_string()));

@@ -14,7 +14,7 @@ use watchtower::{
 };
 
 use crate::client::NatsClient;
-use crate::wire;
+use crate::wire::{self, TopicCache};
 
 /// How a [`JetStreamSubscriber`] sets up and reads its consumers.
 ///
@@ -306,6 +306,7 @@ impl Subscriber for JetStreamSubscriber {
             filter,
             double_ack: self.settings.double_ack,
             done: false,
+            topics: TopicCache::default(),
         })
     }
 }
@@ -340,6 +341,7 @@ pub struct JetStreamSubscription {
     filter: Option<Vec<TopicPattern>>,
     double_ack: bool,
     done: bool,
+    topics: TopicCache,
 }
 
 impl fmt::Debug for JetStreamSubscription {
@@ -399,8 +401,8 @@ impl Stream for JetStreamSubscription {
                 });
                 continue;
             }
-            let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload.clone()) {
-                Ok(event) => Delivery::new(event, subject, acker),
+            let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload) {
+                Ok(event) => Delivery::new(event, this.topics.get(subject), acker),
                 Err(poison) => Delivery::poison(poison, acker),
             };
             return Poll::Ready(Some(Ok(delivery

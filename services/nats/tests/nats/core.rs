@@ -70,6 +70,88 @@ async fn round_trip_in_binary_mode_readable_by_plain_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_hand_events_over_in_call_order() {
+    let client = local().await;
+    let subject = format!("{}.order", unique("wt"));
+    let mut raw = client.raw().subscribe(subject.clone()).await.unwrap();
+    client.raw().flush().await.unwrap();
+    let mut publisher = NatsPublisher::new(client.clone());
+    let events: Vec<Event> = (0..200)
+        .map(|i| Event::new(subject.clone(), serde_json::json!({ "i": i })))
+        .collect();
+    let mut futures = Vec::new();
+    for event in &events {
+        poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
+        futures.push(publisher.call(event.clone()));
+    }
+    // Awaited last to first: the order on the wire is still that of the calls.
+    for future in futures.into_iter().rev() {
+        let receipt = future.await.unwrap();
+        assert_eq!(&*receipt.topic, subject);
+    }
+    for event in &events {
+        let message = tokio::time::timeout(PATIENCE, raw.next())
+            .await
+            .expect("a message in time")
+            .expect("subscription open");
+        let headers = message.headers.expect("headers");
+        assert_eq!(headers.get("ce-id").map(|v| v.as_str()), Some(event.id()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_a_full_client_queue_wait_for_room_and_all_arrive() {
+    // A queue of 4 messages: most calls find it full, leave their future
+    // waiting for room, and must still be woken and sent.
+    let client = NatsClient::connect(
+        NatsConfig::new(LOCAL)
+            .name("watchtower-nats-tests")
+            .client_capacity(4),
+    )
+    .await
+    .unwrap();
+    let reader = local().await;
+    let subject = format!("{}.full", unique("wt"));
+    let mut raw = reader.raw().subscribe(subject.clone()).await.unwrap();
+    reader.raw().flush().await.unwrap();
+    let mut publisher = NatsPublisher::new(client.clone());
+    let events: Vec<Event> = (0..500)
+        .map(|i| Event::new(subject.clone(), serde_json::json!({ "i": i })))
+        .collect();
+    let mut futures = Vec::new();
+    for event in &events {
+        poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
+        futures.push(publisher.call(event.clone()));
+    }
+    let results = tokio::time::timeout(PATIENCE, futures_util::future::join_all(futures))
+        .await
+        .expect("every publish completes");
+    assert_eq!(results.into_iter().filter(Result::is_ok).count(), events.len());
+    client.raw().flush().await.unwrap();
+    let mut ids = Vec::new();
+    while ids.len() < events.len() {
+        let message = tokio::time::timeout(PATIENCE, raw.next())
+            .await
+            .expect("a message in time")
+            .expect("subscription open");
+        ids.push(
+            message
+                .headers
+                .expect("headers")
+                .get("ce-id")
+                .unwrap()
+                .as_str()
+                .to_owned(),
+        );
+    }
+    // Each exactly once (the order past a full queue is not promised).
+    let mut sent: Vec<&str> = events.iter().map(Event::id).collect();
+    sent.sort_unstable();
+    ids.sort_unstable();
+    assert_eq!(ids, sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subject_template_and_explicit_topic() {
     let client = local().await;
     let ns = unique("wt");

@@ -57,6 +57,72 @@ async fn receipt_carries_stream_sequence_and_dedups_by_event_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_stored_in_call_order_and_acks_awaited_in_any_order() {
+    let client = local().await;
+    let name = unique("WT");
+    stream(&client, &name).await;
+    let mut publisher = JetStreamPublisher::new(client.clone()).max_in_flight(100);
+    let events: Vec<Event> = (0..100)
+        .map(|i| Event::new(format!("{name}.o"), serde_json::json!({ "i": i })))
+        .collect();
+    let mut futures = Vec::new();
+    for event in &events {
+        std::future::poll_fn(|cx| tower::Service::poll_ready(&mut publisher, cx))
+            .await
+            .unwrap();
+        futures.push(tower::Service::call(&mut publisher, event.clone()));
+    }
+    assert_eq!(publisher.in_flight(), 100);
+    // Awaited last to first: each future gets its own PubAck, and the
+    // stream stored the events in the order of the calls.
+    let mut receipts = Vec::new();
+    for future in futures.into_iter().rev() {
+        receipts.push(future.await.unwrap());
+    }
+    receipts.reverse();
+    for (i, (receipt, event)) in receipts.iter().zip(&events).enumerate() {
+        assert_eq!(&*receipt.event_id, event.id());
+        assert_eq!(receipt.sequence, Some(i as u64 + 1));
+        assert!(!receipt.duplicate);
+    }
+    assert_eq!(publisher.in_flight(), 0);
+    client.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_past_a_full_client_queue_wait_for_room_and_get_their_acks() {
+    let client = watchtower_nats::NatsClient::connect(
+        watchtower_nats::NatsConfig::new(crate::support::LOCAL)
+            .name("watchtower-nats-tests")
+            .client_capacity(4),
+    )
+    .await
+    .unwrap();
+    let name = unique("WT");
+    stream(&client, &name).await;
+    let mut publisher = JetStreamPublisher::new(client.clone()).max_in_flight(300);
+    let mut futures = Vec::new();
+    for i in 0..300 {
+        std::future::poll_fn(|cx| tower::Service::poll_ready(&mut publisher, cx))
+            .await
+            .unwrap();
+        let event = Event::new(format!("{name}.q"), serde_json::json!({ "i": i }));
+        futures.push(tower::Service::call(&mut publisher, event));
+    }
+    let receipts = tokio::time::timeout(PATIENCE, futures_util::future::join_all(futures))
+        .await
+        .expect("every publish acknowledged");
+    let sequences: HashSet<u64> = receipts
+        .into_iter()
+        .map(|r| r.unwrap().sequence.unwrap())
+        .collect();
+    assert_eq!(sequences, (1..=300).collect::<HashSet<u64>>());
+    assert_eq!(publisher.in_flight(), 0);
+    assert_eq!(client.stream_messages(&name).await.unwrap(), 300);
+    client.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_pipeline_with_unique_sequences() {
     let client = local().await;
     let name = unique("WT");
