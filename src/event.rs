@@ -373,6 +373,16 @@ impl Event {
         Ok(())
     }
 
+    /// As [`insert_extension`](Event::insert_extension), with the name
+    /// already shared.
+    pub(crate) fn insert_extension_named(&mut self, name: Arc<str>, value: Arc<str>) {
+        let exts = &mut self.inner_mut().extensions;
+        match exts.binary_search_by(|(k, _)| (**k).cmp(&*name)) {
+            Ok(i) => exts[i].1 = value,
+            Err(i) => exts.insert(i, (name, value)),
+        }
+    }
+
     /// Sets an extension whose name is known to be valid (WatchTower's own).
     pub(crate) fn insert_extension(&mut self, name: &str, value: Arc<str>) {
         let exts = &mut self.inner_mut().extensions;

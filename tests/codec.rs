@@ -154,6 +154,8 @@ fn http_header_names_match_without_case() {
         ("ce-source", "/s"),
         ("ce-type", "t"),
         ("Content-Type", "application/json"),
+        ("CE-Tenant", "acme"),
+        ("ce-region", "eu"),
         ("x-other", "ignored"),
     ];
     let event = Binding::HTTP
@@ -161,6 +163,9 @@ fn http_header_names_match_without_case() {
         .unwrap();
     assert_eq!(event.id(), "1");
     assert_eq!(event.datacontenttype(), Some("application/json"));
+    assert_eq!(event.extension("tenant"), Some("acme"));
+    assert_eq!(event.extension("region"), Some("eu"));
+    assert_eq!(event.extensions().count(), 2);
 }
 
 #[test]

@@ -2,10 +2,11 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use time::OffsetDateTime;
 
 use super::{format_time, parse_time};
 use crate::error::Error;
-use crate::event::Event;
+use crate::event::{Event, validate_extension_name};
 
 /// How one protocol carries CloudEvents attributes in binary mode.
 ///
@@ -127,12 +128,16 @@ impl Binding {
                     name.eq_ignore_ascii_case(h)
                 });
             let attr = if is_content_type {
-                "datacontenttype".to_owned()
+                Cow::Borrowed("datacontenttype")
             } else {
                 let stripped = strip_prefix_ignore_case(name, self.prefix)
                     .or_else(|| self.alt_prefix.and_then(|p| strip_prefix_ignore_case(name, p)));
                 match stripped {
-                    Some(attr) => attr.to_ascii_lowercase(),
+                    // Names are usually lowercase already: no copy then.
+                    Some(attr) if attr.bytes().any(|b| b.is_ascii_uppercase()) => {
+                        Cow::Owned(attr.to_ascii_lowercase())
+                    }
+                    Some(attr) => Cow::Borrowed(attr),
                     None => continue,
                 }
             };
@@ -205,41 +210,42 @@ fn strip_prefix_ignore_case<'a>(name: &'a str, prefix: &str) -> Option<&'a str> 
 
 #[derive(Default)]
 struct Attrs {
-    specversion: Option<String>,
+    /// `specversion` was present (and `1.0`: anything else is refused at
+    /// once).
+    specversion: bool,
     id: Option<Arc<str>>,
     ty: Option<Arc<str>>,
     source: Option<Arc<str>>,
-    time: Option<String>,
+    time: Option<OffsetDateTime>,
     subject: Option<Arc<str>>,
     datacontenttype: Option<Arc<str>>,
     dataschema: Option<Arc<str>>,
-    extensions: Vec<(String, Arc<str>)>,
+    extensions: Vec<(Arc<str>, Arc<str>)>,
 }
 
 impl Attrs {
-    fn set(&mut self, attr: String, value: Cow<'_, str>) -> Result<(), Error> {
-        match attr.as_str() {
-            "specversion" => self.specversion = Some(value.into_owned()),
+    fn set(&mut self, attr: Cow<'_, str>, value: Cow<'_, str>) -> Result<(), Error> {
+        match &*attr {
+            "specversion" if value == "1.0" => self.specversion = true,
+            "specversion" => return Err(Error::decode(format!("unsupported specversion {value:?}"))),
             "id" => self.id = Some(value.into()),
             "type" => self.ty = Some(value.into()),
             "source" => self.source = Some(value.into()),
-            "time" => self.time = Some(value.into_owned()),
+            "time" => self.time = Some(parse_time(&value)?),
             "subject" => self.subject = Some(value.into()),
             "datacontenttype" => self.datacontenttype = Some(value.into()),
             "dataschema" => self.dataschema = Some(value.into()),
             "data" | "data_base64" => {
                 return Err(Error::decode(format!("`{attr}` is not allowed as a header")));
             }
-            _ => self.extensions.push((attr, value.into())),
+            _ => self.extensions.push((attr.into(), value.into())),
         }
         Ok(())
     }
 
     fn into_event(self, body: Option<Bytes>) -> Result<Event, Error> {
-        match self.specversion.as_deref() {
-            Some("1.0") => {}
-            Some(other) => return Err(Error::decode(format!("unsupported specversion {other:?}"))),
-            None => return Err(Error::decode("missing `specversion`")),
+        if !self.specversion {
+            return Err(Error::decode("missing `specversion`"));
         }
         let required = |value: Option<Arc<str>>, name: &str| match value {
             Some(v) if !v.is_empty() => Ok(v),
@@ -251,15 +257,14 @@ impl Attrs {
             required(self.ty, "type")?,
             required(self.source, "source")?,
         );
-        if let Some(time) = self.time {
-            event.set_time(Some(parse_time(&time)?));
+        if self.time.is_some() {
+            event.set_time(self.time);
         }
         event.set_subject(self.subject);
         event.set_dataschema(self.dataschema);
         for (name, value) in self.extensions {
-            event
-                .set_extension(&name, value)
-                .map_err(|e| Error::decode(e.message().to_owned()))?;
+            validate_extension_name(&name).map_err(|e| Error::decode(e.message().to_owned()))?;
+            event.insert_extension_named(name, value);
         }
         if self.datacontenttype.as_deref() == Some("") {
             return Err(Error::decode("`datacontenttype` must not be empty"));
