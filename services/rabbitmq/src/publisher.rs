@@ -12,15 +12,29 @@
 //!   broker returned it), not retryable;
 //! * [`ErrorKind::Rejected`], retryable, if the broker nacked it (a full
 //!   queue with `reject-publish` overflow, an internal error);
-//! * [`ErrorKind::Connection`] if the connection or channel failed before
-//!   the confirm arrived: the event may or may not have been stored, so a
-//!   retry can duplicate it (at-least-once).
+//! * [`ErrorKind::Connection`], retryable, if the connection or the
+//!   channel failed before the confirm arrived: the event may or may not
+//!   have been stored, so a retry can duplicate it (at-least-once).
 //!
 //! Confirms are pipelined: up to
 //! [`max_in_flight`](PublishOptions::max_in_flight) events are unconfirmed
-//! at once (on one channel by default, see [`PublishOptions::channels`]);
-//! `poll_ready` is pending while that window is full and while the
-//! connection is being re-established.
+//! at once, across all channels; `poll_ready` is pending while that window
+//! is full and while the connection is being re-established.
+//!
+//! # Channels
+//!
+//! The publisher holds [`PublishOptions::channels`] confirm-mode channels
+//! on its connection (1 by default) and hands events to them in turn. Each
+//! call waits for the confirm of its own event on its own channel: a
+//! broker nack or a returned (unroutable) event is that caller's error,
+//! never a neighbour's. A channel that fails on a live connection (the
+//! broker closes a channel on a channel-level error, such as a publish to
+//! an exchange deleted under the publisher) is replaced in place, the
+//! exchange declared (or checked) again on the new channel, while the
+//! other channels go on; the callers whose confirms were pending on it get
+//! a retryable [`ErrorKind::Connection`] error, and a retry layer sends
+//! their events again. If the replacement fails, or every channel is down,
+//! the whole connection is re-established as when it drops.
 //!
 //! # Example
 //!
@@ -251,8 +265,8 @@ async fn open_channel(connection: &Connection, options: &PublishOptions) -> Resu
 }
 
 /// Replaces the failed channel in slot `index` of `session` with a new one
-/// on the same connection, declaring the exchange again (the failure may
-/// have been a deleted exchange). Only one replacement per slot runs at a
+/// on the same connection, declaring the exchange again (or checking it, if
+/// passive: the failure may have been a deleted exchange). Only one replacement per slot runs at a
 /// time; if it fails, the whole connection is re-established.
 fn repair(inner: &Inner, session: &Arc<Session<Channels>>, index: usize) {
     let Some(slot) = session.value.slots.get(index) else {
@@ -261,8 +275,15 @@ fn repair(inner: &Inner, session: &Arc<Session<Channels>>, index: usize) {
     if slot.current().status().connected() || slot.repairing.swap(true, Ordering::AcqRel) {
         return;
     }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // Outside a runtime nothing can open the channel: the link's own
+        // task re-establishes the connection instead.
+        slot.repairing.store(false, Ordering::Release);
+        inner.link.invalidate(session.generation);
+        return;
+    };
     let (session, link, options) = (session.clone(), inner.link.clone(), inner.options.clone());
-    tokio::spawn(async move {
+    runtime.spawn(async move {
         let opened = async {
             let channel = open_channel(&session.connection, &options).await?;
             declare_exchange(&channel, link.config()).await?;
