@@ -265,9 +265,10 @@ async fn open_channel(connection: &Connection, options: &PublishOptions) -> Resu
 }
 
 /// Replaces the failed channel in slot `index` of `session` with a new one
-/// on the same connection, declaring the exchange again (or checking it, if
-/// passive: the failure may have been a deleted exchange). Only one replacement per slot runs at a
-/// time; if it fails, the whole connection is re-established.
+/// on the same connection, declaring the exchange again (or checking it,
+/// if passive: the failure may have been a deleted exchange). Only one
+/// replacement per slot runs at a time; if it fails, the whole connection
+/// is re-established.
 fn repair(inner: &Inner, session: &Arc<Session<Channels>>, index: usize) {
     let Some(slot) = session.value.slots.get(index) else {
         return;
