@@ -4,17 +4,22 @@
 //! * publish: persistent CloudEvents messages with publisher confirms and
 //!   `mandatory`, 1,024 unconfirmed at most: a raw lapin loop on one
 //!   channel vs `RabbitPublisher` under dead letter + retry + circuit
-//!   breaker;
+//!   breaker, and under the same stack with the backpressure layer in
+//!   front of the publisher;
 //! * consume: a durable queue preloaded with the messages, prefetch 256: a
 //!   raw lapin loop acknowledging each message singly vs
 //!   `watchtower::serve` over `RabbitSubscriber` (decoding every event,
 //!   acknowledging only after the handler finished, in batches).
 //!
 //! `cargo bench -p watchtower-rabbitmq --bench rabbitmq`. Environment:
-//! `BENCH_N` messages per run (default 50,000), `BENCH_CHANNELS` publisher
-//! channels, `BENCH_BARE=1` the publisher without layers, `BENCH_ONLY=publish`
-//! skips the consume runs. The client CPU time per message is printed too,
-//! since the broker shares the machine.
+//! `BENCH_N` messages per run (default 50,000), `BENCH_ROUNDS` publish
+//! rounds (default 5; each round runs raw and both stacks, in an order
+//! that rotates from round to round), `BENCH_CHANNELS` publisher channels,
+//! `BENCH_BARE=1` the publisher without layers, `BENCH_ONLY=publish` skips
+//! the consume runs. Publish ratios are printed per round, with their
+//! median and range. The CPU time per message of this process and of the
+//! broker (`beam.smp`, read from /proc when it runs on this machine) is
+//! printed too, since the broker shares the cores.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -36,6 +41,7 @@ use tower::{Service, ServiceBuilder, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{Event, SubscribeOptions, Subscriber, serve};
 use watchtower_layers::ServiceBuilderExt as _;
+use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
 use watchtower_layers::circuit_breaker::CircuitBreakerConfig;
 use watchtower_layers::retry::RetryConfig;
 use watchtower_rabbitmq::{
@@ -46,6 +52,7 @@ const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const IN_FLIGHT: usize = 1024;
 const PREFETCH: u16 = 256;
 const ROUNDS: usize = 3;
+const PUBLISH_ROUNDS: usize = 5;
 
 fn event(i: usize) -> Event {
     Event::new(
@@ -123,7 +130,7 @@ async fn raw_publish(connection: &Connection, exchange: &str, n: usize) -> Durat
     elapsed
 }
 
-async fn stack_publish(config: &RabbitConfig, n: usize) -> Duration {
+async fn stack_publish(config: &RabbitConfig, n: usize, backpressure: bool) -> Duration {
     let publisher = RabbitPublisher::connect_with(config.clone(), publish_options())
         .await
         .unwrap();
@@ -131,11 +138,29 @@ async fn stack_publish(config: &RabbitConfig, n: usize) -> Duration {
         return bare_publish(publisher, n).await;
     }
     let dlq = MemoryDeadLetters::new(n);
-    let mut stack = ServiceBuilder::new()
+    let stack = ServiceBuilder::new()
         .dead_letter(dlq.clone())
         .retries(RetryConfig::new())
-        .circuit_breaker(CircuitBreakerConfig::new())
-        .service(publisher);
+        .circuit_breaker(CircuitBreakerConfig::new());
+    let elapsed = if backpressure {
+        let stack = stack
+            .backpressure(BackpressureLayer::new(IN_FLIGHT, Overflow::Block).concurrency(IN_FLIGHT))
+            .service(publisher);
+        drive(stack, n).await
+    } else {
+        drive(stack.service(publisher), n).await
+    };
+    assert_eq!(dlq.len(), 0);
+    elapsed
+}
+
+/// Calls `stack` for `n` events, `IN_FLIGHT` at most at once, keeping the
+/// calls moving while waiting for readiness; every event must be delivered.
+async fn drive<S>(mut stack: S, n: usize) -> Duration
+where
+    S: Service<Event, Response = watchtower_layers::dead_letter::Outcome<watchtower::Receipt>>,
+    S::Error: std::fmt::Debug,
+{
     let start = Instant::now();
     let mut in_flight = FuturesUnordered::new();
     let mut delivered = 0;
@@ -155,7 +180,7 @@ async fn stack_publish(config: &RabbitConfig, n: usize) -> Duration {
         delivered += d;
     }
     let elapsed = start.elapsed();
-    assert_eq!((delivered, dlq.len()), (n, 0));
+    assert_eq!(delivered, n);
     elapsed
 }
 
@@ -274,8 +299,51 @@ fn cpu() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// The broker's CPU time so far, if it runs on this machine.
+fn broker_cpu() -> Option<Duration> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let path = entry.path();
+        if std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim() == "beam.smp") {
+            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+            let ticks: u64 = fields
+                .get(11..13)?
+                .iter()
+                .filter_map(|t| t.parse::<u64>().ok())
+                .sum();
+            return Some(Duration::from_millis(ticks * 10));
+        }
+    }
+    None
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
+}
+
+/// Median, min and max.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let median = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    (median, v[0], v[v.len() - 1])
+}
+
+/// One publish contender's totals over the rounds.
+#[derive(Default)]
+struct Tally {
+    times: Vec<Duration>,
+    cpu: Duration,
+    broker: Duration,
+}
+
+impl Tally {
+    fn per_message(&self, d: Duration, n: usize) -> f64 {
+        d.as_secs_f64() * 1e6 / (n * self.times.len().max(1)) as f64
+    }
 }
 
 fn main() {
@@ -317,30 +385,71 @@ fn main() {
             .await
             .unwrap();
 
-        println!("RabbitMQ, {n} messages per run, best of {ROUNDS} runs, same broker, same process");
-        let (mut raw_pub, mut stack_pub) = (Duration::MAX, Duration::MAX);
-        let (mut raw_cpu, mut stack_cpu) = (Duration::ZERO, Duration::ZERO);
-        for _ in 0..ROUNDS {
-            let c = cpu();
-            raw_pub = raw_pub.min(raw_publish(&connection, &exchange, n).await);
-            raw_cpu += cpu() - c;
-            admin.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await.unwrap();
-            let c = cpu();
-            stack_pub = stack_pub.min(stack_publish(&config, n).await);
-            stack_cpu += cpu() - c;
-            admin.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await.unwrap();
+        let rounds: usize = std::env::var("BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(PUBLISH_ROUNDS);
+        println!("RabbitMQ, {n} messages per run, {rounds} publish rounds, same broker, same process");
+        const NAMES: [&str; 3] = [
+            "raw lapin",
+            "dead letter + retry + breaker + RabbitPublisher",
+            "the same + backpressure",
+        ];
+        let mut tallies: [Tally; 3] = Default::default();
+        for round in 0..rounds {
+            for k in 0..3 {
+                // The order rotates, so that no contender always runs first.
+                let which = (round + k) % 3;
+                let (c, b) = (cpu(), broker_cpu());
+                let elapsed = match which {
+                    0 => raw_publish(&connection, &exchange, n).await,
+                    1 => stack_publish(&config, n, false).await,
+                    _ => stack_publish(&config, n, true).await,
+                };
+                let tally = &mut tallies[which];
+                tally.times.push(elapsed);
+                tally.cpu += cpu() - c;
+                if let (Some(b0), Some(b1)) = (b, broker_cpu()) {
+                    tally.broker += b1 - b0;
+                }
+                admin.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await.unwrap();
+            }
+            let raw = tallies[0].times[round].as_secs_f64();
+            println!(
+                "  round {}: raw {:>7.0}/s | stack {:>7.0}/s ({:.2}x) | + backpressure {:>7.0}/s ({:.2}x)",
+                round + 1,
+                n as f64 / raw,
+                rate(n, tallies[1].times[round]),
+                raw / tallies[1].times[round].as_secs_f64(),
+                rate(n, tallies[2].times[round]),
+                raw / tallies[2].times[round].as_secs_f64(),
+            );
         }
-        println!(
-            "publish, confirms, persistent, {IN_FLIGHT} in flight: raw lapin {:>9.0}/s | dead letter + retry + breaker + RabbitPublisher {:>9.0}/s | ratio {:.2}x",
-            rate(n, raw_pub),
-            rate(n, stack_pub),
-            raw_pub.as_secs_f64() / stack_pub.as_secs_f64()
-        );
-        println!(
-            "  client CPU per message: raw {:.1} us | stack {:.1} us",
-            raw_cpu.as_secs_f64() * 1e6 / (n * ROUNDS) as f64,
-            stack_cpu.as_secs_f64() * 1e6 / (n * ROUNDS) as f64
-        );
+        println!("publish, confirms + mandatory, persistent, {IN_FLIGHT} in flight (median, range over the rounds):");
+        for (which, tally) in tallies.iter().enumerate() {
+            let rates = spread(tally.times.iter().map(|t| rate(n, *t)).collect());
+            let mut line = format!(
+                "  {:<48} {:>7.0}/s ({:.0} - {:.0})",
+                NAMES[which], rates.0, rates.1, rates.2
+            );
+            if which > 0 {
+                let ratios = spread(
+                    tallies[0]
+                        .times
+                        .iter()
+                        .zip(&tally.times)
+                        .map(|(raw, ours)| raw.as_secs_f64() / ours.as_secs_f64())
+                        .collect(),
+                );
+                line.push_str(&format!(" | ratio {:.2}x ({:.2} - {:.2})", ratios.0, ratios.1, ratios.2));
+            }
+            line.push_str(&format!(
+                " | CPU per message: client {:.1} us, broker {:.1} us",
+                tally.per_message(tally.cpu, n),
+                tally.per_message(tally.broker, n)
+            ));
+            println!("{line}");
+        }
 
         let (mut raw_con, mut stack_con) = (Duration::MAX, Duration::MAX);
         let rounds = if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "publish") { 0 } else { ROUNDS };

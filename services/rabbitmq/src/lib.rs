@@ -13,7 +13,9 @@
 //! * Both keep their connection healthy: failures are detected (error
 //!   events, heartbeats, broker-closed connections), `poll_ready` and
 //!   [`Health`] follow the real state, and the connection is re-opened with
-//!   backoff and the topology declared again.
+//!   backoff and the topology declared again. A publisher channel the
+//!   broker closes is replaced on the same connection, without disturbing
+//!   the publisher's other channels.
 //!
 //! # Wire format
 //!

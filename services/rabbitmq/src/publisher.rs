@@ -12,15 +12,29 @@
 //!   broker returned it), not retryable;
 //! * [`ErrorKind::Rejected`], retryable, if the broker nacked it (a full
 //!   queue with `reject-publish` overflow, an internal error);
-//! * [`ErrorKind::Connection`] if the connection or channel failed before
-//!   the confirm arrived: the event may or may not have been stored, so a
-//!   retry can duplicate it (at-least-once).
+//! * [`ErrorKind::Connection`], retryable, if the connection or the
+//!   channel failed before the confirm arrived: the event may or may not
+//!   have been stored, so a retry can duplicate it (at-least-once).
 //!
 //! Confirms are pipelined: up to
 //! [`max_in_flight`](PublishOptions::max_in_flight) events are unconfirmed
-//! at once (on one channel by default, see [`PublishOptions::channels`]);
-//! `poll_ready` is pending while that window is full and while the
-//! connection is being re-established.
+//! at once, across all channels; `poll_ready` is pending while that window
+//! is full and while the connection is being re-established.
+//!
+//! # Channels
+//!
+//! The publisher holds [`PublishOptions::channels`] confirm-mode channels
+//! on its connection (1 by default) and hands events to them in turn. Each
+//! call waits for the confirm of its own event on its own channel: a
+//! broker nack or a returned (unroutable) event is that caller's error,
+//! never a neighbour's. A channel that fails on a live connection (the
+//! broker closes a channel on a channel-level error, such as a publish to
+//! an exchange deleted under the publisher) is replaced in place, the
+//! exchange declared (or checked) again on the new channel, while the
+//! other channels go on; the callers whose confirms were pending on it get
+//! a retryable [`ErrorKind::Connection`] error, and a retry layer sends
+//! their events again. If the replacement fails, or every channel is down,
+//! the whole connection is re-established as when it drops.
 //!
 //! # Example
 //!
@@ -38,24 +52,68 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, ready};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Confirmation, Connection};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::config::{PublishOptions, RabbitConfig, short};
-use crate::connection::{Health, Link, LinkGuard, LinkState, Setup, breaks_channel, map_lapin_error};
+use crate::connection::{
+    Health, Link, LinkGuard, LinkState, Session, Setup, breaks_channel, map_lapin_error,
+};
 use crate::wire;
 
+/// The publisher's confirm-mode channels on one connection. A channel the
+/// broker closes (or that fails) is replaced in its slot, on the same
+/// connection, without disturbing the others.
 pub(crate) struct Channels {
-    channels: Vec<Channel>,
+    slots: Vec<Slot>,
+    /// Notified whenever a replacement attempt ends.
+    repaired: Notify,
+}
+
+struct Slot {
+    channel: RwLock<Arc<Channel>>,
+    /// A replacement is being opened.
+    repairing: AtomicBool,
+}
+
+impl Slot {
+    fn new(channel: Channel) -> Slot {
+        Slot {
+            channel: RwLock::new(Arc::new(channel)),
+            repairing: AtomicBool::new(false),
+        }
+    }
+
+    fn current(&self) -> Arc<Channel> {
+        match self.channel.read() {
+            Ok(channel) => channel.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn replace(&self, channel: Channel) {
+        let channel = Arc::new(channel);
+        match self.channel.write() {
+            Ok(mut current) => *current = channel,
+            Err(poisoned) => *poisoned.into_inner() = channel,
+        }
+    }
+}
+
+impl Channels {
+    /// Whether any channel can take a publish now.
+    fn any_usable(&self) -> bool {
+        self.slots.iter().any(|slot| slot.current().status().connected())
+    }
 }
 
 struct Inner {
@@ -178,24 +236,82 @@ async fn open_channels(
     config: &RabbitConfig,
     options: &PublishOptions,
 ) -> Result<Channels, Error> {
-    let mut channels = Vec::with_capacity(options.channels);
+    let mut slots = Vec::with_capacity(options.channels);
     for _ in 0..options.channels {
-        let channel = connection
-            .create_channel()
+        slots.push(Slot::new(open_channel(connection, options).await?));
+    }
+    if let Some(slot) = slots.first() {
+        declare_exchange(&slot.current(), config).await?;
+    }
+    Ok(Channels {
+        slots,
+        repaired: Notify::new(),
+    })
+}
+
+/// Opens one channel, in confirm mode if confirms are on.
+async fn open_channel(connection: &Connection, options: &PublishOptions) -> Result<Channel, Error> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| map_lapin_error(&e, "open channel"))?;
+    if options.confirms {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
             .await
-            .map_err(|e| map_lapin_error(&e, "open channel"))?;
-        if options.confirms {
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(|e| map_lapin_error(&e, "confirm.select"))?;
+            .map_err(|e| map_lapin_error(&e, "confirm.select"))?;
+    }
+    Ok(channel)
+}
+
+/// Replaces the failed channel in slot `index` of `session` with a new one
+/// on the same connection, declaring the exchange again (or checking it,
+/// if passive: the failure may have been a deleted exchange). Only one
+/// replacement per slot runs at a time; if it fails, the whole connection
+/// is re-established.
+fn repair(inner: &Inner, session: &Arc<Session<Channels>>, index: usize) {
+    let Some(slot) = session.value.slots.get(index) else {
+        return;
+    };
+    if slot.current().status().connected() || slot.repairing.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // Outside a runtime nothing can open the channel: the link's own
+        // task re-establishes the connection instead.
+        slot.repairing.store(false, Ordering::Release);
+        inner.link.invalidate(session.generation);
+        return;
+    };
+    let (session, link, options) = (session.clone(), inner.link.clone(), inner.options.clone());
+    runtime.spawn(async move {
+        let opened = async {
+            let channel = open_channel(&session.connection, &options).await?;
+            declare_exchange(&channel, link.config()).await?;
+            Ok::<_, Error>(channel)
+        };
+        let result = tokio::select! {
+            result = opened => result,
+            () = session.lost.cancelled() => {
+                session.value.slots[index].repairing.store(false, Ordering::Release);
+                session.value.repaired.notify_waiters();
+                return;
+            }
+        };
+        let slot = &session.value.slots[index];
+        match result {
+            Ok(channel) => {
+                tracing::debug!(channel = channel.id(), "RabbitMQ publisher channel replaced");
+                slot.replace(channel);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "replacing a RabbitMQ publisher channel failed; reconnecting");
+                link.invalidate(session.generation);
+            }
         }
-        channels.push(channel);
-    }
-    if let Some(channel) = channels.first() {
-        declare_exchange(channel, config).await?;
-    }
-    Ok(Channels { channels })
+        slot.repairing.store(false, Ordering::Release);
+        session.value.repaired.notify_waiters();
+    });
 }
 
 pub(crate) async fn declare_exchange(channel: &Channel, config: &RabbitConfig) -> Result<(), Error> {
@@ -215,10 +331,6 @@ pub(crate) async fn declare_exchange(channel: &Channel, config: &RabbitConfig) -
         .map_err(|e| map_lapin_error(&e, &format!("declare exchange {:?}", &*config.exchange)))
 }
 
-fn usable(channels: &Channels) -> bool {
-    channels.channels.iter().all(|c| c.status().connected())
-}
-
 impl Service<Event> for RabbitPublisher {
     type Response = Receipt;
     type Error = Error;
@@ -231,10 +343,29 @@ impl Service<Event> for RabbitPublisher {
                 self.reconnect = None;
             }
             let stale = match self.inner.link.state() {
-                LinkState::Up(session)
-                    if session.connection.status().connected() && usable(&session.value) =>
-                {
-                    break;
+                LinkState::Up(session) if session.connection.status().connected() => {
+                    if session.value.any_usable() {
+                        break;
+                    }
+                    // Every channel failed on a live connection: replace
+                    // them, and wait for one (a failed replacement
+                    // re-establishes the connection).
+                    for index in 0..session.value.slots.len() {
+                        repair(&self.inner, &session, index);
+                    }
+                    self.reconnect = Some(Box::pin(async move {
+                        let notified = session.value.repaired.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
+                        if session.value.any_usable() {
+                            return;
+                        }
+                        tokio::select! {
+                            () = notified => {}
+                            () = session.lost.cancelled() => {}
+                        }
+                    }));
+                    continue;
                 }
                 // Dead under us but not yet replaced: report it, and wait
                 // for the replacement instead of failing fast in a loop.
@@ -292,64 +423,72 @@ impl Service<Event> for RabbitPublisher {
                 return ResponseFuture::ready(Err(Error::closed("the RabbitMQ publisher is closed")));
             }
         };
+        let Some((index, channel)) = pick(&self.inner, &session) else {
+            return ResponseFuture::ready(Err(Error::new(
+                ErrorKind::Connection,
+                "every RabbitMQ publisher channel failed; they are being replaced",
+            )));
+        };
         let inner = self.inner.clone();
         ResponseFuture {
             inner: Box::pin(async move {
                 let _permit = permit;
-                let lost = session.lost.clone();
                 let work = async {
-                    let channels = &session.value.channels;
-                    let channel = &channels[inner.next.fetch_add(1, Ordering::Relaxed) % channels.len()];
                     let options = BasicPublishOptions {
                         mandatory: inner.options.mandatory,
                         immediate: false,
                     };
                     let body: &[u8] = event.data().map_or(&[], |b| b.as_ref());
+                    // A failure that took the channel down: the channel is
+                    // replaced, and the event may or may not have been
+                    // stored, whatever closed the channel (another publish
+                    // may have), so the caller may retry it.
                     let failed = |e: lapin::Error, what: &str| {
                         if breaks_channel(&e) && !channel.status().connected() {
-                            inner.link.invalidate(session.generation);
+                            repair(&inner, &session, index);
+                            Error::new(
+                                ErrorKind::Connection,
+                                format!(
+                                    "{what}: the channel closed before the broker confirmed the event: {e}"
+                                ),
+                            )
+                            .with_retryable(true)
+                        } else {
+                            map_lapin_error(&e, what)
                         }
-                        map_lapin_error(&e, what)
                     };
                     let confirm = channel
-                        .basic_publish(
-                            inner.exchange.clone(),
-                            routing_key.clone(),
-                            options,
-                            body,
-                            properties,
-                        )
+                        .basic_publish(inner.exchange.clone(), routing_key, options, body, properties)
                         .await
                         .map_err(|e| failed(e, "publish"))?;
-                    let receipt =
-                        Receipt::new(routing_key.as_str(), &event).with_stream(inner.stream.clone());
+                    let receipt = Receipt::for_event(&event).with_stream(inner.stream.clone());
                     if !inner.options.confirms {
                         return Ok(receipt);
                     }
                     match confirm.await.map_err(|e| failed(e, "publisher confirm"))? {
-                    Confirmation::Ack(None) | Confirmation::NotRequested => Ok(receipt),
-                    Confirmation::Ack(Some(returned)) => Err(Error::new(
-                        ErrorKind::Rejected,
-                        format!(
-                            "no queue is bound for routing key {:?} on exchange {:?} ({} {})",
-                            routing_key.as_str(),
-                            inner.exchange.as_str(),
-                            returned.reply_code,
-                            returned.reply_text
-                        ),
-                    )
-                    .with_event(event)),
-                    Confirmation::Nack(_) => Err(Error::new(
-                        ErrorKind::Rejected,
-                        "the broker nacked the event (a full queue refusing publishes, or an internal error)",
-                    )
-                    .with_retryable(true)),
-                }
+                        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(receipt),
+                        Confirmation::Ack(Some(returned)) => Err(Error::new(
+                            ErrorKind::Rejected,
+                            format!(
+                                "no queue is bound for routing key {:?} on exchange {:?} ({} {})",
+                                event.topic(),
+                                inner.exchange.as_str(),
+                                returned.reply_code,
+                                returned.reply_text
+                            ),
+                        )
+                        .with_event(event)),
+                        Confirmation::Nack(_) => Err(Error::new(
+                            ErrorKind::Rejected,
+                            "the broker nacked the event (a full queue refusing publishes, or an internal error)",
+                        )
+                        .with_retryable(true)),
+                    }
                 };
                 tokio::select! {
                     biased;
                     result = work => result,
-                    () = lost.cancelled() => Err(Error::new(
+                    () = session.lost.cancelled() => Err(Error::new(
                         ErrorKind::Connection,
                         "the connection was lost before the broker confirmed the event",
                     )),
@@ -357,6 +496,25 @@ impl Service<Event> for RabbitPublisher {
             }),
         }
     }
+}
+
+/// The next channel in turn that is open, and its slot; failed channels
+/// passed over are being replaced. `None` if every channel failed.
+fn pick(inner: &Inner, session: &Arc<Session<Channels>>) -> Option<(usize, Arc<Channel>)> {
+    let slots = &session.value.slots;
+    let start = match slots.len() {
+        1 => 0,
+        n => inner.next.fetch_add(1, Ordering::Relaxed) % n,
+    };
+    for k in 0..slots.len() {
+        let index = (start + k) % slots.len();
+        let channel = slots[index].current();
+        if channel.status().connected() {
+            return Some((index, channel));
+        }
+        repair(inner, session, index);
+    }
+    None
 }
 
 /// The future of [`RabbitPublisher::call`]: resolves on the publisher
@@ -389,5 +547,175 @@ impl Future for ResponseFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.inner.as_mut().poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use futures_util::StreamExt as _;
+    use futures_util::stream::FuturesUnordered;
+    use lapin::options::{
+        BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::{BasicProperties, ConnectionProperties};
+    use watchtower::PublishExt as _;
+
+    use super::*;
+    use crate::ExchangeKind;
+
+    const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+    async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(WAIT, f)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: nothing within {WAIT:?}"))
+    }
+
+    /// Publishes until confirmed, retrying what is retryable (what a retry
+    /// layer does); returns how many attempts failed.
+    async fn until_confirmed(mut publisher: RabbitPublisher, event: Event) -> usize {
+        let mut failures = 0;
+        loop {
+            match publisher.publish(event.clone()).await {
+                Ok(receipt) => {
+                    assert_eq!(&*receipt.event_id, event.id());
+                    return failures;
+                }
+                Err(e) if e.is_retryable() => failures += 1,
+                Err(e) => panic!("not retryable: {e}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_channel_the_broker_closes_is_replaced_and_nothing_is_lost() {
+        const TOTAL: usize = 3_000;
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let exchange = format!("wt-chclose-{}", &id[16..]);
+        let queue = format!("{exchange}.q");
+        let config = RabbitConfig::new(URL)
+            .unwrap()
+            .exchange(&exchange, ExchangeKind::Topic)
+            .unwrap()
+            .connection_name(format!("test {exchange}"));
+        let publisher =
+            RabbitPublisher::connect_with(config, PublishOptions::new().channels(3).max_in_flight(64))
+                .await
+                .unwrap();
+        let admin = Connection::connect(URL, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let admin_channel = admin.create_channel().await.unwrap();
+        admin_channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        admin_channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "cc.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+
+        let events: Vec<Event> = (0..TOTAL)
+            .map(|i| Event::new("cc.x", serde_json::json!({"i": i})))
+            .collect();
+        let mut pending = events.iter().cloned();
+        let mut calls = FuturesUnordered::new();
+        for event in pending.by_ref().take(64) {
+            calls.push(until_confirmed(publisher.clone(), event));
+        }
+        let (mut confirmed, mut failures) = (0, 0);
+        let victim = match publisher.inner.link.state() {
+            LinkState::Up(session) => session.value.slots[1].current(),
+            _ => panic!("not connected"),
+        };
+        within("all confirmed", async {
+            while let Some(failed) = calls.next().await {
+                confirmed += 1;
+                failures += failed;
+                if confirmed == TOTAL / 3 {
+                    // A publish to a missing exchange on the second channel:
+                    // the broker closes that channel, with others' events
+                    // in flight on it.
+                    let missing = format!("{exchange}-missing");
+                    let closed = victim
+                        .basic_publish(
+                            missing.as_str().into(),
+                            "x".into(),
+                            BasicPublishOptions::default(),
+                            b"{}",
+                            BasicProperties::default(),
+                        )
+                        .await;
+                    let closed = match closed {
+                        Ok(confirm) => confirm.await.map(|_| ()),
+                        Err(e) => Err(e),
+                    };
+                    assert!(closed.is_err(), "the broker closed the channel");
+                    assert!(!victim.status().connected());
+                }
+                if let Some(event) = pending.next() {
+                    calls.push(until_confirmed(publisher.clone(), event));
+                }
+            }
+        })
+        .await;
+        assert_eq!(confirmed, TOTAL);
+
+        // The channel was replaced on the same connection.
+        let LinkState::Up(session) = publisher.inner.link.state() else {
+            panic!("not connected");
+        };
+        let replacement = session.value.slots[1].current();
+        assert!(!Arc::ptr_eq(&victim, &replacement));
+        assert!(replacement.status().connected());
+        assert_eq!(publisher.health().connections, 1, "no reconnect was needed");
+
+        // Every event is in the queue; one caught in flight on the closed
+        // channel and retried may be there twice.
+        let mut got = HashSet::new();
+        let mut copies = 0;
+        while let Some(message) = admin_channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            copies += 1;
+            got.insert(
+                message
+                    .delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        let sent: HashSet<String> = events.iter().map(|e| e.id().to_owned()).collect();
+        assert_eq!(got, sent);
+        assert!(
+            copies <= TOTAL + failures,
+            "{copies} copies, {failures} failed attempts"
+        );
+
+        let _ = admin_channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = admin_channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+        let _ = admin.close(200, "done".into()).await;
     }
 }

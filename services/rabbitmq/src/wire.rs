@@ -15,11 +15,11 @@ use crate::config::{PublishOptions, millis};
 /// The AMQP properties that carry `event`.
 pub(crate) fn properties(event: &Event, options: &PublishOptions) -> Result<BasicProperties, Error> {
     let mut headers = FieldTable::default();
-    let mut content_type = None;
+    let mut content_type: Option<Result<ShortString, String>> = None;
     let mut bad_name = None;
     Binding::AMQP.write_headers(event, |name, value| {
         if name == "content-type" {
-            content_type = Some(value.to_owned());
+            content_type = Some(ShortString::try_new(value).map_err(|_| value.to_owned()));
             return;
         }
         match ShortString::try_new(name) {
@@ -36,17 +36,16 @@ pub(crate) fn properties(event: &Event, options: &PublishOptions) -> Result<Basi
         ));
     }
     let mut props = BasicProperties::default().with_delivery_mode(if options.persistent { 2 } else { 1 });
-    if let Some(ct) = content_type {
-        match ShortString::try_new(ct.as_str()) {
-            Ok(ct) => props = props.with_content_type(ct),
-            // Too long for the property: the attribute header carries it.
-            Err(_) => {
-                headers.insert(
-                    "cloudEvents_datacontenttype".into(),
-                    AMQPValue::LongString(ct.into_bytes().into()),
-                );
-            }
+    match content_type {
+        Some(Ok(ct)) => props = props.with_content_type(ct),
+        // Too long for the property: the attribute header carries it.
+        Some(Err(ct)) => {
+            headers.insert(
+                "cloudEvents_datacontenttype".into(),
+                AMQPValue::LongString(ct.into_bytes().into()),
+            );
         }
+        None => {}
     }
     if let Ok(id) = ShortString::try_new(event.id()) {
         props = props.with_message_id(id);
@@ -253,6 +252,24 @@ mod tests {
         let (decoded, _) = decode("user.created", &props, event.data().cloned().unwrap());
         assert_eq!(decoded.event.unwrap(), event);
         assert_eq!(decoded.delivery_count, None);
+    }
+
+    #[test]
+    fn content_type_too_long_for_the_property_goes_in_a_header() {
+        let long = format!("application/x.{}", "a".repeat(300));
+        let event = Event::builder("user.created")
+            .data(long.clone(), Bytes::from_static(b"payload"))
+            .build()
+            .unwrap();
+        let props = properties(&event, &PublishOptions::new()).unwrap();
+        assert_eq!(props.content_type(), &None);
+        let headers = props.headers().as_ref().unwrap();
+        assert_eq!(
+            headers.inner().get("cloudEvents_datacontenttype"),
+            Some(&AMQPValue::LongString(long.as_bytes().into()))
+        );
+        let (decoded, _) = decode("user.created", &props, Bytes::from_static(b"payload"));
+        assert_eq!(decoded.event.unwrap().datacontenttype(), Some(long.as_str()));
     }
 
     #[test]

@@ -1,0 +1,160 @@
+//! A publisher spread over several confirm-mode channels: every caller gets
+//! its own confirm (or its own typed error), and nothing is lost or
+//! duplicated.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::future::poll_fn;
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use tower::Service;
+use watchtower::{ErrorKind, Event};
+use watchtower_rabbitmq::{PublishOptions, RabbitPublisher};
+
+use common::{Admin, config, unique, within};
+
+/// A durable queue bound to `exchange` for `key`.
+async fn bound_queue(admin: &Admin, exchange: &str, key: &str) -> String {
+    let queue = format!("{exchange}.q");
+    admin
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    admin
+        .channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    queue
+}
+
+/// The `message-id`s of every message in `queue`, taking them off.
+async fn drain_ids(admin: &Admin, queue: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    while let Some(message) = admin.get(queue).await {
+        ids.push(message.properties.message_id().as_ref().unwrap().to_string());
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_caller_gets_its_own_confirm_across_channels() {
+    const N: usize = 2_000;
+    let exchange = unique("multi-ch");
+    let mut publisher = RabbitPublisher::connect_with(
+        config(&exchange),
+        // Room for all of them: the calls are only polled once all are made.
+        PublishOptions::new().channels(4).max_in_flight(N),
+    )
+    .await
+    .unwrap();
+    let admin = Admin::connect().await;
+    let queue = bound_queue(&admin, &exchange, "mc.#").await;
+
+    let events: Vec<Event> = (0..N)
+        .map(|i| Event::new("mc.x", serde_json::json!({"i": i})))
+        .collect();
+    let mut calls = FuturesUnordered::new();
+    for event in &events {
+        within("ready", poll_fn(|cx| publisher.poll_ready(cx)))
+            .await
+            .unwrap();
+        let id = event.id().to_owned();
+        let call = publisher.call(event.clone());
+        calls.push(async move { (id, call.await) });
+    }
+    let mut confirmed = HashSet::new();
+    within("confirms", async {
+        while let Some((id, result)) = calls.next().await {
+            let receipt = result.unwrap();
+            // The receipt is this caller's, not a neighbour's.
+            assert_eq!(&*receipt.event_id, id.as_str());
+            assert_eq!(receipt.stream.as_deref(), Some(exchange.as_str()));
+            assert!(confirmed.insert(id));
+        }
+    })
+    .await;
+    assert_eq!(confirmed.len(), N);
+
+    let ids = drain_ids(&admin, &queue).await;
+    assert_eq!(ids.len(), N, "exactly one copy of each");
+    let sent: HashSet<String> = events.iter().map(|e| e.id().to_owned()).collect();
+    assert_eq!(ids.into_iter().collect::<HashSet<_>>(), sent);
+    assert_eq!(publisher.health().connections, 1);
+
+    admin.delete_queue(&queue).await;
+    admin.delete_exchange(&exchange).await;
+    admin.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_event_on_a_multi_channel_publisher_fails_only_its_caller() {
+    let exchange = unique("multi-unroutable");
+    let mut publisher = RabbitPublisher::connect_with(config(&exchange), PublishOptions::new().channels(3))
+        .await
+        .unwrap();
+    let admin = Admin::connect().await;
+    let queue = bound_queue(&admin, &exchange, "routed.*").await;
+
+    // Every tenth event has no queue bound for it; the rest do.
+    let events: Vec<Event> = (0..300)
+        .map(|i| {
+            let topic = if i % 10 == 0 { "lost.x" } else { "routed.x" };
+            Event::new(topic, serde_json::json!({"i": i}))
+        })
+        .collect();
+    let mut calls = FuturesUnordered::new();
+    for event in &events {
+        within("ready", poll_fn(|cx| publisher.poll_ready(cx)))
+            .await
+            .unwrap();
+        let (id, topic) = (event.id().to_owned(), event.topic().to_owned());
+        let call = publisher.call(event.clone());
+        calls.push(async move { (id, topic, call.await) });
+    }
+    let (mut routed, mut returned) = (HashSet::new(), HashSet::new());
+    within("confirms", async {
+        while let Some((id, topic, result)) = calls.next().await {
+            match (topic.as_str(), result) {
+                ("routed.x", Ok(receipt)) => {
+                    assert_eq!(&*receipt.event_id, id.as_str());
+                    routed.insert(id);
+                }
+                ("lost.x", Err(err)) => {
+                    assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+                    assert!(!err.is_retryable());
+                    // The error carries this caller's event back.
+                    assert_eq!(err.event().map(Event::id), Some(id.as_str()));
+                    returned.insert(id);
+                }
+                (topic, result) => panic!("{topic}: {result:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!((routed.len(), returned.len()), (270, 30));
+
+    let ids = drain_ids(&admin, &queue).await;
+    assert_eq!(ids.len(), 270);
+    assert_eq!(ids.into_iter().collect::<HashSet<_>>(), routed);
+
+    admin.delete_queue(&queue).await;
+    admin.delete_exchange(&exchange).await;
+    admin.close().await;
+}
