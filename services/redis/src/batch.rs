@@ -13,7 +13,7 @@ use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use watchtower::{Error, ErrorKind};
 
 use crate::error::from_redis;
@@ -25,10 +25,12 @@ const MAX_IN_FLIGHT: usize = 4;
 /// Commands in one pipeline at most.
 const MAX_BATCH: usize = 512;
 
-/// One command and where its reply goes.
+/// One command, where its reply goes, and its slot in the publisher's
+/// queue, given back once the reply is in.
 pub(crate) struct Request {
     pub(crate) cmd: Cmd,
     pub(crate) done: oneshot::Sender<Result<Value, Error>>,
+    pub(crate) slot: OwnedSemaphorePermit,
 }
 
 /// Sends requests until every sender is gone.
@@ -61,7 +63,7 @@ pub(crate) async fn batch_loop(
 
 async fn send(mut conn: ConnectionManager, health: Arc<Health>, batch: Vec<Request>) {
     if batch.len() == 1 {
-        let Some(Request { cmd, done }) = batch.into_iter().next() else {
+        let Some(Request { cmd, done, slot }) = batch.into_iter().next() else {
             return;
         };
         let result = cmd
@@ -69,15 +71,17 @@ async fn send(mut conn: ConnectionManager, health: Arc<Health>, batch: Vec<Reque
             .await
             .map_err(|e| from_redis(e, "XADD"));
         health.observe(&result);
+        drop(slot);
         let _ = done.send(result);
         return;
     }
-    let mut pipe = redis::pipe();
+    let mut pipe = redis::Pipeline::with_capacity(batch.len());
+    // Each command's server error becomes its own reply, for its caller.
     pipe.ignore_errors();
     let mut waiters = Vec::with_capacity(batch.len());
-    for Request { cmd, done } in batch {
+    for Request { cmd, done, slot } in batch {
         pipe.add_command(cmd);
-        waiters.push(done);
+        waiters.push((done, slot));
     }
     let result = pipe
         .query_async::<Vec<Value>>(&mut conn)
@@ -87,7 +91,8 @@ async fn send(mut conn: ConnectionManager, health: Arc<Health>, batch: Vec<Reque
     match result {
         Ok(replies) => {
             let mut replies = replies.into_iter();
-            for done in waiters {
+            for (done, slot) in waiters {
+                drop(slot);
                 let reply = replies
                     .next()
                     .ok_or_else(|| Error::decode("XADD pipeline: missing reply"));
@@ -95,7 +100,8 @@ async fn send(mut conn: ConnectionManager, health: Arc<Health>, batch: Vec<Reque
             }
         }
         Err(e) => {
-            for done in waiters {
+            for (done, slot) in waiters {
+                drop(slot);
                 let _ = done.send(Err(Error::new(e.kind(), e.message())));
             }
         }

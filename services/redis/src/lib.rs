@@ -71,7 +71,7 @@ pub use config::{
     DEFAULT_CONNECTION_TIMEOUT, DEFAULT_PIPELINE_BUFFER, DEFAULT_RECONNECT_RETRIES, DEFAULT_RESPONSE_TIMEOUT,
     DEFAULT_URL, RedisConfig,
 };
-pub use publisher::{MaxLen, RedisPublisher, RedisPublisherBuilder, ResponseFuture};
+pub use publisher::{DEFAULT_MAX_PENDING, MaxLen, RedisPublisher, RedisPublisherBuilder, ResponseFuture};
 pub use subscriber::{
     DEFAULT_BATCH_SIZE, DEFAULT_BLOCK, DEFAULT_CLAIM_IDLE, DEFAULT_CLAIM_INTERVAL,
     DEFAULT_DEAD_LETTER_STREAM, DEFAULT_MAX_DELIVERIES, DEFAULT_RESCAN_INTERVAL, DeadLetter, RedisAcker,

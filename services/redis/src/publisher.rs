@@ -1,16 +1,18 @@
 //! The publishing side: `XADD` to one stream per topic.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, ready};
 
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
 use watchtower::topic::validate_topic;
 use watchtower::trace::publish_span;
@@ -19,7 +21,15 @@ use watchtower::{Error, ErrorKind, Event, Receipt};
 use crate::batch::{Request, batch_loop, server_error};
 use crate::config::RedisConfig;
 use crate::error::from_redis;
-use crate::wire::{string_of, write_fields};
+use crate::wire::{fields_size, shared_string, write_fields};
+
+/// `XADD`s a publisher lets wait for or ride in a pipeline at once unless
+/// set: 4096. Further calls wait in `poll_ready`.
+pub const DEFAULT_MAX_PENDING: usize = 4096;
+
+/// Stream keys remembered per topic, so that a busy topic's key is not
+/// built again for every event.
+const KEY_CACHE: usize = 256;
 
 /// Trimming of a stream on every `XADD`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,19 +74,41 @@ impl Health {
 /// answers with a [`Receipt`] carrying the stream key and the entry id.
 ///
 /// The connection is one multiplexed connection that reconnects by itself.
-/// Clones share it, and calls do not wait for each other: the `XADD`s of
-/// concurrent callers (or of one caller with many calls in flight) are
-/// gathered into pipelines, a few on the wire at once, so a busy publisher
-/// pays one round trip per batch rather than per event.
+/// Clones share it, and calls do not wait for each other.
+///
+/// # Batching
+///
+/// `call` encodes the event's `XADD` at once (straight into the command
+/// buffer, sized in advance) and queues it for the publisher's connection
+/// task. That task sends whatever has queued up as **one pipeline** (up to
+/// 512 commands), with up to four pipelines on the wire: the first `XADD`
+/// after a quiet spell goes out alone and at once, and the `XADD`s of
+/// concurrent callers (or of one caller with many calls in flight) that
+/// arrive while pipelines are on the wire gather into the next one. A busy
+/// publisher thus pays one write, one server read and one round trip per
+/// batch rather than per event, without waiting on a timer.
+///
+/// Each caller gets its own result: the entry id of its own `XADD`, or the
+/// server's error for that command alone (a `WRONGTYPE` for one stream
+/// fails only the event that went there, as [`ErrorKind::Rejected`]). If
+/// the connection fails while a pipeline is on the wire, every caller in
+/// it gets the [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] error
+/// (with its event attached, for a retry or dead-letter layer); their
+/// events may or may not have been stored. A caller that drops its future
+/// does not withdraw its `XADD` and does not disturb the others.
+///
 /// [`publish_batch`](RedisPublisher::publish_batch) sends a caller's own
-/// batch as one pipeline.
+/// batch as one pipeline, outside the queue.
 ///
 /// # Readiness
 ///
-/// `poll_ready` is ready while the connection works. After a connection
-/// failure it sends a `PING` (which reconnects) and stays pending until the
-/// answer; if that fails too it returns the [`ErrorKind::Connection`]
-/// error, and the next `poll_ready` tries again.
+/// `poll_ready` is ready while the connection works and the queue has
+/// room. After a connection failure it sends a `PING` (which reconnects)
+/// and stays pending until the answer; if that fails too it returns the
+/// [`ErrorKind::Connection`] error, and the next `poll_ready` tries again.
+/// The queue holds [`max_pending`](RedisPublisherBuilder::max_pending)
+/// `XADD`s, counting those on the wire: when it is full, `poll_ready` waits
+/// for replies to free a slot.
 ///
 /// # Example
 ///
@@ -98,6 +130,10 @@ pub struct RedisPublisher {
     requests: mpsc::UnboundedSender<Request>,
     shared: Arc<PublisherShared>,
     probe: Option<JoinHandle<Result<(), Error>>>,
+    /// Slots in the queue, one per `XADD` waiting or on the wire.
+    slots: PollSemaphore,
+    /// The slot `poll_ready` reserved for the next `call`.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Clone for RedisPublisher {
@@ -107,6 +143,8 @@ impl Clone for RedisPublisher {
             requests: self.requests.clone(),
             shared: self.shared.clone(),
             probe: None,
+            slots: self.slots.clone(),
+            slot: None,
         }
     }
 }
@@ -115,6 +153,8 @@ struct PublisherShared {
     config: RedisConfig,
     max_len: Option<MaxLen>,
     health: Arc<Health>,
+    /// Stream keys by topic.
+    keys: RwLock<HashMap<Box<str>, Arc<str>>>,
 }
 
 impl fmt::Debug for RedisPublisher {
@@ -132,12 +172,20 @@ impl fmt::Debug for RedisPublisher {
 pub struct RedisPublisherBuilder {
     config: RedisConfig,
     max_len: Option<MaxLen>,
+    max_pending: usize,
 }
 
 impl RedisPublisherBuilder {
     /// Trims each stream on every `XADD`. Default: no trimming.
     pub fn max_len(mut self, max_len: MaxLen) -> Self {
         self.max_len = Some(max_len);
+        self
+    }
+
+    /// How many `XADD`s may be queued or on the wire at once (at least 1);
+    /// beyond that `poll_ready` waits. Default [`DEFAULT_MAX_PENDING`].
+    pub fn max_pending(mut self, n: usize) -> Self {
+        self.max_pending = n.max(1);
         self
     }
 
@@ -164,8 +212,11 @@ impl RedisPublisherBuilder {
                 config: self.config,
                 max_len: self.max_len,
                 health,
+                keys: RwLock::new(HashMap::new()),
             }),
             probe: None,
+            slots: PollSemaphore::new(Arc::new(Semaphore::new(self.max_pending))),
+            slot: None,
         })
     }
 }
@@ -176,6 +227,7 @@ impl RedisPublisher {
         RedisPublisherBuilder {
             config,
             max_len: None,
+            max_pending: DEFAULT_MAX_PENDING,
         }
     }
 
@@ -245,7 +297,10 @@ impl RedisPublisher {
             .map(|item| {
                 let (key, event) = item?;
                 match replies.next() {
-                    Some(reply) => receipt(&event, &key, &server_error(reply, &key)?),
+                    Some(reply) => {
+                        let reply = server_error(reply, &key)?;
+                        receipt(&event, key, &reply)
+                    }
                     None => Err(Error::decode("XADD pipeline: missing reply")),
                 }
             })
@@ -254,13 +309,16 @@ impl RedisPublisher {
 }
 
 impl PublisherShared {
-    fn xadd(&self, event: &Event) -> Result<(String, Cmd), Error> {
+    /// The `XADD` for `event`, encoded into a command allocated once.
+    fn xadd(&self, event: &Event) -> Result<(Arc<str>, Cmd), Error> {
         let topic = event.topic();
         validate_topic(topic)?;
         event.validate()?;
-        let key = self.config.stream_key(topic);
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&key);
+        let key = self.stream_key(topic);
+        let (field_args, field_bytes) = fields_size(event);
+        // XADD key [MAXLEN ~ n] * fields...
+        let mut cmd = Cmd::with_capacity(6 + field_args, 32 + key.len() + field_bytes);
+        cmd.arg("XADD").arg(&*key);
         match self.max_len {
             Some(MaxLen::Approx(n)) => {
                 cmd.arg("MAXLEN").arg("~").arg(n);
@@ -274,11 +332,26 @@ impl PublisherShared {
         write_fields(&mut cmd, event);
         Ok((key, cmd))
     }
+
+    /// The stream key of `topic`, from the cache when it is there.
+    fn stream_key(&self, topic: &str) -> Arc<str> {
+        if let Some(key) = self.keys.read().ok().and_then(|keys| keys.get(topic).cloned()) {
+            return key;
+        }
+        let key: Arc<str> = self.config.stream_key(topic).into();
+        if let Ok(mut keys) = self.keys.write() {
+            if keys.len() >= KEY_CACHE {
+                keys.clear();
+            }
+            keys.insert(topic.into(), key.clone());
+        }
+        key
+    }
 }
 
-fn receipt(event: &Event, key: &str, reply: &Value) -> Result<Receipt, Error> {
-    let id = string_of(reply).ok_or_else(|| Error::decode("XADD did not answer with an entry id"))?;
-    Ok(Receipt::new(event.topic(), event)
+fn receipt(event: &Event, key: Arc<str>, reply: &Value) -> Result<Receipt, Error> {
+    let id = shared_string(reply).ok_or_else(|| Error::decode("XADD did not answer with an entry id"))?;
+    Ok(Receipt::new(event.shared_topic(), event)
         .with_stream(key)
         .with_message_id(id))
 }
@@ -299,28 +372,43 @@ impl Service<Event> for RedisPublisher {
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.probe.is_none() {
-            if self.shared.health.is_connected() {
-                return Poll::Ready(Ok(()));
-            }
+        if self.probe.is_none() && !self.shared.health.is_connected() {
             // A task rather than a stored future keeps the publisher `Sync`.
             self.probe = Some(tokio::spawn(ping(self.conn.clone(), self.shared.health.clone())));
         }
-        let Some(probe) = self.probe.as_mut() else {
-            return Poll::Ready(Ok(()));
-        };
-        let result = ready!(Pin::new(probe).poll(cx));
-        self.probe = None;
-        Poll::Ready(result.unwrap_or_else(|e| Err(Error::closed(format!("connection probe failed: {e}")))))
+        if let Some(probe) = self.probe.as_mut() {
+            let result = ready!(Pin::new(probe).poll(cx));
+            self.probe = None;
+            result.unwrap_or_else(|e| Err(Error::closed(format!("connection probe failed: {e}"))))?;
+        }
+        if self.slot.is_none() {
+            match ready!(self.slots.poll_acquire(cx)) {
+                Some(slot) => self.slot = Some(slot),
+                None => return Poll::Ready(Err(Error::closed("the publisher's queue is closed"))),
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, event: Event) -> ResponseFuture {
         let span = publish_span("redis", event.topic(), &event);
-        let state = match self.shared.xadd(&event) {
-            Err(e) => State::Failed(Some(e.with_event(event))),
-            Ok((key, cmd)) => {
+        // A call without `poll_ready` takes a free slot if there is one.
+        let slot = self
+            .slot
+            .take()
+            .or_else(|| self.slots.clone_inner().try_acquire_owned().ok());
+        let state = match (slot, self.shared.xadd(&event)) {
+            (_, Err(e)) => State::Failed(Some(e.with_event(event))),
+            (None, Ok(_)) => State::Failed(Some(
+                Error::new(
+                    ErrorKind::Overloaded,
+                    "the publisher's queue is full: call poll_ready before call",
+                )
+                .with_event(event),
+            )),
+            (Some(slot), Ok((key, cmd))) => {
                 let (done, reply) = oneshot::channel();
-                match self.requests.send(Request { cmd, done }) {
+                match self.requests.send(Request { cmd, done, slot }) {
                     Ok(()) => State::Waiting {
                         reply,
                         key,
@@ -340,7 +428,7 @@ enum State {
     Failed(Option<Error>),
     Waiting {
         reply: oneshot::Receiver<Result<Value, Error>>,
-        key: String,
+        key: Arc<str>,
         event: Option<Event>,
     },
 }
@@ -383,7 +471,7 @@ impl Future for ResponseFuture {
                 let result = result
                     .unwrap_or_else(|_| Err(Error::closed("the publisher's connection task has stopped")))
                     .and_then(|reply| server_error(reply, key))
-                    .and_then(|reply| receipt(&event, key, &reply));
+                    .and_then(|reply| receipt(&event, key.clone(), &reply));
                 Poll::Ready(result.map_err(|e| e.with_event(event)))
             }
         }
