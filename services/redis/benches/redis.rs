@@ -259,7 +259,9 @@ where
     F: std::future::Future<Output = Result<Outcome<Receipt>, Error>>,
 {
     let start = Clock::start();
-    let mut calls = futures_util::stream::iter(sent).map(publish).buffer_unordered(CALLERS);
+    let mut calls = futures_util::stream::iter(sent)
+        .map(publish)
+        .buffer_unordered(CALLERS);
     while let Some(result) = calls.next().await {
         assert!(result.unwrap().is_delivered());
     }
@@ -452,7 +454,12 @@ fn main() {
             row("watchtower publisher alone", &bare);
             println!("publish ratios:");
             ratio_row("dead letter + retry + breaker", &wt, "raw pipelines of 64", &pipe);
-            ratio_row("four layers (+ backpressure)", &wtbp, "raw pipelines of 64", &pipe);
+            ratio_row(
+                "four layers (+ backpressure)",
+                &wtbp,
+                "raw pipelines of 64",
+                &pipe,
+            );
             ratio_row("publisher alone", &bare, "raw pipelines of 64", &pipe);
             ratio_row("dead letter + retry + breaker", &wt, "raw concurrent XADD", &raw);
         }

@@ -10,7 +10,7 @@ use std::task::{Context, Poll, ready};
 
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Value};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
@@ -18,7 +18,7 @@ use watchtower::topic::validate_topic;
 use watchtower::trace::publish_span;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
-use crate::batch::{Request, batch_loop, server_error};
+use crate::batch::{Queue, Request, batch_loop, server_error};
 use crate::config::RedisConfig;
 use crate::error::from_redis;
 use crate::wire::{fields_size, shared_string, write_fields};
@@ -78,15 +78,23 @@ impl Health {
 ///
 /// # Batching
 ///
-/// `call` encodes the event's `XADD` at once (straight into the command
-/// buffer, sized in advance) and queues it for the publisher's connection
-/// task. That task sends whatever has queued up as **one pipeline** (up to
-/// 512 commands), with up to four pipelines on the wire: the first `XADD`
-/// after a quiet spell goes out alone and at once, and the `XADD`s of
-/// concurrent callers (or of one caller with many calls in flight) that
-/// arrive while pipelines are on the wire gather into the next one. A busy
-/// publisher thus pays one write, one server read and one round trip per
-/// batch rather than per event, without waiting on a timer.
+/// `call` encodes the event's `XADD` at once (straight into one command
+/// buffer sized in advance, no allocation per field) and queues it for the
+/// publisher's connection task, which sends what has queued up as **one
+/// pipeline** of up to 512 `XADD`s:
+///
+/// * with no pipeline on the wire, at once: a lone `XADD` after a quiet
+///   spell waits for nobody;
+/// * with pipelines on the wire (at most four), once 32 `XADD`s have
+///   gathered, or else when a pipeline completes, whatever has gathered by
+///   then.
+///
+/// So the `XADD`s of concurrent callers (or of one caller with many calls
+/// in flight) travel together: 64 callers keep about two pipelines of 32
+/// going, and a busy publisher pays one write, one server read and one
+/// wake-up per batch rather than per event. There is no timer: an `XADD`
+/// waits at most for the pipelines already on the wire. Calls from one
+/// task reach the stream in the order they were made.
 ///
 /// Each caller gets its own result: the entry id of its own `XADD`, or the
 /// server's error for that command alone (a `WRONGTYPE` for one stream
@@ -127,7 +135,7 @@ impl Health {
 /// ```
 pub struct RedisPublisher {
     conn: ConnectionManager,
-    requests: mpsc::UnboundedSender<Request>,
+    requests: Arc<Sender>,
     shared: Arc<PublisherShared>,
     probe: Option<JoinHandle<Result<(), Error>>>,
     /// Slots in the queue, one per `XADD` waiting or on the wire.
@@ -146,6 +154,15 @@ impl Clone for RedisPublisher {
             slots: self.slots.clone(),
             slot: None,
         }
+    }
+}
+
+/// The publishers' end of the queue: closes it when the last one goes.
+struct Sender(Arc<Queue>);
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -203,8 +220,9 @@ impl RedisPublisherBuilder {
         let client = self.config.client()?;
         let conn = self.config.connect(&client, std::time::Duration::ZERO).await?;
         let health = Health::new();
-        let (requests, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batch_loop(conn.clone(), health.clone(), rx));
+        let queue = Queue::new();
+        tokio::spawn(batch_loop(conn.clone(), health.clone(), queue.clone()));
+        let requests = Arc::new(Sender(queue));
         Ok(RedisPublisher {
             conn,
             requests,
@@ -408,7 +426,7 @@ impl Service<Event> for RedisPublisher {
             )),
             (Some(slot), Ok((key, cmd))) => {
                 let (done, reply) = oneshot::channel();
-                match self.requests.send(Request { cmd, done, slot }) {
+                match self.requests.0.push(Request { cmd, done, slot }) {
                     Ok(()) => State::Waiting {
                         reply,
                         key,

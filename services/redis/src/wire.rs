@@ -365,7 +365,10 @@ mod tests {
     fn binding_fields(event: &Event) -> Vec<(Bytes, Bytes)> {
         let mut fields = Vec::new();
         Binding::REDIS.write_headers(event, |n, v| {
-            fields.push((Bytes::copy_from_slice(n.as_bytes()), Bytes::copy_from_slice(v.as_bytes())));
+            fields.push((
+                Bytes::copy_from_slice(n.as_bytes()),
+                Bytes::copy_from_slice(v.as_bytes()),
+            ));
         });
         if let Some(data) = event.data() {
             fields.push((Bytes::from_static(DATA_FIELD.as_bytes()), data.clone()));
