@@ -134,7 +134,6 @@ impl Health {
 /// # Ok(()) }
 /// ```
 pub struct RedisPublisher {
-    conn: ConnectionManager,
     requests: Arc<Sender>,
     shared: Arc<PublisherShared>,
     probe: Option<JoinHandle<Result<(), Error>>>,
@@ -147,7 +146,6 @@ pub struct RedisPublisher {
 impl Clone for RedisPublisher {
     fn clone(&self) -> Self {
         RedisPublisher {
-            conn: self.conn.clone(),
             requests: self.requests.clone(),
             shared: self.shared.clone(),
             probe: None,
@@ -167,6 +165,9 @@ impl Drop for Sender {
 }
 
 struct PublisherShared {
+    /// For `PING` and [`RedisPublisher::publish_batch`]; the queue's task
+    /// has its own clone.
+    conn: ConnectionManager,
     config: RedisConfig,
     max_len: Option<MaxLen>,
     health: Arc<Health>,
@@ -224,9 +225,9 @@ impl RedisPublisherBuilder {
         tokio::spawn(batch_loop(conn.clone(), health.clone(), queue.clone()));
         let requests = Arc::new(Sender(queue));
         Ok(RedisPublisher {
-            conn,
             requests,
             shared: Arc::new(PublisherShared {
+                conn,
                 config: self.config,
                 max_len: self.max_len,
                 health,
@@ -275,7 +276,7 @@ impl RedisPublisher {
     /// [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] if Redis does not
     /// answer.
     pub async fn health(&self) -> Result<(), Error> {
-        ping(self.conn.clone(), self.shared.health.clone()).await
+        ping(self.shared.conn.clone(), self.shared.health.clone()).await
     }
 
     /// Publishes several events in one pipeline (one round trip), in order.
@@ -298,7 +299,7 @@ impl RedisPublisher {
                 Err(e) => prepared.push(Err(e)),
             }
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.shared.conn.clone();
         let replies: Vec<Value> = if pipe.cmd_iter().next().is_none() {
             Vec::new()
         } else {
@@ -329,10 +330,8 @@ impl RedisPublisher {
 impl PublisherShared {
     /// The `XADD` for `event`, encoded into a command allocated once.
     fn xadd(&self, event: &Event) -> Result<(Arc<str>, Cmd), Error> {
-        let topic = event.topic();
-        validate_topic(topic)?;
         event.validate()?;
-        let key = self.stream_key(topic);
+        let key = self.stream_key(event.topic())?;
         let (field_args, field_bytes) = fields_size(event);
         // XADD key [MAXLEN ~ n] * fields...
         let mut cmd = Cmd::with_capacity(6 + field_args, 32 + key.len() + field_bytes);
@@ -351,11 +350,17 @@ impl PublisherShared {
         Ok((key, cmd))
     }
 
-    /// The stream key of `topic`, from the cache when it is there.
-    fn stream_key(&self, topic: &str) -> Arc<str> {
+    /// The stream key of `topic`, from the cache when it is there (a
+    /// cached topic has been validated).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidTopic`] for a topic that is not valid.
+    fn stream_key(&self, topic: &str) -> Result<Arc<str>, Error> {
         if let Some(key) = self.keys.read().ok().and_then(|keys| keys.get(topic).cloned()) {
-            return key;
+            return Ok(key);
         }
+        validate_topic(topic)?;
         let key: Arc<str> = self.config.stream_key(topic).into();
         if let Ok(mut keys) = self.keys.write() {
             if keys.len() >= KEY_CACHE {
@@ -363,7 +368,7 @@ impl PublisherShared {
             }
             keys.insert(topic.into(), key.clone());
         }
-        key
+        Ok(key)
     }
 }
 
@@ -392,7 +397,10 @@ impl Service<Event> for RedisPublisher {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         if self.probe.is_none() && !self.shared.health.is_connected() {
             // A task rather than a stored future keeps the publisher `Sync`.
-            self.probe = Some(tokio::spawn(ping(self.conn.clone(), self.shared.health.clone())));
+            self.probe = Some(tokio::spawn(ping(
+                self.shared.conn.clone(),
+                self.shared.health.clone(),
+            )));
         }
         if let Some(probe) = self.probe.as_mut() {
             let result = ready!(Pin::new(probe).poll(cx));
