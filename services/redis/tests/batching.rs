@@ -308,3 +308,37 @@ async fn a_connection_cut_mid_batch_fails_its_callers_and_loses_nothing() {
     );
     cleanup(URL, &ns).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_queue_makes_callers_wait_for_room_and_loses_nothing() {
+    const N: usize = 500;
+    let ns = namespace("small_queue");
+    let topic = format!("{ns}.orders");
+    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
+        .max_pending(8)
+        .connect()
+        .await
+        .unwrap();
+    let key = publisher.config().stream_key(&topic);
+    let events: Vec<Event> = (0..N)
+        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
+        .collect();
+    // Far more calls than slots, none of their futures polled yet:
+    // `poll_ready` waits for replies to free slots, and no call is refused.
+    let futures = tokio::time::timeout(WAIT, call_all(&mut publisher, &events))
+        .await
+        .expect("slots free up as replies come in");
+    let receipts: Vec<Receipt> = tokio::time::timeout(WAIT, join_all(futures))
+        .await
+        .expect("every call answered")
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(receipts.len(), N);
+    let mut conn = common::raw(URL).await;
+    let stored = entries(&mut conn, &key).await;
+    let in_stream: Vec<&str> = stored.iter().map(|(_, id)| id.as_str()).collect();
+    let called: Vec<&str> = events.iter().map(Event::id).collect();
+    assert_eq!(in_stream, called);
+    cleanup(URL, &ns).await;
+}
