@@ -4,9 +4,11 @@
 //! * publish: `N` events, 64 concurrent callers. Raw: `XADD` of the same
 //!   fields on one multiplexed connection (the client pipelines concurrent
 //!   commands), and explicit pipelines of 64 `XADD`s, four on the wire at
-//!   once (the baseline issue #5 measures against). WatchTower: dead
-//!   letter + retry + circuit breaker over [`RedisPublisher`], the same
-//!   with a backpressure queue as fourth layer, and the publisher alone.
+//!   once (the baseline issue #5 measures against), and for reference
+//!   pipelines of 32 two at a time: as many `XADD`s outstanding as 64
+//!   callers can have. WatchTower: dead letter + retry + circuit breaker
+//!   over [`RedisPublisher`], the same with a backpressure queue as fourth
+//!   layer, and the publisher alone.
 //! * consume: `N` entries already in a stream, a fresh group each run.
 //!   Raw: `XREADGROUP COUNT 256` + one `XACK` per batch, in a loop.
 //!   WatchTower: [`RedisSubscriber`] through `watchtower::serve`, with
@@ -188,12 +190,19 @@ async fn publish_raw() -> f64 {
     rate
 }
 
+/// The baseline: pipelines of 64, four on the wire (256 `XADD`s
+/// outstanding).
 async fn publish_raw_pipelined() -> f64 {
+    publish_raw_pipelines(CALLERS, 4).await
+}
+
+/// Pipelines of `size`, `in_flight` on the wire at once.
+async fn publish_raw_pipelines(size: usize, in_flight: usize) -> f64 {
     let stream = key("pub_pipe");
     let fields = raw_fields(&events(&stream));
     let conn = raw_conn().await;
     let start = Clock::start();
-    let mut calls = futures_util::stream::iter(fields.chunks(CALLERS).map(<[_]>::to_vec))
+    let mut calls = futures_util::stream::iter(fields.chunks(size).map(<[_]>::to_vec))
         .map(|batch| {
             let mut conn = conn.clone();
             let stream = &stream;
@@ -208,7 +217,7 @@ async fn publish_raw_pipelined() -> f64 {
                 pipe.query_async::<Vec<String>>(&mut conn).await.unwrap()
             }
         })
-        .buffer_unordered(4);
+        .buffer_unordered(in_flight);
     while calls.next().await.is_some() {}
     let rate = start.rate();
     del(&stream).await;
@@ -439,18 +448,26 @@ fn main() {
     rt.block_on(async {
         println!("redis streams, {N} events per run, {rounds} rounds, events/s");
         if only != "consume" {
-            let (mut raw, mut pipe, mut wt, mut wtbp, mut bare) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut raw, mut pipe, mut wt, mut wtbp, mut bare, mut pipe64) = (
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            );
             for _ in 0..rounds {
                 pipe.push(sample(publish_raw_pipelined()).await);
                 wt.push(sample(publish_watchtower(false)).await);
                 raw.push(sample(publish_raw()).await);
                 wtbp.push(sample(publish_watchtower(true)).await);
                 bare.push(sample(publish_bare()).await);
+                pipe64.push(sample(publish_raw_pipelines(CALLERS / 2, 2)).await);
             }
             println!("publish, {CALLERS} concurrent callers:");
             row("raw XADD, concurrent on one multiplexed connection", &raw);
             row("raw XADD, explicit pipelines of 64 (4 in flight)", &pipe);
+            row("raw XADD, pipelines of 32, 2 in flight (64 outstanding)", &pipe64);
             row("watchtower dead letter + retry + breaker + publisher", &wt);
             row("watchtower the same + backpressure (four layers)", &wtbp);
             row("watchtower publisher alone", &bare);
@@ -463,6 +480,12 @@ fn main() {
                 &pipe,
             );
             ratio_row("publisher alone", &bare, "raw pipelines of 64", &pipe);
+            ratio_row(
+                "dead letter + retry + breaker",
+                &wt,
+                "raw 2 x 32 in flight",
+                &pipe64,
+            );
             ratio_row("dead letter + retry + breaker", &wt, "raw concurrent XADD", &raw);
         }
         if only != "publish" {
