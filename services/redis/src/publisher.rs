@@ -93,8 +93,9 @@ impl Health {
 /// in flight) travel together: 64 callers keep about two pipelines of 32
 /// going, and a busy publisher pays one write, one server read and one
 /// wake-up per batch rather than per event. There is no timer: an `XADD`
-/// waits at most for the pipelines already on the wire. Calls from one
-/// task reach the stream in the order they were made.
+/// waits at most for the pipelines already on the wire. While the
+/// connection holds, calls from one task reach the stream in the order they
+/// were made.
 ///
 /// Each caller gets its own result: the entry id of its own `XADD`, or the
 /// server's error for that command alone (a `WRONGTYPE` for one stream
