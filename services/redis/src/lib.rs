@@ -5,7 +5,9 @@
 //! * [`RedisPublisher`] is a `tower::Service<Event>`: one stream per topic
 //!   (named by [`RedisConfig::stream_prefix`] plus the topic), optional
 //!   `MAXLEN ~` trimming, a [`Receipt`](watchtower::Receipt) with the entry
-//!   id. Concurrent calls are pipelined on one multiplexed connection.
+//!   id. Concurrent calls are gathered into pipelines of `XADD`s on one
+//!   multiplexed connection, each caller answered with its own entry id or
+//!   its own error (see [Batching](RedisPublisher#batching)).
 //! * [`RedisSubscriber`] implements [`watchtower::Subscriber`]: consumer
 //!   groups, redelivery with rising delivery counts, reclaiming, a
 //!   dead-letter stream after too many deliveries, patterns resolved against
@@ -71,7 +73,7 @@ pub use config::{
     DEFAULT_CONNECTION_TIMEOUT, DEFAULT_PIPELINE_BUFFER, DEFAULT_RECONNECT_RETRIES, DEFAULT_RESPONSE_TIMEOUT,
     DEFAULT_URL, RedisConfig,
 };
-pub use publisher::{MaxLen, RedisPublisher, RedisPublisherBuilder, ResponseFuture};
+pub use publisher::{DEFAULT_MAX_PENDING, MaxLen, RedisPublisher, RedisPublisherBuilder, ResponseFuture};
 pub use subscriber::{
     DEFAULT_BATCH_SIZE, DEFAULT_BLOCK, DEFAULT_CLAIM_IDLE, DEFAULT_CLAIM_INTERVAL,
     DEFAULT_DEAD_LETTER_STREAM, DEFAULT_MAX_DELIVERIES, DEFAULT_RESCAN_INTERVAL, DeadLetter, RedisAcker,

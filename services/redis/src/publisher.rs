@@ -1,25 +1,35 @@
 //! The publishing side: `XADD` to one stream per topic.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, ready};
 
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
 use watchtower::topic::validate_topic;
 use watchtower::trace::publish_span;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
-use crate::batch::{Request, batch_loop, server_error};
+use crate::batch::{Queue, Request, batch_loop, server_error};
 use crate::config::RedisConfig;
 use crate::error::from_redis;
-use crate::wire::{string_of, write_fields};
+use crate::wire::{fields_size, shared_string, write_fields};
+
+/// `XADD`s a publisher lets wait for or ride in a pipeline at once unless
+/// set: 4096. Further calls wait in `poll_ready`.
+pub const DEFAULT_MAX_PENDING: usize = 4096;
+
+/// Stream keys remembered per topic, so that a busy topic's key is not
+/// built again for every event.
+const KEY_CACHE: usize = 256;
 
 /// Trimming of a stream on every `XADD`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,19 +74,50 @@ impl Health {
 /// answers with a [`Receipt`] carrying the stream key and the entry id.
 ///
 /// The connection is one multiplexed connection that reconnects by itself.
-/// Clones share it, and calls do not wait for each other: the `XADD`s of
-/// concurrent callers (or of one caller with many calls in flight) are
-/// gathered into pipelines, a few on the wire at once, so a busy publisher
-/// pays one round trip per batch rather than per event.
+/// Clones share it, and calls do not wait for each other.
+///
+/// # Batching
+///
+/// `call` encodes the event's `XADD` at once (straight into one command
+/// buffer sized in advance, no allocation per field) and queues it for the
+/// publisher's connection task, which sends what has queued up as **one
+/// pipeline** of up to 512 `XADD`s:
+///
+/// * with no pipeline on the wire, at once: a lone `XADD` after a quiet
+///   spell waits for nobody;
+/// * with pipelines on the wire (at most four), once 32 `XADD`s have
+///   gathered, or else when a pipeline completes, whatever has gathered by
+///   then.
+///
+/// So the `XADD`s of concurrent callers (or of one caller with many calls
+/// in flight) travel together: 64 callers keep about two pipelines of 32
+/// going, and a busy publisher pays one write, one server read and one
+/// wake-up per batch rather than per event. There is no timer: an `XADD`
+/// waits at most for the pipelines already on the wire. While the
+/// connection holds, calls from one task reach the stream in the order they
+/// were made.
+///
+/// Each caller gets its own result: the entry id of its own `XADD`, or the
+/// server's error for that command alone (a `WRONGTYPE` for one stream
+/// fails only the event that went there, as [`ErrorKind::Rejected`]). If
+/// the connection fails while a pipeline is on the wire, every caller in
+/// it gets the [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] error
+/// (with its event attached, for a retry or dead-letter layer); their
+/// events may or may not have been stored. A caller that drops its future
+/// does not withdraw its `XADD` and does not disturb the others.
+///
 /// [`publish_batch`](RedisPublisher::publish_batch) sends a caller's own
-/// batch as one pipeline.
+/// batch as one pipeline, outside the queue.
 ///
 /// # Readiness
 ///
-/// `poll_ready` is ready while the connection works. After a connection
-/// failure it sends a `PING` (which reconnects) and stays pending until the
-/// answer; if that fails too it returns the [`ErrorKind::Connection`]
-/// error, and the next `poll_ready` tries again.
+/// `poll_ready` is ready while the connection works and the queue has
+/// room. After a connection failure it sends a `PING` (which reconnects)
+/// and stays pending until the answer; if that fails too it returns the
+/// [`ErrorKind::Connection`] error, and the next `poll_ready` tries again.
+/// The queue holds [`max_pending`](RedisPublisherBuilder::max_pending)
+/// `XADD`s, counting those on the wire: when it is full, `poll_ready` waits
+/// for replies to free a slot.
 ///
 /// # Example
 ///
@@ -94,27 +135,45 @@ impl Health {
 /// # Ok(()) }
 /// ```
 pub struct RedisPublisher {
-    conn: ConnectionManager,
-    requests: mpsc::UnboundedSender<Request>,
+    requests: Arc<Sender>,
     shared: Arc<PublisherShared>,
     probe: Option<JoinHandle<Result<(), Error>>>,
+    /// Slots in the queue, one per `XADD` waiting or on the wire.
+    slots: PollSemaphore,
+    /// The slot `poll_ready` reserved for the next `call`.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Clone for RedisPublisher {
     fn clone(&self) -> Self {
         RedisPublisher {
-            conn: self.conn.clone(),
             requests: self.requests.clone(),
             shared: self.shared.clone(),
             probe: None,
+            slots: self.slots.clone(),
+            slot: None,
         }
     }
 }
 
+/// The publishers' end of the queue: closes it when the last one goes.
+struct Sender(Arc<Queue>);
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 struct PublisherShared {
+    /// For `PING` and [`RedisPublisher::publish_batch`]; the queue's task
+    /// has its own clone.
+    conn: ConnectionManager,
     config: RedisConfig,
     max_len: Option<MaxLen>,
     health: Arc<Health>,
+    /// Stream keys by topic.
+    keys: RwLock<HashMap<Box<str>, Arc<str>>>,
 }
 
 impl fmt::Debug for RedisPublisher {
@@ -132,12 +191,20 @@ impl fmt::Debug for RedisPublisher {
 pub struct RedisPublisherBuilder {
     config: RedisConfig,
     max_len: Option<MaxLen>,
+    max_pending: usize,
 }
 
 impl RedisPublisherBuilder {
     /// Trims each stream on every `XADD`. Default: no trimming.
     pub fn max_len(mut self, max_len: MaxLen) -> Self {
         self.max_len = Some(max_len);
+        self
+    }
+
+    /// How many `XADD`s may be queued or on the wire at once (at least 1);
+    /// beyond that `poll_ready` waits. Default [`DEFAULT_MAX_PENDING`].
+    pub fn max_pending(mut self, n: usize) -> Self {
+        self.max_pending = n.max(1);
         self
     }
 
@@ -155,17 +222,21 @@ impl RedisPublisherBuilder {
         let client = self.config.client()?;
         let conn = self.config.connect(&client, std::time::Duration::ZERO).await?;
         let health = Health::new();
-        let (requests, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batch_loop(conn.clone(), health.clone(), rx));
+        let queue = Queue::new();
+        tokio::spawn(batch_loop(conn.clone(), health.clone(), queue.clone()));
+        let requests = Arc::new(Sender(queue));
         Ok(RedisPublisher {
-            conn,
             requests,
             shared: Arc::new(PublisherShared {
+                conn,
                 config: self.config,
                 max_len: self.max_len,
                 health,
+                keys: RwLock::new(HashMap::new()),
             }),
             probe: None,
+            slots: PollSemaphore::new(Arc::new(Semaphore::new(self.max_pending))),
+            slot: None,
         })
     }
 }
@@ -176,6 +247,7 @@ impl RedisPublisher {
         RedisPublisherBuilder {
             config,
             max_len: None,
+            max_pending: DEFAULT_MAX_PENDING,
         }
     }
 
@@ -205,7 +277,7 @@ impl RedisPublisher {
     /// [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] if Redis does not
     /// answer.
     pub async fn health(&self) -> Result<(), Error> {
-        ping(self.conn.clone(), self.shared.health.clone()).await
+        ping(self.shared.conn.clone(), self.shared.health.clone()).await
     }
 
     /// Publishes several events in one pipeline (one round trip), in order.
@@ -228,7 +300,7 @@ impl RedisPublisher {
                 Err(e) => prepared.push(Err(e)),
             }
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.shared.conn.clone();
         let replies: Vec<Value> = if pipe.cmd_iter().next().is_none() {
             Vec::new()
         } else {
@@ -245,7 +317,10 @@ impl RedisPublisher {
             .map(|item| {
                 let (key, event) = item?;
                 match replies.next() {
-                    Some(reply) => receipt(&event, &key, &server_error(reply, &key)?),
+                    Some(reply) => {
+                        let reply = server_error(reply, &key)?;
+                        receipt(&event, key, &reply)
+                    }
                     None => Err(Error::decode("XADD pipeline: missing reply")),
                 }
             })
@@ -254,13 +329,14 @@ impl RedisPublisher {
 }
 
 impl PublisherShared {
-    fn xadd(&self, event: &Event) -> Result<(String, Cmd), Error> {
-        let topic = event.topic();
-        validate_topic(topic)?;
+    /// The `XADD` for `event`, encoded into a command allocated once.
+    fn xadd(&self, event: &Event) -> Result<(Arc<str>, Cmd), Error> {
         event.validate()?;
-        let key = self.config.stream_key(topic);
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&key);
+        let key = self.stream_key(event.topic())?;
+        let (field_args, field_bytes) = fields_size(event);
+        // XADD key [MAXLEN ~ n] * fields...
+        let mut cmd = Cmd::with_capacity(6 + field_args, 32 + key.len() + field_bytes);
+        cmd.arg("XADD").arg(&*key);
         match self.max_len {
             Some(MaxLen::Approx(n)) => {
                 cmd.arg("MAXLEN").arg("~").arg(n);
@@ -274,11 +350,32 @@ impl PublisherShared {
         write_fields(&mut cmd, event);
         Ok((key, cmd))
     }
+
+    /// The stream key of `topic`, from the cache when it is there (a
+    /// cached topic has been validated).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::InvalidTopic`] for a topic that is not valid.
+    fn stream_key(&self, topic: &str) -> Result<Arc<str>, Error> {
+        if let Some(key) = self.keys.read().ok().and_then(|keys| keys.get(topic).cloned()) {
+            return Ok(key);
+        }
+        validate_topic(topic)?;
+        let key: Arc<str> = self.config.stream_key(topic).into();
+        if let Ok(mut keys) = self.keys.write() {
+            if keys.len() >= KEY_CACHE {
+                keys.clear();
+            }
+            keys.insert(topic.into(), key.clone());
+        }
+        Ok(key)
+    }
 }
 
-fn receipt(event: &Event, key: &str, reply: &Value) -> Result<Receipt, Error> {
-    let id = string_of(reply).ok_or_else(|| Error::decode("XADD did not answer with an entry id"))?;
-    Ok(Receipt::new(event.topic(), event)
+fn receipt(event: &Event, key: Arc<str>, reply: &Value) -> Result<Receipt, Error> {
+    let id = shared_string(reply).ok_or_else(|| Error::decode("XADD did not answer with an entry id"))?;
+    Ok(Receipt::new(event.shared_topic(), event)
         .with_stream(key)
         .with_message_id(id))
 }
@@ -299,28 +396,46 @@ impl Service<Event> for RedisPublisher {
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.probe.is_none() {
-            if self.shared.health.is_connected() {
-                return Poll::Ready(Ok(()));
-            }
+        if self.probe.is_none() && !self.shared.health.is_connected() {
             // A task rather than a stored future keeps the publisher `Sync`.
-            self.probe = Some(tokio::spawn(ping(self.conn.clone(), self.shared.health.clone())));
+            self.probe = Some(tokio::spawn(ping(
+                self.shared.conn.clone(),
+                self.shared.health.clone(),
+            )));
         }
-        let Some(probe) = self.probe.as_mut() else {
-            return Poll::Ready(Ok(()));
-        };
-        let result = ready!(Pin::new(probe).poll(cx));
-        self.probe = None;
-        Poll::Ready(result.unwrap_or_else(|e| Err(Error::closed(format!("connection probe failed: {e}")))))
+        if let Some(probe) = self.probe.as_mut() {
+            let result = ready!(Pin::new(probe).poll(cx));
+            self.probe = None;
+            result.unwrap_or_else(|e| Err(Error::closed(format!("connection probe failed: {e}"))))?;
+        }
+        if self.slot.is_none() {
+            match ready!(self.slots.poll_acquire(cx)) {
+                Some(slot) => self.slot = Some(slot),
+                None => return Poll::Ready(Err(Error::closed("the publisher's queue is closed"))),
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, event: Event) -> ResponseFuture {
         let span = publish_span("redis", event.topic(), &event);
-        let state = match self.shared.xadd(&event) {
-            Err(e) => State::Failed(Some(e.with_event(event))),
-            Ok((key, cmd)) => {
+        // A call without `poll_ready` takes a free slot if there is one.
+        let slot = self
+            .slot
+            .take()
+            .or_else(|| self.slots.clone_inner().try_acquire_owned().ok());
+        let state = match (slot, self.shared.xadd(&event)) {
+            (_, Err(e)) => State::Failed(Some(e.with_event(event))),
+            (None, Ok(_)) => State::Failed(Some(
+                Error::new(
+                    ErrorKind::Overloaded,
+                    "the publisher's queue is full: call poll_ready before call",
+                )
+                .with_event(event),
+            )),
+            (Some(slot), Ok((key, cmd))) => {
                 let (done, reply) = oneshot::channel();
-                match self.requests.send(Request { cmd, done }) {
+                match self.requests.0.push(Request { cmd, done, slot }) {
                     Ok(()) => State::Waiting {
                         reply,
                         key,
@@ -340,7 +455,7 @@ enum State {
     Failed(Option<Error>),
     Waiting {
         reply: oneshot::Receiver<Result<Value, Error>>,
-        key: String,
+        key: Arc<str>,
         event: Option<Event>,
     },
 }
@@ -383,7 +498,7 @@ impl Future for ResponseFuture {
                 let result = result
                     .unwrap_or_else(|_| Err(Error::closed("the publisher's connection task has stopped")))
                     .and_then(|reply| server_error(reply, key))
-                    .and_then(|reply| receipt(&event, key, &reply));
+                    .and_then(|reply| receipt(&event, key.clone(), &reply));
                 Poll::Ready(result.map_err(|e| e.with_event(event)))
             }
         }

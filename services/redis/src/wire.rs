@@ -8,19 +8,104 @@
 
 use bytes::Bytes;
 use redis::{Cmd, Value};
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
 use watchtower::codec::Binding;
 use watchtower::{Error, Event, Poison, RawMessage};
 
 /// The field that carries the payload.
 pub const DATA_FIELD: &str = "data";
 
-/// Appends `event`'s fields to an `XADD` command.
+/// The fields of `event` in wire order: the attributes as
+/// [`Binding::REDIS`] names them (`specversion`, `id`, `type`, `source`,
+/// `time`, `subject`, `dataschema`, extensions, `datacontenttype`; values
+/// as they are, the binding does not percent-encode), then `data`.
+///
+/// Written straight into the command: no `String` per field, and the
+/// `time` attribute is formatted on the stack.
 pub(crate) fn write_fields(cmd: &mut Cmd, event: &Event) {
-    Binding::REDIS.write_headers(event, |name, value| {
+    cmd.arg("specversion").arg(event.specversion());
+    cmd.arg("id").arg(event.id());
+    cmd.arg("type").arg(event.ty());
+    cmd.arg("source").arg(event.source());
+    if let Some(time) = event.time() {
+        cmd.arg("time").arg(TimeText::new(time).as_bytes());
+    }
+    if let Some(subject) = event.subject() {
+        cmd.arg("subject").arg(subject);
+    }
+    if let Some(schema) = event.dataschema() {
+        cmd.arg("dataschema").arg(schema);
+    }
+    for (name, value) in event.extensions() {
         cmd.arg(name).arg(value);
-    });
+    }
+    if let Some(ct) = event.datacontenttype() {
+        cmd.arg("datacontenttype").arg(ct);
+    }
     if let Some(data) = event.data() {
         cmd.arg(DATA_FIELD).arg(&data[..]);
+    }
+}
+
+/// An upper bound of the arguments and bytes [`write_fields`] adds, so
+/// that a command can be allocated once.
+pub(crate) fn fields_size(event: &Event) -> (usize, usize) {
+    // Always there: specversion, id, type, source and (at most) time,
+    // names and values.
+    let mut args = 10;
+    let mut bytes = "specversion1.0idtypesourcetime".len() + TimeText::MAX + event.id().len();
+    bytes += event.ty().len() + event.source().len();
+    if let Some(subject) = event.subject() {
+        args += 2;
+        bytes += "subject".len() + subject.len();
+    }
+    if let Some(schema) = event.dataschema() {
+        args += 2;
+        bytes += "dataschema".len() + schema.len();
+    }
+    for (name, value) in event.extensions() {
+        args += 2;
+        bytes += name.len() + value.len();
+    }
+    if let Some(ct) = event.datacontenttype() {
+        args += 2;
+        bytes += "datacontenttype".len() + ct.len();
+    }
+    if let Some(data) = event.data() {
+        args += 2;
+        bytes += DATA_FIELD.len() + data.len();
+    }
+    (args, bytes)
+}
+
+/// The `time` attribute as RFC 3339 in UTC, formatted on the stack: the
+/// same text as [`watchtower::codec::format_time`] (empty for a time RFC
+/// 3339 cannot express).
+struct TimeText {
+    buf: [u8; TimeText::MAX],
+    len: usize,
+}
+
+impl TimeText {
+    /// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ` is 30 bytes; room to spare.
+    const MAX: usize = 40;
+
+    fn new(time: OffsetDateTime) -> TimeText {
+        let mut buf = [0; TimeText::MAX];
+        let mut out = &mut buf[..];
+        let written = time.to_offset(UtcOffset::UTC).format_into(&mut out, &Rfc3339);
+        // What is left of `out` tells the length; on an error, whatever
+        // was written is not used.
+        let len = match written {
+            Ok(_) => TimeText::MAX - out.len(),
+            Err(_) => 0,
+        };
+        TimeText { buf, len }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
     }
 }
 
@@ -79,6 +164,16 @@ fn into_string(value: Value) -> Option<String> {
         Value::BulkString(b) => String::from_utf8(b).ok(),
         Value::SimpleString(s) => Some(s),
         Value::VerbatimString { text, .. } => Some(text),
+        _ => None,
+    }
+}
+
+/// The text of a string reply, shared.
+pub(crate) fn shared_string(value: &Value) -> Option<std::sync::Arc<str>> {
+    match value {
+        Value::BulkString(b) => std::str::from_utf8(b).ok().map(Into::into),
+        Value::SimpleString(s) => Some(s.as_str().into()),
+        Value::VerbatimString { text, .. } => Some(text.as_str().into()),
         _ => None,
     }
 }
@@ -264,6 +359,69 @@ mod tests {
         assert_eq!(decode("blob", fields_of(&binary)).unwrap(), binary);
         let empty = Event::empty("nothing");
         assert_eq!(decode("nothing", fields_of(&empty)).unwrap(), empty);
+    }
+
+    /// The fields as the core's binding names them, then `data`.
+    fn binding_fields(event: &Event) -> Vec<(Bytes, Bytes)> {
+        let mut fields = Vec::new();
+        Binding::REDIS.write_headers(event, |n, v| {
+            fields.push((
+                Bytes::copy_from_slice(n.as_bytes()),
+                Bytes::copy_from_slice(v.as_bytes()),
+            ));
+        });
+        if let Some(data) = event.data() {
+            fields.push((Bytes::from_static(DATA_FIELD.as_bytes()), data.clone()));
+        }
+        fields
+    }
+
+    #[test]
+    fn fields_match_the_binding_and_fit_the_size() {
+        let time = |s: &str| watchtower::codec::parse_time(s).unwrap();
+        let full = Event::builder("order.placed")
+            .source("/shop")
+            .subject("o-1")
+            .dataschema("https://example.com/schema")
+            .extension("correlationid", "c-1")
+            .extension("tenant", "t \"x\" %")
+            .time(time("2026-03-04T05:06:07.123456789+02:00"))
+            .json(&serde_json::json!({"n": 1}))
+            .unwrap()
+            .build()
+            .unwrap();
+        let whole_second = Event::builder("a")
+            .time(time("2026-01-01T00:00:00Z"))
+            .build()
+            .unwrap();
+        let trailing_zeros = Event::builder("a")
+            .time(time("2026-01-01T00:00:00.120Z"))
+            .build()
+            .unwrap();
+        let no_time = Event::builder("a").no_time().build().unwrap();
+        for event in [
+            full,
+            whole_second,
+            trailing_zeros,
+            no_time,
+            Event::empty("e"),
+            Event::binary("b", "application/octet-stream", &b"\x00\xff"[..]),
+        ] {
+            assert_eq!(fields_of(&event), binding_fields(&event), "{event:?}");
+            let mut cmd = redis::cmd("XADD");
+            write_fields(&mut cmd, &event);
+            let (args, bytes) = fields_size(&event);
+            let written: Vec<usize> = cmd
+                .args_iter()
+                .skip(1)
+                .map(|a| match a {
+                    redis::Arg::Simple(b) => b.len(),
+                    _ => 0,
+                })
+                .collect();
+            assert!(written.len() <= args, "{event:?}");
+            assert!(written.iter().sum::<usize>() <= bytes, "{event:?}");
+        }
     }
 
     #[test]
