@@ -2,11 +2,11 @@
 //! the same work with the same guarantee, in the same run.
 //!
 //! * publish: `N` events, 64 concurrent callers. Raw: `XADD` of the same
-//!   fields on one multiplexed connection (the client pipelines concurrent
-//!   commands), and explicit pipelines of 64 `XADD`s, four on the wire at
-//!   once (the baseline issue #5 measures against), and for reference
-//!   pipelines of 32 two at a time: as many `XADD`s outstanding as 64
-//!   callers can have. WatchTower: dead letter + retry + circuit breaker
+//!   fields (encoded per event, as a hand-written client does) on one
+//!   multiplexed connection (the client pipelines concurrent commands),
+//!   and explicit pipelines of 64 `XADD`s, four on the wire at once (the
+//!   baseline), and for reference pipelines half the callers long, two at
+//!   a time: as many `XADD`s outstanding as the callers can have. WatchTower: dead letter + retry + circuit breaker
 //!   over [`RedisPublisher`], the same with a backpressure queue as fourth
 //!   layer, and the publisher alone.
 //! * consume: `N` entries already in a stream, a fresh group each run.
@@ -16,7 +16,8 @@
 //!
 //! Run with `cargo bench -p watchtower-redis --bench redis` against the
 //! local Redis (`REDIS_URL` to change it; `REDIS_BENCH=publish` or
-//! `consume` for one half, `REDIS_BENCH_ROUNDS` for the number of rounds).
+//! `consume` for one half, `REDIS_BENCH_ROUNDS` for the number of rounds,
+//! `REDIS_BENCH_CALLERS` for the concurrent publishers, 64 by default).
 //! Each row gives the median, best and range over the rounds; each ratio
 //! is taken per round (the cases of a round run back to back) and given as
 //! median and range.
@@ -38,7 +39,16 @@ use watchtower_layers::retry::{RetryConfig, RetryLayer};
 use watchtower_redis::{RedisConfig, RedisPublisher, RedisSubscriber};
 
 const N: usize = 50_000;
+/// Concurrent callers unless `REDIS_BENCH_CALLERS` says otherwise.
 const CALLERS: usize = 64;
+
+/// Concurrent callers of the publish cases.
+fn callers() -> usize {
+    std::env::var("REDIS_BENCH_CALLERS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(CALLERS)
+}
 const ROUNDS: usize = 5;
 
 /// Wall time and CPU time (this process and the Redis server, when its
@@ -128,25 +138,23 @@ fn events(topic: &str) -> Vec<Event> {
         .collect()
 }
 
-/// The fields a hand-written client would send for the same events.
-fn raw_fields(events: &[Event]) -> Vec<Vec<(&'static str, Vec<u8>)>> {
-    events
-        .iter()
-        .map(|e| {
-            vec![
-                ("specversion", b"1.0".to_vec()),
-                ("id", e.id().as_bytes().to_vec()),
-                ("type", e.ty().as_bytes().to_vec()),
-                ("source", e.source().as_bytes().to_vec()),
-                (
-                    "time",
-                    watchtower::codec::format_time(e.time().unwrap()).into_bytes(),
-                ),
-                ("datacontenttype", b"application/json".to_vec()),
-                ("data", e.data().unwrap().to_vec()),
-            ]
-        })
-        .collect()
+/// Appends the fields a hand-written client would send for `e` to `cmd`:
+/// the same CloudEvents attributes, encoded per event as it is sent.
+fn raw_fields(cmd: &mut redis::Cmd, e: &Event) {
+    cmd.arg("specversion")
+        .arg("1.0")
+        .arg("id")
+        .arg(e.id())
+        .arg("type")
+        .arg(e.ty())
+        .arg("source")
+        .arg(e.source())
+        .arg("time")
+        .arg(watchtower::codec::format_time(e.time().unwrap()))
+        .arg("datacontenttype")
+        .arg("application/json")
+        .arg("data")
+        .arg(&e.data().unwrap()[..]);
 }
 
 async fn raw_conn() -> redis::aio::MultiplexedConnection {
@@ -167,23 +175,21 @@ async fn del(key: &str) {
 
 async fn publish_raw() -> f64 {
     let stream = key("pub_raw");
-    let fields = raw_fields(&events(&stream));
+    let events = events(&stream);
     let conn = raw_conn().await;
     let start = Clock::start();
-    let mut calls = futures_util::stream::iter(fields)
-        .map(|fields| {
+    let mut calls = futures_util::stream::iter(&events)
+        .map(|event| {
             let mut conn = conn.clone();
             let stream = &stream;
             async move {
                 let mut cmd = redis::cmd("XADD");
                 cmd.arg(stream).arg("*");
-                for (n, v) in &fields {
-                    cmd.arg(*n).arg(&v[..]);
-                }
+                raw_fields(&mut cmd, event);
                 cmd.query_async::<String>(&mut conn).await.unwrap()
             }
         })
-        .buffer_unordered(CALLERS);
+        .buffer_unordered(callers());
     while calls.next().await.is_some() {}
     let rate = start.rate();
     del(&stream).await;
@@ -193,26 +199,26 @@ async fn publish_raw() -> f64 {
 /// The baseline: pipelines of 64, four on the wire (256 `XADD`s
 /// outstanding).
 async fn publish_raw_pipelined() -> f64 {
-    publish_raw_pipelines(CALLERS, 4).await
+    publish_raw_pipelines(64, 4).await
 }
 
 /// Pipelines of `size`, `in_flight` on the wire at once.
 async fn publish_raw_pipelines(size: usize, in_flight: usize) -> f64 {
     let stream = key("pub_pipe");
-    let fields = raw_fields(&events(&stream));
+    let events = events(&stream);
     let conn = raw_conn().await;
     let start = Clock::start();
-    let mut calls = futures_util::stream::iter(fields.chunks(size).map(<[_]>::to_vec))
+    let mut calls = futures_util::stream::iter(events.chunks(size))
         .map(|batch| {
             let mut conn = conn.clone();
             let stream = &stream;
             async move {
                 let mut pipe = redis::pipe();
-                for fields in &batch {
-                    let cmd = pipe.cmd("XADD").arg(stream).arg("*");
-                    for (n, v) in fields {
-                        cmd.arg(*n).arg(&v[..]);
-                    }
+                for event in batch {
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(stream).arg("*");
+                    raw_fields(&mut cmd, event);
+                    pipe.add_command(cmd);
                 }
                 pipe.query_async::<Vec<String>>(&mut conn).await.unwrap()
             }
@@ -231,7 +237,7 @@ async fn publish_bare() -> f64 {
     let start = Clock::start();
     let mut calls = futures_util::stream::iter(sent)
         .map(|event| publisher.clone().oneshot(event))
-        .buffer_unordered(CALLERS);
+        .buffer_unordered(callers());
     while let Some(result) = calls.next().await {
         result.unwrap();
     }
@@ -272,7 +278,7 @@ where
     let start = Clock::start();
     let mut calls = futures_util::stream::iter(sent)
         .map(publish)
-        .buffer_unordered(CALLERS);
+        .buffer_unordered(callers());
     while let Some(result) = calls.next().await {
         assert!(result.unwrap().is_delivered());
     }
@@ -462,12 +468,19 @@ fn main() {
                 raw.push(sample(publish_raw()).await);
                 wtbp.push(sample(publish_watchtower(true)).await);
                 bare.push(sample(publish_bare()).await);
-                pipe64.push(sample(publish_raw_pipelines(CALLERS / 2, 2)).await);
+                pipe64.push(sample(publish_raw_pipelines(callers().div_ceil(2), 2)).await);
             }
-            println!("publish, {CALLERS} concurrent callers:");
+            let callers = callers();
+            println!("publish, {callers} concurrent callers:");
             row("raw XADD, concurrent on one multiplexed connection", &raw);
             row("raw XADD, explicit pipelines of 64 (4 in flight)", &pipe);
-            row("raw XADD, pipelines of 32, 2 in flight (64 outstanding)", &pipe64);
+            row(
+                &format!(
+                    "raw XADD, pipelines of {}, 2 in flight ({callers} outstanding)",
+                    callers.div_ceil(2)
+                ),
+                &pipe64,
+            );
             row("watchtower dead letter + retry + breaker + publisher", &wt);
             row("watchtower the same + backpressure (four layers)", &wtbp);
             row("watchtower publisher alone", &bare);
@@ -483,7 +496,7 @@ fn main() {
             ratio_row(
                 "dead letter + retry + breaker",
                 &wt,
-                "raw 2 x 32 in flight",
+                "raw, as many outstanding",
                 &pipe64,
             );
             ratio_row("dead letter + retry + breaker", &wt, "raw concurrent XADD", &raw);
