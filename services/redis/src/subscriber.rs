@@ -604,10 +604,13 @@ impl Shared {
             return None;
         };
         let id: Arc<str> = entry.id.as_str().into();
+        // Reading its own pending entries and reclaiming idle ones can both
+        // come upon the same entry; the first to hold it delivers it.
+        let held = Held::claim(self, &stream.key, &id)?;
         let acker = RedisAcker {
             shared: self.clone(),
             stream: stream.clone(),
-            held: None,
+            held: Some(held),
             id,
             count,
             settled: false,
@@ -643,16 +646,12 @@ impl Shared {
                         ErrorKind::Rejected,
                         format!("delivered {count} times, more than the maximum"),
                     );
-                    let mut acker = acker;
-                    acker.held = Some(Held::new(self, &stream.key, &acker.id));
                     return Some(Ok(Delivery::poison(Poison::new(raw, error), acker)
                         .with_delivery_count(count)
                         .with_system("redis")));
                 }
             }
         }
-        let mut acker = acker;
-        acker.held = Some(Held::new(self, &stream.key, &acker.id));
         let delivery = match wire::decode(&stream.topic, fields) {
             Ok(event) => Delivery::new(event, stream.topic.clone(), acker),
             Err(poison) => Delivery::poison(poison, acker),
@@ -1098,15 +1097,18 @@ struct Held {
 }
 
 impl Held {
-    fn new(shared: &Arc<Shared>, stream: &Arc<str>, id: &Arc<str>) -> Held {
+    /// Holds the entry, unless this consumer holds it already.
+    fn claim(shared: &Arc<Shared>, stream: &Arc<str>, id: &Arc<str>) -> Option<Held> {
         let key = (stream.clone(), id.clone());
-        if let Ok(mut held) = shared.held.lock() {
-            held.insert(key.clone());
-        }
-        Held {
+        let fresh = shared
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.clone());
+        fresh.then(|| Held {
             shared: shared.clone(),
             key,
-        }
+        })
     }
 }
 
@@ -1169,6 +1171,8 @@ impl Acker for RedisAcker {
 
     fn nack(mut self, delay: Option<Duration>) -> impl Future<Output = Result<(), Error>> + Send {
         self.settled = true;
+        // Let go first, so that the redelivery can hold the entry again.
+        drop(self.held.take());
         let nack = Nack {
             stream: self.stream.clone(),
             id: self.id.clone(),

@@ -711,3 +711,48 @@ async fn an_entry_still_held_is_not_delivered_again_by_its_own_reclaiming() {
     assert_eq!(pending(&mut conn, &topic, "g").await, 0);
     cleanup(URL, &ns).await;
 }
+
+/// A restarted consumer reads its own pending entries while its reclaiming
+/// also finds them idle: each entry reaches it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_pending_entries_and_reclaiming_do_not_deliver_an_entry_twice() {
+    let ns = namespace("twice");
+    let topic = format!("{ns}.jobs");
+    let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
+    let builder = RedisSubscriber::builder(RedisConfig::new(URL))
+        .consumer(format!("{ns}-worker-1"))
+        // Every pending entry is due for reclaiming at once, while the
+        // restarted consumer reads the same entries from its own list.
+        .claim_idle(Duration::from_millis(1))
+        .claim_interval(Duration::from_millis(2));
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let sent: Vec<Event> = (0..200)
+        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
+        .collect();
+    let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
+    assert_eq!(taken, 200);
+
+    let subscriber = builder.connect().await.unwrap();
+    let mut subscription = subscriber.open(options).await.unwrap();
+    let mut held = Vec::new();
+    let mut seen = HashSet::new();
+    while seen.len() < sent.len() {
+        let delivery = next(&mut subscription).await;
+        let id = delivery.event().unwrap().id().to_owned();
+        assert!(seen.insert(id.clone()), "{id} delivered twice");
+        held.push(delivery);
+    }
+    // Nothing more may come while the deliveries are held.
+    let extra = tokio::time::timeout(Duration::from_millis(300), subscription.next()).await;
+    assert!(
+        extra.is_err(),
+        "an entry came a second time: {:?}",
+        extra.ok().flatten().map(|d| d.map(|d| d.delivery_count()))
+    );
+    for delivery in held {
+        delivery.ack().await.unwrap();
+    }
+    let mut conn = raw(URL).await;
+    assert_eq!(pending(&mut conn, &topic, "workers").await, 0);
+    cleanup(URL, &ns).await;
+}
