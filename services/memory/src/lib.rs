@@ -27,6 +27,10 @@
 //! * Dropping a delivery unsettled redelivers it at once.
 //! * Order: one consumer sees a topic's events in publish order;
 //!   redelivered events go to the back of the queue.
+//! * Members of a group share its queue: a member takes at most 16 events
+//!   in a row while others are connected, then hands the turn on; a member
+//!   that closes gives back, in order, the events it took and had not yet
+//!   delivered.
 //!
 //! # Example
 //!
