@@ -113,7 +113,10 @@ struct Options {
 ///   of any consumer pending longer than the [claim idle
 ///   time](RedisSubscriberBuilder::claim_idle) are reclaimed with
 ///   `XAUTOCLAIM`, with their delivery counts; entries this consumer still
-///   holds (read and not yet settled) are not delivered to it again.
+///   holds (read and not yet settled) are not delivered to it again, and
+///   their delivery counts stay as they are (the claim only resets their
+///   idle time). An entry that reading the consumer's own pending list and
+///   reclaiming both come upon is delivered once.
 ///   Handlers that take longer than the claim idle time should call
 ///   [`Acker::progress`], or another consumer may take their entries.
 /// * An entry delivered more than [`max_deliveries`](RedisSubscriberBuilder::max_deliveries)
@@ -970,6 +973,9 @@ async fn reclaim(shared: &Arc<Shared>, tx: &Tx, cursors: &mut HashMap<Arc<str>, 
             .or_insert_with(|| "0-0".to_owned());
         // One pass over the pending entries per tick, at most a few batches.
         for _ in 0..16 {
+            // Claimed by id alone, which resets the idle time without
+            // counting a delivery: entries this consumer still holds (read,
+            // being handled) are neither delivered again nor counted again.
             let claimed = redis::cmd("XAUTOCLAIM")
                 .arg(&*stream.key)
                 .arg(&*shared.group)
@@ -978,11 +984,12 @@ async fn reclaim(shared: &Arc<Shared>, tx: &Tx, cursors: &mut HashMap<Arc<str>, 
                 .arg(&*cursor)
                 .arg("COUNT")
                 .arg(shared.options.batch_size)
+                .arg("JUSTID")
                 .query_async::<Value>(&mut shared.conn.clone())
                 .await
                 .map_err(|e| from_redis(e, &format!("XAUTOCLAIM on {:?}", stream.key)))
-                .and_then(wire::parse_autoclaim);
-            let (next, entries, _deleted) = match claimed {
+                .and_then(wire::parse_autoclaim_ids);
+            let (next, mut ids) = match claimed {
                 Ok(claimed) => claimed,
                 Err(e) => {
                     tracing::debug!(error = %e, "reclaiming failed; trying again later");
@@ -990,12 +997,40 @@ async fn reclaim(shared: &Arc<Shared>, tx: &Tx, cursors: &mut HashMap<Arc<str>, 
                 }
             };
             *cursor = next;
-            // Entries this consumer still holds (read, being handled) are
-            // not delivered again; the claim only reset their idle time.
-            let mut entries = entries;
-            if let Ok(held) = shared.held.lock() {
-                entries.retain(|e| !held.contains(&(stream.key.clone(), Arc::from(e.id.as_str()))));
+            {
+                let held = shared
+                    .held
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                ids.retain(|id| !held.contains(&(stream.key.clone(), Arc::from(id.as_str()))));
             }
+            // The others are this consumer's now: claiming them again with
+            // their contents counts the delivery.
+            let entries = if ids.is_empty() {
+                Vec::new()
+            } else {
+                let mut cmd = redis::cmd("XCLAIM");
+                cmd.arg(&*stream.key)
+                    .arg(&*shared.group)
+                    .arg(&*shared.options.consumer)
+                    .arg(0);
+                for id in &ids {
+                    cmd.arg(id);
+                }
+                match cmd
+                    .query_async::<Value>(&mut shared.conn.clone())
+                    .await
+                    .map_err(|e| from_redis(e, &format!("XCLAIM on {:?}", stream.key)))
+                    .and_then(wire::parse_entries)
+                {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        // Still pending: claimed again on a later pass.
+                        tracing::debug!(error = %e, "reclaiming failed; trying again later");
+                        break;
+                    }
+                }
+            };
             if !entries.is_empty() {
                 tracing::info!(
                     stream = &*stream.key,

@@ -300,6 +300,27 @@ pub(crate) fn parse_autoclaim(value: Value) -> Result<(String, Vec<Entry>, Vec<S
     Ok((cursor, entries, deleted))
 }
 
+/// Parses an `XAUTOCLAIM ... JUSTID` reply: the next cursor and the ids of
+/// the claimed entries.
+pub(crate) fn parse_autoclaim_ids(value: Value) -> Result<(String, Vec<String>), Error> {
+    let mut parts = into_items(value)
+        .ok_or_else(|| malformed("XAUTOCLAIM"))?
+        .into_iter();
+    let cursor = parts
+        .next()
+        .and_then(into_string)
+        .ok_or_else(|| malformed("XAUTOCLAIM cursor"))?;
+    let ids = match parts.next() {
+        None | Some(Value::Nil) => Vec::new(),
+        Some(ids) => into_items(ids)
+            .ok_or_else(|| malformed("XAUTOCLAIM ids"))?
+            .into_iter()
+            .map(|id| into_string(id).ok_or_else(|| malformed("an XAUTOCLAIM id")))
+            .collect::<Result<_, _>>()?,
+    };
+    Ok((cursor, ids))
+}
+
 /// Parses the extended `XPENDING` reply into (id, delivery count) pairs.
 pub(crate) fn parse_pending(value: Value) -> Result<Vec<(String, u32)>, Error> {
     let list = into_items(value).ok_or_else(|| malformed("XPENDING"))?;
