@@ -281,25 +281,6 @@ pub(crate) fn parse_read(value: Value) -> Result<Vec<(String, Vec<Entry>)>, Erro
         .collect()
 }
 
-/// Parses an `XAUTOCLAIM` reply: the next cursor, the claimed entries and
-/// the ids of entries that no longer exist.
-pub(crate) fn parse_autoclaim(value: Value) -> Result<(String, Vec<Entry>, Vec<String>), Error> {
-    let mut parts = into_items(value)
-        .ok_or_else(|| malformed("XAUTOCLAIM"))?
-        .into_iter();
-    let cursor = parts
-        .next()
-        .and_then(into_string)
-        .ok_or_else(|| malformed("XAUTOCLAIM cursor"))?;
-    let entries = parse_entries(parts.next().unwrap_or(Value::Nil))?;
-    let deleted = parts
-        .next()
-        .and_then(into_items)
-        .map(|ids| ids.into_iter().filter_map(into_string).collect())
-        .unwrap_or_default();
-    Ok((cursor, entries, deleted))
-}
-
 /// Parses an `XAUTOCLAIM ... JUSTID` reply: the next cursor and the ids of
 /// the claimed entries.
 pub(crate) fn parse_autoclaim_ids(value: Value) -> Result<(String, Vec<String>), Error> {
