@@ -476,14 +476,19 @@ mod tests {
             );
         }
         let claim = Value::Array(vec![
-            bulk("0-0"),
-            Value::Array(vec![]),
+            bulk("5-0"),
+            Value::Array(vec![bulk("1-0"), bulk("2-0")]),
             Value::Array(vec![bulk("3-0")]),
         ]);
-        let (cursor, entries, deleted) = parse_autoclaim(claim).unwrap();
+        let (cursor, ids) = parse_autoclaim_ids(claim).unwrap();
         assert_eq!(
-            (cursor.as_str(), entries.len(), deleted),
-            ("0-0", 0, vec!["3-0".to_owned()])
+            (cursor.as_str(), ids),
+            ("5-0", vec!["1-0".to_owned(), "2-0".to_owned()])
+        );
+        let bad_claim = Value::Array(vec![bulk("0-0"), Value::Array(vec![Value::Int(1)])]);
+        assert_eq!(
+            parse_autoclaim_ids(bad_claim).unwrap_err().kind(),
+            ErrorKind::Decode
         );
         let pending = Value::Array(vec![Value::Array(vec![
             bulk("1-0"),
