@@ -54,6 +54,13 @@ async fn call_all(publisher: &mut RedisPublisher, events: &[Event]) -> Vec<Respo
     futures
 }
 
+/// `n` events to `topic`, each carrying its number.
+fn numbered(topic: &str, n: usize) -> Vec<Event> {
+    (0..n)
+        .map(|i| Event::new(topic.to_owned(), serde_json::json!({"i": i})))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_each_get_their_own_entry_id_in_call_order() {
     const N: usize = 3000;
@@ -61,9 +68,7 @@ async fn concurrent_callers_each_get_their_own_entry_id_in_call_order() {
     let topic = format!("{ns}.orders");
     let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
     let key = publisher.config().stream_key(&topic);
-    let events: Vec<Event> = (0..N)
-        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
-        .collect();
+    let events = numbered(&topic, N);
 
     // All calls issued before any reply is awaited: they share pipelines.
     let futures = call_all(&mut publisher, &events).await;
@@ -181,9 +186,7 @@ async fn dropped_callers_do_not_disturb_the_others() {
     let topic = format!("{ns}.orders");
     let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
     let key = publisher.config().stream_key(&topic);
-    let events: Vec<Event> = (0..N)
-        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
-        .collect();
+    let events = numbered(&topic, N);
     let futures = call_all(&mut publisher, &events).await;
     // Every other caller gives up at once; the last one is kept.
     let kept: Vec<_> = futures
@@ -228,9 +231,7 @@ async fn a_connection_cut_mid_batch_fails_its_callers_and_loses_nothing() {
         .response_timeout(Duration::from_secs(2));
     let mut publisher = RedisPublisher::connect(config).await.unwrap();
     let key = publisher.config().stream_key(&topic);
-    let events: Vec<Event> = (0..N)
-        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
-        .collect();
+    let events = numbered(&topic, N);
 
     // The cut comes while pipelines are queued and on the wire.
     let futures = call_all(&mut publisher, &events).await;
@@ -320,9 +321,7 @@ async fn a_small_queue_makes_callers_wait_for_room_and_loses_nothing() {
         .await
         .unwrap();
     let key = publisher.config().stream_key(&topic);
-    let events: Vec<Event> = (0..N)
-        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
-        .collect();
+    let events = numbered(&topic, N);
     // Far more calls than slots, none of their futures polled yet:
     // `poll_ready` waits for replies to free slots, and no call is refused.
     let futures = tokio::time::timeout(WAIT, call_all(&mut publisher, &events))
