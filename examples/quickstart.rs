@@ -54,8 +54,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .dead_letter(dead_letters.clone())
         .retries(RetryConfig::new().max_attempts(3))
         .circuit_breaker(CircuitBreakerConfig::new().name("memory"))
-        .backpressure(BackpressureLayer::new(1024, Overflow::Block))
         .timeout(Duration::from_secs(5))
+        .backpressure(BackpressureLayer::new(1024, Overflow::Block))
         .service(broker.publisher());
     for (ty, id) in [
         ("user.created", 123),
