@@ -660,6 +660,21 @@ async fn health_and_readiness_follow_the_connection() {
 async fn an_entry_still_held_is_not_delivered_again_by_its_own_reclaiming() {
     let ns = namespace("held");
     let topic = format!("{ns}.slow");
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut conn = raw(URL).await;
+    // An entry from before the group, which another consumer will hold
+    // and abandon: reclaiming it is the event this test waits on.
+    let abandoned = Event::new(topic.clone(), serde_json::json!({"abandoned": true}));
+    let receipt = publisher.publish(abandoned.clone()).await.unwrap();
+    let abandoned_id = receipt.message_id.unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&topic)
+        .arg("g")
+        .arg("$")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
         .claim_idle(Duration::from_millis(100))
         .claim_interval(Duration::from_millis(20))
@@ -671,50 +686,44 @@ async fn an_entry_still_held_is_not_delivered_again_by_its_own_reclaiming() {
         .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
         .await
         .unwrap();
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
     let slow = Event::new(topic.clone(), serde_json::json!({"slow": true}));
     publisher.publish(slow.clone()).await.unwrap();
     let held = next(&mut subscription).await;
-    let id = held.event().unwrap().id().to_owned();
-    assert_eq!(id, slow.id());
+    assert_eq!(held.event(), Some(&slow));
 
-    // Wait until the consumer's own reclaiming has passed over the held
-    // entry at least twice: each pass claims it, which resets its idle time
-    // and does not count a delivery.
-    let mut conn = raw(URL).await;
-    let count = tokio::time::timeout(WAIT, async {
-        let (mut resets, mut last_idle) = (0, 0);
-        loop {
-            let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-                .arg(&topic)
-                .arg("g")
-                .arg("-")
-                .arg("+")
-                .arg(10)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            let (idle, count) = rows.first().map(|r| (r.2, r.3)).unwrap();
-            if idle < last_idle {
-                resets += 1;
-                if resets == 2 {
-                    return count;
-                }
-            }
-            last_idle = idle;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("reclaim passes");
-    assert_eq!(count, 1, "a held entry's delivery count stays as it was");
-    // Nothing was delivered a second time meanwhile; the next delivery is
-    // the next event.
-    let next_event = Event::new(topic.clone(), serde_json::json!({"next": true}));
-    publisher.publish(next_event.clone()).await.unwrap();
-    let delivery = next(&mut subscription).await;
-    assert_eq!(delivery.event(), Some(&next_event));
-    delivery.ack().await.unwrap();
+    // Only now does the other consumer take (and abandon) its entry, so it
+    // becomes idle enough after the held one: by the time reclaiming hands
+    // it over, a reclaim pass has gone over the held entry too.
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(&topic)
+        .arg("g")
+        .arg("gone")
+        .arg(0)
+        .arg(&*abandoned_id)
+        .arg("FORCE")
+        .arg("JUSTID")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let reclaimed = next(&mut subscription).await;
+    assert_eq!(
+        reclaimed.event(),
+        Some(&abandoned),
+        "the held entry is not delivered again"
+    );
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&topic)
+        .arg("g")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    let held_row = rows.iter().find(|r| *r.0 != *abandoned_id).unwrap();
+    assert_eq!(held_row.3, 1, "a held entry's delivery count stays as it was");
+    reclaimed.ack().await.unwrap();
     held.ack().await.unwrap();
     assert_eq!(pending(&mut conn, &topic, "g").await, 0);
     cleanup(URL, &ns).await;
