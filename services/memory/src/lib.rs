@@ -310,15 +310,21 @@ impl Group {
     /// Member `member` is gone. If it was woken for an event it will not
     /// take now, another waiting member is woken in its place.
     fn forget(&self, member: u64) {
-        self.lock().waiting.retain(|(id, _)| *id != member);
-        self.pass_on();
+        self.hand_on(Some(member));
     }
 
     /// Wakes a waiting member if events are queued: a member that stops
     /// taking them hands the turn on.
     fn pass_on(&self) {
+        self.hand_on(None);
+    }
+
+    fn hand_on(&self, leaving: Option<u64>) {
         let waiter = {
             let mut queue = self.lock();
+            if let Some(member) = leaving {
+                queue.waiting.retain(|(id, _)| *id != member);
+            }
             if queue.items.is_empty() {
                 None
             } else {
