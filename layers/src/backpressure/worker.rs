@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use futures_util::StreamExt as _;
+use futures_util::future::OptionFuture;
 use futures_util::stream::FuturesUnordered;
 use pin_project_lite::pin_project;
 use tower::Service;
@@ -29,7 +30,10 @@ pin_project! {
     {
         inner: S,
         shared: Arc<Shared<S::Response>>,
-        in_flight: FuturesUnordered<Pin<Box<Call<S::Future, S::Response>>>>,
+        in_flight: FuturesUnordered<Slot<S::Future, S::Response>>,
+        // The allocation of the last call that finished at once, reused for
+        // the next one.
+        spare: Option<Slot<S::Future, S::Response>>,
         concurrency: usize,
     }
 
@@ -69,10 +73,14 @@ impl<S: Service<Event>> Worker<S> {
             inner,
             shared,
             in_flight: FuturesUnordered::new(),
+            spare: None,
             concurrency: concurrency.max(1),
         }
     }
 }
+
+/// A call in a reusable allocation.
+type Slot<F, R> = Pin<Box<OptionFuture<Call<F, R>>>>;
 
 pin_project! {
     struct Call<F, R> {
@@ -114,7 +122,7 @@ where
             // An empty set has nothing to poll (and polling it would
             // register the waker for nothing).
             if !this.in_flight.is_empty() {
-                while let Poll::Ready(Some(())) = this.in_flight.poll_next_unpin(cx) {}
+                while let Poll::Ready(Some(_)) = this.in_flight.poll_next_unpin(cx) {}
             }
             if this.in_flight.len() >= *this.concurrency {
                 counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
@@ -152,15 +160,25 @@ where
             this.shared.release_slot();
             match ready {
                 Ok(()) => {
-                    let mut call = Box::pin(Call {
-                        future: this.inner.call(job.event),
-                        reply: Some(job.reply),
-                    });
+                    let mut call = this
+                        .spare
+                        .take()
+                        .unwrap_or_else(|| Box::pin(OptionFuture::from(None)));
+                    call.as_mut().set(
+                        Some(Call {
+                            future: this.inner.call(job.event),
+                            reply: Some(job.reply),
+                        })
+                        .into(),
+                    );
                     // Many calls finish at once (an in-memory publish, a
                     // buffered write): answer those here, and keep only the
                     // rest in the in-flight set.
                     if call.as_mut().poll(cx).is_pending() {
                         this.in_flight.push(call);
+                    } else {
+                        call.as_mut().set(None.into());
+                        *this.spare = Some(call);
                     }
                 }
                 Err(e) => {
