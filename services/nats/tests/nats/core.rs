@@ -9,7 +9,7 @@ use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_nats::{NatsClient, NatsConfig, NatsPublisher, NatsSubscriber, SubjectTemplate};
 
-use crate::support::{LOCAL, PATIENCE, local, unique};
+use crate::support::{LOCAL, PATIENCE, call_all, local, numbered, unique};
 
 async fn next_event(
     sub: &mut watchtower_nats::NatsSubscription,
@@ -76,14 +76,8 @@ async fn calls_hand_events_over_in_call_order() {
     let mut raw = client.raw().subscribe(subject.clone()).await.unwrap();
     client.raw().flush().await.unwrap();
     let mut publisher = NatsPublisher::new(client.clone());
-    let events: Vec<Event> = (0..200)
-        .map(|i| Event::new(subject.clone(), serde_json::json!({ "i": i })))
-        .collect();
-    let mut futures = Vec::new();
-    for event in &events {
-        poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
-        futures.push(publisher.call(event.clone()));
-    }
+    let events = numbered(&subject, 200);
+    let futures = call_all(&mut publisher, &events).await;
     // Awaited last to first: the order on the wire is still that of the calls.
     for future in futures.into_iter().rev() {
         let receipt = future.await.unwrap();
@@ -115,14 +109,8 @@ async fn calls_past_a_full_client_queue_wait_for_room_and_all_arrive() {
     let mut raw = reader.raw().subscribe(subject.clone()).await.unwrap();
     reader.raw().flush().await.unwrap();
     let mut publisher = NatsPublisher::new(client.clone());
-    let events: Vec<Event> = (0..500)
-        .map(|i| Event::new(subject.clone(), serde_json::json!({ "i": i })))
-        .collect();
-    let mut futures = Vec::new();
-    for event in &events {
-        poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
-        futures.push(publisher.call(event.clone()));
-    }
+    let events = numbered(&subject, 500);
+    let futures = call_all(&mut publisher, &events).await;
     let results = tokio::time::timeout(PATIENCE, futures_util::future::join_all(futures))
         .await
         .expect("every publish completes");

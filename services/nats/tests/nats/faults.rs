@@ -15,7 +15,7 @@ use watchtower_nats::{
     WhenDisconnected,
 };
 
-use crate::support::{PATIENCE, PrivateServer, unique};
+use crate::support::{PATIENCE, PrivateServer, numbered, unique};
 
 fn config(url: &str) -> NatsConfig {
     NatsConfig::new(url)
@@ -106,9 +106,7 @@ async fn jetstream_consumer_resumes_after_server_restart_and_gets_unacked_again(
         .unwrap();
     let mut sub = subscriber.open(options.clone()).await.unwrap();
     let mut publisher = JetStreamPublisher::new(client.clone());
-    let sent: Vec<Event> = (0..40)
-        .map(|i| Event::new(format!("{name}.e"), serde_json::json!({ "i": i })))
-        .collect();
+    let sent = numbered(&format!("{name}.e"), 40);
     for event in &sent {
         publisher.publish(event.clone()).await.unwrap();
     }
@@ -288,9 +286,7 @@ async fn ten_thousand_publishes_survive_two_cuts_exactly_once_or_dead_lettered()
         )
         .service(JetStreamPublisher::new(client.clone()).max_in_flight(512));
 
-    let sent: Vec<Event> = (0..EVENTS)
-        .map(|i| Event::new(format!("{name}.orders"), serde_json::json!({ "i": i })))
-        .collect();
+    let sent = numbered(&format!("{name}.orders"), EVENTS);
     let mut calls = FuturesUnordered::new();
     let mut pending = sent.iter().cloned();
     let (mut delivered, mut dead, mut duplicates, mut done) = (HashSet::new(), 0usize, 0usize, 0usize);

@@ -10,7 +10,7 @@ use tower::ServiceExt as _;
 use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber};
 use watchtower_nats::{ConsumerSettings, JetStreamPublisher, JetStreamSubscriber, JetStreamSubscription};
 
-use crate::support::{PATIENCE, local, stream, unique};
+use crate::support::{PATIENCE, call_all, local, numbered, stream, unique};
 
 async fn next(sub: &mut JetStreamSubscription) -> watchtower::Delivery<watchtower_nats::JetStreamAcker> {
     loop {
@@ -62,16 +62,8 @@ async fn calls_are_stored_in_call_order_and_acks_awaited_in_any_order() {
     let name = unique("WT");
     stream(&client, &name).await;
     let mut publisher = JetStreamPublisher::new(client.clone()).max_in_flight(100);
-    let events: Vec<Event> = (0..100)
-        .map(|i| Event::new(format!("{name}.o"), serde_json::json!({ "i": i })))
-        .collect();
-    let mut futures = Vec::new();
-    for event in &events {
-        std::future::poll_fn(|cx| tower::Service::poll_ready(&mut publisher, cx))
-            .await
-            .unwrap();
-        futures.push(tower::Service::call(&mut publisher, event.clone()));
-    }
+    let events = numbered(&format!("{name}.o"), 100);
+    let futures = call_all(&mut publisher, &events).await;
     assert_eq!(publisher.in_flight(), 100);
     // Awaited last to first: each future gets its own PubAck, and the
     // stream stored the events in the order of the calls.

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use tower::Service;
+use watchtower::Event;
 use watchtower_nats::jetstream::{StorageType, StreamConfig};
 use watchtower_nats::{NatsClient, NatsConfig};
 
@@ -141,4 +143,26 @@ impl Drop for PrivateServer {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `n` events to `topic`, each carrying its number.
+pub fn numbered(topic: &str, n: usize) -> Vec<Event> {
+    (0..n)
+        .map(|i| Event::new(topic.to_owned(), serde_json::json!({ "i": i })))
+        .collect()
+}
+
+/// Calls `publisher` with every event, each after its `poll_ready`, and
+/// returns the futures unawaited.
+pub async fn call_all<S>(publisher: &mut S, events: &[Event]) -> Vec<S::Future>
+where
+    S: Service<Event>,
+    S::Error: std::fmt::Debug,
+{
+    let mut futures = Vec::with_capacity(events.len());
+    for event in events {
+        std::future::poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
+        futures.push(publisher.call(event.clone()));
+    }
+    futures
 }
