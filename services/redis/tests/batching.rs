@@ -15,7 +15,7 @@ use watchtower::conformance::TcpProxy;
 use watchtower::{ErrorKind, Event, Receipt};
 use watchtower_redis::{RedisConfig, RedisPublisher, ResponseFuture};
 
-use common::{URL, cleanup, namespace};
+use common::{URL, cleanup, namespace, numbered};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -52,13 +52,6 @@ async fn call_all(publisher: &mut RedisPublisher, events: &[Event]) -> Vec<Respo
         futures.push(publisher.ready().await.unwrap().call(event.clone()));
     }
     futures
-}
-
-/// `n` events to `topic`, each carrying its number.
-fn numbered(topic: &str, n: usize) -> Vec<Event> {
-    (0..n)
-        .map(|i| Event::new(topic.to_owned(), serde_json::json!({"i": i})))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,7 @@ use watchtower::conformance::TcpProxy;
 use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_redis::{RedisConfig, RedisPublisher, RedisSubscriber};
 
-use common::{RedisProcess, URL, cleanup, free_port, namespace};
+use common::{RedisProcess, URL, cleanup, free_port, namespace, numbered};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -129,9 +129,7 @@ async fn subscription_reports_the_outage_and_resumes_after_restart() {
     // The new server has neither the stream nor the group: both come back,
     // and what is published after the restart is delivered.
     let _server = RedisProcess::start(port, &[]).await;
-    let after: Vec<Event> = (0..5)
-        .map(|i| Event::new("fault.events", serde_json::json!({"i": i})))
-        .collect();
+    let after = numbered("fault.events", 5);
     for event in &after {
         publish_until_accepted(&mut publisher, event.clone()).await;
     }
@@ -229,9 +227,7 @@ async fn consuming_through_cut_connections_loses_nothing() {
     );
     // Published directly, past the proxy.
     let publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
-    let sent: Vec<Event> = (0..1000)
-        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
-        .collect();
+    let sent = numbered(&topic, 1000);
     for chunk in sent.chunks(100) {
         for result in publisher.publish_batch(chunk.to_vec()).await.unwrap() {
             result.unwrap();
@@ -305,9 +301,7 @@ async fn ten_thousand_publishes_through_the_layers_with_two_cuts_lose_nothing() 
         ))
         .service(publisher);
 
-    let sent: Vec<Event> = (0..N)
-        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
-        .collect();
+    let sent = numbered(&topic, N);
     let mut results = futures_util::stream::iter(sent.clone())
         .map(|event| stack.clone().oneshot(event))
         .buffer_unordered(64);

@@ -13,7 +13,7 @@ use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_redis::{DeadLetter, MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
 
-use common::{URL, cleanup, namespace, pending, raw, wait_entries};
+use common::{URL, cleanup, namespace, numbered, pending, raw, wait_entries};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -190,9 +190,7 @@ async fn serve_acks_in_batches_and_nothing_stays_pending() {
         .into_future(),
     );
     let publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
-    let sent: Vec<Event> = (0..300)
-        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
-        .collect();
+    let sent = numbered(&topic, 300);
     for result in publisher.publish_batch(sent.clone()).await.unwrap() {
         result.unwrap();
     }
@@ -439,9 +437,7 @@ async fn a_restarted_consumer_first_takes_back_its_own_pending_entries() {
         // pending list, not from reclaiming.
         .claim_idle(Duration::from_secs(600));
     let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
-    let sent: Vec<Event> = (0..5)
-        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
-        .collect();
+    let sent = numbered(&topic, 5);
     let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
     assert_eq!(taken, 5);
 
@@ -512,9 +508,7 @@ async fn killed_consumer_with_100_unacked_is_reclaimed_by_another_without_duplic
         .claim_idle(claim_idle)
         .claim_interval(Duration::from_millis(100));
     let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
-    let sent: Vec<Event> = (0..100)
-        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
-        .collect();
+    let sent = numbered(&topic, 100);
     let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
     assert_eq!(taken, 100);
     let mut conn = raw(URL).await;
@@ -745,9 +739,7 @@ async fn own_pending_entries_and_reclaiming_do_not_deliver_an_entry_twice() {
         .claim_idle(Duration::from_millis(1))
         .claim_interval(Duration::from_millis(2));
     let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
-    let sent: Vec<Event> = (0..200)
-        .map(|i| Event::new(topic.clone(), serde_json::json!({"i": i})))
-        .collect();
+    let sent = numbered(&topic, 200);
     let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
     assert_eq!(taken, 200);
 

@@ -168,3 +168,10 @@ impl RedisProcess {
         self.child.kill().await.unwrap();
     }
 }
+
+/// `n` events to `topic`, each carrying its number.
+pub fn numbered(topic: &str, n: usize) -> Vec<watchtower::Event> {
+    (0..n)
+        .map(|i| watchtower::Event::new(topic.to_owned(), serde_json::json!({"i": i})))
+        .collect()
+}
