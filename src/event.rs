@@ -373,22 +373,17 @@ impl Event {
         Ok(())
     }
 
-    /// As [`insert_extension`](Event::insert_extension), with the name
-    /// already shared.
-    pub(crate) fn insert_extension_named(&mut self, name: Arc<str>, value: Arc<str>) {
+    /// Sets an extension whose name is known to be valid (WatchTower's own,
+    /// or checked by the caller). A name given as `&str` is copied only if
+    /// the extension is new; one already shared is kept as it is.
+    pub(crate) fn insert_extension<N>(&mut self, name: N, value: Arc<str>)
+    where
+        N: AsRef<str> + Into<Arc<str>>,
+    {
         let exts = &mut self.inner_mut().extensions;
-        match exts.binary_search_by(|(k, _)| (**k).cmp(&*name)) {
+        match exts.binary_search_by(|(k, _)| (**k).cmp(name.as_ref())) {
             Ok(i) => exts[i].1 = value,
-            Err(i) => exts.insert(i, (name, value)),
-        }
-    }
-
-    /// Sets an extension whose name is known to be valid (WatchTower's own).
-    pub(crate) fn insert_extension(&mut self, name: &str, value: Arc<str>) {
-        let exts = &mut self.inner_mut().extensions;
-        match exts.binary_search_by(|(k, _)| (**k).cmp(name)) {
-            Ok(i) => exts[i].1 = value,
-            Err(i) => exts.insert(i, (Arc::from(name), value)),
+            Err(i) => exts.insert(i, (name.into(), value)),
         }
     }
 

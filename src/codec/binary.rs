@@ -257,14 +257,12 @@ impl Attrs {
             required(self.ty, "type")?,
             required(self.source, "source")?,
         );
-        if self.time.is_some() {
-            event.set_time(self.time);
-        }
+        event.set_time(self.time);
         event.set_subject(self.subject);
         event.set_dataschema(self.dataschema);
         for (name, value) in self.extensions {
             validate_extension_name(&name).map_err(|e| Error::decode(e.message().to_owned()))?;
-            event.insert_extension_named(name, value);
+            event.insert_extension(name, value);
         }
         if self.datacontenttype.as_deref() == Some("") {
             return Err(Error::decode("`datacontenttype` must not be empty"));
