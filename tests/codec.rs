@@ -366,3 +366,38 @@ proptest! {
         let _ = Binding::HTTP.decode(headers, event.data().cloned());
     }
 }
+
+#[test]
+fn time_is_written_as_the_general_rfc3339_formatter_writes_it() {
+    use time::format_description::well_known::Rfc3339;
+    let base = watchtower::codec::parse_time("2026-11-27T13:05:09Z").unwrap();
+    let nanos = [
+        0,
+        1,
+        7,
+        10,
+        100,
+        1_000,
+        500_000,
+        100_000_000,
+        120_000_000,
+        123_456_789,
+        999_999_999,
+    ];
+    for year in [0, 1, 999, 1970, 2026, 9999] {
+        for nano in nanos {
+            let time = base
+                .replace_year(year)
+                .and_then(|t| t.replace_nanosecond(nano))
+                .unwrap();
+            assert_eq!(
+                watchtower::codec::format_time(time),
+                time.format(&Rfc3339).unwrap(),
+                "{time}"
+            );
+        }
+    }
+    // Other offsets are written in UTC.
+    let offset = watchtower::codec::parse_time("2026-01-01T01:30:00.5+02:00").unwrap();
+    assert_eq!(watchtower::codec::format_time(offset), "2025-12-31T23:30:00.5Z");
+}

@@ -89,17 +89,7 @@ impl HeaderEncoder {
         let mut map = self.base(event, expected_stream)?;
         map.insert(ID, value(&ID, event.id())?);
         if let Some(time) = event.time() {
-            let text = match u32::try_from(time.year()) {
-                Ok(year) if year < 10_000 && time.offset().is_utc() => format_utc(
-                    year,
-                    u8::from(time.month()),
-                    time.day(),
-                    (time.hour(), time.minute(), time.second()),
-                    time.nanosecond(),
-                ),
-                _ => codec::format_time(time),
-            };
-            map.insert(TIME, HeaderValue::from(text));
+            map.insert(TIME, HeaderValue::from(codec::format_time(time)));
         }
         if let Some(subject) = event.subject() {
             map.insert(SUBJECT, value(&SUBJECT, subject)?);
@@ -190,44 +180,6 @@ fn value(name: &HeaderName, text: &str) -> Result<HeaderValue, Error> {
             ),
         )
     })
-}
-
-/// A UTC time as [`codec::format_time`] writes it: RFC 3339, `Z`, the
-/// fraction without trailing zeros (none when zero). `year` must be in
-/// 0..10_000, the other parts in their calendar ranges.
-fn format_utc(year: u32, month: u8, day: u8, hms: (u8, u8, u8), nanos: u32) -> String {
-    fn push(out: &mut String, n: u32, width: u32) {
-        let mut div = 10u32.pow(width - 1);
-        while div > 0 {
-            // A single decimal digit.
-            out.push(char::from(b'0' + (n / div % 10) as u8));
-            div /= 10;
-        }
-    }
-    let mut out = String::with_capacity(30);
-    push(&mut out, year, 4);
-    out.push('-');
-    push(&mut out, u32::from(month), 2);
-    out.push('-');
-    push(&mut out, u32::from(day), 2);
-    out.push('T');
-    push(&mut out, u32::from(hms.0), 2);
-    out.push(':');
-    push(&mut out, u32::from(hms.1), 2);
-    out.push(':');
-    push(&mut out, u32::from(hms.2), 2);
-    if nanos != 0 {
-        let mut nanos = nanos;
-        let mut width = 9;
-        while nanos.is_multiple_of(10) {
-            nanos /= 10;
-            width -= 1;
-        }
-        out.push('.');
-        push(&mut out, nanos, width);
-    }
-    out.push('Z');
-    out
 }
 
 /// The last subject a subscription received on, kept so that deliveries on

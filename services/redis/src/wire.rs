@@ -8,45 +8,25 @@
 
 use bytes::Bytes;
 use redis::{Cmd, Value};
-use time::format_description::well_known::Rfc3339;
-use time::{OffsetDateTime, UtcOffset};
 use watchtower::codec::Binding;
 use watchtower::{Error, Event, Poison, RawMessage};
 
 /// The field that carries the payload.
 pub const DATA_FIELD: &str = "data";
 
-/// The fields of `event` in wire order: the attributes as
-/// [`Binding::REDIS`] names them (`specversion`, `id`, `type`, `source`,
-/// `time`, `subject`, `dataschema`, extensions, `datacontenttype`; values
-/// as they are, the binding does not percent-encode), then `data`.
-///
-/// Written straight into the command: no `String` per field, and the
-/// `time` attribute is formatted on the stack.
+/// Appends `event`'s fields to an `XADD` command: the attributes as
+/// [`Binding::REDIS`] names them, then `data`.
 pub(crate) fn write_fields(cmd: &mut Cmd, event: &Event) {
-    cmd.arg("specversion").arg(event.specversion());
-    cmd.arg("id").arg(event.id());
-    cmd.arg("type").arg(event.ty());
-    cmd.arg("source").arg(event.source());
-    if let Some(time) = event.time() {
-        cmd.arg("time").arg(TimeText::new(time).as_bytes());
-    }
-    if let Some(subject) = event.subject() {
-        cmd.arg("subject").arg(subject);
-    }
-    if let Some(schema) = event.dataschema() {
-        cmd.arg("dataschema").arg(schema);
-    }
-    for (name, value) in event.extensions() {
+    Binding::REDIS.write_headers(event, |name, value| {
         cmd.arg(name).arg(value);
-    }
-    if let Some(ct) = event.datacontenttype() {
-        cmd.arg("datacontenttype").arg(ct);
-    }
+    });
     if let Some(data) = event.data() {
         cmd.arg(DATA_FIELD).arg(&data[..]);
     }
 }
+
+/// The longest `time` attribute: `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
+const TIME_MAX: usize = 30;
 
 /// An upper bound of the arguments and bytes [`write_fields`] adds, so
 /// that a command can be allocated once.
@@ -54,7 +34,7 @@ pub(crate) fn fields_size(event: &Event) -> (usize, usize) {
     // Always there: specversion, id, type, source and (at most) time,
     // names and values.
     let mut args = 10;
-    let mut bytes = "specversion1.0idtypesourcetime".len() + TimeText::MAX + event.id().len();
+    let mut bytes = "specversion1.0idtypesourcetime".len() + TIME_MAX + event.id().len();
     bytes += event.ty().len() + event.source().len();
     if let Some(subject) = event.subject() {
         args += 2;
@@ -77,36 +57,6 @@ pub(crate) fn fields_size(event: &Event) -> (usize, usize) {
         bytes += DATA_FIELD.len() + data.len();
     }
     (args, bytes)
-}
-
-/// The `time` attribute as RFC 3339 in UTC, formatted on the stack: the
-/// same text as [`watchtower::codec::format_time`] (empty for a time RFC
-/// 3339 cannot express).
-struct TimeText {
-    buf: [u8; TimeText::MAX],
-    len: usize,
-}
-
-impl TimeText {
-    /// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ` is 30 bytes; room to spare.
-    const MAX: usize = 40;
-
-    fn new(time: OffsetDateTime) -> TimeText {
-        let mut buf = [0; TimeText::MAX];
-        let mut out = &mut buf[..];
-        let written = time.to_offset(UtcOffset::UTC).format_into(&mut out, &Rfc3339);
-        // What is left of `out` tells the length; on an error, whatever
-        // was written is not used.
-        let len = match written {
-            Ok(_) => TimeText::MAX - out.len(),
-            Err(_) => 0,
-        };
-        TimeText { buf, len }
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        self.buf.get(..self.len).unwrap_or_default()
-    }
 }
 
 /// One stream entry as read: its id and fields in wire order. `fields` is
