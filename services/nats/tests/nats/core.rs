@@ -294,7 +294,7 @@ async fn slow_consumer_drops_are_reported() {
         .unwrap();
     let mut publisher = NatsPublisher::new(client.clone());
     publisher
-        .publish(Event::new(calm_topic, serde_json::json!({})))
+        .publish(Event::new(calm_topic.clone(), serde_json::json!({})))
         .await
         .unwrap();
     next_event(&mut calm).await;
@@ -304,8 +304,16 @@ async fn slow_consumer_drops_are_reported() {
             .await
             .unwrap();
     }
-    client.raw().flush().await.unwrap();
-    // Not reading while 200 arrive overflows the buffer of 4.
+    // The server delivers in publish order on one connection: once this
+    // marker arrives, the client has handed on (or dropped) all 200.
+    publisher
+        .publish(Event::new(calm_topic, serde_json::json!({ "marker": true })))
+        .await
+        .unwrap();
+    let marker = next_event(&mut calm).await;
+    let marker = marker.event().expect("a decoded event");
+    assert_eq!(marker.json::<serde_json::Value>().unwrap()["marker"], true);
+    // Not reading while 200 arrived overflowed the buffer of 4.
     let mut received = 0u64;
     let mut dropped_error = None;
     while dropped_error.is_none() {
