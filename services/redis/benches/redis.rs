@@ -16,7 +16,8 @@
 //!
 //! Run with `cargo bench -p watchtower-redis --bench redis` against the
 //! local Redis (`REDIS_URL` to change it; `REDIS_BENCH=publish` or
-//! `consume` for one half, `REDIS_BENCH_ROUNDS` for the number of rounds,
+//! `consume` for one half, `REDIS_BENCH_CASE=raw`, `stack` or `bare` for
+//! one publish case only, to profile it, `REDIS_BENCH_ROUNDS` for the number of rounds,
 //! `REDIS_BENCH_CALLERS` for the concurrent publishers, 64 by default).
 //! Each row gives the median, best and range over the rounds; each ratio
 //! is taken per round (the cases of a round run back to back) and given as
@@ -462,6 +463,19 @@ fn main() {
                 Vec::new(),
                 Vec::new(),
             );
+            // `REDIS_BENCH_CASE` runs one publish case only, to profile it.
+            let case = std::env::var("REDIS_BENCH_CASE").ok();
+            if let Some(case) = case {
+                for _ in 0..rounds {
+                    let rate = match case.as_str() {
+                        "raw" => publish_raw_pipelined().await,
+                        "stack" => publish_watchtower(false).await,
+                        _ => publish_bare().await,
+                    };
+                    println!("{case}: {rate:.0} events/s");
+                }
+                return;
+            }
             for _ in 0..rounds {
                 pipe.push(sample(publish_raw_pipelined()).await);
                 wt.push(sample(publish_watchtower(false)).await);

@@ -16,19 +16,26 @@
 //! No timer is involved: a command waits at most for the pipelines already
 //! on the wire. Callers wake the task only when their command is the first
 //! in the queue or brings it to [`GATHER`], not for every command.
-//! Concurrency is bounded by the publisher's slots (one per command queued
-//! or on the wire).
+//! Concurrency is bounded by the queue's room: a caller reserves a place
+//! before it queues a command, and the task frees a pipeline's places at
+//! once when its replies are in.
+//!
+//! Replies go back through a [`Reply`] per command. The task fills in all
+//! replies of a pipeline before it wakes any caller, so that callers
+//! polled together (a `FuturesUnordered`, a `buffer_unordered`) are woken
+//! once per pipeline and find all their replies, rather than once per
+//! reply.
 
 use std::future::poll_fn;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use futures_util::task::AtomicWaker;
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Value};
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use watchtower::{Error, ErrorKind};
 
 use crate::error::from_redis;
@@ -44,12 +51,79 @@ const MAX_BATCH: usize = 512;
 /// on the wire.
 const GATHER: usize = 32;
 
-/// One command, where its reply goes, and its slot in the publisher's
-/// queue, given back once the reply is in.
+/// One command and where its reply goes. Its place in the queue is freed
+/// by the task once the reply is in.
 pub(crate) struct Request {
     pub(crate) cmd: Cmd,
-    pub(crate) done: oneshot::Sender<Result<Value, Error>>,
-    pub(crate) slot: OwnedSemaphorePermit,
+    pub(crate) reply: Replier,
+}
+
+/// The reply to one queued command, from the sending task to its caller.
+pub(crate) struct Reply {
+    value: Mutex<Option<Result<Value, Error>>>,
+    filled: AtomicBool,
+    caller: AtomicWaker,
+}
+
+impl Reply {
+    /// A reply to wait for, and the end that fills it in.
+    pub(crate) fn new() -> (Replier, Arc<Reply>) {
+        let reply = Arc::new(Reply {
+            value: Mutex::new(None),
+            filled: AtomicBool::new(false),
+            caller: AtomicWaker::new(),
+        });
+        (Replier(Some(reply.clone())), reply)
+    }
+
+    /// The reply once it is in. Polled again after it was taken, it is an
+    /// error rather than a panic.
+    pub(crate) fn poll(&self, cx: &mut Context<'_>) -> Poll<Result<Value, Error>> {
+        if !self.filled.load(Ordering::Acquire) {
+            self.caller.register(cx.waker());
+            // Filled in between: the registration may have come too late.
+            if !self.filled.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+        }
+        let value = self.value.lock().unwrap_or_else(PoisonError::into_inner).take();
+        Poll::Ready(value.unwrap_or_else(|| Err(Error::closed("the reply was already taken"))))
+    }
+
+    fn fill(&self, value: Result<Value, Error>) {
+        *self.value.lock().unwrap_or_else(PoisonError::into_inner) = Some(value);
+        self.filled.store(true, Ordering::Release);
+    }
+}
+
+/// The sending task's end of a [`Reply`]. Dropped without being filled in
+/// (the task stopped), it tells the caller so.
+pub(crate) struct Replier(Option<Arc<Reply>>);
+
+impl Replier {
+    /// Fills in the reply without waking the caller: the returned reply's
+    /// caller is to be woken once the rest of the pipeline is filled in.
+    fn fill(mut self, value: Result<Value, Error>) -> Option<Arc<Reply>> {
+        let reply = self.0.take()?;
+        reply.fill(value);
+        Some(reply)
+    }
+}
+
+impl Drop for Replier {
+    fn drop(&mut self) {
+        if let Some(reply) = self.0.take() {
+            reply.fill(Err(Error::closed("the publisher's connection task has stopped")));
+            reply.caller.wake();
+        }
+    }
+}
+
+/// Wakes the callers of filled-in replies.
+fn wake_all(filled: Vec<Option<Arc<Reply>>>) {
+    for reply in filled.into_iter().flatten() {
+        reply.caller.wake();
+    }
 }
 
 /// The commands waiting for the next pipeline.
@@ -57,12 +131,20 @@ pub(crate) struct Queue {
     state: Mutex<QueueState>,
     /// The sending task.
     task: AtomicWaker,
+    /// Places taken: commands reserved, queued or on the wire.
+    taken: AtomicUsize,
+    /// Places in all.
+    room: usize,
+    /// Callers wait for a place (their wakers are in the state).
+    waiting: AtomicBool,
 }
 
 struct QueueState {
     requests: Vec<Request>,
     /// Pipelines on the wire, as the sending task last counted them.
     in_flight: usize,
+    /// Callers waiting for a place.
+    waiters: Vec<Waker>,
     /// Every publisher is gone: send what is left, then stop.
     closed: bool,
     /// The sending task is gone: nothing more can be sent.
@@ -70,16 +152,61 @@ struct QueueState {
 }
 
 impl Queue {
-    pub(crate) fn new() -> Arc<Queue> {
+    /// A queue with `room` places (at least one).
+    pub(crate) fn new(room: usize) -> Arc<Queue> {
         Arc::new(Queue {
             state: Mutex::new(QueueState {
                 requests: Vec::new(),
                 in_flight: 0,
+                waiters: Vec::new(),
                 closed: false,
                 stopped: false,
             }),
             task: AtomicWaker::new(),
+            taken: AtomicUsize::new(0),
+            room: room.max(1),
+            waiting: AtomicBool::new(false),
         })
+    }
+
+    /// Takes a place for one command if there is one.
+    pub(crate) fn try_reserve(&self) -> bool {
+        self.taken
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.room).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Takes a place for one command, or arranges for the task of `cx` to
+    /// be woken when places are freed.
+    pub(crate) fn poll_reserve(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.try_reserve() {
+            return Poll::Ready(());
+        }
+        self.lock().waiters.push(cx.waker().clone());
+        self.waiting.store(true, Ordering::SeqCst);
+        // Freed in between: `release` may not have seen the waker.
+        if self.try_reserve() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    /// Frees `n` places and wakes the callers waiting for one.
+    pub(crate) fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.taken.fetch_sub(n, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) {
+            let waiters = {
+                let mut state = self.lock();
+                self.waiting.store(false, Ordering::SeqCst);
+                std::mem::take(&mut state.waiters)
+            };
+            waiters.into_iter().for_each(Waker::wake);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -126,8 +253,22 @@ impl Drop for Stopped {
             state.stopped = true;
             std::mem::take(&mut state.requests)
         };
-        // Dropping a request's reply sender tells its caller.
+        let n = left.len();
+        // Dropping a request's replier tells its caller.
         drop(left);
+        self.0.release(n);
+    }
+}
+
+/// The places of a pipeline's commands, freed when it is done or dropped.
+struct Places {
+    queue: Arc<Queue>,
+    n: usize,
+}
+
+impl Drop for Places {
+    fn drop(&mut self) {
+        self.queue.release(self.n);
     }
 }
 
@@ -161,15 +302,19 @@ pub(crate) async fn batch_loop(conn: ConnectionManager, health: Arc<Health>, que
                     state.requests.drain(..MAX_BATCH).collect()
                 }
             };
-            in_flight.push(send(conn.clone(), health.clone(), batch));
+            let places = Places {
+                queue: queue.clone(),
+                n: batch.len(),
+            };
+            in_flight.push(send(conn.clone(), health.clone(), batch, places));
         }
     })
     .await;
 }
 
-async fn send(mut conn: ConnectionManager, health: Arc<Health>, batch: Vec<Request>) {
+async fn send(mut conn: ConnectionManager, health: Arc<Health>, batch: Vec<Request>, places: Places) {
     if batch.len() == 1 {
-        let Some(Request { cmd, done, slot }) = batch.into_iter().next() else {
+        let Some(Request { cmd, reply }) = batch.into_iter().next() else {
             return;
         };
         let result = cmd
@@ -177,41 +322,45 @@ async fn send(mut conn: ConnectionManager, health: Arc<Health>, batch: Vec<Reque
             .await
             .map_err(|e| from_redis(e, "XADD"));
         health.observe(&result);
-        drop(slot);
-        let _ = done.send(result);
+        let filled = reply.fill(result);
+        drop(places);
+        wake_all(vec![filled]);
         return;
     }
     let mut pipe = redis::Pipeline::with_capacity(batch.len());
     // Each command's server error becomes its own reply, for its caller.
     pipe.ignore_errors();
-    let mut waiters = Vec::with_capacity(batch.len());
-    for Request { cmd, done, slot } in batch {
+    let mut repliers = Vec::with_capacity(batch.len());
+    for Request { cmd, reply } in batch {
         pipe.add_command(cmd);
-        waiters.push((done, slot));
+        repliers.push(reply);
     }
     let result = pipe
         .query_async::<Vec<Value>>(&mut conn)
         .await
         .map_err(|e| from_redis(e, "XADD pipeline"));
     health.observe(&result);
-    match result {
+    let filled: Vec<_> = match result {
         Ok(replies) => {
             let mut replies = replies.into_iter();
-            for (done, slot) in waiters {
-                drop(slot);
-                let reply = replies
-                    .next()
-                    .ok_or_else(|| Error::decode("XADD pipeline: missing reply"));
-                let _ = done.send(reply);
-            }
+            repliers
+                .into_iter()
+                .map(|replier| {
+                    let reply = replies
+                        .next()
+                        .ok_or_else(|| Error::decode("XADD pipeline: missing reply"));
+                    replier.fill(reply)
+                })
+                .collect()
         }
-        Err(e) => {
-            for (done, slot) in waiters {
-                drop(slot);
-                let _ = done.send(Err(Error::new(e.kind(), e.message())));
-            }
-        }
-    }
+        Err(e) => repliers
+            .into_iter()
+            .map(|replier| replier.fill(Err(Error::new(e.kind(), e.message()))))
+            .collect(),
+    };
+    // Room first, so that woken callers find it.
+    drop(places);
+    wake_all(filled);
 }
 
 /// A reply that is a server error becomes a [`ErrorKind::Rejected`] error.
@@ -226,5 +375,85 @@ pub(crate) fn server_error(reply: Value, key: &str) -> Result<Value, Error> {
             ),
         )),
         other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll, Wake, Waker};
+
+    use redis::Value;
+    use watchtower::ErrorKind;
+
+    use super::{Queue, Reply, wake_all};
+
+    /// A waker that counts its wakes.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn waker() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count::default());
+        (count.clone(), Waker::from(count))
+    }
+
+    #[test]
+    fn a_full_queue_wakes_its_waiters_when_places_are_freed() {
+        let queue = Queue::new(2);
+        let (count, waker) = waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(queue.poll_reserve(&mut cx).is_ready());
+        assert!(queue.try_reserve());
+        assert!(!queue.try_reserve());
+        assert!(queue.poll_reserve(&mut cx).is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        queue.release(2);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(queue.poll_reserve(&mut cx).is_ready());
+        assert!(queue.poll_reserve(&mut cx).is_ready());
+        assert!(queue.poll_reserve(&mut cx).is_pending());
+    }
+
+    #[test]
+    fn a_reply_wakes_its_caller_only_when_told() {
+        let (count, waker) = waker();
+        let mut cx = Context::from_waker(&waker);
+        let (replier, reply) = Reply::new();
+        assert!(reply.poll(&mut cx).is_pending());
+        let filled = replier.fill(Ok(Value::SimpleString("1-0".into())));
+        // Filled but not yet woken: the rest of the pipeline comes first.
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        wake_all(vec![filled]);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        match reply.poll(&mut cx) {
+            Poll::Ready(Ok(Value::SimpleString(id))) => assert_eq!(id, "1-0"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Polled again: an error, not a panic.
+        match reply.poll(&mut cx) {
+            Poll::Ready(Err(e)) => assert_eq!(e.kind(), ErrorKind::Closed),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_dropped_replier_tells_its_caller() {
+        let (count, waker) = waker();
+        let mut cx = Context::from_waker(&waker);
+        let (replier, reply) = Reply::new();
+        assert!(reply.poll(&mut cx).is_pending());
+        drop(replier);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        match reply.poll(&mut cx) {
+            Poll::Ready(Err(e)) => assert_eq!(e.kind(), ErrorKind::Closed),
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }

@@ -10,15 +10,13 @@ use std::task::{Context, Poll, ready};
 
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Value};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinHandle;
-use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
 use watchtower::topic::validate_topic;
 use watchtower::trace::publish_span;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
-use crate::batch::{Queue, Request, batch_loop, server_error};
+use crate::batch::{Queue, Reply, Request, batch_loop, server_error};
 use crate::config::RedisConfig;
 use crate::error::from_redis;
 use crate::wire::{fields_size, shared_string, write_fields};
@@ -117,7 +115,7 @@ impl Health {
 /// [`ErrorKind::Connection`] error, and the next `poll_ready` tries again.
 /// The queue holds [`max_pending`](RedisPublisherBuilder::max_pending)
 /// `XADD`s, counting those on the wire: when it is full, `poll_ready` waits
-/// for replies to free a slot.
+/// for replies to free a place.
 ///
 /// # Example
 ///
@@ -138,10 +136,8 @@ pub struct RedisPublisher {
     requests: Arc<Sender>,
     shared: Arc<PublisherShared>,
     probe: Option<JoinHandle<Result<(), Error>>>,
-    /// Slots in the queue, one per `XADD` waiting or on the wire.
-    slots: PollSemaphore,
-    /// The slot `poll_ready` reserved for the next `call`.
-    slot: Option<OwnedSemaphorePermit>,
+    /// `poll_ready` took a place in the queue for the next `call`.
+    reserved: bool,
 }
 
 impl Clone for RedisPublisher {
@@ -150,8 +146,15 @@ impl Clone for RedisPublisher {
             requests: self.requests.clone(),
             shared: self.shared.clone(),
             probe: None,
-            slots: self.slots.clone(),
-            slot: None,
+            reserved: false,
+        }
+    }
+}
+
+impl Drop for RedisPublisher {
+    fn drop(&mut self) {
+        if self.reserved {
+            self.requests.0.release(1);
         }
     }
 }
@@ -222,7 +225,7 @@ impl RedisPublisherBuilder {
         let client = self.config.client()?;
         let conn = self.config.connect(&client, std::time::Duration::ZERO).await?;
         let health = Health::new();
-        let queue = Queue::new();
+        let queue = Queue::new(self.max_pending);
         tokio::spawn(batch_loop(conn.clone(), health.clone(), queue.clone()));
         let requests = Arc::new(Sender(queue));
         Ok(RedisPublisher {
@@ -235,8 +238,7 @@ impl RedisPublisherBuilder {
                 keys: RwLock::new(HashMap::new()),
             }),
             probe: None,
-            slots: PollSemaphore::new(Arc::new(Semaphore::new(self.max_pending))),
-            slot: None,
+            reserved: false,
         })
     }
 }
@@ -408,42 +410,46 @@ impl Service<Event> for RedisPublisher {
             self.probe = None;
             result.unwrap_or_else(|e| Err(Error::closed(format!("connection probe failed: {e}"))))?;
         }
-        if self.slot.is_none() {
-            match ready!(self.slots.poll_acquire(cx)) {
-                Some(slot) => self.slot = Some(slot),
-                None => return Poll::Ready(Err(Error::closed("the publisher's queue is closed"))),
-            }
+        if !self.reserved {
+            ready!(self.requests.0.poll_reserve(cx));
+            self.reserved = true;
         }
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, event: Event) -> ResponseFuture {
         let span = publish_span("redis", event.topic(), &event);
-        // A call without `poll_ready` takes a free slot if there is one.
-        let slot = self
-            .slot
-            .take()
-            .or_else(|| self.slots.clone_inner().try_acquire_owned().ok());
-        let state = match (slot, self.shared.xadd(&event)) {
-            (_, Err(e)) => State::Failed(Some(e.with_event(event))),
-            (None, Ok(_)) => State::Failed(Some(
+        let queue = &self.requests.0;
+        // A call without `poll_ready` takes a free place if there is one.
+        let reserved = std::mem::take(&mut self.reserved) || queue.try_reserve();
+        let state = match (reserved, self.shared.xadd(&event)) {
+            (true, Err(e)) => {
+                queue.release(1);
+                State::Failed(Some(e.with_event(event)))
+            }
+            (false, Err(e)) => State::Failed(Some(e.with_event(event))),
+            (false, Ok(_)) => State::Failed(Some(
                 Error::new(
                     ErrorKind::Overloaded,
                     "the publisher's queue is full: call poll_ready before call",
                 )
                 .with_event(event),
             )),
-            (Some(slot), Ok((key, cmd))) => {
-                let (done, reply) = oneshot::channel();
-                match self.requests.0.push(Request { cmd, done, slot }) {
+            (true, Ok((key, cmd))) => {
+                let (replier, reply) = Reply::new();
+                match queue.push(Request { cmd, reply: replier }) {
                     Ok(()) => State::Waiting {
                         reply,
                         key,
                         event: Some(event),
                     },
-                    Err(_) => State::Failed(Some(
-                        Error::closed("the publisher's connection task has stopped").with_event(event),
-                    )),
+                    Err(request) => {
+                        drop(request);
+                        queue.release(1);
+                        State::Failed(Some(
+                            Error::closed("the publisher's connection task has stopped").with_event(event),
+                        ))
+                    }
                 }
             }
         };
@@ -454,7 +460,7 @@ impl Service<Event> for RedisPublisher {
 enum State {
     Failed(Option<Error>),
     Waiting {
-        reply: oneshot::Receiver<Result<Value, Error>>,
+        reply: Arc<Reply>,
         key: Arc<str>,
         event: Option<Event>,
     },
@@ -489,14 +495,13 @@ impl Future for ResponseFuture {
                 .take()
                 .unwrap_or_else(|| Error::closed("the publish future was polled after it finished")))),
             State::Waiting { reply, key, event } => {
-                let result = ready!(Pin::new(reply).poll(cx));
+                let result = ready!(reply.poll(cx));
                 let Some(event) = event.take() else {
                     return Poll::Ready(Err(Error::closed(
                         "the publish future was polled after it finished",
                     )));
                 };
                 let result = result
-                    .unwrap_or_else(|_| Err(Error::closed("the publisher's connection task has stopped")))
                     .and_then(|reply| server_error(reply, key))
                     .and_then(|reply| receipt(&event, key.clone(), &reply));
                 Poll::Ready(result.map_err(|e| e.with_event(event)))
