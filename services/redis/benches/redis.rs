@@ -8,7 +8,7 @@
 //!   baseline), and for reference pipelines half the callers long, two at
 //!   a time: as many `XADD`s outstanding as the callers can have. WatchTower: dead letter + retry + circuit breaker
 //!   over [`RedisPublisher`], the same with a backpressure queue as fourth
-//!   layer, and the publisher alone.
+//!   layer (as many calls in flight as there are callers), and the publisher alone.
 //! * consume: `N` entries already in a stream, a fresh group each run.
 //!   Raw: `XREADGROUP COUNT 256` + one `XACK` per batch, in a loop.
 //!   WatchTower: [`RedisSubscriber`] through `watchtower::serve`, with
@@ -16,7 +16,7 @@
 //!
 //! Run with `cargo bench -p watchtower-redis --bench redis` against the
 //! local Redis (`REDIS_URL` to change it; `REDIS_BENCH=publish` or
-//! `consume` for one half, `REDIS_BENCH_CASE=raw`, `stack` or `bare` for
+//! `consume` for one half, `REDIS_BENCH_CASE=raw`, `stack`, `four` or `bare` for
 //! one publish case only, to profile it, `REDIS_BENCH_ROUNDS` for the number of rounds,
 //! `REDIS_BENCH_CALLERS` for the concurrent publishers, 64 by default).
 //! Each row gives the median, best and range over the rounds; each ratio
@@ -260,7 +260,7 @@ async fn publish_watchtower(backpressure: bool) -> f64 {
         .layer(CircuitBreakerLayer::new(CircuitBreakerConfig::new()));
     let rate = if backpressure {
         let stack = stack
-            .layer(BackpressureLayer::new(1024, Overflow::Block))
+            .layer(BackpressureLayer::new(1024, Overflow::Block).concurrency(callers()))
             .service(publisher);
         drive(sent, |event| stack.clone().oneshot(event)).await
     } else {
@@ -448,10 +448,14 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(ROUNDS);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    // `REDIS_BENCH_THREADS=1`: everything on one thread.
+    let rt = match std::env::var("REDIS_BENCH_THREADS").as_deref() {
+        Ok("1") => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()
+    .unwrap();
     rt.block_on(async {
         println!("redis streams, {N} events per run, {rounds} rounds, events/s");
         if only != "consume" {
@@ -470,6 +474,7 @@ fn main() {
                     let rate = match case.as_str() {
                         "raw" => publish_raw_pipelined().await,
                         "stack" => publish_watchtower(false).await,
+                        "four" => publish_watchtower(true).await,
                         _ => publish_bare().await,
                     };
                     println!("{case}: {rate:.0} events/s");

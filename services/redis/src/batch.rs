@@ -6,12 +6,17 @@
 //! command in a [`Queue`]; one task per publisher takes what has gathered
 //! and sends it as one pipeline:
 //!
-//! * with nothing on the wire, whatever is queued goes out at once (a lone
+//! * with nothing on the wire, what is queued goes out at once (a lone
 //!   `XADD` after a quiet spell waits for nobody);
 //! * while pipelines are on the wire, the next one goes out once
 //!   [`GATHER`] commands have queued up (so a steady stream of callers
 //!   keeps two or more batches of a useful size in flight), or when a
-//!   pipeline on the wire completes, whatever has gathered by then.
+//!   pipeline on the wire completes, whatever has gathered by then;
+//! * what has gathered is shared out over the pipelines that may still go
+//!   on the wire (at least [`GATHER`] commands each, at most
+//!   [`MAX_BATCH`]): 256 queued callers make four pipelines of 64, not one
+//!   of 256, so that Redis works on one pipeline while the client reads
+//!   the replies of another and fills the next.
 //!
 //! No timer is involved: a command waits at most for the pipelines already
 //! on the wire. Callers wake the task only when their command is the first
@@ -34,12 +39,12 @@ use std::task::{Context, Poll, Waker};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use futures_util::task::AtomicWaker;
+use redis::Value;
 use redis::aio::ConnectionManager;
-use redis::{Cmd, Value};
-use watchtower::{Error, ErrorKind};
+use watchtower::{Error, ErrorKind, Event};
 
 use crate::error::from_redis;
-use crate::publisher::Health;
+use crate::publisher::{Health, MaxLen, xadd};
 
 /// Pipelines on the wire at once.
 const MAX_IN_FLIGHT: usize = 4;
@@ -51,10 +56,11 @@ const MAX_BATCH: usize = 512;
 /// on the wire.
 const GATHER: usize = 32;
 
-/// One command and where its reply goes. Its place in the queue is freed
-/// by the task once the reply is in.
+/// One event to `XADD` (checked, with its stream key) and where the reply
+/// goes. Its place in the queue is freed by the task once the reply is in.
 pub(crate) struct Request {
-    pub(crate) cmd: Cmd,
+    pub(crate) event: Event,
+    pub(crate) key: Arc<str>,
     pub(crate) reply: Replier,
 }
 
@@ -274,7 +280,12 @@ impl Drop for Places {
 
 /// Sends the queued requests in pipelines until the queue is closed and
 /// empty and nothing is on the wire.
-pub(crate) async fn batch_loop(conn: ConnectionManager, health: Arc<Health>, queue: Arc<Queue>) {
+pub(crate) async fn batch_loop(
+    conn: ConnectionManager,
+    health: Arc<Health>,
+    queue: Arc<Queue>,
+    max_len: Option<MaxLen>,
+) {
     let stopped = Stopped(queue);
     let queue = &stopped.0;
     let mut in_flight = FuturesUnordered::new();
@@ -295,29 +306,40 @@ pub(crate) async fn batch_loop(conn: ConnectionManager, health: Arc<Health>, que
                     }
                     return Poll::Pending;
                 }
+                // What has gathered is shared out over the free places on
+                // the wire, so that the server works on one pipeline while
+                // the replies of another come back and the next one fills.
+                let free = MAX_IN_FLIGHT - in_flight.len().min(MAX_IN_FLIGHT - 1);
+                let size = queued.div_ceil(free).clamp(GATHER.min(queued), MAX_BATCH);
                 state.in_flight += 1;
-                if queued <= MAX_BATCH {
+                if size >= queued {
                     std::mem::replace(&mut state.requests, Vec::with_capacity(GATHER))
                 } else {
-                    state.requests.drain(..MAX_BATCH).collect()
+                    state.requests.drain(..size).collect()
                 }
             };
             let places = Places {
                 queue: queue.clone(),
                 n: batch.len(),
             };
-            in_flight.push(send(conn.clone(), health.clone(), batch, places));
+            in_flight.push(send(conn.clone(), health.clone(), batch, max_len, places));
         }
     })
     .await;
 }
 
-async fn send(mut conn: ConnectionManager, health: Arc<Health>, batch: Vec<Request>, places: Places) {
+async fn send(
+    mut conn: ConnectionManager,
+    health: Arc<Health>,
+    batch: Vec<Request>,
+    max_len: Option<MaxLen>,
+    places: Places,
+) {
     if batch.len() == 1 {
-        let Some(Request { cmd, reply }) = batch.into_iter().next() else {
+        let Some(Request { event, key, reply }) = batch.into_iter().next() else {
             return;
         };
-        let result = cmd
+        let result = xadd(&key, max_len, &event)
             .query_async::<Value>(&mut conn)
             .await
             .map_err(|e| from_redis(e, "XADD"));
@@ -331,8 +353,8 @@ async fn send(mut conn: ConnectionManager, health: Arc<Health>, batch: Vec<Reque
     // Each command's server error becomes its own reply, for its caller.
     pipe.ignore_errors();
     let mut repliers = Vec::with_capacity(batch.len());
-    for Request { cmd, reply } in batch {
-        pipe.add_command(cmd);
+    for Request { event, key, reply } in batch {
+        pipe.add_command(xadd(&key, max_len, &event));
         repliers.push(reply);
     }
     let result = pipe

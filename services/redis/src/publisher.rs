@@ -226,7 +226,12 @@ impl RedisPublisherBuilder {
         let conn = self.config.connect(&client, std::time::Duration::ZERO).await?;
         let health = Health::new();
         let queue = Queue::new(self.max_pending);
-        tokio::spawn(batch_loop(conn.clone(), health.clone(), queue.clone()));
+        tokio::spawn(batch_loop(
+            conn.clone(),
+            health.clone(),
+            queue.clone(),
+            self.max_len,
+        ));
         let requests = Arc::new(Sender(queue));
         Ok(RedisPublisher {
             requests,
@@ -333,24 +338,15 @@ impl RedisPublisher {
 impl PublisherShared {
     /// The `XADD` for `event`, encoded into a command allocated once.
     fn xadd(&self, event: &Event) -> Result<(Arc<str>, Cmd), Error> {
-        event.validate()?;
-        let key = self.stream_key(event.topic())?;
-        let (field_args, field_bytes) = fields_size(event);
-        // XADD key [MAXLEN ~ n] * fields...
-        let mut cmd = Cmd::with_capacity(6 + field_args, 32 + key.len() + field_bytes);
-        cmd.arg("XADD").arg(&*key);
-        match self.max_len {
-            Some(MaxLen::Approx(n)) => {
-                cmd.arg("MAXLEN").arg("~").arg(n);
-            }
-            Some(MaxLen::Exact(n)) => {
-                cmd.arg("MAXLEN").arg("=").arg(n);
-            }
-            None => {}
-        }
-        cmd.arg("*");
-        write_fields(&mut cmd, event);
+        let key = self.prepare(event)?;
+        let cmd = xadd(&key, self.max_len, event);
         Ok((key, cmd))
+    }
+
+    /// Checks `event` and finds its stream key.
+    fn prepare(&self, event: &Event) -> Result<Arc<str>, Error> {
+        event.validate()?;
+        self.stream_key(event.topic())
     }
 
     /// The stream key of `topic`, from the cache when it is there (a
@@ -373,6 +369,27 @@ impl PublisherShared {
         }
         Ok(key)
     }
+}
+
+/// The `XADD` of `event` to the stream `key`, encoded into a command
+/// allocated once.
+pub(crate) fn xadd(key: &str, max_len: Option<MaxLen>, event: &Event) -> Cmd {
+    let (field_args, field_bytes) = fields_size(event);
+    // XADD key [MAXLEN ~ n] * fields...
+    let mut cmd = Cmd::with_capacity(6 + field_args, 32 + key.len() + field_bytes);
+    cmd.arg("XADD").arg(key);
+    match max_len {
+        Some(MaxLen::Approx(n)) => {
+            cmd.arg("MAXLEN").arg("~").arg(n);
+        }
+        Some(MaxLen::Exact(n)) => {
+            cmd.arg("MAXLEN").arg("=").arg(n);
+        }
+        None => {}
+    }
+    cmd.arg("*");
+    write_fields(&mut cmd, event);
+    cmd
 }
 
 fn receipt(event: &Event, key: Arc<str>, reply: &Value) -> Result<Receipt, Error> {
@@ -422,7 +439,7 @@ impl Service<Event> for RedisPublisher {
         let queue = &self.requests.0;
         // A call without `poll_ready` takes a free place if there is one.
         let reserved = std::mem::take(&mut self.reserved) || queue.try_reserve();
-        let state = match (reserved, self.shared.xadd(&event)) {
+        let state = match (reserved, self.shared.prepare(&event)) {
             (true, Err(e)) => {
                 queue.release(1);
                 State::Failed(Some(e.with_event(event)))
@@ -435,9 +452,16 @@ impl Service<Event> for RedisPublisher {
                 )
                 .with_event(event),
             )),
-            (true, Ok((key, cmd))) => {
+            (true, Ok(key)) => {
                 let (replier, reply) = Reply::new();
-                match queue.push(Request { cmd, reply: replier }) {
+                // The connection task encodes the command: allocated and
+                // freed on one thread, and off the caller's.
+                let request = Request {
+                    event: event.clone(),
+                    key: key.clone(),
+                    reply: replier,
+                };
+                match queue.push(request) {
                     Ok(()) => State::Waiting {
                         reply,
                         key,
