@@ -18,6 +18,8 @@
 //! * [`serve()`]: the consumer runtime;
 //! * [`MemoryDeadLetters`](dead_letter::MemoryDeadLetters): a bounded
 //!   in-memory dead-letter queue;
+//! * [`reply`]: a one-shot reply whose sender chooses when to wake the
+//!   receiver, for answering many callers at once;
 //! * `conformance` (feature `conformance`): the test suite every transport
 //!   runs.
 //!
@@ -56,6 +58,7 @@ pub mod dead_letter;
 pub mod error;
 pub mod event;
 pub mod publish;
+pub mod reply;
 pub mod serve;
 pub mod subscribe;
 pub mod topic;

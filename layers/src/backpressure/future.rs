@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::sync::oneshot;
+use watchtower::reply::Reply;
 use watchtower::{Error, ErrorKind, Event};
 
 /// Response future of [`Backpressure`](super::Backpressure): the worker's
@@ -17,12 +17,12 @@ pub struct ResponseFuture<R> {
 
 #[derive(Debug)]
 enum State<R> {
-    Queued(oneshot::Receiver<Result<R, Error>>, Option<Event>),
+    Queued(Reply<Result<R, Error>>, Option<Event>),
     Failed(Option<Error>),
 }
 
 impl<R> ResponseFuture<R> {
-    pub(crate) fn queued(rx: oneshot::Receiver<Result<R, Error>>, event: Event) -> Self {
+    pub(crate) fn queued(rx: Reply<Result<R, Error>>, event: Event) -> Self {
         ResponseFuture {
             state: State::Queued(rx, Some(event)),
         }
@@ -40,9 +40,9 @@ impl<R> Future for ResponseFuture<R> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.state {
-            State::Queued(rx, event) => Poll::Ready(match ready!(Pin::new(rx).poll(cx)) {
-                Ok(result) => result,
-                Err(_) => {
+            State::Queued(rx, event) => Poll::Ready(match ready!(rx.poll_reply(cx)) {
+                Some(result) => result,
+                None => {
                     let err = Error::closed("backpressure worker stopped");
                     match event.take() {
                         Some(e) => Err(err.with_event(e)),

@@ -62,9 +62,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
+use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
-use tokio::sync::{Notify, oneshot};
 use tower::{Layer, Service};
+use watchtower::reply::reply;
 use watchtower::{BoxError, Error, ErrorKind, Event};
 
 pub use future::ResponseFuture;
@@ -315,7 +316,7 @@ impl<R> Service<Event> for Backpressure<R> {
                 Error::new(ErrorKind::Other, "backpressure called before poll_ready").with_event(event),
             );
         }
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = reply();
         let job = Job {
             event: event.clone(),
             reply: tx,
@@ -352,7 +353,7 @@ impl<R> Service<Event> for Backpressure<R> {
         drop(queue);
         if let Some(old) = evicted {
             counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
-            let _ = old.reply.send(Err(
+            old.reply.send(Err(
                 dropped("queue full, oldest event evicted").with_event(old.event)
             ));
         }

@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 
 use serde::Serialize;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use watchtower::Event;
+use watchtower::reply::Replier;
 
-pub(crate) type Reply<R> = oneshot::Sender<Result<R, watchtower::Error>>;
+pub(crate) type Reply<R> = Replier<Result<R, watchtower::Error>>;
 
 pub(crate) struct Job<R> {
     pub(crate) event: Event,

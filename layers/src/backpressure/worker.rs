@@ -11,6 +11,7 @@ use futures_util::future::OptionFuture;
 use futures_util::stream::FuturesUnordered;
 use pin_project_lite::pin_project;
 use tower::Service;
+use watchtower::reply::Filled;
 use watchtower::{BoxError, Error, Event};
 
 use super::shared::{Reply, Shared};
@@ -24,6 +25,7 @@ pin_project! {
     /// [`Backpressure::new`](super::Backpressure::new) spawns it; run it
     /// yourself with [`Backpressure::pair`](super::Backpressure::pair).
     #[must_use = "the worker does nothing unless polled"]
+    #[project = WorkerProjection]
     pub struct Worker<S>
     where
         S: Service<Event>,
@@ -34,6 +36,8 @@ pin_project! {
         // The allocation of the last call that finished at once, reused for
         // the next one.
         spare: Option<Slot<S::Future, S::Response>>,
+        // Answers given in this poll, whose callers are woken at its end.
+        filled: Vec<Filled<Result<S::Response, Error>>>,
         concurrency: usize,
     }
 
@@ -52,7 +56,7 @@ pin_project! {
             for job in jobs {
                 this.shared.release_slot();
                 let err = Error::closed("backpressure worker stopped").with_event(job.event);
-                let _ = job.reply.send(Err(err));
+                job.reply.send(Err(err));
             }
         }
     }
@@ -74,10 +78,15 @@ impl<S: Service<Event>> Worker<S> {
             shared,
             in_flight: FuturesUnordered::new(),
             spare: None,
+            filled: Vec::new(),
             concurrency: concurrency.max(1),
         }
     }
 }
+
+/// Answers the worker gathers before it wakes their callers within one
+/// long poll.
+const WAKE_BATCH: usize = 64;
 
 /// A call in a reusable allocation.
 type Slot<F, R> = Pin<Box<OptionFuture<Call<F, R>>>>;
@@ -95,16 +104,14 @@ where
     F: Future<Output = Result<R, E>>,
     E: Into<BoxError>,
 {
-    type Output = ();
+    /// The answer, filled in; its caller is woken when it is dropped.
+    type Output = Option<Filled<Result<R, Error>>>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.future.poll(cx)).map_err(|e| Error::from_boxed(e.into()));
-        if let Some(reply) = this.reply.take() {
-            // A caller that stopped waiting has chosen not to know.
-            let _ = reply.send(result);
-        }
-        Poll::Ready(())
+        // A caller that stopped waiting has chosen not to know.
+        Poll::Ready(this.reply.take().map(|reply| reply.fill(result)))
     }
 }
 
@@ -116,75 +123,98 @@ where
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.project();
-        let counters = &this.shared.counters;
-        loop {
-            // An empty set has nothing to poll (and polling it would
-            // register the waker for nothing).
-            if !this.in_flight.is_empty() {
-                while let Poll::Ready(Some(_)) = this.in_flight.poll_next_unpin(cx) {}
+        let mut this = self.project();
+        let result = drive(&mut this, cx);
+        // Every answer of this poll is in: now wake their callers, once
+        // each, rather than one at a time while the rest are filled in.
+        this.filled.clear();
+        result
+    }
+}
+
+/// The worker's loop: answers completed calls and starts queued ones until
+/// it has to wait. Answers go into `filled`, for the caller to wake.
+fn drive<S>(this: &mut WorkerProjection<'_, S>, cx: &mut Context<'_>) -> Poll<()>
+where
+    S: Service<Event>,
+    S::Error: Into<BoxError>,
+{
+    let counters = &this.shared.counters;
+    loop {
+        // A long poll does not keep its first callers waiting for all
+        // the rest.
+        if this.filled.len() >= WAKE_BATCH {
+            this.filled.clear();
+        }
+        // An empty set has nothing to poll (and polling it would
+        // register the waker for nothing).
+        if !this.in_flight.is_empty() {
+            while let Poll::Ready(Some(done)) = this.in_flight.poll_next_unpin(cx) {
+                this.filled.extend(done.flatten());
             }
-            if this.in_flight.len() >= *this.concurrency {
+        }
+        if this.in_flight.len() >= *this.concurrency {
+            counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
+            return Poll::Pending;
+        }
+        // Wait for the service before taking a job, so that jobs stay
+        // queued (and can be evicted under `DropOldest`) meanwhile.
+        {
+            let mut queue = this.shared.lock();
+            if queue.jobs.is_empty() {
+                counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
+                if queue.closed && this.in_flight.is_empty() {
+                    this.shared.stop();
+                    return Poll::Ready(());
+                }
+                queue.worker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+        }
+        let ready = match this.inner.poll_ready(cx) {
+            Poll::Pending => {
                 counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
                 return Poll::Pending;
             }
-            // Wait for the service before taking a job, so that jobs stay
-            // queued (and can be evicted under `DropOldest`) meanwhile.
-            {
-                let mut queue = this.shared.lock();
-                if queue.jobs.is_empty() {
-                    counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
-                    if queue.closed && this.in_flight.is_empty() {
-                        this.shared.stop();
-                        return Poll::Ready(());
-                    }
-                    queue.worker = Some(cx.waker().clone());
-                    return Poll::Pending;
-                }
-            }
-            let ready = match this.inner.poll_ready(cx) {
-                Poll::Pending => {
-                    counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
-                    return Poll::Pending;
-                }
-                Poll::Ready(r) => r,
-            };
-            let job = {
-                let mut queue = this.shared.lock();
-                let job = queue.jobs.pop_front();
-                counters.set_depth(queue.jobs.len());
-                job
-            };
-            // Evicted meanwhile: the readiness stays for the next job.
-            let Some(job) = job else { continue };
-            this.shared.release_slot();
-            match ready {
-                Ok(()) => {
-                    let mut call = this
-                        .spare
-                        .take()
-                        .unwrap_or_else(|| Box::pin(OptionFuture::from(None)));
-                    call.as_mut().set(
-                        Some(Call {
-                            future: this.inner.call(job.event),
-                            reply: Some(job.reply),
-                        })
-                        .into(),
-                    );
-                    // Many calls finish at once (an in-memory publish, a
-                    // buffered write): answer those here, and keep only the
-                    // rest in the in-flight set.
-                    if call.as_mut().poll(cx).is_pending() {
-                        this.in_flight.push(call);
-                    } else {
+            Poll::Ready(r) => r,
+        };
+        let job = {
+            let mut queue = this.shared.lock();
+            let job = queue.jobs.pop_front();
+            counters.set_depth(queue.jobs.len());
+            job
+        };
+        // Evicted meanwhile: the readiness stays for the next job.
+        let Some(job) = job else { continue };
+        this.shared.release_slot();
+        match ready {
+            Ok(()) => {
+                let mut call = this
+                    .spare
+                    .take()
+                    .unwrap_or_else(|| Box::pin(OptionFuture::from(None)));
+                call.as_mut().set(
+                    Some(Call {
+                        future: this.inner.call(job.event),
+                        reply: Some(job.reply),
+                    })
+                    .into(),
+                );
+                // Many calls finish at once (an in-memory publish, a
+                // buffered write): answer those here, and keep only the
+                // rest in the in-flight set.
+                match call.as_mut().poll(cx) {
+                    Poll::Pending => this.in_flight.push(call),
+                    Poll::Ready(done) => {
+                        this.filled.extend(done.flatten());
                         call.as_mut().set(None.into());
                         *this.spare = Some(call);
                     }
                 }
-                Err(e) => {
-                    let err = Error::from_boxed(e.into()).with_event(job.event);
-                    let _ = job.reply.send(Err(err));
-                }
+            }
+            Err(e) => {
+                let err = Error::from_boxed(e.into()).with_event(job.event);
+                this.filled.push(job.reply.fill(Err(err)));
             }
         }
     }

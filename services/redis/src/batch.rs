@@ -25,7 +25,7 @@
 //! before it queues a command, and the task frees a pipeline's places at
 //! once when its replies are in.
 //!
-//! Replies go back through a [`Reply`] per command. The task fills in all
+//! Replies go back through a [`reply`] per command. The task fills in all
 //! replies of a pipeline before it wakes any caller, so that callers
 //! polled together (a `FuturesUnordered`, a `buffer_unordered`) are woken
 //! once per pipeline and find all their replies, rather than once per
@@ -33,7 +33,7 @@
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use futures_util::StreamExt as _;
@@ -41,6 +41,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::task::AtomicWaker;
 use redis::Value;
 use redis::aio::ConnectionManager;
+use watchtower::reply::Replier;
 use watchtower::{Error, ErrorKind, Event};
 
 use crate::error::from_redis;
@@ -61,75 +62,7 @@ const GATHER: usize = 32;
 pub(crate) struct Request {
     pub(crate) event: Event,
     pub(crate) key: Arc<str>,
-    pub(crate) reply: Replier,
-}
-
-/// The reply to one queued command, from the sending task to its caller.
-pub(crate) struct Reply {
-    value: Mutex<Option<Result<Value, Error>>>,
-    filled: AtomicBool,
-    caller: AtomicWaker,
-}
-
-impl Reply {
-    /// A reply to wait for, and the end that fills it in.
-    pub(crate) fn new() -> (Replier, Arc<Reply>) {
-        let reply = Arc::new(Reply {
-            value: Mutex::new(None),
-            filled: AtomicBool::new(false),
-            caller: AtomicWaker::new(),
-        });
-        (Replier(Some(reply.clone())), reply)
-    }
-
-    /// The reply once it is in. Polled again after it was taken, it is an
-    /// error rather than a panic.
-    pub(crate) fn poll(&self, cx: &mut Context<'_>) -> Poll<Result<Value, Error>> {
-        if !self.filled.load(Ordering::Acquire) {
-            self.caller.register(cx.waker());
-            // Filled in between: the registration may have come too late.
-            if !self.filled.load(Ordering::Acquire) {
-                return Poll::Pending;
-            }
-        }
-        let value = self.value.lock().unwrap_or_else(PoisonError::into_inner).take();
-        Poll::Ready(value.unwrap_or_else(|| Err(Error::closed("the reply was already taken"))))
-    }
-
-    fn fill(&self, value: Result<Value, Error>) {
-        *self.value.lock().unwrap_or_else(PoisonError::into_inner) = Some(value);
-        self.filled.store(true, Ordering::Release);
-    }
-}
-
-/// The sending task's end of a [`Reply`]. Dropped without being filled in
-/// (the task stopped), it tells the caller so.
-pub(crate) struct Replier(Option<Arc<Reply>>);
-
-impl Replier {
-    /// Fills in the reply without waking the caller: the returned reply's
-    /// caller is to be woken once the rest of the pipeline is filled in.
-    fn fill(mut self, value: Result<Value, Error>) -> Option<Arc<Reply>> {
-        let reply = self.0.take()?;
-        reply.fill(value);
-        Some(reply)
-    }
-}
-
-impl Drop for Replier {
-    fn drop(&mut self) {
-        if let Some(reply) = self.0.take() {
-            reply.fill(Err(Error::closed("the publisher's connection task has stopped")));
-            reply.caller.wake();
-        }
-    }
-}
-
-/// Wakes the callers of filled-in replies.
-fn wake_all(filled: Vec<Option<Arc<Reply>>>) {
-    for reply in filled.into_iter().flatten() {
-        reply.caller.wake();
-    }
+    pub(crate) reply: Replier<Result<Value, Error>>,
 }
 
 /// The commands waiting for the next pipeline.
@@ -346,7 +279,7 @@ async fn send(
         health.observe(&result);
         let filled = reply.fill(result);
         drop(places);
-        wake_all(vec![filled]);
+        drop(filled);
         return;
     }
     let mut pipe = redis::Pipeline::with_capacity(batch.len());
@@ -380,9 +313,9 @@ async fn send(
             .map(|replier| replier.fill(Err(Error::new(e.kind(), e.message()))))
             .collect(),
     };
-    // Room first, so that woken callers find it.
+    // Room first, so that woken callers find it; then every caller.
     drop(places);
-    wake_all(filled);
+    drop(filled);
 }
 
 /// A reply that is a server error becomes a [`ErrorKind::Rejected`] error.
@@ -402,80 +335,25 @@ pub(crate) fn server_error(reply: Value, key: &str) -> Result<Value, Error> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Context, Poll, Wake, Waker};
+    use std::future::poll_fn;
 
-    use redis::Value;
-    use watchtower::ErrorKind;
+    use tokio_test::task::spawn;
+    use tokio_test::{assert_pending, assert_ready};
 
-    use super::{Queue, Reply, wake_all};
-
-    /// A waker that counts its wakes.
-    #[derive(Default)]
-    struct Count(AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn waker() -> (Arc<Count>, Waker) {
-        let count = Arc::new(Count::default());
-        (count.clone(), Waker::from(count))
-    }
+    use super::Queue;
 
     #[test]
     fn a_full_queue_wakes_its_waiters_when_places_are_freed() {
         let queue = Queue::new(2);
-        let (count, waker) = waker();
-        let mut cx = Context::from_waker(&waker);
-        assert!(queue.poll_reserve(&mut cx).is_ready());
+        assert!(queue.try_reserve());
         assert!(queue.try_reserve());
         assert!(!queue.try_reserve());
-        assert!(queue.poll_reserve(&mut cx).is_pending());
-        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        let mut waiter = spawn(poll_fn(|cx| queue.poll_reserve(cx)));
+        assert_pending!(waiter.poll());
         queue.release(2);
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        assert!(queue.poll_reserve(&mut cx).is_ready());
-        assert!(queue.poll_reserve(&mut cx).is_ready());
-        assert!(queue.poll_reserve(&mut cx).is_pending());
-    }
-
-    #[test]
-    fn a_reply_wakes_its_caller_only_when_told() {
-        let (count, waker) = waker();
-        let mut cx = Context::from_waker(&waker);
-        let (replier, reply) = Reply::new();
-        assert!(reply.poll(&mut cx).is_pending());
-        let filled = replier.fill(Ok(Value::SimpleString("1-0".into())));
-        // Filled but not yet woken: the rest of the pipeline comes first.
-        assert_eq!(count.0.load(Ordering::SeqCst), 0);
-        wake_all(vec![filled]);
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        match reply.poll(&mut cx) {
-            Poll::Ready(Ok(Value::SimpleString(id))) => assert_eq!(id, "1-0"),
-            other => panic!("unexpected {other:?}"),
-        }
-        // Polled again: an error, not a panic.
-        match reply.poll(&mut cx) {
-            Poll::Ready(Err(e)) => assert_eq!(e.kind(), ErrorKind::Closed),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_dropped_replier_tells_its_caller() {
-        let (count, waker) = waker();
-        let mut cx = Context::from_waker(&waker);
-        let (replier, reply) = Reply::new();
-        assert!(reply.poll(&mut cx).is_pending());
-        drop(replier);
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        match reply.poll(&mut cx) {
-            Poll::Ready(Err(e)) => assert_eq!(e.kind(), ErrorKind::Closed),
-            other => panic!("unexpected {other:?}"),
-        }
+        assert!(waiter.is_woken());
+        assert_ready!(waiter.poll());
+        assert!(queue.try_reserve());
+        assert!(!queue.try_reserve());
     }
 }

@@ -12,11 +12,12 @@ use redis::aio::ConnectionManager;
 use redis::{Cmd, Value};
 use tokio::task::JoinHandle;
 use tower_service::Service;
+use watchtower::reply::{Reply, reply};
 use watchtower::topic::validate_topic;
 use watchtower::trace::publish_span;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
-use crate::batch::{Queue, Reply, Request, batch_loop, server_error};
+use crate::batch::{Queue, Request, batch_loop, server_error};
 use crate::config::RedisConfig;
 use crate::error::from_redis;
 use crate::wire::{fields_size, shared_string, write_fields};
@@ -453,7 +454,7 @@ impl Service<Event> for RedisPublisher {
                 .with_event(event),
             )),
             (true, Ok(key)) => {
-                let (replier, reply) = Reply::new();
+                let (replier, reply) = reply();
                 // The connection task encodes the command: allocated and
                 // freed on one thread, and off the caller's.
                 let request = Request {
@@ -484,7 +485,7 @@ impl Service<Event> for RedisPublisher {
 enum State {
     Failed(Option<Error>),
     Waiting {
-        reply: Arc<Reply>,
+        reply: Reply<Result<Value, Error>>,
         key: Arc<str>,
         event: Option<Event>,
     },
@@ -519,7 +520,8 @@ impl Future for ResponseFuture {
                 .take()
                 .unwrap_or_else(|| Error::closed("the publish future was polled after it finished")))),
             State::Waiting { reply, key, event } => {
-                let result = ready!(reply.poll(cx));
+                let result = ready!(reply.poll_reply(cx))
+                    .unwrap_or_else(|| Err(Error::closed("the publisher's connection task has stopped")));
                 let Some(event) = event.take() else {
                     return Poll::Ready(Err(Error::closed(
                         "the publish future was polled after it finished",
