@@ -12,6 +12,15 @@
 //! * [`Overflow::DropNewest`]: the new event is refused;
 //! * [`Overflow::DropOldest`]: the oldest queued event is evicted for it.
 //!
+//! When nothing is queued, fewer than `concurrency` calls run and the
+//! inner service is ready at once, the caller calls it itself in `call`
+//! instead of handing the event to the worker and waiting to be woken with
+//! the answer: no event is overtaken (one waits in the queue only while
+//! another does) and the concurrency bound counts these calls too, but an
+//! uncongested call costs no hop between tasks. The worker takes over as
+//! soon as events queue up. (A worker run by hand, from
+//! [`Backpressure::pair`], gets every call.)
+//!
 //! A refused or evicted event resolves **its own caller's** future with
 //! [`ErrorKind::Dropped`], the event
 //! attached ([`Error::event`](watchtower::Error::event)), so a dead-letter
@@ -72,7 +81,7 @@ pub use future::ResponseFuture;
 pub use shared::{BackpressureHandle, BackpressureStats};
 pub use worker::Worker;
 
-use shared::{Counters, Job, Queue, Shared, Slots};
+use shared::{Counters, Direct, Job, Queue, Shared, Slots};
 
 /// The default concurrency: 64 calls in flight, as the consumer runtime
 /// uses, enough to hide a broker's round trip.
@@ -142,7 +151,9 @@ where
     type Service = Backpressure<S::Response>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let (svc, worker) = Backpressure::build(inner, self);
+        let inner = Arc::new(Mutex::new(inner));
+        let direct: Arc<Mutex<dyn Direct<S::Response>>> = inner.clone();
+        let (svc, worker) = Backpressure::build(inner, Some(direct), self);
         tokio::spawn(worker);
         svc
     }
@@ -162,6 +173,9 @@ pub struct Backpressure<R> {
 struct Handle<R> {
     shared: Arc<Shared<R>>,
     overflow: Overflow,
+    /// The inner service, for callers to call themselves when nothing is
+    /// queued and a call may start (not with a worker run by hand).
+    direct: Option<Arc<Mutex<dyn Direct<R>>>>,
 }
 
 impl<R> Drop for Handle<R> {
@@ -196,15 +210,22 @@ impl<R> Backpressure<R> {
 
     /// A queue configured by `layer` in front of `inner`, and the worker
     /// to run (spawn it, or poll it yourself).
+    ///
+    /// Every call then goes through the worker: callers do not call the
+    /// inner service themselves, so it need not be `Send`.
     pub fn pair<S>(inner: S, layer: &BackpressureLayer) -> (Self, Worker<S>)
     where
         S: Service<Event, Response = R>,
         S::Error: Into<BoxError>,
     {
-        Backpressure::build(inner, layer)
+        Backpressure::build(Arc::new(Mutex::new(inner)), None, layer)
     }
 
-    fn build<S>(inner: S, layer: &BackpressureLayer) -> (Self, Worker<S>)
+    fn build<S>(
+        inner: Arc<Mutex<S>>,
+        direct: Option<Arc<Mutex<dyn Direct<R>>>>,
+        layer: &BackpressureLayer,
+    ) -> (Self, Worker<S>)
     where
         S: Service<Event, Response = R>,
     {
@@ -221,12 +242,17 @@ impl<R> Backpressure<R> {
                 capacity: layer.capacity,
                 room: Arc::new(Notify::new()),
             }),
+            queued: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            concurrency: layer.concurrency,
+            worker_waits: AtomicBool::new(false),
         });
-        let worker = Worker::new(inner, shared.clone(), layer.concurrency);
+        let worker = Worker::new(inner, shared.clone());
         let svc = Backpressure {
             handle: Arc::new(Handle {
                 shared,
                 overflow: layer.overflow,
+                direct,
             }),
             reserved: false,
             waiting: None,
@@ -316,6 +342,17 @@ impl<R> Service<Event> for Backpressure<R> {
                 Error::new(ErrorKind::Other, "backpressure called before poll_ready").with_event(event),
             );
         }
+        // Nothing queued ahead and room to run: the caller calls the
+        // service itself, without the hop to the worker and back.
+        let event = match self.call_direct(event) {
+            Ok(future) => {
+                if reserved {
+                    shared.release_slot();
+                }
+                return future;
+            }
+            Err(event) => event,
+        };
         let (tx, rx) = reply();
         let job = Job {
             event: event.clone(),
@@ -348,6 +385,7 @@ impl<R> Service<Event> for Backpressure<R> {
             }
         }
         queue.jobs.push_back(job);
+        shared.queued.store(queue.jobs.len(), Ordering::Release);
         counters.set_depth(queue.jobs.len());
         let waker = queue.worker.take();
         drop(queue);
@@ -361,6 +399,41 @@ impl<R> Service<Event> for Backpressure<R> {
             w.wake();
         }
         ResponseFuture::queued(rx, event)
+    }
+}
+
+impl<R> Backpressure<R> {
+    /// Calls the inner service from the caller's task if nothing is queued
+    /// (so no event is overtaken), fewer than `concurrency` calls run and
+    /// the service is ready now; gives the event back otherwise.
+    fn call_direct(&self, event: Event) -> Result<ResponseFuture<R>, Event> {
+        let shared = &self.handle.shared;
+        let Some(direct) = &self.handle.direct else {
+            return Err(event);
+        };
+        if shared.queued.load(Ordering::Acquire) != 0 || !shared.try_start() {
+            return Err(event);
+        }
+        // The worker holds the lock from `poll_ready` to `call`: a caller
+        // cannot take the readiness it waited for.
+        let called = direct.lock().unwrap_or_else(|e| e.into_inner()).try_call(event);
+        match called {
+            Ok(future) => Ok(ResponseFuture::direct(future, Running(shared.clone()))),
+            Err(event) => {
+                shared.finish();
+                Err(event)
+            }
+        }
+    }
+}
+
+/// Counts a caller's own call as running until its future finishes or is
+/// dropped.
+pub(crate) struct Running<R>(Arc<Shared<R>>);
+
+impl<R> Drop for Running<R> {
+    fn drop(&mut self) {
+        self.0.finish();
     }
 }
 

@@ -1,14 +1,17 @@
 //! The queue between callers and the worker.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Waker;
+use std::task::{Context, Poll, Waker};
 
 use serde::Serialize;
 use tokio::sync::Notify;
-use watchtower::Event;
+use tower::Service;
 use watchtower::reply::Replier;
+use watchtower::{BoxError, Event};
 
 pub(crate) type Reply<R> = Replier<Result<R, watchtower::Error>>;
 
@@ -33,6 +36,15 @@ pub(crate) struct Shared<R> {
     /// Under `Overflow::Block`: slots reserved by callers (in `poll_ready`)
     /// or held by queued jobs, at most the capacity.
     pub(crate) slots: Option<Slots>,
+    /// Jobs in this queue (the counters' depth is shared by every queue of
+    /// a layer). Changed with the queue locked.
+    pub(crate) queued: AtomicUsize,
+    /// Calls of the inner service running now, the worker's and those
+    /// callers made themselves; at most `concurrency`.
+    pub(crate) running: AtomicUsize,
+    pub(crate) concurrency: usize,
+    /// The worker waits for a running call to finish.
+    pub(crate) worker_waits: AtomicBool,
 }
 
 impl<R> Shared<R> {
@@ -50,10 +62,67 @@ impl<R> Shared<R> {
         }
     }
 
+    /// Counts a call starting if fewer than `concurrency` run.
+    pub(crate) fn try_start(&self) -> bool {
+        let started = self
+            .running
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.concurrency).then_some(n + 1)
+            })
+            .is_ok();
+        if started {
+            self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        started
+    }
+
+    /// Counts a call finished, and wakes the worker if it waits for one.
+    pub(crate) fn finish(&self) {
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.worker_waits.swap(false, Ordering::SeqCst) {
+            let waker = self.lock().worker.take();
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+
     /// Gives back the slot of a job taken off the queue.
     pub(crate) fn release_slot(&self) {
         if let Some(slots) = &self.slots {
             slots.release();
+        }
+    }
+}
+
+/// A call of the inner service that a caller made itself; counted in
+/// [`Shared::running`] until it finishes or is dropped.
+pub(crate) type DirectFuture<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
+
+/// The inner service as callers see it: they call it themselves when
+/// nothing is queued and a call may start, rather than hand the event to
+/// the worker.
+pub(crate) trait Direct<R>: Send {
+    /// Calls the service if it is ready now; gives the event back if not.
+    fn try_call(&mut self, event: Event) -> Result<DirectFuture<R>, Event>;
+}
+
+impl<S> Direct<S::Response> for S
+where
+    S: Service<Event> + Send,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    fn try_call(&mut self, event: Event) -> Result<DirectFuture<S::Response>, Event> {
+        // `call` has no context: a service that is not ready at once is
+        // left to the worker, which waits for it with its own.
+        match self.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => {
+                let future = self.call(event);
+                Ok(Box::pin(async move { future.await.map_err(Into::into) }))
+            }
+            Poll::Ready(Err(_)) | Poll::Pending => Err(event),
         }
     }
 }

@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_test::mock::{self, Spawn};
 use watchtower::{Error, ErrorKind, Event};
@@ -206,4 +207,88 @@ async fn many_blocked_callers_all_get_through_a_small_queue() {
     let expected: Vec<String> = (0..200).map(|i| format!("e{i}")).collect();
     assert_eq!(answers, expected, "every caller got its own answer");
     assert_eq!(layer.handle().stats().depth, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_nothing_queued_the_caller_calls_the_service_itself() {
+    let (mut svc, mut handle, stats) = setup(4, Overflow::Block);
+    handle.allow(1);
+    let answer = svc.ready().await.unwrap().call(Event::empty("1"));
+    // No worker ran in between: the call was made in `call`.
+    let (event, respond) = handle
+        .next_request()
+        .now_or_never()
+        .expect("the inner service was called at once")
+        .expect("a request");
+    assert_eq!(event.ty(), "1");
+    let s = stats.stats();
+    assert_eq!((s.depth, s.high_water, s.in_flight), (0, 0, 1));
+    respond.send_response("one");
+    assert_eq!(answer.await.unwrap(), "one");
+    assert_eq!(stats.stats().in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_own_calls_count_towards_the_concurrency_and_nothing_is_overtaken() {
+    // Concurrency 1: while the first call runs, the next ones queue.
+    let (mut svc, mut handle, stats) = setup(4, Overflow::Block);
+    handle.allow(3);
+    let first = svc.ready().await.unwrap().call(Event::empty("1"));
+    let second = svc.ready().await.unwrap().call(Event::empty("2"));
+    let third = svc.ready().await.unwrap().call(Event::empty("3"));
+    let (event, respond) = next(&mut handle).await;
+    assert_eq!(event.ty(), "1");
+    tokio::task::yield_now().await;
+    assert!(
+        handle.next_request().now_or_never().is_none(),
+        "the worker waits while the caller's own call runs"
+    );
+    assert_eq!(stats.stats().depth, 2);
+    respond.send_response("one");
+    assert_eq!(first.await.unwrap(), "one");
+    for (ty, answer) in [("2", second), ("3", third)] {
+        let (event, respond) = next(&mut handle).await;
+        assert_eq!(event.ty(), ty, "queued events keep their order");
+        respond.send_response("ok");
+        assert_eq!(answer.await.unwrap(), "ok");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_own_call_frees_its_place() {
+    let (mut svc, mut handle, stats) = setup(4, Overflow::Block);
+    handle.allow(2);
+    let first = svc.ready().await.unwrap().call(Event::empty("1"));
+    let (_, _respond) = next(&mut handle).await;
+    assert_eq!(stats.stats().in_flight, 1);
+    drop(first);
+    assert_eq!(stats.stats().in_flight, 0);
+    let second = svc.ready().await.unwrap().call(Event::empty("2"));
+    let (event, respond) = handle
+        .next_request()
+        .now_or_never()
+        .expect("called at once again")
+        .expect("a request");
+    assert_eq!(event.ty(), "2");
+    respond.send_response("two");
+    assert_eq!(second.await.unwrap(), "two");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_run_by_hand_gets_every_call() {
+    let layer = BackpressureLayer::new(4, Overflow::Block).concurrency(1);
+    let (inner, mut handle): (Mock, Handle) = mock::pair();
+    handle.allow(1);
+    let (mut svc, worker) = Backpressure::pair(inner, &layer);
+    let answer = svc.ready().await.unwrap().call(Event::empty("1"));
+    assert!(
+        handle.next_request().now_or_never().is_none(),
+        "queued, not called"
+    );
+    assert_eq!(layer.handle().stats().depth, 1);
+    tokio::spawn(worker);
+    let (event, respond) = next(&mut handle).await;
+    assert_eq!(event.ty(), "1");
+    respond.send_response("one");
+    assert_eq!(answer.await.unwrap(), "one");
 }

@@ -2,8 +2,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
 use futures_util::StreamExt as _;
@@ -30,7 +30,9 @@ pin_project! {
     where
         S: Service<Event>,
     {
-        inner: S,
+        // Shared with callers that call it themselves; locked from
+        // `poll_ready` to `call`.
+        inner: Arc<Mutex<S>>,
         shared: Arc<Shared<S::Response>>,
         in_flight: FuturesUnordered<Slot<S::Future, S::Response>>,
         // The allocation of the last call that finished at once, reused for
@@ -38,7 +40,6 @@ pin_project! {
         spare: Option<Slot<S::Future, S::Response>>,
         // Answers given in this poll, whose callers are woken at its end.
         filled: Vec<Filled<Result<S::Response, Error>>>,
-        concurrency: usize,
     }
 
     impl<S> PinnedDrop for Worker<S>
@@ -50,8 +51,13 @@ pin_project! {
             let jobs: Vec<_> = {
                 let mut queue = this.shared.lock();
                 this.shared.stop();
+                this.shared.queued.store(0, Ordering::Release);
                 queue.jobs.drain(..).collect()
             };
+            // Calls still in flight are dropped with the worker.
+            for _ in 0..this.in_flight.len() {
+                this.shared.finish();
+            }
             this.shared.counters.set_depth(0);
             for job in jobs {
                 this.shared.release_slot();
@@ -66,20 +72,19 @@ impl<S: Service<Event>> std::fmt::Debug for Worker<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
             .field("in_flight", &self.in_flight.len())
-            .field("concurrency", &self.concurrency)
+            .field("concurrency", &self.shared.concurrency)
             .finish_non_exhaustive()
     }
 }
 
 impl<S: Service<Event>> Worker<S> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared<S::Response>>, concurrency: usize) -> Self {
+    pub(crate) fn new(inner: Arc<Mutex<S>>, shared: Arc<Shared<S::Response>>) -> Self {
         Worker {
             inner,
             shared,
             in_flight: FuturesUnordered::new(),
             spare: None,
             filled: Vec::new(),
-            concurrency: concurrency.max(1),
         }
     }
 }
@@ -141,28 +146,25 @@ where
 {
     let counters = &this.shared.counters;
     loop {
-        // A long poll does not keep its first callers waiting for all
-        // the rest.
+        // A long poll does not keep its first callers waiting for all the
+        // rest.
         if this.filled.len() >= WAKE_BATCH {
             this.filled.clear();
         }
-        // An empty set has nothing to poll (and polling it would
-        // register the waker for nothing).
-        if !this.in_flight.is_empty() {
-            while let Poll::Ready(Some(done)) = this.in_flight.poll_next_unpin(cx) {
-                this.filled.extend(done.flatten());
+        // An empty set has nothing to poll (and polling it would register
+        // the waker for nothing).
+        while !this.in_flight.is_empty() {
+            match this.in_flight.poll_next_unpin(cx) {
+                Poll::Ready(Some(done)) => {
+                    this.shared.finish();
+                    this.filled.extend(done.flatten());
+                }
+                _ => break,
             }
         }
-        if this.in_flight.len() >= *this.concurrency {
-            counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
-            return Poll::Pending;
-        }
-        // Wait for the service before taking a job, so that jobs stay
-        // queued (and can be evicted under `DropOldest`) meanwhile.
         {
             let mut queue = this.shared.lock();
             if queue.jobs.is_empty() {
-                counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
                 if queue.closed && this.in_flight.is_empty() {
                     this.shared.stop();
                     return Poll::Ready(());
@@ -171,50 +173,81 @@ where
                 return Poll::Pending;
             }
         }
-        let ready = match this.inner.poll_ready(cx) {
-            Poll::Pending => {
-                counters.in_flight.store(this.in_flight.len(), Ordering::Relaxed);
+        if !this.shared.try_start() {
+            // Every call that may run is running. The worker's own calls
+            // wake it through the in-flight set, callers' own through
+            // `finish`.
+            this.shared.lock().worker = Some(cx.waker().clone());
+            this.shared.worker_waits.store(true, Ordering::SeqCst);
+            if !this.shared.try_start() {
                 return Poll::Pending;
             }
-            Poll::Ready(r) => r,
-        };
-        let job = {
-            let mut queue = this.shared.lock();
-            let job = queue.jobs.pop_front();
-            counters.set_depth(queue.jobs.len());
-            job
-        };
-        // Evicted meanwhile: the readiness stays for the next job.
-        let Some(job) = job else { continue };
-        this.shared.release_slot();
-        match ready {
-            Ok(()) => {
-                let mut call = this
-                    .spare
-                    .take()
-                    .unwrap_or_else(|| Box::pin(OptionFuture::from(None)));
-                call.as_mut().set(
-                    Some(Call {
-                        future: this.inner.call(job.event),
-                        reply: Some(job.reply),
-                    })
-                    .into(),
-                );
-                // Many calls finish at once (an in-memory publish, a
-                // buffered write): answer those here, and keep only the
-                // rest in the in-flight set.
-                match call.as_mut().poll(cx) {
-                    Poll::Pending => this.in_flight.push(call),
-                    Poll::Ready(done) => {
-                        this.filled.extend(done.flatten());
-                        call.as_mut().set(None.into());
-                        *this.spare = Some(call);
-                    }
+            this.shared.worker_waits.store(false, Ordering::SeqCst);
+        }
+        let step = {
+            let mut inner = this.inner.lock().unwrap_or_else(|e| e.into_inner());
+            // Wait for the service before taking a job, so that jobs stay
+            // queued (and can be evicted under `DropOldest`) meanwhile.
+            let ready = match inner.poll_ready(cx) {
+                Poll::Pending => {
+                    drop(inner);
+                    this.shared.finish();
+                    return Poll::Pending;
+                }
+                Poll::Ready(r) => r,
+            };
+            let job = {
+                let mut queue = this.shared.lock();
+                let job = queue.jobs.pop_front();
+                this.shared.queued.store(queue.jobs.len(), Ordering::Release);
+                counters.set_depth(queue.jobs.len());
+                job
+            };
+            match (job, ready) {
+                // Evicted meanwhile: the readiness stays for the next job.
+                (None, _) => None,
+                (Some(job), Ok(())) => Some(Ok((inner.call(job.event), job.reply))),
+                (Some(job), Err(e)) => {
+                    let err = Error::from_boxed(e.into()).with_event(job.event);
+                    Some(Err((err, job.reply)))
                 }
             }
-            Err(e) => {
-                let err = Error::from_boxed(e.into()).with_event(job.event);
-                this.filled.push(job.reply.fill(Err(err)));
+        };
+        let (future, reply) = match step {
+            None => {
+                this.shared.finish();
+                continue;
+            }
+            Some(Err((err, reply))) => {
+                this.shared.release_slot();
+                this.shared.finish();
+                this.filled.push(reply.fill(Err(err)));
+                continue;
+            }
+            Some(Ok(call)) => call,
+        };
+        this.shared.release_slot();
+        let mut call = this
+            .spare
+            .take()
+            .unwrap_or_else(|| Box::pin(OptionFuture::from(None)));
+        call.as_mut().set(
+            Some(Call {
+                future,
+                reply: Some(reply),
+            })
+            .into(),
+        );
+        // Many calls finish at once (an in-memory publish, a buffered
+        // write): answer those here, and keep only the rest in the
+        // in-flight set.
+        match call.as_mut().poll(cx) {
+            Poll::Pending => this.in_flight.push(call),
+            Poll::Ready(done) => {
+                this.shared.finish();
+                this.filled.extend(done.flatten());
+                call.as_mut().set(None.into());
+                *this.spare = Some(call);
             }
         }
     }
