@@ -110,6 +110,15 @@ fn layers(c: &mut Criterion) {
             .backpressure(BackpressureLayer::new(1024, Overflow::Block).concurrency(64))
             .service(noop())
     });
+    bench_one(c, &rt, "watchtower/backpressure_direct", || {
+        ServiceBuilder::new()
+            .backpressure(
+                BackpressureLayer::new(1024, Overflow::Block)
+                    .concurrency(64)
+                    .direct(true),
+            )
+            .service(noop())
+    });
     bench_one(c, &rt, "watchtower/breaker+retry+dead_letter", || {
         ServiceBuilder::new()
             .layer(DeadLetterLayer::new(dlq.clone()))
@@ -123,6 +132,18 @@ fn layers(c: &mut Criterion) {
             .retries(RetryConfig::new())
             .circuit_breaker(CircuitBreakerConfig::new())
             .backpressure(BackpressureLayer::new(1024, Overflow::Block).concurrency(64))
+            .service(noop())
+    });
+    bench_one(c, &rt, "watchtower/full_stack_direct", || {
+        ServiceBuilder::new()
+            .dead_letter(dlq.clone())
+            .retries(RetryConfig::new())
+            .circuit_breaker(CircuitBreakerConfig::new())
+            .backpressure(
+                BackpressureLayer::new(1024, Overflow::Block)
+                    .concurrency(64)
+                    .direct(true),
+            )
             .service(noop())
     });
 

@@ -12,14 +12,14 @@
 //! * [`Overflow::DropNewest`]: the new event is refused;
 //! * [`Overflow::DropOldest`]: the oldest queued event is evicted for it.
 //!
-//! When nothing is queued, fewer than `concurrency` calls run and the
-//! inner service is ready at once, the caller calls it itself in `call`
-//! instead of handing the event to the worker and waiting to be woken with
-//! the answer: no event is overtaken (one waits in the queue only while
-//! another does) and the concurrency bound counts these calls too, but an
-//! uncongested call costs no hop between tasks. The worker takes over as
-//! soon as events queue up. (A worker run by hand, from
-//! [`Backpressure::pair`], gets every call.)
+//! With [`direct`](BackpressureLayer::direct) on, when nothing is queued,
+//! fewer than `concurrency` calls run and the inner service is ready at
+//! once, the caller calls it itself in `call` instead of handing the event
+//! to the worker and waiting to be woken with the answer: no event is
+//! overtaken (one waits in the queue only while another does) and the
+//! concurrency bound counts these calls too, but an uncongested call costs
+//! no hop between tasks. The worker takes over as soon as events queue up.
+//! (A worker run by hand, from [`Backpressure::pair`], gets every call.)
 //!
 //! A refused or evicted event resolves **its own caller's** future with
 //! [`ErrorKind::Dropped`], the event
@@ -108,6 +108,7 @@ pub struct BackpressureLayer {
     capacity: usize,
     overflow: Overflow,
     concurrency: usize,
+    direct: bool,
     counters: Arc<Counters>,
 }
 
@@ -119,6 +120,7 @@ impl BackpressureLayer {
             capacity,
             overflow,
             concurrency: DEFAULT_CONCURRENCY,
+            direct: false,
             counters: Arc::new(Counters {
                 capacity,
                 ..Counters::default()
@@ -130,6 +132,22 @@ impl BackpressureLayer {
     /// [`DEFAULT_CONCURRENCY`]; 1 keeps the inner service's order strict.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
+        self
+    }
+
+    /// Lets callers call the inner service themselves, in `call`, when
+    /// nothing is queued, fewer than `concurrency` calls run and the
+    /// service is ready at once (see the [module docs](self)). Default:
+    /// off, every call goes through the worker.
+    ///
+    /// Worth it when the inner service hands its work to a task of its own
+    /// anyway (a publisher that gathers pipelines, a connection task): the
+    /// hop to the worker and back then buys nothing. Leave it off when the
+    /// worker is what takes the work off the callers' task (a publisher
+    /// whose `call` does the encoding and the send), so that callers and
+    /// worker run side by side.
+    pub fn direct(mut self, direct: bool) -> Self {
+        self.direct = direct;
         self
     }
 
@@ -152,8 +170,10 @@ where
 
     fn layer(&self, inner: S) -> Self::Service {
         let inner = Arc::new(Mutex::new(inner));
-        let direct: Arc<Mutex<dyn Direct<S::Response>>> = inner.clone();
-        let (svc, worker) = Backpressure::build(inner, Some(direct), self);
+        let direct = self
+            .direct
+            .then(|| -> Arc<Mutex<dyn Direct<S::Response>>> { inner.clone() });
+        let (svc, worker) = Backpressure::build(inner, direct, self);
         tokio::spawn(worker);
         svc
     }

@@ -11,7 +11,19 @@ type Mock = mock::Mock<Event, &'static str>;
 type Handle = mock::Handle<Event, &'static str>;
 
 fn setup(capacity: usize, overflow: Overflow) -> (Backpressure<&'static str>, Handle, BackpressureHandle) {
-    let layer = BackpressureLayer::new(capacity, overflow).concurrency(1);
+    setup_with(BackpressureLayer::new(capacity, overflow))
+}
+
+/// With callers calling the service themselves when they can.
+fn setup_direct(
+    capacity: usize,
+    overflow: Overflow,
+) -> (Backpressure<&'static str>, Handle, BackpressureHandle) {
+    setup_with(BackpressureLayer::new(capacity, overflow).direct(true))
+}
+
+fn setup_with(layer: BackpressureLayer) -> (Backpressure<&'static str>, Handle, BackpressureHandle) {
+    let layer = layer.concurrency(1);
     let (inner, mut handle): (Mock, Handle) = mock::pair();
     handle.allow(0);
     let stats = layer.handle();
@@ -211,7 +223,7 @@ async fn many_blocked_callers_all_get_through_a_small_queue() {
 
 #[tokio::test(start_paused = true)]
 async fn with_nothing_queued_the_caller_calls_the_service_itself() {
-    let (mut svc, mut handle, stats) = setup(4, Overflow::Block);
+    let (mut svc, mut handle, stats) = setup_direct(4, Overflow::Block);
     handle.allow(1);
     let answer = svc.ready().await.unwrap().call(Event::empty("1"));
     // No worker ran in between: the call was made in `call`.
@@ -231,7 +243,7 @@ async fn with_nothing_queued_the_caller_calls_the_service_itself() {
 #[tokio::test(start_paused = true)]
 async fn callers_own_calls_count_towards_the_concurrency_and_nothing_is_overtaken() {
     // Concurrency 1: while the first call runs, the next ones queue.
-    let (mut svc, mut handle, stats) = setup(4, Overflow::Block);
+    let (mut svc, mut handle, stats) = setup_direct(4, Overflow::Block);
     handle.allow(3);
     let first = svc.ready().await.unwrap().call(Event::empty("1"));
     let second = svc.ready().await.unwrap().call(Event::empty("2"));
@@ -256,7 +268,7 @@ async fn callers_own_calls_count_towards_the_concurrency_and_nothing_is_overtake
 
 #[tokio::test(start_paused = true)]
 async fn a_dropped_own_call_frees_its_place() {
-    let (mut svc, mut handle, stats) = setup(4, Overflow::Block);
+    let (mut svc, mut handle, stats) = setup_direct(4, Overflow::Block);
     handle.allow(2);
     let first = svc.ready().await.unwrap().call(Event::empty("1"));
     let (_, _respond) = next(&mut handle).await;
@@ -275,8 +287,26 @@ async fn a_dropped_own_call_frees_its_place() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn without_direct_calls_the_worker_gets_every_call() {
+    let (mut svc, mut handle, stats) = setup(4, Overflow::Block);
+    handle.allow(1);
+    let answer = svc.ready().await.unwrap().call(Event::empty("1"));
+    assert!(
+        handle.next_request().now_or_never().is_none(),
+        "queued, not called"
+    );
+    assert_eq!(stats.stats().depth, 1);
+    let (event, respond) = next(&mut handle).await;
+    assert_eq!(event.ty(), "1");
+    respond.send_response("one");
+    assert_eq!(answer.await.unwrap(), "one");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_worker_run_by_hand_gets_every_call() {
-    let layer = BackpressureLayer::new(4, Overflow::Block).concurrency(1);
+    let layer = BackpressureLayer::new(4, Overflow::Block)
+        .concurrency(1)
+        .direct(true);
     let (inner, mut handle): (Mock, Handle) = mock::pair();
     handle.allow(1);
     let (mut svc, worker) = Backpressure::pair(inner, &layer);

@@ -8,7 +8,9 @@
 //!   baseline), and for reference pipelines half the callers long, two at
 //!   a time: as many `XADD`s outstanding as the callers can have. WatchTower: dead letter + retry + circuit breaker
 //!   over [`RedisPublisher`], the same with a backpressure queue as fourth
-//!   layer (as many calls in flight as there are callers), and the publisher alone.
+//!   layer (as many calls in flight as there are callers; callers call
+//!   the publisher themselves when nothing is queued, since it gathers
+//!   pipelines in a task of its own), and the publisher alone.
 //! * consume: `N` entries already in a stream, a fresh group each run.
 //!   Raw: `XREADGROUP COUNT 256` + one `XACK` per batch, in a loop.
 //!   WatchTower: [`RedisSubscriber`] through `watchtower::serve`, with
@@ -260,7 +262,11 @@ async fn publish_watchtower(backpressure: bool) -> f64 {
         .layer(CircuitBreakerLayer::new(CircuitBreakerConfig::new()));
     let rate = if backpressure {
         let stack = stack
-            .layer(BackpressureLayer::new(1024, Overflow::Block).concurrency(callers()))
+            .layer(
+                BackpressureLayer::new(1024, Overflow::Block)
+                    .concurrency(callers())
+                    .direct(true),
+            )
             .service(publisher);
         drive(sent, |event| stack.clone().oneshot(event)).await
     } else {
