@@ -322,3 +322,44 @@ async fn a_worker_run_by_hand_gets_every_call() {
     respond.send_response("one");
     assert_eq!(answer.await.unwrap(), "one");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_own_calls_and_the_workers_never_exceed_the_concurrency_together() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let inner = {
+        let (running, most) = (running.clone(), most.clone());
+        service_fn(move |e: Event| {
+            let (running, most) = (running.clone(), most.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, Error>(e.ty().to_owned())
+            }
+        })
+    };
+    let layer = BackpressureLayer::new(8, Overflow::Block)
+        .concurrency(3)
+        .direct(true);
+    let svc = layer.layer(inner);
+    let callers: Vec<_> = (0..500)
+        .map(|i| {
+            let svc = svc.clone();
+            tokio::spawn(async move { svc.oneshot(Event::empty(format!("e{i}"))).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for caller in callers {
+        answers.push(caller.await.unwrap().unwrap());
+    }
+    let expected: Vec<String> = (0..500).map(|i| format!("e{i}")).collect();
+    assert_eq!(answers, expected, "every caller got its own answer");
+    assert!(most.load(Ordering::SeqCst) <= 3, "at most 3 calls ran at once");
+    let s = layer.handle().stats();
+    assert_eq!((s.depth, s.in_flight), (0, 0));
+}
