@@ -70,6 +70,7 @@
 
 mod ack;
 pub mod config;
+mod confirms;
 mod connection;
 pub mod publisher;
 pub mod subscriber;

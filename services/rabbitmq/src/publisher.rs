@@ -58,13 +58,14 @@ use std::task::{Context, Poll, ready};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Confirmation, Connection};
+use lapin::{Channel, Connection};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::config::{PublishOptions, RabbitConfig, short};
+use crate::confirms::{Confirms, Outcome};
 use crate::connection::{
     Health, Link, LinkGuard, LinkState, Session, Setup, breaks_channel, map_lapin_error,
 };
@@ -80,27 +81,41 @@ pub(crate) struct Channels {
 }
 
 struct Slot {
-    channel: RwLock<Arc<Channel>>,
+    channel: RwLock<Arc<Published>>,
     /// A replacement is being opened.
     repairing: AtomicBool,
 }
 
+/// A publisher channel and the task that answers its confirms.
+pub(crate) struct Published {
+    channel: Arc<Channel>,
+    confirms: Confirms,
+}
+
+impl std::ops::Deref for Published {
+    type Target = Channel;
+
+    fn deref(&self) -> &Channel {
+        &self.channel
+    }
+}
+
 impl Slot {
-    fn new(channel: Channel) -> Slot {
+    fn new(channel: Published) -> Slot {
         Slot {
             channel: RwLock::new(Arc::new(channel)),
             repairing: AtomicBool::new(false),
         }
     }
 
-    fn current(&self) -> Arc<Channel> {
+    fn current(&self) -> Arc<Published> {
         match self.channel.read() {
             Ok(channel) => channel.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
-    fn replace(&self, channel: Channel) {
+    fn replace(&self, channel: Published) {
         let channel = Arc::new(channel);
         match self.channel.write() {
             Ok(mut current) => *current = channel,
@@ -249,8 +264,9 @@ async fn open_channels(
     })
 }
 
-/// Opens one channel, in confirm mode if confirms are on.
-async fn open_channel(connection: &Connection, options: &PublishOptions) -> Result<Channel, Error> {
+/// Opens one channel, in confirm mode if confirms are on, and starts the
+/// task that answers its confirms.
+async fn open_channel(connection: &Connection, options: &PublishOptions) -> Result<Published, Error> {
     let channel = connection
         .create_channel()
         .await
@@ -261,7 +277,9 @@ async fn open_channel(connection: &Connection, options: &PublishOptions) -> Resu
             .await
             .map_err(|e| map_lapin_error(&e, "confirm.select"))?;
     }
-    Ok(channel)
+    let channel = Arc::new(channel);
+    let confirms = Confirms::start(channel.clone(), options.mandatory);
+    Ok(Published { channel, confirms })
 }
 
 /// Replaces the failed channel in slot `index` of `session` with a new one
@@ -465,22 +483,28 @@ impl Service<Event> for RabbitPublisher {
                     if !inner.options.confirms {
                         return Ok(receipt);
                     }
-                    match confirm.await.map_err(|e| failed(e, "publisher confirm"))? {
-                        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(receipt),
-                        Confirmation::Ack(Some(returned)) => Err(Error::new(
+                    // The channel's confirm task answers, with the returned
+                    // message that belongs to this event (see `confirms`).
+                    match channel.confirms.track(event.id(), confirm).await {
+                        Some(Outcome::Ack) => Ok(receipt),
+                        Some(Outcome::Returned { code, text }) => Err(Error::new(
                             ErrorKind::Rejected,
                             format!(
-                                "no queue is bound for routing key {:?} on exchange {:?} ({} {})",
+                                "no queue is bound for routing key {:?} on exchange {:?} ({code} {text})",
                                 event.topic(),
                                 inner.exchange.as_str(),
-                                returned.reply_code,
-                                returned.reply_text
                             ),
                         )
                         .with_event(event)),
-                        Confirmation::Nack(_) => Err(Error::new(
+                        Some(Outcome::Nack) => Err(Error::new(
                             ErrorKind::Rejected,
                             "the broker nacked the event (a full queue refusing publishes, or an internal error)",
+                        )
+                        .with_retryable(true)),
+                        Some(Outcome::Failed(e)) => Err(failed(e, "publisher confirm")),
+                        None => Err(Error::new(
+                            ErrorKind::Connection,
+                            "the channel's confirm task stopped before the broker confirmed the event",
                         )
                         .with_retryable(true)),
                     }
@@ -500,7 +524,7 @@ impl Service<Event> for RabbitPublisher {
 
 /// The next channel in turn that is open, and its slot; failed channels
 /// passed over are being replaced. `None` if every channel failed.
-fn pick(inner: &Inner, session: &Arc<Session<Channels>>) -> Option<(usize, Arc<Channel>)> {
+fn pick(inner: &Inner, session: &Arc<Session<Channels>>) -> Option<(usize, Arc<Published>)> {
     let slots = &session.value.slots;
     let start = match slots.len() {
         1 => 0,

@@ -1,0 +1,222 @@
+//! The publisher confirms of one channel, each answered with the returned
+//! message that belongs to it.
+//!
+//! The broker sends `basic.return` for an unroutable `mandatory` message
+//! before the `basic.ack` that confirms it. lapin hands a returned message
+//! to the next confirm it completes, and completes the confirms of an ack
+//! with `multiple` set in no particular order (or completes another
+//! message's single ack first), so a returned message can reach the
+//! confirm of another publish: that caller would hear "unroutable" for an
+//! event that was routed, and the unroutable event's caller "delivered".
+//!
+//! So the confirms of a channel are not awaited by their callers but by one
+//! task per channel, which matches returned messages to their publish by
+//! the event id they carry (`cloudEvents_id`, with `message_id` as a
+//! second choice) and answers a confirm only once every returned message
+//! that can belong to it is in: after a confirm completes, the task sends a
+//! cheap request on the same channel (`basic.qos`) and waits for its answer.
+//! lapin handles a channel's frames in order, so by then every ack frame
+//! that arrived before it has been handled in full, with each returned
+//! message handed to some confirm, and the task collects them all before it
+//! answers the confirms it saw complete before it asked.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use futures_util::FutureExt as _;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use lapin::message::BasicReturnMessage;
+use lapin::options::BasicQosOptions;
+use lapin::types::AMQPValue;
+use lapin::{Channel, Confirmation, PublisherConfirm};
+use tokio::sync::mpsc;
+use watchtower::reply::{Filled, Replier, Reply, reply};
+
+/// What the broker said about one publish.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Confirmed, and not returned.
+    Ack,
+    /// Returned as unroutable (and then confirmed).
+    Returned { code: u16, text: String },
+    /// Nacked by the broker.
+    Nack,
+    /// The confirm failed (the channel or connection closed first).
+    Failed(lapin::Error),
+}
+
+/// A publish waiting for its confirm.
+struct Pending {
+    id: String,
+    confirm: PublisherConfirm,
+    reply: Replier<Outcome>,
+}
+
+/// A confirm that completed, not yet answered.
+struct Completed {
+    id: String,
+    result: Result<Confirmation, lapin::Error>,
+    reply: Replier<Outcome>,
+}
+
+/// The handle on a channel's confirm task.
+#[derive(Clone, Debug)]
+pub(crate) struct Confirms {
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+impl Confirms {
+    /// Starts the confirm task of `channel`. `returns`: whether messages
+    /// can come back (`mandatory`); without, a confirm is answered as soon
+    /// as it completes.
+    pub(crate) fn start(channel: Arc<Channel>, returns: bool) -> Confirms {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(channel, rx, returns));
+        Confirms { tx }
+    }
+
+    /// Hands the confirm of the publish of event `id` to the task; the
+    /// reply is `None` if the task is gone (its runtime shut down).
+    pub(crate) fn track(&self, id: &str, confirm: PublisherConfirm) -> Reply<Outcome> {
+        let (replier, answer) = reply();
+        // If the task is gone, the replier is dropped with the message and
+        // the reply resolves to `None`.
+        let _ = self.tx.send(Pending {
+            id: id.to_owned(),
+            confirm,
+            reply: replier,
+        });
+        answer
+    }
+}
+
+async fn run(channel: Arc<Channel>, mut rx: mpsc::UnboundedReceiver<Pending>, returns: bool) {
+    let mut waiting = FuturesUnordered::new();
+    let mut completed: Vec<Completed> = Vec::new();
+    let mut returned: HashMap<String, (u16, String)> = HashMap::new();
+    let mut open = true;
+    loop {
+        if completed.is_empty() {
+            tokio::select! {
+                pending = rx.recv(), if open => match pending {
+                    Some(pending) => waiting.push(wait(pending)),
+                    None => open = false,
+                },
+                Some(done) = waiting.next(), if !waiting.is_empty() => {
+                    completed.push(collect(done, &mut returned));
+                }
+                else => return,
+            }
+        }
+        gather(&mut rx, &mut open, &mut waiting, &mut completed, &mut returned);
+        if completed.is_empty() {
+            continue;
+        }
+        let seen = completed.len();
+        if returns {
+            // Its answer comes after every frame that arrived before it.
+            // If it fails, the channel closed: the frames before the close
+            // were handled all the same.
+            let _ = channel.basic_qos(0, BasicQosOptions::default()).await;
+            gather(&mut rx, &mut open, &mut waiting, &mut completed, &mut returned);
+        }
+        let filled: Vec<Filled<Outcome>> = completed
+            .drain(..seen)
+            .map(|done| {
+                let outcome = match done.result {
+                    Err(e) => Outcome::Failed(e),
+                    Ok(Confirmation::Nack(_)) => {
+                        returned.remove(&done.id);
+                        Outcome::Nack
+                    }
+                    Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => {
+                        match returned.remove(&done.id) {
+                            Some((code, text)) => Outcome::Returned { code, text },
+                            None => Outcome::Ack,
+                        }
+                    }
+                };
+                done.reply.fill(outcome)
+            })
+            .collect();
+        // Every answer of the round is in: now wake the callers.
+        drop(filled);
+    }
+}
+
+/// Waits for one confirm.
+fn wait(pending: Pending) -> Wait {
+    Wait(Some(pending))
+}
+
+/// The future of [`wait`].
+struct Wait(Option<Pending>);
+
+impl Future for Wait {
+    type Output = Completed;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Completed> {
+        let Some(pending) = self.0.as_mut() else {
+            return Poll::Pending;
+        };
+        let result = ready!(Pin::new(&mut pending.confirm).poll(cx));
+        let Some(Pending { id, reply, .. }) = self.0.take() else {
+            return Poll::Pending;
+        };
+        Poll::Ready(Completed { id, result, reply })
+    }
+}
+
+/// Takes what is ready now, without waiting: new publishes, and completed
+/// confirms with their returned messages.
+fn gather(
+    rx: &mut mpsc::UnboundedReceiver<Pending>,
+    open: &mut bool,
+    waiting: &mut FuturesUnordered<Wait>,
+    completed: &mut Vec<Completed>,
+    returned: &mut HashMap<String, (u16, String)>,
+) {
+    while *open {
+        match rx.try_recv() {
+            Ok(pending) => waiting.push(wait(pending)),
+            Err(mpsc::error::TryRecvError::Empty) => break,
+            Err(mpsc::error::TryRecvError::Disconnected) => *open = false,
+        }
+    }
+    while let Some(Some(done)) = waiting.next().now_or_never() {
+        completed.push(collect(done, returned));
+    }
+}
+
+/// Files the returned message a confirm carries under the event it belongs
+/// to, which need not be the confirm's own.
+fn collect(mut done: Completed, returned: &mut HashMap<String, (u16, String)>) -> Completed {
+    let message = match &mut done.result {
+        Ok(Confirmation::Ack(message) | Confirmation::Nack(message)) => message.take(),
+        _ => None,
+    };
+    if let Some(message) = message {
+        let owner = owner(&message).unwrap_or_else(|| done.id.clone());
+        returned.insert(owner, (message.reply_code, message.reply_text.to_string()));
+    }
+    done
+}
+
+/// The id of the event a returned message carries.
+fn owner(message: &BasicReturnMessage) -> Option<String> {
+    let properties = &message.properties;
+    let header =
+        properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| match headers.inner().get("cloudEvents_id")? {
+                AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok().map(str::to_owned),
+                AMQPValue::ShortString(s) => Some(s.to_string()),
+                _ => None,
+            });
+    header.or_else(|| properties.message_id().as_ref().map(|id| id.to_string()))
+}
