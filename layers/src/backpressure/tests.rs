@@ -199,14 +199,10 @@ async fn a_caller_waiting_for_a_slot_is_refused_when_the_worker_goes() {
     assert_eq!(err.take_event().unwrap().ty(), "queued");
 }
 
-#[tokio::test]
-async fn many_blocked_callers_all_get_through_a_small_queue() {
-    let layer = BackpressureLayer::new(2, Overflow::Block).concurrency(3);
-    let svc = layer.layer(service_fn(|e: Event| async move {
-        tokio::task::yield_now().await;
-        Ok::<_, Error>(e.ty().to_owned())
-    }));
-    let callers: Vec<_> = (0..200)
+/// Calls `svc` from `n` tasks at once, each with its own event type, and
+/// checks that each gets the type of its own event back.
+async fn each_caller_gets_its_own_answer(svc: &Backpressure<String>, n: usize) {
+    let callers: Vec<_> = (0..n)
         .map(|i| {
             let svc = svc.clone();
             tokio::spawn(async move { svc.oneshot(Event::empty(format!("e{i}"))).await })
@@ -216,8 +212,18 @@ async fn many_blocked_callers_all_get_through_a_small_queue() {
     for caller in callers {
         answers.push(caller.await.unwrap().unwrap());
     }
-    let expected: Vec<String> = (0..200).map(|i| format!("e{i}")).collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("e{i}")).collect();
     assert_eq!(answers, expected, "every caller got its own answer");
+}
+
+#[tokio::test]
+async fn many_blocked_callers_all_get_through_a_small_queue() {
+    let layer = BackpressureLayer::new(2, Overflow::Block).concurrency(3);
+    let svc = layer.layer(service_fn(|e: Event| async move {
+        tokio::task::yield_now().await;
+        Ok::<_, Error>(e.ty().to_owned())
+    }));
+    each_caller_gets_its_own_answer(&svc, 200).await;
     assert_eq!(layer.handle().stats().depth, 0);
 }
 
@@ -347,18 +353,7 @@ async fn callers_own_calls_and_the_workers_never_exceed_the_concurrency_together
         .concurrency(3)
         .direct(true);
     let svc = layer.layer(inner);
-    let callers: Vec<_> = (0..500)
-        .map(|i| {
-            let svc = svc.clone();
-            tokio::spawn(async move { svc.oneshot(Event::empty(format!("e{i}"))).await })
-        })
-        .collect();
-    let mut answers = Vec::new();
-    for caller in callers {
-        answers.push(caller.await.unwrap().unwrap());
-    }
-    let expected: Vec<String> = (0..500).map(|i| format!("e{i}")).collect();
-    assert_eq!(answers, expected, "every caller got its own answer");
+    each_caller_gets_its_own_answer(&svc, 500).await;
     assert!(most.load(Ordering::SeqCst) <= 3, "at most 3 calls ran at once");
     let s = layer.handle().stats();
     assert_eq!((s.depth, s.in_flight), (0, 0));
