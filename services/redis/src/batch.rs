@@ -32,15 +32,15 @@
 //! reply.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::Poll;
 
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use futures_util::task::AtomicWaker;
 use redis::Value;
 use redis::aio::ConnectionManager;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use watchtower::reply::Replier;
 use watchtower::{Error, ErrorKind, Event};
 
@@ -70,20 +70,16 @@ pub(crate) struct Queue {
     state: Mutex<QueueState>,
     /// The sending task.
     task: AtomicWaker,
-    /// Places taken: commands reserved, queued or on the wire.
-    taken: AtomicUsize,
-    /// Places in all.
-    room: usize,
-    /// Callers wait for a place (their wakers are in the state).
-    waiting: AtomicBool,
+    /// One permit per place for a command: a caller takes one (and
+    /// forgets it) before it queues a command; the task adds a pipeline's
+    /// permits back at once when its replies are in.
+    pub(crate) room: Arc<Semaphore>,
 }
 
 struct QueueState {
     requests: Vec<Request>,
     /// Pipelines on the wire, as the sending task last counted them.
     in_flight: usize,
-    /// Callers waiting for a place.
-    waiters: Vec<Waker>,
     /// Every publisher is gone: send what is left, then stop.
     closed: bool,
     /// The sending task is gone: nothing more can be sent.
@@ -97,55 +93,22 @@ impl Queue {
             state: Mutex::new(QueueState {
                 requests: Vec::new(),
                 in_flight: 0,
-                waiters: Vec::new(),
                 closed: false,
                 stopped: false,
             }),
             task: AtomicWaker::new(),
-            taken: AtomicUsize::new(0),
-            room: room.max(1),
-            waiting: AtomicBool::new(false),
+            room: Arc::new(Semaphore::new(room.max(1))),
         })
     }
 
     /// Takes a place for one command if there is one.
     pub(crate) fn try_reserve(&self) -> bool {
-        self.taken
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < self.room).then_some(n + 1)
-            })
-            .is_ok()
+        self.room.try_acquire().map(SemaphorePermit::forget).is_ok()
     }
 
-    /// Takes a place for one command, or arranges for the task of `cx` to
-    /// be woken when places are freed.
-    pub(crate) fn poll_reserve(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.try_reserve() {
-            return Poll::Ready(());
-        }
-        self.lock().waiters.push(cx.waker().clone());
-        self.waiting.store(true, Ordering::SeqCst);
-        // Freed in between: `release` may not have seen the waker.
-        if self.try_reserve() {
-            return Poll::Ready(());
-        }
-        Poll::Pending
-    }
-
-    /// Frees `n` places and wakes the callers waiting for one.
+    /// Frees `n` places.
     pub(crate) fn release(&self, n: usize) {
-        if n == 0 {
-            return;
-        }
-        self.taken.fetch_sub(n, Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) {
-            let waiters = {
-                let mut state = self.lock();
-                self.waiting.store(false, Ordering::SeqCst);
-                std::mem::take(&mut state.waiters)
-            };
-            waiters.into_iter().for_each(Waker::wake);
-        }
+        self.room.add_permits(n);
     }
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
@@ -242,7 +205,7 @@ pub(crate) async fn batch_loop(
                 // What has gathered is shared out over the free places on
                 // the wire, so that the server works on one pipeline while
                 // the replies of another come back and the next one fills.
-                let free = MAX_IN_FLIGHT - in_flight.len().min(MAX_IN_FLIGHT - 1);
+                let free = MAX_IN_FLIGHT - in_flight.len();
                 let size = queued.div_ceil(free).clamp(GATHER.min(queued), MAX_BATCH);
                 state.in_flight += 1;
                 if size >= queued {
@@ -335,10 +298,9 @@ pub(crate) fn server_error(reply: Value, key: &str) -> Result<Value, Error> {
 
 #[cfg(test)]
 mod tests {
-    use std::future::poll_fn;
-
     use tokio_test::task::spawn;
     use tokio_test::{assert_pending, assert_ready};
+    use tokio_util::sync::PollSemaphore;
 
     use super::Queue;
 
@@ -348,11 +310,12 @@ mod tests {
         assert!(queue.try_reserve());
         assert!(queue.try_reserve());
         assert!(!queue.try_reserve());
-        let mut waiter = spawn(poll_fn(|cx| queue.poll_reserve(cx)));
+        let mut room = PollSemaphore::new(queue.room.clone());
+        let mut waiter = spawn(std::future::poll_fn(|cx| room.poll_acquire(cx)));
         assert_pending!(waiter.poll());
         queue.release(2);
         assert!(waiter.is_woken());
-        assert_ready!(waiter.poll());
+        assert_ready!(waiter.poll()).expect("a place").forget();
         assert!(queue.try_reserve());
         assert!(!queue.try_reserve());
     }

@@ -11,6 +11,7 @@ use std::task::{Context, Poll, ready};
 use redis::aio::ConnectionManager;
 use redis::{Cmd, Value};
 use tokio::task::JoinHandle;
+use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
 use watchtower::reply::{Reply, reply};
 use watchtower::topic::validate_topic;
@@ -137,6 +138,8 @@ pub struct RedisPublisher {
     requests: Arc<Sender>,
     shared: Arc<PublisherShared>,
     probe: Option<JoinHandle<Result<(), Error>>>,
+    /// Places in the queue, shared with the queue's task.
+    room: PollSemaphore,
     /// `poll_ready` took a place in the queue for the next `call`.
     reserved: bool,
 }
@@ -147,6 +150,7 @@ impl Clone for RedisPublisher {
             requests: self.requests.clone(),
             shared: self.shared.clone(),
             probe: None,
+            room: self.room.clone(),
             reserved: false,
         }
     }
@@ -227,6 +231,7 @@ impl RedisPublisherBuilder {
         let conn = self.config.connect(&client, std::time::Duration::ZERO).await?;
         let health = Health::new();
         let queue = Queue::new(self.max_pending);
+        let room = PollSemaphore::new(queue.room.clone());
         tokio::spawn(batch_loop(
             conn.clone(),
             health.clone(),
@@ -244,6 +249,7 @@ impl RedisPublisherBuilder {
                 keys: RwLock::new(HashMap::new()),
             }),
             probe: None,
+            room,
             reserved: false,
         })
     }
@@ -429,7 +435,11 @@ impl Service<Event> for RedisPublisher {
             result.unwrap_or_else(|e| Err(Error::closed(format!("connection probe failed: {e}"))))?;
         }
         if !self.reserved {
-            ready!(self.requests.0.poll_reserve(cx));
+            match ready!(self.room.poll_acquire(cx)) {
+                // The queue's task adds it back with its pipeline's.
+                Some(place) => place.forget(),
+                None => return Poll::Ready(Err(Error::closed("the publisher's queue is closed"))),
+            }
             self.reserved = true;
         }
         Poll::Ready(Ok(()))
