@@ -51,14 +51,14 @@ pub(crate) enum Outcome {
 
 /// A publish waiting for its confirm.
 struct Pending {
-    id: String,
+    id: Arc<str>,
     confirm: PublisherConfirm,
     reply: Replier<Outcome>,
 }
 
 /// A confirm that completed, not yet answered.
 struct Completed {
-    id: String,
+    id: Arc<str>,
     result: Result<Confirmation, lapin::Error>,
     reply: Replier<Outcome>,
 }
@@ -81,12 +81,12 @@ impl Confirms {
 
     /// Hands the confirm of the publish of event `id` to the task; the
     /// reply is `None` if the task is gone (its runtime shut down).
-    pub(crate) fn track(&self, id: &str, confirm: PublisherConfirm) -> Reply<Outcome> {
+    pub(crate) fn track(&self, id: Arc<str>, confirm: PublisherConfirm) -> Reply<Outcome> {
         let (replier, answer) = reply();
         // If the task is gone, the replier is dropped with the message and
         // the reply resolves to `None`.
         let _ = self.tx.send(Pending {
-            id: id.to_owned(),
+            id,
             confirm,
             reply: replier,
         });
@@ -97,7 +97,7 @@ impl Confirms {
 async fn run(channel: Arc<Channel>, mut rx: mpsc::UnboundedReceiver<Pending>, returns: bool) {
     let mut waiting = FuturesUnordered::new();
     let mut completed: Vec<Completed> = Vec::new();
-    let mut returned: HashMap<String, (u16, String)> = HashMap::new();
+    let mut returned: HashMap<Arc<str>, (u16, String)> = HashMap::new();
     let mut open = true;
     loop {
         if completed.is_empty() {
@@ -178,7 +178,7 @@ fn gather(
     open: &mut bool,
     waiting: &mut FuturesUnordered<Wait>,
     completed: &mut Vec<Completed>,
-    returned: &mut HashMap<String, (u16, String)>,
+    returned: &mut HashMap<Arc<str>, (u16, String)>,
 ) {
     while *open {
         match rx.try_recv() {
@@ -194,13 +194,13 @@ fn gather(
 
 /// Files the returned message a confirm carries under the event it belongs
 /// to, which need not be the confirm's own.
-fn collect(mut done: Completed, returned: &mut HashMap<String, (u16, String)>) -> Completed {
+fn collect(mut done: Completed, returned: &mut HashMap<Arc<str>, (u16, String)>) -> Completed {
     let message = match &mut done.result {
         Ok(Confirmation::Ack(message) | Confirmation::Nack(message)) => message.take(),
         _ => None,
     };
     if let Some(message) = message {
-        let owner = owner(&message).unwrap_or_else(|| done.id.clone());
+        let owner = owner(&message).map_or_else(|| done.id.clone(), Arc::from);
         returned.insert(owner, (message.reply_code, message.reply_text.to_string()));
     }
     done

@@ -485,7 +485,7 @@ impl Service<Event> for RabbitPublisher {
                     }
                     // The channel's confirm task answers, with the returned
                     // message that belongs to this event (see `confirms`).
-                    match channel.confirms.track(event.id(), confirm).await {
+                    match channel.confirms.track(receipt.event_id.clone(), confirm).await {
                         Some(Outcome::Ack) => Ok(receipt),
                         Some(Outcome::Returned { code, text }) => Err(Error::new(
                             ErrorKind::Rejected,

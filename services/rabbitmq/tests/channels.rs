@@ -13,7 +13,7 @@ use futures_util::stream::FuturesUnordered;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use tower::Service;
-use watchtower::{ErrorKind, Event};
+use watchtower::{Error, ErrorKind, Event, Receipt};
 use watchtower_rabbitmq::{PublishOptions, RabbitPublisher};
 
 use common::{Admin, config, unique, within};
@@ -53,6 +53,24 @@ async fn drain_ids(admin: &Admin, queue: &str) -> Vec<String> {
     ids
 }
 
+/// Calls `publisher` for each event (waiting for readiness before each
+/// call) and gives the calls back, each answering with its event.
+async fn call_each(
+    publisher: &mut RabbitPublisher,
+    events: &[Event],
+) -> FuturesUnordered<impl Future<Output = (Event, Result<Receipt, Error>)> + use<>> {
+    let calls = FuturesUnordered::new();
+    for event in events {
+        within("ready", poll_fn(|cx| publisher.poll_ready(cx)))
+            .await
+            .unwrap();
+        let call = publisher.call(event.clone());
+        let event = event.clone();
+        calls.push(async move { (event, call.await) });
+    }
+    calls
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_caller_gets_its_own_confirm_across_channels() {
     const N: usize = 2_000;
@@ -70,18 +88,11 @@ async fn every_caller_gets_its_own_confirm_across_channels() {
     let events: Vec<Event> = (0..N)
         .map(|i| Event::new("mc.x", serde_json::json!({"i": i})))
         .collect();
-    let mut calls = FuturesUnordered::new();
-    for event in &events {
-        within("ready", poll_fn(|cx| publisher.poll_ready(cx)))
-            .await
-            .unwrap();
-        let id = event.id().to_owned();
-        let call = publisher.call(event.clone());
-        calls.push(async move { (id, call.await) });
-    }
+    let mut calls = call_each(&mut publisher, &events).await;
     let mut confirmed = HashSet::new();
     within("confirms", async {
-        while let Some((id, result)) = calls.next().await {
+        while let Some((event, result)) = calls.next().await {
+            let id = event.id().to_owned();
             let receipt = result.unwrap();
             // The receipt is this caller's, not a neighbour's.
             assert_eq!(&*receipt.event_id, id.as_str());
@@ -132,19 +143,12 @@ async fn unroutable_events_fail_only_their_callers(name: &str, channels: usize, 
             Event::new(topic, serde_json::json!({"i": i}))
         })
         .collect();
-    let mut calls = FuturesUnordered::new();
-    for event in &events {
-        within("ready", poll_fn(|cx| publisher.poll_ready(cx)))
-            .await
-            .unwrap();
-        let (id, topic) = (event.id().to_owned(), event.topic().to_owned());
-        let call = publisher.call(event.clone());
-        calls.push(async move { (id, topic, call.await) });
-    }
+    let mut calls = call_each(&mut publisher, &events).await;
     let (mut routed, mut returned) = (HashSet::new(), HashSet::new());
     within("confirms", async {
-        while let Some((id, topic, result)) = calls.next().await {
-            match (topic.as_str(), result) {
+        while let Some((event, result)) = calls.next().await {
+            let id = event.id().to_owned();
+            match (event.topic(), result) {
                 ("routed.x", Ok(receipt)) => {
                     assert_eq!(&*receipt.event_id, id.as_str());
                     routed.insert(id);
