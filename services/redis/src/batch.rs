@@ -57,11 +57,14 @@ const MAX_BATCH: usize = 512;
 /// on the wire.
 const GATHER: usize = 32;
 
-/// One event to `XADD` (checked, with its stream key) and where the reply
-/// goes. Its place in the queue is freed by the task once the reply is in.
+/// One event to `XADD` (checked) and where the reply goes. Its place in
+/// the queue is freed by the task once the reply is in.
+///
+/// The task writes the stream key from the prefix and the event's topic
+/// itself: a key shared with the callers would have its reference count
+/// passed between threads for every event.
 pub(crate) struct Request {
     pub(crate) event: Event,
-    pub(crate) key: Arc<str>,
     pub(crate) reply: Replier<Result<Value, Error>>,
 }
 
@@ -180,6 +183,7 @@ pub(crate) async fn batch_loop(
     conn: ConnectionManager,
     health: Arc<Health>,
     queue: Arc<Queue>,
+    prefix: Arc<str>,
     max_len: Option<MaxLen>,
 ) {
     let stopped = Stopped(queue);
@@ -218,24 +222,34 @@ pub(crate) async fn batch_loop(
                 queue: queue.clone(),
                 n: batch.len(),
             };
-            in_flight.push(send(conn.clone(), health.clone(), batch, max_len, places));
+            let target = Target {
+                prefix: prefix.clone(),
+                max_len,
+            };
+            in_flight.push(send(conn.clone(), health.clone(), batch, target, places));
         }
     })
     .await;
+}
+
+/// Where the `XADD`s of a pipeline go.
+struct Target {
+    prefix: Arc<str>,
+    max_len: Option<MaxLen>,
 }
 
 async fn send(
     mut conn: ConnectionManager,
     health: Arc<Health>,
     batch: Vec<Request>,
-    max_len: Option<MaxLen>,
+    Target { prefix, max_len }: Target,
     places: Places,
 ) {
     if batch.len() == 1 {
-        let Some(Request { event, key, reply }) = batch.into_iter().next() else {
+        let Some(Request { event, reply }) = batch.into_iter().next() else {
             return;
         };
-        let result = xadd(&key, max_len, &event)
+        let result = xadd(&prefix, &event, max_len)
             .query_async::<Value>(&mut conn)
             .await
             .map_err(|e| from_redis(e, "XADD"));
@@ -249,8 +263,8 @@ async fn send(
     // Each command's server error becomes its own reply, for its caller.
     pipe.ignore_errors();
     let mut repliers = Vec::with_capacity(batch.len());
-    for Request { event, key, reply } in batch {
-        pipe.add_command(xadd(&key, max_len, &event));
+    for Request { event, reply } in batch {
+        pipe.add_command(xadd(&prefix, &event, max_len));
         repliers.push(reply);
     }
     let result = pipe

@@ -167,6 +167,7 @@ impl RedisConfig {
         key.strip_prefix(&*self.stream_prefix).filter(|t| !t.is_empty())
     }
 
+    /// The prefix of every stream key.
     pub(crate) fn prefix(&self) -> &Arc<str> {
         &self.stream_prefix
     }

@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::io::Write as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, ready};
 
 use redis::aio::ConnectionManager;
-use redis::{Cmd, Value};
+use redis::{Cmd, RedisWrite as _, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
@@ -135,11 +136,13 @@ impl Health {
 /// # Ok(()) }
 /// ```
 pub struct RedisPublisher {
-    requests: Arc<Sender>,
+    /// Everything clones share, behind one reference count: a clone per
+    /// call (as `tower`'s `oneshot` and retries make) costs one increment.
     shared: Arc<PublisherShared>,
     probe: Option<JoinHandle<Result<(), Error>>>,
-    /// Places in the queue, shared with the queue's task.
-    room: PollSemaphore,
+    /// Waits for a place in the queue once none is free; made on first
+    /// need, since most calls find a place at once.
+    room: Option<PollSemaphore>,
     /// `poll_ready` took a place in the queue for the next `call`.
     reserved: bool,
 }
@@ -147,10 +150,9 @@ pub struct RedisPublisher {
 impl Clone for RedisPublisher {
     fn clone(&self) -> Self {
         RedisPublisher {
-            requests: self.requests.clone(),
             shared: self.shared.clone(),
             probe: None,
-            room: self.room.clone(),
+            room: None,
             reserved: false,
         }
     }
@@ -159,21 +161,15 @@ impl Clone for RedisPublisher {
 impl Drop for RedisPublisher {
     fn drop(&mut self) {
         if self.reserved {
-            self.requests.0.release(1);
+            self.shared.queue.release(1);
         }
     }
 }
 
-/// The publishers' end of the queue: closes it when the last one goes.
-struct Sender(Arc<Queue>);
-
-impl Drop for Sender {
-    fn drop(&mut self) {
-        self.0.close();
-    }
-}
-
 struct PublisherShared {
+    /// The commands waiting for the connection task; closed when the last
+    /// publisher goes.
+    queue: Arc<Queue>,
     /// For `PING` and [`RedisPublisher::publish_batch`]; the queue's task
     /// has its own clone.
     conn: ConnectionManager,
@@ -182,6 +178,12 @@ struct PublisherShared {
     health: Arc<Health>,
     /// Stream keys by topic.
     keys: RwLock<HashMap<Box<str>, Arc<str>>>,
+}
+
+impl Drop for PublisherShared {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 impl fmt::Debug for RedisPublisher {
@@ -231,17 +233,16 @@ impl RedisPublisherBuilder {
         let conn = self.config.connect(&client, std::time::Duration::ZERO).await?;
         let health = Health::new();
         let queue = Queue::new(self.max_pending);
-        let room = PollSemaphore::new(queue.room.clone());
         tokio::spawn(batch_loop(
             conn.clone(),
             health.clone(),
             queue.clone(),
+            self.config.prefix().clone(),
             self.max_len,
         ));
-        let requests = Arc::new(Sender(queue));
         Ok(RedisPublisher {
-            requests,
             shared: Arc::new(PublisherShared {
+                queue,
                 conn,
                 config: self.config,
                 max_len: self.max_len,
@@ -249,7 +250,7 @@ impl RedisPublisherBuilder {
                 keys: RwLock::new(HashMap::new()),
             }),
             probe: None,
-            room,
+            room: None,
             reserved: false,
         })
     }
@@ -346,7 +347,7 @@ impl PublisherShared {
     /// The `XADD` for `event`, encoded into a command allocated once.
     fn xadd(&self, event: &Event) -> Result<(Arc<str>, Cmd), Error> {
         let key = self.prepare(event)?;
-        let cmd = xadd(&key, self.max_len, event);
+        let cmd = xadd(self.config.prefix(), event, self.max_len);
         Ok((key, cmd))
     }
 
@@ -378,13 +379,20 @@ impl PublisherShared {
     }
 }
 
-/// The `XADD` of `event` to the stream `key`, encoded into a command
-/// allocated once.
-pub(crate) fn xadd(key: &str, max_len: Option<MaxLen>, event: &Event) -> Cmd {
+/// The `XADD` of `event` to the stream `prefix` + its topic, encoded into
+/// a command allocated once.
+pub(crate) fn xadd(prefix: &str, event: &Event, max_len: Option<MaxLen>) -> Cmd {
     let (field_args, field_bytes) = fields_size(event);
+    let topic = event.topic();
     // XADD key [MAXLEN ~ n] * fields...
-    let mut cmd = Cmd::with_capacity(6 + field_args, 32 + key.len() + field_bytes);
-    cmd.arg("XADD").arg(key);
+    let mut cmd = Cmd::with_capacity(6 + field_args, 32 + prefix.len() + topic.len() + field_bytes);
+    cmd.arg("XADD");
+    {
+        let mut key = cmd.writer_for_next_arg();
+        // Writing to the command's buffer cannot fail.
+        let _ = key.write_all(prefix.as_bytes());
+        let _ = key.write_all(topic.as_bytes());
+    }
     match max_len {
         Some(MaxLen::Approx(n)) => {
             cmd.arg("MAXLEN").arg("~").arg(n);
@@ -435,7 +443,19 @@ impl Service<Event> for RedisPublisher {
             result.unwrap_or_else(|e| Err(Error::closed(format!("connection probe failed: {e}"))))?;
         }
         if !self.reserved {
-            match ready!(self.room.poll_acquire(cx)) {
+            // A wait under way is finished first: its future may already
+            // hold places meant for it.
+            if self.room.is_none() && self.shared.queue.try_reserve() {
+                self.reserved = true;
+                return Poll::Ready(Ok(()));
+            }
+            let queue = &self.shared.queue;
+            let room = self
+                .room
+                .get_or_insert_with(|| PollSemaphore::new(queue.room.clone()));
+            let place = ready!(room.poll_acquire(cx));
+            self.room = None;
+            match place {
                 // The queue's task adds it back with its pipeline's.
                 Some(place) => place.forget(),
                 None => return Poll::Ready(Err(Error::closed("the publisher's queue is closed"))),
@@ -447,7 +467,7 @@ impl Service<Event> for RedisPublisher {
 
     fn call(&mut self, event: Event) -> ResponseFuture {
         let span = publish_span("redis", event.topic(), &event);
-        let queue = &self.requests.0;
+        let queue = &self.shared.queue;
         // A call without `poll_ready` takes a free place if there is one.
         let reserved = std::mem::take(&mut self.reserved) || queue.try_reserve();
         let state = match (reserved, self.shared.prepare(&event)) {
@@ -469,7 +489,6 @@ impl Service<Event> for RedisPublisher {
                 // freed on one thread, and off the caller's.
                 let request = Request {
                     event: event.clone(),
-                    key: key.clone(),
                     reply: replier,
                 };
                 match queue.push(request) {
