@@ -46,6 +46,7 @@ use watchtower::{Error, ErrorKind, Event};
 
 use crate::error::from_redis;
 use crate::publisher::{Health, MaxLen, xadd};
+use crate::wire::shared_string;
 
 /// Pipelines on the wire at once.
 const MAX_IN_FLIGHT: usize = 4;
@@ -65,7 +66,30 @@ const GATHER: usize = 32;
 /// passed between threads for every event.
 pub(crate) struct Request {
     pub(crate) event: Event,
-    pub(crate) reply: Replier<Result<Value, Error>>,
+    pub(crate) reply: Replier<Answer>,
+}
+
+/// What a caller is told: the entry id of its `XADD`, or why there is none.
+pub(crate) type Answer = Result<Arc<str>, Error>;
+
+/// What [`Queue::without_connection`] found.
+pub(crate) enum Idle {
+    /// Requests wait.
+    Requests,
+    /// None yet.
+    Empty,
+    /// None, and every publisher is gone.
+    Closed,
+}
+
+/// What [`Queue::take`] found.
+pub(crate) enum Take {
+    /// A batch to send now.
+    Batch(Vec<Request>),
+    /// Nothing to send yet.
+    Wait,
+    /// Every publisher is gone and nothing is left: the task may end.
+    Done,
 }
 
 /// The commands waiting for the next pipeline.
@@ -139,6 +163,57 @@ impl Queue {
         Ok(())
     }
 
+    /// The next batch to send, by the rules above, while `in_flight`
+    /// batches await their replies.
+    pub(crate) fn take(&self, in_flight: usize) -> Take {
+        let mut state = self.lock();
+        state.in_flight = in_flight;
+        let queued = state.requests.len();
+        let send = queued > 0 && (in_flight == 0 || (in_flight < MAX_IN_FLIGHT && queued >= GATHER));
+        if !send {
+            return if state.closed && queued == 0 && in_flight == 0 {
+                Take::Done
+            } else {
+                Take::Wait
+            };
+        }
+        // What has gathered is shared out over the free places on the
+        // wire, so that the server works on one batch while the replies of
+        // another come back and the next one fills.
+        let free = MAX_IN_FLIGHT - in_flight;
+        let size = queued.div_ceil(free).clamp(GATHER.min(queued), MAX_BATCH);
+        state.in_flight += 1;
+        Take::Batch(if size >= queued {
+            std::mem::replace(&mut state.requests, Vec::with_capacity(GATHER))
+        } else {
+            state.requests.drain(..size).collect()
+        })
+    }
+
+    /// With no connection (so nothing on the wire): whether requests wait
+    /// for one. The next request wakes the task.
+    pub(crate) fn without_connection(&self) -> Idle {
+        let mut state = self.lock();
+        state.in_flight = 0;
+        if !state.requests.is_empty() {
+            Idle::Requests
+        } else if state.closed {
+            Idle::Closed
+        } else {
+            Idle::Empty
+        }
+    }
+
+    /// Takes every waiting request, to answer them all at once.
+    pub(crate) fn take_all(&self) -> Vec<Request> {
+        std::mem::take(&mut self.lock().requests)
+    }
+
+    /// The sending task is to be woken at `cx` when requests come.
+    pub(crate) fn register(&self, cx: &std::task::Context<'_>) {
+        self.task.register(cx.waker());
+    }
+
     /// No more requests will come: the task sends what is queued and ends.
     pub(crate) fn close(&self) {
         self.lock().closed = true;
@@ -149,7 +224,7 @@ impl Queue {
 /// Marks the queue stopped when the sending task ends or is dropped (its
 /// runtime shut down), so that queued callers and later ones get an error
 /// rather than wait forever.
-struct Stopped(Arc<Queue>);
+pub(crate) struct Stopped(pub(crate) Arc<Queue>);
 
 impl Drop for Stopped {
     fn drop(&mut self) {
@@ -158,10 +233,10 @@ impl Drop for Stopped {
             state.stopped = true;
             std::mem::take(&mut state.requests)
         };
-        let n = left.len();
-        // Dropping a request's replier tells its caller.
+        // Dropping a request's replier tells its caller; a publisher
+        // waiting for room learns that the queue is closed.
         drop(left);
-        self.0.release(n);
+        self.0.room.close();
     }
 }
 
@@ -193,30 +268,11 @@ pub(crate) async fn batch_loop(
         loop {
             // Completed pipelines first: they free room on the wire.
             while let Poll::Ready(Some(())) = in_flight.poll_next_unpin(cx) {}
-            queue.task.register(cx.waker());
-            let batch = {
-                let mut state = queue.lock();
-                state.in_flight = in_flight.len();
-                let queued = state.requests.len();
-                let send = queued > 0
-                    && (in_flight.is_empty() || (in_flight.len() < MAX_IN_FLIGHT && queued >= GATHER));
-                if !send {
-                    if state.closed && queued == 0 && in_flight.is_empty() {
-                        return Poll::Ready(());
-                    }
-                    return Poll::Pending;
-                }
-                // What has gathered is shared out over the free places on
-                // the wire, so that the server works on one pipeline while
-                // the replies of another come back and the next one fills.
-                let free = MAX_IN_FLIGHT - in_flight.len();
-                let size = queued.div_ceil(free).clamp(GATHER.min(queued), MAX_BATCH);
-                state.in_flight += 1;
-                if size >= queued {
-                    std::mem::replace(&mut state.requests, Vec::with_capacity(GATHER))
-                } else {
-                    state.requests.drain(..size).collect()
-                }
+            queue.register(cx);
+            let batch = match queue.take(in_flight.len()) {
+                Take::Batch(batch) => batch,
+                Take::Wait => return Poll::Pending,
+                Take::Done => return Poll::Ready(()),
             };
             let places = Places {
                 queue: queue.clone(),
@@ -245,16 +301,22 @@ async fn send(
     Target { prefix, max_len }: Target,
     places: Places,
 ) {
-    if batch.len() == 1 {
-        let Some(Request { event, reply }) = batch.into_iter().next() else {
-            return;
-        };
-        let result = xadd(&prefix, &event, max_len)
+    if let [request] = &batch[..] {
+        let result = xadd(&prefix, &request.event, max_len)
             .query_async::<Value>(&mut conn)
             .await
             .map_err(|e| from_redis(e, "XADD"));
         health.observe(&result);
-        let filled = reply.fill(result);
+        let filled: Vec<_> = batch
+            .into_iter()
+            .map(|Request { event, reply }| {
+                let answer = match result {
+                    Ok(ref value) => answer(value, &prefix, &event),
+                    Err(ref e) => Err(Error::new(e.kind(), e.message())),
+                };
+                reply.fill(answer)
+            })
+            .collect();
         drop(places);
         drop(filled);
         return;
@@ -262,10 +324,8 @@ async fn send(
     let mut pipe = redis::Pipeline::with_capacity(batch.len());
     // Each command's server error becomes its own reply, for its caller.
     pipe.ignore_errors();
-    let mut repliers = Vec::with_capacity(batch.len());
-    for Request { event, reply } in batch {
-        pipe.add_command(xadd(&prefix, &event, max_len));
-        repliers.push(reply);
+    for request in &batch {
+        pipe.add_command(xadd(&prefix, &request.event, max_len));
     }
     let result = pipe
         .query_async::<Vec<Value>>(&mut conn)
@@ -274,20 +334,21 @@ async fn send(
     health.observe(&result);
     let filled: Vec<_> = match result {
         Ok(replies) => {
-            let mut replies = replies.into_iter();
-            repliers
+            let mut replies = replies.iter();
+            batch
                 .into_iter()
-                .map(|replier| {
-                    let reply = replies
-                        .next()
-                        .ok_or_else(|| Error::decode("XADD pipeline: missing reply"));
-                    replier.fill(reply)
+                .map(|Request { event, reply }| {
+                    let answer = match replies.next() {
+                        Some(value) => answer(value, &prefix, &event),
+                        None => Err(Error::decode("XADD pipeline: missing reply")),
+                    };
+                    reply.fill(answer)
                 })
                 .collect()
         }
-        Err(e) => repliers
+        Err(e) => batch
             .into_iter()
-            .map(|replier| replier.fill(Err(Error::new(e.kind(), e.message()))))
+            .map(|request| request.reply.fill(Err(Error::new(e.kind(), e.message()))))
             .collect(),
     };
     // Room first, so that woken callers find it; then every caller.
@@ -295,19 +356,26 @@ async fn send(
     drop(filled);
 }
 
-/// A reply that is a server error becomes a [`ErrorKind::Rejected`] error.
-pub(crate) fn server_error(reply: Value, key: &str) -> Result<Value, Error> {
+/// What the caller of the `XADD` of `event` to the stream `prefix` + its
+/// topic is told for `reply`.
+pub(crate) fn answer(reply: &Value, prefix: &str, event: &Event) -> Answer {
     match reply {
-        Value::ServerError(e) => Err(Error::new(
-            ErrorKind::Rejected,
-            format!(
-                "XADD to {key:?}: {} {}",
-                e.code(),
-                e.details().unwrap_or_default()
-            ),
+        Value::ServerError(e) => Err(refused(
+            prefix,
+            event,
+            &format!("{} {}", e.code(), e.details().unwrap_or_default()),
         )),
-        other => Ok(other),
+        other => shared_string(other).ok_or_else(|| Error::decode("XADD did not answer with an entry id")),
     }
+}
+
+/// The server's refusal of one `XADD` (`WRONGTYPE`, `OOM`, ...): an
+/// [`ErrorKind::Rejected`] error for its caller alone, naming the stream.
+pub(crate) fn refused(prefix: &str, event: &Event, line: &str) -> Error {
+    Error::new(
+        ErrorKind::Rejected,
+        format!("XADD to \"{prefix}{}\": {line}", event.topic()),
+    )
 }
 
 #[cfg(test)]

@@ -167,6 +167,11 @@ impl RedisConfig {
         key.strip_prefix(&*self.stream_prefix).filter(|t| !t.is_empty())
     }
 
+    /// How long to wait for a connection, and for a reply.
+    pub(crate) fn timeouts(&self) -> (Duration, Duration) {
+        (self.connection_timeout, self.response_timeout)
+    }
+
     /// The prefix of every stream key.
     pub(crate) fn prefix(&self) -> &Arc<str> {
         &self.stream_prefix

@@ -65,7 +65,9 @@ mod acks;
 mod batch;
 mod config;
 mod error;
+mod link;
 mod publisher;
+mod resp;
 mod subscriber;
 mod wire;
 

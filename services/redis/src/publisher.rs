@@ -19,10 +19,11 @@ use watchtower::topic::validate_topic;
 use watchtower::trace::publish_span;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
-use crate::batch::{Queue, Request, batch_loop, server_error};
+use crate::batch::{Answer, Queue, Request, answer, batch_loop};
 use crate::config::RedisConfig;
 use crate::error::from_redis;
-use crate::wire::{fields_size, shared_string, write_fields};
+use crate::link;
+use crate::wire::{fields_size, write_fields};
 
 /// `XADD`s a publisher lets wait for or ride in a pipeline at once unless
 /// set: 4096. Further calls wait in `poll_ready`.
@@ -233,13 +234,26 @@ impl RedisPublisherBuilder {
         let conn = self.config.connect(&client, std::time::Duration::ZERO).await?;
         let health = Health::new();
         let queue = Queue::new(self.max_pending);
-        tokio::spawn(batch_loop(
-            conn.clone(),
-            health.clone(),
-            queue.clone(),
-            self.config.prefix().clone(),
-            self.max_len,
-        ));
+        let prefix = self.config.prefix().clone();
+        if link::supports(client.get_connection_info().addr()) {
+            let (connection_timeout, response_timeout) = self.config.timeouts();
+            let settings = link::Settings {
+                client,
+                connection_timeout,
+                response_timeout,
+                prefix,
+                max_len: self.max_len,
+            };
+            tokio::spawn(link::link_loop(settings, health.clone(), queue.clone()));
+        } else {
+            tokio::spawn(batch_loop(
+                conn.clone(),
+                health.clone(),
+                queue.clone(),
+                prefix,
+                self.max_len,
+            ));
+        }
         Ok(RedisPublisher {
             shared: Arc::new(PublisherShared {
                 queue,
@@ -333,8 +347,8 @@ impl RedisPublisher {
                 let (key, event) = item?;
                 match replies.next() {
                     Some(reply) => {
-                        let reply = server_error(reply, &key)?;
-                        receipt(&event, key, &reply)
+                        let id = answer(&reply, self.shared.config.prefix(), &event)?;
+                        Ok(receipt(&event, key, id))
                     }
                     None => Err(Error::decode("XADD pipeline: missing reply")),
                 }
@@ -386,6 +400,14 @@ pub(crate) fn xadd(prefix: &str, event: &Event, max_len: Option<MaxLen>) -> Cmd 
     let topic = event.topic();
     // XADD key [MAXLEN ~ n] * fields...
     let mut cmd = Cmd::with_capacity(6 + field_args, 32 + prefix.len() + topic.len() + field_bytes);
+    write_xadd(&mut cmd, prefix, event, max_len);
+    cmd
+}
+
+/// Writes the arguments of the `XADD` of `event` to the stream `prefix` +
+/// its topic into `cmd`.
+pub(crate) fn write_xadd(cmd: &mut Cmd, prefix: &str, event: &Event, max_len: Option<MaxLen>) {
+    let topic = event.topic();
     cmd.arg("XADD");
     {
         let mut key = cmd.writer_for_next_arg();
@@ -403,15 +425,13 @@ pub(crate) fn xadd(prefix: &str, event: &Event, max_len: Option<MaxLen>) -> Cmd 
         None => {}
     }
     cmd.arg("*");
-    write_fields(&mut cmd, event);
-    cmd
+    write_fields(cmd, event);
 }
 
-fn receipt(event: &Event, key: Arc<str>, reply: &Value) -> Result<Receipt, Error> {
-    let id = shared_string(reply).ok_or_else(|| Error::decode("XADD did not answer with an entry id"))?;
-    Ok(Receipt::new(event.shared_topic(), event)
+fn receipt(event: &Event, key: Arc<str>, id: Arc<str>) -> Receipt {
+    Receipt::new(event.shared_topic(), event)
         .with_stream(key)
-        .with_message_id(id))
+        .with_message_id(id)
 }
 
 async fn ping(mut conn: ConnectionManager, health: Arc<Health>) -> Result<(), Error> {
@@ -514,7 +534,7 @@ impl Service<Event> for RedisPublisher {
 enum State {
     Failed(Option<Error>),
     Waiting {
-        reply: Reply<Result<Value, Error>>,
+        reply: Reply<Answer>,
         key: Arc<str>,
         event: Option<Event>,
     },
@@ -556,9 +576,7 @@ impl Future for ResponseFuture {
                         "the publish future was polled after it finished",
                     )));
                 };
-                let result = result
-                    .and_then(|reply| server_error(reply, key))
-                    .and_then(|reply| receipt(&event, key.clone(), &reply));
+                let result = result.map(|id| receipt(&event, key.clone(), id));
                 Poll::Ready(result.map_err(|e| e.with_event(event)))
             }
         }
