@@ -136,7 +136,11 @@ impl RedisConfig {
     }
 
     /// Reconnection attempts (with exponential backoff from 100 ms) before
-    /// a command fails. Default [`DEFAULT_RECONNECT_RETRIES`].
+    /// a command fails. Default [`DEFAULT_RECONNECT_RETRIES`]. The
+    /// publisher's own connection for `XADD`s makes one attempt whenever
+    /// calls find it down, and fails the calls waiting for it if that
+    /// attempt fails: its callers' retry layer decides how long to keep
+    /// trying.
     pub fn reconnect_retries(mut self, retries: usize) -> Self {
         self.reconnect_retries = retries;
         self

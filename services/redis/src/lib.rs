@@ -5,8 +5,8 @@
 //! * [`RedisPublisher`] is a `tower::Service<Event>`: one stream per topic
 //!   (named by [`RedisConfig::stream_prefix`] plus the topic), optional
 //!   `MAXLEN ~` trimming, a [`Receipt`](watchtower::Receipt) with the entry
-//!   id. Concurrent calls are gathered into pipelines of `XADD`s on one
-//!   multiplexed connection, each caller answered with its own entry id or
+//!   id. Concurrent calls are gathered into batches of `XADD`s on the
+//!   publisher's own connection, each caller answered with its own entry id or
 //!   its own error (see [Batching](RedisPublisher#batching)).
 //! * [`RedisSubscriber`] implements [`watchtower::Subscriber`]: consumer
 //!   groups, redelivery with rising delivery counts, reclaiming, a

@@ -1,5 +1,5 @@
-//! The publisher's own connection for `XADD`s, where the address allows it
-//! (`redis://` over TCP, `redis+unix://`).
+//! The publisher's own connection for `XADD`s, over plain TCP
+//! (`redis://`).
 //!
 //! One task owns the socket. It takes batches from the [`Queue`] by the
 //! same rules as the pipelined path, encodes each `XADD` straight into its
@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use redis::{Client, Cmd, ConnectionAddr, RedisConnectionInfo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use watchtower::reply::Filled;
 use watchtower::{Error, ErrorKind};
@@ -39,11 +40,6 @@ use crate::resp::{Frame, parse};
 /// Bytes read from the socket at a time, at least.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// A byte stream to Redis.
-trait Socket: AsyncRead + AsyncWrite + Send + Unpin {}
-
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Socket for T {}
-
 /// How the task reaches Redis.
 pub(crate) struct Settings {
     pub(crate) client: Client,
@@ -53,10 +49,10 @@ pub(crate) struct Settings {
     pub(crate) max_len: Option<MaxLen>,
 }
 
-/// Whether this connection can reach `addr` (TLS goes through the `redis`
-/// crate's connection).
+/// Whether this connection can reach `addr`: plain TCP (TLS goes through
+/// the `redis` crate's connection).
 pub(crate) fn supports(addr: &ConnectionAddr) -> bool {
-    matches!(addr, ConnectionAddr::Tcp(..)) || (cfg!(unix) && matches!(addr, ConnectionAddr::Unix(_)))
+    matches!(addr, ConnectionAddr::Tcp(..))
 }
 
 /// Sends the queued requests until the queue is closed and empty and
@@ -202,7 +198,7 @@ impl Task<'_> {
 
 /// An open connection and the commands on it.
 struct Link {
-    socket: Box<dyn Socket>,
+    socket: TcpStream,
     /// Encoded commands; those before `written` are on the wire.
     out: Vec<u8>,
     written: usize,
@@ -225,26 +221,15 @@ impl Link {
     async fn open(client: &Client, timeout: Duration) -> Result<Link, Error> {
         let info = client.get_connection_info();
         let open = async {
-            let socket: Box<dyn Socket> = match info.addr() {
-                ConnectionAddr::Tcp(host, port) => {
-                    let stream = tokio::net::TcpStream::connect((host.as_str(), *port))
-                        .await
-                        .map_err(|e| {
-                            Error::new(ErrorKind::Connection, format!("connecting to Redis: {e}"))
-                        })?;
-                    stream.set_nodelay(true).map_err(|e| {
-                        Error::new(ErrorKind::Connection, format!("connecting to Redis: {e}"))
-                    })?;
-                    Box::new(stream)
-                }
-                #[cfg(unix)]
-                ConnectionAddr::Unix(path) => {
-                    Box::new(tokio::net::UnixStream::connect(path).await.map_err(|e| {
-                        Error::new(ErrorKind::Connection, format!("connecting to Redis: {e}"))
-                    })?)
-                }
-                _ => return Err(Error::config("this address needs the redis crate's connection")),
+            let ConnectionAddr::Tcp(host, port) = info.addr() else {
+                return Err(Error::config("TLS goes through the redis crate's connection"));
             };
+            let connecting =
+                |e: std::io::Error| Error::new(ErrorKind::Connection, format!("connecting to Redis: {e}"));
+            let socket = TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(connecting)?;
+            socket.set_nodelay(true).map_err(connecting)?;
             let mut link = Link {
                 socket,
                 out: Vec::new(),

@@ -25,7 +25,7 @@ use crate::error::from_redis;
 use crate::link;
 use crate::wire::{fields_size, write_fields};
 
-/// `XADD`s a publisher lets wait for or ride in a pipeline at once unless
+/// `XADD`s a publisher lets wait for or ride in a batch at once unless
 /// set: 4096. Further calls wait in `poll_ready`.
 pub const DEFAULT_MAX_PENDING: usize = 4096;
 
@@ -75,38 +75,47 @@ impl Health {
 /// `XADD`s each event to the stream of its [topic](Event::topic) and
 /// answers with a [`Receipt`] carrying the stream key and the entry id.
 ///
-/// The connection is one multiplexed connection that reconnects by itself.
-/// Clones share it, and calls do not wait for each other.
+/// Clones share the publisher's connections, and calls do not wait for
+/// each other. The `XADD`s of `call` travel on a connection of the
+/// publisher's own, which one task writes and reads (over `rediss://`, on
+/// the `redis` crate's multiplexed connection instead); `PING` and
+/// [`publish_batch`](RedisPublisher::publish_batch) use a multiplexed
+/// connection that reconnects by itself.
 ///
 /// # Batching
 ///
-/// `call` encodes the event's `XADD` at once (straight into one command
-/// buffer sized in advance, no allocation per field) and queues it for the
-/// publisher's connection task, which sends what has queued up as **one
-/// pipeline** of up to 512 `XADD`s:
+/// `call` checks the event and queues it for the publisher's connection
+/// task, which sends what has queued up as **one batch** of up to 512
+/// `XADD`s:
 ///
-/// * with no pipeline on the wire, at once: a lone `XADD` after a quiet
+/// * with no batch on the wire, at once: a lone `XADD` after a quiet
 ///   spell waits for nobody;
-/// * with pipelines on the wire (at most four), once 32 `XADD`s have
-///   gathered, or else when a pipeline completes, whatever has gathered by
-///   then.
+/// * with batches on the wire (at most four), once 32 `XADD`s have
+///   gathered, or else when a batch is fully answered, whatever has
+///   gathered by then.
 ///
 /// So the `XADD`s of concurrent callers (or of one caller with many calls
-/// in flight) travel together: 64 callers keep about two pipelines of 32
+/// in flight) travel together: 64 callers keep about two batches of 32
 /// going, and a busy publisher pays one write, one server read and one
-/// wake-up per batch rather than per event. There is no timer: an `XADD`
-/// waits at most for the pipelines already on the wire. While the
-/// connection holds, calls from one task reach the stream in the order they
-/// were made.
+/// wake-up per batch rather than per event. The task encodes each `XADD`
+/// straight into its write buffer (no allocation per event), and fills in
+/// all the replies that one read brings before it wakes any caller. There
+/// is no timer: an `XADD` waits at most for the batches already on the
+/// wire. While the connection holds, calls from one task reach the stream
+/// in the order they were made.
 ///
 /// Each caller gets its own result: the entry id of its own `XADD`, or the
 /// server's error for that command alone (a `WRONGTYPE` for one stream
 /// fails only the event that went there, as [`ErrorKind::Rejected`]). If
-/// the connection fails while a pipeline is on the wire, every caller in
+/// the connection fails, times out (no reply for
+/// [`response_timeout`](RedisConfig::response_timeout)) or sends a reply
+/// that is not RESP while `XADD`s are on the wire, every caller waiting on
 /// it gets the [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] error
 /// (with its event attached, for a retry or dead-letter layer); their
-/// events may or may not have been stored. A caller that drops its future
-/// does not withdraw its `XADD` and does not disturb the others.
+/// events may or may not have been stored. The next call connects again;
+/// if that fails, the calls waiting for it get the error. A caller that
+/// drops its future does not withdraw its `XADD` and does not disturb the
+/// others.
 ///
 /// [`publish_batch`](RedisPublisher::publish_batch) sends a caller's own
 /// batch as one pipeline, outside the queue.
@@ -114,8 +123,9 @@ impl Health {
 /// # Readiness
 ///
 /// `poll_ready` is ready while the connection works and the queue has
-/// room. After a connection failure it sends a `PING` (which reconnects)
-/// and stays pending until the answer; if that fails too it returns the
+/// room. After a connection failure it sends a `PING` (a second one if the
+/// first finds the multiplexed connection broken: that one reconnects) and
+/// stays pending until the answer; if that fails too it returns the
 /// [`ErrorKind::Connection`] error, and the next `poll_ready` tries again.
 /// The queue holds [`max_pending`](RedisPublisherBuilder::max_pending)
 /// `XADD`s, counting those on the wire: when it is full, `poll_ready` waits
@@ -434,6 +444,17 @@ fn receipt(event: &Event, key: Arc<str>, id: Arc<str>) -> Receipt {
         .with_message_id(id)
 }
 
+/// Checks the connection after a failure: `PING`, and `PING` again if the
+/// first finds the connection broken. The `XADD`s travel on a connection
+/// of their own, so the multiplexed connection may learn of a cut only
+/// from this `PING`; it connects again for the second.
+async fn probe(conn: ConnectionManager, health: Arc<Health>) -> Result<(), Error> {
+    match ping(conn.clone(), health.clone()).await {
+        Err(e) if e.kind() == ErrorKind::Connection => ping(conn, health).await,
+        other => other,
+    }
+}
+
 async fn ping(mut conn: ConnectionManager, health: Arc<Health>) -> Result<(), Error> {
     let result = redis::cmd("PING")
         .query_async::<Value>(&mut conn)
@@ -452,7 +473,7 @@ impl Service<Event> for RedisPublisher {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         if self.probe.is_none() && !self.shared.health.is_connected() {
             // A task rather than a stored future keeps the publisher `Sync`.
-            self.probe = Some(tokio::spawn(ping(
+            self.probe = Some(tokio::spawn(probe(
                 self.shared.conn.clone(),
                 self.shared.health.clone(),
             )));
