@@ -183,11 +183,7 @@ impl Task<'_> {
         let Some(link) = self.link.take() else {
             return;
         };
-        let err: Result<(), Error> = Err(err);
-        self.health.observe(&err);
-        let Err(err) = err else {
-            return;
-        };
+        self.health.failed(&err);
         let message = format!("{}; the event may or may not have been stored", err.message());
         for request in link.waiting {
             self.filled

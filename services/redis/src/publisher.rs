@@ -59,10 +59,14 @@ impl Health {
     pub(crate) fn observe(&self, result: &Result<impl Sized, Error>) {
         match result {
             Ok(_) => self.connected.store(true, Ordering::Relaxed),
-            Err(e) if matches!(e.kind(), ErrorKind::Connection | ErrorKind::Timeout) => {
-                self.connected.store(false, Ordering::Relaxed);
-            }
-            Err(_) => {}
+            Err(e) => self.failed(e),
+        }
+    }
+
+    /// Marks the connection down if `error` says it is.
+    pub(crate) fn failed(&self, error: &Error) {
+        if matches!(error.kind(), ErrorKind::Connection | ErrorKind::Timeout) {
+            self.connected.store(false, Ordering::Relaxed);
         }
     }
 
