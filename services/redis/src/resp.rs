@@ -62,14 +62,9 @@ fn parse_at(buf: &[u8], start: usize, depth: usize) -> Result<Option<(Frame, usi
         b'-' => Frame::Error(line),
         b':' => Frame::Integer(number(&buf[line])?),
         b'$' => {
-            let len = number(&buf[line])?;
-            if len == -1 {
+            let Some(len) = length(&buf[line], MAX_BULK)? else {
                 return Ok(Some((Frame::Null, next)));
-            }
-            let len = usize::try_from(len)
-                .ok()
-                .filter(|&len| len <= MAX_BULK)
-                .ok_or_else(|| malformed("bulk string length out of range"))?;
+            };
             let end = next + len;
             let Some(crlf) = buf.get(end..end + 2) else {
                 return Ok(None);
@@ -80,14 +75,9 @@ fn parse_at(buf: &[u8], start: usize, depth: usize) -> Result<Option<(Frame, usi
             return Ok(Some((Frame::Bulk(next..end), end + 2)));
         }
         b'*' => {
-            let len = number(&buf[line])?;
-            if len == -1 {
+            let Some(len) = length(&buf[line], MAX_ARRAY)? else {
                 return Ok(Some((Frame::Null, next)));
-            }
-            let len = usize::try_from(len)
-                .ok()
-                .filter(|&len| len <= MAX_ARRAY)
-                .ok_or_else(|| malformed("array length out of range"))?;
+            };
             if depth >= MAX_DEPTH {
                 return Err(malformed("arrays nested too deep"));
             }
@@ -116,6 +106,19 @@ fn line(buf: &[u8], from: usize) -> Result<Option<Range<usize>>, Error> {
         },
         None if rest.len() > MAX_LINE => Err(malformed("line too long")),
         None => Ok(None),
+    }
+}
+
+/// A bulk string's or array's length, at most `max`; `None` for `-1`
+/// (null).
+fn length(digits: &[u8], max: usize) -> Result<Option<usize>, Error> {
+    match number(digits)? {
+        -1 => Ok(None),
+        n => usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= max)
+            .map(Some)
+            .ok_or_else(|| malformed("length out of range")),
     }
 }
 
