@@ -222,8 +222,8 @@ impl Queue {
 }
 
 /// Marks the queue stopped when the sending task ends or is dropped (its
-/// runtime shut down), so that queued callers and later ones get an error
-/// rather than wait forever.
+/// runtime shut down, even before the task first ran), so that queued
+/// callers and later ones get an error rather than wait forever.
 pub(crate) struct Stopped(pub(crate) Arc<Queue>);
 
 impl Drop for Stopped {
@@ -254,14 +254,16 @@ impl Drop for Places {
 
 /// Sends the queued requests in pipelines until the queue is closed and
 /// empty and nothing is on the wire.
+///
+/// `stopped` is made by the spawner, so that a task dropped before its
+/// first poll still lets its callers know.
 pub(crate) async fn batch_loop(
     conn: ConnectionManager,
     health: Arc<Health>,
-    queue: Arc<Queue>,
+    stopped: Stopped,
     prefix: Arc<str>,
     max_len: Option<MaxLen>,
 ) {
-    let stopped = Stopped(queue);
     let queue = &stopped.0;
     let mut in_flight = FuturesUnordered::new();
     poll_fn(|cx| {

@@ -57,8 +57,10 @@ pub(crate) fn supports(addr: &ConnectionAddr) -> bool {
 
 /// Sends the queued requests until the queue is closed and empty and
 /// every reply is in.
-pub(crate) async fn link_loop(settings: Settings, health: Arc<Health>, queue: Arc<Queue>) {
-    let stopped = Stopped(queue);
+///
+/// `stopped` is made by the spawner, so that a task dropped before its
+/// first poll still lets its callers know.
+pub(crate) async fn link_loop(settings: Settings, health: Arc<Health>, stopped: Stopped) {
     let mut task = Task {
         settings,
         health,

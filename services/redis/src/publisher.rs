@@ -19,7 +19,7 @@ use watchtower::topic::validate_topic;
 use watchtower::trace::publish_span;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
-use crate::batch::{Answer, Queue, Request, answer, batch_loop};
+use crate::batch::{Answer, Queue, Request, Stopped, answer, batch_loop};
 use crate::config::RedisConfig;
 use crate::error::from_redis;
 use crate::link;
@@ -258,12 +258,12 @@ impl RedisPublisherBuilder {
                 prefix,
                 max_len: self.max_len,
             };
-            tokio::spawn(link::link_loop(settings, health.clone(), queue.clone()));
+            tokio::spawn(link::link_loop(settings, health.clone(), Stopped(queue.clone())));
         } else {
             tokio::spawn(batch_loop(
                 conn.clone(),
                 health.clone(),
-                queue.clone(),
+                Stopped(queue.clone()),
                 prefix,
                 self.max_len,
             ));

@@ -334,3 +334,38 @@ async fn a_small_queue_makes_callers_wait_for_room_and_loses_nothing() {
     assert_eq!(in_stream, called);
     cleanup(URL, &ns).await;
 }
+
+#[test]
+fn calls_fail_rather_than_hang_once_the_connection_task_is_gone() {
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ns = namespace("task_gone");
+    let event = Event::new(format!("{ns}.t"), serde_json::json!({}));
+    let (mut publisher, queued) = first.block_on(async {
+        let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+        // Queued, but the connection task does not run before the runtime
+        // goes: dropping the runtime drops the task.
+        let queued = publisher.ready().await.unwrap().call(event.clone());
+        (publisher, queued)
+    });
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let err = tokio::time::timeout(WAIT, queued)
+            .await
+            .expect("answered")
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+        assert_eq!(err.event().map(Event::id), Some(event.id()));
+        let err = tokio::time::timeout(WAIT, publisher.ready())
+            .await
+            .expect("answered")
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    });
+}
