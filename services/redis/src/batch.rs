@@ -1,35 +1,36 @@
-//! Gathers concurrent `XADD`s into pipelines.
+//! Gathers concurrent `XADD`s into batches.
 //!
-//! Each command sent on its own costs the multiplexed connection a message,
-//! a response slot and a wake-up, and the server a read and a write; a
-//! pipeline of many costs about as much as one. Callers put their encoded
-//! command in a [`Queue`]; one task per publisher takes what has gathered
-//! and sends it as one pipeline:
+//! Each command sent on its own costs the connection a write and a
+//! wake-up, and the server a read and a write; a batch of many costs about
+//! as much as one. Callers put their checked event in a [`Queue`]; one task
+//! per publisher takes what has gathered and sends it as one batch, on the
+//! publisher's own connection ([`crate::link`]) or, over TLS, as one
+//! pipeline on the `redis` crate's multiplexed connection
+//! ([`batch_loop`]). Both take batches by the same rules:
 //!
 //! * with nothing on the wire, what is queued goes out at once (a lone
 //!   `XADD` after a quiet spell waits for nobody);
-//! * while pipelines are on the wire, the next one goes out once
+//! * while batches are on the wire, the next one goes out once
 //!   [`GATHER`] commands have queued up (so a steady stream of callers
 //!   keeps two or more batches of a useful size in flight), or when a
-//!   pipeline on the wire completes, whatever has gathered by then;
-//! * what has gathered is shared out over the pipelines that may still go
+//!   batch on the wire is fully answered, whatever has gathered by then;
+//! * what has gathered is shared out over the batches that may still go
 //!   on the wire (at least [`GATHER`] commands each, at most
-//!   [`MAX_BATCH`]): 256 queued callers make four pipelines of 64, not one
-//!   of 256, so that Redis works on one pipeline while the client reads
-//!   the replies of another and fills the next.
+//!   [`MAX_BATCH`]): 256 queued callers make four batches of 64, not one
+//!   of 256, so that Redis works on one batch while the client reads the
+//!   replies of another and fills the next.
 //!
-//! No timer is involved: a command waits at most for the pipelines already
+//! No timer is involved: a command waits at most for the batches already
 //! on the wire. Callers wake the task only when their command is the first
 //! in the queue or brings it to [`GATHER`], not for every command.
 //! Concurrency is bounded by the queue's room: a caller reserves a place
-//! before it queues a command, and the task frees a pipeline's places at
-//! once when its replies are in.
+//! before it queues a command, and the task frees the places of answered
+//! commands at once.
 //!
-//! Replies go back through a [`reply`] per command. The task fills in all
-//! replies of a pipeline before it wakes any caller, so that callers
-//! polled together (a `FuturesUnordered`, a `buffer_unordered`) are woken
-//! once per pipeline and find all their replies, rather than once per
-//! reply.
+//! Replies go back through a [`watchtower::reply`] per command. The task fills in all
+//! the replies it has before it wakes any caller, so that callers polled
+//! together (a `FuturesUnordered`, a `buffer_unordered`) are woken once per
+//! batch and find all their replies, rather than once per reply.
 
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
