@@ -372,13 +372,21 @@ pub(crate) fn answer(reply: &Value, prefix: &str, event: &Event) -> Answer {
     }
 }
 
-/// The server's refusal of one `XADD` (`WRONGTYPE`, `OOM`, ...): an
-/// [`ErrorKind::Rejected`] error for its caller alone, naming the stream.
+/// The server's refusal of one `XADD`: an error for its caller alone,
+/// naming the stream. What passes ([`ErrorKind::Throttled`]: a server
+/// still loading its data, busy with a script, or a replica that cannot
+/// take writes during a failover) is retryable, and so is `OOM` (a full
+/// server, as a broker's full queue); the rest (`WRONGTYPE`, `ERR`, ...)
+/// is [`ErrorKind::Rejected`] and not retryable.
 pub(crate) fn refused(prefix: &str, event: &Event, line: &str) -> Error {
-    Error::new(
-        ErrorKind::Rejected,
-        format!("XADD to \"{prefix}{}\": {line}", event.topic()),
-    )
+    let message = format!("XADD to \"{prefix}{}\": {line}", event.topic());
+    match line.split(' ').next().unwrap_or_default() {
+        "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY" => {
+            Error::new(ErrorKind::Throttled, message)
+        }
+        "OOM" => Error::new(ErrorKind::Rejected, message).with_retryable(true),
+        _ => Error::new(ErrorKind::Rejected, message),
+    }
 }
 
 #[cfg(test)]
@@ -386,8 +394,42 @@ mod tests {
     use tokio_test::task::spawn;
     use tokio_test::{assert_pending, assert_ready};
     use tokio_util::sync::PollSemaphore;
+    use watchtower::{ErrorKind, Event};
 
-    use super::Queue;
+    use super::{Queue, refused};
+
+    #[test]
+    fn passing_refusals_are_retryable_and_the_rest_are_not() {
+        let event = Event::new("orders.created", serde_json::json!({}));
+        for (line, kind, retryable) in [
+            (
+                "WRONGTYPE Operation against a key holding the wrong kind of value",
+                ErrorKind::Rejected,
+                false,
+            ),
+            ("ERR Invalid stream ID", ErrorKind::Rejected, false),
+            (
+                "LOADING Redis is loading the dataset in memory",
+                ErrorKind::Throttled,
+                true,
+            ),
+            ("BUSY Redis is busy running a script", ErrorKind::Throttled, true),
+            (
+                "READONLY You can't write against a read only replica.",
+                ErrorKind::Throttled,
+                true,
+            ),
+            (
+                "OOM command not allowed when used memory > 'maxmemory'.",
+                ErrorKind::Rejected,
+                true,
+            ),
+        ] {
+            let err = refused("wt:", &event, line);
+            assert_eq!((err.kind(), err.is_retryable()), (kind, retryable), "{line}");
+            assert_eq!(err.message(), format!("XADD to \"wt:orders.created\": {line}"));
+        }
+    }
 
     #[test]
     fn a_full_queue_wakes_its_waiters_when_places_are_freed() {

@@ -110,7 +110,10 @@ impl Health {
 ///
 /// Each caller gets its own result: the entry id of its own `XADD`, or the
 /// server's error for that command alone (a `WRONGTYPE` for one stream
-/// fails only the event that went there, as [`ErrorKind::Rejected`]). If
+/// fails only the event that went there, as [`ErrorKind::Rejected`]; a
+/// server that is loading its data, busy with a script or a read-only
+/// replica answers [`ErrorKind::Throttled`], and `OOM` is a retryable
+/// `Rejected`, so that a retry layer tries again). If
 /// the connection fails, times out (no reply for
 /// [`response_timeout`](RedisConfig::response_timeout)) or sends a reply
 /// that is not RESP while `XADD`s are on the wire, every caller waiting on

@@ -289,3 +289,53 @@ async fn tls_takes_the_pipelined_path_and_each_caller_gets_its_own_answer() {
     assert_eq!(xlen(&url, "tls.t").await, 200);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_server_refusal_is_retryable_and_the_event_comes_back() {
+    let port = free_port();
+    let server = RedisProcess::start(port, &["--busy-reply-threshold", "20"]).await;
+    let url = server.url();
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(&url)).await.unwrap();
+    publisher
+        .publish(Event::new("busy.t", serde_json::json!({"n": 1})))
+        .await
+        .unwrap();
+    let (mut probe, mut admin) = (common::raw(&url).await, common::raw(&url).await);
+    let mut blocked = common::raw(&url).await;
+    let script = tokio::spawn(async move {
+        redis::cmd("EVAL")
+            .arg("while true do end")
+            .arg(0)
+            .query_async::<redis::Value>(&mut blocked)
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match redis::cmd("PING").query_async::<String>(&mut probe).await {
+                Err(e) if e.code() == Some("BUSY") => return,
+                _ => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await
+    .expect("the script makes the server busy");
+
+    let refused = Event::new("busy.t", serde_json::json!({"n": 2}));
+    let err = publisher.publish(refused.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Throttled, "{err}");
+    assert!(err.is_retryable());
+    assert!(err.message().contains("BUSY"), "{err}");
+    assert_eq!(err.event().map(Event::id), Some(refused.id()));
+
+    let _: () = redis::cmd("SCRIPT")
+        .arg("KILL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(script.await.unwrap().is_err(), "the script was killed");
+    publisher
+        .publish(Event::new("busy.t", serde_json::json!({"n": 3})))
+        .await
+        .unwrap();
+    assert_eq!(xlen(&url, "busy.t").await, 2);
+}
