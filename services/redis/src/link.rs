@@ -37,7 +37,8 @@ use crate::batch::{Answer, Idle, Queue, Request, Stopped, Take, refused};
 use crate::publisher::{Health, MaxLen, write_xadd};
 use crate::resp::{Frame, parse};
 
-/// Bytes read from the socket at a time, at least.
+/// The read buffer's size, and how much it grows by when one reply is
+/// longer.
 const READ_CHUNK: usize = 64 * 1024;
 
 /// How the task reaches Redis.
