@@ -262,8 +262,7 @@ pub(crate) async fn batch_loop(
     conn: ConnectionManager,
     health: Arc<Health>,
     stopped: Stopped,
-    prefix: Arc<str>,
-    max_len: Option<MaxLen>,
+    target: Target,
 ) {
     let queue = &stopped.0;
     let mut in_flight = FuturesUnordered::new();
@@ -281,20 +280,18 @@ pub(crate) async fn batch_loop(
                 queue: queue.clone(),
                 n: batch.len(),
             };
-            let target = Target {
-                prefix: prefix.clone(),
-                max_len,
-            };
-            in_flight.push(send(conn.clone(), health.clone(), batch, target, places));
+            in_flight.push(send(conn.clone(), health.clone(), batch, target.clone(), places));
         }
     })
     .await;
 }
 
-/// Where the `XADD`s of a pipeline go.
-struct Target {
-    prefix: Arc<str>,
-    max_len: Option<MaxLen>,
+/// Where a publisher's `XADD`s go: the stream `prefix` + the event's
+/// topic, trimmed as `max_len` says.
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub(crate) prefix: Arc<str>,
+    pub(crate) max_len: Option<MaxLen>,
 }
 
 async fn send(
@@ -304,26 +301,6 @@ async fn send(
     Target { prefix, max_len }: Target,
     places: Places,
 ) {
-    if let [request] = &batch[..] {
-        let result = xadd(&prefix, &request.event, max_len)
-            .query_async::<Value>(&mut conn)
-            .await
-            .map_err(|e| from_redis(e, "XADD"));
-        health.observe(&result);
-        let filled: Vec<_> = batch
-            .into_iter()
-            .map(|Request { event, reply }| {
-                let answer = match result {
-                    Ok(ref value) => answer(value, &prefix, &event),
-                    Err(ref e) => Err(Error::new(e.kind(), e.message())),
-                };
-                reply.fill(answer)
-            })
-            .collect();
-        drop(places);
-        drop(filled);
-        return;
-    }
     let mut pipe = redis::Pipeline::with_capacity(batch.len());
     // Each command's server error becomes its own reply, for its caller.
     pipe.ignore_errors();

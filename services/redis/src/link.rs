@@ -33,8 +33,8 @@ use tokio::time::{Instant, Sleep};
 use watchtower::reply::Filled;
 use watchtower::{Error, ErrorKind};
 
-use crate::batch::{Answer, Idle, Queue, Request, Stopped, Take, refused};
-use crate::publisher::{Health, MaxLen, write_xadd};
+use crate::batch::{Answer, Idle, Queue, Request, Stopped, Take, Target, refused};
+use crate::publisher::{Health, write_xadd};
 use crate::resp::{Frame, parse};
 
 /// The read buffer's size, and how much it grows by when one reply is
@@ -46,8 +46,7 @@ pub(crate) struct Settings {
     pub(crate) client: Client,
     pub(crate) connection_timeout: Duration,
     pub(crate) response_timeout: Duration,
-    pub(crate) prefix: Arc<str>,
-    pub(crate) max_len: Option<MaxLen>,
+    pub(crate) target: Target,
 }
 
 /// Whether this connection can reach `addr`: plain TCP (TLS goes through
@@ -118,7 +117,7 @@ impl Task<'_> {
                     Connect::Done => return Poll::Ready(()),
                 }
             };
-            if let Err(e) = link.poll_replies(cx, &self.settings.prefix, &mut self.filled) {
+            if let Err(e) = link.poll_replies(cx, &self.settings.target.prefix, &mut self.filled) {
                 self.broken(e);
                 continue;
             }
@@ -298,7 +297,12 @@ impl Link {
         self.batches.push_back(batch.len());
         for request in batch {
             scratch.clear();
-            write_xadd(scratch, &settings.prefix, &request.event, settings.max_len);
+            write_xadd(
+                scratch,
+                &settings.target.prefix,
+                &request.event,
+                settings.target.max_len,
+            );
             scratch.write_packed_command(&mut self.out);
             self.waiting.push_back(request);
         }

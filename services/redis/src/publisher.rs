@@ -19,7 +19,7 @@ use watchtower::topic::validate_topic;
 use watchtower::trace::publish_span;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
-use crate::batch::{Answer, Queue, Request, Stopped, answer, batch_loop};
+use crate::batch::{Answer, Queue, Request, Stopped, Target, answer, batch_loop};
 use crate::config::RedisConfig;
 use crate::error::from_redis;
 use crate::link;
@@ -251,15 +251,17 @@ impl RedisPublisherBuilder {
         let conn = self.config.connect(&client, std::time::Duration::ZERO).await?;
         let health = Health::new();
         let queue = Queue::new(self.max_pending);
-        let prefix = self.config.prefix().clone();
+        let target = Target {
+            prefix: self.config.prefix().clone(),
+            max_len: self.max_len,
+        };
         if link::supports(client.get_connection_info().addr()) {
             let (connection_timeout, response_timeout) = self.config.timeouts();
             let settings = link::Settings {
                 client,
                 connection_timeout,
                 response_timeout,
-                prefix,
-                max_len: self.max_len,
+                target,
             };
             tokio::spawn(link::link_loop(settings, health.clone(), Stopped(queue.clone())));
         } else {
@@ -267,8 +269,7 @@ impl RedisPublisherBuilder {
                 conn.clone(),
                 health.clone(),
                 Stopped(queue.clone()),
-                prefix,
-                self.max_len,
+                target,
             ));
         }
         Ok(RedisPublisher {
