@@ -269,7 +269,7 @@ impl Link {
         }
         poll_fn(|cx| self.poll_write(cx)).await?;
         for (name, _) in commands {
-            let (frame, used) = poll_fn(|cx| self.poll_frame(cx)).await?;
+            let (frame, end) = poll_fn(|cx| self.poll_frame(cx)).await?;
             let text =
                 |range: std::ops::Range<usize>| String::from_utf8_lossy(&self.input[range]).into_owned();
             match frame {
@@ -284,7 +284,7 @@ impl Link {
                 }
                 _ => return Err(Error::decode(format!("unexpected reply to {name}"))),
             }
-            self.start += used;
+            self.start = end;
         }
         Ok(())
     }
@@ -324,18 +324,12 @@ impl Link {
     }
 
     /// The next whole reply, reading as needed: its frame (with ranges
-    /// into `input`) and its length from `start`. `start` is left for the
-    /// caller to move on.
+    /// into `input`) and where it ends. `start` is left for the caller to
+    /// move on.
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<(Frame, usize), Error>> {
         loop {
-            if let Some((frame, used)) = parse(&self.input[self.start..self.end])? {
-                let frame = match frame {
-                    Frame::Status(r) => Frame::Status(self.start + r.start..self.start + r.end),
-                    Frame::Error(r) => Frame::Error(self.start + r.start..self.start + r.end),
-                    Frame::Bulk(r) => Frame::Bulk(self.start + r.start..self.start + r.end),
-                    other => other,
-                };
-                return Poll::Ready(Ok((frame, used)));
+            if let Some(parsed) = parse(&self.input[..self.end], self.start)? {
+                return Poll::Ready(Ok(parsed));
             }
             ready!(self.poll_read(cx))?;
         }
@@ -376,7 +370,7 @@ impl Link {
         filled: &mut Vec<Filled<Answer>>,
     ) -> Result<(), Error> {
         loop {
-            let (frame, used) = match self.poll_frame(cx) {
+            let (frame, end) = match self.poll_frame(cx) {
                 Poll::Ready(Ok(parsed)) => parsed,
                 Poll::Ready(Err(e)) if e.kind() == ErrorKind::Decode => {
                     return Err(lost(&format!("{}; connection dropped", e.message())));
@@ -398,7 +392,7 @@ impl Link {
                 )),
                 _ => Err(Error::decode("XADD did not answer with an entry id")),
             };
-            self.start += used;
+            self.start = end;
             filled.push(request.reply.fill(answer));
             if let Some(first) = self.batches.front_mut() {
                 *first -= 1;

@@ -38,15 +38,16 @@ pub(crate) enum Frame {
     Array(usize),
 }
 
-/// The reply that starts at `buf[0]` and where it ends, or `None` while
-/// the buffer does not hold all of it yet.
+/// The reply that starts at `buf[start]` (its ranges index `buf`) and the
+/// offset just after it, or `None` while the buffer does not hold all of
+/// it yet.
 ///
 /// # Errors
 ///
 /// [`ErrorKind::Decode`](watchtower::ErrorKind::Decode) for bytes that are
 /// not a RESP2 reply.
-pub(crate) fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, Error> {
-    parse_at(buf, 0, 0)
+pub(crate) fn parse(buf: &[u8], start: usize) -> Result<Option<(Frame, usize)>, Error> {
+    parse_at(buf, start, 0)
 }
 
 fn parse_at(buf: &[u8], start: usize, depth: usize) -> Result<Option<(Frame, usize)>, Error> {
@@ -141,7 +142,7 @@ mod tests {
     use super::*;
 
     fn whole(buf: &[u8]) -> (Frame, usize) {
-        parse(buf).expect("well formed").expect("complete")
+        parse(buf, 0).expect("well formed").expect("complete")
     }
 
     #[test]
@@ -174,11 +175,11 @@ mod tests {
     fn an_incomplete_reply_waits_for_more() {
         let full = b"$15\r\n1700000000000-0\r\n";
         for end in 0..full.len() {
-            assert_eq!(parse(&full[..end]).expect("no error"), None, "{end}");
+            assert_eq!(parse(&full[..end], 0).expect("no error"), None, "{end}");
         }
         let array = b"*2\r\n$1\r\na\r\n:7\r\n";
         for end in 0..array.len() {
-            assert_eq!(parse(&array[..end]).expect("no error"), None, "{end}");
+            assert_eq!(parse(&array[..end], 0).expect("no error"), None, "{end}");
         }
     }
 
@@ -193,17 +194,17 @@ mod tests {
             b"*99999999\r\n",
             b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n",
         ] {
-            let err = parse(bad).expect_err("malformed");
+            let err = parse(bad, 0).expect_err("malformed");
             assert_eq!(err.kind(), ErrorKind::Decode, "{bad:?}");
         }
         let long = vec![b'+'; MAX_LINE + 2];
-        assert_eq!(parse(&long).expect_err("too long").kind(), ErrorKind::Decode);
+        assert_eq!(parse(&long, 0).expect_err("too long").kind(), ErrorKind::Decode);
     }
 
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic_and_never_overrun(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            if let Ok(Some((_, used))) = parse(&bytes) {
+            if let Ok(Some((_, used))) = parse(&bytes, 0) {
                 prop_assert!(used <= bytes.len());
             }
         }
@@ -213,7 +214,7 @@ mod tests {
             let mut buf = format!("${}\r\n", text.len()).into_bytes();
             buf.extend_from_slice(&text);
             buf.extend_from_slice(b"\r\n");
-            let (frame, used) = parse(&buf).unwrap().unwrap();
+            let (frame, used) = parse(&buf, 0).unwrap().unwrap();
             prop_assert_eq!(used, buf.len());
             let Frame::Bulk(range) = frame else { panic!("not bulk") };
             prop_assert_eq!(&buf[range], &text[..]);
