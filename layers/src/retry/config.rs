@@ -55,6 +55,7 @@ pub struct RetryConfig {
     pub(crate) max_delay: Duration,
     pub(crate) multiplier: f64,
     pub(crate) max_elapsed: Option<Duration>,
+    pub(crate) max_retry_after: Duration,
     pub(crate) jitter: Jitter,
     pub(crate) seed: Option<u64>,
     pub(crate) budget: Option<SharedBudget>,
@@ -71,6 +72,7 @@ impl RetryConfig {
             max_delay: Duration::from_secs(10),
             multiplier: 2.0,
             max_elapsed: Some(Duration::from_secs(30)),
+            max_retry_after: Duration::from_secs(60),
             jitter: Jitter::Full,
             seed: None,
             budget: None,
@@ -106,6 +108,19 @@ impl RetryConfig {
     /// hears back within a bounded time.
     pub fn max_elapsed(mut self, limit: impl Into<Option<Duration>>) -> Self {
         self.max_elapsed = limit.into();
+        self
+    }
+
+    /// The longest wait a [`retry_after`](watchtower::Error::retry_after)
+    /// hint can ask for; a longer hint (a `Retry-After` header from an
+    /// untrusted server, a breaker with a long open wait) is cut to this.
+    /// A hint still never takes a retry past
+    /// [`max_elapsed`](Self::max_elapsed): if the wait would end after it,
+    /// the layer gives up at once with the last error instead of
+    /// sleeping. Default: 60 s, the longest a caller should wait on one
+    /// hint before trying again.
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
         self
     }
 
@@ -192,6 +207,7 @@ impl fmt::Debug for RetryConfig {
             .field("max_delay", &self.max_delay)
             .field("multiplier", &self.multiplier)
             .field("max_elapsed", &self.max_elapsed)
+            .field("max_retry_after", &self.max_retry_after)
             .field("jitter", &self.jitter)
             .field("seed", &self.seed)
             .field("budget", &self.budget.is_some())

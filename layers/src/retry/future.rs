@@ -105,11 +105,12 @@ where
         }
         let mut delay = shared.delay_before(attempt + 1);
         if let Some(after) = err.retry_after() {
-            delay = delay.max(after);
+            // The hint comes from outside (a server's `Retry-After`): capped.
+            delay = delay.max(after.min(config.max_retry_after));
         }
         let first = *first_failure.get_or_insert_with(Instant::now);
         if let Some(limit) = config.max_elapsed
-            && first.elapsed() + delay > limit
+            && first.elapsed().saturating_add(delay) > limit
         {
             return give_up(err, &shared.stats.exhausted);
         }

@@ -8,6 +8,10 @@
 //! is `min · multiplier^(n-2)`, capped, with full jitter (seedable), and at
 //! least the error's [`retry_after`] hint — so a circuit breaker below,
 //! which reports the time left open, or a `429 Retry-After` is honoured.
+//! A hint comes from outside and is not trusted: it is cut to
+//! [`max_retry_after`](RetryConfig::max_retry_after), every sum of
+//! durations saturates, and a hint that would end past `max_elapsed`
+//! makes the layer give up at once with the last error rather than sleep.
 //! An optional [budget](RetryConfig::budget) stops retries from
 //! multiplying load during an outage.
 //!
@@ -26,6 +30,19 @@
 //! and retries as for any failed attempt. Other readiness errors pass
 //! through `poll_ready` unchanged; a dead-letter layer above turns them
 //! into dead letters.
+//!
+//! # Duplicates
+//!
+//! A retry after a timeout or a cut connection may send an event the
+//! broker had already stored: the first attempt's answer was lost, not
+//! necessarily its write. Brokers without deduplication (Redis Streams,
+//! RabbitMQ, webhooks) then hold the event twice; NATS JetStream drops the
+//! copy, since the publisher sets `Nats-Msg-Id` to the event id and the
+//! stream's duplicate window catches it. Every attempt sends the same
+//! event with the same [`id`](watchtower::Event::id) (only the
+//! [`ATTEMPT`](watchtower::event::ext::ATTEMPT) extension changes), so a
+//! consumer that must not act twice keys its handler on the event id: an
+//! upsert, a unique constraint, or a table of ids already handled.
 //!
 //! # Order
 //!

@@ -208,3 +208,117 @@ async fn each_retry_waits_for_readiness_of_its_own_clone() {
     respond.send_response("sent");
     assert_eq!(fut.await.unwrap().unwrap(), "sent");
 }
+
+/// Answers each request of `mock` with the next error of `errors`, then
+/// with `"sent"`; returns the ids of the events that came.
+async fn answer_with(
+    mut mock: tower_test::mock::Handle<Event, &'static str>,
+    errors: Vec<Error>,
+) -> Vec<String> {
+    let mut errors = errors.into_iter();
+    let mut calls = Vec::new();
+    while let Some((event, respond)) = mock.next_request().await {
+        calls.push(event.id().to_owned());
+        match errors.next() {
+            Some(e) => respond.send_error(e),
+            None => respond.send_response("sent"),
+        }
+    }
+    calls
+}
+
+fn throttled(after: Duration) -> Error {
+    Error::new(ErrorKind::Throttled, "503").with_retry_after(after)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_huge_retry_after_within_max_elapsed_gives_up_without_panic() {
+    let layer = RetryLayer::new(RetryConfig::new().max_attempts(5).jitter(Jitter::None));
+    let (mut svc, mut mock) = tower_test::mock::spawn_layer::<Event, &'static str, _>(layer.clone());
+    mock.allow(10);
+    let answers = tokio::spawn(answer_with(
+        mock,
+        vec![
+            throttled(Duration::from_secs(1)),
+            throttled(Duration::from_secs(u64::MAX)),
+        ],
+    ));
+    assert!(svc.poll_ready().is_ready());
+    let start = Instant::now();
+    let mut err = svc.call(Event::empty("x")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Throttled);
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(u64::MAX)));
+    assert_eq!(err.take_event().map(|e| e.ty().to_owned()).as_deref(), Some("x"));
+    // Waited the 1 s hint, then gave up at once: the capped hint (60 s)
+    // would pass the 30 s limit.
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    drop(svc);
+    assert_eq!(answers.await.unwrap().len(), 2);
+    let stats = layer.handle().stats();
+    assert_eq!((stats.retries, stats.exhausted), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_max_elapsed_a_huge_retry_after_waits_the_cap() {
+    let layer = RetryLayer::new(
+        RetryConfig::new()
+            .max_attempts(5)
+            .jitter(Jitter::None)
+            .max_elapsed(None)
+            .max_retry_after(Duration::from_secs(20)),
+    );
+    let (mut svc, mut mock) = tower_test::mock::spawn_layer::<Event, &'static str, _>(layer.clone());
+    mock.allow(10);
+    let answers = tokio::spawn(answer_with(
+        mock,
+        vec![
+            throttled(Duration::from_secs(1)),
+            throttled(Duration::from_secs(u64::MAX)),
+            throttled(Duration::MAX),
+        ],
+    ));
+    assert!(svc.poll_ready().is_ready());
+    let start = Instant::now();
+    let event = Event::empty("x");
+    let id = event.id().to_owned();
+    assert_eq!(svc.call(event).await.unwrap(), "sent");
+    assert_eq!(start.elapsed(), Duration::from_secs(1 + 20 + 20));
+    drop(svc);
+    // Every attempt carries the same event id, for consumers to dedup by.
+    assert_eq!(answers.await.unwrap(), vec![id; 4]);
+    assert_eq!(layer.handle().stats().retries, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hint_past_max_elapsed_gives_up_now_rather_than_sleep() {
+    let layer = RetryLayer::new(
+        RetryConfig::new()
+            .jitter(Jitter::None)
+            .max_elapsed(Duration::from_secs(10))
+            .max_retry_after(Duration::from_secs(3600)),
+    );
+    let (mut svc, mut mock) = tower_test::mock::spawn_layer::<Event, &'static str, _>(layer.clone());
+    mock.allow(10);
+    let answers = tokio::spawn(answer_with(mock, vec![throttled(Duration::from_secs(11))]));
+    assert!(svc.poll_ready().is_ready());
+    let start = Instant::now();
+    let err = svc.call(Event::empty("x")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Throttled);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    drop(svc);
+    assert_eq!(answers.await.unwrap().len(), 1);
+    assert_eq!(layer.handle().stats().exhausted, 1);
+}
+
+#[test]
+fn extreme_settings_saturate_instead_of_overflowing() {
+    let config = RetryConfig::new()
+        .max_attempts(u32::MAX)
+        .multiplier(f64::MAX)
+        .delays(Duration::MAX, Duration::MAX)
+        .jitter(Jitter::None);
+    let mut rng = config.rng();
+    assert_eq!(config.delay_before(u32::MAX, &mut rng), Duration::MAX);
+    let full = config.clone().jitter(Jitter::Full);
+    assert_eq!(full.delay_before(3, &mut rng), Duration::MAX);
+}
