@@ -221,3 +221,99 @@ async fn health_lists_keyed_breakers() {
     assert_eq!(report.status, Status::Down);
     assert_eq!(report.breakers[0].name, "webhook/https://a.example/hook");
 }
+
+/// The recommended stack over a congested transport: calls take 2 s, one
+/// at a time, and the timeout above the queue is 1 s, so most attempts time
+/// out while queued. No inner call may start for an attempt whose caller
+/// has been answered: every call the transport sees starts before its
+/// event's caller got its answer.
+#[tokio::test(start_paused = true)]
+async fn queued_attempts_that_timed_out_are_never_sent() {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicU64;
+
+    const EVENTS: usize = 20;
+    // One clock for both sides: the order in which calls start and
+    // callers are answered.
+    let clock = Arc::new(AtomicU64::new(0));
+    let started: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+
+    let (c, s) = (clock.clone(), started.clone());
+    let transport = service_fn(move |e: Event| {
+        // Dropped with the service when the worker ends.
+        let _worker_alive = &gone_tx;
+        s.lock()
+            .unwrap()
+            .push((e.id().to_owned(), c.fetch_add(1, Ordering::SeqCst)));
+        async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok::<_, Error>(())
+        }
+    });
+    let dlq = MemoryDeadLetters::new(EVENTS * 3);
+    let queue = BackpressureLayer::new(64, Overflow::Block).concurrency(1);
+    let queue_stats = queue.handle();
+    let q = queued.clone();
+    let svc = ServiceBuilder::new()
+        .dead_letter(dlq.clone())
+        .retries(RetryConfig::new().max_attempts(3).jitter(Jitter::None))
+        .circuit_breaker(CircuitBreakerConfig::new())
+        .timeout(Duration::from_secs(1))
+        .map_request(move |e: Event| {
+            q.fetch_add(1, Ordering::SeqCst);
+            e
+        })
+        .backpressure(queue)
+        .service(transport);
+
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..EVENTS {
+        let event = Event::empty("congested");
+        let id = event.id().to_owned();
+        let (svc, clock) = (svc.clone(), clock.clone());
+        callers.spawn(async move {
+            let outcome = svc.oneshot(event).await.expect("an outcome");
+            (
+                id,
+                clock.fetch_add(1, Ordering::SeqCst),
+                outcome.is_dead_lettered(),
+            )
+        });
+    }
+    drop(svc);
+    let answers = callers.join_all().await;
+    // Every caller gone, the worker drains what is left and ends.
+    tokio::time::timeout(Duration::from_secs(3600), gone_rx)
+        .await
+        .expect("the worker ends")
+        .unwrap_err();
+
+    let started = started.lock().unwrap().clone();
+    let mut calls: HashMap<&str, Vec<u64>> = HashMap::new();
+    for (id, at) in &started {
+        calls.entry(id.as_str()).or_default().push(*at);
+    }
+    assert_eq!(answers.len(), EVENTS);
+    let mut dead_lettered = 0;
+    for (id, answered_at, dead) in &answers {
+        let starts = calls.get(id.as_str()).map(Vec::as_slice).unwrap_or_default();
+        assert!(starts.len() <= 3, "{id}: {} calls for 3 attempts", starts.len());
+        assert!(
+            starts.iter().all(|at| at < answered_at),
+            "{id} was sent after its caller was answered (calls at {starts:?}, answered at {answered_at})"
+        );
+        dead_lettered += usize::from(*dead);
+    }
+    assert_eq!(dlq.len(), dead_lettered);
+    // Every attempt that reached the queue was either sent or abandoned.
+    let stats = queue_stats.stats();
+    assert_eq!(
+        queued.load(Ordering::SeqCst),
+        started.len() + usize::try_from(stats.abandoned).unwrap()
+    );
+    assert!(stats.abandoned > 0);
+    assert_eq!((stats.depth, stats.in_flight), (0, 0));
+}

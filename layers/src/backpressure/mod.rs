@@ -21,11 +21,22 @@
 //! no hop between tasks. The worker takes over as soon as events queue up.
 //! (A worker run by hand, from [`Backpressure::pair`], gets every call.)
 //!
+//! A queued event whose caller has stopped waiting — its response future
+//! dropped by a timeout above, a retry layer that gave up, a cancelled
+//! task — is **never started**: the worker checks that the caller is still
+//! there just before it calls the inner service, skips the event if not,
+//! and counts it as [`abandoned`](BackpressureStats::abandoned). The caller
+//! has had its answer already (and may have retried or dead-lettered the
+//! event), so the queue neither sends nor dead-letters it. A caller that
+//! leaves after its call has started leaves an ambiguous call behind, like
+//! any timeout. A caller's own call (with [`direct`](BackpressureLayer::direct))
+//! starts inside its `call`, while it is there by definition.
+//!
 //! A refused or evicted event resolves **its own caller's** future with
 //! [`ErrorKind::Dropped`], the event
 //! attached ([`Error::event`](watchtower::Error::event)), so a dead-letter
 //! layer above keeps it. [`BackpressureHandle`] reads the depth, the
-//! high-water mark and the drop counts.
+//! high-water mark, the drop counts and the abandoned count.
 //!
 //! When every clone of the service is dropped, the worker drains the queue
 //! and the calls in flight, then ends. If the worker itself is dropped

@@ -161,6 +161,7 @@ pub(crate) struct Counters {
     pub(crate) in_flight: AtomicUsize,
     pub(crate) dropped_newest: AtomicU64,
     pub(crate) dropped_oldest: AtomicU64,
+    pub(crate) abandoned: AtomicU64,
 }
 
 impl Counters {
@@ -187,6 +188,12 @@ pub struct BackpressureStats {
     pub dropped_newest: u64,
     /// Queued events evicted for newer ones (`DropOldest`).
     pub dropped_oldest: u64,
+    /// Queued events never sent because their caller stopped waiting
+    /// before the worker reached them (a timeout above, a retry that gave
+    /// up, a dropped future). The caller has its answer already (an error
+    /// it may retry or dead-letter), so the queue neither sends nor
+    /// dead-letters these.
+    pub abandoned: u64,
 }
 
 /// A cloneable handle on a backpressure layer's counters.
@@ -206,6 +213,7 @@ impl BackpressureHandle {
             in_flight: c.in_flight.load(Ordering::Relaxed),
             dropped_newest: c.dropped_newest.load(Ordering::Relaxed),
             dropped_oldest: c.dropped_oldest.load(Ordering::Relaxed),
+            abandoned: c.abandoned.load(Ordering::Relaxed),
         }
     }
 }

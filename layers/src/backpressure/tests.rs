@@ -358,3 +358,43 @@ async fn callers_own_calls_and_the_workers_never_exceed_the_concurrency_together
     let s = layer.handle().stats();
     assert_eq!((s.depth, s.in_flight), (0, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn queued_calls_whose_callers_have_gone_are_never_started() {
+    let layer = BackpressureLayer::new(10, Overflow::Block).concurrency(1);
+    let stats = layer.handle();
+    let (inner, mut handle): (Mock, Handle) = mock::pair();
+    let (mut svc, worker) = Backpressure::pair(inner, &layer);
+    let worker = tokio::spawn(worker);
+
+    let stalled = tokio::spawn(svc.ready().await.unwrap().call(Event::empty("stalled")));
+    let (event, respond) = next(&mut handle).await;
+    assert_eq!(event.ty(), "stalled");
+    let dropped = svc.ready().await.unwrap().call(Event::empty("dropped"));
+    let timed_out = svc.ready().await.unwrap().call(Event::empty("timed out"));
+    let waiting = tokio::spawn(svc.ready().await.unwrap().call(Event::empty("waiting")));
+    let cancelled = tokio::spawn(svc.ready().await.unwrap().call(Event::empty("cancelled")));
+    assert_eq!(stats.stats().depth, 4);
+
+    drop(dropped);
+    let err = tokio::time::timeout(Duration::from_secs(1), timed_out).await;
+    assert!(err.is_err(), "nothing answers while the first call stalls");
+    cancelled.abort();
+    assert!(cancelled.await.unwrap_err().is_cancelled());
+
+    respond.send_response("first");
+    assert_eq!(stalled.await.unwrap().unwrap(), "first");
+    let (event, respond) = next(&mut handle).await;
+    assert_eq!(event.ty(), "waiting", "the callers that left are skipped");
+    respond.send_response("second");
+    assert_eq!(waiting.await.unwrap().unwrap(), "second");
+
+    drop(svc);
+    tokio::time::timeout(Duration::from_secs(5), worker)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(handle.next_request().await.is_none(), "nothing else was called");
+    let s = stats.stats();
+    assert_eq!((s.depth, s.in_flight, s.abandoned), (0, 0, 3));
+}

@@ -198,9 +198,28 @@ where
             };
             let job = {
                 let mut queue = this.shared.lock();
-                let job = queue.jobs.pop_front();
+                // A job whose caller has stopped waiting is never started:
+                // the caller has been answered already (a timeout above, a
+                // retry that gave up), and sending the event now would
+                // deliver what it may have retried or dead-lettered. A
+                // caller that leaves after this check leaves a call that
+                // has started, which is as ambiguous as any timeout.
+                let mut abandoned = 0;
+                let job = loop {
+                    match queue.jobs.pop_front() {
+                        Some(job) if job.reply.is_closed() => abandoned += 1,
+                        job => break job,
+                    }
+                };
                 this.shared.queued.store(queue.jobs.len(), Ordering::Release);
                 counters.set_depth(queue.jobs.len());
+                drop(queue);
+                if abandoned > 0 {
+                    counters.abandoned.fetch_add(abandoned, Ordering::Relaxed);
+                    for _ in 0..abandoned {
+                        this.shared.release_slot();
+                    }
+                }
                 job
             };
             match (job, ready) {
