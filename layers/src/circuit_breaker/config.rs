@@ -119,6 +119,7 @@ pub struct CircuitBreakerConfig {
     pub(crate) open_wait_multiplier: f64,
     pub(crate) max_open_wait: Duration,
     pub(crate) wait_when_open: bool,
+    pub(crate) probe_timeout: Option<Duration>,
     pub(crate) classifier: Classifier,
     pub(crate) on_state_change: Option<StateHook>,
     pub(crate) on_rejected: Option<RejectHook>,
@@ -139,6 +140,7 @@ impl CircuitBreakerConfig {
             open_wait_multiplier: 1.0,
             max_open_wait: Duration::from_secs(30),
             wait_when_open: false,
+            probe_timeout: None,
             classifier: Arc::new(default_classifier),
             on_state_change: None,
             on_rejected: None,
@@ -220,6 +222,20 @@ impl CircuitBreakerConfig {
         self
     }
 
+    /// How long a half-open probe may take, from the moment its permit is
+    /// reserved in `poll_ready`, before it counts as a failed probe. Its
+    /// slot is then spent: with the round's other probes it decides
+    /// between closed and open (with one permit, the breaker opens again
+    /// and probes anew after the open wait), and its outcome, should it
+    /// ever finish, is ignored. Without it, a probe that never finishes
+    /// would keep the breaker half-open, refusing everyone, for good.
+    /// Default: the [`open_wait`](Self::open_wait), so that a hung probe
+    /// holds the breaker shut no longer than a failed one does.
+    pub fn probe_timeout(mut self, timeout: Duration) -> Self {
+        self.probe_timeout = Some(timeout);
+        self
+    }
+
     /// When open, make `poll_ready` wait until a probe may go instead of
     /// failing fast with [`ErrorKind::CircuitOpen`]. Default: fail fast, so
     /// callers (and a dead-letter layer above) learn at once.
@@ -284,6 +300,7 @@ impl fmt::Debug for CircuitBreakerConfig {
             .field("open_wait_multiplier", &self.open_wait_multiplier)
             .field("max_open_wait", &self.max_open_wait)
             .field("wait_when_open", &self.wait_when_open)
+            .field("probe_timeout", &self.probe_timeout)
             .finish_non_exhaustive()
     }
 }

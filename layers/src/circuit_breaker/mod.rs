@@ -12,6 +12,15 @@
 //! waits instead.) After the open wait it goes **half-open**: a few probe
 //! calls, each reserved in `poll_ready`, decide between closed and open
 //! again, the wait growing with [`open_wait_backoff`] on repeated trips.
+//! A probe that has not finished within its
+//! [`probe_timeout`](CircuitBreakerConfig::probe_timeout) counts as a
+//! failed one, so a hung call cannot keep the breaker half-open for good.
+//!
+//! Every `CircuitOpen` refusal says when to ask again, as `retry_after`:
+//! the time left open; in half-open with every probe out, the time until
+//! the oldest probe times out (sooner if one finishes); and when
+//! [forced open](CircuitBreakerHandle::force_open), which has no end the
+//! breaker knows of, the open wait.
 //!
 //! The breaker never accepts work it will then refuse: it decides in
 //! `poll_ready`, holds the permit until `call`, and gives a probe slot

@@ -26,9 +26,12 @@ pub struct CircuitBreaker<S> {
     wait: Option<Wait>,
 }
 
-enum Wait {
-    Sleep(Pin<Box<Sleep>>),
-    Notified(Pin<Box<OwnedNotified>>),
+/// Waiting for the breaker to let a call through (`wait_when_open`): until
+/// the time the rejection named, or a change of state or a probe slot
+/// given back, whichever comes first.
+struct Wait {
+    sleep: Pin<Box<Sleep>>,
+    notified: Pin<Box<OwnedNotified>>,
 }
 
 impl<S> CircuitBreaker<S> {
@@ -87,9 +90,8 @@ impl<S> CircuitBreaker<S> {
     fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
             if let Some(wait) = &mut self.wait {
-                match wait {
-                    Wait::Sleep(s) => ready!(s.as_mut().poll(cx)),
-                    Wait::Notified(n) => ready!(n.as_mut().poll(cx)),
+                if wait.notified.as_mut().poll(cx).is_pending() {
+                    ready!(wait.sleep.as_mut().poll(cx));
                 }
                 self.wait = None;
             }
@@ -104,19 +106,20 @@ impl<S> CircuitBreaker<S> {
                 self.breaker.rejected();
                 return Poll::Ready(Err(self.breaker.open_error(&rejection)));
             }
-            self.wait = Some(match rejection.retry_after {
-                Some(after) => Wait::Sleep(Box::pin(tokio::time::sleep(after))),
-                None => {
-                    // Registered before trying again, so a release between
-                    // the two is not missed.
-                    let mut notified = Box::pin(self.breaker.notify.clone().notified_owned());
-                    notified.as_mut().enable();
-                    if let Ok(grant) = self.breaker.acquire() {
-                        self.hold(grant);
-                        return Poll::Ready(Ok(()));
-                    }
-                    Wait::Notified(notified)
+            // Registered before trying again, so a release between the two
+            // is not missed.
+            let mut notified = Box::pin(self.breaker.notify.clone().notified_owned());
+            notified.as_mut().enable();
+            let rejection = match self.breaker.acquire() {
+                Ok(grant) => {
+                    self.hold(grant);
+                    return Poll::Ready(Ok(()));
                 }
+                Err(rejection) => rejection,
+            };
+            self.wait = Some(Wait {
+                sleep: Box::pin(tokio::time::sleep(rejection.retry_after)),
+                notified,
             });
         }
     }

@@ -130,6 +130,10 @@ struct Machine {
     open_until: Option<Instant>,
     consecutive_trips: u32,
     probes_issued: u32,
+    /// When each probe of this half-open round that is still out was
+    /// issued (see [`Breaker::stamp`]); one past its probe timeout, it
+    /// counts as failed and leaves this list.
+    probes_out: Vec<u64>,
     probe_counts: Counts,
     successes: u64,
     failures: u64,
@@ -139,8 +143,9 @@ struct Machine {
 /// Why a call was refused.
 #[derive(Debug)]
 pub(crate) struct Rejection {
-    /// When the breaker will let a probe through, if it knows.
-    pub(crate) retry_after: Option<Duration>,
+    /// When to ask again: the time left open, the time until the oldest
+    /// probe out times out, or (forced open) the open wait.
+    pub(crate) retry_after: Duration,
 }
 
 // A permit's flags, below its epoch.
@@ -191,6 +196,9 @@ pub(crate) struct Permit {
     /// the breaker's origin plus one, or 0 if not timed. A word rather than
     /// an `Option<Instant>`, for the same reason.
     start: u64,
+    /// For a probe, when it was issued (a [`Breaker::stamp`]), which
+    /// tells the breaker whether it has timed out already; 0 otherwise.
+    issued: u64,
 }
 
 type Transition = Option<StateChange>;
@@ -220,6 +228,7 @@ impl Breaker {
                 open_until: None,
                 consecutive_trips: 0,
                 probes_issued: 0,
+                probes_out: Vec::new(),
                 probe_counts: Counts::default(),
                 successes: 0,
                 failures: 0,
@@ -254,26 +263,37 @@ impl Breaker {
     fn acquire_locked(self: &Arc<Self>) -> Result<Grant, Rejection> {
         let mut m = self.lock();
         let now = Instant::now();
-        let mut change = None;
-        if m.state == State::Open && m.open_until.is_some_and(|t| now >= t) {
-            change = self.transition(&mut m, State::HalfOpen);
-        }
+        let change = self.tick(&mut m, now);
         let result = match m.state {
             State::Closed | State::MetricsOnly => Ok(Grant::Free(Ticket::new(m.epoch << FLAG_BITS | RECORD))),
             State::Disabled => Ok(Grant::Free(Ticket::new(m.epoch << FLAG_BITS))),
             State::Open => Err(Rejection {
-                retry_after: m.open_until.map(|t| t.saturating_duration_since(now)),
+                retry_after: m
+                    .open_until
+                    .map_or(self.config.open_wait, |t| t.saturating_duration_since(now)),
             }),
-            State::ForcedOpen => Err(Rejection { retry_after: None }),
+            // No end the breaker knows of: check back after the open wait.
+            State::ForcedOpen => Err(Rejection {
+                retry_after: self.config.open_wait,
+            }),
             State::HalfOpen if m.probes_issued < self.config.half_open_permits => {
                 m.probes_issued += 1;
+                let issued = self.stamp(now);
+                m.probes_out.push(issued);
                 Ok(Grant::Probe(Permit {
                     breaker: self.clone(),
                     tag: m.epoch << FLAG_BITS | PROBE | RECORD,
                     start: 0,
+                    issued,
                 }))
             }
-            State::HalfOpen => Err(Rejection { retry_after: None }),
+            // Every permit is out: a slot frees up when a probe finishes,
+            // at the latest when the oldest one times out.
+            State::HalfOpen => Err(Rejection {
+                retry_after: m.probes_out.iter().min().map_or(self.probe_timeout(), |&oldest| {
+                    self.probe_deadline(oldest).saturating_duration_since(now)
+                }),
+            }),
         };
         drop(m);
         self.fire(change);
@@ -287,7 +307,80 @@ impl Breaker {
             breaker: self.clone(),
             tag: ticket.tag(),
             start: 0,
+            issued: 0,
         }
+    }
+
+    /// The lazy part of the state machine, run whenever the state is read
+    /// under the lock: an open wait that has passed turns into half-open,
+    /// and probes out past their timeout count as failed ones.
+    fn tick(&self, m: &mut Machine, now: Instant) -> Transition {
+        match m.state {
+            State::Open if m.open_until.is_some_and(|t| now >= t) => self.transition(m, State::HalfOpen),
+            State::HalfOpen if !m.probes_out.is_empty() => {
+                let before = m.probes_out.len();
+                m.probes_out.retain(|&issued| now < self.probe_deadline(issued));
+                let expired = before - m.probes_out.len();
+                if expired == 0 {
+                    return None;
+                }
+                tracing::debug!(
+                    breaker = &*self.config.name,
+                    expired,
+                    "circuit breaker probes timed out"
+                );
+                let failed = Outcome {
+                    failure: true,
+                    slow: false,
+                };
+                let mut change = None;
+                for _ in 0..expired {
+                    change = change.or(self.probe_done(m, failed));
+                }
+                change
+            }
+            _ => None,
+        }
+    }
+
+    /// Now as a probe stamp: nanoseconds since the breaker's origin, plus
+    /// one so that 0 means none.
+    fn stamp(&self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.origin);
+        u64::try_from(since.as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+
+    /// When a probe issued at `stamp` times out.
+    fn probe_deadline(&self, stamp: u64) -> Instant {
+        let issued = later(self.origin, Duration::from_nanos(stamp.saturating_sub(1)));
+        later(issued, self.probe_timeout())
+    }
+
+    fn probe_timeout(&self) -> Duration {
+        self.config.probe_timeout.unwrap_or(self.config.open_wait)
+    }
+
+    /// Counts one finished probe of the half-open round; the last one
+    /// decides between closed and open.
+    fn probe_done(&self, m: &mut Machine, o: Outcome) -> Transition {
+        if m.state != State::HalfOpen {
+            return None;
+        }
+        m.probe_counts.calls += 1;
+        m.probe_counts.failures += u32::from(o.failure);
+        m.probe_counts.slow += u32::from(o.slow);
+        if m.probe_counts.calls < self.config.half_open_permits {
+            return None;
+        }
+        let counts = m.probe_counts;
+        let to = if self.probes_fail(&counts) {
+            State::Open
+        } else {
+            State::Closed
+        };
+        self.transition(m, to)
     }
 
     /// The permit a call made with `grant` records through, started.
@@ -310,11 +403,7 @@ impl Breaker {
 
     /// The error a refused caller gets.
     pub(crate) fn open_error(&self, rejection: &Rejection) -> Error {
-        let mut err = Error::new(ErrorKind::CircuitOpen, &*self.config.name);
-        if let Some(after) = rejection.retry_after {
-            err = err.with_retry_after(after);
-        }
-        err
+        Error::new(ErrorKind::CircuitOpen, &*self.config.name).with_retry_after(rejection.retry_after)
     }
 
     fn transition(&self, m: &mut Machine, to: State) -> Transition {
@@ -325,12 +414,14 @@ impl Breaker {
         m.state = to;
         m.epoch += 1;
         m.probes_issued = 0;
+        m.probes_out.clear();
         m.probe_counts = Counts::default();
         match to {
             State::Open => {
                 m.trips += 1;
-                m.consecutive_trips += 1;
-                m.open_until = Some(Instant::now() + self.config.open_wait_for(m.consecutive_trips));
+                m.consecutive_trips = m.consecutive_trips.saturating_add(1);
+                let wait = self.config.open_wait_for(m.consecutive_trips);
+                m.open_until = Some(later(Instant::now(), wait));
             }
             State::Closed => {
                 m.consecutive_trips = 0;
@@ -390,8 +481,10 @@ impl Breaker {
         }
     }
 
+    /// Records `o` for a call let through in `epoch`; `probe` is the
+    /// probe's stamp, or 0 for a call that was not a probe.
     #[inline]
-    fn record(&self, epoch: u64, probe: bool, o: Outcome) {
+    fn record(&self, epoch: u64, probe: u64, o: Outcome) {
         if let Some(ring) = &self.ring {
             // The state word is published after the window is cleared for a
             // new epoch, so a match means the outcome belongs in it. A state
@@ -434,7 +527,7 @@ impl Breaker {
         self.fire(change);
     }
 
-    fn record_locked(&self, epoch: u64, probe: bool, o: Outcome) {
+    fn record_locked(&self, epoch: u64, probe: u64, o: Outcome) {
         let mut m = self.lock();
         if o.failure {
             m.failures += 1;
@@ -447,7 +540,8 @@ impl Breaker {
             return;
         }
         let mut change = None;
-        match m.state {
+        let state = m.state;
+        match state {
             State::Closed | State::MetricsOnly => {
                 match (&self.ring, &mut m.window) {
                     (Some(ring), _) => {
@@ -470,19 +564,9 @@ impl Breaker {
                     }
                 }
             }
-            State::HalfOpen if probe => {
-                m.probe_counts.calls += 1;
-                m.probe_counts.failures += u32::from(o.failure);
-                m.probe_counts.slow += u32::from(o.slow);
-                if m.probe_counts.calls >= self.config.half_open_permits {
-                    let counts = m.probe_counts;
-                    let to = if self.probes_fail(&counts) {
-                        State::Open
-                    } else {
-                        State::Closed
-                    };
-                    change = self.transition(&mut m, to);
-                }
+            // A probe that timed out has been counted as failed already.
+            State::HalfOpen if probe != 0 && take(&mut m.probes_out, probe) => {
+                change = self.probe_done(&mut m, o);
             }
             _ => {}
         }
@@ -490,9 +574,11 @@ impl Breaker {
         self.fire(change);
     }
 
-    fn release_probe(&self, epoch: u64) {
+    fn release_probe(&self, epoch: u64, issued: u64) {
         let mut m = self.lock();
-        if m.epoch == epoch && m.state == State::HalfOpen {
+        // A probe that timed out has been counted as failed: its slot is
+        // spent, not given back.
+        if m.epoch == epoch && m.state == State::HalfOpen && take(&mut m.probes_out, issued) {
             m.probes_issued = m.probes_issued.saturating_sub(1);
             drop(m);
             self.notify.notify_waiters();
@@ -513,11 +599,7 @@ impl Breaker {
 
     pub(crate) fn state(&self) -> State {
         let mut m = self.lock();
-        let change = if m.state == State::Open && m.open_until.is_some_and(|t| Instant::now() >= t) {
-            self.transition(&mut m, State::HalfOpen)
-        } else {
-            None
-        };
+        let change = self.tick(&mut m, Instant::now());
         let state = m.state;
         drop(m);
         self.fire(change);
@@ -588,7 +670,7 @@ impl Permit {
             }
             _ => false,
         };
-        let probe = self.tag & PROBE != 0;
+        let probe = if self.tag & PROBE != 0 { self.issued } else { 0 };
         self.tag &= !PROBE;
         self.breaker
             .record(self.tag >> FLAG_BITS, probe, Outcome { failure, slow });
@@ -599,7 +681,7 @@ impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
         if self.tag & PROBE != 0 {
-            self.breaker.release_probe(self.tag >> FLAG_BITS);
+            self.breaker.release_probe(self.tag >> FLAG_BITS, self.issued);
         }
     }
 }
@@ -610,6 +692,25 @@ impl fmt::Debug for Permit {
             .field("epoch", &(self.tag >> FLAG_BITS))
             .field("probe", &(self.tag & PROBE != 0))
             .finish()
+    }
+}
+
+/// `at + d`, or as far as the clock goes: durations from configuration
+/// may be anything up to [`Duration::MAX`].
+fn later(at: Instant, d: Duration) -> Instant {
+    // Thirty years, as tokio's own far future.
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    at.checked_add(d).or_else(|| at.checked_add(FAR)).unwrap_or(at)
+}
+
+/// Removes one `stamp` from `probes`; whether it was there.
+fn take(probes: &mut Vec<u64>, stamp: u64) -> bool {
+    match probes.iter().position(|&p| p == stamp) {
+        Some(i) => {
+            probes.swap_remove(i);
+            true
+        }
+        None => false,
     }
 }
 
@@ -637,7 +738,10 @@ impl CircuitBreakerHandle {
         self.breaker.metrics()
     }
 
-    /// Refuses every call until [`reset`](Self::reset).
+    /// Refuses every call until [`reset`](Self::reset). Refusals carry
+    /// the configured [`open_wait`](super::CircuitBreakerConfig::open_wait)
+    /// as `retry_after`: the breaker cannot know when it will be reset, so
+    /// callers are told to check back after that long.
     pub fn force_open(&self) {
         self.breaker.force(State::ForcedOpen);
     }

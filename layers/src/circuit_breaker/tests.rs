@@ -372,7 +372,12 @@ async fn forced_disabled_and_metrics_only() {
     handle.force_open();
     tokio::time::advance(Duration::from_secs(3600)).await;
     let err = send(&mut svc, "ok").await.unwrap_err();
-    assert_eq!((err.kind(), err.retry_after()), (ErrorKind::CircuitOpen, None));
+    // Forced open has no end the breaker knows: callers are told to check
+    // back after the open wait.
+    assert_eq!(
+        (err.kind(), err.retry_after()),
+        (ErrorKind::CircuitOpen, Some(Duration::from_secs(10)))
+    );
     assert_eq!(rejected.load(Ordering::SeqCst), 1);
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 
@@ -534,5 +539,188 @@ async fn waiting_callers_survive_a_failed_probe_round() {
     assert_eq!(failed, 2, "only the two failing probes fail");
     assert_eq!(calls.load(Ordering::SeqCst), 64);
     assert_eq!(handle.state(), State::Closed);
+    assert_eq!(handle.metrics().trips, 2);
+}
+
+type MockHandle = tower_test::mock::Handle<Event, ()>;
+
+/// A breaker over a mock, opened by one failure: one probe permit, 10 s
+/// open wait (and so a 10 s probe timeout).
+async fn opened_over_mock() -> (
+    tower_test::mock::Spawn<CircuitBreaker<tower_test::mock::Mock<Event, ()>>>,
+    MockHandle,
+    CircuitBreakerHandle,
+) {
+    let layer = CircuitBreakerLayer::new(config().minimum_calls(1).half_open_permits(1));
+    let handle = layer.handle();
+    let (mut svc, mut mock) = tower_test::mock::spawn_layer::<Event, (), _>(layer);
+    assert!(svc.poll_ready().is_ready());
+    let fut = svc.call(Event::empty("x"));
+    let (_, respond) = mock.next_request().await.unwrap();
+    respond.send_error(Error::new(ErrorKind::Connection, "down"));
+    assert_eq!(fut.await.unwrap_err().kind(), ErrorKind::Connection);
+    assert_eq!(handle.state(), State::Open);
+    (svc, mock, handle)
+}
+
+fn rejection<S: Service<Event, Error = Error>>(svc: &mut tower_test::mock::Spawn<S>) -> Error {
+    match svc.poll_ready() {
+        std::task::Poll::Ready(Err(e)) => {
+            assert_eq!(e.kind(), ErrorKind::CircuitOpen);
+            e
+        }
+        other => panic!(
+            "expected a CircuitOpen rejection, got {:?}",
+            other.map(|r| r.is_ok())
+        ),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_that_never_finishes_times_out_as_a_failure() {
+    let (mut svc, mut mock, handle) = opened_over_mock().await;
+    let mut other = tower_test::mock::Spawn::new(svc.get_ref().clone());
+    assert_eq!(rejection(&mut other).retry_after(), Some(Duration::from_secs(10)));
+    tokio::time::advance(Duration::from_secs(10)).await;
+
+    // The only probe is sent and never answered.
+    assert!(svc.poll_ready().is_ready());
+    let stuck = svc.call(Event::empty("probe"));
+    let (_, stuck_respond) = mock.next_request().await.unwrap();
+    assert_eq!(handle.state(), State::HalfOpen);
+    // Refused while the probe runs, told when it times out.
+    assert_eq!(rejection(&mut other).retry_after(), Some(Duration::from_secs(10)));
+    tokio::time::advance(Duration::from_secs(4)).await;
+    assert_eq!(rejection(&mut other).retry_after(), Some(Duration::from_secs(6)));
+    tokio::time::advance(Duration::from_secs(6)).await;
+
+    // Timed out: counted as a failed probe, the breaker opens again.
+    assert_eq!(handle.state(), State::Open);
+    assert_eq!(rejection(&mut other).retry_after(), Some(Duration::from_secs(10)));
+    let m = handle.metrics();
+    assert_eq!((m.trips, m.open_remaining), (2, Some(Duration::from_secs(10))));
+
+    // After the wait, a new probe goes and closes it.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(other.poll_ready().is_ready());
+    let probe = other.call(Event::empty("probe 2"));
+    let (event, respond) = mock.next_request().await.unwrap();
+    assert_eq!(event.ty(), "probe 2");
+    respond.send_response(());
+    probe.await.unwrap();
+    assert_eq!(handle.state(), State::Closed);
+
+    // The stuck probe finishing late changes nothing.
+    stuck_respond.send_error(Error::new(ErrorKind::Connection, "late"));
+    assert_eq!(stuck.await.unwrap_err().kind(), ErrorKind::Connection);
+    assert_eq!(handle.state(), State::Closed);
+    assert_eq!(handle.metrics().trips, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_probe_timeout_is_configurable() {
+    let layer = CircuitBreakerLayer::new(
+        config()
+            .minimum_calls(1)
+            .half_open_permits(2)
+            .probe_timeout(Duration::from_secs(3)),
+    );
+    let handle = layer.handle();
+    let (mut svc, mut mock) = tower_test::mock::spawn_layer::<Event, (), _>(layer);
+    let mut other = tower_test::mock::Spawn::new(svc.get_ref().clone());
+    assert!(svc.poll_ready().is_ready());
+    let fut = svc.call(Event::empty("x"));
+    let (_, respond) = mock.next_request().await.unwrap();
+    respond.send_error(Error::new(ErrorKind::Connection, "down"));
+    fut.await.unwrap_err();
+    tokio::time::advance(Duration::from_secs(10)).await;
+
+    // Two probes: one answers well, one hangs.
+    assert!(svc.poll_ready().is_ready());
+    let good = svc.call(Event::empty("good"));
+    assert!(other.poll_ready().is_ready());
+    let _hung = other.call(Event::empty("hung"));
+    let (_, respond) = mock.next_request().await.unwrap();
+    respond.send_response(());
+    good.await.unwrap();
+    let mut third = tower_test::mock::Spawn::new(svc.get_ref().clone());
+    assert_eq!(rejection(&mut third).retry_after(), Some(Duration::from_secs(3)));
+    tokio::time::advance(Duration::from_secs(3)).await;
+    // One success and one timed-out failure of two: 50 %, at the threshold.
+    assert_eq!(handle.state(), State::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_probe_gives_its_permit_back_at_once() {
+    let (mut svc, mut mock, handle) = opened_over_mock().await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(svc.poll_ready().is_ready());
+    let probe = svc.call(Event::empty("probe"));
+    let (_, _unanswered) = mock.next_request().await.unwrap();
+    let mut other = tower_test::mock::Spawn::new(svc.get_ref().clone());
+    rejection(&mut other);
+    drop(probe);
+    assert_eq!(handle.state(), State::HalfOpen, "a dropped probe records nothing");
+    assert!(other.poll_ready().is_ready(), "its permit is free again");
+    let probe = other.call(Event::empty("probe 2"));
+    let (_, respond) = mock.next_request().await.unwrap();
+    respond.send_response(());
+    probe.await.unwrap();
+    assert_eq!(handle.state(), State::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_rejection_says_when_to_try_again() {
+    let (mut svc, mut mock, handle) = opened_over_mock().await;
+    // Just opened.
+    assert_eq!(rejection(&mut svc).retry_after(), Some(Duration::from_secs(10)));
+    // Open for a while.
+    tokio::time::advance(Duration::from_secs(7)).await;
+    assert_eq!(rejection(&mut svc).retry_after(), Some(Duration::from_secs(3)));
+    // Half-open with every probe permit taken.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    assert!(svc.poll_ready().is_ready());
+    let probe = svc.call(Event::empty("probe"));
+    let (_, respond) = mock.next_request().await.unwrap();
+    let mut other = tower_test::mock::Spawn::new(svc.get_ref().clone());
+    assert_eq!(rejection(&mut other).retry_after(), Some(Duration::from_secs(10)));
+    respond.send_response(());
+    probe.await.unwrap();
+    assert_eq!(handle.state(), State::Closed);
+    // Forced open: the open wait, to check back.
+    handle.force_open();
+    assert_eq!(rejection(&mut other).retry_after(), Some(Duration::from_secs(10)));
+    assert_eq!(handle.metrics().rejected_calls, 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_waiting_on_a_hung_probe_gets_through_after_the_next_round() {
+    let layer = CircuitBreakerLayer::new(
+        config()
+            .minimum_calls(1)
+            .half_open_permits(1)
+            .wait_when_open(true),
+    );
+    let handle = layer.handle();
+    let (mut svc, mut mock) = tower_test::mock::spawn_layer::<Event, (), _>(layer);
+    assert!(svc.poll_ready().is_ready());
+    let fut = svc.call(Event::empty("x"));
+    let (_, respond) = mock.next_request().await.unwrap();
+    respond.send_error(Error::new(ErrorKind::Connection, "down"));
+    fut.await.unwrap_err();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(svc.poll_ready().is_ready());
+    let _hung = svc.call(Event::empty("hung"));
+    let (_, _never) = mock.next_request().await.unwrap();
+
+    let mut waiter = svc.get_ref().clone();
+    let start = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), waiter.ready())
+        .await
+        .expect("the waiter is not left waiting")
+        .unwrap();
+    // 10 s until the probe times out, then 10 s open again.
+    assert_eq!(start.elapsed(), Duration::from_secs(20));
+    assert_eq!(handle.state(), State::HalfOpen);
     assert_eq!(handle.metrics().trips, 2);
 }
