@@ -18,7 +18,9 @@
 //!
 //! Every `CircuitOpen` refusal says when to ask again, as `retry_after`:
 //! the time left open; in half-open with every probe out, the time until
-//! the oldest probe times out (sooner if one finishes); and when
+//! the oldest probe times out but at most 1 s (probes usually finish long
+//! before their timeout, and asking again costs the service nothing); and
+//! when
 //! [forced open](CircuitBreakerHandle::force_open), which has no end the
 //! breaker knows of, the open wait.
 //!

@@ -140,11 +140,16 @@ struct Machine {
     trips: u64,
 }
 
+/// The longest `retry_after` of a refusal in half-open with every probe
+/// out.
+const HALF_OPEN_HINT: Duration = Duration::from_secs(1);
+
 /// Why a call was refused.
 #[derive(Debug)]
 pub(crate) struct Rejection {
     /// When to ask again: the time left open, the time until the oldest
-    /// probe out times out, or (forced open) the open wait.
+    /// probe out times out (at most [`HALF_OPEN_HINT`]), or (forced open)
+    /// the open wait.
     pub(crate) retry_after: Duration,
 }
 
@@ -288,11 +293,18 @@ impl Breaker {
                 }))
             }
             // Every permit is out: a slot frees up when a probe finishes,
-            // at the latest when the oldest one times out.
+            // at the latest when the oldest one times out. Probes usually
+            // finish long before that, and asking again costs the service
+            // nothing, so the hint is short.
             State::HalfOpen => Err(Rejection {
-                retry_after: m.probes_out.iter().min().map_or(self.probe_timeout(), |&oldest| {
-                    self.probe_deadline(oldest).saturating_duration_since(now)
-                }),
+                retry_after: m
+                    .probes_out
+                    .iter()
+                    .min()
+                    .map_or(self.probe_timeout(), |&oldest| {
+                        self.probe_deadline(oldest).saturating_duration_since(now)
+                    })
+                    .min(HALF_OPEN_HINT),
             }),
         };
         drop(m);

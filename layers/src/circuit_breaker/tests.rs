@@ -588,11 +588,15 @@ async fn a_probe_that_never_finishes_times_out_as_a_failure() {
     let stuck = svc.call(Event::empty("probe"));
     let (_, stuck_respond) = mock.next_request().await.unwrap();
     assert_eq!(handle.state(), State::HalfOpen);
-    // Refused while the probe runs, told when it times out.
-    assert_eq!(rejection(&mut other).retry_after(), Some(Duration::from_secs(10)));
-    tokio::time::advance(Duration::from_secs(4)).await;
-    assert_eq!(rejection(&mut other).retry_after(), Some(Duration::from_secs(6)));
-    tokio::time::advance(Duration::from_secs(6)).await;
+    // Refused while the probe runs, told to check back within a second,
+    // or when it times out if that is sooner.
+    assert_eq!(rejection(&mut other).retry_after(), Some(Duration::from_secs(1)));
+    tokio::time::advance(Duration::from_millis(9_600)).await;
+    assert_eq!(
+        rejection(&mut other).retry_after(),
+        Some(Duration::from_millis(400))
+    );
+    tokio::time::advance(Duration::from_millis(400)).await;
 
     // Timed out: counted as a failed probe, the breaker opens again.
     assert_eq!(handle.state(), State::Open);
@@ -644,8 +648,13 @@ async fn the_probe_timeout_is_configurable() {
     respond.send_response(());
     good.await.unwrap();
     let mut third = tower_test::mock::Spawn::new(svc.get_ref().clone());
-    assert_eq!(rejection(&mut third).retry_after(), Some(Duration::from_secs(3)));
-    tokio::time::advance(Duration::from_secs(3)).await;
+    tokio::time::advance(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        rejection(&mut third).retry_after(),
+        Some(Duration::from_millis(500))
+    );
+    assert_eq!(handle.state(), State::HalfOpen);
+    tokio::time::advance(Duration::from_millis(500)).await;
     // One success and one timed-out failure of two: 50 %, at the threshold.
     assert_eq!(handle.state(), State::Open);
 }
@@ -683,7 +692,7 @@ async fn every_rejection_says_when_to_try_again() {
     let probe = svc.call(Event::empty("probe"));
     let (_, respond) = mock.next_request().await.unwrap();
     let mut other = tower_test::mock::Spawn::new(svc.get_ref().clone());
-    assert_eq!(rejection(&mut other).retry_after(), Some(Duration::from_secs(10)));
+    assert_eq!(rejection(&mut other).retry_after(), Some(Duration::from_secs(1)));
     respond.send_response(());
     probe.await.unwrap();
     assert_eq!(handle.state(), State::Closed);
