@@ -733,3 +733,19 @@ async fn a_caller_waiting_on_a_hung_probe_gets_through_after_the_next_round() {
     assert_eq!(handle.state(), State::HalfOpen);
     assert_eq!(handle.metrics().trips, 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_endless_open_wait_saturates_instead_of_overflowing() {
+    let layer = CircuitBreakerLayer::new(
+        config()
+            .open_wait(Duration::MAX)
+            .open_wait_backoff(f64::MAX, Duration::MAX),
+    );
+    let handle = layer.handle();
+    let mut svc = layer.layer(flaky(Calls::default()));
+    trip(&mut svc).await;
+    assert_eq!(handle.state(), State::Open);
+    let err = send(&mut svc, "ok").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::CircuitOpen);
+    assert!(err.retry_after().unwrap() > Duration::from_secs(86_400 * 365));
+}
