@@ -421,10 +421,15 @@ impl<R> Service<Event> for Backpressure<R> {
         let waker = queue.worker.take();
         drop(queue);
         if let Some(old) = evicted {
-            counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
-            old.reply.send(Err(
-                dropped("queue full, oldest event evicted").with_event(old.event)
-            ));
+            if old.reply.is_closed() {
+                // No one to tell: it would never have been sent anyway.
+                counters.abandoned.fetch_add(1, Ordering::Relaxed);
+            } else {
+                counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
+                old.reply.send(Err(
+                    dropped("queue full, oldest event evicted").with_event(old.event)
+                ));
+            }
         }
         if let Some(w) = waker {
             w.wake();

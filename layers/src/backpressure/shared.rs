@@ -186,11 +186,12 @@ pub struct BackpressureStats {
     pub in_flight: usize,
     /// New events refused because the queue was full (`DropNewest`).
     pub dropped_newest: u64,
-    /// Queued events evicted for newer ones (`DropOldest`).
+    /// Queued events evicted for newer ones (`DropOldest`) while their
+    /// callers still waited.
     pub dropped_oldest: u64,
     /// Queued events never sent because their caller stopped waiting
     /// before the worker reached them (a timeout above, a retry that gave
-    /// up, a dropped future). The caller has its answer already (an error
+    /// up, a dropped future), evicted ones included. The caller has its answer already (an error
     /// it may retry or dead-letter), so the queue neither sends nor
     /// dead-letters these.
     pub abandoned: u64,

@@ -398,3 +398,21 @@ async fn queued_calls_whose_callers_have_gone_are_never_started() {
     let s = stats.stats();
     assert_eq!((s.depth, s.in_flight, s.abandoned), (0, 0, 3));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_evicted_event_whose_caller_has_gone_counts_as_abandoned() {
+    let (mut svc, mut handle, stats) = setup(2, Overflow::DropOldest);
+    let gone = svc.ready().await.unwrap().call(Event::empty("gone"));
+    let second = svc.ready().await.unwrap().call(Event::empty("2"));
+    drop(gone);
+    let third = svc.ready().await.unwrap().call(Event::empty("3"));
+    let s = stats.stats();
+    assert_eq!((s.dropped_oldest, s.abandoned, s.depth), (0, 1, 2));
+    for (ty, fut) in [("2", second), ("3", third)] {
+        handle.allow(1);
+        let (event, respond) = next(&mut handle).await;
+        assert_eq!(event.ty(), ty);
+        respond.send_response("ok");
+        assert_eq!(fut.await.unwrap(), "ok");
+    }
+}
