@@ -317,3 +317,65 @@ async fn queued_attempts_that_timed_out_are_never_sent() {
     assert!(stats.abandoned > 0);
     assert_eq!((stats.depth, stats.in_flight), (0, 0));
 }
+
+/// A half-open probe that never finishes does not keep the stack refusing:
+/// it times out as a failed probe, the breaker probes again after its open
+/// wait, and the events that met the refusals are retried and delivered.
+#[tokio::test(start_paused = true)]
+async fn a_hung_probe_does_not_keep_the_breaker_half_open() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let inner = service_fn(move |_: Event| {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            match n {
+                0 => Err(Error::new(ErrorKind::Connection, "reset")),
+                1 => std::future::pending().await,
+                _ => Ok(()),
+            }
+        }
+    });
+    let breaker = CircuitBreakerLayer::new(
+        CircuitBreakerConfig::new()
+            .minimum_calls(1)
+            .open_wait(Duration::from_secs(2))
+            .half_open_permits(1),
+    );
+    let handle = breaker.handle();
+    let mut bare = tower::Layer::layer(&breaker, inner.clone());
+    let err = bare
+        .ready()
+        .await
+        .unwrap()
+        .call(Event::empty("first"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    // The only probe hangs.
+    let _hung = bare.ready().await.unwrap().call(Event::empty("probe"));
+    assert_eq!(handle.state(), State::HalfOpen);
+
+    let dlq = MemoryDeadLetters::new(100);
+    let svc = ServiceBuilder::new()
+        .dead_letter(dlq.clone())
+        .retries(RetryConfig::new().max_attempts(10).jitter(Jitter::None))
+        .circuit_breaker(breaker)
+        .service(inner);
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        callers.spawn(svc.clone().oneshot(Event::empty("next")));
+    }
+    let outcomes = callers.join_all().await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.as_ref().is_ok_and(|o| o.is_delivered())),
+        "every event delivered once the breaker probed again"
+    );
+    assert_eq!(dlq.len(), 0);
+    // The failure, the hung probe, then one call per event.
+    assert_eq!(calls.load(Ordering::SeqCst), 12);
+    let m = handle.metrics();
+    assert_eq!((m.state, m.trips), (State::Closed, 2));
+}
