@@ -79,9 +79,14 @@
 //!
 //! # Wire protocol
 //!
-//! The WebSocket subprotocol is [`SUBPROTOCOL`], `cloudevents.json`: a
-//! browser needs nothing more than `new WebSocket(url, "cloudevents.json")`.
-//! Every frame is a text frame holding one JSON object:
+//! A hub speaks two subprotocols (see [`hub`](crate::hub#subprotocols)).
+//! On [`SUBPROTOCOL`], `cloudevents.json`, every frame is a CloudEvent and
+//! nothing else: a browser needs nothing more than
+//! `new WebSocket(url + "?topic=user.*", "cloudevents.json")`, subscribing
+//! with the URL's `topic` parameters. On [`CONTROL_SUBPROTOCOL`],
+//! `watchtower.v1` (what [`WsClient`] speaks), the control messages below
+//! travel beside the events. Every frame is a text frame holding one JSON
+//! object:
 //!
 //! * an **event** is CloudEvents 1.0 in the JSON format (structured mode),
 //!   exactly as [`watchtower::codec::structured`] writes it. It always has a
@@ -106,7 +111,12 @@
 //! control message only the hub sends), `invalid_pattern` (`re` is the
 //! subscription), `handler` (the handler failed on event `re`, acks off),
 //! `dropped` (`count` events for this client were dropped because it fell
-//! behind), `too_large`. The connection survives all of them except
+//! behind), `limit` (a subscription over the connection's limits, `re` the
+//! subscription), `rate_limited` (a control message or event over the
+//! connection's rate; `re` names it), `forbidden` (the authorization hooks
+//! refused the subscription or event `re`), `too_large`. With acks on, an
+//! event refused as `rate_limited` or `forbidden` is answered with a `nack`
+//! instead. The connection survives all of them except
 //! `too_large`, after which the hub closes it with code 1009: the rest of an
 //! oversized message cannot be skipped. Patterns are
 //! [`TopicPattern`](watchtower::TopicPattern)s: `*` one token, `>` the rest.
@@ -126,13 +136,21 @@
 
 pub mod client;
 pub mod hub;
+mod index;
 mod protocol;
 
 pub use hub::{HubStats, SlowClient, WsHub, WsHubBuilder};
 
-/// The WebSocket subprotocol the transport speaks: CloudEvents JSON
-/// (structured mode) in text frames.
+/// The WebSocket subprotocol of the CloudEvents WebSocket binding:
+/// CloudEvents JSON (structured mode) in text frames, and nothing else. A
+/// hub sends a client on this subprotocol events only, never a control
+/// message; see [`hub`](crate::hub#subprotocols).
 pub const SUBPROTOCOL: &str = "cloudevents.json";
+
+/// The subprotocol with the transport's control messages besides the
+/// events (subscribe, acknowledgements, errors; see the
+/// [wire protocol](crate#wire-protocol)); [`WsClient`] speaks it.
+pub const CONTROL_SUBPROTOCOL: &str = "watchtower.v1";
 
 pub use client::{
     ConnectionState, Overflow, ResponseFuture, WsAcker, WsClient, WsConfig, WsPublisher, WsSubscriber,

@@ -200,7 +200,7 @@ async fn a_dead_hub_is_detected_by_keepalive() {
                 tcp,
                 |_req: &_, mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
                     resp.headers_mut()
-                        .insert("sec-websocket-protocol", "cloudevents.json".parse().unwrap());
+                        .insert("sec-websocket-protocol", "watchtower.v1".parse().unwrap());
                     Ok(resp)
                 },
             )
@@ -232,7 +232,7 @@ async fn the_hub_drops_clients_that_stop_answering_pings() {
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(server.url()).unwrap();
     request
         .headers_mut()
-        .insert("sec-websocket-protocol", "cloudevents.json".parse().unwrap());
+        .insert("sec-websocket-protocol", "watchtower.v1".parse().unwrap());
     let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     // The hub counts the connection once its side of the upgrade is done,
     // which may be just after the client's (and on a loaded machine the
