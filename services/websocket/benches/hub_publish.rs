@@ -68,7 +68,9 @@ fn publish(c: &mut Criterion) {
 
     let one = hub_with(&rt, 1);
     assert_eq!(one.broadcast(&matching).unwrap(), 1);
-    group.bench_function("one_connection/match", |b| b.iter(|| one.broadcast(&matching).unwrap()));
+    group.bench_function("one_connection/match", |b| {
+        b.iter(|| one.broadcast(&matching).unwrap())
+    });
 
     let many = hub_with(&rt, 1_000);
     assert_eq!(many.broadcast(&matching).unwrap(), 1);
