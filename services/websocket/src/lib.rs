@@ -163,6 +163,72 @@ pub use client::{
 pub const CAPABILITIES: watchtower::Capabilities =
     watchtower::Capabilities::NONE.wildcards(true).ordered(true);
 
+/// The frame decoder and the pattern index, for the fuzz targets in `fuzz/`.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use watchtower::TopicPattern;
+
+    /// Classifies a text frame as the hub and the client do, then checks
+    /// that what it found survives its own encoding.
+    ///
+    /// # Panics
+    ///
+    /// When a decoded event or control message does not come back the same
+    /// after encoding it again.
+    pub fn frame(text: &str) {
+        use crate::protocol::{Frame, classify, encode};
+        match classify(text) {
+            Frame::Event(event) => {
+                let again = encode(&event).expect("a decoded event encodes");
+                match classify(&again) {
+                    Frame::Event(back) => assert_eq!(back, event, "{again}"),
+                    other => panic!("{again} classified as {other:?}"),
+                }
+            }
+            Frame::Control(control) => {
+                let again = control.to_text();
+                match classify(&again) {
+                    Frame::Control(back) => assert_eq!(back, control, "{again}"),
+                    other => panic!("{again} classified as {other:?}"),
+                }
+            }
+            Frame::Invalid(_) => {}
+        }
+    }
+
+    /// Puts `patterns` in the hub's index (subscriber `i` holds pattern
+    /// `i`), removes those at odd positions again, and checks that the index
+    /// finds, for each topic, exactly the subscribers a linear scan with
+    /// [`TopicPattern::matches`] finds.
+    ///
+    /// # Panics
+    ///
+    /// When the two disagree.
+    pub fn index(patterns: &[TopicPattern], topics: &[&str]) {
+        let mut index = crate::index::PatternIndex::default();
+        for (i, p) in patterns.iter().enumerate() {
+            index.insert(p, i as u64, &());
+        }
+        for (i, p) in patterns.iter().enumerate().filter(|(i, _)| i % 2 == 1) {
+            index.remove(p, i as u64);
+        }
+        for topic in topics {
+            let mut found = Vec::new();
+            index.matches(topic, &mut found);
+            let mut found: Vec<u64> = found.into_iter().map(|(i, ())| i).collect();
+            found.sort_unstable();
+            let want: Vec<u64> = patterns
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| i % 2 == 0 && p.matches(topic))
+                .map(|(i, _)| i as u64)
+                .collect();
+            assert_eq!(found, want, "topic {topic:?} patterns {patterns:?}");
+        }
+    }
+}
+
 /// Everything a program using the WebSocket transport needs:
 /// `use watchtower_websocket::prelude::*;`.
 pub mod prelude {
