@@ -166,6 +166,8 @@ pub const CAPABILITIES: watchtower::Capabilities =
 /// The frame decoder and the pattern index, for the fuzz targets in `fuzz/`.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
+// A fuzz target reports a broken property by panicking.
+#[allow(clippy::expect_used)]
 pub mod fuzzing {
     use watchtower::TopicPattern;
 
