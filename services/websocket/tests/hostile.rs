@@ -502,3 +502,59 @@ async fn a_huge_frame_closes_its_connection_only() {
     assert_eq!(hub.stats().invalid_frames, 1);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_queued_for_a_client_that_left_waiting_for_acks_are_not_handled() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (handled_tx, mut handled) = tokio::sync::mpsc::unbounded_channel();
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let handler = {
+        let gate = gate.clone();
+        tower::service_fn(move |event: Event| {
+            let gate = gate.clone();
+            let handled_tx = handled_tx.clone();
+            let _ = started_tx.send(());
+            async move {
+                gate.acquire().await.unwrap().forget();
+                handled_tx.send(event).unwrap();
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let hub = WsHub::builder().handler(handler).build();
+    let server = Server::start(&hub).await;
+    let mut ws = raw(&server.url(), "watchtower.v1", &[]).await.unwrap();
+    ws.send(Message::text(r#"{"wt":"options","acks":true}"#))
+        .await
+        .unwrap();
+    let events: Vec<Event> = (0..3)
+        .map(|i| Event::new("acked.work", serde_json::json!({"i": i})))
+        .collect();
+    for event in &events {
+        let text = String::from_utf8(structured::to_vec(event).unwrap()).unwrap();
+        ws.send(Message::text(text)).await.unwrap();
+    }
+    // The first event is in the handler, two wait; the client leaves, and
+    // the hub answers its close while the handler is still stuck.
+    within("the handler starting", started.recv()).await.unwrap();
+    ws.close(None).await.unwrap();
+    loop {
+        match within("the hub's close", ws.next()).await {
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("{e}"),
+        }
+    }
+    gate.add_permits(3);
+    assert_eq!(within("the handler", handled.recv()).await.unwrap(), events[0]);
+    within("the connection to end", async {
+        while hub.connections() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(handled.try_recv().is_err(), "the queued events were not handled");
+    let stats = hub.stats();
+    assert_eq!((stats.received, stats.abandoned), (3, 2), "{stats:?}");
+    server.stop().await;
+}
