@@ -34,7 +34,7 @@
 //!     }))
 //!     .slow_client(SlowClient::DropOldest)
 //!     .allowed_origins(["https://app.example.com"])
-//!     .authenticate(|headers: &HeaderMap| match headers.get("authorization") {
+//!     .authenticate(move |headers: &HeaderMap| match headers.get("authorization") {
 //!         Some(v) if v == "Bearer s3cret" => Ok(User {
 //!             name: "alice".into(),
 //!             may_read: vec![orders.clone()],
