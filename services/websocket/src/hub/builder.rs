@@ -129,7 +129,7 @@ impl<I: Send + Sync + 'static> WsHubBuilder<I> {
     }
 
     /// Where frames from clients that are not events go (malformed text,
-    /// binary frames), wrapped by [`Poison::into_event`] with the raw bytes
+    /// binary frames), wrapped by [`Poison::into_event`](watchtower::Poison::into_event) with the raw bytes
     /// and the reason: a dead-letter service such as
     /// [`MemoryDeadLetters`](watchtower::dead_letter::MemoryDeadLetters).
     /// The client gets an error message either way, and the frame is
@@ -299,7 +299,7 @@ impl<I: Send + Sync + 'static> WsHubBuilder<I> {
     /// Decides whether a connection may subscribe to a pattern (from a
     /// subscribe message or the upgrade URL). The hook sees the pattern
     /// itself, wildcards included: allow it only if every topic it can match
-    /// may be read, for which [`covers`] is made. A refused pattern refuses
+    /// may be read, for which [`covers`](super::covers) is made. A refused pattern refuses
     /// its whole subscription with a `forbidden` error (HTTP 403 for the
     /// upgrade URL). Default: every pattern.
     pub fn can_subscribe<F>(mut self, hook: F) -> Self
@@ -371,7 +371,8 @@ pub struct HubStats {
     pub dropped: u64,
     /// Clients disconnected for falling behind ([`SlowClient::Disconnect`]).
     pub slow_disconnects: u64,
-    /// Events received from clients.
+    /// Events received from clients, those refused for a rate or by
+    /// [`can_publish`](WsHubBuilder::can_publish) included.
     pub received: u64,
     /// Events from clients the handler returned an error for.
     pub handler_errors: u64,

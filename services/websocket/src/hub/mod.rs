@@ -100,18 +100,19 @@
 //!
 //! The hub speaks two subprotocols, chosen by the client at the upgrade:
 //!
-//! * [`SUBPROTOCOL`](crate::SUBPROTOCOL), `cloudevents.json`: every text
+//! * [`SUBPROTOCOL`], `cloudevents.json`: every text
 //!   frame in both directions is a CloudEvent and nothing else, as the
 //!   CloudEvents WebSocket binding says. Such a client subscribes with
 //!   `topic` parameters in the URL (`/events?topic=orders.*&topic=chat.%3E`,
 //!   percent-encoded as usual), checked against the limits and
 //!   [`can_subscribe`](WsHubBuilder::can_subscribe) before the upgrade: a
 //!   refused pattern is refused with HTTP 403, an invalid one or too many
-//!   with 400. It is never sent a control message; what the hub would have
+//!   with 400. (A `watchtower.v1` client may subscribe this way too; the
+//!   subscription's id is `url`.) It is never sent a control message; what the hub would have
 //!   told it (a refused or failed event, dropped events) is only counted.
 //!   Control messages it sends are not CloudEvents and are treated as
 //!   malformed frames.
-//! * [`CONTROL_SUBPROTOCOL`](crate::CONTROL_SUBPROTOCOL), `watchtower.v1`:
+//! * [`CONTROL_SUBPROTOCOL`], `watchtower.v1`:
 //!   the same events plus the control messages of the
 //!   [wire protocol](crate#wire-protocol) (subscribe, acknowledgements,
 //!   errors). [`WsClient`](crate::WsClient) speaks this one. A client that
