@@ -92,6 +92,9 @@ async fn a_flood_of_patterns_is_refused_past_the_limits_and_the_hub_keeps_delive
     assert_eq!(subscribe(&mut flooder, "0", &too_many).await["code"], "limit");
     let long = vec![format!("{ns}.{}", "x".repeat(300))];
     assert_eq!(subscribe(&mut flooder, "long", &long).await["code"], "limit");
+    let long_id = "i".repeat(129);
+    let reply = subscribe(&mut flooder, &long_id, &[format!("{ns}.t")]).await;
+    assert_eq!((&reply["code"], reply.get("re")), (&"limit".into(), None));
     let more: Vec<String> = (0..56).map(|i| format!("{ns}.s{i}")).collect();
     assert_eq!(subscribe(&mut flooder, "1", &more).await["wt"], "subscribed");
     assert_eq!(
@@ -108,7 +111,7 @@ async fn a_flood_of_patterns_is_refused_past_the_limits_and_the_hub_keeps_delive
         subscribe(&mut counted, "32", &[format!("{ns}.c32")]).await["code"],
         "limit"
     );
-    assert_eq!(hub.stats().limited, 44);
+    assert_eq!(hub.stats().limited, 45);
 
     // The hub still delivers: to a client of its own, and to the flooder on
     // the patterns it was granted, not on those it was refused.

@@ -27,6 +27,8 @@ const MAX_PENDING_CONTROL: usize = 256;
 const BATCH: usize = 64;
 /// The close code for "message too big" (RFC 6455 §7.4.1).
 const CLOSE_TOO_BIG: u16 = 1009;
+/// The longest subscription id a client may give, in bytes.
+const MAX_SUBSCRIPTION_ID: usize = 128;
 /// The id of the subscription made from the upgrade URL's `topic`s.
 const URL_SUBSCRIPTION: &str = "url";
 
@@ -524,6 +526,14 @@ impl Reader<'_> {
         let (inner, conn) = (self.inner, self.conn);
         match control {
             Control::Subscribe { id, patterns } => {
+                if id.len() > MAX_SUBSCRIPTION_ID {
+                    // Kept as long as the subscription, so bounded; not
+                    // echoed back.
+                    bump(&inner.counters.limited);
+                    let why = format!("a subscription id longer than {MAX_SUBSCRIPTION_ID} bytes");
+                    conn.reply(Control::error(code::LIMIT, why)).await;
+                    return;
+                }
                 let done = inner
                     .check_patterns(&conn.identity, &patterns)
                     .and_then(|parsed| inner.subscribe(conn, id.clone(), parsed));

@@ -61,7 +61,8 @@
 //! A hub is reachable from outside, so every connection is bounded: its
 //! subscriptions ([`max_subscriptions`](WsHubBuilder::max_subscriptions)),
 //! the patterns in them ([`max_patterns`](WsHubBuilder::max_patterns)),
-//! the length of a pattern ([`max_pattern_len`](WsHubBuilder::max_pattern_len)),
+//! the length of a pattern ([`max_pattern_len`](WsHubBuilder::max_pattern_len))
+//! and of a subscription id (128 bytes),
 //! the rate of its control messages
 //! ([`max_control_rate`](WsHubBuilder::max_control_rate)) and, by option, of
 //! its events ([`max_event_rate`](WsHubBuilder::max_event_rate)), the size
