@@ -9,7 +9,14 @@ use axum::Router;
 use axum::http::{HeaderMap, StatusCode};
 use tower::{ServiceBuilder, service_fn};
 use watchtower::prelude::*;
+use watchtower_websocket::hub::covers;
 use watchtower_websocket::{Overflow, WsClient, WsConfig, WsHub};
+
+/// A connection's identity: the topics its token grants.
+struct Grant {
+    read: TopicPattern,
+    write: TopicPattern,
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -20,10 +27,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let sent = replies_tx.send(event);
             async move { sent.map_err(|_| Error::closed("example over")) }
         }))
+        .allowed_origins(["http://localhost:3000"])
         .authenticate(|headers: &HeaderMap| match headers.get("authorization") {
-            Some(token) if token == "Bearer demo-token" => Ok(()),
+            Some(token) if token == "Bearer demo-token" => Ok(Grant {
+                read: TopicPattern::new("order.*").map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?,
+                write: TopicPattern::new("order.viewed").map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?,
+            }),
             _ => Err(StatusCode::UNAUTHORIZED),
         })
+        // Patterns are authorized whole: `order.>` or `>` would be refused.
+        .can_subscribe(|grant: &Grant, pattern| covers(&grant.read, pattern))
+        .can_publish(|grant: &Grant, event| grant.write.matches(event.topic()))
         .build();
     let app = Router::new().route("/events", hub.route());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

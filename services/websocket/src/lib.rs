@@ -79,9 +79,14 @@
 //!
 //! # Wire protocol
 //!
-//! The WebSocket subprotocol is [`SUBPROTOCOL`], `cloudevents.json`: a
-//! browser needs nothing more than `new WebSocket(url, "cloudevents.json")`.
-//! Every frame is a text frame holding one JSON object:
+//! A hub speaks two subprotocols (see [`hub`](crate::hub#subprotocols)).
+//! On [`SUBPROTOCOL`], `cloudevents.json`, every frame is a CloudEvent and
+//! nothing else: a browser needs nothing more than
+//! `new WebSocket(url + "?topic=user.*", "cloudevents.json")`, subscribing
+//! with the URL's `topic` parameters. On [`CONTROL_SUBPROTOCOL`],
+//! `watchtower.v1` (what [`WsClient`] speaks), the control messages below
+//! travel beside the events. Every frame is a text frame holding one JSON
+//! object:
 //!
 //! * an **event** is CloudEvents 1.0 in the JSON format (structured mode),
 //!   exactly as [`watchtower::codec::structured`] writes it. It always has a
@@ -106,7 +111,12 @@
 //! control message only the hub sends), `invalid_pattern` (`re` is the
 //! subscription), `handler` (the handler failed on event `re`, acks off),
 //! `dropped` (`count` events for this client were dropped because it fell
-//! behind), `too_large`. The connection survives all of them except
+//! behind), `limit` (a subscription over the connection's limits, `re` the
+//! subscription), `rate_limited` (a control message or event over the
+//! connection's rate; `re` names it), `forbidden` (the authorization hooks
+//! refused the subscription or event `re`), `too_large`. With acks on, an
+//! event refused as `rate_limited` or `forbidden` is answered with a `nack`
+//! instead. The connection survives all of them except
 //! `too_large`, after which the hub closes it with code 1009: the rest of an
 //! oversized message cannot be skipped. Patterns are
 //! [`TopicPattern`](watchtower::TopicPattern)s: `*` one token, `>` the rest.
@@ -126,13 +136,21 @@
 
 pub mod client;
 pub mod hub;
+mod index;
 mod protocol;
 
 pub use hub::{HubStats, SlowClient, WsHub, WsHubBuilder};
 
-/// The WebSocket subprotocol the transport speaks: CloudEvents JSON
-/// (structured mode) in text frames.
+/// The WebSocket subprotocol of the CloudEvents WebSocket binding:
+/// CloudEvents JSON (structured mode) in text frames, and nothing else. A
+/// hub sends a client on this subprotocol events only, never a control
+/// message; see [`hub`](crate::hub#subprotocols).
 pub const SUBPROTOCOL: &str = "cloudevents.json";
+
+/// The subprotocol with the transport's control messages besides the
+/// events (subscribe, acknowledgements, errors; see the
+/// [wire protocol](crate#wire-protocol)); [`WsClient`] speaks it.
+pub const CONTROL_SUBPROTOCOL: &str = "watchtower.v1";
 
 pub use client::{
     ConnectionState, Overflow, ResponseFuture, WsAcker, WsClient, WsConfig, WsPublisher, WsSubscriber,
@@ -144,6 +162,74 @@ pub use client::{
 /// groups, no redelivery, no replay: delivery is at most once.
 pub const CAPABILITIES: watchtower::Capabilities =
     watchtower::Capabilities::NONE.wildcards(true).ordered(true);
+
+/// The frame decoder and the pattern index, for the fuzz targets in `fuzz/`.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+// A fuzz target reports a broken property by panicking.
+#[allow(clippy::expect_used)]
+pub mod fuzzing {
+    use watchtower::TopicPattern;
+
+    /// Classifies a text frame as the hub and the client do, then checks
+    /// that what it found survives its own encoding.
+    ///
+    /// # Panics
+    ///
+    /// When a decoded event or control message does not come back the same
+    /// after encoding it again.
+    pub fn frame(text: &str) {
+        use crate::protocol::{Frame, classify, encode};
+        match classify(text) {
+            Frame::Event(event) => {
+                let again = encode(&event).expect("a decoded event encodes");
+                match classify(&again) {
+                    Frame::Event(back) => assert_eq!(back, event, "{again}"),
+                    other => panic!("{again} classified as {other:?}"),
+                }
+            }
+            Frame::Control(control) => {
+                let again = control.to_text();
+                match classify(&again) {
+                    Frame::Control(back) => assert_eq!(back, control, "{again}"),
+                    other => panic!("{again} classified as {other:?}"),
+                }
+            }
+            Frame::Invalid(_) => {}
+        }
+    }
+
+    /// Puts `patterns` in the hub's index (subscriber `i` holds pattern
+    /// `i`), removes those at odd positions again, and checks that the index
+    /// finds, for each topic, exactly the subscribers a linear scan with
+    /// [`TopicPattern::matches`] finds.
+    ///
+    /// # Panics
+    ///
+    /// When the two disagree.
+    pub fn index(patterns: &[TopicPattern], topics: &[&str]) {
+        let mut index = crate::index::PatternIndex::default();
+        for (i, p) in patterns.iter().enumerate() {
+            index.insert(p, i as u64, &());
+        }
+        for (i, p) in patterns.iter().enumerate().filter(|(i, _)| i % 2 == 1) {
+            index.remove(p, i as u64);
+        }
+        for topic in topics {
+            let mut found = Vec::new();
+            index.matches(topic, &mut found);
+            let mut found: Vec<u64> = found.into_iter().map(|(i, ())| i).collect();
+            found.sort_unstable();
+            let want: Vec<u64> = patterns
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| i % 2 == 0 && p.matches(topic))
+                .map(|(i, _)| i as u64)
+                .collect();
+            assert_eq!(found, want, "topic {topic:?} patterns {patterns:?}");
+        }
+    }
+}
 
 /// Everything a program using the WebSocket transport needs:
 /// `use watchtower_websocket::prelude::*;`.

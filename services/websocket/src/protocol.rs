@@ -60,6 +60,9 @@ pub(crate) mod code {
     pub(crate) const UNSUPPORTED: &str = "unsupported";
     pub(crate) const DROPPED: &str = "dropped";
     pub(crate) const HANDLER: &str = "handler";
+    pub(crate) const LIMIT: &str = "limit";
+    pub(crate) const RATE_LIMITED: &str = "rate_limited";
+    pub(crate) const FORBIDDEN: &str = "forbidden";
 }
 
 impl Control {

@@ -200,7 +200,7 @@ async fn a_dead_hub_is_detected_by_keepalive() {
                 tcp,
                 |_req: &_, mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
                     resp.headers_mut()
-                        .insert("sec-websocket-protocol", "cloudevents.json".parse().unwrap());
+                        .insert("sec-websocket-protocol", "watchtower.v1".parse().unwrap());
                     Ok(resp)
                 },
             )
@@ -232,7 +232,7 @@ async fn the_hub_drops_clients_that_stop_answering_pings() {
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(server.url()).unwrap();
     request
         .headers_mut()
-        .insert("sec-websocket-protocol", "cloudevents.json".parse().unwrap());
+        .insert("sec-websocket-protocol", "watchtower.v1".parse().unwrap());
     let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     // The hub counts the connection once its side of the upgrade is done,
     // which may be just after the client's (and on a loaded machine the
@@ -320,4 +320,56 @@ async fn drop_newest_refuses_at_once_and_close_returns_what_was_queued() {
     let mut late = publisher.call(sent[0].clone()).await.unwrap_err();
     assert_eq!(late.kind(), ErrorKind::Closed);
     assert_eq!(late.take_event().as_ref(), Some(&sent[0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_whose_callers_timed_out_are_never_sent() {
+    // Nothing listens: the client queues while its callers wait.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let config = watchtower_websocket::WsConfig::new(format!("ws://{addr}/events"))
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(100))
+        .queue_capacity(6);
+    let client = WsClient::lazy(config).unwrap();
+    let mut publisher = tower::ServiceBuilder::new()
+        .timeout(Duration::from_millis(50))
+        .service(client.publisher());
+    let ns = ns();
+    // More than the queue holds: slots of callers who gave up are reused,
+    // and two are still queued when the hub comes back.
+    for i in 0..8 {
+        let event = Event::new(format!("{ns}.late"), serde_json::json!({"i": i}));
+        let err = within("the timeout", async {
+            publisher.ready().await.unwrap().call(event).await
+        })
+        .await
+        .unwrap_err();
+        assert!(err.is::<tower::timeout::error::Elapsed>(), "{err}");
+    }
+
+    // The hub comes back: only the event whose caller still waits arrives.
+    let (handler, mut from_clients) = collecting_handler();
+    let hub = WsHub::builder().handler(handler).build();
+    let server = Server::start_on(&hub, addr).await;
+    let waited = Event::new(format!("{ns}.waited"), serde_json::json!({}));
+    within("the publish", client.publisher().publish(waited.clone()))
+        .await
+        .unwrap();
+    assert_eq!(within("the handler", from_clients.recv()).await.unwrap(), waited);
+    client.close().await;
+    within("the connection to end", async {
+        while hub.connections() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(
+        hub.stats().received,
+        1,
+        "the hub saw none of the timed-out events"
+    );
+    assert!(from_clients.try_recv().is_err());
+    assert_eq!(client.abandoned(), 8);
+    server.stop().await;
 }

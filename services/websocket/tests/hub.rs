@@ -192,9 +192,9 @@ async fn stalled_client(
     let mut request = server.url().into_client_request().unwrap();
     request
         .headers_mut()
-        .insert("sec-websocket-protocol", "cloudevents.json".parse().unwrap());
+        .insert("sec-websocket-protocol", "watchtower.v1".parse().unwrap());
     let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
-    assert_eq!(response.headers()["sec-websocket-protocol"], "cloudevents.json");
+    assert_eq!(response.headers()["sec-websocket-protocol"], "watchtower.v1");
     ws.send(Message::text(format!(
         r#"{{"wt":"subscribe","id":"slow","patterns":["{topic}"]}}"#
     )))
@@ -268,7 +268,7 @@ async fn malformed_frames_get_an_error_and_the_connection_survives_oversized_one
     let mut request = server.url().into_client_request().unwrap();
     request
         .headers_mut()
-        .insert("sec-websocket-protocol", "cloudevents.json".parse().unwrap());
+        .insert("sec-websocket-protocol", "watchtower.v1".parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
 
     let bad: [(Message, &str); 5] = [

@@ -27,7 +27,7 @@ use watchtower::error::redact_url;
 use watchtower::{Delivery, Error, ErrorKind, Event, Poison, RawMessage};
 
 use super::{Command, ConnectionState, Outgoing, Shared, WsAcker, lock};
-use crate::SUBPROTOCOL;
+use crate::CONTROL_SUBPROTOCOL;
 use crate::protocol::{Control, Frame, classify, code};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -57,7 +57,10 @@ pub(super) fn request(config: &super::WsConfig) -> Result<Request, Error> {
         .into_client_request()
         .map_err(|e| Error::config(format!("invalid websocket URL {}: {e}", redact_url(&config.url))))?;
     let headers = request.headers_mut();
-    headers.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    headers.insert(
+        SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(CONTROL_SUBPROTOCOL),
+    );
     for (name, value) in &config.headers {
         headers.append(name.clone(), value.clone());
     }
@@ -384,12 +387,20 @@ async fn on_text(shared: &Shared, conn: &Conn, text: Utf8Bytes) {
                     )
                 });
             }
-            code::INVALID_PATTERN => {
-                let id = re.and_then(|r| r.parse::<u64>().ok());
+            code::INVALID_PATTERN | code::FORBIDDEN | code::LIMIT | code::RATE_LIMITED => {
+                let id = re.as_deref().and_then(|r| r.parse::<u64>().ok());
                 let confirmed =
                     id.and_then(|id| lock(&shared.subs).get_mut(&id).and_then(|s| s.confirmed.take()));
-                if let Some(confirmed) = confirmed {
-                    let _ = confirmed.send(Err(Error::new(ErrorKind::InvalidTopic, message)));
+                match confirmed {
+                    Some(confirmed) => {
+                        let error = match code.as_str() {
+                            code::INVALID_PATTERN => Error::new(ErrorKind::InvalidTopic, message),
+                            code::RATE_LIMITED => Error::new(ErrorKind::Throttled, message),
+                            _ => Error::new(ErrorKind::Rejected, message).with_retryable(false),
+                        };
+                        let _ = confirmed.send(Err(error));
+                    }
+                    None => tracing::warn!(code, message, re, "the hub refused a subscription or event"),
                 }
             }
             _ => tracing::warn!(code, message, re, "the hub reported an error"),

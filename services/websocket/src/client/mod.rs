@@ -38,7 +38,7 @@ mod subscriber;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
@@ -79,6 +79,12 @@ pub(crate) struct Outgoing {
 }
 
 impl Outgoing {
+    /// Whether its caller has stopped waiting (its response future was
+    /// dropped: a timeout above, a cancelled task).
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.done.as_ref().is_some_and(oneshot::Sender::is_closed)
+    }
+
     pub(crate) fn resolve(mut self, result: Result<Receipt, Error>) {
         if let Some(done) = self.done.take() {
             let _ = done.send(result);
@@ -139,6 +145,8 @@ pub(crate) struct Shared {
     /// Events written and waiting for the hub's ack, by event id.
     pub(crate) inflight: Mutex<HashMap<Arc<str>, VecDeque<Outgoing>>>,
     pub(crate) inflight_changed: Notify,
+    /// Queued events never sent because their caller stopped waiting.
+    pub(crate) abandoned: AtomicU64,
 }
 
 impl Shared {
@@ -151,6 +159,13 @@ impl Shared {
             drop(queue);
             outgoing.fail(Error::closed("websocket client is closed"));
             return;
+        }
+        if queue.len() >= self.config.queue_capacity {
+            // Room taken by events nobody waits for any more is freed first.
+            let before = queue.len();
+            queue.retain(|o| !o.is_abandoned());
+            let n = before - queue.len();
+            self.count_abandoned(n);
         }
         if queue.len() >= self.config.queue_capacity {
             match self.config.overflow {
@@ -180,10 +195,43 @@ impl Shared {
         self.outbox_ready.notify_one();
     }
 
+    /// Takes up to `max` queued events to write. Events whose caller has
+    /// stopped waiting are not started: the caller may already have sent
+    /// the event again or dead-lettered it, so writing it now could deliver
+    /// it twice. They are counted in [`WsClient::abandoned`].
     pub(crate) fn take_outgoing(&self, max: usize, into: &mut Vec<Outgoing>) {
         let mut queue = lock(&self.outbox);
-        let n = queue.len().min(max);
-        into.extend(queue.drain(..n));
+        let mut abandoned = 0;
+        while into.len() < max {
+            let Some(outgoing) = queue.pop_front() else { break };
+            if outgoing.is_abandoned() {
+                abandoned += 1;
+            } else {
+                into.push(outgoing);
+            }
+        }
+        drop(queue);
+        self.count_abandoned(abandoned);
+    }
+
+    /// Drops the queued events nobody waits for, releasing their slots.
+    pub(crate) fn purge_abandoned(&self) {
+        let mut queue = lock(&self.outbox);
+        let before = queue.len();
+        queue.retain(|o| !o.is_abandoned());
+        let n = before - queue.len();
+        drop(queue);
+        self.count_abandoned(n);
+    }
+
+    fn count_abandoned(&self, n: usize) {
+        if n > 0 {
+            self.abandoned.fetch_add(n as u64, Ordering::Relaxed);
+            tracing::debug!(
+                abandoned = n,
+                "dropped queued events whose callers stopped waiting"
+            );
+        }
     }
 
     pub(crate) fn set_state(&self, state: ConnectionState) {
@@ -319,6 +367,7 @@ impl WsClient {
             shutdown: CancellationToken::new(),
             inflight: Mutex::new(HashMap::new()),
             inflight_changed: Notify::new(),
+            abandoned: AtomicU64::new(0),
         });
         let (first_tx, first_rx) = oneshot::channel();
         tokio::spawn(connection::drive(
@@ -376,6 +425,13 @@ impl WsClient {
             ConnectionState::Connected => Ok(()),
             _ => Err(Error::closed("websocket client closed")),
         }
+    }
+
+    /// Events taken out of the publish queue unsent because their caller
+    /// had stopped waiting (its response future was dropped, by a timeout
+    /// layer above or a cancelled task) before the event's turn came.
+    pub fn abandoned(&self) -> u64 {
+        self.handle.shared.abandoned.load(Ordering::Relaxed)
     }
 
     /// Closes the client gracefully: sends the queued events (and, with

@@ -24,6 +24,14 @@ use crate::protocol::encode;
 /// [`ErrorKind::Closed`](watchtower::ErrorKind::Closed) if the client closed
 /// first. No event is dropped silently.
 ///
+/// # Cancel safety
+///
+/// Dropping the response future before the event is written (a timeout
+/// layer above, a cancelled task) withdraws the event: it is taken out of
+/// the queue unsent and counted in [`WsClient::abandoned`](crate::WsClient::abandoned),
+/// so that a caller that retries or dead-letters it after its timeout does
+/// not also have it delivered late. Once written it cannot be withdrawn.
+///
 /// # Readiness
 ///
 /// `poll_ready` is ready when the event will be accepted: sent at once if
@@ -86,6 +94,10 @@ impl Service<Event> for WsPublisher {
             return Poll::Ready(Err(self.closed_error()));
         }
         if self.handle.shared.config.overflow == Overflow::Block && self.permit.is_none() {
+            if self.handle.shared.permits.available_permits() == 0 {
+                // Slots held by events whose callers gave up are freed.
+                self.handle.shared.purge_abandoned();
+            }
             match ready!(self.semaphore.poll_acquire(cx)) {
                 Some(permit) => self.permit = Some(permit),
                 None => return Poll::Ready(Err(self.closed_error())),

@@ -49,7 +49,11 @@ impl Subscriber for WsSubscriber {
     /// # Errors
     ///
     /// [`ErrorKind::Config`] for a consumer group or replay,
-    /// [`ErrorKind::InvalidTopic`] if the hub refuses a pattern,
+    /// [`ErrorKind::InvalidTopic`] if the hub finds a pattern invalid,
+    /// [`ErrorKind::Rejected`] (not retryable) if the hub does not allow
+    /// this connection a pattern or the subscription is over the
+    /// connection's limits, [`ErrorKind::Throttled`] if the client sent
+    /// control messages faster than the hub allows,
     /// [`ErrorKind::Timeout`] if the hub does not confirm within the
     /// [request timeout](crate::WsConfig::request_timeout), and
     /// [`ErrorKind::Closed`] if the client is closed.
