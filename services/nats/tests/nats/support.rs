@@ -122,6 +122,30 @@ impl PrivateServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): its connections stay open but it
+    /// answers nothing until [`resume`](Self::resume).
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("a running nats-server");
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill command");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     /// Kills the server (SIGKILL) and starts it again on the same port and
     /// store.
     pub async fn restart(&mut self) {
@@ -139,6 +163,13 @@ impl PrivateServer {
 impl Drop for PrivateServer {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
+            // A frozen server does not die of SIGKILL until it runs again
+            // on some systems; make sure it can.
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-CONT", &pid.to_string()])
+                    .status();
+            }
             let _ = child.start_kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
