@@ -245,10 +245,6 @@ impl NatsClient {
         &self.inner.state
     }
 
-    pub(crate) fn request_timeout(&self) -> Duration {
-        self.inner.request_timeout
-    }
-
     pub(crate) fn when_disconnected(&self) -> WhenDisconnected {
         self.inner.when_disconnected
     }
