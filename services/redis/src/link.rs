@@ -35,11 +35,12 @@ use watchtower::{Error, ErrorKind};
 
 use crate::batch::{Answer, Idle, Queue, Request, Stopped, Take, Target, refused};
 use crate::publisher::{Health, write_xadd};
-use crate::resp::{Frame, parse};
+use crate::resp::{Frame, MAX_REPLY, Reader};
 
 /// The read buffer's size, and how much it grows by when one reply is
-/// longer.
-const READ_CHUNK: usize = 64 * 1024;
+/// longer. A reply is at most this long, so the buffer stays below twice
+/// this size.
+const READ_CHUNK: usize = MAX_REPLY;
 
 /// How the task reaches Redis.
 pub(crate) struct Settings {
@@ -204,6 +205,8 @@ struct Link {
     input: Vec<u8>,
     start: usize,
     end: usize,
+    /// Where the reply at `start` was left.
+    reader: Reader,
     /// Commands written or being written, oldest first, awaiting replies.
     waiting: VecDeque<Request>,
     /// Unanswered commands per batch, oldest first.
@@ -235,6 +238,7 @@ impl Link {
                 input: vec![0; READ_CHUNK],
                 start: 0,
                 end: 0,
+                reader: Reader::new(),
                 waiting: VecDeque::new(),
                 batches: VecDeque::new(),
                 deadline: Box::pin(tokio::time::sleep(timeout)),
@@ -328,7 +332,7 @@ impl Link {
     /// move on.
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<(Frame, usize), Error>> {
         loop {
-            if let Some(parsed) = parse(&self.input[..self.end], self.start)? {
+            if let Some(parsed) = self.reader.parse(&self.input[..self.end], self.start)? {
                 return Poll::Ready(Ok(parsed));
             }
             ready!(self.poll_read(cx))?;
