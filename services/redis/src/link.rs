@@ -124,7 +124,11 @@ impl Task<'_> {
             }
             let last = loop {
                 match self.queue.take(link.batches.len()) {
-                    Take::Batch(batch) => link.push(batch, &self.settings, &mut self.scratch),
+                    Take::Batch(mut batch) => {
+                        let dropped = self.queue.drop_abandoned(&mut batch);
+                        self.queue.release(dropped);
+                        link.push(batch, &self.settings, &mut self.scratch);
+                    }
                     other => break other,
                 }
             };
@@ -295,6 +299,9 @@ impl Link {
 
     /// Encodes `batch` into the write buffer; its requests await replies.
     fn push(&mut self, batch: Vec<Request>, settings: &Settings, scratch: &mut Cmd) {
+        if batch.is_empty() {
+            return;
+        }
         if self.waiting.is_empty() {
             self.restart_deadline(settings.response_timeout);
         }
