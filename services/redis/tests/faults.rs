@@ -408,7 +408,7 @@ async fn calls_whose_callers_timed_out_while_redis_was_frozen_are_not_sent() {
         .await
         .unwrap();
 
-    server.freeze();
+    server.freeze().await;
     let mut stack = ServiceBuilder::new()
         .timeout(Duration::from_millis(100))
         .service(publisher.clone());

@@ -87,7 +87,7 @@ async fn health_and_subscribe_time_out_on_a_server_that_does_not_answer() {
         .await
         .unwrap();
     client.health().await.unwrap();
-    server.freeze();
+    server.freeze().await;
     let e = client.health().await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout);
     assert!(client.is_connected(), "the connection itself is still up");

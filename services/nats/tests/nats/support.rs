@@ -124,8 +124,18 @@ impl PrivateServer {
 
     /// Freezes the server (SIGSTOP): its connections stay open but it
     /// answers nothing until [`resume`](Self::resume).
-    pub fn freeze(&self) {
+    pub async fn freeze(&self) {
         self.signal("-STOP");
+        // The signal is sent, not yet acted on: a thread of the server may
+        // still be running. Wait until every thread is stopped.
+        let pid = self.pid();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !all_threads_stopped(pid) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the server stopped");
     }
 
     /// Lets a frozen server run again (SIGCONT).
@@ -133,12 +143,15 @@ impl PrivateServer {
         self.signal("-CONT");
     }
 
-    fn signal(&self, signal: &str) {
-        let pid = self
-            .child
+    fn pid(&self) -> u32 {
+        self.child
             .as_ref()
             .and_then(|c| c.id())
-            .expect("a running nats-server");
+            .expect("a running nats-server")
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.pid();
         let status = std::process::Command::new("kill")
             .args([signal, &pid.to_string()])
             .status()
@@ -196,4 +209,18 @@ where
         futures.push(publisher.call(event.clone()));
     }
     futures
+}
+
+/// Whether every thread of process `pid` is stopped (state `T`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
 }
