@@ -1,6 +1,7 @@
 //! Batched acknowledgements: one `XACK` per stream for many deliveries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use watchtower::{Error, ErrorKind};
 
 use crate::error::{from_redis, kind_of};
-use crate::subscriber::StreamInfo;
+use crate::subscriber::{Item, StreamInfo, missing_from_stream};
 
 /// `XACK` batches in flight at once: while they travel, new
 /// acknowledgements gather into the next batch.
@@ -41,6 +42,8 @@ pub(crate) async fn ack_loop(
     ephemeral: Option<Arc<RwLock<Vec<Arc<StreamInfo>>>>>,
     mut rx: mpsc::UnboundedReceiver<AckOp>,
     max_batch: usize,
+    trimmed: Arc<AtomicU64>,
+    report: mpsc::WeakSender<Item>,
 ) {
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
@@ -56,7 +59,15 @@ pub(crate) async fn ack_loop(
                             Err(_) => break,
                         }
                     }
-                    in_flight.push(send_batch(conn.clone(), group.clone(), consumer.clone(), claim_idle, batch));
+                    in_flight.push(send_batch(
+                        conn.clone(),
+                        group.clone(),
+                        consumer.clone(),
+                        claim_idle,
+                        batch,
+                        trimmed.clone(),
+                        report.clone(),
+                    ));
                 }
                 None => open = false,
             },
@@ -87,6 +98,8 @@ async fn send_batch(
     consumer: Arc<str>,
     claim_idle: Duration,
     batch: Vec<AckOp>,
+    trimmed: Arc<AtomicU64>,
+    report: mpsc::WeakSender<Item>,
 ) {
     let mut acks: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
     let mut releases: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
@@ -116,7 +129,7 @@ async fn send_batch(
         for id in ids {
             pipe.arg(&**id);
         }
-        pipe.arg("IDLE").arg(idle).arg("JUSTID").ignore();
+        pipe.arg("IDLE").arg(idle).arg("JUSTID");
     }
     let mut result = pipe.query_async::<Value>(&mut conn).await;
     if let Err(e) = &result
@@ -127,10 +140,11 @@ async fn send_batch(
         result = pipe.query_async::<Value>(&mut conn).await;
     }
     match result {
-        Ok(_) => {
+        Ok(claimed) => {
             for done in waiters {
                 let _ = done.send(Ok(()));
             }
+            report_released_trimmed(&mut conn, &group, &releases, claimed, &trimmed, &report).await;
         }
         Err(e) => {
             let err = from_redis(e, "XACK");
@@ -138,6 +152,46 @@ async fn send_batch(
             for done in waiters {
                 let _ = done.send(Err(Error::new(err.kind(), err.message())));
             }
+        }
+    }
+}
+
+/// Released entries an `XCLAIM` did not return are no longer pending:
+/// those no longer in the stream were trimmed, and Redis 7 took them off
+/// the pending list without a word. Counts and logs them.
+async fn report_released_trimmed(
+    conn: &mut ConnectionManager,
+    group: &str,
+    releases: &HashMap<Arc<str>, Vec<Arc<str>>>,
+    claimed: Value,
+    trimmed: &AtomicU64,
+    report: &mpsc::WeakSender<Item>,
+) {
+    let Value::Array(replies) = claimed else {
+        return;
+    };
+    for ((key, ids), reply) in releases.iter().zip(replies) {
+        let returned: HashSet<String> = match reply {
+            Value::Array(returned) => returned.iter().filter_map(crate::wire::string_of).collect(),
+            _ => continue,
+        };
+        let asked: Vec<&str> = ids
+            .iter()
+            .map(|id| &**id)
+            .filter(|id| !returned.contains(*id))
+            .collect();
+        let gone = missing_from_stream(conn, key, asked).await;
+        if gone.is_empty() {
+            continue;
+        }
+        const WHAT: &str = "entries delivered and released unsettled were trimmed from the stream (MAXLEN) before they could be delivered again";
+        trimmed.fetch_add(gone.len() as u64, Ordering::Relaxed);
+        let ids = gone.join(", ");
+        tracing::warn!(stream = &**key, group, count = gone.len(), ids = %ids, "{WHAT}");
+        // Without waiting: acknowledgements must not wait for the consumer.
+        if let Some(tx) = report.upgrade() {
+            let message = format!("{} {WHAT} (stream {key:?}: {ids})", gone.len());
+            let _ = tx.try_send(Err(Error::new(ErrorKind::Dropped, message)));
         }
     }
 }

@@ -395,6 +395,8 @@ impl RedisSubscriber {
             ephemeral.then(|| shared.streams.clone()),
             ack_rx,
             MAX_ACK_BATCH,
+            shared.trimmed.clone(),
+            tx.downgrade(),
         ));
         let trimmed = shared.trimmed.clone();
         tokio::spawn(read_loop(shared.clone(), read_conn, tx.clone()));
@@ -488,7 +490,11 @@ impl RecentIds {
 
 /// Deliveries travel in batches: one channel operation per read, not per
 /// entry.
-type Tx = mpsc::Sender<Result<Vec<Delivery<RedisAcker>>, Error>>;
+type Tx = mpsc::Sender<Item>;
+
+/// What a subscription's tasks send it: a batch of deliveries, or an error
+/// to report.
+pub(crate) type Item = Result<Vec<Delivery<RedisAcker>>, Error>;
 
 struct Nack {
     stream: Arc<StreamInfo>,
@@ -867,25 +873,7 @@ impl Shared {
             .copied()
             .filter(|id| !returned.contains(id))
             .collect();
-        if missing.is_empty() {
-            return Vec::new();
-        }
-        let mut pipe = redis::pipe();
-        for id in &missing {
-            pipe.cmd("XRANGE").arg(key).arg(*id).arg(*id);
-        }
-        match pipe.query_async::<Vec<Value>>(&mut self.conn.clone()).await {
-            Ok(found) => missing
-                .into_iter()
-                .zip(found)
-                .filter(|(_, entries)| matches!(entries, Value::Array(e) if e.is_empty()))
-                .map(|(id, _)| id.to_owned())
-                .collect(),
-            Err(e) => {
-                tracing::debug!(error = %e, "could not check for trimmed entries");
-                Vec::new()
-            }
-        }
+        missing_from_stream(&mut self.conn.clone(), key, missing).await
     }
 
     /// Finds entries of `stream` trimmed before any consumer of the group
@@ -1315,6 +1303,9 @@ impl RedisSubscription {
     ///   when the subscription opens, or any consumer's, reclaimed after
     ///   the claim idle time, or nacked), trimmed before they could be
     ///   delivered again: Redis takes them off the pending list;
+    /// * deliveries dropped unsettled (released for reclaiming) whose
+    ///   entries were trimmed meanwhile (the item is left out if the
+    ///   subscription is gone or its buffer full);
     /// * entries trimmed before any consumer of the group read them, when
     ///   the subscription opens and at every
     ///   [claim interval](RedisSubscriberBuilder::claim_interval), from the
@@ -1541,4 +1532,32 @@ fn unread_trimmed(info: &Value, groups: &Value, group: &str) -> Option<(String, 
     }
     let trimmed = added.checked_sub(read)?.checked_sub(length)?;
     (trimmed > 0).then_some((last, trimmed))
+}
+
+/// Those of `ids` no longer in the stream `key` (one `XRANGE` each, in one
+/// pipeline; none when Redis cannot be asked).
+pub(crate) async fn missing_from_stream(
+    conn: &mut ConnectionManager,
+    key: &str,
+    ids: Vec<&str>,
+) -> Vec<String> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("XRANGE").arg(key).arg(*id).arg(*id);
+    }
+    match pipe.query_async::<Vec<Value>>(conn).await {
+        Ok(found) => ids
+            .into_iter()
+            .zip(found)
+            .filter(|(_, entries)| matches!(entries, Value::Array(e) if e.is_empty()))
+            .map(|(id, _)| id.to_owned())
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not check for trimmed entries");
+            Vec::new()
+        }
+    }
 }

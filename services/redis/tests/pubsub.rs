@@ -894,3 +894,68 @@ async fn entries_trimmed_while_pending_or_before_being_read_are_reported() {
     // Another consumer reclaims them.
     trimmed_entries_are_reported("trim-claim", "other", Duration::from_millis(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_dropped_after_its_entry_was_trimmed_is_reported() {
+    let ns = namespace("trim-release");
+    let topic = format!("{ns}.jobs");
+    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
+        // Only the release of the dropped deliveries can find them.
+        .claim_interval(Duration::from_secs(600))
+        .connect()
+        .await
+        .unwrap();
+    let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
+    let mut subscription = subscriber.open(options).await.unwrap();
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    for event in numbered(&topic, 3) {
+        publisher.publish(event).await.unwrap();
+    }
+    let held = vec![
+        next(&mut subscription).await,
+        next(&mut subscription).await,
+        next(&mut subscription).await,
+    ];
+    let mut conn = raw(URL).await;
+    let ids: Vec<String> = redis::cmd("XRANGE")
+        .arg(&topic)
+        .arg("-")
+        .arg("+")
+        .query_async::<Vec<(String, std::collections::HashMap<String, Vec<u8>>)>>(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(&topic)
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    drop(held);
+    // The releases may travel in more than one batch: one report each.
+    let mut reports = String::new();
+    let mut count = 0;
+    while count < 3 {
+        let report = tokio::time::timeout(WAIT, subscription.next())
+            .await
+            .expect("a report within the wait")
+            .expect("subscription open")
+            .map(drop)
+            .expect_err("a report, not a delivery");
+        assert_eq!(report.kind(), ErrorKind::Dropped);
+        let (n, what) = report.message().split_once(' ').unwrap();
+        assert!(what.starts_with("entries delivered and released"), "{report}");
+        count += n.parse::<usize>().unwrap();
+        reports.push_str(report.message());
+    }
+    for id in &ids {
+        assert!(reports.contains(id.as_str()), "{id} in {reports}");
+    }
+    assert_eq!(subscription.trimmed(), 3);
+    assert_eq!(pending(&mut conn, &topic, "workers").await, 0);
+    drop(subscription);
+    cleanup(URL, &ns).await;
+}
