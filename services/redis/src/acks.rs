@@ -13,11 +13,19 @@ use tokio::sync::{mpsc, oneshot};
 use watchtower::{Error, ErrorKind};
 
 use crate::error::{from_redis, kind_of};
-use crate::subscriber::{Item, StreamInfo, missing_from_stream};
+use crate::subscriber::{Item, MAX_ACK_BATCH, StreamInfo, missing_from_stream};
 
 /// `XACK` batches in flight at once: while they travel, new
 /// acknowledgements gather into the next batch.
 const MAX_IN_FLIGHT: usize = 8;
+
+/// Where entries found trimmed are reported: the subscription's count, and
+/// its stream of items (without keeping the subscription open).
+#[derive(Clone)]
+pub(crate) struct Trimmed {
+    pub(crate) count: Arc<AtomicU64>,
+    pub(crate) items: mpsc::WeakSender<Item>,
+}
 
 /// A request to the acknowledgement task.
 #[derive(Debug)]
@@ -41,9 +49,7 @@ pub(crate) async fn ack_loop(
     claim_idle: Duration,
     ephemeral: Option<Arc<RwLock<Vec<Arc<StreamInfo>>>>>,
     mut rx: mpsc::UnboundedReceiver<AckOp>,
-    max_batch: usize,
-    trimmed: Arc<AtomicU64>,
-    report: mpsc::WeakSender<Item>,
+    trimmed: Trimmed,
 ) {
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
@@ -53,7 +59,7 @@ pub(crate) async fn ack_loop(
             op = rx.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => match op {
                 Some(first) => {
                     let mut batch = vec![first];
-                    while batch.len() < max_batch {
+                    while batch.len() < MAX_ACK_BATCH {
                         match rx.try_recv() {
                             Ok(op) => batch.push(op),
                             Err(_) => break,
@@ -66,7 +72,6 @@ pub(crate) async fn ack_loop(
                         claim_idle,
                         batch,
                         trimmed.clone(),
-                        report.clone(),
                     ));
                 }
                 None => open = false,
@@ -98,8 +103,7 @@ async fn send_batch(
     consumer: Arc<str>,
     claim_idle: Duration,
     batch: Vec<AckOp>,
-    trimmed: Arc<AtomicU64>,
-    report: mpsc::WeakSender<Item>,
+    trimmed: Trimmed,
 ) {
     let mut acks: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
     let mut releases: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
@@ -144,7 +148,7 @@ async fn send_batch(
             for done in waiters {
                 let _ = done.send(Ok(()));
             }
-            report_released_trimmed(&mut conn, &group, &releases, claimed, &trimmed, &report).await;
+            report_released_trimmed(&mut conn, &group, &releases, claimed, &trimmed).await;
         }
         Err(e) => {
             let err = from_redis(e, "XACK");
@@ -164,8 +168,7 @@ async fn report_released_trimmed(
     group: &str,
     releases: &HashMap<Arc<str>, Vec<Arc<str>>>,
     claimed: Value,
-    trimmed: &AtomicU64,
-    report: &mpsc::WeakSender<Item>,
+    trimmed: &Trimmed,
 ) {
     let Value::Array(replies) = claimed else {
         return;
@@ -185,11 +188,11 @@ async fn report_released_trimmed(
             continue;
         }
         const WHAT: &str = "entries delivered and released unsettled were trimmed from the stream (MAXLEN) before they could be delivered again";
-        trimmed.fetch_add(gone.len() as u64, Ordering::Relaxed);
+        trimmed.count.fetch_add(gone.len() as u64, Ordering::Relaxed);
         let ids = gone.join(", ");
         tracing::warn!(stream = &**key, group, count = gone.len(), ids = %ids, "{WHAT}");
         // Without waiting: acknowledgements must not wait for the consumer.
-        if let Some(tx) = report.upgrade() {
+        if let Some(tx) = trimmed.items.upgrade() {
             let message = format!("{} {WHAT} (stream {key:?}: {ids})", gone.len());
             let _ = tx.try_send(Err(Error::new(ErrorKind::Dropped, message)));
         }

@@ -20,7 +20,7 @@ use watchtower::{
     TopicPattern,
 };
 
-use crate::acks::{AckOp, ack_loop};
+use crate::acks::{AckOp, Trimmed, ack_loop};
 use crate::config::RedisConfig;
 use crate::error::{from_redis, is_busy_group, is_no_group};
 use crate::wire::{self, Entry};
@@ -61,7 +61,7 @@ const TRIMMED_UNREAD: &str =
     "entries were trimmed from the stream (MAXLEN) before the consumer group read them";
 
 /// The most entry ids acknowledged by one `XACK`.
-const MAX_ACK_BATCH: usize = 1024;
+pub(crate) const MAX_ACK_BATCH: usize = 1024;
 
 /// Where an entry goes once it has been delivered more than the allowed
 /// number of times.
@@ -394,9 +394,10 @@ impl RedisSubscriber {
             shared.options.claim_idle,
             ephemeral.then(|| shared.streams.clone()),
             ack_rx,
-            MAX_ACK_BATCH,
-            shared.trimmed.clone(),
-            tx.downgrade(),
+            Trimmed {
+                count: shared.trimmed.clone(),
+                items: tx.downgrade(),
+            },
         ));
         let trimmed = shared.trimmed.clone();
         tokio::spawn(read_loop(shared.clone(), read_conn, tx.clone()));
