@@ -160,7 +160,9 @@ impl NatsClient {
         }
     }
 
-    /// Checks the connection with a round trip to the server.
+    /// Checks the connection with a round trip to the server: a message
+    /// sent to a subscription of its own on this connection must come back
+    /// within the request timeout.
     ///
     /// # Errors
     ///
@@ -174,15 +176,55 @@ impl NatsClient {
         if !self.is_connected() {
             return Err(self.disconnected_error());
         }
-        match tokio::time::timeout(self.inner.request_timeout, self.inner.client.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Error::new(
-                ErrorKind::Connection,
-                format!("NATS health check failed: {e}"),
-            )),
+        self.probe("the health check").await
+    }
+
+    /// Waits until the server has processed everything this connection sent
+    /// before the call, such as subscriptions made through [`raw`](Self::raw).
+    ///
+    /// `raw().flush()` only empties the client's write buffer: a
+    /// subscription may still be on its way when it returns, and messages
+    /// another connection publishes right then miss it. This subscribes to a
+    /// fresh inbox, publishes to it and waits for the message to come back;
+    /// the server handles one connection's protocol messages in order, so
+    /// every subscription sent before is registered by then.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Timeout`] if the message did not come back within the
+    /// request timeout, [`ErrorKind::Closed`] if the client is closed.
+    pub async fn round_trip(&self) -> Result<(), Error> {
+        self.probe("a round trip").await
+    }
+
+    /// [`round_trip`](Self::round_trip), with `what` it is for in its
+    /// errors.
+    pub(crate) async fn probe(&self, what: &str) -> Result<(), Error> {
+        let client = &self.inner.client;
+        let probe = async {
+            let inbox = client.new_inbox();
+            let mut echo = client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|_| Error::closed("NATS client is closed"))?;
+            client
+                .publish(inbox, bytes::Bytes::new())
+                .await
+                .map_err(|_| Error::closed("NATS client is closed"))?;
+            client
+                .flush()
+                .await
+                .map_err(|e| Error::new(ErrorKind::Connection, format!("NATS {what} failed: {e}")))?;
+            match futures_util::StreamExt::next(&mut echo).await {
+                Some(_) => Ok(()),
+                None => Err(Error::closed("NATS client is closed")),
+            }
+        };
+        match tokio::time::timeout(self.inner.request_timeout, probe).await {
+            Ok(answer) => answer,
             Err(_) => Err(Error::new(
                 ErrorKind::Timeout,
-                "NATS server did not answer the health check",
+                format!("NATS server did not answer {what}"),
             )),
         }
     }
@@ -201,10 +243,6 @@ impl NatsClient {
 
     pub(crate) fn state(&self) -> &Arc<ConnState> {
         &self.inner.state
-    }
-
-    pub(crate) fn request_timeout(&self) -> Duration {
-        self.inner.request_timeout
     }
 
     pub(crate) fn when_disconnected(&self) -> WhenDisconnected {

@@ -115,17 +115,9 @@ impl Subscriber for NatsSubscriber {
                 .push((sid, self.client.state().register(sid)));
             subscription.streams.push(subscriber);
         }
-        // The server has the subscriptions once it answered the flush's ping:
-        // events published after `open` returns reach them.
-        tokio::time::timeout(self.client.request_timeout(), raw.flush())
-            .await
-            .map_err(|_| Error::new(ErrorKind::Timeout, "NATS server did not confirm the subscription"))?
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("cannot confirm the subscription: {e}"),
-                )
-            })?;
+        // Events published after `open` returns must reach the
+        // subscriptions: wait for the server to have them.
+        self.client.probe("the subscription's confirmation").await?;
         Ok(subscription)
     }
 }

@@ -21,6 +21,19 @@
 //! at once, across all channels; `poll_ready` is pending while that window
 //! is full and while the connection is being re-established.
 //!
+//! # Duplicates
+//!
+//! A caller told [`ErrorKind::Connection`] (or whose own timeout fired
+//! while it waited for the confirm) cannot know whether the broker stored
+//! its event: the publish may have reached the queue and only its confirm
+//! been lost. RabbitMQ has no deduplication, so retrying it (a retry layer,
+//! a dead-letter path replayed later) can put the event in the queue
+//! twice. Both copies carry the same event [`id`](Event::id) (the
+//! `cloudEvents_id` header and the AMQP `message-id` property): a consumer
+//! that must not act twice keeps the ids it has handled (for as long as a
+//! retry can come) and skips one it has seen, or makes its handler
+//! idempotent.
+//!
 //! # Channels
 //!
 //! The publisher holds [`PublishOptions::channels`] confirm-mode channels

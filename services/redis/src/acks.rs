@@ -1,6 +1,7 @@
 //! Batched acknowledgements: one `XACK` per stream for many deliveries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -12,11 +13,19 @@ use tokio::sync::{mpsc, oneshot};
 use watchtower::{Error, ErrorKind};
 
 use crate::error::{from_redis, kind_of};
-use crate::subscriber::StreamInfo;
+use crate::subscriber::{Item, MAX_ACK_BATCH, StreamInfo, missing_from_stream};
 
 /// `XACK` batches in flight at once: while they travel, new
 /// acknowledgements gather into the next batch.
 const MAX_IN_FLIGHT: usize = 8;
+
+/// Where entries found trimmed are reported: the subscription's count, and
+/// its stream of items (without keeping the subscription open).
+#[derive(Clone)]
+pub(crate) struct Trimmed {
+    pub(crate) count: Arc<AtomicU64>,
+    pub(crate) items: mpsc::WeakSender<Item>,
+}
 
 /// A request to the acknowledgement task.
 #[derive(Debug)]
@@ -40,7 +49,7 @@ pub(crate) async fn ack_loop(
     claim_idle: Duration,
     ephemeral: Option<Arc<RwLock<Vec<Arc<StreamInfo>>>>>,
     mut rx: mpsc::UnboundedReceiver<AckOp>,
-    max_batch: usize,
+    trimmed: Trimmed,
 ) {
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
@@ -50,13 +59,20 @@ pub(crate) async fn ack_loop(
             op = rx.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => match op {
                 Some(first) => {
                     let mut batch = vec![first];
-                    while batch.len() < max_batch {
+                    while batch.len() < MAX_ACK_BATCH {
                         match rx.try_recv() {
                             Ok(op) => batch.push(op),
                             Err(_) => break,
                         }
                     }
-                    in_flight.push(send_batch(conn.clone(), group.clone(), consumer.clone(), claim_idle, batch));
+                    in_flight.push(send_batch(
+                        conn.clone(),
+                        group.clone(),
+                        consumer.clone(),
+                        claim_idle,
+                        batch,
+                        trimmed.clone(),
+                    ));
                 }
                 None => open = false,
             },
@@ -87,6 +103,7 @@ async fn send_batch(
     consumer: Arc<str>,
     claim_idle: Duration,
     batch: Vec<AckOp>,
+    trimmed: Trimmed,
 ) {
     let mut acks: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
     let mut releases: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
@@ -116,7 +133,7 @@ async fn send_batch(
         for id in ids {
             pipe.arg(&**id);
         }
-        pipe.arg("IDLE").arg(idle).arg("JUSTID").ignore();
+        pipe.arg("IDLE").arg(idle).arg("JUSTID");
     }
     let mut result = pipe.query_async::<Value>(&mut conn).await;
     if let Err(e) = &result
@@ -127,10 +144,11 @@ async fn send_batch(
         result = pipe.query_async::<Value>(&mut conn).await;
     }
     match result {
-        Ok(_) => {
+        Ok(claimed) => {
             for done in waiters {
                 let _ = done.send(Ok(()));
             }
+            report_released_trimmed(&mut conn, &group, &releases, claimed, &trimmed).await;
         }
         Err(e) => {
             let err = from_redis(e, "XACK");
@@ -138,6 +156,45 @@ async fn send_batch(
             for done in waiters {
                 let _ = done.send(Err(Error::new(err.kind(), err.message())));
             }
+        }
+    }
+}
+
+/// Released entries an `XCLAIM` did not return are no longer pending:
+/// those no longer in the stream were trimmed, and Redis 7 took them off
+/// the pending list without a word. Counts and logs them.
+async fn report_released_trimmed(
+    conn: &mut ConnectionManager,
+    group: &str,
+    releases: &HashMap<Arc<str>, Vec<Arc<str>>>,
+    claimed: Value,
+    trimmed: &Trimmed,
+) {
+    let Value::Array(replies) = claimed else {
+        return;
+    };
+    for ((key, ids), reply) in releases.iter().zip(replies) {
+        let returned: HashSet<String> = match reply {
+            Value::Array(returned) => returned.iter().filter_map(crate::wire::string_of).collect(),
+            _ => continue,
+        };
+        let asked: Vec<&str> = ids
+            .iter()
+            .map(|id| &**id)
+            .filter(|id| !returned.contains(*id))
+            .collect();
+        let gone = missing_from_stream(conn, key, asked).await;
+        if gone.is_empty() {
+            continue;
+        }
+        const WHAT: &str = "entries delivered and released unsettled were trimmed from the stream (MAXLEN) before they could be delivered again";
+        trimmed.count.fetch_add(gone.len() as u64, Ordering::Relaxed);
+        let ids = gone.join(", ");
+        tracing::warn!(stream = &**key, group, count = gone.len(), ids = %ids, "{WHAT}");
+        // Without waiting: acknowledgements must not wait for the consumer.
+        if let Some(tx) = trimmed.items.upgrade() {
+            let message = format!("{} {WHAT} (stream {key:?}: {ids})", gone.len());
+            let _ = tx.try_send(Err(Error::new(ErrorKind::Dropped, message)));
         }
     }
 }

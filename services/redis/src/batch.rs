@@ -33,6 +33,7 @@
 //! batch and find all their replies, rather than once per reply.
 
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 
@@ -102,6 +103,8 @@ pub(crate) struct Queue {
     /// forgets it) before it queues a command; the task adds a pipeline's
     /// permits back at once when its replies are in.
     pub(crate) room: Arc<Semaphore>,
+    /// Requests dropped unsent because their caller stopped waiting.
+    abandoned: AtomicU64,
 }
 
 struct QueueState {
@@ -126,7 +129,30 @@ impl Queue {
             }),
             task: AtomicWaker::new(),
             room: Arc::new(Semaphore::new(room.max(1))),
+            abandoned: AtomicU64::new(0),
         })
+    }
+
+    /// Requests dropped unsent so far because their caller had stopped
+    /// waiting.
+    pub(crate) fn abandoned(&self) -> u64 {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
+    /// Drops the requests of `batch` whose caller has stopped waiting (its
+    /// future dropped: a timeout above, a cancelled task), counting them:
+    /// sending them would store an event its caller may already have
+    /// retried or dead-lettered. Returns how many it dropped; their places
+    /// are the caller's to free.
+    pub(crate) fn drop_abandoned(&self, batch: &mut Vec<Request>) -> usize {
+        let before = batch.len();
+        batch.retain(|request| !request.reply.is_closed());
+        let dropped = before - batch.len();
+        if dropped > 0 {
+            self.abandoned.fetch_add(dropped as u64, Ordering::Relaxed);
+            tracing::debug!(dropped, "XADDs not sent: their callers stopped waiting");
+        }
+        dropped
     }
 
     /// Takes a place for one command if there is one.
@@ -297,10 +323,14 @@ pub(crate) struct Target {
 async fn send(
     mut conn: ConnectionManager,
     health: Arc<Health>,
-    batch: Vec<Request>,
+    mut batch: Vec<Request>,
     Target { prefix, max_len }: Target,
     places: Places,
 ) {
+    places.queue.drop_abandoned(&mut batch);
+    if batch.is_empty() {
+        return;
+    }
     let mut pipe = redis::Pipeline::with_capacity(batch.len());
     // Each command's server error becomes its own reply, for its caller.
     pipe.ignore_errors();

@@ -83,6 +83,13 @@ pub use subscriber::{
 };
 pub use wire::DATA_FIELD;
 
+/// The reply reader of the publisher's own connection, for the fuzz
+/// targets in `fuzz/`; not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::resp::{Frame, MAX_DEPTH, MAX_ELEMENTS, MAX_REPLY, Malformed, Reader};
+}
+
 /// Everything a program using the Redis transport needs:
 /// `use watchtower_redis::prelude::*;`.
 pub mod prelude {

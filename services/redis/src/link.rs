@@ -35,11 +35,12 @@ use watchtower::{Error, ErrorKind};
 
 use crate::batch::{Answer, Idle, Queue, Request, Stopped, Take, Target, refused};
 use crate::publisher::{Health, write_xadd};
-use crate::resp::{Frame, parse};
+use crate::resp::{Frame, MAX_REPLY, Reader};
 
 /// The read buffer's size, and how much it grows by when one reply is
-/// longer.
-const READ_CHUNK: usize = 64 * 1024;
+/// longer. A reply is at most this long, so the buffer stays below twice
+/// this size.
+const READ_CHUNK: usize = MAX_REPLY;
 
 /// How the task reaches Redis.
 pub(crate) struct Settings {
@@ -123,7 +124,11 @@ impl Task<'_> {
             }
             let last = loop {
                 match self.queue.take(link.batches.len()) {
-                    Take::Batch(batch) => link.push(batch, &self.settings, &mut self.scratch),
+                    Take::Batch(mut batch) => {
+                        let dropped = self.queue.drop_abandoned(&mut batch);
+                        self.queue.release(dropped);
+                        link.push(batch, &self.settings, &mut self.scratch);
+                    }
                     other => break other,
                 }
             };
@@ -204,6 +209,8 @@ struct Link {
     input: Vec<u8>,
     start: usize,
     end: usize,
+    /// Where the reply at `start` was left.
+    reader: Reader,
     /// Commands written or being written, oldest first, awaiting replies.
     waiting: VecDeque<Request>,
     /// Unanswered commands per batch, oldest first.
@@ -235,6 +242,7 @@ impl Link {
                 input: vec![0; READ_CHUNK],
                 start: 0,
                 end: 0,
+                reader: Reader::new(),
                 waiting: VecDeque::new(),
                 batches: VecDeque::new(),
                 deadline: Box::pin(tokio::time::sleep(timeout)),
@@ -291,6 +299,9 @@ impl Link {
 
     /// Encodes `batch` into the write buffer; its requests await replies.
     fn push(&mut self, batch: Vec<Request>, settings: &Settings, scratch: &mut Cmd) {
+        if batch.is_empty() {
+            return;
+        }
         if self.waiting.is_empty() {
             self.restart_deadline(settings.response_timeout);
         }
@@ -328,7 +339,7 @@ impl Link {
     /// move on.
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<(Frame, usize), Error>> {
         loop {
-            if let Some(parsed) = parse(&self.input[..self.end], self.start)? {
+            if let Some(parsed) = self.reader.parse(&self.input[..self.end], self.start)? {
                 return Poll::Ready(Ok(parsed));
             }
             ready!(self.poll_read(cx))?;

@@ -120,9 +120,28 @@ impl Health {
 /// it gets the [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] error
 /// (with its event attached, for a retry or dead-letter layer); their
 /// events may or may not have been stored. The next call connects again;
-/// if that fails, the calls waiting for it get the error. A caller that
-/// drops its future does not withdraw its `XADD` and does not disturb the
-/// others.
+/// if that fails, the calls waiting for it get the error.
+///
+/// # Callers that stop waiting
+///
+/// A call whose caller has stopped waiting by the time its batch is
+/// encoded (its future dropped: a `tower::timeout` above that fired, a
+/// cancelled task) is not sent: its event is not stored, and
+/// [`abandoned`](RedisPublisher::abandoned) counts it. Sending it would
+/// store an event its caller has already been told failed, and may have
+/// retried or dead-lettered. Once its `XADD` is on the wire, dropping the
+/// future cannot withdraw it: the event may be stored all the same.
+///
+/// # Duplicates
+///
+/// A caller told [`ErrorKind::Timeout`] or [`ErrorKind::Connection`] (or
+/// whose own timeout fired) cannot know whether its `XADD` was stored, and
+/// Redis Streams has no deduplication: retrying it (a retry layer, a
+/// dead-letter path replayed later) can store the event twice, under two
+/// entry ids. Both entries carry the same event [`id`](Event::id), so a
+/// consumer that must not act twice keeps the ids it has handled (for as
+/// long as a retry can come) and skips one it has seen, or makes its
+/// handler idempotent.
 ///
 /// [`publish_batch`](RedisPublisher::publish_batch) sends a caller's own
 /// batch as one pipeline, outside the queue.
@@ -224,6 +243,17 @@ pub struct RedisPublisherBuilder {
 
 impl RedisPublisherBuilder {
     /// Trims each stream on every `XADD`. Default: no trimming.
+    ///
+    /// Trimming deletes the oldest entries whether or not a consumer group
+    /// has read or acknowledged them: an entry a consumer had not yet read
+    /// is lost, and one it read but did not acknowledge can no longer be
+    /// claimed again. Size `max_len` for the longest time consumers may
+    /// fall behind or be down (events per second at the peak times that
+    /// outage), not for the usual backlog. The subscriber reports what it
+    /// finds trimmed (see
+    /// [`RedisSubscription::trimmed`](crate::RedisSubscription::trimmed));
+    /// an entry trimmed before any consumer of the group read it is
+    /// counted only where Redis can tell (see there).
     pub fn max_len(mut self, max_len: MaxLen) -> Self {
         self.max_len = Some(max_len);
         self
@@ -315,6 +345,14 @@ impl RedisPublisher {
     /// Whether the last command on the connection got an answer.
     pub fn is_connected(&self) -> bool {
         self.shared.health.is_connected()
+    }
+
+    /// Calls not sent because their caller had stopped waiting when their
+    /// batch was encoded (see
+    /// [Callers that stop waiting](RedisPublisher#callers-that-stop-waiting)),
+    /// since the publisher was made, over all its clones.
+    pub fn abandoned(&self) -> u64 {
+        self.shared.queue.abandoned()
     }
 
     /// Sends a `PING` and waits for the answer.
@@ -574,8 +612,9 @@ enum State {
 ///
 /// # Cancel safety
 ///
-/// Dropping the future does not withdraw the `XADD`: the event may be
-/// stored all the same.
+/// Dropping the future before the `XADD` is sent withdraws it (see
+/// [`RedisPublisher::abandoned`]); once it is on the wire, the event may
+/// be stored all the same.
 pub struct ResponseFuture {
     state: State,
     span: tracing::Span,

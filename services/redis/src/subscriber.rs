@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -19,7 +20,7 @@ use watchtower::{
     TopicPattern,
 };
 
-use crate::acks::{AckOp, ack_loop};
+use crate::acks::{AckOp, Trimmed, ack_loop};
 use crate::config::RedisConfig;
 use crate::error::{from_redis, is_busy_group, is_no_group};
 use crate::wire::{self, Entry};
@@ -52,8 +53,15 @@ pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 /// The dead-letter stream unless set.
 pub const DEFAULT_DEAD_LETTER_STREAM: &str = "watchtower:dead-letter";
 
+/// What a consumer is told of entries trimmed while pending.
+const TRIMMED_PENDING: &str = "entries read but not acknowledged were trimmed from the stream (MAXLEN) before they could be delivered again";
+
+/// What a consumer is told of entries trimmed before the group read them.
+const TRIMMED_UNREAD: &str =
+    "entries were trimmed from the stream (MAXLEN) before the consumer group read them";
+
 /// The most entry ids acknowledged by one `XACK`.
-const MAX_ACK_BATCH: usize = 1024;
+pub(crate) const MAX_ACK_BATCH: usize = 1024;
 
 /// Where an entry goes once it has been delivered more than the allowed
 /// number of times.
@@ -359,6 +367,9 @@ impl RedisSubscriber {
             held: Mutex::new(HashSet::new()),
             ack_tx,
             nack_tx,
+            trimmed: Arc::new(AtomicU64::new(0)),
+            unread_trimmed: Mutex::new(HashMap::new()),
+            gone: Mutex::new(RecentIds::default()),
         });
         let mut initial = Vec::new();
         for pattern in options.patterns() {
@@ -383,13 +394,18 @@ impl RedisSubscriber {
             shared.options.claim_idle,
             ephemeral.then(|| shared.streams.clone()),
             ack_rx,
-            MAX_ACK_BATCH,
+            Trimmed {
+                count: shared.trimmed.clone(),
+                items: tx.downgrade(),
+            },
         ));
+        let trimmed = shared.trimmed.clone();
         tokio::spawn(read_loop(shared.clone(), read_conn, tx.clone()));
         tokio::spawn(maintain(shared, tx, nack_rx));
         Ok(RedisSubscription {
             rx,
             ready: VecDeque::new(),
+            trimmed,
         })
     }
 }
@@ -435,11 +451,51 @@ struct Shared {
     held: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
     ack_tx: mpsc::UnboundedSender<AckOp>,
     nack_tx: mpsc::UnboundedSender<Nack>,
+    /// Entries found trimmed before they were delivered or settled.
+    trimmed: Arc<AtomicU64>,
+    /// Per stream: the group's last-delivered id when entries it had not
+    /// read were last found trimmed, and how many had been reported.
+    unread_trimmed: Mutex<HashMap<Arc<str>, (String, u64)>>,
+    /// Pending entries lately reported trimmed: reading the consumer's own
+    /// pending list and reclaiming can both come upon one before it leaves
+    /// the pending list.
+    gone: Mutex<RecentIds>,
+}
+
+/// The last [`RecentIds::CAPACITY`] entry ids seen, oldest dropped first.
+#[derive(Default)]
+struct RecentIds {
+    order: VecDeque<(Arc<str>, String)>,
+    set: HashSet<(Arc<str>, String)>,
+}
+
+impl RecentIds {
+    const CAPACITY: usize = 4096;
+
+    /// Whether `id` of `stream` is new; remembers it.
+    fn insert(&mut self, stream: &Arc<str>, id: &str) -> bool {
+        let key = (stream.clone(), id.to_owned());
+        if self.set.contains(&key) {
+            return false;
+        }
+        if self.order.len() == Self::CAPACITY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.order.push_back(key.clone());
+        self.set.insert(key);
+        true
+    }
 }
 
 /// Deliveries travel in batches: one channel operation per read, not per
 /// entry.
-type Tx = mpsc::Sender<Result<Vec<Delivery<RedisAcker>>, Error>>;
+type Tx = mpsc::Sender<Item>;
+
+/// What a subscription's tasks send it: a batch of deliveries, or an error
+/// to report.
+pub(crate) type Item = Result<Vec<Delivery<RedisAcker>>, Error>;
 
 struct Nack {
     stream: Arc<StreamInfo>,
@@ -724,7 +780,11 @@ impl Shared {
         counts: impl Fn(&str) -> u32,
     ) -> bool {
         let mut batch = Vec::with_capacity(entries.len());
+        let mut gone = Vec::new();
         for entry in entries {
+            if entry.fields.is_none() {
+                gone.push(entry.id.clone());
+            }
             let count = counts(&entry.id);
             match self.delivery(stream, entry, count).await {
                 Some(Ok(delivery)) => batch.push(delivery),
@@ -739,7 +799,124 @@ impl Shared {
                 None => {}
             }
         }
-        batch.is_empty() || tx.send(Ok(batch)).await.is_ok()
+        if !batch.is_empty() && tx.send(Ok(batch)).await.is_err() {
+            return false;
+        }
+        self.report_trimmed(tx, stream, gone.len() as u64, &gone, TRIMMED_PENDING)
+            .await
+    }
+
+    /// Reports `count` entries of `stream` trimmed before they were
+    /// delivered or settled (`ids`, those known): counts them, logs them,
+    /// and tells the consumer with an [`ErrorKind::Dropped`] item. Returns
+    /// false once the subscription is closed.
+    async fn report_trimmed(
+        &self,
+        tx: &Tx,
+        stream: &StreamInfo,
+        count: u64,
+        ids: &[String],
+        what: &str,
+    ) -> bool {
+        let fresh: Vec<String>;
+        let (count, ids) = if ids.is_empty() {
+            (count, ids)
+        } else {
+            let mut gone = self
+                .gone
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            fresh = ids
+                .iter()
+                .filter(|id| gone.insert(&stream.key, id))
+                .cloned()
+                .collect();
+            (fresh.len() as u64, &fresh[..])
+        };
+        if count == 0 {
+            return true;
+        }
+        self.trimmed.fetch_add(count, Ordering::Relaxed);
+        const SHOWN: usize = 16;
+        let mut shown = ids
+            .iter()
+            .take(SHOWN)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if ids.len() > SHOWN {
+            shown.push_str(&format!(" and {} more", ids.len() - SHOWN));
+        }
+        tracing::warn!(
+            stream = &*stream.key,
+            group = &*self.group,
+            count,
+            ids = %shown,
+            "{what}"
+        );
+        let message = if shown.is_empty() {
+            format!("{count} {what} (stream {:?})", stream.key)
+        } else {
+            format!("{count} {what} (stream {:?}: {shown})", stream.key)
+        };
+        tx.send(Err(Error::new(ErrorKind::Dropped, message)))
+            .await
+            .is_ok()
+    }
+
+    /// Of the `asked` ids that an `XCLAIM` did not return, those no longer
+    /// in the stream: Redis 7 drops them from the pending list without a
+    /// word.
+    async fn vanished(&self, key: &str, asked: &[&str], got: &[Entry]) -> Vec<String> {
+        let returned: HashSet<&str> = got.iter().map(|e| e.id.as_str()).collect();
+        let missing: Vec<&str> = asked
+            .iter()
+            .copied()
+            .filter(|id| !returned.contains(id))
+            .collect();
+        missing_from_stream(&mut self.conn.clone(), key, missing).await
+    }
+
+    /// Finds entries of `stream` trimmed before any consumer of the group
+    /// read them, and reports those not reported yet.
+    ///
+    /// The group's read counter (`entries-read`, Redis 7) says how many
+    /// entries it has gone past; `entries-added` how many the stream ever
+    /// had. When trimming has gone past the group's last-delivered id, the
+    /// stream holds only entries after it, so the entries added after the
+    /// group's position and no longer there were trimmed unread. Redis does
+    /// not always know the read counter (a group created at `$` that has
+    /// read nothing yet, a stream with entries deleted by `XDEL`): then
+    /// nothing is reported.
+    async fn check_unread_trimmed(&self, tx: &Tx, stream: &StreamInfo) -> bool {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("XINFO")
+            .arg("STREAM")
+            .arg(&*stream.key)
+            .cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&*stream.key);
+        let Ok((info, groups)) = pipe.query_async::<(Value, Value)>(&mut self.conn.clone()).await else {
+            return true;
+        };
+        let Some(trimmed) = unread_trimmed(&info, &groups, &self.group) else {
+            return true;
+        };
+        let (position, count) = trimmed;
+        let new = {
+            let mut seen = self
+                .unread_trimmed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let reported = match seen.get(&stream.key) {
+                Some((at, n)) if *at == position => *n,
+                _ => 0,
+            };
+            seen.insert(stream.key.clone(), (position, count.max(reported)));
+            count.saturating_sub(reported)
+        };
+        self.report_trimmed(tx, stream, new, &[], TRIMMED_UNREAD).await
     }
 
     fn release(&self, stream: &Arc<str>, id: Arc<str>) {
@@ -754,7 +931,9 @@ impl Shared {
 /// dedicated connection.
 async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, tx: Tx) {
     for stream in shared.snapshot() {
-        if !drain_own(&shared, &mut conn, &tx, &stream).await {
+        if !shared.check_unread_trimmed(&tx, &stream).await
+            || !drain_own(&shared, &mut conn, &tx, &stream).await
+        {
             return;
         }
     }
@@ -945,10 +1124,15 @@ async fn redeliver(shared: &Arc<Shared>, tx: &Tx, batch: Vec<Nack>) -> bool {
             .and_then(wire::parse_entries);
         match claimed {
             Ok(entries) => {
+                let asked: Vec<&str> = nacks.iter().map(|n| &*n.id).collect();
+                let gone = shared.vanished(&key, &asked, &entries).await;
                 let counts: HashMap<&str, u32> = nacks.iter().map(|n| (&*n.id, n.count + 1)).collect();
                 if !shared
                     .hand_over(tx, &stream, entries, |id| counts.get(id).copied().unwrap_or(2))
                     .await
+                    || !shared
+                        .report_trimmed(tx, &stream, gone.len() as u64, &gone, TRIMMED_PENDING)
+                        .await
                 {
                     return false;
                 }
@@ -968,6 +1152,9 @@ async fn redeliver(shared: &Arc<Shared>, tx: &Tx, batch: Vec<Nack>) -> bool {
 async fn reclaim(shared: &Arc<Shared>, tx: &Tx, cursors: &mut HashMap<Arc<str>, String>) -> bool {
     let idle = u64::try_from(shared.options.claim_idle.as_millis()).unwrap_or(u64::MAX);
     for stream in shared.snapshot() {
+        if !shared.check_unread_trimmed(tx, &stream).await {
+            return false;
+        }
         let cursor = cursors
             .entry(stream.key.clone())
             .or_insert_with(|| "0-0".to_owned());
@@ -989,7 +1176,7 @@ async fn reclaim(shared: &Arc<Shared>, tx: &Tx, cursors: &mut HashMap<Arc<str>, 
                 .await
                 .map_err(|e| from_redis(e, &format!("XAUTOCLAIM on {:?}", stream.key)))
                 .and_then(wire::parse_autoclaim_ids);
-            let (next, mut ids) = match claimed {
+            let (next, mut ids, deleted) = match claimed {
                 Ok(claimed) => claimed,
                 Err(e) => {
                     tracing::debug!(error = %e, "reclaiming failed; trying again later");
@@ -997,6 +1184,12 @@ async fn reclaim(shared: &Arc<Shared>, tx: &Tx, cursors: &mut HashMap<Arc<str>, 
                 }
             };
             *cursor = next;
+            if !shared
+                .report_trimmed(tx, &stream, deleted.len() as u64, &deleted, TRIMMED_PENDING)
+                .await
+            {
+                return false;
+            }
             {
                 let held = shared
                     .held
@@ -1023,7 +1216,17 @@ async fn reclaim(shared: &Arc<Shared>, tx: &Tx, cursors: &mut HashMap<Arc<str>, 
                     .map_err(|e| from_redis(e, &format!("XCLAIM on {:?}", stream.key)))
                     .and_then(wire::parse_entries)
                 {
-                    Ok(entries) => entries,
+                    Ok(entries) => {
+                        let asked: Vec<&str> = ids.iter().map(String::as_str).collect();
+                        let gone = shared.vanished(&stream.key, &asked, &entries).await;
+                        if !shared
+                            .report_trimmed(tx, &stream, gone.len() as u64, &gone, TRIMMED_PENDING)
+                            .await
+                        {
+                            return false;
+                        }
+                        entries
+                    }
                     Err(e) => {
                         // Still pending: claimed again on a later pass.
                         tracing::debug!(error = %e, "reclaiming failed; trying again later");
@@ -1085,6 +1288,40 @@ async fn rescan_streams(shared: &Arc<Shared>) {
 pub struct RedisSubscription {
     rx: mpsc::Receiver<Result<Vec<Delivery<RedisAcker>>, Error>>,
     ready: VecDeque<Delivery<RedisAcker>>,
+    trimmed: Arc<AtomicU64>,
+}
+
+impl RedisSubscription {
+    /// Entries this subscription found trimmed from their stream (by a
+    /// publisher's [`MaxLen`](crate::MaxLen), or `XTRIM`) before they were
+    /// delivered or settled. Each time some are found, the subscription
+    /// also yields an [`ErrorKind::Dropped`] item and logs a warning with
+    /// their ids.
+    ///
+    /// What is found:
+    ///
+    /// * entries read but not acknowledged (this consumer's own, read again
+    ///   when the subscription opens, or any consumer's, reclaimed after
+    ///   the claim idle time, or nacked), trimmed before they could be
+    ///   delivered again: Redis takes them off the pending list;
+    /// * deliveries dropped unsettled (released for reclaiming) whose
+    ///   entries were trimmed meanwhile (the item is left out if the
+    ///   subscription is gone or its buffer full);
+    /// * entries trimmed before any consumer of the group read them, when
+    ///   the subscription opens and at every
+    ///   [claim interval](RedisSubscriberBuilder::claim_interval), from the
+    ///   group's read counter (Redis 7): counted, without their ids.
+    ///
+    /// What is not: entries trimmed unread while Redis does not know the
+    /// group's read counter (a group created at the stream's end that has
+    /// read nothing since, a stream with entries deleted by `XDEL`), and
+    /// entries trimmed unread and gone past by the group between two
+    /// checks (the group reads past the gap before the next claim
+    /// interval). Size the trimming so that neither happens (see
+    /// [`RedisPublisherBuilder::max_len`](crate::RedisPublisherBuilder::max_len)).
+    pub fn trimmed(&self) -> u64 {
+        self.trimmed.load(Ordering::Relaxed)
+    }
 }
 
 impl fmt::Debug for RedisSubscription {
@@ -1260,6 +1497,68 @@ impl Drop for RedisAcker {
     fn drop(&mut self) {
         if !self.settled {
             self.shared.release(&self.stream.key, self.id.clone());
+        }
+    }
+}
+
+/// From `XINFO STREAM` and `XINFO GROUPS` replies: when entries were
+/// trimmed before `group` read them, its last-delivered id and how many.
+fn unread_trimmed(info: &Value, groups: &Value, group: &str) -> Option<(String, u64)> {
+    let int = |v: Option<&Value>| match v {
+        Some(Value::Int(n)) => u64::try_from(*n).ok(),
+        _ => None,
+    };
+    let length = int(wire::field(info, "length"))?;
+    let added = int(wire::field(info, "entries-added"))?;
+    let first = match wire::field(info, "first-entry") {
+        Some(Value::Array(entry)) => entry.first().and_then(wire::string_of),
+        _ => None,
+    };
+    let Value::Array(groups) = groups else {
+        return None;
+    };
+    let ours = groups
+        .iter()
+        .find(|g| wire::field(g, "name").and_then(wire::string_of).as_deref() == Some(group))?;
+    let last = wire::field(ours, "last-delivered-id").and_then(wire::string_of)?;
+    let read = int(wire::field(ours, "entries-read"))?;
+    // Only when trimming has gone past the group's position does the
+    // stream hold nothing but entries after it.
+    let past = match first.as_deref() {
+        Some(first) => wire::entry_id(first)? > wire::entry_id(&last)?,
+        None => true,
+    };
+    if !past {
+        return None;
+    }
+    let trimmed = added.checked_sub(read)?.checked_sub(length)?;
+    (trimmed > 0).then_some((last, trimmed))
+}
+
+/// Those of `ids` no longer in the stream `key` (one `XRANGE` each, in one
+/// pipeline; none when Redis cannot be asked).
+pub(crate) async fn missing_from_stream(
+    conn: &mut ConnectionManager,
+    key: &str,
+    ids: Vec<&str>,
+) -> Vec<String> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("XRANGE").arg(key).arg(*id).arg(*id);
+    }
+    match pipe.query_async::<Vec<Value>>(conn).await {
+        Ok(found) => ids
+            .into_iter()
+            .zip(found)
+            .filter(|(_, entries)| matches!(entries, Value::Array(e) if e.is_empty()))
+            .map(|(id, _)| id.to_owned())
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not check for trimmed entries");
+            Vec::new()
         }
     }
 }

@@ -233,7 +233,7 @@ pub(crate) fn parse_read(value: Value) -> Result<Vec<(String, Vec<Entry>)>, Erro
 
 /// Parses an `XAUTOCLAIM ... JUSTID` reply: the next cursor and the ids of
 /// the claimed entries.
-pub(crate) fn parse_autoclaim_ids(value: Value) -> Result<(String, Vec<String>), Error> {
+pub(crate) fn parse_autoclaim_ids(value: Value) -> Result<(String, Vec<String>, Vec<String>), Error> {
     let mut parts = into_items(value)
         .ok_or_else(|| malformed("XAUTOCLAIM"))?
         .into_iter();
@@ -241,15 +241,41 @@ pub(crate) fn parse_autoclaim_ids(value: Value) -> Result<(String, Vec<String>),
         .next()
         .and_then(into_string)
         .ok_or_else(|| malformed("XAUTOCLAIM cursor"))?;
-    let ids = match parts.next() {
-        None | Some(Value::Nil) => Vec::new(),
+    let ids = |part: Option<Value>| match part {
+        None | Some(Value::Nil) => Ok(Vec::new()),
         Some(ids) => into_items(ids)
             .ok_or_else(|| malformed("XAUTOCLAIM ids"))?
             .into_iter()
             .map(|id| into_string(id).ok_or_else(|| malformed("an XAUTOCLAIM id")))
-            .collect::<Result<_, _>>()?,
+            .collect::<Result<Vec<_>, _>>(),
     };
-    Ok((cursor, ids))
+    let claimed = ids(parts.next())?;
+    // Redis 7: the pending entries no longer in the stream, which it has
+    // taken off the pending list.
+    let deleted = ids(parts.next())?;
+    Ok((cursor, claimed, deleted))
+}
+
+/// A reply of field names and values (`XINFO`), as RESP2 pairs or a
+/// RESP3 map, looked up by name.
+pub(crate) fn field<'a>(reply: &'a Value, name: &str) -> Option<&'a Value> {
+    match reply {
+        Value::Array(items) => items
+            .chunks(2)
+            .find(|pair| string_of(&pair[0]).as_deref() == Some(name))
+            .and_then(|pair| pair.get(1)),
+        Value::Map(pairs) => pairs
+            .iter()
+            .find(|(k, _)| string_of(k).as_deref() == Some(name))
+            .map(|(_, v)| v),
+        _ => None,
+    }
+}
+
+/// A stream entry id as `(milliseconds, sequence)`, for comparing.
+pub(crate) fn entry_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// Parses the extended `XPENDING` reply into (id, delivery count) pairs.
@@ -430,7 +456,7 @@ mod tests {
             Value::Array(vec![bulk("1-0"), bulk("2-0")]),
             Value::Array(vec![bulk("3-0")]),
         ]);
-        let (cursor, ids) = parse_autoclaim_ids(claim).unwrap();
+        let (cursor, ids, _) = parse_autoclaim_ids(claim).unwrap();
         assert_eq!(
             (cursor.as_str(), ids),
             ("5-0", vec!["1-0".to_owned(), "2-0".to_owned()])

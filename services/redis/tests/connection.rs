@@ -30,6 +30,14 @@ enum Behaviour {
     Garbage,
     /// Reads everything and never answers.
     Silent,
+    /// Answers with `head`, then `tail` over and over until the client
+    /// goes away.
+    Flood {
+        head: &'static [u8],
+        tail: &'static [u8],
+    },
+    /// Answers with a reply one byte per write.
+    Trickle(&'static [u8]),
 }
 
 struct Fake {
@@ -53,8 +61,27 @@ impl Fake {
                     let n = client.read(&mut buf).await.unwrap_or(0);
                     let xadd = buf[..n].windows(4).any(|w| w == b"XADD");
                     if xadd && !done.swap(true, Ordering::SeqCst) {
-                        if let Behaviour::Garbage = behaviour {
-                            let _ = client.write_all(b"?what is this\r\n").await;
+                        match behaviour {
+                            Behaviour::Garbage => {
+                                let _ = client.write_all(b"?what is this\r\n").await;
+                            }
+                            Behaviour::Silent => {}
+                            Behaviour::Flood { head, tail } => {
+                                let mut sent = client.write_all(head).await.is_ok();
+                                while sent && !tail.is_empty() {
+                                    sent = client.write_all(tail).await.is_ok();
+                                }
+                            }
+                            Behaviour::Trickle(reply) => {
+                                let _ = client.set_nodelay(true);
+                                for byte in reply {
+                                    if client.write_all(&[*byte]).await.is_err() {
+                                        return;
+                                    }
+                                    let _ = client.flush().await;
+                                    tokio::task::yield_now().await;
+                                }
+                            }
                         }
                         while client.read(&mut buf).await.unwrap_or(0) > 0 {}
                         return;
@@ -147,6 +174,71 @@ async fn a_malformed_reply_fails_the_waiting_callers_and_the_next_call_connects_
     assert!(publisher.is_connected());
     // The garbage server stored nothing; the real one has the rest.
     assert_eq!(xlen(URL, &topic).await, ok as i64 + 1);
+    cleanup(URL, &ns).await;
+}
+
+fn repeat(piece: &[u8], times: usize) -> &'static [u8] {
+    piece.repeat(times).leak()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_replies_fail_the_call_at_their_limit_and_the_next_call_connects_again() {
+    let nested = [b"*1000\r\n".as_slice(), repeat(b":1\r\n", 1000)].concat().leak();
+    let cases: [(&[u8], &[u8], &str); 7] = [
+        // Each array within a per-array cap, the reply a million elements.
+        (b"*1000\r\n", nested, "too many elements"),
+        (repeat(b"*1\r\n", 100), b"", "arrays nested too deep"),
+        (
+            b"$9223372036854775807\r\n",
+            repeat(b"x", 65536),
+            "reply too large",
+        ),
+        (
+            b"*9223372036854775807\r\n",
+            repeat(b":1\r\n", 4096),
+            "too many elements",
+        ),
+        (b"$16000000\r\n", repeat(b"x", 65536), "reply too large"),
+        (b"-", repeat(b"e", 65536), "reply too large"),
+        (b"$5\r\nabcdefg", b"", "missing line end"),
+    ];
+    for (head, tail, why) in cases {
+        let ns = namespace("hostile");
+        let topic = format!("{ns}.t");
+        let fake = Fake::start(Behaviour::Flood { head, tail }).await;
+        let mut publisher = RedisPublisher::connect(RedisConfig::new(fake.url()))
+            .await
+            .unwrap();
+        let event = Event::new(topic.clone(), serde_json::json!({}));
+        let err = tokio::time::timeout(Duration::from_secs(20), publisher.publish(event.clone()))
+            .await
+            .expect("the call is answered")
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Connection, "{why}: {err}");
+        assert!(err.message().contains(why), "{why}: {err}");
+        assert_eq!(err.event().map(Event::id), Some(event.id()));
+        publisher
+            .publish(Event::new(topic.clone(), serde_json::json!({})))
+            .await
+            .unwrap();
+        assert_eq!(xlen(URL, &topic).await, 1, "{why}");
+        cleanup(URL, &ns).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_trickles_in_a_byte_at_a_time_answers_its_call() {
+    let ns = namespace("trickle");
+    let topic = format!("{ns}.t");
+    let fake = Fake::start(Behaviour::Trickle(b"$15\r\n1700000000000-7\r\n")).await;
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(fake.url()))
+        .await
+        .unwrap();
+    let receipt = publisher
+        .publish(Event::new(topic.clone(), serde_json::json!({})))
+        .await
+        .unwrap();
+    assert_eq!(receipt.message_id.as_deref(), Some("1700000000000-7"));
     cleanup(URL, &ns).await;
 }
 

@@ -384,3 +384,86 @@ async fn ten_thousand_publishes_through_the_layers_with_two_cuts_lose_nothing() 
     );
     cleanup(URL, &ns).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_whose_callers_timed_out_while_redis_was_frozen_are_not_sent() {
+    use tower::{ServiceBuilder, ServiceExt as _};
+
+    const N: usize = 10_000;
+    let server = RedisProcess::start(free_port(), &[]).await;
+    let ns = namespace("abandoned");
+    let topic = format!("{ns}.orders");
+    let publisher = RedisPublisher::builder(
+        // The connection itself outlasts the outage: only the callers'
+        // own timeout ends their wait.
+        RedisConfig::new(server.url()).response_timeout(Duration::from_secs(120)),
+    )
+    .max_pending(2 * N)
+    .connect()
+    .await
+    .unwrap();
+    publisher
+        .clone()
+        .publish(Event::new(topic.clone(), serde_json::json!({})))
+        .await
+        .unwrap();
+
+    server.freeze().await;
+    let mut stack = ServiceBuilder::new()
+        .timeout(Duration::from_millis(100))
+        .service(publisher.clone());
+    let events = numbered(&topic, N);
+    let mut callers = tokio::task::JoinSet::new();
+    for event in &events {
+        let call = stack.ready().await.unwrap().call(event.clone());
+        let id = event.id().to_owned();
+        callers.spawn(async move { (id, call.await.is_ok()) });
+    }
+    let mut told_ok = HashSet::new();
+    let mut timed_out = 0;
+    while let Some(told) = callers.join_next().await {
+        match told.unwrap() {
+            (id, true) => {
+                told_ok.insert(id);
+            }
+            (_, false) => timed_out += 1,
+        }
+    }
+    // Nothing can succeed while the server is frozen.
+    assert_eq!((told_ok.len(), timed_out), (0, N));
+    server.resume();
+    // The queue is first in, first out: once a later call is answered,
+    // every one before it was sent or dropped.
+    let mut last = publisher.clone();
+    last.publish(Event::new(topic.clone(), serde_json::json!({"last": true})))
+        .await
+        .unwrap();
+
+    let mut conn = common::raw(&server.url()).await;
+    let entries: Vec<(String, std::collections::HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
+        .arg(publisher.config().stream_key(&topic))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let known: HashSet<&[u8]> = events.iter().map(|e| e.id().as_bytes()).collect();
+    let mut stored = HashSet::new();
+    for (_, fields) in &entries {
+        let id = fields.get("id").expect("an id field").as_slice();
+        if known.contains(id) {
+            assert!(stored.insert(id.to_vec()), "{id:?} stored twice");
+        }
+    }
+    let abandoned = publisher.abandoned();
+    // The first call and the last are stored; of the timed-out ones, only
+    // those already on the wire when their callers gave up (at most four
+    // batches of 512), and every other one was dropped unsent.
+    assert_eq!(entries.len(), stored.len() + 2);
+    assert_eq!(stored.len() as u64 + abandoned, N as u64);
+    assert!(
+        stored.len() <= 4 * 512,
+        "{} timed-out events stored",
+        stored.len()
+    );
+}

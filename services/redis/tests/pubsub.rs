@@ -774,3 +774,188 @@ async fn own_pending_entries_and_reclaiming_do_not_deliver_an_entry_twice() {
     assert_eq!(pending(&mut conn, &topic, "workers").await, 0);
     cleanup(URL, &ns).await;
 }
+
+/// Three entries read by `taker` and never acknowledged, then ten more
+/// published with `MAXLEN = 5`: the three pending entries and five the
+/// group never read are trimmed. A subscription of `consumer` must report
+/// all eight and deliver the five left.
+async fn trimmed_entries_are_reported(case: &str, consumer: &str, claim_idle: Duration) {
+    let ns = namespace(case);
+    let topic = format!("{ns}.jobs");
+    let mut conn = raw(URL).await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&topic)
+        .arg("workers")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
+        .max_len(MaxLen::Exact(5))
+        .connect()
+        .await
+        .unwrap();
+    let sent = numbered(&topic, 13);
+    for event in &sent[..3] {
+        publisher.publish(event.clone()).await.unwrap();
+    }
+    let read: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("workers")
+        .arg("taker")
+        .arg("COUNT")
+        .arg(3)
+        .arg("STREAMS")
+        .arg(&topic)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(matches!(read, redis::Value::Array(_)), "{read:?}");
+    let pending_ids: Vec<String> = redis::cmd("XRANGE")
+        .arg(&topic)
+        .arg("-")
+        .arg("+")
+        .query_async::<Vec<(String, std::collections::HashMap<String, Vec<u8>>)>>(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(pending_ids.len(), 3);
+    for event in &sent[3..] {
+        publisher.publish(event.clone()).await.unwrap();
+    }
+
+    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
+        .consumer(consumer.to_owned())
+        .claim_idle(claim_idle)
+        .claim_interval(Duration::from_millis(50))
+        .connect()
+        .await
+        .unwrap();
+    let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
+    let mut subscription = subscriber.open(options).await.unwrap();
+    let mut delivered = Vec::new();
+    let mut reports = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        // Each report starts with how many entries it is about.
+        let reported = |reports: &[String]| -> u64 {
+            reports
+                .iter()
+                .map(|r| r.split(' ').next().unwrap().parse::<u64>().unwrap())
+                .sum()
+        };
+        while delivered.len() < 5 || reported(&reports) < 8 {
+            match subscription.next().await.expect("subscription open") {
+                Ok(delivery) => {
+                    delivered.push(delivery.event().expect("an event").clone());
+                    delivery.ack().await.unwrap();
+                }
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::Dropped, "{e}");
+                    reports.push(e.message().to_owned());
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{case}: {} delivered, {} trimmed, {reports:?}",
+            delivered.len(),
+            subscription.trimmed()
+        )
+    });
+    assert_eq!(subscription.trimmed(), 8, "{case}: {reports:?}");
+    assert_eq!(delivered, sent[8..], "{case}");
+    // The pending ones are named in a report; the unread ones counted.
+    for id in &pending_ids {
+        assert!(
+            reports.iter().any(|r| r.contains(id.as_str())),
+            "{case}: {id} in {reports:?}"
+        );
+    }
+    assert!(
+        reports.iter().any(|r| r.starts_with("5 entries were trimmed")),
+        "{case}: {reports:?}"
+    );
+    assert_eq!(pending(&mut conn, &topic, "workers").await, 0, "{case}");
+    drop(subscription);
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_trimmed_while_pending_or_before_being_read_are_reported() {
+    // The consumer that read them opens again: its own pending list.
+    trimmed_entries_are_reported("trim-own", "taker", Duration::from_secs(600)).await;
+    // Another consumer reclaims them.
+    trimmed_entries_are_reported("trim-claim", "other", Duration::from_millis(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_dropped_after_its_entry_was_trimmed_is_reported() {
+    let ns = namespace("trim-release");
+    let topic = format!("{ns}.jobs");
+    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
+        // Only the release of the dropped deliveries can find them.
+        .claim_interval(Duration::from_secs(600))
+        .connect()
+        .await
+        .unwrap();
+    let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
+    let mut subscription = subscriber.open(options).await.unwrap();
+    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    for event in numbered(&topic, 3) {
+        publisher.publish(event).await.unwrap();
+    }
+    let held = vec![
+        next(&mut subscription).await,
+        next(&mut subscription).await,
+        next(&mut subscription).await,
+    ];
+    let mut conn = raw(URL).await;
+    let ids: Vec<String> = redis::cmd("XRANGE")
+        .arg(&topic)
+        .arg("-")
+        .arg("+")
+        .query_async::<Vec<(String, std::collections::HashMap<String, Vec<u8>>)>>(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(&topic)
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    drop(held);
+    // The releases may travel in more than one batch: one report each.
+    let mut reports = String::new();
+    let mut count = 0;
+    while count < 3 {
+        let report = tokio::time::timeout(WAIT, subscription.next())
+            .await
+            .expect("a report within the wait")
+            .expect("subscription open")
+            .map(drop)
+            .expect_err("a report, not a delivery");
+        assert_eq!(report.kind(), ErrorKind::Dropped);
+        let (n, what) = report.message().split_once(' ').unwrap();
+        assert!(what.starts_with("entries delivered and released"), "{report}");
+        count += n.parse::<usize>().unwrap();
+        reports.push_str(report.message());
+    }
+    for id in &ids {
+        assert!(reports.contains(id.as_str()), "{id} in {reports}");
+    }
+    assert_eq!(subscription.trimmed(), 3);
+    assert_eq!(pending(&mut conn, &topic, "workers").await, 0);
+    drop(subscription);
+    cleanup(URL, &ns).await;
+}

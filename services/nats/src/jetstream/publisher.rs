@@ -39,6 +39,19 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// window is full or the connection is down). A future dropped before its
 /// acknowledgement came gives the slot back; the event may still be stored.
 ///
+/// # Duplicates
+///
+/// A caller told [`ErrorKind::Timeout`] or [`ErrorKind::Connection`] (or
+/// whose own timeout fired while it waited for the PubAck) cannot know
+/// whether the stream stored its event; a message handed to the client
+/// while the connection was down goes out when it comes back. Retrying it
+/// is safe within the stream's duplicate window (`duplicate_window`, two
+/// minutes by default): the `Nats-Msg-Id` header carries the event id, the
+/// server stores the event once and answers the retry with
+/// [`duplicate`](Receipt::duplicate) set. A retry later than the window
+/// stores it again; a consumer that must not act twice can then skip event
+/// ids it has handled.
+///
 /// # Errors
 ///
 /// [`ErrorKind::Timeout`] when no acknowledgement came within the request

@@ -31,7 +31,7 @@ async fn round_trip_in_binary_mode_readable_by_plain_clients() {
         .await
         .unwrap();
     let mut raw = client.raw().subscribe(format!("{ns}.>")).await.unwrap();
-    client.raw().flush().await.unwrap();
+    client.round_trip().await.unwrap();
 
     let event = Event::builder(topic.clone())
         .subject("42")
@@ -74,7 +74,7 @@ async fn calls_hand_events_over_in_call_order() {
     let client = local().await;
     let subject = format!("{}.order", unique("wt"));
     let mut raw = client.raw().subscribe(subject.clone()).await.unwrap();
-    client.raw().flush().await.unwrap();
+    client.round_trip().await.unwrap();
     let mut publisher = NatsPublisher::new(client.clone());
     let events = numbered(&subject, 200);
     let futures = call_all(&mut publisher, &events).await;
@@ -107,7 +107,8 @@ async fn calls_past_a_full_client_queue_wait_for_room_and_all_arrive() {
     let reader = local().await;
     let subject = format!("{}.full", unique("wt"));
     let mut raw = reader.raw().subscribe(subject.clone()).await.unwrap();
-    reader.raw().flush().await.unwrap();
+    // The subscription must be on the server before the first publish.
+    reader.round_trip().await.unwrap();
     let mut publisher = NatsPublisher::new(client.clone());
     let events = numbered(&subject, 500);
     let futures = call_all(&mut publisher, &events).await;
@@ -343,4 +344,57 @@ async fn ready_and_healthy_when_connected() {
     poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
     publisher.health().await.unwrap();
     assert!(client.stats().connects >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_subscription_gets_what_another_connection_publishes_right_after() {
+    // `open` returns once the server has the subscription: a message another
+    // connection publishes at once must arrive, every time.
+    let client = local().await;
+    let other = local().await;
+    let subscriber = NatsSubscriber::new(client.clone());
+    let ns = unique("wt");
+    for i in 0..200 {
+        let topic = format!("{ns}.{i}");
+        let mut sub = subscriber
+            .open(SubscribeOptions::new([topic.clone()]).unwrap())
+            .await
+            .unwrap();
+        other
+            .raw()
+            .publish(topic.clone(), Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        other.raw().flush().await.unwrap();
+        // A message that is not an event arrives as a poison item: either
+        // way, something must arrive.
+        let item = tokio::time::timeout(PATIENCE, sub.next()).await;
+        assert!(
+            matches!(item, Ok(Some(_))),
+            "iteration {i}: nothing arrived for a subscription opened before the publish"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_waits_for_a_raw_subscription() {
+    let client = local().await;
+    let other = local().await;
+    let ns = unique("wt");
+    for i in 0..200 {
+        let topic = format!("{ns}.{i}");
+        let mut raw = client.raw().subscribe(topic.clone()).await.unwrap();
+        client.round_trip().await.unwrap();
+        other
+            .raw()
+            .publish(topic.clone(), Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        other.raw().flush().await.unwrap();
+        let message = tokio::time::timeout(PATIENCE, raw.next())
+            .await
+            .unwrap_or_else(|_| panic!("iteration {i}: the message did not arrive"))
+            .expect("subscription open");
+        assert_eq!(&message.payload[..], b"x");
+    }
 }

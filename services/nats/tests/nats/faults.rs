@@ -12,7 +12,7 @@ use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber};
 use watchtower_nats::jetstream::StreamConfig;
 use watchtower_nats::{
     ConsumerSettings, JetStreamPublisher, JetStreamSubscriber, NatsClient, NatsConfig, NatsPublisher,
-    WhenDisconnected,
+    NatsSubscriber, WhenDisconnected,
 };
 
 use crate::support::{PATIENCE, PrivateServer, numbered, unique};
@@ -76,6 +76,29 @@ async fn readiness_and_health_follow_the_connection() {
         .publish(Event::new("a.b", serde_json::json!({})))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_subscribe_time_out_on_a_server_that_does_not_answer() {
+    // A frozen server keeps the TCP connection up: only a round trip to it
+    // can tell that it is not answering.
+    let server = PrivateServer::start().await;
+    let client = NatsClient::connect(config(&server.url()).request_timeout(Duration::from_millis(500)))
+        .await
+        .unwrap();
+    client.health().await.unwrap();
+    server.freeze().await;
+    let e = client.health().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    assert!(client.is_connected(), "the connection itself is still up");
+    let e = NatsSubscriber::new(client.clone())
+        .open(SubscribeOptions::new(["frozen.>"]).unwrap())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    server.resume();
+    client.health().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

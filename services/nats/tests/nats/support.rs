@@ -122,6 +122,43 @@ impl PrivateServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): its connections stay open but it
+    /// answers nothing until [`resume`](Self::resume).
+    pub async fn freeze(&self) {
+        self.signal("-STOP");
+        // The signal is sent, not yet acted on: a thread of the server may
+        // still be running. Wait until every thread is stopped.
+        let pid = self.pid();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !all_threads_stopped(pid) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the server stopped");
+    }
+
+    /// Lets a frozen server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("a running nats-server")
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.pid();
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill command");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     /// Kills the server (SIGKILL) and starts it again on the same port and
     /// store.
     pub async fn restart(&mut self) {
@@ -139,6 +176,13 @@ impl PrivateServer {
 impl Drop for PrivateServer {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
+            // A frozen server does not die of SIGKILL until it runs again
+            // on some systems; make sure it can.
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-CONT", &pid.to_string()])
+                    .status();
+            }
             let _ = child.start_kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -165,4 +209,18 @@ where
         futures.push(publisher.call(event.clone()));
     }
     futures
+}
+
+/// Whether every thread of process `pid` is stopped (state `T`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
 }

@@ -164,6 +164,40 @@ impl RedisProcess {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and commands
+    /// wait, unanswered, until [`resume`](Self::resume).
+    pub async fn freeze(&self) {
+        self.signal("-STOP");
+        // The signal is sent, not yet acted on: a thread of the server may
+        // still be running. Wait until every thread is stopped.
+        let pid = self.pid();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !all_threads_stopped(pid) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the server stopped");
+    }
+
+    /// Lets a frozen server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("a running redis-server")
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.pid();
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill command");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     pub async fn kill(mut self) {
         self.child.kill().await.unwrap();
     }
@@ -174,4 +208,18 @@ pub fn numbered(topic: &str, n: usize) -> Vec<watchtower::Event> {
     (0..n)
         .map(|i| watchtower::Event::new(topic.to_owned(), serde_json::json!({"i": i})))
         .collect()
+}
+
+/// Whether every thread of process `pid` is stopped (state `T`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
 }
