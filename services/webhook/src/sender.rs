@@ -96,6 +96,11 @@ pub enum ContentMode {
     Structured,
     /// The event's data as body, its type in `content-type`, attributes in
     /// `ce-` headers (CloudEvents HTTP binary mode).
+    ///
+    /// The Standard Webhooks signature covers the id, the timestamp and the
+    /// body, not the `ce-` headers, so this crate's receiver refuses binary
+    /// mode unless told otherwise
+    /// ([`WebhookVerifier::binary_mode`](crate::WebhookVerifier::binary_mode)).
     Binary,
 }
 
