@@ -337,3 +337,60 @@ async fn binary_mode_is_refused_by_default_so_forged_ce_headers_never_reach_the_
     assert_eq!(got.id(), "msg_binary0001");
     assert_eq!(got.ty(), "order.placed");
 }
+
+/// Sends a request head and the first chunk of a chunked body that never
+/// ends, and returns the status line of the answer.
+async fn never_ending_body(url: &str, headers: &str) -> String {
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let head = format!(
+        "POST /{path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/cloudevents+json\r\n\
+         {headers}transfer-encoding: chunked\r\n\r\n400\r\n{}\r\n",
+        "x".repeat(0x400)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The client keeps the connection open and sends nothing more.
+    let mut answer = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 1024];
+        while !answer.windows(2).any(|w| w == b"\r\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("no answer while the body was still open");
+    let answer = String::from_utf8_lossy(&answer);
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn headers_are_checked_before_the_body_is_read() {
+    let r = receiver(verifier()).await;
+    // No webhook-* header at all.
+    let status = never_ending_body(&r.url, "").await;
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    // A timestamp outside the tolerance.
+    let stale = format!(
+        "webhook-id: msg_1\r\nwebhook-timestamp: {}\r\nwebhook-signature: v1,AAAA\r\n",
+        now() - 3600
+    );
+    let status = never_ending_body(&r.url, &stale).await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+    assert_eq!(r.calls.get(), 0);
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_answered_with_a_timeout() {
+    let r = receiver(verifier().body_timeout(std::time::Duration::from_millis(200))).await;
+    let headers = format!(
+        "webhook-id: msg_1\r\nwebhook-timestamp: {}\r\nwebhook-signature: v1,AAAA\r\n",
+        now()
+    );
+    let status = never_ending_body(&r.url, &headers).await;
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    assert_eq!(r.calls.get(), 0);
+}
