@@ -14,7 +14,8 @@
 //! | 2xx | `Ok(Receipt)` |
 //! | 3xx | [`ErrorKind::Rejected`], not retryable: redirects are not followed |
 //! | 410 | [`ErrorKind::Gone`]; the endpoint is disabled until [`WebhookSender::enable`] |
-//! | 429, 502, 503, 504 | [`ErrorKind::Throttled`], retryable, with `Retry-After` as [`Error::retry_after`] |
+//! | 429, 502, 503, 504 | [`ErrorKind::Throttled`], retryable, with `Retry-After` as [`Error::retry_after`] (capped, see [`max_retry_after`](WebhookSenderBuilder::max_retry_after)) |
+//! | 409 | [`ErrorKind::Rejected`], not retryable: see below |
 //! | other 4xx | [`ErrorKind::Rejected`], not retryable |
 //! | other 5xx | [`ErrorKind::Other`], retryable (the endpoint failed, not the event) |
 //! | timeout | [`ErrorKind::Timeout`], retryable |
@@ -23,6 +24,19 @@
 //!
 //! Retries, circuit breaking and dead-lettering are layers on top; the
 //! sender makes one attempt per call.
+//!
+//! A `409 Conflict` is final. Receivers that deduplicate by `webhook-id`
+//! answer it when they already hold the id, so every retry with the same id
+//! would conflict again; the event goes to the dead-letter queue, where the
+//! answer can be looked at, instead of being retried until the schedule
+//! runs out. (This crate's receiver never answers `409`: a duplicate of a
+//! handled delivery gets `200`, an attempt still in progress `503`.)
+//!
+//! `Retry-After` is read as delay-seconds or an HTTP date; a number too
+//! large for 64 bits saturates, and any hint is capped at
+//! [`max_retry_after`](WebhookSenderBuilder::max_retry_after), so that an
+//! endpoint cannot park an event (or overflow a timer) with
+//! `Retry-After: 18446744073709551615`.
 //!
 //! # Example
 //!
@@ -151,6 +165,7 @@ struct Shared {
     mode: ContentMode,
     max_payload: usize,
     max_response_body: usize,
+    max_retry_after: Duration,
     rate: Option<RateLimiter>,
     disabled: Mutex<Option<Arc<str>>>,
 }
@@ -406,7 +421,8 @@ async fn classify(shared: &Shared, mut response: reqwest::Response, event: &Even
     let retry_after = response
         .headers()
         .get(http::header::RETRY_AFTER)
-        .and_then(parse_retry_after);
+        .and_then(parse_retry_after)
+        .map(|after| after.min(shared.max_retry_after));
     let body = read_bounded(&mut response, shared.max_response_body).await;
     if status.is_success() {
         return Ok(Receipt::new(shared.name.clone(), event));
@@ -432,6 +448,12 @@ async fn classify(shared: &Shared, mut response: reqwest::Response, event: &Even
                 None => err,
             }
         }
+        409 => shared
+            .error(
+                ErrorKind::Rejected,
+                format_args!("{answered} (the endpoint already holds this webhook-id)"),
+            )
+            .with_retryable(false),
         400..=499 => shared.error(ErrorKind::Rejected, answered).with_retryable(false),
         // The endpoint failed, not the event: `Other` (retryable) counts
         // against a circuit breaker, where `Rejected` would not.
@@ -478,10 +500,21 @@ async fn read_bounded(response: &mut reqwest::Response, limit: usize) -> Vec<u8>
     body
 }
 
-/// `Retry-After` as delay-seconds or an HTTP date.
+/// `Retry-After` as delay-seconds (digits only; a number past `u64::MAX`
+/// saturates to it) or an HTTP date (a past date is zero). `None` for
+/// anything else. Never panics; cap the result before adding it to an
+/// instant, as the sender does with
+/// [`max_retry_after`](WebhookSenderBuilder::max_retry_after).
 pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
-    let text = value.to_str().ok()?.trim();
-    if let Ok(seconds) = text.parse::<u64>() {
+    parse_retry_after_bytes(value.as_bytes())
+}
+
+/// [`parse_retry_after`] of raw header bytes.
+#[doc(hidden)]
+pub fn parse_retry_after_bytes(value: &[u8]) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        let seconds = text.parse::<u64>().unwrap_or(u64::MAX);
         return Some(Duration::from_secs(seconds));
     }
     let at = httpdate::parse_http_date(text).ok()?;
@@ -499,6 +532,7 @@ pub struct WebhookSenderBuilder {
     connect_timeout: Duration,
     max_payload: usize,
     max_response_body: usize,
+    max_retry_after: Duration,
     https_only: bool,
     ssrf_guard: bool,
     allow: AllowList,
@@ -533,6 +567,7 @@ impl WebhookSenderBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_payload: DEFAULT_MAX_PAYLOAD,
             max_response_body: DEFAULT_MAX_RESPONSE_BODY,
+            max_retry_after: Duration::from_secs(60 * 60),
             https_only: false,
             ssrf_guard: true,
             allow: AllowList::new(),
@@ -602,6 +637,16 @@ impl WebhookSenderBuilder {
     /// [`DEFAULT_MAX_RESPONSE_BODY`]).
     pub fn max_response_body(mut self, bytes: usize) -> Self {
         self.max_response_body = bytes;
+        self
+    }
+
+    /// The longest `Retry-After` taken from an endpoint (default 1 hour:
+    /// past the longest step of a usual retry schedule, so an honest hint
+    /// is kept, yet an endpoint cannot park an event for days or overflow a
+    /// retry layer's timer). Longer hints, numbers past `u64::MAX` and
+    /// far-future dates become this.
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
         self
     }
 
@@ -721,6 +766,7 @@ impl WebhookSenderBuilder {
                 mode: self.mode,
                 max_payload: self.max_payload,
                 max_response_body: self.max_response_body,
+                max_retry_after: self.max_retry_after,
                 rate: self.rate.map(|(n, per)| RateLimiter::new(n, per)),
                 disabled: Mutex::new(None),
             }),
@@ -765,6 +811,31 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
+    }
+
+    #[test]
+    fn retry_after_saturates_and_refuses_what_is_not_a_number_or_date() {
+        let max = Some(Duration::from_secs(u64::MAX));
+        for (text, expect) in [
+            ("18446744073709551615", max),
+            ("18446744073709551616", max),
+            ("99999999999999999999999999999999999999", max),
+            ("0", Some(Duration::ZERO)),
+            (" 12 ", Some(Duration::from_secs(12))),
+            ("-1", None),
+            ("+5", None),
+            ("1.5", None),
+            ("", None),
+            ("Fri, 31 Dec 9999 23:59:59 GMT", None),
+        ] {
+            let got = parse_retry_after_bytes(text.as_bytes());
+            if text.starts_with("Fri") {
+                assert!(got.is_some_and(|d| d > Duration::from_secs(200 * 365 * 86_400)));
+            } else {
+                assert_eq!(got, expect, "{text:?}");
+            }
+        }
+        assert_eq!(parse_retry_after_bytes(&[0xff, b'1']), None);
     }
 
     #[tokio::test(start_paused = true)]
