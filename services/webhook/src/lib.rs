@@ -63,7 +63,7 @@ pub use receiver::{
     VerifyError, VerifyErrorKind, WebhookReceiver, WebhookReceiverLayer, WebhookVerifier, verify,
 };
 pub use sender::{ContentMode, Health, WebhookSender, WebhookSenderBuilder};
-pub use signature::Secret;
+pub use signature::{PublicKey, Secret, SigningKey};
 
 /// Everything a program using the webhook transport needs:
 /// `use watchtower_webhook::prelude::*;`.

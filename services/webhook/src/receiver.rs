@@ -109,7 +109,7 @@ use watchtower::codec::{self, Binding};
 use watchtower::{BoxError, Error, ErrorKind, Event};
 
 use crate::sender::{WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP};
-use crate::signature::{self, Secret};
+use crate::signature::{self, KeyRing, Secret, VerifyKey};
 
 /// ±5 minutes, the Standard Webhooks recommendation: wide enough for clock
 /// skew, narrow enough that a captured request soon stops working.
@@ -256,12 +256,13 @@ struct SignedHeaders<'a> {
     signatures: &'a str,
 }
 
-/// Checks requests against one or more secrets. See the [module docs](self).
+/// Checks requests against one or more keys. See the [module docs](self).
 ///
-/// Cloning is cheap; clones share the replay memory.
+/// Cloning is cheap; clones share the keys (a [rotation](Self::rotate)
+/// applies to all) and the replay memory.
 #[derive(Clone)]
 pub struct WebhookVerifier {
-    secrets: Arc<[Secret]>,
+    keys: Arc<KeyRing<VerifyKey>>,
     tolerance: Duration,
     max_body: usize,
     body_timeout: Duration,
@@ -273,7 +274,7 @@ pub struct WebhookVerifier {
 impl fmt::Debug for WebhookVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookVerifier")
-            .field("secrets", &self.secrets.len())
+            .field("keys", &self.keys.live_len())
             .field("tolerance", &self.tolerance)
             .field("max_body", &self.max_body)
             .field("body_timeout", &self.body_timeout)
@@ -284,23 +285,38 @@ impl fmt::Debug for WebhookVerifier {
 }
 
 impl WebhookVerifier {
-    /// A verifier accepting signatures by any of `secrets` (`whsec_<base64>`).
+    /// A verifier accepting signatures by any of `keys`: shared secrets
+    /// `whsec_<base64>` (`v1` signatures) and Ed25519 public keys
+    /// `whpk_<base64>` (`v1a`), in any mix.
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] if a secret is malformed or there is none.
-    pub fn new<I, S>(secrets: I) -> Result<WebhookVerifier, Error>
+    /// [`ErrorKind::Config`] if a key is malformed or there is none.
+    pub fn new<I, S>(keys: I) -> Result<WebhookVerifier, Error>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        Ok(WebhookVerifier::from_secrets(signature::parse_secrets(secrets)?))
+        let keys = keys
+            .into_iter()
+            .map(|key| VerifyKey::new(key.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if keys.is_empty() {
+            return Err(Error::config("at least one webhook key is required"));
+        }
+        Ok(WebhookVerifier::from_keys(keys))
     }
 
     /// A verifier from parsed secrets.
     pub fn from_secrets(secrets: impl Into<Arc<[Secret]>>) -> WebhookVerifier {
+        let secrets: Arc<[Secret]> = secrets.into();
+        WebhookVerifier::from_keys(secrets.iter().cloned().map(VerifyKey::Symmetric))
+    }
+
+    /// A verifier from parsed keys, secrets and public keys alike.
+    pub fn from_keys(keys: impl IntoIterator<Item = VerifyKey>) -> WebhookVerifier {
         WebhookVerifier {
-            secrets: secrets.into(),
+            keys: Arc::new(KeyRing::new(keys.into_iter().collect())),
             tolerance: DEFAULT_TOLERANCE,
             max_body: DEFAULT_MAX_BODY,
             body_timeout: Duration::from_secs(10),
@@ -321,6 +337,16 @@ impl WebhookVerifier {
     pub fn max_body(mut self, bytes: usize) -> Self {
         self.max_body = bytes;
         self
+    }
+
+    /// Accepts signatures by `key` from now on, and by the keys accepted
+    /// until now for `grace` longer, so that requests the sender signed
+    /// with the old key (or with both, during its own rotation) keep
+    /// passing. Applies to every clone, the one inside a
+    /// [`WebhookReceiverLayer`] included. `Duration::ZERO` retires the old
+    /// keys at once.
+    pub fn rotate(&self, key: impl Into<VerifyKey>, grace: Duration) {
+        self.keys.rotate(key.into(), grace);
     }
 
     /// The largest body accepted.
@@ -462,13 +488,10 @@ impl WebhookVerifier {
         if body.len() > self.max_body {
             return Err(too_large(self.max_body));
         }
-        if !signature::matches(
-            &self.secrets,
-            signed.id,
-            signed.timestamp,
-            body,
-            signed.signatures,
-        ) {
+        let matched = self.keys.with_live(|keys| {
+            signature::verify_any(keys, signed.id, signed.timestamp, body, signed.signatures)
+        });
+        if !matched {
             return Err(VerifyError::new(
                 VerifyErrorKind::InvalidSignature,
                 "no matching webhook signature",

@@ -3,7 +3,8 @@
 //! Each event is POSTed with the Standard Webhooks headers: `webhook-id`
 //! (the event id, the same on every retry so the receiver can deduplicate),
 //! `webhook-timestamp` (fresh per attempt) and `webhook-signature` (one
-//! `v1,` signature per active secret, over the exact bytes sent). The body
+//! signature per active key over the exact bytes sent: `v1,` for a shared
+//! secret, `v1a,` for an Ed25519 signing key). The body
 //! is the CloudEvents structured JSON by default, or the event's data with
 //! `ce-` headers in [`ContentMode::Binary`].
 //!
@@ -21,6 +22,13 @@
 //! | timeout | [`ErrorKind::Timeout`], retryable |
 //! | connection failure | [`ErrorKind::Connection`], retryable |
 //! | address refused by the SSRF guard | [`ErrorKind::Rejected`], not retryable |
+//!
+//! # Key rotation
+//!
+//! [`WebhookSender::rotate`] starts signing with a new key at run time and
+//! keeps signing with the old ones for a grace period, so every request
+//! carries both signatures (space-separated, as the specification allows)
+//! until the receiver has the new key; a receiver holding either accepts.
 //!
 //! Retries, circuit breaking and dead-lettering are layers on top; the
 //! sender makes one attempt per call.
@@ -71,7 +79,7 @@ use watchtower::codec::{self, Binding};
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::rate::RateLimiter;
-use crate::signature::{self, Secret};
+use crate::signature::{self, KeyRing, Secret, Signer, SigningKey};
 use crate::ssrf::{AllowList, Guard, Refused};
 
 /// The `webhook-id` header.
@@ -161,7 +169,7 @@ struct Shared {
     name: Arc<str>,
     url: reqwest::Url,
     client: reqwest::Client,
-    secrets: Vec<Secret>,
+    keys: KeyRing<Signer>,
     mode: ContentMode,
     max_payload: usize,
     max_response_body: usize,
@@ -200,6 +208,15 @@ impl WebhookSender {
     pub fn disable(&self, reason: impl Into<Arc<str>>) {
         *self.shared.disabled() = Some(reason.into());
     }
+
+    /// Signs with `key` from now on, and with the keys in use until now for
+    /// `grace` longer: during the grace period each request carries every
+    /// signature, so a receiver that knows only the old key and one that
+    /// knows only the new one both accept it. Applies to every clone.
+    /// `Duration::ZERO` retires the old keys at once.
+    pub fn rotate(&self, key: impl Into<Signer>, grace: Duration) {
+        self.shared.keys.rotate(key.into(), grace);
+    }
 }
 
 impl Clone for WebhookSender {
@@ -215,7 +232,7 @@ impl fmt::Debug for WebhookSender {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookSender")
             .field("name", &self.shared.name)
-            .field("secrets", &self.shared.secrets.len())
+            .field("keys", &self.shared.keys.live_len())
             .field("mode", &self.shared.mode)
             .field("health", &self.health())
             .finish()
@@ -397,7 +414,9 @@ async fn deliver(shared: Arc<Shared>, event: Event) -> Result<Receipt, Error> {
             .with_retryable(false));
     }
     let timestamp = unix_now();
-    let signature = signature::sign(&shared.secrets, wire.id(), timestamp, &body);
+    let signature = shared
+        .keys
+        .with_live(|keys| signature::sign_with(keys, wire.id(), timestamp, &body));
     headers.insert(WEBHOOK_ID, header_value(&shared, "the event id", wire.id())?);
     headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
     headers.insert(
@@ -525,7 +544,7 @@ pub fn parse_retry_after_bytes(value: &[u8]) -> Option<Duration> {
 pub struct WebhookSenderBuilder {
     url: String,
     name: Option<String>,
-    secrets: Vec<Secret>,
+    secrets: Vec<Signer>,
     error: Option<Error>,
     mode: ContentMode,
     timeout: Duration,
@@ -583,12 +602,13 @@ impl WebhookSenderBuilder {
         self
     }
 
-    /// Adds a signing secret, `whsec_<base64>`. With several, each request
-    /// carries one signature per secret (for rotation). At least one is
-    /// required; a bad one fails [`build`](Self::build).
+    /// Adds a signing key: a shared secret `whsec_<base64>` (`v1`
+    /// signatures) or an Ed25519 signing key `whsk_<base64>` (`v1a`). With
+    /// several, each request carries one signature per key (for rotation).
+    /// At least one is required; a bad one fails [`build`](Self::build).
     pub fn secret(mut self, secret: &str) -> Self {
-        match Secret::new(secret) {
-            Ok(secret) => self.secrets.push(secret),
+        match Signer::new(secret) {
+            Ok(key) => self.secrets.push(key),
             Err(err) => {
                 self.error.get_or_insert(err);
             }
@@ -596,9 +616,15 @@ impl WebhookSenderBuilder {
         self
     }
 
-    /// Adds a parsed secret.
+    /// Adds a parsed secret (`v1`).
     pub fn secret_key(mut self, secret: Secret) -> Self {
-        self.secrets.push(secret);
+        self.secrets.push(Signer::Symmetric(secret));
+        self
+    }
+
+    /// Adds a parsed Ed25519 signing key (`v1a`).
+    pub fn signing_key(mut self, key: SigningKey) -> Self {
+        self.secrets.push(Signer::Asymmetric(key));
         self
     }
 
@@ -762,7 +788,7 @@ impl WebhookSenderBuilder {
                 name,
                 url,
                 client,
-                secrets: self.secrets,
+                keys: KeyRing::new(self.secrets),
                 mode: self.mode,
                 max_payload: self.max_payload,
                 max_response_body: self.max_response_body,
