@@ -248,6 +248,17 @@ pub struct Verified {
     pub timestamp: i64,
 }
 
+impl Verified {
+    /// What a request verified elsewhere said about itself, to
+    /// [decode](WebhookVerifier::decode) its event.
+    pub fn new(id: impl Into<String>, timestamp: i64) -> Verified {
+        Verified {
+            id: id.into(),
+            timestamp,
+        }
+    }
+}
+
 /// The `webhook-*` headers of a request whose timestamp is within the
 /// tolerance; the signature is not checked yet.
 struct SignedHeaders<'a> {

@@ -23,6 +23,17 @@
 //! | connection failure | [`ErrorKind::Connection`], retryable |
 //! | address refused by the SSRF guard | [`ErrorKind::Rejected`], not retryable |
 //!
+//! # Disabled endpoints
+//!
+//! An endpoint is disabled by a `410 Gone`, by [`WebhookSender::disable`],
+//! or, with [`disable_after`](WebhookSenderBuilder::disable_after), when
+//! every attempt has failed for a whole window. A disabled endpoint fails
+//! each delivery with [`ErrorKind::Gone`] without a request (a dead-letter
+//! layer then keeps the events) until [`WebhookSender::enable`]. Every
+//! change of [`Health`] is published on a `tokio::sync::watch` channel
+//! ([`WebhookSender::subscribe_health`]), so the application can tell the
+//! endpoint's owner.
+//!
 //! # Key rotation
 //!
 //! [`WebhookSender::rotate`] starts signing with a new key at run time and
@@ -67,12 +78,14 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 use watchtower::codec::{self, Binding};
@@ -132,9 +145,10 @@ pub enum ContentMode {
 pub enum Health {
     /// Deliveries are attempted.
     Active,
-    /// The endpoint answered `410 Gone`; deliveries fail with
-    /// [`ErrorKind::Gone`] without a request until
-    /// [`WebhookSender::enable`].
+    /// The endpoint answered `410 Gone`, failed for the whole
+    /// [`disable_after`](WebhookSenderBuilder::disable_after) window, or was
+    /// disabled by hand; deliveries fail with [`ErrorKind::Gone`] without a
+    /// request until [`WebhookSender::enable`].
     Disabled {
         /// Why it was disabled.
         reason: Arc<str>,
@@ -175,7 +189,13 @@ struct Shared {
     max_response_body: usize,
     max_retry_after: Duration,
     rate: Option<RateLimiter>,
-    disabled: Mutex<Option<Arc<str>>>,
+    health: watch::Sender<Health>,
+    disable_after: Option<Duration>,
+    /// Whether the last attempt failed, read before taking the lock below
+    /// on every success.
+    failing: AtomicBool,
+    /// When the current run of failures began.
+    failing_since: Mutex<Option<Instant>>,
 }
 
 impl WebhookSender {
@@ -191,22 +211,42 @@ impl WebhookSender {
 
     /// Whether the endpoint takes deliveries.
     pub fn health(&self) -> Health {
-        match &*self.shared.disabled() {
-            None => Health::Active,
-            Some(reason) => Health::Disabled {
-                reason: reason.clone(),
-            },
-        }
+        self.shared.health.borrow().clone()
     }
 
-    /// Re-enables an endpoint disabled by a `410 Gone`.
+    /// Every change of the endpoint's [`Health`], as it happens: disabled
+    /// by a `410 Gone`, by sustained failure
+    /// ([`disable_after`](WebhookSenderBuilder::disable_after)) or by hand,
+    /// and enabled again. The receiver starts at the current health.
+    ///
+    /// ```no_run
+    /// # async fn watch(sender: watchtower_webhook::WebhookSender) {
+    /// let mut health = sender.subscribe_health();
+    /// while health.changed().await.is_ok() {
+    ///     if let watchtower_webhook::Health::Disabled { reason } = &*health.borrow() {
+    ///         eprintln!("webhook endpoint {} disabled: {reason}", sender.name());
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn subscribe_health(&self) -> watch::Receiver<Health> {
+        self.shared.health.subscribe()
+    }
+
+    /// Re-enables a disabled endpoint; its failure window starts afresh.
     pub fn enable(&self) {
-        *self.shared.disabled() = None;
+        *self.shared.failing_since() = None;
+        self.shared.failing.store(false, Ordering::Relaxed);
+        self.shared.health.send_if_modified(|health| {
+            let changed = !health.is_active();
+            *health = Health::Active;
+            changed
+        });
     }
 
     /// Disables the endpoint, as a `410 Gone` would.
     pub fn disable(&self, reason: impl Into<Arc<str>>) {
-        *self.shared.disabled() = Some(reason.into());
+        self.shared.disable(reason.into());
     }
 
     /// Signs with `key` from now on, and with the keys in use until now for
@@ -302,8 +342,46 @@ impl fmt::Debug for ResponseFuture {
 }
 
 impl Shared {
-    fn disabled(&self) -> std::sync::MutexGuard<'_, Option<Arc<str>>> {
-        self.disabled.lock().unwrap_or_else(|e| e.into_inner())
+    fn failing_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.failing_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Disables the endpoint unless it is already; true if it was active.
+    fn disable(&self, reason: Arc<str>) -> bool {
+        self.health.send_if_modified(|health| {
+            if !health.is_active() {
+                return false;
+            }
+            *health = Health::Disabled { reason };
+            true
+        })
+    }
+
+    /// Counts one attempt that reached the endpoint (or tried to), for
+    /// [`WebhookSenderBuilder::disable_after`].
+    fn track(&self, ok: bool) {
+        let Some(window) = self.disable_after else {
+            return;
+        };
+        if ok {
+            if self.failing.swap(false, Ordering::Relaxed) {
+                *self.failing_since() = None;
+            }
+            return;
+        }
+        self.failing.store(true, Ordering::Relaxed);
+        let now = Instant::now();
+        let since = *self.failing_since().get_or_insert(now);
+        if now.duration_since(since) >= window {
+            let reason = format!("every attempt failed for {}s", window.as_secs());
+            if self.disable(Arc::from(reason)) {
+                tracing::warn!(
+                    endpoint = %self.name,
+                    window_secs = window.as_secs(),
+                    "webhook endpoint failed for the whole window and is disabled"
+                );
+            }
+        }
     }
 
     fn error(&self, kind: ErrorKind, what: impl fmt::Display) -> Error {
@@ -390,7 +468,7 @@ fn encode(shared: &Shared, event: &Event) -> Result<(Bytes, HeaderMap), Error> {
 }
 
 async fn deliver(shared: Arc<Shared>, event: Event) -> Result<Receipt, Error> {
-    if let Some(reason) = shared.disabled().clone() {
+    if let Health::Disabled { reason } = &*shared.health.borrow() {
         return Err(shared.error(ErrorKind::Gone, format_args!("disabled: {reason}")));
     }
     let wire = if event.extension(ENDPOINT_EXTENSION).is_some() {
@@ -424,15 +502,19 @@ async fn deliver(shared: Arc<Shared>, event: Event) -> Result<Receipt, Error> {
         header_value(&shared, "the signature", &signature)?,
     );
 
-    let response = shared
+    let sent = shared
         .client
         .post(shared.url.clone())
         .headers(headers)
         .body(body)
         .send()
-        .await
-        .map_err(|e| shared.transport_error(e))?;
-    classify(&shared, response, &event).await
+        .await;
+    let result = match sent {
+        Ok(response) => classify(&shared, response, &event).await,
+        Err(err) => Err(shared.transport_error(err)),
+    };
+    shared.track(result.is_ok());
+    result
 }
 
 async fn classify(shared: &Shared, mut response: reqwest::Response, event: &Event) -> Result<Receipt, Error> {
@@ -456,7 +538,7 @@ async fn classify(shared: &Shared, mut response: reqwest::Response, event: &Even
             .with_retryable(false),
         410 => {
             let reason: Arc<str> = Arc::from(format!("answered {status}"));
-            *shared.disabled() = Some(reason);
+            shared.disable(reason);
             tracing::warn!(endpoint = %shared.name, "webhook endpoint answered 410 Gone and is disabled");
             shared.error(ErrorKind::Gone, format_args!("{answered}; endpoint disabled"))
         }
@@ -556,6 +638,7 @@ pub struct WebhookSenderBuilder {
     ssrf_guard: bool,
     allow: AllowList,
     rate: Option<(u32, Duration)>,
+    disable_after: Option<Duration>,
     tls: Option<rustls::ClientConfig>,
 }
 
@@ -591,6 +674,7 @@ impl WebhookSenderBuilder {
             ssrf_guard: true,
             allow: AllowList::new(),
             rate: None,
+            disable_after: None,
             tls: None,
         }
     }
@@ -713,6 +797,20 @@ impl WebhookSenderBuilder {
         self
     }
 
+    /// Disables the endpoint once every attempt has failed for `window`:
+    /// when an attempt fails `window` or more after the first failure since
+    /// the last success (default: never; only a `410 Gone` disables). A
+    /// failure is any answer but 2xx, a timeout or a connection failure;
+    /// an event refused before sending (too large, not encodable) does not
+    /// count. The change is published on
+    /// [`subscribe_health`](WebhookSender::subscribe_health). Standard
+    /// Webhooks senders commonly use days (Svix: 5 days), long enough to
+    /// outlast an outage and a weekend.
+    pub fn disable_after(mut self, window: Duration) -> Self {
+        self.disable_after = Some(window);
+        self
+    }
+
     /// The TLS configuration (default: rustls with the ring provider and
     /// the platform's certificate verifier).
     pub fn tls_config(mut self, config: rustls::ClientConfig) -> Self {
@@ -794,7 +892,10 @@ impl WebhookSenderBuilder {
                 max_response_body: self.max_response_body,
                 max_retry_after: self.max_retry_after,
                 rate: self.rate.map(|(n, per)| RateLimiter::new(n, per)),
-                disabled: Mutex::new(None),
+                health: watch::Sender::new(Health::Active),
+                disable_after: self.disable_after,
+                failing: AtomicBool::new(false),
+                failing_since: Mutex::new(None),
             }),
             slot: Slot::None,
         })
