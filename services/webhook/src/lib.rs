@@ -47,6 +47,19 @@
 //! # Ok(()) }
 //! ```
 
+//!
+//! # Fuzzing
+//!
+//! `fuzz/` holds `cargo fuzz` targets for what reads outside input: the
+//! receiver's header, signature and body decoding (`receiver_request`),
+//! `webhook-signature` parsing and checking (`signature_header`) and
+//! `Retry-After` parsing (`retry_after`). On a stable toolchain, from
+//! `services/webhook/fuzz`:
+//!
+//! ```text
+//! CARGO_TARGET_DIR=/tmp/fuzz-target RUSTC_BOOTSTRAP=1 cargo fuzz run receiver_request -- -max_total_time=300
+//! ```
+
 #![forbid(unsafe_code)]
 // Library code never panics on input it does not control.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
