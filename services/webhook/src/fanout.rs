@@ -26,6 +26,13 @@
 //! the endpoints that succeeded; retry inside the per-endpoint layer
 //! instead), and its [`source`](std::error::Error::source) is the report.
 //!
+//! An endpoint whose sender is disabled (a `410 Gone`, or every attempt
+//! failing for its [`disable_after`](crate::WebhookSenderBuilder::disable_after)
+//! window) fails at once with
+//! [`ErrorKind::Gone`](watchtower::ErrorKind::Gone) and holds up nothing;
+//! [`WebhookFanOut::subscribe_health`] tells the application when that
+//! happens.
+//!
 //! The fan-out is always ready; bound it with tower's `ConcurrencyLimit`
 //! in front if callers may outrun the endpoints.
 //!
@@ -153,6 +160,22 @@ impl<S> WebhookFanOut<S> {
         self.routes
             .iter()
             .map(|r| (r.endpoint.sender.name().clone(), r.endpoint.sender.health()))
+            .collect()
+    }
+
+    /// Each endpoint's name and a receiver of its [`Health`] changes (see
+    /// [`WebhookSender::subscribe_health`]): how the application learns
+    /// that an endpoint was disabled by a `410 Gone` or by sustained
+    /// failure ([`disable_after`](crate::WebhookSenderBuilder::disable_after)).
+    pub fn subscribe_health(&self) -> Vec<(Arc<str>, tokio::sync::watch::Receiver<Health>)> {
+        self.routes
+            .iter()
+            .map(|r| {
+                (
+                    r.endpoint.sender.name().clone(),
+                    r.endpoint.sender.subscribe_health(),
+                )
+            })
             .collect()
     }
 

@@ -47,6 +47,19 @@
 //! # Ok(()) }
 //! ```
 
+//!
+//! # Fuzzing
+//!
+//! `fuzz/` holds `cargo fuzz` targets for what reads outside input: the
+//! receiver's header, signature and body decoding (`receiver_request`),
+//! `webhook-signature` parsing and checking (`signature_header`) and
+//! `Retry-After` parsing (`retry_after`). On a stable toolchain, from
+//! `services/webhook/fuzz`:
+//!
+//! ```text
+//! CARGO_TARGET_DIR=/tmp/fuzz-target RUSTC_BOOTSTRAP=1 cargo fuzz run receiver_request -- -max_total_time=300
+//! ```
+
 #![forbid(unsafe_code)]
 // Library code never panics on input it does not control.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -63,7 +76,7 @@ pub use receiver::{
     VerifyError, VerifyErrorKind, WebhookReceiver, WebhookReceiverLayer, WebhookVerifier, verify,
 };
 pub use sender::{ContentMode, Health, WebhookSender, WebhookSenderBuilder};
-pub use signature::Secret;
+pub use signature::{PublicKey, Secret, SigningKey};
 
 /// Everything a program using the webhook transport needs:
 /// `use watchtower_webhook::prelude::*;`.

@@ -10,28 +10,66 @@
 //! and body at hand.
 //!
 //! [`WebhookReceiverLayer`] wraps a handler `Service<Event>` into an HTTP
-//! service for axum or hyper: it reads the body up to the limit, verifies
-//! the request, decodes the event and calls the handler, answering
+//! service for axum or hyper. It checks the `webhook-*` headers (present,
+//! timestamp within the tolerance) *before* reading the body, so a request
+//! that cannot be genuine costs no body read; then it reads the body up to
+//! the limit and within the [body timeout](WebhookVerifier::body_timeout),
+//! verifies the signature, decodes the event and calls the handler,
+//! answering
 //!
 //! | outcome | status |
 //! |---|---|
 //! | handled | `204 No Content` |
+//! | duplicate of a delivery already handled (with [`WebhookVerifier::reject_replays`]) | `200 OK`, handler not called |
+//! | same `webhook-id` still being handled (with [`WebhookVerifier::reject_replays`]) | `503 Service Unavailable` with `Retry-After` |
 //! | missing or malformed `webhook-*` header, body not an event | `400 Bad Request` |
-//! | bad signature, timestamp outside the tolerance | `401 Unauthorized` |
-//! | `webhook-id` replayed (with [`WebhookVerifier::reject_replays`]) | `409 Conflict` |
+//! | bad signature, timestamp outside the tolerance, `webhook-id` ≠ `ce-id` | `401 Unauthorized` |
+//! | body not sent within the body timeout | `408 Request Timeout` |
 //! | body over the limit | `413 Payload Too Large` |
+//! | CloudEvents binary mode, not accepted (the default) | `415 Unsupported Media Type` |
 //! | not a `POST` | `405 Method Not Allowed` |
-//! | handler failed, retryable | `500` (or `503` with `Retry-After` when the error has a hint) |
+//! | handler failed, retryable, or panicked | `500` (or `503` with `Retry-After` when the error has a hint) |
 //! | handler failed, not retryable | `422 Unprocessable Entity` |
 //!
+//! # Duplicates and retries
+//!
+//! With [`reject_replays`](WebhookVerifier::reject_replays) the replay
+//! memory is keyed by the verified `webhook-id` (never by the event's own
+//! id, which a sender may choose differently, as Svix's `msg_…` ids are).
+//! An id is *in progress* from verification until its handler finishes:
+//! only a handler that succeeded makes the id *done*. A handler that fails,
+//! panics, or is cancelled (the client disconnected and the server dropped
+//! the request) forgets the id — a drop guard does it on every path — so
+//! the sender's retry is handled. A retry that arrives while the first
+//! attempt still runs gets a retryable `503` with `Retry-After`, never a
+//! final answer. A duplicate of a delivery that was handled is answered
+//! `200 OK` without calling the handler: the sender evidently did not hear
+//! the first answer, and Standard Webhooks senders take any 2xx as
+//! delivered, whereas many take `409` as a final failure and would report
+//! (or dead-letter) an event that was in fact handled.
+//!
+//! # Binary mode is unsigned
+//!
+//! The signature covers `webhook-id`, `webhook-timestamp` and the body,
+//! nothing else. A CloudEvents *binary-mode* request carries the event's
+//! attributes (`ce-type`, `ce-source`, …) in headers, which anyone who
+//! captured a request can change without breaking the signature. The
+//! receiver therefore refuses binary mode unless
+//! [`binary_mode`](WebhookVerifier::binary_mode) accepts it; then the
+//! `ce-id` must equal the signed `webhook-id`, and every other `ce-`
+//! attribute is unauthenticated: the handler must not trust it. Structured
+//! mode (the sender's default) signs the whole event.
+//!
 //! A body is decoded as structured CloudEvents JSON when its content type
-//! says so, as binary mode when `ce-specversion` is present, and otherwise
-//! as a plain webhook: an event whose id is the `webhook-id`, whose type is
-//! the JSON body's `type` field (or `webhook`), and whose data is the body.
+//! says so, as binary mode when `ce-specversion` is present (and accepted),
+//! and otherwise as a plain webhook: an event whose id is the `webhook-id`,
+//! whose type is the JSON body's `type` field (or `webhook`), and whose
+//! data is the body.
 //!
 //! # Example
 //!
 //! ```
+//! use std::time::Duration;
 //! use tower::{service_fn, ServiceBuilder};
 //! use watchtower::Event;
 //! use watchtower_webhook::{WebhookReceiverLayer, WebhookVerifier};
@@ -39,6 +77,7 @@
 //! # fn main() -> Result<(), watchtower::Error> {
 //! let verifier = WebhookVerifier::new(["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])?
 //!     .max_body(256 * 1024)
+//!     .body_timeout(Duration::from_secs(5))
 //!     .reject_replays(100_000);
 //! let hooks = ServiceBuilder::new()
 //!     .layer(WebhookReceiverLayer::new(verifier))
@@ -54,12 +93,14 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -68,7 +109,7 @@ use watchtower::codec::{self, Binding};
 use watchtower::{BoxError, Error, ErrorKind, Event};
 
 use crate::sender::{WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP};
-use crate::signature::{self, Secret};
+use crate::signature::{self, KeyRing, Secret, VerifyKey};
 
 /// ±5 minutes, the Standard Webhooks recommendation: wide enough for clock
 /// skew, narrow enough that a captured request soon stops working.
@@ -95,8 +136,21 @@ pub enum VerifyErrorKind {
     InvalidSignature,
     /// The body is larger than the limit.
     BodyTooLarge,
-    /// The `webhook-id` was already received within the tolerance window.
+    /// The body did not arrive within the body timeout.
+    BodyTimeout,
+    /// The `webhook-id` was already received and handled within the
+    /// tolerance window: a duplicate.
     Replayed,
+    /// The `webhook-id` is being handled right now by an earlier attempt;
+    /// a retry later will learn its outcome.
+    InProgress,
+    /// The request is in CloudEvents binary mode, whose `ce-` headers the
+    /// signature does not cover, and binary mode is not accepted (see
+    /// [`WebhookVerifier::binary_mode`]).
+    BinaryMode,
+    /// In binary mode, the `ce-id` header differs from the signed
+    /// `webhook-id`.
+    IdMismatch,
     /// The body is not a valid event.
     InvalidEvent,
 }
@@ -106,6 +160,7 @@ pub enum VerifyErrorKind {
 pub struct VerifyError {
     kind: VerifyErrorKind,
     detail: String,
+    retry_after: Option<Duration>,
 }
 
 impl VerifyError {
@@ -113,6 +168,7 @@ impl VerifyError {
         VerifyError {
             kind,
             detail: detail.into(),
+            retry_after: None,
         }
     }
 
@@ -121,7 +177,19 @@ impl VerifyError {
         self.kind
     }
 
-    /// The status to answer with: 400, 401, 409 or 413.
+    /// The status to answer with:
+    ///
+    /// * `400` for a missing or malformed header or event,
+    /// * `401` for a bad signature, a timestamp outside the tolerance, or a
+    ///   `ce-id` that is not the signed `webhook-id`,
+    /// * `408` for a body that did not arrive in time,
+    /// * `413` for a body over the limit,
+    /// * `415` for binary mode when it is not accepted,
+    /// * `503` (with [`retry_after`](Self::retry_after)) for an id still in
+    ///   progress,
+    /// * `200` for a duplicate of a delivery already handled: the sender
+    ///   must stop retrying, and Standard Webhooks senders take a 2xx as
+    ///   delivered (see the [module docs](self)).
     pub fn status(&self) -> StatusCode {
         match self.kind {
             VerifyErrorKind::MissingHeader
@@ -129,10 +197,20 @@ impl VerifyError {
             | VerifyErrorKind::InvalidEvent => StatusCode::BAD_REQUEST,
             VerifyErrorKind::TimestampTooOld
             | VerifyErrorKind::TimestampTooNew
-            | VerifyErrorKind::InvalidSignature => StatusCode::UNAUTHORIZED,
+            | VerifyErrorKind::InvalidSignature
+            | VerifyErrorKind::IdMismatch => StatusCode::UNAUTHORIZED,
+            VerifyErrorKind::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             VerifyErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            VerifyErrorKind::Replayed => StatusCode::CONFLICT,
+            VerifyErrorKind::BinaryMode => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            VerifyErrorKind::InProgress => StatusCode::SERVICE_UNAVAILABLE,
+            VerifyErrorKind::Replayed => StatusCode::OK,
         }
+    }
+
+    /// How long the sender should wait before retrying, for
+    /// [`VerifyErrorKind::InProgress`]; sent as `Retry-After`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 }
 
@@ -148,9 +226,15 @@ impl From<VerifyError> for Error {
     fn from(err: VerifyError) -> Error {
         let kind = match err.kind {
             VerifyErrorKind::InvalidEvent => ErrorKind::Decode,
+            VerifyErrorKind::InProgress => ErrorKind::Throttled,
             _ => ErrorKind::Rejected,
         };
-        Error::new(kind, err.detail.clone()).with_source(err)
+        let retry_after = err.retry_after;
+        let error = Error::new(kind, err.detail.clone()).with_source(err);
+        match retry_after {
+            Some(after) => error.with_retry_after(after),
+            None => error,
+        }
     }
 }
 
@@ -164,48 +248,91 @@ pub struct Verified {
     pub timestamp: i64,
 }
 
-/// Checks requests against one or more secrets. See the [module docs](self).
+impl Verified {
+    /// What a request verified elsewhere said about itself, to
+    /// [decode](WebhookVerifier::decode) its event.
+    pub fn new(id: impl Into<String>, timestamp: i64) -> Verified {
+        Verified {
+            id: id.into(),
+            timestamp,
+        }
+    }
+}
+
+/// The `webhook-*` headers of a request whose timestamp is within the
+/// tolerance; the signature is not checked yet.
+struct SignedHeaders<'a> {
+    id: &'a str,
+    timestamp: i64,
+    signatures: &'a str,
+}
+
+/// Checks requests against one or more keys. See the [module docs](self).
 ///
-/// Cloning is cheap; clones share the replay memory.
+/// Cloning is cheap; clones share the keys (a [rotation](Self::rotate)
+/// applies to all) and the replay memory.
 #[derive(Clone)]
 pub struct WebhookVerifier {
-    secrets: Arc<[Secret]>,
+    keys: Arc<KeyRing<VerifyKey>>,
     tolerance: Duration,
     max_body: usize,
+    body_timeout: Duration,
+    binary_mode: bool,
+    in_progress_retry_after: Duration,
     replay: Option<Arc<ReplayCache>>,
 }
 
 impl fmt::Debug for WebhookVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookVerifier")
-            .field("secrets", &self.secrets.len())
+            .field("keys", &self.keys.live_len())
             .field("tolerance", &self.tolerance)
             .field("max_body", &self.max_body)
+            .field("body_timeout", &self.body_timeout)
+            .field("binary_mode", &self.binary_mode)
             .field("reject_replays", &self.replay.is_some())
             .finish()
     }
 }
 
 impl WebhookVerifier {
-    /// A verifier accepting signatures by any of `secrets` (`whsec_<base64>`).
+    /// A verifier accepting signatures by any of `keys`: shared secrets
+    /// `whsec_<base64>` (`v1` signatures) and Ed25519 public keys
+    /// `whpk_<base64>` (`v1a`), in any mix.
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] if a secret is malformed or there is none.
-    pub fn new<I, S>(secrets: I) -> Result<WebhookVerifier, Error>
+    /// [`ErrorKind::Config`] if a key is malformed or there is none.
+    pub fn new<I, S>(keys: I) -> Result<WebhookVerifier, Error>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        Ok(WebhookVerifier::from_secrets(signature::parse_secrets(secrets)?))
+        let keys = keys
+            .into_iter()
+            .map(|key| VerifyKey::new(key.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if keys.is_empty() {
+            return Err(Error::config("at least one webhook key is required"));
+        }
+        Ok(WebhookVerifier::from_keys(keys))
     }
 
     /// A verifier from parsed secrets.
     pub fn from_secrets(secrets: impl Into<Arc<[Secret]>>) -> WebhookVerifier {
+        let secrets: Arc<[Secret]> = secrets.into();
+        WebhookVerifier::from_keys(secrets.iter().cloned().map(VerifyKey::Symmetric))
+    }
+
+    /// A verifier from parsed keys, secrets and public keys alike.
+    pub fn from_keys(keys: impl IntoIterator<Item = VerifyKey>) -> WebhookVerifier {
         WebhookVerifier {
-            secrets: secrets.into(),
+            keys: Arc::new(KeyRing::new(keys.into_iter().collect())),
             tolerance: DEFAULT_TOLERANCE,
             max_body: DEFAULT_MAX_BODY,
+            body_timeout: Duration::from_secs(10),
+            binary_mode: false,
+            in_progress_retry_after: Duration::from_secs(5),
             replay: None,
         }
     }
@@ -223,21 +350,69 @@ impl WebhookVerifier {
         self
     }
 
+    /// Accepts signatures by `key` from now on, and by the keys accepted
+    /// until now for `grace` longer, so that requests the sender signed
+    /// with the old key (or with both, during its own rotation) keep
+    /// passing. Applies to every clone, the one inside a
+    /// [`WebhookReceiverLayer`] included. `Duration::ZERO` retires the old
+    /// keys at once.
+    pub fn rotate(&self, key: impl Into<VerifyKey>, grace: Duration) {
+        self.keys.rotate(key.into(), grace);
+    }
+
     /// The largest body accepted.
     pub fn max_body_len(&self) -> usize {
         self.max_body
     }
 
+    /// The time the whole body may take to arrive once the headers passed
+    /// (default 10 s: a sender sends its body right after the headers, and
+    /// Standard Webhooks senders give up on a request after 15–30 s, so a
+    /// body slower than that is a stalled or hostile client holding a
+    /// connection). A late body is answered `408 Request Timeout`.
+    pub fn body_timeout(mut self, timeout: Duration) -> Self {
+        self.body_timeout = timeout;
+        self
+    }
+
+    /// Accepts CloudEvents binary mode (default: refused with `415`).
+    ///
+    /// The trade-off: the signature does not cover the `ce-` headers, so
+    /// with binary mode accepted, anyone holding one captured request can
+    /// replay it within the tolerance with other `ce-type`, `ce-source`,
+    /// `ce-subject`, … and the handler sees those forged attributes (only
+    /// the data and the id are authenticated). The receiver does require
+    /// `ce-id` to equal the signed `webhook-id` (else `401`), so a forged
+    /// request is still a replay of the same id. Accept binary mode only
+    /// from senders that cannot send structured mode, and let the handler
+    /// trust nothing but the id and the data.
+    pub fn binary_mode(mut self, accept: bool) -> Self {
+        self.binary_mode = accept;
+        self
+    }
+
+    /// The `Retry-After` sent with the `503` that answers a retry arriving
+    /// while the same `webhook-id` is still being handled (default 5 s: a
+    /// handler is expected to finish in a few seconds, and a sender that
+    /// heeds the header then learns the outcome on its next attempt).
+    pub fn in_progress_retry_after(mut self, after: Duration) -> Self {
+        self.in_progress_retry_after = after;
+        self
+    }
+
     /// Refuses a verified `webhook-id` seen before within the tolerance
     /// window, remembering up to `capacity` ids (the oldest are forgotten
-    /// first when full). An id whose handler failed is forgotten, so that
-    /// the sender's retry is accepted.
+    /// first when full). Ids are keyed by the verified `webhook-id`; see
+    /// the [module docs](self) for how in-progress, failed and handled ids
+    /// are answered.
     pub fn reject_replays(mut self, capacity: usize) -> Self {
         self.replay = Some(Arc::new(ReplayCache::new(capacity)));
         self
     }
 
-    /// Verifies a request now.
+    /// Verifies a request now. With replay memory, the id counts as handled
+    /// from here on: call [`forget`](Self::forget) if handling fails, or use
+    /// [`claim`](Self::claim) instead, which does it on every path.
     ///
     /// # Errors
     ///
@@ -252,19 +427,51 @@ impl WebhookVerifier {
     ///
     /// As [`verify`](Self::verify).
     pub fn verify_at(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<Verified, VerifyError> {
+        let signed = self.signed_headers(headers, now)?;
+        self.check_signature(&signed, body)?;
+        let claim = self.claim_id(&signed, now)?;
+        claim.complete();
+        Ok(Verified {
+            id: signed.id.to_owned(),
+            timestamp: signed.timestamp,
+        })
+    }
+
+    /// Verifies a request now and, with replay memory, marks its id as in
+    /// progress until the returned [`Claim`] is [completed](Claim::complete)
+    /// (the id is then handled) or dropped (the id is forgotten, so the
+    /// sender's retry is accepted). Without replay memory the claim does
+    /// nothing.
+    ///
+    /// # Errors
+    ///
+    /// As [`verify`](Self::verify); [`VerifyErrorKind::InProgress`] while
+    /// another claim on the same id is alive.
+    pub fn claim(&self, headers: &HeaderMap, body: &[u8]) -> Result<(Verified, Claim), VerifyError> {
+        let now = unix_now();
+        let signed = self.signed_headers(headers, now)?;
+        self.check_signature(&signed, body)?;
+        let claim = self.claim_id(&signed, now)?;
+        let verified = Verified {
+            id: signed.id.to_owned(),
+            timestamp: signed.timestamp,
+        };
+        Ok((verified, claim))
+    }
+
+    /// The three `webhook-*` headers, present and text, with the timestamp
+    /// within the tolerance: all that can be checked without the body.
+    fn signed_headers<'a>(&self, headers: &'a HeaderMap, now: i64) -> Result<SignedHeaders<'a>, VerifyError> {
         let id = header(headers, WEBHOOK_ID)?;
         let timestamp = header(headers, WEBHOOK_TIMESTAMP)?;
         let signatures = header(headers, WEBHOOK_SIGNATURE)?;
-        if body.len() > self.max_body {
-            return Err(too_large(self.max_body));
-        }
         let timestamp: i64 = timestamp.trim().parse().map_err(|_| {
             VerifyError::new(
                 VerifyErrorKind::InvalidHeader,
                 "webhook-timestamp is not an integer",
             )
         })?;
-        let tolerance = i64::try_from(self.tolerance.as_secs()).unwrap_or(i64::MAX);
+        let tolerance = self.tolerance_secs();
         if now.saturating_sub(timestamp) > tolerance {
             return Err(VerifyError::new(
                 VerifyErrorKind::TimestampTooOld,
@@ -277,38 +484,94 @@ impl WebhookVerifier {
                 "webhook-timestamp is in the future",
             ));
         }
-        if !signature::matches(&self.secrets, id, timestamp, body, signatures) {
+        Ok(SignedHeaders {
+            id,
+            timestamp,
+            signatures,
+        })
+    }
+
+    fn tolerance_secs(&self) -> i64 {
+        i64::try_from(self.tolerance.as_secs()).unwrap_or(i64::MAX)
+    }
+
+    fn check_signature(&self, signed: &SignedHeaders<'_>, body: &[u8]) -> Result<(), VerifyError> {
+        if body.len() > self.max_body {
+            return Err(too_large(self.max_body));
+        }
+        let matched = self.keys.with_live(|keys| {
+            signature::verify_any(keys, signed.id, signed.timestamp, body, signed.signatures)
+        });
+        if !matched {
             return Err(VerifyError::new(
                 VerifyErrorKind::InvalidSignature,
                 "no matching webhook signature",
             ));
         }
-        if let Some(replay) = &self.replay
-            && !replay.insert(id, timestamp.saturating_add(tolerance), now)
-        {
-            {
-                return Err(VerifyError::new(
-                    VerifyErrorKind::Replayed,
-                    "webhook-id was already received",
-                ));
-            }
-        }
-        Ok(Verified {
-            id: id.to_owned(),
-            timestamp,
-        })
+        Ok(())
     }
 
-    /// Verifies a request and decodes its event.
+    /// Marks the verified id in progress in the replay memory.
+    fn claim_id(&self, signed: &SignedHeaders<'_>, now: i64) -> Result<Claim, VerifyError> {
+        let Some(replay) = &self.replay else {
+            return Ok(Claim { held: None });
+        };
+        let expires = signed.timestamp.saturating_add(self.tolerance_secs());
+        match replay.claim(signed.id, expires, now) {
+            Ok(token) => Ok(Claim {
+                held: Some(Held {
+                    cache: replay.clone(),
+                    id: signed.id.into(),
+                    token,
+                    expires,
+                }),
+            }),
+            Err(Seen::Done) => Err(VerifyError::new(
+                VerifyErrorKind::Replayed,
+                "duplicate: webhook-id was already received and handled",
+            )),
+            Err(Seen::InProgress) => {
+                let mut err = VerifyError::new(
+                    VerifyErrorKind::InProgress,
+                    "webhook-id is being handled by an earlier attempt; retry later",
+                );
+                err.retry_after = Some(self.in_progress_retry_after);
+                Err(err)
+            }
+        }
+    }
+
+    /// Verifies a request and decodes its event. With replay memory the id
+    /// counts as handled, as with [`verify`](Self::verify).
     ///
     /// # Errors
     ///
-    /// As [`verify`](Self::verify), and [`VerifyErrorKind::InvalidEvent`] if
-    /// the body does not decode (the id is then forgotten for replay
-    /// purposes, since nothing was accepted).
+    /// As [`verify`](Self::verify), and those of [`decode`](Self::decode)
+    /// (the id is then forgotten for replay purposes, since nothing was
+    /// accepted).
     pub fn event(&self, headers: &HeaderMap, body: Bytes) -> Result<Event, VerifyError> {
         let verified = self.verify(headers, &body)?;
-        decode_event(headers, body, &verified).inspect_err(|_| self.forget(&verified.id))
+        self.decode(headers, body, &verified)
+            .inspect_err(|_| self.forget(&verified.id))
+    }
+
+    /// Decodes the event of a verified request: structured JSON, binary mode
+    /// if [accepted](Self::binary_mode), or a plain webhook (see the
+    /// [module docs](self)).
+    ///
+    /// # Errors
+    ///
+    /// [`VerifyErrorKind::InvalidEvent`] if the body or headers are not a
+    /// valid event, [`VerifyErrorKind::BinaryMode`] for binary mode when it
+    /// is not accepted, [`VerifyErrorKind::IdMismatch`] if its `ce-id` is
+    /// not the `webhook-id`.
+    pub fn decode(
+        &self,
+        headers: &HeaderMap,
+        body: Bytes,
+        verified: &Verified,
+    ) -> Result<Event, VerifyError> {
+        decode_with(headers, body, verified, self.binary_mode)
     }
 
     /// Forgets a `webhook-id` for replay purposes, so the same id is accepted
@@ -317,6 +580,50 @@ impl WebhookVerifier {
         if let Some(replay) = &self.replay {
             replay.remove(id);
         }
+    }
+}
+
+/// A verified `webhook-id` held in progress in the replay memory; from
+/// [`WebhookVerifier::claim`].
+///
+/// [`complete`](Claim::complete) it once the event is handled; dropping it
+/// otherwise (the handler failed, panicked, or its future was cancelled)
+/// forgets the id so that the sender's retry is accepted.
+#[must_use = "dropping a claim forgets the id; complete it once the event is handled"]
+pub struct Claim {
+    held: Option<Held>,
+}
+
+struct Held {
+    cache: Arc<ReplayCache>,
+    id: Box<str>,
+    token: u64,
+    expires: i64,
+}
+
+impl Claim {
+    /// The event was handled: later duplicates of the id are answered as
+    /// such until it leaves the window.
+    pub fn complete(mut self) {
+        if let Some(held) = self.held.take() {
+            held.cache.complete(&held.id, held.token, held.expires);
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            held.cache.release(&held.id, held.token);
+        }
+    }
+}
+
+impl fmt::Debug for Claim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Claim")
+            .field("id", &self.held.as_ref().map(|h| &*h.id))
+            .finish()
     }
 }
 
@@ -352,14 +659,23 @@ fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Decodes the event of a verified request: structured JSON, binary mode,
-/// or a plain webhook (see the [module docs](self)).
+/// Decodes the event of a verified request with the default policy:
+/// structured JSON or a plain webhook; binary mode is refused (see the
+/// [module docs](self) and [`WebhookVerifier::decode`]).
 ///
 /// # Errors
 ///
-/// [`VerifyErrorKind::InvalidEvent`] if the body or headers are not a
-/// valid event.
+/// As [`WebhookVerifier::decode`].
 pub fn decode_event(headers: &HeaderMap, body: Bytes, verified: &Verified) -> Result<Event, VerifyError> {
+    decode_with(headers, body, verified, false)
+}
+
+fn decode_with(
+    headers: &HeaderMap,
+    body: Bytes,
+    verified: &Verified,
+    binary: bool,
+) -> Result<Event, VerifyError> {
     let invalid = |e: Error| VerifyError::new(VerifyErrorKind::InvalidEvent, e.to_string());
     let content_type = headers
         .get(http::header::CONTENT_TYPE)
@@ -368,6 +684,19 @@ pub fn decode_event(headers: &HeaderMap, body: Bytes, verified: &Verified) -> Re
         return codec::structured::from_bytes(&body).map_err(invalid);
     }
     if headers.contains_key("ce-specversion") {
+        if !binary {
+            return Err(VerifyError::new(
+                VerifyErrorKind::BinaryMode,
+                "CloudEvents binary mode is not accepted: its ce- headers are not signed; \
+                 send structured mode",
+            ));
+        }
+        if headers.get("ce-id").map(HeaderValue::as_bytes) != Some(verified.id.as_bytes()) {
+            return Err(VerifyError::new(
+                VerifyErrorKind::IdMismatch,
+                "ce-id is not the signed webhook-id",
+            ));
+        }
         let pairs = headers
             .iter()
             .map(|(name, value)| (name.as_str(), value.as_bytes()));
@@ -405,10 +734,27 @@ struct ReplayCache {
     inner: Mutex<ReplayInner>,
 }
 
+/// Why an id cannot be claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Handled.
+    Done,
+    /// Claimed and not yet released or completed.
+    InProgress,
+}
+
+struct Entry {
+    /// Tells this claim from a later one on the same id, so that an old
+    /// claim's release never forgets a newer one.
+    token: u64,
+    done: bool,
+}
+
 #[derive(Default)]
 struct ReplayInner {
-    expires: HashMap<Box<str>, i64>,
-    order: VecDeque<(i64, Box<str>)>,
+    entries: HashMap<Box<str>, Entry>,
+    order: VecDeque<(i64, u64, Box<str>)>,
+    next_token: u64,
 }
 
 impl ReplayCache {
@@ -419,31 +765,65 @@ impl ReplayCache {
         }
     }
 
-    /// Records `id`; false if it is already known.
-    fn insert(&self, id: &str, expires: i64, now: i64) -> bool {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let ReplayInner { expires: map, order } = &mut *inner;
-        while let Some((at, _)) = order.front() {
-            if *at > now && map.len() < self.capacity {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplayInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims `id` in progress; its token, or why it cannot be claimed.
+    fn claim(&self, id: &str, expires: i64, now: i64) -> Result<u64, Seen> {
+        let mut inner = self.lock();
+        let ReplayInner {
+            entries,
+            order,
+            next_token,
+        } = &mut *inner;
+        while let Some((at, _, _)) = order.front() {
+            if *at > now && entries.len() < self.capacity {
                 break;
             }
-            if let Some((at, old)) = order.pop_front()
-                && map.get(&old) == Some(&at)
+            if let Some((_, token, old)) = order.pop_front()
+                && entries.get(&old).is_some_and(|e| e.token == token)
             {
-                map.remove(&old);
+                entries.remove(&old);
             }
         }
-        if map.contains_key(id) {
-            return false;
+        if let Some(entry) = entries.get(id) {
+            return Err(if entry.done { Seen::Done } else { Seen::InProgress });
         }
-        map.insert(id.into(), expires);
-        order.push_back((expires, id.into()));
-        true
+        let token = *next_token;
+        *next_token = next_token.wrapping_add(1);
+        entries.insert(id.into(), Entry { token, done: false });
+        order.push_back((expires, token, id.into()));
+        Ok(token)
+    }
+
+    /// The claim's event was handled.
+    fn complete(&self, id: &str, token: u64, expires: i64) {
+        let mut inner = self.lock();
+        match inner.entries.get_mut(id) {
+            Some(entry) if entry.token == token => entry.done = true,
+            Some(_) => {}
+            None => {
+                // Pushed out by newer ids while in progress: remember it
+                // again, as handled.
+                drop(inner);
+                if let Ok(token) = self.claim(id, expires, unix_now()) {
+                    self.complete(id, token, expires);
+                }
+            }
+        }
+    }
+
+    /// The claim ended without the event being handled.
+    fn release(&self, id: &str, token: u64) {
+        let mut inner = self.lock();
+        if inner.entries.get(id).is_some_and(|e| e.token == token) {
+            inner.entries.remove(id);
+        }
     }
 
     fn remove(&self, id: &str) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.expires.remove(id);
+        self.lock().entries.remove(id);
     }
 }
 
@@ -569,41 +949,74 @@ where
             .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
         return response;
     }
+    let (parts, body) = request.into_parts();
+    // Everything that can be checked without the body is, before a byte
+    // of it is read.
+    let now = unix_now();
+    let signed = match verifier.signed_headers(&parts.headers, now) {
+        Ok(signed) => signed,
+        Err(err) => return refuse(&err),
+    };
     let limit = verifier.max_body_len();
-    let declared = request
-        .headers()
+    let declared = parts
+        .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         return refuse(&too_large(limit));
     }
-    let (parts, body) = request.into_parts();
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.is::<LengthLimitError>() => return refuse(&too_large(limit)),
-        Err(_) => return text(StatusCode::BAD_REQUEST, "request body could not be read"),
+    let read = tokio::time::timeout(verifier.body_timeout, Limited::new(body, limit).collect());
+    let body = match read.await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(err)) if err.is::<LengthLimitError>() => return refuse(&too_large(limit)),
+        Ok(Err(_)) => return text(StatusCode::BAD_REQUEST, "request body could not be read"),
+        Err(_) => {
+            return refuse(&VerifyError::new(
+                VerifyErrorKind::BodyTimeout,
+                "request body did not arrive in time",
+            ));
+        }
     };
-    let event = match verifier.event(&parts.headers, body) {
+    if let Err(err) = verifier.check_signature(&signed, &body) {
+        return refuse(&err);
+    }
+    // From here until the handler succeeds the id is in progress; the
+    // claim forgets it on every other path, a panic or a dropped future
+    // included.
+    let claim = match verifier.claim_id(&signed, now) {
+        Ok(claim) => claim,
+        Err(err) => return refuse(&err),
+    };
+    let verified = Verified {
+        id: signed.id.to_owned(),
+        timestamp: signed.timestamp,
+    };
+    let event = match verifier.decode(&parts.headers, body, &verified) {
         Ok(event) => event,
         Err(err) => return refuse(&err),
     };
-    let id = event.id().to_owned();
     let into_error = |err: H::Error| Error::from_boxed(err.into());
-    let result = match handler.ready_oneshot().await.map_err(into_error) {
-        Ok(handler) => handler.oneshot(event).await.map(drop).map_err(into_error),
-        Err(err) => Err(err),
+    let handled = async {
+        let handler = handler.ready_oneshot().await.map_err(into_error)?;
+        handler.oneshot(event).await.map(drop).map_err(into_error)
     };
-    match result {
-        Ok(_) => {
+    match AssertUnwindSafe(handled).catch_unwind().await {
+        Ok(Ok(())) => {
+            claim.complete();
             let mut response = Response::new(Full::default());
             *response.status_mut() = StatusCode::NO_CONTENT;
             response
         }
-        Err(err) => {
-            verifier.forget(&id);
-            tracing::debug!(error = %err, webhook_id = %id, "webhook handler failed");
+        Ok(Err(err)) => {
+            drop(claim);
+            tracing::debug!(error = %err, webhook_id = %verified.id, "webhook handler failed");
             handler_failed(&err)
+        }
+        Err(_) => {
+            drop(claim);
+            tracing::error!(webhook_id = %verified.id, "webhook handler panicked");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "handler failed")
         }
     }
 }
@@ -626,7 +1039,14 @@ fn handler_failed(err: &Error) -> Response<Full<Bytes>> {
 }
 
 fn refuse(err: &VerifyError) -> Response<Full<Bytes>> {
-    text(err.status(), &err.to_string())
+    let mut response = text(err.status(), &err.to_string());
+    if let Some(after) = err.retry_after() {
+        response.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(after.as_secs().max(1)),
+        );
+    }
+    response
 }
 
 fn text(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
@@ -741,7 +1161,7 @@ mod tests {
         assert!(v.verify_at(&h, PAYLOAD, TIMESTAMP).is_ok());
         let replay = v.verify_at(&h, PAYLOAD, TIMESTAMP + 1).unwrap_err();
         assert_eq!(replay.kind(), VerifyErrorKind::Replayed);
-        assert_eq!(replay.status(), StatusCode::CONFLICT);
+        assert_eq!(replay.status(), StatusCode::OK);
         // Clones share the memory.
         assert_eq!(
             kind(v.clone().verify_at(&h, PAYLOAD, TIMESTAMP)),
@@ -755,19 +1175,33 @@ mod tests {
             kind(v.verify_at(&forged, PAYLOAD, TIMESTAMP)),
             VerifyErrorKind::InvalidSignature
         );
-        assert_eq!(v.replay.as_ref().unwrap().inner.lock().unwrap().expires.len(), 1);
+        assert_eq!(v.replay.as_ref().unwrap().lock().entries.len(), 1);
     }
 
     #[test]
     fn replay_memory_is_bounded() {
         let cache = ReplayCache::new(2);
-        assert!(cache.insert("a", 100, 0));
-        assert!(cache.insert("b", 100, 0));
-        assert!(cache.insert("c", 100, 0));
-        assert_eq!(cache.inner.lock().unwrap().expires.len(), 2);
-        assert!(!cache.insert("c", 100, 0));
+        assert!(cache.claim("a", 100, 0).is_ok());
+        assert!(cache.claim("b", 100, 0).is_ok());
+        let c = cache.claim("c", 100, 0).unwrap();
+        assert_eq!(cache.lock().entries.len(), 2);
+        assert_eq!(cache.claim("c", 100, 0), Err(Seen::InProgress));
+        cache.complete("c", c, 100);
+        assert_eq!(cache.claim("c", 100, 0), Err(Seen::Done));
         // Expired ids are dropped.
-        assert!(cache.insert("c", 300, 200));
+        assert!(cache.claim("c", 300, 200).is_ok());
+    }
+
+    #[test]
+    fn a_stale_release_never_forgets_a_newer_claim() {
+        let cache = ReplayCache::new(10);
+        let first = cache.claim("a", 100, 0).unwrap();
+        cache.remove("a");
+        let second = cache.claim("a", 100, 0).unwrap();
+        cache.release("a", first);
+        assert_eq!(cache.claim("a", 100, 0), Err(Seen::InProgress));
+        cache.release("a", second);
+        assert!(cache.claim("a", 100, 0).is_ok());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Each event is POSTed with the Standard Webhooks headers: `webhook-id`
 //! (the event id, the same on every retry so the receiver can deduplicate),
 //! `webhook-timestamp` (fresh per attempt) and `webhook-signature` (one
-//! `v1,` signature per active secret, over the exact bytes sent). The body
+//! signature per active key over the exact bytes sent: `v1,` for a shared
+//! secret, `v1a,` for an Ed25519 signing key). The body
 //! is the CloudEvents structured JSON by default, or the event's data with
 //! `ce-` headers in [`ContentMode::Binary`].
 //!
@@ -14,15 +15,47 @@
 //! | 2xx | `Ok(Receipt)` |
 //! | 3xx | [`ErrorKind::Rejected`], not retryable: redirects are not followed |
 //! | 410 | [`ErrorKind::Gone`]; the endpoint is disabled until [`WebhookSender::enable`] |
-//! | 429, 502, 503, 504 | [`ErrorKind::Throttled`], retryable, with `Retry-After` as [`Error::retry_after`] |
+//! | 429, 502, 503, 504 | [`ErrorKind::Throttled`], retryable, with `Retry-After` as [`Error::retry_after`] (capped, see [`max_retry_after`](WebhookSenderBuilder::max_retry_after)) |
+//! | 409 | [`ErrorKind::Rejected`], not retryable: see below |
 //! | other 4xx | [`ErrorKind::Rejected`], not retryable |
 //! | other 5xx | [`ErrorKind::Other`], retryable (the endpoint failed, not the event) |
 //! | timeout | [`ErrorKind::Timeout`], retryable |
 //! | connection failure | [`ErrorKind::Connection`], retryable |
 //! | address refused by the SSRF guard | [`ErrorKind::Rejected`], not retryable |
 //!
+//! # Disabled endpoints
+//!
+//! An endpoint is disabled by a `410 Gone`, by [`WebhookSender::disable`],
+//! or, with [`disable_after`](WebhookSenderBuilder::disable_after), when
+//! every attempt has failed for a whole window. A disabled endpoint fails
+//! each delivery with [`ErrorKind::Gone`] without a request (a dead-letter
+//! layer then keeps the events) until [`WebhookSender::enable`]. Every
+//! change of [`Health`] is published on a `tokio::sync::watch` channel
+//! ([`WebhookSender::subscribe_health`]), so the application can tell the
+//! endpoint's owner.
+//!
+//! # Key rotation
+//!
+//! [`WebhookSender::rotate`] starts signing with a new key at run time and
+//! keeps signing with the old ones for a grace period, so every request
+//! carries both signatures (space-separated, as the specification allows)
+//! until the receiver has the new key; a receiver holding either accepts.
+//!
 //! Retries, circuit breaking and dead-lettering are layers on top; the
 //! sender makes one attempt per call.
+//!
+//! A `409 Conflict` is final. Receivers that deduplicate by `webhook-id`
+//! answer it when they already hold the id, so every retry with the same id
+//! would conflict again; the event goes to the dead-letter queue, where the
+//! answer can be looked at, instead of being retried until the schedule
+//! runs out. (This crate's receiver never answers `409`: a duplicate of a
+//! handled delivery gets `200`, an attempt still in progress `503`.)
+//!
+//! `Retry-After` is read as delay-seconds or an HTTP date; a number too
+//! large for 64 bits saturates, and any hint is capped at
+//! [`max_retry_after`](WebhookSenderBuilder::max_retry_after), so that an
+//! endpoint cannot park an event (or overflow a timer) with
+//! `Retry-After: 18446744073709551615`.
 //!
 //! # Example
 //!
@@ -45,19 +78,21 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 use watchtower::codec::{self, Binding};
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::rate::RateLimiter;
-use crate::signature::{self, Secret};
+use crate::signature::{self, KeyRing, Secret, Signer, SigningKey};
 use crate::ssrf::{AllowList, Guard, Refused};
 
 /// The `webhook-id` header.
@@ -96,6 +131,11 @@ pub enum ContentMode {
     Structured,
     /// The event's data as body, its type in `content-type`, attributes in
     /// `ce-` headers (CloudEvents HTTP binary mode).
+    ///
+    /// The Standard Webhooks signature covers the id, the timestamp and the
+    /// body, not the `ce-` headers, so this crate's receiver refuses binary
+    /// mode unless told otherwise
+    /// ([`WebhookVerifier::binary_mode`](crate::WebhookVerifier::binary_mode)).
     Binary,
 }
 
@@ -105,9 +145,10 @@ pub enum ContentMode {
 pub enum Health {
     /// Deliveries are attempted.
     Active,
-    /// The endpoint answered `410 Gone`; deliveries fail with
-    /// [`ErrorKind::Gone`] without a request until
-    /// [`WebhookSender::enable`].
+    /// The endpoint answered `410 Gone`, failed for the whole
+    /// [`disable_after`](WebhookSenderBuilder::disable_after) window, or was
+    /// disabled by hand; deliveries fail with [`ErrorKind::Gone`] without a
+    /// request until [`WebhookSender::enable`].
     Disabled {
         /// Why it was disabled.
         reason: Arc<str>,
@@ -142,12 +183,19 @@ struct Shared {
     name: Arc<str>,
     url: reqwest::Url,
     client: reqwest::Client,
-    secrets: Vec<Secret>,
+    keys: KeyRing<Signer>,
     mode: ContentMode,
     max_payload: usize,
     max_response_body: usize,
+    max_retry_after: Duration,
     rate: Option<RateLimiter>,
-    disabled: Mutex<Option<Arc<str>>>,
+    health: watch::Sender<Health>,
+    disable_after: Option<Duration>,
+    /// Whether the last attempt failed, read before taking the lock below
+    /// on every success.
+    failing: AtomicBool,
+    /// When the current run of failures began.
+    failing_since: Mutex<Option<Instant>>,
 }
 
 impl WebhookSender {
@@ -163,22 +211,51 @@ impl WebhookSender {
 
     /// Whether the endpoint takes deliveries.
     pub fn health(&self) -> Health {
-        match &*self.shared.disabled() {
-            None => Health::Active,
-            Some(reason) => Health::Disabled {
-                reason: reason.clone(),
-            },
-        }
+        self.shared.health.borrow().clone()
     }
 
-    /// Re-enables an endpoint disabled by a `410 Gone`.
+    /// Every change of the endpoint's [`Health`], as it happens: disabled
+    /// by a `410 Gone`, by sustained failure
+    /// ([`disable_after`](WebhookSenderBuilder::disable_after)) or by hand,
+    /// and enabled again. The receiver starts at the current health.
+    ///
+    /// ```no_run
+    /// # async fn watch(sender: watchtower_webhook::WebhookSender) {
+    /// let mut health = sender.subscribe_health();
+    /// while health.changed().await.is_ok() {
+    ///     if let watchtower_webhook::Health::Disabled { reason } = &*health.borrow() {
+    ///         eprintln!("webhook endpoint {} disabled: {reason}", sender.name());
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn subscribe_health(&self) -> watch::Receiver<Health> {
+        self.shared.health.subscribe()
+    }
+
+    /// Re-enables a disabled endpoint; its failure window starts afresh.
     pub fn enable(&self) {
-        *self.shared.disabled() = None;
+        *self.shared.failing_since() = None;
+        self.shared.failing.store(false, Ordering::Relaxed);
+        self.shared.health.send_if_modified(|health| {
+            let changed = !health.is_active();
+            *health = Health::Active;
+            changed
+        });
     }
 
     /// Disables the endpoint, as a `410 Gone` would.
     pub fn disable(&self, reason: impl Into<Arc<str>>) {
-        *self.shared.disabled() = Some(reason.into());
+        self.shared.disable(reason.into());
+    }
+
+    /// Signs with `key` from now on, and with the keys in use until now for
+    /// `grace` longer: during the grace period each request carries every
+    /// signature, so a receiver that knows only the old key and one that
+    /// knows only the new one both accept it. Applies to every clone.
+    /// `Duration::ZERO` retires the old keys at once.
+    pub fn rotate(&self, key: impl Into<Signer>, grace: Duration) {
+        self.shared.keys.rotate(key.into(), grace);
     }
 }
 
@@ -195,7 +272,7 @@ impl fmt::Debug for WebhookSender {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookSender")
             .field("name", &self.shared.name)
-            .field("secrets", &self.shared.secrets.len())
+            .field("keys", &self.shared.keys.live_len())
             .field("mode", &self.shared.mode)
             .field("health", &self.health())
             .finish()
@@ -265,8 +342,46 @@ impl fmt::Debug for ResponseFuture {
 }
 
 impl Shared {
-    fn disabled(&self) -> std::sync::MutexGuard<'_, Option<Arc<str>>> {
-        self.disabled.lock().unwrap_or_else(|e| e.into_inner())
+    fn failing_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.failing_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Disables the endpoint unless it is already; true if it was active.
+    fn disable(&self, reason: Arc<str>) -> bool {
+        self.health.send_if_modified(|health| {
+            if !health.is_active() {
+                return false;
+            }
+            *health = Health::Disabled { reason };
+            true
+        })
+    }
+
+    /// Counts one attempt that reached the endpoint (or tried to), for
+    /// [`WebhookSenderBuilder::disable_after`].
+    fn track(&self, ok: bool) {
+        let Some(window) = self.disable_after else {
+            return;
+        };
+        if ok {
+            if self.failing.swap(false, Ordering::Relaxed) {
+                *self.failing_since() = None;
+            }
+            return;
+        }
+        self.failing.store(true, Ordering::Relaxed);
+        let now = Instant::now();
+        let since = *self.failing_since().get_or_insert(now);
+        if now.duration_since(since) >= window {
+            let reason = format!("every attempt failed for {}s", window.as_secs());
+            if self.disable(Arc::from(reason)) {
+                tracing::warn!(
+                    endpoint = %self.name,
+                    window_secs = window.as_secs(),
+                    "webhook endpoint failed for the whole window and is disabled"
+                );
+            }
+        }
     }
 
     fn error(&self, kind: ErrorKind, what: impl fmt::Display) -> Error {
@@ -353,7 +468,7 @@ fn encode(shared: &Shared, event: &Event) -> Result<(Bytes, HeaderMap), Error> {
 }
 
 async fn deliver(shared: Arc<Shared>, event: Event) -> Result<Receipt, Error> {
-    if let Some(reason) = shared.disabled().clone() {
+    if let Health::Disabled { reason } = &*shared.health.borrow() {
         return Err(shared.error(ErrorKind::Gone, format_args!("disabled: {reason}")));
     }
     let wire = if event.extension(ENDPOINT_EXTENSION).is_some() {
@@ -377,7 +492,9 @@ async fn deliver(shared: Arc<Shared>, event: Event) -> Result<Receipt, Error> {
             .with_retryable(false));
     }
     let timestamp = unix_now();
-    let signature = signature::sign(&shared.secrets, wire.id(), timestamp, &body);
+    let signature = shared
+        .keys
+        .with_live(|keys| signature::sign_with(keys, wire.id(), timestamp, &body));
     headers.insert(WEBHOOK_ID, header_value(&shared, "the event id", wire.id())?);
     headers.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
     headers.insert(
@@ -385,15 +502,19 @@ async fn deliver(shared: Arc<Shared>, event: Event) -> Result<Receipt, Error> {
         header_value(&shared, "the signature", &signature)?,
     );
 
-    let response = shared
+    let sent = shared
         .client
         .post(shared.url.clone())
         .headers(headers)
         .body(body)
         .send()
-        .await
-        .map_err(|e| shared.transport_error(e))?;
-    classify(&shared, response, &event).await
+        .await;
+    let result = match sent {
+        Ok(response) => classify(&shared, response, &event).await,
+        Err(err) => Err(shared.transport_error(err)),
+    };
+    shared.track(result.is_ok());
+    result
 }
 
 async fn classify(shared: &Shared, mut response: reqwest::Response, event: &Event) -> Result<Receipt, Error> {
@@ -401,7 +522,8 @@ async fn classify(shared: &Shared, mut response: reqwest::Response, event: &Even
     let retry_after = response
         .headers()
         .get(http::header::RETRY_AFTER)
-        .and_then(parse_retry_after);
+        .and_then(parse_retry_after)
+        .map(|after| after.min(shared.max_retry_after));
     let body = read_bounded(&mut response, shared.max_response_body).await;
     if status.is_success() {
         return Ok(Receipt::new(shared.name.clone(), event));
@@ -416,7 +538,7 @@ async fn classify(shared: &Shared, mut response: reqwest::Response, event: &Even
             .with_retryable(false),
         410 => {
             let reason: Arc<str> = Arc::from(format!("answered {status}"));
-            *shared.disabled() = Some(reason);
+            shared.disable(reason);
             tracing::warn!(endpoint = %shared.name, "webhook endpoint answered 410 Gone and is disabled");
             shared.error(ErrorKind::Gone, format_args!("{answered}; endpoint disabled"))
         }
@@ -427,6 +549,12 @@ async fn classify(shared: &Shared, mut response: reqwest::Response, event: &Even
                 None => err,
             }
         }
+        409 => shared
+            .error(
+                ErrorKind::Rejected,
+                format_args!("{answered} (the endpoint already holds this webhook-id)"),
+            )
+            .with_retryable(false),
         400..=499 => shared.error(ErrorKind::Rejected, answered).with_retryable(false),
         // The endpoint failed, not the event: `Other` (retryable) counts
         // against a circuit breaker, where `Rejected` would not.
@@ -473,10 +601,21 @@ async fn read_bounded(response: &mut reqwest::Response, limit: usize) -> Vec<u8>
     body
 }
 
-/// `Retry-After` as delay-seconds or an HTTP date.
+/// `Retry-After` as delay-seconds (digits only; a number past `u64::MAX`
+/// saturates to it) or an HTTP date (a past date is zero). `None` for
+/// anything else. Never panics; cap the result before adding it to an
+/// instant, as the sender does with
+/// [`max_retry_after`](WebhookSenderBuilder::max_retry_after).
 pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
-    let text = value.to_str().ok()?.trim();
-    if let Ok(seconds) = text.parse::<u64>() {
+    parse_retry_after_bytes(value.as_bytes())
+}
+
+/// [`parse_retry_after`] of raw header bytes.
+#[doc(hidden)]
+pub fn parse_retry_after_bytes(value: &[u8]) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        let seconds = text.parse::<u64>().unwrap_or(u64::MAX);
         return Some(Duration::from_secs(seconds));
     }
     let at = httpdate::parse_http_date(text).ok()?;
@@ -487,17 +626,19 @@ pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
 pub struct WebhookSenderBuilder {
     url: String,
     name: Option<String>,
-    secrets: Vec<Secret>,
+    secrets: Vec<Signer>,
     error: Option<Error>,
     mode: ContentMode,
     timeout: Duration,
     connect_timeout: Duration,
     max_payload: usize,
     max_response_body: usize,
+    max_retry_after: Duration,
     https_only: bool,
     ssrf_guard: bool,
     allow: AllowList,
     rate: Option<(u32, Duration)>,
+    disable_after: Option<Duration>,
     tls: Option<rustls::ClientConfig>,
 }
 
@@ -528,10 +669,12 @@ impl WebhookSenderBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_payload: DEFAULT_MAX_PAYLOAD,
             max_response_body: DEFAULT_MAX_RESPONSE_BODY,
+            max_retry_after: Duration::from_secs(60 * 60),
             https_only: false,
             ssrf_guard: true,
             allow: AllowList::new(),
             rate: None,
+            disable_after: None,
             tls: None,
         }
     }
@@ -543,12 +686,13 @@ impl WebhookSenderBuilder {
         self
     }
 
-    /// Adds a signing secret, `whsec_<base64>`. With several, each request
-    /// carries one signature per secret (for rotation). At least one is
-    /// required; a bad one fails [`build`](Self::build).
+    /// Adds a signing key: a shared secret `whsec_<base64>` (`v1`
+    /// signatures) or an Ed25519 signing key `whsk_<base64>` (`v1a`). With
+    /// several, each request carries one signature per key (for rotation).
+    /// At least one is required; a bad one fails [`build`](Self::build).
     pub fn secret(mut self, secret: &str) -> Self {
-        match Secret::new(secret) {
-            Ok(secret) => self.secrets.push(secret),
+        match Signer::new(secret) {
+            Ok(key) => self.secrets.push(key),
             Err(err) => {
                 self.error.get_or_insert(err);
             }
@@ -556,9 +700,15 @@ impl WebhookSenderBuilder {
         self
     }
 
-    /// Adds a parsed secret.
+    /// Adds a parsed secret (`v1`).
     pub fn secret_key(mut self, secret: Secret) -> Self {
-        self.secrets.push(secret);
+        self.secrets.push(Signer::Symmetric(secret));
+        self
+    }
+
+    /// Adds a parsed Ed25519 signing key (`v1a`).
+    pub fn signing_key(mut self, key: SigningKey) -> Self {
+        self.secrets.push(Signer::Asymmetric(key));
         self
     }
 
@@ -600,6 +750,16 @@ impl WebhookSenderBuilder {
         self
     }
 
+    /// The longest `Retry-After` taken from an endpoint (default 1 hour:
+    /// past the longest step of a usual retry schedule, so an honest hint
+    /// is kept, yet an endpoint cannot park an event for days or overflow a
+    /// retry layer's timer). Longer hints, numbers past `u64::MAX` and
+    /// far-future dates become this.
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
+        self
+    }
+
     /// Refuses `http://` URLs (default: off, both are allowed).
     pub fn https_only(mut self, https_only: bool) -> Self {
         self.https_only = https_only;
@@ -634,6 +794,20 @@ impl WebhookSenderBuilder {
     /// waits for a slot.
     pub fn rate_limit(mut self, requests: u32, per: Duration) -> Self {
         self.rate = Some((requests, per));
+        self
+    }
+
+    /// Disables the endpoint once every attempt has failed for `window`:
+    /// when an attempt fails `window` or more after the first failure since
+    /// the last success (default: never; only a `410 Gone` disables). A
+    /// failure is any answer but 2xx, a timeout or a connection failure;
+    /// an event refused before sending (too large, not encodable) does not
+    /// count. The change is published on
+    /// [`subscribe_health`](WebhookSender::subscribe_health). Standard
+    /// Webhooks senders commonly use days (Svix: 5 days), long enough to
+    /// outlast an outage and a weekend.
+    pub fn disable_after(mut self, window: Duration) -> Self {
+        self.disable_after = Some(window);
         self
     }
 
@@ -712,12 +886,16 @@ impl WebhookSenderBuilder {
                 name,
                 url,
                 client,
-                secrets: self.secrets,
+                keys: KeyRing::new(self.secrets),
                 mode: self.mode,
                 max_payload: self.max_payload,
                 max_response_body: self.max_response_body,
+                max_retry_after: self.max_retry_after,
                 rate: self.rate.map(|(n, per)| RateLimiter::new(n, per)),
-                disabled: Mutex::new(None),
+                health: watch::Sender::new(Health::Active),
+                disable_after: self.disable_after,
+                failing: AtomicBool::new(false),
+                failing_since: Mutex::new(None),
             }),
             slot: Slot::None,
         })
@@ -760,6 +938,31 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
+    }
+
+    #[test]
+    fn retry_after_saturates_and_refuses_what_is_not_a_number_or_date() {
+        let max = Some(Duration::from_secs(u64::MAX));
+        for (text, expect) in [
+            ("18446744073709551615", max),
+            ("18446744073709551616", max),
+            ("99999999999999999999999999999999999999", max),
+            ("0", Some(Duration::ZERO)),
+            (" 12 ", Some(Duration::from_secs(12))),
+            ("-1", None),
+            ("+5", None),
+            ("1.5", None),
+            ("", None),
+            ("Fri, 31 Dec 9999 23:59:59 GMT", None),
+        ] {
+            let got = parse_retry_after_bytes(text.as_bytes());
+            if text.starts_with("Fri") {
+                assert!(got.is_some_and(|d| d > Duration::from_secs(200 * 365 * 86_400)));
+            } else {
+                assert_eq!(got, expect, "{text:?}");
+            }
+        }
+        assert_eq!(parse_retry_after_bytes(&[0xff, b'1']), None);
     }
 
     #[tokio::test(start_paused = true)]

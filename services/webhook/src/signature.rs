@@ -1,10 +1,19 @@
 //! Standard Webhooks 1.0 signatures: secrets, signing and checking.
 //!
-//! A signature is `v1,` followed by the base64 HMAC-SHA256, under the
-//! endpoint's secret, of `"{webhook-id}.{webhook-timestamp}.{body}"`.
-//! Secrets are written `whsec_<base64>`; several may be active at once
-//! (during a rotation), in which case the `webhook-signature` header holds
-//! one space-separated signature per secret and a receiver accepts any.
+//! Both schemes of the specification sign
+//! `"{webhook-id}.{webhook-timestamp}.{body}"`:
+//!
+//! * `v1,` followed by the base64 HMAC-SHA256 under a shared [`Secret`]
+//!   (`whsec_<base64>`): sender and receiver hold the same key.
+//! * `v1a,` followed by the base64 Ed25519 signature under a
+//!   [`SigningKey`] (`whsk_<base64 of the 32-byte seed>`), checked with its
+//!   [`PublicKey`] (`whpk_<base64>`): the receiver holds only the public
+//!   key, so a leaked receiver configuration cannot forge requests.
+//!
+//! Several keys may be active at once (during a rotation): the
+//! `webhook-signature` header then holds one space-separated signature per
+//! key, and a receiver accepts the request if any one of them verifies
+//! under any of its keys. [`Signer`] and [`VerifyKey`] hold either kind.
 //!
 //! # Example
 //!
@@ -28,17 +37,54 @@
 //! ));
 //! # Ok::<(), watchtower::Error>(())
 //! ```
+//!
+//! Ed25519: the sender keeps the signing key, the receiver gets only the
+//! public key.
+//!
+//! ```
+//! use watchtower_webhook::signature::{self, Signer, SigningKey, VerifyKey};
+//!
+//! let key: SigningKey = "whsk_VEVTVFNJR05JTkdLRVlET05PVFVTRVRISVNGT1JBTlk=".parse()?;
+//! let public = key.public_key().to_string(); // "whpk_…", for the receiver
+//! let header = signature::sign_with(
+//!     &[Signer::from(key)],
+//!     "msg_p5jXN8AQM9LWM0D4loKWxJek",
+//!     1614265330,
+//!     br#"{"test": 2432232314}"#,
+//! );
+//! assert!(header.starts_with("v1a,tQ9V2XOqn7jL"));
+//! assert!(signature::verify_any(
+//!     &[VerifyKey::new(&public)?],
+//!     "msg_p5jXN8AQM9LWM0D4loKWxJek",
+//!     1614265330,
+//!     br#"{"test": 2432232314}"#,
+//!     &header,
+//! ));
+//! # Ok::<(), watchtower::Error>(())
+//! ```
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::RwLock;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use tokio::time::Instant;
 use watchtower::Error;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// The prefix of Ed25519 signing keys in their text form.
+pub const SIGNING_KEY_PREFIX: &str = "whsk_";
+
+/// The prefix of Ed25519 public keys in their text form.
+pub const PUBLIC_KEY_PREFIX: &str = "whpk_";
+
+/// The asymmetric signature scheme (Ed25519).
+pub const VERSION_ASYMMETRIC: &str = "v1a";
 
 /// The prefix of secrets in their text form.
 pub const SECRET_PREFIX: &str = "whsec_";
@@ -130,6 +176,396 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The bytes that are signed: `"{msg_id}.{timestamp}.{body}"`.
+fn signed_content(msg_id: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
+    let timestamp = timestamp.to_string();
+    let mut content = Vec::with_capacity(msg_id.len() + timestamp.len() + body.len() + 2);
+    content.extend_from_slice(msg_id.as_bytes());
+    content.push(b'.');
+    content.extend_from_slice(timestamp.as_bytes());
+    content.push(b'.');
+    content.extend_from_slice(body);
+    content
+}
+
+fn decode_key<const N: usize>(text: &str, prefix: &str, what: &str) -> Result<[u8; N], Error> {
+    let encoded = text.strip_prefix(prefix).unwrap_or(text).trim();
+    let bytes = STANDARD.decode(encoded).map_err(|_| {
+        Error::config(format!(
+            "{what} is not valid base64 (expected `{prefix}<base64>`)"
+        ))
+    })?;
+    <[u8; N]>::try_from(bytes.as_slice())
+        .map_err(|_| Error::config(format!("{what} is {} bytes, expected {N}", bytes.len())))
+}
+
+/// An Ed25519 signing key, for `v1a` signatures.
+///
+/// Parsed from `whsk_<base64>` of the 32-byte seed (the prefix is
+/// optional), as the Standard Webhooks libraries write it. The key is wiped
+/// from memory on drop; `Debug` never shows it.
+#[derive(Clone)]
+pub struct SigningKey {
+    key: ed25519_dalek::SigningKey,
+}
+
+impl SigningKey {
+    /// A signing key from its text form, `whsk_<base64 seed>`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) if the text is
+    /// not base64 of 32 bytes. The message never contains the key.
+    pub fn new(text: &str) -> Result<SigningKey, Error> {
+        let seed = decode_key::<32>(text, SIGNING_KEY_PREFIX, "webhook signing key")?;
+        Ok(SigningKey::from_seed(&seed))
+    }
+
+    /// A signing key from its 32-byte seed.
+    pub fn from_seed(seed: &[u8; 32]) -> SigningKey {
+        SigningKey {
+            key: ed25519_dalek::SigningKey::from_bytes(seed),
+        }
+    }
+
+    /// The public key that checks this key's signatures; give it to the
+    /// receiver.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey {
+            key: self.key.verifying_key(),
+        }
+    }
+
+    /// The base64 signature of one message, without the `v1a,` prefix.
+    pub fn signature(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
+        use ed25519_dalek::Signer as _;
+        let signature = self.key.sign(&signed_content(msg_id, timestamp, body));
+        STANDARD.encode(signature.to_bytes())
+    }
+}
+
+impl FromStr for SigningKey {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<SigningKey, Error> {
+        SigningKey::new(s)
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningKey(***)")
+    }
+}
+
+/// An Ed25519 public key, to check `v1a` signatures.
+///
+/// Parsed from `whpk_<base64>` of its 32 bytes (the prefix is optional);
+/// `Display` writes that form. Not secret.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PublicKey {
+    key: ed25519_dalek::VerifyingKey,
+}
+
+impl PublicKey {
+    /// A public key from its text form, `whpk_<base64>`.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) if the text is
+    /// not base64 of 32 bytes, or the bytes are not a usable Ed25519 key
+    /// (not a curve point, or a weak key of small order).
+    pub fn new(text: &str) -> Result<PublicKey, Error> {
+        PublicKey::from_bytes(&decode_key::<32>(text, PUBLIC_KEY_PREFIX, "webhook public key")?)
+    }
+
+    /// A public key from its 32 bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`PublicKey::new`].
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<PublicKey, Error> {
+        let key = ed25519_dalek::VerifyingKey::from_bytes(bytes)
+            .map_err(|_| Error::config("webhook public key is not an Ed25519 key"))?;
+        if key.is_weak() {
+            return Err(Error::config("webhook public key is a weak Ed25519 key"));
+        }
+        Ok(PublicKey { key })
+    }
+
+    /// Whether `signature` (raw bytes) is a valid signature of the message
+    /// by this key's signing key (strict verification: no malleable
+    /// signatures).
+    pub fn verify(&self, msg_id: &str, timestamp: i64, body: &[u8], signature: &[u8]) -> bool {
+        self.verify_content(&signed_content(msg_id, timestamp, body), signature)
+    }
+
+    fn verify_content(&self, content: &[u8], signature: &[u8]) -> bool {
+        ed25519_dalek::Signature::from_slice(signature)
+            .is_ok_and(|signature| self.key.verify_strict(content, &signature).is_ok())
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<PublicKey, Error> {
+        PublicKey::new(s)
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{PUBLIC_KEY_PREFIX}{}", STANDARD.encode(self.key.as_bytes()))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+/// A key that signs: a shared [`Secret`] (`v1`) or an Ed25519
+/// [`SigningKey`] (`v1a`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Signer {
+    /// HMAC-SHA256, `v1`.
+    Symmetric(Secret),
+    /// Ed25519, `v1a`.
+    Asymmetric(SigningKey),
+}
+
+impl Signer {
+    /// A key from its text form: `whsk_…` is an Ed25519 signing key,
+    /// anything else a secret (`whsec_…`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Secret::new`] and [`SigningKey::new`].
+    pub fn new(text: &str) -> Result<Signer, Error> {
+        if text.starts_with(SIGNING_KEY_PREFIX) {
+            SigningKey::new(text).map(Signer::Asymmetric)
+        } else {
+            Secret::new(text).map(Signer::Symmetric)
+        }
+    }
+
+    /// `v1,<base64>` or `v1a,<base64>` for one message.
+    pub fn sign(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
+        match self {
+            Signer::Symmetric(secret) => {
+                format!("{VERSION},{}", secret.signature(msg_id, timestamp, body))
+            }
+            Signer::Asymmetric(key) => {
+                format!("{VERSION_ASYMMETRIC},{}", key.signature(msg_id, timestamp, body))
+            }
+        }
+    }
+}
+
+impl From<Secret> for Signer {
+    fn from(secret: Secret) -> Signer {
+        Signer::Symmetric(secret)
+    }
+}
+
+impl From<SigningKey> for Signer {
+    fn from(key: SigningKey) -> Signer {
+        Signer::Asymmetric(key)
+    }
+}
+
+impl FromStr for Signer {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Signer, Error> {
+        Signer::new(s)
+    }
+}
+
+/// A key that checks signatures: a shared [`Secret`] (`v1`) or an Ed25519
+/// [`PublicKey`] (`v1a`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum VerifyKey {
+    /// HMAC-SHA256, `v1`.
+    Symmetric(Secret),
+    /// Ed25519, `v1a`.
+    Asymmetric(PublicKey),
+}
+
+impl VerifyKey {
+    /// A key from its text form: `whpk_…` is an Ed25519 public key, `whsk_…`
+    /// a signing key whose public key is taken, anything else a secret
+    /// (`whsec_…`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Secret::new`], [`PublicKey::new`] and [`SigningKey::new`].
+    pub fn new(text: &str) -> Result<VerifyKey, Error> {
+        if text.starts_with(PUBLIC_KEY_PREFIX) {
+            PublicKey::new(text).map(VerifyKey::Asymmetric)
+        } else if text.starts_with(SIGNING_KEY_PREFIX) {
+            SigningKey::new(text).map(|key| VerifyKey::Asymmetric(key.public_key()))
+        } else {
+            Secret::new(text).map(VerifyKey::Symmetric)
+        }
+    }
+}
+
+impl From<Secret> for VerifyKey {
+    fn from(secret: Secret) -> VerifyKey {
+        VerifyKey::Symmetric(secret)
+    }
+}
+
+impl From<PublicKey> for VerifyKey {
+    fn from(key: PublicKey) -> VerifyKey {
+        VerifyKey::Asymmetric(key)
+    }
+}
+
+impl FromStr for VerifyKey {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<VerifyKey, Error> {
+        VerifyKey::new(s)
+    }
+}
+
+/// The `webhook-signature` header value for a message: one signature per
+/// key (`v1,…` or `v1a,…`), separated by spaces.
+pub fn sign_with<'a>(
+    keys: impl IntoIterator<Item = &'a Signer>,
+    msg_id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> String {
+    let mut header = String::new();
+    for key in keys {
+        if !header.is_empty() {
+            header.push(' ');
+        }
+        header.push_str(&key.sign(msg_id, timestamp, body));
+    }
+    header
+}
+
+/// The entries of a `webhook-signature` header: `(version, signature)`
+/// pairs, malformed entries (no comma, not base64) skipped. At most 16
+/// entries are read, so a huge header costs no more than that.
+#[doc(hidden)]
+pub fn parse_header(header: &str) -> impl Iterator<Item = (&str, Vec<u8>)> {
+    header
+        .split(' ')
+        .filter(|entry| !entry.is_empty())
+        .take(16)
+        .filter_map(|entry| entry.split_once(','))
+        .filter_map(|(version, sig)| STANDARD.decode(sig).ok().map(|sig| (version, sig)))
+}
+
+/// Whether any signature in a `webhook-signature` header value verifies
+/// under any of `keys`: `v1` entries against the secrets (constant-time),
+/// `v1a` entries against the public keys. Other versions and malformed
+/// entries are skipped.
+pub fn verify_any<'a>(
+    keys: impl IntoIterator<Item = &'a VerifyKey> + Clone,
+    msg_id: &str,
+    timestamp: i64,
+    body: &[u8],
+    header: &str,
+) -> bool {
+    let mut content: Option<Vec<u8>> = None;
+    for (version, candidate) in parse_header(header) {
+        let ok = match version {
+            VERSION => keys.clone().into_iter().any(|key| match key {
+                VerifyKey::Symmetric(secret) => secret.verify(msg_id, timestamp, body, &candidate),
+                VerifyKey::Asymmetric(_) => false,
+            }),
+            VERSION_ASYMMETRIC => {
+                let content = content.get_or_insert_with(|| signed_content(msg_id, timestamp, body));
+                keys.clone().into_iter().any(|key| match key {
+                    VerifyKey::Asymmetric(public) => public.verify_content(content, &candidate),
+                    VerifyKey::Symmetric(_) => false,
+                })
+            }
+            _ => false,
+        };
+        if ok {
+            return true;
+        }
+    }
+    false
+}
+
+/// The keys in use, shared by a sender's or verifier's clones, rotated at
+/// run time: a rotation adds a key and retires the others after a grace
+/// period, during which all of them sign (or verify).
+pub(crate) struct KeyRing<K> {
+    keys: RwLock<Vec<(K, Option<Instant>)>>,
+}
+
+impl<K> KeyRing<K> {
+    pub(crate) fn new(keys: Vec<K>) -> KeyRing<K> {
+        KeyRing {
+            keys: RwLock::new(keys.into_iter().map(|k| (k, None)).collect()),
+        }
+    }
+
+    /// Calls `f` with the keys not yet retired, newest first.
+    pub(crate) fn with_live<R>(&self, f: impl FnOnce(Live<'_, K>) -> R) -> R {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        f(Live {
+            iter: keys.iter(),
+            now: Instant::now(),
+        })
+    }
+
+    /// How many keys are live.
+    pub(crate) fn live_len(&self) -> usize {
+        self.with_live(|live| live.count())
+    }
+
+    /// Puts `key` first and retires every other key `grace` from now (or
+    /// sooner, if it was retiring already).
+    pub(crate) fn rotate(&self, key: K, grace: Duration) {
+        let now = Instant::now();
+        let until = now.checked_add(grace);
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        keys.retain(|(_, retire)| retire.is_none_or(|at| at > now));
+        for (_, retire) in keys.iter_mut() {
+            // A grace too long for the clock never ends.
+            *retire = match (*retire, until) {
+                (Some(at), Some(until)) => Some(at.min(until)),
+                (at, None) => at,
+                (None, until) => until,
+            };
+        }
+        keys.insert(0, (key, None));
+    }
+}
+
+/// The live keys of a [`KeyRing`].
+#[derive(Clone)]
+pub(crate) struct Live<'a, K> {
+    iter: std::slice::Iter<'a, (K, Option<Instant>)>,
+    now: Instant,
+}
+
+impl<'a, K> Iterator for Live<'a, K> {
+    type Item = &'a K;
+
+    fn next(&mut self) -> Option<&'a K> {
+        let now = self.now;
+        self.iter
+            .by_ref()
+            .find(|(_, retire)| retire.is_none_or(|at| at > now))
+            .map(|(key, _)| key)
+    }
+}
+
 /// Parses several secrets.
 ///
 /// # Errors
@@ -167,7 +603,7 @@ pub fn sign(secrets: &[Secret], msg_id: &str, timestamp: i64, body: &[u8]) -> St
 }
 
 /// Whether any `v1` signature in a `webhook-signature` header value was made
-/// by any of `secrets` over the message. Each comparison is constant-time;
+/// by any of `secrets` over the message ([`verify_any`] also checks `v1a`). Each comparison is constant-time;
 /// signatures of other versions and malformed entries are skipped.
 pub fn matches(secrets: &[Secret], msg_id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
     let candidates: Vec<Vec<u8>> = header
@@ -252,6 +688,98 @@ mod tests {
         assert_eq!(parts[1], EXPECTED);
         assert!(matches(&[old], MSG_ID, TIMESTAMP, PAYLOAD, &header));
         assert!(matches(&[new], MSG_ID, TIMESTAMP, PAYLOAD, &header));
+    }
+
+    // The Standard Webhooks reference libraries' Ed25519 vector.
+    const SIGNING_KEY: &str = "whsk_VEVTVFNJR05JTkdLRVlET05PVFVTRVRISVNGT1JBTlk=";
+    const EXPECTED_V1A: &str =
+        "v1a,tQ9V2XOqn7jL/DQenEFpqIugdBVtiMmER5mhSkXBNwM0mkATuDe6KYYUuxqtaiHeYGb7KaaBRdM5WqyeFiL8Ag==";
+
+    fn verify_keys(keys: &[VerifyKey], header: &str) -> bool {
+        verify_any(keys, MSG_ID, TIMESTAMP, PAYLOAD, header)
+    }
+
+    #[test]
+    fn spec_vectors_sign_and_verify_for_v1_and_v1a() {
+        let v1 = Signer::new(SECRET).unwrap();
+        assert_eq!(v1.sign(MSG_ID, TIMESTAMP, PAYLOAD), EXPECTED);
+        let v1a = Signer::new(SIGNING_KEY).unwrap();
+        assert!(matches!(v1a, Signer::Asymmetric(_)));
+        assert_eq!(v1a.sign(MSG_ID, TIMESTAMP, PAYLOAD), EXPECTED_V1A);
+        // The prefix is optional.
+        let bare: SigningKey = SIGNING_KEY.trim_start_matches("whsk_").parse().unwrap();
+        assert_eq!(
+            format!("v1a,{}", bare.signature(MSG_ID, TIMESTAMP, PAYLOAD)),
+            EXPECTED_V1A
+        );
+
+        let public = SigningKey::new(SIGNING_KEY).unwrap().public_key();
+        let text = public.to_string();
+        assert!(text.starts_with("whpk_"), "{text}");
+        let keys = [VerifyKey::new(&text).unwrap()];
+        assert!(verify_keys(&keys, EXPECTED_V1A));
+        // The spec's other cases: a wrong-length and an empty signature,
+        // and the valid one among other versions.
+        assert!(!verify_keys(
+            &keys,
+            "v1a,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc="
+        ));
+        assert!(!verify_keys(&keys, "v1a,"));
+        let multi = format!(
+            "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc= v2,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc= \
+             {EXPECTED_V1A} v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc="
+        );
+        assert!(verify_keys(&keys, &multi));
+        // A v1a signature never passes as v1, nor a v1 one under a public key.
+        assert!(!verify_keys(&keys, EXPECTED));
+        assert!(!verify_keys(&keys, &EXPECTED_V1A.replacen("v1a", "v1", 1)));
+        let secret_keys = [VerifyKey::new(SECRET).unwrap()];
+        assert!(verify_keys(&secret_keys, EXPECTED));
+        assert!(!verify_keys(&secret_keys, EXPECTED_V1A));
+        // Mixed keys accept either.
+        let mixed = [secret_keys[0].clone(), keys[0].clone()];
+        assert!(verify_keys(&mixed, EXPECTED) && verify_keys(&mixed, EXPECTED_V1A));
+        // Any change breaks it.
+        assert!(!verify_any(&keys, MSG_ID, TIMESTAMP + 1, PAYLOAD, EXPECTED_V1A));
+        assert!(!verify_any(&keys, MSG_ID, TIMESTAMP, b"{}", EXPECTED_V1A));
+        // A signing key given to a verifier stands for its public key.
+        assert!(verify_keys(&[VerifyKey::new(SIGNING_KEY).unwrap()], EXPECTED_V1A));
+    }
+
+    #[test]
+    fn bad_asymmetric_keys_are_config_errors_without_the_key() {
+        let err = SigningKey::new("whsk_c2hvcnQ=").unwrap_err();
+        assert_eq!(err.kind(), watchtower::ErrorKind::Config);
+        assert!(PublicKey::new("whpk_not base64").is_err());
+        // The identity point is a weak key.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert!(PublicKey::from_bytes(&identity).is_err());
+        assert_eq!(
+            format!("{:?}", SigningKey::new(SIGNING_KEY).unwrap()),
+            "SigningKey(***)"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rotation_signs_with_both_keys_for_the_grace_period_only() {
+        let ring = KeyRing::new(vec![Signer::new(SECRET).unwrap()]);
+        let header = || ring.with_live(|keys| sign_with(keys, MSG_ID, TIMESTAMP, PAYLOAD));
+        assert_eq!(header(), EXPECTED);
+        ring.rotate(Signer::new(SIGNING_KEY).unwrap(), Duration::from_secs(60));
+        assert_eq!(header(), format!("{EXPECTED_V1A} {EXPECTED}"));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(ring.live_len(), 2);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(header(), EXPECTED_V1A);
+        // A second rotation never extends an earlier retirement.
+        let ring = KeyRing::new(vec![1u8]);
+        ring.rotate(2, Duration::from_secs(10));
+        ring.rotate(3, Duration::from_secs(100));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(ring.with_live(|k| k.copied().collect::<Vec<_>>()), [3, 2]);
+        ring.rotate(4, Duration::ZERO);
+        assert_eq!(ring.with_live(|k| k.copied().collect::<Vec<_>>()), [4]);
     }
 
     #[test]

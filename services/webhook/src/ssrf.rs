@@ -5,8 +5,17 @@
 //! connecting, so a public name that resolves to `10.0.0.1` is refused as
 //! surely as the literal. Refused are loopback, private (RFC 1918),
 //! shared (CGNAT), link-local, unique-local, multicast, broadcast,
-//! unspecified, documentation, benchmarking and reserved ranges, and IPv6
-//! forms that embed such an IPv4 address (mapped, NAT64, 6to4). An
+//! unspecified, documentation, benchmarking and reserved ranges.
+//!
+//! IPv6 addresses that embed an IPv4 address are judged by the embedded
+//! address, since that is where the packets end up: IPv4-mapped
+//! (`::ffff:0:0/96`), IPv4-translated (`::ffff:0:0:0/96`), IPv4-compatible
+//! (`::/96`), NAT64 (`64:ff9b::/96`), 6to4 (`2002::/16`, the 32 bits after
+//! the prefix) and Teredo (`2001::/32`: both the server and the
+//! de-obfuscated client address must be public). The local-use NAT64
+//! prefix `64:ff9b:1::/48` and the rest of `64:ff9b::/32` are refused
+//! outright: where the IPv4 address sits there depends on a prefix length
+//! only the network's operator knows (RFC 6052, RFC 8215). An
 //! [`AllowList`] lets chosen networks through (a test's `127.0.0.1`, an
 //! internal service).
 //!
@@ -57,38 +66,72 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 }
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        return is_public_v4(v4);
+    if let Some(embedded) = embedded_ipv4(ip) {
+        return match embedded {
+            Embedded::One(v4) => is_public_v4(v4),
+            Embedded::Teredo { server, client } => is_public_v4(server) && is_public_v4(client),
+            Embedded::Unknown => false,
+        };
     }
     let s = ip.segments();
-    // NAT64 well-known prefix 64:ff9b::/96 reaches the embedded IPv4 address.
-    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
-        return is_public_v4(Ipv4Addr::new(
-            (s[6] >> 8) as u8,
-            s[6] as u8,
-            (s[7] >> 8) as u8,
-            s[7] as u8,
-        ));
-    }
-    // 6to4 2002::/16 embeds the IPv4 address of its relay target.
-    if s[0] == 0x2002 {
-        return is_public_v4(Ipv4Addr::new(
-            (s[1] >> 8) as u8,
-            s[1] as u8,
-            (s[2] >> 8) as u8,
-            s[2] as u8,
-        ));
-    }
-    !(ip.is_unspecified()
-        || ip.is_loopback()
-        || s[0..6] == [0, 0, 0, 0, 0, 0] // IPv4-compatible (deprecated)
-        || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+    !((s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
         || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
         || (s[0] & 0xffc0) == 0xfec0 // site-local fec0::/10 (deprecated)
-        || (s[0] & 0xff00) == 0xff00 // multicast
-        || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-        || (s[0] == 0x2001 && s[1] == 0) // Teredo
+        || (s[0] & 0xff00) == 0xff00 // multicast ff00::/8
+        || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation 2001:db8::/32
+        || (s[0] & 0xfff0) == 0x3ff0 // documentation 3fff::/20
+        || (s[0] == 0x2001 && s[1] == 0x0002 && s[2] == 0) // benchmarking 2001:2::/48
+        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x0020) // ORCHIDv2 2001:20::/28
+        || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x0010) // ORCHID 2001:10::/28 (deprecated)
+        || s[0] == 0x5f00 // SRv6 SIDs 5f00::/16
         || (s[0] == 0x0100 && s[1..4] == [0, 0, 0])) // discard-only 100::/64
+}
+
+/// The IPv4 address an IPv6 address carries, by the forms that route to
+/// or stand for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Embedded {
+    /// Mapped, translated, compatible, NAT64 well-known prefix, 6to4.
+    One(Ipv4Addr),
+    /// Teredo: the server's address, and the client's (stored inverted).
+    Teredo { server: Ipv4Addr, client: Ipv4Addr },
+    /// A range that embeds an IPv4 address at a place only its operator
+    /// knows (local-use NAT64, RFC 8215, whose prefix length RFC 6052 lets
+    /// the network choose), or a reserved part of the NAT64 range.
+    Unknown,
+}
+
+fn v4(hi: u16, lo: u16) -> Ipv4Addr {
+    Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo))
+}
+
+/// Which IPv6 ranges embed an IPv4 address, and where.
+fn embedded_ipv4(ip: Ipv6Addr) -> Option<Embedded> {
+    let s = ip.segments();
+    let last = v4(s[6], s[7]);
+    match s {
+        // IPv4-mapped ::ffff:0:0/96.
+        [0, 0, 0, 0, 0, 0xffff, _, _] => Some(Embedded::One(last)),
+        // IPv4-translated ::ffff:0:0:0/96 (SIIT, RFC 2765).
+        [0, 0, 0, 0, 0xffff, 0, _, _] => Some(Embedded::One(last)),
+        // IPv4-compatible ::/96 (deprecated); `::` and `::1` land on
+        // 0.0.0.0 and 0.0.0.1, "this network", refused with it.
+        [0, 0, 0, 0, 0, 0, _, _] => Some(Embedded::One(last)),
+        // NAT64 well-known prefix 64:ff9b::/96 (RFC 6052).
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some(Embedded::One(last)),
+        // Local-use NAT64 64:ff9b:1::/48 (RFC 8215) and the rest of
+        // 64:ff9b::/32, which is reserved.
+        [0x64, 0xff9b, ..] => Some(Embedded::Unknown),
+        // 6to4 2002::/16: the 32 bits after the prefix.
+        [0x2002, hi, lo, ..] => Some(Embedded::One(v4(hi, lo))),
+        // Teredo 2001::/32 (RFC 4380): the server in bits 32–63, the
+        // client's address inverted in the last 32 bits.
+        [0x2001, 0, hi, lo, _, _, chi, clo] => Some(Embedded::Teredo {
+            server: v4(hi, lo),
+            client: v4(!chi, !clo),
+        }),
+        _ => None,
+    }
 }
 
 /// Networks the guard lets through although they are not public.
@@ -239,48 +282,126 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// (address, public?, why).
+    const TABLE: &[(&str, bool, &str)] = &[
+        // IPv4.
+        ("0.0.0.0", false, "this network"),
+        ("127.0.0.1", false, "loopback"),
+        ("10.0.0.1", false, "private"),
+        ("172.16.0.1", false, "private"),
+        ("172.31.255.255", false, "private"),
+        ("192.168.1.1", false, "private"),
+        ("169.254.169.254", false, "link-local, cloud metadata"),
+        ("100.64.0.1", false, "shared (CGNAT)"),
+        ("224.0.0.1", false, "multicast"),
+        ("255.255.255.255", false, "broadcast"),
+        ("240.0.0.1", false, "reserved"),
+        ("192.0.2.1", false, "documentation"),
+        ("198.18.0.1", false, "benchmarking"),
+        ("8.8.8.8", true, "public"),
+        ("1.1.1.1", true, "public"),
+        ("172.32.0.1", true, "just past 172.16/12"),
+        ("100.128.0.1", true, "just past 100.64/10"),
+        // Plain IPv6.
+        ("::", false, "unspecified"),
+        ("::1", false, "loopback"),
+        ("fc00::1", false, "unique local"),
+        ("fd12:3456::1", false, "unique local"),
+        ("fe80::1", false, "link-local"),
+        ("fec0::1", false, "site-local"),
+        ("ff02::1", false, "multicast"),
+        ("2001:db8::1", false, "documentation"),
+        ("3fff::1", false, "documentation"),
+        ("2001:2::1", false, "benchmarking"),
+        ("2001:20::1", false, "ORCHIDv2"),
+        ("5f00::1", false, "SRv6 SID"),
+        ("100::1", false, "discard-only"),
+        ("2606:4700:4700::1111", true, "public"),
+        ("2a00:1450:4001::200e", true, "public"),
+        // IPv4-mapped ::ffff:0:0/96.
+        ("::ffff:10.0.0.1", false, "mapped private"),
+        ("::ffff:127.0.0.1", false, "mapped loopback"),
+        ("::ffff:169.254.169.254", false, "mapped metadata"),
+        ("::ffff:8.8.8.8", true, "mapped public"),
+        // IPv4-translated ::ffff:0:0:0/96.
+        ("::ffff:0:7f00:1", false, "translated loopback"),
+        ("::ffff:0:a00:1", false, "translated private"),
+        ("::ffff:0:a9fe:a9fe", false, "translated metadata"),
+        ("::ffff:0:808:808", true, "translated public"),
+        // IPv4-compatible ::/96.
+        ("::127.0.0.1", false, "compatible loopback"),
+        ("::10.0.0.1", false, "compatible private"),
+        ("::8.8.8.8", true, "compatible public"),
+        // NAT64 64:ff9b::/96.
+        ("64:ff9b::a00:1", false, "NAT64 private"),
+        ("64:ff9b::7f00:1", false, "NAT64 loopback"),
+        ("64:ff9b::808:808", true, "NAT64 public"),
+        // Local-use NAT64 64:ff9b:1::/48 and the rest of 64:ff9b::/32.
+        ("64:ff9b:1::a00:1", false, "local-use NAT64, /96 position"),
+        ("64:ff9b:1:a00:1::", false, "local-use NAT64, /48 position"),
+        ("64:ff9b:1::808:808", false, "local-use NAT64, even public"),
+        ("64:ff9b:2::808:808", false, "reserved part of 64:ff9b::/32"),
+        // 6to4 2002::/16.
+        ("2002:c0a8:101::1", false, "6to4 of 192.168.1.1"),
+        ("2002:7f00:1::1", false, "6to4 of loopback"),
+        ("2002:a9fe:a9fe::1", false, "6to4 of metadata"),
+        ("2002:808:808::1", true, "6to4 of 8.8.8.8"),
+        // Teredo 2001::/32: server, then the client inverted.
+        (
+            "2001:0:4136:e378:8000:63bf:f5ff:fffe",
+            false,
+            "Teredo client 10.0.0.1",
+        ),
+        (
+            "2001:0:4136:e378:8000:63bf:80ff:fffe",
+            false,
+            "Teredo client 127.0.0.1",
+        ),
+        (
+            "2001:0:a00:1:8000:63bf:f7f7:f7f7",
+            false,
+            "Teredo server 10.0.0.1",
+        ),
+        (
+            "2001:0:4136:e378:8000:63bf:f7f7:f7f7",
+            true,
+            "Teredo server 65.54.227.120, client 8.8.8.8",
+        ),
+    ];
+
     #[test]
-    fn non_public_addresses_are_refused() {
-        for s in [
-            "0.0.0.0",
-            "127.0.0.1",
-            "10.0.0.1",
-            "172.16.0.1",
-            "172.31.255.255",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "224.0.0.1",
-            "255.255.255.255",
-            "240.0.0.1",
-            "192.0.2.1",
-            "198.18.0.1",
-            "::",
-            "::1",
-            "fc00::1",
-            "fd12:3456::1",
-            "fe80::1",
-            "ff02::1",
-            "::ffff:10.0.0.1",
-            "::ffff:169.254.169.254",
-            "64:ff9b::a00:1",
-            "2002:c0a8:101::1",
-            "2001:db8::1",
-            "::127.0.0.1",
-        ] {
-            assert!(!is_public(ip(s)), "{s} should not be public");
+    fn every_range_is_judged_as_the_table_says() {
+        for &(addr, public, why) in TABLE {
+            assert_eq!(is_public(ip(addr)), public, "{addr} ({why})");
         }
-        for s in [
-            "8.8.8.8",
-            "1.1.1.1",
-            "172.32.0.1",
-            "100.128.0.1",
-            "2606:4700:4700::1111",
-            "::ffff:8.8.8.8",
-            "64:ff9b::808:808",
-        ] {
-            assert!(is_public(ip(s)), "{s} should be public");
-        }
+    }
+
+    #[test]
+    fn embedded_addresses_are_found_where_each_form_puts_them() {
+        let one = |s: &str| Some(Embedded::One(s.parse().unwrap()));
+        assert_eq!(embedded_ipv4("::ffff:1.2.3.4".parse().unwrap()), one("1.2.3.4"));
+        assert_eq!(embedded_ipv4("::ffff:0:102:304".parse().unwrap()), one("1.2.3.4"));
+        assert_eq!(embedded_ipv4("::1.2.3.4".parse().unwrap()), one("1.2.3.4"));
+        assert_eq!(embedded_ipv4("64:ff9b::1.2.3.4".parse().unwrap()), one("1.2.3.4"));
+        assert_eq!(embedded_ipv4("2002:102:304::".parse().unwrap()), one("1.2.3.4"));
+        assert_eq!(
+            embedded_ipv4("2001:0:102:304:0:0:fefd:fcfb".parse().unwrap()),
+            Some(Embedded::Teredo {
+                server: "1.2.3.4".parse().unwrap(),
+                client: "1.2.3.4".parse().unwrap(),
+            })
+        );
+        assert_eq!(embedded_ipv4("2606:4700::1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn the_guard_refuses_what_is_not_public_unless_allowed() {
+        let guard = Guard::new(AllowList::new().with("127.0.0.1").unwrap());
+        assert!(guard.permits(ip("127.0.0.1")));
+        assert!(guard.permits(ip("::ffff:127.0.0.1")));
+        assert!(!guard.permits(ip("::ffff:0:7f00:1")));
+        assert!(!guard.permits(ip("64:ff9b:1::7f00:1")));
+        assert!(guard.permits(ip("8.8.8.8")));
     }
 
     #[test]

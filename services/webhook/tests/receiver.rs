@@ -216,7 +216,7 @@ async fn replays_are_refused_but_retries_after_failure_are_not() {
     let r = receiver(verifier().reject_replays(1000)).await;
     let signed = Signed::new(&event());
     assert_eq!(signed.send(&r.url).await.0, StatusCode::NO_CONTENT);
-    assert_eq!(signed.send(&r.url).await.0, StatusCode::CONFLICT);
+    assert_eq!(signed.send(&r.url).await.0, StatusCode::OK);
     assert_eq!(r.calls.get(), 1);
 
     // A failed handler forgets the id: the sender's retry goes through.
@@ -285,4 +285,112 @@ async fn verify_is_usable_without_a_server() {
     assert_eq!(verified.id, signed.id);
     let err = watchtower_webhook::verify(&secrets, &headers, b"other").unwrap_err();
     assert_eq!(err.kind(), watchtower_webhook::VerifyErrorKind::InvalidSignature);
+}
+
+/// A captured binary-mode request, resent with a forged `ce-type`.
+async fn send_binary(url: &str, ce_id: &str, ce_type: &str) -> StatusCode {
+    let id = "msg_binary0001";
+    let ts = now();
+    let body = br#"{"order":1}"#.to_vec();
+    let sig = signature::sign(&[Secret::new(SECRET).unwrap()], id, ts, &body);
+    raw_client()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", ce_id)
+        .header("ce-source", "/shop")
+        .header("ce-type", ce_type)
+        .header("webhook-id", id)
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", sig)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn binary_mode_is_refused_by_default_so_forged_ce_headers_never_reach_the_handler() {
+    let r = receiver(verifier().reject_replays(100)).await;
+    assert_eq!(
+        send_binary(&r.url, "msg_binary0001", "order.refunded").await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    assert_eq!(r.calls.get(), 0);
+
+    // Accepted by choice: the ce-id must be the signed webhook-id.
+    let mut r = receiver(verifier().binary_mode(true).reject_replays(100)).await;
+    assert_eq!(
+        send_binary(&r.url, "evt-other", "order.placed").await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(r.calls.get(), 0);
+    assert_eq!(
+        send_binary(&r.url, "msg_binary0001", "order.placed").await,
+        StatusCode::NO_CONTENT
+    );
+    let got = tokio::time::timeout(PATIENCE, r.events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.id(), "msg_binary0001");
+    assert_eq!(got.ty(), "order.placed");
+}
+
+/// Sends a request head and the first chunk of a chunked body that never
+/// ends, and returns the status line of the answer.
+async fn never_ending_body(url: &str, headers: &str) -> String {
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let head = format!(
+        "POST /{path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/cloudevents+json\r\n\
+         {headers}transfer-encoding: chunked\r\n\r\n400\r\n{}\r\n",
+        "x".repeat(0x400)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The client keeps the connection open and sends nothing more.
+    let mut answer = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 1024];
+        while !answer.windows(2).any(|w| w == b"\r\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(PATIENCE, read)
+        .await
+        .expect("no answer while the body was still open");
+    let answer = String::from_utf8_lossy(&answer);
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn headers_are_checked_before_the_body_is_read() {
+    let r = receiver(verifier()).await;
+    // No webhook-* header at all.
+    let status = never_ending_body(&r.url, "").await;
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    // A timestamp outside the tolerance.
+    let stale = format!(
+        "webhook-id: msg_1\r\nwebhook-timestamp: {}\r\nwebhook-signature: v1,AAAA\r\n",
+        now() - 3600
+    );
+    let status = never_ending_body(&r.url, &stale).await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+    assert_eq!(r.calls.get(), 0);
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_answered_with_a_timeout() {
+    let r = receiver(verifier().body_timeout(std::time::Duration::from_millis(200))).await;
+    let headers = format!(
+        "webhook-id: msg_1\r\nwebhook-timestamp: {}\r\nwebhook-signature: v1,AAAA\r\n",
+        now()
+    );
+    let status = never_ending_body(&r.url, &headers).await;
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    assert_eq!(r.calls.get(), 0);
 }

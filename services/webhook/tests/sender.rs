@@ -59,8 +59,11 @@ async fn signed_delivery_passes_the_receiver_layer_end_to_end() {
             Ok::<_, watchtower::Error>(())
         }
     });
+    // Binary mode's ce- headers are not signed: the receiver takes it only
+    // when told to.
+    let verifier = WebhookVerifier::new([SECRET]).unwrap().binary_mode(true);
     let receiver = ServiceBuilder::new()
-        .layer(WebhookReceiverLayer::new(WebhookVerifier::new([SECRET]).unwrap()))
+        .layer(WebhookReceiverLayer::new(verifier))
         .service(handler);
     let addr = serve(axum::Router::new().route_service("/hooks", receiver)).await;
 
@@ -388,4 +391,53 @@ async fn https_goes_through_rustls_with_ring() {
     assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
     assert!(err.is_retryable());
     assert_eq!(seen.lock().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn huge_retry_after_hints_are_capped_without_overflow() {
+    let far_date = "Fri, 31 Dec 9999 23:59:59 GMT".to_owned();
+    for value in [
+        "18446744073709551615".to_owned(),
+        "184467440737095516150000".to_owned(),
+        far_date,
+    ] {
+        let header = value.clone();
+        let router = axum::Router::new().route(
+            "/",
+            post(move || {
+                let header = header.clone();
+                async move {
+                    let mut headers = HeaderMap::new();
+                    headers.insert("retry-after", header.parse().unwrap());
+                    (StatusCode::SERVICE_UNAVAILABLE, headers)
+                }
+            }),
+        );
+        let addr = serve(router).await;
+        let mut default = sender(format!("http://{addr}/")).build().unwrap();
+        let err = default.publish(event()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Throttled, "{value}");
+        assert!(err.is_retryable());
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(3600)), "{value}");
+        // The hint can be added to the clock.
+        let _ = tokio::time::Instant::now() + err.retry_after().unwrap();
+
+        let mut capped = sender(format!("http://{addr}/"))
+            .max_retry_after(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let err = capped.publish(event()).await.unwrap_err();
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(30)), "{value}");
+    }
+}
+
+#[tokio::test]
+async fn a_conflict_is_final() {
+    let (addr, seen) = status_server().await;
+    let mut sender = sender(format!("http://{addr}/status/409")).build().unwrap();
+    let err = sender.publish(event()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Rejected);
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("409"), "{err}");
+    assert_eq!(seen.lock().unwrap().len(), 1);
 }
