@@ -1,6 +1,7 @@
 //! Webhook benchmarks: the cost of signing and verifying one event, and
 //! signed delivery to a local axum endpoint with many requests in flight,
-//! next to raw reqwest posting the same body to the same server.
+//! next to raw reqwest posting the same body to the same server, and what
+//! one receiving core does per request (verify and decode, `v1` and `v1a`).
 //!
 //! ```text
 //! cargo bench -p watchtower-webhook --bench webhook
@@ -14,7 +15,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 use watchtower::Event;
-use watchtower_webhook::signature::{self, Secret};
+use watchtower_webhook::signature::{self, Secret, Signer, SigningKey, VerifyKey};
 use watchtower_webhook::{WebhookReceiverLayer, WebhookSender, WebhookVerifier};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -62,6 +63,48 @@ fn signing(c: &mut Criterion) {
             watchtower::codec::structured::from_bytes(&body).unwrap()
         })
     });
+    group.finish();
+}
+
+/// What one receiving core does per request once the body is in memory:
+/// check the signature, then decode the event, for each signature scheme.
+fn receiving(c: &mut Criterion) {
+    let event = event();
+    let body = bytes::Bytes::from(watchtower::codec::structured::to_vec(&event).unwrap());
+    let ts = 1_700_000_000;
+    let ed25519 = SigningKey::from_seed(&[7; 32]);
+    let schemes = [
+        (
+            "v1",
+            Signer::Symmetric(Secret::new(SECRET).unwrap()),
+            VerifyKey::Symmetric(Secret::new(SECRET).unwrap()),
+        ),
+        (
+            "v1a",
+            Signer::Asymmetric(ed25519.clone()),
+            VerifyKey::Asymmetric(ed25519.public_key()),
+        ),
+    ];
+    let mut group = c.benchmark_group("receive");
+    group.throughput(Throughput::Elements(1));
+    for (name, signer, key) in schemes {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("webhook-id", event.id().parse().unwrap());
+        headers.insert("webhook-timestamp", ts.to_string().parse().unwrap());
+        headers.insert(
+            "webhook-signature",
+            signer.sign(event.id(), ts, &body).parse().unwrap(),
+        );
+        let verifier = WebhookVerifier::from_keys([key]);
+        group.bench_function(format!("verify_decode_{name}"), |b| {
+            b.iter(|| {
+                let verified = verifier
+                    .verify_at(&headers, std::hint::black_box(&body), ts)
+                    .unwrap();
+                verifier.decode(&headers, body.clone(), &verified).unwrap()
+            })
+        });
+    }
     group.finish();
 }
 
@@ -180,5 +223,5 @@ fn delivery(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, signing, delivery);
+criterion_group!(benches, signing, receiving, delivery);
 criterion_main!(benches);
