@@ -720,10 +720,14 @@ async fn an_always_panicking_handler_is_retried_with_growing_delays_then_dead_le
     );
     let event = Event::new("boom", serde_json::json!({}));
     broker.publisher().publish(event.clone()).await.unwrap();
-    tokio::select! {
-        () = dlq.wait_for(1) => {}
-        () = too_many.notified() => {}
-    }
+    let dead_lettered = tokio::select! {
+        () = dlq.wait_for(1) => true,
+        () = too_many.notified() => false,
+    };
+    assert!(
+        dead_lettered,
+        "the handler was called more than 10 times before the event was dead-lettered"
+    );
     // Long after the last delay: nothing more comes.
     tokio::time::sleep(Duration::from_secs(600)).await;
     stop.send(()).unwrap();
