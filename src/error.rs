@@ -417,7 +417,9 @@ fn host_and_path(after: &str) -> Option<&str> {
         }
         i = close + 1;
     } else {
-        while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'-' | b'.' | b'_' | b'~' | b'%')) {
+        while i < bytes.len()
+            && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'-' | b'.' | b'_' | b'~' | b'%'))
+        {
             i += 1;
         }
     }

@@ -619,7 +619,12 @@ async fn dead_letter<A: Acker>(
         Err(e) => {
             ctx.counters.poison_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, "dead-letter path failed; nacking so the transport keeps the message");
-            nack(acker, Some(DEAD_LETTER_RETRY.max(ctx.backoff.base)), &ctx.counters).await
+            nack(
+                acker,
+                Some(DEAD_LETTER_RETRY.max(ctx.backoff.base)),
+                &ctx.counters,
+            )
+            .await
         }
     }
 }

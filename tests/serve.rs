@@ -775,7 +775,9 @@ async fn nack_delays_grow_with_the_delivery_count_and_a_retry_after_hint_wins() 
         ids.push((id, count));
     }
     let hinted = Event::builder("hint").id("h").build().unwrap();
-    feed.tx.send(Delivery::new(hinted, "hint", feed.acker("h"))).unwrap();
+    feed.tx
+        .send(Delivery::new(hinted, "hint", feed.acker("h")))
+        .unwrap();
     let handler = service_fn(|event: Event| async move {
         let err = Error::new(ErrorKind::Handler, "failed");
         Err::<(), _>(if event.ty() == "hint" {
@@ -799,7 +801,11 @@ async fn nack_delays_grow_with_the_delivery_count_and_a_retry_after_hint_wins() 
     run.await.unwrap().unwrap();
     for (id, count) in ids {
         let expected = Duration::from_millis(10 << (count - 1)).min(Duration::from_secs(1));
-        assert_eq!(feed.settlement_of(&id), Some(Settled::Nack(Some(expected))), "{id}");
+        assert_eq!(
+            feed.settlement_of(&id),
+            Some(Settled::Nack(Some(expected))),
+            "{id}"
+        );
     }
     assert_eq!(
         feed.settlement_of("h"),
