@@ -63,7 +63,7 @@ pub fn to_vec(event: &Event) -> Result<Vec<u8>, Error> {
         write_str(&mut out, value);
     }
     if let Some(data) = event.data() {
-        if event.is_json() && (event.data_is_json() || serde_json::from_slice::<&RawValue>(data).is_ok()) {
+        if event.is_json() && &data[..] != b"null" && (event.data_is_json() || is_exact_json(data)) {
             out.extend_from_slice(br#","data":"#);
             out.extend_from_slice(data);
         } else {
@@ -371,6 +371,14 @@ impl<'de> de::Deserialize<'de> for ExtensionValue {
         }
         d.deserialize_any(V)
     }
+}
+
+/// Whether `data` is one JSON value with nothing around it, so that
+/// writing it inline as `data` and reading it back gives the same bytes (a
+/// decoder drops the whitespace around a member's value). The payload
+/// `null` never goes inline either: `"data":null` means no data.
+fn is_exact_json(data: &[u8]) -> bool {
+    serde_json::from_slice::<&RawValue>(data).is_ok_and(|raw| raw.get().len() == data.len())
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {
