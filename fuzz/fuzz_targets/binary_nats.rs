@@ -27,12 +27,21 @@ fuzz_target!(|input: Input| {
         headers.push((format!("{p}specversion"), b"1.0".to_vec()));
     }
     for (attr, value) in ["id", "type", "source"].iter().zip(input.required) {
-        headers.push((format!("{p}{attr}"), value.unwrap_or_else(|| "x".into()).into_bytes()));
+        headers.push((
+            format!("{p}{attr}"),
+            value.unwrap_or_else(|| "x".into()).into_bytes(),
+        ));
     }
     headers.extend(input.headers.into_iter().map(|(prefixed, name, value)| {
-        if prefixed { (format!("{p}{name}"), value) } else { (name, value) }
+        if prefixed {
+            (format!("{p}{name}"), value)
+        } else {
+            (name, value)
+        }
     }));
-    let Ok(event) = BINDING.decode(headers, input.body.map(Bytes::from)) else { return };
+    let Ok(event) = BINDING.decode(headers, input.body.map(Bytes::from)) else {
+        return;
+    };
     let mut written = Vec::new();
     BINDING.write_headers(&event, |k, v| written.push((k.to_owned(), v.to_owned())));
     let back = BINDING
