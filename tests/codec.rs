@@ -44,13 +44,19 @@ fn json_payloads_that_would_not_read_back_the_same_go_as_base64() {
         let mut event = Event::empty("t");
         event.set_data(content_type, Some(Bytes::from_static(payload)));
         let json = structured::to_vec(&event).unwrap();
-        assert!(String::from_utf8_lossy(&json).contains("data_base64"), "{payload:?}");
+        assert!(
+            String::from_utf8_lossy(&json).contains("data_base64"),
+            "{payload:?}"
+        );
         let back = structured::from_slice(&json).unwrap();
         assert_eq!(back.data().map(|d| &d[..]), Some(payload));
         assert_eq!(back, event);
     }
     let null = Event::new("t", serde_json::Value::Null);
-    assert_eq!(structured::from_slice(&structured::to_vec(&null).unwrap()).unwrap(), null);
+    assert_eq!(
+        structured::from_slice(&structured::to_vec(&null).unwrap()).unwrap(),
+        null
+    );
 }
 
 #[test]
