@@ -4,6 +4,13 @@
 //! for inspection and redrive. It is the consumer runtime's default poison
 //! path, and a dead-letter destination for tests and small deployments.
 //!
+//! **It is not durable**: what it holds lives in this process's memory and
+//! is lost when the process exits or crashes, after the broker was told to
+//! forget the message. The consumer runtime logs every event it sends to
+//! its default queue at WARN for that reason. In production, dead-letter to
+//! something that outlives the process: a stream or queue on the broker, or
+//! a file.
+//!
 //! It never evicts: when full it refuses new events with
 //! [`ErrorKind::Overloaded`], so the caller (which still holds the event)
 //! decides, and nothing is lost silently.
@@ -65,6 +72,9 @@ pub fn annotate(mut event: Event, error: &Error, topic: &str, attempts: Option<u
 pub const DEFAULT_CAPACITY: usize = 10_000;
 
 /// A bounded, cloneable in-memory dead-letter queue. Clones share the queue.
+///
+/// Not durable: its events are lost when the process exits (see the
+/// [module docs](self)).
 #[derive(Clone)]
 pub struct MemoryDeadLetters {
     shared: Arc<Shared>,

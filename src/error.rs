@@ -342,28 +342,99 @@ impl From<std::convert::Infallible> for Error {
     }
 }
 
-/// Removes the password (and any user-info) from a URL-like string, for
-/// error messages and logs: `redis://user:secret@host:6379/0` becomes
-/// `redis://***@host:6379/0`. Query strings are dropped, since tokens often
-/// live there.
+/// Removes the user-info (user name and password) and the query string
+/// from a URL-like string, for error messages and logs:
+/// `redis://user:secret@host:6379/0` becomes `redis://***@host:6379/0`.
+/// The query and fragment are dropped, since tokens often live there
+/// (`?token=`, `?password=`, `?access_token=`).
+///
+/// Passwords are often written unescaped, so the user-info is taken to end
+/// at the *last* `@`, wherever it is: a password may hold `@`, `/`, `:`,
+/// `?` or `#`. Only the host (a name, an IPv4 or a bracketed IPv6 address),
+/// the port and a path after that `@` are kept. When that cannot be told
+/// safely, nothing after the scheme is kept: what follows the last `@` is
+/// not a host, or a `?` or `#` comes before it (a password holding one
+/// looks the same as a query holding an `@`). A string without a scheme is
+/// handled the same way.
 ///
 /// ```
+/// use watchtower::error::redact_url;
+///
 /// assert_eq!(
-///     watchtower::error::redact_url("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"),
+///     redact_url("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"),
 ///     "amqp://***@127.0.0.1:5672/%2f"
 /// );
-/// assert_eq!(watchtower::error::redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+/// assert_eq!(redact_url("redis://:ab/cd@host:6379/0"), "redis://***@host:6379/0");
+/// assert_eq!(redact_url("nats://u:p@[::1]:4222"), "nats://***@[::1]:4222");
+/// assert_eq!(redact_url("https://h/hook?token=abc"), "https://h/hook");
+/// assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
 /// ```
 pub fn redact_url(url: &str) -> String {
-    let without_query = url.split(['?', '#']).next().unwrap_or_default();
-    let (scheme, rest) = match without_query.find("://") {
-        Some(i) => (&without_query[..i + 3], &without_query[i + 3..]),
-        None => ("", without_query),
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}***{}", &rest[at..]),
-        None => format!("{scheme}{rest}"),
+    let (scheme, rest) = split_scheme(url);
+    match rest.rfind('@') {
+        None => {
+            // No user-info. Keep everything before the query or fragment.
+            let end = rest.find(['?', '#']).unwrap_or(rest.len());
+            format!("{scheme}{}", &rest[..end])
+        }
+        Some(at) if rest[..at].contains(['?', '#']) => format!("{scheme}***"),
+        Some(at) => match host_and_path(&rest[at + 1..]) {
+            Some(kept) => format!("{scheme}***@{kept}"),
+            None => format!("{scheme}***"),
+        },
+    }
+}
+
+/// Splits `scheme://` off, if `url` starts with a valid scheme (RFC 3986:
+/// a letter, then letters, digits, `+`, `-`, `.`).
+fn split_scheme(url: &str) -> (&str, &str) {
+    if let Some(i) = url.find("://") {
+        let scheme = &url[..i];
+        let mut chars = scheme.chars();
+        let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if valid {
+            return (&url[..i + 3], &url[i + 3..]);
+        }
+    }
+    ("", url)
+}
+
+/// The host, port and path at the start of `after` (what follows the
+/// user-info), without query or fragment; `None` if `after` does not start
+/// with a host and optional port followed by the end, `/`, `?` or `#`.
+fn host_and_path(after: &str) -> Option<&str> {
+    let bytes = after.as_bytes();
+    let mut i = 0;
+    if bytes.first() == Some(&b'[') {
+        let close = after.find(']')?;
+        let inside = &after[1..close];
+        if !inside
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.' | b'%' | b'v' | b'V' | b'_' | b'-'))
+        {
+            return None;
+        }
+        i = close + 1;
+    } else {
+        while i < bytes.len()
+            && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'-' | b'.' | b'_' | b'~' | b'%'))
+        {
+            i += 1;
+        }
+    }
+    if bytes.get(i) == Some(&b':') {
+        i += 1;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+    }
+    match bytes.get(i) {
+        None | Some(b'/' | b'?' | b'#') => {
+            let end = after.find(['?', '#']).unwrap_or(after.len());
+            Some(&after[..end])
+        }
+        Some(_) => None,
     }
 }
 
@@ -430,6 +501,75 @@ mod tests {
         assert_eq!(redact_url("http://h/p?token=abc"), "http://h/p");
         assert_eq!(redact_url("host:1@x"), "***@x");
         assert_eq!(redact_url(""), "");
+    }
+
+    #[test]
+    fn redaction_survives_hostile_passwords() {
+        for (url, redacted) in [
+            ("redis://:ab/cd@host", "redis://***@host"),
+            ("redis://:ab/cd@host:6379/0", "redis://***@host:6379/0"),
+            ("redis://u:a@b@host/0", "redis://***@host/0"),
+            ("redis://u:a?b#c@host/0", "redis://***"),
+            ("redis://u:a#b/c?d@[::1]:6379", "redis://***"),
+            ("https://h/p?token=abc@def", "https://***"),
+            ("https://h/users/@me", "https://***@me"),
+            ("amqp://u:p@x:5672/v@host/%2f", "amqp://***@host/%2f"),
+            ("redis://:p@h:1/x@y&z", "redis://***"),
+            ("redis://u:p@host/db?password=x@y", "redis://***"),
+            ("u:p/q@host:1", "***@host:1"),
+            (":a://b@host", "***@host"),
+            ("nats://h:4222/?token=s3cret", "nats://h:4222/"),
+            ("https://h/p#access_token=s3cret", "https://h/p"),
+            ("wss://h/p?x=1&access_token=s3cret", "wss://h/p"),
+            ("nats://[fe80::1%25eth0]:4222", "nats://[fe80::1%25eth0]:4222"),
+        ] {
+            assert_eq!(redact_url(url), redacted, "{url}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_password_never_survives_redaction(
+            password in "[ -~]{1,40}",
+            user in proptest::option::of("[a-z]{1,8}"),
+            scheme in proptest::option::of("(redis|rediss|amqp|nats|https|wss)"),
+            host in "(example\\.com|127\\.0\\.0\\.1|\\[::1\\]|h)",
+            port in proptest::option::of(1u16..),
+            path in "(/[a-z0-9%]{0,8}){0,2}",
+            query in proptest::option::of("(token|password|access_token|key)=[ -~]{1,20}"),
+        ) {
+            let scheme = scheme.map(|s| format!("{s}://")).unwrap_or_default();
+            let user = user.unwrap_or_default();
+            let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+            let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+            let url = format!("{scheme}{user}:{password}@{host}{port}{path}{query}");
+            let redacted = redact_url(&url);
+            // A query holding `@`, or a password holding `?` or `#`,
+            // cannot be told from each other: then nothing after the scheme
+            // is kept.
+            let expected = if query.contains('@') || password.contains(['?', '#']) {
+                format!("{scheme}***")
+            } else {
+                format!("{scheme}***@{host}{port}{path}")
+            };
+            proptest::prop_assert!(
+                !redacted.contains(&*password) || expected.contains(&*password),
+                "{} -> {}", url, redacted
+            );
+            proptest::prop_assert_eq!(redacted, expected);
+        }
+
+        #[test]
+        fn query_tokens_never_survive_redaction(
+            token in "[!-~]{8,30}",
+            name in "(token|password|access_token|apikey)",
+        ) {
+            let url = format!("https://hooks.example.com/in?{name}={token}");
+            let redacted = redact_url(&url);
+            proptest::prop_assert!(!redacted.contains(&*token), "{} -> {}", url, redacted);
+            let expected = if token.contains('@') { "https://***" } else { "https://hooks.example.com/in" };
+            proptest::prop_assert_eq!(redacted, expected);
+        }
     }
 
     #[test]

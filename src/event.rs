@@ -29,6 +29,9 @@
 //! # Ok::<(), watchtower::Error>(())
 //! ```
 
+use std::borrow::Borrow;
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -102,9 +105,10 @@ struct Inner {
     /// or decoded from a structured `data` member), so that encoding does
     /// not check it again.
     data_is_json: bool,
-    /// Sorted by name, so lookups are a binary search and encoding is
-    /// deterministic.
-    extensions: Vec<(Arc<str>, Arc<str>)>,
+    /// Ordered by name, so encoding is deterministic; a tree rather than a
+    /// sorted `Vec`, so that setting many extensions in any order costs
+    /// `n log n`, not `n²`.
+    extensions: BTreeMap<ExtName, Arc<str>>,
     topic: Option<Arc<str>>,
 }
 
@@ -176,7 +180,7 @@ impl Event {
                 dataschema: None,
                 data,
                 data_is_json,
-                extensions: Vec::new(),
+                extensions: BTreeMap::new(),
                 topic: None,
             }),
         }
@@ -196,7 +200,7 @@ impl Event {
                 dataschema: None,
                 data: None,
                 data_is_json: false,
-                extensions: Vec::new(),
+                extensions: BTreeMap::new(),
                 topic: None,
             }),
         }
@@ -276,15 +280,12 @@ impl Event {
 
     /// The extension `name`, if set.
     pub fn extension(&self, name: &str) -> Option<&str> {
-        let exts = &self.inner.extensions;
-        exts.binary_search_by(|(k, _)| (**k).cmp(name))
-            .ok()
-            .map(|i| &*exts[i].1)
+        self.inner.extensions.get(name).map(|v| &**v)
     }
 
     /// All extensions, sorted by name.
     pub fn extensions(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
-        self.inner.extensions.iter().map(|(k, v)| (&**k, &**v))
+        self.inner.extensions.iter().map(|(k, v)| (&*k.0, &**v))
     }
 
     /// Where publishers send the event: the topic set with
@@ -381,10 +382,23 @@ impl Event {
         N: AsRef<str> + Into<Arc<str>>,
     {
         let exts = &mut self.inner_mut().extensions;
-        match exts.binary_search_by(|(k, _)| (**k).cmp(name.as_ref())) {
-            Ok(i) => exts[i].1 = value,
-            Err(i) => exts.insert(i, (name.into(), value)),
+        match exts.get_mut(name.as_ref()) {
+            Some(slot) => *slot = value,
+            None => {
+                exts.insert(ExtName(name.into()), value);
+            }
         }
+    }
+
+    /// Sets many extensions whose names are known to be valid, in one
+    /// pass: `n log n` in their number whatever their order. Of repeated
+    /// names the last wins.
+    pub(crate) fn extend_extensions<I>(&mut self, extensions: I)
+    where
+        I: IntoIterator<Item = (Arc<str>, Arc<str>)>,
+    {
+        let exts = &mut self.inner_mut().extensions;
+        exts.extend(extensions.into_iter().map(|(k, v)| (ExtName(k), v)));
     }
 
     /// Builder-style [`set_extension`](Event::set_extension).
@@ -399,12 +413,10 @@ impl Event {
 
     /// Removes the extension `name`, returning its value.
     pub fn remove_extension(&mut self, name: &str) -> Option<Arc<str>> {
-        let i = self
-            .inner
-            .extensions
-            .binary_search_by(|(k, _)| (**k).cmp(name))
-            .ok()?;
-        Some(self.inner_mut().extensions.remove(i).1)
+        if !self.inner.extensions.contains_key(name) {
+            return None;
+        }
+        self.inner_mut().extensions.remove(name)
     }
 
     /// Checks the event against the CloudEvents rules: non-empty `id`,
@@ -541,11 +553,38 @@ impl fmt::Debug for Event {
     }
 }
 
-struct DebugMap<'a>(&'a [(Arc<str>, Arc<str>)]);
+struct DebugMap<'a>(&'a BTreeMap<ExtName, Arc<str>>);
 
 impl fmt::Debug for DebugMap<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.0.iter().map(|(k, v)| (k, v))).finish()
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| (&k.0, v)))
+            .finish()
+    }
+}
+
+/// An extension name as a map key. Its own type so that the unit tests can
+/// count the comparisons the map makes (the work of building an event).
+#[derive(Clone, PartialEq, Eq)]
+struct ExtName(Arc<str>);
+
+impl Ord for ExtName {
+    fn cmp(&self, other: &ExtName) -> Ordering {
+        #[cfg(test)]
+        tests::count_comparison();
+        self.0.cmp(&other.0)
+    }
+}
+
+impl PartialOrd for ExtName {
+    fn partial_cmp(&self, other: &ExtName) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Borrow<str> for ExtName {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 
@@ -662,8 +701,57 @@ impl EventBuilder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        static COMPARISONS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    pub(super) fn count_comparison() {
+        COMPARISONS.with(|c| c.set(c.get() + 1));
+    }
+
+    /// Comparisons of extension names made by `f` on this thread.
+    pub(crate) fn comparisons(f: impl FnOnce()) -> u64 {
+        let before = COMPARISONS.with(Cell::get);
+        f();
+        COMPARISONS.with(Cell::get) - before
+    }
+
+    /// A bound of `n log n` comparisons for `n` extensions (a B-tree node
+    /// holds up to 11 keys, searched in order).
+    pub(crate) fn n_log_n_bound(n: u64) -> u64 {
+        12 * n * (u64::from(n.max(2).ilog2()) + 1)
+    }
+
+    #[test]
+    fn setting_many_extensions_by_hand_is_n_log_n_in_any_order() {
+        let n = 20_000u32;
+        let names: Vec<String> = (0..n).map(|i| format!("x{i:06}")).collect();
+        for order in ["ascending", "descending", "interleaved"] {
+            let mut ordered: Vec<&String> = names.iter().collect();
+            match order {
+                "descending" => ordered.reverse(),
+                "interleaved" => ordered.sort_by_key(|name| name.bytes().rev().collect::<Vec<u8>>()),
+                _ => {}
+            }
+            let mut event = Event::empty("t");
+            let used = comparisons(|| {
+                for name in &ordered {
+                    event.set_extension(name, "v").unwrap();
+                }
+            });
+            assert!(
+                used <= n_log_n_bound(u64::from(n)),
+                "{order}: {used} comparisons for {n} extensions"
+            );
+            assert_eq!(event.extensions().len(), n as usize);
+            let sorted: Vec<&str> = event.extensions().map(|(k, _)| k).collect();
+            assert!(sorted.windows(2).all(|w| w[0] < w[1]), "{order}");
+        }
+    }
 
     #[test]
     fn new_sets_defaults() {

@@ -10,14 +10,17 @@
 //!
 //! * [`Event`]: CloudEvents 1.0, payload as bytes, cheap to clone;
 //! * [`codec`]: the CloudEvents JSON format and the binary-mode header
-//!   mappings of NATS, HTTP, AMQP and Redis;
+//!   mappings of NATS, HTTP, AMQP and Redis, with the decoding
+//!   [`Limits`](codec::Limits) every transport shares;
 //! * [`Error`] and [`ErrorKind`]: what failed and whether retrying helps;
 //! * [`TopicPattern`]: `user.*` and `user.>` for every transport;
 //! * [`Receipt`], [`Subscriber`], [`Delivery`], [`Acker`],
 //!   [`Capabilities`]: the publish and subscribe contracts;
-//! * [`serve()`]: the consumer runtime;
+//! * [`serve()`]: the consumer runtime; by default it tries an event at
+//!   most 10 times, with redelivery delays growing from 100 ms to 30 s;
 //! * [`MemoryDeadLetters`](dead_letter::MemoryDeadLetters): a bounded
-//!   in-memory dead-letter queue;
+//!   in-memory dead-letter queue, [`serve()`]'s default dead-letter path
+//!   (not durable: lost when the process exits);
 //! * [`reply`]: a one-shot reply whose sender chooses when to wake the
 //!   receiver, for answering many callers at once;
 //! * `conformance` (feature `conformance`): the test suite every transport

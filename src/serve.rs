@@ -8,15 +8,18 @@
 //!   and pulls nothing from the subscription while the handler's
 //!   `poll_ready` is pending;
 //! * acknowledges an event when the handler returns `Ok`, and nacks it when
-//!   the handler returns a retryable `Err` (after the error's
-//!   [`retry_after`](crate::Error::retry_after) hint, if any) or panics —
-//!   a panic is an error, not a crash; a redelivered event carries its
-//!   delivery count in the `attempt` extension;
+//!   the handler returns a retryable `Err` or panics — a panic is an error,
+//!   not a crash — asking the transport to redeliver it after a growing
+//!   delay (100 ms, doubling on each delivery up to 30 s by default, see
+//!   [`redelivery_backoff`](Serve::redelivery_backoff); the error's own
+//!   [`retry_after`](crate::Error::retry_after) hint wins when it has one);
+//!   a redelivered event carries its delivery count in the `attempt`
+//!   extension;
 //! * gives up on an event when the handler's error is not retryable (a
 //!   decode error will not go away) or the delivery count reaches
-//!   [`max_deliveries`](Serve::max_deliveries): the event, annotated by
-//!   [`annotate`](crate::dead_letter::annotate), goes to the dead-letter
-//!   path and the delivery is rejected;
+//!   [`max_deliveries`](Serve::max_deliveries) (10 by default): the event,
+//!   annotated by [`annotate`](crate::dead_letter::annotate), goes to the
+//!   dead-letter path and the delivery is rejected;
 //! * sends messages that did not decode to the same dead-letter path (set
 //!   with [`poison`](Serve::poison); by default a [`MemoryDeadLetters`]) as
 //!   [`Poison::into_event`](crate::Poison::into_event) events, then rejects
@@ -29,6 +32,26 @@
 //!
 //! Handler futures run concurrently on the serving task; spawn inside the
 //! handler for CPU-heavy work.
+//!
+//! # The default dead-letter path is not durable
+//!
+//! Unless [`poison`](Serve::poison) names a durable path (a dead-letter
+//! stream or queue on the broker, a file), what the runtime gives up on is
+//! kept in a [`MemoryDeadLetters`] in this process's memory, and **lost
+//! when the process exits**; the delivery has been rejected, so the broker
+//! no longer has it either. Every event that goes there is logged at WARN
+//! with its id. Read it with
+//! [`default_dead_letters`](Serve::default_dead_letters) (or
+//! [`SubscriptionHandle::dead_letters`]), or set a durable path for
+//! production.
+//!
+//! # Redelivery delays
+//!
+//! The delay is asked of the transport with the nack. Transports that
+//! declare [`Capabilities::nack_delay`](crate::Capabilities::nack_delay)
+//! (memory, NATS JetStream, Redis, RabbitMQ) honour it; one that cannot
+//! delay redelivers at once, and [`max_deliveries`](Serve::max_deliveries)
+//! still bounds the attempts.
 //!
 //! # Example
 //!
@@ -84,6 +107,20 @@ use crate::trace::process_span;
 /// How many events may be settling (ack on its way) per concurrency slot.
 const SETTLING_FACTOR: usize = 4;
 
+/// The redelivery delay after a failed first delivery, doubled on each
+/// further one.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+
+/// The longest redelivery delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Deliveries of one event before the runtime gives up on it.
+const MAX_DELIVERIES: u32 = 10;
+
+/// How long to wait before a message whose dead-letter path failed comes
+/// back, at least.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
+
 /// Events in flight at once unless set: 64, enough to hide broker round
 /// trips without unbounded work.
 pub const DEFAULT_CONCURRENCY: usize = 64;
@@ -117,8 +154,11 @@ where
         default_dead_letters: Some(dead_letters),
         shutdown: None,
         shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
-        nack_delay: None,
-        max_deliveries: None,
+        backoff: Backoff {
+            base: BACKOFF_BASE,
+            max: BACKOFF_MAX,
+        },
+        max_deliveries: MAX_DELIVERIES,
         counters: Arc::default(),
     }
 }
@@ -133,9 +173,26 @@ pub struct Serve<St, H> {
     default_dead_letters: Option<MemoryDeadLetters>,
     shutdown: Option<Shutdown>,
     shutdown_timeout: Duration,
-    nack_delay: Option<Duration>,
-    max_deliveries: Option<u32>,
+    backoff: Backoff,
+    max_deliveries: u32,
     counters: Arc<Counters>,
+}
+
+/// Redelivery delays: `base` after the first delivery, doubling up to
+/// `max`.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    base: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// The delay before redelivering an event whose `count`th delivery
+    /// failed.
+    fn delay(&self, count: u32) -> Duration {
+        let factor = 1u32.checked_shl(count.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.max)
+    }
 }
 
 impl<St, H> fmt::Debug for Serve<St, H> {
@@ -143,7 +200,8 @@ impl<St, H> fmt::Debug for Serve<St, H> {
         f.debug_struct("Serve")
             .field("concurrency", &self.concurrency)
             .field("shutdown_timeout", &self.shutdown_timeout)
-            .field("nack_delay", &self.nack_delay)
+            .field("redelivery_backoff", &self.backoff)
+            .field("max_deliveries", &self.max_deliveries)
             .finish_non_exhaustive()
     }
 }
@@ -163,7 +221,9 @@ impl<St, H> Serve<St, H> {
     /// [`Poison::into_event`](crate::Poison::into_event) events, and events
     /// the handler gave up on. Any cloneable `Service<Event>` (a
     /// dead-letter stream, a file). Default: a [`MemoryDeadLetters`] of the
-    /// default capacity; every message sent there is also logged.
+    /// default capacity, which is **not durable**: what it holds is lost
+    /// when the process exits, so every event sent there is logged at WARN
+    /// with its id. Set a durable path in production.
     pub fn poison<P>(mut self, path: P) -> Self
     where
         P: Service<Event> + Clone + Send + Sync + 'static,
@@ -176,8 +236,9 @@ impl<St, H> Serve<St, H> {
         self
     }
 
-    /// The default poison path's queue, unless [`poison`](Serve::poison)
-    /// replaced it.
+    /// The default dead-letter path's queue, unless
+    /// [`poison`](Serve::poison) replaced it. Not durable: see the
+    /// [module docs](self#the-default-dead-letter-path-is-not-durable).
     pub fn default_dead_letters(&self) -> Option<&MemoryDeadLetters> {
         self.default_dead_letters.as_ref()
     }
@@ -199,19 +260,38 @@ impl<St, H> Serve<St, H> {
         self
     }
 
-    /// The delay asked for when nacking after a handler error that carries
-    /// no retry-after hint. Default: none (immediate redelivery).
-    pub fn nack_delay(mut self, delay: Duration) -> Self {
-        self.nack_delay = Some(delay);
+    /// A fixed redelivery delay, the same after every failed delivery:
+    /// shorthand for [`redelivery_backoff(delay, delay)`](Serve::redelivery_backoff).
+    pub fn nack_delay(self, delay: Duration) -> Self {
+        self.redelivery_backoff(delay, delay)
+    }
+
+    /// The delay asked of the transport when nacking after a handler error
+    /// or panic: `initial` after the first delivery, doubled after each
+    /// further one, at most `max`. A retry-after hint on the handler's
+    /// error ([`Error::with_retry_after`]) is used instead when present.
+    /// Default: 100 ms doubling up to 30 s (the JetStream ack-wait default),
+    /// so that a failing event comes back quickly once or twice, then
+    /// slowly, and never in a busy loop; with the default
+    /// [`max_deliveries`](Serve::max_deliveries) an event is tried for
+    /// about 50 s before it is given up on.
+    pub fn redelivery_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff = Backoff {
+            base: initial,
+            max: max.max(initial),
+        };
         self
     }
 
     /// Gives up on an event whose handler still fails on its `n`th
-    /// delivery (by the transport's delivery count): it goes to the
-    /// dead-letter path and is rejected. Default: no limit, so a retryable
-    /// failure is redelivered until it succeeds.
+    /// delivery (by the transport's delivery count, at least 1): it goes to
+    /// the dead-letter path and is rejected. Default 10: enough for a
+    /// passing failure to clear under the default
+    /// [`redelivery_backoff`](Serve::redelivery_backoff), few enough that an
+    /// event the handler can never take (a panic on its content) stops
+    /// costing work within a minute. `u32::MAX` means no limit.
     pub fn max_deliveries(mut self, n: u32) -> Self {
-        self.max_deliveries = Some(n.max(1));
+        self.max_deliveries = n.max(1);
         self
     }
 
@@ -314,18 +394,20 @@ where
             poison: dead_letter,
             shutdown,
             shutdown_timeout,
-            nack_delay,
+            backoff,
             max_deliveries,
             counters,
+            default_dead_letters,
             ..
         } = self;
         let mut shutdown = shutdown.unwrap_or_else(|| Box::pin(std::future::pending()));
         let mut fatal = None;
         let settle = Settle {
             counters: counters.clone(),
-            nack_delay,
+            backoff,
             max_deliveries,
             dead_letter,
+            durable: default_dead_letters.is_none(),
             handling: AtomicUsize::new(0),
         };
         let mut in_flight = FuturesUnordered::new();
@@ -434,9 +516,12 @@ enum Work<F> {
 
 struct Settle {
     counters: Arc<Counters>,
-    nack_delay: Option<Duration>,
-    max_deliveries: Option<u32>,
+    backoff: Backoff,
+    max_deliveries: u32,
     dead_letter: DeadLetterPath,
+    /// Whether the dead-letter path was set by the user (else it is the
+    /// in-memory default, whose every event is logged loudly).
+    durable: bool,
     /// Events whose handler (or dead-letter path) has not finished.
     handling: AtomicUsize,
 }
@@ -477,14 +562,15 @@ where
                     }
                     settled
                 }
-                Err(e) if !e.is_retryable() || ctx.max_deliveries.is_some_and(|max| count >= max) => {
+                Err(e) if !e.is_retryable() || count >= ctx.max_deliveries => {
                     tracing::debug!(error = %e, attempts = count, "handler gave up; dead-lettering");
                     let event = crate::dead_letter::annotate(event, &e, &topic, Some(count));
                     dead_letter(event, acker, ctx, &counters.dead_lettered).await
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "handler failed; nacking");
-                    nack(acker, e.retry_after().or(ctx.nack_delay), counters).await
+                    let delay = e.retry_after().unwrap_or_else(|| ctx.backoff.delay(count));
+                    tracing::debug!(error = %e, attempts = count, ?delay, "handler failed; nacking");
+                    nack(acker, Some(delay), counters).await
                 }
             }
         }
@@ -514,8 +600,16 @@ async fn dead_letter<A: Acker>(
     ctx: &Settle,
     counter: &AtomicU64,
 ) -> Result<(), Error> {
+    let id = (!ctx.durable).then(|| event.id_shared());
     match ctx.dead_letter.clone().oneshot(event).await {
         Ok(()) => {
+            if let Some(id) = id {
+                tracing::warn!(
+                    event_id = &*id,
+                    "event sent to the default in-memory dead-letter queue, which is lost when \
+                     the process exits; set a durable path with `Serve::poison`"
+                );
+            }
             let settled = acker.reject().await;
             if settled.is_ok() {
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -527,7 +621,7 @@ async fn dead_letter<A: Acker>(
             tracing::error!(error = %e, "dead-letter path failed; nacking so the transport keeps the message");
             nack(
                 acker,
-                ctx.nack_delay.or(Some(Duration::from_secs(1))),
+                Some(DEAD_LETTER_RETRY.max(ctx.backoff.base)),
                 &ctx.counters,
             )
             .await
@@ -649,7 +743,9 @@ impl SubscriptionHandle {
         self.stats.snapshot()
     }
 
-    /// The default poison path's queue (messages that did not decode).
+    /// The default dead-letter path's queue: messages that did not decode
+    /// and events the runtime gave up on. It lives in this process's memory
+    /// and is lost when it exits (see the [module docs](self)).
     pub fn dead_letters(&self) -> Option<&MemoryDeadLetters> {
         self.dead_letters.as_ref()
     }

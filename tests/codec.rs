@@ -32,6 +32,34 @@ fn json_content_type_with_invalid_json_bytes_falls_back_to_base64() {
 }
 
 #[test]
+fn json_payloads_that_would_not_read_back_the_same_go_as_base64() {
+    // Whitespace around a JSON value, and the value `null` (which reads
+    // back as no data), would be lost inline.
+    for (content_type, payload) in [
+        (None, &b"\t1"[..]),
+        (Some("application/json"), &b" {\"a\":1}\n"[..]),
+        (Some("application/json"), &b"null"[..]),
+        (None, &b"null"[..]),
+    ] {
+        let mut event = Event::empty("t");
+        event.set_data(content_type, Some(Bytes::from_static(payload)));
+        let json = structured::to_vec(&event).unwrap();
+        assert!(
+            String::from_utf8_lossy(&json).contains("data_base64"),
+            "{payload:?}"
+        );
+        let back = structured::from_slice(&json).unwrap();
+        assert_eq!(back.data().map(|d| &d[..]), Some(payload));
+        assert_eq!(back, event);
+    }
+    let null = Event::new("t", serde_json::Value::Null);
+    assert_eq!(
+        structured::from_slice(&structured::to_vec(&null).unwrap()).unwrap(),
+        null
+    );
+}
+
+#[test]
 fn missing_datacontenttype_means_json() {
     let event =
         decode_json(r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","data":{"a":[1,2]}}"#).unwrap();

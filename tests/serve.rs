@@ -262,7 +262,11 @@ async fn a_panic_in_call_itself_is_an_error_too() {
     until("the nack", || feed.settlement_of(&id).is_some()).await;
     stop.send(()).unwrap();
     let stats = run.await.unwrap().unwrap();
-    assert_eq!(feed.settlement_of(&id), Some(Settled::Nack(None)));
+    // Redelivered after the first delay of the default backoff, not at once.
+    assert_eq!(
+        feed.settlement_of(&id),
+        Some(Settled::Nack(Some(Duration::from_millis(100))))
+    );
     assert_eq!(stats.panics, 1);
 }
 
@@ -639,4 +643,172 @@ async fn a_publisher_as_dead_letter_path_does_not_feed_poison_back() {
     let stats = run.await.unwrap().unwrap();
     assert!(rx.try_recv().is_err(), "the handler saw the poison event again");
     assert_eq!((stats.poisoned, stats.acked), (1, 1));
+}
+
+/// WARN events recorded on this thread: their message and fields.
+#[derive(Clone, Default)]
+struct Warnings(Arc<Mutex<Vec<String>>>);
+
+impl tracing::Subscriber for Warnings {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.is_span() || *metadata.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!("{}={:?} ", field.name(), value));
+            }
+        }
+        if *event.metadata().level() == tracing::Level::WARN {
+            let mut text = Text(String::new());
+            event.record(&mut text);
+            self.0.lock().unwrap().push(text.0);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// With the default settings, an event whose handler always panics is
+/// tried exactly `max_deliveries` (10) times, redelivered by the memory
+/// transport after delays that double from 100 ms (never at once), then
+/// dead-lettered once into the default in-memory queue with a WARN log
+/// naming it.
+#[tokio::test(start_paused = true)]
+async fn an_always_panicking_handler_is_retried_with_growing_delays_then_dead_lettered_once() {
+    let warnings = Warnings::default();
+    let _log = tracing::subscriber::set_default(warnings.clone());
+    let broker = watchtower_memory::MemoryBroker::new();
+    let subscription = broker
+        .subscriber()
+        .open(SubscribeOptions::new(["boom"]).unwrap())
+        .await
+        .unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    // Rings when the handler has been called more than the limit allows.
+    let too_many = Arc::new(Notify::new());
+    let ring = too_many.clone();
+    let handler = service_fn(move |_: Event| {
+        let mut seen = seen.lock().unwrap();
+        seen.push(tokio::time::Instant::now());
+        if seen.len() > 10 {
+            ring.notify_one();
+        }
+        async {
+            if true {
+                panic!("the handler cannot take this event");
+            }
+            Ok::<(), Error>(())
+        }
+    });
+    let serve = serve(subscription, handler);
+    let dlq = serve.default_dead_letters().cloned().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve
+            .with_graceful_shutdown(async {
+                stopped.await.ok();
+            })
+            .into_future(),
+    );
+    let event = Event::new("boom", serde_json::json!({}));
+    broker.publisher().publish(event.clone()).await.unwrap();
+    let dead_lettered = tokio::select! {
+        () = dlq.wait_for(1) => true,
+        () = too_many.notified() => false,
+    };
+    assert!(
+        dead_lettered,
+        "the handler was called more than 10 times before the event was dead-lettered"
+    );
+    // Long after the last delay: nothing more comes.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    stop.send(()).unwrap();
+    let stats = run.await.unwrap().unwrap();
+
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 10, "handler calls");
+    let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
+    let expected: Vec<Duration> = (0..9).map(|i| Duration::from_millis(100 << i)).collect();
+    assert_eq!(gaps, expected);
+    let dead = dlq.drain();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id(), event.id());
+    assert_eq!(dead[0].extension("attempt"), Some("10"));
+    assert_eq!(dead[0].extension("deadletterkind"), Some("handler"));
+    assert_eq!(
+        (stats.panics, stats.nacked, stats.dead_lettered, stats.acked),
+        (10, 9, 1, 0)
+    );
+    let warned: Vec<String> = warnings
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.contains("dead-letter"))
+        .cloned()
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(warned[0].contains(event.id()), "{warned:?}");
+    assert!(warned[0].contains("lost when"), "{warned:?}");
+}
+
+/// The delay asked of the transport grows with the delivery count and is
+/// capped; a retry-after hint on the error wins.
+#[tokio::test]
+async fn nack_delays_grow_with_the_delivery_count_and_a_retry_after_hint_wins() {
+    let (feed, subscription) = feed();
+    let mut ids = Vec::new();
+    for count in [1u32, 2, 3, 9, 12] {
+        let id = format!("e{count}");
+        let event = Event::builder("t").id(id.as_str()).build().unwrap();
+        feed.tx
+            .send(Delivery::new(event, "t", feed.acker(&id)).with_delivery_count(count))
+            .unwrap();
+        ids.push((id, count));
+    }
+    let hinted = Event::builder("hint").id("h").build().unwrap();
+    feed.tx
+        .send(Delivery::new(hinted, "hint", feed.acker("h")))
+        .unwrap();
+    let handler = service_fn(|event: Event| async move {
+        let err = Error::new(ErrorKind::Handler, "failed");
+        Err::<(), _>(if event.ty() == "hint" {
+            err.with_retry_after(Duration::from_secs(7))
+        } else {
+            err
+        })
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(
+        serve(subscription, handler)
+            .max_deliveries(u32::MAX)
+            .redelivery_backoff(Duration::from_millis(10), Duration::from_secs(1))
+            .with_graceful_shutdown(async {
+                stopped.await.ok();
+            })
+            .into_future(),
+    );
+    until("every settlement", || feed.settled().len() == 6).await;
+    stop.send(()).unwrap();
+    run.await.unwrap().unwrap();
+    for (id, count) in ids {
+        let expected = Duration::from_millis(10 << (count - 1)).min(Duration::from_secs(1));
+        assert_eq!(
+            feed.settlement_of(&id),
+            Some(Settled::Nack(Some(expected))),
+            "{id}"
+        );
+    }
+    assert_eq!(
+        feed.settlement_of("h"),
+        Some(Settled::Nack(Some(Duration::from_secs(7))))
+    );
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use time::OffsetDateTime;
 
-use super::{format_time, parse_time};
+use super::{Limits, format_time, parse_time};
 use crate::error::Error;
 use crate::event::{Event, validate_extension_name};
 
@@ -102,24 +102,49 @@ impl Binding {
         }
     }
 
-    /// Builds an event from binary-mode headers and a body.
+    /// Builds an event from binary-mode headers and a body, within the
+    /// default [`Limits`].
     ///
     /// Headers without the prefix (other than the content-type header) are
-    /// ignored; header values must be UTF-8.
+    /// ignored; header values must be UTF-8. Of an attribute given twice,
+    /// the last value wins.
     ///
     /// # Errors
     ///
     /// [`ErrorKind::Decode`](crate::ErrorKind::Decode) if `specversion` is
     /// missing or not `1.0`, `id`, `source` or `type` is missing or empty,
     /// `time` is not RFC 3339, a value is not UTF-8 (or badly
-    /// percent-encoded), or an extension name is invalid.
+    /// percent-encoded), an extension name is invalid, or the headers
+    /// exceed a limit.
     pub fn decode<I, N, V>(&self, headers: I, body: Option<Bytes>) -> Result<Event, Error>
     where
         I: IntoIterator<Item = (N, V)>,
         N: AsRef<str>,
         V: AsRef<[u8]>,
     {
-        let mut attrs = Attrs::default();
+        self.decode_with_limits(headers, body, Limits::new())
+    }
+
+    /// As [`decode`](Binding::decode), within `limits`.
+    ///
+    /// # Errors
+    ///
+    /// As [`decode`](Binding::decode).
+    pub fn decode_with_limits<I, N, V>(
+        &self,
+        headers: I,
+        body: Option<Bytes>,
+        limits: Limits,
+    ) -> Result<Event, Error>
+    where
+        I: IntoIterator<Item = (N, V)>,
+        N: AsRef<str>,
+        V: AsRef<[u8]>,
+    {
+        let mut attrs = Attrs {
+            limits,
+            ..Attrs::default()
+        };
         for (name, value) in headers {
             let name = name.as_ref();
             let is_content_type = self
@@ -143,6 +168,14 @@ impl Binding {
             };
             let value = std::str::from_utf8(value.as_ref())
                 .map_err(|_| Error::decode(format!("header {name:?} is not UTF-8")))?;
+            // Checked before percent-decoding, which only shortens it. An
+            // over-long name is refused by `set`; not echoed here in full.
+            let shown = if attr.len() <= 64 {
+                &*attr
+            } else {
+                "an over-long attribute"
+            };
+            attrs.limits.check_value(shown, value)?;
             let value = if is_content_type {
                 Cow::Borrowed(value)
             } else {
@@ -210,6 +243,7 @@ fn strip_prefix_ignore_case<'a>(name: &'a str, prefix: &str) -> Option<&'a str> 
 
 #[derive(Default)]
 struct Attrs {
+    limits: Limits,
     /// `specversion` was present (and `1.0`: anything else is refused at
     /// once).
     specversion: bool,
@@ -238,7 +272,11 @@ impl Attrs {
             "data" | "data_base64" => {
                 return Err(Error::decode(format!("`{attr}` is not allowed as a header")));
             }
-            _ => self.extensions.push((attr.into(), value.into())),
+            _ => {
+                self.limits.check_extension_count(self.extensions.len() + 1)?;
+                self.limits.check_name(&attr)?;
+                self.extensions.push((attr.into(), value.into()));
+            }
         }
         Ok(())
     }
@@ -260,10 +298,10 @@ impl Attrs {
         event.set_time(self.time);
         event.set_subject(self.subject);
         event.set_dataschema(self.dataschema);
-        for (name, value) in self.extensions {
-            validate_extension_name(&name).map_err(|e| Error::decode(e.message().to_owned()))?;
-            event.insert_extension(name, value);
+        for (name, _) in &self.extensions {
+            validate_extension_name(name).map_err(|e| Error::decode(e.message().to_owned()))?;
         }
+        event.extend_extensions(self.extensions);
         if self.datacontenttype.as_deref() == Some("") {
             return Err(Error::decode("`datacontenttype` must not be empty"));
         }

@@ -21,9 +21,9 @@ use bytes::Bytes;
 use serde::de::{self, Deserializer as _, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{format_time, parse_time};
+use super::{Limits, format_time, parse_time};
 use crate::error::{Error, ErrorKind};
-use crate::event::{Event, is_json_content_type};
+use crate::event::{Event, is_json_content_type, validate_extension_name};
 
 /// Encodes `event` as CloudEvents JSON.
 ///
@@ -63,7 +63,7 @@ pub fn to_vec(event: &Event) -> Result<Vec<u8>, Error> {
         write_str(&mut out, value);
     }
     if let Some(data) = event.data() {
-        if event.is_json() && (event.data_is_json() || serde_json::from_slice::<&RawValue>(data).is_ok()) {
+        if event.is_json() && &data[..] != b"null" && (event.data_is_json() || is_exact_json(data)) {
             out.extend_from_slice(br#","data":"#);
             out.extend_from_slice(data);
         } else {
@@ -89,34 +89,67 @@ pub fn to_bytes(event: &Event) -> Result<Bytes, Error> {
     to_vec(event).map(Bytes::from)
 }
 
-/// Decodes CloudEvents JSON, copying the payload out of `input`.
+/// Decodes CloudEvents JSON, copying the payload out of `input`, within
+/// the default [`Limits`].
 ///
 /// # Errors
 ///
 /// [`ErrorKind::Decode`] if `input` is not a valid CloudEvents 1.0 JSON
 /// object (malformed JSON, missing or empty `id`/`source`/`type`, another
 /// `specversion`, a bad `time`, bad `data_base64`, an invalid extension
-/// name or value).
+/// name or value) or exceeds a limit.
 pub fn from_slice(input: &[u8]) -> Result<Event, Error> {
-    decode(input, None)
+    decode(input, None, Limits::new())
 }
 
-/// Decodes CloudEvents JSON; the payload shares `input`'s memory when it
-/// is inline JSON.
+/// As [`from_slice`], within `limits`.
+///
+/// # Errors
+///
+/// As [`from_slice`].
+pub fn from_slice_with_limits(input: &[u8], limits: Limits) -> Result<Event, Error> {
+    decode(input, None, limits)
+}
+
+/// Decodes CloudEvents JSON within the default [`Limits`]; the payload
+/// shares `input`'s memory when it is inline JSON.
 ///
 /// # Errors
 ///
 /// As [`from_slice`].
 pub fn from_bytes(input: &Bytes) -> Result<Event, Error> {
-    decode(input, Some(input))
+    decode(input, Some(input), Limits::new())
 }
 
-fn decode(input: &[u8], shared: Option<&Bytes>) -> Result<Event, Error> {
+/// As [`from_bytes`], within `limits`.
+///
+/// # Errors
+///
+/// As [`from_slice`].
+pub fn from_bytes_with_limits(input: &Bytes, limits: Limits) -> Result<Event, Error> {
+    decode(input, Some(input), limits)
+}
+
+fn decode(input: &[u8], shared: Option<&Bytes>, limits: Limits) -> Result<Event, Error> {
     let mut de = serde_json::Deserializer::from_slice(input);
+    let mut refused = None;
     let wire = de
-        .deserialize_map(WireVisitor)
-        .and_then(|wire| de.end().map(|()| wire))
-        .map_err(|e| Error::new(ErrorKind::Decode, format!("invalid CloudEvents JSON: {e}")))?;
+        .deserialize_map(WireVisitor {
+            limits,
+            refused: &mut refused,
+        })
+        .and_then(|wire| de.end().map(|()| wire));
+    let wire = match (wire, refused) {
+        (Ok(wire), _) => wire,
+        // A limit stopped the parse: say which, not where.
+        (Err(_), Some(refused)) => return Err(refused),
+        (Err(e), None) => {
+            return Err(Error::new(
+                ErrorKind::Decode,
+                format!("invalid CloudEvents JSON: {e}"),
+            ));
+        }
+    };
     wire.into_event(shared)
 }
 
@@ -157,11 +190,14 @@ impl<'a> Wire<'a> {
         }
         event.set_subject(self.subject.map(|s| Arc::<str>::from(&*s)));
         event.set_dataschema(self.dataschema.map(|s| Arc::<str>::from(&*s)));
-        for (name, value) in self.extensions {
-            event
-                .set_extension(&name, value)
-                .map_err(|e| Error::decode(e.message().to_owned()))?;
+        for (name, _) in &self.extensions {
+            validate_extension_name(name).map_err(|e| Error::decode(e.message().to_owned()))?;
         }
+        event.extend_extensions(
+            self.extensions
+                .into_iter()
+                .map(|(name, value)| (Arc::<str>::from(&*name), Arc::<str>::from(value))),
+        );
         let content_type = self.datacontenttype.map(|s| Arc::<str>::from(&*s));
         if content_type.as_deref() == Some("") {
             return Err(Error::decode("`datacontenttype` must not be empty"));
@@ -196,18 +232,35 @@ impl<'a> Wire<'a> {
     }
 }
 
-struct WireVisitor;
+struct WireVisitor<'r> {
+    limits: Limits,
+    /// The limit that stopped the parse, if one did.
+    refused: &'r mut Option<Error>,
+}
 
-impl<'de> Visitor<'de> for WireVisitor {
+impl WireVisitor<'_> {
+    fn check<E: de::Error>(&mut self, checked: Result<(), Error>) -> Result<(), E> {
+        checked.map_err(|e| {
+            let message = e.message().to_owned();
+            *self.refused = Some(e);
+            E::custom(message)
+        })
+    }
+}
+
+impl<'de> Visitor<'de> for WireVisitor<'_> {
     type Value = Wire<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a CloudEvents JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Wire<'de>, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Wire<'de>, A::Error> {
         let mut wire = Wire::default();
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        let limits = self.limits;
+        let mut extensions_seen = 0;
+        while let Some(key) = map.next_key::<CowStr<'de>>()? {
+            let key = key.0;
             let slot = match &*key {
                 "specversion" => &mut wire.specversion,
                 "id" => &mut wire.id,
@@ -226,13 +279,23 @@ impl<'de> Visitor<'de> for WireVisitor {
                     continue;
                 }
                 _ => {
+                    // Checked before the value is read, so that a refused
+                    // message costs no more.
+                    extensions_seen += 1;
+                    self.check(limits.check_extension_count(extensions_seen))?;
+                    self.check(limits.check_name(&key))?;
                     if let Some(value) = map.next_value::<ExtensionValue>()?.0 {
+                        self.check(limits.check_value(&key, &value))?;
                         wire.extensions.push((key, value));
                     }
                     continue;
                 }
             };
-            *slot = map.next_value::<Option<CowStr<'de>>>()?.map(|s| s.0);
+            let value = map.next_value::<Option<CowStr<'de>>>()?.map(|s| s.0);
+            if let Some(value) = &value {
+                self.check(limits.check_value(&key, value))?;
+            }
+            *slot = value;
         }
         Ok(wire)
     }
@@ -308,6 +371,14 @@ impl<'de> de::Deserialize<'de> for ExtensionValue {
         }
         d.deserialize_any(V)
     }
+}
+
+/// Whether `data` is one JSON value with nothing around it, so that
+/// writing it inline as `data` and reading it back gives the same bytes (a
+/// decoder drops the whitespace around a member's value). The payload
+/// `null` never goes inline either: `"data":null` means no data.
+fn is_exact_json(data: &[u8]) -> bool {
+    serde_json::from_slice::<&RawValue>(data).is_ok_and(|raw| raw.get().len() == data.len())
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {
