@@ -543,6 +543,9 @@ mod tests {
             let port = port.map(|p| format!(":{p}")).unwrap_or_default();
             let query = query.map(|q| format!("?{q}")).unwrap_or_default();
             let url = format!("{scheme}{user}:{password}@{host}{port}{path}{query}");
+            // Without a scheme, `user://…` is itself a scheme followed by
+            // user-info; what is redacted then is that user-info.
+            proptest::prop_assume!(!(scheme.is_empty() && !user.is_empty() && password.starts_with("//")));
             let redacted = redact_url(&url);
             // A query holding `@`, or a password holding `?` or `#`,
             // cannot be told from each other: then nothing after the scheme
