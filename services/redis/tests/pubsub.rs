@@ -946,8 +946,15 @@ async fn a_delivery_dropped_after_its_entry_was_trimmed_is_reported() {
             .map(drop)
             .expect_err("a report, not a delivery");
         assert_eq!(report.kind(), ErrorKind::Dropped);
+        // The release usually finds them; under load another pass over the
+        // pending entries can come first. Either says they were read and not
+        // settled, and each entry is reported once.
         let (n, what) = report.message().split_once(' ').unwrap();
-        assert!(what.starts_with("entries delivered and released"), "{report}");
+        assert!(
+            what.starts_with("entries delivered and released unsettled were trimmed")
+                || what.starts_with("entries read but not acknowledged were trimmed"),
+            "{report}"
+        );
         count += n.parse::<usize>().unwrap();
         reports.push_str(report.message());
     }
