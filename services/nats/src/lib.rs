@@ -68,13 +68,14 @@ pub use jetstream::{
 pub use publisher::NatsPublisher;
 pub use subject::SubjectTemplate;
 pub use subscriber::{NatsAcker, NatsSubscriber, NatsSubscription};
+pub use wire::ContentMode;
 
 /// Everything a program using the NATS transport needs:
 /// `use watchtower_nats::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        ConsumerSettings, JetStreamPublisher, JetStreamSubscriber, NatsClient, NatsConfig, NatsPublisher,
-        NatsSubscriber, SubjectTemplate, WhenDisconnected,
+        ConsumerSettings, ContentMode, JetStreamPublisher, JetStreamSubscriber, NatsClient, NatsConfig,
+        NatsPublisher, NatsSubscriber, SubjectTemplate, WhenDisconnected,
     };
     pub use watchtower::prelude::*;
 }

@@ -7,7 +7,7 @@ use futures_util::StreamExt as _;
 use tower::{Service, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
-use watchtower_nats::{NatsClient, NatsConfig, NatsPublisher, NatsSubscriber, SubjectTemplate};
+use watchtower_nats::{ContentMode, NatsClient, NatsConfig, NatsPublisher, NatsSubscriber, SubjectTemplate};
 
 use crate::support::{LOCAL, PATIENCE, call_all, local, numbered, unique};
 
@@ -40,7 +40,7 @@ async fn round_trip_in_binary_mode_readable_by_plain_clients() {
         .unwrap()
         .build()
         .unwrap();
-    let mut publisher = NatsPublisher::new(client.clone());
+    let mut publisher = NatsPublisher::new(client.clone()).content_mode(ContentMode::Binary);
     let receipt = publisher.publish(event.clone()).await.unwrap();
     assert_eq!(&*receipt.topic, topic);
     assert_eq!(&*receipt.event_id, event.id());
@@ -67,6 +67,51 @@ async fn round_trip_in_binary_mode_readable_by_plain_clients() {
     assert!(headers.get("ce-time").is_some());
     let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
     assert_eq!(body, serde_json::json!({"user_id": 42}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_by_default_without_any_header() {
+    let client = local().await;
+    let ns = unique("wt");
+    let topic = format!("{ns}.user.created");
+    let mut sub = NatsSubscriber::new(client.clone())
+        .open(SubscribeOptions::new([topic.clone()]).unwrap())
+        .await
+        .unwrap();
+    let mut raw = client.raw().subscribe(topic.clone()).await.unwrap();
+    client.raw().flush().await.unwrap();
+
+    let event = Event::builder(topic.clone())
+        .subject("42")
+        .extension("tenant", "acme")
+        .json(&serde_json::json!({"user_id": 42}))
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut publisher = NatsPublisher::new(client.clone());
+    publisher.publish(event.clone()).await.unwrap();
+
+    let delivery = next_event(&mut sub).await;
+    assert_eq!(delivery.event(), Some(&event));
+    assert_eq!(delivery.topic(), topic);
+
+    // What a client in another language sees: one CloudEvents JSON object,
+    // the payload inline, and no header block.
+    let message = tokio::time::timeout(PATIENCE, raw.next()).await.unwrap().unwrap();
+    assert!(
+        message.headers.as_ref().is_none_or(|h| h.is_empty()),
+        "{:?}",
+        message.headers
+    );
+    let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(body["specversion"], "1.0");
+    assert_eq!(body["id"], event.id());
+    assert_eq!(body["type"], topic.as_str());
+    assert_eq!(body["subject"], "42");
+    assert_eq!(body["tenant"], "acme");
+    assert_eq!(body["datacontenttype"], "application/json");
+    assert_eq!(body["data"], serde_json::json!({"user_id": 42}));
+    assert!(body["time"].is_string());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
