@@ -19,8 +19,11 @@
 //! * core publish: raw `publish` of the body; raw with one `content-type`
 //!   header and with eight `ce-` headers built per message (what a header
 //!   block costs the client alone); `NatsPublisher` alone and under the
-//!   four-layer stack (dead letter, retry, circuit breaker, backpressure),
-//!   in structured and in binary mode. Every side ends with a flush.
+//!   four-layer stack (dead letter, retry, circuit breaker, backpressure
+//!   with [`direct`](BackpressureLayer::direct) on, and once with it off:
+//!   every event through the layer's worker task), in structured and in
+//!   binary mode, each publish awaited before the next (as raw does).
+//!   Every side ends with a flush.
 //! * JetStream publish: 1,024 acknowledgements in flight, as the harness;
 //!   raw without header, raw with `Nats-Msg-Id` only, raw with the `ce-`
 //!   block and `Nats-Msg-Id`; `JetStreamPublisher` alone and stacked, both
@@ -139,7 +142,11 @@ fn one_header() -> HeaderMap {
     h
 }
 
-fn stack<S>(inner: S) -> impl Service<Event, Error = watchtower::Error, Future: Send> + Send
+/// The four layers over `inner`; `direct`: the backpressure layer lets an
+/// uncongested caller call the publisher itself (its documented setting for
+/// services that hand their work to a connection task, as the publishers
+/// do) instead of handing every event to its worker task and back.
+fn stack<S>(inner: S, direct: bool) -> impl Service<Event, Error = watchtower::Error, Future: Send> + Send
 where
     S: Service<Event, Response = watchtower::Receipt, Error = watchtower::Error> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -148,7 +155,11 @@ where
         .dead_letter(MemoryDeadLetters::new(100_000))
         .retries(RetryConfig::new())
         .circuit_breaker(CircuitBreakerConfig::new().name("bench"))
-        .backpressure(BackpressureLayer::new(WINDOW, Overflow::Block).concurrency(WINDOW))
+        .backpressure(
+            BackpressureLayer::new(WINDOW, Overflow::Block)
+                .concurrency(WINDOW)
+                .direct(direct),
+        )
         .service(inner)
 }
 
@@ -215,18 +226,30 @@ async fn core_ours(
     subject: &str,
     n: usize,
     mode: ContentMode,
-    layered: bool,
+    layered: Option<bool>,
 ) -> Duration {
     let events = events(subject, n);
     let publisher = NatsPublisher::new(client.clone()).content_mode(mode);
     let start = Instant::now();
-    if layered {
-        drive(stack(publisher), events).await;
-    } else {
-        drive(publisher, events).await;
+    match layered {
+        Some(direct) => one_by_one(stack(publisher, direct), events).await,
+        None => one_by_one(publisher, events).await,
     }
     client.raw().flush().await.unwrap();
     start.elapsed()
+}
+
+/// Publishes each event and awaits it before the next, as raw awaits each
+/// `publish`.
+async fn one_by_one<S>(mut svc: S, events: Vec<Event>)
+where
+    S: Service<Event>,
+    S::Error: std::fmt::Debug,
+{
+    for event in events {
+        std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+        svc.call(event).await.unwrap();
+    }
 }
 
 // --------------------------------------------------------------- JetStream
@@ -275,16 +298,21 @@ async fn js_raw(client: &NatsClient, subject: &str, n: usize, headers: Headers) 
     start.elapsed()
 }
 
-async fn js_ours(client: &NatsClient, subject: &str, n: usize, mode: ContentMode, layered: bool) -> Duration {
+async fn js_ours(
+    client: &NatsClient,
+    subject: &str,
+    n: usize,
+    mode: ContentMode,
+    layered: Option<bool>,
+) -> Duration {
     let events = events(subject, n);
     let publisher = JetStreamPublisher::new(client.clone())
         .content_mode(mode)
         .max_in_flight(WINDOW);
     let start = Instant::now();
-    if layered {
-        drive(stack(publisher), events).await;
-    } else {
-        drive(publisher, events).await;
+    match layered {
+        Some(direct) => drive(stack(publisher, direct), events).await,
+        None => drive(publisher, events).await,
     }
     start.elapsed()
 }
@@ -418,32 +446,42 @@ async fn rt_ours(
 
 // ------------------------------------------------------------------ encode
 
+/// CPU nanoseconds per iteration of `f`, best of three runs of `n`.
+fn cpu_per(n: usize, mut f: impl FnMut(usize)) -> f64 {
+    (0..3)
+        .map(|_| {
+            let before = cpu_ns();
+            for i in 0..n {
+                f(i);
+            }
+            cpu_ns().saturating_sub(before) as f64 / n as f64
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 fn encode_costs(n: usize) {
     let events = events("user.created", n);
-    let per = |start: Instant| start.elapsed().as_nanos() as f64 / n as f64;
-    let start = Instant::now();
-    for event in &events {
-        std::hint::black_box(watchtower::codec::structured::to_bytes(event).unwrap());
-    }
-    let structured = per(start);
-    let start = Instant::now();
-    for _ in 0..n {
+    let to_bytes = cpu_per(n, |i| {
+        std::hint::black_box(watchtower::codec::structured::to_bytes(&events[i]).unwrap());
+    });
+    let to_vec = cpu_per(n, |i| {
+        std::hint::black_box(watchtower::codec::structured::to_vec(&events[i]).unwrap());
+    });
+    let time = cpu_per(n, |i| {
+        std::hint::black_box(watchtower::codec::format_time(events[i].time().unwrap()));
+    });
+    let one = cpu_per(n, |_| {
         std::hint::black_box(one_header());
-    }
-    let one = per(start);
-    let start = Instant::now();
-    for i in 0..n {
+    });
+    let eight = cpu_per(n, |i| {
         std::hint::black_box(ce_headers(i));
-    }
-    let eight = per(start);
+    });
     let template = ce_headers(0);
-    let start = Instant::now();
-    for _ in 0..n {
+    let cloned = cpu_per(n, |_| {
         std::hint::black_box(template.clone());
-    }
-    let cloned = per(start);
+    });
     println!(
-        "encode (in process, ns/event)        structured to_bytes {structured:.0}   header map: 1 entry {one:.0}, 8 entries {eight:.0} ({:.0}/header), clone of 8 {cloned:.0}",
+        "encode, CPU ns/event: structured to_bytes {to_bytes:.0} (to_vec {to_vec:.0}, of which format_time {time:.0}); header map of 1 entry {one:.0}, of 8 entries {eight:.0} ({:.0}/header), clone of 8 {cloned:.0}",
         eight / 8.0
     );
 }
@@ -575,7 +613,7 @@ async fn run() {
         let subject = format!("bench.{tag}.core");
         // Warm up connections, allocators and the server.
         core_raw(&client, &subject, 10_000, Headers::None).await;
-        core_ours(&client, &subject, 10_000, ContentMode::Structured, true).await;
+        core_ours(&client, &subject, 10_000, ContentMode::Structured, Some(true)).await;
         let mut case = Case::new(
             "core publish",
             &[
@@ -586,6 +624,7 @@ async fn run() {
                 "publisher, binary",
                 "4-layer stack, structured",
                 "4-layer stack, binary",
+                "stack, worker hop, structured",
             ],
         );
         for _ in 0..rounds {
@@ -596,14 +635,19 @@ async fn run() {
                 let s = measure(n, async { timed(core_raw(&client, &subject, n, headers).await) }).await;
                 case.push(side, s);
             }
-            for (layered, base) in [(false, 3), (true, 5)] {
-                for (i, (_, mode)) in modes.iter().enumerate() {
-                    let s = measure(n, async {
-                        timed(core_ours(&client, &subject, n, *mode, layered).await)
-                    })
-                    .await;
-                    case.push(base + i, s);
-                }
+            let ours = [
+                (ContentMode::Structured, None),
+                (ContentMode::Binary, None),
+                (ContentMode::Structured, Some(true)),
+                (ContentMode::Binary, Some(true)),
+                (ContentMode::Structured, Some(false)),
+            ];
+            for (i, (mode, layered)) in ours.into_iter().enumerate() {
+                let s = measure(n, async {
+                    timed(core_ours(&client, &subject, n, mode, layered).await)
+                })
+                .await;
+                case.push(3 + i, s);
             }
         }
         case.report();
@@ -623,7 +667,7 @@ async fn run() {
             .unwrap();
         let subject = format!("{stream}.js");
         js_raw(&client, &subject, 5_000, Headers::None).await;
-        js_ours(&client, &subject, 5_000, ContentMode::Structured, true).await;
+        js_ours(&client, &subject, 5_000, ContentMode::Structured, Some(true)).await;
         let mut case = Case::new(
             "JetStream publish, 1,024 in flight",
             &[
@@ -634,6 +678,7 @@ async fn run() {
                 "publisher, binary",
                 "4-layer stack, structured",
                 "4-layer stack, binary",
+                "stack, worker hop, structured",
             ],
         );
         for _ in 0..rounds {
@@ -644,14 +689,19 @@ async fn run() {
                 let s = measure(n, async { timed(js_raw(&client, &subject, n, headers).await) }).await;
                 case.push(side, s);
             }
-            for (layered, base) in [(false, 3), (true, 5)] {
-                for (i, (_, mode)) in modes.iter().enumerate() {
-                    let s = measure(n, async {
-                        timed(js_ours(&client, &subject, n, *mode, layered).await)
-                    })
-                    .await;
-                    case.push(base + i, s);
-                }
+            let ours = [
+                (ContentMode::Structured, None),
+                (ContentMode::Binary, None),
+                (ContentMode::Structured, Some(true)),
+                (ContentMode::Binary, Some(true)),
+                (ContentMode::Structured, Some(false)),
+            ];
+            for (i, (mode, layered)) in ours.into_iter().enumerate() {
+                let s = measure(n, async {
+                    timed(js_ours(&client, &subject, n, mode, layered).await)
+                })
+                .await;
+                case.push(3 + i, s);
             }
         }
         case.report();
