@@ -470,6 +470,13 @@ fn encode_costs(n: usize) {
     let time = cpu_per(n, |i| {
         std::hint::black_box(watchtower::codec::format_time(events[i].time().unwrap()));
     });
+    let bodies: Vec<Bytes> = events
+        .iter()
+        .map(|e| watchtower::codec::structured::to_bytes(e).unwrap())
+        .collect();
+    let decode = cpu_per(n, |i| {
+        std::hint::black_box(watchtower::codec::structured::from_bytes(&bodies[i]).unwrap());
+    });
     let one = cpu_per(n, |_| {
         std::hint::black_box(one_header());
     });
@@ -481,7 +488,7 @@ fn encode_costs(n: usize) {
         std::hint::black_box(template.clone());
     });
     println!(
-        "encode, CPU ns/event: structured to_bytes {to_bytes:.0} (to_vec {to_vec:.0}, of which format_time {time:.0}); header map of 1 entry {one:.0}, of 8 entries {eight:.0} ({:.0}/header), clone of 8 {cloned:.0}",
+        "encode, CPU ns/event: structured to_bytes {to_bytes:.0} (to_vec {to_vec:.0}, of which format_time {time:.0}), from_bytes {decode:.0}; header map of 1 entry {one:.0}, of 8 entries {eight:.0} ({:.0}/header), clone of 8 {cloned:.0}",
         eight / 8.0
     );
 }

@@ -69,6 +69,11 @@ async fn both_content_modes_store_the_dedup_id_and_read_back_equal() {
         .unwrap()
         .build()
         .unwrap();
+    let subscriber = JetStreamSubscriber::new(client.clone(), &name).unwrap();
+    let mut sub = subscriber
+        .open(SubscribeOptions::new([format!("{name}.>")]).unwrap())
+        .await
+        .unwrap();
     let mut structured = JetStreamPublisher::new(client.clone());
     let mut binary = JetStreamPublisher::new(client.clone()).content_mode(ContentMode::Binary);
     let r1 = structured.publish(event.clone()).await.unwrap();
@@ -100,11 +105,6 @@ async fn both_content_modes_store_the_dedup_id_and_read_back_equal() {
     assert_eq!(second.headers.get("ce-id").unwrap().as_str(), other.id());
     assert_eq!(&second.payload[..], br#"{"n":2}"#);
 
-    let subscriber = JetStreamSubscriber::new(client.clone(), &name).unwrap();
-    let mut sub = subscriber
-        .open(SubscribeOptions::new([format!("{name}.>")]).unwrap())
-        .await
-        .unwrap();
     let d = next(&mut sub).await;
     assert_eq!(d.event(), Some(&event));
     d.ack().await.unwrap();
