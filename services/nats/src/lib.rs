@@ -49,7 +49,30 @@
 //!   raw async-nats sending a pre-built body without header in the same
 //!   run (`cargo bench -p watchtower-nats`, 2-core machine under load):
 //!
-//! RESULTS_TABLE
+//! | case (two runs) | raw msgs/s | publisher, structured | publisher, binary | 4-layer stack, structured | 4-layer stack, binary |
+//! |---|--:|--:|--:|--:|--:|
+//! | core publish | 1.07 M, 0.51 M | 0.35, 0.38 | 0.20, 0.30 | 0.25, 0.26 | 0.16, 0.31 |
+//! | JetStream publish, 1,024 in flight | 92 k, 43 k | 0.55, 0.55 | 0.47, 0.60 | 0.33, 0.53 | 0.28, 0.51 |
+//! | publish → handler round trip | 169 k, 166 k | 0.61, 0.74 | 0.24, 0.30 | – | – |
+//!
+//! Throughput swings with the machine's load; CPU time per message is
+//! steadier. Core publish: raw 1.3–1.6 µs, raw with one header 1.7–2.0,
+//! raw with eight `ce-` headers 4.3–5.4; the publisher 1.9–2.2 structured,
+//! 2.7–3.6 binary. JetStream: raw 4.0–5.9 µs, raw with only `Nats-Msg-Id`
+//! 6.4–7.1, raw with the `ce-` block 11.8. Round trip: raw 1.9–2.5 µs,
+//! structured 3.0–3.7, binary 6.9–9.5, and the latency from publish to
+//! handler at p99 78–130 ms structured and 505 ms binary against raw's
+//! 106–124 ms (the consumer keeps up in structured mode and falls behind
+//! in binary mode, where async-nats parses every header into its map). In
+//! process: a structured event encodes in about 0.2 µs and decodes in
+//! 0.65 µs; an async-nats header map of eight entries takes 1 µs to build
+//! (0.13 µs a header), 0.33 µs to clone.
+//!
+//! Under `watchtower-layers`' backpressure layer, set
+//! `BackpressureLayer::direct(true)` over these publishers: they hand their
+//! work to the connection's task already, and without it each event makes
+//! a round trip through the layer's worker task (17–19 µs CPU per event
+//! when each publish is awaited before the next, against 2.4 µs with it).
 //!
 //! Binary mode remains for consumers that route or filter on headers
 //! without reading bodies. Its header names are built once; the headers

@@ -126,7 +126,8 @@ fn stream_headers(event: &Event, msg_id: bool, expected_stream: Option<&str>) ->
 ///   (`ce-specversion`, `ce-type`, `ce-source`, `ce-datacontenttype` and
 ///   `Nats-Expected-Stream`) are kept as a ready header map, a template,
 ///   keyed by exactly those values. An event whose values match copies the
-///   template (one allocation for the table, no hashing) and adds its own
+///   template (no hashing: the table and, per header, a `Vec` and a
+///   `String`, the least async-nats' `HeaderMap` allows) and adds its own
 ///   headers; any other event gets a map built from its own values.
 #[derive(Clone, Default)]
 pub(crate) struct HeaderEncoder {
