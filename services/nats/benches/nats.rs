@@ -1,43 +1,55 @@
 //! WatchTower over NATS against raw async-nats, in the same run, against the
-//! local broker (127.0.0.1:4222).
+//! local broker (127.0.0.1:4222), case for case with the shared baseline
+//! harness (`raw-bench --case nats-core-pub | nats-js-pub |
+//! nats-core-roundtrip`).
 //!
-//! Run with `cargo bench -p watchtower-nats`. Each case runs raw and
-//! through WatchTower alternately (raw, ours, raw, ours, ...),
-//! `NATS_BENCH_ROUNDS` times (default 7), so that both see the same load
-//! on a shared machine. Each round gives a ratio, WatchTower's throughput
-//! over raw's; the report shows the median ratio and its range over the
-//! rounds, and the median throughput of each side. It also shows the CPU
-//! time the process spent per message on each side (all its threads, from
-//! `/proc/self/task/*/schedstat`), which load from other programs on the
-//! machine disturbs much less than throughput.
+//! Run with `cargo bench -p watchtower-nats`. Every round runs each side of
+//! a case once, raw first, so that all sides see the same load on a shared
+//! machine; each side's throughput is reported as a ratio to raw's in the
+//! same round (the median over rounds, and every round's ratio). The CPU
+//! time the process spent per message (all its threads, from
+//! `/proc/self/task/*/schedstat`) is shown beside it: load from other
+//! programs disturbs it much less than throughput.
 //!
-//! * core publish: raw `publish_with_headers` of the same binary-mode
-//!   CloudEvent (ce- headers built per message) vs. the full four-layer
-//!   stack (dead letter, retry, circuit breaker, backpressure) over
-//!   `NatsPublisher`; both end with a flush, so every byte reached the
-//!   server;
-//! * JetStream publish: 256 publishes awaiting their PubAck at once, raw
-//!   (`send_publish` + ack futures) vs. the same stack over
-//!   `JetStreamPublisher`;
-//! * round trip: events published on core NATS and received by a raw
-//!   subscriber loop vs. by `watchtower::serve` (decoding each event and
-//!   calling a handler service).
+//! The raw side is what the harness's raw client does: a pre-built
+//! ~195-byte CloudEvents JSON body per message, no header. WatchTower's
+//! sides get events built before the clock starts as well (as raw gets its
+//! bodies), so what is timed is encoding and sending.
 //!
-//! Environment: `NATS_BENCH_CORE`, `NATS_BENCH_JS`, `NATS_BENCH_RT` set the
-//! events per side and round (200,000, 60,000, 150,000);
-//! `NATS_BENCH_ONLY=core|js|rt` runs one case; `NATS_BENCH_BARE=1` adds
-//! rounds of the publishers without layers; `NATS_BENCH_PROFILE=<side>`
-//! (`core_raw`, `core_stack`, `core_bare`, `js_raw`, `js_stack`, `js_bare`,
-//! `rt_raw`, `rt_serve`) runs one side alone, for a profiler.
+//! * core publish: raw `publish` of the body; raw with one `content-type`
+//!   header and with eight `ce-` headers built per message (what a header
+//!   block costs the client alone); `NatsPublisher` alone and under the
+//!   four-layer stack (dead letter, retry, circuit breaker, backpressure
+//!   with [`direct`](BackpressureLayer::direct) on, and once with it off:
+//!   every event through the layer's worker task), in structured and in
+//!   binary mode, each publish awaited before the next (as raw does).
+//!   Every side ends with a flush.
+//! * JetStream publish: 1,024 acknowledgements in flight, as the harness;
+//!   raw without header, raw with `Nats-Msg-Id` only, raw with the `ce-`
+//!   block and `Nats-Msg-Id`; `JetStreamPublisher` alone and stacked, both
+//!   modes. A file stream, as the harness.
+//! * round trip: a publisher connection and a subscriber connection (its
+//!   buffer `count + 1024`, as the harness); raw publish into a raw
+//!   subscriber loop vs. `NatsPublisher` into `watchtower::serve` with a
+//!   handler service, both modes. Throughput from the first publish to the
+//!   last handled message, and the latency of each message from its
+//!   publish call to its handler (p50, p99).
+//! * encode: the cost of the wire format alone, in process: structured
+//!   `to_bytes`, and async-nats header maps of one and eight entries built
+//!   per message.
+//!
+//! Environment: `NATS_BENCH_COUNT` events per side and round (50,000, the
+//! harness's count), `NATS_BENCH_ROUNDS` (3), `NATS_BENCH_ONLY=core|js|rt|encode`
+//! runs one case.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use async_nats::{HeaderMap, HeaderName};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
@@ -49,9 +61,13 @@ use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
 use watchtower_layers::circuit_breaker::CircuitBreakerConfig;
 use watchtower_layers::retry::RetryConfig;
 use watchtower_nats::jetstream::{StorageType, StreamConfig};
-use watchtower_nats::{JetStreamPublisher, NatsClient, NatsConfig, NatsPublisher, NatsSubscriber};
+use watchtower_nats::{
+    ContentMode, JetStreamPublisher, NatsClient, NatsConfig, NatsPublisher, NatsSubscriber,
+};
 
-const WINDOW: usize = 256;
+/// Acknowledgements in flight on JetStream, and calls in flight through the
+/// stack: the harness's window.
+const WINDOW: usize = 1024;
 
 fn count(var: &str, default: usize) -> usize {
     std::env::var(var)
@@ -60,48 +76,77 @@ fn count(var: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn payload() -> Bytes {
-    Bytes::from_static(br#"{"user_id":123,"name":"benchmark","tags":["a","b","c"],"amount":42.5}"#)
+/// The harness's bodies: CloudEvents-style JSON, ~195 bytes, one per message.
+fn bodies(n: usize) -> Vec<Bytes> {
+    (0..n)
+        .map(|i| {
+            let body = serde_json::json!({
+                "specversion": "1.0", "id": uuid::Uuid::new_v4().to_string(), "source": "bench",
+                "type": "user.created", "time": "2025-01-01T00:00:00Z",
+                "datacontenttype": "application/json", "data": {"user_id": i},
+            });
+            Bytes::from(serde_json::to_vec(&body).unwrap())
+        })
+        .collect()
 }
 
-/// The binary-mode CloudEvent headers a hand-written client would set.
-fn raw_headers(ty: &str, msg_id: bool) -> HeaderMap {
-    let id = uuid::Uuid::now_v7().to_string();
-    let time = watchtower::codec::format_time(time::OffsetDateTime::now_utc());
+/// The same events as WatchTower events (the same size on the wire in
+/// structured mode).
+fn events(subject: &str, n: usize) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            Event::builder(subject)
+                .source("bench")
+                .json(&serde_json::json!({"user_id": i}))
+                .unwrap()
+                .build()
+                .unwrap()
+        })
+        .collect()
+}
+
+const CE_NAMES: [HeaderName; 7] = [
+    HeaderName::from_static("ce-specversion"),
+    HeaderName::from_static("ce-id"),
+    HeaderName::from_static("ce-type"),
+    HeaderName::from_static("ce-source"),
+    HeaderName::from_static("ce-time"),
+    HeaderName::from_static("ce-subject"),
+    HeaderName::from_static("ce-tenant"),
+];
+const CONTENT_TYPE: HeaderName = HeaderName::from_static("content-type");
+const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+
+/// Eight headers, as the harness's `nats-core-pub8hdr`, names pre-built.
+fn ce_headers(i: usize) -> HeaderMap {
+    let values = [
+        "1.0",
+        &format!("id-{i}"),
+        "user.created",
+        "/bench",
+        "2025-01-01T00:00:00Z",
+        "s",
+        "acme",
+    ];
     let mut h = HeaderMap::new();
-    h.insert(
-        HeaderName::from_static("ce-specversion"),
-        HeaderValue::from("1.0"),
-    );
-    h.insert(HeaderName::from_static("ce-type"), HeaderValue::from(ty));
-    h.insert(HeaderName::from_static("ce-source"), HeaderValue::from("/bench"));
-    h.insert(
-        HeaderName::from_static("ce-time"),
-        HeaderValue::from(time.as_str()),
-    );
-    h.insert(
-        HeaderName::from_static("ce-datacontenttype"),
-        HeaderValue::from("application/json"),
-    );
-    if msg_id {
-        h.insert(
-            HeaderName::from_static("Nats-Msg-Id"),
-            HeaderValue::from(id.as_str()),
-        );
+    for (name, value) in CE_NAMES.iter().zip(values) {
+        h.insert(name.clone(), value);
     }
-    h.insert(HeaderName::from_static("ce-id"), HeaderValue::from(id));
+    h.insert(CONTENT_TYPE, "application/json");
     h
 }
 
-fn event(ty: &str) -> Event {
-    Event::builder(ty)
-        .source("/bench")
-        .data("application/json", payload())
-        .build()
-        .unwrap()
+fn one_header() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(CONTENT_TYPE, "application/cloudevents+json");
+    h
 }
 
-fn stack<S>(inner: S) -> impl Service<Event, Error = watchtower::Error, Future: Send> + Send
+/// The four layers over `inner`; `direct`: the backpressure layer lets an
+/// uncongested caller call the publisher itself (its documented setting for
+/// services that hand their work to a connection task, as the publishers
+/// do) instead of handing every event to its worker task and back.
+fn stack<S>(inner: S, direct: bool) -> impl Service<Event, Error = watchtower::Error, Future: Send> + Send
 where
     S: Service<Event, Response = watchtower::Receipt, Error = watchtower::Error> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -110,13 +155,17 @@ where
         .dead_letter(MemoryDeadLetters::new(100_000))
         .retries(RetryConfig::new())
         .circuit_breaker(CircuitBreakerConfig::new().name("bench"))
-        .backpressure(BackpressureLayer::new(1024, Overflow::Block).concurrency(WINDOW))
+        .backpressure(
+            BackpressureLayer::new(WINDOW, Overflow::Block)
+                .concurrency(WINDOW)
+                .direct(direct),
+        )
         .service(inner)
 }
 
-/// Calls `svc` for each event with up to `WINDOW` calls in flight,
-/// keeping the in-flight calls moving while waiting for readiness.
-async fn drive<S>(mut svc: S, events: impl Iterator<Item = Event>)
+/// Calls `svc` for each event with up to `WINDOW` calls in flight, keeping
+/// the in-flight calls moving while waiting for readiness.
+async fn drive<S>(mut svc: S, events: Vec<Event>)
 where
     S: Service<Event>,
     S::Error: std::fmt::Debug,
@@ -141,65 +190,107 @@ where
     }
 }
 
-async fn core_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
+// ------------------------------------------------------------ core publish
+
+#[derive(Clone, Copy)]
+enum Headers {
+    None,
+    One,
+    Eight,
+}
+
+async fn core_raw(client: &NatsClient, subject: &str, n: usize, headers: Headers) -> Duration {
     let raw = client.raw();
+    let bodies = bodies(n);
     let start = Instant::now();
-    for _ in 0..n {
-        raw.publish_with_headers(subject.to_owned(), raw_headers(subject, false), payload())
-            .await
-            .unwrap();
+    for (i, body) in bodies.iter().enumerate() {
+        match headers {
+            Headers::None => raw.publish(subject.to_owned(), body.clone()).await,
+            Headers::One => {
+                raw.publish_with_headers(subject.to_owned(), one_header(), body.clone())
+                    .await
+            }
+            Headers::Eight => {
+                raw.publish_with_headers(subject.to_owned(), ce_headers(i), body.clone())
+                    .await
+            }
+        }
+        .unwrap();
     }
     raw.flush().await.unwrap();
     start.elapsed()
 }
 
-async fn core_stack(client: &NatsClient, subject: &str, n: usize) -> Duration {
-    let svc = stack(NatsPublisher::new(client.clone()));
+async fn core_ours(
+    client: &NatsClient,
+    subject: &str,
+    n: usize,
+    mode: ContentMode,
+    layered: Option<bool>,
+) -> Duration {
+    let events = events(subject, n);
+    let publisher = NatsPublisher::new(client.clone()).content_mode(mode);
     let start = Instant::now();
-    drive(svc, (0..n).map(|_| event(subject))).await;
+    match layered {
+        Some(direct) => one_by_one(stack(publisher, direct), events).await,
+        None => one_by_one(publisher, events).await,
+    }
     client.raw().flush().await.unwrap();
     start.elapsed()
 }
 
-async fn core_bare(client: &NatsClient, subject: &str, n: usize) -> Duration {
-    let svc = NatsPublisher::new(client.clone());
-    let start = Instant::now();
-    drive(svc, (0..n).map(|_| event(subject))).await;
-    client.raw().flush().await.unwrap();
-    start.elapsed()
+/// Publishes each event and awaits it before the next, as raw awaits each
+/// `publish`.
+async fn one_by_one<S>(mut svc: S, events: Vec<Event>)
+where
+    S: Service<Event>,
+    S::Error: std::fmt::Debug,
+{
+    for event in events {
+        std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+        svc.call(event).await.unwrap();
+    }
 }
 
-async fn js_bare(client: &NatsClient, subject: &str, n: usize) -> Duration {
-    let svc = JetStreamPublisher::new(client.clone()).max_in_flight(WINDOW);
-    let start = Instant::now();
-    drive(svc, (0..n).map(|_| event(subject))).await;
-    start.elapsed()
-}
+// --------------------------------------------------------------- JetStream
 
-async fn js_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
+type AckFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    async_nats::jetstream::publish::PublishAck,
+                    async_nats::jetstream::context::PublishError,
+                >,
+            > + Send,
+    >,
+>;
+
+async fn js_raw(client: &NatsClient, subject: &str, n: usize, headers: Headers) -> Duration {
     let js = client.jetstream();
+    let bodies = bodies(n);
     let start = Instant::now();
-    let mut acks = FuturesUnordered::<
-        std::pin::Pin<
-            Box<
-                dyn std::future::Future<
-                        Output = Result<
-                            async_nats::jetstream::publish::PublishAck,
-                            async_nats::jetstream::context::PublishError,
-                        >,
-                    > + Send,
-            >,
-        >,
-    >::new();
-    for _ in 0..n {
+    let mut acks = FuturesUnordered::<AckFuture>::new();
+    for (i, body) in bodies.iter().enumerate() {
         if acks.len() >= WINDOW {
             acks.next().await.unwrap().unwrap();
         }
-        let message = PublishMessage::build()
-            .headers(raw_headers(subject, true))
-            .payload(payload());
-        let ack = js.send_publish(subject.to_owned(), message).await.unwrap();
-        acks.push(std::future::IntoFuture::into_future(ack));
+        let ack = match headers {
+            Headers::None => js.publish(subject.to_owned(), body.clone()).await,
+            Headers::One => {
+                let mut h = HeaderMap::new();
+                h.insert(MSG_ID, uuid::Uuid::now_v7().to_string());
+                let message = PublishMessage::build().headers(h).payload(body.clone());
+                js.send_publish(subject.to_owned(), message).await
+            }
+            Headers::Eight => {
+                let mut h = ce_headers(i);
+                h.insert(MSG_ID, uuid::Uuid::now_v7().to_string());
+                let message = PublishMessage::build().headers(h).payload(body.clone());
+                js.send_publish(subject.to_owned(), message).await
+            }
+        }
+        .unwrap();
+        acks.push(Box::pin(std::future::IntoFuture::into_future(ack)));
     }
     while let Some(ack) = acks.next().await {
         ack.unwrap();
@@ -207,51 +298,123 @@ async fn js_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
     start.elapsed()
 }
 
-async fn js_stack(client: &NatsClient, subject: &str, n: usize) -> Duration {
-    let svc = stack(JetStreamPublisher::new(client.clone()).max_in_flight(WINDOW));
+async fn js_ours(
+    client: &NatsClient,
+    subject: &str,
+    n: usize,
+    mode: ContentMode,
+    layered: Option<bool>,
+) -> Duration {
+    let events = events(subject, n);
+    let publisher = JetStreamPublisher::new(client.clone())
+        .content_mode(mode)
+        .max_in_flight(WINDOW);
     let start = Instant::now();
-    drive(svc, (0..n).map(|_| event(subject))).await;
+    match layered {
+        Some(direct) => drive(stack(publisher, direct), events).await,
+        None => drive(publisher, events).await,
+    }
     start.elapsed()
 }
 
-async fn publish_raw_events(client: NatsClient, subject: String, n: usize) {
-    let raw = client.raw();
-    for _ in 0..n {
-        raw.publish_with_headers(subject.clone(), raw_headers(&subject, false), payload())
-            .await
-            .unwrap();
+// -------------------------------------------------------------- round trip
+
+/// Latencies in microseconds, one slot per message.
+struct Latencies {
+    sent: Vec<AtomicU64>,
+    took: Vec<AtomicU64>,
+    base: Instant,
+}
+
+impl Latencies {
+    fn new(n: usize) -> Arc<Latencies> {
+        Arc::new(Latencies {
+            sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            took: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            base: Instant::now(),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    fn sent(&self, i: usize) {
+        self.sent[i].store(self.now(), Ordering::Release);
+    }
+
+    fn received(&self, i: usize) {
+        let at = self.now().saturating_sub(self.sent[i].load(Ordering::Acquire));
+        self.took[i].store(at / 1000, Ordering::Relaxed);
+    }
+
+    /// p50 and p99 in microseconds.
+    fn quantiles(&self) -> (u64, u64) {
+        let mut v: Vec<u64> = self.took.iter().map(|t| t.load(Ordering::Relaxed)).collect();
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+        (at(0.50), at(0.99))
+    }
+}
+
+async fn subscriber_client(n: usize) -> NatsClient {
+    NatsClient::connect(NatsConfig::new("nats://127.0.0.1:4222").subscription_capacity(n + 1024))
+        .await
+        .unwrap()
+}
+
+/// Raw: a subscriber loop on one connection, `publish` on another.
+async fn rt_raw(publisher: &NatsClient, subject: &str, n: usize) -> (Duration, (u64, u64)) {
+    let sc = subscriber_client(n).await;
+    let mut sub = sc.raw().subscribe(subject.to_owned()).await.unwrap();
+    sc.raw().flush().await.unwrap();
+    let bodies = bodies(n);
+    let lat = Latencies::new(n);
+    let rx = {
+        let lat = lat.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                std::hint::black_box(sub.next().await.unwrap());
+                lat.received(i);
+            }
+        })
+    };
+    let start = Instant::now();
+    let raw = publisher.raw();
+    for (i, body) in bodies.into_iter().enumerate() {
+        lat.sent(i);
+        raw.publish(subject.to_owned(), body).await.unwrap();
     }
     raw.flush().await.unwrap();
+    rx.await.unwrap();
+    (start.elapsed(), lat.quantiles())
 }
 
-async fn rt_raw(client: &NatsClient, subject: &str, n: usize) -> Duration {
-    let mut sub = client.raw().subscribe(subject.to_owned()).await.unwrap();
-    client.raw().flush().await.unwrap();
-    let start = Instant::now();
-    let publisher = tokio::spawn(publish_raw_events(client.clone(), subject.to_owned(), n));
-    let mut got = 0;
-    while got < n {
-        let message = sub.next().await.unwrap();
-        std::hint::black_box(&message);
-        got += 1;
-    }
-    let elapsed = start.elapsed();
-    publisher.await.unwrap();
-    elapsed
-}
-
-async fn rt_serve(client: &NatsClient, subject: &str, n: usize) -> Duration {
-    let sub = NatsSubscriber::new(client.clone())
+/// WatchTower: `NatsPublisher` on one connection, `serve` with a handler
+/// service on another.
+async fn rt_ours(
+    publisher: &NatsClient,
+    subject: &str,
+    n: usize,
+    mode: ContentMode,
+) -> (Duration, (u64, u64)) {
+    let sc = subscriber_client(n).await;
+    let sub = NatsSubscriber::new(sc.clone())
         .open(SubscribeOptions::new([subject]).unwrap())
         .await
         .unwrap();
+    let events = events(subject, n);
+    let lat = Latencies::new(n);
     let seen = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(tokio::sync::Notify::new());
     let handler = {
-        let (seen, done) = (seen.clone(), done.clone());
+        let (seen, done, lat) = (seen.clone(), done.clone(), lat.clone());
         service_fn(move |event: Event| {
             std::hint::black_box(&event);
-            if seen.fetch_add(1, Ordering::Relaxed) + 1 == n {
+            // One publisher, one subject: the i-th handled is the i-th sent.
+            let i = seen.fetch_add(1, Ordering::Relaxed);
+            lat.received(i);
+            if i + 1 == n {
                 done.notify_one();
             }
             std::future::ready(Ok::<_, watchtower::Error>(()))
@@ -265,16 +428,72 @@ async fn rt_serve(client: &NatsClient, subject: &str, n: usize) -> Duration {
             })
             .into_future(),
     );
+    let mut svc = NatsPublisher::new(publisher.clone()).content_mode(mode);
     let start = Instant::now();
-    let publisher = tokio::spawn(publish_raw_events(client.clone(), subject.to_owned(), n));
+    for (i, event) in events.into_iter().enumerate() {
+        std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+        lat.sent(i);
+        svc.call(event).await.unwrap();
+    }
+    publisher.raw().flush().await.unwrap();
     done.notified().await;
     let elapsed = start.elapsed();
-    publisher.await.unwrap();
     let _ = stop.send(());
     let stats = server.await.unwrap().unwrap();
     assert_eq!(stats.acked as usize, n);
-    elapsed
+    (elapsed, lat.quantiles())
 }
+
+// ------------------------------------------------------------------ encode
+
+/// CPU nanoseconds per iteration of `f`, best of three runs of `n`.
+fn cpu_per(n: usize, mut f: impl FnMut(usize)) -> f64 {
+    (0..3)
+        .map(|_| {
+            let before = cpu_ns();
+            for i in 0..n {
+                f(i);
+            }
+            cpu_ns().saturating_sub(before) as f64 / n as f64
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn encode_costs(n: usize) {
+    let events = events("user.created", n);
+    let to_bytes = cpu_per(n, |i| {
+        std::hint::black_box(watchtower::codec::structured::to_bytes(&events[i]).unwrap());
+    });
+    let to_vec = cpu_per(n, |i| {
+        std::hint::black_box(watchtower::codec::structured::to_vec(&events[i]).unwrap());
+    });
+    let time = cpu_per(n, |i| {
+        std::hint::black_box(watchtower::codec::format_time(events[i].time().unwrap()));
+    });
+    let bodies: Vec<Bytes> = events
+        .iter()
+        .map(|e| watchtower::codec::structured::to_bytes(e).unwrap())
+        .collect();
+    let decode = cpu_per(n, |i| {
+        std::hint::black_box(watchtower::codec::structured::from_bytes(&bodies[i]).unwrap());
+    });
+    let one = cpu_per(n, |_| {
+        std::hint::black_box(one_header());
+    });
+    let eight = cpu_per(n, |i| {
+        std::hint::black_box(ce_headers(i));
+    });
+    let template = ce_headers(0);
+    let cloned = cpu_per(n, |_| {
+        std::hint::black_box(template.clone());
+    });
+    println!(
+        "encode, CPU ns/event: structured to_bytes {to_bytes:.0} (to_vec {to_vec:.0}, of which format_time {time:.0}), from_bytes {decode:.0}; header map of 1 entry {one:.0}, of 8 entries {eight:.0} ({:.0}/header), clone of 8 {cloned:.0}",
+        eight / 8.0
+    );
+}
+
+// ------------------------------------------------------------- reporting
 
 /// CPU time this process has used so far, all threads, in nanoseconds.
 fn cpu_ns() -> u64 {
@@ -287,31 +506,46 @@ fn cpu_ns() -> u64 {
         .sum()
 }
 
-/// Runs one side of a round: its wall time and the CPU time it used.
-async fn measured(side: impl std::future::Future<Output = Duration>) -> (Duration, u64) {
+/// One side of one round: throughput, CPU µs per message, latency.
+#[derive(Clone, Copy)]
+struct Sample {
+    rate: f64,
+    cpu_us: f64,
+    latency: Option<(u64, u64)>,
+}
+
+async fn measure<F>(n: usize, side: F) -> Sample
+where
+    F: std::future::Future<Output = (Duration, Option<(u64, u64)>)>,
+{
     let before = cpu_ns();
-    let wall = side.await;
-    (wall, cpu_ns().saturating_sub(before))
+    let (wall, latency) = side.await;
+    Sample {
+        rate: n as f64 / wall.as_secs_f64(),
+        cpu_us: cpu_ns().saturating_sub(before) as f64 / n as f64 / 1000.0,
+        latency,
+    }
 }
 
-/// Throughputs of alternating rounds of one case.
-#[derive(Default)]
-struct Rounds {
-    raw: Vec<f64>,
-    ours: Vec<f64>,
-    raw_cpu: Vec<f64>,
-    ours_cpu: Vec<f64>,
+/// The rounds of one case: per side, one sample per round; side 0 is raw.
+struct Case {
+    name: &'static str,
+    sides: Vec<(&'static str, Vec<Sample>)>,
 }
 
-impl Rounds {
-    fn push(&mut self, n: usize, raw: (Duration, u64), ours: (Duration, u64)) {
-        self.raw.push(n as f64 / raw.0.as_secs_f64());
-        self.ours.push(n as f64 / ours.0.as_secs_f64());
-        self.raw_cpu.push(raw.1 as f64 / n as f64 / 1000.0);
-        self.ours_cpu.push(ours.1 as f64 / n as f64 / 1000.0);
+impl Case {
+    fn new(name: &'static str, sides: &[&'static str]) -> Case {
+        Case {
+            name,
+            sides: sides.iter().map(|s| (*s, Vec::new())).collect(),
+        }
     }
 
-    fn report(&self, name: &str) {
+    fn push(&mut self, side: usize, sample: Sample) {
+        self.sides[side].1.push(sample);
+    }
+
+    fn report(&self) {
         fn median(mut v: Vec<f64>) -> f64 {
             v.sort_by(f64::total_cmp);
             let mid = v.len() / 2;
@@ -321,75 +555,109 @@ impl Rounds {
                 (v[mid - 1] + v[mid]) / 2.0
             }
         }
-        let ratios: Vec<f64> = self.raw.iter().zip(&self.ours).map(|(r, o)| o / r).collect();
-        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = ratios.iter().copied().fold(0.0, f64::max);
-        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!("\n{}", self.name);
         println!(
-            "{name:<36} raw {:>9.0} msg/s   watchtower {:>9.0} msg/s   ratio {:.2} ({lo:.2} - {hi:.2}) [{}]",
-            median(self.raw.clone()),
-            median(self.ours.clone()),
-            median(ratios),
-            each.join(" "),
+            "  {:<34} {:>10} {:>7} {:>18} {:>9} {:>16}",
+            "side", "msgs/s", "ratio", "per round", "cpu us", "p50/p99 us"
         );
-        let cpu: Vec<f64> = self
-            .ours_cpu
-            .iter()
-            .zip(&self.raw_cpu)
-            .map(|(o, r)| o / r)
-            .collect();
-        println!(
-            "{:<36} cpu {:>7.2} us/msg   watchtower {:>7.2} us/msg   ratio {:.2} (watchtower / raw)",
-            "",
-            median(self.raw_cpu.clone()),
-            median(self.ours_cpu.clone()),
-            median(cpu),
-        );
+        let raw = &self.sides[0].1;
+        for (name, samples) in &self.sides {
+            let ratios: Vec<f64> = samples.iter().zip(raw).map(|(s, r)| s.rate / r.rate).collect();
+            let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            let latency = if samples.iter().any(|s| s.latency.is_some()) {
+                let p50 = median(
+                    samples
+                        .iter()
+                        .filter_map(|s| s.latency)
+                        .map(|l| l.0 as f64)
+                        .collect(),
+                );
+                let p99 = median(
+                    samples
+                        .iter()
+                        .filter_map(|s| s.latency)
+                        .map(|l| l.1 as f64)
+                        .collect(),
+                );
+                format!("{p50:.0}/{p99:.0}")
+            } else {
+                String::new()
+            };
+            println!(
+                "  {name:<34} {:>10.0} {:>7.2} {:>18} {:>9.2} {:>16}",
+                median(samples.iter().map(|s| s.rate).collect()),
+                median(ratios.clone()),
+                each.join(" "),
+                median(samples.iter().map(|s| s.cpu_us).collect()),
+                latency,
+            );
+        }
     }
 }
 
+fn timed(d: Duration) -> (Duration, Option<(u64, u64)>) {
+    (d, None)
+}
+
 async fn run() {
-    let config = NatsConfig::new("nats://127.0.0.1:4222")
-        .name("watchtower-nats-bench")
-        .subscription_capacity(1 << 20)
-        .client_capacity(8192);
+    let config = NatsConfig::new("nats://127.0.0.1:4222").name("watchtower-nats-bench");
     let client = NatsClient::connect(config).await.expect("the local NATS broker");
     let tag = uuid::Uuid::new_v4().simple().to_string();
-    let n_core = count("NATS_BENCH_CORE", 200_000);
-    let n_js = count("NATS_BENCH_JS", 60_000);
-    let n_rt = count("NATS_BENCH_RT", 150_000);
-
-    let rounds = count("NATS_BENCH_ROUNDS", 7);
-    // One side of one case alone, for a profiler.
-    if let Ok(side) = std::env::var("NATS_BENCH_PROFILE") {
-        profile(&client, &tag, &side, rounds, (n_core, n_js, n_rt)).await;
-        return;
-    }
+    let n = count("NATS_BENCH_COUNT", 50_000);
+    let rounds = count("NATS_BENCH_ROUNDS", 3);
     let only = std::env::var("NATS_BENCH_ONLY").unwrap_or_default();
     let runs = |case: &str| only.is_empty() || only == case;
+    let modes = [
+        ("structured", ContentMode::Structured),
+        ("binary", ContentMode::Binary),
+    ];
 
-    // Warm up connections, allocators and the server.
-    core_raw(&client, &format!("bench.{tag}.warm"), 10_000).await;
-    core_stack(&client, &format!("bench.{tag}.warm"), 10_000).await;
+    if runs("encode") {
+        encode_costs(200_000);
+    }
 
-    let subject = format!("bench.{tag}.core");
     if runs("core") {
-        let bare = std::env::var("NATS_BENCH_BARE").is_ok();
-        let (mut stacked, mut alone) = (Rounds::default(), Rounds::default());
+        let subject = format!("bench.{tag}.core");
+        // Warm up connections, allocators and the server.
+        core_raw(&client, &subject, 10_000, Headers::None).await;
+        core_ours(&client, &subject, 10_000, ContentMode::Structured, Some(true)).await;
+        let mut case = Case::new(
+            "core publish",
+            &[
+                "raw, no header",
+                "raw, 1 header",
+                "raw, 8 ce- headers",
+                "publisher, structured",
+                "publisher, binary",
+                "4-layer stack, structured",
+                "4-layer stack, binary",
+                "stack, worker hop, structured",
+            ],
+        );
         for _ in 0..rounds {
-            let raw = measured(core_raw(&client, &subject, n_core)).await;
-            let ours = measured(core_stack(&client, &subject, n_core)).await;
-            stacked.push(n_core, raw, ours);
-            if bare {
-                let raw = measured(core_raw(&client, &subject, n_core)).await;
-                let ours = measured(core_bare(&client, &subject, n_core)).await;
-                alone.push(n_core, raw, ours);
+            for (side, headers) in [Headers::None, Headers::One, Headers::Eight]
+                .into_iter()
+                .enumerate()
+            {
+                let s = measure(n, async { timed(core_raw(&client, &subject, n, headers).await) }).await;
+                case.push(side, s);
+            }
+            let ours = [
+                (ContentMode::Structured, None),
+                (ContentMode::Binary, None),
+                (ContentMode::Structured, Some(true)),
+                (ContentMode::Binary, Some(true)),
+                (ContentMode::Structured, Some(false)),
+            ];
+            for (i, (mode, layered)) in ours.into_iter().enumerate() {
+                let s = measure(n, async {
+                    timed(core_ours(&client, &subject, n, mode, layered).await)
+                })
+                .await;
+                case.push(3 + i, s);
             }
         }
-        stacked.report("core publish (4-layer stack)");
-        if bare {
-            alone.report("core publish (publisher alone)");
-        }
+        case.report();
     }
 
     if runs("js") {
@@ -398,87 +666,81 @@ async fn run() {
             .create_or_update_stream(StreamConfig {
                 name: stream.clone(),
                 subjects: vec![format!("{stream}.>")],
-                storage: StorageType::Memory,
+                storage: StorageType::File,
                 max_messages: 1_000_000,
                 ..Default::default()
             })
             .await
             .unwrap();
         let subject = format!("{stream}.js");
-        js_raw(&client, &subject, 2_000).await;
-        js_stack(&client, &subject, 2_000).await;
-        let bare = std::env::var("NATS_BENCH_BARE").is_ok();
-        let (mut stacked, mut alone) = (Rounds::default(), Rounds::default());
+        js_raw(&client, &subject, 5_000, Headers::None).await;
+        js_ours(&client, &subject, 5_000, ContentMode::Structured, Some(true)).await;
+        let mut case = Case::new(
+            "JetStream publish, 1,024 in flight",
+            &[
+                "raw, no header",
+                "raw, Nats-Msg-Id only",
+                "raw, ce- block + Nats-Msg-Id",
+                "publisher, structured",
+                "publisher, binary",
+                "4-layer stack, structured",
+                "4-layer stack, binary",
+                "stack, worker hop, structured",
+            ],
+        );
         for _ in 0..rounds {
-            let raw = measured(js_raw(&client, &subject, n_js)).await;
-            let ours = measured(js_stack(&client, &subject, n_js)).await;
-            stacked.push(n_js, raw, ours);
-            if bare {
-                let raw = measured(js_raw(&client, &subject, n_js)).await;
-                let ours = measured(js_bare(&client, &subject, n_js)).await;
-                alone.push(n_js, raw, ours);
+            for (side, headers) in [Headers::None, Headers::One, Headers::Eight]
+                .into_iter()
+                .enumerate()
+            {
+                let s = measure(n, async { timed(js_raw(&client, &subject, n, headers).await) }).await;
+                case.push(side, s);
+            }
+            let ours = [
+                (ContentMode::Structured, None),
+                (ContentMode::Binary, None),
+                (ContentMode::Structured, Some(true)),
+                (ContentMode::Binary, Some(true)),
+                (ContentMode::Structured, Some(false)),
+            ];
+            for (i, (mode, layered)) in ours.into_iter().enumerate() {
+                let s = measure(n, async {
+                    timed(js_ours(&client, &subject, n, mode, layered).await)
+                })
+                .await;
+                case.push(3 + i, s);
             }
         }
-        stacked.report("JetStream publish (256 in flight)");
-        if bare {
-            alone.report("JetStream publish (publisher alone)");
-        }
+        case.report();
         client.delete_stream(&stream).await.unwrap();
     }
 
     if runs("rt") {
-        let mut rt = Rounds::default();
-        for round in 0..rounds {
-            let raw = measured(rt_raw(&client, &format!("bench.{tag}.rt{round}r"), n_rt)).await;
-            let ours = measured(rt_serve(&client, &format!("bench.{tag}.rt{round}s"), n_rt)).await;
-            rt.push(n_rt, raw, ours);
-        }
-        rt.report("round trip (consumer runtime)");
-    }
-}
-
-async fn profile(client: &NatsClient, tag: &str, side: &str, rounds: usize, n: (usize, usize, usize)) {
-    let stream = format!("BENCH_{tag}");
-    if side.starts_with("js") {
-        client
-            .create_or_update_stream(StreamConfig {
-                name: stream.clone(),
-                subjects: vec![format!("{stream}.>")],
-                storage: StorageType::Memory,
-                max_messages: 1_000_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
-    let core = format!("bench.{tag}.core");
-    let js = format!("{stream}.js");
-    for round in 0..rounds {
-        let rt = format!("bench.{tag}.rt{round}");
-        let (wall, cpu) = match side {
-            "core_raw" => measured(core_raw(client, &core, n.0)).await,
-            "core_stack" => measured(core_stack(client, &core, n.0)).await,
-            "core_bare" => measured(core_bare(client, &core, n.0)).await,
-            "js_raw" => measured(js_raw(client, &js, n.1)).await,
-            "js_stack" => measured(js_stack(client, &js, n.1)).await,
-            "js_bare" => measured(js_bare(client, &js, n.1)).await,
-            "rt_raw" => measured(rt_raw(client, &rt, n.2)).await,
-            "rt_serve" => measured(rt_serve(client, &rt, n.2)).await,
-            other => panic!("unknown side {other}"),
-        };
-        let n = match &side[..2] {
-            "co" => n.0,
-            "js" => n.1,
-            _ => n.2,
-        };
-        println!(
-            "{side}: {:.0} msg/s, {:.2} us CPU/msg",
-            n as f64 / wall.as_secs_f64(),
-            cpu as f64 / n as f64 / 1000.0
+        let mut case = Case::new(
+            "round trip, publish -> handler",
+            &[
+                "raw",
+                "publisher -> serve, structured",
+                "publisher -> serve, binary",
+            ],
         );
-    }
-    if side.starts_with("js") {
-        client.delete_stream(&stream).await.unwrap();
+        for round in 0..rounds {
+            let s = measure(n, async {
+                let (d, l) = rt_raw(&client, &format!("bench.{tag}.rt{round}r"), n).await;
+                (d, Some(l))
+            })
+            .await;
+            case.push(0, s);
+            for (i, (name, mode)) in modes.iter().enumerate() {
+                let s = measure(n, async {
+                    let (d, l) = rt_ours(&client, &format!("bench.{tag}.rt{round}{name}"), n, *mode).await;
+                    (d, Some(l))
+                })
+                .await;
+                case.push(1 + i, s);
+            }
+        }
+        case.report();
     }
 }
 

@@ -15,7 +15,7 @@ use crate::client::NatsClient;
 use crate::config::{NatsConfig, WhenDisconnected};
 use crate::publisher::{ResponseFuture, poll_connection};
 use crate::subject::{SubjectCache, SubjectTemplate};
-use crate::wire::HeaderEncoder;
+use crate::wire::{ContentMode, Encoded, Encoder};
 
 /// Publishes awaiting this many acknowledgements at most, unless set:
 /// 1024, enough to keep a local server busy without unbounded memory.
@@ -23,7 +23,8 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 /// Publishes events to JetStream and awaits each PubAck.
 ///
-/// Each event goes, as a binary-mode CloudEvent, to the subject its
+/// Each event goes, as a structured-mode CloudEvent (or binary mode, see
+/// [`content_mode`](Self::content_mode)), to the subject its
 /// [`SubjectTemplate`] gives; a stream must capture that subject. The
 /// `Nats-Msg-Id` header carries the event id, so a retried publish within
 /// the stream's duplicate window is stored once (the receipt then says
@@ -64,7 +65,7 @@ pub struct JetStreamPublisher {
     client: NatsClient,
     subject: SubjectTemplate,
     subjects: SubjectCache,
-    headers: HeaderEncoder,
+    encoder: Encoder,
     expected_stream: Option<Arc<str>>,
     window: PollSemaphore,
     max_in_flight: usize,
@@ -79,7 +80,7 @@ impl JetStreamPublisher {
             client,
             subject: SubjectTemplate::topic(),
             subjects: SubjectCache::default(),
-            headers: HeaderEncoder::default(),
+            encoder: Encoder::default(),
             expected_stream: None,
             window: PollSemaphore::new(Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT))),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
@@ -102,6 +103,14 @@ impl JetStreamPublisher {
     pub fn subject_template(mut self, template: SubjectTemplate) -> Self {
         self.subject = template;
         self.subjects = SubjectCache::default();
+        self
+    }
+
+    /// Writes events in `mode`. Default [`ContentMode::Structured`]: the
+    /// event as one JSON object, with `Nats-Msg-Id` as the only header (see
+    /// the [crate docs](crate#wire-format)).
+    pub fn content_mode(mut self, mode: ContentMode) -> Self {
+        self.encoder.mode = mode;
         self
     }
 
@@ -149,7 +158,7 @@ impl Clone for JetStreamPublisher {
             client: self.client.clone(),
             subject: self.subject.clone(),
             subjects: self.subjects.clone(),
-            headers: self.headers.clone(),
+            encoder: self.encoder.clone(),
             expected_stream: self.expected_stream.clone(),
             window: self.window.clone(),
             max_in_flight: self.max_in_flight,
@@ -164,6 +173,7 @@ impl fmt::Debug for JetStreamPublisher {
         f.debug_struct("JetStreamPublisher")
             .field("client", &self.client)
             .field("subject", &self.subject)
+            .field("content_mode", &self.encoder.mode)
             .field("expected_stream", &self.expected_stream)
             .field("max_in_flight", &self.max_in_flight)
             .field("in_flight", &self.in_flight())
@@ -203,20 +213,22 @@ impl Service<Event> for JetStreamPublisher {
         }
         let expected_stream = self.expected_stream.as_deref();
         let prepared = self.subjects.get(&self.subject, &event).and_then(|subject| {
-            let headers = self.headers.headers(&event, true, expected_stream)?;
-            Ok((subject, headers))
+            let encoded = self.encoder.encode(&event, true, expected_stream)?;
+            Ok((subject, encoded))
         });
-        let ((topic, subject), headers) = match prepared {
+        let ((topic, subject), Encoded { headers, body }) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
         let span = watchtower::trace::publish_span("nats", &topic, &event);
         let client = self.client.clone();
-        let payload = event.data().cloned().unwrap_or_default();
         let receipt = Receipt::new(topic, &event);
         drop(event);
         let send = Box::pin(async move {
-            let message = PublishMessage::build().headers(headers).payload(payload);
+            let mut message = PublishMessage::build().payload(body);
+            if let Some(headers) = headers {
+                message = message.headers(headers);
+            }
             client.jetstream().send_publish(subject, message).await
         });
         ResponseFuture::jetstream(send, receipt, permit, span)

@@ -7,7 +7,7 @@ use futures_util::StreamExt as _;
 use tower::{Service, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
-use watchtower_nats::{NatsClient, NatsConfig, NatsPublisher, NatsSubscriber, SubjectTemplate};
+use watchtower_nats::{ContentMode, NatsClient, NatsConfig, NatsPublisher, NatsSubscriber, SubjectTemplate};
 
 use crate::support::{LOCAL, PATIENCE, call_all, local, numbered, unique};
 
@@ -19,6 +19,12 @@ async fn next_event(
         .expect("a delivery in time")
         .expect("subscription open")
         .expect("no stream error")
+}
+
+/// The event id of a structured-mode message, read as a plain client would.
+fn body_id(message: &async_nats::Message) -> String {
+    let body: serde_json::Value = serde_json::from_slice(&message.payload).expect("a JSON body");
+    body["id"].as_str().expect("an id").to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,7 +46,7 @@ async fn round_trip_in_binary_mode_readable_by_plain_clients() {
         .unwrap()
         .build()
         .unwrap();
-    let mut publisher = NatsPublisher::new(client.clone());
+    let mut publisher = NatsPublisher::new(client.clone()).content_mode(ContentMode::Binary);
     let receipt = publisher.publish(event.clone()).await.unwrap();
     assert_eq!(&*receipt.topic, topic);
     assert_eq!(&*receipt.event_id, event.id());
@@ -70,6 +76,51 @@ async fn round_trip_in_binary_mode_readable_by_plain_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_by_default_without_any_header() {
+    let client = local().await;
+    let ns = unique("wt");
+    let topic = format!("{ns}.user.created");
+    let mut sub = NatsSubscriber::new(client.clone())
+        .open(SubscribeOptions::new([topic.clone()]).unwrap())
+        .await
+        .unwrap();
+    let mut raw = client.raw().subscribe(topic.clone()).await.unwrap();
+    client.raw().flush().await.unwrap();
+
+    let event = Event::builder(topic.clone())
+        .subject("42")
+        .extension("tenant", "acme")
+        .json(&serde_json::json!({"user_id": 42}))
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut publisher = NatsPublisher::new(client.clone());
+    publisher.publish(event.clone()).await.unwrap();
+
+    let delivery = next_event(&mut sub).await;
+    assert_eq!(delivery.event(), Some(&event));
+    assert_eq!(delivery.topic(), topic);
+
+    // What a client in another language sees: one CloudEvents JSON object,
+    // the payload inline, and no header block.
+    let message = tokio::time::timeout(PATIENCE, raw.next()).await.unwrap().unwrap();
+    assert!(
+        message.headers.as_ref().is_none_or(|h| h.is_empty()),
+        "{:?}",
+        message.headers
+    );
+    let body: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(body["specversion"], "1.0");
+    assert_eq!(body["id"], event.id());
+    assert_eq!(body["type"], topic.as_str());
+    assert_eq!(body["subject"], "42");
+    assert_eq!(body["tenant"], "acme");
+    assert_eq!(body["datacontenttype"], "application/json");
+    assert_eq!(body["data"], serde_json::json!({"user_id": 42}));
+    assert!(body["time"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_hand_events_over_in_call_order() {
     let client = local().await;
     let subject = format!("{}.order", unique("wt"));
@@ -88,8 +139,7 @@ async fn calls_hand_events_over_in_call_order() {
             .await
             .expect("a message in time")
             .expect("subscription open");
-        let headers = message.headers.expect("headers");
-        assert_eq!(headers.get("ce-id").map(|v| v.as_str()), Some(event.id()));
+        assert_eq!(body_id(&message), event.id());
     }
 }
 
@@ -123,15 +173,7 @@ async fn calls_past_a_full_client_queue_wait_for_room_and_all_arrive() {
             .await
             .expect("a message in time")
             .expect("subscription open");
-        ids.push(
-            message
-                .headers
-                .expect("headers")
-                .get("ce-id")
-                .unwrap()
-                .as_str()
-                .to_owned(),
-        );
+        ids.push(body_id(&message));
     }
     // Each exactly once (the order past a full queue is not promised).
     let mut sent: Vec<&str> = events.iter().map(Event::id).collect();

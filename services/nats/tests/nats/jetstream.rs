@@ -8,7 +8,9 @@ use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use tower::ServiceExt as _;
 use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber};
-use watchtower_nats::{ConsumerSettings, JetStreamPublisher, JetStreamSubscriber, JetStreamSubscription};
+use watchtower_nats::{
+    ConsumerSettings, ContentMode, JetStreamPublisher, JetStreamSubscriber, JetStreamSubscription,
+};
 
 use crate::support::{PATIENCE, call_all, local, numbered, stream, unique};
 
@@ -53,6 +55,63 @@ async fn receipt_carries_stream_sequence_and_dedups_by_event_id() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected);
+    client.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_content_modes_store_the_dedup_id_and_read_back_equal() {
+    let client = local().await;
+    let name = unique("WT");
+    stream(&client, &name).await;
+    let event = Event::builder(format!("{name}.a"))
+        .extension("tenant", "acme")
+        .json(&serde_json::json!({"n": 1}))
+        .unwrap()
+        .build()
+        .unwrap();
+    let subscriber = JetStreamSubscriber::new(client.clone(), &name).unwrap();
+    let mut sub = subscriber
+        .open(SubscribeOptions::new([format!("{name}.>")]).unwrap())
+        .await
+        .unwrap();
+    let mut structured = JetStreamPublisher::new(client.clone());
+    let mut binary = JetStreamPublisher::new(client.clone()).content_mode(ContentMode::Binary);
+    let r1 = structured.publish(event.clone()).await.unwrap();
+    // The same event id in the other mode is still a duplicate.
+    let r2 = binary.publish(event.clone()).await.unwrap();
+    assert_eq!((r1.sequence, r1.duplicate), (Some(1), false));
+    assert_eq!((r2.sequence, r2.duplicate), (Some(1), true));
+    let other = Event::builder(format!("{name}.b"))
+        .json(&serde_json::json!({"n": 2}))
+        .unwrap()
+        .build()
+        .unwrap();
+    assert_eq!(binary.publish(other.clone()).await.unwrap().sequence, Some(2));
+
+    let stored = client.jetstream().get_stream(&name).await.unwrap();
+    // Structured mode: the dedup id is the only header.
+    let first = stored.get_raw_message(1).await.unwrap();
+    let names: Vec<String> = first.headers.iter().map(|(k, _)| k.to_string()).collect();
+    assert_eq!(names, ["Nats-Msg-Id"]);
+    assert_eq!(first.headers.get("Nats-Msg-Id").unwrap().as_str(), event.id());
+    let body: serde_json::Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(
+        (body["id"].as_str(), &body["data"]),
+        (Some(event.id()), &serde_json::json!({"n": 1}))
+    );
+    // Binary mode: ce- headers beside it, the payload alone as the body.
+    let second = stored.get_raw_message(2).await.unwrap();
+    assert_eq!(second.headers.get("Nats-Msg-Id").unwrap().as_str(), other.id());
+    assert_eq!(second.headers.get("ce-id").unwrap().as_str(), other.id());
+    assert_eq!(&second.payload[..], br#"{"n":2}"#);
+
+    let d = next(&mut sub).await;
+    assert_eq!(d.event(), Some(&event));
+    d.ack().await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(d.event(), Some(&other));
+    d.ack().await.unwrap();
+    drop(sub);
     client.delete_stream(&name).await.unwrap();
 }
 
