@@ -81,7 +81,7 @@ pub use subscriber::{
     DEFAULT_DEAD_LETTER_STREAM, DEFAULT_MAX_DELIVERIES, DEFAULT_RESCAN_INTERVAL, DeadLetter, RedisAcker,
     RedisSubscriber, RedisSubscriberBuilder, RedisSubscription,
 };
-pub use wire::DATA_FIELD;
+pub use wire::{CONTENT_TYPE_FIELD, ContentMode, DATA_FIELD};
 
 /// The reply reader of the publisher's own connection, for the fuzz
 /// targets in `fuzz/`; not part of the API.
@@ -93,6 +93,6 @@ pub mod fuzzing {
 /// Everything a program using the Redis transport needs:
 /// `use watchtower_redis::prelude::*;`.
 pub mod prelude {
-    pub use crate::{DeadLetter, MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
+    pub use crate::{ContentMode, DeadLetter, MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
     pub use watchtower::prelude::*;
 }
