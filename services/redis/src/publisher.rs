@@ -266,7 +266,7 @@ impl RedisPublisherBuilder {
     /// attribute plus `data` ([`ContentMode::Binary`]), or the CloudEvents
     /// JSON document in `data` beside a `content-type` field
     /// ([`ContentMode::Structured`]). Subscribers read both whatever this
-    /// says. Default [`ContentMode::Binary`]; see
+    /// says. Default [`ContentMode::Structured`]; see
     /// [Content modes](crate#content-modes) for why.
     pub fn content_mode(mut self, mode: ContentMode) -> Self {
         self.mode = mode;

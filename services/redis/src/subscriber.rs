@@ -734,19 +734,31 @@ impl Shared {
         );
         let mut xadd = redis::cmd("XADD");
         xadd.arg(dlq).arg("*");
-        for (name, value) in &fields {
-            if !name.starts_with(b"deadletter") {
-                xadd.arg(&name[..]).arg(&value[..]);
+        let marks = [
+            (ext::DEAD_LETTER_REASON, reason.clone()),
+            (ext::DEAD_LETTER_KIND, ErrorKind::Rejected.as_str().to_owned()),
+            (ext::DEAD_LETTER_TOPIC, stream.topic.to_string()),
+            (ext::ATTEMPT, count.to_string()),
+        ];
+        // A structured entry stays one: the marks go into its document.
+        let document = wire::structured_event(&fields).and_then(|mut event| {
+            for (name, value) in &marks {
+                event.set_extension(name, value.as_str()).ok()?;
+            }
+            watchtower::codec::structured::to_vec(&event).ok()
+        });
+        if let Some(document) = document {
+            wire::write_structured(&mut xadd, document);
+        } else {
+            for (name, value) in &fields {
+                if !name.starts_with(b"deadletter") {
+                    xadd.arg(&name[..]).arg(&value[..]);
+                }
+            }
+            for (name, value) in &marks {
+                xadd.arg(*name).arg(value);
             }
         }
-        xadd.arg(ext::DEAD_LETTER_REASON)
-            .arg(&reason)
-            .arg(ext::DEAD_LETTER_KIND)
-            .arg(ErrorKind::Rejected.as_str())
-            .arg(ext::DEAD_LETTER_TOPIC)
-            .arg(&*stream.topic)
-            .arg(ext::ATTEMPT)
-            .arg(count);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .add_command(xadd)

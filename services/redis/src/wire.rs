@@ -30,10 +30,10 @@ pub enum ContentMode {
     /// and [`DATA_FIELD`] holding the CloudEvents JSON document, the
     /// payload spliced in as it is when it is JSON (`data_base64`
     /// otherwise).
+    #[default]
     Structured,
     /// One field per attribute under its plain name, then [`DATA_FIELD`]
     /// holding the payload's bytes as they are.
-    #[default]
     Binary,
 }
 
@@ -46,10 +46,7 @@ pub(crate) fn write_fields(cmd: &mut Cmd, event: &Event, mode: ContentMode) {
     if mode == ContentMode::Structured
         && let Ok(json) = structured::to_vec(event)
     {
-        cmd.arg(CONTENT_TYPE_FIELD)
-            .arg(CLOUDEVENTS_JSON)
-            .arg(DATA_FIELD)
-            .arg(json);
+        write_structured(cmd, json);
         return;
     }
     Binding::REDIS.write_headers(event, |name, value| {
@@ -58,6 +55,27 @@ pub(crate) fn write_fields(cmd: &mut Cmd, event: &Event, mode: ContentMode) {
     if let Some(data) = event.data() {
         cmd.arg(DATA_FIELD).arg(&data[..]);
     }
+}
+
+/// Appends a structured-mode entry's fields holding `document`.
+pub(crate) fn write_structured(cmd: &mut Cmd, document: Vec<u8>) {
+    cmd.arg(CONTENT_TYPE_FIELD)
+        .arg(CLOUDEVENTS_JSON)
+        .arg(DATA_FIELD)
+        .arg(document);
+}
+
+/// The event of a structured-mode entry; `None` for a binary-mode entry or
+/// one that does not decode.
+pub(crate) fn structured_event(fields: &[(Bytes, Bytes)]) -> Option<Event> {
+    let marked = fields.iter().any(|(n, v)| {
+        &n[..] == CONTENT_TYPE_FIELD.as_bytes() && std::str::from_utf8(v).is_ok_and(is_structured)
+    });
+    if !marked {
+        return None;
+    }
+    let (_, document) = fields.iter().find(|(n, _)| &n[..] == DATA_FIELD.as_bytes())?;
+    structured::from_bytes(document).ok()
 }
 
 /// The longest `time` attribute: `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.

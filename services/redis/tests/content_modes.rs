@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use watchtower::{Error, Event, PublishExt, SubscribeOptions, Subscriber};
-use watchtower_redis::{ContentMode, RedisConfig, RedisPublisher, RedisSubscriber};
+use watchtower_redis::{ContentMode, DeadLetter, RedisConfig, RedisPublisher, RedisSubscriber};
 
 use common::{URL, cleanup, namespace, pending, raw, wait_entries};
 
@@ -135,6 +135,50 @@ async fn a_structured_event_added_by_another_client_is_read() {
     assert_eq!(data, serde_json::json!({"order": 42, "items": ["a", "b"]}));
     assert_eq!(delivery.topic(), topic.as_str());
     delivery.ack().await.unwrap();
+    assert_eq!(pending(&mut conn, &topic, "g").await, 0);
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_structured_entry_is_dead_lettered_as_a_structured_entry_with_its_marks() {
+    let ns = namespace("modes_dlq");
+    let topic = format!("{ns}.fragile");
+    let dlq = format!("{ns}:dlq");
+    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
+        .max_deliveries(Some(1))
+        .dead_letter(DeadLetter::Stream(dlq.clone()))
+        .connect()
+        .await
+        .unwrap();
+    let mut subscription = subscriber
+        .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
+        .await
+        .unwrap();
+    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
+        .content_mode(ContentMode::Structured)
+        .connect()
+        .await
+        .unwrap();
+    let doomed = sample(&topic, 9);
+    publisher.publish(doomed.clone()).await.unwrap();
+    next(&mut subscription).await.nack(None).await.unwrap();
+    let mut conn = raw(URL).await;
+    let entries = wait_entries(&mut conn, &dlq, "0").await;
+    assert_eq!(entries.len(), 1);
+    let fields = &entries[0].1;
+    assert_eq!(fields.len(), 2);
+    assert_eq!(fields[0].0, "content-type");
+    let back = watchtower::codec::structured::from_slice(&fields[1].1).unwrap();
+    assert_eq!(back.id(), doomed.id());
+    assert_eq!(back.data(), doomed.data());
+    assert_eq!(back.extension("tenant"), Some("acme"));
+    assert_eq!(back.extension("deadlettertopic"), Some(topic.as_str()));
+    assert_eq!(back.extension("attempt"), Some("2"));
+    assert!(
+        back.extension("deadletterreason")
+            .unwrap()
+            .contains("delivered 2 times")
+    );
     assert_eq!(pending(&mut conn, &topic, "g").await, 0);
     cleanup(URL, &ns).await;
 }
