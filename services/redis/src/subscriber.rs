@@ -633,8 +633,8 @@ impl Shared {
         let value: Value = redis::cmd("XPENDING")
             .arg(key)
             .arg(&*self.group)
-            .arg(&first.id)
-            .arg(&last.id)
+            .arg(&*first.id)
+            .arg(&*last.id)
             .arg(entries.len().max(1) * 2)
             .arg(&*self.options.consumer)
             .query_async(&mut self.conn.clone())
@@ -657,12 +657,12 @@ impl Shared {
             let (done, _) = oneshot::channel();
             let _ = self.ack_tx.send(AckOp::Ack {
                 stream: stream.key.clone(),
-                id: entry.id.into(),
+                id: entry.id,
                 done,
             });
             return None;
         };
-        let id: Arc<str> = entry.id.as_str().into();
+        let id = entry.id.clone();
         // Reading its own pending entries and reclaiming idle ones can both
         // come upon the same entry; the first to hold it delivers it.
         let held = Held::claim(self, &stream.key, &id)?;
@@ -795,7 +795,7 @@ impl Shared {
         let mut gone = Vec::new();
         for entry in entries {
             if entry.fields.is_none() {
-                gone.push(entry.id.clone());
+                gone.push(entry.id.to_string());
             }
             let count = counts(&entry.id);
             match self.delivery(stream, entry, count).await {
@@ -880,7 +880,7 @@ impl Shared {
     /// in the stream: Redis 7 drops them from the pending list without a
     /// word.
     async fn vanished(&self, key: &str, asked: &[&str], got: &[Entry]) -> Vec<String> {
-        let returned: HashSet<&str> = got.iter().map(|e| e.id.as_str()).collect();
+        let returned: HashSet<&str> = got.iter().map(|e| &*e.id).collect();
         let missing: Vec<&str> = asked
             .iter()
             .copied()
@@ -988,7 +988,7 @@ async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, tx: Tx) {
             {
                 for (key, entries) in per_stream {
                     for entry in entries {
-                        shared.release(&key.as_str().into(), entry.id.into());
+                        shared.release(&key.as_str().into(), entry.id);
                     }
                 }
             }
@@ -1065,7 +1065,7 @@ async fn drain_own(
             }
         };
         let Some(last) = entries.last() else { return true };
-        cursor = last.id.clone();
+        cursor = last.id.to_string();
         let counts = shared
             .delivery_counts(&stream.key, &entries)
             .await

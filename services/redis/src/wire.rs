@@ -7,6 +7,8 @@
 //! Also the parsing of stream replies, which never panics on what the
 //! server sends.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use redis::{Cmd, Value};
 use watchtower::codec::{Binding, CLOUDEVENTS_JSON, is_structured, structured};
@@ -131,7 +133,9 @@ fn binary_fields_size(event: &Event) -> (usize, usize) {
 /// `None` for an entry that was deleted while pending.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
-    pub(crate) id: String,
+    /// Shared as it is by the delivery's acknowledgement, its hold and
+    /// its release: one allocation per entry.
+    pub(crate) id: Arc<str>,
     pub(crate) fields: Option<Vec<(Bytes, Bytes)>>,
 }
 
@@ -258,7 +262,9 @@ fn into_pairs(value: Value) -> Option<Vec<(Value, Value)>> {
     }
 }
 
-/// Parses a list of entries (`[[id, [field, value, ...]], ...]`).
+/// Parses a list of entries (`[[id, [field, value, ...]], ...]`), taking
+/// the reply's buffers over: one vector of fields per entry, no copy of a
+/// field.
 pub(crate) fn parse_entries(value: Value) -> Result<Vec<Entry>, Error> {
     let list = match value {
         Value::Nil => return Ok(Vec::new()),
@@ -271,22 +277,40 @@ pub(crate) fn parse_entries(value: Value) -> Result<Vec<Entry>, Error> {
             .into_iter();
         let id = parts
             .next()
-            .and_then(into_string)
+            .as_ref()
+            .and_then(shared_string)
             .ok_or_else(|| malformed("a stream entry id"))?;
         let fields = match parts.next() {
             None | Some(Value::Nil) => None,
-            Some(fields) => Some(
-                into_pairs(fields)
-                    .ok_or_else(|| malformed("stream entry fields"))?
-                    .into_iter()
-                    .map(|(k, v)| Some((into_bytes(k)?, into_bytes(v)?)))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| malformed("a stream entry field"))?,
-            ),
+            Some(fields) => Some(fields_of(fields).ok_or_else(|| malformed("stream entry fields"))?),
         };
         out.push(Entry { id, fields });
     }
     Ok(out)
+}
+
+/// An entry's fields, from an array of alternating names and values (RESP2)
+/// or a map (RESP3).
+fn fields_of(value: Value) -> Option<Vec<(Bytes, Bytes)>> {
+    match value {
+        Value::Array(items) | Value::Set(items) => {
+            if items.len() % 2 != 0 {
+                return None;
+            }
+            let mut out = Vec::with_capacity(items.len() / 2);
+            let mut items = items.into_iter();
+            while let (Some(name), Some(value)) = (items.next(), items.next()) {
+                out.push((into_bytes(name)?, into_bytes(value)?));
+            }
+            Some(out)
+        }
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .map(|(name, value)| Some((into_bytes(name)?, into_bytes(value)?)))
+            .collect(),
+        Value::Attribute { data, .. } => fields_of(*data),
+        _ => None,
+    }
 }
 
 /// Parses an `XREAD`/`XREADGROUP` reply: entries per stream key. `Nil`
@@ -572,7 +596,7 @@ mod tests {
         ])]);
         let read = parse_read(reply).unwrap();
         assert_eq!(read[0].0, "s");
-        assert_eq!(read[0].1[0].id, "1-0");
+        assert_eq!(&*read[0].1[0].id, "1-0");
         assert!(read[0].1[1].fields.is_none());
         assert!(parse_read(Value::Nil).unwrap().is_empty());
         for bad in [
