@@ -82,9 +82,9 @@ async fn both_modes_round_trip_to_one_subscriber_and_write_what_they_say() {
     let names = |i: usize| entries[i].1.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>();
     assert!(names(0).contains(&"specversion") && names(0).contains(&"tenant"));
     assert!(!names(0).contains(&"content-type"));
-    for i in 1..4 {
+    for (i, (_, fields)) in entries.iter().enumerate().skip(1) {
         assert_eq!(names(i), ["content-type", "data"]);
-        assert_eq!(entries[i].1[0].1, b"application/cloudevents+json");
+        assert_eq!(fields[0].1, b"application/cloudevents+json");
     }
     let document: serde_json::Value = serde_json::from_slice(&entries[1].1[1].1).unwrap();
     assert_eq!(document["specversion"], "1.0");
