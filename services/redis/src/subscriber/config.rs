@@ -45,7 +45,7 @@ pub enum DeadLetter {
     /// Copied, with its fields and the `deadletter*` extensions, to this
     /// stream key (not prefixed), then acknowledged, in one transaction.
     Stream(String),
-    /// Handed to the consumer as a [`Delivery::poison`], which the consumer
+    /// Handed to the consumer as a [`Delivery::poison`](watchtower::Delivery::poison), which the consumer
     /// runtime sends to its poison path and then acknowledges.
     Poison,
 }
@@ -134,8 +134,8 @@ impl RedisSubscriberBuilder {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] for a bad setting; [`ErrorKind::Connection`],
-    /// [`ErrorKind::Timeout`] or [`ErrorKind::Rejected`] if Redis cannot be
+    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) for a bad setting; [`ErrorKind::Connection`](watchtower::ErrorKind::Connection),
+    /// [`ErrorKind::Timeout`](watchtower::ErrorKind::Timeout) or [`ErrorKind::Rejected`](watchtower::ErrorKind::Rejected) if Redis cannot be
     /// reached or refuses the credentials.
     pub async fn connect(self) -> Result<RedisSubscriber, Error> {
         let o = &self.options;

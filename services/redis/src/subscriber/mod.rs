@@ -88,14 +88,14 @@ use shared::{RecentIds, Shared};
 ///   idle time). An entry that reading the consumer's own pending list and
 ///   reclaiming both come upon is delivered once.
 ///   Handlers that take longer than the claim idle time should call
-///   [`Acker::progress`], or another consumer may take their entries.
+///   [`Acker::progress`](watchtower::Acker::progress), or another consumer may take their entries.
 /// * An entry delivered more than [`max_deliveries`](RedisSubscriberBuilder::max_deliveries)
 ///   times goes to the [`DeadLetter`] path instead and is acknowledged.
 ///
 /// # Patterns
 ///
 /// A pattern with `*` or `>` is resolved with `SCAN ... TYPE stream` and
-/// [`TopicPattern::matches`] when the subscription opens, and again every
+/// [`TopicPattern::matches`](watchtower::TopicPattern::matches) when the subscription opens, and again every
 /// [rescan interval](RedisSubscriberBuilder::rescan_interval): a stream
 /// created later is found by the next scan and read from its first entry,
 /// so nothing published to it is missed, only delivered up to one rescan
@@ -182,7 +182,7 @@ impl RedisSubscriber {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] if Redis does not
+    /// [`ErrorKind::Connection`](watchtower::ErrorKind::Connection) or [`ErrorKind::Timeout`](watchtower::ErrorKind::Timeout) if Redis does not
     /// answer.
     pub async fn health(&self) -> Result<(), Error> {
         redis::cmd("PING")

@@ -18,7 +18,7 @@ use super::shared::{Nack, Shared, StreamInfo};
 /// The most entry ids acknowledged by one `XACK`.
 pub(crate) const MAX_ACK_BATCH: usize = 1024;
 
-/// Settles one Redis delivery. See [`RedisSubscriber`] for what each
+/// Settles one Redis delivery. See [`RedisSubscriber`](crate::RedisSubscriber) for what each
 /// settlement does.
 pub struct RedisAcker {
     pub(super) shared: Arc<Shared>,

@@ -25,7 +25,7 @@ impl RedisSubscription {
     /// Entries this subscription found trimmed from their stream (by a
     /// publisher's [`MaxLen`](crate::MaxLen), or `XTRIM`) before they were
     /// delivered or settled. Each time some are found, the subscription
-    /// also yields an [`ErrorKind::Dropped`] item and logs a warning with
+    /// also yields an [`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped) item and logs a warning with
     /// their ids.
     ///
     /// What is found:
@@ -39,7 +39,7 @@ impl RedisSubscription {
     ///   subscription is gone or its buffer full);
     /// * entries trimmed before any consumer of the group read them, when
     ///   the subscription opens and at every
-    ///   [claim interval](RedisSubscriberBuilder::claim_interval), from the
+    ///   [claim interval](crate::RedisSubscriberBuilder::claim_interval), from the
     ///   group's read counter (Redis 7): counted, without their ids.
     ///
     /// What is not: entries trimmed unread while Redis does not know the
