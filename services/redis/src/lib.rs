@@ -51,19 +51,21 @@
 //! a small JSON event has seven fields (fourteen strings to write, store,
 //! and parse on every read), a structured one two. Measured with this
 //! crate's bench (`benches/redis.rs`, 50,000 events of about 195 bytes,
-//! 256 callers, 2 cores, medians of three per-round ratios to the raw
-//! `redis` crate sending one field of pre-built JSON, the shared
-//! harness's `redis-xadd-pipe` and `redis-xreadgroup`):
+//! 256 callers, on 2 busy cores, load average about 7, medians of three
+//! per-round ratios to the raw `redis` crate sending one field of
+//! pre-built JSON: the shared harness's `redis-xadd-pipe` and
+//! `redis-xreadgroup`):
 //!
 //! | | binary | structured |
 //! |---|--:|--:|
-//! | publisher alone | 0.76× | 0.89× |
-//! | four-layer stack | 0.78× | 0.85× |
-//! | consume through `serve` | 0.42× | 0.64× |
+//! | publisher alone | 0.77× | 0.95× |
+//! | four-layer stack | 0.74× | 0.95× |
+//! | consume through `serve` (concurrency 256) | 0.54× | 0.63× |
 //!
-//! (CPU per event when publishing: client 1.6 µs and Redis 2.0 µs binary,
-//! 1.2 µs and 1.6 µs structured; consuming: client 6.6 µs binary, 4.2 µs
-//! structured.) There is no CloudEvents binding for Redis Streams, so a
+//! (CPU per event: publishing, Redis 2.2 µs either way, client 1.6 µs;
+//! consuming, client 7.0 µs binary, 5.2 µs structured. A quieter run gave
+//! the same order: publisher 0.76× against 0.89×, Redis 2.0 µs against
+//! 1.6 µs per event.) There is no CloudEvents binding for Redis Streams, so a
 //! binary entry can be read only by a client that knows these field
 //! names, while a structured one is the standard JSON event format in a
 //! field marked with its standard media type. Binary mode stays for
