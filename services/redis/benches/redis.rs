@@ -1,29 +1,27 @@
-//! Redis Streams throughput: WatchTower against the raw `redis` crate doing
-//! the same work with the same guarantee, in the same run.
+//! Redis Streams throughput: WatchTower against the raw `redis` crate, in
+//! the cases of the shared baseline harness (`shared/bench/run.sh`
+//! `redis-xadd-pipe` and `redis-xreadgroup`), in the same run, as per-round
+//! ratios.
 //!
-//! * publish: `N` events, 64 concurrent callers. Raw: `XADD` of the same
-//!   fields (encoded per event, as a hand-written client does) on one
-//!   multiplexed connection (the client pipelines concurrent commands),
-//!   and explicit pipelines of 64 `XADD`s, four on the wire at once (the
-//!   baseline), and for reference pipelines half the callers long, two at
-//!   a time: as many `XADD`s outstanding as the callers can have. WatchTower: dead letter + retry + circuit breaker
-//!   over [`RedisPublisher`], the same with a backpressure queue as fourth
-//!   layer (as many calls in flight as there are callers; callers call
-//!   the publisher themselves when nothing is queued, since it gathers
-//!   pipelines in a task of its own), and the publisher alone.
-//! * consume: `N` entries already in a stream, a fresh group each run.
-//!   Raw: `XREADGROUP COUNT 256` + one `XACK` per batch, in a loop.
-//!   WatchTower: [`RedisSubscriber`] through `watchtower::serve`, with
-//!   default settings and tuned (concurrency 256).
+//! * publish, `N` events of about 195 bytes: raw is the harness's
+//!   `redis-xadd-pipe`, pipelines of 256 `XADD MAXLEN ~ 100000` of one field
+//!   holding a pre-built JSON body, one pipeline on the wire at a time.
+//!   WatchTower, 256 concurrent callers, `MaxLen::Approx(100_000)`, in each
+//!   content mode: the publisher alone, and under dead letter + retry +
+//!   circuit breaker + backpressure (the four-layer stack).
+//! * consume: `N` entries already in a stream, a fresh group each run. Raw
+//!   is the harness's `redis-xreadgroup`: `XREADGROUP COUNT 256` then one
+//!   `XACK` per batch, in a loop, over entries of one pre-built JSON field.
+//!   WatchTower: [`RedisSubscriber`] through `watchtower::serve`
+//!   (concurrency 256) over entries it wrote in each content mode.
 //!
 //! Run with `cargo bench -p watchtower-redis --bench redis` against the
 //! local Redis (`REDIS_URL` to change it; `REDIS_BENCH=publish` or
-//! `consume` for one half, `REDIS_BENCH_CASE=raw`, `stack`, `four` or `bare` for
-//! one publish case only, to profile it, `REDIS_BENCH_ROUNDS` for the number of rounds,
-//! `REDIS_BENCH_CALLERS` for the concurrent publishers, 64 by default).
+//! `consume` for one half, `REDIS_BENCH_ROUNDS` for the number of rounds,
+//! `REDIS_BENCH_CALLERS` for the concurrent publishers, 256 by default).
 //! Each row gives the median, best and range over the rounds; each ratio
 //! is taken per round (the cases of a round run back to back) and given as
-//! median and range.
+//! median, range and per round.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -39,11 +37,11 @@ use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
 use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use watchtower_layers::dead_letter::{DeadLetterLayer, Outcome};
 use watchtower_layers::retry::{RetryConfig, RetryLayer};
-use watchtower_redis::{RedisConfig, RedisPublisher, RedisSubscriber};
+use watchtower_redis::{ContentMode, MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
 
 const N: usize = 50_000;
 /// Concurrent callers unless `REDIS_BENCH_CALLERS` says otherwise.
-const CALLERS: usize = 64;
+const CALLERS: usize = 256;
 
 /// Concurrent callers of the publish cases.
 fn callers() -> usize {
@@ -141,24 +139,17 @@ fn events(topic: &str) -> Vec<Event> {
         .collect()
 }
 
-/// Appends the fields a hand-written client would send for `e` to `cmd`:
-/// the same CloudEvents attributes, encoded per event as it is sent.
-fn raw_fields(cmd: &mut redis::Cmd, e: &Event) {
-    cmd.arg("specversion")
-        .arg("1.0")
-        .arg("id")
-        .arg(e.id())
-        .arg("type")
-        .arg(e.ty())
-        .arg("source")
-        .arg(e.source())
-        .arg("time")
-        .arg(watchtower::codec::format_time(e.time().unwrap()))
-        .arg("datacontenttype")
-        .arg("application/json")
-        .arg("data")
-        .arg(&e.data().unwrap()[..]);
+/// The harness's bodies: CloudEvents-like JSON documents of about 195
+/// bytes, built before the clock starts.
+fn raw_bodies(topic: &str) -> Vec<Vec<u8>> {
+    events(topic)
+        .iter()
+        .map(|e| watchtower::codec::structured::to_vec(e).unwrap())
+        .collect()
 }
+
+/// Trimming as the harness does it.
+const MAX_LEN: u64 = 100_000;
 
 async fn raw_conn() -> redis::aio::MultiplexedConnection {
     let config = redis::AsyncConnectionConfig::new()
@@ -176,67 +167,45 @@ async fn del(key: &str) {
     let _: () = redis::cmd("DEL").arg(key).query_async(&mut conn).await.unwrap();
 }
 
+/// The harness's `redis-xadd-pipe`: pipelines of 256, one at a time.
 async fn publish_raw() -> f64 {
     let stream = key("pub_raw");
-    let events = events(&stream);
-    let conn = raw_conn().await;
+    let bodies = raw_bodies(&stream);
+    let mut conn = raw_conn().await;
     let start = Clock::start();
-    let mut calls = futures_util::stream::iter(&events)
-        .map(|event| {
-            let mut conn = conn.clone();
-            let stream = &stream;
-            async move {
-                let mut cmd = redis::cmd("XADD");
-                cmd.arg(stream).arg("*");
-                raw_fields(&mut cmd, event);
-                cmd.query_async::<String>(&mut conn).await.unwrap()
-            }
-        })
-        .buffer_unordered(callers());
-    while calls.next().await.is_some() {}
+    for chunk in bodies.chunks(256) {
+        let mut pipe = redis::pipe();
+        for body in chunk {
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(MAX_LEN)
+                .arg("*")
+                .arg("event")
+                .arg(&body[..])
+                .ignore();
+        }
+        pipe.exec_async(&mut conn).await.unwrap();
+    }
     let rate = start.rate();
     del(&stream).await;
     rate
 }
 
-/// The baseline: pipelines of 64, four on the wire (256 `XADD`s
-/// outstanding).
-async fn publish_raw_pipelined() -> f64 {
-    publish_raw_pipelines(64, 4).await
+async fn publisher(mode: ContentMode) -> RedisPublisher {
+    RedisPublisher::builder(RedisConfig::new(url()))
+        .max_len(MaxLen::Approx(MAX_LEN))
+        .content_mode(mode)
+        .connect()
+        .await
+        .unwrap()
 }
 
-/// Pipelines of `size`, `in_flight` on the wire at once.
-async fn publish_raw_pipelines(size: usize, in_flight: usize) -> f64 {
-    let stream = key("pub_pipe");
-    let events = events(&stream);
-    let conn = raw_conn().await;
-    let start = Clock::start();
-    let mut calls = futures_util::stream::iter(events.chunks(size))
-        .map(|batch| {
-            let mut conn = conn.clone();
-            let stream = &stream;
-            async move {
-                let mut pipe = redis::pipe();
-                for event in batch {
-                    let mut cmd = redis::cmd("XADD");
-                    cmd.arg(stream).arg("*");
-                    raw_fields(&mut cmd, event);
-                    pipe.add_command(cmd);
-                }
-                pipe.query_async::<Vec<String>>(&mut conn).await.unwrap()
-            }
-        })
-        .buffer_unordered(in_flight);
-    while calls.next().await.is_some() {}
-    let rate = start.rate();
-    del(&stream).await;
-    rate
-}
-
-async fn publish_bare() -> f64 {
+async fn publish_bare(mode: ContentMode) -> f64 {
     let stream = key("pub_bare");
     let sent = events(&stream);
-    let publisher = RedisPublisher::connect(RedisConfig::new(url())).await.unwrap();
+    let publisher = publisher(mode).await;
     let start = Clock::start();
     let mut calls = futures_util::stream::iter(sent)
         .map(|event| publisher.clone().oneshot(event))
@@ -249,30 +218,24 @@ async fn publish_bare() -> f64 {
     rate
 }
 
-/// Dead letter + retry + circuit breaker over the publisher, and with
-/// `backpressure` a bounded queue (1024, blocking) in front of it: the
-/// layer order the layers crate recommends.
-async fn publish_watchtower(backpressure: bool) -> f64 {
+/// Dead letter + retry + circuit breaker + a bounded queue (1024,
+/// blocking) over the publisher: the layer order the layers crate
+/// recommends.
+async fn publish_stack(mode: ContentMode) -> f64 {
     let stream = key("pub_wt");
     let sent = events(&stream);
-    let publisher = RedisPublisher::connect(RedisConfig::new(url())).await.unwrap();
+    let publisher = publisher(mode).await;
     let stack = ServiceBuilder::new()
         .layer(DeadLetterLayer::new(MemoryDeadLetters::new(N)))
         .layer(RetryLayer::new(RetryConfig::new()))
-        .layer(CircuitBreakerLayer::new(CircuitBreakerConfig::new()));
-    let rate = if backpressure {
-        let stack = stack
-            .layer(
-                BackpressureLayer::new(1024, Overflow::Block)
-                    .concurrency(callers())
-                    .direct(true),
-            )
-            .service(publisher);
-        drive(sent, |event| stack.clone().oneshot(event)).await
-    } else {
-        let stack = stack.service(publisher);
-        drive(sent, |event| stack.clone().oneshot(event)).await
-    };
+        .layer(CircuitBreakerLayer::new(CircuitBreakerConfig::new()))
+        .layer(
+            BackpressureLayer::new(1024, Overflow::Block)
+                .concurrency(callers())
+                .direct(true),
+        )
+        .service(publisher);
+    let rate = drive(sent, |event| stack.clone().oneshot(event)).await;
     del(&stream).await;
     rate
 }
@@ -292,10 +255,30 @@ where
     start.rate()
 }
 
-/// A stream holding `N` events, written by WatchTower.
-async fn filled_stream() -> String {
+/// A stream holding `N` entries of one field, as the harness writes them.
+async fn raw_stream() -> String {
+    let stream = key("consume_raw");
+    let bodies = raw_bodies(&stream);
+    let mut conn = raw_conn().await;
+    for chunk in bodies.chunks(256) {
+        let mut pipe = redis::pipe();
+        for body in chunk {
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("event")
+                .arg(&body[..])
+                .ignore();
+        }
+        pipe.exec_async(&mut conn).await.unwrap();
+    }
+    stream
+}
+
+/// A stream holding `N` events, written by WatchTower in `mode`.
+async fn filled_stream(mode: ContentMode) -> String {
     let stream = key("consume");
-    let publisher = RedisPublisher::connect(RedisConfig::new(url())).await.unwrap();
+    let publisher = publisher(mode).await;
     let sent = events(&stream);
     for chunk in sent.chunks(1000) {
         for r in publisher.publish_batch(chunk.to_vec()).await.unwrap() {
@@ -317,42 +300,27 @@ async fn create_group(stream: &str, group: &str) {
         .unwrap();
 }
 
+/// The harness's `redis-xreadgroup`.
 async fn consume_raw(stream: &str, round: usize) -> f64 {
+    use redis::AsyncTypedCommands as _;
     let group = format!("raw{round}");
     create_group(stream, &group).await;
     let mut conn = raw_conn().await;
+    let opts = redis::streams::StreamReadOptions::default()
+        .group(&group, "c1")
+        .count(256);
     let start = Clock::start();
     let mut got = 0;
     while got < N {
-        let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&group)
-            .arg("c")
-            .arg("COUNT")
-            .arg(256)
-            .arg("BLOCK")
-            .arg(1000)
-            .arg("STREAMS")
-            .arg(stream)
-            .arg(">")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let mut ack = redis::cmd("XACK");
-        ack.arg(stream).arg(&group);
-        let mut n = 0;
-        for key in &reply.keys {
-            for entry in &key.ids {
-                // Touch the payload as a handler would.
-                std::hint::black_box(entry.map.get("data"));
-                ack.arg(&entry.id);
-                n += 1;
-            }
-        }
-        if n > 0 {
-            let _: i64 = ack.query_async(&mut conn).await.unwrap();
-        }
-        got += n;
+        let reply = conn.xread_options(&[stream], &[">"], &opts).await.unwrap();
+        let ids: Vec<String> = reply
+            .unwrap()
+            .keys
+            .into_iter()
+            .flat_map(|k| k.ids.into_iter().map(|e| e.id))
+            .collect();
+        conn.xack(stream, &group, &ids).await.unwrap();
+        got += ids.len();
     }
     start.rate()
 }
@@ -464,84 +432,61 @@ fn main() {
     .unwrap();
     rt.block_on(async {
         println!("redis streams, {N} events per run, {rounds} rounds, events/s");
+        let modes = [
+            ("binary", ContentMode::Binary),
+            ("structured", ContentMode::Structured),
+        ];
         if only != "consume" {
-            let (mut raw, mut pipe, mut wt, mut wtbp, mut bare, mut pipe64) = (
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-            );
-            // `REDIS_BENCH_CASE` runs one publish case only, to profile it.
-            let case = std::env::var("REDIS_BENCH_CASE").ok();
-            if let Some(case) = case {
-                for _ in 0..rounds {
-                    let rate = match case.as_str() {
-                        "raw" => publish_raw_pipelined().await,
-                        "stack" => publish_watchtower(false).await,
-                        "four" => publish_watchtower(true).await,
-                        _ => publish_bare().await,
-                    };
-                    println!("{case}: {rate:.0} events/s");
-                }
-                return;
-            }
-            for _ in 0..rounds {
-                pipe.push(sample(publish_raw_pipelined()).await);
-                wt.push(sample(publish_watchtower(false)).await);
-                raw.push(sample(publish_raw()).await);
-                wtbp.push(sample(publish_watchtower(true)).await);
-                bare.push(sample(publish_bare()).await);
-                pipe64.push(sample(publish_raw_pipelines(callers().div_ceil(2), 2)).await);
-            }
             let callers = callers();
-            println!("publish, {callers} concurrent callers:");
-            row("raw XADD, concurrent on one multiplexed connection", &raw);
-            row("raw XADD, explicit pipelines of 64 (4 in flight)", &pipe);
-            row(
-                &format!(
-                    "raw XADD, pipelines of {}, 2 in flight ({callers} outstanding)",
-                    callers.div_ceil(2)
-                ),
-                &pipe64,
-            );
-            row("watchtower dead letter + retry + breaker + publisher", &wt);
-            row("watchtower the same + backpressure (four layers)", &wtbp);
-            row("watchtower publisher alone", &bare);
+            let mut raw = Vec::new();
+            let mut bare = [Vec::new(), Vec::new()];
+            let mut stack = [Vec::new(), Vec::new()];
+            for _ in 0..rounds {
+                raw.push(sample(publish_raw()).await);
+                for (i, (_, mode)) in modes.iter().enumerate() {
+                    bare[i].push(sample(publish_bare(*mode)).await);
+                    stack[i].push(sample(publish_stack(*mode)).await);
+                }
+            }
+            println!("publish (redis-xadd-pipe), {callers} concurrent callers:");
+            row("raw XADD, pipelines of 256, one field of JSON", &raw);
+            for (i, (name, _)) in modes.iter().enumerate() {
+                row(&format!("watchtower publisher, {name}"), &bare[i]);
+                row(&format!("watchtower four-layer stack, {name}"), &stack[i]);
+            }
             println!("publish ratios:");
-            ratio_row("dead letter + retry + breaker", &wt, "raw pipelines of 64", &pipe);
-            ratio_row(
-                "four layers (+ backpressure)",
-                &wtbp,
-                "raw pipelines of 64",
-                &pipe,
-            );
-            ratio_row("publisher alone", &bare, "raw pipelines of 64", &pipe);
-            ratio_row(
-                "dead letter + retry + breaker",
-                &wt,
-                "raw, as many outstanding",
-                &pipe64,
-            );
-            ratio_row("dead letter + retry + breaker", &wt, "raw concurrent XADD", &raw);
+            for (i, (name, _)) in modes.iter().enumerate() {
+                ratio_row(&format!("publisher, {name}"), &bare[i], "raw", &raw);
+                ratio_row(&format!("four-layer stack, {name}"), &stack[i], "raw", &raw);
+            }
         }
         if only != "publish" {
-            let stream = filled_stream().await;
-            let (mut craw, mut cdef, mut ctuned) = (Vec::new(), Vec::new(), Vec::new());
+            let raw_key = raw_stream().await;
+            let streams = [
+                filled_stream(ContentMode::Binary).await,
+                filled_stream(ContentMode::Structured).await,
+            ];
+            let mut craw = Vec::new();
+            let mut cwt = [Vec::new(), Vec::new()];
             for round in 0..rounds {
-                craw.push(sample(consume_raw(&stream, round)).await);
-                cdef.push(sample(consume_watchtower(&stream, round, None)).await);
-                ctuned.push(sample(consume_watchtower(&stream, round, Some(256))).await);
+                craw.push(sample(consume_raw(&raw_key, round)).await);
+                for (i, stream) in streams.iter().enumerate() {
+                    cwt[i].push(sample(consume_watchtower(stream, round, Some(256))).await);
+                }
             }
-            del(&stream).await;
-            println!("consume:");
+            del(&raw_key).await;
+            for stream in &streams {
+                del(stream).await;
+            }
+            println!("consume (redis-xreadgroup):");
             row("raw XREADGROUP COUNT 256 + XACK per batch", &craw);
-            row("watchtower serve, default concurrency (64)", &cdef);
-            row("watchtower serve, concurrency 256", &ctuned);
+            for (i, (name, _)) in modes.iter().enumerate() {
+                row(&format!("watchtower serve (concurrency 256), {name}"), &cwt[i]);
+            }
             println!("consume ratios:");
-            ratio_row("serve, default concurrency", &cdef, "raw", &craw);
-            ratio_row("serve, concurrency 256", &ctuned, "raw", &craw);
+            for (i, (name, _)) in modes.iter().enumerate() {
+                ratio_row(&format!("serve, {name}"), &cwt[i], "raw", &craw);
+            }
         }
     });
 }

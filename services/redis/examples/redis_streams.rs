@@ -98,7 +98,9 @@ async fn main() -> Result<(), Error> {
     let stats = handle.stop().await?;
     println!("consumer: {stats}");
 
-    // What any other client sees: one field per CloudEvents attribute.
+    // What any other client sees: the CloudEvents JSON document in `data`,
+    // marked by `content-type: application/cloudevents+json` (structured
+    // mode, the default).
     let client = redis::Client::open(config_url()).map_err(|e| Error::config(e.to_string()))?;
     let mut conn = client
         .get_multiplexed_async_connection()

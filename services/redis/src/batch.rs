@@ -48,7 +48,7 @@ use watchtower::{Error, ErrorKind, Event};
 
 use crate::error::from_redis;
 use crate::publisher::{Health, MaxLen, xadd};
-use crate::wire::shared_string;
+use crate::wire::{ContentMode, shared_string};
 
 /// Pipelines on the wire at once.
 const MAX_IN_FLIGHT: usize = 4;
@@ -313,18 +313,19 @@ pub(crate) async fn batch_loop(
 }
 
 /// Where a publisher's `XADD`s go: the stream `prefix` + the event's
-/// topic, trimmed as `max_len` says.
+/// topic, trimmed as `max_len` says, written in `mode`.
 #[derive(Clone)]
 pub(crate) struct Target {
     pub(crate) prefix: Arc<str>,
     pub(crate) max_len: Option<MaxLen>,
+    pub(crate) mode: ContentMode,
 }
 
 async fn send(
     mut conn: ConnectionManager,
     health: Arc<Health>,
     mut batch: Vec<Request>,
-    Target { prefix, max_len }: Target,
+    target: Target,
     places: Places,
 ) {
     places.queue.drop_abandoned(&mut batch);
@@ -335,7 +336,7 @@ async fn send(
     // Each command's server error becomes its own reply, for its caller.
     pipe.ignore_errors();
     for request in &batch {
-        pipe.add_command(xadd(&prefix, &request.event, max_len));
+        pipe.add_command(xadd(&target, &request.event));
     }
     let result = pipe
         .query_async::<Vec<Value>>(&mut conn)
@@ -349,7 +350,7 @@ async fn send(
                 .into_iter()
                 .map(|Request { event, reply }| {
                     let answer = match replies.next() {
-                        Some(value) => answer(value, &prefix, &event),
+                        Some(value) => answer(value, &target.prefix, &event),
                         None => Err(Error::decode("XADD pipeline: missing reply")),
                     };
                     reply.fill(answer)

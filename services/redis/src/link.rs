@@ -308,12 +308,7 @@ impl Link {
         self.batches.push_back(batch.len());
         for request in batch {
             scratch.clear();
-            write_xadd(
-                scratch,
-                &settings.target.prefix,
-                &request.event,
-                settings.target.max_len,
-            );
+            write_xadd(scratch, &settings.target, &request.event);
             scratch.write_packed_command(&mut self.out);
             self.waiting.push_back(request);
         }

@@ -23,7 +23,7 @@ use crate::batch::{Answer, Queue, Request, Stopped, Target, answer, batch_loop};
 use crate::config::RedisConfig;
 use crate::error::from_redis;
 use crate::link;
-use crate::wire::{fields_size, write_fields};
+use crate::wire::{ContentMode, fields_size, write_fields};
 
 /// `XADD`s a publisher lets wait for or ride in a batch at once unless
 /// set: 4096. Further calls wait in `poll_ready`.
@@ -211,7 +211,8 @@ struct PublisherShared {
     /// has its own clone.
     conn: ConnectionManager,
     config: RedisConfig,
-    max_len: Option<MaxLen>,
+    /// Where and how events are written.
+    target: Target,
     health: Arc<Health>,
     /// Stream keys by topic.
     keys: RwLock<HashMap<Box<str>, Arc<str>>>,
@@ -227,7 +228,8 @@ impl fmt::Debug for RedisPublisher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisPublisher")
             .field("config", &self.shared.config)
-            .field("max_len", &self.shared.max_len)
+            .field("max_len", &self.shared.target.max_len)
+            .field("content_mode", &self.shared.target.mode)
             .field("connected", &self.shared.health.is_connected())
             .finish_non_exhaustive()
     }
@@ -239,6 +241,7 @@ pub struct RedisPublisherBuilder {
     config: RedisConfig,
     max_len: Option<MaxLen>,
     max_pending: usize,
+    mode: ContentMode,
 }
 
 impl RedisPublisherBuilder {
@@ -256,6 +259,17 @@ impl RedisPublisherBuilder {
     /// counted only where Redis can tell (see there).
     pub fn max_len(mut self, max_len: MaxLen) -> Self {
         self.max_len = Some(max_len);
+        self
+    }
+
+    /// How each event is written to its stream entry: one field per
+    /// attribute plus `data` ([`ContentMode::Binary`]), or the CloudEvents
+    /// JSON document in `data` beside a `content-type` field
+    /// ([`ContentMode::Structured`]). Subscribers read both whatever this
+    /// says. Default [`ContentMode::Structured`]; see
+    /// [Content modes](crate#content-modes) for why.
+    pub fn content_mode(mut self, mode: ContentMode) -> Self {
+        self.mode = mode;
         self
     }
 
@@ -284,7 +298,9 @@ impl RedisPublisherBuilder {
         let target = Target {
             prefix: self.config.prefix().clone(),
             max_len: self.max_len,
+            mode: self.mode,
         };
+        let target_copy = target.clone();
         if link::supports(client.get_connection_info().addr()) {
             let (connection_timeout, response_timeout) = self.config.timeouts();
             let settings = link::Settings {
@@ -307,7 +323,7 @@ impl RedisPublisherBuilder {
                 queue,
                 conn,
                 config: self.config,
-                max_len: self.max_len,
+                target: target_copy,
                 health,
                 keys: RwLock::new(HashMap::new()),
             }),
@@ -325,6 +341,7 @@ impl RedisPublisher {
             config,
             max_len: None,
             max_pending: DEFAULT_MAX_PENDING,
+            mode: ContentMode::default(),
         }
     }
 
@@ -417,7 +434,7 @@ impl PublisherShared {
     /// The `XADD` for `event`, encoded into a command allocated once.
     fn xadd(&self, event: &Event) -> Result<(Arc<str>, Cmd), Error> {
         let key = self.prepare(event)?;
-        let cmd = xadd(self.config.prefix(), event, self.max_len);
+        let cmd = xadd(&self.target, event);
         Ok((key, cmd))
     }
 
@@ -451,18 +468,26 @@ impl PublisherShared {
 
 /// The `XADD` of `event` to the stream `prefix` + its topic, encoded into
 /// a command allocated once.
-pub(crate) fn xadd(prefix: &str, event: &Event, max_len: Option<MaxLen>) -> Cmd {
-    let (field_args, field_bytes) = fields_size(event);
+pub(crate) fn xadd(target: &Target, event: &Event) -> Cmd {
+    let (field_args, field_bytes) = fields_size(event, target.mode);
     let topic = event.topic();
     // XADD key [MAXLEN ~ n] * fields...
-    let mut cmd = Cmd::with_capacity(6 + field_args, 32 + prefix.len() + topic.len() + field_bytes);
-    write_xadd(&mut cmd, prefix, event, max_len);
+    let mut cmd = Cmd::with_capacity(
+        6 + field_args,
+        32 + target.prefix.len() + topic.len() + field_bytes,
+    );
+    write_xadd(&mut cmd, target, event);
     cmd
 }
 
 /// Writes the arguments of the `XADD` of `event` to the stream `prefix` +
 /// its topic into `cmd`.
-pub(crate) fn write_xadd(cmd: &mut Cmd, prefix: &str, event: &Event, max_len: Option<MaxLen>) {
+pub(crate) fn write_xadd(cmd: &mut Cmd, target: &Target, event: &Event) {
+    let Target {
+        prefix,
+        max_len,
+        mode,
+    } = target;
     let topic = event.topic();
     cmd.arg("XADD");
     {
@@ -481,7 +506,7 @@ pub(crate) fn write_xadd(cmd: &mut Cmd, prefix: &str, event: &Event, max_len: Op
         None => {}
     }
     cmd.arg("*");
-    write_fields(cmd, event);
+    write_fields(cmd, event, *mode);
 }
 
 fn receipt(event: &Event, key: Arc<str>, id: Arc<str>) -> Receipt {

@@ -1,22 +1,56 @@
-//! The stream entry format: one field per CloudEvents attribute under its
-//! plain name (`specversion`, `id`, `type`, `source`, `time`, ...,
-//! extensions by name) plus `data` for the payload, so that `XRANGE` in
-//! `redis-cli` is readable and any client can consume.
+//! The stream entry formats: in binary mode one field per CloudEvents
+//! attribute under its plain name (`specversion`, `id`, `type`, `source`,
+//! `time`, ..., extensions by name) plus `data` for the payload; in
+//! structured mode `content-type: application/cloudevents+json` and the
+//! CloudEvents JSON document in `data`.
 //!
 //! Also the parsing of stream replies, which never panics on what the
 //! server sends.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use redis::{Cmd, Value};
-use watchtower::codec::Binding;
+use watchtower::codec::{Binding, CLOUDEVENTS_JSON, is_structured, structured};
 use watchtower::{Error, Event, Poison, RawMessage};
 
-/// The field that carries the payload.
+/// The field that carries the payload (binary mode) or the whole event
+/// (structured mode).
 pub const DATA_FIELD: &str = "data";
 
-/// Appends `event`'s fields to an `XADD` command: the attributes as
-/// [`Binding::REDIS`] names them, then `data`.
-pub(crate) fn write_fields(cmd: &mut Cmd, event: &Event) {
+/// The field that marks a structured-mode entry: its value is
+/// `application/cloudevents+json`. Binary-mode entries never have it (the
+/// payload's media type is the `datacontenttype` field there).
+pub const CONTENT_TYPE_FIELD: &str = "content-type";
+
+/// How an event is laid out in a stream entry (the CloudEvents content
+/// modes). Subscribers read both, whichever a publisher chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ContentMode {
+    /// Two fields: [`CONTENT_TYPE_FIELD`] `application/cloudevents+json`,
+    /// and [`DATA_FIELD`] holding the CloudEvents JSON document, the
+    /// payload spliced in as it is when it is JSON (`data_base64`
+    /// otherwise).
+    #[default]
+    Structured,
+    /// One field per attribute under its plain name, then [`DATA_FIELD`]
+    /// holding the payload's bytes as they are.
+    Binary,
+}
+
+/// Appends `event`'s fields to an `XADD` command, laid out as `mode` says.
+///
+/// The event must have been validated: only an invalid event cannot be
+/// encoded in structured mode, and such an event is written in binary
+/// mode rather than dropped.
+pub(crate) fn write_fields(cmd: &mut Cmd, event: &Event, mode: ContentMode) {
+    if mode == ContentMode::Structured
+        && let Ok(json) = structured::to_vec(event)
+    {
+        write_structured(cmd, json);
+        return;
+    }
     Binding::REDIS.write_headers(event, |name, value| {
         cmd.arg(name).arg(value);
     });
@@ -25,12 +59,48 @@ pub(crate) fn write_fields(cmd: &mut Cmd, event: &Event) {
     }
 }
 
+/// Appends a structured-mode entry's fields holding `document`.
+pub(crate) fn write_structured(cmd: &mut Cmd, document: Vec<u8>) {
+    cmd.arg(CONTENT_TYPE_FIELD)
+        .arg(CLOUDEVENTS_JSON)
+        .arg(DATA_FIELD)
+        .arg(document);
+}
+
+/// The event of a structured-mode entry; `None` for a binary-mode entry or
+/// one that does not decode.
+pub(crate) fn structured_event(fields: &[(Bytes, Bytes)]) -> Option<Event> {
+    let marked = fields.iter().any(|(n, v)| {
+        &n[..] == CONTENT_TYPE_FIELD.as_bytes() && std::str::from_utf8(v).is_ok_and(is_structured)
+    });
+    if !marked {
+        return None;
+    }
+    let (_, document) = fields.iter().find(|(n, _)| &n[..] == DATA_FIELD.as_bytes())?;
+    structured::from_bytes(document).ok()
+}
+
 /// The longest `time` attribute: `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
 const TIME_MAX: usize = 30;
 
-/// An upper bound of the arguments and bytes [`write_fields`] adds, so
-/// that a command can be allocated once.
-pub(crate) fn fields_size(event: &Event) -> (usize, usize) {
+/// An upper bound of the arguments and bytes [`write_fields`] adds in
+/// binary mode, so that a command can be allocated once; in structured
+/// mode an estimate (escaping and `data_base64` can make the document
+/// longer).
+pub(crate) fn fields_size(event: &Event, mode: ContentMode) -> (usize, usize) {
+    let (args, bytes) = binary_fields_size(event);
+    match mode {
+        ContentMode::Binary => (args, bytes),
+        // The attributes' JSON punctuation (`"name":"value",` is five
+        // bytes more per attribute than the names and values), the marker.
+        ContentMode::Structured => (
+            4,
+            bytes + 5 * args / 2 + CONTENT_TYPE_FIELD.len() + CLOUDEVENTS_JSON.len() + 16,
+        ),
+    }
+}
+
+fn binary_fields_size(event: &Event) -> (usize, usize) {
     // Always there: specversion, id, type, source and (at most) time,
     // names and values.
     let mut args = 10;
@@ -63,25 +133,47 @@ pub(crate) fn fields_size(event: &Event) -> (usize, usize) {
 /// `None` for an entry that was deleted while pending.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
-    pub(crate) id: String,
+    /// Shared as it is by the delivery's acknowledgement, its hold and
+    /// its release: one allocation per entry.
+    pub(crate) id: Arc<str>,
     pub(crate) fields: Option<Vec<(Bytes, Bytes)>>,
 }
 
-/// Decodes an entry's fields into an event, or explains why it is poison.
+/// Decodes an entry's fields into an event, in whichever content mode it
+/// was written, or explains why it is poison.
 pub(crate) fn decode(topic: &str, fields: Vec<(Bytes, Bytes)>) -> Result<Event, Poison> {
     let mut body = None;
-    let mut headers = Vec::with_capacity(fields.len());
+    let mut content_type = None;
     let mut bad_name = None;
     for (name, value) in &fields {
-        match std::str::from_utf8(name) {
-            Ok(DATA_FIELD) => body = Some(value.clone()),
-            Ok(name) => headers.push((name, value.clone())),
-            Err(_) => bad_name = Some(Error::decode("a field name is not UTF-8")),
+        match &name[..] {
+            n if n == DATA_FIELD.as_bytes() => body = Some(value.clone()),
+            n if n == CONTENT_TYPE_FIELD.as_bytes() => content_type = Some(value),
+            n if std::str::from_utf8(n).is_err() => {
+                bad_name = Some(Error::decode("a field name is not UTF-8"));
+            }
+            _ => {}
         }
     }
-    let result = match bad_name {
-        Some(err) => Err(err),
-        None => Binding::REDIS.decode(headers.iter().map(|(n, v)| (*n, v)), body.clone()),
+    let result = match (bad_name, content_type) {
+        (Some(err), _) => Err(err),
+        (None, Some(content_type)) => match std::str::from_utf8(content_type) {
+            Ok(ct) if is_structured(ct) => match &body {
+                Some(json) => structured::from_bytes(json),
+                None => Err(Error::decode("a structured-mode entry has no `data` field")),
+            },
+            _ => Err(Error::decode(format!(
+                "the `content-type` field is not {CLOUDEVENTS_JSON}"
+            ))),
+        },
+        (None, None) => Binding::REDIS.decode(
+            fields
+                .iter()
+                .filter(|(n, _)| &n[..] != DATA_FIELD.as_bytes())
+                // Every name is UTF-8 here.
+                .map(|(n, v)| (std::str::from_utf8(n).unwrap_or_default(), v)),
+            body.clone(),
+        ),
     };
     result.map_err(|error| {
         let raw = RawMessage {
@@ -170,7 +262,9 @@ fn into_pairs(value: Value) -> Option<Vec<(Value, Value)>> {
     }
 }
 
-/// Parses a list of entries (`[[id, [field, value, ...]], ...]`).
+/// Parses a list of entries (`[[id, [field, value, ...]], ...]`), taking
+/// the reply's buffers over: one vector of fields per entry, no copy of a
+/// field.
 pub(crate) fn parse_entries(value: Value) -> Result<Vec<Entry>, Error> {
     let list = match value {
         Value::Nil => return Ok(Vec::new()),
@@ -183,22 +277,40 @@ pub(crate) fn parse_entries(value: Value) -> Result<Vec<Entry>, Error> {
             .into_iter();
         let id = parts
             .next()
-            .and_then(into_string)
+            .as_ref()
+            .and_then(shared_string)
             .ok_or_else(|| malformed("a stream entry id"))?;
         let fields = match parts.next() {
             None | Some(Value::Nil) => None,
-            Some(fields) => Some(
-                into_pairs(fields)
-                    .ok_or_else(|| malformed("stream entry fields"))?
-                    .into_iter()
-                    .map(|(k, v)| Some((into_bytes(k)?, into_bytes(v)?)))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| malformed("a stream entry field"))?,
-            ),
+            Some(fields) => Some(fields_of(fields).ok_or_else(|| malformed("stream entry fields"))?),
         };
         out.push(Entry { id, fields });
     }
     Ok(out)
+}
+
+/// An entry's fields, from an array of alternating names and values (RESP2)
+/// or a map (RESP3).
+fn fields_of(value: Value) -> Option<Vec<(Bytes, Bytes)>> {
+    match value {
+        Value::Array(items) | Value::Set(items) => {
+            if items.len() % 2 != 0 {
+                return None;
+            }
+            let mut out = Vec::with_capacity(items.len() / 2);
+            let mut items = items.into_iter();
+            while let (Some(name), Some(value)) = (items.next(), items.next()) {
+                out.push((into_bytes(name)?, into_bytes(value)?));
+            }
+            Some(out)
+        }
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .map(|(name, value)| Some((into_bytes(name)?, into_bytes(value)?)))
+            .collect(),
+        Value::Attribute { data, .. } => fields_of(*data),
+        _ => None,
+    }
 }
 
 /// Parses an `XREAD`/`XREADGROUP` reply: entries per stream key. `Nil`
@@ -302,8 +414,12 @@ mod tests {
     }
 
     fn fields_of(event: &Event) -> Vec<(Bytes, Bytes)> {
+        fields_in(event, ContentMode::Binary)
+    }
+
+    fn fields_in(event: &Event, mode: ContentMode) -> Vec<(Bytes, Bytes)> {
         let mut cmd = redis::cmd("XADD");
-        write_fields(&mut cmd, event);
+        write_fields(&mut cmd, event, mode);
         let args: Vec<Bytes> = cmd
             .args_iter()
             .map(|a| match a {
@@ -387,8 +503,8 @@ mod tests {
         ] {
             assert_eq!(fields_of(&event), binding_fields(&event), "{event:?}");
             let mut cmd = redis::cmd("XADD");
-            write_fields(&mut cmd, &event);
-            let (args, bytes) = fields_size(&event);
+            write_fields(&mut cmd, &event, ContentMode::Binary);
+            let (args, bytes) = fields_size(&event, ContentMode::Binary);
             let written: Vec<usize> = cmd
                 .args_iter()
                 .skip(1)
@@ -399,6 +515,59 @@ mod tests {
                 .collect();
             assert!(written.len() <= args, "{event:?}");
             assert!(written.iter().sum::<usize>() <= bytes, "{event:?}");
+        }
+    }
+
+    #[test]
+    fn structured_fields_round_trip_with_the_payload_spliced_in() {
+        let event = Event::builder("user.created")
+            .subject("u1")
+            .extension("correlationid", "c-1")
+            .json(&serde_json::json!({"user_id": 7}))
+            .unwrap()
+            .build()
+            .unwrap();
+        let fields = fields_in(&event, ContentMode::Structured);
+        assert_eq!(fields.len(), 2);
+        assert_eq!(&fields[0].0[..], b"content-type");
+        assert_eq!(&fields[0].1[..], b"application/cloudevents+json");
+        assert_eq!(&fields[1].0[..], b"data");
+        let json = std::str::from_utf8(&fields[1].1).unwrap();
+        assert!(json.contains(r#""data":{"user_id":7}"#), "{json}");
+        assert_eq!(decode("user.created", fields).unwrap(), event);
+        let binary = Event::binary("blob", "application/octet-stream", &b"\x00\xff"[..]);
+        let fields = fields_in(&binary, ContentMode::Structured);
+        assert!(std::str::from_utf8(&fields[1].1).unwrap().contains("data_base64"));
+        assert_eq!(decode("blob", fields).unwrap(), binary);
+        let empty = Event::empty("nothing");
+        assert_eq!(
+            decode("nothing", fields_in(&empty, ContentMode::Structured)).unwrap(),
+            empty
+        );
+    }
+
+    #[test]
+    fn bad_structured_entries_are_poison() {
+        let ct = |v: &'static [u8]| (Bytes::from_static(b"content-type"), Bytes::from_static(v));
+        let data = |v: &'static [u8]| (Bytes::from_static(b"data"), Bytes::from_static(v));
+        for (fields, body) in [
+            // Not JSON.
+            (
+                vec![ct(b"application/cloudevents+json"), data(b"{nope")],
+                &b"{nope"[..],
+            ),
+            // JSON, not an event.
+            (vec![ct(b"application/cloudevents+json"), data(b"{}")], b"{}"),
+            // No document.
+            (vec![ct(b"application/cloudevents+json")], b""),
+            // Another content type.
+            (vec![ct(b"text/plain"), data(b"hi")], b"hi"),
+            (vec![ct(b"\xff"), data(b"hi")], b"hi"),
+        ] {
+            let poison = decode("t", fields.clone()).unwrap_err();
+            assert_eq!(poison.error.kind(), ErrorKind::Decode, "{fields:?}");
+            assert_eq!(&poison.raw.body[..], body);
+            assert_eq!(poison.raw.headers[0].0, "content-type");
         }
     }
 
@@ -427,7 +596,7 @@ mod tests {
         ])]);
         let read = parse_read(reply).unwrap();
         assert_eq!(read[0].0, "s");
-        assert_eq!(read[0].1[0].id, "1-0");
+        assert_eq!(&*read[0].1[0].id, "1-0");
         assert!(read[0].1[1].fields.is_none());
         assert!(parse_read(Value::Nil).unwrap().is_empty());
         for bad in [

@@ -37,7 +37,16 @@ async fn entries(conn: &mut MultiplexedConnection, key: &str) -> Vec<(String, St
         let Some((last, _)) = page.last() else { break };
         start = format!("({last}");
         for (entry, fields) in page {
-            let id = fields.into_iter().find(|(n, _)| n == "id").unwrap().1;
+            // The `id` field in binary mode, the document's `id` in
+            // structured mode.
+            let id = match fields.iter().find(|(n, _)| n == "id") {
+                Some((_, id)) => id.clone(),
+                None => {
+                    let (_, document) = fields.iter().find(|(n, _)| n == "data").unwrap();
+                    let document: serde_json::Value = serde_json::from_str(document).unwrap();
+                    document["id"].as_str().unwrap().to_owned()
+                }
+            };
             out.push((entry, id));
         }
     }

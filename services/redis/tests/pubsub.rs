@@ -11,7 +11,7 @@ use futures_util::StreamExt as _;
 use tower::{Service, ServiceExt as _, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
-use watchtower_redis::{DeadLetter, MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
+use watchtower_redis::{ContentMode, DeadLetter, MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
 
 use common::{URL, cleanup, namespace, numbered, pending, raw, wait_entries};
 
@@ -32,7 +32,9 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipt_and_readable_wire_format() {
     let ns = namespace("wire");
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
+    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
+        .content_mode(ContentMode::Binary)
+        .connect()
         .await
         .unwrap();
     let event = Event::builder("user.created")
@@ -253,7 +255,11 @@ async fn max_deliveries_go_to_the_dead_letter_stream() {
         .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
         .await
         .unwrap();
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
+        .content_mode(ContentMode::Binary)
+        .connect()
+        .await
+        .unwrap();
     let doomed = Event::new(topic.clone(), serde_json::json!({"doomed": true}));
     publisher.publish(doomed.clone()).await.unwrap();
     for count in 1..=2 {
@@ -331,7 +337,13 @@ async fn max_deliveries_can_use_the_poison_path() {
         })
         .into_future(),
     );
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    // In binary mode the payload is the entry's `data` field, so the
+    // poison's raw body is the payload itself.
+    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
+        .content_mode(ContentMode::Binary)
+        .connect()
+        .await
+        .unwrap();
     let event = Event::new(topic.clone(), serde_json::json!({"x": 1}));
     publisher.publish(event.clone()).await.unwrap();
     tokio::time::timeout(WAIT, dead.wait_for(1)).await.unwrap();

@@ -223,3 +223,23 @@ fn all_threads_stopped(pid: u32) -> bool {
         })
     })
 }
+
+/// The event id of an entry's fields, in either content mode: the `id`
+/// field (binary), or the `id` of the document in `data` (structured).
+#[allow(dead_code)]
+pub fn event_id<N: AsRef<[u8]>, V: AsRef<[u8]>>(fields: impl IntoIterator<Item = (N, V)>) -> Vec<u8> {
+    let mut data = None;
+    for (name, value) in fields {
+        match name.as_ref() {
+            b"id" => return value.as_ref().to_vec(),
+            b"data" => data = Some(value.as_ref().to_vec()),
+            _ => {}
+        }
+    }
+    let document: serde_json::Value = serde_json::from_slice(&data.expect("an id or a data field")).unwrap();
+    document["id"]
+        .as_str()
+        .expect("a document with an id")
+        .as_bytes()
+        .to_vec()
+}

@@ -1,0 +1,153 @@
+//! The read loop: the consumer's own pending entries, then new entries,
+//! on the subscription's own connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+use redis::aio::ConnectionManager;
+
+use crate::error::{from_redis, is_no_group};
+use crate::wire::{self, Entry};
+
+use super::shared::{Shared, StreamInfo, Tx};
+
+/// Reads the consumer's own pending entries, then new entries, on the
+/// dedicated connection.
+pub(super) async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, tx: Tx) {
+    for stream in shared.snapshot() {
+        if !shared.check_unread_trimmed(&tx, &stream).await
+            || !drain_own(&shared, &mut conn, &tx, &stream).await
+        {
+            return;
+        }
+    }
+    let mut backoff = Duration::from_millis(50);
+    let mut reported = false;
+    loop {
+        // Wait until the consumer has room, so that nothing is read that
+        // would only wait in memory.
+        let Ok(permit) = tx.reserve().await else { return };
+        drop(permit);
+        let streams = shared.snapshot();
+        if streams.is_empty() {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(shared.options.rescan_interval) => continue,
+            }
+        }
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&*shared.group)
+            .arg(&*shared.options.consumer)
+            .arg("COUNT")
+            .arg(shared.options.batch_size)
+            .arg("BLOCK")
+            .arg(u64::try_from(shared.options.block.as_millis()).unwrap_or(u64::MAX))
+            .arg("STREAMS");
+        for s in &streams {
+            cmd.arg(&*s.key);
+        }
+        for _ in &streams {
+            cmd.arg(">");
+        }
+        let reply = cmd.query_async::<Value>(&mut conn).await;
+        if tx.is_closed() {
+            // Whatever was read goes back for reclaiming; and a stream
+            // deleted meanwhile must not be created again.
+            if let Ok(per_stream) = reply
+                .map_err(drop)
+                .and_then(|v| wire::parse_read(v).map_err(drop))
+            {
+                for (key, entries) in per_stream {
+                    for entry in entries {
+                        shared.release(&key.as_str().into(), entry.id);
+                    }
+                }
+            }
+            return;
+        }
+        let read = match reply {
+            Ok(value) => wire::parse_read(value),
+            Err(e) if is_no_group(&e) => {
+                tracing::info!("consumer group or stream is gone; creating it again");
+                shared.recreate_groups().await.map(|()| Vec::new())
+            }
+            Err(e) => Err(from_redis(e, "XREADGROUP")),
+        };
+        match read {
+            Ok(per_stream) => {
+                backoff = Duration::from_millis(50);
+                reported = false;
+                for (key, entries) in per_stream {
+                    let Some(stream) = shared.find(&key) else { continue };
+                    if !shared.hand_over(&tx, &stream, entries, |_| 1).await {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the streams failed; retrying");
+                // One error item per outage, so the consumer sees it
+                // without being flooded.
+                if !reported {
+                    reported = true;
+                    if tx.send(Err(e)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Delivers the entries this consumer received before but never
+/// acknowledged (`XREADGROUP` from id `0`).
+pub(super) async fn drain_own(
+    shared: &Arc<Shared>,
+    conn: &mut ConnectionManager,
+    tx: &Tx,
+    stream: &Arc<StreamInfo>,
+) -> bool {
+    let mut cursor = "0".to_owned();
+    loop {
+        let reply = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&*shared.group)
+            .arg(&*shared.options.consumer)
+            .arg("COUNT")
+            .arg(shared.options.batch_size)
+            .arg("STREAMS")
+            .arg(&*stream.key)
+            .arg(&cursor)
+            .query_async::<Value>(conn)
+            .await
+            .map_err(|e| from_redis(e, "XREADGROUP (pending)"))
+            .and_then(wire::parse_read);
+        let entries: Vec<Entry> = match reply {
+            Ok(per_stream) => per_stream.into_iter().flat_map(|(_, e)| e).collect(),
+            Err(e) => {
+                // Left pending; the periodic reclaim picks them up.
+                tracing::warn!(error = %e, stream = &*stream.key, "could not read own pending entries");
+                return !tx.is_closed();
+            }
+        };
+        let Some(last) = entries.last() else { return true };
+        cursor = last.id.to_string();
+        let counts = shared
+            .delivery_counts(&stream.key, &entries)
+            .await
+            .unwrap_or_default();
+        if !shared
+            .hand_over(tx, stream, entries, |id| counts.get(id).copied().unwrap_or(2))
+            .await
+        {
+            return false;
+        }
+    }
+}
