@@ -762,7 +762,11 @@ async fn own_pending_entries_and_reclaiming_do_not_deliver_an_entry_twice() {
     while seen.len() < sent.len() {
         let delivery = next(&mut subscription).await;
         // Delivered before the restart and again now, at least.
-        assert!(delivery.delivery_count() >= 2, "count {}", delivery.delivery_count());
+        assert!(
+            delivery.delivery_count() >= 2,
+            "count {}",
+            delivery.delivery_count()
+        );
         let id = delivery.event().unwrap().id().to_owned();
         assert!(seen.insert(id.clone()), "{id} delivered twice");
         held.push(delivery);
