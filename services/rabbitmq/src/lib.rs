@@ -76,7 +76,7 @@ pub mod publisher;
 pub mod subscriber;
 mod wire;
 
-pub use config::{ExchangeKind, Overflow, PublishOptions, QueueOptions, RabbitConfig};
+pub use config::{ContentMode, ExchangeKind, Overflow, PublishOptions, QueueOptions, RabbitConfig};
 pub use connection::Health;
 pub use publisher::RabbitPublisher;
 pub use subscriber::{RabbitAcker, RabbitSubscriber, RabbitSubscription};
@@ -89,7 +89,8 @@ pub use lapin;
 /// `use watchtower_rabbitmq::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        ExchangeKind, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber,
+        ContentMode, ExchangeKind, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher,
+        RabbitSubscriber,
     };
     pub use watchtower::prelude::*;
 }

@@ -56,15 +56,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, ready};
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Confirmation, Connection};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
-use crate::config::{PublishOptions, RabbitConfig, short};
+use crate::config::{ContentMode, PublishOptions, RabbitConfig, short};
 use crate::confirms::{Confirms, Outcome};
 use crate::connection::{
     Health, Link, LinkGuard, LinkState, Session, Setup, breaks_channel, map_lapin_error,
@@ -86,10 +88,11 @@ struct Slot {
     repairing: AtomicBool,
 }
 
-/// A publisher channel and the task that answers its confirms.
+/// A publisher channel and, if messages can come back (`mandatory`), the
+/// task that answers its confirms.
 pub(crate) struct Published {
     channel: Arc<Channel>,
-    confirms: Confirms,
+    confirms: Option<Confirms>,
 }
 
 impl std::ops::Deref for Published {
@@ -137,6 +140,7 @@ struct Inner {
     /// The exchange name as the receipts' `stream`, allocated once.
     stream: Arc<str>,
     options: PublishOptions,
+    mode: ContentMode,
     next: AtomicUsize,
     _guard: LinkGuard,
 }
@@ -198,6 +202,9 @@ impl RabbitPublisher {
         options: PublishOptions,
     ) -> Result<RabbitPublisher, Error> {
         let exchange = short("exchange name", &config.exchange)?;
+        let mode = options.content_mode_for(config.exchange_kind)?;
+        let mut options = options;
+        options.mandatory = Some(options.mandatory_for(&config));
         let setup: Setup<Channels> = {
             let config = config.clone();
             let options = options.clone();
@@ -215,6 +222,7 @@ impl RabbitPublisher {
                 stream: exchange.as_str().into(),
                 exchange,
                 options,
+                mode,
                 next: AtomicUsize::new(0),
                 _guard: guard,
             }),
@@ -265,7 +273,7 @@ async fn open_channels(
 }
 
 /// Opens one channel, in confirm mode if confirms are on, and starts the
-/// task that answers its confirms.
+/// task that answers its confirms if messages can come back.
 async fn open_channel(connection: &Connection, options: &PublishOptions) -> Result<Published, Error> {
     let channel = connection
         .create_channel()
@@ -278,7 +286,9 @@ async fn open_channel(connection: &Connection, options: &PublishOptions) -> Resu
             .map_err(|e| map_lapin_error(&e, "confirm.select"))?;
     }
     let channel = Arc::new(channel);
-    let confirms = Confirms::start(channel.clone(), options.mandatory);
+    // Without `mandatory` nothing comes back, and each caller can wait for
+    // its own confirm: lapin matches confirms to publishes by delivery tag.
+    let confirms = (options.confirms && options.is_mandatory()).then(|| Confirms::start(channel.clone()));
     Ok(Published { channel, confirms })
 }
 
@@ -338,15 +348,65 @@ pub(crate) async fn declare_exchange(channel: &Channel, config: &RabbitConfig) -
         durable: config.exchange_durable,
         ..ExchangeDeclareOptions::default()
     };
+    let mut arguments = FieldTable::default();
+    if let Some(alternate) = config
+        .alternate_exchange
+        .as_deref()
+        .filter(|_| !config.exchange_passive)
+    {
+        declare_alternate(channel, alternate).await?;
+        arguments.insert(
+            "alternate-exchange".into(),
+            AMQPValue::LongString(alternate.as_bytes().into()),
+        );
+    }
     channel
         .exchange_declare(
             short("exchange name", &config.exchange)?,
             config.exchange_kind.to_lapin(),
             options,
-            FieldTable::default(),
+            arguments,
         )
         .await
         .map_err(|e| map_lapin_error(&e, &format!("declare exchange {:?}", &*config.exchange)))
+}
+
+/// Declares the alternate exchange `name` (durable, fanout) and the
+/// durable queue of the same name that keeps what it gets.
+async fn declare_alternate(channel: &Channel, name: &str) -> Result<(), Error> {
+    let what = |op: &str| format!("{op} alternate exchange {name:?}");
+    let name = short("alternate exchange name", name)?;
+    channel
+        .exchange_declare(
+            name.clone(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_lapin_error(&e, &what("declare")))?;
+    channel
+        .queue_declare(
+            name.clone(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_lapin_error(&e, &what("declare the queue of")))?;
+    channel
+        .queue_bind(
+            name.clone(),
+            name,
+            ShortString::default(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_lapin_error(&e, &what("bind the queue of")))?;
+    Ok(())
 }
 
 impl Service<Event> for RabbitPublisher {
@@ -423,9 +483,9 @@ impl Service<Event> for RabbitPublisher {
                 "RabbitPublisher::call without poll_ready",
             )));
         };
-        let prepared = wire::properties(&event, &self.inner.options)
-            .and_then(|props| Ok((props, short("routing key", event.topic())?)));
-        let (properties, routing_key) = match prepared {
+        let prepared = wire::encode(&event, &self.inner.options, self.inner.mode)
+            .and_then(|encoded| Ok((encoded, short("routing key", event.topic())?)));
+        let ((properties, body), routing_key) = match prepared {
             Ok(p) => p,
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
@@ -453,10 +513,9 @@ impl Service<Event> for RabbitPublisher {
                 let _permit = permit;
                 let work = async {
                     let options = BasicPublishOptions {
-                        mandatory: inner.options.mandatory,
+                        mandatory: inner.options.is_mandatory(),
                         immediate: false,
                     };
-                    let body: &[u8] = event.data().map_or(&[], |b| b.as_ref());
                     // A failure that took the channel down: the channel is
                     // replaced, and the event may or may not have been
                     // stored, whatever closed the channel (another publish
@@ -476,16 +535,26 @@ impl Service<Event> for RabbitPublisher {
                         }
                     };
                     let confirm = channel
-                        .basic_publish(inner.exchange.clone(), routing_key, options, body, properties)
+                        .basic_publish(inner.exchange.clone(), routing_key, options, &body, properties)
                         .await
                         .map_err(|e| failed(e, "publish"))?;
                     let receipt = Receipt::for_event(&event).with_stream(inner.stream.clone());
                     if !inner.options.confirms {
                         return Ok(receipt);
                     }
-                    // The channel's confirm task answers, with the returned
-                    // message that belongs to this event (see `confirms`).
-                    match channel.confirms.track(receipt.event_id.clone(), confirm).await {
+                    let outcome = match &channel.confirms {
+                        // The channel's confirm task answers, with the
+                        // returned message that belongs to this event (see
+                        // `confirms`).
+                        Some(confirms) => confirms.track(receipt.event_id.clone(), confirm).await,
+                        // Nothing can come back: the confirm is the answer.
+                        None => Some(match confirm.await {
+                            Ok(Confirmation::Nack(_)) => Outcome::Nack,
+                            Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => Outcome::Ack,
+                            Err(e) => Outcome::Failed(e),
+                        }),
+                    };
+                    match outcome {
                         Some(Outcome::Ack) => Ok(receipt),
                         Some(Outcome::Returned { code, text }) => Err(Error::new(
                             ErrorKind::Rejected,
