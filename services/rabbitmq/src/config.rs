@@ -354,8 +354,8 @@ pub enum ContentMode {
     /// spliced in as is (`"data"`), any other as `"data_base64"`; no
     /// header table, only the `message-id`, `timestamp` and
     /// `delivery-mode` properties. The default: every CloudEvents SDK reads
-    /// the JSON event format, whatever its protocol binding, and it is the
-    /// faster mode on both ends.
+    /// the JSON event format, whatever its protocol binding, and it costs
+    /// publishers and consumers less CPU than a header table.
     #[default]
     Structured,
     /// Attributes as `cloudEvents_<attr>` headers (the CloudEvents AMQP

@@ -2,14 +2,18 @@
 //! exchange with publisher confirms.
 //!
 //! Each event goes to the configured exchange with its
-//! [`topic`](Event::topic) as the routing key, in binary CloudEvents mode
-//! (see the [crate docs](crate)), persistent, with the `mandatory` flag.
+//! [`topic`](Event::topic) as the routing key, in the
+//! [`ContentMode`] of its options (structured unless
+//! set, see the [crate docs](crate#wire-format)), persistent, with the
+//! `mandatory` flag unless the exchange has an
+//! [alternate exchange](crate::RabbitConfig::alternate_exchange).
 //! The call resolves when the broker confirms the event:
 //!
 //! * `Ok(Receipt)` once the broker has taken responsibility for it (for a
-//!   persistent event on a durable queue: written to disk);
+//!   persistent event on a durable queue: written to disk; for an event no
+//!   binding routes, once it is in the alternate exchange's queue);
 //! * [`ErrorKind::Rejected`] if no queue is bound for the routing key (the
-//!   broker returned it), not retryable;
+//!   broker returned it, `mandatory`), not retryable;
 //! * [`ErrorKind::Rejected`], retryable, if the broker nacked it (a full
 //!   queue with `reject-publish` overflow, an internal error);
 //! * [`ErrorKind::Connection`], retryable, if the connection or the
@@ -20,6 +24,38 @@
 //! [`max_in_flight`](PublishOptions::max_in_flight) events are unconfirmed
 //! at once, across all channels; `poll_ready` is pending while that window
 //! is full and while the connection is being re-established.
+//!
+//! # Performance
+//!
+//! Measured with the crate's benchmark (`benches/rabbitmq.rs`): 50,000
+//! persistent ~200-byte events, confirms, 1,024 in flight, to a durable
+//! classic queue, on a 2-core machine that also runs the broker (load
+//! average 6 to 12). Ratio: raw lapin's time over ours, per round (raw
+//! sends pre-built JSON bodies with no header table and no `mandatory`,
+//! the shared baseline's `amqp-pub-confirm`); median and range of three
+//! rounds. CPU: per event, this process and the broker.
+//!
+//! | publishing | ratio to raw | client CPU | broker CPU |
+//! |---|--:|--:|--:|
+//! | raw lapin | 1 | 22 µs | 70 µs |
+//! | publisher, binary, `mandatory` (the mode before structured became the default) | 0.87 (0.75–1.11) | 15 µs | 80 µs |
+//! | publisher, structured, `mandatory` | 0.79 (0.77–0.93) | 14 µs | 84 µs |
+//! | publisher, structured, alternate exchange | 1.00 (0.92–1.32) | 10.5 µs | 76 µs |
+//! | four layers + publisher, binary, `mandatory` | 1.07 (0.88–1.37) | 13 µs | 77 µs |
+//! | four layers + publisher, structured, `mandatory` | 0.93 (0.79–0.97) | 12.5 µs | 88 µs |
+//! | four layers + publisher, structured, alternate exchange | 1.08 (0.72–1.31) | 10.7 µs | 74 µs |
+//!
+//! The broker is the bottleneck: it spends 70 µs of CPU on each raw
+//! event, and this process 10 to 15. Structured mode saves this process
+//! the header table (a few µs per event); `mandatory` costs the broker
+//! about 10 µs per event, the `basic.qos` barrier each batch of confirms
+//! waits for (see [`PublishOptions::mandatory`]), more in structured mode,
+//! where confirms come back in smaller batches. Without it, with an
+//! [alternate exchange](crate::RabbitConfig::alternate_exchange) keeping
+//! what no binding routes, the four-layer stack publishes as fast as raw
+//! lapin (and as the peer libraries, which publish without `mandatory`,
+//! dropping unroutable events). Throughput swings by ±30 % from round to
+//! round on such a machine; the CPU columns are steadier.
 //!
 //! # Channels
 //!
