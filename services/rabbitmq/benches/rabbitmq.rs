@@ -10,8 +10,8 @@
 //!   `mandatory`. Against it: `RabbitPublisher` alone and under the
 //!   four-layer stack (dead letter + retry + circuit breaker +
 //!   backpressure), in structured and binary mode with `mandatory` (the
-//!   default), and in structured mode without it, which the exchange's
-//!   alternate exchange makes safe. The events are built before the clock
+//!   default), and without it, which the exchange's alternate exchange
+//!   makes safe. The events are built before the clock
 //!   starts, as the raw bodies are.
 //! * consume: a durable queue preloaded with the messages, prefetch 256:
 //!   raw lapin acknowledging each message singly (plain JSON bodies, as
@@ -132,7 +132,7 @@ struct Contender {
     layers: bool,
 }
 
-const CONTENDERS: [Contender; 6] = [
+const CONTENDERS: [Contender; 8] = [
     Contender {
         name: "RabbitPublisher, structured",
         short: "pub-s",
@@ -172,6 +172,20 @@ const CONTENDERS: [Contender; 6] = [
         name: "4 layers + RabbitPublisher, structured, alternate exchange",
         short: "stack-s-ae",
         mode: ContentMode::Structured,
+        mandatory: false,
+        layers: true,
+    },
+    Contender {
+        name: "RabbitPublisher, binary, alternate exchange",
+        short: "pub-b-ae",
+        mode: ContentMode::Binary,
+        mandatory: false,
+        layers: false,
+    },
+    Contender {
+        name: "4 layers + RabbitPublisher, binary, alternate exchange",
+        short: "stack-b-ae",
+        mode: ContentMode::Binary,
         mandatory: false,
         layers: true,
     },

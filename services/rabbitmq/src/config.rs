@@ -353,16 +353,18 @@ pub enum ContentMode {
     /// (`content-type: application/cloudevents+json`), a JSON payload
     /// spliced in as is (`"data"`), any other as `"data_base64"`; no
     /// header table, only the `message-id`, `timestamp` and
-    /// `delivery-mode` properties. The default: every CloudEvents SDK reads
-    /// the JSON event format, whatever its protocol binding, and it costs
-    /// publishers and consumers less CPU than a header table.
-    #[default]
+    /// `delivery-mode` properties: for consumers that know the JSON event
+    /// format but not the AMQP binding. It saves the consuming process a
+    /// few µs per event, but costs the broker more CPU per event than
+    /// binary mode in the crate's benchmark.
     Structured,
     /// Attributes as `cloudEvents_<attr>` headers (the CloudEvents AMQP
     /// binding's binary mode), `datacontenttype` as the `content-type`
-    /// property, the payload alone as the body: for consumers that read
-    /// the bare payload, and for headers exchanges, which route on the
-    /// headers.
+    /// property, the payload alone as the body. The default: the faster
+    /// mode to publish in the crate's benchmark, the mode headers
+    /// exchanges route on, and what consumers that want the bare payload
+    /// read.
+    #[default]
     Binary,
 }
 
@@ -407,19 +409,18 @@ impl Default for PublishOptions {
 }
 
 impl PublishOptions {
-    /// The defaults: structured mode, confirms, mandatory (unless the
+    /// The defaults: binary mode, confirms, mandatory (unless the
     /// exchange has an alternate exchange), persistent, 1 channel, 4,096 in
     /// flight, no per-message TTL.
     pub fn new() -> PublishOptions {
         PublishOptions::default()
     }
 
-    /// How events are written on the wire. Default
-    /// [`ContentMode::Structured`], except on a
+    /// How events are written on the wire. Default [`ContentMode::Binary`]
+    /// (see the [crate docs](crate#wire-format) for why). On a
     /// [headers exchange](ExchangeKind::Headers), which routes on the
-    /// `cloudEvents_*` headers only [`ContentMode::Binary`] writes: there
-    /// the default is binary, and asking for structured mode fails when the
-    /// publisher connects.
+    /// `cloudEvents_*` headers only binary mode writes, asking for
+    /// structured mode fails when the publisher connects.
     pub fn content_mode(mut self, mode: ContentMode) -> PublishOptions {
         self.content_mode = Some(mode);
         self
@@ -433,8 +434,7 @@ impl PublishOptions {
                  ContentMode::Binary writes",
             )),
             (Some(mode), _) => Ok(mode),
-            (None, ExchangeKind::Headers) => Ok(ContentMode::Binary),
-            (None, _) => Ok(ContentMode::Structured),
+            (None, _) => Ok(ContentMode::Binary),
         }
     }
 
@@ -459,10 +459,11 @@ impl PublishOptions {
     /// run a task that matches returns to their events by id and, before
     /// answering a batch of confirms, waits for one more round trip on the
     /// channel (a `basic.qos`) so that no return of the batch is still
-    /// on its way. In the crate's benchmark that barrier costs the broker
-    /// about 10 µs of CPU per event in structured mode (about 80 µs instead
-    /// of 69), and up to a fifth of the throughput when the broker is the
-    /// bottleneck. Without `mandatory`, each caller waits for its own
+    /// on its way. In the crate's benchmark that barrier cost the broker,
+    /// which sets the pace, about 10 µs of CPU per event (one `basic.qos`
+    /// per batch), and the four-layer stack a tenth to a fifth of its
+    /// throughput (see the [publisher docs](crate::publisher#performance)).
+    /// Without `mandatory`, each caller waits for its own
     /// confirm directly, as raw lapin does, and the broker drops an event
     /// no binding routes while confirming it: safe only when every topic
     /// published has a binding, or the exchange has an alternate exchange.
@@ -891,22 +892,21 @@ mod tests {
     }
 
     #[test]
-    fn content_mode_defaults_to_structured_except_on_headers_exchanges() {
+    fn content_mode_defaults_to_binary_and_headers_exchanges_need_it() {
         let default = PublishOptions::new();
         assert_eq!(
             default.content_mode_for(ExchangeKind::Topic).unwrap(),
-            ContentMode::Structured
+            ContentMode::Binary
         );
         assert_eq!(
             default.content_mode_for(ExchangeKind::Headers).unwrap(),
             ContentMode::Binary
         );
-        let binary = PublishOptions::new().content_mode(ContentMode::Binary);
-        assert_eq!(
-            binary.content_mode_for(ExchangeKind::Topic).unwrap(),
-            ContentMode::Binary
-        );
         let structured = PublishOptions::new().content_mode(ContentMode::Structured);
+        assert_eq!(
+            structured.content_mode_for(ExchangeKind::Topic).unwrap(),
+            ContentMode::Structured
+        );
         assert_eq!(
             structured
                 .content_mode_for(ExchangeKind::Headers)

@@ -24,12 +24,12 @@
 //! CloudEvents over AMQP 0-9-1, in either [`ContentMode`], chosen with
 //! [`PublishOptions::content_mode`]:
 //!
-//! | CloudEvents | [`Structured`](ContentMode::Structured) (default) | [`Binary`](ContentMode::Binary) |
+//! | CloudEvents | [`Binary`](ContentMode::Binary) (default) | [`Structured`](ContentMode::Structured) |
 //! |---|---|---|
-//! | every attribute, extensions | in the JSON body | headers `cloudEvents_<attr>` (long strings) |
-//! | `datacontenttype` | in the JSON body | the `content-type` property |
-//! | `content-type` property | `application/cloudevents+json` | `datacontenttype` |
-//! | data | the body's `"data"` (JSON spliced in as is) or `"data_base64"` | the body |
+//! | every attribute, extensions | headers `cloudEvents_<attr>` (long strings) | in the JSON body |
+//! | `datacontenttype` | the `content-type` property | in the JSON body |
+//! | `content-type` property | `datacontenttype` | `application/cloudevents+json` |
+//! | data | the body | the body's `"data"` (JSON spliced in as is) or `"data_base64"` |
 //! | `id` | also the `message-id` property | also the `message-id` property |
 //! | `time` | also the `timestamp` property (seconds) | also the `timestamp` property |
 //!
@@ -41,34 +41,27 @@
 //! event's `deadletterreason`, `deadletterkind` and `deadlettertopic`
 //! extensions.
 //!
-//! ## Why structured mode is the default
+//! ## Why binary mode is the default
 //!
+//! * Cost: in the crate's benchmark, publishing in binary mode was as fast
+//!   as or faster than structured mode in most rounds, and cost the broker,
+//!   which sets the pace, less CPU per event (64 to 72 µs against 88 to 92
+//!   without `mandatory`, in the same run): see the table in the
+//!   [publisher docs](publisher#performance). Structured mode saves the
+//!   processes a few µs per event (a consumer under `serve` spends 8 to
+//!   10 µs per structured event, 12.5 to 15 per binary one), but consuming
+//!   runs at the same pace in both modes, 1.5 to 2.9 times raw lapin
+//!   acknowledging singly.
 //! * Foreign clients: CloudEvents defines no binding for AMQP 0-9-1. Its
 //!   AMQP binding is for AMQP 1.0, where binary mode puts attributes in
-//!   application properties named `cloudEvents_<attr>` (what binary mode
-//!   writes as headers; RabbitMQ 4 maps them for AMQP 1.0 consumers), and
-//!   structured mode is the JSON event format every CloudEvents SDK reads
-//!   (`application/cloudevents+json`), whatever the transport. A
-//!   structured message can be read by any SDK, and by a client that knows
-//!   nothing of CloudEvents but JSON; a binary one only by a client that
-//!   maps headers.
-//! * Cost: binary mode builds a header table of five or more
-//!   `cloudEvents_*` long strings per event, which lapin encodes and every
-//!   consumer decodes and copies again. In the crate's benchmark
-//!   (`benches/rabbitmq.rs`, 50,000 events, three rounds on a 2-core
-//!   machine that also runs the broker) structured mode costs the
-//!   publishing process 10.5 to 14 µs of CPU per event against 13 to 15
-//!   in binary mode, and the consuming process (`serve` over
-//!   [`RabbitSubscriber`]) 8.3 µs against 12.5. Throughput is set by the
-//!   broker (about 70 µs of its CPU per event), which treats both modes
-//!   alike, so their ratios to raw lapin overlap within the rounds' spread
-//!   (±30 %): see the table in the [publisher docs](publisher#performance).
-//!   Consuming, `serve` is 1.9 to 2.9 times as fast as raw lapin
-//!   acknowledging singly, in either mode.
-//! * Binary mode stays for consumers that want the bare payload as the
-//!   body, and for [headers exchanges](ExchangeKind::Headers), which route
-//!   on the `cloudEvents_*` headers: on a headers exchange binary mode is
-//!   the default.
+//!   application properties named `cloudEvents_<attr>`: what binary mode
+//!   writes as headers, and what RabbitMQ 4 hands AMQP 1.0 consumers as
+//!   application properties. Binary mode also leaves the bare payload as
+//!   the body for clients that know nothing of CloudEvents, and is the
+//!   mode [headers exchanges](ExchangeKind::Headers) route on.
+//! * Structured mode stays one option away, for consumers that read the
+//!   CloudEvents JSON format (every CloudEvents SDK does) but not AMQP
+//!   headers.
 //!
 //! # Example
 //!

@@ -3,8 +3,8 @@
 //!
 //! Each event goes to the configured exchange with its
 //! [`topic`](Event::topic) as the routing key, in the
-//! [`ContentMode`] of its options (structured unless
-//! set, see the [crate docs](crate#wire-format)), persistent, with the
+//! [`ContentMode`] of its options (binary unless set,
+//! see the [crate docs](crate#wire-format)), persistent, with the
 //! `mandatory` flag unless the exchange has an
 //! [alternate exchange](crate::RabbitConfig::alternate_exchange).
 //! The call resolves when the broker confirms the event:
@@ -29,33 +29,35 @@
 //!
 //! Measured with the crate's benchmark (`benches/rabbitmq.rs`): 50,000
 //! persistent ~200-byte events, confirms, 1,024 in flight, to a durable
-//! classic queue, on a 2-core machine that also runs the broker (load
-//! average 6 to 12). Ratio: raw lapin's time over ours, per round (raw
-//! sends pre-built JSON bodies with no header table and no `mandatory`,
-//! the shared baseline's `amqp-pub-confirm`); median and range of three
-//! rounds. CPU: per event, this process and the broker.
+//! classic queue, on a 2-core machine that also runs the broker and other
+//! builds (load average 6 to 12). Ratio: raw lapin's time over ours, per
+//! round (raw sends pre-built JSON bodies with no header table and no
+//! `mandatory`, the shared baseline's `amqp-pub-confirm`); median of three
+//! rounds, in three runs. "Alternate exchange": without `mandatory`, the
+//! exchange's [alternate exchange](crate::RabbitConfig::alternate_exchange)
+//! keeping what no binding routes.
 //!
-//! | publishing | ratio to raw | client CPU | broker CPU |
-//! |---|--:|--:|--:|
-//! | raw lapin | 1 | 22 µs | 70 µs |
-//! | publisher, binary, `mandatory` (the mode before structured became the default) | 0.87 (0.75–1.11) | 15 µs | 80 µs |
-//! | publisher, structured, `mandatory` | 0.79 (0.77–0.93) | 14 µs | 84 µs |
-//! | publisher, structured, alternate exchange | 1.00 (0.92–1.32) | 10.5 µs | 76 µs |
-//! | four layers + publisher, binary, `mandatory` | 1.07 (0.88–1.37) | 13 µs | 77 µs |
-//! | four layers + publisher, structured, `mandatory` | 0.93 (0.79–0.97) | 12.5 µs | 88 µs |
-//! | four layers + publisher, structured, alternate exchange | 1.08 (0.72–1.31) | 10.7 µs | 74 µs |
+//! | publishing | run 1 | run 2 | run 3 | broker CPU per event |
+//! |---|--:|--:|--:|--:|
+//! | publisher, binary, `mandatory` (the code before these options) | 0.87 | 0.79 | | 80–91 µs |
+//! | publisher, structured, `mandatory` | 0.79 | 0.85 | | 84 µs |
+//! | publisher, binary, alternate exchange | | | 1.19 | 72 µs |
+//! | publisher, structured, alternate exchange | 1.00 | 0.88 | 0.85 | 76–88 µs |
+//! | four layers + publisher, binary, `mandatory` | 1.07 | 0.83 | | 77–87 µs |
+//! | four layers + publisher, structured, `mandatory` | 0.93 | 0.81 | | 88–101 µs |
+//! | four layers + publisher, binary, alternate exchange | | | 1.39 | 64 µs |
+//! | four layers + publisher, structured, alternate exchange | 1.08 | 0.95 | 1.11 | 74–92 µs |
 //!
-//! The broker is the bottleneck: it spends 70 µs of CPU on each raw
-//! event, and this process 10 to 15. Structured mode saves this process
-//! the header table (a few µs per event); `mandatory` costs the broker
-//! about 10 µs per event, the `basic.qos` barrier each batch of confirms
-//! waits for (see [`PublishOptions::mandatory`]), more in structured mode,
-//! where confirms come back in smaller batches. Without it, with an
-//! [alternate exchange](crate::RabbitConfig::alternate_exchange) keeping
-//! what no binding routes, the four-layer stack publishes as fast as raw
-//! lapin (and as the peer libraries, which publish without `mandatory`,
-//! dropping unroutable events). Throughput swings by ±30 % from round to
-//! round on such a machine; the CPU columns are steadier.
+//! Raw lapin cost the broker 61 to 74 µs of CPU per event and its own
+//! process 19 to 24 µs; this crate's publisher 10 to 16 µs, so the broker
+//! sets the pace. `mandatory` costs the broker the `basic.qos` barrier
+//! each batch of confirms waits for (see [`PublishOptions::mandatory`]);
+//! without it, with an alternate exchange, the four-layer stack publishes
+//! as fast as raw lapin and as the peer libraries measured beside it
+//! (ruststream 1.08 to 1.11, which publishes without `mandatory` and lets
+//! the broker drop unroutable events). Rounds swing by ±30 %, and the
+//! broker's CPU counts every client of the shared broker: read the columns
+//! as tendencies.
 //!
 //! # Channels
 //!

@@ -56,7 +56,7 @@ async fn raw_get(admin: &Admin, queue: &str) -> lapin::message::Delivery {
 }
 
 #[tokio::test]
-async fn round_trip_in_structured_mode_by_default() {
+async fn round_trip_in_structured_mode() {
     let exchange = unique("rt-s");
     let admin = Admin::connect().await;
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
@@ -65,7 +65,12 @@ async fn round_trip_in_structured_mode_by_default() {
         .await
         .unwrap();
     let queue = raw_queue(&admin, &exchange, "user.#").await;
-    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let mut publisher = RabbitPublisher::connect_with(
+        config(&exchange),
+        PublishOptions::new().content_mode(ContentMode::Structured),
+    )
+    .await
+    .unwrap();
 
     let event = Event::builder("user.created")
         .subject("u-1")
@@ -178,7 +183,7 @@ async fn a_subscriber_reads_both_content_modes() {
 }
 
 #[tokio::test]
-async fn round_trip_in_binary_mode() {
+async fn round_trip_in_binary_mode_by_default() {
     let exchange = unique("rt");
     let admin = Admin::connect().await;
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
@@ -186,12 +191,7 @@ async fn round_trip_in_binary_mode() {
         .open(SubscribeOptions::new(["user.*"]).unwrap())
         .await
         .unwrap();
-    let mut publisher = RabbitPublisher::connect_with(
-        config(&exchange),
-        PublishOptions::new().content_mode(ContentMode::Binary),
-    )
-    .await
-    .unwrap();
+    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
 
     let event = Event::builder("user.created")
         .subject("u-1")
