@@ -33,28 +33,28 @@
 //! builds (load average 6 to 12). Ratio: raw lapin's time over ours, per
 //! round (raw sends pre-built JSON bodies with no header table and no
 //! `mandatory`, the shared baseline's `amqp-pub-confirm`); median of three
-//! rounds, in three runs. "Alternate exchange": without `mandatory`, the
+//! rounds, in four runs (run 4 at load average 3, the steadiest). "Alternate exchange": without `mandatory`, the
 //! exchange's [alternate exchange](crate::RabbitConfig::alternate_exchange)
 //! keeping what no binding routes.
 //!
-//! | publishing | run 1 | run 2 | run 3 | broker CPU per event |
-//! |---|--:|--:|--:|--:|
-//! | publisher, binary, `mandatory` (the code before these options) | 0.87 | 0.79 | | 80–91 µs |
-//! | publisher, structured, `mandatory` | 0.79 | 0.85 | | 84 µs |
-//! | publisher, binary, alternate exchange | | | 1.19 | 72 µs |
-//! | publisher, structured, alternate exchange | 1.00 | 0.88 | 0.85 | 76–88 µs |
-//! | four layers + publisher, binary, `mandatory` | 1.07 | 0.83 | | 77–87 µs |
-//! | four layers + publisher, structured, `mandatory` | 0.93 | 0.81 | | 88–101 µs |
-//! | four layers + publisher, binary, alternate exchange | | | 1.39 | 64 µs |
-//! | four layers + publisher, structured, alternate exchange | 1.08 | 0.95 | 1.11 | 74–92 µs |
+//! | publishing | run 1 | run 2 | run 3 | run 4 | broker CPU per event |
+//! |---|--:|--:|--:|--:|--:|
+//! | publisher, binary, `mandatory` (the code before these options) | 0.87 | 0.79 | | | 80–91 µs |
+//! | publisher, structured, `mandatory` | 0.79 | 0.85 | | | 84 µs |
+//! | publisher, binary, alternate exchange | | | 1.19 | | 72 µs |
+//! | publisher, structured, alternate exchange | 1.00 | 0.88 | 0.85 | | 76–88 µs |
+//! | four layers + publisher, binary, `mandatory` | 1.07 | 0.83 | | 0.97 | 67–87 µs |
+//! | four layers + publisher, structured, `mandatory` | 0.93 | 0.81 | | 0.82 | 81–101 µs |
+//! | four layers + publisher, binary, alternate exchange | | | 1.39 | 1.05 | 62–64 µs |
+//! | four layers + publisher, structured, alternate exchange | 1.08 | 0.95 | 1.11 | 0.99 | 70–92 µs |
 //!
-//! Raw lapin cost the broker 61 to 74 µs of CPU per event and its own
+//! Raw lapin cost the broker 59 to 74 µs of CPU per event and its own
 //! process 19 to 24 µs; this crate's publisher 10 to 16 µs, so the broker
 //! sets the pace. `mandatory` costs the broker the `basic.qos` barrier
 //! each batch of confirms waits for (see [`PublishOptions::mandatory`]);
 //! without it, with an alternate exchange, the four-layer stack publishes
 //! as fast as raw lapin and as the peer libraries measured beside it
-//! (ruststream 1.08 to 1.11, which publishes without `mandatory` and lets
+//! (ruststream 1.08 to 1.19, which publishes without `mandatory` and lets
 //! the broker drop unroutable events). Rounds swing by ±30 %, and the
 //! broker's CPU counts every client of the shared broker: read the columns
 //! as tendencies.
