@@ -1,25 +1,33 @@
-//! Throughput of the RabbitMQ transport against raw lapin code doing the
-//! same work with the same guarantee, in the same run, on the local broker.
+//! Throughput of the RabbitMQ transport against raw lapin, in the same
+//! run, on the local broker, in the cases of the shared baseline harness
+//! (`../shared/bench`: `amqp-pub-confirm`, `amqp-consume`), so that the
+//! ratios can be set side by side.
 //!
-//! * publish: persistent CloudEvents messages with publisher confirms and
-//!   `mandatory`, 1,024 unconfirmed at most: a raw lapin loop on one
-//!   channel vs `RabbitPublisher` under dead letter + retry + circuit
-//!   breaker, and under the same stack with the backpressure layer in
-//!   front of the publisher;
-//! * consume: a durable queue preloaded with the messages, prefetch 256: a
-//!   raw lapin loop acknowledging each message singly vs
-//!   `watchtower::serve` over `RabbitSubscriber` (decoding every event,
-//!   acknowledging only after the handler finished, in batches).
+//! * publish: 50,000 persistent events to a durable topic exchange bound
+//!   to one durable classic queue, publisher confirms, 1,024 unconfirmed
+//!   at most. The yardstick is the harness's raw case: raw lapin on one
+//!   channel sending pre-built ~195-byte JSON bodies, no header table, no
+//!   `mandatory`. Against it: `RabbitPublisher` alone and under the
+//!   four-layer stack (dead letter + retry + circuit breaker +
+//!   backpressure), in structured and binary mode with `mandatory` (the
+//!   default), and without it, which the exchange's alternate exchange
+//!   makes safe. The events are built before the clock
+//!   starts, as the raw bodies are.
+//! * consume: a durable queue preloaded with the messages, prefetch 256:
+//!   raw lapin acknowledging each message singly (plain JSON bodies, as
+//!   the harness) vs `watchtower::serve` over `RabbitSubscriber`
+//!   (decoding every event, acknowledging only after the handler
+//!   finished, in batches), for events written in each content mode.
 //!
 //! `cargo bench -p watchtower-rabbitmq --bench rabbitmq`. Environment:
-//! `BENCH_N` messages per run (default 50,000), `BENCH_ROUNDS` publish
-//! rounds (default 5; each round runs raw and both stacks, in an order
-//! that rotates from round to round), `BENCH_CHANNELS` publisher channels,
-//! `BENCH_BARE=1` the publisher without layers, `BENCH_ONLY=publish` skips
-//! the consume runs. Publish ratios are printed per round, with their
-//! median and range. The CPU time per message of this process and of the
-//! broker (`beam.smp`, read from /proc when it runs on this machine) is
-//! printed too, since the broker shares the cores.
+//! `BENCH_N` messages per run (default 50,000), `BENCH_ROUNDS` rounds
+//! (default 3; in each, every contender runs once, in an order that
+//! rotates from round to round), `BENCH_CASES` a comma-separated subset of
+//! the contenders' short names (printed), `BENCH_ONLY=publish` or
+//! `consume`. Ratios to raw are printed per round, then their median and
+//! range. The CPU time per message of this process and of the broker
+//! (`beam.smp`, read from /proc when it runs on this machine) is printed
+//! too, since the broker shares the cores.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -28,13 +36,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation, Connection};
 use tokio::sync::Notify;
 use tower::{Service, ServiceBuilder, service_fn};
@@ -45,133 +54,191 @@ use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
 use watchtower_layers::circuit_breaker::CircuitBreakerConfig;
 use watchtower_layers::retry::RetryConfig;
 use watchtower_rabbitmq::{
-    ExchangeKind, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber,
+    ContentMode, ExchangeKind, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber,
 };
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const IN_FLIGHT: usize = 1024;
 const PREFETCH: u16 = 256;
 const ROUNDS: usize = 3;
-const PUBLISH_ROUNDS: usize = 5;
 
+/// The event the stacks publish: in structured mode about the size of the
+/// harness's raw bodies.
 fn event(i: usize) -> Event {
-    Event::new(
-        "bench.order",
-        serde_json::json!({"order": i, "item": "book", "qty": 1}),
-    )
+    Event::new("bench.order", serde_json::json!({"user_id": i}))
 }
 
-/// The properties a hand-written CloudEvents client sends.
-fn raw_properties(id: &str) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    let time = watchtower::codec::format_time(time::OffsetDateTime::now_utc());
-    for (k, v) in [
-        ("cloudEvents_specversion", "1.0"),
-        ("cloudEvents_id", id),
-        ("cloudEvents_type", "bench.order"),
-        ("cloudEvents_source", "/watchtower"),
-        ("cloudEvents_time", time.as_str()),
-    ] {
-        headers.insert(k.into(), AMQPValue::LongString(v.as_bytes().into()));
-    }
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_message_id(id.into())
-        .with_headers(headers)
+/// The harness's raw bodies: ~195 bytes of CloudEvents-style JSON.
+fn raw_bodies(n: usize) -> Vec<Bytes> {
+    (0..n)
+        .map(|i| {
+            let body = serde_json::json!({
+                "specversion": "1.0", "id": uuid::Uuid::now_v7().to_string(), "source": "bench",
+                "type": "user.created", "time": "2025-01-01T00:00:00Z",
+                "datacontenttype": "application/json", "data": {"user_id": i},
+            });
+            Bytes::from(serde_json::to_vec(&body).unwrap())
+        })
+        .collect()
 }
 
-async fn raw_publish(connection: &Connection, exchange: &str, n: usize) -> Duration {
+/// The harness's raw publish: one confirm-mode channel, no `mandatory`, no
+/// header table, `IN_FLIGHT` confirms outstanding.
+async fn raw_publish(connection: &Connection, exchange: &str, bodies: &[Bytes]) -> Duration {
     let channel = connection.create_channel().await.unwrap();
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
     let start = Instant::now();
     let mut in_flight = FuturesUnordered::new();
-    let mut confirmed = 0;
-    for i in 0..n {
+    for body in bodies {
         if in_flight.len() >= IN_FLIGHT {
-            confirmed += in_flight.next().await.unwrap();
+            in_flight.next().await.unwrap();
         }
-        let channel = channel.clone();
-        let exchange = exchange.to_owned();
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                "bench.order".into(),
+                BasicPublishOptions::default(),
+                body,
+                props.clone(),
+            )
+            .await
+            .unwrap();
         in_flight.push(async move {
-            let id = uuid::Uuid::now_v7().to_string();
-            let body =
-                serde_json::to_vec(&serde_json::json!({"order": i, "item": "book", "qty": 1})).unwrap();
-            let confirm = channel
-                .basic_publish(
-                    exchange.into(),
-                    "bench.order".into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    &body,
-                    raw_properties(&id),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-            match confirm {
-                Confirmation::Ack(None) => 1,
+            match confirm.await.unwrap() {
+                Confirmation::Ack(None) => {}
                 other => panic!("not confirmed: {other:?}"),
             }
         });
     }
-    while let Some(c) = in_flight.next().await {
-        confirmed += c;
-    }
+    while in_flight.next().await.is_some() {}
     let elapsed = start.elapsed();
-    assert_eq!(confirmed, n);
     let _ = channel.close(200, "done".into()).await;
     elapsed
 }
 
-async fn stack_publish(config: &RabbitConfig, n: usize, backpressure: bool) -> Duration {
-    let publisher = RabbitPublisher::connect_with(config.clone(), publish_options())
-        .await
-        .unwrap();
-    if std::env::var("BENCH_BARE").is_ok() {
-        return bare_publish(publisher, n).await;
+/// One way of publishing through WatchTower.
+#[derive(Clone, Copy)]
+struct Contender {
+    name: &'static str,
+    short: &'static str,
+    mode: ContentMode,
+    mandatory: bool,
+    layers: bool,
+}
+
+const CONTENDERS: [Contender; 8] = [
+    Contender {
+        name: "RabbitPublisher, structured",
+        short: "pub-s",
+        mode: ContentMode::Structured,
+        mandatory: true,
+        layers: false,
+    },
+    Contender {
+        name: "RabbitPublisher, binary",
+        short: "pub-b",
+        mode: ContentMode::Binary,
+        mandatory: true,
+        layers: false,
+    },
+    Contender {
+        name: "RabbitPublisher, structured, alternate exchange",
+        short: "pub-s-ae",
+        mode: ContentMode::Structured,
+        mandatory: false,
+        layers: false,
+    },
+    Contender {
+        name: "4 layers + RabbitPublisher, structured",
+        short: "stack-s",
+        mode: ContentMode::Structured,
+        mandatory: true,
+        layers: true,
+    },
+    Contender {
+        name: "4 layers + RabbitPublisher, binary",
+        short: "stack-b",
+        mode: ContentMode::Binary,
+        mandatory: true,
+        layers: true,
+    },
+    Contender {
+        name: "4 layers + RabbitPublisher, structured, alternate exchange",
+        short: "stack-s-ae",
+        mode: ContentMode::Structured,
+        mandatory: false,
+        layers: true,
+    },
+    Contender {
+        name: "RabbitPublisher, binary, alternate exchange",
+        short: "pub-b-ae",
+        mode: ContentMode::Binary,
+        mandatory: false,
+        layers: false,
+    },
+    Contender {
+        name: "4 layers + RabbitPublisher, binary, alternate exchange",
+        short: "stack-b-ae",
+        mode: ContentMode::Binary,
+        mandatory: false,
+        layers: true,
+    },
+];
+
+fn publish_options(mode: ContentMode, mandatory: bool) -> PublishOptions {
+    PublishOptions::new()
+        .max_in_flight(IN_FLIGHT)
+        .content_mode(mode)
+        .mandatory(mandatory)
+}
+
+async fn stack_publish(config: &RabbitConfig, contender: Contender, events: Vec<Event>) -> Duration {
+    let publisher = RabbitPublisher::connect_with(
+        config.clone(),
+        publish_options(contender.mode, contender.mandatory),
+    )
+    .await
+    .unwrap();
+    if !contender.layers {
+        return bare_publish(publisher, events).await;
     }
+    let n = events.len();
     let dlq = MemoryDeadLetters::new(n);
     let stack = ServiceBuilder::new()
         .dead_letter(dlq.clone())
         .retries(RetryConfig::new())
-        .circuit_breaker(CircuitBreakerConfig::new());
-    let elapsed = if backpressure {
-        let stack = stack
-            .backpressure(BackpressureLayer::new(IN_FLIGHT, Overflow::Block).concurrency(IN_FLIGHT))
-            .service(publisher);
-        drive(stack, n).await
-    } else {
-        drive(stack.service(publisher), n).await
-    };
+        .circuit_breaker(CircuitBreakerConfig::new())
+        .backpressure(BackpressureLayer::new(IN_FLIGHT, Overflow::Block).concurrency(IN_FLIGHT))
+        .service(publisher);
+    let elapsed = drive(stack, events).await;
     assert_eq!(dlq.len(), 0);
     elapsed
 }
 
-/// Calls `stack` for `n` events, `IN_FLIGHT` at most at once, keeping the
+/// Calls `stack` for every event, `IN_FLIGHT` at most at once, keeping the
 /// calls moving while waiting for readiness; every event must be delivered.
-async fn drive<S>(mut stack: S, n: usize) -> Duration
+async fn drive<S>(mut stack: S, events: Vec<Event>) -> Duration
 where
     S: Service<Event, Response = watchtower_layers::dead_letter::Outcome<watchtower::Receipt>>,
     S::Error: std::fmt::Debug,
 {
+    let n = events.len();
     let start = Instant::now();
     let mut in_flight = FuturesUnordered::new();
     let mut delivered = 0;
-    for i in 0..n {
-        // The publisher's window is 1,024: readiness is the bound.
+    for event in events {
         while in_flight.len() >= IN_FLIGHT {
             delivered += in_flight.next().await.unwrap_or(0);
         }
         poll_fn(|cx| stack.poll_ready(cx)).await.unwrap();
-        let call = stack.call(event(i));
-        in_flight.push(async move { if call.await.unwrap().is_delivered() { 1 } else { 0 } });
+        let call = stack.call(event);
+        in_flight.push(async move { usize::from(call.await.unwrap().is_delivered()) });
         while let Some(Some(d)) = futures_util::FutureExt::now_or_never(in_flight.next()) {
             delivered += d;
         }
@@ -184,18 +251,17 @@ where
     elapsed
 }
 
-/// The transport alone, without layers (`BENCH_BARE=1`), to tell their
-/// cost apart.
-async fn bare_publish(mut publisher: RabbitPublisher, n: usize) -> Duration {
+/// The transport alone, without layers.
+async fn bare_publish(mut publisher: RabbitPublisher, events: Vec<Event>) -> Duration {
     let start = Instant::now();
     let mut in_flight: FuturesUnordered<watchtower_rabbitmq::publisher::ResponseFuture> =
         FuturesUnordered::new();
-    for i in 0..n {
+    for event in events {
         while in_flight.len() >= IN_FLIGHT {
             in_flight.next().await.unwrap().unwrap();
         }
         poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
-        in_flight.push(publisher.call(event(i)));
+        in_flight.push(publisher.call(event));
     }
     while let Some(r) = in_flight.next().await {
         r.unwrap();
@@ -203,20 +269,11 @@ async fn bare_publish(mut publisher: RabbitPublisher, n: usize) -> Duration {
     start.elapsed()
 }
 
-async fn preload(config: &RabbitConfig, n: usize) {
-    let mut publisher = RabbitPublisher::connect(config.clone()).await.unwrap();
-    let mut in_flight: FuturesUnordered<watchtower_rabbitmq::publisher::ResponseFuture> =
-        FuturesUnordered::new();
-    for i in 0..n {
-        while in_flight.len() >= IN_FLIGHT {
-            in_flight.next().await.unwrap().unwrap();
-        }
-        poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
-        in_flight.push(publisher.call(event(i)));
-    }
-    while let Some(r) = in_flight.next().await {
-        r.unwrap();
-    }
+async fn preload(config: &RabbitConfig, mode: ContentMode, n: usize) {
+    let publisher = RabbitPublisher::connect_with(config.clone(), publish_options(mode, true))
+        .await
+        .unwrap();
+    bare_publish(publisher, (0..n).map(event).collect()).await;
 }
 
 async fn raw_consume(connection: &Connection, queue: &str, n: usize) -> Duration {
@@ -278,15 +335,8 @@ async fn stack_consume(config: &RabbitConfig, queue: &str, n: usize) -> Duration
     let stats = run.await.unwrap();
     let elapsed = start.elapsed();
     assert_eq!(stats.acked as usize, n);
+    assert_eq!(stats.poisoned, 0);
     elapsed
-}
-
-fn publish_options() -> PublishOptions {
-    let mut options = PublishOptions::new().max_in_flight(IN_FLIGHT);
-    if let Some(channels) = std::env::var("BENCH_CHANNELS").ok().and_then(|v| v.parse().ok()) {
-        options = options.channels(channels);
-    }
-    options
 }
 
 /// This process's CPU time so far (user + system), from /proc.
@@ -332,8 +382,8 @@ fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     (median, v[0], v[v.len() - 1])
 }
 
-/// One publish contender's totals over the rounds.
-#[derive(Default)]
+/// One contender's totals over the rounds.
+#[derive(Default, Clone)]
 struct Tally {
     times: Vec<Duration>,
     cpu: Duration,
@@ -344,14 +394,70 @@ impl Tally {
     fn per_message(&self, d: Duration, n: usize) -> f64 {
         d.as_secs_f64() * 1e6 / (n * self.times.len().max(1)) as f64
     }
+
+    /// Times one run into this tally.
+    async fn time<F: Future<Output = Duration>>(&mut self, run: F) -> Duration {
+        let (c, b) = (cpu(), broker_cpu());
+        let elapsed = run.await;
+        self.times.push(elapsed);
+        self.cpu += cpu() - c;
+        if let (Some(b0), Some(b1)) = (b, broker_cpu()) {
+            self.broker += b1 - b0;
+        }
+        elapsed
+    }
+}
+
+/// Prints the medians of `tallies` against `raw`.
+fn summary(raw: &Tally, tallies: &[(&str, &Tally)], n: usize) {
+    for (name, tally) in std::iter::once(&("raw lapin", raw)).chain(tallies) {
+        let rates = spread(tally.times.iter().map(|t| rate(n, *t)).collect());
+        let mut line = format!(
+            "  {name:<54} {:>7.0}/s ({:.0} - {:.0})",
+            rates.0, rates.1, rates.2
+        );
+        if !std::ptr::eq(*tally, raw) {
+            let ratios = spread(
+                raw.times
+                    .iter()
+                    .zip(&tally.times)
+                    .map(|(raw, ours)| raw.as_secs_f64() / ours.as_secs_f64())
+                    .collect(),
+            );
+            line.push_str(&format!(
+                " | ratio {:.2}x ({:.2} - {:.2})",
+                ratios.0, ratios.1, ratios.2
+            ));
+        }
+        line.push_str(&format!(
+            " | CPU/msg: client {:.1} us, broker {:.1} us",
+            tally.per_message(tally.cpu, n),
+            tally.per_message(tally.broker, n)
+        ));
+        println!("{line}");
+    }
+}
+
+fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
-    let n: usize = std::env::var("BENCH_N")
+    let n: usize = env("BENCH_N").unwrap_or(50_000);
+    let rounds: usize = env("BENCH_ROUNDS").unwrap_or(ROUNDS);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let cases: Option<Vec<String>> = std::env::var("BENCH_CASES")
         .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50_000);
+        .map(|v| v.split(',').map(str::to_owned).collect());
+    let contenders: Vec<Contender> = CONTENDERS
+        .into_iter()
+        .filter(|c| {
+            cases
+                .as_ref()
+                .is_none_or(|cases| cases.iter().any(|s| s == c.short))
+        })
+        .collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -361,9 +467,15 @@ fn main() {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let exchange = format!("wt-bench-{}", &id[16..]);
         let queue = format!("{exchange}.q");
+        // The alternate exchange keeps what no binding routes, which makes
+        // publishing without `mandatory` safe; it changes nothing for the
+        // routed events measured here.
+        let alternate = format!("{exchange}.unroutable");
         let config = RabbitConfig::new(URL)
             .unwrap()
             .exchange(&exchange, ExchangeKind::Topic)
+            .unwrap()
+            .alternate_exchange(&alternate)
             .unwrap()
             .connection_name("bench");
         let connection = Connection::connect(URL, Default::default()).await.unwrap();
@@ -384,90 +496,79 @@ fn main() {
             )
             .await
             .unwrap();
+        let purge = || admin.queue_purge(queue.as_str().into(), QueuePurgeOptions::default());
+        let bodies = raw_bodies(n);
+        println!("RabbitMQ, {n} messages per run, {rounds} rounds, same broker, same process");
+        for c in &contenders {
+            println!("  {:<10} {}", c.short, c.name);
+        }
 
-        let rounds: usize = std::env::var("BENCH_ROUNDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(PUBLISH_ROUNDS);
-        println!("RabbitMQ, {n} messages per run, {rounds} publish rounds, same broker, same process");
-        const NAMES: [&str; 3] = [
-            "raw lapin",
-            "dead letter + retry + breaker + RabbitPublisher",
-            "the same + backpressure",
-        ];
-        let mut tallies: [Tally; 3] = Default::default();
-        for round in 0..rounds {
-            for k in 0..3 {
+        if only != "consume" {
+            let mut raw = Tally::default();
+            let mut tallies = vec![Tally::default(); contenders.len()];
+            for round in 0..rounds {
                 // The order rotates, so that no contender always runs first.
-                let which = (round + k) % 3;
-                let (c, b) = (cpu(), broker_cpu());
-                let elapsed = match which {
-                    0 => raw_publish(&connection, &exchange, n).await,
-                    1 => stack_publish(&config, n, false).await,
-                    _ => stack_publish(&config, n, true).await,
-                };
-                let tally = &mut tallies[which];
-                tally.times.push(elapsed);
-                tally.cpu += cpu() - c;
-                if let (Some(b0), Some(b1)) = (b, broker_cpu()) {
-                    tally.broker += b1 - b0;
+                let k = contenders.len() + 1;
+                for j in 0..k {
+                    let which = (round + j) % k;
+                    if which == 0 {
+                        raw.time(raw_publish(&connection, &exchange, &bodies)).await;
+                    } else {
+                        let events: Vec<Event> = (0..n).map(event).collect();
+                        let c = contenders[which - 1];
+                        tallies[which - 1].time(stack_publish(&config, c, events)).await;
+                    }
+                    purge().await.unwrap();
                 }
-                admin.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await.unwrap();
+                let raw_time = raw.times[round].as_secs_f64();
+                let mut line = format!("  round {}: raw {:>6.0}/s", round + 1, n as f64 / raw_time);
+                for (c, tally) in contenders.iter().zip(&tallies) {
+                    line.push_str(&format!(
+                        " | {} {:.2}x",
+                        c.short,
+                        raw_time / tally.times[round].as_secs_f64()
+                    ));
+                }
+                println!("{line}");
             }
-            let raw = tallies[0].times[round].as_secs_f64();
             println!(
-                "  round {}: raw {:>7.0}/s | stack {:>7.0}/s ({:.2}x) | + backpressure {:>7.0}/s ({:.2}x)",
-                round + 1,
-                n as f64 / raw,
-                rate(n, tallies[1].times[round]),
-                raw / tallies[1].times[round].as_secs_f64(),
-                rate(n, tallies[2].times[round]),
-                raw / tallies[2].times[round].as_secs_f64(),
+                "publish, confirms, persistent, {IN_FLIGHT} in flight (median, range over the rounds; ratio = raw time / time, per round):"
             );
-        }
-        println!("publish, confirms + mandatory, persistent, {IN_FLIGHT} in flight (median, range over the rounds):");
-        for (which, tally) in tallies.iter().enumerate() {
-            let rates = spread(tally.times.iter().map(|t| rate(n, *t)).collect());
-            let mut line = format!(
-                "  {:<48} {:>7.0}/s ({:.0} - {:.0})",
-                NAMES[which], rates.0, rates.1, rates.2
-            );
-            if which > 0 {
-                let ratios = spread(
-                    tallies[0]
-                        .times
-                        .iter()
-                        .zip(&tally.times)
-                        .map(|(raw, ours)| raw.as_secs_f64() / ours.as_secs_f64())
-                        .collect(),
-                );
-                line.push_str(&format!(" | ratio {:.2}x ({:.2} - {:.2})", ratios.0, ratios.1, ratios.2));
-            }
-            line.push_str(&format!(
-                " | CPU per message: client {:.1} us, broker {:.1} us",
-                tally.per_message(tally.cpu, n),
-                tally.per_message(tally.broker, n)
-            ));
-            println!("{line}");
+            let named: Vec<(&str, &Tally)> = contenders.iter().map(|c| c.name).zip(&tallies).collect();
+            summary(&raw, &named, n);
         }
 
-        let (mut raw_con, mut stack_con) = (Duration::MAX, Duration::MAX);
-        let rounds = if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "publish") { 0 } else { ROUNDS };
-        for _ in 0..rounds {
-            preload(&config, n).await;
-            raw_con = raw_con.min(raw_consume(&connection, &queue, n).await);
-            preload(&config, n).await;
-            stack_con = stack_con.min(stack_consume(&config, &queue, n).await);
+        if only != "publish" {
+            let (mut raw, mut structured, mut binary) = (Tally::default(), Tally::default(), Tally::default());
+            for round in 0..rounds {
+                purge().await.unwrap();
+                raw_publish(&connection, &exchange, &bodies).await;
+                raw.time(raw_consume(&connection, &queue, n)).await;
+                preload(&config, ContentMode::Structured, n).await;
+                structured.time(stack_consume(&config, &queue, n)).await;
+                preload(&config, ContentMode::Binary, n).await;
+                binary.time(stack_consume(&config, &queue, n)).await;
+                let raw_time = raw.times[round].as_secs_f64();
+                println!(
+                    "  round {}: raw {:>6.0}/s | structured {:.2}x | binary {:.2}x",
+                    round + 1,
+                    n as f64 / raw_time,
+                    raw_time / structured.times[round].as_secs_f64(),
+                    raw_time / binary.times[round].as_secs_f64(),
+                );
+            }
+            println!("consume, prefetch {PREFETCH} (raw: single acks; WatchTower: serve + RabbitSubscriber):");
+            summary(
+                &raw,
+                &[("serve + RabbitSubscriber, structured", &structured), ("serve + RabbitSubscriber, binary", &binary)],
+                n,
+            );
         }
-        println!(
-            "consume, prefetch {PREFETCH}: raw lapin single acks {:>9.0}/s | serve + RabbitSubscriber {:>9.0}/s | ratio {:.2}x",
-            rate(n, raw_con),
-            rate(n, stack_con),
-            raw_con.as_secs_f64() / stack_con.as_secs_f64()
-        );
 
         admin.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
         admin.exchange_delete(exchange.as_str().into(), Default::default()).await.unwrap();
+        admin.queue_delete(alternate.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+        admin.exchange_delete(alternate.as_str().into(), Default::default()).await.unwrap();
         let _ = connection.close(200, "done".into()).await;
     });
 }

@@ -70,12 +70,11 @@ pub(crate) struct Confirms {
 }
 
 impl Confirms {
-    /// Starts the confirm task of `channel`. `returns`: whether messages
-    /// can come back (`mandatory`); without, a confirm is answered as soon
-    /// as it completes.
-    pub(crate) fn start(channel: Arc<Channel>, returns: bool) -> Confirms {
+    /// Starts the confirm task of `channel`, whose messages can come back
+    /// (`mandatory`).
+    pub(crate) fn start(channel: Arc<Channel>) -> Confirms {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(channel, rx, returns));
+        tokio::spawn(run(channel, rx));
         Confirms { tx }
     }
 
@@ -94,7 +93,7 @@ impl Confirms {
     }
 }
 
-async fn run(channel: Arc<Channel>, mut rx: mpsc::UnboundedReceiver<Pending>, returns: bool) {
+async fn run(channel: Arc<Channel>, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let mut waiting = FuturesUnordered::new();
     let mut completed: Vec<Completed> = Vec::new();
     let mut returned: HashMap<Arc<str>, (u16, String)> = HashMap::new();
@@ -117,13 +116,11 @@ async fn run(channel: Arc<Channel>, mut rx: mpsc::UnboundedReceiver<Pending>, re
             continue;
         }
         let seen = completed.len();
-        if returns {
-            // Its answer comes after every frame that arrived before it.
-            // If it fails, the channel closed: the frames before the close
-            // were handled all the same.
-            let _ = channel.basic_qos(0, BasicQosOptions::default()).await;
-            gather(&mut rx, &mut open, &mut waiting, &mut completed, &mut returned);
-        }
+        // Its answer comes after every frame that arrived before it. If it
+        // fails, the channel closed: the frames before the close were
+        // handled all the same.
+        let _ = channel.basic_qos(0, BasicQosOptions::default()).await;
+        gather(&mut rx, &mut open, &mut waiting, &mut completed, &mut returned);
         let filled: Vec<Filled<Outcome>> = completed
             .drain(..seen)
             .map(|done| {

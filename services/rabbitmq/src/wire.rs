@@ -1,7 +1,9 @@
-//! CloudEvents on AMQP 0-9-1: attributes as `cloudEvents_*` headers, the
-//! `content-type` property for `datacontenttype`, `message-id` = event id,
-//! `timestamp` from `time`, data as the body. Structured-mode messages
-//! (`application/cloudevents+json`) are read too.
+//! CloudEvents on AMQP 0-9-1, in either [`ContentMode`]: structured (the
+//! event as CloudEvents JSON in the body, `content-type:
+//! application/cloudevents+json`) or binary (attributes as `cloudEvents_*`
+//! headers, the `content-type` property for `datacontenttype`, data as the
+//! body). Both set `message-id` = event id and `timestamp` from `time`.
+//! Both are read, whatever the publisher's mode.
 
 use bytes::Bytes;
 use lapin::BasicProperties;
@@ -10,10 +12,51 @@ use watchtower::codec::{self, Binding};
 use watchtower::event::ext;
 use watchtower::{Error, ErrorKind, Event, RawMessage};
 
-use crate::config::{PublishOptions, millis};
+use crate::config::{ContentMode, PublishOptions, millis};
 
-/// The AMQP properties that carry `event`.
-pub(crate) fn properties(event: &Event, options: &PublishOptions) -> Result<BasicProperties, Error> {
+/// The AMQP properties and body that carry `event` in `mode`.
+pub(crate) fn encode(
+    event: &Event,
+    options: &PublishOptions,
+    mode: ContentMode,
+) -> Result<(BasicProperties, Bytes), Error> {
+    match mode {
+        ContentMode::Structured => {
+            let body = codec::structured::to_bytes(event)?;
+            let props = common(
+                event,
+                options,
+                BasicProperties::default().with_content_type(ShortString::from(codec::CLOUDEVENTS_JSON)),
+            );
+            Ok((props, body))
+        }
+        ContentMode::Binary => {
+            let props = properties(event, options)?;
+            Ok((props, event.data().cloned().unwrap_or_default()))
+        }
+    }
+}
+
+/// The properties both modes set: delivery mode, `message-id`, `timestamp`
+/// and `expiration`.
+fn common(event: &Event, options: &PublishOptions, mut props: BasicProperties) -> BasicProperties {
+    props = props.with_delivery_mode(if options.persistent { 2 } else { 1 });
+    if let Ok(id) = ShortString::try_new(event.id()) {
+        props = props.with_message_id(id);
+    }
+    if let Some(time) = event.time()
+        && let Ok(secs) = u64::try_from(time.unix_timestamp())
+    {
+        props = props.with_timestamp(secs);
+    }
+    if let Some(ttl) = options.message_ttl {
+        props = props.with_expiration(millis(ttl).to_string().into());
+    }
+    props
+}
+
+/// The AMQP properties that carry `event` in binary mode.
+fn properties(event: &Event, options: &PublishOptions) -> Result<BasicProperties, Error> {
     let mut headers = FieldTable::default();
     let mut content_type: Option<Result<ShortString, String>> = None;
     let mut bad_name = None;
@@ -35,7 +78,7 @@ pub(crate) fn properties(event: &Event, options: &PublishOptions) -> Result<Basi
             format!("header {name:?}... is longer than 255 bytes"),
         ));
     }
-    let mut props = BasicProperties::default().with_delivery_mode(if options.persistent { 2 } else { 1 });
+    let mut props = BasicProperties::default();
     match content_type {
         Some(Ok(ct)) => props = props.with_content_type(ct),
         // Too long for the property: the attribute header carries it.
@@ -47,18 +90,7 @@ pub(crate) fn properties(event: &Event, options: &PublishOptions) -> Result<Basi
         }
         None => {}
     }
-    if let Ok(id) = ShortString::try_new(event.id()) {
-        props = props.with_message_id(id);
-    }
-    if let Some(time) = event.time()
-        && let Ok(secs) = u64::try_from(time.unix_timestamp())
-    {
-        props = props.with_timestamp(secs);
-    }
-    if let Some(ttl) = options.message_ttl {
-        props = props.with_expiration(millis(ttl).to_string().into());
-    }
-    Ok(props.with_headers(headers))
+    Ok(common(event, options, props).with_headers(headers))
 }
 
 /// A received message: the event or why it is poison, the raw message for
@@ -252,6 +284,36 @@ mod tests {
         let (decoded, _) = decode("user.created", &props, event.data().cloned().unwrap());
         assert_eq!(decoded.event.unwrap(), event);
         assert_eq!(decoded.delivery_count, None);
+    }
+
+    #[test]
+    fn structured_mode_has_no_header_table_and_round_trips() {
+        let event = Event::builder("user.created")
+            .subject("42")
+            .extension("correlationid", "c-1")
+            .json(&serde_json::json!({"user_id": 42}))
+            .unwrap()
+            .build()
+            .unwrap();
+        let options = PublishOptions::new().message_ttl(std::time::Duration::from_secs(2));
+        let (props, body) = encode(&event, &options, ContentMode::Structured).unwrap();
+        assert_eq!(props.headers(), &None);
+        assert_eq!(
+            props.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/cloudevents+json")
+        );
+        assert_eq!(props.message_id().as_ref().map(|s| s.as_str()), Some(event.id()));
+        assert_eq!(props.delivery_mode(), &Some(2));
+        assert_eq!(props.expiration().as_ref().map(|s| s.as_str()), Some("2000"));
+        assert_eq!(body, codec::structured::to_bytes(&event).unwrap());
+        let (decoded, raw) = decode("user.created", &props, body.clone());
+        assert_eq!(decoded.event.unwrap(), event);
+        assert_eq!(raw.body, body);
+
+        let (props, body) = encode(&event, &options, ContentMode::Binary).unwrap();
+        assert!(props.headers().as_ref().unwrap().contains_key("cloudEvents_id"));
+        assert_eq!(Some(&body), event.data());
+        assert_eq!(decode("user.created", &props, body).0.event.unwrap(), event);
     }
 
     #[test]

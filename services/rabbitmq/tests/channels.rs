@@ -14,7 +14,7 @@ use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use tower::Service;
 use watchtower::{Error, ErrorKind, Event, Receipt};
-use watchtower_rabbitmq::{PublishOptions, RabbitPublisher};
+use watchtower_rabbitmq::{ContentMode, PublishOptions, RabbitPublisher};
 
 use common::{Admin, config, unique, within};
 
@@ -116,24 +116,41 @@ async fn every_caller_gets_its_own_confirm_across_channels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_event_on_a_multi_channel_publisher_fails_only_its_caller() {
-    unroutable_events_fail_only_their_callers("multi-unroutable", 3, 300, 10).await;
+    unroutable_events_fail_only_their_callers("multi-unroutable", ContentMode::Structured, 3, 300, 10).await;
 }
 
 /// The broker confirms many publishes with one ack while a returned message
-/// waits: the return must reach its own caller, not a neighbour's.
+/// waits: the return must reach its own caller, not a neighbour's. In
+/// structured mode the return is matched by its `message-id`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returned_messages_reach_their_own_callers_when_acks_come_in_batches() {
-    unroutable_events_fail_only_their_callers("batched-returns", 1, 2_000, 4).await;
+    unroutable_events_fail_only_their_callers("batched-returns", ContentMode::Structured, 1, 2_000, 4).await;
 }
 
-/// Publishes `n` events over `channels` channels, every `every`-th with no
-/// queue bound for it; each caller must hear its own fate.
-async fn unroutable_events_fail_only_their_callers(name: &str, channels: usize, n: usize, every: usize) {
+/// The same in binary mode, where the return is matched by its
+/// `cloudEvents_id` header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returned_binary_messages_reach_their_own_callers_when_acks_come_in_batches() {
+    unroutable_events_fail_only_their_callers("batched-returns-b", ContentMode::Binary, 1, 2_000, 4).await;
+}
+
+/// Publishes `n` events in `mode` over `channels` channels, every
+/// `every`-th with no queue bound for it; each caller must hear its own
+/// fate.
+async fn unroutable_events_fail_only_their_callers(
+    name: &str,
+    mode: ContentMode,
+    channels: usize,
+    n: usize,
+    every: usize,
+) {
     let exchange = unique(name);
-    let mut publisher =
-        RabbitPublisher::connect_with(config(&exchange), PublishOptions::new().channels(channels))
-            .await
-            .unwrap();
+    let mut publisher = RabbitPublisher::connect_with(
+        config(&exchange),
+        PublishOptions::new().channels(channels).content_mode(mode),
+    )
+    .await
+    .unwrap();
     let admin = Admin::connect().await;
     let queue = bound_queue(&admin, &exchange, "routed.*").await;
 

@@ -14,13 +14,176 @@ use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::event::ext;
 use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_rabbitmq::{
-    ExchangeKind, Overflow, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber,
+    ContentMode, ExchangeKind, Overflow, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher,
+    RabbitSubscriber,
 };
 
 use common::{Admin, URL, config, unique, within};
 
+/// A queue bound to `exchange` for `key`, for reading what other clients
+/// see.
+async fn raw_queue(admin: &Admin, exchange: &str, key: &str) -> String {
+    let queue = unique("raw");
+    admin
+        .channel
+        .queue_declare(queue.as_str().into(), Default::default(), Default::default())
+        .await
+        .unwrap();
+    admin
+        .channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            key.into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    queue
+}
+
+async fn raw_get(admin: &Admin, queue: &str) -> lapin::message::Delivery {
+    within("raw get", async {
+        loop {
+            if let Some(raw) = admin.get(queue).await {
+                return raw;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
 #[tokio::test]
-async fn round_trip_in_binary_mode() {
+async fn round_trip_in_structured_mode() {
+    let exchange = unique("rt-s");
+    let admin = Admin::connect().await;
+    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let mut subscription = subscriber
+        .open(SubscribeOptions::new(["user.*"]).unwrap())
+        .await
+        .unwrap();
+    let queue = raw_queue(&admin, &exchange, "user.#").await;
+    let mut publisher = RabbitPublisher::connect_with(
+        config(&exchange),
+        PublishOptions::new().content_mode(ContentMode::Structured),
+    )
+    .await
+    .unwrap();
+
+    let event = Event::builder("user.created")
+        .subject("u-1")
+        .extension("tenant", "acme")
+        .json(&serde_json::json!({"user_id": 1}))
+        .unwrap()
+        .build()
+        .unwrap();
+    let receipt = publisher.publish(event.clone()).await.unwrap();
+    assert_eq!(&*receipt.event_id, event.id());
+
+    let delivery = within("delivery", subscription.next()).await.unwrap().unwrap();
+    assert_eq!(delivery.event(), Some(&event));
+    assert_eq!(delivery.topic(), "user.created");
+    delivery.ack().await.unwrap();
+
+    // What another client sees: one CloudEvents JSON object, no header
+    // table, the payload spliced in as JSON.
+    let raw = raw_get(&admin, &queue).await;
+    let props = &raw.properties;
+    assert_eq!(
+        props.content_type().as_ref().unwrap().as_str(),
+        "application/cloudevents+json"
+    );
+    assert_eq!(props.headers(), &None);
+    assert_eq!(props.message_id().as_ref().unwrap().as_str(), event.id());
+    assert_eq!(props.delivery_mode(), &Some(2));
+    let json: serde_json::Value = serde_json::from_slice(&raw.data).unwrap();
+    assert_eq!(json["specversion"], "1.0");
+    assert_eq!(json["id"], event.id());
+    assert_eq!(json["type"], "user.created");
+    assert_eq!(json["subject"], "u-1");
+    assert_eq!(json["tenant"], "acme");
+    assert_eq!(json["datacontenttype"], "application/json");
+    assert_eq!(json["data"], serde_json::json!({"user_id": 1}));
+
+    drop(subscription);
+    admin.delete_queue(&queue).await;
+    admin.delete_exchange(&exchange).await;
+    admin.close().await;
+}
+
+/// One subscription reads both modes, from WatchTower publishers and from
+/// hand-written foreign messages alike.
+#[tokio::test]
+async fn a_subscriber_reads_both_content_modes() {
+    let exchange = unique("modes");
+    let admin = Admin::connect().await;
+    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let mut subscription = subscriber
+        .open(SubscribeOptions::new(["m.*"]).unwrap())
+        .await
+        .unwrap();
+    let mut sent = Vec::new();
+    for mode in [ContentMode::Structured, ContentMode::Binary] {
+        let mut publisher =
+            RabbitPublisher::connect_with(config(&exchange), PublishOptions::new().content_mode(mode))
+                .await
+                .unwrap();
+        let event = Event::new("m.ours", serde_json::json!({"mode": format!("{mode:?}")}));
+        publisher.publish(event.clone()).await.unwrap();
+        sent.push(event);
+    }
+    let foreign_structured =
+        br#"{"specversion":"1.0","id":"f-1","type":"m.foreign","source":"/other","data":{"n":1}}"#;
+    admin
+        .publish_raw(
+            &exchange,
+            "m.foreign",
+            BasicProperties::default().with_content_type("application/cloudevents+json".into()),
+            foreign_structured,
+        )
+        .await;
+    let mut headers = lapin::types::FieldTable::default();
+    for (k, v) in [
+        ("cloudEvents_specversion", "1.0"),
+        ("cloudEvents_id", "f-2"),
+        ("cloudEvents_type", "m.foreign"),
+        ("cloudEvents_source", "/other"),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    admin
+        .publish_raw(
+            &exchange,
+            "m.foreign",
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_headers(headers),
+            br#"{"n":2}"#,
+        )
+        .await;
+
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let delivery = within("delivery", subscription.next()).await.unwrap().unwrap();
+        got.push(delivery.event().cloned().expect("decoded"));
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(&got[..2], &sent[..]);
+    assert_eq!((got[2].id(), got[2].source()), ("f-1", "/other"));
+    assert_eq!(got[2].data().map(|d| &d[..]), Some(&br#"{"n":1}"#[..]));
+    assert_eq!((got[3].id(), got[3].source()), ("f-2", "/other"));
+    assert_eq!(got[3].data().map(|d| &d[..]), Some(&br#"{"n":2}"#[..]));
+    assert_eq!(got[3].datacontenttype(), Some("application/json"));
+
+    drop(subscription);
+    admin.delete_exchange(&exchange).await;
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn round_trip_in_binary_mode_by_default() {
     let exchange = unique("rt");
     let admin = Admin::connect().await;
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
@@ -50,33 +213,9 @@ async fn round_trip_in_binary_mode() {
     delivery.ack().await.unwrap();
 
     // What another client sees: the AMQP binding of CloudEvents.
-    let queue = unique("rt-raw");
-    admin
-        .channel
-        .queue_declare(queue.as_str().into(), Default::default(), Default::default())
-        .await
-        .unwrap();
-    admin
-        .channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.as_str().into(),
-            "user.#".into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let queue = raw_queue(&admin, &exchange, "user.#").await;
     publisher.publish(event.clone()).await.unwrap();
-    let raw = within("raw get", async {
-        loop {
-            if let Some(raw) = admin.get(&queue).await {
-                return raw;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    let raw = raw_get(&admin, &queue).await;
     let props = &raw.properties;
     assert_eq!(
         props.content_type().as_ref().unwrap().as_str(),
@@ -130,6 +269,52 @@ async fn unroutable_event_is_rejected_not_lost() {
         .await
         .unwrap();
     Admin::connect().await.delete_exchange(&exchange).await;
+}
+
+/// With an alternate exchange, an event no binding routes is confirmed
+/// once it is in the alternate queue: kept, without `mandatory`.
+#[tokio::test]
+async fn alternate_exchange_keeps_unroutable_events() {
+    let exchange = unique("ae");
+    let alternate = format!("{exchange}.unroutable");
+    let admin = Admin::connect().await;
+    let with_alternate = config(&exchange).alternate_exchange(&alternate).unwrap();
+    let mut publisher = RabbitPublisher::connect(with_alternate.clone()).await.unwrap();
+    let routed_queue = raw_queue(&admin, &exchange, "routed.*").await;
+
+    let lost = Event::new("nobody.listens", serde_json::json!({"n": 1}));
+    let routed = Event::new("routed.x", serde_json::json!({"n": 2}));
+    publisher.publish(lost.clone()).await.unwrap();
+    publisher.publish(routed.clone()).await.unwrap();
+    // Confirmed means stored: each is in its queue now.
+    let kept = admin
+        .get(&alternate)
+        .await
+        .expect("kept by the alternate exchange");
+    assert_eq!(kept.properties.message_id().as_ref().unwrap().as_str(), lost.id());
+    assert_eq!(kept.routing_key.as_str(), "nobody.listens");
+    assert_eq!(admin.depth(&alternate).await, 0);
+    let got = admin.get(&routed_queue).await.expect("routed");
+    assert_eq!(
+        got.properties.message_id().as_ref().unwrap().as_str(),
+        routed.id()
+    );
+
+    // The broker refuses the argument on an exchange that exists without it.
+    let plain = unique("ae-plain");
+    drop(RabbitPublisher::connect(config(&plain)).await.unwrap());
+    let err = RabbitPublisher::connect(config(&plain).alternate_exchange(&alternate).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(config(&plain).alternate_exchange(&plain).is_err());
+
+    admin.delete_queue(&routed_queue).await;
+    admin.delete_queue(&alternate).await;
+    admin.delete_exchange(&exchange).await;
+    admin.delete_exchange(&alternate).await;
+    admin.delete_exchange(&plain).await;
+    admin.close().await;
 }
 
 #[tokio::test]
@@ -545,6 +730,18 @@ async fn bad_configuration_fails_at_construction() {
 
     let err = RabbitConfig::new("amqp://guest:pw@[::1").unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
+
+    // A headers exchange routes on the binary-mode headers.
+    let headers = config(&unique("hdr"))
+        .exchange(&unique("hdr"), ExchangeKind::Headers)
+        .unwrap();
+    let err = RabbitPublisher::connect_with(
+        headers,
+        PublishOptions::new().content_mode(ContentMode::Structured),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
 
     // A queue that exists with other arguments.
     let exchange = unique("mismatch");
