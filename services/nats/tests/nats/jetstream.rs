@@ -405,15 +405,29 @@ async fn poison_messages_are_terminated_and_the_consumer_goes_on() {
     );
 
     // Terminated: a new member of the group is not handed the poison again.
-    let info = client
-        .jetstream()
-        .get_consumer_from_stream::<watchtower_nats::jetstream::ConsumerConfig, _, _>("p", name.as_str())
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+    // The ack and the termination travel on the subscriber's connection, so
+    // this one may ask before the server has them.
+    let info = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let info = client
+                .jetstream()
+                .get_consumer_from_stream::<watchtower_nats::jetstream::ConsumerConfig, _, _>(
+                    "p",
+                    name.as_str(),
+                )
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .clone();
+            if info.num_ack_pending == 0 {
+                break info;
+            }
+        }
+    })
+    .await
+    .expect("the ack and the termination reach the server");
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(info.num_pending, 0);
     client.delete_stream(&name).await.unwrap();
