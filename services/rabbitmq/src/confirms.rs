@@ -19,12 +19,21 @@
 //! that arrived before it has been handled in full, with each returned
 //! message handed to some confirm, and the task collects them all before it
 //! answers the confirms it saw complete before it asked.
+//!
+//! A returned message can also ride on the confirm of a publish whose caller
+//! has not handed its confirm to the task yet (lapin completed it before
+//! that caller ran again). So every publish is announced before it is sent
+//! ([`Confirms::announce`]), and after the barrier the task also waits until
+//! every publish announced by then is tracked, or withdrawn by a caller that
+//! went away or whose publish failed ([`Ticket`]'s drop).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use futures_util::FutureExt as _;
 use futures_util::StreamExt as _;
@@ -63,10 +72,27 @@ struct Completed {
     reply: Replier<Outcome>,
 }
 
+/// How long the task waits, after a barrier, for the confirms of publishes
+/// already announced: a publish is announced just before it is sent and
+/// tracked as soon as the send is done, so this is only reached by a caller
+/// that holds its future without polling it.
+const ANNOUNCED_WAIT: Duration = Duration::from_secs(5);
+
+/// What a publish tells the confirm task.
+enum Notice {
+    /// Its confirm, to wait for.
+    Track(Pending),
+    /// An announced publish that will not be tracked: its caller went away
+    /// or its publish failed.
+    Withdrawn,
+}
+
 /// The handle on a channel's confirm task.
 #[derive(Clone, Debug)]
 pub(crate) struct Confirms {
-    tx: mpsc::UnboundedSender<Pending>,
+    tx: mpsc::UnboundedSender<Notice>,
+    /// Publishes announced on the channel so far.
+    announced: Arc<AtomicU64>,
 }
 
 impl Confirms {
@@ -74,35 +100,67 @@ impl Confirms {
     /// (`mandatory`).
     pub(crate) fn start(channel: Arc<Channel>) -> Confirms {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(channel, rx));
-        Confirms { tx }
+        let announced = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run(channel, rx, announced.clone()));
+        Confirms { tx, announced }
     }
 
+    /// Announces a publish about to be sent on the channel; its ticket
+    /// [tracks](Ticket::track) the confirm, or withdraws the publish when
+    /// dropped.
+    pub(crate) fn announce(&self) -> Ticket {
+        self.announced.fetch_add(1, Ordering::SeqCst);
+        Ticket {
+            tx: Some(self.tx.clone()),
+        }
+    }
+}
+
+/// An announced publish: tracked once its confirm is in hand, withdrawn if
+/// dropped before.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    tx: Option<mpsc::UnboundedSender<Notice>>,
+}
+
+impl Ticket {
     /// Hands the confirm of the publish of event `id` to the task; the
     /// reply is `None` if the task is gone (its runtime shut down).
-    pub(crate) fn track(&self, id: Arc<str>, confirm: PublisherConfirm) -> Reply<Outcome> {
+    pub(crate) fn track(mut self, id: Arc<str>, confirm: PublisherConfirm) -> Reply<Outcome> {
         let (replier, answer) = reply();
         // If the task is gone, the replier is dropped with the message and
         // the reply resolves to `None`.
-        let _ = self.tx.send(Pending {
-            id,
-            confirm,
-            reply: replier,
-        });
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Notice::Track(Pending {
+                id,
+                confirm,
+                reply: replier,
+            }));
+        }
         answer
     }
 }
 
-async fn run(channel: Arc<Channel>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Notice::Withdrawn);
+        }
+    }
+}
+
+async fn run(channel: Arc<Channel>, mut rx: mpsc::UnboundedReceiver<Notice>, announced: Arc<AtomicU64>) {
     let mut waiting = FuturesUnordered::new();
     let mut completed: Vec<Completed> = Vec::new();
     let mut returned: HashMap<Arc<str>, (u16, String)> = HashMap::new();
     let mut open = true;
+    // Publishes tracked or withdrawn so far.
+    let mut accounted: u64 = 0;
     loop {
         if completed.is_empty() {
             tokio::select! {
-                pending = rx.recv(), if open => match pending {
-                    Some(pending) => waiting.push(wait(pending)),
+                notice = rx.recv(), if open => match notice {
+                    Some(notice) => take(notice, &mut waiting, &mut accounted),
                     None => open = false,
                 },
                 Some(done) = waiting.next(), if !waiting.is_empty() => {
@@ -111,7 +169,14 @@ async fn run(channel: Arc<Channel>, mut rx: mpsc::UnboundedReceiver<Pending>) {
                 else => return,
             }
         }
-        gather(&mut rx, &mut open, &mut waiting, &mut completed, &mut returned);
+        gather(
+            &mut rx,
+            &mut open,
+            &mut waiting,
+            &mut completed,
+            &mut returned,
+            &mut accounted,
+        );
         if completed.is_empty() {
             continue;
         }
@@ -120,7 +185,34 @@ async fn run(channel: Arc<Channel>, mut rx: mpsc::UnboundedReceiver<Pending>) {
         // fails, the channel closed: the frames before the close were
         // handled all the same.
         let _ = channel.basic_qos(0, BasicQosOptions::default()).await;
-        gather(&mut rx, &mut open, &mut waiting, &mut completed, &mut returned);
+        // Every ack handled by now is for a publish announced by now: once
+        // each of those is tracked (or withdrawn), every confirm that can
+        // carry a returned message is in hand.
+        let due = announced.load(Ordering::SeqCst);
+        let in_hand = async {
+            while accounted < due && open {
+                match rx.recv().await {
+                    Some(notice) => take(notice, &mut waiting, &mut accounted),
+                    None => open = false,
+                }
+            }
+        };
+        // A caller holds its publish future without polling it: its
+        // neighbours are not kept waiting for ever.
+        if tokio::time::timeout(ANNOUNCED_WAIT, in_hand).await.is_err() {
+            tracing::warn!(
+                missing = due.saturating_sub(accounted),
+                "publishes announced on a RabbitMQ channel were not handed to its confirm task in time; answering without them"
+            );
+        }
+        gather(
+            &mut rx,
+            &mut open,
+            &mut waiting,
+            &mut completed,
+            &mut returned,
+            &mut accounted,
+        );
         let filled: Vec<Filled<Outcome>> = completed
             .drain(..seen)
             .map(|done| {
@@ -142,6 +234,14 @@ async fn run(channel: Arc<Channel>, mut rx: mpsc::UnboundedReceiver<Pending>) {
             .collect();
         // Every answer of the round is in: now wake the callers.
         drop(filled);
+    }
+}
+
+/// Counts a notice, and waits for the confirm it tracks.
+fn take(notice: Notice, waiting: &mut FuturesUnordered<Wait>, accounted: &mut u64) {
+    *accounted += 1;
+    if let Notice::Track(pending) = notice {
+        waiting.push(wait(pending));
     }
 }
 
@@ -171,15 +271,16 @@ impl Future for Wait {
 /// Takes what is ready now, without waiting: new publishes, and completed
 /// confirms with their returned messages.
 fn gather(
-    rx: &mut mpsc::UnboundedReceiver<Pending>,
+    rx: &mut mpsc::UnboundedReceiver<Notice>,
     open: &mut bool,
     waiting: &mut FuturesUnordered<Wait>,
     completed: &mut Vec<Completed>,
     returned: &mut HashMap<Arc<str>, (u16, String)>,
+    accounted: &mut u64,
 ) {
     while *open {
         match rx.try_recv() {
-            Ok(pending) => waiting.push(wait(pending)),
+            Ok(notice) => take(notice, waiting, accounted),
             Err(mpsc::error::TryRecvError::Empty) => break,
             Err(mpsc::error::TryRecvError::Disconnected) => *open = false,
         }

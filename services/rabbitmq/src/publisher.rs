@@ -585,6 +585,10 @@ impl Service<Event> for RabbitPublisher {
                             map_lapin_error(&e, what)
                         }
                     };
+                    // Announced before it is sent, so that the confirm task
+                    // waits for its confirm, which may carry another
+                    // publish's returned message (see `confirms`).
+                    let ticket = channel.confirms.as_ref().map(Confirms::announce);
                     let confirm = channel
                         .basic_publish(inner.exchange.clone(), routing_key, options, &body, properties)
                         .await
@@ -593,11 +597,11 @@ impl Service<Event> for RabbitPublisher {
                     if !inner.options.confirms {
                         return Ok(receipt);
                     }
-                    let outcome = match &channel.confirms {
+                    let outcome = match ticket {
                         // The channel's confirm task answers, with the
                         // returned message that belongs to this event (see
                         // `confirms`).
-                        Some(confirms) => confirms.track(receipt.event_id.clone(), confirm).await,
+                        Some(ticket) => ticket.track(receipt.event_id.clone(), confirm).await,
                         // Nothing can come back: the confirm is the answer.
                         None => Some(match confirm.await {
                             Ok(Confirmation::Nack(_)) => Outcome::Nack,
