@@ -27,6 +27,8 @@
 //! | `nack_with_delay` — a delayed nack is delivered again, count rising | `nack_delay` |
 //! | `replay` — a subscription that asks to replay gets earlier events in order | `replay` |
 //! | `poison` — an undecodable message reaches the poison path, the consumer goes on | [`Harness::publish_raw`] |
+//! | `topic_carried` — an event published to a topic other than its type arrives carrying that topic | — |
+//! | `spans` — each event has a publish span and a process span from the core, with the transport's `messaging.system`, the topic, and the operation | — |
 //!
 //! # Example
 //!
@@ -61,6 +63,7 @@ use crate::serve::serve;
 use crate::subscribe::{Capabilities, Receipt, SubscribeOptions, Subscriber};
 
 mod proxy;
+mod spans;
 
 pub use proxy::TcpProxy;
 
@@ -77,6 +80,11 @@ pub trait Harness: Send + Sync + 'static {
 
     /// The transport's name, for the report.
     fn name(&self) -> String;
+
+    /// The transport's `messaging.system` name
+    /// ([`Transport::SYSTEM`](crate::Transport::SYSTEM)), which its publish
+    /// spans and deliveries must carry.
+    fn system(&self) -> &'static str;
 
     /// The capabilities to test.
     fn capabilities(&self) -> Capabilities;
@@ -248,6 +256,8 @@ pub async fn run<H: Harness>(harness: H) -> Report {
     case!(nack_with_delay);
     case!(replay);
     case!(poison);
+    case!(topic_carried);
+    case!(spans);
     Report {
         transport: h.name(),
         results,
@@ -957,6 +967,81 @@ async fn poison<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
     }
     if stats.poisoned != 1 || stats.acked != 1 {
         return Err(format!("stats: {stats}"));
+    }
+    Ok(Outcome::Passed)
+}
+
+async fn topic_carried<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
+    let topic = format!("{ns}.routed");
+    let subscriber = h.subscriber(ns).await.map_err(|e| err("subscriber", e))?;
+    let mut collector = Collector::start(
+        &subscriber,
+        SubscribeOptions::new([&topic]).map_err(|e| err("options", e))?,
+        h.patience(),
+    )
+    .await?;
+    let sent: Vec<Event> = (0..3)
+        .map(|i| Event::new(format!("{ns}.kind{i}"), serde_json::json!({ "n": i })).with_topic(topic.clone()))
+        .collect();
+    let mut publisher = h.publisher(ns).await.map_err(|e| err("publisher", e))?;
+    publish_all(&mut publisher, sent.iter().cloned()).await?;
+    let got = collector.take(sent.len()).await?;
+    collector.stop().await?;
+    same_set(&got, &sent)?;
+    for event in &got {
+        if event.topic() != topic {
+            return Err(format!(
+                "event {} of type {} arrived with topic {:?}, published to {topic:?}",
+                event.id(),
+                event.ty(),
+                event.topic()
+            ));
+        }
+    }
+    Ok(Outcome::Passed)
+}
+
+async fn spans<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
+    if !spans::install() {
+        return Err("a global tracing subscriber was installed before the suite's span recorder".into());
+    }
+    let topic = format!("{ns}.traced");
+    let subscriber = h.subscriber(ns).await.map_err(|e| err("subscriber", e))?;
+    let mut collector = Collector::start(
+        &subscriber,
+        SubscribeOptions::new([&topic]).map_err(|e| err("options", e))?,
+        h.patience(),
+    )
+    .await?;
+    let sent: Vec<Event> = (0..3).map(|i| numbered(&topic, i)).collect();
+    spans::watch(sent.iter().map(Event::id));
+    let mut publisher = h.publisher(ns).await.map_err(|e| err("publisher", e))?;
+    publish_all(&mut publisher, sent.iter().cloned()).await?;
+    let got = collector.take(sent.len()).await?;
+    collector.stop().await?;
+    same_set(&got, &sent)?;
+    for event in &sent {
+        let recorded = spans::take(event.id());
+        for (name, operation) in [("publish", "send"), ("process", "process")] {
+            let found: Vec<_> = recorded.iter().filter(|r| r.name == name).collect();
+            let [span] = found.as_slice() else {
+                return Err(format!(
+                    "event {}: {} {name} spans, expected exactly one (recorded: {recorded:?})",
+                    event.id(),
+                    found.len()
+                ));
+            };
+            let expected = spans::Recorded {
+                name,
+                system: h.system().to_owned(),
+                destination: topic.clone(),
+                operation: operation.to_owned(),
+                message_id: event.id().to_owned(),
+            };
+            if **span != expected {
+                return Err(format!("{name} span {span:?}, expected {expected:?}"));
+            }
+        }
     }
     Ok(Outcome::Passed)
 }

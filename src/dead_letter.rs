@@ -69,7 +69,7 @@ pub fn annotate(mut event: Event, error: &Error, topic: &str, attempts: Option<u
 
 /// The default capacity: 10,000 events, enough to ride out a burst without
 /// unbounded memory.
-pub const DEFAULT_CAPACITY: usize = 10_000;
+pub(crate) const DEFAULT_CAPACITY: usize = 10_000;
 
 /// A bounded, cloneable in-memory dead-letter queue. Clones share the queue.
 ///

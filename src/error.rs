@@ -358,7 +358,7 @@ impl From<std::convert::Infallible> for Error {
 /// handled the same way.
 ///
 /// ```
-/// use watchtower::error::redact_url;
+/// use watchtower::redact_url;
 ///
 /// assert_eq!(
 ///     redact_url("amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"),

@@ -49,7 +49,7 @@ pub const SPEC_VERSION: &str = "1.0";
 ///
 /// A relative URI-reference, as the spec allows; set a real one with
 /// [`Event::set_source`] or [`EventBuilder::source`].
-pub const DEFAULT_SOURCE: &str = "/watchtower";
+pub(crate) const DEFAULT_SOURCE: &str = "/watchtower";
 
 /// The content type of JSON payloads.
 pub const APPLICATION_JSON: &str = "application/json";
@@ -118,7 +118,7 @@ fn new_id() -> Arc<str> {
 }
 
 impl Event {
-    /// A JSON event of type `ty`: new UUID v7 id, [`DEFAULT_SOURCE`], the
+    /// A JSON event of type `ty`: new UUID v7 id, source `/watchtower` (a relative URI-reference, as the spec allows), the
     /// current time, `datacontenttype` `application/json`.
     pub fn new(ty: impl Into<Arc<str>>, data: serde_json::Value) -> Event {
         // Serialising a `Value` cannot fail: its map keys are strings.
@@ -623,7 +623,7 @@ impl EventBuilder {
         self
     }
 
-    /// Sets the `source` (default: [`DEFAULT_SOURCE`]).
+    /// Sets the `source` (default: `/watchtower`, a relative URI-reference, as the spec allows).
     pub fn source(mut self, source: impl Into<Arc<str>>) -> Self {
         self.event.set_source(source);
         self

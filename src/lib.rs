@@ -21,8 +21,15 @@
 //! * [`MemoryDeadLetters`](dead_letter::MemoryDeadLetters): a bounded
 //!   in-memory dead-letter queue, [`serve()`]'s default dead-letter path
 //!   (not durable: lost when the process exits);
+//! * [`Transport`], [`health`] and [`backoff`]: what every transport
+//!   client shares: its `messaging.system` name, one health type, one
+//!   exponential backoff for its reconnect loop, and one [`Overflow`]
+//!   policy for its bounded queues;
+//! * [`trace`]: the publish and process spans with the OpenTelemetry
+//!   messaging attributes, opened by every transport and the runtime;
 //! * [`reply`]: a one-shot reply whose sender chooses when to wake the
-//!   receiver, for answering many callers at once;
+//!   receiver, for transport and layer authors who answer many callers at
+//!   once;
 //! * `conformance` (feature `conformance`): the test suite every transport
 //!   runs.
 //!
@@ -54,36 +61,48 @@
 
 #![forbid(unsafe_code)]
 // Library code never panics on input it does not control.
-#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+// The contracts: private modules, their items at the root.
+mod error;
+mod event;
+mod overflow;
+mod publish;
+mod serve;
+mod subscribe;
+mod topic;
+mod transport;
+
+// Namespaces: their items are named through the module.
+pub mod backoff;
 pub mod codec;
 pub mod dead_letter;
-pub mod error;
-pub mod event;
-pub mod publish;
+pub mod health;
 pub mod reply;
-pub mod serve;
-pub mod subscribe;
-pub mod topic;
 pub mod trace;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use error::{BoxError, Error, ErrorKind};
-pub use event::{Event, EventBuilder};
+pub use error::{BoxError, Error, ErrorKind, redact_url};
+pub use event::{
+    APPLICATION_JSON, Event, EventBuilder, SPEC_VERSION, ext, is_json_content_type, validate_extension_name,
+};
+pub use overflow::Overflow;
 pub use publish::PublishExt;
 pub use serve::{Serve, ServeStats, StatsHandle, SubscriberExt, SubscriptionHandle, serve};
 pub use subscribe::{
-    Acker, Capabilities, Delivery, Poison, RawMessage, Receipt, SubscribeOptions, Subscriber,
+    Acker, Capabilities, Delivery, POISON_EVENT_TYPE, Poison, RawMessage, Receipt, SubscribeOptions,
+    Subscriber,
 };
-pub use topic::TopicPattern;
+pub use topic::{MAX_TOPIC_LEN, TopicPattern, validate_topic};
+pub use transport::Transport;
 
 /// The names most programs need: `use watchtower::prelude::*;`.
 pub mod prelude {
     pub use crate::dead_letter::MemoryDeadLetters;
     pub use crate::{
-        Acker, Capabilities, Delivery, Error, ErrorKind, Event, PublishExt, Receipt, SubscribeOptions,
-        Subscriber, SubscriberExt, SubscriptionHandle, TopicPattern, serve,
+        Acker, Capabilities, Delivery, Error, ErrorKind, Event, Overflow, PublishExt, Receipt,
+        SubscribeOptions, Subscriber, SubscriberExt, SubscriptionHandle, TopicPattern, Transport, serve,
     };
 }

@@ -98,6 +98,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt as _};
 use tracing::Instrument as _;
 
+use crate::backoff::Backoff;
 use crate::dead_letter::MemoryDeadLetters;
 use crate::error::{BoxError, Error};
 use crate::event::{Event, ext};
@@ -123,12 +124,12 @@ const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
 
 /// Events in flight at once unless set: 64, enough to hide broker round
 /// trips without unbounded work.
-pub const DEFAULT_CONCURRENCY: usize = 64;
+pub(crate) const DEFAULT_CONCURRENCY: usize = 64;
 
 /// How long shutdown waits for in-flight events unless set: 30 s, the
 /// JetStream ack-wait default, so a broker would redeliver about then
 /// anyway.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 type DeadLetterPath = BoxCloneSyncService<Event, (), Error>;
 type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -154,10 +155,7 @@ where
         default_dead_letters: Some(dead_letters),
         shutdown: None,
         shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
-        backoff: Backoff {
-            base: BACKOFF_BASE,
-            max: BACKOFF_MAX,
-        },
+        backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
         max_deliveries: MAX_DELIVERIES,
         counters: Arc::default(),
     }
@@ -178,23 +176,6 @@ pub struct Serve<St, H> {
     counters: Arc<Counters>,
 }
 
-/// Redelivery delays: `base` after the first delivery, doubling up to
-/// `max`.
-#[derive(Debug, Clone, Copy)]
-struct Backoff {
-    base: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    /// The delay before redelivering an event whose `count`th delivery
-    /// failed.
-    fn delay(&self, count: u32) -> Duration {
-        let factor = 1u32.checked_shl(count.saturating_sub(1)).unwrap_or(u32::MAX);
-        self.base.saturating_mul(factor).min(self.max)
-    }
-}
-
 impl<St, H> fmt::Debug for Serve<St, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Serve")
@@ -208,7 +189,7 @@ impl<St, H> fmt::Debug for Serve<St, H> {
 
 impl<St, H> Serve<St, H> {
     /// At most `n` events in the handler at once (at least 1). Default
-    /// [`DEFAULT_CONCURRENCY`]. Events whose handler finished but whose
+    /// 64, enough to hide broker round trips without unbounded work. Events whose handler finished but whose
     /// settlement is still on its way to the broker do not count, up to
     /// four times `n` in all, so that transports that batch their acks
     /// keep the handler busy.
@@ -254,7 +235,7 @@ impl<St, H> Serve<St, H> {
     }
 
     /// How long shutdown (or the end of the subscription) waits for
-    /// in-flight events. Default [`DEFAULT_SHUTDOWN_TIMEOUT`].
+    /// in-flight events. Default 30 s, the JetStream ack-wait default, so a broker would redeliver about then anyway.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
         self
@@ -276,10 +257,7 @@ impl<St, H> Serve<St, H> {
     /// [`max_deliveries`](Serve::max_deliveries) an event is tried for
     /// about 50 s before it is given up on.
     pub fn redelivery_backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.backoff = Backoff {
-            base: initial,
-            max: max.max(initial),
-        };
+        self.backoff = Backoff::new(initial, max);
         self
     }
 
@@ -621,7 +599,7 @@ async fn dead_letter<A: Acker>(
             tracing::error!(error = %e, "dead-letter path failed; nacking so the transport keeps the message");
             nack(
                 acker,
-                Some(DEAD_LETTER_RETRY.max(ctx.backoff.base)),
+                Some(DEAD_LETTER_RETRY.max(ctx.backoff.initial())),
                 &ctx.counters,
             )
             .await

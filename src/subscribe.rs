@@ -303,10 +303,20 @@ pub struct Delivery<A> {
 
 impl<A: Acker> Delivery<A> {
     /// A delivery of `event` received on `topic`, first delivery.
-    pub fn new(event: Event, topic: impl Into<Arc<str>>, acker: A) -> Delivery<A> {
+    ///
+    /// The event's own [topic](Event::topic) becomes `topic`, so that a
+    /// handler sees where the event was published to, the same way on
+    /// every transport (the topic is not part of the CloudEvents wire
+    /// format: it is the subject, stream or routing key the message came
+    /// through).
+    pub fn new(mut event: Event, topic: impl Into<Arc<str>>, acker: A) -> Delivery<A> {
+        let topic = topic.into();
+        if event.topic() != &*topic {
+            event.set_topic(topic.clone());
+        }
         Delivery {
             content: Ok(event),
-            topic: topic.into(),
+            topic,
             system: "unknown",
             delivery_count: 1,
             acker,

@@ -389,7 +389,7 @@ async fn poison_goes_to_the_poison_path_and_is_rejected() {
     assert_eq!(feed.settlement_of(&good), Some(Settled::Ack));
     let dead = dlq.drain();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].ty(), watchtower::subscribe::POISON_EVENT_TYPE);
+    assert_eq!(dead[0].ty(), watchtower::POISON_EVENT_TYPE);
     assert_eq!(dead[0].data().map(|d| &d[..]), Some(&b"\x00garbage"[..]));
     assert_eq!(dead[0].extension("deadlettertopic"), Some("orders"));
     assert_eq!(dead[0].extension("deadletterkind"), Some("decode"));
@@ -604,7 +604,7 @@ async fn a_publisher_as_dead_letter_path_does_not_feed_poison_back() {
         .unwrap();
     let mut dead = broker
         .subscriber()
-        .open(SubscribeOptions::new([watchtower::subscribe::POISON_EVENT_TYPE]).unwrap())
+        .open(SubscribeOptions::new([watchtower::POISON_EVENT_TYPE]).unwrap())
         .await
         .unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();

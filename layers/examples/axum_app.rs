@@ -23,12 +23,13 @@ use serde_json::{Value, json};
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 use watchtower::dead_letter::MemoryDeadLetters;
+use watchtower::health::Status;
 use watchtower::{Error, Event, Receipt};
 use watchtower_layers::ServiceBuilderExt;
 use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
 use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use watchtower_layers::dead_letter::Outcome;
-use watchtower_layers::health::{Health, Status};
+use watchtower_layers::health::HealthView;
 use watchtower_layers::retry::{RetryConfig, RetryLayer};
 use watchtower_memory::MemoryBroker;
 
@@ -37,7 +38,7 @@ type Publisher = BoxCloneSyncService<Event, Outcome<Receipt>, Error>;
 #[derive(Clone)]
 struct AppState {
     publisher: Publisher,
-    health: Health,
+    health: HealthView,
 }
 
 async fn place_order(State(state): State<AppState>, Json(order): Json<Value>) -> (StatusCode, Json<Value>) {
@@ -60,7 +61,7 @@ async fn place_order(State(state): State<AppState>, Json(order): Json<Value>) ->
 }
 
 async fn health_report(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let report = state.health.report();
+    let report = state.health.report().await;
     let code = match report.status {
         Status::Up | Status::Degraded => StatusCode::OK,
         Status::Down => StatusCode::SERVICE_UNAVAILABLE,
@@ -77,7 +78,7 @@ fn app(broker: &MemoryBroker) -> Router {
             .delays(Duration::from_millis(50), Duration::from_secs(1)),
     );
     let queue = BackpressureLayer::new(1_024, Overflow::Block);
-    let health = Health::new()
+    let health = HealthView::new()
         .breaker("broker", breaker.handle())
         .retry("publish", retry.handle())
         .queue("outbox", queue.handle())

@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use tower::{ServiceBuilder, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::event::ext;
+use watchtower::ext;
 use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_layers::ServiceBuilderExt;
 use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
-use watchtower_layers::health::Health;
+use watchtower_layers::health::HealthView;
 use watchtower_layers::retry::RetryConfig;
 use watchtower_memory::MemoryBroker;
 
@@ -42,7 +42,7 @@ async fn main() -> Result<(), Error> {
     let broker = MemoryBroker::new();
     let dlq = MemoryDeadLetters::new(1_000);
     let breaker = CircuitBreakerLayer::new(CircuitBreakerConfig::new().name("payments").minimum_calls(10));
-    let health = Health::new()
+    let health = HealthView::new()
         .breaker("payments", breaker.handle())
         .memory_dead_letters("dlq", dlq.clone());
 
@@ -98,7 +98,7 @@ async fn main() -> Result<(), Error> {
             event.extension(ext::DEAD_LETTER_REASON).unwrap_or("-"),
         );
     }
-    let report = health.report();
+    let report = health.report().await;
     println!("health: {}", serde_json::to_string(&report).unwrap_or_default());
     assert_eq!(dlq.len(), 3, "two refused orders and one poison message");
     Ok(())

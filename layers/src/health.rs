@@ -1,48 +1,61 @@
-//! A combined health view over the layers' handles.
+//! One health view over the transports and the layers' handles.
 //!
-//! [`Health`] collects handles — breakers, backpressure queues, retry and
-//! dead-letter counters, in-memory DLQs — and [`Health::report`] reads them
-//! all into one serialisable [`HealthReport`], e.g. for a `/health` route.
+//! [`HealthView`] collects transport clients (anything that implements
+//! [`Transport`], whose [`health`](Transport::health) answers with the
+//! core's one [`Health`](watchtower::health::Health) type) and the layers'
+//! handles — breakers, backpressure queues, retry and dead-letter counters,
+//! in-memory DLQs — and [`HealthView::report`] reads them all into one
+//! serialisable [`HealthReport`], e.g. for a `/health` route.
 //!
 //! ```
 //! use watchtower::dead_letter::MemoryDeadLetters;
+//! use watchtower::health::Status;
 //! use watchtower_layers::circuit_breaker::CircuitBreakerLayer;
-//! use watchtower_layers::health::{Health, Status};
+//! use watchtower_layers::health::HealthView;
+//! use watchtower_memory::MemoryBroker;
 //!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let broker = MemoryBroker::new();
 //! let breaker = CircuitBreakerLayer::default();
 //! let dlq = MemoryDeadLetters::new(100);
-//! let health = Health::new().breaker("nats", breaker.handle()).memory_dead_letters("dlq", dlq.clone());
-//! assert_eq!(health.report().status, Status::Up);
+//! let health = HealthView::new()
+//!     .transport("events", broker.clone())
+//!     .breaker("events", breaker.handle())
+//!     .memory_dead_letters("dlq", dlq.clone());
+//! assert_eq!(health.report().await.status, Status::Up);
 //!
 //! breaker.handle().force_open();
-//! let report = health.report();
+//! let report = health.report().await;
 //! assert_eq!(report.status, Status::Down);
 //! assert_eq!(report.breakers[0].metrics.state.as_str(), "forced_open");
+//! assert_eq!(report.transports[0].health.system(), "memory");
+//! # }
 //! ```
 
 use std::fmt;
+use std::future::Future;
 use std::hash::Hash;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
+use watchtower::Transport;
 use watchtower::dead_letter::MemoryDeadLetters;
+use watchtower::health::{Health, Status};
 
 use crate::backpressure::{BackpressureHandle, BackpressureStats};
 use crate::circuit_breaker::{CircuitBreakerHandle, KeyedBreakers, Metrics, State};
 use crate::dead_letter::{DeadLetterHandle, DeadLetterStats};
 use crate::retry::{RetryHandle, RetryStats};
 
-/// Overall health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// Every breaker lets calls through and no queue is full.
-    Up,
-    /// Working, but something needs a look: a breaker is half-open, a
-    /// queue is full, or dead letters are waiting.
-    Degraded,
-    /// A breaker is open: calls are refused.
-    Down,
+/// One transport client's health, by the name it was added under.
+#[derive(Debug, Clone, Serialize)]
+pub struct TransportHealth {
+    /// The name given to [`HealthView::transport`].
+    pub name: String,
+    /// What the client answered (or `Down` if it did not answer in time).
+    pub health: Health,
 }
 
 /// One breaker in a [`HealthReport`].
@@ -88,11 +101,13 @@ pub struct RetryHealth {
     pub stats: RetryStats,
 }
 
-/// Everything [`Health`] read, at one moment.
+/// Everything a [`HealthView`] read, at one moment.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthReport {
     /// The worst of the parts.
     pub status: Status,
+    /// Transport clients.
+    pub transports: Vec<TransportHealth>,
     /// Breakers.
     pub breakers: Vec<BreakerHealth>,
     /// Backpressure queues.
@@ -110,13 +125,19 @@ impl HealthReport {
     }
 }
 
+/// How long a report waits for a transport: see [`HealthView::check_timeout`].
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
 type DeadLetterProbe = Arc<dyn Fn() -> DeadLetterHealth + Send + Sync>;
+type TransportProbe = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Health> + Send>> + Send + Sync>;
 type KeyedProbe = Arc<dyn Fn() -> Vec<(String, CircuitBreakerHandle)> + Send + Sync>;
 
 /// A set of named handles to report on. Cheap to clone; put it in your
 /// application state.
 #[derive(Clone, Default)]
-pub struct Health {
+pub struct HealthView {
+    transports: Vec<(String, &'static str, TransportProbe)>,
+    check_timeout: Option<Duration>,
     breakers: Vec<(String, CircuitBreakerHandle)>,
     queues: Vec<(String, BackpressureHandle)>,
     retries: Vec<(String, RetryHandle)>,
@@ -124,10 +145,34 @@ pub struct Health {
     keyed: Vec<KeyedProbe>,
 }
 
-impl Health {
+impl HealthView {
     /// An empty set.
     pub fn new() -> Self {
-        Health::default()
+        HealthView::default()
+    }
+
+    /// Adds a transport client under `name`: each report asks it for its
+    /// [`health`](Transport::health), all clients at once.
+    pub fn transport<T: Transport>(mut self, name: impl Into<String>, client: T) -> Self {
+        self.transports.push((
+            name.into(),
+            T::SYSTEM,
+            Arc::new(move || {
+                let client = client.clone();
+                Box::pin(async move { client.health().await })
+            }),
+        ));
+        self
+    }
+
+    /// How long a report waits for a transport's answer before counting
+    /// it [`Down`](Status::Down). Default 5 s: far longer than a healthy
+    /// broker's round trip under load, and shorter than the period of a
+    /// Kubernetes probe (10 s by default), so that a stalled broker shows as
+    /// down instead of hanging the probe.
+    pub fn check_timeout(mut self, timeout: Duration) -> Self {
+        self.check_timeout = Some(timeout);
+        self
     }
 
     /// Adds a breaker.
@@ -194,8 +239,27 @@ impl Health {
     }
 
     /// Reads every handle now.
-    pub fn report(&self) -> HealthReport {
-        let mut status = Status::Up;
+    pub async fn report(&self) -> HealthReport {
+        let timeout = self.check_timeout.unwrap_or(CHECK_TIMEOUT);
+        let checks = self.transports.iter().map(|(name, system, probe)| {
+            let check = probe();
+            async move {
+                let health = match tokio::time::timeout(timeout, check).await {
+                    Ok(health) => health,
+                    Err(_) => Health::down(system, "health check timed out"),
+                };
+                TransportHealth {
+                    name: name.clone(),
+                    health,
+                }
+            }
+        });
+        let transports = futures_util::future::join_all(checks).await;
+        let mut status = transports
+            .iter()
+            .map(|t| t.health.status())
+            .max()
+            .unwrap_or(Status::Up);
         let keyed: Vec<_> = self.keyed.iter().flat_map(|probe| probe()).collect();
         let breakers: Vec<_> = self
             .breakers
@@ -249,6 +313,7 @@ impl Health {
             .collect();
         HealthReport {
             status,
+            transports,
             breakers,
             queues,
             retries,
@@ -257,9 +322,13 @@ impl Health {
     }
 }
 
-impl fmt::Debug for Health {
+impl fmt::Debug for HealthView {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Health")
+        f.debug_struct("HealthView")
+            .field(
+                "transports",
+                &self.transports.iter().map(|(name, ..)| name).collect::<Vec<_>>(),
+            )
             .field("breakers", &self.breakers.len())
             .field("queues", &self.queues.len())
             .field("retries", &self.retries.len())

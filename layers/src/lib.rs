@@ -17,7 +17,7 @@
 //!
 //! The table is also the recommended order, outermost first; see
 //! [`ServiceBuilderExt`] for why. Every layer has a cloneable handle for
-//! its counters, and [`health::Health`] combines them.
+//! its counters, and [`health::HealthView`] combines them.
 //!
 //! Together they keep one promise: an event is delivered, dead-lettered,
 //! or its caller gets an error carrying it — never silently dropped.
@@ -31,7 +31,7 @@
 //! use watchtower::{Error, ErrorKind, Event};
 //! use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
 //! use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
-//! use watchtower_layers::health::Health;
+//! use watchtower_layers::health::HealthView;
 //! use watchtower_layers::retry::RetryConfig;
 //! use watchtower_layers::ServiceBuilderExt;
 //!
@@ -39,7 +39,7 @@
 //! let dlq = MemoryDeadLetters::new(10_000);
 //! let breaker = CircuitBreakerLayer::new(CircuitBreakerConfig::new().name("broker"));
 //! let queue = BackpressureLayer::new(1024, Overflow::Block);
-//! let health = Health::new()
+//! let health = HealthView::new()
 //!     .breaker("broker", breaker.handle())
 //!     .queue("outbox", queue.handle())
 //!     .memory_dead_letters("dlq", dlq.clone());
@@ -59,7 +59,7 @@
 //! assert!(publisher.ready().await?.call(Event::empty("user.created")).await?.is_delivered());
 //! assert!(publisher.ready().await?.call(Event::empty("bad")).await?.is_dead_lettered());
 //! assert_eq!(dlq.len(), 1);
-//! assert_eq!(health.report().dead_letters[0].len, Some(1));
+//! assert_eq!(health.report().await.dead_letters[0].len, Some(1));
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
@@ -81,6 +81,6 @@ pub mod prelude {
     pub use crate::backpressure::{BackpressureLayer, Overflow};
     pub use crate::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
     pub use crate::dead_letter::{DeadLetterLayer, Outcome};
-    pub use crate::health::Health;
+    pub use crate::health::HealthView;
     pub use crate::retry::{RetryConfig, RetryLayer};
 }

@@ -12,7 +12,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::event::ext;
+use watchtower::ext;
 use watchtower::{Error, ErrorKind, Event};
 use watchtower_layers::ServiceBuilderExt;
 use watchtower_layers::backpressure::{BackpressureLayer, Overflow};

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::event::ext;
+use watchtower::ext;
+use watchtower::health::Status;
 use watchtower::{Error, ErrorKind, Event};
 use watchtower_layers::ServiceBuilderExt;
 use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
 use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer, State};
-use watchtower_layers::health::{Health, Status};
+use watchtower_layers::health::HealthView;
 use watchtower_layers::retry::{Jitter, RetryConfig};
 
 #[tokio::test(start_paused = true)]
@@ -151,11 +152,11 @@ async fn health_reports_the_worst_part() {
     );
     let queue = BackpressureLayer::new(1, Overflow::DropNewest).concurrency(1);
     let dlq = MemoryDeadLetters::new(10);
-    let health = Health::new()
+    let health = HealthView::new()
         .breaker("broker", breaker.handle())
         .queue("outbox", queue.handle())
         .memory_dead_letters("dlq", dlq.clone());
-    assert_eq!(health.report().status, Status::Up);
+    assert_eq!(health.report().await.status, Status::Up);
 
     let mut svc = ServiceBuilder::new()
         .dead_letter(dlq.clone())
@@ -164,22 +165,22 @@ async fn health_reports_the_worst_part() {
             Err::<(), _>(Error::new(ErrorKind::Connection, "down"))
         }));
     let _ = svc.ready().await.unwrap().call(Event::empty("x")).await.unwrap();
-    let report = health.report();
+    let report = health.report().await;
     assert_eq!(report.status, Status::Down);
     assert_eq!(report.breakers[0].metrics.state, State::Open);
     assert_eq!(report.dead_letters[0].len, Some(1));
 
     tokio::time::advance(Duration::from_secs(5)).await;
     assert_eq!(
-        health.report().status,
+        health.report().await.status,
         Status::Degraded,
         "half-open, and a dead letter waits"
     );
     breaker.handle().reset();
     dlq.drain();
-    assert_eq!(health.report().status, Status::Up);
+    assert_eq!(health.report().await.status, Status::Up);
 
-    let report = serde_json::to_value(health.report()).unwrap();
+    let report = serde_json::to_value(health.report().await).unwrap();
     assert_eq!(report["status"], "up");
     assert_eq!(report["breakers"][0]["metrics"]["state"], "closed");
     assert_eq!(report["queues"][0]["stats"]["capacity"], 1);
@@ -214,10 +215,10 @@ async fn drops_below_the_breaker_do_not_trip_it() {
 async fn health_lists_keyed_breakers() {
     use watchtower_layers::circuit_breaker::KeyedBreakers;
     let breakers = KeyedBreakers::new(CircuitBreakerConfig::new(), 10);
-    let health = Health::new().keyed_breakers("webhook", breakers.clone());
-    assert!(health.report().breakers.is_empty());
+    let health = HealthView::new().keyed_breakers("webhook", breakers.clone());
+    assert!(health.report().await.breakers.is_empty());
     breakers.get("https://a.example/hook".to_owned()).force_open();
-    let report = health.report();
+    let report = health.report().await;
     assert_eq!(report.status, Status::Down);
     assert_eq!(report.breakers[0].name, "webhook/https://a.example/hook");
 }

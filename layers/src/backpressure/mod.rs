@@ -96,19 +96,9 @@ use shared::{Counters, Direct, Job, Queue, Shared, Slots};
 
 /// The default concurrency: 64 calls in flight, as the consumer runtime
 /// uses, enough to hide a broker's round trip.
-pub const DEFAULT_CONCURRENCY: usize = 64;
+const DEFAULT_CONCURRENCY: usize = 64;
 
-/// What to do with a new event when the queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Overflow {
-    /// Wait for room: `poll_ready` is pending until a slot frees up.
-    Block,
-    /// Refuse the new event with `Dropped`.
-    DropNewest,
-    /// Evict the oldest queued event (its caller gets `Dropped`) and queue
-    /// the new one.
-    DropOldest,
-}
+pub use watchtower::Overflow;
 
 /// Puts a bounded queue with an [`Overflow`] policy in front of a service.
 ///
@@ -140,7 +130,7 @@ impl BackpressureLayer {
     }
 
     /// How many calls the worker runs at once (at least 1). Default:
-    /// [`DEFAULT_CONCURRENCY`]; 1 keeps the inner service's order strict.
+    /// 64; 1 keeps the inner service's order strict.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self

@@ -13,10 +13,6 @@ use super::config::CircuitBreakerConfig;
 use super::future::ResponseFuture;
 use super::state::{Breaker, CircuitBreakerHandle, State};
 
-/// The default bound on live breakers: 1,024 keys, enough for the
-/// endpoints of a busy webhook sender at a few hundred kilobytes.
-pub const DEFAULT_MAX_KEYS: usize = 1024;
-
 /// A registry of breakers, one per key, all built from one config.
 ///
 /// When full, adding a key evicts the least recently used *closed* breaker
@@ -58,7 +54,9 @@ impl<K> Clone for KeyedBreakers<K> {
 }
 
 impl<K: Eq + Hash + Clone> KeyedBreakers<K> {
-    /// A registry of at most `max_keys` breakers (at least 1).
+    /// A registry of at most `max_keys` breakers (at least 1). 1,024 is a
+    /// good bound for the endpoints of a busy webhook sender: a few hundred
+    /// kilobytes.
     pub fn new(config: CircuitBreakerConfig, max_keys: usize) -> Self {
         KeyedBreakers {
             shared: Arc::new(Registry {

@@ -99,7 +99,7 @@ mod tests;
 
 pub use config::{CircuitBreakerConfig, SlidingWindow, StateChange, Verdict, default_classifier};
 pub use future::ResponseFuture;
-pub use keyed::{DEFAULT_MAX_KEYS, KeyedBreakers, KeyedCircuitBreaker, KeyedCircuitBreakerLayer};
+pub use keyed::{KeyedBreakers, KeyedCircuitBreaker, KeyedCircuitBreakerLayer};
 pub use layer::CircuitBreakerLayer;
 pub use service::CircuitBreaker;
 pub use state::{CircuitBreakerHandle, Metrics, State};

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use tokio::task::JoinHandle;
 use tower::Service;
 use watchtower::codec::structured;
-use watchtower::event::ext;
+use watchtower::ext;
 use watchtower::{Error, ErrorKind, Event};
 
 /// A dead-letter service that appends each event to a file as one line of

@@ -14,7 +14,7 @@
 //! * an append-only JSON-lines file, [`FileDeadLetters`].
 //!
 //! The event is annotated with the extensions of
-//! [`watchtower::event::ext`]: `deadletterreason` (the error's text),
+//! [`watchtower::ext`]: `deadletterreason` (the error's text),
 //! `deadletterkind` ([`ErrorKind::as_str`](watchtower::ErrorKind::as_str)),
 //! `deadlettertopic` (where it was going), `deadlettertime` (RFC 3339) and
 //! `attempt` (from the retry layer below, `1` if there was none).

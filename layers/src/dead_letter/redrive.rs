@@ -4,7 +4,7 @@ use std::future::poll_fn;
 
 use tower::Service;
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::event::ext;
+use watchtower::ext;
 use watchtower::{BoxError, Error, Event};
 
 /// What a redrive did.

@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tower::{Layer, Service, ServiceExt, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::event::ext;
+use watchtower::ext;
 use watchtower::{Error, ErrorKind, Event};
 
 use super::*;

@@ -7,17 +7,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tower::retry::budget::Budget;
 use watchtower::Error;
-
-/// How the delay before a retry is spread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Jitter {
-    /// Exactly the exponential delay.
-    None,
-    /// Uniform between the minimum delay and the exponential delay ("full
-    /// jitter"), so that clients that failed together do not retry
-    /// together.
-    Full,
-}
+use watchtower::backoff::{Backoff, Jitter};
 
 /// What a retry hook is told before each retry.
 #[derive(Debug)]
@@ -51,12 +41,9 @@ pub(crate) type SharedBudget = Arc<dyn Budget + Send + Sync>;
 #[derive(Clone)]
 pub struct RetryConfig {
     pub(crate) max_attempts: u32,
-    pub(crate) min_delay: Duration,
-    pub(crate) max_delay: Duration,
-    pub(crate) multiplier: f64,
+    pub(crate) backoff: Backoff,
     pub(crate) max_elapsed: Option<Duration>,
     pub(crate) max_retry_after: Duration,
-    pub(crate) jitter: Jitter,
     pub(crate) seed: Option<u64>,
     pub(crate) budget: Option<SharedBudget>,
     pub(crate) retry_if: Option<RetryIf>,
@@ -68,12 +55,9 @@ impl RetryConfig {
     pub fn new() -> Self {
         RetryConfig {
             max_attempts: 3,
-            min_delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(10),
-            multiplier: 2.0,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)).jitter(Jitter::Full),
             max_elapsed: Some(Duration::from_secs(30)),
             max_retry_after: Duration::from_secs(60),
-            jitter: Jitter::Full,
             seed: None,
             budget: None,
             retry_if: None,
@@ -91,15 +75,16 @@ impl RetryConfig {
     /// The first retry's delay and the cap on any computed delay.
     /// Default: 100 ms and 10 s.
     pub fn delays(mut self, min: Duration, max: Duration) -> Self {
-        self.min_delay = min;
-        self.max_delay = max.max(min);
+        self.backoff = self.backoff.delays(min, max);
         self
     }
 
     /// The factor each further retry's delay grows by (at least 1).
     /// Default: 2.
     pub fn multiplier(mut self, m: f64) -> Self {
-        self.multiplier = if m.is_finite() { m.max(1.0) } else { 2.0 };
+        self.backoff = self
+            .backoff
+            .multiplier(if m.is_finite() { m.max(1.0) } else { 2.0 });
         self
     }
 
@@ -126,7 +111,7 @@ impl RetryConfig {
 
     /// How delays are spread. Default: [`Jitter::Full`].
     pub fn jitter(mut self, jitter: Jitter) -> Self {
-        self.jitter = jitter;
+        self.backoff = self.backoff.jitter(jitter);
         self
     }
 
@@ -169,20 +154,12 @@ impl RetryConfig {
     /// any retry-after hint: `min · multiplier^(attempt-2)` capped at the
     /// maximum, then jittered (in whole milliseconds).
     pub fn delay_before(&self, attempt: u32, rng: &mut SmallRng) -> Duration {
-        let exp = i32::try_from(attempt.saturating_sub(2)).unwrap_or(i32::MAX);
-        let cap = Duration::try_from_secs_f64(self.min_delay.as_secs_f64() * self.multiplier.powi(exp))
-            .unwrap_or(self.max_delay)
-            .min(self.max_delay);
-        match self.jitter {
-            Jitter::None => cap,
-            Jitter::Full if cap <= self.min_delay => self.min_delay,
-            Jitter::Full => {
-                // Whole milliseconds: tokio's timer cannot wait any finer.
-                let lo = u64::try_from(self.min_delay.as_millis()).unwrap_or(u64::MAX);
-                let hi = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
-                Duration::from_millis(rng.random_range(lo..=hi)).max(self.min_delay)
-            }
-        }
+        self.backoff.delay_with(attempt.saturating_sub(1), rng.random())
+    }
+
+    /// The backoff the delays follow.
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
     }
 
     pub(crate) fn is_retryable(&self, err: &Error) -> bool {
@@ -203,12 +180,9 @@ impl fmt::Debug for RetryConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryConfig")
             .field("max_attempts", &self.max_attempts)
-            .field("min_delay", &self.min_delay)
-            .field("max_delay", &self.max_delay)
-            .field("multiplier", &self.multiplier)
+            .field("backoff", &self.backoff)
             .field("max_elapsed", &self.max_elapsed)
             .field("max_retry_after", &self.max_retry_after)
-            .field("jitter", &self.jitter)
             .field("seed", &self.seed)
             .field("budget", &self.budget.is_some())
             .finish_non_exhaustive()

@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
-use watchtower::event::ext;
+use watchtower::ext;
 use watchtower::{BoxError, Error, Event};
 
 use super::config::{RetryAttempt, Shared};

@@ -15,7 +15,7 @@
 //! An optional [budget](RetryConfig::budget) stops retries from
 //! multiplying load during an outage.
 //!
-//! Each retry is sent with the [`ATTEMPT`](watchtower::event::ext::ATTEMPT)
+//! Each retry is sent with the [`ATTEMPT`](watchtower::ext::ATTEMPT)
 //! extension set to its number; the first attempt is sent untouched. When
 //! the layer gives up, the error carries the last attempt's event
 //! ([`Error::event`](watchtower::Error::event)), which is how a dead-letter
@@ -40,7 +40,7 @@
 //! copy, since the publisher sets `Nats-Msg-Id` to the event id and the
 //! stream's duplicate window catches it. Every attempt sends the same
 //! event with the same [`id`](watchtower::Event::id) (only the
-//! [`ATTEMPT`](watchtower::event::ext::ATTEMPT) extension changes), so a
+//! [`ATTEMPT`](watchtower::ext::ATTEMPT) extension changes), so a
 //! consumer that must not act twice keys its handler on the event id: an
 //! upsert, a unique constraint, or a table of ids already handled.
 //!
@@ -99,9 +99,10 @@ use std::task::{Context, Poll};
 use tower::{Layer, Service};
 use watchtower::{BoxError, Error, Event};
 
-pub use config::{Jitter, RetryAttempt, RetryConfig};
+pub use config::{RetryAttempt, RetryConfig};
 pub use future::ResponseFuture;
 pub use stats::{RetryHandle, RetryStats};
+pub use watchtower::backoff::Jitter;
 
 use config::Shared;
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::retry::budget::TpsBudget;
 use tower::{Layer, Service, ServiceExt, service_fn};
-use watchtower::event::ext;
+use watchtower::ext;
 use watchtower::{Error, ErrorKind, Event};
 
 use super::*;

@@ -74,7 +74,7 @@ use futures_core::Stream;
 use tokio::sync::Notify;
 use tower_service::Service;
 use watchtower::codec::structured;
-use watchtower::topic::validate_topic;
+use watchtower::validate_topic;
 use watchtower::{
     Acker, Capabilities, Delivery, Error, ErrorKind, Event, Poison, RawMessage, Receipt, SubscribeOptions,
     Subscriber, TopicPattern,

@@ -23,6 +23,10 @@ impl Harness for MemoryHarness {
         "memory".into()
     }
 
+    fn system(&self) -> &'static str {
+        "memory"
+    }
+
     fn capabilities(&self) -> Capabilities {
         self.broker.subscriber().capabilities()
     }
@@ -48,7 +52,7 @@ async fn memory_transport_passes_every_case() {
     })
     .await;
     report.assert_passed();
-    assert_eq!(report.passed().len(), 13, "{report}");
+    assert_eq!(report.passed().len(), 15, "{report}");
     assert!(report.skipped().is_empty(), "{report}");
 }
 
@@ -87,6 +91,10 @@ impl Harness for LossyHarness {
 
     fn name(&self) -> String {
         "lossy memory".into()
+    }
+
+    fn system(&self) -> &'static str {
+        "memory"
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -304,7 +304,7 @@ fn parse_servers(config: &NatsConfig) -> Result<Vec<ServerAddr>, Error> {
             s.parse::<ServerAddr>().map_err(|_| {
                 Error::config(format!(
                     "invalid NATS server address {:?}",
-                    watchtower::error::redact_url(s)
+                    watchtower::redact_url(s)
                 ))
             })
         })

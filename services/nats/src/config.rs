@@ -30,7 +30,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use watchtower::error::redact_url;
+use watchtower::redact_url;
 
 /// How the connection authenticates.
 #[derive(Clone, Default)]

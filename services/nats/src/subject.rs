@@ -20,7 +20,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use watchtower::topic::validate_topic;
+use watchtower::validate_topic;
 use watchtower::{Error, Event};
 
 /// A subject with `{topic}`, `{type}` and `{source}` placeholders. See the

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use tower::service_fn;
-use watchtower::event::ext;
+use watchtower::ext;
 use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, SubscriberExt};
 use watchtower_rabbitmq::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use watchtower_rabbitmq::{ExchangeKind, QueueOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber};

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::{AMQPScheme, AMQPUri};
-use watchtower::error::redact_url;
+use watchtower::redact_url;
 use watchtower::{Error, ErrorKind};
 
 /// How long connecting may take unless set: 10 s, long enough for a TLS
@@ -522,7 +522,7 @@ impl PublishOptions {
 /// What a queue does when it is full (`x-overflow`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Overflow {
+pub enum QueueOverflow {
     /// Drop (or dead-letter) the oldest messages: the broker's default.
     DropHead,
     /// Refuse new messages; with confirms on, the publisher gets a
@@ -532,12 +532,12 @@ pub enum Overflow {
     RejectPublishDlx,
 }
 
-impl Overflow {
+impl QueueOverflow {
     fn as_str(self) -> &'static str {
         match self {
-            Overflow::DropHead => "drop-head",
-            Overflow::RejectPublish => "reject-publish",
-            Overflow::RejectPublishDlx => "reject-publish-dlx",
+            QueueOverflow::DropHead => "drop-head",
+            QueueOverflow::RejectPublish => "reject-publish",
+            QueueOverflow::RejectPublishDlx => "reject-publish-dlx",
         }
     }
 }
@@ -566,7 +566,7 @@ pub struct QueueOptions {
     pub(crate) expires: Option<Duration>,
     pub(crate) max_length: Option<u64>,
     pub(crate) max_length_bytes: Option<u64>,
-    pub(crate) overflow: Option<Overflow>,
+    pub(crate) overflow: Option<QueueOverflow>,
     pub(crate) prefetch: u16,
     pub(crate) binding_arguments: FieldTable,
 }
@@ -718,7 +718,7 @@ impl QueueOptions {
     }
 
     /// What happens when the queue is full (`x-overflow`).
-    pub fn overflow(mut self, overflow: Overflow) -> QueueOptions {
+    pub fn overflow(mut self, overflow: QueueOverflow) -> QueueOptions {
         self.overflow = Some(overflow);
         self
     }
@@ -747,7 +747,7 @@ impl QueueOptions {
                 "a delivery limit needs quorum queues (QueueOptions::quorum(true))",
             ));
         }
-        if self.quorum && self.overflow == Some(Overflow::RejectPublishDlx) {
+        if self.quorum && self.overflow == Some(QueueOverflow::RejectPublishDlx) {
             return Err(Error::config(
                 "quorum queues do not support reject-publish-dlx overflow",
             ));
@@ -878,7 +878,7 @@ mod tests {
         assert!(
             QueueOptions::new()
                 .quorum(true)
-                .overflow(Overflow::RejectPublishDlx)
+                .overflow(QueueOverflow::RejectPublishDlx)
                 .validate()
                 .is_err()
         );
@@ -925,7 +925,7 @@ mod tests {
             .unwrap()
             .message_ttl(Duration::from_secs(1))
             .max_length(10)
-            .overflow(Overflow::RejectPublish)
+            .overflow(QueueOverflow::RejectPublish)
             .arguments(true);
         let inner = args.inner();
         assert_eq!(

@@ -103,7 +103,10 @@ pub mod publisher;
 pub mod subscriber;
 mod wire;
 
-pub use config::{ContentMode, ExchangeKind, Overflow, PublishOptions, QueueOptions, RabbitConfig};
+/// The `messaging.system` name of RabbitMQ, as the OpenTelemetry conventions spell it.
+pub(crate) const SYSTEM: &str = "rabbitmq";
+
+pub use config::{ContentMode, ExchangeKind, PublishOptions, QueueOptions, QueueOverflow, RabbitConfig};
 pub use connection::Health;
 pub use publisher::RabbitPublisher;
 pub use subscriber::{RabbitAcker, RabbitSubscriber, RabbitSubscription};

@@ -559,57 +559,59 @@ impl Service<Event> for RabbitPublisher {
             )));
         };
         let inner = self.inner.clone();
+        let span = watchtower::trace::publish_span(crate::SYSTEM, event.topic(), &event);
         ResponseFuture {
-            inner: Box::pin(async move {
-                let _permit = permit;
-                let work = async {
-                    let options = BasicPublishOptions {
-                        mandatory: inner.options.is_mandatory(),
-                        immediate: false,
-                    };
-                    // A failure that took the channel down: the channel is
-                    // replaced, and the event may or may not have been
-                    // stored, whatever closed the channel (another publish
-                    // may have), so the caller may retry it.
-                    let failed = |e: lapin::Error, what: &str| {
-                        if breaks_channel(&e) && !channel.status().connected() {
-                            repair(&inner, &session, index);
-                            Error::new(
+            inner: Box::pin(tracing::Instrument::instrument(
+                async move {
+                    let _permit = permit;
+                    let work = async {
+                        let options = BasicPublishOptions {
+                            mandatory: inner.options.is_mandatory(),
+                            immediate: false,
+                        };
+                        // A failure that took the channel down: the channel is
+                        // replaced, and the event may or may not have been
+                        // stored, whatever closed the channel (another publish
+                        // may have), so the caller may retry it.
+                        let failed = |e: lapin::Error, what: &str| {
+                            if breaks_channel(&e) && !channel.status().connected() {
+                                repair(&inner, &session, index);
+                                Error::new(
                                 ErrorKind::Connection,
                                 format!(
                                     "{what}: the channel closed before the broker confirmed the event: {e}"
                                 ),
                             )
                             .with_retryable(true)
-                        } else {
-                            map_lapin_error(&e, what)
+                            } else {
+                                map_lapin_error(&e, what)
+                            }
+                        };
+                        // Announced before it is sent, so that the confirm task
+                        // waits for its confirm, which may carry another
+                        // publish's returned message (see `confirms`).
+                        let ticket = channel.confirms.as_ref().map(Confirms::announce);
+                        let confirm = channel
+                            .basic_publish(inner.exchange.clone(), routing_key, options, &body, properties)
+                            .await
+                            .map_err(|e| failed(e, "publish"))?;
+                        let receipt = Receipt::for_event(&event).with_stream(inner.stream.clone());
+                        if !inner.options.confirms {
+                            return Ok(receipt);
                         }
-                    };
-                    // Announced before it is sent, so that the confirm task
-                    // waits for its confirm, which may carry another
-                    // publish's returned message (see `confirms`).
-                    let ticket = channel.confirms.as_ref().map(Confirms::announce);
-                    let confirm = channel
-                        .basic_publish(inner.exchange.clone(), routing_key, options, &body, properties)
-                        .await
-                        .map_err(|e| failed(e, "publish"))?;
-                    let receipt = Receipt::for_event(&event).with_stream(inner.stream.clone());
-                    if !inner.options.confirms {
-                        return Ok(receipt);
-                    }
-                    let outcome = match ticket {
-                        // The channel's confirm task answers, with the
-                        // returned message that belongs to this event (see
-                        // `confirms`).
-                        Some(ticket) => ticket.track(receipt.event_id.clone(), confirm).await,
-                        // Nothing can come back: the confirm is the answer.
-                        None => Some(match confirm.await {
-                            Ok(Confirmation::Nack(_)) => Outcome::Nack,
-                            Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => Outcome::Ack,
-                            Err(e) => Outcome::Failed(e),
-                        }),
-                    };
-                    match outcome {
+                        let outcome = match ticket {
+                            // The channel's confirm task answers, with the
+                            // returned message that belongs to this event (see
+                            // `confirms`).
+                            Some(ticket) => ticket.track(receipt.event_id.clone(), confirm).await,
+                            // Nothing can come back: the confirm is the answer.
+                            None => Some(match confirm.await {
+                                Ok(Confirmation::Nack(_)) => Outcome::Nack,
+                                Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => Outcome::Ack,
+                                Err(e) => Outcome::Failed(e),
+                            }),
+                        };
+                        match outcome {
                         Some(Outcome::Ack) => Ok(receipt),
                         Some(Outcome::Returned { code, text }) => Err(Error::new(
                             ErrorKind::Rejected,
@@ -632,16 +634,18 @@ impl Service<Event> for RabbitPublisher {
                         )
                         .with_retryable(true)),
                     }
-                };
-                tokio::select! {
-                    biased;
-                    result = work => result,
-                    () = session.lost.cancelled() => Err(Error::new(
-                        ErrorKind::Connection,
-                        "the connection was lost before the broker confirmed the event",
-                    )),
-                }
-            }),
+                    };
+                    tokio::select! {
+                        biased;
+                        result = work => result,
+                        () = session.lost.cancelled() => Err(Error::new(
+                            ErrorKind::Connection,
+                            "the connection was lost before the broker confirmed the event",
+                        )),
+                    }
+                },
+                span,
+            )),
         }
     }
 }

@@ -80,7 +80,7 @@ use crate::connection::{Health, Link, LinkGuard, LinkState, Session, Setup, map_
 use crate::publisher::declare_exchange;
 use crate::wire;
 
-const SYSTEM: &str = "rabbitmq";
+use crate::SYSTEM;
 
 /// Consumes events from RabbitMQ queues. See the [module docs](self).
 ///

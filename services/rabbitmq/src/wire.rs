@@ -9,7 +9,7 @@ use bytes::Bytes;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use watchtower::codec::{self, Binding};
-use watchtower::event::ext;
+use watchtower::ext;
 use watchtower::{Error, ErrorKind, Event, RawMessage};
 
 use crate::config::{ContentMode, PublishOptions, millis};

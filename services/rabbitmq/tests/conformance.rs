@@ -24,6 +24,10 @@ impl Harness for RabbitHarness {
     type Publisher = RabbitPublisher;
     type Subscriber = RabbitSubscriber;
 
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
     fn name(&self) -> String {
         if self.quorum {
             "rabbitmq (quorum queues)"

@@ -11,10 +11,10 @@ use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use tower::service_fn;
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::event::ext;
+use watchtower::ext;
 use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_rabbitmq::{
-    ContentMode, ExchangeKind, Overflow, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher,
+    ContentMode, ExchangeKind, PublishOptions, QueueOptions, QueueOverflow, RabbitConfig, RabbitPublisher,
     RabbitSubscriber,
 };
 
@@ -545,7 +545,7 @@ async fn full_queue_with_reject_publish_nacks_the_publisher() {
         config(&exchange),
         QueueOptions::new()
             .max_length(1)
-            .overflow(Overflow::RejectPublish),
+            .overflow(QueueOverflow::RejectPublish),
     )
     .await
     .unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 use watchtower::Error;
-use watchtower::error::redact_url;
+use watchtower::redact_url;
 
 use crate::error::from_redis;
 

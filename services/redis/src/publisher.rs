@@ -15,8 +15,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
 use watchtower::reply::{Reply, reply};
-use watchtower::topic::validate_topic;
 use watchtower::trace::publish_span;
+use watchtower::validate_topic;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::batch::{Answer, Queue, Request, Stopped, Target, answer, batch_loop};

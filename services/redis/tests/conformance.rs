@@ -23,6 +23,10 @@ impl Harness for RedisHarness {
         "redis".into()
     }
 
+    fn system(&self) -> &'static str {
+        "redis"
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities::NONE
             .persistent(true)

@@ -351,7 +351,7 @@ async fn max_deliveries_can_use_the_poison_path() {
     let stats = server.await.unwrap().unwrap();
     assert_eq!((stats.handler_errors, stats.poisoned), (1, 1));
     let poisoned = dead.drain().remove(0);
-    assert_eq!(poisoned.ty(), watchtower::subscribe::POISON_EVENT_TYPE);
+    assert_eq!(poisoned.ty(), watchtower::POISON_EVENT_TYPE);
     assert_eq!(poisoned.data(), event.data());
     assert_eq!(poisoned.extension("deadletterkind"), Some("rejected"));
     let mut conn = raw(URL).await;

@@ -645,7 +645,7 @@ pub struct WebhookSenderBuilder {
 impl fmt::Debug for WebhookSenderBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookSenderBuilder")
-            .field("url", &watchtower::error::redact_url(&self.url))
+            .field("url", &watchtower::redact_url(&self.url))
             .field("name", &self.name)
             .field("secrets", &self.secrets.len())
             .field("mode", &self.mode)
@@ -831,7 +831,7 @@ impl WebhookSenderBuilder {
         if let Some(err) = self.error {
             return Err(err);
         }
-        let shown = watchtower::error::redact_url(&self.url);
+        let shown = watchtower::redact_url(&self.url);
         let url = reqwest::Url::parse(&self.url)
             .map_err(|e| Error::config(format!("webhook URL {shown:?} is invalid: {e}")))?;
         match url.scheme() {

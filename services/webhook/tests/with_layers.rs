@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use support::{Behaviour, recorder, sender};
 use tower::{ServiceBuilder, ServiceExt};
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::event::ext;
+use watchtower::ext;
 use watchtower::{ErrorKind, Event, PublishExt};
 use watchtower_layers::circuit_breaker::{
     CircuitBreakerConfig, CircuitBreakerHandle, CircuitBreakerLayer, State,

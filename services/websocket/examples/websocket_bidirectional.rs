@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use tower::{ServiceBuilder, service_fn};
 use watchtower::prelude::*;
 use watchtower_websocket::hub::covers;
-use watchtower_websocket::{Overflow, WsClient, WsConfig, WsHub};
+use watchtower_websocket::{WsClient, WsConfig, WsHub};
 
 /// A connection's identity: the topics its token grants.
 struct Grant {

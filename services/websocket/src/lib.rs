@@ -56,7 +56,7 @@
 //! * a client's publish resolves with an error carrying the event when the
 //!   event was dropped from the outgoing queue
 //!   ([`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped), see
-//!   [`Overflow`]), when the connection broke while it was being written
+//!   [`Overflow`](watchtower::Overflow)), when the connection broke while it was being written
 //!   ([`ErrorKind::Connection`](watchtower::ErrorKind::Connection),
 //!   retryable) or when the client closed first, so a dead-letter layer
 //!   (for instance into
@@ -134,6 +134,9 @@
 // Library code never panics on input it does not control.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+/// The `messaging.system` name of the WebSocket transport.
+pub(crate) const SYSTEM: &str = "websocket";
+
 pub mod client;
 pub mod hub;
 mod index;
@@ -153,8 +156,7 @@ pub const SUBPROTOCOL: &str = "cloudevents.json";
 pub const CONTROL_SUBPROTOCOL: &str = "watchtower.v1";
 
 pub use client::{
-    ConnectionState, Overflow, ResponseFuture, WsAcker, WsClient, WsConfig, WsPublisher, WsSubscriber,
-    WsSubscription,
+    ConnectionState, ResponseFuture, WsAcker, WsClient, WsConfig, WsPublisher, WsSubscriber, WsSubscription,
 };
 
 /// What the transport can do: wildcard patterns, and events from one
@@ -234,6 +236,6 @@ pub mod fuzzing {
 /// Everything a program using the WebSocket transport needs:
 /// `use watchtower_websocket::prelude::*;`.
 pub mod prelude {
-    pub use crate::{Overflow, SlowClient, WsClient, WsConfig, WsHub, WsPublisher, WsSubscriber};
+    pub use crate::{SlowClient, WsClient, WsConfig, WsHub, WsPublisher, WsSubscriber};
     pub use watchtower::prelude::*;
 }

@@ -9,7 +9,7 @@ use futures_util::StreamExt as _;
 use tokio::net::TcpListener;
 use tower::{Service as _, ServiceExt as _};
 use watchtower::prelude::*;
-use watchtower_websocket::{ConnectionState, Overflow, WsClient, WsHub};
+use watchtower_websocket::{ConnectionState, WsClient, WsHub};
 
 use support::*;
 

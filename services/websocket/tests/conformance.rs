@@ -37,6 +37,10 @@ impl Harness for HubHarness {
         "websocket (hub publishing)".into()
     }
 
+    fn system(&self) -> &'static str {
+        "websocket"
+    }
+
     fn capabilities(&self) -> Capabilities {
         CAPABILITIES
     }
@@ -63,6 +67,10 @@ impl Harness for ClientHarness {
 
     fn name(&self) -> String {
         "websocket (client publishing through a relaying hub)".into()
+    }
+
+    fn system(&self) -> &'static str {
+        "websocket"
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -94,6 +102,8 @@ fn check(report: &watchtower::conformance::Report) {
             "ordered_100",
             "poison",
             "round_trip",
+            "spans",
+            "topic_carried",
             "topic_isolation",
             "wildcards",
         ],

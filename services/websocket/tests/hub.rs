@@ -337,11 +337,7 @@ async fn malformed_frames_get_an_error_and_the_connection_survives_oversized_one
             b"\xff\x00binary",
         ]
     );
-    assert!(
-        poisoned
-            .iter()
-            .all(|e| e.ty() == watchtower::subscribe::POISON_EVENT_TYPE)
-    );
+    assert!(poisoned.iter().all(|e| e.ty() == watchtower::POISON_EVENT_TYPE));
 
     // Too large: an error, then the close handshake with 1009.
     ws.send(Message::text("x".repeat(8192))).await.unwrap();

@@ -24,6 +24,10 @@ impl Harness for Core {
         "nats (core)".into()
     }
 
+    fn system(&self) -> &'static str {
+        "nats"
+    }
+
     fn capabilities(&self) -> Capabilities {
         NatsSubscriber::CAPABILITIES
     }
@@ -55,6 +59,10 @@ impl Harness for Js {
 
     fn name(&self) -> String {
         "nats (JetStream)".into()
+    }
+
+    fn system(&self) -> &'static str {
+        "nats"
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use redis::Value;
 use tokio::sync::oneshot;
-use watchtower::event::ext;
+use watchtower::ext;
 use watchtower::{Delivery, Error, ErrorKind, Poison, RawMessage};
 
 use crate::acks::AckOp;

@@ -2,27 +2,8 @@ use std::fmt;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use watchtower::Error;
-use watchtower::error::redact_url;
-
-/// What a [`WsPublisher`](crate::WsPublisher) does when the outgoing queue
-/// is full (events wait there while the client is disconnected).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Overflow {
-    /// `poll_ready` stays pending until there is room. The default: nothing
-    /// is lost, publishers slow down while the hub is away.
-    #[default]
-    Block,
-    /// The new event is refused: its call resolves at once with an
-    /// [`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped) error that
-    /// carries it.
-    DropNewest,
-    /// The oldest queued event makes room: its call resolves with an
-    /// [`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped) error that
-    /// carries it.
-    DropOldest,
-}
+use watchtower::redact_url;
+use watchtower::{Error, Overflow};
 
 /// How a [`WsClient`](crate::WsClient) connects.
 ///

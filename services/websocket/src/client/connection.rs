@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
-use watchtower::error::redact_url;
+use watchtower::redact_url;
 use watchtower::{Delivery, Error, ErrorKind, Event, Poison, RawMessage};
 
 use super::{Command, ConnectionState, Outgoing, Shared, WsAcker, lock};
@@ -443,7 +443,7 @@ async fn dispatch(shared: &Shared, event: Event) {
         .map(|s| s.tx.clone())
         .collect();
     for tx in targets {
-        let delivery = Delivery::new(event.clone(), topic.clone(), WsAcker).with_system("websocket");
+        let delivery = Delivery::new(event.clone(), topic.clone(), WsAcker).with_system(crate::SYSTEM);
         // Waiting here is the backpressure: the hub's queue for this client
         // fills and its slow-client policy applies.
         let _ = tx.send(Ok(delivery)).await;
@@ -461,7 +461,7 @@ async fn poison(shared: &Shared, body: Bytes, error: Error) {
             body: body.clone(),
         };
         let error = Error::new(error.kind(), error.to_string());
-        let delivery = Delivery::poison(Poison::new(raw, error), WsAcker).with_system("websocket");
+        let delivery = Delivery::poison(Poison::new(raw, error), WsAcker).with_system(crate::SYSTEM);
         let _ = tx.send(Ok(delivery)).await;
     }
 }

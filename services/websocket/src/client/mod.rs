@@ -5,7 +5,7 @@
 //! made from it share that connection; a background task keeps it up,
 //! reconnecting with backoff and jitter and re-sending every subscription
 //! after a reconnect. While the connection is down, published events wait
-//! in a bounded queue (see [`Overflow`]); subscriptions receive an
+//! in a bounded queue (see [`Overflow`](watchtower::Overflow)); subscriptions receive an
 //! [`ErrorKind::Connection`] item when the connection drops and carry on
 //! after the reconnect (events the hub sent in the meantime are missed:
 //! delivery is at most once).
@@ -46,9 +46,10 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use watchtower::{Delivery, Error, ErrorKind, Event, Receipt, TopicPattern};
 
-pub use config::{Overflow, WsConfig};
+pub use config::WsConfig;
 pub use publisher::{ResponseFuture, WsPublisher};
 pub use subscriber::{WsAcker, WsSubscriber, WsSubscription};
+use watchtower::Overflow;
 
 /// The state of a client's connection; see [`WsClient::state_changes`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -19,7 +19,7 @@ use crate::protocol::encode;
 /// written to the connection (or, with [`acks`](crate::WsConfig::acks),
 /// when the hub acknowledges it), or with an error that carries the event:
 /// [`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped) if the queue's
-/// [`Overflow`] policy dropped it, [`ErrorKind::Connection`](watchtower::ErrorKind::Connection)
+/// [`Overflow`](watchtower::Overflow) policy dropped it, [`ErrorKind::Connection`](watchtower::ErrorKind::Connection)
 /// (retryable) if the connection broke while it was being written,
 /// [`ErrorKind::Closed`](watchtower::ErrorKind::Closed) if the client closed
 /// first. No event is dropped silently.
@@ -107,6 +107,8 @@ impl Service<Event> for WsPublisher {
     }
 
     fn call(&mut self, event: Event) -> ResponseFuture {
+        let span = watchtower::trace::publish_span(crate::SYSTEM, event.topic(), &event);
+        let _entered = span.enter();
         let text = match encode(&event) {
             Ok(text) => Utf8Bytes::from(text),
             Err(e) => return ResponseFuture::failed(e.with_event(event)),

@@ -410,6 +410,8 @@ impl Service<Event> for WsHub {
     }
 
     fn call(&mut self, event: Event) -> Self::Future {
+        let span = watchtower::trace::publish_span(crate::SYSTEM, event.topic(), &event);
+        let _entered = span.enter();
         std::future::ready(
             self.broadcast(&event)
                 .map(|_| Receipt::for_event(&event))
