@@ -40,8 +40,8 @@
 //! # }
 //! ```
 //!
-//! The module also holds [`TcpProxy`], for fault tests that cut or stall a
-//! transport's connection to its broker.
+//! [`unique`] makes the names: one implementation for the suite and for the
+//! transports' own tests.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -62,10 +62,7 @@ use crate::publish::PublishExt as _;
 use crate::serve::serve;
 use crate::subscribe::{Capabilities, Receipt, SubscribeOptions, Subscriber};
 
-mod proxy;
 mod spans;
-
-pub use proxy::TcpProxy;
 
 /// How long a case waits for the events it expects: 30 s, generous for a
 /// loaded CI machine; a passing case takes a fraction of it.
@@ -265,9 +262,34 @@ pub async fn run<H: Harness>(harness: H) -> Report {
 }
 
 fn namespace(case: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    // The random tail of a v7 UUID; the head is the clock.
-    format!("wtc_{case}_{}", &id[20..])
+    unique(&format!("wtc_{case}"))
+}
+
+/// A name unique per process and call: `prefix`, `_`, 48 random bits drawn
+/// once per process and a counter of the calls, all as lowercase hex.
+///
+/// The part after `prefix` has one width (until the counter passes 16^6),
+/// so the name is one NATS subject token, a Redis key and a RabbitMQ queue
+/// or exchange name when `prefix` is, and of two names with one prefix
+/// neither starts with the other (a `SCAN MATCH name*` clean-up touches only
+/// its own keys).
+///
+/// ```
+/// # use watchtower::conformance::unique;
+/// let a = unique("orders");
+/// assert!(a.starts_with("orders_"));
+/// assert_ne!(a, unique("orders"));
+/// ```
+pub fn unique(prefix: &str) -> String {
+    use std::sync::OnceLock;
+    use std::sync::atomic::AtomicU64;
+    static PROCESS: OnceLock<String> = OnceLock::new();
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    // The random tail of a v7 UUID (its head is the clock): 48 random bits
+    // tell this process's names from any other's.
+    let process = PROCESS.get_or_init(|| uuid::Uuid::now_v7().simple().to_string()[20..].to_owned());
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}_{process}{call:06x}")
 }
 
 fn err(context: &str, e: impl fmt::Display) -> String {

@@ -713,18 +713,12 @@ mod tests {
     };
     use lapin::{BasicProperties, ConnectionProperties};
     use watchtower::PublishExt as _;
+    use watchtower_test_support::within;
 
     use super::*;
     use crate::ExchangeKind;
 
     const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-    const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
-    async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-        tokio::time::timeout(WAIT, f)
-            .await
-            .unwrap_or_else(|_| panic!("{what}: nothing within {WAIT:?}"))
-    }
 
     /// Publishes until confirmed, retrying what is retryable (what a retry
     /// layer does); returns how many attempts failed.

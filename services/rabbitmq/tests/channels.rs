@@ -15,8 +15,9 @@ use lapin::types::FieldTable;
 use tower::Service;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 use watchtower_rabbitmq::{ContentMode, PublishOptions, RabbitPublisher};
+use watchtower_test_support::{unique, within};
 
-use common::{Admin, config, unique, within};
+use common::{Admin, config};
 
 /// A durable queue bound to `exchange` for `key`.
 async fn bound_queue(admin: &Admin, exchange: &str, key: &str) -> String {
@@ -74,7 +75,7 @@ async fn call_each(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_caller_gets_its_own_confirm_across_channels() {
     const N: usize = 2_000;
-    let exchange = unique("multi-ch");
+    let exchange = unique("wt-multi-ch");
     let mut publisher = RabbitPublisher::connect_with(
         config(&exchange),
         // Room for all of them: the calls are only polled once all are made.
@@ -144,7 +145,7 @@ async fn unroutable_events_fail_only_their_callers(
     n: usize,
     every: usize,
 ) {
-    let exchange = unique(name);
+    let exchange = unique(&format!("wt-{name}"));
     let mut publisher = RabbitPublisher::connect_with(
         config(&exchange),
         PublishOptions::new().channels(channels).content_mode(mode),

@@ -12,7 +12,6 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use tower::{Service, ServiceBuilder, service_fn};
-use watchtower::conformance::TcpProxy;
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{Event, SubscribeOptions, Subscriber, serve};
 use watchtower_layers::ServiceBuilderExt as _;
@@ -20,15 +19,16 @@ use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLay
 use watchtower_layers::dead_letter::Outcome;
 use watchtower_layers::retry::RetryConfig;
 use watchtower_rabbitmq::{ExchangeKind, PublishOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber};
+use watchtower_test_support::{PATIENCE, TcpProxy, unique, within};
 
-use common::{Admin, config, unique, within};
+use common::{Admin, config};
 
 const TOTAL: usize = 10_000;
 const IN_FLIGHT: usize = 256;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_publishes_survive_two_cuts() {
-    let exchange = unique("ten-k");
+    let exchange = unique("wt-ten-k");
     let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await.unwrap();
     // The queue and its consumer talk to the broker directly.
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
@@ -96,7 +96,7 @@ async fn ten_thousand_publishes_survive_two_cuts() {
         while in_flight.len() >= IN_FLIGHT {
             settle(in_flight.next().await.unwrap());
         }
-        match tokio::time::timeout(common::WAIT, poll_fn(|cx| stack.poll_ready(cx))).await {
+        match tokio::time::timeout(PATIENCE, poll_fn(|cx| stack.poll_ready(cx))).await {
             Ok(ready) => ready.unwrap(),
             Err(_) => panic!(
                 "not ready after {i} events: breaker {:?} {:?}, publisher {:?}, {} in flight",

@@ -13,11 +13,11 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use tokio::sync::{Notify, mpsc};
 use tower::service_fn;
-use watchtower::conformance::TcpProxy;
 use watchtower::{Event, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSubscriber};
+use watchtower_test_support::{TcpProxy, unique, within};
 
-use common::{Admin, config, unique, within};
+use common::{Admin, config};
 
 fn via(proxy: &TcpProxy, exchange: &str) -> RabbitConfig {
     RabbitConfig::new(&format!("amqp://guest:guest@{}/%2f", proxy.addr()))
@@ -54,7 +54,7 @@ async fn reach(counter: &AtomicUsize, notify: &Notify, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_reconnects_when_the_connection_is_cut_twice() {
-    let exchange = unique("cut-pub");
+    let exchange = unique("wt-cut-pub");
     let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await.unwrap();
     // The queue is declared on the broker directly, so it outlives the cuts.
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
@@ -123,7 +123,7 @@ async fn publisher_reconnects_when_the_connection_is_cut_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_resumes_after_a_cut_and_loses_nothing() {
-    let exchange = unique("cut-sub");
+    let exchange = unique("wt-cut-sub");
     let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await.unwrap();
     let subscriber = RabbitSubscriber::connect(via(&proxy, &exchange)).await.unwrap();
     let options = SubscribeOptions::new(["c.*"]).unwrap().group("resume").unwrap();
@@ -190,7 +190,7 @@ async fn connection_pids(name: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_closed_connection_is_detected_and_reopened() {
-    let exchange = unique("forced");
+    let exchange = unique("wt-forced");
     let name = format!("forced-close {exchange}");
     let cfg = config(&exchange)
         .connection_name(name.clone())
@@ -254,7 +254,7 @@ async fn broker_closed_connection_is_detected_and_reopened() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_peer_is_detected_by_heartbeat() {
-    let exchange = unique("stall");
+    let exchange = unique("wt-stall");
     let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await.unwrap();
     let cfg = via(&proxy, &exchange)
         .heartbeat(Duration::from_secs(1))

@@ -17,13 +17,14 @@ use watchtower_rabbitmq::{
     ContentMode, ExchangeKind, PublishOptions, QueueOptions, QueueOverflow, RabbitConfig, RabbitPublisher,
     RabbitSubscriber,
 };
+use watchtower_test_support::{unique, within};
 
-use common::{Admin, URL, config, unique, within};
+use common::{Admin, URL, config};
 
 /// A queue bound to `exchange` for `key`, for reading what other clients
 /// see.
 async fn raw_queue(admin: &Admin, exchange: &str, key: &str) -> String {
-    let queue = unique("raw");
+    let queue = unique("wt-raw");
     admin
         .channel
         .queue_declare(queue.as_str().into(), Default::default(), Default::default())
@@ -57,7 +58,7 @@ async fn raw_get(admin: &Admin, queue: &str) -> lapin::message::Delivery {
 
 #[tokio::test]
 async fn round_trip_in_structured_mode() {
-    let exchange = unique("rt-s");
+    let exchange = unique("wt-rt-s");
     let admin = Admin::connect().await;
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
     let mut subscription = subscriber
@@ -117,7 +118,7 @@ async fn round_trip_in_structured_mode() {
 /// hand-written foreign messages alike.
 #[tokio::test]
 async fn a_subscriber_reads_both_content_modes() {
-    let exchange = unique("modes");
+    let exchange = unique("wt-modes");
     let admin = Admin::connect().await;
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
     let mut subscription = subscriber
@@ -184,7 +185,7 @@ async fn a_subscriber_reads_both_content_modes() {
 
 #[tokio::test]
 async fn round_trip_in_binary_mode_by_default() {
-    let exchange = unique("rt");
+    let exchange = unique("wt-rt");
     let admin = Admin::connect().await;
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
     let mut subscription = subscriber
@@ -250,7 +251,7 @@ async fn round_trip_in_binary_mode_by_default() {
 
 #[tokio::test]
 async fn unroutable_event_is_rejected_not_lost() {
-    let exchange = unique("unroutable");
+    let exchange = unique("wt-unroutable");
     let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
     let err = publisher
         .publish(Event::new("nobody.listens", serde_json::json!({})))
@@ -275,7 +276,7 @@ async fn unroutable_event_is_rejected_not_lost() {
 /// once it is in the alternate queue: kept, without `mandatory`.
 #[tokio::test]
 async fn alternate_exchange_keeps_unroutable_events() {
-    let exchange = unique("ae");
+    let exchange = unique("wt-ae");
     let alternate = format!("{exchange}.unroutable");
     let admin = Admin::connect().await;
     let with_alternate = config(&exchange).alternate_exchange(&alternate).unwrap();
@@ -301,7 +302,7 @@ async fn alternate_exchange_keeps_unroutable_events() {
     );
 
     // The broker refuses the argument on an exchange that exists without it.
-    let plain = unique("ae-plain");
+    let plain = unique("wt-ae-plain");
     drop(RabbitPublisher::connect(config(&plain)).await.unwrap());
     let err = RabbitPublisher::connect(config(&plain).alternate_exchange(&alternate).unwrap())
         .await
@@ -319,7 +320,7 @@ async fn alternate_exchange_keeps_unroutable_events() {
 
 #[tokio::test]
 async fn zero_token_matches_of_hash_are_filtered_out() {
-    let exchange = unique("filter");
+    let exchange = unique("wt-filter");
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
     let mut subscription = subscriber
         .open(SubscribeOptions::new(["user.>"]).unwrap())
@@ -341,7 +342,7 @@ async fn zero_token_matches_of_hash_are_filtered_out() {
 
 #[tokio::test]
 async fn classic_nack_counts_and_reject_dead_letters() {
-    let exchange = unique("classic");
+    let exchange = unique("wt-classic");
     let dlx = format!("{exchange}.dlx");
     let dlq = format!("{exchange}.dlq");
     let queue_options = QueueOptions::new()
@@ -402,7 +403,7 @@ async fn classic_nack_counts_and_reject_dead_letters() {
 
 #[tokio::test]
 async fn quorum_delivery_limit_sends_to_dlx_with_x_death() {
-    let exchange = unique("quorum");
+    let exchange = unique("wt-quorum");
     let dlx = format!("{exchange}.dlx");
     let dlq = format!("{exchange}.dlq");
     let queue_options = QueueOptions::new()
@@ -471,7 +472,7 @@ async fn quorum_delivery_limit_sends_to_dlx_with_x_death() {
 
 #[tokio::test]
 async fn poison_goes_to_the_poison_path_and_the_consumer_goes_on() {
-    let exchange = unique("poison");
+    let exchange = unique("wt-poison");
     let admin = Admin::connect().await;
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
     let subscription = subscriber
@@ -540,7 +541,7 @@ async fn poison_goes_to_the_poison_path_and_the_consumer_goes_on() {
 
 #[tokio::test]
 async fn full_queue_with_reject_publish_nacks_the_publisher() {
-    let exchange = unique("full");
+    let exchange = unique("wt-full");
     let subscriber = RabbitSubscriber::connect_with(
         config(&exchange),
         QueueOptions::new()
@@ -575,7 +576,7 @@ async fn full_queue_with_reject_publish_nacks_the_publisher() {
 
 #[tokio::test]
 async fn message_ttl_expires_into_the_dead_letter_queue() {
-    let exchange = unique("ttl");
+    let exchange = unique("wt-ttl");
     let dlx = format!("{exchange}.dlx");
     let dlq = format!("{exchange}.dlq");
     let subscriber = RabbitSubscriber::connect_with(
@@ -630,7 +631,7 @@ async fn message_ttl_expires_into_the_dead_letter_queue() {
 
 #[tokio::test]
 async fn serve_acks_everything_in_batches() {
-    let exchange = unique("batch");
+    let exchange = unique("wt-batch");
     let subscriber = RabbitSubscriber::connect_with(config(&exchange), QueueOptions::new().prefetch(64))
         .await
         .unwrap();
@@ -718,12 +719,12 @@ async fn bad_configuration_fails_at_construction() {
     assert!(!err.to_string().contains("wrong-s3cret"), "{err}");
     assert!(!format!("{err:?}").contains("wrong-s3cret"));
 
-    let err = RabbitPublisher::connect(config(&unique("absent")).passive_exchange(true))
+    let err = RabbitPublisher::connect(config(&unique("wt-absent")).passive_exchange(true))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
 
-    let err = RabbitSubscriber::connect_with(config(&unique("x")), QueueOptions::new().delivery_limit(3))
+    let err = RabbitSubscriber::connect_with(config(&unique("wt-x")), QueueOptions::new().delivery_limit(3))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
@@ -732,8 +733,8 @@ async fn bad_configuration_fails_at_construction() {
     assert_eq!(err.kind(), ErrorKind::Config);
 
     // A headers exchange routes on the binary-mode headers.
-    let headers = config(&unique("hdr"))
-        .exchange(&unique("hdr"), ExchangeKind::Headers)
+    let headers = config(&unique("wt-hdr"))
+        .exchange(&unique("wt-hdr"), ExchangeKind::Headers)
         .unwrap();
     let err = RabbitPublisher::connect_with(
         headers,
@@ -744,7 +745,7 @@ async fn bad_configuration_fails_at_construction() {
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
 
     // A queue that exists with other arguments.
-    let exchange = unique("mismatch");
+    let exchange = unique("wt-mismatch");
     let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
     drop(
         subscriber
@@ -768,7 +769,7 @@ async fn bad_configuration_fails_at_construction() {
 
 #[tokio::test]
 async fn direct_exchange_refuses_wildcards_and_routes_exact_keys() {
-    let exchange = unique("direct");
+    let exchange = unique("wt-direct");
     let cfg = config(&exchange)
         .exchange(&exchange, ExchangeKind::Direct)
         .unwrap();
@@ -798,7 +799,7 @@ async fn direct_exchange_refuses_wildcards_and_routes_exact_keys() {
 
 #[tokio::test]
 async fn health_reports_the_connection() {
-    let exchange = unique("health");
+    let exchange = unique("wt-health");
     let publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
     let health = publisher.health();
     assert!(health.connected && !health.closed);

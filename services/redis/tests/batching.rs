@@ -11,11 +11,11 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
 use tower::{Service, ServiceExt as _};
-use watchtower::conformance::TcpProxy;
 use watchtower::{ErrorKind, Event, Receipt};
 use watchtower_redis::{RedisConfig, RedisPublisher, ResponseFuture};
+use watchtower_test_support::{TcpProxy, unique};
 
-use common::{URL, cleanup, namespace, numbered};
+use common::{URL, cleanup, numbered};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -66,7 +66,7 @@ async fn call_all(publisher: &mut RedisPublisher, events: &[Event]) -> Vec<Respo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_each_get_their_own_entry_id_in_call_order() {
     const N: usize = 3000;
-    let ns = namespace("own_ids");
+    let ns = unique("wtr_own_ids");
     let topic = format!("{ns}.orders");
     let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
     let key = publisher.config().stream_key(&topic);
@@ -125,7 +125,7 @@ async fn concurrent_callers_each_get_their_own_entry_id_in_call_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_error_fails_only_its_own_event() {
     const N: usize = 600;
-    let ns = namespace("wrongtype");
+    let ns = unique("wtr_wrongtype");
     let good = format!("{ns}.good");
     let bad = format!("{ns}.bad");
     let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
@@ -184,7 +184,7 @@ async fn a_server_error_fails_only_its_own_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_callers_do_not_disturb_the_others() {
     const N: usize = 1000;
-    let ns = namespace("dropped");
+    let ns = unique("wtr_dropped");
     let topic = format!("{ns}.orders");
     let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
     let key = publisher.config().stream_key(&topic);
@@ -232,7 +232,7 @@ async fn dropped_callers_do_not_disturb_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_cut_mid_batch_fails_its_callers_and_loses_nothing() {
     const N: usize = 5000;
-    let ns = namespace("cut_batch");
+    let ns = unique("wtr_cut_batch");
     let topic = format!("{ns}.orders");
     let proxy = TcpProxy::start("127.0.0.1:6379".parse().unwrap()).await.unwrap();
     let config = RedisConfig::new(format!("redis://{}", proxy.addr()))
@@ -323,7 +323,7 @@ async fn a_connection_cut_mid_batch_fails_its_callers_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_queue_makes_callers_wait_for_room_and_loses_nothing() {
     const N: usize = 500;
-    let ns = namespace("small_queue");
+    let ns = unique("wtr_small_queue");
     let topic = format!("{ns}.orders");
     let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
         .max_pending(8)
@@ -358,7 +358,7 @@ fn calls_fail_rather_than_hang_once_the_connection_task_is_gone() {
         .enable_all()
         .build()
         .unwrap();
-    let ns = namespace("task_gone");
+    let ns = unique("wtr_task_gone");
     let event = Event::new(format!("{ns}.t"), serde_json::json!({}));
     let (mut publisher, queued) = first.block_on(async {
         let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();

@@ -17,8 +17,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tower::{Service, ServiceExt as _};
 use watchtower::{Error, ErrorKind, Event, PublishExt as _};
 use watchtower_redis::{RedisConfig, RedisPublisher};
+use watchtower_test_support::{RedisServer, free_port, unique};
 
-use common::{RedisProcess, URL, cleanup, free_port, namespace, numbered};
+use common::{URL, cleanup, numbered};
 
 /// What a [`Fake`] server does with the first connection that sends an
 /// `XADD` (the publisher's own; its multiplexed connection, for `PING`
@@ -156,7 +157,7 @@ fn succeeded(results: Vec<Result<String, Error>>, events: &[Event], kind: ErrorK
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_reply_fails_the_waiting_callers_and_the_next_call_connects_again() {
-    let ns = namespace("garbage");
+    let ns = unique("wtr_garbage");
     let topic = format!("{ns}.t");
     let fake = Fake::start(Behaviour::Garbage).await;
     let mut publisher = RedisPublisher::connect(RedisConfig::new(fake.url()))
@@ -203,7 +204,7 @@ async fn hostile_replies_fail_the_call_at_their_limit_and_the_next_call_connects
         (b"$5\r\nabcdefg", b"", "missing line end"),
     ];
     for (head, tail, why) in cases {
-        let ns = namespace("hostile");
+        let ns = unique("wtr_hostile");
         let topic = format!("{ns}.t");
         let fake = Fake::start(Behaviour::Flood { head, tail }).await;
         let mut publisher = RedisPublisher::connect(RedisConfig::new(fake.url()))
@@ -228,7 +229,7 @@ async fn hostile_replies_fail_the_call_at_their_limit_and_the_next_call_connects
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_that_trickles_in_a_byte_at_a_time_answers_its_call() {
-    let ns = namespace("trickle");
+    let ns = unique("wtr_trickle");
     let topic = format!("{ns}.t");
     let fake = Fake::start(Behaviour::Trickle(b"$15\r\n1700000000000-7\r\n")).await;
     let mut publisher = RedisPublisher::connect(RedisConfig::new(fake.url()))
@@ -244,7 +245,7 @@ async fn a_reply_that_trickles_in_a_byte_at_a_time_answers_its_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_server_times_out_the_waiting_callers() {
-    let ns = namespace("silent");
+    let ns = unique("wtr_silent");
     let topic = format!("{ns}.t");
     let fake = Fake::start(Behaviour::Silent).await;
     let config = RedisConfig::new(fake.url()).response_timeout(Duration::from_millis(300));
@@ -262,8 +263,8 @@ async fn a_silent_server_times_out_the_waiting_callers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_refused_when_connecting_again_fail_the_calls_without_the_secret() {
-    let port = free_port();
-    let server = RedisProcess::start(port, &["--requirepass", "hunter2"]).await;
+    let server = RedisServer::with_args(&["--requirepass", "hunter2"]).await;
+    let port = server.port();
     let admin_url = format!("redis://:hunter2@127.0.0.1:{port}");
     let mut admin = common::raw(&admin_url).await;
     let _: () = acl(&["SETUSER", "bob", "on", ">first-secret", "~*", "&*", "+@all"])
@@ -302,8 +303,8 @@ async fn credentials_refused_when_connecting_again_fail_the_calls_without_the_se
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_in_the_url_is_selected() {
-    let port = free_port();
-    let _server = RedisProcess::start(port, &[]).await;
+    let server = RedisServer::start().await;
+    let port = server.port();
     let url = format!("redis://127.0.0.1:{port}/3");
     let mut publisher = RedisPublisher::connect(RedisConfig::new(&url)).await.unwrap();
     let events = numbered("db.t", 10);
@@ -315,7 +316,7 @@ async fn the_database_in_the_url_is_selected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_takes_the_pipelined_path_and_each_caller_gets_its_own_answer() {
-    let dir = std::env::temp_dir().join(format!("wt-redis-{}", namespace("tls")));
+    let dir = std::env::temp_dir().join(format!("wt-redis-{}", unique("wtr_tls")));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let made = std::process::Command::new("openssl")
@@ -339,19 +340,16 @@ async fn tls_takes_the_pipelined_path_and_each_caller_gets_its_own_answer() {
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let tls_port = free_port();
     let tls_port_arg = tls_port.to_string();
-    let _server = RedisProcess::start(
-        free_port(),
-        &[
-            "--tls-port",
-            &tls_port_arg,
-            "--tls-cert-file",
-            cert.to_str().unwrap(),
-            "--tls-key-file",
-            key.to_str().unwrap(),
-            "--tls-auth-clients",
-            "no",
-        ],
-    )
+    let _server = RedisServer::with_args(&[
+        "--tls-port",
+        &tls_port_arg,
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+    ])
     .await;
     // The certificate is self-signed: `#insecure` skips its verification.
     let url = format!("rediss://127.0.0.1:{tls_port}/#insecure");
@@ -384,8 +382,7 @@ async fn tls_takes_the_pipelined_path_and_each_caller_gets_its_own_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_server_refusal_is_retryable_and_the_event_comes_back() {
-    let port = free_port();
-    let server = RedisProcess::start(port, &["--busy-reply-threshold", "20"]).await;
+    let server = RedisServer::with_args(&["--busy-reply-threshold", "20"]).await;
     let url = server.url();
     let mut publisher = RedisPublisher::connect(RedisConfig::new(&url)).await.unwrap();
     publisher

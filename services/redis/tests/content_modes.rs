@@ -11,8 +11,9 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use watchtower::{Error, Event, PublishExt, SubscribeOptions, Subscriber};
 use watchtower_redis::{ContentMode, DeadLetter, RedisConfig, RedisPublisher, RedisSubscriber};
+use watchtower_test_support::unique;
 
-use common::{URL, cleanup, namespace, pending, raw, wait_entries};
+use common::{URL, cleanup, pending, raw, wait_entries};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -40,7 +41,7 @@ fn sample(topic: &str, n: u32) -> Event {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_modes_round_trip_to_one_subscriber_and_write_what_they_say() {
-    let ns = namespace("modes");
+    let ns = unique("wtr_modes");
     let topic = format!("{ns}.user.created");
     let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
     let mut subscription = subscriber
@@ -100,7 +101,7 @@ async fn both_modes_round_trip_to_one_subscriber_and_write_what_they_say() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_structured_event_added_by_another_client_is_read() {
-    let ns = namespace("foreign");
+    let ns = unique("wtr_foreign");
     let topic = format!("{ns}.order.placed");
     let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
     let mut subscription = subscriber
@@ -141,7 +142,7 @@ async fn a_structured_event_added_by_another_client_is_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_structured_entry_is_dead_lettered_as_a_structured_entry_with_its_marks() {
-    let ns = namespace("modes_dlq");
+    let ns = unique("wtr_modes_dlq");
     let topic = format!("{ns}.fragile");
     let dlq = format!("{ns}:dlq");
     let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))

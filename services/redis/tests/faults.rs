@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use tower::{Service, service_fn};
-use watchtower::conformance::TcpProxy;
 use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_redis::{RedisConfig, RedisPublisher, RedisSubscriber};
+use watchtower_test_support::{RedisServer, TcpProxy, unique};
 
-use common::{RedisProcess, URL, cleanup, free_port, namespace, numbered};
+use common::{URL, cleanup, numbered};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -46,8 +46,7 @@ async fn publish_until_accepted(publisher: &mut RedisPublisher, event: Event) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_reports_a_dead_server_and_recovers_after_restart() {
-    let port = free_port();
-    let server = RedisProcess::start(port, &[]).await;
+    let mut server = RedisServer::start().await;
     let mut publisher = RedisPublisher::connect(quick(&server.url())).await.unwrap();
     publisher
         .publish(Event::new("fault.before", serde_json::json!({})))
@@ -70,7 +69,7 @@ async fn publisher_reports_a_dead_server_and_recovers_after_restart() {
     let ready = poll_fn(|cx| publisher.poll_ready(cx)).await;
     assert_eq!(ready.unwrap_err().kind(), ErrorKind::Connection);
 
-    let server = RedisProcess::start(port, &[]).await;
+    server.restart().await;
     tokio::time::timeout(WAIT, async {
         while poll_fn(|cx| publisher.poll_ready(cx)).await.is_err() {}
     })
@@ -88,8 +87,7 @@ async fn publisher_reports_a_dead_server_and_recovers_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_reports_the_outage_and_resumes_after_restart() {
-    let port = free_port();
-    let server = RedisProcess::start(port, &[]).await;
+    let mut server = RedisServer::start().await;
     let subscriber = RedisSubscriber::builder(quick(&server.url()))
         .block(Duration::from_millis(200))
         .connect()
@@ -128,7 +126,7 @@ async fn subscription_reports_the_outage_and_resumes_after_restart() {
 
     // The new server has neither the stream nor the group: both come back,
     // and what is published after the restart is delivered.
-    let _server = RedisProcess::start(port, &[]).await;
+    server.restart().await;
     let after = numbered("fault.events", 5);
     for event in &after {
         publish_until_accepted(&mut publisher, event.clone()).await;
@@ -156,8 +154,8 @@ async fn subscription_reports_the_outage_and_resumes_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_credentials_work_and_never_leak() {
-    let port = free_port();
-    let server = RedisProcess::start(port, &["--requirepass", "hunter2"]).await;
+    let server = RedisServer::with_args(&["--requirepass", "hunter2"]).await;
+    let port = server.port();
     let url = server.url();
     let mut admin = common::raw(&format!("redis://:hunter2@127.0.0.1:{port}")).await;
     let _: () = redis::cmd("ACL")
@@ -195,7 +193,7 @@ async fn acl_credentials_work_and_never_leak() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consuming_through_cut_connections_loses_nothing() {
-    let ns = namespace("cut");
+    let ns = unique("wtr_cut");
     let topic = format!("{ns}.work");
     let proxy = TcpProxy::start("127.0.0.1:6379".parse().unwrap()).await.unwrap();
     let subscriber = RedisSubscriber::builder(quick(&format!("redis://{}", proxy.addr())))
@@ -285,7 +283,7 @@ async fn ten_thousand_publishes_through_the_layers_with_two_cuts_lose_nothing() 
     use watchtower_layers::retry::{RetryConfig, RetryLayer};
 
     const N: usize = 10_000;
-    let ns = namespace("tenk");
+    let ns = unique("wtr_tenk");
     let topic = format!("{ns}.orders");
     let proxy = TcpProxy::start("127.0.0.1:6379".parse().unwrap()).await.unwrap();
     let publisher = RedisPublisher::connect(quick(&format!("redis://{}", proxy.addr())))
@@ -403,8 +401,8 @@ async fn calls_whose_callers_timed_out_while_redis_was_frozen_are_not_sent() {
     use tower::{ServiceBuilder, ServiceExt as _};
 
     const N: usize = 10_000;
-    let server = RedisProcess::start(free_port(), &[]).await;
-    let ns = namespace("abandoned");
+    let server = RedisServer::start().await;
+    let ns = unique("wtr_abandoned");
     let topic = format!("{ns}.orders");
     let publisher = RedisPublisher::builder(
         // The connection itself outlasts the outage: only the callers'

@@ -12,8 +12,9 @@ use tower::{Service, ServiceExt as _, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_redis::{ContentMode, DeadLetter, MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
+use watchtower_test_support::{free_port, unique};
 
-use common::{URL, cleanup, namespace, numbered, pending, raw, wait_entries};
+use common::{URL, cleanup, numbered, pending, raw, wait_entries};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -31,7 +32,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipt_and_readable_wire_format() {
-    let ns = namespace("wire");
+    let ns = unique("wtr_wire");
     let mut publisher = RedisPublisher::builder(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
         .content_mode(ContentMode::Binary)
         .connect()
@@ -76,7 +77,7 @@ async fn receipt_and_readable_wire_format() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_len_trims_and_bad_topics_are_refused() {
-    let ns = namespace("maxlen");
+    let ns = unique("wtr_maxlen");
     let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
         .max_len(MaxLen::Exact(10))
         .connect()
@@ -116,7 +117,7 @@ async fn max_len_trims_and_bad_topics_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_and_batches() {
-    let ns = namespace("concurrent");
+    let ns = unique("wtr_concurrent");
     let topic = format!("{ns}.load");
     let publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
     let calls = (0..500).map(|i| {
@@ -170,7 +171,7 @@ async fn concurrent_callers_and_batches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_acks_in_batches_and_nothing_stays_pending() {
-    let ns = namespace("serve");
+    let ns = unique("wtr_serve");
     let topic = format!("{ns}.orders");
     let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
     let options = SubscribeOptions::new([&topic]).unwrap().group("billing").unwrap();
@@ -214,7 +215,7 @@ async fn serve_acks_in_batches_and_nothing_stays_pending() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nack_with_delay_redelivers_with_rising_count() {
-    let ns = namespace("nack");
+    let ns = unique("wtr_nack");
     let topic = format!("{ns}.retry");
     let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
     let mut subscription = subscriber
@@ -242,7 +243,7 @@ async fn nack_with_delay_redelivers_with_rising_count() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_deliveries_go_to_the_dead_letter_stream() {
-    let ns = namespace("maxdel");
+    let ns = unique("wtr_maxdel");
     let topic = format!("{ns}.fragile");
     let dlq = format!("{ns}:dlq");
     let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
@@ -312,7 +313,7 @@ async fn max_deliveries_go_to_the_dead_letter_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_deliveries_can_use_the_poison_path() {
-    let ns = namespace("maxpoison");
+    let ns = unique("wtr_maxpoison");
     let topic = format!("{ns}.fragile");
     let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
         .max_deliveries(Some(1))
@@ -361,7 +362,7 @@ async fn max_deliveries_can_use_the_poison_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_entries_reach_the_poison_path_and_the_consumer_goes_on() {
-    let ns = namespace("poison");
+    let ns = unique("wtr_poison");
     let topic = format!("{ns}.mixed");
     let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
     let subscription = subscriber
@@ -440,7 +441,7 @@ async fn poison_entries_reach_the_poison_path_and_the_consumer_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_consumer_first_takes_back_its_own_pending_entries() {
-    let ns = namespace("restart");
+    let ns = unique("wtr_restart");
     let topic = format!("{ns}.jobs");
     let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
     let builder = RedisSubscriber::builder(RedisConfig::new(URL))
@@ -512,7 +513,7 @@ async fn crash_after_taking(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_consumer_with_100_unacked_is_reclaimed_by_another_without_duplicates() {
-    let ns = namespace("reclaim");
+    let ns = unique("wtr_reclaim");
     let topic = format!("{ns}.work");
     let options = SubscribeOptions::new([&topic]).unwrap().group("crew").unwrap();
     let claim_idle = Duration::from_millis(500);
@@ -572,7 +573,7 @@ async fn killed_consumer_with_100_unacked_is_reclaimed_by_another_without_duplic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patterns_find_new_streams_and_skip_others() {
-    let ns = namespace("patterns");
+    let ns = unique("wtr_patterns");
     let subscriber = RedisSubscriber::builder(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
         .rescan_interval(Duration::from_millis(100))
         .connect()
@@ -623,7 +624,7 @@ async fn bad_configuration_fails_at_construction() {
     ] {
         assert_eq!(builder.connect().await.unwrap_err().kind(), ErrorKind::Config);
     }
-    let closed = common::free_port();
+    let closed = free_port();
     let err = RedisPublisher::connect(
         RedisConfig::new(format!("redis://:hunter2@127.0.0.1:{closed}"))
             .reconnect_retries(0)
@@ -664,7 +665,7 @@ async fn health_and_readiness_follow_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_still_held_is_not_delivered_again_by_its_own_reclaiming() {
-    let ns = namespace("held");
+    let ns = unique("wtr_held");
     let topic = format!("{ns}.slow");
     let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
     let mut conn = raw(URL).await;
@@ -741,7 +742,7 @@ async fn an_entry_still_held_is_not_delivered_again_by_its_own_reclaiming() {
 /// it is held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_pending_entries_and_reclaiming_do_not_deliver_an_entry_twice() {
-    let ns = namespace("twice");
+    let ns = unique("wtr_twice");
     let topic = format!("{ns}.jobs");
     let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
     let builder = RedisSubscriber::builder(RedisConfig::new(URL))
@@ -816,7 +817,7 @@ async fn pending_counts(
 /// group never read are trimmed. A subscription of `consumer` must report
 /// all eight and deliver the five left.
 async fn trimmed_entries_are_reported(case: &str, consumer: &str, claim_idle: Duration) {
-    let ns = namespace(case);
+    let ns = unique(&format!("wtr_{case}"));
     let topic = format!("{ns}.jobs");
     let mut conn = raw(URL).await;
     let _: () = redis::cmd("XGROUP")
@@ -933,7 +934,7 @@ async fn entries_trimmed_while_pending_or_before_being_read_are_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_dropped_after_its_entry_was_trimmed_is_reported() {
-    let ns = namespace("trim-release");
+    let ns = unique("wtr_trim-release");
     let topic = format!("{ns}.jobs");
     let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
         // Only the release of the dropped deliveries can find them.

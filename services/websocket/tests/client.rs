@@ -9,6 +9,7 @@ use futures_util::StreamExt as _;
 use tokio::net::TcpListener;
 use tower::{Service as _, ServiceExt as _};
 use watchtower::prelude::*;
+use watchtower_test_support::{unique, within};
 use watchtower_websocket::{ConnectionState, WsClient, WsHub};
 
 use support::*;
@@ -31,7 +32,7 @@ async fn a_client_reconnects_after_a_server_restart_and_nothing_is_lost_silently
         .queue_capacity(6)
         .overflow(Overflow::DropOldest);
     let client = WsClient::connect(config).await.unwrap();
-    let ns = ns();
+    let ns = unique("ws");
     let mut sub = client
         .subscriber()
         .open(SubscribeOptions::new([format!("{ns}.>")]).unwrap())
@@ -335,7 +336,7 @@ async fn events_whose_callers_timed_out_are_never_sent() {
     let mut publisher = tower::ServiceBuilder::new()
         .timeout(Duration::from_millis(50))
         .service(client.publisher());
-    let ns = ns();
+    let ns = unique("ws");
     // More than the queue holds: slots of callers who gave up are reused,
     // and two are still queued when the hub comes back.
     for i in 0..8 {

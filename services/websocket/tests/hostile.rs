@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::{self, Bytes, Message};
 use watchtower::codec::structured;
 use watchtower::prelude::*;
+use watchtower_test_support::{unique, within};
 use watchtower_websocket::WsHub;
 use watchtower_websocket::hub::covers;
 
@@ -71,7 +72,7 @@ fn upgrade_status(result: Result<Ws, tungstenite::Error>) -> StatusCode {
 async fn a_flood_of_patterns_is_refused_past_the_limits_and_the_hub_keeps_delivering() {
     let hub = WsHub::builder().max_control_rate(10_000).build();
     let server = Server::start(&hub).await;
-    let ns = ns();
+    let ns = unique("ws");
     let mut flooder = raw(&server.url(), "watchtower.v1", &[]).await.unwrap();
 
     // 200 patterns fit the default 256 per connection.
@@ -218,7 +219,7 @@ fn authorizing_hub(ns: &str, relay: bool) -> (WsHub, Collected) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alice_cannot_read_or_write_admin_topics() {
-    let ns = ns();
+    let ns = unique("ws");
     let (hub, mut handled) = authorizing_hub(&ns, true);
     let server = Server::start(&hub).await;
     let mut alice = raw(
@@ -334,7 +335,7 @@ async fn alice_cannot_read_or_write_admin_topics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origins_outside_the_allow_list_are_refused() {
-    let ns = ns();
+    let ns = unique("ws");
     let (hub, _handled) = authorizing_hub(&ns, false);
     let server = Server::start(&hub).await;
     let auth = ("authorization", "Bearer alice");
@@ -364,7 +365,7 @@ async fn origins_outside_the_allow_list_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cloudevents_json_client_receives_cloudevents_only() {
-    let ns = ns();
+    let ns = unique("ws");
     let (hub, _handled) = authorizing_hub(&ns, false);
     let server = Server::start(&hub).await;
     let auth = [("authorization", "Bearer alice")];

@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tower::{Service as _, ServiceExt as _};
 use watchtower::TopicPattern;
 use watchtower::prelude::*;
+use watchtower_test_support::{unique, within};
 use watchtower_websocket::{SlowClient, WsClient, WsHub};
 
 use support::*;
@@ -22,7 +23,7 @@ async fn round_trip_both_ways() {
     let hub = WsHub::builder().handler(handler).build();
     let server = Server::start(&hub).await;
     let client = WsClient::connect(server.config()).await.unwrap();
-    let ns = ns();
+    let ns = unique("ws");
 
     let mut sub = client
         .subscriber()
@@ -116,7 +117,7 @@ async fn round_trip_both_ways() {
 async fn hundred_clients_each_get_exactly_their_events() {
     let hub = WsHub::new();
     let server = Server::start(&hub).await;
-    let ns = ns();
+    let ns = unique("ws");
     let end = format!("{ns}.end");
     let pattern = |i: usize| match i {
         0..50 => format!("{ns}.t{i}"),
@@ -225,7 +226,7 @@ async fn stalled_client(
 async fn slow_client_does_not_delay_others(policy: SlowClient) -> watchtower_websocket::HubStats {
     let hub = WsHub::builder().outbound_capacity(16).slow_client(policy).build();
     let server = Server::start(&hub).await;
-    let topic = format!("{}.feed", ns());
+    let topic = format!("{}.feed", unique("ws"));
     let stalled = stalled_client(&server, &topic).await;
     let client = WsClient::connect(server.config()).await.unwrap();
     let mut fast = client
@@ -427,7 +428,7 @@ async fn a_client_that_reads_nothing_is_dropped_even_while_a_write_to_it_is_bloc
         .idle_timeout(Duration::from_millis(200))
         .build();
     let server = Server::start(&hub).await;
-    let topic = format!("{}.feed", ns());
+    let topic = format!("{}.feed", unique("ws"));
     let stalled = stalled_client(&server, &topic).await;
     let payload = "x".repeat(64 * 1024);
     // Enough to fill the socket buffers, so the hub's writer blocks.

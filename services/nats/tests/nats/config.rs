@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use watchtower::ErrorKind;
 use watchtower_nats::{ConsumerSettings, JetStreamSubscriber, NatsClient, NatsConfig, SubjectTemplate};
+use watchtower_test_support::{NatsServer, free_port, unique};
 
-use crate::support::{LOCAL, free_port, local};
+use crate::support::{LOCAL, local};
 
 async fn connect_err(config: NatsConfig) -> watchtower::Error {
     NatsClient::connect(config)
@@ -79,29 +80,8 @@ fn debug_hides_every_secret() {
 #[tokio::test]
 async fn wrong_credentials_are_refused_at_connect() {
     // The shared broker has no auth; a private one with a token does.
-    let port = free_port();
-    let mut child = tokio::process::Command::new("nats-server")
-        .args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "--auth",
-            "right-token",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("nats-server");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
-    while let Some(line) = lines.next_line().await.expect("log") {
-        if line.contains("Server is ready") {
-            break;
-        }
-    }
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let url = format!("nats://127.0.0.1:{port}");
+    let server = NatsServer::with_args(&["--auth", "right-token"]).await;
+    let url = server.url();
     let e = connect_err(NatsConfig::new(url.clone()).token("wrong-token")).await;
     assert_eq!(e.kind(), ErrorKind::Config, "{e:?}");
     assert!(!format!("{e} {e:?}").contains("wrong-token"));
@@ -109,7 +89,6 @@ async fn wrong_credentials_are_refused_at_connect() {
         .await
         .unwrap();
     ok.health().await.unwrap();
-    child.kill().await.unwrap();
 }
 
 #[tokio::test]
@@ -141,7 +120,7 @@ async fn bad_templates_names_and_consumer_settings() {
 
     // A stream that does not exist is a configuration error at open.
     use watchtower::{SubscribeOptions, Subscriber as _};
-    let missing = JetStreamSubscriber::new(client, crate::support::unique("MISSING")).unwrap();
+    let missing = JetStreamSubscriber::new(client, unique("MISSING")).unwrap();
     let e = missing
         .open(SubscribeOptions::new(["a.b"]).unwrap())
         .await

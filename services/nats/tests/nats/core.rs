@@ -8,8 +8,9 @@ use tower::{Service, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_nats::{ContentMode, NatsClient, NatsConfig, NatsPublisher, NatsSubscriber, SubjectTemplate};
+use watchtower_test_support::{PATIENCE, unique};
 
-use crate::support::{LOCAL, PATIENCE, call_all, local, numbered, unique};
+use crate::support::{LOCAL, call_all, local, numbered};
 
 async fn next_event(
     sub: &mut watchtower_nats::NatsSubscription,

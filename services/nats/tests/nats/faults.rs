@@ -14,8 +14,9 @@ use watchtower_nats::{
     ConsumerSettings, JetStreamPublisher, JetStreamSubscriber, NatsClient, NatsConfig, NatsPublisher,
     NatsSubscriber, WhenDisconnected,
 };
+use watchtower_test_support::{NatsServer, PATIENCE, TcpProxy, unique};
 
-use crate::support::{PATIENCE, PrivateServer, numbered, unique};
+use crate::support::numbered;
 
 fn config(url: &str) -> NatsConfig {
     NatsConfig::new(url)
@@ -25,7 +26,7 @@ fn config(url: &str) -> NatsConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_and_health_follow_the_connection() {
-    let mut server = PrivateServer::start().await;
+    let mut server = NatsServer::start().await;
     let client = NatsClient::connect(config(&server.url())).await.unwrap();
     let mut publisher = NatsPublisher::new(client.clone());
     poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
@@ -82,7 +83,7 @@ async fn readiness_and_health_follow_the_connection() {
 async fn health_and_subscribe_time_out_on_a_server_that_does_not_answer() {
     // A frozen server keeps the TCP connection up: only a round trip to it
     // can tell that it is not answering.
-    let server = PrivateServer::start().await;
+    let server = NatsServer::start().await;
     let client = NatsClient::connect(config(&server.url()).request_timeout(Duration::from_millis(500)))
         .await
         .unwrap();
@@ -103,7 +104,7 @@ async fn health_and_subscribe_time_out_on_a_server_that_does_not_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_consumer_resumes_after_server_restart_and_gets_unacked_again() {
-    let mut server = PrivateServer::start().await;
+    let mut server = NatsServer::start().await;
     let client = NatsClient::connect(config(&server.url())).await.unwrap();
     let name = unique("F");
     client
@@ -180,8 +181,6 @@ async fn jetstream_consumer_resumes_after_server_restart_and_gets_unacked_again(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_carry_on_after_a_connection_cut() {
-    use watchtower::conformance::TcpProxy;
-
     let proxy = TcpProxy::start("127.0.0.1:4222".parse().unwrap()).await.unwrap();
     let client = NatsClient::connect(config(&format!("nats://{}", proxy.addr())))
         .await
@@ -273,7 +272,6 @@ async fn subscriptions_carry_on_after_a_connection_cut() {
 async fn ten_thousand_publishes_survive_two_cuts_exactly_once_or_dead_lettered() {
     use futures_util::stream::FuturesUnordered;
     use tower::{ServiceBuilder, ServiceExt as _};
-    use watchtower::conformance::TcpProxy;
     use watchtower::dead_letter::MemoryDeadLetters;
     use watchtower_layers::ServiceBuilderExt as _;
     use watchtower_layers::circuit_breaker::CircuitBreakerConfig;

@@ -11,8 +11,9 @@ use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber};
 use watchtower_nats::{
     ConsumerSettings, ContentMode, JetStreamPublisher, JetStreamSubscriber, JetStreamSubscription,
 };
+use watchtower_test_support::{PATIENCE, unique};
 
-use crate::support::{PATIENCE, call_all, local, numbered, stream, unique};
+use crate::support::{call_all, local, numbered, stream};
 
 async fn next(sub: &mut JetStreamSubscription) -> watchtower::Delivery<watchtower_nats::JetStreamAcker> {
     loop {

@@ -1,9 +1,7 @@
-//! Test support: unique names, a raw lapin connection for checks and
-//! clean-up, and waiting with a deadline.
+//! Test support of the RabbitMQ tests: a configuration for a fresh
+//! exchange and a raw lapin connection for checks and clean-up. Names and
+//! deadlines come from `watchtower-test-support`.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
-
-use std::future::Future;
-use std::time::Duration;
 
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -13,13 +11,6 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use watchtower_rabbitmq::{ExchangeKind, RabbitConfig};
 
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const WAIT: Duration = Duration::from_secs(20);
-
-/// A name no other test uses.
-pub fn unique(prefix: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("wt-{prefix}-{}", &id[16..])
-}
 
 /// A configuration for a fresh exchange.
 pub fn config(exchange: &str) -> RabbitConfig {
@@ -28,14 +19,6 @@ pub fn config(exchange: &str) -> RabbitConfig {
         .exchange(exchange, ExchangeKind::Topic)
         .unwrap()
         .connection_name(format!("test {exchange}"))
-}
-
-/// Awaits `f`, failing the test after [`WAIT`].
-pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: nothing within {WAIT:?}"),
-    }
 }
 
 /// A raw connection to the broker, for what the transport does not do.

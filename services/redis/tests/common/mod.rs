@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: unique names, raw Redis
-//! access, cleanup, and private `redis-server` processes for fault tests.
+//! Helpers shared by the Redis integration tests: raw Redis access, clean-up,
+//! stream entries. Names, deadlines and private servers come from
+//! `watchtower-test-support`.
 
 #![allow(
     dead_code,
@@ -9,20 +10,11 @@
     clippy::expect_used
 )]
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 pub const URL: &str = "redis://127.0.0.1:6379";
-
-/// A unique topic namespace for one test.
-pub fn namespace(test: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("wtr_{test}_{}", &id[20..])
-}
 
 pub async fn raw(url: &str) -> MultiplexedConnection {
     // The client's 500 ms default is too short on a loaded test machine.
@@ -116,112 +108,11 @@ pub async fn wait_entries(
     out
 }
 
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A private `redis-server` without persistence, killed on drop.
-pub struct RedisProcess {
-    pub port: u16,
-    child: Child,
-}
-
-impl RedisProcess {
-    pub async fn start(port: u16, extra: &[&str]) -> RedisProcess {
-        let mut child = Command::new("redis-server")
-            .arg("--port")
-            .arg(port.to_string())
-            .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server is installed");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        tokio::time::timeout(Duration::from_secs(20), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if line.contains("Ready to accept connections") {
-                    return;
-                }
-            }
-            panic!("redis-server exited before it was ready");
-        })
-        .await
-        .expect("redis-server ready within 20 s");
-        // Keep reading so the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        RedisProcess { port, child }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Freezes the server (SIGSTOP): connections stay open and commands
-    /// wait, unanswered, until [`resume`](Self::resume).
-    pub async fn freeze(&self) {
-        self.signal("-STOP");
-        // The signal is sent, not yet acted on: a thread of the server may
-        // still be running. Wait until every thread is stopped.
-        let pid = self.pid();
-        tokio::time::timeout(Duration::from_secs(20), async {
-            while !all_threads_stopped(pid) {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the server stopped");
-    }
-
-    /// Lets a frozen server run again (SIGCONT).
-    pub fn resume(&self) {
-        self.signal("-CONT");
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().expect("a running redis-server")
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.pid();
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .expect("kill command");
-        assert!(status.success(), "kill {signal} {pid} failed");
-    }
-
-    pub async fn kill(mut self) {
-        self.child.kill().await.unwrap();
-    }
-}
-
 /// `n` events to `topic`, each carrying its number.
 pub fn numbered(topic: &str, n: usize) -> Vec<watchtower::Event> {
     (0..n)
         .map(|i| watchtower::Event::new(topic.to_owned(), serde_json::json!({"i": i})))
         .collect()
-}
-
-/// Whether every thread of process `pid` is stopped (state `T`).
-fn all_threads_stopped(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().all(|task| {
-        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
-            // The state follows the command name, which is in parentheses.
-            stat.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
-        })
-    })
 }
 
 /// The event id of an entry's fields, in either content mode: the `id`

@@ -2,17 +2,13 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use watchtower::{Delivery, Error, Event};
+use watchtower_test_support::within;
 use watchtower_websocket::{WsAcker, WsConfig, WsHub, WsSubscription};
-
-/// How long a test waits for what it expects; a passing test takes a
-/// fraction of it.
-pub const WAIT: Duration = Duration::from_secs(20);
 
 pub struct Server {
     pub addr: SocketAddr,
@@ -51,31 +47,19 @@ impl Server {
     }
 }
 
-/// A unique namespace for topics.
-pub fn ns() -> String {
-    format!("t{}", uuid::Uuid::now_v7().simple())
-}
-
 /// The next event of a subscription, skipping reported errors.
 pub async fn next_event(sub: &mut WsSubscription) -> Event {
     loop {
-        match tokio::time::timeout(WAIT, sub.next()).await {
-            Ok(Some(Ok(delivery))) => return event_of(delivery),
-            Ok(Some(Err(_))) => continue,
-            Ok(None) => panic!("subscription ended"),
-            Err(_) => panic!("no event within {WAIT:?}"),
+        match within("the next event", sub.next()).await {
+            Some(Ok(delivery)) => return event_of(delivery),
+            Some(Err(_)) => continue,
+            None => panic!("subscription ended"),
         }
     }
 }
 
 pub fn event_of(delivery: Delivery<WsAcker>) -> Event {
     delivery.event().cloned().expect("an event, not a poison message")
-}
-
-pub async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
-    tokio::time::timeout(WAIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not happen within {WAIT:?}"))
 }
 
 pub type Collected = tokio::sync::mpsc::UnboundedReceiver<Event>;

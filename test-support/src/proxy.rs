@@ -1,4 +1,4 @@
-//! A TCP proxy for fault tests.
+//! A TCP proxy in front of a broker, for fault tests.
 
 use std::fmt;
 use std::io;
@@ -16,7 +16,7 @@ use tokio::sync::watch;
 ///
 /// ```no_run
 /// # async fn f() -> std::io::Result<()> {
-/// use watchtower::conformance::TcpProxy;
+/// use watchtower_test_support::TcpProxy;
 ///
 /// let proxy = TcpProxy::start("127.0.0.1:4222".parse().unwrap()).await?;
 /// let url = format!("nats://{}", proxy.addr()); // connect the client here

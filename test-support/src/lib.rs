@@ -1,0 +1,82 @@
+//! Test support shared by the WatchTower crates' tests: names no other test
+//! uses, free ports, waiting with a deadline, private broker processes a
+//! test may kill, restart or freeze, and a TCP proxy that cuts or stalls
+//! connections to a broker.
+//!
+//! The shared brokers (NATS 4222, Redis 6379, RabbitMQ 5672) are never
+//! stopped or reconfigured by a test: a test names what it creates with
+//! [`unique`], and a fault test runs its own [`NatsServer`] or
+//! [`RedisServer`], or puts a [`TcpProxy`] in front of a shared broker.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use watchtower_test_support::{NatsServer, TcpProxy, unique, within};
+//!
+//! # async fn f() {
+//! let stream = unique("orders"); // a stream, subject token, key or queue name
+//! let server = NatsServer::start().await; // nats-server -js on a free port
+//! let proxy = TcpProxy::start(server.addr()).await.unwrap();
+//! let url = format!("nats://{}", proxy.addr()); // connect a client here
+//! proxy.cut(); // every open connection is closed
+//! server.freeze().await; // the server answers nothing ...
+//! server.resume(); // ... until it runs again
+//! within("the client to reconnect", async { /* wait on the event */ }).await;
+//! # let _ = (stream, url);
+//! # }
+//! ```
+
+use std::future::Future;
+use std::time::Duration;
+
+mod process;
+mod proxy;
+
+pub use process::{Broker, BrokerProcess, Nats, NatsServer, Redis, RedisServer};
+pub use proxy::TcpProxy;
+/// A name unique per process and call, made of `prefix`, `_` and lowercase
+/// hex digits: a NATS subject token or stream name, a Redis key, a RabbitMQ
+/// queue or exchange name. The conformance suite's own, so every test names
+/// things one way.
+pub use watchtower::conformance::unique;
+
+/// The longest a test waits for what it expects: 30 s, generous for a
+/// loaded CI machine (the conformance suite's [`WAIT`](watchtower::conformance::WAIT));
+/// a passing test takes a fraction of it.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Awaits `fut`, failing the test if it has not finished within
+/// [`PATIENCE`].
+///
+/// # Panics
+///
+/// After [`PATIENCE`], with a message naming `what`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use watchtower_test_support::within;
+///
+/// let answer = within("the answer", async { 42 }).await;
+/// assert_eq!(answer, 42);
+/// # }
+/// ```
+pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(PATIENCE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not happen within {PATIENCE:?}"))
+}
+
+/// A TCP port of 127.0.0.1 that nothing listened on when it was asked for.
+///
+/// The port is free, not reserved: bind it soon (a private broker does).
+///
+/// # Panics
+///
+/// If no port can be bound.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port on 127.0.0.1")
+}

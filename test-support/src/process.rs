@@ -1,0 +1,314 @@
+//! Private broker processes: one implementation, a [`Broker`] per program.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::{PATIENCE, free_port, unique};
+
+/// A broker program [`BrokerProcess`] can run: how to start it on a port
+/// with a store directory, and how it says it is ready.
+pub trait Broker {
+    /// The program, found on `PATH`.
+    const PROGRAM: &'static str;
+    /// The URL scheme of [`BrokerProcess::url`].
+    const SCHEME: &'static str;
+    /// Part of the log line that says the broker accepts clients.
+    const READY: &'static str;
+    /// Whether the broker logs to stderr (else stdout).
+    const LOGS_TO_STDERR: bool;
+
+    /// The arguments that make it listen on 127.0.0.1:`port` with its store
+    /// in `dir`; the test's extra arguments follow them.
+    fn args(port: u16, dir: &Path) -> Vec<String>;
+}
+
+/// `nats-server` with JetStream, logging "Server is ready" on stderr.
+#[derive(Debug)]
+pub struct Nats;
+
+impl Broker for Nats {
+    const PROGRAM: &'static str = "nats-server";
+    const SCHEME: &'static str = "nats";
+    const READY: &'static str = "Server is ready";
+    const LOGS_TO_STDERR: bool = true;
+
+    fn args(port: u16, dir: &Path) -> Vec<String> {
+        let dir = dir.display().to_string();
+        ["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd", &dir]
+            .map(str::to_owned)
+            .into()
+    }
+}
+
+/// `redis-server` without persistence (no RDB snapshots, no AOF), logging
+/// "Ready to accept connections" on stdout.
+#[derive(Debug)]
+pub struct Redis;
+
+impl Broker for Redis {
+    const PROGRAM: &'static str = "redis-server";
+    const SCHEME: &'static str = "redis";
+    const READY: &'static str = "Ready to accept connections";
+    const LOGS_TO_STDERR: bool = false;
+
+    fn args(port: u16, dir: &Path) -> Vec<String> {
+        let dir = dir.display().to_string();
+        let port = port.to_string();
+        let args = ["--port", &port, "--bind", "127.0.0.1", "--dir", &dir];
+        let no_persistence = ["--save", "", "--appendonly", "no"];
+        args.into_iter()
+            .chain(no_persistence)
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// A private `nats-server -js` on a free port with its own store.
+pub type NatsServer = BrokerProcess<Nats>;
+
+/// A private `redis-server` on a free port, without persistence: after a
+/// restart it is empty.
+pub type RedisServer = BrokerProcess<Redis>;
+
+/// A private broker process on a free port of 127.0.0.1 with a store
+/// directory of its own, that a test may kill, stop, restart (same port,
+/// same store, same arguments) or freeze. Killed, and its directory removed,
+/// on drop.
+pub struct BrokerProcess<B> {
+    port: u16,
+    dir: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+    broker: PhantomData<B>,
+}
+
+impl<B: Broker> BrokerProcess<B> {
+    /// Starts the broker and waits until it accepts clients.
+    ///
+    /// # Panics
+    ///
+    /// If the program is missing or does not get ready within
+    /// [`PATIENCE`].
+    pub async fn start() -> Self {
+        Self::with_args(&[]).await
+    }
+
+    /// Starts the broker with `extra` arguments after its own (`--auth
+    /// token`, `--requirepass secret`) and waits until it accepts clients.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub async fn with_args(extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(unique(&format!("wt_{}", B::PROGRAM)));
+        std::fs::create_dir_all(&dir).expect("a temporary store directory");
+        let mut process = BrokerProcess {
+            port: free_port(),
+            dir,
+            extra: extra.iter().map(|&arg| arg.to_owned()).collect(),
+            child: None,
+            broker: PhantomData,
+        };
+        process.spawn().await;
+        process
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The address it listens on, for a [`TcpProxy`](crate::TcpProxy).
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Its URL, `nats://127.0.0.1:<port>` or `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("{}://127.0.0.1:{}", B::SCHEME, self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let mut command = Command::new(B::PROGRAM);
+        command
+            .args(B::args(self.port, &self.dir))
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if B::LOGS_TO_STDERR {
+            command.stdout(Stdio::null()).stderr(Stdio::piped());
+        } else {
+            command.stdout(Stdio::piped()).stderr(Stdio::null());
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} could not start: {e}", B::PROGRAM));
+        if B::LOGS_TO_STDERR {
+            let log = child.stderr.take().expect("piped stderr");
+            self.child = Some(child);
+            ready::<B>(log).await;
+        } else {
+            let log = child.stdout.take().expect("piped stdout");
+            self.child = Some(child);
+            ready::<B>(log).await;
+        }
+    }
+
+    /// Kills it (SIGKILL) and waits until it is gone; a no-op if it is not
+    /// running. [`restart`](Self::restart) starts it again.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child
+                .kill()
+                .await
+                .unwrap_or_else(|e| panic!("kill {}: {e}", B::PROGRAM));
+        }
+    }
+
+    /// Stops it the way an operator would (SIGTERM), letting it flush its
+    /// store, and waits until it is gone; a no-op if it is not running.
+    ///
+    /// # Panics
+    ///
+    /// If it has not exited within [`PATIENCE`].
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                // It may have exited already; the wait below tells.
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+            tokio::time::timeout(PATIENCE, child.wait())
+                .await
+                .unwrap_or_else(|_| panic!("{} did not stop within {PATIENCE:?}", B::PROGRAM))
+                .unwrap_or_else(|e| panic!("wait for {}: {e}", B::PROGRAM));
+        }
+    }
+
+    /// Kills it (SIGKILL) if it runs, and starts it again on the same port
+    /// with the same store and arguments.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+
+    /// Stops it gracefully (SIGTERM) if it runs, and starts it again on the
+    /// same port with the same store and arguments.
+    pub async fn restart_gracefully(&mut self) {
+        self.stop().await;
+        self.spawn().await;
+    }
+
+    /// Freezes it (SIGSTOP): its connections stay open but it answers
+    /// nothing until [`resume`](Self::resume). Returns once every thread
+    /// of the process is stopped.
+    ///
+    /// # Panics
+    ///
+    /// If it is not running, or not stopped within [`PATIENCE`].
+    pub async fn freeze(&self) {
+        let pid = self.pid();
+        signal(pid, "-STOP");
+        // The signal is sent, not yet acted on: a thread of the server may
+        // still be running. Wait until every thread is stopped.
+        tokio::time::timeout(PATIENCE, async {
+            while !all_threads_stopped(pid) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{} was not stopped within {PATIENCE:?}", B::PROGRAM));
+    }
+
+    /// Lets a frozen process run again (SIGCONT).
+    ///
+    /// # Panics
+    ///
+    /// If it is not running.
+    pub fn resume(&self) {
+        signal(self.pid(), "-CONT");
+    }
+
+    fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .and_then(Child::id)
+            .unwrap_or_else(|| panic!("a running {}", B::PROGRAM))
+    }
+}
+
+impl<B> Drop for BrokerProcess<B> {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            // A frozen process does not die of SIGKILL until it runs again
+            // on some systems; make sure it can.
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-CONT", &pid.to_string()])
+                    .status();
+            }
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl<B: Broker> fmt::Debug for BrokerProcess<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerProcess")
+            .field("program", &B::PROGRAM)
+            .field("port", &self.port)
+            .field("dir", &self.dir)
+            .field("extra", &self.extra)
+            .field("pid", &self.child.as_ref().and_then(Child::id))
+            .finish()
+    }
+}
+
+/// Reads `log` until the broker says it is ready, then keeps reading in the
+/// background so that it never blocks on a full pipe.
+async fn ready<B: Broker>(log: impl AsyncRead + Unpin + Send + 'static) {
+    let mut lines = BufReader::new(log).lines();
+    tokio::time::timeout(PATIENCE, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(B::READY) {
+                return;
+            }
+        }
+        panic!("{} exited before it was ready", B::PROGRAM);
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} was not ready within {PATIENCE:?}", B::PROGRAM));
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+}
+
+/// Sends `signal` to process `pid` with kill(1) (the crate forbids the
+/// unsafe code a direct call would take).
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("the kill command");
+    assert!(status.success(), "kill {signal} {pid} failed");
+}
+
+/// Whether every thread of process `pid` is stopped (state `T`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
+}
