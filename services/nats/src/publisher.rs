@@ -187,9 +187,32 @@ impl Service<Event> for NatsPublisher {
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
         let span = watchtower::trace::publish_span("nats", &topic, &event);
-        let client = self.client.clone();
         let receipt = Receipt::new(topic, &event);
         drop(event);
+        // The usual case first, without a task of its own: the client's
+        // queue has room, and the message is handed over now. The future is
+        // polled in place, borrowing the connection; when it would have to
+        // wait, it is dropped, which gives its place in the queue up (nothing
+        // was sent), and the publish starts again as an owned future below,
+        // before any later call can take a place.
+        // (With a header block, which the client takes by value, the owned
+        // future is the only attempt: a copy of the map costs more than the
+        // box.)
+        if headers.is_none() {
+            let sent = {
+                let _entered = span.enter();
+                poll_now(std::pin::pin!(
+                    self.client.raw().publish(subject.clone(), body.clone())
+                ))
+            };
+            if let Poll::Ready(result) = sent {
+                return ResponseFuture::ready(match result {
+                    Ok(()) => Ok(receipt),
+                    Err(e) => Err(core_publish_error(&e)),
+                });
+            }
+        }
+        let client = self.client.clone();
         let fut = Box::pin(async move {
             let raw = client.raw();
             match headers {
@@ -326,12 +349,21 @@ impl Future for ResponseFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.state {
-            State::Done(result) => Poll::Ready(result.take().unwrap_or_else(|| {
-                Err(Error::new(
-                    ErrorKind::Other,
-                    "publish future polled after completion",
-                ))
-            })),
+            State::Done(result) => {
+                // A publish handed over in `call` counts against the task's
+                // cooperative budget, as the client's own `publish` does:
+                // a task publishing in a loop then yields now and then, and
+                // the connection task it woke gets to write (on another
+                // worker) while it goes on, instead of only once the queue
+                // is full. The message went already; only the answer waits.
+                std::task::ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
+                Poll::Ready(result.take().unwrap_or_else(|| {
+                    Err(Error::new(
+                        ErrorKind::Other,
+                        "publish future polled after completion",
+                    ))
+                }))
+            }
             State::Queued { fut, span } => {
                 let _entered = span.enter();
                 fut.as_mut().poll(cx)
