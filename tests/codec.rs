@@ -24,6 +24,32 @@ fn json_data_is_inline_and_binary_data_is_base64() {
 }
 
 #[test]
+fn attribute_strings_are_written_as_serde_json_writes_them() {
+    let values = [
+        "plain",
+        "quote \" and backslash \\",
+        "tab\tnewline\ncontrol\u{1}\u{1f}",
+        "del \u{7f} and non-ascii é 漢字 🎉",
+        "/a/b?c=d&e",
+    ];
+    for value in values {
+        let event = Event::builder("t")
+            .source(value)
+            .subject(value)
+            .extension("ext", value)
+            .data("text/plain", "x")
+            .build()
+            .unwrap();
+        let text = String::from_utf8(structured::to_vec(&event).unwrap()).unwrap();
+        let quoted = serde_json::to_string(value).unwrap();
+        assert!(text.contains(&format!(r#""source":{quoted}"#)), "{text}");
+        assert!(text.contains(&format!(r#""subject":{quoted}"#)), "{text}");
+        assert!(text.contains(&format!(r#""ext":{quoted}"#)), "{text}");
+        assert_eq!(structured::from_slice(text.as_bytes()).unwrap(), event);
+    }
+}
+
+#[test]
 fn json_content_type_with_invalid_json_bytes_falls_back_to_base64() {
     let event = Event::binary("t", "application/json", &b"not json"[..]);
     let bytes = structured::to_vec(&event).unwrap();

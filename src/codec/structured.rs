@@ -32,8 +32,7 @@ use crate::event::{Event, is_json_content_type, validate_extension_name};
 /// [`ErrorKind::InvalidEvent`] if the event breaks the CloudEvents rules.
 pub fn to_vec(event: &Event) -> Result<Vec<u8>, Error> {
     event.validate()?;
-    let data_len = event.data().map_or(0, |d| d.len());
-    let mut out = Vec::with_capacity(160 + data_len + data_len / 3);
+    let mut out = Vec::with_capacity(encoded_len(event));
     out.extend_from_slice(br#"{"specversion":"1.0","id":"#);
     write_str(&mut out, event.id());
     out.extend_from_slice(br#","type":"#);
@@ -382,6 +381,43 @@ fn is_exact_json(data: &[u8]) -> bool {
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Attribute values rarely hold anything JSON escapes: those are copied
+    // as they are, as serde_json would write them.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // Writing a `str` into a `Vec` cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// The length of `event` in structured mode when nothing in it needs
+/// escaping (the usual case), so that the buffer is allocated once.
+fn encoded_len(event: &Event) -> usize {
+    // Names, quotes and punctuation of the fixed attributes, and the time.
+    const FIXED: usize = 64 + 40;
+    let attributes = [
+        event.subject(),
+        event.datacontenttype(),
+        event.dataschema(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|value| value.len() + 24)
+    .sum::<usize>();
+    let extensions = event
+        .extensions()
+        .map(|(name, value)| name.len() + value.len() + 6)
+        .sum::<usize>();
+    let data = event.data().map_or(0, |d| {
+        if event.is_json() {
+            d.len() + 8
+        } else {
+            d.len().div_ceil(3) * 4 + 16
+        }
+    });
+    FIXED + event.id().len() + event.ty().len() + event.source().len() + attributes + extensions + data
 }
