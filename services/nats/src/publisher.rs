@@ -257,7 +257,7 @@ type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, JetStreamPublish
 /// The poll is outside tokio's cooperative budget: a caller that has used
 /// its budget up would otherwise see every later publish of the same task
 /// poll left pending, and handed over out of call order.
-fn poll_now<F: Future + ?Sized>(fut: Pin<&mut F>) -> Poll<F::Output> {
+pub(crate) fn poll_now<F: Future + ?Sized>(fut: Pin<&mut F>) -> Poll<F::Output> {
     let mut fut = std::pin::pin!(tokio::task::unconstrained(fut));
     fut.as_mut()
         .poll(&mut Context::from_waker(std::task::Waker::noop()))
@@ -307,6 +307,25 @@ impl ResponseFuture {
             Poll::Ready(result) => ResponseFuture::ready(result),
             Poll::Pending => ResponseFuture {
                 state: State::Queued { fut, span },
+            },
+        }
+    }
+
+    /// A JetStream publish handed to the connection already: awaits its
+    /// acknowledgement and completes `receipt` with it, holding `permit`
+    /// until then.
+    pub(crate) fn jetstream_sent(
+        ack: async_nats::jetstream::context::PublishAckFuture,
+        receipt: Receipt,
+        permit: OwnedSemaphorePermit,
+        span: Span,
+    ) -> ResponseFuture {
+        ResponseFuture {
+            state: State::JetStream {
+                step: Step::Ack(std::future::IntoFuture::into_future(ack)),
+                receipt: Some(receipt),
+                span,
+                _permit: Some(permit),
             },
         }
     }
