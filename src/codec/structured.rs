@@ -399,15 +399,11 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 fn encoded_len(event: &Event) -> usize {
     // Names, quotes and punctuation of the fixed attributes, and the time.
     const FIXED: usize = 64 + 40;
-    let attributes = [
-        event.subject(),
-        event.datacontenttype(),
-        event.dataschema(),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|value| value.len() + 24)
-    .sum::<usize>();
+    let attributes = [event.subject(), event.datacontenttype(), event.dataschema()]
+        .into_iter()
+        .flatten()
+        .map(|value| value.len() + 24)
+        .sum::<usize>();
     let extensions = event
         .extensions()
         .map(|(name, value)| name.len() + value.len() + 6)
