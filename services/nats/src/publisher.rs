@@ -182,28 +182,26 @@ impl Service<Event> for NatsPublisher {
             let encoded = self.encoder.encode(&event, false, None)?;
             Ok((subject, encoded))
         });
-        let ((topic, subject), Encoded { headers, body }) = match prepared {
+        let ((topic, subject), Encoded { headers, mut body }) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
         let span = watchtower::trace::publish_span("nats", &topic, &event);
         let receipt = Receipt::new(topic, &event);
-        drop(event);
         // The usual case first, without a task of its own: the client's
         // queue has room, and the message is handed over now. The future is
         // polled in place, borrowing the connection; when it would have to
         // wait, it is dropped, which gives its place in the queue up (nothing
         // was sent), and the publish starts again as an owned future below,
-        // before any later call can take a place.
-        // (With a header block, which the client takes by value, the owned
-        // future is the only attempt: a copy of the map costs more than the
-        // box.)
+        // before any later call can take a place. The body goes with the
+        // attempt (a structured body is one allocation that a copy of the
+        // handle would make two): the rare retry encodes it again.
+        // (With a header block, which the client takes by value too, the
+        // owned future is the only attempt.)
         if headers.is_none() {
             let sent = {
                 let _entered = span.enter();
-                poll_now(std::pin::pin!(
-                    self.client.raw().publish(subject.clone(), body.clone())
-                ))
+                poll_now(std::pin::pin!(self.client.raw().publish(subject.clone(), body)))
             };
             if let Poll::Ready(result) = sent {
                 return ResponseFuture::ready(match result {
@@ -211,7 +209,12 @@ impl Service<Event> for NatsPublisher {
                     Err(e) => Err(core_publish_error(&e)),
                 });
             }
+            body = match self.encoder.encode(&event, false, None) {
+                Ok(encoded) => encoded.body,
+                Err(e) => return ResponseFuture::ready(Err(e)),
+            };
         }
+        drop(event);
         let client = self.client.clone();
         let fut = Box::pin(async move {
             let raw = client.raw();

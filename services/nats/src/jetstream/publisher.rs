@@ -229,7 +229,7 @@ impl Service<Event> for JetStreamPublisher {
         // as an owned future below, before any later call can take a place.
         let sent = {
             let _entered = span.enter();
-            let mut message = PublishMessage::build().payload(body.clone());
+            let mut message = PublishMessage::build().payload(body);
             if let Some(headers) = headers {
                 message = message.headers(headers);
             }
@@ -242,10 +242,11 @@ impl Service<Event> for JetStreamPublisher {
             Poll::Ready(Err(e)) => return ResponseFuture::ready(Err(publish_error(&e))),
             Poll::Pending => {}
         }
-        // The header block went with the attempt: built again (the rare
-        // path, when the client's queue is full).
-        let headers = match self.encoder.encode(&event, true, expected_stream) {
-            Ok(encoded) => encoded.headers,
+        // The message went with the attempt (a copy of its body handle
+        // would cost a structured body another allocation): encoded again,
+        // on this rare path, when the client's queue is full.
+        let Encoded { headers, body } = match self.encoder.encode(&event, true, expected_stream) {
+            Ok(encoded) => encoded,
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
         drop(event);
