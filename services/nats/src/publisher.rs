@@ -18,7 +18,10 @@
 //! `call` hands the message to the connection at once when the client's
 //! outgoing queue has room (the usual case), so events leave in the order
 //! of the calls and the returned future is already resolved; when the
-//! queue is full, the future waits for room.
+//! queue is full, the future waits for room. A resolved future still takes
+//! its unit of tokio's cooperative budget when awaited, as the client's own
+//! `publish` does, so that a task publishing in a loop lets the
+//! connection's writer run beside it.
 //!
 //! # Example
 //!
