@@ -24,6 +24,76 @@ fn json_data_is_inline_and_binary_data_is_base64() {
 }
 
 #[test]
+fn attribute_strings_are_written_as_serde_json_writes_them() {
+    let values = [
+        "plain",
+        "quote \" and backslash \\",
+        "tab\tnewline\ncontrol\u{1}\u{1f}",
+        "del \u{7f} and non-ascii é 漢字 🎉",
+        "/a/b?c=d&e",
+    ];
+    for value in values {
+        let event = Event::builder("t")
+            .source(value)
+            .subject(value)
+            .extension("ext", value)
+            .data("text/plain", "x")
+            .build()
+            .unwrap();
+        let text = String::from_utf8(structured::to_vec(&event).unwrap()).unwrap();
+        let quoted = serde_json::to_string(value).unwrap();
+        assert!(text.contains(&format!(r#""source":{quoted}"#)), "{text}");
+        assert!(text.contains(&format!(r#""subject":{quoted}"#)), "{text}");
+        assert!(text.contains(&format!(r#""ext":{quoted}"#)), "{text}");
+        assert_eq!(structured::from_slice(text.as_bytes()).unwrap(), event);
+    }
+}
+
+#[test]
+fn structured_encoding_allocates_exactly_its_length() {
+    let time = |text: &str| watchtower::codec::parse_time(text).unwrap();
+    let events = [
+        Event::new("user.created", serde_json::json!({"user_id": 123})),
+        Event::builder("t").no_time().build().unwrap(),
+        Event::builder("t")
+            .time(time("2026-03-04T05:06:07Z"))
+            .subject("s")
+            .dataschema("https://example.com/s")
+            .extension("tenant", "acme")
+            .extension("n", "17")
+            .data("text/plain", "hello")
+            .build()
+            .unwrap(),
+        Event::builder("t")
+            .time(time("0001-01-01T00:00:00.000000001Z"))
+            .json(&serde_json::json!([1, 2, 3]))
+            .unwrap()
+            .build()
+            .unwrap(),
+        Event::builder("t")
+            .time(time("9999-12-31T23:59:59.12+01:00"))
+            .data(
+                "application/octet-stream",
+                Bytes::from_static(b"\x00\x01\x02\x03"),
+            )
+            .build()
+            .unwrap(),
+        Event::binary("t", "application/json", &b"not json"[..]),
+        Event::binary("t", "application/json", &b" {} "[..]),
+    ];
+    for event in &events {
+        let bytes = structured::to_vec(event).unwrap();
+        assert_eq!(
+            bytes.len(),
+            bytes.capacity(),
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+        assert_eq!(&structured::from_slice(&bytes).unwrap(), event);
+    }
+}
+
+#[test]
 fn json_content_type_with_invalid_json_bytes_falls_back_to_base64() {
     let event = Event::binary("t", "application/json", &b"not json"[..]);
     let bytes = structured::to_vec(&event).unwrap();

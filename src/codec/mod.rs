@@ -170,57 +170,86 @@ impl Default for Limits {
 ///
 /// [`Event::validate`]: crate::Event::validate
 pub fn format_time(time: OffsetDateTime) -> String {
+    let mut out = Vec::with_capacity(30);
+    write_time(&mut out, time);
+    // ASCII digits and punctuation only.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Writes `time` as [`format_time`] formats it, at the end of `out`.
+pub(crate) fn write_time(out: &mut Vec<u8>, time: OffsetDateTime) {
     let utc = time.to_offset(time::UtcOffset::UTC);
     match u32::try_from(utc.year()) {
         // Every encoder writes the time of every event: written by hand,
         // as the general formatter would, in a fraction of its time.
-        Ok(year) if year < 10_000 => format_utc(
+        Ok(year) if year < 10_000 => write_utc(
+            out,
             year,
             u8::from(utc.month()),
             utc.day(),
             (utc.hour(), utc.minute(), utc.second()),
             utc.nanosecond(),
         ),
-        _ => utc.format(&Rfc3339).unwrap_or_default(),
+        _ => out.extend_from_slice(utc.format(&Rfc3339).unwrap_or_default().as_bytes()),
     }
+}
+
+/// The length of what [`write_time`] writes for `time`.
+pub(crate) fn time_len(time: OffsetDateTime) -> usize {
+    let utc = time.to_offset(time::UtcOffset::UTC);
+    match u32::try_from(utc.year()) {
+        // `YYYY-MM-DDTHH:MM:SS`, the fraction with its dot, `Z`.
+        Ok(year) if year < 10_000 => {
+            let (_, width) = fraction(utc.nanosecond());
+            19 + if width == 0 { 0 } else { 1 + width as usize } + 1
+        }
+        _ => utc.format(&Rfc3339).map_or(0, |text| text.len()),
+    }
+}
+
+/// Nanoseconds without their trailing zeros, and how many digits remain
+/// (0 for none).
+fn fraction(mut nanos: u32) -> (u32, u32) {
+    if nanos == 0 {
+        return (0, 0);
+    }
+    let mut width = 9;
+    while nanos.is_multiple_of(10) {
+        nanos /= 10;
+        width -= 1;
+    }
+    (nanos, width)
 }
 
 /// A UTC time in RFC 3339: `Z`, the fraction without trailing zeros (none
 /// when zero). `year` must be in 0..10_000, the other parts in their
 /// calendar ranges.
-fn format_utc(year: u32, month: u8, day: u8, hms: (u8, u8, u8), nanos: u32) -> String {
-    fn push(out: &mut String, n: u32, width: u32) {
+fn write_utc(out: &mut Vec<u8>, year: u32, month: u8, day: u8, hms: (u8, u8, u8), nanos: u32) {
+    fn push(out: &mut Vec<u8>, n: u32, width: u32) {
         let mut div = 10u32.pow(width - 1);
         while div > 0 {
             // A single decimal digit.
-            out.push(char::from(b'0' + (n / div % 10) as u8));
+            out.push(b'0' + (n / div % 10) as u8);
             div /= 10;
         }
     }
-    let mut out = String::with_capacity(30);
-    push(&mut out, year, 4);
-    out.push('-');
-    push(&mut out, u32::from(month), 2);
-    out.push('-');
-    push(&mut out, u32::from(day), 2);
-    out.push('T');
-    push(&mut out, u32::from(hms.0), 2);
-    out.push(':');
-    push(&mut out, u32::from(hms.1), 2);
-    out.push(':');
-    push(&mut out, u32::from(hms.2), 2);
-    if nanos != 0 {
-        let mut nanos = nanos;
-        let mut width = 9;
-        while nanos.is_multiple_of(10) {
-            nanos /= 10;
-            width -= 1;
-        }
-        out.push('.');
-        push(&mut out, nanos, width);
+    push(out, year, 4);
+    out.push(b'-');
+    push(out, u32::from(month), 2);
+    out.push(b'-');
+    push(out, u32::from(day), 2);
+    out.push(b'T');
+    push(out, u32::from(hms.0), 2);
+    out.push(b':');
+    push(out, u32::from(hms.1), 2);
+    out.push(b':');
+    push(out, u32::from(hms.2), 2);
+    let (nanos, width) = fraction(nanos);
+    if width != 0 {
+        out.push(b'.');
+        push(out, nanos, width);
     }
-    out.push('Z');
-    out
+    out.push(b'Z');
 }
 
 /// Parses an RFC 3339 `time` attribute.

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde::de::{self, Deserializer as _, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{Limits, format_time, parse_time};
+use super::{Limits, parse_time, time_len, write_time};
 use crate::error::{Error, ErrorKind};
 use crate::event::{Event, is_json_content_type, validate_extension_name};
 
@@ -32,23 +32,25 @@ use crate::event::{Event, is_json_content_type, validate_extension_name};
 /// [`ErrorKind::InvalidEvent`] if the event breaks the CloudEvents rules.
 pub fn to_vec(event: &Event) -> Result<Vec<u8>, Error> {
     event.validate()?;
-    let data_len = event.data().map_or(0, |d| d.len());
-    let mut out = Vec::with_capacity(160 + data_len + data_len / 3);
-    out.extend_from_slice(br#"{"specversion":"1.0","id":"#);
+    // Whether the payload goes inline as `data`, decided once: it may take
+    // a parse of the payload.
+    let inline = event
+        .data()
+        .map(|data| event.is_json() && &data[..] != b"null" && (event.data_is_json() || is_exact_json(data)));
+    let mut out = Vec::with_capacity(encoded_len(event, inline));
+    out.extend_from_slice(HEAD);
     write_str(&mut out, event.id());
-    out.extend_from_slice(br#","type":"#);
+    out.extend_from_slice(TYPE);
     write_str(&mut out, event.ty());
-    out.extend_from_slice(br#","source":"#);
+    out.extend_from_slice(SOURCE);
     write_str(&mut out, event.source());
     if let Some(time) = event.time() {
-        out.extend_from_slice(br#","time":"#);
-        write_str(&mut out, &format_time(time));
+        out.extend_from_slice(TIME);
+        out.push(b'"');
+        write_time(&mut out, time);
+        out.push(b'"');
     }
-    for (name, value) in [
-        ("subject", event.subject()),
-        ("datacontenttype", event.datacontenttype()),
-        ("dataschema", event.dataschema()),
-    ] {
+    for (name, value) in optional_attributes(event) {
         if let Some(value) = value {
             out.extend_from_slice(b",\"");
             out.extend_from_slice(name.as_bytes());
@@ -62,12 +64,12 @@ pub fn to_vec(event: &Event) -> Result<Vec<u8>, Error> {
         out.push(b':');
         write_str(&mut out, value);
     }
-    if let Some(data) = event.data() {
-        if event.is_json() && &data[..] != b"null" && (event.data_is_json() || is_exact_json(data)) {
-            out.extend_from_slice(br#","data":"#);
+    if let (Some(data), Some(inline)) = (event.data(), inline) {
+        if inline {
+            out.extend_from_slice(DATA);
             out.extend_from_slice(data);
         } else {
-            out.extend_from_slice(br#","data_base64":""#);
+            out.extend_from_slice(DATA_BASE64);
             let start = out.len();
             let len = base64::encoded_len(data.len(), true).unwrap_or(0);
             out.resize(start + len, 0);
@@ -78,6 +80,21 @@ pub fn to_vec(event: &Event) -> Result<Vec<u8>, Error> {
     }
     out.push(b'}');
     Ok(out)
+}
+
+const HEAD: &[u8] = br#"{"specversion":"1.0","id":"#;
+const TYPE: &[u8] = br#","type":"#;
+const SOURCE: &[u8] = br#","source":"#;
+const TIME: &[u8] = br#","time":"#;
+const DATA: &[u8] = br#","data":"#;
+const DATA_BASE64: &[u8] = br#","data_base64":""#;
+
+fn optional_attributes(event: &Event) -> [(&'static str, Option<&str>); 3] {
+    [
+        ("subject", event.subject()),
+        ("datacontenttype", event.datacontenttype()),
+        ("dataschema", event.dataschema()),
+    ]
 }
 
 /// Encodes `event` as CloudEvents JSON into [`Bytes`].
@@ -382,6 +399,44 @@ fn is_exact_json(data: &[u8]) -> bool {
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Attribute values rarely hold anything JSON escapes: those are copied
+    // as they are, as serde_json would write them.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // Writing a `str` into a `Vec` cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// The length of `event` in structured mode, exact when no string in it
+/// needs escaping (the usual case): the buffer is allocated once, and
+/// [`to_bytes`] hands it over without another allocation.
+fn encoded_len(event: &Event, inline: Option<bool>) -> usize {
+    let quoted = |s: &str| s.len() + 2;
+    let mut len = HEAD.len() + quoted(event.id()) + TYPE.len() + quoted(event.ty());
+    len += SOURCE.len() + quoted(event.source());
+    if let Some(time) = event.time() {
+        len += TIME.len() + 2 + time_len(time);
+    }
+    for (name, value) in optional_attributes(event) {
+        if let Some(value) = value {
+            // `,"name":` and the value.
+            len += 4 + name.len() + quoted(value);
+        }
+    }
+    for (name, value) in event.extensions() {
+        len += 2 + quoted(name) + quoted(value);
+    }
+    if let (Some(data), Some(inline)) = (event.data(), inline) {
+        len += if inline {
+            DATA.len() + data.len()
+        } else {
+            DATA_BASE64.len() + base64::encoded_len(data.len(), true).unwrap_or(0) + 1
+        };
+    }
+    len + 1
 }

@@ -47,26 +47,32 @@
 //!   parse, whereas a structured event is one buffer. Measured on the local
 //!   broker with 50,000 events of ~195 bytes, as throughput relative to
 //!   raw async-nats sending a pre-built body without header in the same
-//!   run (`cargo bench -p watchtower-nats`, 2-core machine under load):
+//!   run (`cargo bench -p watchtower-nats`, three rounds, median of the
+//!   per-round ratios; 2-core machine under heavy load from other builds,
+//!   where single rounds ranged from half to twice these ratios):
 //!
-//! | case (two runs) | raw msgs/s | publisher, structured | publisher, binary | 4-layer stack, structured | 4-layer stack, binary |
+//! | case | raw msgs/s | publisher, structured | publisher, binary | 4-layer stack, structured | 4-layer stack, binary |
 //! |---|--:|--:|--:|--:|--:|
-//! | core publish | 1.07 M, 0.51 M | 0.35, 0.38 | 0.20, 0.30 | 0.25, 0.26 | 0.16, 0.31 |
-//! | JetStream publish, 1,024 in flight | 92 k, 43 k | 0.55, 0.55 | 0.47, 0.60 | 0.33, 0.53 | 0.28, 0.51 |
-//! | publish → handler round trip | 169 k, 166 k | 0.61, 0.74 | 0.24, 0.30 | – | – |
+//! | core publish | 1.19 M | 0.43 | 0.20 | 0.38 | 0.19 |
+//! | JetStream publish, 1,024 in flight | 134 k | 0.44 | 0.39 | 0.34 | 0.45 |
+//! | publish → handler round trip | 703 k | 0.44 | 0.25 | – | – |
 //!
-//! Throughput swings with the machine's load; CPU time per message is
-//! steadier. Core publish: raw 1.3–1.6 µs, raw with one header 1.7–2.0,
-//! raw with eight `ce-` headers 4.3–5.4; the publisher 1.9–2.2 structured,
-//! 2.7–3.6 binary. JetStream: raw 4.0–5.9 µs, raw with only `Nats-Msg-Id`
-//! 6.4–7.1, raw with the `ce-` block 11.8. Round trip: raw 1.9–2.5 µs,
-//! structured 3.0–3.7, binary 6.9–9.5, and the latency from publish to
-//! handler at p99 78–130 ms structured and 505 ms binary against raw's
-//! 106–124 ms (the consumer keeps up in structured mode and falls behind
-//! in binary mode, where async-nats parses every header into its map). In
-//! process: a structured event encodes in about 0.2 µs and decodes in
-//! 0.65 µs; an async-nats header map of eight entries takes 1 µs to build
-//! (0.13 µs a header), 0.33 µs to clone.
+//! Throughput swings with the machine's load; CPU time per message (all
+//! threads of the process) is steadier. Core publish: raw 1.36 µs, raw
+//! with one header 2.0, raw with eight `ce-` headers 4.9; the publisher
+//! 1.74 structured, 3.3 binary; the stack 2.4.
+//! JetStream: raw 4.1 µs, raw with only `Nats-Msg-Id` 5.6 (the header
+//! alone caps raw at about 0.7 of itself), raw with the `ce-` block 9.4;
+//! the publisher 7.2 structured. Round trip: raw 1.9 µs, structured 3.0,
+//! binary 7.5, and the latency from publish to handler at p99 64 ms
+//! structured and 207 ms binary against raw's 39 ms (the consumer keeps
+//! up in structured mode and falls behind in binary mode, where
+//! async-nats parses every header into its map). In process: a structured
+//! event encodes in about 0.15 µs and decodes in 0.58 µs; an async-nats
+//! header map of eight entries takes 1 µs to build (0.13 µs a header),
+//! 0.4 µs to clone. Counted in instructions (callgrind), the structured
+//! publisher's work per event is the client's `publish`, the encoding (one
+//! allocation, the exact size) and dropping the event.
 //!
 //! Under `watchtower-layers`' backpressure layer, set
 //! `BackpressureLayer::direct(true)` over these publishers: they hand their

@@ -18,7 +18,10 @@
 //! `call` hands the message to the connection at once when the client's
 //! outgoing queue has room (the usual case), so events leave in the order
 //! of the calls and the returned future is already resolved; when the
-//! queue is full, the future waits for room.
+//! queue is full, the future waits for room. A resolved future still takes
+//! its unit of tokio's cooperative budget when awaited, as the client's own
+//! `publish` does, so that a task publishing in a loop lets the
+//! connection's writer run beside it.
 //!
 //! # Example
 //!
@@ -182,14 +185,40 @@ impl Service<Event> for NatsPublisher {
             let encoded = self.encoder.encode(&event, false, None)?;
             Ok((subject, encoded))
         });
-        let ((topic, subject), Encoded { headers, body }) = match prepared {
+        let ((topic, subject), Encoded { headers, mut body }) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
         let span = watchtower::trace::publish_span("nats", &topic, &event);
-        let client = self.client.clone();
         let receipt = Receipt::new(topic, &event);
+        // The usual case first, without a task of its own: the client's
+        // queue has room, and the message is handed over now. The future is
+        // polled in place, borrowing the connection; when it would have to
+        // wait, it is dropped, which gives its place in the queue up (nothing
+        // was sent), and the publish starts again as an owned future below,
+        // before any later call can take a place. The body goes with the
+        // attempt (a structured body is one allocation that a copy of the
+        // handle would make two): the rare retry encodes it again.
+        // (With a header block, which the client takes by value too, the
+        // owned future is the only attempt.)
+        if headers.is_none() {
+            let sent = {
+                let _entered = span.enter();
+                poll_now(std::pin::pin!(self.client.raw().publish(subject.clone(), body)))
+            };
+            if let Poll::Ready(result) = sent {
+                return ResponseFuture::ready(match result {
+                    Ok(()) => Ok(receipt),
+                    Err(e) => Err(core_publish_error(&e)),
+                });
+            }
+            body = match self.encoder.encode(&event, false, None) {
+                Ok(encoded) => encoded.body,
+                Err(e) => return ResponseFuture::ready(Err(e)),
+            };
+        }
         drop(event);
+        let client = self.client.clone();
         let fut = Box::pin(async move {
             let raw = client.raw();
             match headers {
@@ -234,7 +263,7 @@ type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, JetStreamPublish
 /// The poll is outside tokio's cooperative budget: a caller that has used
 /// its budget up would otherwise see every later publish of the same task
 /// poll left pending, and handed over out of call order.
-fn poll_now<F: Future + ?Sized>(fut: Pin<&mut F>) -> Poll<F::Output> {
+pub(crate) fn poll_now<F: Future + ?Sized>(fut: Pin<&mut F>) -> Poll<F::Output> {
     let mut fut = std::pin::pin!(tokio::task::unconstrained(fut));
     fut.as_mut()
         .poll(&mut Context::from_waker(std::task::Waker::noop()))
@@ -288,6 +317,25 @@ impl ResponseFuture {
         }
     }
 
+    /// A JetStream publish handed to the connection already: awaits its
+    /// acknowledgement and completes `receipt` with it, holding `permit`
+    /// until then.
+    pub(crate) fn jetstream_sent(
+        ack: async_nats::jetstream::context::PublishAckFuture,
+        receipt: Receipt,
+        permit: OwnedSemaphorePermit,
+        span: Span,
+    ) -> ResponseFuture {
+        ResponseFuture {
+            state: State::JetStream {
+                step: Step::Ack(std::future::IntoFuture::into_future(ack)),
+                receipt: Some(receipt),
+                span,
+                _permit: Some(permit),
+            },
+        }
+    }
+
     /// Starts a JetStream publish now: `send` hands the message to the
     /// connection, then the future awaits its acknowledgement and completes
     /// `receipt` with it, holding `permit` until then.
@@ -326,12 +374,21 @@ impl Future for ResponseFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.state {
-            State::Done(result) => Poll::Ready(result.take().unwrap_or_else(|| {
-                Err(Error::new(
-                    ErrorKind::Other,
-                    "publish future polled after completion",
-                ))
-            })),
+            State::Done(result) => {
+                // A publish handed over in `call` counts against the task's
+                // cooperative budget, as the client's own `publish` does:
+                // a task publishing in a loop then yields now and then, and
+                // the connection task it woke gets to write (on another
+                // worker) while it goes on, instead of only once the queue
+                // is full. The message went already; only the answer waits.
+                std::task::ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
+                Poll::Ready(result.take().unwrap_or_else(|| {
+                    Err(Error::new(
+                        ErrorKind::Other,
+                        "publish future polled after completion",
+                    ))
+                }))
+            }
             State::Queued { fut, span } => {
                 let _entered = span.enter();
                 fut.as_mut().poll(cx)

@@ -221,9 +221,36 @@ impl Service<Event> for JetStreamPublisher {
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
         let span = watchtower::trace::publish_span("nats", &topic, &event);
-        let client = self.client.clone();
         let receipt = Receipt::new(topic, &event);
+        // The usual case first, without a boxed future: the client's queue
+        // has room and the message is handed over now, in place. When it
+        // would have to wait, the attempt is dropped, which gives its place
+        // in the queue up (nothing was sent), and the publish starts again
+        // as an owned future below, before any later call can take a place.
+        let sent = {
+            let _entered = span.enter();
+            let mut message = PublishMessage::build().payload(body);
+            if let Some(headers) = headers {
+                message = message.headers(headers);
+            }
+            crate::publisher::poll_now(std::pin::pin!(
+                self.client.jetstream().send_publish(subject.clone(), message)
+            ))
+        };
+        match sent {
+            Poll::Ready(Ok(ack)) => return ResponseFuture::jetstream_sent(ack, receipt, permit, span),
+            Poll::Ready(Err(e)) => return ResponseFuture::ready(Err(publish_error(&e))),
+            Poll::Pending => {}
+        }
+        // The message went with the attempt (a copy of its body handle
+        // would cost a structured body another allocation): encoded again,
+        // on this rare path, when the client's queue is full.
+        let Encoded { headers, body } = match self.encoder.encode(&event, true, expected_stream) {
+            Ok(encoded) => encoded,
+            Err(e) => return ResponseFuture::ready(Err(e)),
+        };
         drop(event);
+        let client = self.client.clone();
         let send = Box::pin(async move {
             let mut message = PublishMessage::build().payload(body);
             if let Some(headers) = headers {

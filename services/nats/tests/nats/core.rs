@@ -144,6 +144,32 @@ async fn calls_hand_events_over_in_call_order() {
     }
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn a_task_publishing_in_a_loop_lets_other_tasks_run() {
+    // Every publish finds room in the client's queue and is answered at
+    // once; the answers still count against the task's cooperative budget,
+    // so the loop yields and a task woken meanwhile (here: one spawned
+    // before it; in practice the connection's writer) runs before the loop
+    // ends, on a single thread.
+    let client = local().await;
+    let subject = format!("{}.coop", unique("wt"));
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn({
+        let ran = ran.clone();
+        async move { ran.store(true, std::sync::atomic::Ordering::Release) }
+    });
+    let mut publisher = NatsPublisher::new(client.clone());
+    let events = numbered(&subject, 1000);
+    let mut seen_at = None;
+    for (i, event) in events.into_iter().enumerate() {
+        publisher.publish(event).await.unwrap();
+        if seen_at.is_none() && ran.load(std::sync::atomic::Ordering::Acquire) {
+            seen_at = Some(i);
+        }
+    }
+    assert!(seen_at.is_some(), "the other task never ran during the loop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_past_a_full_client_queue_wait_for_room_and_all_arrive() {
     // A queue of 4 messages: most calls find it full, leave their future
