@@ -457,12 +457,13 @@ impl PublishOptions {
     /// lapin hands a returned message to whichever confirm of its channel
     /// completes next, so with `mandatory` the publisher's channels each
     /// run a task that matches returns to their events by id and, before
-    /// answering a batch of confirms, waits for one more round trip on the
-    /// channel (a `basic.qos`) so that no return of the batch is still
-    /// on its way. In the crate's benchmark that barrier cost the broker,
-    /// which sets the pace, about 10 µs of CPU per event (one `basic.qos`
-    /// per batch), and the four-layer stack a tenth to a fifth of its
-    /// throughput (see the [publisher docs](crate::publisher#performance)).
+    /// answering a batch of confirms, makes sure no return of the batch is
+    /// still being handed over: a local fence on lapin's acknowledgements
+    /// lock, with no frame to the broker (see the
+    /// [crate docs](crate#mandatory-and-the-alternate-exchange)). What is
+    /// left is a few µs of the process's CPU per event (the hop through
+    /// that task), which the benchmark does not tell apart from publishing
+    /// without `mandatory` (see the [publisher docs](crate::publisher#performance)).
     /// Without `mandatory`, each caller waits for its own
     /// confirm directly, as raw lapin does, and the broker drops an event
     /// no binding routes while confirming it: safe only when every topic
