@@ -457,14 +457,15 @@ impl PublishOptions {
     /// lapin hands a returned message to whichever confirm of its channel
     /// completes next, so with `mandatory` the publisher's channels each
     /// run a task that matches returns to their events by id and, before
-    /// answering a batch of confirms, makes sure no return of the batch is
-    /// still being handed over: a local fence on lapin's acknowledgements
-    /// lock, with no frame to the broker (see the
-    /// [crate docs](crate#mandatory-and-the-alternate-exchange)). What is
-    /// left is 3 to 4 µs of the process's CPU per event (the hop through
-    /// that task) and some of the broker's: in the benchmark, binary mode
-    /// with `mandatory` published at 0.98 times raw lapin (median), with
-    /// an alternate exchange and without it at 1.07 (see the
+    /// answering a batch of confirms, waits for one more round trip on the
+    /// channel (a `basic.qos`) so that no return of the batch is still
+    /// on its way (see the
+    /// [crate docs](crate#mandatory-and-the-alternate-exchange)). That
+    /// costs the process 2 to 4 µs of CPU per event (the hop through the
+    /// task) and the broker one `basic.qos` per batch; in the benchmark,
+    /// binary mode with `mandatory` published at 1.02 and 1.07 times raw
+    /// lapin (medians of two runs), with an alternate exchange and
+    /// without it at 1.07 (see the
     /// [publisher docs](crate::publisher#performance)).
     /// Without `mandatory`, each caller waits for its own
     /// confirm directly, as raw lapin does, and the broker drops an event

@@ -45,7 +45,8 @@
 //!
 //! * Cost: in the crate's benchmark, binary mode published faster than
 //!   structured mode in every round of the latest run (0.88 to 1.08 times
-//!   raw lapin against 0.68 to 0.84, same run, both with `mandatory`), and
+//!   raw lapin against 0.68 to 0.84, same run, both with `mandatory`; run B
+//!   of the table), and
 //!   cost the broker, which sets the pace, less CPU per event (73 µs
 //!   against 82): see the table in the [publisher docs](publisher#performance).
 //!   Structured mode saves the processes a few µs per event (a consumer
@@ -74,10 +75,11 @@
 //!   carrying it. lapin hands a returned message to whichever confirm of
 //!   the channel it completes next, not to its own, so each channel's
 //!   confirms go through one task that matches returns to events by id,
-//!   and answers a confirm only once every return that can belong to it is
-//!   in hand: a local fence on lapin's acknowledgements lock (lapin
-//!   completes the confirms of one ack frame under it), no frame to the
-//!   broker. That task costs the process 3 to 4 µs of CPU per event.
+//!   and answers a batch of confirms only once every return that can
+//!   belong to it is in hand: after a `basic.qos` round trip on the
+//!   channel, which also batches the answers (see
+//!   [`PublishOptions::mandatory`]). The task costs the process 2 to 4 µs
+//!   of CPU per event.
 //! * an [alternate exchange](RabbitConfig::alternate_exchange): the
 //!   broker keeps the event in the alternate exchange's queue and confirms
 //!   it there; `mandatory` is then off unless set, and each caller waits
@@ -86,22 +88,22 @@
 //!   crate declares (an existing exchange gets one from a broker policy,
 //!   with [`PublishOptions::mandatory`] off).
 //!
-//! Same run, 50,000 persistent events, confirms, 1,024 in flight, a
-//! 2-core machine shared with the broker and other builds, ratio to raw
-//! lapin per round (median, range over four rounds):
+//! Publishing 50,000 persistent events, confirms, 1,024 in flight, on a
+//! 2-core machine shared with the broker and other builds; ratio to raw
+//! lapin in the same run, per round, median (range):
 //!
-//! | binary mode | publisher alone | four layers + publisher | broker CPU per event |
-//! |---|--:|--:|--:|
-//! | `mandatory` (default) | 0.98 (0.88–1.08) | 0.98 (0.87–1.04) | 73–76 µs |
-//! | alternate exchange | 1.07 (0.84–1.09) | 1.06 (0.83–1.13) | 61–65 µs |
+//! | binary mode | publisher alone | four layers + publisher |
+//! |---|--:|--:|
+//! | `mandatory` (default), two runs of three rounds | 1.02 (0.98–1.09), 1.07 (0.93–1.20) | 1.03 (0.99–1.18), 1.11 (0.90–1.32) |
+//! | alternate exchange, four rounds | 1.07 (0.84–1.09) | 1.06 (0.83–1.13) |
 //!
-//! (Raw lapin: 66 µs of the broker's CPU per event.) `mandatory` stays the
-//! default because it needs nothing set up to lose nothing; with an
-//! alternate exchange the publisher is as fast as raw lapin alone and
-//! under the four layers. Before the fence, the task sent a `basic.qos`
-//! on the channel and waited for its answer, which came behind every
-//! publish in flight on the channel: binary `mandatory` measured 0.82 to
-//! 1.07 times raw.
+//! The broker spent 66 to 69 µs of CPU per event with `mandatory`, 61 to
+//! 72 with the alternate exchange (raw lapin: 60 to 66). `mandatory` stays
+//! the default because it needs nothing set up to lose nothing, and keeps
+//! pace with raw lapin; the alternate exchange saves the task's CPU and
+//! some of the broker's. A local fence in place of the `basic.qos` round
+//! trip was measured and left out: it answered confirms one by one and
+//! was slower (see the publisher docs' table).
 //!
 //! # Example
 //!
