@@ -94,8 +94,12 @@
 //!
 //! | binary mode | publisher alone | four layers + publisher |
 //! |---|--:|--:|
-//! | `mandatory` (default), two runs of three rounds | 1.02 (0.98–1.09), 1.07 (0.93–1.20) | 1.03 (0.99–1.18), 1.11 (0.90–1.32) |
-//! | alternate exchange, four rounds | 1.07 (0.84–1.09) | 1.06 (0.83–1.13) |
+//! | `mandatory` (default), three runs of three rounds | 1.02 (0.98–1.09), 1.07 (0.93–1.20), 0.95 (0.80–1.42) | 1.03 (0.99–1.18), 1.11 (0.90–1.32), 0.79 (0.78–1.44) |
+//! | alternate exchange, runs of four and three rounds | 1.07 (0.84–1.09), 1.11 (0.79–1.23) | 1.06 (0.83–1.13), 0.90 (0.83–1.02) |
+//!
+//! Whole rounds swing together by ±30 % on this machine (in the third
+//! run's last round every contender measured 0.78 to 0.83, in its second
+//! 1.02 to 1.44), so a single run's median moves by a tenth or more.
 //!
 //! The broker spent 66 to 69 µs of CPU per event with `mandatory`, 61 to
 //! 72 with the alternate exchange (raw lapin: 60 to 66). `mandatory` stays
