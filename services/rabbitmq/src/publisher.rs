@@ -41,36 +41,47 @@
 //! # Performance
 //!
 //! Measured with the crate's benchmark (`benches/rabbitmq.rs`): 50,000
-//! persistent ~200-byte events, confirms, 1,024 in flight, to a durable
-//! classic queue, on a 2-core machine that also runs the broker and other
-//! builds (load average 6 to 12). Ratio: raw lapin's time over ours, per
-//! round (raw sends pre-built JSON bodies with no header table and no
-//! `mandatory`, the shared baseline's `amqp-pub-confirm`); median of three
-//! rounds, in four runs (run 4 at load average 3, the steadiest). "Alternate exchange": without `mandatory`, the
-//! exchange's [alternate exchange](crate::RabbitConfig::alternate_exchange)
-//! keeping what no binding routes.
+//! persistent events (~200 bytes structured), confirms, 1,024 in flight,
+//! to a durable classic queue, on a 2-core machine that also runs the
+//! broker and other builds (load average 5 to 10). Ratio: raw lapin's time
+//! over ours, per round (raw sends pre-built ~195-byte JSON bodies with no
+//! header table and no `mandatory`, the shared baseline's
+//! `amqp-pub-confirm`); median and range. "Alternate exchange": without
+//! `mandatory`, the exchange's
+//! [alternate exchange](crate::RabbitConfig::alternate_exchange) keeping
+//! what no binding routes.
 //!
-//! | publishing | run 1 | run 2 | run 3 | run 4 | broker CPU per event |
+//! Runs A and B measured a variant whose confirm task answered without
+//! the `basic.qos` round trip (a local fence on lapin's lock; the paths
+//! without `mandatory` do not use the task and are this code): A with
+//! three rounds under the heavier load, B with four rounds. Run C, right
+//! after B, set this code's `mandatory` path against that variant, twice
+//! three rounds each, alternating. Run D: this code, three rounds, last.
+//!
+//! | publishing | run A | run B | run C | run D | broker CPU per event |
 //! |---|--:|--:|--:|--:|--:|
-//! | publisher, binary, `mandatory` (the code before these options) | 0.87 | 0.79 | | | 80–91 µs |
-//! | publisher, structured, `mandatory` | 0.79 | 0.85 | | | 84 µs |
-//! | publisher, binary, alternate exchange | | | 1.19 | | 72 µs |
-//! | publisher, structured, alternate exchange | 1.00 | 0.88 | 0.85 | | 76–88 µs |
-//! | four layers + publisher, binary, `mandatory` | 1.07 | 0.83 | | 0.97 | 67–87 µs |
-//! | four layers + publisher, structured, `mandatory` | 0.93 | 0.81 | | 0.82 | 81–101 µs |
-//! | four layers + publisher, binary, alternate exchange | | | 1.39 | 1.05 | 62–64 µs |
-//! | four layers + publisher, structured, alternate exchange | 1.08 | 0.95 | 1.11 | 0.99 | 70–92 µs |
+//! | publisher, binary, `mandatory` (default) | | | 1.02 (0.98–1.09), 1.07 (0.93–1.20) | 0.95 (0.80–1.42) | 67–69 µs |
+//! | the same, local fence | 0.78 (0.65–1.19) | 0.98 (0.88–1.08) | 1.00 (0.91–1.06), 1.02 (0.72–1.32) | | 71–74 µs |
+//! | publisher, structured, local fence | 0.90 (0.60–1.06) | 0.81 (0.68–0.84) | | | 79–82 µs |
+//! | publisher, binary, alternate exchange | 0.70 (0.64–1.46) | 1.07 (0.84–1.09) | | 1.11 (0.79–1.23) | 59–72 µs |
+//! | publisher, structured, alternate exchange | 0.79 (0.58–1.13) | | | | 72 µs |
+//! | four layers + publisher, binary, `mandatory` | | | 1.03 (0.99–1.18), 1.11 (0.90–1.32) | 0.79 (0.78–1.44) | 62–66 µs |
+//! | the same, local fence | 0.73 (0.50–1.24) | 0.98 (0.87–1.04) | 0.83 (0.82–1.04), 0.83 (0.70–1.11) | | 72–76 µs |
+//! | four layers + publisher, structured, local fence | 0.66 (0.60–0.93) | | | | 84 µs |
+//! | four layers + publisher, binary, alternate exchange | 0.91 (0.87–1.40) | 1.06 (0.83–1.13) | | 0.90 (0.83–1.02) | 61–62 µs |
+//! | four layers + publisher, structured, alternate exchange | 0.98 (0.57–1.03) | | | | 75 µs |
 //!
-//! Raw lapin cost the broker 59 to 74 µs of CPU per event and its own
-//! process 19 to 24 µs; this crate's publisher 10 to 16 µs, so the broker
-//! sets the pace. `mandatory` costs the broker the `basic.qos` barrier
-//! each batch of confirms waits for (see [`PublishOptions::mandatory`]);
-//! without it, with an alternate exchange, the four-layer stack publishes
-//! as fast as raw lapin and as the peer libraries measured beside it
-//! (ruststream 1.08 to 1.19, which publishes without `mandatory` and lets
-//! the broker drop unroutable events). Rounds swing by ±30 %, and the
-//! broker's CPU counts every client of the shared broker: read the columns
-//! as tendencies.
+//! Raw lapin cost the broker 60 to 66 µs of CPU per event and its own
+//! process 20 µs (it awaits each publish's write before the next: a
+//! wake-up of lapin's I/O thread per event); this crate's publisher 11 to
+//! 16 µs, so the broker sets the pace. Raw lapin's own rate swung from
+//! 7,100 to 15,300 events/s between rounds of one run, and every
+//! contender's rounds with it: read the columns as tendencies. The
+//! shared harness's peer, ruststream (no `mandatory`, no event
+//! attributes: the broker drops unroutable events), publishing
+//! concurrently as this crate does, measured 1.05 (1.00 to 1.32) times its
+//! raw lapin in the session of run A and 1.25 (1.14 to 1.38) in that of
+//! run B.
 //!
 //! # Channels
 //!
