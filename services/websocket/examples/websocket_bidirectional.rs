@@ -9,7 +9,7 @@ use axum::Router;
 use axum::http::{HeaderMap, StatusCode};
 use tower::{ServiceBuilder, service_fn};
 use watchtower::prelude::*;
-use watchtower_websocket::hub::covers;
+use watchtower_websocket::covers;
 use watchtower_websocket::{WsClient, WsConfig, WsHub};
 
 /// A connection's identity: the topics its token grants.

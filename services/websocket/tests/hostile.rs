@@ -17,7 +17,7 @@ use watchtower::codec::structured;
 use watchtower::prelude::*;
 use watchtower_test_support::{unique, within};
 use watchtower_websocket::WsHub;
-use watchtower_websocket::hub::covers;
+use watchtower_websocket::covers;
 
 use support::*;
 

@@ -405,6 +405,15 @@ async fn authentication_refused() {
     )
     .await
     .unwrap();
+    let health = client.health().await;
+    assert_eq!(health.status(), watchtower::health::Status::Down);
+    assert!(
+        health
+            .reason()
+            .is_some_and(|r| r.starts_with("websocket client gave up")),
+        "{health}"
+    );
+    assert!(!health.to_string().contains("wrong"), "{health}");
     assert_eq!(publisher.ready().await.unwrap_err().kind(), ErrorKind::Closed);
     let mut err = publisher.call(event.clone()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed);
@@ -413,7 +422,7 @@ async fn authentication_refused() {
     let client = WsClient::connect(server.config().bearer("right").unwrap())
         .await
         .unwrap();
-    assert!(client.is_connected());
+    assert!(client.health().await.is_up());
     let stats = hub.stats();
     assert_eq!((stats.refused, stats.accepted), (3, 1));
     assert!(!format!("{:?}", server.config().bearer("right").unwrap()).contains("right"));

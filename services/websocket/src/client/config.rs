@@ -110,9 +110,10 @@ impl WsConfig {
     }
 
     /// The reconnect backoff: the first wait, doubling per failed attempt up
-    /// to `max`, each wait drawn at random from its upper half so that many
+    /// to `max`, each wait drawn at random between `initial` and that step
+    /// ([`Jitter::Full`](watchtower::backoff::Jitter::Full)) so that many
     /// clients of a restarted hub do not return at once. Default 100 ms to
-    /// 10 s.
+    /// 10 s: quick after a blip, and a restarted hub is not flooded.
     pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> WsConfig {
         self.reconnect_initial = initial.max(Duration::from_millis(1));
         self.reconnect_max = max.max(self.reconnect_initial);
