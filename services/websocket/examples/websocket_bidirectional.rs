@@ -46,7 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The client side: subscribe, consume with the runtime, publish back.
     let config = WsConfig::new(&url)
-        .bearer("demo-token")?
+        .bearer("demo-token")
         .overflow(Overflow::DropOldest)
         .queue_capacity(256);
     let client = WsClient::connect(config).await?;

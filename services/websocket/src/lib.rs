@@ -56,7 +56,7 @@
 //! use watchtower_websocket::{WsClient, WsConfig, WsHub};
 //!
 //! # async fn f(hub: WsHub) -> Result<(), Error> {
-//! let client = WsClient::connect(WsConfig::new("ws://127.0.0.1:3000/events").bearer("s3cret")?).await?;
+//! let client = WsClient::connect(WsConfig::new("ws://127.0.0.1:3000/events").bearer("s3cret")).await?;
 //! client.publisher().publish(Event::new("user.clicked", serde_json::json!({}))).await?;
 //! hub.clone().publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
 //! # Ok(()) }

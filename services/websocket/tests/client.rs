@@ -11,7 +11,7 @@ use tower::{Service as _, ServiceExt as _};
 use watchtower::health::Status;
 use watchtower::prelude::*;
 use watchtower_test_support::{unique, within};
-use watchtower_websocket::{ConnectionState, WsClient, WsHub};
+use watchtower_websocket::{ConnectionState, WsClient, WsConfig, WsHub};
 
 use support::*;
 
@@ -385,5 +385,25 @@ async fn events_whose_callers_timed_out_are_never_sent() {
     );
     assert!(from_clients.try_recv().is_err());
     assert_eq!(client.abandoned(), 8);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_header_or_url_fails_connect_with_a_config_error_that_hides_the_value() {
+    let hub = WsHub::new();
+    let server = Server::start(&hub).await;
+    let config = server.config().bearer("s3cret\n");
+    let err = WsClient::connect(config.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+    let err = WsClient::lazy(config).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let err = WsClient::connect(server.config().header("bad header", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let err = WsClient::connect(WsConfig::new("not a url")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert_eq!(hub.stats().accepted, 0);
     server.stop().await;
 }

@@ -319,7 +319,7 @@ async fn alice_cannot_read_or_write_admin_topics() {
     assert_eq!(stats.received, 3, "{stats:?}");
 
     // The client sees a refused subscription as a rejection.
-    let client = watchtower_websocket::WsClient::connect(server.config().bearer("alice").unwrap())
+    let client = watchtower_websocket::WsClient::connect(server.config().bearer("alice"))
         .await
         .unwrap();
     let err = client

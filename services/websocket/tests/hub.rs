@@ -376,7 +376,7 @@ async fn authentication_refused() {
     let err = WsClient::connect(server.config()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
     assert!(!err.is_retryable());
-    let err = WsClient::connect(server.config().bearer("wrong").unwrap())
+    let err = WsClient::connect(server.config().bearer("wrong"))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
@@ -384,7 +384,7 @@ async fn authentication_refused() {
     assert!(!format!("{err:?}").contains("wrong"), "no token in errors");
 
     // A lazy client gives up, and its queued event comes back with the error.
-    let client = WsClient::lazy(server.config().bearer("wrong").unwrap()).unwrap();
+    let client = WsClient::lazy(server.config().bearer("wrong")).unwrap();
     let mut publisher = client.publisher();
     let event = Event::new("a.b", serde_json::json!({}));
     // Whether the event is queued before the client gives up or not, it
@@ -419,13 +419,11 @@ async fn authentication_refused() {
     assert_eq!(err.kind(), ErrorKind::Closed);
     assert_eq!(err.take_event(), Some(event));
 
-    let client = WsClient::connect(server.config().bearer("right").unwrap())
-        .await
-        .unwrap();
+    let client = WsClient::connect(server.config().bearer("right")).await.unwrap();
     assert!(client.health().await.is_up());
     let stats = hub.stats();
     assert_eq!((stats.refused, stats.accepted), (3, 1));
-    assert!(!format!("{:?}", server.config().bearer("right").unwrap()).contains("right"));
+    assert!(!format!("{:?}", server.config().bearer("right")).contains("right"));
     server.stop().await;
 }
 

@@ -24,6 +24,8 @@ pub struct WsConfig {
     pub(crate) subscription_buffer: usize,
     pub(crate) acks: bool,
     pub(crate) max_message_size: usize,
+    /// Why a setter refused its input; reported by `connect`.
+    invalid: Option<String>,
 }
 
 impl fmt::Debug for WsConfig {
@@ -66,32 +68,47 @@ impl WsConfig {
             subscription_buffer: 1024,
             acks: false,
             max_message_size: 16 << 20,
+            invalid: None,
         }
     }
 
-    /// Adds a header to the upgrade request.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) if the name or
-    /// value is not a valid header (the value is not shown).
-    pub fn header(mut self, name: &str, value: &str) -> Result<WsConfig, Error> {
-        let name =
-            HeaderName::try_from(name).map_err(|_| Error::config(format!("invalid header name {name:?}")))?;
-        let mut value = HeaderValue::try_from(value)
-            .map_err(|_| Error::config(format!("invalid value for header {name}")))?;
-        value.set_sensitive(true);
-        self.headers.append(name, value);
-        Ok(self)
+    /// Adds a header to the upgrade request. An invalid name or value makes
+    /// [`WsClient::connect`](crate::WsClient::connect) fail with
+    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) (the value is
+    /// not shown). Default: no headers besides the subprotocol.
+    pub fn header(mut self, name: &str, value: &str) -> WsConfig {
+        let Ok(header) = HeaderName::try_from(name) else {
+            self.refuse(format!("invalid header name {name:?}"));
+            return self;
+        };
+        match HeaderValue::try_from(value) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                self.headers.append(header, value);
+            }
+            Err(_) => self.refuse(format!("invalid value for header {header}")),
+        }
+        self
     }
 
-    /// Sends `Authorization: Bearer <token>` with the upgrade request.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) if the token is
-    /// not a valid header value.
-    pub fn bearer(self, token: &str) -> Result<WsConfig, Error> {
+    /// Keeps the first invalid setting for `connect` to report.
+    fn refuse(&mut self, why: String) {
+        self.invalid.get_or_insert(why);
+    }
+
+    /// The first invalid setting, as `connect` reports it.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        match &self.invalid {
+            Some(why) => Err(Error::config(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends `Authorization: Bearer <token>` with the upgrade request. A
+    /// token that is not a valid header value makes
+    /// [`WsClient::connect`](crate::WsClient::connect) fail with
+    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config). Default: none.
+    pub fn bearer(self, token: &str) -> WsConfig {
         self.header("authorization", &format!("Bearer {token}"))
     }
 

@@ -40,6 +40,7 @@ const BATCH: usize = 64;
 
 /// Builds the upgrade request: the URL, the subprotocol, the user's headers.
 pub(super) fn request(config: &super::WsConfig) -> Result<Request, Error> {
+    config.validate()?;
     if cfg!(not(feature = "rustls-ring"))
         && config
             .url

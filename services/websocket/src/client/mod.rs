@@ -298,7 +298,7 @@ impl Drop for Handle {
 /// use watchtower_websocket::{WsClient, WsConfig};
 ///
 /// # async fn f() -> Result<(), Error> {
-/// let client = WsClient::connect(WsConfig::new("ws://127.0.0.1:3000/events").bearer("s3cret")?).await?;
+/// let client = WsClient::connect(WsConfig::new("ws://127.0.0.1:3000/events").bearer("s3cret")).await?;
 /// let handle = client
 ///     .subscriber()
 ///     .subscribe(["user.*"], tower::service_fn(|event: Event| async move {
