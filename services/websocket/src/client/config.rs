@@ -113,14 +113,16 @@ impl WsConfig {
     }
 
     /// Events held while disconnected (or not yet written) before
-    /// [`Overflow`] applies. Default 1024.
+    /// [`Overflow`] applies. Default 1024: a few seconds of a busy
+    /// publisher across a reconnect, at a bounded cost in memory.
     pub fn queue_capacity(mut self, capacity: usize) -> WsConfig {
         self.queue_capacity = capacity.max(1);
         self
     }
 
     /// What publishing does when the queue is full. Default
-    /// [`Overflow::Block`].
+    /// [`Overflow::Block`]: the caller waits rather than an event being
+    /// dropped.
     pub fn overflow(mut self, overflow: Overflow) -> WsConfig {
         self.overflow = overflow;
         self
@@ -138,13 +140,15 @@ impl WsConfig {
     }
 
     /// Gives up after this many failed reconnect attempts in a row; the
-    /// client then closes. Default: never gives up.
+    /// client then closes. Default: never gives up, since a hub that
+    /// comes back should find its clients again.
     pub fn max_reconnect_attempts(mut self, attempts: u32) -> WsConfig {
         self.max_reconnect_attempts = Some(attempts);
         self
     }
 
-    /// How often the client pings the hub. Default 15 s.
+    /// How often the client pings the hub. Default 15 s: often enough to
+    /// keep idle proxies from closing the connection.
     pub fn ping_interval(mut self, interval: Duration) -> WsConfig {
         self.ping_interval = interval.max(Duration::from_millis(1));
         self
@@ -159,7 +163,7 @@ impl WsConfig {
     }
 
     /// How long one connection attempt (TCP and upgrade) may take. Default
-    /// 10 s.
+    /// 10 s: generous for a slow TLS handshake, short enough to retry.
     pub fn connect_timeout(mut self, timeout: Duration) -> WsConfig {
         self.connect_timeout = timeout;
         self
@@ -167,7 +171,7 @@ impl WsConfig {
 
     /// How long [`open`](watchtower::Subscriber::open) waits for the hub to
     /// confirm a subscription, and [`close`](crate::WsClient::close) for the
-    /// last acknowledgements. Default 10 s.
+    /// last acknowledgements. Default 10 s, as for connecting.
     pub fn request_timeout(mut self, timeout: Duration) -> WsConfig {
         self.request_timeout = timeout;
         self
@@ -175,7 +179,7 @@ impl WsConfig {
 
     /// Deliveries buffered per subscription before the client stops reading
     /// from the hub (which then applies its slow-client policy). Default
-    /// 1024.
+    /// 1024, matching the publish queue.
     pub fn subscription_buffer(mut self, buffer: usize) -> WsConfig {
         self.subscription_buffer = buffer.max(1);
         self
@@ -191,7 +195,8 @@ impl WsConfig {
         self
     }
 
-    /// The largest message the client accepts from the hub. Default 16 MiB.
+    /// The largest message the client accepts from the hub. Default 16 MiB:
+    /// far above any sensible event, low enough to bound one frame's memory.
     pub fn max_message_size(mut self, bytes: usize) -> WsConfig {
         self.max_message_size = bytes.max(1);
         self
