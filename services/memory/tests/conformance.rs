@@ -8,8 +8,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tower::Service;
 use watchtower::conformance::{Harness, run};
-use watchtower::{Capabilities, Error, Event, Receipt, Subscriber};
-use watchtower_memory::{CAPABILITIES, MemoryBroker, MemoryPublisher, MemorySubscriber};
+use watchtower::{Capabilities, Error, Event, Receipt, Subscriber, Transport};
+use watchtower_memory::{CAPABILITIES, MemoryBroker, MemoryConfig, MemoryPublisher, MemorySubscriber};
 
 struct MemoryHarness {
     broker: MemoryBroker,
@@ -24,7 +24,7 @@ impl Harness for MemoryHarness {
     }
 
     fn system(&self) -> &'static str {
-        "memory"
+        MemoryBroker::SYSTEM
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -48,7 +48,7 @@ impl Harness for MemoryHarness {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_transport_passes_every_case() {
     let report = run(MemoryHarness {
-        broker: MemoryBroker::builder().retention(100).build(),
+        broker: MemoryBroker::with_config(MemoryConfig::new().retention(100)),
     })
     .await;
     report.assert_passed();
@@ -94,7 +94,7 @@ impl Harness for LossyHarness {
     }
 
     fn system(&self) -> &'static str {
-        "memory"
+        MemoryBroker::SYSTEM
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
+use watchtower::health::Status;
 use watchtower::prelude::*;
-use watchtower_memory::MemoryBroker;
+use watchtower_memory::{MemoryBroker, MemoryConfig};
 
 fn options(patterns: &[&str]) -> SubscribeOptions {
     SubscribeOptions::new(patterns).unwrap()
@@ -45,7 +46,7 @@ async fn close_fails_publishers_and_ends_subscriptions_after_what_they_hold() {
 
 #[tokio::test]
 async fn retention_lets_a_late_subscriber_replay_in_order() {
-    let broker = MemoryBroker::builder().retention(3).build();
+    let broker = MemoryBroker::with_config(MemoryConfig::new().retention(3));
     let mut publisher = broker.publisher();
     let sent: Vec<Event> = (0..5)
         .map(|i| Event::new("orders.placed", serde_json::json!(i)))
@@ -77,7 +78,7 @@ async fn retention_lets_a_late_subscriber_replay_in_order() {
 
 #[tokio::test]
 async fn max_pending_refuses_with_the_event_attached() {
-    let broker = MemoryBroker::builder().max_pending(2).build();
+    let broker = MemoryBroker::with_config(MemoryConfig::new().max_pending(2));
     let _subscription = broker.subscriber().open(options(&["q"])).await.unwrap();
     let mut publisher = broker.publisher();
     for i in 0..2 {
@@ -181,7 +182,7 @@ async fn invalid_events_and_topics_are_refused() {
 
 #[tokio::test]
 async fn replay_follows_publish_order_not_event_time() {
-    let broker = MemoryBroker::builder().retention(10).build();
+    let broker = MemoryBroker::with_config(MemoryConfig::new().retention(10));
     let mut publisher = broker.publisher();
     let now = time::OffsetDateTime::now_utc();
     let mut sent = Vec::new();
@@ -361,4 +362,15 @@ async fn events_a_member_took_but_did_not_deliver_go_to_the_next_member_in_order
         delivery.ack().await.unwrap();
     }
     assert!(broker.wait_idle(Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn health_is_up_until_close_then_down() {
+    let broker = MemoryBroker::new();
+    let health = broker.health().await;
+    assert_eq!((health.system(), health.status()), ("memory", Status::Up));
+    broker.close();
+    let health = broker.health().await;
+    assert_eq!(health.status(), Status::Down);
+    assert_eq!(health.reason(), Some("memory broker is closed"));
 }

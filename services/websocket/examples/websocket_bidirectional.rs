@@ -9,7 +9,7 @@ use axum::Router;
 use axum::http::{HeaderMap, StatusCode};
 use tower::{ServiceBuilder, service_fn};
 use watchtower::prelude::*;
-use watchtower_websocket::hub::covers;
+use watchtower_websocket::covers;
 use watchtower_websocket::{WsClient, WsConfig, WsHub};
 
 /// A connection's identity: the topics its token grants.
@@ -46,7 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The client side: subscribe, consume with the runtime, publish back.
     let config = WsConfig::new(&url)
-        .bearer("demo-token")?
+        .bearer("demo-token")
         .overflow(Overflow::DropOldest)
         .queue_capacity(256);
     let client = WsClient::connect(config).await?;

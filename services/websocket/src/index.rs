@@ -195,7 +195,7 @@ fn collect<'t, V: Clone>(
 ///
 /// ```
 /// use watchtower::TopicPattern;
-/// use watchtower_websocket::hub::covers;
+/// use watchtower_websocket::covers;
 ///
 /// let allowed = TopicPattern::new("orders.>").unwrap();
 /// assert!(covers(&allowed, &TopicPattern::new("orders.*.paid").unwrap()));

@@ -11,18 +11,24 @@
 //!   [`Subscriber`](watchtower::Subscriber)) made from it share that
 //!   connection.
 //!
-//! # Example
+//! # Connect
+//!
+//! [`WsClient::connect`] takes a [`WsConfig`] and waits for the first
+//! connection ([`WsClient::lazy`] connects in the background instead). The
+//! server side is a [`WsHub`], built with [`WsHub::builder`] and mounted in
+//! an axum router. Both implement [`Transport`](watchtower::Transport):
+//! the client's health is up when connected, degraded while (re)connecting
+//! and down once closed ([details](WsClient#health)); the hub's is up while
+//! it serves and down after [`WsHub::shutdown`].
 //!
 //! ```
-//! use std::time::Duration;
-//! use tower::service_fn;
 //! use watchtower::prelude::*;
 //! use watchtower_websocket::{WsClient, WsConfig, WsHub};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // The server: a hub at /events.
 //! let hub = WsHub::builder()
-//!     .handler(service_fn(|event: Event| async move {
+//!     .handler(tower::service_fn(|event: Event| async move {
 //!         println!("from a client: {}", event.ty());
 //!         Ok::<_, Error>(())
 //!     }))
@@ -31,21 +37,56 @@
 //! let url = format!("ws://{}/events", listener.local_addr()?);
 //! tokio::spawn(axum::serve(listener, hub.router::<()>("/events")).into_future());
 //!
-//! // A client: subscribe, then receive what the hub publishes.
+//! // A client.
 //! let client = WsClient::connect(WsConfig::new(url)).await?;
-//! let mut subscription = client.subscriber().open(SubscribeOptions::new(["user.*"])?).await?;
-//! hub.clone().publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
-//! use futures_util::StreamExt as _;
-//! let delivery = subscription.next().await.ok_or("ended")??;
-//! assert_eq!(delivery.event().map(|e| e.ty()), Some("user.created"));
-//!
-//! // And publish to the hub's handler.
-//! client.publisher().publish(Event::new("user.clicked", serde_json::json!({}))).await?;
+//! assert!(client.health().await.is_up());
+//! assert!(hub.health().await.is_up());
 //! client.close().await;
 //! # Ok(()) }
 //! ```
 //!
-//! # Semantics
+//! # Publish
+//!
+//! [`client.publisher()`](WsClient::publisher) is a `Service<Event>` that
+//! sends to the hub's handler; the hub itself is a `Service<Event>` that
+//! fans out to its clients' subscriptions.
+//!
+//! ```no_run
+//! use watchtower::prelude::*;
+//! use watchtower_websocket::{WsClient, WsConfig, WsHub};
+//!
+//! # async fn f(hub: WsHub) -> Result<(), Error> {
+//! let client = WsClient::connect(WsConfig::new("ws://127.0.0.1:3000/events").bearer("s3cret")).await?;
+//! client.publisher().publish(Event::new("user.clicked", serde_json::json!({}))).await?;
+//! hub.clone().publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Subscribe
+//!
+//! [`client.subscriber()`](WsClient::subscriber) is a
+//! [`Subscriber`](watchtower::Subscriber) of the events the hub publishes.
+//!
+//! ```
+//! use futures_util::StreamExt as _;
+//! use watchtower::prelude::*;
+//! use watchtower_websocket::{WsClient, WsConfig, WsHub};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let hub = WsHub::new();
+//! # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! # let url = format!("ws://{}/events", listener.local_addr()?);
+//! # tokio::spawn(axum::serve(listener, hub.router::<()>("/events")).into_future());
+//! let client = WsClient::connect(WsConfig::new(url)).await?;
+//! let mut subscription = client.subscriber().open(SubscribeOptions::new(["user.*"])?).await?;
+//! hub.clone().publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
+//! let delivery = subscription.next().await.ok_or("ended")??;
+//! assert_eq!(delivery.event().map(|e| e.ty()), Some("user.created"));
+//! client.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
 //!
 //! [`CAPABILITIES`]: wildcard patterns and per-publisher order, nothing
 //! more. The hub keeps no events: a client that is not connected when an
@@ -79,7 +120,7 @@
 //!
 //! # Wire protocol
 //!
-//! A hub speaks two subprotocols (see [`hub`](crate::hub#subprotocols)).
+//! A hub speaks two subprotocols (see [`WsHub`](crate::WsHub#subprotocols)).
 //! On [`SUBPROTOCOL`], `cloudevents.json`, every frame is a CloudEvent and
 //! nothing else: a browser needs nothing more than
 //! `new WebSocket(url + "?topic=user.*", "cloudevents.json")`, subscribing
@@ -132,32 +173,32 @@
 //!   plain `ws://` (put TLS in a proxy in front of the hub).
 #![forbid(unsafe_code)]
 // Library code never panics on input it does not control.
-#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 /// The `messaging.system` name of the WebSocket transport.
 pub(crate) const SYSTEM: &str = "websocket";
 
-pub mod client;
-pub mod hub;
+mod client;
+mod hub;
 mod index;
 mod protocol;
 
+pub use client::{
+    ConnectionState, ResponseFuture, WsAcker, WsClient, WsConfig, WsPublisher, WsSubscriber, WsSubscription,
+};
 pub use hub::{HubStats, SlowClient, WsHub, WsHubBuilder};
+pub use index::covers;
 
 /// The WebSocket subprotocol of the CloudEvents WebSocket binding:
 /// CloudEvents JSON (structured mode) in text frames, and nothing else. A
 /// hub sends a client on this subprotocol events only, never a control
-/// message; see [`hub`](crate::hub#subprotocols).
+/// message; see [`WsHub`](crate::WsHub#subprotocols).
 pub const SUBPROTOCOL: &str = "cloudevents.json";
 
 /// The subprotocol with the transport's control messages besides the
 /// events (subscribe, acknowledgements, errors; see the
 /// [wire protocol](crate#wire-protocol)); [`WsClient`] speaks it.
 pub const CONTROL_SUBPROTOCOL: &str = "watchtower.v1";
-
-pub use client::{
-    ConnectionState, ResponseFuture, WsAcker, WsClient, WsConfig, WsPublisher, WsSubscriber, WsSubscription,
-};
 
 /// What the transport can do: wildcard patterns, and events from one
 /// publisher on one topic arrive in order. No persistence, no consumer

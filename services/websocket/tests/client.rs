@@ -8,9 +8,10 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use tokio::net::TcpListener;
 use tower::{Service as _, ServiceExt as _};
+use watchtower::health::Status;
 use watchtower::prelude::*;
 use watchtower_test_support::{unique, within};
-use watchtower_websocket::{ConnectionState, WsClient, WsHub};
+use watchtower_websocket::{ConnectionState, WsClient, WsConfig, WsHub};
 
 use support::*;
 
@@ -32,6 +33,8 @@ async fn a_client_reconnects_after_a_server_restart_and_nothing_is_lost_silently
         .queue_capacity(6)
         .overflow(Overflow::DropOldest);
     let client = WsClient::connect(config).await.unwrap();
+    assert_eq!(client.health().await.status(), Status::Up);
+    assert_eq!(hub.health().await.status(), Status::Up);
     let ns = unique("ws");
     let mut sub = client
         .subscriber()
@@ -44,8 +47,15 @@ async fn a_client_reconnects_after_a_server_restart_and_nothing_is_lost_silently
 
     // The server goes away: connections closed, port freed.
     hub.shutdown().await;
+    let health = hub.health().await;
+    assert_eq!((health.system(), health.status()), ("websocket", Status::Down));
     server.stop().await;
     wait_state(&client, |s| matches!(s, ConnectionState::Connecting { .. })).await;
+    let health = client.health().await;
+    assert_eq!(
+        (health.system(), health.status()),
+        ("websocket", Status::Degraded)
+    );
 
     // Published while disconnected: the queue holds 6, the 4 oldest are
     // dropped and reported with their events.
@@ -63,6 +73,7 @@ async fn a_client_reconnects_after_a_server_restart_and_nothing_is_lost_silently
     let hub = WsHub::builder().handler(handler).build();
     let server = Server::start_on(&hub, addr).await;
     within("the reconnect", client.connected()).await.unwrap();
+    assert_eq!(client.health().await.status(), Status::Up);
 
     let (mut delivered, mut dropped) = (Vec::new(), Vec::new());
     for response in responses {
@@ -283,7 +294,9 @@ async fn close_performs_the_handshake_and_ends_subscriptions() {
         }
     })
     .await;
-    assert!(matches!(client.state(), ConnectionState::Closed(None)));
+    let health = client.health().await;
+    assert_eq!(health.status(), Status::Down);
+    assert_eq!(health.reason(), Some("websocket client is closed"));
     server.stop().await;
 }
 
@@ -372,5 +385,25 @@ async fn events_whose_callers_timed_out_are_never_sent() {
     );
     assert!(from_clients.try_recv().is_err());
     assert_eq!(client.abandoned(), 8);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_header_or_url_fails_connect_with_a_config_error_that_hides_the_value() {
+    let hub = WsHub::new();
+    let server = Server::start(&hub).await;
+    let config = server.config().bearer("s3cret\n");
+    let err = WsClient::connect(config.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+    let err = WsClient::lazy(config).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let err = WsClient::connect(server.config().header("bad header", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let err = WsClient::connect(WsConfig::new("not a url")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert_eq!(hub.stats().accepted, 0);
     server.stop().await;
 }

@@ -6,7 +6,7 @@ mod support;
 
 use bytes::Bytes;
 use watchtower::conformance::{Harness, run};
-use watchtower::{Capabilities, Error};
+use watchtower::{Capabilities, Error, Transport as _};
 use watchtower_websocket::{CAPABILITIES, WsClient, WsHub, WsPublisher, WsSubscriber};
 
 use support::Server;
@@ -38,7 +38,7 @@ impl Harness for HubHarness {
     }
 
     fn system(&self) -> &'static str {
-        "websocket"
+        WsClient::SYSTEM
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -70,7 +70,7 @@ impl Harness for ClientHarness {
     }
 
     fn system(&self) -> &'static str {
-        "websocket"
+        WsClient::SYSTEM
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -17,7 +17,7 @@ use watchtower::codec::structured;
 use watchtower::prelude::*;
 use watchtower_test_support::{unique, within};
 use watchtower_websocket::WsHub;
-use watchtower_websocket::hub::covers;
+use watchtower_websocket::covers;
 
 use support::*;
 
@@ -319,7 +319,7 @@ async fn alice_cannot_read_or_write_admin_topics() {
     assert_eq!(stats.received, 3, "{stats:?}");
 
     // The client sees a refused subscription as a rejection.
-    let client = watchtower_websocket::WsClient::connect(server.config().bearer("alice").unwrap())
+    let client = watchtower_websocket::WsClient::connect(server.config().bearer("alice"))
         .await
         .unwrap();
     let err = client

@@ -376,7 +376,7 @@ async fn authentication_refused() {
     let err = WsClient::connect(server.config()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
     assert!(!err.is_retryable());
-    let err = WsClient::connect(server.config().bearer("wrong").unwrap())
+    let err = WsClient::connect(server.config().bearer("wrong"))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
@@ -384,7 +384,7 @@ async fn authentication_refused() {
     assert!(!format!("{err:?}").contains("wrong"), "no token in errors");
 
     // A lazy client gives up, and its queued event comes back with the error.
-    let client = WsClient::lazy(server.config().bearer("wrong").unwrap()).unwrap();
+    let client = WsClient::lazy(server.config().bearer("wrong")).unwrap();
     let mut publisher = client.publisher();
     let event = Event::new("a.b", serde_json::json!({}));
     // Whether the event is queued before the client gives up or not, it
@@ -405,18 +405,25 @@ async fn authentication_refused() {
     )
     .await
     .unwrap();
+    let health = client.health().await;
+    assert_eq!(health.status(), watchtower::health::Status::Down);
+    assert!(
+        health
+            .reason()
+            .is_some_and(|r| r.starts_with("websocket client gave up")),
+        "{health}"
+    );
+    assert!(!health.to_string().contains("wrong"), "{health}");
     assert_eq!(publisher.ready().await.unwrap_err().kind(), ErrorKind::Closed);
     let mut err = publisher.call(event.clone()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed);
     assert_eq!(err.take_event(), Some(event));
 
-    let client = WsClient::connect(server.config().bearer("right").unwrap())
-        .await
-        .unwrap();
-    assert!(client.is_connected());
+    let client = WsClient::connect(server.config().bearer("right")).await.unwrap();
+    assert!(client.health().await.is_up());
     let stats = hub.stats();
     assert_eq!((stats.refused, stats.accepted), (3, 1));
-    assert!(!format!("{:?}", server.config().bearer("right").unwrap()).contains("right"));
+    assert!(!format!("{:?}", server.config().bearer("right")).contains("right"));
     server.stop().await;
 }
 

@@ -24,6 +24,8 @@ pub struct WsConfig {
     pub(crate) subscription_buffer: usize,
     pub(crate) acks: bool,
     pub(crate) max_message_size: usize,
+    /// Why a setter refused its input; reported by `connect`.
+    invalid: Option<String>,
 }
 
 impl fmt::Debug for WsConfig {
@@ -66,53 +68,71 @@ impl WsConfig {
             subscription_buffer: 1024,
             acks: false,
             max_message_size: 16 << 20,
+            invalid: None,
         }
     }
 
-    /// Adds a header to the upgrade request.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) if the name or
-    /// value is not a valid header (the value is not shown).
-    pub fn header(mut self, name: &str, value: &str) -> Result<WsConfig, Error> {
-        let name =
-            HeaderName::try_from(name).map_err(|_| Error::config(format!("invalid header name {name:?}")))?;
-        let mut value = HeaderValue::try_from(value)
-            .map_err(|_| Error::config(format!("invalid value for header {name}")))?;
-        value.set_sensitive(true);
-        self.headers.append(name, value);
-        Ok(self)
+    /// Adds a header to the upgrade request. An invalid name or value makes
+    /// [`WsClient::connect`](crate::WsClient::connect) fail with
+    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) (the value is
+    /// not shown). Default: no headers besides the subprotocol.
+    pub fn header(mut self, name: &str, value: &str) -> WsConfig {
+        let Ok(header) = HeaderName::try_from(name) else {
+            self.refuse(format!("invalid header name {name:?}"));
+            return self;
+        };
+        match HeaderValue::try_from(value) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                self.headers.append(header, value);
+            }
+            Err(_) => self.refuse(format!("invalid value for header {header}")),
+        }
+        self
     }
 
-    /// Sends `Authorization: Bearer <token>` with the upgrade request.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) if the token is
-    /// not a valid header value.
-    pub fn bearer(self, token: &str) -> Result<WsConfig, Error> {
+    /// Keeps the first invalid setting for `connect` to report.
+    fn refuse(&mut self, why: String) {
+        self.invalid.get_or_insert(why);
+    }
+
+    /// The first invalid setting, as `connect` reports it.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        match &self.invalid {
+            Some(why) => Err(Error::config(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends `Authorization: Bearer <token>` with the upgrade request. A
+    /// token that is not a valid header value makes
+    /// [`WsClient::connect`](crate::WsClient::connect) fail with
+    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config). Default: none.
+    pub fn bearer(self, token: &str) -> WsConfig {
         self.header("authorization", &format!("Bearer {token}"))
     }
 
     /// Events held while disconnected (or not yet written) before
-    /// [`Overflow`] applies. Default 1024.
+    /// [`Overflow`] applies. Default 1024: a few seconds of a busy
+    /// publisher across a reconnect, at a bounded cost in memory.
     pub fn queue_capacity(mut self, capacity: usize) -> WsConfig {
         self.queue_capacity = capacity.max(1);
         self
     }
 
     /// What publishing does when the queue is full. Default
-    /// [`Overflow::Block`].
+    /// [`Overflow::Block`]: the caller waits rather than an event being
+    /// dropped.
     pub fn overflow(mut self, overflow: Overflow) -> WsConfig {
         self.overflow = overflow;
         self
     }
 
     /// The reconnect backoff: the first wait, doubling per failed attempt up
-    /// to `max`, each wait drawn at random from its upper half so that many
+    /// to `max`, each wait drawn at random between `initial` and that step
+    /// ([`Jitter::Full`](watchtower::backoff::Jitter::Full)) so that many
     /// clients of a restarted hub do not return at once. Default 100 ms to
-    /// 10 s.
+    /// 10 s: quick after a blip, and a restarted hub is not flooded.
     pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> WsConfig {
         self.reconnect_initial = initial.max(Duration::from_millis(1));
         self.reconnect_max = max.max(self.reconnect_initial);
@@ -120,13 +140,15 @@ impl WsConfig {
     }
 
     /// Gives up after this many failed reconnect attempts in a row; the
-    /// client then closes. Default: never gives up.
+    /// client then closes. Default: never gives up, since a hub that
+    /// comes back should find its clients again.
     pub fn max_reconnect_attempts(mut self, attempts: u32) -> WsConfig {
         self.max_reconnect_attempts = Some(attempts);
         self
     }
 
-    /// How often the client pings the hub. Default 15 s.
+    /// How often the client pings the hub. Default 15 s: often enough to
+    /// keep idle proxies from closing the connection.
     pub fn ping_interval(mut self, interval: Duration) -> WsConfig {
         self.ping_interval = interval.max(Duration::from_millis(1));
         self
@@ -141,7 +163,7 @@ impl WsConfig {
     }
 
     /// How long one connection attempt (TCP and upgrade) may take. Default
-    /// 10 s.
+    /// 10 s: generous for a slow TLS handshake, short enough to retry.
     pub fn connect_timeout(mut self, timeout: Duration) -> WsConfig {
         self.connect_timeout = timeout;
         self
@@ -149,7 +171,7 @@ impl WsConfig {
 
     /// How long [`open`](watchtower::Subscriber::open) waits for the hub to
     /// confirm a subscription, and [`close`](crate::WsClient::close) for the
-    /// last acknowledgements. Default 10 s.
+    /// last acknowledgements. Default 10 s, as for connecting.
     pub fn request_timeout(mut self, timeout: Duration) -> WsConfig {
         self.request_timeout = timeout;
         self
@@ -157,7 +179,7 @@ impl WsConfig {
 
     /// Deliveries buffered per subscription before the client stops reading
     /// from the hub (which then applies its slow-client policy). Default
-    /// 1024.
+    /// 1024, matching the publish queue.
     pub fn subscription_buffer(mut self, buffer: usize) -> WsConfig {
         self.subscription_buffer = buffer.max(1);
         self
@@ -173,7 +195,8 @@ impl WsConfig {
         self
     }
 
-    /// The largest message the client accepts from the hub. Default 16 MiB.
+    /// The largest message the client accepts from the hub. Default 16 MiB:
+    /// far above any sensible event, low enough to bound one frame's memory.
     pub fn max_message_size(mut self, bytes: usize) -> WsConfig {
         self.max_message_size = bytes.max(1);
         self

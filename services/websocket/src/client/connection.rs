@@ -8,8 +8,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
-use rand::rngs::SmallRng;
-use rand::{Rng as _, SeedableRng as _};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -23,6 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
+use watchtower::backoff::{Backoff, Jitter};
 use watchtower::redact_url;
 use watchtower::{Delivery, Error, ErrorKind, Event, Poison, RawMessage};
 
@@ -41,6 +40,7 @@ const BATCH: usize = 64;
 
 /// Builds the upgrade request: the URL, the subprotocol, the user's headers.
 pub(super) fn request(config: &super::WsConfig) -> Result<Request, Error> {
+    config.validate()?;
     if cfg!(not(feature = "rustls-ring"))
         && config
             .url
@@ -117,16 +117,6 @@ fn is_fatal(e: &Error) -> bool {
     matches!(e.kind(), ErrorKind::Rejected | ErrorKind::Config)
 }
 
-/// The wait before reconnect attempt `attempt` (1-based): doubling from
-/// `initial` up to `max`, drawn from the upper half of that step ("equal
-/// jitter") so that it still grows while clients of one hub spread out.
-fn backoff(initial: Duration, max: Duration, rng: &mut SmallRng, attempt: u32) -> Duration {
-    let exp = attempt.saturating_sub(1).min(20);
-    let full = initial.saturating_mul(1 << exp).min(max);
-    let half = full / 2;
-    half + rng.random_range(Duration::ZERO..=full - half)
-}
-
 /// Runs until the client shuts down or gives up.
 pub(super) async fn drive(
     shared: Arc<Shared>,
@@ -134,11 +124,8 @@ pub(super) async fn drive(
     first: oneshot::Sender<Result<(), Error>>,
     fail_first: bool,
 ) {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        ^ (Arc::as_ptr(&shared) as u64);
-    let mut rng = SmallRng::seed_from_u64(seed);
+    let backoff =
+        Backoff::new(shared.config.reconnect_initial, shared.config.reconnect_max).jitter(Jitter::Full);
     let mut first = Some(first);
     let mut attempt: u32 = 0;
     let reason = loop {
@@ -187,12 +174,7 @@ pub(super) async fn drive(
         if attempt == 0 {
             attempt = 1;
         }
-        let delay = backoff(
-            shared.config.reconnect_initial,
-            shared.config.reconnect_max,
-            &mut rng,
-            attempt,
-        );
+        let delay = backoff.delay(attempt);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = shared.shutdown.cancelled() => break None,
@@ -616,30 +598,4 @@ async fn close_gracefully(shared: &Shared, sink: &mut Sink, batch: &mut Vec<Outg
     }));
     let _ = tokio::time::timeout(CLOSE_WAIT, sink.send(close)).await;
     "client closed".to_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_with_jitter_in_the_upper_half() {
-        let mut rng = SmallRng::seed_from_u64(7);
-        let (initial, max) = (Duration::from_millis(100), Duration::from_secs(2));
-        let mut distinct = HashSet::new();
-        for attempt in 1..=12 {
-            let full = (initial * 2u32.pow(attempt - 1)).min(max);
-            for _ in 0..50 {
-                let d = backoff(initial, max, &mut rng, attempt);
-                assert!(
-                    d >= full / 2 && d <= full,
-                    "attempt {attempt}: {d:?} not in [{:?}, {full:?}]",
-                    full / 2
-                );
-                distinct.insert(d);
-            }
-        }
-        assert!(distinct.len() > 100, "jitter spreads the waits");
-        assert!(backoff(initial, max, &mut rng, u32::MAX) <= max);
-    }
 }

@@ -1,35 +1,5 @@
 //! The client side: [`WsClient`], one reconnecting connection to a hub,
 //! shared by its [`WsPublisher`]s and [`WsSubscriber`]s.
-//!
-//! One client holds one WebSocket connection. Publishers and subscriptions
-//! made from it share that connection; a background task keeps it up,
-//! reconnecting with backoff and jitter and re-sending every subscription
-//! after a reconnect. While the connection is down, published events wait
-//! in a bounded queue (see [`Overflow`](watchtower::Overflow)); subscriptions receive an
-//! [`ErrorKind::Connection`] item when the connection drops and carry on
-//! after the reconnect (events the hub sent in the meantime are missed:
-//! delivery is at most once).
-//!
-//! # Example
-//!
-//! ```no_run
-//! use watchtower::prelude::*;
-//! use watchtower_websocket::{WsClient, WsConfig};
-//!
-//! # async fn f() -> Result<(), Error> {
-//! let client = WsClient::connect(WsConfig::new("ws://127.0.0.1:3000/events").bearer("s3cret")?).await?;
-//! let handle = client
-//!     .subscriber()
-//!     .subscribe(["user.*"], tower::service_fn(|event: Event| async move {
-//!         println!("{}", event.ty());
-//!         Ok::<_, Error>(())
-//!     }))
-//!     .await?;
-//! client.publisher().publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
-//! handle.stop().await?;
-//! client.close().await;
-//! # Ok(()) }
-//! ```
 
 mod config;
 mod connection;
@@ -44,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
+use watchtower::health::Health;
 use watchtower::{Delivery, Error, ErrorKind, Event, Receipt, TopicPattern};
 
 pub use config::WsConfig;
@@ -310,6 +281,47 @@ impl Drop for Handle {
 /// connection. The connection closes when [`close`](WsClient::close) is
 /// called or the last client, publisher, subscriber and subscription made
 /// from it is dropped.
+///
+/// One client holds one WebSocket connection. Publishers and subscriptions
+/// made from it share that connection; a background task keeps it up,
+/// reconnecting with backoff and jitter and re-sending every subscription
+/// after a reconnect. While the connection is down, published events wait
+/// in a bounded queue (see [`Overflow`](watchtower::Overflow)); subscriptions receive an
+/// [`ErrorKind::Connection`] item when the connection drops and carry on
+/// after the reconnect (events the hub sent in the meantime are missed:
+/// delivery is at most once).
+///
+/// # Example
+///
+/// ```no_run
+/// use watchtower::prelude::*;
+/// use watchtower_websocket::{WsClient, WsConfig};
+///
+/// # async fn f() -> Result<(), Error> {
+/// let client = WsClient::connect(WsConfig::new("ws://127.0.0.1:3000/events").bearer("s3cret")).await?;
+/// let handle = client
+///     .subscriber()
+///     .subscribe(["user.*"], tower::service_fn(|event: Event| async move {
+///         println!("{}", event.ty());
+///         Ok::<_, Error>(())
+///     }))
+///     .await?;
+/// client.publisher().publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
+/// handle.stop().await?;
+/// client.close().await;
+/// # Ok(()) }
+/// ```
+///
+/// # Health
+///
+/// It implements [`Transport`](watchtower::Transport); `health()` reads
+/// the connection's state: [`Status::Up`](watchtower::health::Status::Up)
+/// when connected with every subscription confirmed,
+/// [`Status::Degraded`](watchtower::health::Status::Degraded) while
+/// connecting or reconnecting (publishes wait in the queue, so nothing is
+/// lost yet, but nothing moves either),
+/// [`Status::Down`](watchtower::health::Status::Down) once the client is
+/// closed or gave up (the reason says why).
 #[derive(Clone)]
 pub struct WsClient {
     handle: Arc<Handle>,
@@ -393,17 +405,6 @@ impl WsClient {
         WsSubscriber::new(self.handle.clone())
     }
 
-    /// The connection's state now.
-    pub fn state(&self) -> ConnectionState {
-        self.handle.shared.state.borrow().clone()
-    }
-
-    /// Whether the client is connected and its subscriptions confirmed: a
-    /// health check.
-    pub fn is_connected(&self) -> bool {
-        self.state() == ConnectionState::Connected
-    }
-
     /// Watches the connection's state.
     pub fn state_changes(&self) -> watch::Receiver<ConnectionState> {
         self.handle.shared.state.subscribe()
@@ -445,5 +446,28 @@ impl WsClient {
         shared.shutdown.cancel();
         let mut states = shared.state.subscribe();
         let _ = states.wait_for(|s| matches!(s, ConnectionState::Closed(_))).await;
+    }
+}
+
+/// Health from the connection's state; see [`WsClient`'s health](WsClient#health).
+impl watchtower::Transport for WsClient {
+    const SYSTEM: &'static str = crate::SYSTEM;
+
+    fn health(&self) -> impl std::future::Future<Output = Health> + Send {
+        let health = match &*self.handle.shared.state.borrow() {
+            ConnectionState::Connected => Health::up(Self::SYSTEM),
+            ConnectionState::Connecting { attempt: 0 } => {
+                Health::degraded(Self::SYSTEM, "connecting; publishes wait in the queue")
+            }
+            ConnectionState::Connecting { attempt } => Health::degraded(
+                Self::SYSTEM,
+                format!("reconnecting after {attempt} failed attempts; publishes wait in the queue"),
+            ),
+            ConnectionState::Closed(None) => Health::down(Self::SYSTEM, "websocket client is closed"),
+            ConnectionState::Closed(Some(why)) => {
+                Health::down(Self::SYSTEM, format!("websocket client gave up: {why}"))
+            }
+        };
+        std::future::ready(health)
     }
 }

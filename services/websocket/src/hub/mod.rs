@@ -1,123 +1,4 @@
 //! The server side: [`WsHub`], mounted as an axum route.
-//!
-//! A hub accepts WebSocket connections, fans the events published into it
-//! (it is a `Service<Event>`) out to every connection subscribed to a
-//! matching pattern, and hands the events clients send to a handler
-//! service. Each connection has a bounded outbound queue, so a slow client
-//! never holds up the others: when its queue is full the hub drops the
-//! client's oldest queued event or disconnects it ([`SlowClient`]), and
-//! counts either in its [`HubStats`].
-//!
-//! # Example
-//!
-//! ```
-//! use axum::Router;
-//! use axum::http::{HeaderMap, StatusCode};
-//! use tower::service_fn;
-//! use watchtower::prelude::*;
-//! use watchtower_websocket::hub::covers;
-//! use watchtower_websocket::{SlowClient, WsHub};
-//!
-//! /// Who a connection is, as the application knows it.
-//! struct User {
-//!     name: String,
-//!     may_read: Vec<TopicPattern>,
-//! }
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Error> {
-//! let orders = TopicPattern::new("orders.*")?;
-//! let hub = WsHub::builder()
-//!     // Events that clients send.
-//!     .handler(service_fn(|event: Event| async move {
-//!         println!("client sent {}", event.ty());
-//!         Ok::<_, Error>(())
-//!     }))
-//!     .slow_client(SlowClient::DropOldest)
-//!     .allowed_origins(["https://app.example.com"])
-//!     .authenticate(move |headers: &HeaderMap| match headers.get("authorization") {
-//!         Some(v) if v == "Bearer s3cret" => Ok(User {
-//!             name: "alice".into(),
-//!             may_read: vec![orders.clone()],
-//!         }),
-//!         _ => Err(StatusCode::UNAUTHORIZED),
-//!     })
-//!     // A pattern is allowed when every topic it matches may be read.
-//!     .can_subscribe(|user: &User, pattern: &TopicPattern| {
-//!         user.may_read.iter().any(|allowed| covers(allowed, pattern))
-//!     })
-//!     .can_publish(|user: &User, event: &Event| event.topic() == format!("chat.{}", user.name))
-//!     .build();
-//! let app: Router = Router::new().route("/events", hub.route());
-//!
-//! // Events published into the hub go to every matching subscriber.
-//! let mut publisher = hub.clone();
-//! publisher.publish(Event::new("orders.created", serde_json::json!({"id": 1}))).await?;
-//! # let _ = app;
-//! # Ok(()) }
-//! ```
-//!
-//! # Limits
-//!
-//! A hub is reachable from outside, so every connection is bounded: its
-//! subscriptions ([`max_subscriptions`](WsHubBuilder::max_subscriptions)),
-//! the patterns in them ([`max_patterns`](WsHubBuilder::max_patterns)),
-//! the length of a pattern ([`max_pattern_len`](WsHubBuilder::max_pattern_len))
-//! and of a subscription id (128 bytes),
-//! the rate of its control messages
-//! ([`max_control_rate`](WsHubBuilder::max_control_rate)) and, by option, of
-//! its events ([`max_event_rate`](WsHubBuilder::max_event_rate)), the size
-//! of a message ([`max_message_size`](WsHubBuilder::max_message_size)), the
-//! events queued for it in both directions
-//! ([`outbound_capacity`](WsHubBuilder::outbound_capacity),
-//! [`inbound_capacity`](WsHubBuilder::inbound_capacity)). A subscription or
-//! an event over a limit is refused with an error message naming it (code
-//! `limit` or `rate_limited`) and the connection stays open: the client can
-//! correct itself, and each refusal costs the hub no more than the frame
-//! did. Only a message over the size limit closes the connection (code
-//! 1009), since the rest of it cannot be skipped.
-//!
-//! Publishing looks up the subscribers of a topic in an index of every
-//! connection's patterns (a trie of the dot-separated tokens): its cost
-//! grows with the number of matching connections, not with the number of
-//! patterns held, and the index is locked only while the matching
-//! connections are collected.
-//!
-//! # Authorization
-//!
-//! [`authenticate`](WsHubBuilder::authenticate) runs on each upgrade request
-//! and returns the connection's identity, a type of the application's
-//! choosing. [`can_subscribe`](WsHubBuilder::can_subscribe) decides, for
-//! that identity, each pattern a connection subscribes to: the hook sees the
-//! pattern, not the topics it will match, so a user allowed `orders.*` must
-//! be refused `admin.>` and `>` as well — [`covers`] answers exactly that
-//! question. [`can_publish`](WsHubBuilder::can_publish) decides each event
-//! a connection sends, before it is relayed or handled. A refusal is an
-//! error message with code `forbidden` (a `nack` for an event when the
-//! client asked for acknowledgements), counted in [`HubStats::forbidden`].
-//! [`allowed_origins`](WsHubBuilder::allowed_origins) refuses browsers on
-//! other sites.
-//!
-//! # Subprotocols
-//!
-//! The hub speaks two subprotocols, chosen by the client at the upgrade:
-//!
-//! * [`SUBPROTOCOL`], `cloudevents.json`: every text
-//!   frame in both directions is a CloudEvent and nothing else, as the
-//!   CloudEvents WebSocket binding says. Such a client subscribes with
-//!   `topic` parameters in the URL (`/events?topic=orders.*&topic=chat.%3E`,
-//!   percent-encoded as usual), checked against the limits and
-//!   [`can_subscribe`](WsHubBuilder::can_subscribe) before the upgrade: a
-//!   refused pattern is refused with HTTP 403, an invalid one or too many
-//!   with 400. (A `watchtower.v1` client may subscribe this way too; the
-//!   subscription's id is `url`.) It is never sent a control message; what the hub would have
-//!   told it (a refused or failed event, dropped events) is only counted.
-//!   Control messages it sends are not CloudEvents and are treated as
-//!   malformed frames.
-//! * [`CONTROL_SUBPROTOCOL`], `watchtower.v1`:
-//!   the same events plus the control messages of the
-//!   [wire protocol](crate#wire-protocol) (subscribe, acknowledgements,
-//!   errors). [`WsClient`](crate::WsClient) speaks this one. A client that
-//!   offers no subprotocol is served this way too.
 
 mod builder;
 mod connection;
@@ -142,7 +23,6 @@ use tower::{Service, ServiceExt as _};
 use watchtower::{BoxError, Error, Event, Receipt, TopicPattern};
 
 use crate::index::PatternIndex;
-pub use crate::index::covers;
 use crate::protocol::{code, encode};
 use crate::{CONTROL_SUBPROTOCOL, SUBPROTOCOL};
 
@@ -219,6 +99,128 @@ struct Inner {
 /// that is not connected misses it). [`broadcast`](WsHub::broadcast) also
 /// returns how many connections the event was queued for. Cloning a hub is
 /// cheap and shares it.
+///
+/// It implements [`Transport`](watchtower::Transport): its health is up
+/// while it serves and down after [`shutdown`](WsHub::shutdown).
+///
+/// A hub accepts WebSocket connections, fans the events published into it
+/// (it is a `Service<Event>`) out to every connection subscribed to a
+/// matching pattern, and hands the events clients send to a handler
+/// service. Each connection has a bounded outbound queue, so a slow client
+/// never holds up the others: when its queue is full the hub drops the
+/// client's oldest queued event or disconnects it ([`SlowClient`]), and
+/// counts either in its [`HubStats`].
+///
+/// # Example
+///
+/// ```
+/// use axum::Router;
+/// use axum::http::{HeaderMap, StatusCode};
+/// use tower::service_fn;
+/// use watchtower::prelude::*;
+/// use watchtower_websocket::covers;
+/// use watchtower_websocket::{SlowClient, WsHub};
+///
+/// /// Who a connection is, as the application knows it.
+/// struct User {
+///     name: String,
+///     may_read: Vec<TopicPattern>,
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Error> {
+/// let orders = TopicPattern::new("orders.*")?;
+/// let hub = WsHub::builder()
+///     // Events that clients send.
+///     .handler(service_fn(|event: Event| async move {
+///         println!("client sent {}", event.ty());
+///         Ok::<_, Error>(())
+///     }))
+///     .slow_client(SlowClient::DropOldest)
+///     .allowed_origins(["https://app.example.com"])
+///     .authenticate(move |headers: &HeaderMap| match headers.get("authorization") {
+///         Some(v) if v == "Bearer s3cret" => Ok(User {
+///             name: "alice".into(),
+///             may_read: vec![orders.clone()],
+///         }),
+///         _ => Err(StatusCode::UNAUTHORIZED),
+///     })
+///     // A pattern is allowed when every topic it matches may be read.
+///     .can_subscribe(|user: &User, pattern: &TopicPattern| {
+///         user.may_read.iter().any(|allowed| covers(allowed, pattern))
+///     })
+///     .can_publish(|user: &User, event: &Event| event.topic() == format!("chat.{}", user.name))
+///     .build();
+/// let app: Router = Router::new().route("/events", hub.route());
+///
+/// // Events published into the hub go to every matching subscriber.
+/// let mut publisher = hub.clone();
+/// publisher.publish(Event::new("orders.created", serde_json::json!({"id": 1}))).await?;
+/// # let _ = app;
+/// # Ok(()) }
+/// ```
+///
+/// # Limits
+///
+/// A hub is reachable from outside, so every connection is bounded: its
+/// subscriptions ([`max_subscriptions`](WsHubBuilder::max_subscriptions)),
+/// the patterns in them ([`max_patterns`](WsHubBuilder::max_patterns)),
+/// the length of a pattern ([`max_pattern_len`](WsHubBuilder::max_pattern_len))
+/// and of a subscription id (128 bytes),
+/// the rate of its control messages
+/// ([`max_control_rate`](WsHubBuilder::max_control_rate)) and, by option, of
+/// its events ([`max_event_rate`](WsHubBuilder::max_event_rate)), the size
+/// of a message ([`max_message_size`](WsHubBuilder::max_message_size)), the
+/// events queued for it in both directions
+/// ([`outbound_capacity`](WsHubBuilder::outbound_capacity),
+/// [`inbound_capacity`](WsHubBuilder::inbound_capacity)). A subscription or
+/// an event over a limit is refused with an error message naming it (code
+/// `limit` or `rate_limited`) and the connection stays open: the client can
+/// correct itself, and each refusal costs the hub no more than the frame
+/// did. Only a message over the size limit closes the connection (code
+/// 1009), since the rest of it cannot be skipped.
+///
+/// Publishing looks up the subscribers of a topic in an index of every
+/// connection's patterns (a trie of the dot-separated tokens): its cost
+/// grows with the number of matching connections, not with the number of
+/// patterns held, and the index is locked only while the matching
+/// connections are collected.
+///
+/// # Authorization
+///
+/// [`authenticate`](WsHubBuilder::authenticate) runs on each upgrade request
+/// and returns the connection's identity, a type of the application's
+/// choosing. [`can_subscribe`](WsHubBuilder::can_subscribe) decides, for
+/// that identity, each pattern a connection subscribes to: the hook sees the
+/// pattern, not the topics it will match, so a user allowed `orders.*` must
+/// be refused `admin.>` and `>` as well — [`covers`](crate::covers) answers exactly that
+/// question. [`can_publish`](WsHubBuilder::can_publish) decides each event
+/// a connection sends, before it is relayed or handled. A refusal is an
+/// error message with code `forbidden` (a `nack` for an event when the
+/// client asked for acknowledgements), counted in [`HubStats::forbidden`].
+/// [`allowed_origins`](WsHubBuilder::allowed_origins) refuses browsers on
+/// other sites.
+///
+/// # Subprotocols
+///
+/// The hub speaks two subprotocols, chosen by the client at the upgrade:
+///
+/// * [`SUBPROTOCOL`], `cloudevents.json`: every text
+///   frame in both directions is a CloudEvent and nothing else, as the
+///   CloudEvents WebSocket binding says. Such a client subscribes with
+///   `topic` parameters in the URL (`/events?topic=orders.*&topic=chat.%3E`,
+///   percent-encoded as usual), checked against the limits and
+///   [`can_subscribe`](WsHubBuilder::can_subscribe) before the upgrade: a
+///   refused pattern is refused with HTTP 403, an invalid one or too many
+///   with 400. (A `watchtower.v1` client may subscribe this way too; the
+///   subscription's id is `url`.) It is never sent a control message; what the hub would have
+///   told it (a refused or failed event, dropped events) is only counted.
+///   Control messages it sends are not CloudEvents and are treated as
+///   malformed frames.
+/// * [`CONTROL_SUBPROTOCOL`], `watchtower.v1`:
+///   the same events plus the control messages of the
+///   [wire protocol](crate#wire-protocol) (subscribe, acknowledgements,
+///   errors). [`WsClient`](crate::WsClient) speaks this one. A client that
+///   offers no subprotocol is served this way too.
 #[derive(Clone)]
 pub struct WsHub {
     inner: Arc<Inner>,
@@ -614,5 +616,20 @@ impl Inner {
         self.can_publish
             .as_ref()
             .is_none_or(|allowed| allowed(&conn.identity, event))
+    }
+}
+
+/// Up while the hub serves, down after [`shutdown`](WsHub::shutdown): the
+/// hub is in the process, so there is no connection of its own to check.
+impl watchtower::Transport for WsHub {
+    const SYSTEM: &'static str = crate::SYSTEM;
+
+    fn health(&self) -> impl std::future::Future<Output = watchtower::health::Health> + Send {
+        let health = if self.inner.shutdown.is_cancelled() {
+            watchtower::health::Health::down(Self::SYSTEM, "websocket hub is shut down")
+        } else {
+            watchtower::health::Health::up(Self::SYSTEM)
+        };
+        std::future::ready(health)
     }
 }
