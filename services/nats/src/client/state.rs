@@ -57,7 +57,10 @@ impl ConnState {
                 self.disconnects.fetch_add(1, Ordering::Relaxed);
                 self.up.send_replace(false);
             }
-            async_nats::Event::Closed => {
+            // The client gives up after `max_reconnects` with this error and
+            // no `Closed` event: the connection is closed for good all the same.
+            async_nats::Event::Closed
+            | async_nats::Event::ClientError(async_nats::ClientError::MaxReconnects) => {
                 tracing::warn!("NATS connection closed");
                 self.closed.store(true, Ordering::Release);
                 self.up.send_replace(false);

@@ -424,6 +424,19 @@ async fn ready_and_healthy_when_connected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_view_reports_the_client() {
+    let client = local().await;
+    let report = watchtower_layers::health::HealthView::new()
+        .transport("events", client)
+        .report()
+        .await;
+    assert_eq!(report.status, watchtower::health::Status::Up);
+    assert_eq!(report.transports.len(), 1);
+    assert_eq!(report.transports[0].name, "events");
+    assert_eq!(report.transports[0].health, Health::up("nats"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_subscription_gets_what_another_connection_publishes_right_after() {
     // `open` returns once the server has the subscription: a message another
     // connection publishes at once must arrive, every time.

@@ -395,3 +395,29 @@ async fn ten_thousand_publishes_survive_two_cuts_exactly_once_or_dead_lettered()
     );
     client.delete_stream(&name).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_for_good_is_down() {
+    let mut server = NatsServer::start().await;
+    let client = NatsClient::connect(config(&server.url()).max_reconnects(1))
+        .await
+        .unwrap();
+    let mut publisher = client.publisher();
+    server.kill().await;
+    tokio::time::timeout(PATIENCE, client.disconnected())
+        .await
+        .unwrap();
+    // A waiting publisher is woken when the client gives up, with the reason.
+    let e = tokio::time::timeout(PATIENCE, poll_fn(|cx| publisher.poll_ready(cx)))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Closed);
+    assert!(client.is_closed());
+    let health = client.health().await;
+    assert_eq!(health.status(), Status::Down, "{health:?}");
+    assert!(
+        health.reason().is_some_and(|r| r.contains("closed")),
+        "{health:?}"
+    );
+}
