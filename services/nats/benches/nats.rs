@@ -60,10 +60,7 @@ use watchtower_layers::ServiceBuilderExt as _;
 use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
 use watchtower_layers::circuit_breaker::CircuitBreakerConfig;
 use watchtower_layers::retry::RetryConfig;
-use watchtower_nats::jetstream::{StorageType, StreamConfig};
-use watchtower_nats::{
-    ContentMode, JetStreamPublisher, NatsClient, NatsConfig, NatsPublisher, NatsSubscriber,
-};
+use watchtower_nats::{ContentMode, NatsClient, NatsConfig, StorageType, StreamConfig};
 
 /// Acknowledgements in flight on JetStream, and calls in flight through the
 /// stack: the harness's window.
@@ -229,7 +226,7 @@ async fn core_ours(
     layered: Option<bool>,
 ) -> Duration {
     let events = events(subject, n);
-    let publisher = NatsPublisher::new(client.clone()).content_mode(mode);
+    let publisher = client.publisher().content_mode(mode);
     let start = Instant::now();
     match layered {
         Some(direct) => one_by_one(stack(publisher, direct), events).await,
@@ -266,7 +263,7 @@ type AckFuture = std::pin::Pin<
 >;
 
 async fn js_raw(client: &NatsClient, subject: &str, n: usize, headers: Headers) -> Duration {
-    let js = client.jetstream();
+    let js = client.raw_jetstream();
     let bodies = bodies(n);
     let start = Instant::now();
     let mut acks = FuturesUnordered::<AckFuture>::new();
@@ -306,7 +303,8 @@ async fn js_ours(
     layered: Option<bool>,
 ) -> Duration {
     let events = events(subject, n);
-    let publisher = JetStreamPublisher::new(client.clone())
+    let publisher = client
+        .jetstream_publisher()
         .content_mode(mode)
         .max_in_flight(WINDOW);
     let start = Instant::now();
@@ -399,7 +397,8 @@ async fn rt_ours(
     mode: ContentMode,
 ) -> (Duration, (u64, u64)) {
     let sc = subscriber_client(n).await;
-    let sub = NatsSubscriber::new(sc.clone())
+    let sub = sc
+        .subscriber()
         .open(SubscribeOptions::new([subject]).unwrap())
         .await
         .unwrap();
@@ -428,7 +427,7 @@ async fn rt_ours(
             })
             .into_future(),
     );
-    let mut svc = NatsPublisher::new(publisher.clone()).content_mode(mode);
+    let mut svc = publisher.publisher().content_mode(mode);
     let start = Instant::now();
     for (i, event) in events.into_iter().enumerate() {
         std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();

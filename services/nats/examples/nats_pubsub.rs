@@ -12,25 +12,28 @@ use std::time::Duration;
 
 use tower::{Service as _, ServiceBuilder, ServiceExt as _, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::{Error, Event, PublishExt, SubscribeOptions, SubscriberExt};
+use watchtower::{Error, Event, PublishExt, SubscribeOptions, SubscriberExt, Transport};
 use watchtower_layers::ServiceBuilderExt as _;
 use watchtower_layers::circuit_breaker::CircuitBreakerConfig;
 use watchtower_layers::retry::RetryConfig;
-use watchtower_nats::jetstream::StreamConfig;
-use watchtower_nats::{
-    ConsumerSettings, JetStreamPublisher, JetStreamSubscriber, NatsClient, NatsConfig, NatsPublisher,
-    NatsSubscriber,
-};
+use watchtower_nats::{ConsumerSettings, NatsClient, NatsConfig, StreamConfig};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let client = NatsClient::connect(NatsConfig::new(url).name("nats_pubsub example")).await?;
-    client.health().await?;
+    let health = client.health().await;
+    if !health.is_up() {
+        return Err(Error::new(
+            watchtower::ErrorKind::Connection,
+            format!("NATS is {}: {}", health.status(), health.reason().unwrap_or("")),
+        ));
+    }
 
     // Core NATS: fire-and-forget, wildcards, queue groups.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let core = NatsSubscriber::new(client.clone())
+    let core = client
+        .subscriber()
         .subscribe(
             ["example.user.*"],
             service_fn(move |event: Event| {
@@ -39,7 +42,7 @@ async fn main() -> Result<(), Error> {
             }),
         )
         .await?;
-    let mut publisher = NatsPublisher::new(client.clone());
+    let mut publisher = client.publisher();
     publisher
         .publish(Event::new(
             "example.user.created",
@@ -61,12 +64,13 @@ async fn main() -> Result<(), Error> {
         })
         .await?;
     let (handled_tx, mut handled) = tokio::sync::mpsc::unbounded_channel();
-    let consumer = JetStreamSubscriber::new(client.clone(), "EXAMPLE_ORDERS")?
+    let consumer = client
+        .jetstream_subscriber("EXAMPLE_ORDERS")
         .settings(
             ConsumerSettings::new()
                 .max_deliver(5)
                 .ack_wait(Duration::from_secs(10)),
-        )?
+        )
         .subscribe_with(
             SubscribeOptions::new(["example.order.*"])?.group("billing")?,
             service_fn(move |event: Event| {
@@ -82,7 +86,7 @@ async fn main() -> Result<(), Error> {
         .dead_letter(dead_letters.clone())
         .retries(RetryConfig::new().max_attempts(5))
         .circuit_breaker(CircuitBreakerConfig::new().name("jetstream"))
-        .service(JetStreamPublisher::new(client.clone()));
+        .service(client.jetstream_publisher());
     for n in 0..3 {
         let outcome = orders
             .ready()

@@ -1,30 +1,4 @@
-//! Connection settings: servers, credentials, TLS, timeouts, reconnection.
-//!
-//! [`NatsConfig`] is validated when the connection is made
-//! ([`NatsClient::connect`](crate::NatsClient::connect)): an unparsable
-//! server address, two kinds of credentials at once or a credentials file
-//! that cannot be read fail there with an
-//! [`ErrorKind::Config`](watchtower::ErrorKind::Config) error, not later.
-//!
-//! Secrets (token, password, nkey seed, credentials) never appear in its
-//! `Debug` output or in errors; server URLs are shown with their user-info
-//! removed.
-//!
-//! # Example
-//!
-//! ```
-//! use std::time::Duration;
-//! use watchtower_nats::NatsConfig;
-//!
-//! let config = NatsConfig::new("nats://127.0.0.1:4222")
-//!     .server("nats://127.0.0.1:4223")
-//!     .user_password("app", "s3cret")
-//!     .name("billing")
-//!     .connect_timeout(Duration::from_secs(2));
-//! let shown = format!("{config:?}");
-//! assert!(shown.contains("billing"));
-//! assert!(!shown.contains("s3cret"));
-//! ```
+//! Connection settings: [`NatsConfig`], [`WhenDisconnected`].
 
 use std::fmt;
 use std::path::PathBuf;
@@ -72,7 +46,35 @@ pub enum WhenDisconnected {
     Fail,
 }
 
-/// Settings of a NATS connection. See the [module docs](self).
+/// Settings of a NATS connection: servers, credentials, TLS, timeouts,
+/// reconnection; [`NatsClient::connect`](crate::NatsClient::connect)
+/// takes it.
+///
+/// [`NatsConfig`] is validated when the connection is made
+/// ([`NatsClient::connect`](crate::NatsClient::connect)): an unparsable
+/// server address, two kinds of credentials at once or a credentials file
+/// that cannot be read fail there with an
+/// [`ErrorKind::Config`](watchtower::ErrorKind::Config) error, not later.
+///
+/// Secrets (token, password, nkey seed, credentials) never appear in its
+/// `Debug` output or in errors; server URLs are shown with their user-info
+/// removed.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use watchtower_nats::NatsConfig;
+///
+/// let config = NatsConfig::new("nats://127.0.0.1:4222")
+///     .server("nats://127.0.0.1:4223")
+///     .user_password("app", "s3cret")
+///     .name("billing")
+///     .connect_timeout(Duration::from_secs(2));
+/// let shown = format!("{config:?}");
+/// assert!(shown.contains("billing"));
+/// assert!(!shown.contains("s3cret"));
+/// ```
 #[derive(Clone)]
 pub struct NatsConfig {
     pub(crate) servers: Vec<String>,
@@ -94,22 +96,12 @@ pub struct NatsConfig {
     pub(crate) when_disconnected: WhenDisconnected,
 }
 
-/// 5 s, async-nats' own connect timeout.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// 5 s: JetStream API calls and publish acknowledgements wait this long,
-/// the JetStream client default.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// 10 s: frequent enough to notice a dead connection in about 20 s
-/// (two missed pongs) without measurable traffic.
-pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
-/// 2 s: reconnect attempts back off exponentially from 10 ms up to this, so
-/// a restarted server is found again within a couple of seconds.
-pub const DEFAULT_MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
-/// 65 536 messages: a subscription buffers this many before the client
-/// drops messages as a slow consumer (async-nats' default).
-pub const DEFAULT_SUBSCRIPTION_CAPACITY: usize = 65_536;
-/// 2048 commands, async-nats' default outgoing queue.
-pub const DEFAULT_CLIENT_CAPACITY: usize = 2048;
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+const DEFAULT_SUBSCRIPTION_CAPACITY: usize = 65_536;
+const DEFAULT_CLIENT_CAPACITY: usize = 2048;
 
 impl NatsConfig {
     /// Settings for one server (`nats://host:port`, `tls://host:port`, or
@@ -209,29 +201,33 @@ impl NatsConfig {
         self
     }
 
-    /// How long one connection attempt may take. Default
-    /// [`DEFAULT_CONNECT_TIMEOUT`].
+    /// How long one connection attempt may take. Default 5 s, async-nats'
+    /// own connect timeout.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// How long JetStream API calls and publish acknowledgements may take.
-    /// Default [`DEFAULT_REQUEST_TIMEOUT`].
+    /// How long JetStream API calls, publish acknowledgements and the
+    /// health round trip may take. Default 5 s, the JetStream client
+    /// default.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
     }
 
-    /// How often the client pings the server. Default
-    /// [`DEFAULT_PING_INTERVAL`].
+    /// How often the client pings the server. Default 10 s: frequent
+    /// enough to notice a dead connection in about 20 s (two missed pongs)
+    /// without measurable traffic.
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.ping_interval = interval;
         self
     }
 
-    /// The longest pause between reconnect attempts. Default
-    /// [`DEFAULT_MAX_RECONNECT_DELAY`].
+    /// The longest pause between reconnect attempts. Default 2 s:
+    /// attempts back off exponentially (with full jitter) from 10 ms up to
+    /// this, so a restarted server is found again within a couple of
+    /// seconds.
     pub fn max_reconnect_delay(mut self, delay: Duration) -> Self {
         self.max_reconnect_delay = delay;
         self
@@ -253,14 +249,14 @@ impl NatsConfig {
 
     /// Messages a core subscription buffers before the client drops them
     /// (reported as [`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped)
-    /// items). Default [`DEFAULT_SUBSCRIPTION_CAPACITY`].
+    /// items). Default 65 536 messages, async-nats' default.
     pub fn subscription_capacity(mut self, capacity: usize) -> Self {
         self.subscription_capacity = capacity;
         self
     }
 
     /// Outgoing commands the client queues before publishes wait. Default
-    /// [`DEFAULT_CLIENT_CAPACITY`].
+    /// 2048, async-nats' default outgoing queue.
     pub fn client_capacity(mut self, capacity: usize) -> Self {
         self.client_capacity = capacity;
         self

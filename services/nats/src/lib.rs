@@ -7,17 +7,140 @@
 //! | [`JetStreamPublisher`] | publishes to streams, awaits the PubAck, dedup by event id | stored once per duplicate window |
 //! | [`JetStreamSubscriber`] | durable pull consumers, explicit ack/nack/term/progress | at-least-once |
 //!
-//! All of them share one [`NatsClient`] (a connection with its reconnect
-//! loop), made from a [`NatsConfig`] (servers, token, user/password, nkey,
-//! credentials file, TLS, timeouts). Publishers are
+//! All of them are made from one [`NatsClient`] (a connection with its
+//! reconnect loop, cheap to clone), and share its connection.
+//!
+//! # Connect
+//!
+//! A [`NatsConfig`] holds the servers, credentials (token, user/password,
+//! nkey, credentials file), TLS, timeouts and the reconnection policy; each
+//! setter documents its default. [`NatsClient::connect`] checks it and
+//! connects, failing with [`ErrorKind::Config`](watchtower::ErrorKind::Config)
+//! for a configuration that cannot work. The client is a
+//! [`Transport`](watchtower::Transport): its `health` is a round trip to
+//! the server.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use watchtower::Transport;
+//! use watchtower_nats::{NatsClient, NatsConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let config = NatsConfig::new("nats://127.0.0.1:4222")
+//!     .name("billing")
+//!     .request_timeout(Duration::from_secs(2));
+//! let client = NatsClient::connect(config).await?;
+//! assert_eq!(NatsClient::SYSTEM, "nats");
+//! println!("{:?}", client.health().await.status());
+//! # Ok(()) }
+//! ```
+//!
+//! # Publish
+//!
+//! [`client.publisher()`](NatsClient::publisher) publishes on core NATS,
+//! [`client.jetstream_publisher()`](NatsClient::jetstream_publisher) to
+//! the JetStream stream that captures the subject. Both are
 //! `tower::Service<Event>`s, so the layers of `watchtower-layers` and
 //! tower's own stack on top of them; their `poll_ready` follows the
-//! connection state.
+//! connection state. Their options are builder methods:
+//! [`content_mode`](NatsPublisher::content_mode),
+//! [`subject_template`](NatsPublisher::subject_template) and, on JetStream,
+//! [`expected_stream`](JetStreamPublisher::expected_stream) and
+//! [`max_in_flight`](JetStreamPublisher::max_in_flight).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use watchtower::{Event, PublishExt};
+//! use watchtower_nats::{NatsClient, NatsConfig, StreamConfig, SubjectTemplate};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let client = NatsClient::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
+//! let mut publisher = client.publisher();
+//! publisher.publish(Event::new("user.created", serde_json::json!({"user_id": 1}))).await?;
+//!
+//! client
+//!     .create_or_update_stream(StreamConfig {
+//!         name: "ORDERS".into(),
+//!         subjects: vec!["orders.>".into()],
+//!         duplicate_window: Duration::from_secs(120),
+//!         ..Default::default()
+//!     })
+//!     .await?;
+//! let mut stored = client
+//!     .jetstream_publisher()
+//!     .subject_template(SubjectTemplate::new("orders.{topic}")?);
+//! let receipt = stored.publish(Event::new("order.paid", serde_json::json!({"id": 7}))).await?;
+//! assert_eq!(receipt.stream.as_deref(), Some("ORDERS"));
+//! # Ok(()) }
+//! ```
+//!
+//! # Subscribe
+//!
+//! [`client.subscriber()`](NatsClient::subscriber) subscribes to core NATS
+//! subjects (a group is a queue group);
+//! [`client.jetstream_subscriber(stream)`](NatsClient::jetstream_subscriber)
+//! reads a stream through pull consumers, a durable one per group, set up
+//! by [`ConsumerSettings`]. Both are [`watchtower::Subscriber`]s.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower::service_fn;
+//! use watchtower::{Event, SubscribeOptions, SubscriberExt};
+//! use watchtower_nats::{ConsumerSettings, NatsClient, NatsConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let client = NatsClient::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
+//! let live = client
+//!     .subscriber()
+//!     .subscribe(["user.*"], service_fn(|event: Event| async move {
+//!         println!("got {}", event.ty());
+//!         Ok::<_, watchtower::Error>(())
+//!     }))
+//!     .await?;
+//! let billing = client
+//!     .jetstream_subscriber("ORDERS")
+//!     .settings(ConsumerSettings::new().ack_wait(Duration::from_secs(10)).max_deliver(5))
+//!     .subscribe_with(
+//!         SubscribeOptions::new(["orders.>"])?.group("billing")?,
+//!         service_fn(|event: Event| async move {
+//!             println!("bill {}", event.id());
+//!             Ok::<_, watchtower::Error>(())
+//!         }),
+//!     )
+//!     .await?;
+//! live.stop().await?;
+//! billing.stop().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! * **Core NATS is at-most-once.** A receipt says the client queued the
+//!   message, not that anyone received it; nothing is stored, and `nack`
+//!   cannot bring an event back. A subscription read too slowly loses
+//!   messages past its buffer and says so: an
+//!   [`ErrorKind::Dropped`](watchtower::ErrorKind::Dropped) item with the
+//!   count, and [`NatsSubscription::dropped`]. Events of one publisher
+//!   arrive in the order of its calls.
+//! * **JetStream is at-least-once.** A receipt comes with the stream's
+//!   PubAck (stream name and sequence). The `Nats-Msg-Id` header carries the
+//!   event id, so a publish retried within the stream's duplicate window is
+//!   stored once ([`Receipt::duplicate`](watchtower::Receipt::duplicate)).
+//!   A delivery is redelivered until it is settled: `ack`, `nack` with an
+//!   optional delay, `reject` (`+TERM`), `progress` (`+WPI`); a stopped
+//!   group member's unsettled events go to the others.
+//! * **While the connection is down** publishers are not ready and wait
+//!   for it, or fail at once with a retryable error
+//!   ([`WhenDisconnected`]); the client reconnects by itself with an
+//!   exponential backoff, and JetStream subscriptions resume.
+//! * **Every event is accounted for**: published, or its caller gets an
+//!   error; a received message that is not a CloudEvent is a
+//!   [poison](watchtower::Delivery::poison) delivery with its raw bytes.
 //!
 //! # Wire format
 //!
 //! Publishers write CloudEvents in one of two [`ContentMode`]s, set with
-//! `content_mode(..)` on [`NatsPublisher`] and [`JetStreamPublisher`]:
+//! [`NatsPublisher::content_mode`] and [`JetStreamPublisher::content_mode`]:
 //!
 //! * [`ContentMode::Structured`] (the default): the whole event as one
 //!   CloudEvents JSON object in the body, a JSON payload spliced in as is
@@ -87,58 +210,37 @@
 //! header still costs async-nats a `Vec` and a `String`, which is the
 //! least its `HeaderMap` allows.
 //!
-//! # Example
-//!
-//! ```no_run
-//! use tower::service_fn;
-//! use watchtower::{Event, PublishExt, SubscriberExt};
-//! use watchtower_nats::{NatsClient, NatsConfig, NatsPublisher, NatsSubscriber};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let client = NatsClient::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
-//! let handle = NatsSubscriber::new(client.clone())
-//!     .subscribe(["user.*"], service_fn(|event: Event| async move {
-//!         println!("got {}", event.ty());
-//!         Ok::<_, watchtower::Error>(())
-//!     }))
-//!     .await?;
-//!
-//! let mut publisher = NatsPublisher::new(client);
-//! publisher.publish(Event::new("user.created", serde_json::json!({"user_id": 1}))).await?;
-//! handle.stop().await?;
-//! # Ok(()) }
-//! ```
 
 #![forbid(unsafe_code)]
 // Library code never panics on input it does not control.
-#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod client;
-pub mod config;
-pub mod jetstream;
-pub mod publisher;
-pub mod subject;
-pub mod subscriber;
-
+mod client;
+mod config;
+mod jetstream;
+mod publisher;
+mod subject;
+mod subscriber;
 mod wire;
 
 pub use async_nats;
 pub use client::{ConnectionStats, NatsClient};
 pub use config::{NatsConfig, WhenDisconnected};
 pub use jetstream::{
-    ConsumerSettings, JetStreamAcker, JetStreamPublisher, JetStreamSubscriber, JetStreamSubscription,
+    ConsumerConfig, ConsumerSettings, JetStreamAcker, JetStreamPublisher, JetStreamSubscriber,
+    JetStreamSubscription, StorageType, StreamConfig, StreamInfo,
 };
-pub use publisher::NatsPublisher;
+pub use publisher::{NatsPublisher, ResponseFuture};
 pub use subject::SubjectTemplate;
 pub use subscriber::{NatsAcker, NatsSubscriber, NatsSubscription};
 pub use wire::ContentMode;
 
 /// Everything a program using the NATS transport needs:
-/// `use watchtower_nats::prelude::*;`.
+/// `use watchtower_nats::prelude::*;` (the core's prelude included).
 pub mod prelude {
     pub use crate::{
-        ConsumerSettings, ContentMode, JetStreamPublisher, JetStreamSubscriber, NatsClient, NatsConfig,
-        NatsPublisher, NatsSubscriber, SubjectTemplate, WhenDisconnected,
+        ConsumerSettings, JetStreamPublisher, JetStreamSubscriber, NatsClient, NatsConfig, NatsPublisher,
+        NatsSubscriber, SubjectTemplate, WhenDisconnected,
     };
     pub use watchtower::prelude::*;
 }

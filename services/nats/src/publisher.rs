@@ -1,42 +1,5 @@
-//! Core NATS publishing: [`NatsPublisher`].
-//!
-//! A [`NatsPublisher`] is a `tower::Service<Event>` that writes each event
-//! to the subject its [`SubjectTemplate`] gives (by default the event's
-//! topic), as a structured-mode CloudEvent (one JSON object, no header) or,
-//! with [`content_mode`](NatsPublisher::content_mode)`(`[`ContentMode::Binary`]`)`,
-//! as `ce-` headers with the data as the body.
-//!
-//! Core NATS is **at-most-once**: the receipt says the client queued the
-//! message for the server, not that anyone received it. Use
-//! [`JetStreamPublisher`](crate::JetStreamPublisher) when events must
-//! survive.
-//!
-//! `poll_ready` follows the connection: while it is down the publisher is
-//! not ready (or, with [`WhenDisconnected::Fail`](crate::WhenDisconnected),
-//! calls fail at once with a retryable connection error).
-//!
-//! `call` hands the message to the connection at once when the client's
-//! outgoing queue has room (the usual case), so events leave in the order
-//! of the calls and the returned future is already resolved; when the
-//! queue is full, the future waits for room. A resolved future still takes
-//! its unit of tokio's cooperative budget when awaited, as the client's own
-//! `publish` does, so that a task publishing in a loop lets the
-//! connection's writer run beside it.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use watchtower::{Event, PublishExt};
-//! use watchtower_nats::{NatsConfig, NatsPublisher};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let mut publisher = NatsPublisher::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
-//! let receipt = publisher
-//!     .publish(Event::new("user.created", serde_json::json!({"user_id": 1})))
-//!     .await?;
-//! assert_eq!(&*receipt.topic, "user.created");
-//! # Ok(()) }
-//! ```
+//! Core NATS publishing: [`NatsPublisher`], and the [`ResponseFuture`]
+//! of every publisher of this crate.
 
 use std::fmt;
 use std::future::Future;
@@ -50,10 +13,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 use tower_service::Service;
 use tracing::Span;
-use watchtower::{Error, ErrorKind, Event, Receipt};
+use watchtower::{Error, ErrorKind, Event, Receipt, Transport};
 
 use crate::client::NatsClient;
-use crate::config::{NatsConfig, WhenDisconnected};
+use crate::config::WhenDisconnected;
 use crate::subject::{SubjectCache, SubjectTemplate};
 use crate::wire::{ContentMode, Encoded, Encoder};
 
@@ -61,7 +24,51 @@ use crate::wire::{ContentMode, Encoded, Encoder};
 /// the connection's "connected" notice was lost.
 const RECHECK: Duration = Duration::from_millis(200);
 
-/// Publishes events on core NATS. See the [module docs](self).
+/// Publishes events on core NATS; made by
+/// [`NatsClient::publisher`].
+///
+/// A `tower::Service<Event>` that writes each event to the subject its
+/// [`SubjectTemplate`] gives (by default the event's topic), as a
+/// structured-mode CloudEvent (one JSON object, no header) or, with
+/// [`content_mode`](NatsPublisher::content_mode)`(`[`ContentMode::Binary`]`)`,
+/// as `ce-` headers with the data as the body.
+///
+/// Core NATS is **at-most-once**: the receipt says the client queued the
+/// message for the server, not that anyone received it. Use a
+/// [`JetStreamPublisher`](crate::JetStreamPublisher) when events must
+/// survive.
+///
+/// `poll_ready` follows the connection: while it is down the publisher is
+/// not ready (or, with [`WhenDisconnected::Fail`](crate::WhenDisconnected),
+/// calls fail at once with a retryable connection error).
+///
+/// `call` hands the message to the connection at once when the client's
+/// outgoing queue has room (the usual case), so events leave in the order
+/// of the calls and the returned future is already resolved; when the
+/// queue is full, the future waits for room. A resolved future still takes
+/// its unit of tokio's cooperative budget when awaited, as the client's own
+/// `publish` does, so that a task publishing in a loop lets the
+/// connection's writer run beside it.
+///
+/// # Example
+///
+/// ```no_run
+/// use watchtower::{Event, PublishExt};
+/// use watchtower_nats::{ContentMode, NatsClient, NatsConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let client = NatsClient::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
+/// let mut publisher = client.publisher();
+/// let receipt = publisher
+///     .publish(Event::new("user.created", serde_json::json!({"user_id": 1})))
+///     .await?;
+/// assert_eq!(&*receipt.topic, "user.created");
+///
+/// // Attributes as `ce-` headers, for consumers that route on them.
+/// let mut binary = client.publisher().content_mode(ContentMode::Binary);
+/// binary.publish(Event::new("user.deleted", serde_json::json!({"user_id": 1}))).await?;
+/// # Ok(()) }
+/// ```
 pub struct NatsPublisher {
     client: NatsClient,
     subject: SubjectTemplate,
@@ -71,8 +78,8 @@ pub struct NatsPublisher {
 }
 
 impl NatsPublisher {
-    /// A publisher on an existing connection.
-    pub fn new(client: NatsClient) -> NatsPublisher {
+    /// A publisher on `client`'s connection, for [`NatsClient::publisher`].
+    pub(crate) fn new(client: NatsClient) -> NatsPublisher {
         NatsPublisher {
             client,
             subject: SubjectTemplate::topic(),
@@ -80,15 +87,6 @@ impl NatsPublisher {
             encoder: Encoder::default(),
             recheck: None,
         }
-    }
-
-    /// Connects and makes a publisher.
-    ///
-    /// # Errors
-    ///
-    /// As [`NatsClient::connect`].
-    pub async fn connect(config: NatsConfig) -> Result<NatsPublisher, Error> {
-        Ok(NatsPublisher::new(NatsClient::connect(config).await?))
     }
 
     /// Publishes to the subject `template` gives instead of the event's
@@ -110,15 +108,6 @@ impl NatsPublisher {
     /// The connection.
     pub fn client(&self) -> &NatsClient {
         &self.client
-    }
-
-    /// Checks the connection. See [`NatsClient::health`].
-    ///
-    /// # Errors
-    ///
-    /// As [`NatsClient::health`].
-    pub async fn health(&self) -> Result<(), Error> {
-        self.client.health().await
     }
 }
 
@@ -189,7 +178,7 @@ impl Service<Event> for NatsPublisher {
             Ok(prepared) => prepared,
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
-        let span = watchtower::trace::publish_span("nats", &topic, &event);
+        let span = watchtower::trace::publish_span(NatsClient::SYSTEM, &topic, &event);
         let receipt = Receipt::new(topic, &event);
         // The usual case first, without a task of its own: the client's
         // queue has room, and the message is handed over now. The future is

@@ -1,20 +1,4 @@
-//! Which subject an event is published to.
-//!
-//! By default an event goes to its [`topic`](watchtower::Event::topic): the
-//! topic set on it, else its type. A [`SubjectTemplate`] rewrites that, for
-//! example to put every event under a prefix that a JetStream stream
-//! captures:
-//!
-//! ```
-//! use watchtower::Event;
-//! use watchtower_nats::SubjectTemplate;
-//!
-//! let template = SubjectTemplate::new("events.{topic}")?;
-//! let event = Event::new("user.created", serde_json::json!({}));
-//! assert_eq!(template.render(&event)?, "events.user.created");
-//! assert!(SubjectTemplate::new("events.{nope}").is_err());
-//! # Ok::<(), watchtower::Error>(())
-//! ```
+//! Which subject an event is published to: [`SubjectTemplate`].
 
 use std::borrow::Cow;
 use std::fmt;
@@ -23,8 +7,25 @@ use std::sync::Arc;
 use watchtower::validate_topic;
 use watchtower::{Error, Event};
 
-/// A subject with `{topic}`, `{type}` and `{source}` placeholders. See the
-/// [module docs](self).
+/// A subject with `{topic}`, `{type}` and `{source}` placeholders, for
+/// [`NatsPublisher::subject_template`](crate::NatsPublisher::subject_template)
+/// and [`JetStreamPublisher::subject_template`](crate::JetStreamPublisher::subject_template).
+///
+/// By default an event goes to its [`topic`](watchtower::Event::topic): the
+/// topic set on it, else its type. A [`SubjectTemplate`] rewrites that, for
+/// example to put every event under a prefix that a JetStream stream
+/// captures:
+///
+/// ```
+/// use watchtower::Event;
+/// use watchtower_nats::SubjectTemplate;
+///
+/// let template = SubjectTemplate::new("events.{topic}")?;
+/// let event = Event::new("user.created", serde_json::json!({}));
+/// assert_eq!(template.render(&event)?, "events.user.created");
+/// assert!(SubjectTemplate::new("events.{nope}").is_err());
+/// # Ok::<(), watchtower::Error>(())
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct SubjectTemplate {
     text: String,

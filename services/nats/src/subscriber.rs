@@ -1,38 +1,5 @@
-//! Core NATS subscribing: [`NatsSubscriber`].
-//!
-//! Patterns are NATS subjects already (`user.*`, `user.>`); a
-//! [group](watchtower::SubscribeOptions::group) becomes a NATS queue group,
-//! so members of one group split the events and every group gets all of
-//! them.
-//!
-//! Core NATS is **at-most-once**: nothing is stored, an event published
-//! while no one listens is gone, and settling a delivery does nothing
-//! (`nack` cannot bring an event back). The capability flags say so. When
-//! a subscription is read more slowly than events arrive, the client drops
-//! messages past its buffer
-//! ([`NatsConfig::subscription_capacity`](crate::NatsConfig::subscription_capacity));
-//! the subscription then yields an
-//! [`ErrorKind::Dropped`] item saying how
-//! many were lost, and [`NatsSubscription::dropped`] counts them.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use tower::service_fn;
-//! use watchtower::{Event, SubscriberExt};
-//! use watchtower_nats::{NatsClient, NatsConfig, NatsSubscriber};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let client = NatsClient::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
-//! let handle = NatsSubscriber::new(client)
-//!     .subscribe(["user.>"], service_fn(|event: Event| async move {
-//!         println!("{}", event.ty());
-//!         Ok::<_, watchtower::Error>(())
-//!     }))
-//!     .await?;
-//! handle.stop().await?;
-//! # Ok(()) }
-//! ```
+//! Core NATS subscribing: [`NatsSubscriber`], its subscriptions and their
+//! (empty) settlement.
 
 use std::fmt;
 use std::pin::Pin;
@@ -43,12 +10,50 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use futures_util::StreamExt as _;
-use watchtower::{Acker, Capabilities, Delivery, Error, ErrorKind, SubscribeOptions, Subscriber};
+use watchtower::{Acker, Capabilities, Delivery, Error, ErrorKind, SubscribeOptions, Subscriber, Transport};
 
 use crate::client::{DropCounter, NatsClient, subscription_id};
 use crate::wire::{self, TopicCache};
 
-/// Subscribes on core NATS. See the [module docs](self).
+/// Subscribes on core NATS; made by [`NatsClient::subscriber`].
+///
+/// Patterns are NATS subjects already (`user.*`, `user.>`); a
+/// [group](watchtower::SubscribeOptions::group) becomes a NATS queue group,
+/// so members of one group split the events and every group gets all of
+/// them. A subscription is ready once the server has it (a round trip), so
+/// events published after [`open`](Subscriber::open) returns reach it.
+///
+/// Core NATS is **at-most-once**: nothing is stored, an event published
+/// while no one listens is gone, and settling a delivery does nothing
+/// (`nack` cannot bring an event back). The capability flags say so. When
+/// a subscription is read more slowly than events arrive, the client drops
+/// messages past its buffer
+/// ([`NatsConfig::subscription_capacity`](crate::NatsConfig::subscription_capacity));
+/// the subscription then yields an [`ErrorKind::Dropped`] item saying how
+/// many were lost, and [`NatsSubscription::dropped`] counts them.
+///
+/// # Example
+///
+/// ```no_run
+/// use tower::service_fn;
+/// use watchtower::{Event, SubscribeOptions, SubscriberExt};
+/// use watchtower_nats::{NatsClient, NatsConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let client = NatsClient::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
+/// let handle = client
+///     .subscriber()
+///     .subscribe_with(
+///         SubscribeOptions::new(["user.>"])?.group("mailer")?,
+///         service_fn(|event: Event| async move {
+///             println!("{}", event.ty());
+///             Ok::<_, watchtower::Error>(())
+///         }),
+///     )
+///     .await?;
+/// handle.stop().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct NatsSubscriber {
     client: NatsClient,
@@ -62,8 +67,8 @@ impl NatsSubscriber {
         .consumer_groups(true)
         .ordered(true);
 
-    /// A subscriber on `client`'s connection.
-    pub fn new(client: NatsClient) -> NatsSubscriber {
+    /// A subscriber on `client`'s connection, for [`NatsClient::subscriber`].
+    pub(crate) fn new(client: NatsClient) -> NatsSubscriber {
         NatsSubscriber { client }
     }
 
@@ -122,8 +127,8 @@ impl Subscriber for NatsSubscriber {
     }
 }
 
-/// A core NATS subscription: a stream of deliveries. See the
-/// [module docs](self).
+/// A core NATS subscription: a stream of deliveries, from
+/// [`NatsSubscriber`].
 ///
 /// Dropping it unsubscribes.
 pub struct NatsSubscription {
@@ -167,7 +172,7 @@ impl Stream for NatsSubscription {
                     Ok(event) => Delivery::new(event, this.topics.get(subject), NatsAcker(())),
                     Err(poison) => Delivery::poison(poison, NatsAcker(())),
                 };
-                Poll::Ready(Some(Ok(delivery.with_system("nats"))))
+                Poll::Ready(Some(Ok(delivery.with_system(NatsClient::SYSTEM))))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {

@@ -8,53 +8,16 @@
 //!   consumer per group, `nack` with delay, `reject` as `+TERM`,
 //!   `progress` as `+WPI`, the delivery count from the message metadata,
 //!   max-deliver and back-off from [`ConsumerSettings`];
-//! * [`NatsClient::create_or_update_stream`] and friends to set streams
-//!   and consumers up from configuration.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use tower::service_fn;
-//! use watchtower::{Event, PublishExt, SubscribeOptions, SubscriberExt};
-//! use watchtower_nats::jetstream::{JetStreamPublisher, JetStreamSubscriber, StreamConfig};
-//! use watchtower_nats::{NatsClient, NatsConfig};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let client = NatsClient::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
-//! client
-//!     .create_or_update_stream(StreamConfig {
-//!         name: "ORDERS".into(),
-//!         subjects: vec!["order.>".into()],
-//!         duplicate_window: Duration::from_secs(120),
-//!         ..Default::default()
-//!     })
-//!     .await?;
-//!
-//! let handle = JetStreamSubscriber::new(client.clone(), "ORDERS")?
-//!     .subscribe_with(
-//!         SubscribeOptions::new(["order.*"])?.group("billing")?,
-//!         service_fn(|event: Event| async move {
-//!             println!("{}", event.id());
-//!             Ok::<_, watchtower::Error>(())
-//!         }),
-//!     )
-//!     .await?;
-//!
-//! let mut publisher = JetStreamPublisher::new(client);
-//! let receipt = publisher.publish(Event::new("order.paid", serde_json::json!({"id": 7}))).await?;
-//! assert_eq!(receipt.stream.as_deref(), Some("ORDERS"));
-//! handle.stop().await?;
-//! # Ok(()) }
-//! ```
+//! * [`NatsClient::create_or_update_stream`] and friends, here, to set
+//!   streams and consumers up from configuration.
 
 mod publisher;
 mod subscriber;
 
 pub use async_nats::jetstream::consumer::pull::Config as ConsumerConfig;
 pub use async_nats::jetstream::stream::{Config as StreamConfig, Info as StreamInfo, StorageType};
+pub use publisher::JetStreamPublisher;
 pub(crate) use publisher::publish_error;
-pub use publisher::{DEFAULT_MAX_IN_FLIGHT, JetStreamPublisher};
 pub use subscriber::{ConsumerSettings, JetStreamAcker, JetStreamSubscriber, JetStreamSubscription};
 
 use watchtower::{Error, ErrorKind};
@@ -91,7 +54,7 @@ impl NatsClient {
     pub async fn create_or_update_stream(&self, config: StreamConfig) -> Result<StreamInfo, Error> {
         validate_name("stream", &config.name)?;
         let name = config.name.clone();
-        self.jetstream()
+        self.raw_jetstream()
             .create_or_update_stream(config)
             .await
             .map_err(|e| admin_error(&format!("cannot create or update JetStream stream {name:?}"), e))
@@ -105,7 +68,7 @@ impl NatsClient {
     /// [`ErrorKind::Rejected`] if the server refused.
     pub async fn delete_stream(&self, name: &str) -> Result<(), Error> {
         validate_name("stream", name)?;
-        match self.jetstream().delete_stream(name).await {
+        match self.raw_jetstream().delete_stream(name).await {
             Ok(_) => Ok(()),
             Err(e)
                 if matches!(
@@ -139,7 +102,7 @@ impl NatsClient {
         if let Some(name) = &config.durable_name {
             validate_name("consumer", name)?;
         }
-        self.jetstream()
+        self.raw_jetstream()
             .create_consumer_on_stream(config, stream)
             .await
             .map(|consumer| consumer.cached_info().clone())
@@ -154,7 +117,7 @@ impl NatsClient {
     pub async fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), Error> {
         validate_name("stream", stream)?;
         validate_name("consumer", name)?;
-        self.jetstream()
+        self.raw_jetstream()
             .delete_consumer_from_stream(name, stream)
             .await
             .map(|_| ())
@@ -169,7 +132,7 @@ impl NatsClient {
     pub async fn stream_messages(&self, stream: &str) -> Result<u64, Error> {
         validate_name("stream", stream)?;
         let mut handle = self
-            .jetstream()
+            .raw_jetstream()
             .get_stream(stream)
             .await
             .map_err(|e| admin_error(&format!("cannot read JetStream stream {stream:?}"), e))?;

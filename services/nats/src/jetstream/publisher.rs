@@ -1,3 +1,5 @@
+//! JetStream publishing: [`JetStreamPublisher`].
+
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,19 +11,19 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
-use watchtower::{Error, ErrorKind, Event, Receipt};
+use watchtower::{Error, ErrorKind, Event, Receipt, Transport};
 
 use crate::client::NatsClient;
-use crate::config::{NatsConfig, WhenDisconnected};
+use crate::config::WhenDisconnected;
 use crate::publisher::{ResponseFuture, poll_connection};
 use crate::subject::{SubjectCache, SubjectTemplate};
 use crate::wire::{ContentMode, Encoded, Encoder};
 
-/// Publishes awaiting this many acknowledgements at most, unless set:
-/// 1024, enough to keep a local server busy without unbounded memory.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+/// Publishes awaiting their acknowledgement at once, unless set.
+const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
-/// Publishes events to JetStream and awaits each PubAck.
+/// Publishes events to JetStream and awaits each PubAck; made by
+/// [`NatsClient::jetstream_publisher`].
 ///
 /// Each event goes, as a structured-mode CloudEvent (or binary mode, see
 /// [`content_mode`](Self::content_mode)), to the subject its
@@ -61,6 +63,23 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// [`ErrorKind::Rejected`] when no stream captures the subject or the
 /// stream refused the event; [`ErrorKind::Encode`] and
 /// [`ErrorKind::InvalidTopic`] for events that cannot be sent at all.
+///
+/// # Example
+///
+/// ```no_run
+/// use watchtower::{Event, PublishExt};
+/// use watchtower_nats::{NatsClient, NatsConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let client = NatsClient::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
+/// let mut publisher = client
+///     .jetstream_publisher()
+///     .expected_stream("ORDERS")
+///     .max_in_flight(256);
+/// let receipt = publisher.publish(Event::new("order.paid", serde_json::json!({"id": 7}))).await?;
+/// assert_eq!(receipt.stream.as_deref(), Some("ORDERS"));
+/// # Ok(()) }
+/// ```
 pub struct JetStreamPublisher {
     client: NatsClient,
     subject: SubjectTemplate,
@@ -74,8 +93,9 @@ pub struct JetStreamPublisher {
 }
 
 impl JetStreamPublisher {
-    /// A publisher on an existing connection.
-    pub fn new(client: NatsClient) -> JetStreamPublisher {
+    /// A publisher on `client`'s connection, for
+    /// [`NatsClient::jetstream_publisher`].
+    pub(crate) fn new(client: NatsClient) -> JetStreamPublisher {
         JetStreamPublisher {
             client,
             subject: SubjectTemplate::topic(),
@@ -87,15 +107,6 @@ impl JetStreamPublisher {
             permit: None,
             recheck: None,
         }
-    }
-
-    /// Connects and makes a publisher.
-    ///
-    /// # Errors
-    ///
-    /// As [`NatsClient::connect`].
-    pub async fn connect(config: NatsConfig) -> Result<JetStreamPublisher, Error> {
-        Ok(JetStreamPublisher::new(NatsClient::connect(config).await?))
     }
 
     /// Publishes to the subject `template` gives instead of the event's
@@ -122,8 +133,8 @@ impl JetStreamPublisher {
     }
 
     /// At most `n` publishes (at least 1) await their acknowledgement at
-    /// once, across this publisher and its clones. Default
-    /// [`DEFAULT_MAX_IN_FLIGHT`].
+    /// once, across this publisher and its clones. Default 1024: enough to
+    /// keep a local server busy, without unbounded memory.
     pub fn max_in_flight(mut self, n: usize) -> Self {
         let n = n.clamp(1, Semaphore::MAX_PERMITS);
         self.window = PollSemaphore::new(Arc::new(Semaphore::new(n)));
@@ -140,15 +151,6 @@ impl JetStreamPublisher {
     /// The connection.
     pub fn client(&self) -> &NatsClient {
         &self.client
-    }
-
-    /// Checks the connection. See [`NatsClient::health`].
-    ///
-    /// # Errors
-    ///
-    /// As [`NatsClient::health`].
-    pub async fn health(&self) -> Result<(), Error> {
-        self.client.health().await
     }
 }
 
@@ -220,7 +222,7 @@ impl Service<Event> for JetStreamPublisher {
             Ok(prepared) => prepared,
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
-        let span = watchtower::trace::publish_span("nats", &topic, &event);
+        let span = watchtower::trace::publish_span(NatsClient::SYSTEM, &topic, &event);
         let receipt = Receipt::new(topic, &event);
         // The usual case first, without a boxed future: the client's queue
         // has room and the message is handed over now, in place. When it
@@ -234,7 +236,7 @@ impl Service<Event> for JetStreamPublisher {
                 message = message.headers(headers);
             }
             crate::publisher::poll_now(std::pin::pin!(
-                self.client.jetstream().send_publish(subject.clone(), message)
+                self.client.raw_jetstream().send_publish(subject.clone(), message)
             ))
         };
         match sent {
@@ -256,7 +258,7 @@ impl Service<Event> for JetStreamPublisher {
             if let Some(headers) = headers {
                 message = message.headers(headers);
             }
-            client.jetstream().send_publish(subject, message).await
+            client.raw_jetstream().send_publish(subject, message).await
         });
         ResponseFuture::jetstream(send, receipt, permit, span)
     }

@@ -1,3 +1,6 @@
+//! JetStream subscribing: [`ConsumerSettings`], [`JetStreamSubscriber`],
+//! its subscriptions and their settlement.
+
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -10,7 +13,7 @@ use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
 use futures_core::Stream;
 use futures_util::StreamExt as _;
 use watchtower::{
-    Acker, Capabilities, Delivery, Error, ErrorKind, SubscribeOptions, Subscriber, TopicPattern,
+    Acker, Capabilities, Delivery, Error, ErrorKind, SubscribeOptions, Subscriber, TopicPattern, Transport,
 };
 
 use crate::client::NatsClient;
@@ -169,7 +172,8 @@ impl ConsumerSettings {
     }
 }
 
-/// Subscribes to a JetStream stream through pull consumers.
+/// Subscribes to a JetStream stream through pull consumers; made by
+/// [`NatsClient::jetstream_subscriber`].
 ///
 /// A subscription with a [group](SubscribeOptions::group) reads from the
 /// durable consumer named after the group (created, or updated, on
@@ -206,31 +210,24 @@ impl JetStreamSubscriber {
         .nack_delay(true)
         .replay(true);
 
-    /// A subscriber on the stream named `stream`.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Config`] if `stream` is not a valid stream name.
-    pub fn new(client: NatsClient, stream: impl Into<String>) -> Result<JetStreamSubscriber, Error> {
-        let stream = stream.into();
-        crate::jetstream::validate_name("stream", &stream)?;
-        Ok(JetStreamSubscriber {
+    /// A subscriber on the stream named `stream`, for
+    /// [`NatsClient::jetstream_subscriber`].
+    pub(crate) fn new(client: NatsClient, stream: String) -> JetStreamSubscriber {
+        JetStreamSubscriber {
             client,
             stream,
             settings: ConsumerSettings::default(),
-        })
+        }
     }
 
-    /// Uses `settings` for the consumers it creates.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Config`] if the settings are inconsistent (zero ack
-    /// wait, backoff without a large enough max deliver).
-    pub fn settings(mut self, settings: ConsumerSettings) -> Result<Self, Error> {
-        settings.validate()?;
+    /// Uses `settings` for the consumers it creates. Default
+    /// [`ConsumerSettings::default`]. Checked, with the stream's name, when
+    /// a subscription opens: inconsistent settings (zero ack wait, backoff
+    /// without a large enough max deliver) fail it with
+    /// [`ErrorKind::Config`].
+    pub fn settings(mut self, settings: ConsumerSettings) -> Self {
         self.settings = settings;
-        Ok(self)
+        self
     }
 
     /// The stream's name.
@@ -253,8 +250,10 @@ impl Subscriber for JetStreamSubscriber {
     }
 
     async fn open(&self, options: SubscribeOptions) -> Result<JetStreamSubscription, Error> {
+        crate::jetstream::validate_name("stream", &self.stream)?;
+        self.settings.validate()?;
         let config = self.settings.consumer_config(&options);
-        let context = self.client.jetstream();
+        let context = self.client.raw_jetstream();
         let consumer = match context
             .create_consumer_on_stream(config.clone(), &self.stream)
             .await
@@ -407,7 +406,7 @@ impl Stream for JetStreamSubscription {
             };
             return Poll::Ready(Some(Ok(delivery
                 .with_delivery_count(delivered)
-                .with_system("nats"))));
+                .with_system(NatsClient::SYSTEM))));
         }
     }
 }

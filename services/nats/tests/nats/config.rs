@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use watchtower::ErrorKind;
-use watchtower_nats::{ConsumerSettings, JetStreamSubscriber, NatsClient, NatsConfig, SubjectTemplate};
+use watchtower::health::Health;
+use watchtower::{ErrorKind, Transport};
+use watchtower_nats::{ConsumerSettings, NatsClient, NatsConfig, SubjectTemplate};
 use watchtower_test_support::{NatsServer, free_port, unique};
 
 use crate::support::{LOCAL, local};
@@ -88,7 +89,7 @@ async fn wrong_credentials_are_refused_at_connect() {
     let ok = NatsClient::connect(NatsConfig::new(url).token("right-token"))
         .await
         .unwrap();
-    ok.health().await.unwrap();
+    assert_eq!(ok.health().await, Health::up("nats"));
 }
 
 #[tokio::test]
@@ -104,26 +105,31 @@ async fn bad_templates_names_and_consumer_settings() {
     assert_eq!(SubjectTemplate::new("").unwrap_err().kind(), ErrorKind::Config);
 
     let client = local().await;
-    let e = JetStreamSubscriber::new(client.clone(), "has.dots").unwrap_err();
+    // Stream names and consumer settings are checked when a subscription
+    // opens, before anything is asked of the server.
+    use watchtower::{SubscribeOptions, Subscriber as _};
+    let options = || SubscribeOptions::new(["a.b"]).unwrap();
+    let open_err = |subscriber: watchtower_nats::JetStreamSubscriber| async move {
+        subscriber.open(options()).await.map(|_| ()).unwrap_err()
+    };
+    let e = open_err(client.jetstream_subscriber("has.dots")).await;
     assert_eq!(e.kind(), ErrorKind::Config);
-    let subscriber = JetStreamSubscriber::new(client.clone(), "OK").unwrap();
-    let e = subscriber
-        .clone()
-        .settings(ConsumerSettings::new().backoff([Duration::from_secs(1)]))
-        .unwrap_err();
+    assert!(e.to_string().contains("has.dots"), "{e}");
+    let subscriber = client.jetstream_subscriber("OK");
+    let e = open_err(
+        subscriber
+            .clone()
+            .settings(ConsumerSettings::new().backoff([Duration::from_secs(1)])),
+    )
+    .await;
     assert_eq!(e.kind(), ErrorKind::Config);
     assert!(e.to_string().contains("max deliver"), "{e}");
-    let e = subscriber
-        .settings(ConsumerSettings::new().ack_wait(Duration::ZERO))
-        .unwrap_err();
+    let e = open_err(subscriber.settings(ConsumerSettings::new().ack_wait(Duration::ZERO))).await;
     assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(e.to_string().contains("ack wait"), "{e}");
 
     // A stream that does not exist is a configuration error at open.
-    use watchtower::{SubscribeOptions, Subscriber as _};
-    let missing = JetStreamSubscriber::new(client, unique("MISSING")).unwrap();
-    let e = missing
-        .open(SubscribeOptions::new(["a.b"]).unwrap())
-        .await
-        .unwrap_err();
+    let e = open_err(client.jetstream_subscriber(unique("MISSING"))).await;
     assert_eq!(e.kind(), ErrorKind::Config, "{e:?}");
+    assert!(e.to_string().contains("does not exist"), "{e}");
 }

@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use watchtower::conformance::{self, Harness};
-use watchtower::{Capabilities, Error};
-use watchtower_nats::jetstream::{StorageType, StreamConfig};
+use watchtower::{Capabilities, Error, Transport};
 use watchtower_nats::{
     ConsumerSettings, JetStreamPublisher, JetStreamSubscriber, NatsClient, NatsPublisher, NatsSubscriber,
 };
+use watchtower_nats::{StorageType, StreamConfig};
 
 use crate::support::local;
 
@@ -25,7 +25,7 @@ impl Harness for Core {
     }
 
     fn system(&self) -> &'static str {
-        "nats"
+        NatsClient::SYSTEM
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -33,11 +33,11 @@ impl Harness for Core {
     }
 
     async fn publisher(&self, _namespace: &str) -> Result<NatsPublisher, Error> {
-        Ok(NatsPublisher::new(self.client.clone()))
+        Ok(self.client.publisher())
     }
 
     async fn subscriber(&self, _namespace: &str) -> Result<NatsSubscriber, Error> {
-        Ok(NatsSubscriber::new(self.client.clone()))
+        Ok(self.client.subscriber())
     }
 
     async fn publish_raw(&self, _namespace: &str, topic: &str, body: Bytes) -> Result<bool, Error> {
@@ -62,7 +62,7 @@ impl Harness for Js {
     }
 
     fn system(&self) -> &'static str {
-        "nats"
+        NatsClient::SYSTEM
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -88,7 +88,7 @@ impl Harness for Js {
     }
 
     async fn publisher(&self, _namespace: &str) -> Result<JetStreamPublisher, Error> {
-        Ok(JetStreamPublisher::new(self.client.clone()))
+        Ok(self.client.jetstream_publisher())
     }
 
     async fn subscriber(&self, namespace: &str) -> Result<JetStreamSubscriber, Error> {
@@ -97,14 +97,16 @@ impl Harness for Js {
         // group case, so that both members of a group get some, yet large
         // enough that 5,000 events do not take hundreds of pull round trips
         // on a loaded machine.
-        JetStreamSubscriber::new(self.client.clone(), namespace)?
-            .settings(ConsumerSettings::new().ack_wait(Duration::from_secs(2)).batch(40))
+        Ok(self
+            .client
+            .jetstream_subscriber(namespace)
+            .settings(ConsumerSettings::new().ack_wait(Duration::from_secs(2)).batch(40)))
     }
 
     async fn publish_raw(&self, _namespace: &str, topic: &str, body: Bytes) -> Result<bool, Error> {
         let ack = self
             .client
-            .jetstream()
+            .raw_jetstream()
             .publish(topic.to_owned(), body)
             .await
             .map_err(|e| Error::new(watchtower::ErrorKind::Connection, e.to_string()))?;

@@ -6,8 +6,9 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tower::{Service, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
-use watchtower_nats::{ContentMode, NatsClient, NatsConfig, NatsPublisher, NatsSubscriber, SubjectTemplate};
+use watchtower::health::Health;
+use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, Transport, serve};
+use watchtower_nats::{ContentMode, NatsClient, NatsConfig, SubjectTemplate};
 use watchtower_test_support::{PATIENCE, unique};
 
 use crate::support::{LOCAL, call_all, local, numbered};
@@ -33,7 +34,8 @@ async fn round_trip_in_binary_mode_readable_by_plain_clients() {
     let client = local().await;
     let ns = unique("wt");
     let topic = format!("{ns}.user.created");
-    let mut sub = NatsSubscriber::new(client.clone())
+    let mut sub = client
+        .subscriber()
         .open(SubscribeOptions::new([format!("{ns}.user.*")]).unwrap())
         .await
         .unwrap();
@@ -47,7 +49,7 @@ async fn round_trip_in_binary_mode_readable_by_plain_clients() {
         .unwrap()
         .build()
         .unwrap();
-    let mut publisher = NatsPublisher::new(client.clone()).content_mode(ContentMode::Binary);
+    let mut publisher = client.publisher().content_mode(ContentMode::Binary);
     let receipt = publisher.publish(event.clone()).await.unwrap();
     assert_eq!(&*receipt.topic, topic);
     assert_eq!(&*receipt.event_id, event.id());
@@ -81,7 +83,8 @@ async fn structured_by_default_without_any_header() {
     let client = local().await;
     let ns = unique("wt");
     let topic = format!("{ns}.user.created");
-    let mut sub = NatsSubscriber::new(client.clone())
+    let mut sub = client
+        .subscriber()
         .open(SubscribeOptions::new([topic.clone()]).unwrap())
         .await
         .unwrap();
@@ -95,7 +98,7 @@ async fn structured_by_default_without_any_header() {
         .unwrap()
         .build()
         .unwrap();
-    let mut publisher = NatsPublisher::new(client.clone());
+    let mut publisher = client.publisher();
     publisher.publish(event.clone()).await.unwrap();
 
     let delivery = next_event(&mut sub).await;
@@ -127,7 +130,7 @@ async fn calls_hand_events_over_in_call_order() {
     let subject = format!("{}.order", unique("wt"));
     let mut raw = client.raw().subscribe(subject.clone()).await.unwrap();
     client.round_trip().await.unwrap();
-    let mut publisher = NatsPublisher::new(client.clone());
+    let mut publisher = client.publisher();
     let events = numbered(&subject, 200);
     let futures = call_all(&mut publisher, &events).await;
     // Awaited last to first: the order on the wire is still that of the calls.
@@ -158,7 +161,7 @@ async fn a_task_publishing_in_a_loop_lets_other_tasks_run() {
         let ran = ran.clone();
         async move { ran.store(true, std::sync::atomic::Ordering::Release) }
     });
-    let mut publisher = NatsPublisher::new(client.clone());
+    let mut publisher = client.publisher();
     let events = numbered(&subject, 1000);
     let mut seen_at = None;
     for (i, event) in events.into_iter().enumerate() {
@@ -186,7 +189,7 @@ async fn calls_past_a_full_client_queue_wait_for_room_and_all_arrive() {
     let mut raw = reader.raw().subscribe(subject.clone()).await.unwrap();
     // The subscription must be on the server before the first publish.
     reader.round_trip().await.unwrap();
-    let mut publisher = NatsPublisher::new(client.clone());
+    let mut publisher = client.publisher();
     let events = numbered(&subject, 500);
     let futures = call_all(&mut publisher, &events).await;
     let results = tokio::time::timeout(PATIENCE, futures_util::future::join_all(futures))
@@ -213,11 +216,13 @@ async fn calls_past_a_full_client_queue_wait_for_room_and_all_arrive() {
 async fn subject_template_and_explicit_topic() {
     let client = local().await;
     let ns = unique("wt");
-    let mut sub = NatsSubscriber::new(client.clone())
+    let mut sub = client
+        .subscriber()
         .open(SubscribeOptions::new([format!("{ns}.>")]).unwrap())
         .await
         .unwrap();
-    let mut publisher = NatsPublisher::new(client.clone())
+    let mut publisher = client
+        .publisher()
         .subject_template(SubjectTemplate::new(&format!("{ns}.events.{{topic}}")).unwrap());
     publisher
         .publish(Event::new("order.paid", serde_json::json!({})))
@@ -247,7 +252,8 @@ async fn structured_foreign_and_poison_messages() {
     let client = local().await;
     let ns = unique("wt");
     let topic = format!("{ns}.in");
-    let sub = NatsSubscriber::new(client.clone())
+    let sub = client
+        .subscriber()
         .open(SubscribeOptions::new([topic.clone()]).unwrap())
         .await
         .unwrap();
@@ -317,14 +323,14 @@ async fn queue_groups_split_and_every_group_gets_all() {
     let client = local().await;
     let ns = unique("wt");
     let topic = format!("{ns}.work");
-    let subscriber = NatsSubscriber::new(client.clone());
+    let subscriber = client.subscriber();
     assert!(!subscriber.capabilities().persistent);
     assert!(!subscriber.capabilities().redelivery);
     let group = |g: &str| SubscribeOptions::new([topic.clone()]).unwrap().group(g).unwrap();
     let mut a1 = subscriber.open(group("a")).await.unwrap();
     let mut a2 = subscriber.open(group("a")).await.unwrap();
     let mut b = subscriber.open(group("b")).await.unwrap();
-    let mut publisher = NatsPublisher::new(client.clone());
+    let mut publisher = client.publisher();
     for i in 0..200 {
         publisher
             .publish(Event::new(topic.clone(), serde_json::json!({ "i": i })))
@@ -352,17 +358,19 @@ async fn slow_consumer_drops_are_reported() {
         .unwrap();
     let ns = unique("wt");
     let topic = format!("{ns}.flood");
-    let mut sub = NatsSubscriber::new(client.clone())
+    let mut sub = client
+        .subscriber()
         .open(SubscribeOptions::new([topic.clone()]).unwrap())
         .await
         .unwrap();
     // A subscription that keeps up on the same connection is not blamed.
     let calm_topic = format!("{ns}.calm");
-    let mut calm = NatsSubscriber::new(client.clone())
+    let mut calm = client
+        .subscriber()
         .open(SubscribeOptions::new([calm_topic.clone()]).unwrap())
         .await
         .unwrap();
-    let mut publisher = NatsPublisher::new(client.clone());
+    let mut publisher = client.publisher();
     publisher
         .publish(Event::new(calm_topic.clone(), serde_json::json!({})))
         .await
@@ -407,12 +415,25 @@ async fn slow_consumer_drops_are_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_and_healthy_when_connected() {
     let client = local().await;
-    client.health().await.unwrap();
+    assert_eq!(client.health().await, Health::up("nats"));
     assert!(client.is_connected());
-    let mut publisher = NatsPublisher::new(client.clone());
+    let mut publisher = client.publisher();
     poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
-    publisher.health().await.unwrap();
+    assert!(publisher.client().health().await.is_up());
     assert!(client.stats().connects >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_view_reports_the_client() {
+    let client = local().await;
+    let report = watchtower_layers::health::HealthView::new()
+        .transport("events", client)
+        .report()
+        .await;
+    assert_eq!(report.status, watchtower::health::Status::Up);
+    assert_eq!(report.transports.len(), 1);
+    assert_eq!(report.transports[0].name, "events");
+    assert_eq!(report.transports[0].health, Health::up("nats"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -421,7 +442,7 @@ async fn an_open_subscription_gets_what_another_connection_publishes_right_after
     // connection publishes at once must arrive, every time.
     let client = local().await;
     let other = local().await;
-    let subscriber = NatsSubscriber::new(client.clone());
+    let subscriber = client.subscriber();
     let ns = unique("wt");
     for i in 0..200 {
         let topic = format!("{ns}.{i}");

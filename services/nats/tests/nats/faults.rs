@@ -8,12 +8,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use tower::Service;
-use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber};
-use watchtower_nats::jetstream::StreamConfig;
-use watchtower_nats::{
-    ConsumerSettings, JetStreamPublisher, JetStreamSubscriber, NatsClient, NatsConfig, NatsPublisher,
-    NatsSubscriber, WhenDisconnected,
-};
+use watchtower::health::Status;
+use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, Transport};
+use watchtower_nats::{ConsumerSettings, NatsClient, NatsConfig, StreamConfig, WhenDisconnected};
 use watchtower_test_support::{NatsServer, PATIENCE, TcpProxy, unique};
 
 use crate::support::numbered;
@@ -28,15 +25,21 @@ fn config(url: &str) -> NatsConfig {
 async fn readiness_and_health_follow_the_connection() {
     let mut server = NatsServer::start().await;
     let client = NatsClient::connect(config(&server.url())).await.unwrap();
-    let mut publisher = NatsPublisher::new(client.clone());
+    let mut publisher = client.publisher();
     poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
 
     server.kill().await;
     tokio::time::timeout(PATIENCE, client.disconnected())
         .await
         .unwrap();
-    let e = client.health().await.unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Connection);
+    // Reconnecting, with publishers waiting for it: degraded, and why.
+    let health = client.health().await;
+    assert_eq!(health.status(), Status::Degraded, "{health:?}");
+    assert_eq!(health.system(), "nats");
+    assert!(
+        health.reason().is_some_and(|r| r.contains("not connected")),
+        "{health:?}"
+    );
     // Not ready while the server is gone.
     let pending = poll_fn(|cx| Poll::Ready(publisher.poll_ready(cx).is_pending())).await;
     assert!(pending, "publisher ready while disconnected");
@@ -48,7 +51,14 @@ async fn readiness_and_health_follow_the_connection() {
     )
     .await
     .unwrap();
-    let mut failing = NatsPublisher::new(fail_fast.clone());
+    let mut failing = fail_fast.publisher();
+    // Reconnecting with publishers failing meanwhile: down.
+    let health = fail_fast.health().await;
+    assert_eq!(health.status(), Status::Down, "{health:?}");
+    assert!(
+        health.reason().is_some_and(|r| r.contains("not connected")),
+        "{health:?}"
+    );
     poll_fn(|cx| failing.poll_ready(cx)).await.unwrap();
     let e = failing
         .call(Event::new("a.b", serde_json::json!({})))
@@ -63,7 +73,7 @@ async fn readiness_and_health_follow_the_connection() {
         .await
         .unwrap()
         .unwrap();
-    client.health().await.unwrap();
+    assert_eq!(client.health().await.status(), Status::Up);
     publisher
         .publish(Event::new("a.b", serde_json::json!({})))
         .await
@@ -87,19 +97,24 @@ async fn health_and_subscribe_time_out_on_a_server_that_does_not_answer() {
     let client = NatsClient::connect(config(&server.url()).request_timeout(Duration::from_millis(500)))
         .await
         .unwrap();
-    client.health().await.unwrap();
+    assert!(client.health().await.is_up());
     server.freeze().await;
-    let e = client.health().await.unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Timeout);
+    let health = client.health().await;
+    assert_eq!(health.status(), Status::Down, "{health:?}");
+    assert!(
+        health.reason().is_some_and(|r| r.contains("did not answer")),
+        "{health:?}"
+    );
     assert!(client.is_connected(), "the connection itself is still up");
-    let e = NatsSubscriber::new(client.clone())
+    let e = client
+        .subscriber()
         .open(SubscribeOptions::new(["frozen.>"]).unwrap())
         .await
         .map(|_| ())
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout);
     server.resume();
-    client.health().await.unwrap();
+    assert!(client.health().await.is_up());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,21 +130,18 @@ async fn jetstream_consumer_resumes_after_server_restart_and_gets_unacked_again(
         })
         .await
         .unwrap();
-    let subscriber = JetStreamSubscriber::new(client.clone(), &name)
-        .unwrap()
-        .settings(
-            ConsumerSettings::new()
-                .ack_wait(Duration::from_secs(1))
-                .batch(10)
-                .double_ack(true),
-        )
-        .unwrap();
+    let subscriber = client.jetstream_subscriber(&name).settings(
+        ConsumerSettings::new()
+            .ack_wait(Duration::from_secs(1))
+            .batch(10)
+            .double_ack(true),
+    );
     let options = SubscribeOptions::new([format!("{name}.>")])
         .unwrap()
         .group("g")
         .unwrap();
     let mut sub = subscriber.open(options.clone()).await.unwrap();
-    let mut publisher = JetStreamPublisher::new(client.clone());
+    let mut publisher = client.jetstream_publisher();
     let sent = numbered(&format!("{name}.e"), 40);
     for event in &sent {
         publisher.publish(event.clone()).await.unwrap();
@@ -188,12 +200,13 @@ async fn subscriptions_carry_on_after_a_connection_cut() {
     let direct = crate::support::local().await;
     let name = unique("CUT");
     crate::support::stream(&direct, &name).await;
-    let mut core_sub = watchtower_nats::NatsSubscriber::new(client.clone())
+    let mut core_sub = client
+        .subscriber()
         .open(SubscribeOptions::new([format!("core{name}.>")]).unwrap())
         .await
         .unwrap();
-    let mut js_sub = JetStreamSubscriber::new(client.clone(), &name)
-        .unwrap()
+    let mut js_sub = client
+        .jetstream_subscriber(&name)
         .open(
             SubscribeOptions::new([format!("{name}.>")])
                 .unwrap()
@@ -202,8 +215,8 @@ async fn subscriptions_carry_on_after_a_connection_cut() {
         )
         .await
         .unwrap();
-    let mut core_pub = NatsPublisher::new(direct.clone());
-    let mut js_pub = JetStreamPublisher::new(direct.clone());
+    let mut core_pub = direct.publisher();
+    let mut js_pub = direct.jetstream_publisher();
 
     for round in 0..2 {
         let core_event = Event::new(format!("core{name}.r{round}"), serde_json::json!({}));
@@ -305,7 +318,7 @@ async fn ten_thousand_publishes_survive_two_cuts_exactly_once_or_dead_lettered()
                 .minimum_calls(50)
                 .open_wait(Duration::from_millis(200)),
         )
-        .service(JetStreamPublisher::new(client.clone()).max_in_flight(512));
+        .service(client.jetstream_publisher().max_in_flight(512));
 
     let sent = numbered(&format!("{name}.orders"), EVENTS);
     let mut calls = FuturesUnordered::new();
@@ -339,10 +352,9 @@ async fn ten_thousand_publishes_survive_two_cuts_exactly_once_or_dead_lettered()
     // Read the stream back from the start: each id at most once.
     tokio::time::timeout(PATIENCE, client.connected()).await.unwrap();
     let stored_count = client.stream_messages(&name).await.unwrap();
-    let reader = JetStreamSubscriber::new(client.clone(), &name)
-        .unwrap()
-        .settings(ConsumerSettings::new().batch(500).max_ack_pending(10_000))
-        .unwrap();
+    let reader = client
+        .jetstream_subscriber(&name)
+        .settings(ConsumerSettings::new().batch(500).max_ack_pending(10_000));
     let mut sub = reader
         .open(SubscribeOptions::new([format!("{name}.>")]).unwrap().replay(true))
         .await
@@ -382,4 +394,30 @@ async fn ten_thousand_publishes_survive_two_cuts_exactly_once_or_dead_lettered()
         dead_ids.intersection(&stored).count()
     );
     client.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_for_good_is_down() {
+    let mut server = NatsServer::start().await;
+    let client = NatsClient::connect(config(&server.url()).max_reconnects(1))
+        .await
+        .unwrap();
+    let mut publisher = client.publisher();
+    server.kill().await;
+    tokio::time::timeout(PATIENCE, client.disconnected())
+        .await
+        .unwrap();
+    // A waiting publisher is woken when the client gives up, with the reason.
+    let e = tokio::time::timeout(PATIENCE, poll_fn(|cx| publisher.poll_ready(cx)))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Closed);
+    assert!(client.is_closed());
+    let health = client.health().await;
+    assert_eq!(health.status(), Status::Down, "{health:?}");
+    assert!(
+        health.reason().is_some_and(|r| r.contains("closed")),
+        "{health:?}"
+    );
 }

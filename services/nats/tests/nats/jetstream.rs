@@ -8,9 +8,7 @@ use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use tower::ServiceExt as _;
 use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber};
-use watchtower_nats::{
-    ConsumerSettings, ContentMode, JetStreamPublisher, JetStreamSubscriber, JetStreamSubscription,
-};
+use watchtower_nats::{ConsumerSettings, ContentMode, JetStreamSubscription};
 use watchtower_test_support::{PATIENCE, unique};
 
 use crate::support::{call_all, local, numbered, stream};
@@ -34,7 +32,7 @@ async fn receipt_carries_stream_sequence_and_dedups_by_event_id() {
     let client = local().await;
     let name = unique("WT");
     stream(&client, &name).await;
-    let mut publisher = JetStreamPublisher::new(client.clone());
+    let mut publisher = client.jetstream_publisher();
     let first = Event::new(format!("{name}.a"), serde_json::json!({"n": 1}));
     let r1 = publisher.publish(first.clone()).await.unwrap();
     let r2 = publisher
@@ -70,13 +68,13 @@ async fn both_content_modes_store_the_dedup_id_and_read_back_equal() {
         .unwrap()
         .build()
         .unwrap();
-    let subscriber = JetStreamSubscriber::new(client.clone(), &name).unwrap();
+    let subscriber = client.jetstream_subscriber(&name);
     let mut sub = subscriber
         .open(SubscribeOptions::new([format!("{name}.>")]).unwrap())
         .await
         .unwrap();
-    let mut structured = JetStreamPublisher::new(client.clone());
-    let mut binary = JetStreamPublisher::new(client.clone()).content_mode(ContentMode::Binary);
+    let mut structured = client.jetstream_publisher();
+    let mut binary = client.jetstream_publisher().content_mode(ContentMode::Binary);
     let r1 = structured.publish(event.clone()).await.unwrap();
     // The same event id in the other mode is still a duplicate.
     let r2 = binary.publish(event.clone()).await.unwrap();
@@ -89,7 +87,7 @@ async fn both_content_modes_store_the_dedup_id_and_read_back_equal() {
         .unwrap();
     assert_eq!(binary.publish(other.clone()).await.unwrap().sequence, Some(2));
 
-    let stored = client.jetstream().get_stream(&name).await.unwrap();
+    let stored = client.raw_jetstream().get_stream(&name).await.unwrap();
     // Structured mode: the dedup id is the only header.
     let first = stored.get_raw_message(1).await.unwrap();
     let names: Vec<String> = first.headers.iter().map(|(k, _)| k.to_string()).collect();
@@ -121,7 +119,7 @@ async fn calls_are_stored_in_call_order_and_acks_awaited_in_any_order() {
     let client = local().await;
     let name = unique("WT");
     stream(&client, &name).await;
-    let mut publisher = JetStreamPublisher::new(client.clone()).max_in_flight(100);
+    let mut publisher = client.jetstream_publisher().max_in_flight(100);
     let events = numbered(&format!("{name}.o"), 100);
     let futures = call_all(&mut publisher, &events).await;
     assert_eq!(publisher.in_flight(), 100);
@@ -152,7 +150,7 @@ async fn publishes_past_a_full_client_queue_wait_for_room_and_get_their_acks() {
     .unwrap();
     let name = unique("WT");
     stream(&client, &name).await;
-    let mut publisher = JetStreamPublisher::new(client.clone()).max_in_flight(300);
+    let mut publisher = client.jetstream_publisher().max_in_flight(300);
     let mut futures = Vec::new();
     for i in 0..300 {
         std::future::poll_fn(|cx| tower::Service::poll_ready(&mut publisher, cx))
@@ -179,7 +177,7 @@ async fn concurrent_callers_pipeline_with_unique_sequences() {
     let client = local().await;
     let name = unique("WT");
     stream(&client, &name).await;
-    let publisher = JetStreamPublisher::new(client.clone()).max_in_flight(64);
+    let publisher = client.jetstream_publisher().max_in_flight(64);
     let mut calls = FuturesUnordered::new();
     for i in 0..500 {
         let svc = publisher.clone();
@@ -202,13 +200,13 @@ async fn ack_nack_with_delay_term_and_delivery_counts() {
     let client = local().await;
     let name = unique("WT");
     stream(&client, &name).await;
-    let subscriber = JetStreamSubscriber::new(client.clone(), &name).unwrap();
+    let subscriber = client.jetstream_subscriber(&name);
     let options = SubscribeOptions::new([format!("{name}.>")])
         .unwrap()
         .group("workers")
         .unwrap();
     let mut sub = subscriber.open(options).await.unwrap();
-    let mut publisher = JetStreamPublisher::new(client.clone());
+    let mut publisher = client.jetstream_publisher();
     let nacked = Event::new(format!("{name}.a"), serde_json::json!({"n": 1}));
     let termed = Event::new(format!("{name}.b"), serde_json::json!({"n": 2}));
     publisher.publish(nacked.clone()).await.unwrap();
@@ -267,20 +265,14 @@ async fn unsettled_delivery_goes_to_the_next_group_member() {
     let name = unique("WT");
     stream(&client, &name).await;
     let settings = ConsumerSettings::new().ack_wait(Duration::from_secs(1));
-    let subscriber = JetStreamSubscriber::new(client.clone(), &name)
-        .unwrap()
-        .settings(settings)
-        .unwrap();
+    let subscriber = client.jetstream_subscriber(&name).settings(settings);
     let options = SubscribeOptions::new([format!("{name}.x")])
         .unwrap()
         .group("g")
         .unwrap();
     let mut first = subscriber.open(options.clone()).await.unwrap();
     let event = Event::new(format!("{name}.x"), serde_json::json!({}));
-    JetStreamPublisher::new(client.clone())
-        .publish(event.clone())
-        .await
-        .unwrap();
+    client.jetstream_publisher().publish(event.clone()).await.unwrap();
     let d = next(&mut first).await;
     let (_, acker) = d.into_parts();
     watchtower::Acker::progress(&acker).await.unwrap();
@@ -299,17 +291,14 @@ async fn max_deliver_stops_redelivery_and_replay_reads_history() {
     let client = local().await;
     let name = unique("WT");
     stream(&client, &name).await;
-    let mut publisher = JetStreamPublisher::new(client.clone());
+    let mut publisher = client.jetstream_publisher();
     let old = Event::new(format!("{name}.h"), serde_json::json!({"old": true}));
     publisher.publish(old.clone()).await.unwrap();
 
     let settings = ConsumerSettings::new()
         .max_deliver(3)
         .backoff([Duration::from_millis(100), Duration::from_millis(200)]);
-    let subscriber = JetStreamSubscriber::new(client.clone(), &name)
-        .unwrap()
-        .settings(settings)
-        .unwrap();
+    let subscriber = client.jetstream_subscriber(&name).settings(settings);
     // A replaying subscription starts at the oldest held event.
     let options = SubscribeOptions::new([format!("{name}.h")]).unwrap().replay(true);
     let mut sub = subscriber.open(options).await.unwrap();
@@ -335,10 +324,10 @@ async fn several_patterns_filter_in_the_client() {
     let client = local().await;
     let name = unique("WT");
     stream(&client, &name).await;
-    let subscriber = JetStreamSubscriber::new(client.clone(), &name).unwrap();
+    let subscriber = client.jetstream_subscriber(&name);
     let options = SubscribeOptions::new([format!("{name}.user.*"), format!("{name}.order.>")]).unwrap();
     let mut sub = subscriber.open(options).await.unwrap();
-    let mut publisher = JetStreamPublisher::new(client.clone());
+    let mut publisher = client.jetstream_publisher();
     for topic in ["other", "user.created", "user.a.b", "order.x.y"] {
         publisher
             .publish(Event::new(format!("{name}.{topic}"), serde_json::json!({})))
@@ -357,23 +346,20 @@ async fn poison_messages_are_terminated_and_the_consumer_goes_on() {
     let client = local().await;
     let name = unique("WT");
     stream(&client, &name).await;
-    let subscriber = JetStreamSubscriber::new(client.clone(), &name).unwrap();
+    let subscriber = client.jetstream_subscriber(&name);
     let options = SubscribeOptions::new([format!("{name}.>")])
         .unwrap()
         .group("p")
         .unwrap();
     let sub = subscriber.open(options.clone()).await.unwrap();
-    let js = client.jetstream();
+    let js = client.raw_jetstream();
     js.publish(format!("{name}.raw"), Bytes::from_static(b"\xde\xad\xbe\xef"))
         .await
         .unwrap()
         .await
         .unwrap();
     let good = Event::new(format!("{name}.ok"), serde_json::json!({}));
-    JetStreamPublisher::new(client.clone())
-        .publish(good.clone())
-        .await
-        .unwrap();
+    client.jetstream_publisher().publish(good.clone()).await.unwrap();
 
     let dlq = watchtower::dead_letter::MemoryDeadLetters::new(4);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -411,11 +397,8 @@ async fn poison_messages_are_terminated_and_the_consumer_goes_on() {
     let info = tokio::time::timeout(PATIENCE, async {
         loop {
             let info = client
-                .jetstream()
-                .get_consumer_from_stream::<watchtower_nats::jetstream::ConsumerConfig, _, _>(
-                    "p",
-                    name.as_str(),
-                )
+                .raw_jetstream()
+                .get_consumer_from_stream::<watchtower_nats::ConsumerConfig, _, _>("p", name.as_str())
                 .await
                 .unwrap()
                 .info()

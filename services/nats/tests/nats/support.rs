@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tower::Service;
 use watchtower::Event;
-use watchtower_nats::jetstream::{StorageType, StreamConfig};
 use watchtower_nats::{NatsClient, NatsConfig};
+use watchtower_nats::{StorageType, StreamConfig};
 
 /// The shared broker every machine runs.
 pub const LOCAL: &str = "nats://127.0.0.1:4222";
