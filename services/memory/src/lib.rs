@@ -126,7 +126,7 @@ pub use acker::MemoryAcker;
 pub use broker::MemoryBroker;
 pub use config::MemoryConfig;
 pub use publisher::MemoryPublisher;
-pub use subscriber::{CAPABILITIES, MemorySubscriber, MemorySubscription};
+pub use subscriber::{MemorySubscriber, MemorySubscription};
 
 /// Everything a program using the memory transport needs:
 /// `use watchtower_memory::prelude::*;`.

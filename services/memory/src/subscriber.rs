@@ -29,21 +29,24 @@ impl fmt::Debug for MemorySubscriber {
     }
 }
 
-/// What the memory transport can do: everything, within one process.
-pub const CAPABILITIES: Capabilities = Capabilities::NONE
-    .persistent(true)
-    .consumer_groups(true)
-    .ordered(true)
-    .wildcards(true)
-    .redelivery(true)
-    .nack_delay(true);
+impl MemorySubscriber {
+    /// What the memory transport can do: everything, within one process;
+    /// replay too when the broker retains events.
+    pub const CAPABILITIES: Capabilities = Capabilities::NONE
+        .persistent(true)
+        .consumer_groups(true)
+        .ordered(true)
+        .wildcards(true)
+        .redelivery(true)
+        .nack_delay(true);
+}
 
 impl Subscriber for MemorySubscriber {
     type Acker = MemoryAcker;
     type Subscription = MemorySubscription;
 
     fn capabilities(&self) -> Capabilities {
-        CAPABILITIES.replay(self.shared.retention > 0)
+        Self::CAPABILITIES.replay(self.shared.retention > 0)
     }
 
     fn open(

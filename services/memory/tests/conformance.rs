@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tower::Service;
 use watchtower::conformance::{Harness, run};
 use watchtower::{Capabilities, Error, Event, Receipt, Subscriber, Transport};
-use watchtower_memory::{CAPABILITIES, MemoryBroker, MemoryConfig, MemoryPublisher, MemorySubscriber};
+use watchtower_memory::{MemoryBroker, MemoryConfig, MemoryPublisher, MemorySubscriber};
 
 struct MemoryHarness {
     broker: MemoryBroker,
@@ -98,7 +98,7 @@ impl Harness for LossyHarness {
     }
 
     fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
+        MemorySubscriber::CAPABILITIES
     }
 
     async fn publisher(&self, _namespace: &str) -> Result<DropsEveryTenth, Error> {

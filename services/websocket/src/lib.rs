@@ -88,7 +88,7 @@
 //!
 //! # Guarantees
 //!
-//! [`CAPABILITIES`]: wildcard patterns and per-publisher order, nothing
+//! [`WsSubscriber::CAPABILITIES`]: wildcard patterns and per-publisher order, nothing
 //! more. The hub keeps no events: a client that is not connected when an
 //! event is published misses it, and acknowledging, nacking or rejecting a
 //! delivery does nothing. Delivery is **at most once**; nothing is lost
@@ -199,12 +199,6 @@ pub const SUBPROTOCOL: &str = "cloudevents.json";
 /// events (subscribe, acknowledgements, errors; see the
 /// [wire protocol](crate#wire-protocol)); [`WsClient`] speaks it.
 pub const CONTROL_SUBPROTOCOL: &str = "watchtower.v1";
-
-/// What the transport can do: wildcard patterns, and events from one
-/// publisher on one topic arrive in order. No persistence, no consumer
-/// groups, no redelivery, no replay: delivery is at most once.
-pub const CAPABILITIES: watchtower::Capabilities =
-    watchtower::Capabilities::NONE.wildcards(true).ordered(true);
 
 /// The frame decoder and the pattern index, for the fuzz targets in `fuzz/`.
 #[cfg(feature = "fuzzing")]

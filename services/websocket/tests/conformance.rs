@@ -7,7 +7,7 @@ mod support;
 use bytes::Bytes;
 use watchtower::conformance::{Harness, run};
 use watchtower::{Capabilities, Error, Transport as _};
-use watchtower_websocket::{CAPABILITIES, WsClient, WsHub, WsPublisher, WsSubscriber};
+use watchtower_websocket::{WsClient, WsHub, WsPublisher, WsSubscriber};
 
 use support::Server;
 
@@ -42,7 +42,7 @@ impl Harness for HubHarness {
     }
 
     fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
+        WsSubscriber::CAPABILITIES
     }
 
     async fn publisher(&self, _namespace: &str) -> Result<WsHub, Error> {
@@ -74,7 +74,7 @@ impl Harness for ClientHarness {
     }
 
     fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
+        WsSubscriber::CAPABILITIES
     }
 
     async fn publisher(&self, _namespace: &str) -> Result<WsPublisher, Error> {

@@ -10,7 +10,6 @@ use tokio::sync::{mpsc, oneshot};
 use watchtower::{Acker, Capabilities, Delivery, Error, ErrorKind, SubscribeOptions, Subscriber};
 
 use super::{Command, Handle, Subscription, lock};
-use crate::CAPABILITIES;
 
 /// Subscribes to topic patterns on the hub: a [`Subscriber`].
 ///
@@ -18,7 +17,7 @@ use crate::CAPABILITIES;
 /// waits for the hub to confirm it, so events the hub publishes after
 /// `open` returns reach the subscription. Subscriptions are sent again
 /// after every reconnect. Consumer groups and replay are not supported
-/// ([`CAPABILITIES`]).
+/// ([`CAPABILITIES`](WsSubscriber::CAPABILITIES)).
 #[derive(Clone)]
 pub struct WsSubscriber {
     handle: Arc<Handle>,
@@ -33,6 +32,11 @@ impl fmt::Debug for WsSubscriber {
 }
 
 impl WsSubscriber {
+    /// What the transport can do: wildcard patterns, and events from one
+    /// publisher on one topic arrive in order. No persistence, no consumer
+    /// groups, no redelivery, no replay: delivery is at most once.
+    pub const CAPABILITIES: Capabilities = Capabilities::NONE.wildcards(true).ordered(true);
+
     pub(crate) fn new(handle: Arc<Handle>) -> WsSubscriber {
         WsSubscriber { handle }
     }
@@ -43,7 +47,7 @@ impl Subscriber for WsSubscriber {
     type Subscription = WsSubscription;
 
     fn capabilities(&self) -> Capabilities {
-        CAPABILITIES
+        Self::CAPABILITIES
     }
 
     /// # Errors
