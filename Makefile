@@ -15,7 +15,7 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 bench:
-	cargo bench --bench memory
+	scripts/bench
 
 # make example-nats_pubsub, example-redis_streams, ...
 example-%: services-up
