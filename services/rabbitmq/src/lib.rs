@@ -14,7 +14,7 @@
 //!   acks.
 //! * Both keep their connection healthy: failures are detected (error
 //!   events, heartbeats, broker-closed connections), `poll_ready` and
-//!   [`Health`] follow the real state, and the connection is re-opened with
+//!   [`RabbitClient`]'s [`Transport::health`](watchtower::Transport::health) follow the real state, and the connection is re-opened with
 //!   backoff and the topology declared again. A publisher channel the
 //!   broker closes is replaced on the same connection, without disturbing
 //!   the publisher's other channels.
@@ -115,14 +115,15 @@
 //! use std::time::Duration;
 //! use tower::{ServiceBuilder, service_fn};
 //! use watchtower::{Event, PublishExt, SubscriberExt};
-//! use watchtower_rabbitmq::{ExchangeKind, RabbitConfig, RabbitPublisher, RabbitSubscriber};
+//! use watchtower_rabbitmq::{ExchangeKind, RabbitClient, RabbitConfig};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let config = RabbitConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f")?
-//!     .exchange("orders", ExchangeKind::Topic)?
+//! let config = RabbitConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f")
+//!     .exchange("orders", ExchangeKind::Topic)
 //!     .connection_name("checkout");
+//! let client = RabbitClient::connect(config).await?;
 //!
-//! let subscriber = RabbitSubscriber::connect(config.clone()).await?;
+//! let subscriber = client.subscriber();
 //! let handle = subscriber
 //!     .subscribe(["order.*"], service_fn(|event: Event| async move {
 //!         println!("{} {}", event.ty(), event.id());
@@ -132,29 +133,28 @@
 //!
 //! let mut publisher = ServiceBuilder::new()
 //!     .timeout(Duration::from_secs(5))
-//!     .service(RabbitPublisher::connect(config).await?);
+//!     .service(client.publisher().await?);
 //! publisher.publish(Event::new("order.placed", serde_json::json!({"order": 7}))).await?;
 //! # handle.stop().await?;
 //! # Ok(()) }
 //! ```
 
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod ack;
-pub mod config;
+mod client;
+mod config;
 mod confirms;
 mod connection;
-pub mod publisher;
-pub mod subscriber;
+mod publisher;
+mod subscriber;
 mod wire;
 
-/// The `messaging.system` name of RabbitMQ, as the OpenTelemetry conventions spell it.
-pub(crate) const SYSTEM: &str = "rabbitmq";
-
+pub use client::RabbitClient;
 pub use config::{ContentMode, ExchangeKind, PublishOptions, QueueOptions, QueueOverflow, RabbitConfig};
-pub use connection::Health;
-pub use publisher::RabbitPublisher;
+pub use publisher::{RabbitPublisher, ResponseFuture};
 pub use subscriber::{RabbitAcker, RabbitSubscriber, RabbitSubscription};
 
 /// The lapin crate, for [`FieldTable`](lapin::types::FieldTable) binding
@@ -165,7 +165,7 @@ pub use lapin;
 /// `use watchtower_rabbitmq::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        ContentMode, ExchangeKind, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher,
+        ExchangeKind, PublishOptions, QueueOptions, RabbitClient, RabbitConfig, RabbitPublisher,
         RabbitSubscriber,
     };
     pub use watchtower::prelude::*;

@@ -102,10 +102,11 @@
 //!
 //! ```no_run
 //! use watchtower::{Event, PublishExt};
-//! use watchtower_rabbitmq::{RabbitConfig, RabbitPublisher};
+//! use watchtower_rabbitmq::{RabbitClient, RabbitConfig};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let mut publisher = RabbitPublisher::connect(RabbitConfig::local()).await?;
+//! let client = RabbitClient::connect(RabbitConfig::local()).await?;
+//! let mut publisher = client.publisher().await?;
 //! let receipt = publisher.publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
 //! assert_eq!(&*receipt.topic, "user.created");
 //! # Ok(()) }
@@ -130,9 +131,7 @@ use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::config::{ContentMode, PublishOptions, RabbitConfig, short};
 use crate::confirms::{Confirms, Outcome};
-use crate::connection::{
-    Health, Link, LinkGuard, LinkState, Session, Setup, breaks_channel, map_lapin_error,
-};
+use crate::connection::{Link, LinkGuard, LinkState, Session, Setup, breaks_channel, map_lapin_error};
 use crate::wire;
 
 /// The publisher's confirm-mode channels on one connection. A channel the
@@ -241,28 +240,14 @@ impl fmt::Debug for RabbitPublisher {
 }
 
 impl RabbitPublisher {
-    /// Connects with the default [`PublishOptions`].
-    ///
-    /// # Errors
-    ///
-    /// As [`connect_with`](RabbitPublisher::connect_with).
-    pub async fn connect(config: RabbitConfig) -> Result<RabbitPublisher, Error> {
-        RabbitPublisher::connect_with(config, PublishOptions::default()).await
-    }
-
     /// Connects, opens the channels and declares the exchange (or checks
-    /// it, if [passive](RabbitConfig::passive_exchange)).
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] if the broker
-    /// cannot be reached, [`ErrorKind::Config`] if it refuses the
-    /// credentials or the exchange exists with other settings,
-    /// [`ErrorKind::Rejected`] if a passive exchange does not exist.
-    pub async fn connect_with(
+    /// it, if [passive](RabbitConfig::passive_exchange)); see
+    /// [`RabbitClient::publisher_with`](crate::RabbitClient::publisher_with).
+    pub(crate) async fn open(
         config: RabbitConfig,
         options: PublishOptions,
     ) -> Result<RabbitPublisher, Error> {
+        config.validate()?;
         let exchange = short("exchange name", &config.exchange)?;
         let mode = options.content_mode_for(config.exchange_kind)?;
         let mut options = options;
@@ -294,14 +279,10 @@ impl RabbitPublisher {
         })
     }
 
-    /// The connection's health: connected, reconnect attempts, last error.
-    pub fn health(&self) -> Health {
+    /// The publisher connection's health, as its link sees it.
+    #[cfg(test)]
+    pub(crate) fn link_health(&self) -> crate::connection::LinkHealth {
         self.inner.link.health()
-    }
-
-    /// Whether the connection is up now.
-    pub fn is_connected(&self) -> bool {
-        self.health().connected
     }
 
     /// The exchange events go to.
@@ -570,7 +551,11 @@ impl Service<Event> for RabbitPublisher {
             )));
         };
         let inner = self.inner.clone();
-        let span = watchtower::trace::publish_span(crate::SYSTEM, event.topic(), &event);
+        let span = watchtower::trace::publish_span(
+            <crate::RabbitClient as watchtower::Transport>::SYSTEM,
+            event.topic(),
+            &event,
+        );
         ResponseFuture {
             inner: Box::pin(tracing::Instrument::instrument(
                 async move {
@@ -754,14 +739,11 @@ mod tests {
         let exchange = format!("wt-chclose-{}", &id[16..]);
         let queue = format!("{exchange}.q");
         let config = RabbitConfig::new(URL)
-            .unwrap()
             .exchange(&exchange, ExchangeKind::Topic)
-            .unwrap()
             .connection_name(format!("test {exchange}"));
-        let publisher =
-            RabbitPublisher::connect_with(config, PublishOptions::new().channels(3).max_in_flight(64))
-                .await
-                .unwrap();
+        let publisher = RabbitPublisher::open(config, PublishOptions::new().channels(3).max_in_flight(64))
+            .await
+            .unwrap();
         let admin = Connection::connect(URL, ConnectionProperties::default())
             .await
             .unwrap();
@@ -838,7 +820,7 @@ mod tests {
         let replacement = session.value.slots[1].current();
         assert!(!Arc::ptr_eq(&victim, &replacement));
         assert!(replacement.status().connected());
-        assert_eq!(publisher.health().connections, 1, "no reconnect was needed");
+        assert_eq!(publisher.link_health().connections, 1, "no reconnect was needed");
 
         // Every event is in the queue; one caught in flight on the closed
         // channel and retried may be there twice.

@@ -33,14 +33,12 @@
 //! ```no_run
 //! use tower::service_fn;
 //! use watchtower::{Event, SubscribeOptions, SubscriberExt};
-//! use watchtower_rabbitmq::{QueueOptions, RabbitConfig, RabbitSubscriber};
+//! use watchtower_rabbitmq::{QueueOptions, RabbitClient, RabbitConfig};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let subscriber = RabbitSubscriber::connect_with(
-//!     RabbitConfig::local(),
-//!     QueueOptions::new().quorum(true).delivery_limit(5).prefetch(128),
-//! )
-//! .await?;
+//! let client = RabbitClient::connect(RabbitConfig::local()).await?;
+//! let subscriber =
+//!     client.subscriber_with(QueueOptions::new().quorum(true).delivery_limit(5).prefetch(128));
 //! let handle = subscriber
 //!     .subscribe_with(
 //!         SubscribeOptions::new(["user.>"])?.group("mailer")?,
@@ -69,18 +67,22 @@ use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Channel, Consumer};
+use watchtower::backoff::{Backoff, Jitter};
 use watchtower::{
     Acker, Capabilities, Delivery, Error, ErrorKind, Poison, SubscribeOptions, Subscriber, TopicPattern,
 };
 
 use crate::ack::AckWindow;
-use crate::config::{ExchangeKind, QueueOptions, RabbitConfig, short};
-use crate::connection::{Health, Link, LinkGuard, LinkState, Session, Setup, map_lapin_error};
-use crate::publisher::declare_exchange;
+use crate::config::{ExchangeKind, QueueOptions, short};
+use crate::connection::{Link, LinkGuard, LinkState, Session, map_lapin_error};
 use crate::wire;
 
-use crate::SYSTEM;
+use watchtower::Transport as _;
+
+use crate::RabbitClient;
+
+const SYSTEM: &str = RabbitClient::SYSTEM;
 
 /// Consumes events from RabbitMQ queues. See the [module docs](self).
 ///
@@ -117,52 +119,12 @@ impl RabbitSubscriber {
         .redelivery(true)
         .nack_delay(true);
 
-    /// Connects with the default [`QueueOptions`].
-    ///
-    /// # Errors
-    ///
-    /// As [`connect_with`](RabbitSubscriber::connect_with).
-    pub async fn connect(config: RabbitConfig) -> Result<RabbitSubscriber, Error> {
-        RabbitSubscriber::connect_with(config, QueueOptions::default()).await
-    }
-
-    /// Connects and declares (or checks) the exchange, and the dead-letter
-    /// exchange and queue if configured.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Config`] for contradictory options, refused credentials
-    /// or an exchange that exists with other settings;
-    /// [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] if the broker
-    /// cannot be reached.
-    pub async fn connect_with(config: RabbitConfig, queue: QueueOptions) -> Result<RabbitSubscriber, Error> {
-        queue.validate()?;
-        let queue = Arc::new(queue);
-        let setup: Setup<()> = {
-            let config = config.clone();
-            let queue = queue.clone();
-            Arc::new(move |connection: Arc<Connection>| {
-                let config = config.clone();
-                let queue = queue.clone();
-                Box::pin(async move { declare_shared(&connection, &config, &queue).await })
-            })
-        };
-        let (link, guard) = Link::connect(config, setup).await?;
-        Ok(RabbitSubscriber {
+    pub(crate) fn new(link: Link<()>, guard: Arc<LinkGuard>, queue: QueueOptions) -> RabbitSubscriber {
+        RabbitSubscriber {
             link,
-            guard: Arc::new(guard),
-            queue,
-        })
-    }
-
-    /// The connection's health: connected, reconnect attempts, last error.
-    pub fn health(&self) -> Health {
-        self.link.health()
-    }
-
-    /// Whether the connection is up now.
-    pub fn is_connected(&self) -> bool {
-        self.health().connected
+            guard,
+            queue: Arc::new(queue),
+        }
     }
 
     /// The name of the queue a group consumes from.
@@ -180,6 +142,7 @@ impl RabbitSubscriber {
     }
 
     fn plan(&self, options: &SubscribeOptions) -> Result<Plan, Error> {
+        self.queue.validate()?;
         let config = self.link.config();
         let bindings = match config.exchange_kind {
             ExchangeKind::Topic => options.patterns().iter().map(TopicPattern::to_amqp).collect(),
@@ -220,17 +183,10 @@ impl RabbitSubscriber {
     }
 }
 
-/// Declarations shared by every subscription, redone on each connection.
-async fn declare_shared(
-    connection: &Connection,
-    config: &RabbitConfig,
-    queue: &QueueOptions,
-) -> Result<(), Error> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| map_lapin_error(&e, "open channel"))?;
-    declare_exchange(&channel, config).await?;
+/// Declares the dead-letter exchange and queue, if configured: redone by
+/// every subscription when it starts, so that they are there again after
+/// a reconnect.
+async fn declare_dead_letter(channel: &Channel, queue: &QueueOptions) -> Result<(), Error> {
     if let (Some(dlx), Some(dlq)) = (&queue.dead_letter_exchange, &queue.dead_letter_queue) {
         let what = |op: &str| format!("{op} dead-letter topology {dlx:?}/{dlq:?}");
         channel
@@ -261,7 +217,6 @@ async fn declare_shared(
             .await
             .map_err(|e| map_lapin_error(&e, &what("bind")))?;
     }
-    let _ = channel.close(200, "declared".into()).await;
     Ok(())
 }
 
@@ -290,7 +245,7 @@ impl Subscriber for RabbitSubscriber {
                 plan,
                 redeliveries: Arc::default(),
                 state: State::Active(Box::new(active)),
-                delay: RESTART_MIN,
+                failures: 0,
             })
         }
     }
@@ -325,6 +280,7 @@ async fn start(session: &Session<()>, plan: &Plan) -> Result<Active, Error> {
         .basic_qos(options.prefetch, BasicQosOptions::default())
         .await
         .map_err(|e| map_lapin_error(&e, "basic.qos"))?;
+    declare_dead_letter(&channel, options).await?;
     let name: ShortString = match &plan.queue {
         Some(name) => short("queue name", name)?,
         None => ShortString::default(),
@@ -411,7 +367,8 @@ pub struct RabbitSubscription {
     plan: Arc<Plan>,
     redeliveries: Arc<Mutex<HashMap<Box<str>, u32>>>,
     state: State,
-    delay: Duration,
+    /// Failed restarts in a row, for the backoff.
+    failures: u32,
 }
 
 impl fmt::Debug for RabbitSubscription {
@@ -524,7 +481,7 @@ impl Stream for RabbitSubscription {
                     Poll::Ready(Some(Ok(delivery))) => {
                         let window = active.window.clone();
                         if let Some(delivery) = this.convert(delivery, &window) {
-                            this.delay = RESTART_MIN;
+                            this.failures = 0;
                             return Poll::Ready(Some(Ok(delivery)));
                         }
                     }
@@ -559,8 +516,11 @@ impl Stream for RabbitSubscription {
                         return Poll::Ready(None);
                     }
                     Poll::Ready(Err(e)) => {
-                        this.state = State::Backoff(Box::pin(tokio::time::sleep(this.delay)));
-                        this.delay = (this.delay * 2).min(RESTART_MAX);
+                        this.failures = this.failures.saturating_add(1);
+                        let delay = Backoff::new(RESTART_MIN, RESTART_MAX)
+                            .jitter(Jitter::Full)
+                            .delay(this.failures);
+                        this.state = State::Backoff(Box::pin(tokio::time::sleep(delay)));
                         return Poll::Ready(Some(Err(e)));
                     }
                 },

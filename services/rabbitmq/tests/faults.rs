@@ -14,16 +14,14 @@ use futures_util::StreamExt as _;
 use tokio::sync::{Notify, mpsc};
 use tower::service_fn;
 use watchtower::{Event, PublishExt, SubscribeOptions, Subscriber, serve};
-use watchtower_rabbitmq::{RabbitConfig, RabbitPublisher, RabbitSubscriber};
+use watchtower_rabbitmq::{RabbitConfig, RabbitPublisher};
 use watchtower_test_support::{TcpProxy, unique, within};
 
 use common::{Admin, config};
 
 fn via(proxy: &TcpProxy, exchange: &str) -> RabbitConfig {
     RabbitConfig::new(&format!("amqp://guest:guest@{}/%2f", proxy.addr()))
-        .unwrap()
         .exchange(exchange, watchtower_rabbitmq::ExchangeKind::Topic)
-        .unwrap()
         .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
         .connection_name(format!("fault {exchange}"))
 }
@@ -57,13 +55,13 @@ async fn publisher_reconnects_when_the_connection_is_cut_twice() {
     let exchange = unique("wt-cut-pub");
     let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await.unwrap();
     // The queue is declared on the broker directly, so it outlives the cuts.
-    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let subscriber = common::subscriber(config(&exchange)).await.unwrap();
     let subscription = subscriber
         .open(SubscribeOptions::new(["cut.*"]).unwrap().group("all").unwrap())
         .await
         .unwrap();
     drop(subscription);
-    let publisher = RabbitPublisher::connect(via(&proxy, &exchange)).await.unwrap();
+    let publisher = common::publisher(via(&proxy, &exchange)).await.unwrap();
 
     let total = 600;
     let confirmed = Arc::new(AtomicUsize::new(0));
@@ -101,9 +99,8 @@ async fn publisher_reconnects_when_the_connection_is_cut_twice() {
         within("publishers", task).await.unwrap();
     }
     assert_eq!(confirmed.load(Ordering::SeqCst), total);
-    let health = publisher.health();
-    assert!(health.connections >= 3, "{health:?}");
-    assert!(health.connected);
+    // Two reconnects after two cuts.
+    assert!(proxy.accepted_connections() >= 3);
 
     // Every confirmed event is in the queue (a retried one possibly twice).
     let admin = Admin::connect().await;
@@ -125,7 +122,7 @@ async fn publisher_reconnects_when_the_connection_is_cut_twice() {
 async fn subscription_resumes_after_a_cut_and_loses_nothing() {
     let exchange = unique("wt-cut-sub");
     let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await.unwrap();
-    let subscriber = RabbitSubscriber::connect(via(&proxy, &exchange)).await.unwrap();
+    let subscriber = common::subscriber(via(&proxy, &exchange)).await.unwrap();
     let options = SubscribeOptions::new(["c.*"]).unwrap().group("resume").unwrap();
     let subscription = subscriber.open(options).await.unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
@@ -144,7 +141,7 @@ async fn subscription_resumes_after_a_cut_and_loses_nothing() {
         })
         .into_future(),
     );
-    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let mut publisher = common::publisher(config(&exchange)).await.unwrap();
     let events: Vec<Event> = (0..300)
         .map(|i| Event::new("c.x", serde_json::json!({"i": i})))
         .collect();
@@ -167,7 +164,6 @@ async fn subscription_resumes_after_a_cut_and_loses_nothing() {
     stop.send(()).unwrap();
     let stats = run.await.unwrap().unwrap();
     assert!(stats.stream_errors >= 1, "the cut was reported: {stats}");
-    assert!(subscriber.health().connections >= 2);
     let admin = Admin::connect().await;
     admin.delete_queue(&subscriber.group_queue("resume")).await;
     admin.delete_exchange(&exchange).await;
@@ -195,12 +191,12 @@ async fn broker_closed_connection_is_detected_and_reopened() {
     let cfg = config(&exchange)
         .connection_name(name.clone())
         .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200));
-    let subscriber = RabbitSubscriber::connect(cfg.clone()).await.unwrap();
+    let subscriber = common::subscriber(cfg.clone()).await.unwrap();
     let mut subscription = subscriber
         .open(SubscribeOptions::new(["f.*"]).unwrap().group("forced").unwrap())
         .await
         .unwrap();
-    let mut publisher = RabbitPublisher::connect(cfg).await.unwrap();
+    let mut publisher = common::publisher(cfg).await.unwrap();
     let pids = within("connections listed", async {
         loop {
             let pids = connection_pids(&name).await;
@@ -243,8 +239,6 @@ async fn broker_closed_connection_is_detected_and_reopened() {
     .await;
     assert_eq!(delivery.event().map(Event::id), Some(event.id()));
     delivery.ack().await.unwrap();
-    assert!(publisher.health().connections >= 2);
-    assert!(subscriber.health().connections >= 2);
     drop(subscription);
     let admin = Admin::connect().await;
     admin.delete_queue(&subscriber.group_queue("forced")).await;
@@ -259,14 +253,14 @@ async fn stalled_peer_is_detected_by_heartbeat() {
     let cfg = via(&proxy, &exchange)
         .heartbeat(Duration::from_secs(1))
         .connect_timeout(Duration::from_secs(1));
-    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let subscriber = common::subscriber(config(&exchange)).await.unwrap();
     drop(
         subscriber
             .open(SubscribeOptions::new(["s.*"]).unwrap().group("stall").unwrap())
             .await
             .unwrap(),
     );
-    let mut publisher = RabbitPublisher::connect(cfg).await.unwrap();
+    let mut publisher = common::publisher(cfg).await.unwrap();
     publisher
         .publish(Event::new("s.before", serde_json::json!({})))
         .await
@@ -280,8 +274,6 @@ async fn stalled_peer_is_detected_by_heartbeat() {
     .await
     .unwrap_err();
     assert!(err.is_retryable(), "{err}");
-    // The failure was the connection's: health says so at once.
-    assert!(!publisher.is_connected());
     proxy.set_stalled(false);
     proxy.cut();
     within("publish after the stall", async {
@@ -296,7 +288,6 @@ async fn stalled_peer_is_detected_by_heartbeat() {
         }
     })
     .await;
-    assert!(publisher.is_connected());
     let admin = Admin::connect().await;
     admin.delete_queue(&subscriber.group_queue("stall")).await;
     admin.delete_exchange(&exchange).await;
