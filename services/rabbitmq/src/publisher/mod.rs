@@ -112,97 +112,41 @@
 //! # Ok(()) }
 //! ```
 
+mod channels;
+mod future;
+
+pub(crate) use channels::declare_exchange;
+pub use future::ResponseFuture;
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll, ready};
 
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Confirmation, Connection};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{Confirmation, Connection};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::config::{ContentMode, PublishOptions, RabbitConfig, short};
 use crate::confirms::{Confirms, Outcome};
-use crate::connection::{Link, LinkGuard, LinkState, Session, Setup, breaks_channel, map_lapin_error};
+use crate::connection::{Link, LinkGuard, LinkState, Setup, breaks_channel, map_lapin_error};
 use crate::wire;
-
-/// The publisher's confirm-mode channels on one connection. A channel the
-/// broker closes (or that fails) is replaced in its slot, on the same
-/// connection, without disturbing the others.
-pub(crate) struct Channels {
-    slots: Vec<Slot>,
-    /// Notified whenever a replacement attempt ends.
-    repaired: Notify,
-}
-
-struct Slot {
-    channel: RwLock<Arc<Published>>,
-    /// A replacement is being opened.
-    repairing: AtomicBool,
-}
-
-/// A publisher channel and, if messages can come back (`mandatory`), the
-/// task that answers its confirms.
-pub(crate) struct Published {
-    channel: Arc<Channel>,
-    confirms: Option<Confirms>,
-}
-
-impl std::ops::Deref for Published {
-    type Target = Channel;
-
-    fn deref(&self) -> &Channel {
-        &self.channel
-    }
-}
-
-impl Slot {
-    fn new(channel: Published) -> Slot {
-        Slot {
-            channel: RwLock::new(Arc::new(channel)),
-            repairing: AtomicBool::new(false),
-        }
-    }
-
-    fn current(&self) -> Arc<Published> {
-        match self.channel.read() {
-            Ok(channel) => channel.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    fn replace(&self, channel: Published) {
-        let channel = Arc::new(channel);
-        match self.channel.write() {
-            Ok(mut current) => *current = channel,
-            Err(poisoned) => *poisoned.into_inner() = channel,
-        }
-    }
-}
-
-impl Channels {
-    /// Whether any channel can take a publish now.
-    fn any_usable(&self) -> bool {
-        self.slots.iter().any(|slot| slot.current().status().connected())
-    }
-}
+use channels::{Channels, open_channels, pick, repair};
 
 struct Inner {
-    link: Link<Channels>,
+    pub(super) link: Link<Channels>,
     exchange: ShortString,
     /// The exchange name as the receipts' `stream`, allocated once.
     stream: Arc<str>,
-    options: PublishOptions,
+    pub(super) options: PublishOptions,
     mode: ContentMode,
-    next: AtomicUsize,
+    pub(super) next: AtomicUsize,
     _guard: LinkGuard,
 }
 
@@ -295,161 +239,6 @@ impl RabbitPublisher {
     pub fn close(&self) {
         self.inner.link.close();
     }
-}
-
-async fn open_channels(
-    connection: &Connection,
-    config: &RabbitConfig,
-    options: &PublishOptions,
-) -> Result<Channels, Error> {
-    let mut slots = Vec::with_capacity(options.channels);
-    for _ in 0..options.channels {
-        slots.push(Slot::new(open_channel(connection, options).await?));
-    }
-    if let Some(slot) = slots.first() {
-        declare_exchange(&slot.current(), config).await?;
-    }
-    Ok(Channels {
-        slots,
-        repaired: Notify::new(),
-    })
-}
-
-/// Opens one channel, in confirm mode if confirms are on, and starts the
-/// task that answers its confirms if messages can come back.
-async fn open_channel(connection: &Connection, options: &PublishOptions) -> Result<Published, Error> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| map_lapin_error(&e, "open channel"))?;
-    if options.confirms {
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| map_lapin_error(&e, "confirm.select"))?;
-    }
-    let channel = Arc::new(channel);
-    // Without `mandatory` nothing comes back, and each caller can wait for
-    // its own confirm: lapin matches confirms to publishes by delivery tag.
-    let confirms = (options.confirms && options.is_mandatory()).then(|| Confirms::start(channel.clone()));
-    Ok(Published { channel, confirms })
-}
-
-/// Replaces the failed channel in slot `index` of `session` with a new one
-/// on the same connection, declaring the exchange again (or checking it,
-/// if passive: the failure may have been a deleted exchange). Only one
-/// replacement per slot runs at a time; if it fails, the whole connection
-/// is re-established.
-fn repair(inner: &Inner, session: &Arc<Session<Channels>>, index: usize) {
-    let Some(slot) = session.value.slots.get(index) else {
-        return;
-    };
-    if slot.current().status().connected() || slot.repairing.swap(true, Ordering::AcqRel) {
-        return;
-    }
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        // Outside a runtime nothing can open the channel: the link's own
-        // task re-establishes the connection instead.
-        slot.repairing.store(false, Ordering::Release);
-        inner.link.invalidate(session.generation);
-        return;
-    };
-    let (session, link, options) = (session.clone(), inner.link.clone(), inner.options.clone());
-    runtime.spawn(async move {
-        let opened = async {
-            let channel = open_channel(&session.connection, &options).await?;
-            declare_exchange(&channel, link.config()).await?;
-            Ok::<_, Error>(channel)
-        };
-        let result = tokio::select! {
-            result = opened => result,
-            () = session.lost.cancelled() => {
-                session.value.slots[index].repairing.store(false, Ordering::Release);
-                session.value.repaired.notify_waiters();
-                return;
-            }
-        };
-        let slot = &session.value.slots[index];
-        match result {
-            Ok(channel) => {
-                tracing::debug!(channel = channel.id(), "RabbitMQ publisher channel replaced");
-                slot.replace(channel);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "replacing a RabbitMQ publisher channel failed; reconnecting");
-                link.invalidate(session.generation);
-            }
-        }
-        slot.repairing.store(false, Ordering::Release);
-        session.value.repaired.notify_waiters();
-    });
-}
-
-pub(crate) async fn declare_exchange(channel: &Channel, config: &RabbitConfig) -> Result<(), Error> {
-    let options = ExchangeDeclareOptions {
-        passive: config.exchange_passive,
-        durable: config.exchange_durable,
-        ..ExchangeDeclareOptions::default()
-    };
-    let mut arguments = FieldTable::default();
-    if let Some(alternate) = config
-        .alternate_exchange
-        .as_deref()
-        .filter(|_| !config.exchange_passive)
-    {
-        declare_alternate(channel, alternate).await?;
-        arguments.insert(
-            "alternate-exchange".into(),
-            AMQPValue::LongString(alternate.as_bytes().into()),
-        );
-    }
-    channel
-        .exchange_declare(
-            short("exchange name", &config.exchange)?,
-            config.exchange_kind.to_lapin(),
-            options,
-            arguments,
-        )
-        .await
-        .map_err(|e| map_lapin_error(&e, &format!("declare exchange {:?}", &*config.exchange)))
-}
-
-/// Declares the alternate exchange `name` (durable, fanout) and the
-/// durable queue of the same name that keeps what it gets.
-async fn declare_alternate(channel: &Channel, name: &str) -> Result<(), Error> {
-    let what = |op: &str| format!("{op} alternate exchange {name:?}");
-    let name = short("alternate exchange name", name)?;
-    channel
-        .exchange_declare(
-            name.clone(),
-            lapin::ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_lapin_error(&e, &what("declare")))?;
-    channel
-        .queue_declare(
-            name.clone(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_lapin_error(&e, &what("declare the queue of")))?;
-    channel
-        .queue_bind(
-            name.clone(),
-            name,
-            ShortString::default(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_lapin_error(&e, &what("bind the queue of")))?;
-    Ok(())
 }
 
 impl Service<Event> for RabbitPublisher {
@@ -646,58 +435,6 @@ impl Service<Event> for RabbitPublisher {
     }
 }
 
-/// The next channel in turn that is open, and its slot; failed channels
-/// passed over are being replaced. `None` if every channel failed.
-fn pick(inner: &Inner, session: &Arc<Session<Channels>>) -> Option<(usize, Arc<Published>)> {
-    let slots = &session.value.slots;
-    let start = match slots.len() {
-        1 => 0,
-        n => inner.next.fetch_add(1, Ordering::Relaxed) % n,
-    };
-    for k in 0..slots.len() {
-        let index = (start + k) % slots.len();
-        let channel = slots[index].current();
-        if channel.status().connected() {
-            return Some((index, channel));
-        }
-        repair(inner, session, index);
-    }
-    None
-}
-
-/// The future of [`RabbitPublisher::call`]: resolves on the publisher
-/// confirm.
-///
-/// # Cancel safety
-///
-/// Dropping it releases its in-flight slot; the event may still reach the
-/// broker.
-pub struct ResponseFuture {
-    inner: Pin<Box<dyn Future<Output = Result<Receipt, Error>> + Send>>,
-}
-
-impl ResponseFuture {
-    fn ready(result: Result<Receipt, Error>) -> ResponseFuture {
-        ResponseFuture {
-            inner: Box::pin(std::future::ready(result)),
-        }
-    }
-}
-
-impl fmt::Debug for ResponseFuture {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-impl Future for ResponseFuture {
-    type Output = Result<Receipt, Error>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -707,6 +444,7 @@ mod tests {
     use lapin::options::{
         BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     };
+    use lapin::types::FieldTable;
     use lapin::{BasicProperties, ConnectionProperties};
     use watchtower::PublishExt as _;
     use watchtower_test_support::within;
