@@ -1,56 +1,5 @@
 //! [`RabbitSubscriber`]: queues, bindings and consumers behind the core's
 //! [`Subscriber`] contract.
-//!
-//! Opening a subscription declares (or, with [`QueueOptions::passive`],
-//! checks) the queue, binds it to the exchange with each pattern converted
-//! to AMQP syntax ([`TopicPattern::to_amqp`](watchtower::TopicPattern::to_amqp):
-//! `user.>` becomes `user.#`), sets the prefetch with `basic.qos` and starts
-//! a consumer:
-//!
-//! * with a [consumer group](SubscribeOptions::group) the queue is the
-//!   durable `<prefix><group>`, shared by every member (competing
-//!   consumers), and keeps events while no member is connected;
-//! * without one, an exclusive, auto-delete queue that lives as long as
-//!   the subscription's connection.
-//!
-//! Since AMQP's `#` also matches zero tokens (`user.#` matches `user`),
-//! deliveries are filtered with [`SubscribeOptions::matches`]; the few that
-//! do not match are acknowledged and skipped.
-//!
-//! Settlement: [`ack`](Acker::ack) is batched into `multiple` acks (never
-//! before the handler finished, see [`RabbitAcker`]), [`nack`](Acker::nack)
-//! requeues, [`reject`](Acker::reject) rejects without requeue, so the
-//! queue's dead-letter exchange gets it. A delivery's count comes from the
-//! quorum queue's `x-delivery-count` header; on classic queues it is
-//! tracked by the subscriber from the `redelivered` flag and the message id.
-//!
-//! When the connection fails, the subscription yields one
-//! [`ErrorKind::Connection`] error, waits for the connection to come back,
-//! declares its queue and bindings again and resumes.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use tower::service_fn;
-//! use watchtower::{Event, SubscribeOptions, SubscriberExt};
-//! use watchtower_rabbitmq::{QueueOptions, RabbitClient, RabbitConfig};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let client = RabbitClient::connect(RabbitConfig::local()).await?;
-//! let subscriber =
-//!     client.subscriber_with(QueueOptions::new().quorum(true).delivery_limit(5).prefetch(128));
-//! let handle = subscriber
-//!     .subscribe_with(
-//!         SubscribeOptions::new(["user.>"])?.group("mailer")?,
-//!         service_fn(|event: Event| async move {
-//!             println!("{}", event.ty());
-//!             Ok::<_, watchtower::Error>(())
-//!         }),
-//!     )
-//!     .await?;
-//! # handle.stop().await?;
-//! # Ok(()) }
-//! ```
 
 use std::collections::HashMap;
 use std::fmt;
@@ -84,11 +33,65 @@ use crate::RabbitClient;
 
 const SYSTEM: &str = RabbitClient::SYSTEM;
 
-/// Consumes events from RabbitMQ queues. See the [module docs](self).
+/// Consumes events from RabbitMQ queues: a [`Subscriber`], made by
+/// [`RabbitClient::subscriber`](crate::RabbitClient::subscriber).
 ///
-/// Cheap to clone; clones share one connection, on which each subscription
-/// opens its own channel. The connection closes when the subscriber and
-/// all its subscriptions are dropped.
+/// Cheap to clone; clones share the client's connection, on which each
+/// subscription opens its own channel. The connection closes when the
+/// client, the subscriber and all its subscriptions are dropped.
+///
+/// [`Subscriber`] contract.
+///
+/// Opening a subscription declares (or, with [`QueueOptions::passive`],
+/// checks) the queue, binds it to the exchange with each pattern converted
+/// to AMQP syntax ([`TopicPattern::to_amqp`](watchtower::TopicPattern::to_amqp):
+/// `user.>` becomes `user.#`), sets the prefetch with `basic.qos` and starts
+/// a consumer:
+///
+/// * with a [consumer group](SubscribeOptions::group) the queue is the
+///   durable `<prefix><group>`, shared by every member (competing
+///   consumers), and keeps events while no member is connected;
+/// * without one, an exclusive, auto-delete queue that lives as long as
+///   the subscription's connection.
+///
+/// Since AMQP's `#` also matches zero tokens (`user.#` matches `user`),
+/// deliveries are filtered with [`SubscribeOptions::matches`]; the few that
+/// do not match are acknowledged and skipped.
+///
+/// Settlement: [`ack`](Acker::ack) is batched into `multiple` acks (never
+/// before the handler finished, see [`RabbitAcker`]), [`nack`](Acker::nack)
+/// requeues, [`reject`](Acker::reject) rejects without requeue, so the
+/// queue's dead-letter exchange gets it. A delivery's count comes from the
+/// quorum queue's `x-delivery-count` header; on classic queues it is
+/// tracked by the subscriber from the `redelivered` flag and the message id.
+///
+/// When the connection fails, the subscription yields one
+/// [`ErrorKind::Connection`] error, waits for the connection to come back,
+/// declares its queue and bindings again and resumes.
+///
+/// # Example
+///
+/// ```no_run
+/// use tower::service_fn;
+/// use watchtower::{Event, SubscribeOptions, SubscriberExt};
+/// use watchtower_rabbitmq::{QueueOptions, RabbitClient, RabbitConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let client = RabbitClient::connect(RabbitConfig::local()).await?;
+/// let subscriber =
+///     client.subscriber_with(QueueOptions::new().quorum(true).delivery_limit(5).prefetch(128));
+/// let handle = subscriber
+///     .subscribe_with(
+///         SubscribeOptions::new(["user.>"])?.group("mailer")?,
+///         service_fn(|event: Event| async move {
+///             println!("{}", event.ty());
+///             Ok::<_, watchtower::Error>(())
+///         }),
+///     )
+///     .await?;
+/// # handle.stop().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct RabbitSubscriber {
     link: Link<()>,

@@ -13,7 +13,7 @@ pub enum ExchangeKind {
     /// Every bound queue gets every event; subscribers filter by topic.
     Fanout,
     /// Routing on headers (the `cloudEvents_*` attributes); subscribers
-    /// bind with [`QueueOptions::binding_arguments`] and filter by topic.
+    /// bind with [`QueueOptions::binding_arguments`](crate::QueueOptions::binding_arguments) and filter by topic.
     Headers,
 }
 

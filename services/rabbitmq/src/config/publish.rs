@@ -131,7 +131,7 @@ impl PublishOptions {
     /// binary mode with `mandatory` published at 1.02 and 1.07 times raw
     /// lapin (medians of two runs), with an alternate exchange and
     /// without it at 1.07 (see the
-    /// [publisher docs](crate::publisher#performance)).
+    /// [publisher docs](crate::RabbitPublisher#performance)).
     /// Without `mandatory`, each caller waits for its own
     /// confirm directly, as raw lapin does, and the broker drops an event
     /// no binding routes while confirming it: safe only when every topic
@@ -165,7 +165,7 @@ impl PublishOptions {
     /// not publish faster (the broker's work per event was the same). Each call
     /// still resolves on its own event's confirm; a failed channel is
     /// replaced without disturbing the others (see the
-    /// [publisher docs](crate::publisher#channels)). Events of one caller
+    /// [publisher docs](crate::RabbitPublisher#channels)). Events of one caller
     /// that waits for each receipt keep their order; concurrent events may
     /// be reordered across channels.
     pub fn channels(mut self, n: usize) -> PublishOptions {

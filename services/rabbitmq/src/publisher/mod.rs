@@ -1,116 +1,5 @@
 //! [`RabbitPublisher`]: a `tower::Service<Event>` that publishes to an
 //! exchange with publisher confirms.
-//!
-//! Each event goes to the configured exchange with its
-//! [`topic`](Event::topic) as the routing key, in the
-//! [`ContentMode`] of its options (binary unless set,
-//! see the [crate docs](crate#wire-format)), persistent, with the
-//! `mandatory` flag unless the exchange has an
-//! [alternate exchange](crate::RabbitConfig::alternate_exchange).
-//! The call resolves when the broker confirms the event:
-//!
-//! * `Ok(Receipt)` once the broker has taken responsibility for it (for a
-//!   persistent event on a durable queue: written to disk; for an event no
-//!   binding routes, once it is in the alternate exchange's queue);
-//! * [`ErrorKind::Rejected`] if no queue is bound for the routing key (the
-//!   broker returned it, `mandatory`), not retryable;
-//! * [`ErrorKind::Rejected`], retryable, if the broker nacked it (a full
-//!   queue with `reject-publish` overflow, an internal error);
-//! * [`ErrorKind::Connection`], retryable, if the connection or the
-//!   channel failed before the confirm arrived: the event may or may not
-//!   have been stored, so a retry can duplicate it (at-least-once).
-//!
-//! Confirms are pipelined: up to
-//! [`max_in_flight`](PublishOptions::max_in_flight) events are unconfirmed
-//! at once, across all channels; `poll_ready` is pending while that window
-//! is full and while the connection is being re-established.
-//!
-//! # Duplicates
-//!
-//! A caller told [`ErrorKind::Connection`] (or whose own timeout fired
-//! while it waited for the confirm) cannot know whether the broker stored
-//! its event: the publish may have reached the queue and only its confirm
-//! been lost. RabbitMQ has no deduplication, so retrying it (a retry layer,
-//! a dead-letter path replayed later) can put the event in the queue
-//! twice. Both copies carry the same event [`id`](Event::id) (the
-//! `cloudEvents_id` header and the AMQP `message-id` property): a consumer
-//! that must not act twice keeps the ids it has handled (for as long as a
-//! retry can come) and skips one it has seen, or makes its handler
-//! idempotent.
-//!
-//! # Performance
-//!
-//! Measured with the crate's benchmark (`benches/rabbitmq.rs`): 50,000
-//! persistent events (~200 bytes structured), confirms, 1,024 in flight,
-//! to a durable classic queue, on a 2-core machine that also runs the
-//! broker and other builds (load average 5 to 10). Ratio: raw lapin's time
-//! over ours, per round (raw sends pre-built ~195-byte JSON bodies with no
-//! header table and no `mandatory`, the shared baseline's
-//! `amqp-pub-confirm`); median and range. "Alternate exchange": without
-//! `mandatory`, the exchange's
-//! [alternate exchange](crate::RabbitConfig::alternate_exchange) keeping
-//! what no binding routes.
-//!
-//! Runs A and B measured a variant whose confirm task answered without
-//! the `basic.qos` round trip (a local fence on lapin's lock; the paths
-//! without `mandatory` do not use the task and are this code): A with
-//! three rounds under the heavier load, B with four rounds. Run C, right
-//! after B, set this code's `mandatory` path against that variant, twice
-//! three rounds each, alternating. Run D: this code, three rounds, last.
-//!
-//! | publishing | run A | run B | run C | run D | broker CPU per event |
-//! |---|--:|--:|--:|--:|--:|
-//! | publisher, binary, `mandatory` (default) | | | 1.02 (0.98–1.09), 1.07 (0.93–1.20) | 0.95 (0.80–1.42) | 67–69 µs |
-//! | the same, local fence | 0.78 (0.65–1.19) | 0.98 (0.88–1.08) | 1.00 (0.91–1.06), 1.02 (0.72–1.32) | | 71–74 µs |
-//! | publisher, structured, local fence | 0.90 (0.60–1.06) | 0.81 (0.68–0.84) | | | 79–82 µs |
-//! | publisher, binary, alternate exchange | 0.70 (0.64–1.46) | 1.07 (0.84–1.09) | | 1.11 (0.79–1.23) | 59–72 µs |
-//! | publisher, structured, alternate exchange | 0.79 (0.58–1.13) | | | | 72 µs |
-//! | four layers + publisher, binary, `mandatory` | | | 1.03 (0.99–1.18), 1.11 (0.90–1.32) | 0.79 (0.78–1.44) | 62–66 µs |
-//! | the same, local fence | 0.73 (0.50–1.24) | 0.98 (0.87–1.04) | 0.83 (0.82–1.04), 0.83 (0.70–1.11) | | 72–76 µs |
-//! | four layers + publisher, structured, local fence | 0.66 (0.60–0.93) | | | | 84 µs |
-//! | four layers + publisher, binary, alternate exchange | 0.91 (0.87–1.40) | 1.06 (0.83–1.13) | | 0.90 (0.83–1.02) | 61–62 µs |
-//! | four layers + publisher, structured, alternate exchange | 0.98 (0.57–1.03) | | | | 75 µs |
-//!
-//! Raw lapin cost the broker 60 to 66 µs of CPU per event and its own
-//! process 20 µs (it awaits each publish's write before the next: a
-//! wake-up of lapin's I/O thread per event); this crate's publisher 11 to
-//! 16 µs, so the broker sets the pace. Raw lapin's own rate swung from
-//! 7,100 to 15,300 events/s between rounds of one run, and every
-//! contender's rounds with it: read the columns as tendencies. The
-//! shared harness's peer, ruststream (no `mandatory`, no event
-//! attributes: the broker drops unroutable events), publishing
-//! concurrently as this crate does, measured 1.05 (1.00 to 1.32) times its
-//! raw lapin in the session of run A and 1.25 (1.14 to 1.38) in that of
-//! run B.
-//!
-//! # Channels
-//!
-//! The publisher holds [`PublishOptions::channels`] confirm-mode channels
-//! on its connection (1 by default) and hands events to them in turn. Each
-//! call waits for the confirm of its own event on its own channel: a
-//! broker nack or a returned (unroutable) event is that caller's error,
-//! never a neighbour's. A channel that fails on a live connection (the
-//! broker closes a channel on a channel-level error, such as a publish to
-//! an exchange deleted under the publisher) is replaced in place, the
-//! exchange declared (or checked) again on the new channel, while the
-//! other channels go on; the callers whose confirms were pending on it get
-//! a retryable [`ErrorKind::Connection`] error, and a retry layer sends
-//! their events again. If the replacement fails, or every channel is down,
-//! the whole connection is re-established as when it drops.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use watchtower::{Event, PublishExt};
-//! use watchtower_rabbitmq::{RabbitClient, RabbitConfig};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let client = RabbitClient::connect(RabbitConfig::local()).await?;
-//! let mut publisher = client.publisher().await?;
-//! let receipt = publisher.publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
-//! assert_eq!(&*receipt.topic, "user.created");
-//! # Ok(()) }
-//! ```
 
 mod channels;
 mod future;
@@ -150,10 +39,125 @@ struct Inner {
     _guard: LinkGuard,
 }
 
-/// Publishes events to a RabbitMQ exchange. See the [module docs](self).
+/// Publishes events to a RabbitMQ exchange: a `tower::Service<Event>`,
+/// made by [`RabbitClient::publisher`](crate::RabbitClient::publisher).
 ///
-/// Cheap to clone: clones share the connection, its channels and the
-/// in-flight window. The connection closes when the last clone drops.
+/// Cheap to clone: clones share the publisher's connection, its channels
+/// and the in-flight window. The connection closes when the last clone
+/// drops.
+///
+/// exchange with publisher confirms.
+///
+/// Each event goes to the configured exchange with its
+/// [`topic`](Event::topic) as the routing key, in the
+/// [`ContentMode`] of its options (binary unless set,
+/// see the [crate docs](crate#wire-format)), persistent, with the
+/// `mandatory` flag unless the exchange has an
+/// [alternate exchange](crate::RabbitConfig::alternate_exchange).
+/// The call resolves when the broker confirms the event:
+///
+/// * `Ok(Receipt)` once the broker has taken responsibility for it (for a
+///   persistent event on a durable queue: written to disk; for an event no
+///   binding routes, once it is in the alternate exchange's queue);
+/// * [`ErrorKind::Rejected`] if no queue is bound for the routing key (the
+///   broker returned it, `mandatory`), not retryable;
+/// * [`ErrorKind::Rejected`], retryable, if the broker nacked it (a full
+///   queue with `reject-publish` overflow, an internal error);
+/// * [`ErrorKind::Connection`], retryable, if the connection or the
+///   channel failed before the confirm arrived: the event may or may not
+///   have been stored, so a retry can duplicate it (at-least-once).
+///
+/// Confirms are pipelined: up to
+/// [`max_in_flight`](PublishOptions::max_in_flight) events are unconfirmed
+/// at once, across all channels; `poll_ready` is pending while that window
+/// is full and while the connection is being re-established.
+///
+/// # Duplicates
+///
+/// A caller told [`ErrorKind::Connection`] (or whose own timeout fired
+/// while it waited for the confirm) cannot know whether the broker stored
+/// its event: the publish may have reached the queue and only its confirm
+/// been lost. RabbitMQ has no deduplication, so retrying it (a retry layer,
+/// a dead-letter path replayed later) can put the event in the queue
+/// twice. Both copies carry the same event [`id`](Event::id) (the
+/// `cloudEvents_id` header and the AMQP `message-id` property): a consumer
+/// that must not act twice keeps the ids it has handled (for as long as a
+/// retry can come) and skips one it has seen, or makes its handler
+/// idempotent.
+///
+/// # Performance
+///
+/// Measured with the crate's benchmark (`benches/rabbitmq.rs`): 50,000
+/// persistent events (~200 bytes structured), confirms, 1,024 in flight,
+/// to a durable classic queue, on a 2-core machine that also runs the
+/// broker and other builds (load average 5 to 10). Ratio: raw lapin's time
+/// over ours, per round (raw sends pre-built ~195-byte JSON bodies with no
+/// header table and no `mandatory`, the shared baseline's
+/// `amqp-pub-confirm`); median and range. "Alternate exchange": without
+/// `mandatory`, the exchange's
+/// [alternate exchange](crate::RabbitConfig::alternate_exchange) keeping
+/// what no binding routes.
+///
+/// Runs A and B measured a variant whose confirm task answered without
+/// the `basic.qos` round trip (a local fence on lapin's lock; the paths
+/// without `mandatory` do not use the task and are this code): A with
+/// three rounds under the heavier load, B with four rounds. Run C, right
+/// after B, set this code's `mandatory` path against that variant, twice
+/// three rounds each, alternating. Run D: this code, three rounds, last.
+///
+/// | publishing | run A | run B | run C | run D | broker CPU per event |
+/// |---|--:|--:|--:|--:|--:|
+/// | publisher, binary, `mandatory` (default) | | | 1.02 (0.98–1.09), 1.07 (0.93–1.20) | 0.95 (0.80–1.42) | 67–69 µs |
+/// | the same, local fence | 0.78 (0.65–1.19) | 0.98 (0.88–1.08) | 1.00 (0.91–1.06), 1.02 (0.72–1.32) | | 71–74 µs |
+/// | publisher, structured, local fence | 0.90 (0.60–1.06) | 0.81 (0.68–0.84) | | | 79–82 µs |
+/// | publisher, binary, alternate exchange | 0.70 (0.64–1.46) | 1.07 (0.84–1.09) | | 1.11 (0.79–1.23) | 59–72 µs |
+/// | publisher, structured, alternate exchange | 0.79 (0.58–1.13) | | | | 72 µs |
+/// | four layers + publisher, binary, `mandatory` | | | 1.03 (0.99–1.18), 1.11 (0.90–1.32) | 0.79 (0.78–1.44) | 62–66 µs |
+/// | the same, local fence | 0.73 (0.50–1.24) | 0.98 (0.87–1.04) | 0.83 (0.82–1.04), 0.83 (0.70–1.11) | | 72–76 µs |
+/// | four layers + publisher, structured, local fence | 0.66 (0.60–0.93) | | | | 84 µs |
+/// | four layers + publisher, binary, alternate exchange | 0.91 (0.87–1.40) | 1.06 (0.83–1.13) | | 0.90 (0.83–1.02) | 61–62 µs |
+/// | four layers + publisher, structured, alternate exchange | 0.98 (0.57–1.03) | | | | 75 µs |
+///
+/// Raw lapin cost the broker 60 to 66 µs of CPU per event and its own
+/// process 20 µs (it awaits each publish's write before the next: a
+/// wake-up of lapin's I/O thread per event); this crate's publisher 11 to
+/// 16 µs, so the broker sets the pace. Raw lapin's own rate swung from
+/// 7,100 to 15,300 events/s between rounds of one run, and every
+/// contender's rounds with it: read the columns as tendencies. The
+/// shared harness's peer, ruststream (no `mandatory`, no event
+/// attributes: the broker drops unroutable events), publishing
+/// concurrently as this crate does, measured 1.05 (1.00 to 1.32) times its
+/// raw lapin in the session of run A and 1.25 (1.14 to 1.38) in that of
+/// run B.
+///
+/// # Channels
+///
+/// The publisher holds [`PublishOptions::channels`] confirm-mode channels
+/// on its connection (1 by default) and hands events to them in turn. Each
+/// call waits for the confirm of its own event on its own channel: a
+/// broker nack or a returned (unroutable) event is that caller's error,
+/// never a neighbour's. A channel that fails on a live connection (the
+/// broker closes a channel on a channel-level error, such as a publish to
+/// an exchange deleted under the publisher) is replaced in place, the
+/// exchange declared (or checked) again on the new channel, while the
+/// other channels go on; the callers whose confirms were pending on it get
+/// a retryable [`ErrorKind::Connection`] error, and a retry layer sends
+/// their events again. If the replacement fails, or every channel is down,
+/// the whole connection is re-established as when it drops.
+///
+/// # Example
+///
+/// ```no_run
+/// use watchtower::{Event, PublishExt};
+/// use watchtower_rabbitmq::{RabbitClient, RabbitConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let client = RabbitClient::connect(RabbitConfig::local()).await?;
+/// let mut publisher = client.publisher().await?;
+/// let receipt = publisher.publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
+/// assert_eq!(&*receipt.topic, "user.created");
+/// # Ok(()) }
+/// ```
 pub struct RabbitPublisher {
     inner: Arc<Inner>,
     semaphore: PollSemaphore,
