@@ -13,8 +13,9 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use tokio::sync::{Notify, mpsc};
 use tower::service_fn;
-use watchtower::{Event, PublishExt, SubscribeOptions, Subscriber, serve};
-use watchtower_rabbitmq::{RabbitConfig, RabbitPublisher};
+use watchtower::health::{Health, Status};
+use watchtower::{Event, PublishExt, SubscribeOptions, Subscriber, Transport, serve};
+use watchtower_rabbitmq::{RabbitClient, RabbitConfig, RabbitPublisher};
 use watchtower_test_support::{TcpProxy, unique, within};
 
 use common::{Admin, config};
@@ -292,4 +293,46 @@ async fn stalled_peer_is_detected_by_heartbeat() {
     admin.delete_queue(&subscriber.group_queue("stall")).await;
     admin.delete_exchange(&exchange).await;
     admin.close().await;
+}
+
+/// Polls the client's health until it has `status`, within the deadline.
+async fn health_becomes(client: &RabbitClient, status: Status) -> Health {
+    within("health", async {
+        loop {
+            let health = client.health().await;
+            if health.status() == status {
+                return health;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_connection_up_degraded_up_down() {
+    let exchange = unique("wt-health-fault");
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await.unwrap();
+    let client = RabbitClient::connect(via(&proxy, &exchange)).await.unwrap();
+    let health = client.health().await;
+    assert_eq!(health.status(), Status::Up);
+    assert_eq!(health.system(), RabbitClient::SYSTEM);
+
+    // The broker unreachable: degraded while reconnecting, with a reason
+    // that names no credentials.
+    proxy.set_down(true);
+    let degraded = health_becomes(&client, Status::Degraded).await;
+    let reason = degraded.reason().unwrap_or_default();
+    assert!(reason.starts_with("reconnecting"), "{reason}");
+    assert!(!reason.contains("guest"), "{reason}");
+
+    // Back: up again, on a new connection.
+    proxy.set_down(false);
+    health_becomes(&client, Status::Up).await;
+    assert!(proxy.accepted_connections() >= 2);
+
+    client.close();
+    let down = client.health().await;
+    assert_eq!(down.status(), Status::Down);
+    Admin::connect().await.delete_exchange(&exchange).await;
 }
