@@ -54,7 +54,8 @@ use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
 use watchtower_layers::circuit_breaker::CircuitBreakerConfig;
 use watchtower_layers::retry::RetryConfig;
 use watchtower_rabbitmq::{
-    ContentMode, ExchangeKind, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber,
+    ContentMode, ExchangeKind, PublishOptions, QueueOptions, RabbitClient, RabbitConfig, RabbitPublisher,
+    RabbitSubscriber,
 };
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -199,7 +200,7 @@ fn publish_options(mode: ContentMode, mandatory: bool) -> PublishOptions {
 }
 
 async fn stack_publish(config: &RabbitConfig, contender: Contender, events: Vec<Event>) -> Duration {
-    let publisher = RabbitPublisher::connect_with(
+    let publisher = publisher_with(
         config.clone(),
         publish_options(contender.mode, contender.mandatory),
     )
@@ -254,8 +255,7 @@ where
 /// The transport alone, without layers.
 async fn bare_publish(mut publisher: RabbitPublisher, events: Vec<Event>) -> Duration {
     let start = Instant::now();
-    let mut in_flight: FuturesUnordered<watchtower_rabbitmq::publisher::ResponseFuture> =
-        FuturesUnordered::new();
+    let mut in_flight: FuturesUnordered<watchtower_rabbitmq::ResponseFuture> = FuturesUnordered::new();
     for event in events {
         while in_flight.len() >= IN_FLIGHT {
             in_flight.next().await.unwrap().unwrap();
@@ -270,7 +270,7 @@ async fn bare_publish(mut publisher: RabbitPublisher, events: Vec<Event>) -> Dur
 }
 
 async fn preload(config: &RabbitConfig, mode: ContentMode, n: usize) {
-    let publisher = RabbitPublisher::connect_with(config.clone(), publish_options(mode, true))
+    let publisher = publisher_with(config.clone(), publish_options(mode, true))
         .await
         .unwrap();
     bare_publish(publisher, (0..n).map(event).collect()).await;
@@ -302,13 +302,9 @@ async fn raw_consume(connection: &Connection, queue: &str, n: usize) -> Duration
 }
 
 async fn stack_consume(config: &RabbitConfig, queue: &str, n: usize) -> Duration {
-    let subscriber = RabbitSubscriber::connect_with(
+    let subscriber = subscriber_with(
         config.clone(),
-        QueueOptions::new()
-            .queue(queue)
-            .unwrap()
-            .passive(true)
-            .prefetch(PREFETCH),
+        QueueOptions::new().queue(queue).passive(true).prefetch(PREFETCH),
     )
     .await
     .unwrap();
@@ -472,16 +468,13 @@ fn main() {
         // routed events measured here.
         let alternate = format!("{exchange}.unroutable");
         let config = RabbitConfig::new(URL)
-            .unwrap()
             .exchange(&exchange, ExchangeKind::Topic)
-            .unwrap()
             .alternate_exchange(&alternate)
-            .unwrap()
             .connection_name("bench");
         let connection = Connection::connect(URL, Default::default()).await.unwrap();
         let admin = connection.create_channel().await.unwrap();
         // Declared through the transport first, so the exchange exists.
-        drop(RabbitPublisher::connect(config.clone()).await.unwrap());
+        drop(publisher_with(config.clone(), PublishOptions::new()).await.unwrap());
         admin
             .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default())
             .await
@@ -571,4 +564,18 @@ fn main() {
         admin.exchange_delete(alternate.as_str().into(), Default::default()).await.unwrap();
         let _ = connection.close(200, "done".into()).await;
     });
+}
+
+async fn publisher_with(
+    config: RabbitConfig,
+    options: PublishOptions,
+) -> Result<RabbitPublisher, watchtower::Error> {
+    RabbitClient::connect(config).await?.publisher_with(options).await
+}
+
+async fn subscriber_with(
+    config: RabbitConfig,
+    queue: QueueOptions,
+) -> Result<RabbitSubscriber, watchtower::Error> {
+    Ok(RabbitClient::connect(config).await?.subscriber_with(queue))
 }

@@ -18,7 +18,7 @@ use tower::service_fn;
 use watchtower::ext;
 use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, SubscriberExt};
 use watchtower_rabbitmq::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use watchtower_rabbitmq::{ExchangeKind, QueueOptions, RabbitConfig, RabbitPublisher, RabbitSubscriber};
+use watchtower_rabbitmq::{ExchangeKind, QueueOptions, RabbitClient, RabbitConfig};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const EXCHANGE: &str = "watchtower-example.orders";
@@ -27,21 +27,20 @@ const DLQ: &str = "watchtower-example.orders.dead";
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let config = RabbitConfig::new(URL)?
-        .exchange(EXCHANGE, ExchangeKind::Topic)?
+    let config = RabbitConfig::new(URL)
+        .exchange(EXCHANGE, ExchangeKind::Topic)
         .connection_name("rabbitmq_dlx example");
 
     // Quorum queue "watchtower-example.orders.billing", at most 2 failed
     // deliveries, then to the dead-letter exchange and its queue.
-    let subscriber = RabbitSubscriber::connect_with(
-        config.clone(),
+    let client = RabbitClient::connect(config.clone()).await?;
+    let subscriber = client.subscriber_with(
         QueueOptions::new()
             .quorum(true)
             .delivery_limit(2)
-            .dead_letter_exchange(DLX)?
-            .dead_letter_queue(DLQ)?,
-    )
-    .await?;
+            .dead_letter_exchange(DLX)
+            .dead_letter_queue(DLQ),
+    );
     let handle = subscriber
         .subscribe_with(
             SubscribeOptions::new(["order.>"])?.group("billing")?,
@@ -56,7 +55,7 @@ async fn main() -> Result<(), Error> {
         )
         .await?;
 
-    let mut publisher = RabbitPublisher::connect(config.clone()).await?;
+    let mut publisher = client.publisher().await?;
     publisher
         .publish(Event::new(
             "order.placed",
@@ -71,11 +70,9 @@ async fn main() -> Result<(), Error> {
 
     // Drain the dead-letter queue: the event, intact, and the broker's
     // reason as the `deadletter*` extensions.
-    let dead = RabbitSubscriber::connect_with(
-        config.clone().exchange(DLX, ExchangeKind::Topic)?,
-        QueueOptions::new().queue(DLQ)?.passive(true),
-    )
-    .await?;
+    let dead = RabbitClient::connect(config.clone().exchange(DLX, ExchangeKind::Topic))
+        .await?
+        .subscriber_with(QueueOptions::new().queue(DLQ).passive(true));
     let mut dead_letters = dead.open(SubscribeOptions::new([">"])?).await?;
     match tokio::time::timeout(Duration::from_secs(30), dead_letters.next()).await {
         Ok(Some(Ok(delivery))) => {

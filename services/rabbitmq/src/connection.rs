@@ -20,6 +20,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::{Connection, ConnectionProperties};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use watchtower::backoff::{Backoff, Jitter};
 use watchtower::{Error, ErrorKind};
 
 use crate::config::RabbitConfig;
@@ -53,20 +54,19 @@ impl<T> Clone for LinkState<T> {
     }
 }
 
-/// The connection's health, for readiness and liveness probes.
+/// The connection's health, as the link sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Health {
+pub(crate) struct LinkHealth {
     /// The connection is open and set up.
-    pub connected: bool,
+    pub(crate) connected: bool,
     /// The transport was closed for good.
-    pub closed: bool,
+    pub(crate) closed: bool,
     /// Connections opened so far (1 after the first connect).
-    pub connections: u64,
+    pub(crate) connections: u64,
     /// Failed connection attempts since the last success.
-    pub failed_attempts: u64,
+    pub(crate) failed_attempts: u64,
     /// Why the last connection or attempt failed, credentials removed.
-    pub last_error: Option<String>,
+    pub(crate) last_error: Option<String>,
 }
 
 struct Shared<T> {
@@ -120,6 +120,7 @@ impl<T: Send + Sync + 'static> Link<T> {
         config: RabbitConfig,
         setup: Setup<T>,
     ) -> Result<(Link<T>, LinkGuard), Error> {
+        config.validate()?;
         let connection = Arc::new(open(&config).await?);
         let value = match setup(connection.clone()).await {
             Ok(value) => value,
@@ -195,9 +196,9 @@ impl<T: Send + Sync + 'static> Link<T> {
         &self.shared.config
     }
 
-    pub(crate) fn health(&self) -> Health {
+    pub(crate) fn health(&self) -> LinkHealth {
         let state = self.shared.state.borrow();
-        Health {
+        LinkHealth {
             connected: matches!(&*state, LinkState::Up(s) if s.connection.status().connected()),
             closed: self.shared.token.is_cancelled() || matches!(&*state, LinkState::Closed),
             connections: self.shared.connections.load(Ordering::Relaxed),
@@ -209,7 +210,8 @@ impl<T: Send + Sync + 'static> Link<T> {
 
 async fn drive<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, setup: Setup<T>, first: Arc<Session<T>>) {
     let mut session = Some(first);
-    let mut delay = shared.config.reconnect_min;
+    let backoff = Backoff::new(shared.config.reconnect_min, shared.config.reconnect_max).jitter(Jitter::Full);
+    let mut failures: u32 = 0;
     let mut generation = 1;
     loop {
         if let Some(current) = session.take() {
@@ -246,7 +248,7 @@ async fn drive<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, setup: Setup<T>
         match result {
             Ok((connection, value)) => {
                 generation += 1;
-                delay = shared.config.reconnect_min;
+                failures = 0;
                 shared.connections.fetch_add(1, Ordering::Relaxed);
                 shared.failed_attempts.store(0, Ordering::Relaxed);
                 let current = Arc::new(Session {
@@ -261,13 +263,14 @@ async fn drive<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, setup: Setup<T>
             }
             Err(e) => {
                 shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                failures = failures.saturating_add(1);
+                let delay = backoff.delay(failures);
                 tracing::debug!(error = %e, ?delay, "RabbitMQ reconnect attempt failed");
                 set_error(&shared, e.to_string());
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = shared.token.cancelled() => break,
                 }
-                delay = (delay * 2).min(shared.config.reconnect_max);
             }
         }
     }
@@ -318,7 +321,7 @@ pub(crate) async fn open(config: &RabbitConfig) -> Result<Connection, Error> {
     if let Some(name) = &config.connection_name {
         properties = properties.with_connection_name(name.as_bytes().into());
     }
-    let connect = Connection::connect_uri(config.uri.clone(), properties);
+    let connect = Connection::connect_uri(config.amqp_uri()?.clone(), properties);
     match tokio::time::timeout(config.connect_timeout, connect).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(e)) => {

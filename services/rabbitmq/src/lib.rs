@@ -1,23 +1,110 @@
 //! RabbitMQ transport for WatchTower, on [`lapin`].
 //!
-//! * [`RabbitPublisher`] is a `tower::Service<Event>`: events go to an
-//!   exchange (topic by default) with the event's topic as routing key,
-//!   persistent, `mandatory`, and the call resolves on the broker's
-//!   publisher confirm. Unroutable events come back as
+//! # Connect
+//!
+//! [`RabbitConfig`] is plain data: where the broker is, how to log in,
+//! which exchange to use (a durable topic exchange named `watchtower`
+//! unless set). Its setters never fail and document their defaults;
+//! [`RabbitClient::connect`] checks it once (a bad URL or name is an
+//! [`ErrorKind::Config`](watchtower::ErrorKind::Config) error, never with
+//! the password in it), connects and declares the exchange. The client is
+//! cheap to clone and keeps its connection healthy: failures are detected
+//! (error events, heartbeats, broker-closed connections), the connection
+//! is re-opened with [backoff](watchtower::backoff) and the topology
+//! declared again. Its [`Transport::health`](watchtower::Transport::health)
+//! is up while connected, degraded while reconnecting (with the last
+//! failure) and down once closed.
+//!
+//! ```no_run
+//! use watchtower::Transport as _;
+//! use watchtower_rabbitmq::{ExchangeKind, RabbitClient, RabbitConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let config = RabbitConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f")
+//!     .exchange("orders", ExchangeKind::Topic)
+//!     .connection_name("checkout");
+//! let client = RabbitClient::connect(config).await?;
+//! assert!(client.health().await.is_up());
+//! # Ok(()) }
+//! ```
+//!
+//! # Publish
+//!
+//! [`client.publisher()`](RabbitClient::publisher) (or
+//! [`publisher_with`](RabbitClient::publisher_with) and
+//! [`PublishOptions`]) makes a [`RabbitPublisher`], a
+//! `tower::Service<Event>` on a connection of its own: events go to the
+//! exchange with the event's topic as routing key, persistent,
+//! `mandatory`, and the call resolves on the broker's publisher confirm.
+//! A publisher channel the broker closes is replaced on the same
+//! connection, without disturbing the publisher's other channels.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//! use watchtower::{Event, PublishExt};
+//! use watchtower_rabbitmq::{RabbitClient, RabbitConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let client = RabbitClient::connect(RabbitConfig::local()).await?;
+//! let mut publisher = ServiceBuilder::new()
+//!     .timeout(Duration::from_secs(5))
+//!     .service(client.publisher().await?);
+//! publisher.publish(Event::new("order.placed", serde_json::json!({"order": 7}))).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Subscribe
+//!
+//! [`client.subscriber()`](RabbitClient::subscriber) (or
+//! [`subscriber_with`](RabbitClient::subscriber_with) and
+//! [`QueueOptions`]) makes a [`RabbitSubscriber`], a
+//! [`watchtower::Subscriber`] on the client's connection: queues and
+//! bindings declared from the options (quorum queues, delivery limit,
+//! dead-letter exchange, TTL, max length), prefetch as the backpressure
+//! bound, consumer groups as shared durable queues, batched `multiple`
+//! acks.
+//!
+//! ```no_run
+//! use tower::service_fn;
+//! use watchtower::{Event, SubscriberExt};
+//! use watchtower_rabbitmq::{RabbitClient, RabbitConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let client = RabbitClient::connect(RabbitConfig::local()).await?;
+//! let handle = client
+//!     .subscriber()
+//!     .subscribe(["order.*"], service_fn(|event: Event| async move {
+//!         println!("{} {}", event.ty(), event.id());
+//!         Ok::<_, watchtower::Error>(())
+//!     }))
+//!     .await?;
+//! # handle.stop().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! * A publish resolves `Ok` only once the broker confirmed the event
+//!   (for a persistent event on a durable queue: written to disk).
+//!   Unroutable events come back as
 //!   [`ErrorKind::Rejected`](watchtower::ErrorKind::Rejected) errors, or,
 //!   faster, are kept by an
-//!   [alternate exchange](RabbitConfig::alternate_exchange).
-//! * [`RabbitSubscriber`] implements [`watchtower::Subscriber`]: queues and
-//!   bindings declared from [`QueueOptions`] (quorum queues, delivery limit,
-//!   dead-letter exchange, TTL, max length), prefetch as the backpressure
-//!   bound, consumer groups as shared durable queues, batched `multiple`
-//!   acks.
-//! * Both keep their connection healthy: failures are detected (error
-//!   events, heartbeats, broker-closed connections), `poll_ready` and
-//!   [`Health`] follow the real state, and the connection is re-opened with
-//!   backoff and the topology declared again. A publisher channel the
-//!   broker closes is replaced on the same connection, without disturbing
-//!   the publisher's other channels.
+//!   [alternate exchange](RabbitConfig::alternate_exchange); a broker nack
+//!   is a retryable `Rejected` error; a connection or channel lost before
+//!   the confirm is a retryable
+//!   [`ErrorKind::Connection`](watchtower::ErrorKind::Connection) error,
+//!   and a retry can duplicate the event (at-least-once; see
+//!   [duplicates](RabbitPublisher#duplicates)).
+//! * A delivery is acknowledged only after its handler finished; a nack
+//!   requeues it, a reject dead-letters it (to the queue's dead-letter
+//!   exchange), an unsettled one dropped or on a lost connection is
+//!   redelivered by the broker.
+//! * Ordering: per queue with one consumer; concurrent publishes on
+//!   several channels may be reordered.
+//! * A subscription whose connection fails yields one `Connection` error,
+//!   waits for the connection to come back, declares its queue and
+//!   bindings again and resumes.
 //!
 //! # Wire format
 //!
@@ -48,7 +135,7 @@
 //!   raw lapin against 0.68 to 0.84, same run, both with `mandatory`; run B
 //!   of the table), and
 //!   cost the broker, which sets the pace, less CPU per event (73 µs
-//!   against 82): see the table in the [publisher docs](publisher#performance).
+//!   against 82): see the table in the [publisher docs](RabbitPublisher#performance).
 //!   Structured mode saves the processes a few µs per event (a consumer
 //!   under `serve` spends 9 µs per structured event, 15 per binary one),
 //!   but consuming runs at the same pace in both modes, 2 to 3.3 times raw
@@ -109,52 +196,23 @@
 //! trip was measured and left out: it answered confirms one by one and
 //! was slower (see the publisher docs' table).
 //!
-//! # Example
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use tower::{ServiceBuilder, service_fn};
-//! use watchtower::{Event, PublishExt, SubscriberExt};
-//! use watchtower_rabbitmq::{ExchangeKind, RabbitConfig, RabbitPublisher, RabbitSubscriber};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let config = RabbitConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f")?
-//!     .exchange("orders", ExchangeKind::Topic)?
-//!     .connection_name("checkout");
-//!
-//! let subscriber = RabbitSubscriber::connect(config.clone()).await?;
-//! let handle = subscriber
-//!     .subscribe(["order.*"], service_fn(|event: Event| async move {
-//!         println!("{} {}", event.ty(), event.id());
-//!         Ok::<_, watchtower::Error>(())
-//!     }))
-//!     .await?;
-//!
-//! let mut publisher = ServiceBuilder::new()
-//!     .timeout(Duration::from_secs(5))
-//!     .service(RabbitPublisher::connect(config).await?);
-//! publisher.publish(Event::new("order.placed", serde_json::json!({"order": 7}))).await?;
-//! # handle.stop().await?;
-//! # Ok(()) }
-//! ```
 
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod ack;
-pub mod config;
+mod client;
+mod config;
 mod confirms;
 mod connection;
-pub mod publisher;
-pub mod subscriber;
+mod publisher;
+mod subscriber;
 mod wire;
 
-/// The `messaging.system` name of RabbitMQ, as the OpenTelemetry conventions spell it.
-pub(crate) const SYSTEM: &str = "rabbitmq";
-
+pub use client::RabbitClient;
 pub use config::{ContentMode, ExchangeKind, PublishOptions, QueueOptions, QueueOverflow, RabbitConfig};
-pub use connection::Health;
-pub use publisher::RabbitPublisher;
+pub use publisher::{RabbitPublisher, ResponseFuture};
 pub use subscriber::{RabbitAcker, RabbitSubscriber, RabbitSubscription};
 
 /// The lapin crate, for [`FieldTable`](lapin::types::FieldTable) binding
@@ -165,7 +223,7 @@ pub use lapin;
 /// `use watchtower_rabbitmq::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        ContentMode, ExchangeKind, PublishOptions, QueueOptions, RabbitConfig, RabbitPublisher,
+        ExchangeKind, PublishOptions, QueueOptions, RabbitClient, RabbitConfig, RabbitPublisher,
         RabbitSubscriber,
     };
     pub use watchtower::prelude::*;

@@ -1,58 +1,5 @@
 //! [`RabbitSubscriber`]: queues, bindings and consumers behind the core's
 //! [`Subscriber`] contract.
-//!
-//! Opening a subscription declares (or, with [`QueueOptions::passive`],
-//! checks) the queue, binds it to the exchange with each pattern converted
-//! to AMQP syntax ([`TopicPattern::to_amqp`](watchtower::TopicPattern::to_amqp):
-//! `user.>` becomes `user.#`), sets the prefetch with `basic.qos` and starts
-//! a consumer:
-//!
-//! * with a [consumer group](SubscribeOptions::group) the queue is the
-//!   durable `<prefix><group>`, shared by every member (competing
-//!   consumers), and keeps events while no member is connected;
-//! * without one, an exclusive, auto-delete queue that lives as long as
-//!   the subscription's connection.
-//!
-//! Since AMQP's `#` also matches zero tokens (`user.#` matches `user`),
-//! deliveries are filtered with [`SubscribeOptions::matches`]; the few that
-//! do not match are acknowledged and skipped.
-//!
-//! Settlement: [`ack`](Acker::ack) is batched into `multiple` acks (never
-//! before the handler finished, see [`RabbitAcker`]), [`nack`](Acker::nack)
-//! requeues, [`reject`](Acker::reject) rejects without requeue, so the
-//! queue's dead-letter exchange gets it. A delivery's count comes from the
-//! quorum queue's `x-delivery-count` header; on classic queues it is
-//! tracked by the subscriber from the `redelivered` flag and the message id.
-//!
-//! When the connection fails, the subscription yields one
-//! [`ErrorKind::Connection`] error, waits for the connection to come back,
-//! declares its queue and bindings again and resumes.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use tower::service_fn;
-//! use watchtower::{Event, SubscribeOptions, SubscriberExt};
-//! use watchtower_rabbitmq::{QueueOptions, RabbitConfig, RabbitSubscriber};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let subscriber = RabbitSubscriber::connect_with(
-//!     RabbitConfig::local(),
-//!     QueueOptions::new().quorum(true).delivery_limit(5).prefetch(128),
-//! )
-//! .await?;
-//! let handle = subscriber
-//!     .subscribe_with(
-//!         SubscribeOptions::new(["user.>"])?.group("mailer")?,
-//!         service_fn(|event: Event| async move {
-//!             println!("{}", event.ty());
-//!             Ok::<_, watchtower::Error>(())
-//!         }),
-//!     )
-//!     .await?;
-//! # handle.stop().await?;
-//! # Ok(()) }
-//! ```
 
 use std::collections::HashMap;
 use std::fmt;
@@ -69,24 +16,82 @@ use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Channel, Consumer};
+use watchtower::backoff::{Backoff, Jitter};
 use watchtower::{
     Acker, Capabilities, Delivery, Error, ErrorKind, Poison, SubscribeOptions, Subscriber, TopicPattern,
 };
 
 use crate::ack::AckWindow;
-use crate::config::{ExchangeKind, QueueOptions, RabbitConfig, short};
-use crate::connection::{Health, Link, LinkGuard, LinkState, Session, Setup, map_lapin_error};
-use crate::publisher::declare_exchange;
+use crate::config::{ExchangeKind, QueueOptions, short};
+use crate::connection::{Link, LinkGuard, LinkState, Session, map_lapin_error};
 use crate::wire;
 
-use crate::SYSTEM;
+use watchtower::Transport as _;
 
-/// Consumes events from RabbitMQ queues. See the [module docs](self).
+use crate::RabbitClient;
+
+const SYSTEM: &str = RabbitClient::SYSTEM;
+
+/// Consumes events from RabbitMQ queues: a [`Subscriber`], made by
+/// [`RabbitClient::subscriber`](crate::RabbitClient::subscriber).
 ///
-/// Cheap to clone; clones share one connection, on which each subscription
-/// opens its own channel. The connection closes when the subscriber and
-/// all its subscriptions are dropped.
+/// Cheap to clone; clones share the client's connection, on which each
+/// subscription opens its own channel. The connection closes when the
+/// client, the subscriber and all its subscriptions are dropped.
+///
+/// [`Subscriber`] contract.
+///
+/// Opening a subscription declares (or, with [`QueueOptions::passive`],
+/// checks) the queue, binds it to the exchange with each pattern converted
+/// to AMQP syntax ([`TopicPattern::to_amqp`](watchtower::TopicPattern::to_amqp):
+/// `user.>` becomes `user.#`), sets the prefetch with `basic.qos` and starts
+/// a consumer:
+///
+/// * with a [consumer group](SubscribeOptions::group) the queue is the
+///   durable `<prefix><group>`, shared by every member (competing
+///   consumers), and keeps events while no member is connected;
+/// * without one, an exclusive, auto-delete queue that lives as long as
+///   the subscription's connection.
+///
+/// Since AMQP's `#` also matches zero tokens (`user.#` matches `user`),
+/// deliveries are filtered with [`SubscribeOptions::matches`]; the few that
+/// do not match are acknowledged and skipped.
+///
+/// Settlement: [`ack`](Acker::ack) is batched into `multiple` acks (never
+/// before the handler finished, see [`RabbitAcker`]), [`nack`](Acker::nack)
+/// requeues, [`reject`](Acker::reject) rejects without requeue, so the
+/// queue's dead-letter exchange gets it. A delivery's count comes from the
+/// quorum queue's `x-delivery-count` header; on classic queues it is
+/// tracked by the subscriber from the `redelivered` flag and the message id.
+///
+/// When the connection fails, the subscription yields one
+/// [`ErrorKind::Connection`] error, waits for the connection to come back,
+/// declares its queue and bindings again and resumes.
+///
+/// # Example
+///
+/// ```no_run
+/// use tower::service_fn;
+/// use watchtower::{Event, SubscribeOptions, SubscriberExt};
+/// use watchtower_rabbitmq::{QueueOptions, RabbitClient, RabbitConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let client = RabbitClient::connect(RabbitConfig::local()).await?;
+/// let subscriber =
+///     client.subscriber_with(QueueOptions::new().quorum(true).delivery_limit(5).prefetch(128));
+/// let handle = subscriber
+///     .subscribe_with(
+///         SubscribeOptions::new(["user.>"])?.group("mailer")?,
+///         service_fn(|event: Event| async move {
+///             println!("{}", event.ty());
+///             Ok::<_, watchtower::Error>(())
+///         }),
+///     )
+///     .await?;
+/// # handle.stop().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct RabbitSubscriber {
     link: Link<()>,
@@ -117,52 +122,12 @@ impl RabbitSubscriber {
         .redelivery(true)
         .nack_delay(true);
 
-    /// Connects with the default [`QueueOptions`].
-    ///
-    /// # Errors
-    ///
-    /// As [`connect_with`](RabbitSubscriber::connect_with).
-    pub async fn connect(config: RabbitConfig) -> Result<RabbitSubscriber, Error> {
-        RabbitSubscriber::connect_with(config, QueueOptions::default()).await
-    }
-
-    /// Connects and declares (or checks) the exchange, and the dead-letter
-    /// exchange and queue if configured.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Config`] for contradictory options, refused credentials
-    /// or an exchange that exists with other settings;
-    /// [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] if the broker
-    /// cannot be reached.
-    pub async fn connect_with(config: RabbitConfig, queue: QueueOptions) -> Result<RabbitSubscriber, Error> {
-        queue.validate()?;
-        let queue = Arc::new(queue);
-        let setup: Setup<()> = {
-            let config = config.clone();
-            let queue = queue.clone();
-            Arc::new(move |connection: Arc<Connection>| {
-                let config = config.clone();
-                let queue = queue.clone();
-                Box::pin(async move { declare_shared(&connection, &config, &queue).await })
-            })
-        };
-        let (link, guard) = Link::connect(config, setup).await?;
-        Ok(RabbitSubscriber {
+    pub(crate) fn new(link: Link<()>, guard: Arc<LinkGuard>, queue: QueueOptions) -> RabbitSubscriber {
+        RabbitSubscriber {
             link,
-            guard: Arc::new(guard),
-            queue,
-        })
-    }
-
-    /// The connection's health: connected, reconnect attempts, last error.
-    pub fn health(&self) -> Health {
-        self.link.health()
-    }
-
-    /// Whether the connection is up now.
-    pub fn is_connected(&self) -> bool {
-        self.health().connected
+            guard,
+            queue: Arc::new(queue),
+        }
     }
 
     /// The name of the queue a group consumes from.
@@ -180,6 +145,7 @@ impl RabbitSubscriber {
     }
 
     fn plan(&self, options: &SubscribeOptions) -> Result<Plan, Error> {
+        self.queue.validate()?;
         let config = self.link.config();
         let bindings = match config.exchange_kind {
             ExchangeKind::Topic => options.patterns().iter().map(TopicPattern::to_amqp).collect(),
@@ -220,17 +186,10 @@ impl RabbitSubscriber {
     }
 }
 
-/// Declarations shared by every subscription, redone on each connection.
-async fn declare_shared(
-    connection: &Connection,
-    config: &RabbitConfig,
-    queue: &QueueOptions,
-) -> Result<(), Error> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| map_lapin_error(&e, "open channel"))?;
-    declare_exchange(&channel, config).await?;
+/// Declares the dead-letter exchange and queue, if configured: redone by
+/// every subscription when it starts, so that they are there again after
+/// a reconnect.
+async fn declare_dead_letter(channel: &Channel, queue: &QueueOptions) -> Result<(), Error> {
     if let (Some(dlx), Some(dlq)) = (&queue.dead_letter_exchange, &queue.dead_letter_queue) {
         let what = |op: &str| format!("{op} dead-letter topology {dlx:?}/{dlq:?}");
         channel
@@ -261,7 +220,6 @@ async fn declare_shared(
             .await
             .map_err(|e| map_lapin_error(&e, &what("bind")))?;
     }
-    let _ = channel.close(200, "declared".into()).await;
     Ok(())
 }
 
@@ -290,7 +248,7 @@ impl Subscriber for RabbitSubscriber {
                 plan,
                 redeliveries: Arc::default(),
                 state: State::Active(Box::new(active)),
-                delay: RESTART_MIN,
+                failures: 0,
             })
         }
     }
@@ -325,6 +283,7 @@ async fn start(session: &Session<()>, plan: &Plan) -> Result<Active, Error> {
         .basic_qos(options.prefetch, BasicQosOptions::default())
         .await
         .map_err(|e| map_lapin_error(&e, "basic.qos"))?;
+    declare_dead_letter(&channel, options).await?;
     let name: ShortString = match &plan.queue {
         Some(name) => short("queue name", name)?,
         None => ShortString::default(),
@@ -411,7 +370,8 @@ pub struct RabbitSubscription {
     plan: Arc<Plan>,
     redeliveries: Arc<Mutex<HashMap<Box<str>, u32>>>,
     state: State,
-    delay: Duration,
+    /// Failed restarts in a row, for the backoff.
+    failures: u32,
 }
 
 impl fmt::Debug for RabbitSubscription {
@@ -524,7 +484,7 @@ impl Stream for RabbitSubscription {
                     Poll::Ready(Some(Ok(delivery))) => {
                         let window = active.window.clone();
                         if let Some(delivery) = this.convert(delivery, &window) {
-                            this.delay = RESTART_MIN;
+                            this.failures = 0;
                             return Poll::Ready(Some(Ok(delivery)));
                         }
                     }
@@ -559,8 +519,11 @@ impl Stream for RabbitSubscription {
                         return Poll::Ready(None);
                     }
                     Poll::Ready(Err(e)) => {
-                        this.state = State::Backoff(Box::pin(tokio::time::sleep(this.delay)));
-                        this.delay = (this.delay * 2).min(RESTART_MAX);
+                        this.failures = this.failures.saturating_add(1);
+                        let delay = Backoff::new(RESTART_MIN, RESTART_MAX)
+                            .jitter(Jitter::Full)
+                            .delay(this.failures);
+                        this.state = State::Backoff(Box::pin(tokio::time::sleep(delay)));
                         return Poll::Ready(Some(Err(e)));
                     }
                 },

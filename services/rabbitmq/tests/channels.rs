@@ -76,7 +76,7 @@ async fn call_each(
 async fn every_caller_gets_its_own_confirm_across_channels() {
     const N: usize = 2_000;
     let exchange = unique("wt-multi-ch");
-    let mut publisher = RabbitPublisher::connect_with(
+    let mut publisher = common::publisher_with(
         config(&exchange),
         // Room for all of them: the calls are only polled once all are made.
         PublishOptions::new().channels(4).max_in_flight(N),
@@ -108,7 +108,6 @@ async fn every_caller_gets_its_own_confirm_across_channels() {
     assert_eq!(ids.len(), N, "exactly one copy of each");
     let sent: HashSet<String> = events.iter().map(|e| e.id().to_owned()).collect();
     assert_eq!(ids.into_iter().collect::<HashSet<_>>(), sent);
-    assert_eq!(publisher.health().connections, 1);
 
     admin.delete_queue(&queue).await;
     admin.delete_exchange(&exchange).await;
@@ -146,7 +145,7 @@ async fn unroutable_events_fail_only_their_callers(
     every: usize,
 ) {
     let exchange = unique(&format!("wt-{name}"));
-    let mut publisher = RabbitPublisher::connect_with(
+    let mut publisher = common::publisher_with(
         config(&exchange),
         PublishOptions::new().channels(channels).content_mode(mode),
     )

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use watchtower::conformance::{Harness, run};
 use watchtower::{Capabilities, Error};
-use watchtower_rabbitmq::{QueueOptions, RabbitPublisher, RabbitSubscriber};
+use watchtower_rabbitmq::{QueueOptions, RabbitClient, RabbitPublisher, RabbitSubscriber};
 
 use common::{Admin, config};
 
@@ -25,7 +25,7 @@ impl Harness for RabbitHarness {
     type Subscriber = RabbitSubscriber;
 
     fn system(&self) -> &'static str {
-        "rabbitmq"
+        <RabbitClient as watchtower::Transport>::SYSTEM
     }
 
     fn name(&self) -> String {
@@ -52,7 +52,7 @@ impl Harness for RabbitHarness {
     }
 
     async fn publisher(&self, namespace: &str) -> Result<RabbitPublisher, Error> {
-        RabbitPublisher::connect(config(namespace)).await
+        common::publisher(config(namespace)).await
     }
 
     async fn subscriber(&self, namespace: &str) -> Result<RabbitSubscriber, Error> {
@@ -60,7 +60,7 @@ impl Harness for RabbitHarness {
         let queue = QueueOptions::new()
             .quorum(self.quorum)
             .expires(Duration::from_secs(120));
-        RabbitSubscriber::connect_with(config(namespace), queue).await
+        common::subscriber_with(config(namespace), queue).await
     }
 
     async fn publish_raw(&self, namespace: &str, topic: &str, body: Bytes) -> Result<bool, Error> {

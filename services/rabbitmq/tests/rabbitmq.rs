@@ -10,12 +10,13 @@ use futures_util::StreamExt as _;
 use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use tower::service_fn;
+use watchtower::Transport as _;
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::ext;
+use watchtower::health::Status;
 use watchtower::{ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_rabbitmq::{
-    ContentMode, ExchangeKind, PublishOptions, QueueOptions, QueueOverflow, RabbitConfig, RabbitPublisher,
-    RabbitSubscriber,
+    ContentMode, ExchangeKind, PublishOptions, QueueOptions, QueueOverflow, RabbitClient, RabbitConfig,
 };
 use watchtower_test_support::{unique, within};
 
@@ -60,13 +61,13 @@ async fn raw_get(admin: &Admin, queue: &str) -> lapin::message::Delivery {
 async fn round_trip_in_structured_mode() {
     let exchange = unique("wt-rt-s");
     let admin = Admin::connect().await;
-    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let subscriber = common::subscriber(config(&exchange)).await.unwrap();
     let mut subscription = subscriber
         .open(SubscribeOptions::new(["user.*"]).unwrap())
         .await
         .unwrap();
     let queue = raw_queue(&admin, &exchange, "user.#").await;
-    let mut publisher = RabbitPublisher::connect_with(
+    let mut publisher = common::publisher_with(
         config(&exchange),
         PublishOptions::new().content_mode(ContentMode::Structured),
     )
@@ -120,7 +121,7 @@ async fn round_trip_in_structured_mode() {
 async fn a_subscriber_reads_both_content_modes() {
     let exchange = unique("wt-modes");
     let admin = Admin::connect().await;
-    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let subscriber = common::subscriber(config(&exchange)).await.unwrap();
     let mut subscription = subscriber
         .open(SubscribeOptions::new(["m.*"]).unwrap())
         .await
@@ -128,7 +129,7 @@ async fn a_subscriber_reads_both_content_modes() {
     let mut sent = Vec::new();
     for mode in [ContentMode::Structured, ContentMode::Binary] {
         let mut publisher =
-            RabbitPublisher::connect_with(config(&exchange), PublishOptions::new().content_mode(mode))
+            common::publisher_with(config(&exchange), PublishOptions::new().content_mode(mode))
                 .await
                 .unwrap();
         let event = Event::new("m.ours", serde_json::json!({"mode": format!("{mode:?}")}));
@@ -187,12 +188,12 @@ async fn a_subscriber_reads_both_content_modes() {
 async fn round_trip_in_binary_mode_by_default() {
     let exchange = unique("wt-rt");
     let admin = Admin::connect().await;
-    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let subscriber = common::subscriber(config(&exchange)).await.unwrap();
     let mut subscription = subscriber
         .open(SubscribeOptions::new(["user.*"]).unwrap())
         .await
         .unwrap();
-    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let mut publisher = common::publisher(config(&exchange)).await.unwrap();
 
     let event = Event::builder("user.created")
         .subject("u-1")
@@ -252,7 +253,7 @@ async fn round_trip_in_binary_mode_by_default() {
 #[tokio::test]
 async fn unroutable_event_is_rejected_not_lost() {
     let exchange = unique("wt-unroutable");
-    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let mut publisher = common::publisher(config(&exchange)).await.unwrap();
     let err = publisher
         .publish(Event::new("nobody.listens", serde_json::json!({})))
         .await
@@ -263,7 +264,7 @@ async fn unroutable_event_is_rejected_not_lost() {
     assert!(err.event().is_some());
 
     // Without `mandatory`, the broker drops it and says yes.
-    let mut lax = RabbitPublisher::connect_with(config(&exchange), PublishOptions::new().mandatory(false))
+    let mut lax = common::publisher_with(config(&exchange), PublishOptions::new().mandatory(false))
         .await
         .unwrap();
     lax.publish(Event::new("nobody.listens", serde_json::json!({})))
@@ -279,8 +280,8 @@ async fn alternate_exchange_keeps_unroutable_events() {
     let exchange = unique("wt-ae");
     let alternate = format!("{exchange}.unroutable");
     let admin = Admin::connect().await;
-    let with_alternate = config(&exchange).alternate_exchange(&alternate).unwrap();
-    let mut publisher = RabbitPublisher::connect(with_alternate.clone()).await.unwrap();
+    let with_alternate = config(&exchange).alternate_exchange(&alternate);
+    let mut publisher = common::publisher(with_alternate.clone()).await.unwrap();
     let routed_queue = raw_queue(&admin, &exchange, "routed.*").await;
 
     let lost = Event::new("nobody.listens", serde_json::json!({"n": 1}));
@@ -303,12 +304,15 @@ async fn alternate_exchange_keeps_unroutable_events() {
 
     // The broker refuses the argument on an exchange that exists without it.
     let plain = unique("wt-ae-plain");
-    drop(RabbitPublisher::connect(config(&plain)).await.unwrap());
-    let err = RabbitPublisher::connect(config(&plain).alternate_exchange(&alternate).unwrap())
+    drop(common::publisher(config(&plain)).await.unwrap());
+    let err = common::publisher(config(&plain).alternate_exchange(&alternate))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    assert!(config(&plain).alternate_exchange(&plain).is_err());
+    let err = common::publisher(config(&plain).alternate_exchange(&plain))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
 
     admin.delete_queue(&routed_queue).await;
     admin.delete_queue(&alternate).await;
@@ -321,12 +325,12 @@ async fn alternate_exchange_keeps_unroutable_events() {
 #[tokio::test]
 async fn zero_token_matches_of_hash_are_filtered_out() {
     let exchange = unique("wt-filter");
-    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let subscriber = common::subscriber(config(&exchange)).await.unwrap();
     let mut subscription = subscriber
         .open(SubscribeOptions::new(["user.>"]).unwrap())
         .await
         .unwrap();
-    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let mut publisher = common::publisher(config(&exchange)).await.unwrap();
     // `user.#` routes `user` too; `user.>` must not see it.
     publisher
         .publish(Event::new("user", serde_json::json!({})))
@@ -347,10 +351,8 @@ async fn classic_nack_counts_and_reject_dead_letters() {
     let dlq = format!("{exchange}.dlq");
     let queue_options = QueueOptions::new()
         .dead_letter_exchange(&dlx)
-        .unwrap()
-        .dead_letter_queue(&dlq)
-        .unwrap();
-    let subscriber = RabbitSubscriber::connect_with(config(&exchange), queue_options)
+        .dead_letter_queue(&dlq);
+    let subscriber = common::subscriber_with(config(&exchange), queue_options)
         .await
         .unwrap();
     let options = SubscribeOptions::new(["job.*"])
@@ -358,7 +360,7 @@ async fn classic_nack_counts_and_reject_dead_letters() {
         .group("workers")
         .unwrap();
     let mut subscription = subscriber.open(options).await.unwrap();
-    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let mut publisher = common::publisher(config(&exchange)).await.unwrap();
     let event = Event::new("job.run", serde_json::json!({"n": 1}));
     publisher.publish(event.clone()).await.unwrap();
 
@@ -374,9 +376,9 @@ async fn classic_nack_counts_and_reject_dead_letters() {
     delivery.reject().await.unwrap();
 
     // The DLQ holds it, with the broker's reason readable.
-    let dead_subscriber = RabbitSubscriber::connect_with(
-        config(&exchange).exchange(&dlx, ExchangeKind::Topic).unwrap(),
-        QueueOptions::new().queue(&dlq).unwrap().passive(true),
+    let dead_subscriber = common::subscriber_with(
+        config(&exchange).exchange(&dlx, ExchangeKind::Topic),
+        QueueOptions::new().queue(&dlq).passive(true),
     )
     .await
     .unwrap();
@@ -410,15 +412,13 @@ async fn quorum_delivery_limit_sends_to_dlx_with_x_death() {
         .quorum(true)
         .delivery_limit(2)
         .dead_letter_exchange(&dlx)
-        .unwrap()
-        .dead_letter_queue(&dlq)
-        .unwrap();
-    let subscriber = RabbitSubscriber::connect_with(config(&exchange), queue_options)
+        .dead_letter_queue(&dlq);
+    let subscriber = common::subscriber_with(config(&exchange), queue_options)
         .await
         .unwrap();
     let options = SubscribeOptions::new(["pay.*"]).unwrap().group("payers").unwrap();
     let mut subscription = subscriber.open(options).await.unwrap();
-    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let mut publisher = common::publisher(config(&exchange)).await.unwrap();
     let event = Event::new("pay.charge", serde_json::json!({"amount": 5}));
     publisher.publish(event.clone()).await.unwrap();
 
@@ -432,9 +432,9 @@ async fn quorum_delivery_limit_sends_to_dlx_with_x_death() {
     }
     assert_eq!(counts, [1, 2, 3]);
 
-    let dead_subscriber = RabbitSubscriber::connect_with(
-        config(&exchange).exchange(&dlx, ExchangeKind::Topic).unwrap(),
-        QueueOptions::new().queue(&dlq).unwrap().passive(true),
+    let dead_subscriber = common::subscriber_with(
+        config(&exchange).exchange(&dlx, ExchangeKind::Topic),
+        QueueOptions::new().queue(&dlq).passive(true),
     )
     .await
     .unwrap();
@@ -474,7 +474,7 @@ async fn quorum_delivery_limit_sends_to_dlx_with_x_death() {
 async fn poison_goes_to_the_poison_path_and_the_consumer_goes_on() {
     let exchange = unique("wt-poison");
     let admin = Admin::connect().await;
-    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let subscriber = common::subscriber(config(&exchange)).await.unwrap();
     let subscription = subscriber
         .open(SubscribeOptions::new(["in.*"]).unwrap())
         .await
@@ -493,7 +493,7 @@ async fn poison_goes_to_the_poison_path_and_the_consumer_goes_on() {
         )
         .await;
     let good = Event::new("in.good", serde_json::json!({}));
-    RabbitPublisher::connect(config(&exchange))
+    common::publisher(config(&exchange))
         .await
         .unwrap()
         .publish(good.clone())
@@ -542,7 +542,7 @@ async fn poison_goes_to_the_poison_path_and_the_consumer_goes_on() {
 #[tokio::test]
 async fn full_queue_with_reject_publish_nacks_the_publisher() {
     let exchange = unique("wt-full");
-    let subscriber = RabbitSubscriber::connect_with(
+    let subscriber = common::subscriber_with(
         config(&exchange),
         QueueOptions::new()
             .max_length(1)
@@ -556,7 +556,7 @@ async fn full_queue_with_reject_publish_nacks_the_publisher() {
         .unwrap();
     // Stop consuming so the queue fills.
     drop(subscription);
-    let mut publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let mut publisher = common::publisher(config(&exchange)).await.unwrap();
     publisher
         .publish(Event::new("q.one", serde_json::json!({})))
         .await
@@ -579,13 +579,11 @@ async fn message_ttl_expires_into_the_dead_letter_queue() {
     let exchange = unique("wt-ttl");
     let dlx = format!("{exchange}.dlx");
     let dlq = format!("{exchange}.dlq");
-    let subscriber = RabbitSubscriber::connect_with(
+    let subscriber = common::subscriber_with(
         config(&exchange),
         QueueOptions::new()
             .dead_letter_exchange(&dlx)
-            .unwrap()
-            .dead_letter_queue(&dlq)
-            .unwrap(),
+            .dead_letter_queue(&dlq),
     )
     .await
     .unwrap();
@@ -595,7 +593,7 @@ async fn message_ttl_expires_into_the_dead_letter_queue() {
             .await
             .unwrap(),
     );
-    let mut publisher = RabbitPublisher::connect_with(
+    let mut publisher = common::publisher_with(
         config(&exchange),
         PublishOptions::new().message_ttl(Duration::from_millis(1)),
     )
@@ -603,9 +601,9 @@ async fn message_ttl_expires_into_the_dead_letter_queue() {
     .unwrap();
     let event = Event::new("t.short", serde_json::json!({}));
     publisher.publish(event.clone()).await.unwrap();
-    let dead_subscriber = RabbitSubscriber::connect_with(
-        config(&exchange).exchange(&dlx, ExchangeKind::Topic).unwrap(),
-        QueueOptions::new().queue(&dlq).unwrap().passive(true),
+    let dead_subscriber = common::subscriber_with(
+        config(&exchange).exchange(&dlx, ExchangeKind::Topic),
+        QueueOptions::new().queue(&dlq).passive(true),
     )
     .await
     .unwrap();
@@ -632,12 +630,12 @@ async fn message_ttl_expires_into_the_dead_letter_queue() {
 #[tokio::test]
 async fn serve_acks_everything_in_batches() {
     let exchange = unique("wt-batch");
-    let subscriber = RabbitSubscriber::connect_with(config(&exchange), QueueOptions::new().prefetch(64))
+    let subscriber = common::subscriber_with(config(&exchange), QueueOptions::new().prefetch(64))
         .await
         .unwrap();
     let options = SubscribeOptions::new(["b.*"]).unwrap().group("batch").unwrap();
     let subscription = subscriber.open(options).await.unwrap();
-    let publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
+    let publisher = common::publisher(config(&exchange)).await.unwrap();
     let n = 2000;
     let mut tasks = Vec::new();
     for chunk in 0..8 {
@@ -701,7 +699,7 @@ async fn serve_acks_everything_in_batches() {
 #[tokio::test]
 async fn bad_configuration_fails_at_construction() {
     // Nothing listens on port 1.
-    let err = RabbitPublisher::connect(RabbitConfig::new("amqp://guest:guest@127.0.0.1:1/%2f").unwrap())
+    let err = common::publisher(RabbitConfig::new("amqp://guest:guest@127.0.0.1:1/%2f"))
         .await
         .unwrap_err();
     assert!(
@@ -709,34 +707,36 @@ async fn bad_configuration_fails_at_construction() {
         "{err}"
     );
 
-    let err = RabbitSubscriber::connect(
-        RabbitConfig::new(URL)
-            .unwrap()
-            .credentials("guest", "wrong-s3cret"),
-    )
-    .await
-    .unwrap_err();
+    let err = common::subscriber(RabbitConfig::new(URL).credentials("guest", "wrong-s3cret"))
+        .await
+        .unwrap_err();
     assert!(!err.to_string().contains("wrong-s3cret"), "{err}");
     assert!(!format!("{err:?}").contains("wrong-s3cret"));
 
-    let err = RabbitPublisher::connect(config(&unique("wt-absent")).passive_exchange(true))
+    let err = common::publisher(config(&unique("wt-absent")).passive_exchange(true))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
 
-    let err = RabbitSubscriber::connect_with(config(&unique("wt-x")), QueueOptions::new().delivery_limit(3))
+    let contradictory = unique("wt-x");
+    let err = common::subscriber_with(config(&contradictory), QueueOptions::new().delivery_limit(3))
+        .await
+        .unwrap()
+        .open(SubscribeOptions::new(["x.y"]).unwrap())
         .await
         .unwrap_err();
+    Admin::connect().await.delete_exchange(&contradictory).await;
     assert_eq!(err.kind(), ErrorKind::Config);
 
-    let err = RabbitConfig::new("amqp://guest:pw@[::1").unwrap_err();
+    let err = RabbitClient::connect(RabbitConfig::new("amqp://guest:pw@[::1"))
+        .await
+        .unwrap_err();
+    assert!(!err.to_string().contains("pw"), "{err}");
     assert_eq!(err.kind(), ErrorKind::Config);
 
     // A headers exchange routes on the binary-mode headers.
-    let headers = config(&unique("wt-hdr"))
-        .exchange(&unique("wt-hdr"), ExchangeKind::Headers)
-        .unwrap();
-    let err = RabbitPublisher::connect_with(
+    let headers = config(&unique("wt-hdr")).exchange(&unique("wt-hdr"), ExchangeKind::Headers);
+    let err = common::publisher_with(
         headers,
         PublishOptions::new().content_mode(ContentMode::Structured),
     )
@@ -746,14 +746,14 @@ async fn bad_configuration_fails_at_construction() {
 
     // A queue that exists with other arguments.
     let exchange = unique("wt-mismatch");
-    let subscriber = RabbitSubscriber::connect(config(&exchange)).await.unwrap();
+    let subscriber = common::subscriber(config(&exchange)).await.unwrap();
     drop(
         subscriber
             .open(SubscribeOptions::new(["m.*"]).unwrap().group("g").unwrap())
             .await
             .unwrap(),
     );
-    let quorum = RabbitSubscriber::connect_with(config(&exchange), QueueOptions::new().quorum(true))
+    let quorum = common::subscriber_with(config(&exchange), QueueOptions::new().quorum(true))
         .await
         .unwrap();
     let err = quorum
@@ -770,10 +770,8 @@ async fn bad_configuration_fails_at_construction() {
 #[tokio::test]
 async fn direct_exchange_refuses_wildcards_and_routes_exact_keys() {
     let exchange = unique("wt-direct");
-    let cfg = config(&exchange)
-        .exchange(&exchange, ExchangeKind::Direct)
-        .unwrap();
-    let subscriber = RabbitSubscriber::connect(cfg.clone()).await.unwrap();
+    let cfg = config(&exchange).exchange(&exchange, ExchangeKind::Direct);
+    let subscriber = common::subscriber(cfg.clone()).await.unwrap();
     let err = subscriber
         .open(SubscribeOptions::new(["a.*"]).unwrap())
         .await
@@ -783,7 +781,7 @@ async fn direct_exchange_refuses_wildcards_and_routes_exact_keys() {
         .open(SubscribeOptions::new(["a.b"]).unwrap())
         .await
         .unwrap();
-    let mut publisher = RabbitPublisher::connect(cfg).await.unwrap();
+    let mut publisher = common::publisher(cfg).await.unwrap();
     let event = Event::new("a.b", serde_json::json!({}));
     publisher.publish(event.clone()).await.unwrap();
     let err = publisher
@@ -800,16 +798,20 @@ async fn direct_exchange_refuses_wildcards_and_routes_exact_keys() {
 #[tokio::test]
 async fn health_reports_the_connection() {
     let exchange = unique("wt-health");
-    let publisher = RabbitPublisher::connect(config(&exchange)).await.unwrap();
-    let health = publisher.health();
-    assert!(health.connected && !health.closed);
-    assert_eq!(health.connections, 1);
+    let client = RabbitClient::connect(config(&exchange)).await.unwrap();
+    let health = client.health().await;
+    assert_eq!(health.status(), Status::Up);
+    assert_eq!(health.system(), "rabbitmq");
+    let publisher = client.publisher().await.unwrap();
     publisher.close();
     let mut p = publisher.clone();
     let err = within("closed", p.publish(Event::new("h.x", serde_json::json!({}))))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed);
-    assert!(publisher.health().closed);
+    client.close();
+    let health = client.health().await;
+    assert_eq!(health.status(), Status::Down);
+    assert!(!health.reason().unwrap_or_default().contains("guest"));
     Admin::connect().await.delete_exchange(&exchange).await;
 }

@@ -8,16 +8,16 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use watchtower_rabbitmq::{ExchangeKind, RabbitConfig};
+use watchtower_rabbitmq::{
+    ExchangeKind, PublishOptions, QueueOptions, RabbitClient, RabbitConfig, RabbitPublisher, RabbitSubscriber,
+};
 
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// A configuration for a fresh exchange.
 pub fn config(exchange: &str) -> RabbitConfig {
     RabbitConfig::new(URL)
-        .unwrap()
         .exchange(exchange, ExchangeKind::Topic)
-        .unwrap()
         .connection_name(format!("test {exchange}"))
 }
 
@@ -95,4 +95,30 @@ impl Admin {
     pub async fn close(self) {
         let _ = self.connection.close(200, "done".into()).await;
     }
+}
+
+/// A publisher on a client of `config`.
+pub async fn publisher(config: RabbitConfig) -> Result<RabbitPublisher, watchtower::Error> {
+    RabbitClient::connect(config).await?.publisher().await
+}
+
+/// A publisher with `options` on a client of `config`.
+pub async fn publisher_with(
+    config: RabbitConfig,
+    options: PublishOptions,
+) -> Result<RabbitPublisher, watchtower::Error> {
+    RabbitClient::connect(config).await?.publisher_with(options).await
+}
+
+/// A subscriber on a client of `config`.
+pub async fn subscriber(config: RabbitConfig) -> Result<RabbitSubscriber, watchtower::Error> {
+    Ok(RabbitClient::connect(config).await?.subscriber())
+}
+
+/// A subscriber with `queue` on a client of `config`.
+pub async fn subscriber_with(
+    config: RabbitConfig,
+    queue: QueueOptions,
+) -> Result<RabbitSubscriber, watchtower::Error> {
+    Ok(RabbitClient::connect(config).await?.subscriber_with(queue))
 }

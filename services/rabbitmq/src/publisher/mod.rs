@@ -1,216 +1,163 @@
 //! [`RabbitPublisher`]: a `tower::Service<Event>` that publishes to an
 //! exchange with publisher confirms.
-//!
-//! Each event goes to the configured exchange with its
-//! [`topic`](Event::topic) as the routing key, in the
-//! [`ContentMode`] of its options (binary unless set,
-//! see the [crate docs](crate#wire-format)), persistent, with the
-//! `mandatory` flag unless the exchange has an
-//! [alternate exchange](crate::RabbitConfig::alternate_exchange).
-//! The call resolves when the broker confirms the event:
-//!
-//! * `Ok(Receipt)` once the broker has taken responsibility for it (for a
-//!   persistent event on a durable queue: written to disk; for an event no
-//!   binding routes, once it is in the alternate exchange's queue);
-//! * [`ErrorKind::Rejected`] if no queue is bound for the routing key (the
-//!   broker returned it, `mandatory`), not retryable;
-//! * [`ErrorKind::Rejected`], retryable, if the broker nacked it (a full
-//!   queue with `reject-publish` overflow, an internal error);
-//! * [`ErrorKind::Connection`], retryable, if the connection or the
-//!   channel failed before the confirm arrived: the event may or may not
-//!   have been stored, so a retry can duplicate it (at-least-once).
-//!
-//! Confirms are pipelined: up to
-//! [`max_in_flight`](PublishOptions::max_in_flight) events are unconfirmed
-//! at once, across all channels; `poll_ready` is pending while that window
-//! is full and while the connection is being re-established.
-//!
-//! # Duplicates
-//!
-//! A caller told [`ErrorKind::Connection`] (or whose own timeout fired
-//! while it waited for the confirm) cannot know whether the broker stored
-//! its event: the publish may have reached the queue and only its confirm
-//! been lost. RabbitMQ has no deduplication, so retrying it (a retry layer,
-//! a dead-letter path replayed later) can put the event in the queue
-//! twice. Both copies carry the same event [`id`](Event::id) (the
-//! `cloudEvents_id` header and the AMQP `message-id` property): a consumer
-//! that must not act twice keeps the ids it has handled (for as long as a
-//! retry can come) and skips one it has seen, or makes its handler
-//! idempotent.
-//!
-//! # Performance
-//!
-//! Measured with the crate's benchmark (`benches/rabbitmq.rs`): 50,000
-//! persistent events (~200 bytes structured), confirms, 1,024 in flight,
-//! to a durable classic queue, on a 2-core machine that also runs the
-//! broker and other builds (load average 5 to 10). Ratio: raw lapin's time
-//! over ours, per round (raw sends pre-built ~195-byte JSON bodies with no
-//! header table and no `mandatory`, the shared baseline's
-//! `amqp-pub-confirm`); median and range. "Alternate exchange": without
-//! `mandatory`, the exchange's
-//! [alternate exchange](crate::RabbitConfig::alternate_exchange) keeping
-//! what no binding routes.
-//!
-//! Runs A and B measured a variant whose confirm task answered without
-//! the `basic.qos` round trip (a local fence on lapin's lock; the paths
-//! without `mandatory` do not use the task and are this code): A with
-//! three rounds under the heavier load, B with four rounds. Run C, right
-//! after B, set this code's `mandatory` path against that variant, twice
-//! three rounds each, alternating. Run D: this code, three rounds, last.
-//!
-//! | publishing | run A | run B | run C | run D | broker CPU per event |
-//! |---|--:|--:|--:|--:|--:|
-//! | publisher, binary, `mandatory` (default) | | | 1.02 (0.98–1.09), 1.07 (0.93–1.20) | 0.95 (0.80–1.42) | 67–69 µs |
-//! | the same, local fence | 0.78 (0.65–1.19) | 0.98 (0.88–1.08) | 1.00 (0.91–1.06), 1.02 (0.72–1.32) | | 71–74 µs |
-//! | publisher, structured, local fence | 0.90 (0.60–1.06) | 0.81 (0.68–0.84) | | | 79–82 µs |
-//! | publisher, binary, alternate exchange | 0.70 (0.64–1.46) | 1.07 (0.84–1.09) | | 1.11 (0.79–1.23) | 59–72 µs |
-//! | publisher, structured, alternate exchange | 0.79 (0.58–1.13) | | | | 72 µs |
-//! | four layers + publisher, binary, `mandatory` | | | 1.03 (0.99–1.18), 1.11 (0.90–1.32) | 0.79 (0.78–1.44) | 62–66 µs |
-//! | the same, local fence | 0.73 (0.50–1.24) | 0.98 (0.87–1.04) | 0.83 (0.82–1.04), 0.83 (0.70–1.11) | | 72–76 µs |
-//! | four layers + publisher, structured, local fence | 0.66 (0.60–0.93) | | | | 84 µs |
-//! | four layers + publisher, binary, alternate exchange | 0.91 (0.87–1.40) | 1.06 (0.83–1.13) | | 0.90 (0.83–1.02) | 61–62 µs |
-//! | four layers + publisher, structured, alternate exchange | 0.98 (0.57–1.03) | | | | 75 µs |
-//!
-//! Raw lapin cost the broker 60 to 66 µs of CPU per event and its own
-//! process 20 µs (it awaits each publish's write before the next: a
-//! wake-up of lapin's I/O thread per event); this crate's publisher 11 to
-//! 16 µs, so the broker sets the pace. Raw lapin's own rate swung from
-//! 7,100 to 15,300 events/s between rounds of one run, and every
-//! contender's rounds with it: read the columns as tendencies. The
-//! shared harness's peer, ruststream (no `mandatory`, no event
-//! attributes: the broker drops unroutable events), publishing
-//! concurrently as this crate does, measured 1.05 (1.00 to 1.32) times its
-//! raw lapin in the session of run A and 1.25 (1.14 to 1.38) in that of
-//! run B.
-//!
-//! # Channels
-//!
-//! The publisher holds [`PublishOptions::channels`] confirm-mode channels
-//! on its connection (1 by default) and hands events to them in turn. Each
-//! call waits for the confirm of its own event on its own channel: a
-//! broker nack or a returned (unroutable) event is that caller's error,
-//! never a neighbour's. A channel that fails on a live connection (the
-//! broker closes a channel on a channel-level error, such as a publish to
-//! an exchange deleted under the publisher) is replaced in place, the
-//! exchange declared (or checked) again on the new channel, while the
-//! other channels go on; the callers whose confirms were pending on it get
-//! a retryable [`ErrorKind::Connection`] error, and a retry layer sends
-//! their events again. If the replacement fails, or every channel is down,
-//! the whole connection is re-established as when it drops.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use watchtower::{Event, PublishExt};
-//! use watchtower_rabbitmq::{RabbitConfig, RabbitPublisher};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let mut publisher = RabbitPublisher::connect(RabbitConfig::local()).await?;
-//! let receipt = publisher.publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
-//! assert_eq!(&*receipt.topic, "user.created");
-//! # Ok(()) }
-//! ```
+
+mod channels;
+mod future;
+
+pub(crate) use channels::declare_exchange;
+pub use future::ResponseFuture;
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll, ready};
 
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Confirmation, Connection};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{Confirmation, Connection};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::config::{ContentMode, PublishOptions, RabbitConfig, short};
 use crate::confirms::{Confirms, Outcome};
-use crate::connection::{
-    Health, Link, LinkGuard, LinkState, Session, Setup, breaks_channel, map_lapin_error,
-};
+use crate::connection::{Link, LinkGuard, LinkState, Setup, breaks_channel, map_lapin_error};
 use crate::wire;
-
-/// The publisher's confirm-mode channels on one connection. A channel the
-/// broker closes (or that fails) is replaced in its slot, on the same
-/// connection, without disturbing the others.
-pub(crate) struct Channels {
-    slots: Vec<Slot>,
-    /// Notified whenever a replacement attempt ends.
-    repaired: Notify,
-}
-
-struct Slot {
-    channel: RwLock<Arc<Published>>,
-    /// A replacement is being opened.
-    repairing: AtomicBool,
-}
-
-/// A publisher channel and, if messages can come back (`mandatory`), the
-/// task that answers its confirms.
-pub(crate) struct Published {
-    channel: Arc<Channel>,
-    confirms: Option<Confirms>,
-}
-
-impl std::ops::Deref for Published {
-    type Target = Channel;
-
-    fn deref(&self) -> &Channel {
-        &self.channel
-    }
-}
-
-impl Slot {
-    fn new(channel: Published) -> Slot {
-        Slot {
-            channel: RwLock::new(Arc::new(channel)),
-            repairing: AtomicBool::new(false),
-        }
-    }
-
-    fn current(&self) -> Arc<Published> {
-        match self.channel.read() {
-            Ok(channel) => channel.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    fn replace(&self, channel: Published) {
-        let channel = Arc::new(channel);
-        match self.channel.write() {
-            Ok(mut current) => *current = channel,
-            Err(poisoned) => *poisoned.into_inner() = channel,
-        }
-    }
-}
-
-impl Channels {
-    /// Whether any channel can take a publish now.
-    fn any_usable(&self) -> bool {
-        self.slots.iter().any(|slot| slot.current().status().connected())
-    }
-}
+use channels::{Channels, open_channels, pick, repair};
 
 struct Inner {
-    link: Link<Channels>,
+    pub(super) link: Link<Channels>,
     exchange: ShortString,
     /// The exchange name as the receipts' `stream`, allocated once.
     stream: Arc<str>,
-    options: PublishOptions,
+    pub(super) options: PublishOptions,
     mode: ContentMode,
-    next: AtomicUsize,
+    pub(super) next: AtomicUsize,
     _guard: LinkGuard,
 }
 
-/// Publishes events to a RabbitMQ exchange. See the [module docs](self).
+/// Publishes events to a RabbitMQ exchange: a `tower::Service<Event>`,
+/// made by [`RabbitClient::publisher`](crate::RabbitClient::publisher).
 ///
-/// Cheap to clone: clones share the connection, its channels and the
-/// in-flight window. The connection closes when the last clone drops.
+/// Cheap to clone: clones share the publisher's connection, its channels
+/// and the in-flight window. The connection closes when the last clone
+/// drops.
+///
+/// exchange with publisher confirms.
+///
+/// Each event goes to the configured exchange with its
+/// [`topic`](Event::topic) as the routing key, in the
+/// [`ContentMode`] of its options (binary unless set,
+/// see the [crate docs](crate#wire-format)), persistent, with the
+/// `mandatory` flag unless the exchange has an
+/// [alternate exchange](crate::RabbitConfig::alternate_exchange).
+/// The call resolves when the broker confirms the event:
+///
+/// * `Ok(Receipt)` once the broker has taken responsibility for it (for a
+///   persistent event on a durable queue: written to disk; for an event no
+///   binding routes, once it is in the alternate exchange's queue);
+/// * [`ErrorKind::Rejected`] if no queue is bound for the routing key (the
+///   broker returned it, `mandatory`), not retryable;
+/// * [`ErrorKind::Rejected`], retryable, if the broker nacked it (a full
+///   queue with `reject-publish` overflow, an internal error);
+/// * [`ErrorKind::Connection`], retryable, if the connection or the
+///   channel failed before the confirm arrived: the event may or may not
+///   have been stored, so a retry can duplicate it (at-least-once).
+///
+/// Confirms are pipelined: up to
+/// [`max_in_flight`](PublishOptions::max_in_flight) events are unconfirmed
+/// at once, across all channels; `poll_ready` is pending while that window
+/// is full and while the connection is being re-established.
+///
+/// # Duplicates
+///
+/// A caller told [`ErrorKind::Connection`] (or whose own timeout fired
+/// while it waited for the confirm) cannot know whether the broker stored
+/// its event: the publish may have reached the queue and only its confirm
+/// been lost. RabbitMQ has no deduplication, so retrying it (a retry layer,
+/// a dead-letter path replayed later) can put the event in the queue
+/// twice. Both copies carry the same event [`id`](Event::id) (the
+/// `cloudEvents_id` header and the AMQP `message-id` property): a consumer
+/// that must not act twice keeps the ids it has handled (for as long as a
+/// retry can come) and skips one it has seen, or makes its handler
+/// idempotent.
+///
+/// # Performance
+///
+/// Measured with the crate's benchmark (`benches/rabbitmq.rs`): 50,000
+/// persistent events (~200 bytes structured), confirms, 1,024 in flight,
+/// to a durable classic queue, on a 2-core machine that also runs the
+/// broker and other builds (load average 5 to 10). Ratio: raw lapin's time
+/// over ours, per round (raw sends pre-built ~195-byte JSON bodies with no
+/// header table and no `mandatory`, the shared baseline's
+/// `amqp-pub-confirm`); median and range. "Alternate exchange": without
+/// `mandatory`, the exchange's
+/// [alternate exchange](crate::RabbitConfig::alternate_exchange) keeping
+/// what no binding routes.
+///
+/// Runs A and B measured a variant whose confirm task answered without
+/// the `basic.qos` round trip (a local fence on lapin's lock; the paths
+/// without `mandatory` do not use the task and are this code): A with
+/// three rounds under the heavier load, B with four rounds. Run C, right
+/// after B, set this code's `mandatory` path against that variant, twice
+/// three rounds each, alternating. Run D: this code, three rounds, last.
+///
+/// | publishing | run A | run B | run C | run D | broker CPU per event |
+/// |---|--:|--:|--:|--:|--:|
+/// | publisher, binary, `mandatory` (default) | | | 1.02 (0.98–1.09), 1.07 (0.93–1.20) | 0.95 (0.80–1.42) | 67–69 µs |
+/// | the same, local fence | 0.78 (0.65–1.19) | 0.98 (0.88–1.08) | 1.00 (0.91–1.06), 1.02 (0.72–1.32) | | 71–74 µs |
+/// | publisher, structured, local fence | 0.90 (0.60–1.06) | 0.81 (0.68–0.84) | | | 79–82 µs |
+/// | publisher, binary, alternate exchange | 0.70 (0.64–1.46) | 1.07 (0.84–1.09) | | 1.11 (0.79–1.23) | 59–72 µs |
+/// | publisher, structured, alternate exchange | 0.79 (0.58–1.13) | | | | 72 µs |
+/// | four layers + publisher, binary, `mandatory` | | | 1.03 (0.99–1.18), 1.11 (0.90–1.32) | 0.79 (0.78–1.44) | 62–66 µs |
+/// | the same, local fence | 0.73 (0.50–1.24) | 0.98 (0.87–1.04) | 0.83 (0.82–1.04), 0.83 (0.70–1.11) | | 72–76 µs |
+/// | four layers + publisher, structured, local fence | 0.66 (0.60–0.93) | | | | 84 µs |
+/// | four layers + publisher, binary, alternate exchange | 0.91 (0.87–1.40) | 1.06 (0.83–1.13) | | 0.90 (0.83–1.02) | 61–62 µs |
+/// | four layers + publisher, structured, alternate exchange | 0.98 (0.57–1.03) | | | | 75 µs |
+///
+/// Raw lapin cost the broker 60 to 66 µs of CPU per event and its own
+/// process 20 µs (it awaits each publish's write before the next: a
+/// wake-up of lapin's I/O thread per event); this crate's publisher 11 to
+/// 16 µs, so the broker sets the pace. Raw lapin's own rate swung from
+/// 7,100 to 15,300 events/s between rounds of one run, and every
+/// contender's rounds with it: read the columns as tendencies. The
+/// shared harness's peer, ruststream (no `mandatory`, no event
+/// attributes: the broker drops unroutable events), publishing
+/// concurrently as this crate does, measured 1.05 (1.00 to 1.32) times its
+/// raw lapin in the session of run A and 1.25 (1.14 to 1.38) in that of
+/// run B.
+///
+/// # Channels
+///
+/// The publisher holds [`PublishOptions::channels`] confirm-mode channels
+/// on its connection (1 by default) and hands events to them in turn. Each
+/// call waits for the confirm of its own event on its own channel: a
+/// broker nack or a returned (unroutable) event is that caller's error,
+/// never a neighbour's. A channel that fails on a live connection (the
+/// broker closes a channel on a channel-level error, such as a publish to
+/// an exchange deleted under the publisher) is replaced in place, the
+/// exchange declared (or checked) again on the new channel, while the
+/// other channels go on; the callers whose confirms were pending on it get
+/// a retryable [`ErrorKind::Connection`] error, and a retry layer sends
+/// their events again. If the replacement fails, or every channel is down,
+/// the whole connection is re-established as when it drops.
+///
+/// # Example
+///
+/// ```no_run
+/// use watchtower::{Event, PublishExt};
+/// use watchtower_rabbitmq::{RabbitClient, RabbitConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let client = RabbitClient::connect(RabbitConfig::local()).await?;
+/// let mut publisher = client.publisher().await?;
+/// let receipt = publisher.publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
+/// assert_eq!(&*receipt.topic, "user.created");
+/// # Ok(()) }
+/// ```
 pub struct RabbitPublisher {
     inner: Arc<Inner>,
     semaphore: PollSemaphore,
@@ -241,28 +188,14 @@ impl fmt::Debug for RabbitPublisher {
 }
 
 impl RabbitPublisher {
-    /// Connects with the default [`PublishOptions`].
-    ///
-    /// # Errors
-    ///
-    /// As [`connect_with`](RabbitPublisher::connect_with).
-    pub async fn connect(config: RabbitConfig) -> Result<RabbitPublisher, Error> {
-        RabbitPublisher::connect_with(config, PublishOptions::default()).await
-    }
-
     /// Connects, opens the channels and declares the exchange (or checks
-    /// it, if [passive](RabbitConfig::passive_exchange)).
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] if the broker
-    /// cannot be reached, [`ErrorKind::Config`] if it refuses the
-    /// credentials or the exchange exists with other settings,
-    /// [`ErrorKind::Rejected`] if a passive exchange does not exist.
-    pub async fn connect_with(
+    /// it, if [passive](RabbitConfig::passive_exchange)); see
+    /// [`RabbitClient::publisher_with`](crate::RabbitClient::publisher_with).
+    pub(crate) async fn open(
         config: RabbitConfig,
         options: PublishOptions,
     ) -> Result<RabbitPublisher, Error> {
+        config.validate()?;
         let exchange = short("exchange name", &config.exchange)?;
         let mode = options.content_mode_for(config.exchange_kind)?;
         let mut options = options;
@@ -294,14 +227,10 @@ impl RabbitPublisher {
         })
     }
 
-    /// The connection's health: connected, reconnect attempts, last error.
-    pub fn health(&self) -> Health {
+    /// The publisher connection's health, as its link sees it.
+    #[cfg(test)]
+    pub(crate) fn link_health(&self) -> crate::connection::LinkHealth {
         self.inner.link.health()
-    }
-
-    /// Whether the connection is up now.
-    pub fn is_connected(&self) -> bool {
-        self.health().connected
     }
 
     /// The exchange events go to.
@@ -314,161 +243,6 @@ impl RabbitPublisher {
     pub fn close(&self) {
         self.inner.link.close();
     }
-}
-
-async fn open_channels(
-    connection: &Connection,
-    config: &RabbitConfig,
-    options: &PublishOptions,
-) -> Result<Channels, Error> {
-    let mut slots = Vec::with_capacity(options.channels);
-    for _ in 0..options.channels {
-        slots.push(Slot::new(open_channel(connection, options).await?));
-    }
-    if let Some(slot) = slots.first() {
-        declare_exchange(&slot.current(), config).await?;
-    }
-    Ok(Channels {
-        slots,
-        repaired: Notify::new(),
-    })
-}
-
-/// Opens one channel, in confirm mode if confirms are on, and starts the
-/// task that answers its confirms if messages can come back.
-async fn open_channel(connection: &Connection, options: &PublishOptions) -> Result<Published, Error> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| map_lapin_error(&e, "open channel"))?;
-    if options.confirms {
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| map_lapin_error(&e, "confirm.select"))?;
-    }
-    let channel = Arc::new(channel);
-    // Without `mandatory` nothing comes back, and each caller can wait for
-    // its own confirm: lapin matches confirms to publishes by delivery tag.
-    let confirms = (options.confirms && options.is_mandatory()).then(|| Confirms::start(channel.clone()));
-    Ok(Published { channel, confirms })
-}
-
-/// Replaces the failed channel in slot `index` of `session` with a new one
-/// on the same connection, declaring the exchange again (or checking it,
-/// if passive: the failure may have been a deleted exchange). Only one
-/// replacement per slot runs at a time; if it fails, the whole connection
-/// is re-established.
-fn repair(inner: &Inner, session: &Arc<Session<Channels>>, index: usize) {
-    let Some(slot) = session.value.slots.get(index) else {
-        return;
-    };
-    if slot.current().status().connected() || slot.repairing.swap(true, Ordering::AcqRel) {
-        return;
-    }
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        // Outside a runtime nothing can open the channel: the link's own
-        // task re-establishes the connection instead.
-        slot.repairing.store(false, Ordering::Release);
-        inner.link.invalidate(session.generation);
-        return;
-    };
-    let (session, link, options) = (session.clone(), inner.link.clone(), inner.options.clone());
-    runtime.spawn(async move {
-        let opened = async {
-            let channel = open_channel(&session.connection, &options).await?;
-            declare_exchange(&channel, link.config()).await?;
-            Ok::<_, Error>(channel)
-        };
-        let result = tokio::select! {
-            result = opened => result,
-            () = session.lost.cancelled() => {
-                session.value.slots[index].repairing.store(false, Ordering::Release);
-                session.value.repaired.notify_waiters();
-                return;
-            }
-        };
-        let slot = &session.value.slots[index];
-        match result {
-            Ok(channel) => {
-                tracing::debug!(channel = channel.id(), "RabbitMQ publisher channel replaced");
-                slot.replace(channel);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "replacing a RabbitMQ publisher channel failed; reconnecting");
-                link.invalidate(session.generation);
-            }
-        }
-        slot.repairing.store(false, Ordering::Release);
-        session.value.repaired.notify_waiters();
-    });
-}
-
-pub(crate) async fn declare_exchange(channel: &Channel, config: &RabbitConfig) -> Result<(), Error> {
-    let options = ExchangeDeclareOptions {
-        passive: config.exchange_passive,
-        durable: config.exchange_durable,
-        ..ExchangeDeclareOptions::default()
-    };
-    let mut arguments = FieldTable::default();
-    if let Some(alternate) = config
-        .alternate_exchange
-        .as_deref()
-        .filter(|_| !config.exchange_passive)
-    {
-        declare_alternate(channel, alternate).await?;
-        arguments.insert(
-            "alternate-exchange".into(),
-            AMQPValue::LongString(alternate.as_bytes().into()),
-        );
-    }
-    channel
-        .exchange_declare(
-            short("exchange name", &config.exchange)?,
-            config.exchange_kind.to_lapin(),
-            options,
-            arguments,
-        )
-        .await
-        .map_err(|e| map_lapin_error(&e, &format!("declare exchange {:?}", &*config.exchange)))
-}
-
-/// Declares the alternate exchange `name` (durable, fanout) and the
-/// durable queue of the same name that keeps what it gets.
-async fn declare_alternate(channel: &Channel, name: &str) -> Result<(), Error> {
-    let what = |op: &str| format!("{op} alternate exchange {name:?}");
-    let name = short("alternate exchange name", name)?;
-    channel
-        .exchange_declare(
-            name.clone(),
-            lapin::ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_lapin_error(&e, &what("declare")))?;
-    channel
-        .queue_declare(
-            name.clone(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_lapin_error(&e, &what("declare the queue of")))?;
-    channel
-        .queue_bind(
-            name.clone(),
-            name,
-            ShortString::default(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_lapin_error(&e, &what("bind the queue of")))?;
-    Ok(())
 }
 
 impl Service<Event> for RabbitPublisher {
@@ -570,7 +344,11 @@ impl Service<Event> for RabbitPublisher {
             )));
         };
         let inner = self.inner.clone();
-        let span = watchtower::trace::publish_span(crate::SYSTEM, event.topic(), &event);
+        let span = watchtower::trace::publish_span(
+            <crate::RabbitClient as watchtower::Transport>::SYSTEM,
+            event.topic(),
+            &event,
+        );
         ResponseFuture {
             inner: Box::pin(tracing::Instrument::instrument(
                 async move {
@@ -661,58 +439,6 @@ impl Service<Event> for RabbitPublisher {
     }
 }
 
-/// The next channel in turn that is open, and its slot; failed channels
-/// passed over are being replaced. `None` if every channel failed.
-fn pick(inner: &Inner, session: &Arc<Session<Channels>>) -> Option<(usize, Arc<Published>)> {
-    let slots = &session.value.slots;
-    let start = match slots.len() {
-        1 => 0,
-        n => inner.next.fetch_add(1, Ordering::Relaxed) % n,
-    };
-    for k in 0..slots.len() {
-        let index = (start + k) % slots.len();
-        let channel = slots[index].current();
-        if channel.status().connected() {
-            return Some((index, channel));
-        }
-        repair(inner, session, index);
-    }
-    None
-}
-
-/// The future of [`RabbitPublisher::call`]: resolves on the publisher
-/// confirm.
-///
-/// # Cancel safety
-///
-/// Dropping it releases its in-flight slot; the event may still reach the
-/// broker.
-pub struct ResponseFuture {
-    inner: Pin<Box<dyn Future<Output = Result<Receipt, Error>> + Send>>,
-}
-
-impl ResponseFuture {
-    fn ready(result: Result<Receipt, Error>) -> ResponseFuture {
-        ResponseFuture {
-            inner: Box::pin(std::future::ready(result)),
-        }
-    }
-}
-
-impl fmt::Debug for ResponseFuture {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-impl Future for ResponseFuture {
-    type Output = Result<Receipt, Error>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -722,6 +448,7 @@ mod tests {
     use lapin::options::{
         BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     };
+    use lapin::types::FieldTable;
     use lapin::{BasicProperties, ConnectionProperties};
     use watchtower::PublishExt as _;
     use watchtower_test_support::within;
@@ -754,14 +481,11 @@ mod tests {
         let exchange = format!("wt-chclose-{}", &id[16..]);
         let queue = format!("{exchange}.q");
         let config = RabbitConfig::new(URL)
-            .unwrap()
             .exchange(&exchange, ExchangeKind::Topic)
-            .unwrap()
             .connection_name(format!("test {exchange}"));
-        let publisher =
-            RabbitPublisher::connect_with(config, PublishOptions::new().channels(3).max_in_flight(64))
-                .await
-                .unwrap();
+        let publisher = RabbitPublisher::open(config, PublishOptions::new().channels(3).max_in_flight(64))
+            .await
+            .unwrap();
         let admin = Connection::connect(URL, ConnectionProperties::default())
             .await
             .unwrap();
@@ -838,7 +562,7 @@ mod tests {
         let replacement = session.value.slots[1].current();
         assert!(!Arc::ptr_eq(&victim, &replacement));
         assert!(replacement.status().connected());
-        assert_eq!(publisher.health().connections, 1, "no reconnect was needed");
+        assert_eq!(publisher.link_health().connections, 1, "no reconnect was needed");
 
         // Every event is in the queue; one caught in flight on the closed
         // channel and retried may be there twice.
