@@ -313,27 +313,9 @@ impl Collector {
         Collector::spawn(subscriber, options, wait, None, None).await
     }
 
-    /// A collector that handles one event at a time and holds its first
-    /// event until `gate` is notified (or `wait` passes).
-    async fn start_gated<S: Subscriber + 'static>(
-        subscriber: &S,
-        options: SubscribeOptions,
-        wait: Duration,
-        gate: Option<Arc<tokio::sync::Notify>>,
-    ) -> Result<Collector, String> {
-        Collector::spawn(subscriber, options, wait, gate, None).await
-    }
-
-    /// A collector that notifies `started` when it receives an event.
-    async fn start_signalling<S: Subscriber + 'static>(
-        subscriber: &S,
-        options: SubscribeOptions,
-        wait: Duration,
-        started: Arc<tokio::sync::Notify>,
-    ) -> Result<Collector, String> {
-        Collector::spawn(subscriber, options, wait, None, Some(started)).await
-    }
-
+    /// A collector; with a `gate`, it handles one event at a time and
+    /// holds its first event until `gate` is notified (or `wait` passes);
+    /// with `started`, it notifies `started` for every event it receives.
     async fn spawn<S: Subscriber + 'static>(
         subscriber: &S,
         options: SubscribeOptions,
@@ -353,11 +335,13 @@ impl Collector {
         let handler = service_fn(move |event: Event| {
             let (tx, gate, started) = (tx.clone(), gate.clone(), started.clone());
             async move {
-                if let Some(gate) = gate.lock().await.take() {
-                    let _ = tokio::time::timeout(wait, gate.notified()).await;
-                }
+                // Says it has an event before it waits, so that two
+                // members gated on each other both go on.
                 if let Some(started) = started {
                     started.notify_one();
+                }
+                if let Some(gate) = gate.lock().await.take() {
+                    let _ = tokio::time::timeout(wait, gate.notified()).await;
                 }
                 tx.send(event).map_err(|_| Error::closed("collector closed"))
             }
@@ -743,13 +727,30 @@ async fn consumer_groups<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
         h.subscriber(ns).await.map_err(|e| err("subscriber", e))?,
         h.subscriber(ns).await.map_err(|e| err("subscriber", e))?,
     );
-    // The first member handles one event at a time and holds its first
-    // event until the second member has received one, so the test does not
-    // depend on how the scheduler happens to interleave the two.
-    let second_started = Arc::new(tokio::sync::Notify::new());
-    let mut a1 =
-        Collector::start_gated(&s1, group("alpha")?, h.patience(), Some(second_started.clone())).await?;
-    let mut a2 = Collector::start_signalling(&s2, group("alpha")?, h.patience(), second_started).await?;
+    // Each member handles one event at a time and holds its first event
+    // until the other member has received one, so the test does not depend
+    // on which member the scheduler lets poll first: whichever gets the
+    // first event stops pulling, and the rest can only go to the other.
+    let (first_started, second_started) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let mut a1 = Collector::spawn(
+        &s1,
+        group("alpha")?,
+        h.patience(),
+        Some(second_started.clone()),
+        Some(first_started.clone()),
+    )
+    .await?;
+    let mut a2 = Collector::spawn(
+        &s2,
+        group("alpha")?,
+        h.patience(),
+        Some(first_started),
+        Some(second_started),
+    )
+    .await?;
     let mut b = Collector::start(&s3, group("beta")?, h.patience()).await?;
     let sent: Vec<Event> = (0..100).map(|i| numbered(&topic, i)).collect();
     let mut publisher = h.publisher(ns).await.map_err(|e| err("publisher", e))?;
