@@ -167,7 +167,6 @@
 //! field marked with its standard media type. Binary mode stays for
 //! readers that select single fields (`redis-cli`, Lua scripts, consumers
 //! that never parse the payload).
-//!
 
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]

@@ -167,7 +167,7 @@ async fn subscription_reports_the_outage_and_resumes_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_credentials_work_and_never_leak() {
-    let server = RedisServer::with_args(&["--requirepass", "hunter2"]).await;
+    let mut server = RedisServer::with_args(&["--requirepass", "hunter2"]).await;
     let port = server.port();
     let url = server.url();
     let mut admin = common::raw(&format!("redis://:hunter2@127.0.0.1:{port}")).await;
@@ -186,7 +186,9 @@ async fn acl_credentials_work_and_never_leak() {
         .unwrap();
     // The default user, with the password in the URL.
     let with_url = format!("redis://:hunter2@127.0.0.1:{port}/0");
-    let mut default_user = RedisClient::connect(quick(&with_url)).await.unwrap().publisher();
+    let default_client = RedisClient::connect(quick(&with_url)).await.unwrap();
+    assert!(default_client.health().await.is_up());
+    let mut default_user = default_client.publisher();
     default_user
         .publish(Event::new("acl.ok", serde_json::json!({})))
         .await
@@ -203,6 +205,14 @@ async fn acl_credentials_work_and_never_leak() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err:?}");
     assert!(!format!("{err} {err:?}").contains("bad-secret"));
+
+    // Down, and the reason names the server without the password.
+    server.kill().await;
+    let health = default_client.health().await;
+    assert_eq!(health.status(), Status::Down, "{health:?}");
+    let reason = health.reason().unwrap();
+    assert!(reason.contains(&format!("127.0.0.1:{port}")), "{reason}");
+    assert!(!format!("{health:?}").contains("hunter2"), "{health:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1076,3 +1076,31 @@ async fn a_delivery_dropped_after_its_entry_was_trimmed_is_reported() {
     drop(subscription);
     cleanup(URL, &ns).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_serves_publishers_and_subscribers_with_their_own_consumer_names() {
+    let ns = unique("wtr_client");
+    let topic = format!("{ns}.shared");
+    let client = RedisClient::connect(RedisConfig::new(URL)).await.unwrap();
+    let first = client.subscriber();
+    let second = client.clone().subscriber();
+    assert_ne!(first.consumer(), second.consumer());
+    let options = RedisSubscriberOptions::new().block(Duration::from_millis(200));
+    let third = client.subscriber_with(options.clone()).unwrap();
+    let fourth = client.subscriber_with(options).unwrap();
+    assert_ne!(third.consumer(), fourth.consumer());
+
+    let mut subscription = first
+        .open(SubscribeOptions::new([&topic]).unwrap())
+        .await
+        .unwrap();
+    let mut publisher = client.publisher();
+    let event = Event::new(topic.clone(), serde_json::json!({"n": 1}));
+    let receipt = publisher.publish(event.clone()).await.unwrap();
+    assert_eq!(receipt.stream.as_deref(), Some(topic.as_str()));
+    let delivery = next(&mut subscription).await;
+    assert_eq!(delivery.event(), Some(&event));
+    delivery.ack().await.unwrap();
+    drop(subscription);
+    cleanup(URL, &ns).await;
+}
