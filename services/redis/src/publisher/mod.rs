@@ -39,13 +39,13 @@ const KEY_CACHE: usize = 256;
 
 /// Connection state shared by a publisher and its clones.
 #[derive(Debug)]
-pub(crate) struct Health {
+pub(crate) struct LinkState {
     connected: AtomicBool,
 }
 
-impl Health {
-    pub(crate) fn new() -> Arc<Health> {
-        Arc::new(Health {
+impl LinkState {
+    pub(crate) fn new() -> Arc<LinkState> {
+        Arc::new(LinkState {
             connected: AtomicBool::new(true),
         })
     }
@@ -207,7 +207,7 @@ struct PublisherShared {
     client: RedisClient,
     /// Where and how events are written.
     target: Target,
-    health: Arc<Health>,
+    health: Arc<LinkState>,
     /// Stream keys by topic.
     keys: RwLock<HashMap<Box<str>, Arc<str>>>,
 }
@@ -239,7 +239,7 @@ impl RedisPublisher {
             max_len: options.max_len,
             mode: options.mode,
         };
-        let health = Health::new();
+        let health = LinkState::new();
         let stopped = Stopped(queue.clone());
         if link::supports(client.redis().get_connection_info().addr()) {
             let (connection_timeout, response_timeout) = config.timeouts();
@@ -429,7 +429,7 @@ fn receipt(event: &Event, key: Arc<str>, id: Arc<str>) -> Receipt {
 /// first finds the connection broken. The `XADD`s travel on a connection
 /// of their own, so the multiplexed connection may learn of a cut only
 /// from this `PING`; it connects again for the second.
-async fn probe(conn: ConnectionManager, health: Arc<Health>) -> Result<(), Error> {
+async fn probe(conn: ConnectionManager, health: Arc<LinkState>) -> Result<(), Error> {
     let mut result = ping(conn.clone()).await;
     if matches!(&result, Err(e) if e.kind() == ErrorKind::Connection) {
         result = ping(conn).await;
