@@ -37,7 +37,10 @@ use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
 use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use watchtower_layers::dead_letter::{DeadLetterLayer, Outcome};
 use watchtower_layers::retry::{RetryConfig, RetryLayer};
-use watchtower_redis::{ContentMode, MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
+use watchtower_redis::{
+    ContentMode, MaxLen, RedisClient, RedisConfig, RedisPublisher, RedisPublisherOptions,
+    RedisSubscriberOptions,
+};
 
 const N: usize = 50_000;
 /// Concurrent callers unless `REDIS_BENCH_CALLERS` says otherwise.
@@ -194,11 +197,14 @@ async fn publish_raw() -> f64 {
 }
 
 async fn publisher(mode: ContentMode) -> RedisPublisher {
-    RedisPublisher::builder(RedisConfig::new(url()))
-        .max_len(MaxLen::Approx(MAX_LEN))
-        .content_mode(mode)
-        .connect()
+    RedisClient::connect(RedisConfig::new(url()))
         .await
+        .unwrap()
+        .publisher_with(
+            RedisPublisherOptions::new()
+                .max_len(MaxLen::Approx(MAX_LEN))
+                .content_mode(mode),
+        )
         .unwrap()
 }
 
@@ -328,10 +334,10 @@ async fn consume_raw(stream: &str, round: usize) -> f64 {
 async fn consume_watchtower(stream: &str, round: usize, concurrency: Option<usize>) -> f64 {
     let group = format!("wt{round}_{}", concurrency.unwrap_or(0));
     create_group(stream, &group).await;
-    let subscriber = RedisSubscriber::builder(RedisConfig::new(url()))
-        .batch_size(256)
-        .connect()
+    let subscriber = RedisClient::connect(RedisConfig::new(url()))
         .await
+        .unwrap()
+        .subscriber_with(RedisSubscriberOptions::new().batch_size(256))
         .unwrap();
     let handled = Arc::new(AtomicUsize::new(0));
     let all = Arc::new(tokio::sync::Notify::new());

@@ -17,7 +17,7 @@ use watchtower::{Error, Event, PublishExt, SubscribeOptions, SubscriberExt};
 use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use watchtower_layers::dead_letter::{DeadLetterLayer, Outcome};
 use watchtower_layers::retry::{RetryConfig, RetryLayer};
-use watchtower_redis::{MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
+use watchtower_redis::{MaxLen, RedisClient, RedisConfig, RedisPublisherOptions, RedisSubscriberOptions};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -29,12 +29,15 @@ async fn main() -> Result<(), Error> {
         .response_timeout(Duration::from_secs(5));
     println!("connecting with {config:?}");
 
+    // One client: its connection is shared by the publisher and the subscriber.
+    let client = RedisClient::connect(config).await?;
+
     // Consumers: a consumer group on every `order.*` stream.
-    let subscriber = RedisSubscriber::builder(config.clone())
-        .consumer("example-worker-1")
-        .rescan_interval(Duration::from_millis(200))
-        .connect()
-        .await?;
+    let subscriber = client.subscriber_with(
+        RedisSubscriberOptions::new()
+            .consumer("example-worker-1")
+            .rescan_interval(Duration::from_millis(200)),
+    )?;
     let handled = Arc::new(AtomicUsize::new(0));
     let all_done = Arc::new(tokio::sync::Notify::new());
     let (counter, done) = (handled.clone(), all_done.clone());
@@ -65,12 +68,7 @@ async fn main() -> Result<(), Error> {
         .layer(DeadLetterLayer::new(dead_letters.clone()))
         .layer(RetryLayer::new(RetryConfig::new()))
         .layer(CircuitBreakerLayer::new(CircuitBreakerConfig::new()))
-        .service(
-            RedisPublisher::builder(config.clone())
-                .max_len(MaxLen::Approx(10_000))
-                .connect()
-                .await?,
-        );
+        .service(client.publisher_with(RedisPublisherOptions::new().max_len(MaxLen::Approx(10_000)))?);
     for (i, ty) in ["order.placed", "order.paid", "order.shipped"]
         .iter()
         .cycle()

@@ -47,7 +47,7 @@ use watchtower::reply::Replier;
 use watchtower::{Error, ErrorKind, Event};
 
 use crate::error::from_redis;
-use crate::publisher::{Health, MaxLen, xadd};
+use crate::publisher::{LinkState, MaxLen, xadd};
 use crate::wire::{ContentMode, shared_string};
 
 /// Pipelines on the wire at once.
@@ -286,7 +286,7 @@ impl Drop for Places {
 /// first poll still lets its callers know.
 pub(crate) async fn batch_loop(
     conn: ConnectionManager,
-    health: Arc<Health>,
+    health: Arc<LinkState>,
     stopped: Stopped,
     target: Target,
 ) {
@@ -323,7 +323,7 @@ pub(crate) struct Target {
 
 async fn send(
     mut conn: ConnectionManager,
-    health: Arc<Health>,
+    health: Arc<LinkState>,
     mut batch: Vec<Request>,
     target: Target,
     places: Places,

@@ -7,33 +7,20 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 use watchtower::Error;
+use watchtower::backoff::Backoff;
 use watchtower::redact_url;
 
 use crate::error::from_redis;
 
-/// The URL used by [`RedisConfig::default`]: the local Redis.
-pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
+const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_RECONNECT_RETRIES: usize = 3;
+const DEFAULT_PIPELINE_BUFFER: usize = 1024;
 
-/// How long a command may wait for its reply unless set: 5 s. The `redis`
-/// crate's 500 ms default turns a busy server or a large pipeline into
-/// spurious timeouts (and, through a retry layer, into duplicates).
-pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long opening a connection may take unless set: 5 s.
-pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How many reconnection attempts a lost connection gets before a command
-/// fails with a connection error, unless set: 3 (about 0.7 s of backoff),
-/// so that callers learn of an outage quickly and their retry layer, not
-/// the client, decides how long to keep trying.
-pub const DEFAULT_RECONNECT_RETRIES: usize = 3;
-
-/// Commands the multiplexed connection queues before callers wait, unless
-/// set: 1024, so that many concurrent publishers are pipelined rather than
-/// throttled by the `redis` crate's default of 50.
-pub const DEFAULT_PIPELINE_BUFFER: usize = 1024;
-
-/// Where and how to connect to Redis, and how topics map to stream keys.
+/// Where and how to connect to Redis, and how topics map to stream keys:
+/// plain data, checked once by [`RedisClient::connect`](crate::RedisClient::connect).
+/// [`RedisConfig::default`] is the local Redis, `redis://127.0.0.1:6379`.
 ///
 /// ```
 /// use std::time::Duration;
@@ -86,7 +73,7 @@ impl fmt::Debug for RedisConfig {
 impl RedisConfig {
     /// Connects to `url`: `redis://[user:password@]host[:port][/db]`, or
     /// `rediss://` for TLS (feature `tls`, on by default). The URL is
-    /// checked when a publisher or subscriber is built.
+    /// checked by [`RedisClient::connect`](crate::RedisClient::connect).
     pub fn new(url: impl Into<String>) -> RedisConfig {
         RedisConfig {
             url: url.into(),
@@ -120,23 +107,25 @@ impl RedisConfig {
         self
     }
 
-    /// How long a command may wait for its reply. Default
-    /// [`DEFAULT_RESPONSE_TIMEOUT`]. A subscriber's blocking reads wait
-    /// their block time on top of this.
+    /// How long a command may wait for its reply. Default 5 s: the `redis`
+    /// crate's 500 ms turns a busy server or a large pipeline into spurious
+    /// timeouts (and, through a retry layer, into duplicates). A
+    /// subscriber's blocking reads wait their block time on top of this.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
     }
 
-    /// How long opening a connection may take. Default
-    /// [`DEFAULT_CONNECTION_TIMEOUT`].
+    /// How long opening a connection may take. Default 5 s.
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
         self
     }
 
     /// Reconnection attempts (with exponential backoff from 100 ms) before
-    /// a command fails. Default [`DEFAULT_RECONNECT_RETRIES`]. The
+    /// a command fails. Default 3 (about 0.7 s of backoff), so that callers
+    /// learn of an outage quickly and their retry layer, not the client,
+    /// decides how long to keep trying. The
     /// publisher's own connection for `XADD`s makes one attempt whenever
     /// calls find it down, and fails the calls waiting for it if that
     /// attempt fails: its callers' retry layer decides how long to keep
@@ -147,7 +136,8 @@ impl RedisConfig {
     }
 
     /// Commands queued on the multiplexed connection before callers wait.
-    /// Default [`DEFAULT_PIPELINE_BUFFER`].
+    /// Default 1024, so that many concurrent callers are pipelined rather
+    /// than throttled by the `redis` crate's default of 50.
     pub fn pipeline_buffer(mut self, size: usize) -> Self {
         self.pipeline_buffer = size.max(1);
         self
@@ -230,11 +220,15 @@ impl RedisConfig {
     /// A reconnecting multiplexed connection with these settings; a
     /// `response_timeout` of `extra` more than configured.
     pub(crate) async fn connect(&self, client: &Client, extra: Duration) -> Result<ConnectionManager, Error> {
+        // The `redis` crate runs the reconnect loop of a multiplexed
+        // connection; it waits within the bounds of this backoff.
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.response_timeout + extra))
             .set_connection_timeout(Some(self.connection_timeout))
             .set_number_of_retries(self.reconnect_retries)
-            .set_max_delay(Duration::from_secs(2))
+            .set_min_delay(backoff.initial())
+            .set_max_delay(backoff.max())
             .set_pipeline_buffer_size(self.pipeline_buffer);
         client
             .get_connection_manager_with_config(config)

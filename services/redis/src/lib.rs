@@ -2,21 +2,117 @@
 //! consumer groups with batched `XACK`, reclaim what crashed consumers left
 //! with `XAUTOCLAIM`.
 //!
-//! * [`RedisPublisher`] is a `tower::Service<Event>`: one stream per topic
-//!   (named by [`RedisConfig::stream_prefix`] plus the topic), optional
-//!   `MAXLEN ~` trimming, a [`Receipt`](watchtower::Receipt) with the entry
-//!   id. Concurrent calls are gathered into batches of `XADD`s on the
-//!   publisher's own connection, each caller answered with its own entry id or
-//!   its own error (see [Batching](RedisPublisher#batching)).
-//! * [`RedisSubscriber`] implements [`watchtower::Subscriber`]: consumer
-//!   groups, redelivery with rising delivery counts, reclaiming, a
-//!   dead-letter stream after too many deliveries, patterns resolved against
-//!   existing streams. See its docs for the details.
+//! # Connect
+//!
+//! A [`RedisConfig`] says where Redis is (`redis://`, or `rediss://` for
+//! TLS) and how topics map to stream keys; [`RedisClient::connect`] checks
+//! it once and opens the connection that publishers and subscribers made
+//! from the client share. [`RedisClient`] is cheap to clone and implements
+//! [`Transport`](watchtower::Transport): `client.health()` is a `PING`
+//! round trip.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use watchtower::Transport;
+//! use watchtower_redis::{RedisClient, RedisConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let config = RedisConfig::new("redis://127.0.0.1:6379")
+//!     .response_timeout(Duration::from_secs(2))
+//!     .stream_prefix("events:");
+//! let client = RedisClient::connect(config).await?;
+//! println!("{:?}", client.health().await.status());
+//! # Ok(()) }
+//! ```
+//!
+//! # Publish
+//!
+//! [`client.publisher()`](RedisClient::publisher) (or
+//! [`publisher_with`](RedisClient::publisher_with) and
+//! [`RedisPublisherOptions`] for trimming, content mode, queue size) makes
+//! a [`RedisPublisher`], a `tower::Service<Event>`: one stream per topic,
+//! optional `MAXLEN` trimming, a [`Receipt`](watchtower::Receipt) with the
+//! entry id. Concurrent calls are gathered into batches of `XADD`s on the
+//! publisher's own connection, each caller answered with its own entry id
+//! or its own error (see [Batching](RedisPublisher#batching)).
+//!
+//! ```no_run
+//! use watchtower::{Event, PublishExt};
+//! use watchtower_redis::{MaxLen, RedisClient, RedisConfig, RedisPublisherOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let client = RedisClient::connect(RedisConfig::default()).await?;
+//! let mut publisher = client.publisher();
+//! let receipt = publisher
+//!     .publish(Event::new("user.created", serde_json::json!({"user_id": 123})))
+//!     .await?;
+//! println!("stored as entry {:?}", receipt.message_id);
+//!
+//! let trimmed = client.publisher_with(RedisPublisherOptions::new().max_len(MaxLen::Approx(100_000)))?;
+//! # drop(trimmed);
+//! # Ok(()) }
+//! ```
+//!
+//! # Subscribe
+//!
+//! [`client.subscriber()`](RedisClient::subscriber) (or
+//! [`subscriber_with`](RedisClient::subscriber_with) and
+//! [`RedisSubscriberOptions`] for the consumer name, batch size, claim
+//! times, dead-lettering) makes a [`RedisSubscriber`], a
+//! [`watchtower::Subscriber`]: consumer groups, redelivery with rising
+//! delivery counts, reclaiming, patterns resolved against existing
+//! streams.
+//!
+//! ```no_run
+//! use tower::service_fn;
+//! use watchtower::{Event, SubscribeOptions, SubscriberExt};
+//! use watchtower_redis::{RedisClient, RedisConfig, RedisSubscriberOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+//! let client = RedisClient::connect(RedisConfig::default()).await?;
+//! let subscriber = client.subscriber_with(RedisSubscriberOptions::new().consumer("billing-1"))?;
+//! let handle = subscriber
+//!     .subscribe_with(
+//!         SubscribeOptions::new(["user.created"])?.group("billing")?,
+//!         service_fn(|event: Event| async move {
+//!             println!("received {}", event.id());
+//!             Ok::<_, watchtower::Error>(())
+//!         }),
+//!     )
+//!     .await?;
+//! handle.stop().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! * **Publishing**: a caller answered `Ok` has its event stored under the
+//!   entry id in its receipt. A caller told
+//!   [`Timeout`](watchtower::ErrorKind::Timeout) or
+//!   [`Connection`](watchtower::ErrorKind::Connection) cannot know whether
+//!   it was stored; Redis Streams does not deduplicate, so a retry may
+//!   store it twice (see [Duplicates](RedisPublisher#duplicates)). A call
+//!   whose caller stopped waiting before it was sent is not sent.
+//! * **Consuming**: at least once. An entry stays pending in its group
+//!   until it is acknowledged; one a consumer dropped or crashed with is
+//!   reclaimed after the [claim idle time](RedisSubscriberOptions::claim_idle)
+//!   and delivered again with a higher delivery count; after
+//!   [`max_deliveries`](RedisSubscriberOptions::max_deliveries) it goes to
+//!   the [`DeadLetter`] path. Entries of one stream are delivered in stream
+//!   order (redeliveries aside).
+//! * **Loss**: only through trimming ([`MaxLen`]), which deletes entries
+//!   whether or not they were read; the subscriber counts what it finds
+//!   trimmed ([`RedisSubscription::trimmed`]). An entry that does not
+//!   decode reaches the consumer as a
+//!   [`Delivery::poison`](watchtower::Delivery::poison) with its raw
+//!   fields.
+//! * **Received events** carry the topic they were published to, and spans
+//!   and deliveries carry `messaging.system = "redis"`.
 //!
 //! # Wire format
 //!
 //! Both CloudEvents content modes, chosen per publisher with
-//! [`RedisPublisherBuilder::content_mode`]; a subscriber reads both, told
+//! [`RedisPublisherOptions::content_mode`]; a subscriber reads both, told
 //! apart by the `content-type` field, which only structured entries have.
 //!
 //! * [`ContentMode::Structured`] (the default): two fields,
@@ -71,43 +167,14 @@
 //! field marked with its standard media type. Binary mode stays for
 //! readers that select single fields (`redis-cli`, Lua scripts, consumers
 //! that never parse the payload).
-//!
-//! An entry that does not decode reaches the consumer as a
-//! [`Delivery::poison`](watchtower::Delivery::poison) with its raw fields.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use tower::service_fn;
-//! use watchtower::{Event, PublishExt, SubscriberExt};
-//! use watchtower_redis::{RedisConfig, RedisPublisher, RedisSubscriber};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let config = RedisConfig::new("redis://127.0.0.1:6379");
-//! let subscriber = RedisSubscriber::connect(config.clone()).await?;
-//! let handle = subscriber
-//!     .subscribe(["user.created"], service_fn(|event: Event| async move {
-//!         println!("received {}", event.id());
-//!         Ok::<_, watchtower::Error>(())
-//!     }))
-//!     .await?;
-//!
-//! let mut publisher = RedisPublisher::connect(config).await?;
-//! let receipt = publisher
-//!     .publish(Event::new("user.created", serde_json::json!({"user_id": 123})))
-//!     .await?;
-//! println!("stored as entry {:?}", receipt.message_id);
-//! # tokio::time::sleep(Duration::from_millis(100)).await;
-//! handle.stop().await?;
-//! # Ok(()) }
-//! ```
 
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod acks;
 mod batch;
+mod client;
 mod config;
 mod error;
 mod link;
@@ -116,16 +183,10 @@ mod resp;
 mod subscriber;
 mod wire;
 
-pub use config::{
-    DEFAULT_CONNECTION_TIMEOUT, DEFAULT_PIPELINE_BUFFER, DEFAULT_RECONNECT_RETRIES, DEFAULT_RESPONSE_TIMEOUT,
-    DEFAULT_URL, RedisConfig,
-};
-pub use publisher::{DEFAULT_MAX_PENDING, MaxLen, RedisPublisher, RedisPublisherBuilder, ResponseFuture};
-pub use subscriber::{
-    DEFAULT_BATCH_SIZE, DEFAULT_BLOCK, DEFAULT_CLAIM_IDLE, DEFAULT_CLAIM_INTERVAL,
-    DEFAULT_DEAD_LETTER_STREAM, DEFAULT_MAX_DELIVERIES, DEFAULT_RESCAN_INTERVAL, DeadLetter, RedisAcker,
-    RedisSubscriber, RedisSubscriberBuilder, RedisSubscription,
-};
+pub use client::RedisClient;
+pub use config::RedisConfig;
+pub use publisher::{MaxLen, RedisPublisher, RedisPublisherOptions, ResponseFuture};
+pub use subscriber::{DeadLetter, RedisAcker, RedisSubscriber, RedisSubscriberOptions, RedisSubscription};
 pub use wire::{CONTENT_TYPE_FIELD, ContentMode, DATA_FIELD};
 
 /// The reply reader of the publisher's own connection, for the fuzz
@@ -138,6 +199,9 @@ pub mod fuzzing {
 /// Everything a program using the Redis transport needs:
 /// `use watchtower_redis::prelude::*;`.
 pub mod prelude {
-    pub use crate::{ContentMode, DeadLetter, MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
+    pub use crate::{
+        ContentMode, DeadLetter, MaxLen, RedisClient, RedisConfig, RedisPublisher, RedisPublisherOptions,
+        RedisSubscriber, RedisSubscriberOptions,
+    };
     pub use watchtower::prelude::*;
 }

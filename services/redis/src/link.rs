@@ -34,7 +34,7 @@ use watchtower::reply::Filled;
 use watchtower::{Error, ErrorKind};
 
 use crate::batch::{Answer, Idle, Queue, Request, Stopped, Take, Target, refused};
-use crate::publisher::{Health, write_xadd};
+use crate::publisher::{LinkState, write_xadd};
 use crate::resp::{Frame, MAX_REPLY, Reader};
 
 /// The read buffer's size, and how much it grows by when one reply is
@@ -61,7 +61,7 @@ pub(crate) fn supports(addr: &ConnectionAddr) -> bool {
 ///
 /// `stopped` is made by the spawner, so that a task dropped before its
 /// first poll still lets its callers know.
-pub(crate) async fn link_loop(settings: Settings, health: Arc<Health>, stopped: Stopped) {
+pub(crate) async fn link_loop(settings: Settings, health: Arc<LinkState>, stopped: Stopped) {
     let mut task = Task {
         settings,
         health,
@@ -88,7 +88,7 @@ type Connecting = Pin<Box<dyn Future<Output = Result<Link, Error>> + Send>>;
 
 struct Task<'a> {
     settings: Settings,
-    health: Arc<Health>,
+    health: Arc<LinkState>,
     queue: &'a Arc<Queue>,
     link: Option<Link>,
     connecting: Option<Connecting>,

@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
 use tower::{Service, ServiceExt as _};
 use watchtower::{ErrorKind, Event, Receipt};
-use watchtower_redis::{RedisConfig, RedisPublisher, ResponseFuture};
+use watchtower_redis::{RedisClient, RedisConfig, RedisPublisher, RedisPublisherOptions, ResponseFuture};
 use watchtower_test_support::{TcpProxy, unique};
 
 use common::{URL, cleanup, numbered};
@@ -68,7 +68,10 @@ async fn concurrent_callers_each_get_their_own_entry_id_in_call_order() {
     const N: usize = 3000;
     let ns = unique("wtr_own_ids");
     let topic = format!("{ns}.orders");
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     let key = publisher.config().stream_key(&topic);
     let events = numbered(&topic, N);
 
@@ -128,7 +131,10 @@ async fn a_server_error_fails_only_its_own_event() {
     let ns = unique("wtr_wrongtype");
     let good = format!("{ns}.good");
     let bad = format!("{ns}.bad");
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     let good_key = publisher.config().stream_key(&good);
     let bad_key = publisher.config().stream_key(&bad);
     let mut conn = common::raw(URL).await;
@@ -186,7 +192,10 @@ async fn dropped_callers_do_not_disturb_the_others() {
     const N: usize = 1000;
     let ns = unique("wtr_dropped");
     let topic = format!("{ns}.orders");
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     let key = publisher.config().stream_key(&topic);
     let events = numbered(&topic, N);
     let futures = call_all(&mut publisher, &events).await;
@@ -239,7 +248,7 @@ async fn a_connection_cut_mid_batch_fails_its_callers_and_loses_nothing() {
         .reconnect_retries(1)
         .connection_timeout(Duration::from_millis(500))
         .response_timeout(Duration::from_secs(2));
-    let mut publisher = RedisPublisher::connect(config).await.unwrap();
+    let mut publisher = RedisClient::connect(config).await.unwrap().publisher();
     let key = publisher.config().stream_key(&topic);
     let events = numbered(&topic, N);
 
@@ -325,10 +334,10 @@ async fn a_small_queue_makes_callers_wait_for_room_and_loses_nothing() {
     const N: usize = 500;
     let ns = unique("wtr_small_queue");
     let topic = format!("{ns}.orders");
-    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
-        .max_pending(8)
-        .connect()
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .publisher_with(RedisPublisherOptions::new().max_pending(8))
         .unwrap();
     let key = publisher.config().stream_key(&topic);
     let events = numbered(&topic, N);
@@ -361,7 +370,10 @@ fn calls_fail_rather_than_hang_once_the_connection_task_is_gone() {
     let ns = unique("wtr_task_gone");
     let event = Event::new(format!("{ns}.t"), serde_json::json!({}));
     let (mut publisher, queued) = first.block_on(async {
-        let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+        let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+            .await
+            .unwrap()
+            .publisher();
         // Queued, but the connection task does not run before the runtime
         // goes: dropping the runtime drops the task.
         let queued = publisher.ready().await.unwrap().call(event.clone());

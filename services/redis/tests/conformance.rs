@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use watchtower::conformance::{Harness, run};
 use watchtower::{Capabilities, Error, Subscriber};
-use watchtower_redis::{RedisConfig, RedisPublisher, RedisSubscriber};
+use watchtower_redis::{RedisClient, RedisConfig, RedisPublisher, RedisSubscriber, RedisSubscriberOptions};
 
 use common::{URL, cleanup};
 
@@ -44,19 +44,21 @@ impl Harness for RedisHarness {
     }
 
     async fn publisher(&self, _namespace: &str) -> Result<RedisPublisher, Error> {
-        RedisPublisher::connect(RedisConfig::new(URL)).await
+        Ok(RedisClient::connect(RedisConfig::new(URL)).await?.publisher())
     }
 
     async fn subscriber(&self, _namespace: &str) -> Result<RedisSubscriber, Error> {
         // Short timings so that reclaiming and new streams show up within a
         // case; the defaults suit production.
-        RedisSubscriber::builder(RedisConfig::new(URL))
-            .block(Duration::from_millis(200))
-            .claim_idle(Duration::from_secs(5))
-            .claim_interval(Duration::from_millis(100))
-            .rescan_interval(Duration::from_millis(100))
-            .connect()
-            .await
+        RedisClient::connect(RedisConfig::new(URL))
+            .await?
+            .subscriber_with(
+                RedisSubscriberOptions::new()
+                    .block(Duration::from_millis(200))
+                    .claim_idle(Duration::from_secs(5))
+                    .claim_interval(Duration::from_millis(100))
+                    .rescan_interval(Duration::from_millis(100)),
+            )
     }
 
     fn patience(&self) -> Duration {

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{Service, ServiceExt as _};
 use watchtower::{Error, ErrorKind, Event, PublishExt as _};
-use watchtower_redis::{RedisConfig, RedisPublisher};
+use watchtower_redis::{RedisClient, RedisConfig, RedisPublisher};
 use watchtower_test_support::{RedisServer, free_port, unique};
 
 use common::{URL, cleanup, numbered};
@@ -160,9 +160,10 @@ async fn a_malformed_reply_fails_the_waiting_callers_and_the_next_call_connects_
     let ns = unique("wtr_garbage");
     let topic = format!("{ns}.t");
     let fake = Fake::start(Behaviour::Garbage).await;
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(fake.url()))
+    let mut publisher = RedisClient::connect(RedisConfig::new(fake.url()))
         .await
-        .unwrap();
+        .unwrap()
+        .publisher();
     let events = numbered(&topic, 20);
     let results = publish_together(&mut publisher, &events).await;
     let ok = succeeded(results, &events, ErrorKind::Connection);
@@ -207,9 +208,10 @@ async fn hostile_replies_fail_the_call_at_their_limit_and_the_next_call_connects
         let ns = unique("wtr_hostile");
         let topic = format!("{ns}.t");
         let fake = Fake::start(Behaviour::Flood { head, tail }).await;
-        let mut publisher = RedisPublisher::connect(RedisConfig::new(fake.url()))
+        let mut publisher = RedisClient::connect(RedisConfig::new(fake.url()))
             .await
-            .unwrap();
+            .unwrap()
+            .publisher();
         let event = Event::new(topic.clone(), serde_json::json!({}));
         let err = tokio::time::timeout(Duration::from_secs(20), publisher.publish(event.clone()))
             .await
@@ -232,9 +234,10 @@ async fn a_reply_that_trickles_in_a_byte_at_a_time_answers_its_call() {
     let ns = unique("wtr_trickle");
     let topic = format!("{ns}.t");
     let fake = Fake::start(Behaviour::Trickle(b"$15\r\n1700000000000-7\r\n")).await;
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(fake.url()))
+    let mut publisher = RedisClient::connect(RedisConfig::new(fake.url()))
         .await
-        .unwrap();
+        .unwrap()
+        .publisher();
     let receipt = publisher
         .publish(Event::new(topic.clone(), serde_json::json!({})))
         .await
@@ -249,7 +252,7 @@ async fn a_silent_server_times_out_the_waiting_callers() {
     let topic = format!("{ns}.t");
     let fake = Fake::start(Behaviour::Silent).await;
     let config = RedisConfig::new(fake.url()).response_timeout(Duration::from_millis(300));
-    let mut publisher = RedisPublisher::connect(config).await.unwrap();
+    let mut publisher = RedisClient::connect(config).await.unwrap().publisher();
     let events = numbered(&topic, 5);
     let results = publish_together(&mut publisher, &events).await;
     let ok = succeeded(results, &events, ErrorKind::Timeout);
@@ -276,7 +279,7 @@ async fn credentials_refused_when_connecting_again_fail_the_calls_without_the_se
         .password("first-secret");
     // The multiplexed connection is open; the `XADD` connection opens with
     // the first call, after the password changed.
-    let mut publisher = RedisPublisher::connect(config).await.unwrap();
+    let mut publisher = RedisClient::connect(config).await.unwrap().publisher();
     let _: () = acl(&["SETUSER", "bob", "resetpass", ">second-secret"])
         .query_async(&mut admin)
         .await
@@ -306,7 +309,10 @@ async fn the_database_in_the_url_is_selected() {
     let server = RedisServer::start().await;
     let port = server.port();
     let url = format!("redis://127.0.0.1:{port}/3");
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(&url)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(&url))
+        .await
+        .unwrap()
+        .publisher();
     let events = numbered("db.t", 10);
     let results = publish_together(&mut publisher, &events).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
@@ -353,7 +359,10 @@ async fn tls_takes_the_pipelined_path_and_each_caller_gets_its_own_answer() {
     .await;
     // The certificate is self-signed: `#insecure` skips its verification.
     let url = format!("rediss://127.0.0.1:{tls_port}/#insecure");
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(&url)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(&url))
+        .await
+        .unwrap()
+        .publisher();
     let mut events = numbered("tls.t", 200);
     // One event to a key of another type fails alone.
     let mut conn = common::raw(&url).await;
@@ -384,7 +393,10 @@ async fn tls_takes_the_pipelined_path_and_each_caller_gets_its_own_answer() {
 async fn a_busy_server_refusal_is_retryable_and_the_event_comes_back() {
     let server = RedisServer::with_args(&["--busy-reply-threshold", "20"]).await;
     let url = server.url();
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(&url)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(&url))
+        .await
+        .unwrap()
+        .publisher();
     publisher
         .publish(Event::new("busy.t", serde_json::json!({"n": 1})))
         .await

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use watchtower::{Error, Event, PublishExt, SubscribeOptions, Subscriber};
-use watchtower_redis::{ContentMode, DeadLetter, RedisConfig, RedisPublisher, RedisSubscriber};
+use watchtower_redis::{
+    ContentMode, DeadLetter, RedisClient, RedisConfig, RedisPublisherOptions, RedisSubscriberOptions,
+};
 use watchtower_test_support::unique;
 
 use common::{URL, cleanup, pending, raw, wait_entries};
@@ -43,20 +45,23 @@ fn sample(topic: &str, n: u32) -> Event {
 async fn both_modes_round_trip_to_one_subscriber_and_write_what_they_say() {
     let ns = unique("wtr_modes");
     let topic = format!("{ns}.user.created");
-    let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .subscriber();
     let mut subscription = subscriber
         .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
         .await
         .unwrap();
-    let mut binary = RedisPublisher::builder(RedisConfig::new(URL))
-        .content_mode(ContentMode::Binary)
-        .connect()
+    let mut binary = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .publisher_with(RedisPublisherOptions::new().content_mode(ContentMode::Binary))
         .unwrap();
-    let mut structured = RedisPublisher::builder(RedisConfig::new(URL))
-        .content_mode(ContentMode::Structured)
-        .connect()
+    let mut structured = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .publisher_with(RedisPublisherOptions::new().content_mode(ContentMode::Structured))
         .unwrap();
     let blob = Event::binary(topic.clone(), "application/octet-stream", &b"\x00\xff\x01"[..]);
     let sent = [
@@ -103,7 +108,10 @@ async fn both_modes_round_trip_to_one_subscriber_and_write_what_they_say() {
 async fn a_structured_event_added_by_another_client_is_read() {
     let ns = unique("wtr_foreign");
     let topic = format!("{ns}.order.placed");
-    let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .subscriber();
     let mut subscription = subscriber
         .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
         .await
@@ -145,20 +153,23 @@ async fn a_structured_entry_is_dead_lettered_as_a_structured_entry_with_its_mark
     let ns = unique("wtr_modes_dlq");
     let topic = format!("{ns}.fragile");
     let dlq = format!("{ns}:dlq");
-    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
-        .max_deliveries(Some(1))
-        .dead_letter(DeadLetter::Stream(dlq.clone()))
-        .connect()
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .subscriber_with(
+            RedisSubscriberOptions::new()
+                .max_deliveries(Some(1))
+                .dead_letter(DeadLetter::Stream(dlq.clone())),
+        )
         .unwrap();
     let mut subscription = subscriber
         .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
         .await
         .unwrap();
-    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
-        .content_mode(ContentMode::Structured)
-        .connect()
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .publisher_with(RedisPublisherOptions::new().content_mode(ContentMode::Structured))
         .unwrap();
     let doomed = sample(&topic, 9);
     publisher.publish(doomed.clone()).await.unwrap();

@@ -11,8 +11,12 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use tower::{Service, service_fn};
+use watchtower::Transport;
+use watchtower::health::Status;
 use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
-use watchtower_redis::{RedisConfig, RedisPublisher, RedisSubscriber};
+use watchtower_redis::{
+    RedisClient, RedisConfig, RedisPublisher, RedisPublisherOptions, RedisSubscriberOptions,
+};
 use watchtower_test_support::{RedisServer, TcpProxy, unique};
 
 use common::{URL, cleanup, numbered};
@@ -47,7 +51,9 @@ async fn publish_until_accepted(publisher: &mut RedisPublisher, event: Event) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_reports_a_dead_server_and_recovers_after_restart() {
     let mut server = RedisServer::start().await;
-    let mut publisher = RedisPublisher::connect(quick(&server.url())).await.unwrap();
+    let client = RedisClient::connect(quick(&server.url())).await.unwrap();
+    assert!(client.health().await.is_up());
+    let mut publisher = client.publisher();
     publisher
         .publish(Event::new("fault.before", serde_json::json!({})))
         .await
@@ -64,7 +70,10 @@ async fn publisher_reports_a_dead_server_and_recovers_after_restart() {
     );
     assert!(err.is_retryable());
     assert!(!publisher.is_connected());
-    assert!(publisher.health().await.is_err());
+    let health = client.health().await;
+    assert_eq!(health.status(), Status::Down, "{health:?}");
+    assert_eq!(health.system(), "redis");
+    assert!(health.reason().is_some_and(|r| r.contains("PING")), "{health:?}");
     // Not ready while the server is down: readiness probes the connection.
     let ready = poll_fn(|cx| publisher.poll_ready(cx)).await;
     assert_eq!(ready.unwrap_err().kind(), ErrorKind::Connection);
@@ -81,17 +90,18 @@ async fn publisher_reports_a_dead_server_and_recovers_after_restart() {
         .await
         .unwrap();
     assert!(receipt.message_id.is_some());
-    publisher.health().await.unwrap();
+    let health = client.health().await;
+    assert!(health.is_up(), "{health:?}");
     drop(server);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_reports_the_outage_and_resumes_after_restart() {
     let mut server = RedisServer::start().await;
-    let subscriber = RedisSubscriber::builder(quick(&server.url()))
-        .block(Duration::from_millis(200))
-        .connect()
+    let subscriber = RedisClient::connect(quick(&server.url()))
         .await
+        .unwrap()
+        .subscriber_with(RedisSubscriberOptions::new().block(Duration::from_millis(200)))
         .unwrap();
     let mut subscription = subscriber
         .open(
@@ -102,7 +112,10 @@ async fn subscription_reports_the_outage_and_resumes_after_restart() {
         )
         .await
         .unwrap();
-    let mut publisher = RedisPublisher::connect(quick(&server.url())).await.unwrap();
+    let mut publisher = RedisClient::connect(quick(&server.url()))
+        .await
+        .unwrap()
+        .publisher();
     let before = Event::new("fault.events", serde_json::json!({"n": 1}));
     publisher.publish(before.clone()).await.unwrap();
     let delivery = tokio::time::timeout(WAIT, subscription.next())
@@ -154,7 +167,7 @@ async fn subscription_reports_the_outage_and_resumes_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_credentials_work_and_never_leak() {
-    let server = RedisServer::with_args(&["--requirepass", "hunter2"]).await;
+    let mut server = RedisServer::with_args(&["--requirepass", "hunter2"]).await;
     let port = server.port();
     let url = server.url();
     let mut admin = common::raw(&format!("redis://:hunter2@127.0.0.1:{port}")).await;
@@ -163,32 +176,43 @@ async fn acl_credentials_work_and_never_leak() {
         .query_async(&mut admin)
         .await
         .unwrap();
-    let mut publisher = RedisPublisher::connect(quick(&url).username("alice").password("wonderland"))
+    let mut publisher = RedisClient::connect(quick(&url).username("alice").password("wonderland"))
         .await
-        .unwrap();
+        .unwrap()
+        .publisher();
     publisher
         .publish(Event::new("acl.ok", serde_json::json!({})))
         .await
         .unwrap();
     // The default user, with the password in the URL.
     let with_url = format!("redis://:hunter2@127.0.0.1:{port}/0");
-    let mut default_user = RedisPublisher::connect(quick(&with_url)).await.unwrap();
+    let default_client = RedisClient::connect(quick(&with_url)).await.unwrap();
+    assert!(default_client.health().await.is_up());
+    let mut default_user = default_client.publisher();
     default_user
         .publish(Event::new("acl.ok", serde_json::json!({})))
         .await
         .unwrap();
     assert!(!format!("{default_user:?}").contains("hunter2"));
 
-    let err = RedisPublisher::connect(quick(&url).username("alice").password("not-the-password"))
+    let err = RedisClient::connect(quick(&url).username("alice").password("not-the-password"))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err:?}");
     assert!(!format!("{err} {err:?}").contains("not-the-password"));
-    let err = RedisSubscriber::connect(quick(&format!("redis://alice:bad-secret@127.0.0.1:{port}")))
+    let err = RedisClient::connect(quick(&format!("redis://alice:bad-secret@127.0.0.1:{port}")))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err:?}");
     assert!(!format!("{err} {err:?}").contains("bad-secret"));
+
+    // Down, and the reason names the server without the password.
+    server.kill().await;
+    let health = default_client.health().await;
+    assert_eq!(health.status(), Status::Down, "{health:?}");
+    let reason = health.reason().unwrap();
+    assert!(reason.contains(&format!("127.0.0.1:{port}")), "{reason}");
+    assert!(!format!("{health:?}").contains("hunter2"), "{health:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,13 +220,16 @@ async fn consuming_through_cut_connections_loses_nothing() {
     let ns = unique("wtr_cut");
     let topic = format!("{ns}.work");
     let proxy = TcpProxy::start("127.0.0.1:6379".parse().unwrap()).await.unwrap();
-    let subscriber = RedisSubscriber::builder(quick(&format!("redis://{}", proxy.addr())))
-        .block(Duration::from_millis(200))
-        .claim_idle(Duration::from_millis(500))
-        .claim_interval(Duration::from_millis(100))
-        .batch_size(50)
-        .connect()
+    let subscriber = RedisClient::connect(quick(&format!("redis://{}", proxy.addr())))
         .await
+        .unwrap()
+        .subscriber_with(
+            RedisSubscriberOptions::new()
+                .block(Duration::from_millis(200))
+                .claim_idle(Duration::from_millis(500))
+                .claim_interval(Duration::from_millis(100))
+                .batch_size(50),
+        )
         .unwrap();
     let subscription = subscriber
         .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
@@ -224,7 +251,10 @@ async fn consuming_through_cut_connections_loses_nothing() {
         .into_future(),
     );
     // Published directly, past the proxy.
-    let publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     let sent = numbered(&topic, 1000);
     for chunk in sent.chunks(100) {
         for result in publisher.publish_batch(chunk.to_vec()).await.unwrap() {
@@ -286,9 +316,10 @@ async fn ten_thousand_publishes_through_the_layers_with_two_cuts_lose_nothing() 
     let ns = unique("wtr_tenk");
     let topic = format!("{ns}.orders");
     let proxy = TcpProxy::start("127.0.0.1:6379".parse().unwrap()).await.unwrap();
-    let publisher = RedisPublisher::connect(quick(&format!("redis://{}", proxy.addr())))
+    let publisher = RedisClient::connect(quick(&format!("redis://{}", proxy.addr())))
         .await
-        .unwrap();
+        .unwrap()
+        .publisher();
     let dlq = MemoryDeadLetters::new(2 * N);
     let opened = Arc::new(AtomicUsize::new(0));
     let on_open = opened.clone();
@@ -404,14 +435,14 @@ async fn calls_whose_callers_timed_out_while_redis_was_frozen_are_not_sent() {
     let server = RedisServer::start().await;
     let ns = unique("wtr_abandoned");
     let topic = format!("{ns}.orders");
-    let publisher = RedisPublisher::builder(
+    let publisher = RedisClient::connect(
         // The connection itself outlasts the outage: only the callers'
         // own timeout ends their wait.
         RedisConfig::new(server.url()).response_timeout(Duration::from_secs(120)),
     )
-    .max_pending(2 * N)
-    .connect()
     .await
+    .unwrap()
+    .publisher_with(RedisPublisherOptions::new().max_pending(2 * N))
     .unwrap();
     publisher
         .clone()

@@ -10,8 +10,12 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use tower::{Service, ServiceExt as _, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
-use watchtower_redis::{ContentMode, DeadLetter, MaxLen, RedisConfig, RedisPublisher, RedisSubscriber};
+use watchtower::health::Status;
+use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, Transport, serve};
+use watchtower_redis::{
+    ContentMode, DeadLetter, MaxLen, RedisClient, RedisConfig, RedisPublisher, RedisPublisherOptions,
+    RedisSubscriberOptions,
+};
 use watchtower_test_support::{free_port, unique};
 
 use common::{URL, cleanup, numbered, pending, raw, wait_entries};
@@ -33,10 +37,10 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipt_and_readable_wire_format() {
     let ns = unique("wtr_wire");
-    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
-        .content_mode(ContentMode::Binary)
-        .connect()
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
         .await
+        .unwrap()
+        .publisher_with(RedisPublisherOptions::new().content_mode(ContentMode::Binary))
         .unwrap();
     let event = Event::builder("user.created")
         .subject("u-7")
@@ -78,10 +82,10 @@ async fn receipt_and_readable_wire_format() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_len_trims_and_bad_topics_are_refused() {
     let ns = unique("wtr_maxlen");
-    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
-        .max_len(MaxLen::Exact(10))
-        .connect()
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .publisher_with(RedisPublisherOptions::new().max_len(MaxLen::Exact(10)))
         .unwrap();
     let topic = format!("{ns}.trim");
     for i in 0..30 {
@@ -106,10 +110,9 @@ async fn max_len_trims_and_bad_topics_are_refused() {
         Some(bad.id())
     );
 
-    let err = RedisPublisher::builder(RedisConfig::new(URL))
-        .max_len(MaxLen::Approx(0))
-        .connect()
-        .await
+    let client = RedisClient::connect(RedisConfig::new(URL)).await.unwrap();
+    let err = client
+        .publisher_with(RedisPublisherOptions::new().max_len(MaxLen::Approx(0)))
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
     cleanup(URL, &ns).await;
@@ -119,7 +122,10 @@ async fn max_len_trims_and_bad_topics_are_refused() {
 async fn concurrent_callers_and_batches() {
     let ns = unique("wtr_concurrent");
     let topic = format!("{ns}.load");
-    let publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     let calls = (0..500).map(|i| {
         let publisher = publisher.clone();
         let topic = topic.clone();
@@ -173,7 +179,10 @@ async fn concurrent_callers_and_batches() {
 async fn serve_acks_in_batches_and_nothing_stays_pending() {
     let ns = unique("wtr_serve");
     let topic = format!("{ns}.orders");
-    let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .subscriber();
     let options = SubscribeOptions::new([&topic]).unwrap().group("billing").unwrap();
     let subscription = subscriber.open(options).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -192,7 +201,10 @@ async fn serve_acks_in_batches_and_nothing_stays_pending() {
         })
         .into_future(),
     );
-    let publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     let sent = numbered(&topic, 300);
     for result in publisher.publish_batch(sent.clone()).await.unwrap() {
         result.unwrap();
@@ -217,12 +229,18 @@ async fn serve_acks_in_batches_and_nothing_stays_pending() {
 async fn nack_with_delay_redelivers_with_rising_count() {
     let ns = unique("wtr_nack");
     let topic = format!("{ns}.retry");
-    let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .subscriber();
     let mut subscription = subscriber
         .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
         .await
         .unwrap();
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     let event = Event::new(topic.clone(), serde_json::json!({"n": 1}));
     publisher.publish(event.clone()).await.unwrap();
     let first = next(&mut subscription).await;
@@ -246,20 +264,23 @@ async fn max_deliveries_go_to_the_dead_letter_stream() {
     let ns = unique("wtr_maxdel");
     let topic = format!("{ns}.fragile");
     let dlq = format!("{ns}:dlq");
-    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
-        .max_deliveries(Some(2))
-        .dead_letter(DeadLetter::Stream(dlq.clone()))
-        .connect()
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .subscriber_with(
+            RedisSubscriberOptions::new()
+                .max_deliveries(Some(2))
+                .dead_letter(DeadLetter::Stream(dlq.clone())),
+        )
         .unwrap();
     let mut subscription = subscriber
         .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
         .await
         .unwrap();
-    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
-        .content_mode(ContentMode::Binary)
-        .connect()
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .publisher_with(RedisPublisherOptions::new().content_mode(ContentMode::Binary))
         .unwrap();
     let doomed = Event::new(topic.clone(), serde_json::json!({"doomed": true}));
     publisher.publish(doomed.clone()).await.unwrap();
@@ -315,11 +336,14 @@ async fn max_deliveries_go_to_the_dead_letter_stream() {
 async fn max_deliveries_can_use_the_poison_path() {
     let ns = unique("wtr_maxpoison");
     let topic = format!("{ns}.fragile");
-    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
-        .max_deliveries(Some(1))
-        .dead_letter(DeadLetter::Poison)
-        .connect()
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .subscriber_with(
+            RedisSubscriberOptions::new()
+                .max_deliveries(Some(1))
+                .dead_letter(DeadLetter::Poison),
+        )
         .unwrap();
     let subscription = subscriber
         .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
@@ -340,10 +364,10 @@ async fn max_deliveries_can_use_the_poison_path() {
     );
     // In binary mode the payload is the entry's `data` field, so the
     // poison's raw body is the payload itself.
-    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
-        .content_mode(ContentMode::Binary)
-        .connect()
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .publisher_with(RedisPublisherOptions::new().content_mode(ContentMode::Binary))
         .unwrap();
     let event = Event::new(topic.clone(), serde_json::json!({"x": 1}));
     publisher.publish(event.clone()).await.unwrap();
@@ -364,7 +388,10 @@ async fn max_deliveries_can_use_the_poison_path() {
 async fn poison_entries_reach_the_poison_path_and_the_consumer_goes_on() {
     let ns = unique("wtr_poison");
     let topic = format!("{ns}.mixed");
-    let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .subscriber();
     let subscription = subscriber
         .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
         .await
@@ -396,7 +423,10 @@ async fn poison_entries_reach_the_poison_path_and_the_consumer_goes_on() {
         }
         let _: String = cmd.query_async(&mut conn).await.unwrap();
     }
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     let good = Event::new(topic.clone(), serde_json::json!({"ok": true}));
     publisher.publish(good.clone()).await.unwrap();
 
@@ -444,17 +474,24 @@ async fn a_restarted_consumer_first_takes_back_its_own_pending_entries() {
     let ns = unique("wtr_restart");
     let topic = format!("{ns}.jobs");
     let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
-    let builder = RedisSubscriber::builder(RedisConfig::new(URL))
+    let builder = RedisSubscriberOptions::new()
         .consumer(format!("{ns}-worker-1"))
         // Far beyond the test: what comes back comes from the consumer's own
         // pending list, not from reclaiming.
         .claim_idle(Duration::from_secs(600));
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     let sent = numbered(&topic, 5);
     let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
     assert_eq!(taken, 5);
 
-    let subscriber = builder.connect().await.unwrap();
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .subscriber_with(builder)
+        .unwrap();
     let mut subscription = subscriber.open(options).await.unwrap();
     for event in &sent {
         let delivery = next(&mut subscription).await;
@@ -471,7 +508,7 @@ async fn a_restarted_consumer_first_takes_back_its_own_pending_entries() {
 /// them without settling, and kills the runtime: the consumer's tasks die
 /// as in a crashed process, and nothing is released.
 async fn crash_after_taking(
-    builder: watchtower_redis::RedisSubscriberBuilder,
+    builder: RedisSubscriberOptions,
     options: SubscribeOptions,
     publisher: &mut RedisPublisher,
     events: &[Event],
@@ -486,7 +523,11 @@ async fn crash_after_taking(
             .build()
             .unwrap();
         let taken = rt.block_on(async move {
-            let subscriber = builder.connect().await.unwrap();
+            let subscriber = RedisClient::connect(RedisConfig::new(URL))
+                .await
+                .unwrap()
+                .subscriber_with(builder)
+                .unwrap();
             let mut subscription = subscriber.open(options).await.unwrap();
             opened_tx.send(()).unwrap();
             go_rx.await.unwrap();
@@ -517,10 +558,13 @@ async fn killed_consumer_with_100_unacked_is_reclaimed_by_another_without_duplic
     let topic = format!("{ns}.work");
     let options = SubscribeOptions::new([&topic]).unwrap().group("crew").unwrap();
     let claim_idle = Duration::from_millis(500);
-    let builder = RedisSubscriber::builder(RedisConfig::new(URL))
+    let builder = RedisSubscriberOptions::new()
         .claim_idle(claim_idle)
         .claim_interval(Duration::from_millis(100));
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     let sent = numbered(&topic, 100);
     let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
     assert_eq!(taken, 100);
@@ -528,7 +572,11 @@ async fn killed_consumer_with_100_unacked_is_reclaimed_by_another_without_duplic
     assert_eq!(pending(&mut conn, &topic, "crew").await, 100);
 
     // A second member of the group, with a different consumer name.
-    let second = builder.connect().await.unwrap();
+    let second = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .subscriber_with(builder)
+        .unwrap();
     let subscription = second.open(options).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -574,14 +622,15 @@ async fn killed_consumer_with_100_unacked_is_reclaimed_by_another_without_duplic
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patterns_find_new_streams_and_skip_others() {
     let ns = unique("wtr_patterns");
-    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
-        .rescan_interval(Duration::from_millis(100))
-        .connect()
+    let subscriber = RedisClient::connect(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
         .await
+        .unwrap()
+        .subscriber_with(RedisSubscriberOptions::new().rescan_interval(Duration::from_millis(100)))
         .unwrap();
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL).stream_prefix(format!("{ns}:")))
         .await
-        .unwrap();
+        .unwrap()
+        .publisher();
     // One stream exists before the subscription, the others come later.
     let early = Event::new("user.early", serde_json::json!({}));
     publisher.publish(early.clone()).await.unwrap();
@@ -610,22 +659,26 @@ async fn patterns_find_new_streams_and_skip_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_fails_at_construction() {
-    let err = RedisPublisher::connect(RedisConfig::new("http://u:hunter2@127.0.0.1:6379"))
+    let err = RedisClient::connect(RedisConfig::new("http://u:hunter2@127.0.0.1:6379"))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
     assert!(!err.to_string().contains("hunter2"));
-    for builder in [
-        RedisSubscriber::builder(RedisConfig::new(URL)).batch_size(0),
-        RedisSubscriber::builder(RedisConfig::new(URL)).block(Duration::ZERO),
-        RedisSubscriber::builder(RedisConfig::new(URL)).max_deliveries(Some(0)),
-        RedisSubscriber::builder(RedisConfig::new(URL)).consumer("has space"),
-        RedisSubscriber::builder(RedisConfig::new(URL)).dead_letter(DeadLetter::Stream(String::new())),
+    let client = RedisClient::connect(RedisConfig::new(URL)).await.unwrap();
+    for options in [
+        RedisSubscriberOptions::new().batch_size(0),
+        RedisSubscriberOptions::new().block(Duration::ZERO),
+        RedisSubscriberOptions::new().max_deliveries(Some(0)),
+        RedisSubscriberOptions::new().consumer("has space"),
+        RedisSubscriberOptions::new().dead_letter(DeadLetter::Stream(String::new())),
     ] {
-        assert_eq!(builder.connect().await.unwrap_err().kind(), ErrorKind::Config);
+        assert_eq!(
+            client.subscriber_with(options).unwrap_err().kind(),
+            ErrorKind::Config
+        );
     }
     let closed = free_port();
-    let err = RedisPublisher::connect(
+    let err = RedisClient::connect(
         RedisConfig::new(format!("redis://:hunter2@127.0.0.1:{closed}"))
             .reconnect_retries(0)
             .connection_timeout(Duration::from_secs(1)),
@@ -639,7 +692,7 @@ async fn bad_configuration_fails_at_construction() {
     assert!(!format!("{err} {err:?}").contains("hunter2"));
 
     // TLS to a server that does not speak it: a connection error, no panic.
-    let err = RedisPublisher::connect(
+    let err = RedisClient::connect(
         RedisConfig::new("rediss://:hunter2@127.0.0.1:6379")
             .reconnect_retries(0)
             .connection_timeout(Duration::from_secs(2)),
@@ -655,19 +708,23 @@ async fn bad_configuration_fails_at_construction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_readiness_follow_the_connection() {
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
-    publisher.health().await.unwrap();
+    let client = RedisClient::connect(RedisConfig::new(URL)).await.unwrap();
+    let health = client.health().await;
+    assert_eq!(health.status(), Status::Up, "{health:?}");
+    assert_eq!(health.system(), "redis");
+    let mut publisher = client.publisher();
     assert!(publisher.is_connected());
     std::future::poll_fn(|cx| publisher.poll_ready(cx)).await.unwrap();
-    let subscriber = RedisSubscriber::connect(RedisConfig::new(URL)).await.unwrap();
-    subscriber.health().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_still_held_is_not_delivered_again_by_its_own_reclaiming() {
     let ns = unique("wtr_held");
     let topic = format!("{ns}.slow");
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     let mut conn = raw(URL).await;
     // An entry from before the group, which another consumer will hold
     // and abandon: reclaiming it is the event this test waits on.
@@ -682,12 +739,15 @@ async fn an_entry_still_held_is_not_delivered_again_by_its_own_reclaiming() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
-        .claim_idle(Duration::from_millis(100))
-        .claim_interval(Duration::from_millis(20))
-        .max_deliveries(None)
-        .connect()
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .subscriber_with(
+            RedisSubscriberOptions::new()
+                .claim_idle(Duration::from_millis(100))
+                .claim_interval(Duration::from_millis(20))
+                .max_deliveries(None),
+        )
         .unwrap();
     let mut subscription = subscriber
         .open(SubscribeOptions::new([&topic]).unwrap().group("g").unwrap())
@@ -745,18 +805,25 @@ async fn own_pending_entries_and_reclaiming_do_not_deliver_an_entry_twice() {
     let ns = unique("wtr_twice");
     let topic = format!("{ns}.jobs");
     let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
-    let builder = RedisSubscriber::builder(RedisConfig::new(URL))
+    let builder = RedisSubscriberOptions::new()
         .consumer(format!("{ns}-worker-1"))
         // Every pending entry is due for reclaiming at once, while the
         // restarted consumer reads the same entries from its own list.
         .claim_idle(Duration::from_millis(1))
         .claim_interval(Duration::from_millis(2));
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     let sent = numbered(&topic, 200);
     let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
     assert_eq!(taken, 200);
 
-    let subscriber = builder.connect().await.unwrap();
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .subscriber_with(builder)
+        .unwrap();
     let mut subscription = subscriber.open(options).await.unwrap();
     let mut held = Vec::new();
     let mut seen = HashSet::new();
@@ -829,10 +896,10 @@ async fn trimmed_entries_are_reported(case: &str, consumer: &str, claim_idle: Du
         .query_async(&mut conn)
         .await
         .unwrap();
-    let mut publisher = RedisPublisher::builder(RedisConfig::new(URL))
-        .max_len(MaxLen::Exact(5))
-        .connect()
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .publisher_with(RedisPublisherOptions::new().max_len(MaxLen::Exact(5)))
         .unwrap();
     let sent = numbered(&topic, 13);
     for event in &sent[..3] {
@@ -866,12 +933,15 @@ async fn trimmed_entries_are_reported(case: &str, consumer: &str, claim_idle: Du
         publisher.publish(event.clone()).await.unwrap();
     }
 
-    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
-        .consumer(consumer.to_owned())
-        .claim_idle(claim_idle)
-        .claim_interval(Duration::from_millis(50))
-        .connect()
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        .subscriber_with(
+            RedisSubscriberOptions::new()
+                .consumer(consumer.to_owned())
+                .claim_idle(claim_idle)
+                .claim_interval(Duration::from_millis(50)),
+        )
         .unwrap();
     let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
     let mut subscription = subscriber.open(options).await.unwrap();
@@ -936,15 +1006,18 @@ async fn entries_trimmed_while_pending_or_before_being_read_are_reported() {
 async fn a_delivery_dropped_after_its_entry_was_trimmed_is_reported() {
     let ns = unique("wtr_trim-release");
     let topic = format!("{ns}.jobs");
-    let subscriber = RedisSubscriber::builder(RedisConfig::new(URL))
-        // Only the release of the dropped deliveries can find them.
-        .claim_interval(Duration::from_secs(600))
-        .connect()
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
         .await
+        .unwrap()
+        // Only the release of the dropped deliveries can find them.
+        .subscriber_with(RedisSubscriberOptions::new().claim_interval(Duration::from_secs(600)))
         .unwrap();
     let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
     let mut subscription = subscriber.open(options).await.unwrap();
-    let mut publisher = RedisPublisher::connect(RedisConfig::new(URL)).await.unwrap();
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
     for event in numbered(&topic, 3) {
         publisher.publish(event).await.unwrap();
     }
@@ -1000,6 +1073,34 @@ async fn a_delivery_dropped_after_its_entry_was_trimmed_is_reported() {
     }
     assert_eq!(subscription.trimmed(), 3);
     assert_eq!(pending(&mut conn, &topic, "workers").await, 0);
+    drop(subscription);
+    cleanup(URL, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_serves_publishers_and_subscribers_with_their_own_consumer_names() {
+    let ns = unique("wtr_client");
+    let topic = format!("{ns}.shared");
+    let client = RedisClient::connect(RedisConfig::new(URL)).await.unwrap();
+    let first = client.subscriber();
+    let second = client.clone().subscriber();
+    assert_ne!(first.consumer(), second.consumer());
+    let options = RedisSubscriberOptions::new().block(Duration::from_millis(200));
+    let third = client.subscriber_with(options.clone()).unwrap();
+    let fourth = client.subscriber_with(options).unwrap();
+    assert_ne!(third.consumer(), fourth.consumer());
+
+    let mut subscription = first
+        .open(SubscribeOptions::new([&topic]).unwrap())
+        .await
+        .unwrap();
+    let mut publisher = client.publisher();
+    let event = Event::new(topic.clone(), serde_json::json!({"n": 1}));
+    let receipt = publisher.publish(event.clone()).await.unwrap();
+    assert_eq!(receipt.stream.as_deref(), Some(topic.as_str()));
+    let delivery = next(&mut subscription).await;
+    assert_eq!(delivery.event(), Some(&event));
+    delivery.ack().await.unwrap();
     drop(subscription);
     cleanup(URL, &ns).await;
 }

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use redis::Value;
 use tokio::sync::oneshot;
 use watchtower::ext;
-use watchtower::{Delivery, Error, ErrorKind, Poison, RawMessage};
+use watchtower::{Delivery, Error, ErrorKind, Poison, RawMessage, Transport as _};
 
 use crate::acks::AckOp;
+use crate::client::RedisClient;
 use crate::error::from_redis;
 use crate::wire::{self, Entry};
 
@@ -106,7 +107,7 @@ impl Shared {
                     );
                     return Some(Ok(Delivery::poison(Poison::new(raw, error), acker)
                         .with_delivery_count(count)
-                        .with_system("redis")));
+                        .with_system(RedisClient::SYSTEM)));
                 }
             }
         }
@@ -114,7 +115,9 @@ impl Shared {
             Ok(event) => Delivery::new(event, stream.topic.clone(), acker),
             Err(poison) => Delivery::poison(poison, acker),
         };
-        Some(Ok(delivery.with_delivery_count(count).with_system("redis")))
+        Some(Ok(delivery
+            .with_delivery_count(count)
+            .with_system(RedisClient::SYSTEM)))
     }
 
     /// Copies the entry to the dead-letter stream and acknowledges it, in

@@ -1,7 +1,7 @@
 //! The subscribing side: consumer groups, batched acknowledgements,
 //! redelivery and reclaiming.
 //!
-//! One file per job: `config` the builder and its defaults, `shared` what
+//! One file per job: `config` the options and their defaults, `shared` what
 //! a subscription's tasks share, `read` the read loop, `deliver` entries
 //! into deliveries (or dead letters), `reclaim` nack redelivery and
 //! reclaiming, `rescan` wildcard patterns, `trimmed` entries trimmed
@@ -24,20 +24,14 @@ use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 
-use redis::aio::ConnectionManager;
-use redis::{Client, Value};
 use tokio::sync::mpsc;
 use watchtower::{Capabilities, Error, SubscribeOptions, Subscriber};
 
 use crate::acks::{Trimmed, ack_loop};
+use crate::client::RedisClient;
 use crate::config::RedisConfig;
-use crate::error::from_redis;
 
-pub use config::{
-    DEFAULT_BATCH_SIZE, DEFAULT_BLOCK, DEFAULT_CLAIM_IDLE, DEFAULT_CLAIM_INTERVAL,
-    DEFAULT_DEAD_LETTER_STREAM, DEFAULT_MAX_DELIVERIES, DEFAULT_RESCAN_INTERVAL, DeadLetter,
-    RedisSubscriberBuilder,
-};
+pub use config::{DeadLetter, RedisSubscriberOptions};
 pub(crate) use settle::MAX_ACK_BATCH;
 pub use settle::RedisAcker;
 pub(crate) use shared::{Item, StreamInfo};
@@ -49,7 +43,9 @@ use read::read_loop;
 use reclaim::maintain;
 use shared::{RecentIds, Shared};
 
-/// Subscribes to Redis Streams through consumer groups.
+/// Subscribes to Redis Streams through consumer groups. Made by
+/// [`RedisClient::subscriber`] or [`RedisClient::subscriber_with`]; clones
+/// share the client and the options.
 ///
 /// Each topic is a stream (named by [`RedisConfig::stream_prefix`] plus the
 /// topic); each [`SubscribeOptions::group`] a consumer group, created on
@@ -62,10 +58,10 @@ use shared::{RecentIds, Shared};
 ///
 /// On open, the consumer first reads its own pending entries (`XREADGROUP`
 /// from id `0`: what it had received but not acknowledged before a
-/// restart, which needs a stable [`consumer`](RedisSubscriberBuilder::consumer)
+/// restart, which needs a stable [`consumer`](RedisSubscriberOptions::consumer)
 /// name), then new entries with `XREADGROUP ... COUNT n BLOCK ms ... >` on
 /// a connection of its own, so that blocking reads never delay the
-/// commands (acks, claims) on the shared connection. Several topics are
+/// commands (acks, claims) on the client's shared connection. Several topics are
 /// read with one `XREADGROUP`.
 ///
 /// # Settling
@@ -79,9 +75,9 @@ use shared::{RecentIds, Shared};
 /// * A delivery dropped unsettled is released: its idle time is set to the
 ///   claim idle time, so the next `XAUTOCLAIM` of any consumer in the group
 ///   takes it.
-/// * Every [claim interval](RedisSubscriberBuilder::claim_interval), entries
+/// * Every [claim interval](RedisSubscriberOptions::claim_interval), entries
 ///   of any consumer pending longer than the [claim idle
-///   time](RedisSubscriberBuilder::claim_idle) are reclaimed with
+///   time](RedisSubscriberOptions::claim_idle) are reclaimed with
 ///   `XAUTOCLAIM`, with their delivery counts; entries this consumer still
 ///   holds (read and not yet settled) are not delivered to it again, and
 ///   their delivery counts stay as they are (the claim only resets their
@@ -89,14 +85,14 @@ use shared::{RecentIds, Shared};
 ///   reclaiming both come upon is delivered once.
 ///   Handlers that take longer than the claim idle time should call
 ///   [`Acker::progress`](watchtower::Acker::progress), or another consumer may take their entries.
-/// * An entry delivered more than [`max_deliveries`](RedisSubscriberBuilder::max_deliveries)
+/// * An entry delivered more than [`max_deliveries`](RedisSubscriberOptions::max_deliveries)
 ///   times goes to the [`DeadLetter`] path instead and is acknowledged.
 ///
 /// # Patterns
 ///
 /// A pattern with `*` or `>` is resolved with `SCAN ... TYPE stream` and
 /// [`TopicPattern::matches`](watchtower::TopicPattern::matches) when the subscription opens, and again every
-/// [rescan interval](RedisSubscriberBuilder::rescan_interval): a stream
+/// [rescan interval](RedisSubscriberOptions::rescan_interval): a stream
 /// created later is found by the next scan and read from its first entry,
 /// so nothing published to it is missed, only delivered up to one rescan
 /// interval (plus one block time) late. The dead-letter stream is never
@@ -107,13 +103,11 @@ use shared::{RecentIds, Shared};
 /// ```no_run
 /// use tower::service_fn;
 /// use watchtower::{Event, SubscribeOptions, SubscriberExt};
-/// use watchtower_redis::{RedisConfig, RedisSubscriber};
+/// use watchtower_redis::{RedisClient, RedisConfig, RedisSubscriberOptions};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-/// let subscriber = RedisSubscriber::builder(RedisConfig::default())
-///     .consumer("billing-1")
-///     .connect()
-///     .await?;
+/// let client = RedisClient::connect(RedisConfig::default()).await?;
+/// let subscriber = client.subscriber_with(RedisSubscriberOptions::new().consumer("billing-1"))?;
 /// let options = SubscribeOptions::new(["user.*"])?.group("billing")?;
 /// let handle = subscriber
 ///     .subscribe_with(options, service_fn(|event: Event| async move {
@@ -126,46 +120,25 @@ use shared::{RecentIds, Shared};
 /// ```
 #[derive(Clone)]
 pub struct RedisSubscriber {
-    config: RedisConfig,
-    client: Client,
-    conn: ConnectionManager,
+    client: RedisClient,
     options: Arc<Options>,
 }
 
 impl fmt::Debug for RedisSubscriber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisSubscriber")
-            .field("config", &self.config)
+            .field("config", self.client.config())
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisSubscriber {
-    /// A builder for a subscriber with `config`.
-    pub fn builder(config: RedisConfig) -> RedisSubscriberBuilder {
-        RedisSubscriberBuilder {
-            config,
-            options: Options {
-                consumer: format!("watchtower-{}", uuid::Uuid::now_v7().simple()).into(),
-                batch_size: DEFAULT_BATCH_SIZE,
-                block: DEFAULT_BLOCK,
-                claim_idle: DEFAULT_CLAIM_IDLE,
-                claim_interval: DEFAULT_CLAIM_INTERVAL,
-                rescan_interval: DEFAULT_RESCAN_INTERVAL,
-                max_deliveries: Some(DEFAULT_MAX_DELIVERIES),
-                dead_letter: DeadLetter::Stream(DEFAULT_DEAD_LETTER_STREAM.to_owned()),
-            },
+    pub(crate) fn new(client: RedisClient, options: Options) -> RedisSubscriber {
+        RedisSubscriber {
+            client,
+            options: Arc::new(options),
         }
-    }
-
-    /// Connects with `config` and default options.
-    ///
-    /// # Errors
-    ///
-    /// As [`RedisSubscriberBuilder::connect`].
-    pub async fn connect(config: RedisConfig) -> Result<RedisSubscriber, Error> {
-        RedisSubscriber::builder(config).connect().await
     }
 
     /// This instance's consumer name.
@@ -175,21 +148,7 @@ impl RedisSubscriber {
 
     /// The configuration.
     pub fn config(&self) -> &RedisConfig {
-        &self.config
-    }
-
-    /// Sends a `PING` on the shared connection and waits for the answer.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Connection`](watchtower::ErrorKind::Connection) or [`ErrorKind::Timeout`](watchtower::ErrorKind::Timeout) if Redis does not
-    /// answer.
-    pub async fn health(&self) -> Result<(), Error> {
-        redis::cmd("PING")
-            .query_async::<Value>(&mut self.conn.clone())
-            .await
-            .map(drop)
-            .map_err(|e| from_redis(e, "PING"))
+        self.client.config()
     }
 
     async fn open_subscription(&self, options: SubscribeOptions) -> Result<RedisSubscription, Error> {
@@ -201,15 +160,16 @@ impl RedisSubscriber {
             ),
         };
         let start = if options.is_replay() { "0" } else { "$" };
-        let read_conn = self.config.connect(&self.client, self.options.block).await?;
+        let config = self.client.config();
+        let read_conn = config.connect(self.client.redis(), self.options.block).await?;
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let (nack_tx, nack_rx) = mpsc::unbounded_channel();
         // Two batches wait while the subscription works through another, so
         // a slow read does not leave the consumer idle.
         let (tx, rx) = mpsc::channel(2);
         let shared = Arc::new(Shared {
-            conn: self.conn.clone(),
-            config: self.config.clone(),
+            conn: self.client.conn().clone(),
+            config: config.clone(),
             options: self.options.clone(),
             group: group.clone(),
             patterns: options.patterns().to_vec(),
@@ -226,7 +186,7 @@ impl RedisSubscriber {
             if pattern.is_wildcard() {
                 initial.extend(shared.scan(pattern).await?);
             } else {
-                initial.push(self.config.stream_key(pattern.as_str()));
+                initial.push(config.stream_key(pattern.as_str()));
             }
         }
         for key in initial {
@@ -238,7 +198,7 @@ impl RedisSubscriber {
             }
         }
         tokio::spawn(ack_loop(
-            self.conn.clone(),
+            self.client.conn().clone(),
             group,
             shared.options.consumer.clone(),
             shared.options.claim_idle,

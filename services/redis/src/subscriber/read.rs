@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use redis::Value;
 use redis::aio::ConnectionManager;
+use watchtower::backoff::{Backoff, Jitter};
 
 use crate::error::{from_redis, is_no_group};
 use crate::wire::{self, Entry};
@@ -22,7 +23,9 @@ pub(super) async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, 
             return;
         }
     }
-    let mut backoff = Duration::from_millis(50);
+    // Failed reads are tried again from 50 ms, doubling up to 2 s.
+    let backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2)).jitter(Jitter::Full);
+    let mut failures = 0u32;
     let mut reported = false;
     loop {
         // Wait until the consumer has room, so that nothing is read that
@@ -77,7 +80,7 @@ pub(super) async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, 
         };
         match read {
             Ok(per_stream) => {
-                backoff = Duration::from_millis(50);
+                failures = 0;
                 reported = false;
                 for (key, entries) in per_stream {
                     let Some(stream) = shared.find(&key) else { continue };
@@ -96,11 +99,11 @@ pub(super) async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, 
                         return;
                     }
                 }
+                failures = failures.saturating_add(1);
                 tokio::select! {
                     _ = tx.closed() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.delay(failures)) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }

@@ -39,7 +39,7 @@ impl RedisSubscription {
     ///   subscription is gone or its buffer full);
     /// * entries trimmed before any consumer of the group read them, when
     ///   the subscription opens and at every
-    ///   [claim interval](crate::RedisSubscriberBuilder::claim_interval), from the
+    ///   [claim interval](crate::RedisSubscriberOptions::claim_interval), from the
     ///   group's read counter (Redis 7): counted, without their ids.
     ///
     /// What is not: entries trimmed unread while Redis does not know the
@@ -48,7 +48,7 @@ impl RedisSubscription {
     /// entries trimmed unread and gone past by the group between two
     /// checks (the group reads past the gap before the next claim
     /// interval). Size the trimming so that neither happens (see
-    /// [`RedisPublisherBuilder::max_len`](crate::RedisPublisherBuilder::max_len)).
+    /// [`RedisPublisherOptions::max_len`](crate::RedisPublisherOptions::max_len)).
     pub fn trimmed(&self) -> u64 {
         self.trimmed.load(Ordering::Relaxed)
     }

@@ -14,44 +14,38 @@ use redis::{Cmd, RedisWrite as _, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
-use watchtower::reply::{Reply, reply};
+use watchtower::reply::reply;
 use watchtower::trace::publish_span;
 use watchtower::validate_topic;
-use watchtower::{Error, ErrorKind, Event, Receipt};
+use watchtower::{Error, ErrorKind, Event, Receipt, Transport};
 
-use crate::batch::{Answer, Queue, Request, Stopped, Target, answer, batch_loop};
+use crate::batch::{Queue, Request, Stopped, Target, answer, batch_loop};
+use crate::client::{RedisClient, ping};
 use crate::config::RedisConfig;
 use crate::error::from_redis;
 use crate::link;
-use crate::wire::{ContentMode, fields_size, write_fields};
+use crate::wire::{fields_size, write_fields};
 
-/// `XADD`s a publisher lets wait for or ride in a batch at once unless
-/// set: 4096. Further calls wait in `poll_ready`.
-pub const DEFAULT_MAX_PENDING: usize = 4096;
+mod future;
+mod options;
+
+pub use future::ResponseFuture;
+use future::State;
+pub use options::{MaxLen, RedisPublisherOptions};
 
 /// Stream keys remembered per topic, so that a busy topic's key is not
 /// built again for every event.
 const KEY_CACHE: usize = 256;
 
-/// Trimming of a stream on every `XADD`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MaxLen {
-    /// `MAXLEN ~ n`: Redis trims whole macro nodes, so the stream keeps at
-    /// least `n` entries and trimming stays cheap.
-    Approx(u64),
-    /// `MAXLEN = n`: exactly `n` entries, at a higher cost per `XADD`.
-    Exact(u64),
-}
-
 /// Connection state shared by a publisher and its clones.
 #[derive(Debug)]
-pub(crate) struct Health {
+pub(crate) struct LinkState {
     connected: AtomicBool,
 }
 
-impl Health {
-    pub(crate) fn new() -> Arc<Health> {
-        Arc::new(Health {
+impl LinkState {
+    pub(crate) fn new() -> Arc<LinkState> {
+        Arc::new(LinkState {
             connected: AtomicBool::new(true),
         })
     }
@@ -79,12 +73,14 @@ impl Health {
 /// `XADD`s each event to the stream of its [topic](Event::topic) and
 /// answers with a [`Receipt`] carrying the stream key and the entry id.
 ///
-/// Clones share the publisher's connections, and calls do not wait for
-/// each other. The `XADD`s of `call` travel on a connection of the
-/// publisher's own, which one task writes and reads (over `rediss://`, on
-/// the `redis` crate's multiplexed connection instead); `PING` and
-/// [`publish_batch`](RedisPublisher::publish_batch) use a multiplexed
-/// connection that reconnects by itself.
+/// Made by [`RedisClient::publisher`] or
+/// [`RedisClient::publisher_with`]. Clones share the publisher's
+/// connections, and calls do not wait for each other. The `XADD`s of
+/// `call` travel on a connection of the publisher's own, which one task
+/// writes and reads (over `rediss://`, on the client's multiplexed
+/// connection instead); `PING` and
+/// [`publish_batch`](RedisPublisher::publish_batch) use the client's
+/// multiplexed connection, which reconnects by itself.
 ///
 /// # Batching
 ///
@@ -153,7 +149,7 @@ impl Health {
 /// first finds the multiplexed connection broken: that one reconnects) and
 /// stays pending until the answer; if that fails too it returns the
 /// [`ErrorKind::Connection`] error, and the next `poll_ready` tries again.
-/// The queue holds [`max_pending`](RedisPublisherBuilder::max_pending)
+/// The queue holds [`max_pending`](RedisPublisherOptions::max_pending)
 /// `XADD`s, counting those on the wire: when it is full, `poll_ready` waits
 /// for replies to free a place.
 ///
@@ -161,13 +157,12 @@ impl Health {
 ///
 /// ```no_run
 /// use watchtower::{Event, PublishExt};
-/// use watchtower_redis::{MaxLen, RedisConfig, RedisPublisher};
+/// use watchtower_redis::{MaxLen, RedisClient, RedisConfig, RedisPublisherOptions};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-/// let mut publisher = RedisPublisher::builder(RedisConfig::new("redis://127.0.0.1:6379"))
-///     .max_len(MaxLen::Approx(100_000))
-///     .connect()
-///     .await?;
+/// let client = RedisClient::connect(RedisConfig::new("redis://127.0.0.1:6379")).await?;
+/// let mut publisher =
+///     client.publisher_with(RedisPublisherOptions::new().max_len(MaxLen::Approx(100_000)))?;
 /// let receipt = publisher.publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
 /// println!("stored as {:?}", receipt.message_id);
 /// # Ok(()) }
@@ -207,13 +202,12 @@ struct PublisherShared {
     /// The commands waiting for the connection task; closed when the last
     /// publisher goes.
     queue: Arc<Queue>,
-    /// For `PING` and [`RedisPublisher::publish_batch`]; the queue's task
-    /// has its own clone.
-    conn: ConnectionManager,
-    config: RedisConfig,
+    /// The shared connection, for `PING` and
+    /// [`RedisPublisher::publish_batch`], and the configuration.
+    client: RedisClient,
     /// Where and how events are written.
     target: Target,
-    health: Arc<Health>,
+    health: Arc<LinkState>,
     /// Stream keys by topic.
     keys: RwLock<HashMap<Box<str>, Arc<str>>>,
 }
@@ -227,7 +221,7 @@ impl Drop for PublisherShared {
 impl fmt::Debug for RedisPublisher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisPublisher")
-            .field("config", &self.shared.config)
+            .field("config", self.shared.client.config())
             .field("max_len", &self.shared.target.max_len)
             .field("content_mode", &self.shared.target.mode)
             .field("connected", &self.shared.health.is_connected())
@@ -235,128 +229,54 @@ impl fmt::Debug for RedisPublisher {
     }
 }
 
-/// Builds a [`RedisPublisher`].
-#[derive(Debug, Clone)]
-pub struct RedisPublisherBuilder {
-    config: RedisConfig,
-    max_len: Option<MaxLen>,
-    max_pending: usize,
-    mode: ContentMode,
-}
-
-impl RedisPublisherBuilder {
-    /// Trims each stream on every `XADD`. Default: no trimming.
-    ///
-    /// Trimming deletes the oldest entries whether or not a consumer group
-    /// has read or acknowledged them: an entry a consumer had not yet read
-    /// is lost, and one it read but did not acknowledge can no longer be
-    /// claimed again. Size `max_len` for the longest time consumers may
-    /// fall behind or be down (events per second at the peak times that
-    /// outage), not for the usual backlog. The subscriber reports what it
-    /// finds trimmed (see
-    /// [`RedisSubscription::trimmed`](crate::RedisSubscription::trimmed));
-    /// an entry trimmed before any consumer of the group read it is
-    /// counted only where Redis can tell (see there).
-    pub fn max_len(mut self, max_len: MaxLen) -> Self {
-        self.max_len = Some(max_len);
-        self
-    }
-
-    /// How each event is written to its stream entry: one field per
-    /// attribute plus `data` ([`ContentMode::Binary`]), or the CloudEvents
-    /// JSON document in `data` beside a `content-type` field
-    /// ([`ContentMode::Structured`]). Subscribers read both whatever this
-    /// says. Default [`ContentMode::Structured`]; see
-    /// [Content modes](crate#content-modes) for why.
-    pub fn content_mode(mut self, mode: ContentMode) -> Self {
-        self.mode = mode;
-        self
-    }
-
-    /// How many `XADD`s may be queued or on the wire at once (at least 1);
-    /// beyond that `poll_ready` waits. Default [`DEFAULT_MAX_PENDING`].
-    pub fn max_pending(mut self, n: usize) -> Self {
-        self.max_pending = n.max(1);
-        self
-    }
-
-    /// Checks the configuration and connects.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Config`] for a bad URL or setting;
-    /// [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] if Redis cannot be
-    /// reached; [`ErrorKind::Rejected`] if it refuses the credentials.
-    pub async fn connect(self) -> Result<RedisPublisher, Error> {
-        if matches!(self.max_len, Some(MaxLen::Approx(0) | MaxLen::Exact(0))) {
-            return Err(Error::config("max_len must be at least 1"));
-        }
-        let client = self.config.client()?;
-        let conn = self.config.connect(&client, std::time::Duration::ZERO).await?;
-        let health = Health::new();
-        let queue = Queue::new(self.max_pending);
+impl RedisPublisher {
+    /// A publisher on `client`'s connections with `options` (checked).
+    pub(crate) fn new(client: RedisClient, options: RedisPublisherOptions) -> RedisPublisher {
+        let queue = Queue::new(options.max_pending);
+        let config = client.config();
         let target = Target {
-            prefix: self.config.prefix().clone(),
-            max_len: self.max_len,
-            mode: self.mode,
+            prefix: config.prefix().clone(),
+            max_len: options.max_len,
+            mode: options.mode,
         };
-        let target_copy = target.clone();
-        if link::supports(client.get_connection_info().addr()) {
-            let (connection_timeout, response_timeout) = self.config.timeouts();
+        let health = LinkState::new();
+        let stopped = Stopped(queue.clone());
+        if link::supports(client.redis().get_connection_info().addr()) {
+            let (connection_timeout, response_timeout) = config.timeouts();
             let settings = link::Settings {
-                client,
+                client: client.redis().clone(),
                 connection_timeout,
                 response_timeout,
-                target,
+                target: target.clone(),
             };
-            tokio::spawn(link::link_loop(settings, health.clone(), Stopped(queue.clone())));
+            client
+                .runtime()
+                .spawn(link::link_loop(settings, health.clone(), stopped));
         } else {
-            tokio::spawn(batch_loop(
-                conn.clone(),
+            client.runtime().spawn(batch_loop(
+                client.conn().clone(),
                 health.clone(),
-                Stopped(queue.clone()),
-                target,
+                stopped,
+                target.clone(),
             ));
         }
-        Ok(RedisPublisher {
+        RedisPublisher {
             shared: Arc::new(PublisherShared {
                 queue,
-                conn,
-                config: self.config,
-                target: target_copy,
+                client,
+                target,
                 health,
                 keys: RwLock::new(HashMap::new()),
             }),
             probe: None,
             room: None,
             reserved: false,
-        })
-    }
-}
-
-impl RedisPublisher {
-    /// A builder for a publisher with `config`.
-    pub fn builder(config: RedisConfig) -> RedisPublisherBuilder {
-        RedisPublisherBuilder {
-            config,
-            max_len: None,
-            max_pending: DEFAULT_MAX_PENDING,
-            mode: ContentMode::default(),
         }
-    }
-
-    /// Connects with `config` and default options.
-    ///
-    /// # Errors
-    ///
-    /// As [`RedisPublisherBuilder::connect`].
-    pub async fn connect(config: RedisConfig) -> Result<RedisPublisher, Error> {
-        RedisPublisher::builder(config).connect().await
     }
 
     /// The configuration.
     pub fn config(&self) -> &RedisConfig {
-        &self.shared.config
+        self.shared.client.config()
     }
 
     /// Whether the last command on the connection got an answer.
@@ -370,16 +290,6 @@ impl RedisPublisher {
     /// since the publisher was made, over all its clones.
     pub fn abandoned(&self) -> u64 {
         self.shared.queue.abandoned()
-    }
-
-    /// Sends a `PING` and waits for the answer.
-    ///
-    /// # Errors
-    ///
-    /// [`ErrorKind::Connection`] or [`ErrorKind::Timeout`] if Redis does not
-    /// answer.
-    pub async fn health(&self) -> Result<(), Error> {
-        ping(self.shared.conn.clone(), self.shared.health.clone()).await
     }
 
     /// Publishes several events in one pipeline (one round trip), in order.
@@ -402,7 +312,7 @@ impl RedisPublisher {
                 Err(e) => prepared.push(Err(e)),
             }
         }
-        let mut conn = self.shared.conn.clone();
+        let mut conn = self.shared.client.conn().clone();
         let replies: Vec<Value> = if pipe.cmd_iter().next().is_none() {
             Vec::new()
         } else {
@@ -420,7 +330,7 @@ impl RedisPublisher {
                 let (key, event) = item?;
                 match replies.next() {
                     Some(reply) => {
-                        let id = answer(&reply, self.shared.config.prefix(), &event)?;
+                        let id = answer(&reply, self.shared.client.config().prefix(), &event)?;
                         Ok(receipt(&event, key, id))
                     }
                     None => Err(Error::decode("XADD pipeline: missing reply")),
@@ -455,7 +365,7 @@ impl PublisherShared {
             return Ok(key);
         }
         validate_topic(topic)?;
-        let key: Arc<str> = self.config.stream_key(topic).into();
+        let key: Arc<str> = self.client.config().stream_key(topic).into();
         if let Ok(mut keys) = self.keys.write() {
             if keys.len() >= KEY_CACHE {
                 keys.clear();
@@ -519,19 +429,11 @@ fn receipt(event: &Event, key: Arc<str>, id: Arc<str>) -> Receipt {
 /// first finds the connection broken. The `XADD`s travel on a connection
 /// of their own, so the multiplexed connection may learn of a cut only
 /// from this `PING`; it connects again for the second.
-async fn probe(conn: ConnectionManager, health: Arc<Health>) -> Result<(), Error> {
-    match ping(conn.clone(), health.clone()).await {
-        Err(e) if e.kind() == ErrorKind::Connection => ping(conn, health).await,
-        other => other,
+async fn probe(conn: ConnectionManager, health: Arc<LinkState>) -> Result<(), Error> {
+    let mut result = ping(conn.clone()).await;
+    if matches!(&result, Err(e) if e.kind() == ErrorKind::Connection) {
+        result = ping(conn).await;
     }
-}
-
-async fn ping(mut conn: ConnectionManager, health: Arc<Health>) -> Result<(), Error> {
-    let result = redis::cmd("PING")
-        .query_async::<Value>(&mut conn)
-        .await
-        .map(drop)
-        .map_err(|e| from_redis(e, "PING"));
     health.observe(&result);
     result
 }
@@ -544,8 +446,8 @@ impl Service<Event> for RedisPublisher {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         if self.probe.is_none() && !self.shared.health.is_connected() {
             // A task rather than a stored future keeps the publisher `Sync`.
-            self.probe = Some(tokio::spawn(probe(
-                self.shared.conn.clone(),
+            self.probe = Some(self.shared.client.runtime().spawn(probe(
+                self.shared.client.conn().clone(),
                 self.shared.health.clone(),
             )));
         }
@@ -578,7 +480,7 @@ impl Service<Event> for RedisPublisher {
     }
 
     fn call(&mut self, event: Event) -> ResponseFuture {
-        let span = publish_span("redis", event.topic(), &event);
+        let span = publish_span(RedisClient::SYSTEM, event.topic(), &event);
         let queue = &self.shared.queue;
         // A call without `poll_ready` takes a free place if there is one.
         let reserved = std::mem::take(&mut self.reserved) || queue.try_reserve();
@@ -620,58 +522,5 @@ impl Service<Event> for RedisPublisher {
             }
         };
         ResponseFuture { state, span }
-    }
-}
-
-enum State {
-    Failed(Option<Error>),
-    Waiting {
-        reply: Reply<Answer>,
-        key: Arc<str>,
-        event: Option<Event>,
-    },
-}
-
-/// The future of [`RedisPublisher::call`]: the `XADD` is queued for the
-/// next pipeline when `call` returns, and this waits for its reply.
-///
-/// # Cancel safety
-///
-/// Dropping the future before the `XADD` is sent withdraws it (see
-/// [`RedisPublisher::abandoned`]); once it is on the wire, the event may
-/// be stored all the same.
-pub struct ResponseFuture {
-    state: State,
-    span: tracing::Span,
-}
-
-impl fmt::Debug for ResponseFuture {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-impl Future for ResponseFuture {
-    type Output = Result<Receipt, Error>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        let _entered = this.span.enter();
-        match &mut this.state {
-            State::Failed(err) => Poll::Ready(Err(err
-                .take()
-                .unwrap_or_else(|| Error::closed("the publish future was polled after it finished")))),
-            State::Waiting { reply, key, event } => {
-                let result = ready!(reply.poll_reply(cx))
-                    .unwrap_or_else(|| Err(Error::closed("the publisher's connection task has stopped")));
-                let Some(event) = event.take() else {
-                    return Poll::Ready(Err(Error::closed(
-                        "the publish future was polled after it finished",
-                    )));
-                };
-                let result = result.map(|id| receipt(&event, key.clone(), id));
-                Poll::Ready(result.map_err(|e| e.with_event(event)))
-            }
-        }
     }
 }
