@@ -40,7 +40,7 @@ use std::sync::Arc;
 use watchtower::Error;
 
 /// Whether `ip` is a public, globally routable unicast address.
-pub fn is_public(ip: IpAddr) -> bool {
+pub(crate) fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
         IpAddr::V6(v6) => is_public_v6(v6),
