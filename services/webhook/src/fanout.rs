@@ -1,69 +1,4 @@
 //! [`WebhookFanOut`]: one event to every endpoint that wants it.
-//!
-//! Each [`Endpoint`] is a [`WebhookClient`] (its URL, secrets, rate limit)
-//! and a filter of topic patterns (`user.*`, `order.>`; none means every
-//! event). The fan-out wraps each endpoint's publisher in the same
-//! `tower::Layer`, applied once per endpoint
-//! ([`layer`](WebhookFanOutBuilder::layer)), or in a layer built for each
-//! endpoint ([`layer_fn`](WebhookFanOutBuilder::layer_fn)): pass a
-//! `ServiceBuilder` of retry, circuit-breaker and dead-letter layers and
-//! each endpoint retries, trips and dead-letters on its own. A keyed
-//! breaker shared by all endpoints keys them by [`endpoint_of`].
-//!
-//! A call sends the event to the matching endpoints concurrently, each
-//! waiting only for its own readiness (its rate limit, its breaker), so a
-//! dead or slow endpoint never holds up the others. Each endpoint's copy
-//! carries the [`ENDPOINT_EXTENSION`] extension naming it, so what reaches
-//! a dead-letter queue says which endpoint failed (the sender does not put
-//! it on the wire). Each endpoint's call opens its own publish span.
-//!
-//! # Results
-//!
-//! The response is a [`FanOutReport`] with every matched endpoint's
-//! outcome. If any endpoint's stack still failed, the call fails: the
-//! error's kind is the first failure's, it names every failed endpoint, it
-//! is *not* retryable (retrying the whole fan-out would deliver again to
-//! the endpoints that succeeded; retry inside the per-endpoint layer
-//! instead), and its [`source`](std::error::Error::source) is the report.
-//!
-//! An endpoint that is disabled (a `410 Gone`, or every attempt
-//! failing for its [`disable_after`](crate::WebhookConfig::disable_after)
-//! window) fails at once with
-//! [`ErrorKind::Gone`](watchtower::ErrorKind::Gone) and holds up nothing;
-//! [`WebhookFanOut::subscribe_health`] tells the application when that
-//! happens.
-//!
-//! The fan-out is always ready; bound it with tower's `ConcurrencyLimit`
-//! in front if callers may outrun the endpoints.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use tower::ServiceBuilder;
-//! use watchtower::{Event, PublishExt};
-//! use watchtower_webhook::{Endpoint, WebhookClient, WebhookConfig, WebhookFanOut};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let billing = WebhookConfig::new("https://billing.example/hooks")
-//!     .name("billing")
-//!     .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
-//! let audit = WebhookConfig::new("https://audit.example/in")
-//!     .name("audit")
-//!     .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
-//!     .rate_limit(10, Duration::from_secs(1));
-//! let billing = WebhookClient::connect(billing).await?;
-//! let audit = WebhookClient::connect(audit).await?;
-//! let mut fan_out = WebhookFanOut::builder()
-//!     // Any Clone layer: each endpoint gets its own instance.
-//!     .layer(ServiceBuilder::new().timeout(Duration::from_secs(30)))
-//!     .endpoint(Endpoint::new(billing).filter(["invoice.>"])?)
-//!     .endpoint(Endpoint::new(audit))
-//!     .build()?;
-//! let report = fan_out.publish(Event::new("invoice.paid", serde_json::json!({}))).await?;
-//! assert_eq!(report.outcomes().len(), 2);
-//! # Ok(()) }
-//! ```
 
 use std::fmt;
 use std::future::Future;
@@ -121,8 +56,72 @@ struct Route<S> {
     service: S,
 }
 
-/// Sends each event to every matching endpoint. See the
-/// [module docs](self).
+/// Sends each event to every matching endpoint.
+///
+/// Each [`Endpoint`] is a [`WebhookClient`] (its URL, secrets, rate limit)
+/// and a filter of topic patterns (`user.*`, `order.>`; none means every
+/// event). The fan-out wraps each endpoint's publisher in the same
+/// `tower::Layer`, applied once per endpoint
+/// ([`layer`](WebhookFanOutBuilder::layer)), or in a layer built for each
+/// endpoint ([`layer_fn`](WebhookFanOutBuilder::layer_fn)): pass a
+/// `ServiceBuilder` of retry, circuit-breaker and dead-letter layers and
+/// each endpoint retries, trips and dead-letters on its own. A keyed
+/// breaker shared by all endpoints keys them by [`endpoint_of`].
+///
+/// A call sends the event to the matching endpoints concurrently, each
+/// waiting only for its own readiness (its rate limit, its breaker), so a
+/// dead or slow endpoint never holds up the others. Each endpoint's copy
+/// carries the [`ENDPOINT_EXTENSION`] extension naming it, so what reaches
+/// a dead-letter queue says which endpoint failed (the sender does not put
+/// it on the wire). Each endpoint's call opens its own publish span.
+///
+/// # Results
+///
+/// The response is a [`FanOutReport`] with every matched endpoint's
+/// outcome. If any endpoint's stack still failed, the call fails: the
+/// error's kind is the first failure's, it names every failed endpoint, it
+/// is *not* retryable (retrying the whole fan-out would deliver again to
+/// the endpoints that succeeded; retry inside the per-endpoint layer
+/// instead), and its [`source`](std::error::Error::source) is the report.
+///
+/// An endpoint that is disabled (a `410 Gone`, or every attempt
+/// failing for its [`disable_after`](crate::WebhookConfig::disable_after)
+/// window) fails at once with
+/// [`ErrorKind::Gone`](watchtower::ErrorKind::Gone) and holds up nothing;
+/// [`WebhookFanOut::subscribe_health`] tells the application when that
+/// happens.
+///
+/// The fan-out is always ready; bound it with tower's `ConcurrencyLimit`
+/// in front if callers may outrun the endpoints.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower::ServiceBuilder;
+/// use watchtower::{Event, PublishExt};
+/// use watchtower_webhook::{Endpoint, WebhookClient, WebhookConfig, WebhookFanOut};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let billing = WebhookConfig::new("https://billing.example/hooks")
+///     .name("billing")
+///     .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+/// let audit = WebhookConfig::new("https://audit.example/in")
+///     .name("audit")
+///     .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+///     .rate_limit(10, Duration::from_secs(1));
+/// let billing = WebhookClient::connect(billing).await?;
+/// let audit = WebhookClient::connect(audit).await?;
+/// let mut fan_out = WebhookFanOut::builder()
+///     // Any Clone layer: each endpoint gets its own instance.
+///     .layer(ServiceBuilder::new().timeout(Duration::from_secs(30)))
+///     .endpoint(Endpoint::new(billing).filter(["invoice.>"])?)
+///     .endpoint(Endpoint::new(audit))
+///     .build()?;
+/// let report = fan_out.publish(Event::new("invoice.paid", serde_json::json!({}))).await?;
+/// assert_eq!(report.outcomes().len(), 2);
+/// # Ok(()) }
+/// ```
 pub struct WebhookFanOut<S> {
     routes: Arc<[Route<S>]>,
 }

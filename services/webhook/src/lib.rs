@@ -93,7 +93,7 @@
 //!   retry loop of its own.
 //! * Every attempt of one event carries the same `webhook-id` (the event
 //!   id), so a receiver deduplicates retries; this crate's receiver does
-//!   with [`reject_replays`](WebhookVerifier::reject_replays), and forgets
+//!   with [`reject_replays`](crate::WebhookVerifier::reject_replays), and forgets
 //!   an id whose handler failed, panicked or was cancelled, so the retry is
 //!   handled.
 //! * A disabled endpoint fails each delivery with
@@ -129,16 +129,18 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod fanout;
+mod guard;
 mod publisher;
 mod rate;
 mod receiver;
 pub mod signature;
-mod ssrf;
+pub mod ssrf;
 
 pub use fanout::{
     Endpoint, EndpointOutcome, FanOutReport, ResponseFuture as FanOutFuture, WebhookFanOut,
     WebhookFanOutBuilder, endpoint_of,
 };
+pub use guard::AllowList;
 pub use publisher::{
     ContentMode, ENDPOINT_EXTENSION, ResponseFuture as PublishFuture, WEBHOOK_ID, WEBHOOK_SIGNATURE,
     WEBHOOK_TIMESTAMP, WebhookClient, WebhookConfig, WebhookPublisher, parse_retry_after,
@@ -149,7 +151,6 @@ pub use receiver::{
     WebhookReceiver, WebhookReceiverLayer, WebhookVerifier, decode_event, verify,
 };
 pub use signature::keys::{PublicKey, Secret, Signer, SigningKey, VerifyKey};
-pub use ssrf::AllowList;
 
 /// Seconds since the Unix epoch, as the `webhook-timestamp` header carries
 /// them (0 before the epoch, saturating far after it).

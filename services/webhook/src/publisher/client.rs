@@ -15,9 +15,9 @@ use watchtower::{Error, ErrorKind, Transport};
 use super::WebhookPublisher;
 use crate::ContentMode;
 use crate::WebhookConfig;
+use crate::guard::{Guard, Refused};
 use crate::rate::RateLimiter;
 use crate::signature::{KeyRing, Signer};
-use crate::ssrf::{Guard, Refused};
 
 const USER_AGENT: &str = concat!("watchtower-webhook/", env!("CARGO_PKG_VERSION"));
 
@@ -74,7 +74,7 @@ impl WebhookClient {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] if the URL is not an `http(s)` URL (or not
+    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) if the URL is not an `http(s)` URL (or not
     /// `https` with [`https_only`](WebhookConfig::https_only)), no secret
     /// was given or one is malformed, an allow-list entry is malformed, the
     /// URL is an IP address the SSRF guard refuses, or the TLS or HTTP
@@ -170,7 +170,7 @@ impl WebhookClient {
     /// Whether the endpoint is disabled (a `410 Gone`, the
     /// [`disable_after`](WebhookConfig::disable_after) window, or
     /// [`disable`](Self::disable)); deliveries then fail with
-    /// [`ErrorKind::Gone`] without a request.
+    /// [`ErrorKind::Gone`](watchtower::ErrorKind::Gone) without a request.
     pub fn is_disabled(&self) -> bool {
         self.shared.disabled().is_some()
     }

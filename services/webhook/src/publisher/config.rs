@@ -8,8 +8,8 @@ use std::time::Duration;
 use watchtower::Error;
 
 use crate::ContentMode;
+use crate::guard::AllowList;
 use crate::signature::{Secret, Signer, SigningKey};
-use crate::ssrf::AllowList;
 
 /// The lower end of the Standard Webhooks recommendation (15–30 s).
 const TIMEOUT: Duration = Duration::from_secs(15);

@@ -1,81 +1,5 @@
-//! [`WebhookPublisher`]: signed delivery of events to one HTTP endpoint.
-//!
-//! Each event is POSTed with the Standard Webhooks headers: `webhook-id`
-//! (the event id, the same on every retry so the receiver can deduplicate),
-//! `webhook-timestamp` (fresh per attempt) and `webhook-signature` (one
-//! signature per active key over the exact bytes sent: `v1,` for a shared
-//! secret, `v1a,` for an Ed25519 signing key). The body
-//! is the CloudEvents structured JSON by default, or the event's data with
-//! `ce-` headers in [`ContentMode::Binary`].
-//!
-//! The answer decides the result:
-//!
-//! | answer | result |
-//! |---|---|
-//! | 2xx | `Ok(Receipt)` |
-//! | 3xx | [`ErrorKind::Rejected`], not retryable: redirects are not followed |
-//! | 410 | [`ErrorKind::Gone`]; the endpoint is disabled until [`WebhookClient::enable`] |
-//! | 429, 502, 503, 504 | [`ErrorKind::Throttled`], retryable, with `Retry-After` as [`Error::retry_after`] (capped, see [`max_retry_after`](crate::WebhookConfig::max_retry_after)) |
-//! | 409 | [`ErrorKind::Rejected`], not retryable: see below |
-//! | other 4xx | [`ErrorKind::Rejected`], not retryable |
-//! | other 5xx | [`ErrorKind::Other`], retryable (the endpoint failed, not the event) |
-//! | timeout | [`ErrorKind::Timeout`], retryable |
-//! | connection failure | [`ErrorKind::Connection`], retryable |
-//! | address refused by the SSRF guard | [`ErrorKind::Rejected`], not retryable |
-//!
-//! # Disabled endpoints
-//!
-//! An endpoint is disabled by a `410 Gone`, by [`WebhookClient::disable`],
-//! or, with [`disable_after`](WebhookConfig::disable_after), when
-//! every attempt has failed for a whole window. A disabled endpoint fails
-//! each delivery with [`ErrorKind::Gone`] without a request (a dead-letter
-//! layer then keeps the events) until [`WebhookClient::enable`]. Every
-//! change between enabled and disabled is published on a `tokio::sync::watch` channel
-//! ([`WebhookClient::subscribe_health`]), so the application can tell the
-//! endpoint's owner.
-//!
-//! # Key rotation
-//!
-//! [`WebhookClient::rotate`] starts signing with a new key at run time and
-//! keeps signing with the old ones for a grace period, so every request
-//! carries both signatures (space-separated, as the specification allows)
-//! until the receiver has the new key; a receiver holding either accepts.
-//!
-//! Retries, circuit breaking and dead-lettering are layers on top
-//! (`watchtower-layers`, whose retry layer waits on the core's
-//! `Backoff`); the publisher makes one attempt per call and has no retry
-//! loop of its own.
-//!
-//! A `409 Conflict` is final. Receivers that deduplicate by `webhook-id`
-//! answer it when they already hold the id, so every retry with the same id
-//! would conflict again; the event goes to the dead-letter queue, where the
-//! answer can be looked at, instead of being retried until the schedule
-//! runs out. (This crate's receiver never answers `409`: a duplicate of a
-//! handled delivery gets `200`, an attempt still in progress `503`.)
-//!
-//! `Retry-After` is read as delay-seconds or an HTTP date; a number too
-//! large for 64 bits saturates, and any hint is capped at
-//! [`max_retry_after`](crate::WebhookConfig::max_retry_after), so that an
-//! endpoint cannot park an event (or overflow a timer) with
-//! `Retry-After: 18446744073709551615`.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use watchtower::{Event, PublishExt};
-//! use watchtower_webhook::{WebhookClient, WebhookConfig};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let config = WebhookConfig::new("https://example.com/hooks")
-//!     .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
-//!     .timeout(Duration::from_secs(20))
-//!     .rate_limit(50, Duration::from_secs(1));
-//! let mut publisher = WebhookClient::connect(config).await?.publisher();
-//! let receipt = publisher.publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
-//! println!("delivered {}", receipt.event_id);
-//! # Ok(()) }
-//! ```
+//! The publishing side: configuration, client, publisher and the HTTP
+//! exchange.
 
 mod client;
 mod config;
@@ -127,8 +51,85 @@ pub enum ContentMode {
     Binary,
 }
 
-/// Sends events to one webhook endpoint; a `Service<Event>` from
-/// [`WebhookClient::publisher`]. See the [module docs](self).
+/// Sends events to one webhook endpoint, signed; a `Service<Event>` from
+/// [`WebhookClient::publisher`].
+///
+/// Each event is POSTed with the Standard Webhooks headers: `webhook-id`
+/// (the event id, the same on every retry so the receiver can deduplicate),
+/// `webhook-timestamp` (fresh per attempt) and `webhook-signature` (one
+/// signature per active key over the exact bytes sent: `v1,` for a shared
+/// secret, `v1a,` for an Ed25519 signing key). The body
+/// is the CloudEvents structured JSON by default, or the event's data with
+/// `ce-` headers in [`ContentMode::Binary`].
+///
+/// The answer decides the result:
+///
+/// | answer | result |
+/// |---|---|
+/// | 2xx | `Ok(Receipt)` |
+/// | 3xx | [`ErrorKind::Rejected`](watchtower::ErrorKind::Rejected), not retryable: redirects are not followed |
+/// | 410 | [`ErrorKind::Gone`](watchtower::ErrorKind::Gone); the endpoint is disabled until [`WebhookClient::enable`] |
+/// | 429, 502, 503, 504 | [`ErrorKind::Throttled`](watchtower::ErrorKind::Throttled), retryable, with `Retry-After` as [`Error::retry_after`](watchtower::Error::retry_after) (capped, see [`max_retry_after`](crate::WebhookConfig::max_retry_after)) |
+/// | 409 | [`ErrorKind::Rejected`](watchtower::ErrorKind::Rejected), not retryable: see below |
+/// | other 4xx | [`ErrorKind::Rejected`](watchtower::ErrorKind::Rejected), not retryable |
+/// | other 5xx | [`ErrorKind::Other`](watchtower::ErrorKind::Other), retryable (the endpoint failed, not the event) |
+/// | timeout | [`ErrorKind::Timeout`](watchtower::ErrorKind::Timeout), retryable |
+/// | connection failure | [`ErrorKind::Connection`](watchtower::ErrorKind::Connection), retryable |
+/// | address refused by the SSRF guard | [`ErrorKind::Rejected`](watchtower::ErrorKind::Rejected), not retryable |
+///
+/// # Disabled endpoints
+///
+/// An endpoint is disabled by a `410 Gone`, by [`WebhookClient::disable`],
+/// or, with [`disable_after`](WebhookConfig::disable_after), when
+/// every attempt has failed for a whole window. A disabled endpoint fails
+/// each delivery with [`ErrorKind::Gone`](watchtower::ErrorKind::Gone) without a request (a dead-letter
+/// layer then keeps the events) until [`WebhookClient::enable`]. Every
+/// change between enabled and disabled is published on a `tokio::sync::watch` channel
+/// ([`WebhookClient::subscribe_health`]), so the application can tell the
+/// endpoint's owner.
+///
+/// # Key rotation
+///
+/// [`WebhookClient::rotate`] starts signing with a new key at run time and
+/// keeps signing with the old ones for a grace period, so every request
+/// carries both signatures (space-separated, as the specification allows)
+/// until the receiver has the new key; a receiver holding either accepts.
+///
+/// Retries, circuit breaking and dead-lettering are layers on top
+/// (`watchtower-layers`, whose retry layer waits on the core's
+/// `Backoff`); the publisher makes one attempt per call and has no retry
+/// loop of its own.
+///
+/// A `409 Conflict` is final. Receivers that deduplicate by `webhook-id`
+/// answer it when they already hold the id, so every retry with the same id
+/// would conflict again; the event goes to the dead-letter queue, where the
+/// answer can be looked at, instead of being retried until the schedule
+/// runs out. (This crate's receiver never answers `409`: a duplicate of a
+/// handled delivery gets `200`, an attempt still in progress `503`.)
+///
+/// `Retry-After` is read as delay-seconds or an HTTP date; a number too
+/// large for 64 bits saturates, and any hint is capped at
+/// [`max_retry_after`](crate::WebhookConfig::max_retry_after), so that an
+/// endpoint cannot park an event (or overflow a timer) with
+/// `Retry-After: 18446744073709551615`.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use watchtower::{Event, PublishExt};
+/// use watchtower_webhook::{WebhookClient, WebhookConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let config = WebhookConfig::new("https://example.com/hooks")
+///     .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+///     .timeout(Duration::from_secs(20))
+///     .rate_limit(50, Duration::from_secs(1));
+/// let mut publisher = WebhookClient::connect(config).await?.publisher();
+/// let receipt = publisher.publish(Event::new("user.created", serde_json::json!({"id": 1}))).await?;
+/// println!("delivered {}", receipt.event_id);
+/// # Ok(()) }
+/// ```
 ///
 /// Clones share the endpoint: its HTTP connection pool, its rate limit and
 /// its health.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use crate::unix_now;
 
 /// A verified `webhook-id` held in progress in the replay memory; from
-/// [`WebhookVerifier::claim`].
+/// [`WebhookVerifier::claim`](crate::WebhookVerifier::claim).
 ///
 /// [`complete`](Claim::complete) it once the event is handled; dropping it
 /// otherwise (the handler failed, panicked, or its future was cancelled)

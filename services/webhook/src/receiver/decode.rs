@@ -9,11 +9,11 @@ use super::*;
 
 /// Decodes the event of a verified request with the default policy:
 /// structured JSON or a plain webhook; binary mode is refused (see the
-/// [module docs](self) and [`WebhookVerifier::decode`]).
+/// [receiver docs](crate::WebhookReceiverLayer) and [`WebhookVerifier::decode`](crate::WebhookVerifier::decode)).
 ///
 /// # Errors
 ///
-/// As [`WebhookVerifier::decode`].
+/// As [`WebhookVerifier::decode`](crate::WebhookVerifier::decode).
 pub fn decode_event(headers: &HeaderMap, body: Bytes, verified: &Verified) -> Result<Event, VerifyError> {
     decode_with(headers, body, verified, false)
 }

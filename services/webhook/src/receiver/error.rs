@@ -33,7 +33,7 @@ pub enum VerifyErrorKind {
     InProgress,
     /// The request is in CloudEvents binary mode, whose `ce-` headers the
     /// signature does not cover, and binary mode is not accepted (see
-    /// [`WebhookVerifier::binary_mode`]).
+    /// [`WebhookVerifier::binary_mode`](crate::WebhookVerifier::binary_mode)).
     BinaryMode,
     /// In binary mode, the `ce-id` header differs from the signed
     /// `webhook-id`.
@@ -76,7 +76,7 @@ impl VerifyError {
     ///   progress,
     /// * `200` for a duplicate of a delivery already handled: the sender
     ///   must stop retrying, and Standard Webhooks senders take a 2xx as
-    ///   delivered (see the [module docs](self)).
+    ///   delivered (see the [receiver docs](crate::WebhookReceiverLayer)).
     pub fn status(&self) -> StatusCode {
         match self.kind {
             VerifyErrorKind::MissingHeader
@@ -137,7 +137,7 @@ pub struct Verified {
 
 impl Verified {
     /// What a request verified elsewhere said about itself, to
-    /// [decode](WebhookVerifier::decode) its event.
+    /// [decode](crate::WebhookVerifier::decode) its event.
     pub fn new(id: impl Into<String>, timestamp: i64) -> Verified {
         Verified {
             id: id.into(),

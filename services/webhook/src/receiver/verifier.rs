@@ -27,7 +27,7 @@ pub(super) struct SignedHeaders<'a> {
     pub(super) signatures: &'a str,
 }
 
-/// Checks requests against one or more keys. See the [module docs](self).
+/// Checks requests against one or more keys. See the [receiver docs](crate::WebhookReceiverLayer).
 ///
 /// Cloning is cheap; clones share the keys (a [rotation](Self::rotate)
 /// applies to all) and the replay memory.
@@ -62,7 +62,7 @@ impl WebhookVerifier {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::Config`] if a key is malformed or there is none.
+    /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) if a key is malformed or there is none.
     pub fn new<I, S>(keys: I) -> Result<WebhookVerifier, Error>
     where
         I: IntoIterator<Item = S>,
@@ -165,7 +165,7 @@ impl WebhookVerifier {
     /// Refuses a verified `webhook-id` seen before within the tolerance
     /// window, remembering up to `capacity` ids (the oldest are forgotten
     /// first when full). Ids are keyed by the verified `webhook-id`; see
-    /// the [module docs](self) for how in-progress, failed and handled ids
+    /// the [receiver docs](crate::WebhookReceiverLayer) for how in-progress, failed and handled ids
     /// are answered.
     pub fn reject_replays(mut self, capacity: usize) -> Self {
         self.replay = Some(Arc::new(ReplayCache::new(capacity)));
@@ -323,7 +323,7 @@ impl WebhookVerifier {
 
     /// Decodes the event of a verified request: structured JSON, binary mode
     /// if [accepted](Self::binary_mode), or a plain webhook (see the
-    /// [module docs](self)).
+    /// [receiver docs](crate::WebhookReceiverLayer)).
     ///
     /// # Errors
     ///

@@ -7,7 +7,7 @@
 //!   (`whsec_<base64>`): sender and receiver hold the same key.
 //! * `v1a,` followed by the base64 Ed25519 signature under a
 //!   [`SigningKey`] (`whsk_<base64 of the 32-byte seed>`), checked with its
-//!   [`PublicKey`] (`whpk_<base64>`): the receiver holds only the public
+//!   [`PublicKey`](crate::PublicKey) (`whpk_<base64>`): the receiver holds only the public
 //!   key, so a leaked receiver configuration cannot forge requests.
 //!
 //! Several keys may be active at once (during a rotation): the
@@ -18,7 +18,7 @@
 //! # Example
 //!
 //! ```
-//! use watchtower_webhook::signature::{self, Secret};
+//! use watchtower_webhook::{Secret, signature};
 //!
 //! let secret: Secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".parse()?;
 //! let header = signature::sign(
@@ -42,7 +42,7 @@
 //! public key.
 //!
 //! ```
-//! use watchtower_webhook::signature::{self, Signer, SigningKey, VerifyKey};
+//! use watchtower_webhook::{Signer, SigningKey, VerifyKey, signature};
 //!
 //! let key: SigningKey = "whsk_VEVTVFNJR05JTkdLRVlET05PVFVTRVRISVNGT1JBTlk=".parse()?;
 //! let public = key.public_key().to_string(); // "whpk_…", for the receiver
