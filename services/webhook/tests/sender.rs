@@ -449,3 +449,68 @@ async fn a_conflict_is_final() {
     assert!(err.to_string().contains("409"), "{err}");
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
+
+/// A span's fields, by name.
+type SpanFields = Vec<(String, String)>;
+
+/// Records the `publish` spans opened on this thread.
+#[derive(Default, Clone)]
+struct SpanLog(Arc<Mutex<Vec<SpanFields>>>);
+
+struct Fields<'a>(&'a mut Vec<(String, String)>);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.push((field.name().to_owned(), value.to_owned()));
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name().to_owned(), format!("{value:?}")));
+    }
+}
+
+impl tracing::Subscriber for SpanLog {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let mut log = self.0.lock().unwrap();
+        if attrs.metadata().name() == "publish" {
+            let mut fields = Vec::new();
+            attrs.record(&mut Fields(&mut fields));
+            log.push(fields);
+        }
+        tracing::span::Id::from_u64(log.len() as u64 + 1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn each_call_opens_the_core_publish_span() {
+    let (addr, _seen) = status_server().await;
+    let mut publisher = sender(format!("http://{addr}/status/200")).publisher().await;
+    let log = SpanLog::default();
+    let _default = tracing::subscriber::set_default(log.clone());
+    let sent = event();
+    publisher.publish(sent.clone()).await.unwrap();
+    drop(_default);
+    let spans = log.0.lock().unwrap().clone();
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    let field = |name: &str| {
+        spans[0]
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {name} in {spans:?}"))
+    };
+    assert_eq!(field("messaging.system"), "webhook");
+    assert_eq!(field("messaging.destination.name"), sent.topic());
+    assert_eq!(field("messaging.operation.type"), "send");
+    assert_eq!(field("messaging.message.id"), sent.id());
+}

@@ -5,7 +5,7 @@ use http::{HeaderMap, HeaderValue};
 use watchtower::codec::{self, Binding};
 use watchtower::{Error, Event};
 
-use super::*;
+use super::{Verified, VerifyError, VerifyErrorKind};
 
 /// Decodes the event of a verified request with the default policy:
 /// structured JSON or a plain webhook; binary mode is refused (see the

@@ -14,12 +14,3 @@ pub use decode::decode_event;
 pub use error::{Verified, VerifyError, VerifyErrorKind};
 pub use service::{HttpResponse, ResponseFuture, WebhookReceiver, WebhookReceiverLayer};
 pub use verifier::{WebhookVerifier, verify};
-
-#[allow(unused_imports)]
-use claim::*;
-#[allow(unused_imports)]
-use decode::*;
-#[allow(unused_imports)]
-use service::*;
-#[allow(unused_imports)]
-use verifier::*;

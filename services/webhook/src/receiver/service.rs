@@ -16,7 +16,8 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower::{Layer, Service, ServiceExt};
 use watchtower::{BoxError, Error, Event};
 
-use super::*;
+use super::verifier::too_large;
+use super::{Verified, VerifyError, VerifyErrorKind, WebhookVerifier};
 use crate::unix_now;
 
 /// Wraps a handler `Service<Event>` into a verifying HTTP service: the

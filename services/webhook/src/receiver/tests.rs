@@ -2,7 +2,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use watchtower::{Error, ErrorKind};
 
-use super::*;
+use super::claim::{ReplayCache, Seen};
+use super::{Verified, VerifyError, VerifyErrorKind, WebhookVerifier, decode_event};
 use crate::signature::Secret;
 use crate::{WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP};
 

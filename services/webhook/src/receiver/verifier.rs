@@ -9,7 +9,9 @@ use bytes::Bytes;
 use http::HeaderMap;
 use watchtower::{Error, Event};
 
-use super::*;
+use super::claim::{Held, ReplayCache, Seen};
+use super::decode::decode_with;
+use super::{Claim, Verified, VerifyError, VerifyErrorKind};
 use crate::signature::{self, KeyRing, Secret, VerifyKey};
 use crate::unix_now;
 use crate::{WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP};
