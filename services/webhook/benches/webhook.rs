@@ -15,8 +15,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 use watchtower::Event;
-use watchtower_webhook::signature::{self, Secret, Signer, SigningKey, VerifyKey};
-use watchtower_webhook::{WebhookReceiverLayer, WebhookSender, WebhookVerifier};
+use watchtower_webhook::{Secret, Signer, SigningKey, VerifyKey, signature};
+use watchtower_webhook::{WebhookClient, WebhookConfig, WebhookReceiverLayer, WebhookVerifier};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const BATCH: usize = 512;
@@ -128,11 +128,10 @@ fn delivery(c: &mut Criterion) {
         tokio::spawn(async move { axum::serve(listener, router).await });
         addr
     });
-    let sender = WebhookSender::builder(format!("http://{addr}/hooks"))
+    let config = WebhookConfig::new(format!("http://{addr}/hooks"))
         .secret(SECRET)
-        .allow("127.0.0.1")
-        .build()
-        .unwrap();
+        .allow("127.0.0.1");
+    let sender = rt.block_on(WebhookClient::connect(config)).unwrap().publisher();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

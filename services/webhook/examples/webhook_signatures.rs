@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use tower::{ServiceBuilder, service_fn};
 use watchtower::{Event, PublishExt};
-use watchtower_webhook::signature::{self, Secret};
-use watchtower_webhook::{Endpoint, WebhookFanOut, WebhookReceiverLayer, WebhookSender, WebhookVerifier};
+use watchtower_webhook::{
+    Endpoint, WebhookClient, WebhookConfig, WebhookFanOut, WebhookReceiverLayer, WebhookVerifier,
+};
+use watchtower_webhook::{Secret, signature};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -57,21 +59,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::spawn(async move { axum::serve(listener, router).await });
     }
 
-    // 3. Sending: one sender per endpoint, fanned out with filters. The SSRF
+    // 3. Sending: one client per endpoint, fanned out with filters. The SSRF
     //    guard refuses loopback unless it is allowed explicitly.
-    let sender = |name: &str, url: &str| {
-        WebhookSender::builder(url)
+    let config = |name: &str, url: &str| {
+        WebhookConfig::new(url)
             .name(name)
             .secret(SECRET)
             .allow("127.0.0.1")
             .timeout(Duration::from_secs(20))
             .rate_limit(100, Duration::from_secs(1))
-            .build()
     };
+    let crm = WebhookClient::connect(config("crm", &urls[0])).await?;
+    let billing = WebhookClient::connect(config("billing", &urls[1])).await?;
     let mut fan_out = WebhookFanOut::builder()
         .layer(ServiceBuilder::new().concurrency_limit(32))
-        .endpoint(Endpoint::new(sender("crm", &urls[0])?))
-        .endpoint(Endpoint::new(sender("billing", &urls[1])?).filter(["order.>"])?)
+        .endpoint(Endpoint::new(crm))
+        .endpoint(Endpoint::new(billing).filter(["order.>"])?)
         .build()?;
 
     for event in [
@@ -88,10 +91,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // 4. A forged request is refused before any handler sees it.
-    let forged = WebhookSender::builder(&urls[0])
+    let wrong_key = WebhookConfig::new(&urls[0])
         .secret("whsec_dGhpcyBpcyBhbm90aGVyIHNlY3JldCBrZXkhIQ==")
-        .allow("127.0.0.1")
-        .build()?
+        .allow("127.0.0.1");
+    let forged = WebhookClient::connect(wrong_key)
+        .await?
+        .publisher()
         .publish(Event::new("user.created", serde_json::json!({"user_id": 666})))
         .await;
     match forged {

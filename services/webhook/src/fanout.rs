@@ -1,69 +1,4 @@
 //! [`WebhookFanOut`]: one event to every endpoint that wants it.
-//!
-//! Each [`Endpoint`] is a [`WebhookSender`] (its URL, secrets, rate limit)
-//! and a filter of topic patterns (`user.*`, `order.>`; none means every
-//! event). The fan-out wraps each endpoint's sender in the same
-//! `tower::Layer`, applied once per endpoint
-//! ([`layer`](WebhookFanOutBuilder::layer)), or in a layer built for each
-//! endpoint ([`layer_fn`](WebhookFanOutBuilder::layer_fn)): pass a
-//! `ServiceBuilder` of retry, circuit-breaker and dead-letter layers and
-//! each endpoint retries, trips and dead-letters on its own. A keyed
-//! breaker shared by all endpoints keys them by [`endpoint_of`].
-//!
-//! A call sends the event to the matching endpoints concurrently, each
-//! waiting only for its own readiness (its rate limit, its breaker), so a
-//! dead or slow endpoint never holds up the others. Each endpoint's copy
-//! carries the [`ENDPOINT_EXTENSION`] extension naming it, so what reaches
-//! a dead-letter queue says which endpoint failed (the sender does not put
-//! it on the wire).
-//!
-//! # Results
-//!
-//! The response is a [`FanOutReport`] with every matched endpoint's
-//! outcome. If any endpoint's stack still failed, the call fails: the
-//! error's kind is the first failure's, it names every failed endpoint, it
-//! is *not* retryable (retrying the whole fan-out would deliver again to
-//! the endpoints that succeeded; retry inside the per-endpoint layer
-//! instead), and its [`source`](std::error::Error::source) is the report.
-//!
-//! An endpoint whose sender is disabled (a `410 Gone`, or every attempt
-//! failing for its [`disable_after`](crate::WebhookSenderBuilder::disable_after)
-//! window) fails at once with
-//! [`ErrorKind::Gone`](watchtower::ErrorKind::Gone) and holds up nothing;
-//! [`WebhookFanOut::subscribe_health`] tells the application when that
-//! happens.
-//!
-//! The fan-out is always ready; bound it with tower's `ConcurrencyLimit`
-//! in front if callers may outrun the endpoints.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use tower::ServiceBuilder;
-//! use watchtower::{Event, PublishExt};
-//! use watchtower_webhook::{Endpoint, WebhookFanOut, WebhookSender};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let billing = WebhookSender::builder("https://billing.example/hooks")
-//!     .name("billing")
-//!     .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
-//!     .build()?;
-//! let audit = WebhookSender::builder("https://audit.example/in")
-//!     .name("audit")
-//!     .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
-//!     .rate_limit(10, Duration::from_secs(1))
-//!     .build()?;
-//! let mut fan_out = WebhookFanOut::builder()
-//!     // Any Clone layer: each endpoint gets its own instance.
-//!     .layer(ServiceBuilder::new().timeout(Duration::from_secs(30)))
-//!     .endpoint(Endpoint::new(billing).filter(["invoice.>"])?)
-//!     .endpoint(Endpoint::new(audit))
-//!     .build()?;
-//! let report = fan_out.publish(Event::new("invoice.paid", serde_json::json!({}))).await?;
-//! assert_eq!(report.outcomes().len(), 2);
-//! # Ok(()) }
-//! ```
 
 use std::fmt;
 use std::future::Future;
@@ -76,20 +11,22 @@ use tower::layer::util::Identity;
 use tower::{Layer, Service, ServiceExt};
 use watchtower::{BoxError, Error, Event, TopicPattern};
 
-use crate::sender::{ENDPOINT_EXTENSION, Health, WebhookSender};
+use watchtower::health::Health;
 
-/// One endpoint of a fan-out: a sender and the topics it wants.
+use crate::{ENDPOINT_EXTENSION, WebhookClient, WebhookPublisher};
+
+/// One endpoint of a fan-out: a client and the topics it wants.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    sender: WebhookSender,
+    client: WebhookClient,
     filter: Vec<TopicPattern>,
 }
 
 impl Endpoint {
     /// An endpoint that receives every event.
-    pub fn new(sender: WebhookSender) -> Endpoint {
+    pub fn new(client: WebhookClient) -> Endpoint {
         Endpoint {
-            sender,
+            client,
             filter: Vec::new(),
         }
     }
@@ -119,8 +56,72 @@ struct Route<S> {
     service: S,
 }
 
-/// Sends each event to every matching endpoint. See the
-/// [module docs](self).
+/// Sends each event to every matching endpoint.
+///
+/// Each [`Endpoint`] is a [`WebhookClient`] (its URL, secrets, rate limit)
+/// and a filter of topic patterns (`user.*`, `order.>`; none means every
+/// event). The fan-out wraps each endpoint's publisher in the same
+/// `tower::Layer`, applied once per endpoint
+/// ([`layer`](WebhookFanOutBuilder::layer)), or in a layer built for each
+/// endpoint ([`layer_fn`](WebhookFanOutBuilder::layer_fn)): pass a
+/// `ServiceBuilder` of retry, circuit-breaker and dead-letter layers and
+/// each endpoint retries, trips and dead-letters on its own. A keyed
+/// breaker shared by all endpoints keys them by [`endpoint_of`].
+///
+/// A call sends the event to the matching endpoints concurrently, each
+/// waiting only for its own readiness (its rate limit, its breaker), so a
+/// dead or slow endpoint never holds up the others. Each endpoint's copy
+/// carries the [`ENDPOINT_EXTENSION`] extension naming it, so what reaches
+/// a dead-letter queue says which endpoint failed (the sender does not put
+/// it on the wire). Each endpoint's call opens its own publish span.
+///
+/// # Results
+///
+/// The response is a [`FanOutReport`] with every matched endpoint's
+/// outcome. If any endpoint's stack still failed, the call fails: the
+/// error's kind is the first failure's, it names every failed endpoint, it
+/// is *not* retryable (retrying the whole fan-out would deliver again to
+/// the endpoints that succeeded; retry inside the per-endpoint layer
+/// instead), and its [`source`](std::error::Error::source) is the report.
+///
+/// An endpoint that is disabled (a `410 Gone`, or every attempt
+/// failing for its [`disable_after`](crate::WebhookConfig::disable_after)
+/// window) fails at once with
+/// [`ErrorKind::Gone`](watchtower::ErrorKind::Gone) and holds up nothing;
+/// [`WebhookFanOut::subscribe_health`] tells the application when that
+/// happens.
+///
+/// The fan-out is always ready; bound it with tower's `ConcurrencyLimit`
+/// in front if callers may outrun the endpoints.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower::ServiceBuilder;
+/// use watchtower::{Event, PublishExt};
+/// use watchtower_webhook::{Endpoint, WebhookClient, WebhookConfig, WebhookFanOut};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let billing = WebhookConfig::new("https://billing.example/hooks")
+///     .name("billing")
+///     .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+/// let audit = WebhookConfig::new("https://audit.example/in")
+///     .name("audit")
+///     .secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+///     .rate_limit(10, Duration::from_secs(1));
+/// let billing = WebhookClient::connect(billing).await?;
+/// let audit = WebhookClient::connect(audit).await?;
+/// let mut fan_out = WebhookFanOut::builder()
+///     // Any Clone layer: each endpoint gets its own instance.
+///     .layer(ServiceBuilder::new().timeout(Duration::from_secs(30)))
+///     .endpoint(Endpoint::new(billing).filter(["invoice.>"])?)
+///     .endpoint(Endpoint::new(audit))
+///     .build()?;
+/// let report = fan_out.publish(Event::new("invoice.paid", serde_json::json!({}))).await?;
+/// assert_eq!(report.outcomes().len(), 2);
+/// # Ok(()) }
+/// ```
 pub struct WebhookFanOut<S> {
     routes: Arc<[Route<S>]>,
 }
@@ -146,7 +147,7 @@ impl<S> fmt::Debug for WebhookFanOut<S> {
 
 impl WebhookFanOut<()> {
     /// A builder with no endpoints and no layer.
-    pub fn builder() -> WebhookFanOutBuilder<fn(&WebhookSender) -> Identity> {
+    pub fn builder() -> WebhookFanOutBuilder<fn(&WebhookPublisher) -> Identity> {
         WebhookFanOutBuilder {
             make_layer: |_| Identity::new(),
             endpoints: Vec::new(),
@@ -155,33 +156,36 @@ impl WebhookFanOut<()> {
 }
 
 impl<S> WebhookFanOut<S> {
-    /// Each endpoint's name and health (disabled after a `410 Gone`).
+    /// Each endpoint's name and health, as its client's
+    /// [`health`](watchtower::Transport::health) answers: up, degraded
+    /// while its last delivery failed, down while it is disabled (a `410
+    /// Gone`, sustained failure, or by hand).
     pub fn health(&self) -> Vec<(Arc<str>, Health)> {
         self.routes
             .iter()
-            .map(|r| (r.endpoint.sender.name().clone(), r.endpoint.sender.health()))
+            .map(|r| (r.endpoint.client.name().clone(), r.endpoint.client.health_now()))
             .collect()
     }
 
-    /// Each endpoint's name and a receiver of its [`Health`] changes (see
-    /// [`WebhookSender::subscribe_health`]): how the application learns
+    /// Each endpoint's name and a receiver of its enabled/disabled changes
+    /// (see [`WebhookClient::subscribe_health`]): how the application learns
     /// that an endpoint was disabled by a `410 Gone` or by sustained
-    /// failure ([`disable_after`](crate::WebhookSenderBuilder::disable_after)).
+    /// failure ([`disable_after`](crate::WebhookConfig::disable_after)).
     pub fn subscribe_health(&self) -> Vec<(Arc<str>, tokio::sync::watch::Receiver<Health>)> {
         self.routes
             .iter()
             .map(|r| {
                 (
-                    r.endpoint.sender.name().clone(),
-                    r.endpoint.sender.subscribe_health(),
+                    r.endpoint.client.name().clone(),
+                    r.endpoint.client.subscribe_health(),
                 )
             })
             .collect()
     }
 
-    /// The endpoints' senders, in the order they were added.
-    pub fn senders(&self) -> impl Iterator<Item = &WebhookSender> {
-        self.routes.iter().map(|r| &r.endpoint.sender)
+    /// The endpoints' clients, in the order they were added.
+    pub fn clients(&self) -> impl Iterator<Item = &WebhookClient> {
+        self.routes.iter().map(|r| &r.endpoint.client)
     }
 }
 
@@ -207,7 +211,7 @@ impl<F> fmt::Debug for WebhookFanOutBuilder<F> {
 }
 
 impl<F> WebhookFanOutBuilder<F> {
-    /// Wraps every endpoint's sender in `layer` (one [`Layer::layer`] call
+    /// Wraps every endpoint's publisher in `layer` (one [`Layer::layer`] call
     /// per endpoint; use a `ServiceBuilder` for a stack).
     ///
     /// Whether endpoints share state depends on the layer: tower's
@@ -216,19 +220,19 @@ impl<F> WebhookFanOutBuilder<F> {
     /// layer) would join the endpoints together. For those, key them by
     /// [`endpoint_of`] (a keyed breaker) or build one per endpoint with
     /// [`layer_fn`](Self::layer_fn).
-    pub fn layer<L>(self, layer: L) -> WebhookFanOutBuilder<impl Fn(&WebhookSender) -> L>
+    pub fn layer<L>(self, layer: L) -> WebhookFanOutBuilder<impl Fn(&WebhookPublisher) -> L>
     where
         L: Clone,
     {
-        self.layer_fn(move |_: &WebhookSender| layer.clone())
+        self.layer_fn(move |_: &WebhookPublisher| layer.clone())
     }
 
-    /// Wraps each endpoint's sender in the layer `make(sender)` returns, so
+    /// Wraps each endpoint's publisher in the layer `make(publisher)` returns, so
     /// each endpoint gets its own instance (its own breaker, its own
     /// dead-letter annotations).
     pub fn layer_fn<G, L>(self, make: G) -> WebhookFanOutBuilder<G>
     where
-        G: Fn(&WebhookSender) -> L,
+        G: Fn(&WebhookPublisher) -> L,
     {
         WebhookFanOutBuilder {
             make_layer: make,
@@ -251,10 +255,10 @@ impl<F> WebhookFanOutBuilder<F> {
     /// apart).
     pub fn build<L>(self) -> Result<WebhookFanOut<L::Service>, Error>
     where
-        F: Fn(&WebhookSender) -> L,
-        L: Layer<WebhookSender>,
+        F: Fn(&WebhookPublisher) -> L,
+        L: Layer<WebhookPublisher>,
     {
-        let mut names: Vec<&str> = self.endpoints.iter().map(|e| &**e.sender.name()).collect();
+        let mut names: Vec<&str> = self.endpoints.iter().map(|e| &**e.client.name()).collect();
         names.sort_unstable();
         if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(Error::config(format!(
@@ -265,9 +269,12 @@ impl<F> WebhookFanOutBuilder<F> {
         let routes = self
             .endpoints
             .into_iter()
-            .map(|endpoint| Route {
-                service: (self.make_layer)(&endpoint.sender).layer(endpoint.sender.clone()),
-                endpoint,
+            .map(|endpoint| {
+                let publisher = endpoint.client.publisher();
+                Route {
+                    service: (self.make_layer)(&publisher).layer(publisher),
+                    endpoint,
+                }
             })
             .collect();
         Ok(WebhookFanOut { routes })
@@ -405,7 +412,7 @@ where
             .iter()
             .filter(|route| route.endpoint.wants(&topic))
             .map(|route| {
-                let name = route.endpoint.sender.name().clone();
+                let name = route.endpoint.client.name().clone();
                 let mut copy = event.clone();
                 // The name is a constant, valid extension name.
                 let _ = copy.set_extension(ENDPOINT_EXTENSION, name.clone());

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use axum::routing::post;
 use http::StatusCode;
-use support::{Counter, PATIENCE, sender, serve};
+use support::{Connect, Counter, PATIENCE, sender, serve};
+use watchtower::Transport;
+use watchtower::health::Status;
 use watchtower::{ErrorKind, Event, PublishExt};
-use watchtower_webhook::{Endpoint, Health, WebhookFanOut};
+use watchtower_webhook::{Endpoint, WebhookFanOut};
 
 const WINDOW: Duration = Duration::from_secs(600);
 
@@ -47,7 +49,7 @@ fn event() -> Event {
 async fn an_endpoint_failing_for_the_whole_window_is_disabled_and_reported() {
     let status = Arc::new(AtomicU16::new(500));
     let (url, requests) = endpoint(status.clone()).await;
-    let failing = sender(url).name("failing").disable_after(WINDOW).build().unwrap();
+    let failing = sender(url).name("failing").disable_after(WINDOW).connect().await;
     let mut fan_out = WebhookFanOut::builder()
         .endpoint(Endpoint::new(failing.clone()))
         .build()
@@ -56,12 +58,14 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_and_reported() {
     assert_eq!(watched.len(), 1);
     let (name, mut health) = watched.pop().unwrap();
     assert_eq!(&*name, "failing");
-    assert_eq!(*health.borrow_and_update(), Health::Active);
+    assert_eq!(health.borrow_and_update().status(), Status::Up);
 
     assert!(fan_out.publish(event()).await.is_err());
     skip(WINDOW - Duration::from_secs(1)).await;
     assert!(fan_out.publish(event()).await.is_err());
-    assert!(failing.health().is_active(), "not yet a whole window");
+    let now = failing.health().await;
+    assert_eq!(now.status(), Status::Degraded, "not yet a whole window: {now:?}");
+    assert_eq!(fan_out.health()[0].1, now);
     skip(Duration::from_secs(1)).await;
     assert!(fan_out.publish(event()).await.is_err());
     assert_eq!(requests.get(), 3);
@@ -70,10 +74,12 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_and_reported() {
         .await
         .unwrap()
         .unwrap();
-    let Health::Disabled { reason } = health.borrow_and_update().clone() else {
-        panic!("not disabled");
-    };
+    let disabled = health.borrow_and_update().clone();
+    assert_eq!(disabled.status(), Status::Down);
+    let reason = disabled.reason().unwrap();
     assert!(reason.contains("600s"), "{reason}");
+    assert_eq!(failing.health().await, disabled);
+    assert_eq!(fan_out.health()[0].1, disabled);
 
     // Disabled: no request, a Gone error that a dead-letter layer keeps.
     let err = fan_out.publish(event()).await.unwrap_err();
@@ -87,8 +93,9 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_and_reported() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(*health.borrow_and_update(), Health::Active);
+    assert_eq!(health.borrow_and_update().status(), Status::Up);
     fan_out.publish(event()).await.unwrap();
+    assert_eq!(failing.health().await.status(), Status::Up);
     assert_eq!(requests.get(), 4);
 }
 
@@ -96,8 +103,9 @@ async fn an_endpoint_failing_for_the_whole_window_is_disabled_and_reported() {
 async fn a_success_within_the_window_starts_it_afresh() {
     let status = Arc::new(AtomicU16::new(503));
     let (url, requests) = endpoint(status.clone()).await;
-    let mut sender = sender(url).disable_after(WINDOW).build().unwrap();
-    let health = sender.subscribe_health();
+    let client = sender(url).disable_after(WINDOW).connect().await;
+    let mut sender = client.publisher();
+    let health = client.subscribe_health();
 
     assert!(sender.publish(event()).await.is_err());
     skip(WINDOW - Duration::from_secs(60)).await;
@@ -108,15 +116,16 @@ async fn a_success_within_the_window_starts_it_afresh() {
     assert!(sender.publish(event()).await.is_err());
     skip(WINDOW - Duration::from_secs(1)).await;
     assert!(sender.publish(event()).await.is_err());
-    assert!(sender.health().is_active());
+    assert!(!client.is_disabled());
     assert!(!health.has_changed().unwrap());
     assert_eq!(requests.get(), 4);
 
     // Without a window, failures never disable.
     let (url, _) = endpoint(status).await;
-    let mut plain = support::sender(url).build().unwrap();
+    let plain_client = support::sender(url).connect().await;
+    let mut plain = plain_client.publisher();
     assert!(plain.publish(event()).await.is_err());
     skip(WINDOW * 100).await;
     assert!(plain.publish(event()).await.is_err());
-    assert!(plain.health().is_active());
+    assert_eq!(plain_client.health().await.status(), Status::Degraded);
 }

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Behaviour, PATIENCE, dead_port, recorder, sender, serve};
+use support::{Behaviour, Connect, PATIENCE, dead_port, recorder, sender, serve};
 use tower::ServiceExt;
 use watchtower::{ErrorKind, Event, PublishExt, Receipt};
 use watchtower_webhook::{Endpoint, FanOutReport, WebhookFanOut};
@@ -22,14 +22,14 @@ async fn one_dead_endpoint_leaves_the_others_unaffected() {
     let b = recorder(Behaviour::Healthy).await;
     let dead = dead_port().await;
     let mut fan_out = WebhookFanOut::builder()
-        .endpoint(Endpoint::new(sender(&a.url).name("a").build().unwrap()))
+        .endpoint(Endpoint::new(sender(&a.url).name("a").connect().await))
         .endpoint(Endpoint::new(
             sender(format!("http://{dead}/hooks"))
                 .name("dead")
-                .build()
-                .unwrap(),
+                .connect()
+                .await,
         ))
-        .endpoint(Endpoint::new(sender(&b.url).name("b").build().unwrap()))
+        .endpoint(Endpoint::new(sender(&b.url).name("b").connect().await))
         .build()
         .unwrap();
 
@@ -67,11 +67,11 @@ async fn a_hanging_endpoint_does_not_hold_up_the_others() {
             sender(format!("http://{hanging}/"))
                 .name("hanging")
                 .timeout(Duration::from_secs(600))
-                .build()
-                .unwrap(),
+                .connect()
+                .await,
         ))
         .endpoint(Endpoint::new(
-            sender(&healthy.url).name("healthy").build().unwrap(),
+            sender(&healthy.url).name("healthy").connect().await,
         ))
         .build()
         .unwrap();
@@ -88,16 +88,16 @@ async fn filters_choose_the_endpoints() {
     let all = recorder(Behaviour::Healthy).await;
     let mut fan_out = WebhookFanOut::builder()
         .endpoint(
-            Endpoint::new(sender(&users.url).name("users").build().unwrap())
+            Endpoint::new(sender(&users.url).name("users").connect().await)
                 .filter(["user.*"])
                 .unwrap(),
         )
         .endpoint(
-            Endpoint::new(sender(&orders.url).name("orders").build().unwrap())
+            Endpoint::new(sender(&orders.url).name("orders").connect().await)
                 .filter(["order.>", "refund.issued"])
                 .unwrap(),
         )
-        .endpoint(Endpoint::new(sender(&all.url).name("all").build().unwrap()))
+        .endpoint(Endpoint::new(sender(&all.url).name("all").connect().await))
         .build()
         .unwrap();
 
@@ -122,7 +122,7 @@ async fn filters_choose_the_endpoints() {
     assert_eq!(orders.handled.get(), 2);
     assert_eq!(all.handled.get(), 5);
     assert!(
-        Endpoint::new(sender(&all.url).build().unwrap())
+        Endpoint::new(sender(&all.url).connect().await)
             .filter(["user.>.x"])
             .is_err()
     );
@@ -133,15 +133,15 @@ async fn gone_endpoints_show_in_health() {
     let gone = recorder(Behaviour::Always(410)).await;
     let ok = recorder(Behaviour::Healthy).await;
     let mut fan_out = WebhookFanOut::builder()
-        .endpoint(Endpoint::new(sender(&gone.url).name("gone").build().unwrap()))
-        .endpoint(Endpoint::new(sender(&ok.url).name("ok").build().unwrap()))
+        .endpoint(Endpoint::new(sender(&gone.url).name("gone").connect().await))
+        .endpoint(Endpoint::new(sender(&ok.url).name("ok").connect().await))
         .build()
         .unwrap();
     let err = fan_out.publish(event("a.b")).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Gone);
     let health = fan_out.health();
-    assert!(!health[0].1.is_active());
-    assert!(health[1].1.is_active());
+    assert_eq!(health[0].1.status(), watchtower::health::Status::Down);
+    assert_eq!(health[1].1.status(), watchtower::health::Status::Up);
     // Disabled: no further requests reach it.
     let _ = fan_out.publish(event("a.b")).await;
     assert_eq!(gone.requests.get(), 1);
@@ -152,8 +152,8 @@ async fn gone_endpoints_show_in_health() {
 async fn endpoint_names_must_be_distinct() {
     let r = recorder(Behaviour::Healthy).await;
     let err = WebhookFanOut::builder()
-        .endpoint(Endpoint::new(sender(&r.url).name("x").build().unwrap()))
-        .endpoint(Endpoint::new(sender(&r.url).name("x").build().unwrap()))
+        .endpoint(Endpoint::new(sender(&r.url).name("x").connect().await))
+        .endpoint(Endpoint::new(sender(&r.url).name("x").connect().await))
         .build()
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
@@ -165,7 +165,7 @@ async fn each_copy_names_its_endpoint_but_the_wire_does_not() {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = seen.clone();
     // A layer that records the endpoint extension of each copy it sees.
-    let spy = tower::layer::layer_fn(move |inner: watchtower_webhook::WebhookSender| {
+    let spy = tower::layer::layer_fn(move |inner: watchtower_webhook::WebhookPublisher| {
         let record = record.clone();
         tower::ServiceBuilder::new()
             .map_request(move |event: Event| {
@@ -179,7 +179,7 @@ async fn each_copy_names_its_endpoint_but_the_wire_does_not() {
     });
     let mut fan_out = WebhookFanOut::builder()
         .layer(spy)
-        .endpoint(Endpoint::new(sender(&a.url).name("a").build().unwrap()))
+        .endpoint(Endpoint::new(sender(&a.url).name("a").connect().await))
         .build()
         .unwrap();
     fan_out.publish(event("x.y")).await.unwrap();

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tower::{ServiceBuilder, service_fn};
 use watchtower::{Error, ErrorKind, Event};
-use watchtower_webhook::signature::{self, Secret};
+use watchtower_webhook::{Secret, signature};
 use watchtower_webhook::{WebhookReceiverLayer, WebhookVerifier};
 
 struct Receiver {

@@ -7,11 +7,11 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Counter, SECRET, serve};
+use support::{Connect, Counter, SECRET, serve};
 use tower::{ServiceBuilder, service_fn};
 use watchtower::{ErrorKind, Event, PublishExt};
-use watchtower_webhook::signature::SigningKey;
-use watchtower_webhook::{WebhookReceiverLayer, WebhookSender, WebhookVerifier};
+use watchtower_webhook::SigningKey;
+use watchtower_webhook::{WebhookConfig, WebhookPublisher, WebhookReceiverLayer, WebhookVerifier};
 
 const SIGNING_KEY: &str = "whsk_VEVTVFNJR05JTkdLRVlET05PVFVTRVRISVNGT1JBTlk=";
 
@@ -38,16 +38,16 @@ fn event(n: u32) -> Event {
 async fn ed25519_signatures_pass_a_receiver_that_holds_only_the_public_key() {
     let public = SigningKey::new(SIGNING_KEY).unwrap().public_key().to_string();
     let (url, handled) = receiver(WebhookVerifier::new([public.as_str()]).unwrap()).await;
-    let mut sender = WebhookSender::builder(&url)
+    let mut sender = WebhookConfig::new(&url)
         .secret(SIGNING_KEY)
         .allow("127.0.0.1")
-        .build()
-        .unwrap();
+        .publisher()
+        .await;
     sender.publish(event(1)).await.unwrap();
     assert_eq!(handled.get(), 1);
 
     // A sender with a shared secret is refused by it.
-    let mut hmac = support::sender(&url).build().unwrap();
+    let mut hmac = support::sender(&url).publisher().await;
     let err = hmac.publish(event(2)).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected);
     assert!(err.to_string().contains("401"), "{err}");
@@ -61,9 +61,10 @@ async fn rotation_on_both_sides_loses_no_delivery_during_the_grace_period() {
     const GRACE: Duration = Duration::from_secs(3600);
     let verifier = WebhookVerifier::new([SECRET]).unwrap();
     let (url, handled) = receiver(verifier.clone()).await;
-    let mut sender = support::sender(&url).build().unwrap();
+    let client = support::sender(&url).connect().await;
+    let mut sender = client.publisher();
     let mut n = 0;
-    let mut deliver = async |sender: &mut WebhookSender| {
+    let mut deliver = async |sender: &mut WebhookPublisher| {
         n += 1;
         sender.publish(event(n)).await
     };
@@ -72,14 +73,14 @@ async fn rotation_on_both_sides_loses_no_delivery_during_the_grace_period() {
     // The sender rotates first: both signatures travel, the receiver still
     // knows only the old secret.
     let new = SigningKey::new(SIGNING_KEY).unwrap();
-    sender.rotate(new.clone(), GRACE);
+    client.rotate(new.clone(), GRACE);
     deliver(&mut sender).await.unwrap();
     deliver(&mut sender.clone()).await.unwrap();
 
     // The receiver learns the new key; it still takes the old one.
     verifier.rotate(new.public_key(), GRACE);
     deliver(&mut sender).await.unwrap();
-    let mut old_only = support::sender(&url).build().unwrap();
+    let mut old_only = support::sender(&url).publisher().await;
     deliver(&mut old_only).await.unwrap();
 
     // The grace periods end: only the new key signs and verifies.

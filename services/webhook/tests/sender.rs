@@ -12,11 +12,15 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{any, post};
 use bytes::Bytes;
-use support::{Counter, PATIENCE, SECRET, dead_port, sender, serve};
+use support::{Connect, Counter, PATIENCE, SECRET, dead_port, sender, serve};
 use tokio::sync::mpsc;
 use tower::{ServiceBuilder, service_fn};
+use watchtower::Transport;
+use watchtower::health::Status;
 use watchtower::{ErrorKind, Event, PublishExt};
-use watchtower_webhook::{Health, Secret, WebhookReceiverLayer, WebhookSender, WebhookVerifier, signature};
+use watchtower_webhook::{
+    Secret, WebhookClient, WebhookConfig, WebhookReceiverLayer, WebhookVerifier, signature,
+};
 
 type Seen = Arc<Mutex<Vec<(HeaderMap, Bytes)>>>;
 
@@ -72,7 +76,7 @@ async fn signed_delivery_passes_the_receiver_layer_end_to_end() {
         if binary {
             builder = builder.binary_mode();
         }
-        let mut sender = builder.build().unwrap();
+        let mut sender = builder.publisher().await;
         let sent = event().with_extension("tenant", "acme").unwrap();
         let receipt = sender.publish(sent.clone()).await.unwrap();
         assert_eq!(&*receipt.topic, "local");
@@ -92,12 +96,12 @@ async fn signed_delivery_passes_the_receiver_layer_end_to_end() {
 async fn headers_follow_the_standard_and_sign_the_exact_body() {
     let (addr, seen) = status_server().await;
     let old = Secret::from_bytes(&[1; 32]).unwrap();
-    let mut sender = WebhookSender::builder(format!("http://{addr}/status/200"))
+    let mut sender = WebhookConfig::new(format!("http://{addr}/status/200"))
         .secret(SECRET)
         .secret_key(old.clone())
         .allow("127.0.0.1")
-        .build()
-        .unwrap();
+        .publisher()
+        .await;
     let sent = event();
     sender.publish(sent.clone()).await.unwrap();
     sender.publish(sent.clone()).await.unwrap();
@@ -141,14 +145,14 @@ async fn binary_mode_sends_ce_headers_and_the_data_as_body() {
     let (addr, seen) = status_server().await;
     let mut sender = sender(format!("http://{addr}/status/202"))
         .binary_mode()
-        .build()
-        .unwrap();
+        .publisher()
+        .await;
     let sent = Event::binary(
         "blob.stored",
         "application/octet-stream",
         Bytes::from_static(b"\x00\x01raw"),
     )
-    .with_extension(watchtower_webhook::sender::ENDPOINT_EXTENSION, "local")
+    .with_extension(watchtower_webhook::ENDPOINT_EXTENSION, "local")
     .unwrap();
     sender.publish(sent.clone()).await.unwrap();
     let seen = seen.lock().unwrap();
@@ -186,7 +190,7 @@ async fn every_response_class_maps_to_its_error() {
         (410, Some(ErrorKind::Gone), false),
     ];
     for (code, kind, retryable) in cases {
-        let mut sender = sender(url(code)).name(format!("ep{code}")).build().unwrap();
+        let mut sender = sender(url(code)).name(format!("ep{code}")).publisher().await;
         let result = sender.publish(event()).await;
         match kind {
             None => assert!(result.is_ok(), "{code}: {result:?}"),
@@ -230,7 +234,7 @@ async fn throttling_carries_retry_after_in_seconds_and_as_a_date() {
             }),
         );
         let addr = serve(router).await;
-        let mut sender = sender(format!("http://{addr}/")).build().unwrap();
+        let mut sender = sender(format!("http://{addr}/")).publisher().await;
         let err = sender.publish(event()).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Throttled);
         assert!(err.is_retryable());
@@ -243,18 +247,24 @@ async fn throttling_carries_retry_after_in_seconds_and_as_a_date() {
 #[tokio::test]
 async fn gone_disables_the_endpoint_until_enabled() {
     let (addr, seen) = status_server().await;
-    let mut sender = sender(format!("http://{addr}/status/410")).build().unwrap();
+    let client = sender(format!("http://{addr}/status/410")).connect().await;
+    assert_eq!(client.health().await.status(), Status::Up);
+    let mut sender = client.publisher();
     let err = sender.publish(event()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Gone);
-    assert!(matches!(sender.health(), Health::Disabled { .. }));
+    let health = client.health().await;
+    assert_eq!(health.status(), Status::Down);
+    assert_eq!(health.system(), "webhook");
+    assert!(health.reason().unwrap().contains("410"), "{health:?}");
+    assert!(client.is_disabled());
     // Clones share the health; no request is made while disabled.
     let mut clone = sender.clone();
     let err = clone.publish(event()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Gone);
     assert!(!err.is_retryable());
     assert_eq!(seen.lock().unwrap().len(), 1);
-    sender.enable();
-    assert_eq!(clone.health(), Health::Active);
+    client.enable();
+    assert_eq!(client.health().await.status(), Status::Up);
     assert_eq!(clone.publish(event()).await.unwrap_err().kind(), ErrorKind::Gone);
     assert_eq!(seen.lock().unwrap().len(), 2);
 }
@@ -273,8 +283,8 @@ async fn a_hanging_endpoint_times_out_retryably() {
     let addr = serve(router).await;
     let mut sender = sender(format!("http://{addr}/"))
         .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
+        .publisher()
+        .await;
     let err = sender.publish(event()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
     assert!(err.is_retryable());
@@ -284,7 +294,7 @@ async fn a_hanging_endpoint_times_out_retryably() {
 #[tokio::test]
 async fn a_refused_connection_is_retryable() {
     let addr = dead_port().await;
-    let mut sender = sender(format!("http://{addr}/")).build().unwrap();
+    let mut sender = sender(format!("http://{addr}/")).publisher().await;
     let err = sender.publish(event()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
     assert!(err.is_retryable());
@@ -294,9 +304,8 @@ async fn a_refused_connection_is_retryable() {
 async fn the_ssrf_guard_refuses_private_addresses_without_the_allow_list() {
     let (addr, seen) = status_server().await;
     // A literal is refused when the sender is built.
-    let err = WebhookSender::builder(format!("http://{addr}/status/200"))
-        .secret(SECRET)
-        .build()
+    let err = WebhookClient::connect(WebhookConfig::new(format!("http://{addr}/status/200")).secret(SECRET))
+        .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
     for private in [
@@ -305,29 +314,28 @@ async fn the_ssrf_guard_refuses_private_addresses_without_the_allow_list() {
         "http://[::1]/",
         "http://169.254.169.254/",
     ] {
-        let err = WebhookSender::builder(private)
-            .secret(SECRET)
-            .build()
+        let err = WebhookClient::connect(WebhookConfig::new(private).secret(SECRET))
+            .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config, "{private}");
     }
     // A name is checked after DNS resolution: localhost resolves to loopback.
-    let mut guarded = WebhookSender::builder(format!("http://localhost:{}/status/200", addr.port()))
+    let mut guarded = WebhookConfig::new(format!("http://localhost:{}/status/200", addr.port()))
         .secret(SECRET)
-        .build()
-        .unwrap();
+        .publisher()
+        .await;
     let err = guarded.publish(event()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
     assert!(!err.is_retryable());
     assert!(err.to_string().contains("SSRF"), "{err}");
     assert_eq!(seen.lock().unwrap().len(), 0, "nothing reached the endpoint");
     // With the allow-list the same name goes through.
-    let mut allowed = WebhookSender::builder(format!("http://localhost:{}/status/200", addr.port()))
+    let mut allowed = WebhookConfig::new(format!("http://localhost:{}/status/200", addr.port()))
         .secret(SECRET)
         .allow("127.0.0.1")
         .allow("::1")
-        .build()
-        .unwrap();
+        .publisher()
+        .await;
     allowed.publish(event()).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
@@ -337,8 +345,8 @@ async fn oversized_payloads_are_refused_before_sending() {
     let (addr, seen) = status_server().await;
     let mut sender = sender(format!("http://{addr}/status/200"))
         .max_payload(512)
-        .build()
-        .unwrap();
+        .publisher()
+        .await;
     let big = Event::new("blob", serde_json::json!({"data": "x".repeat(1024)}));
     let err = sender.publish(big).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected);
@@ -356,8 +364,8 @@ async fn huge_response_bodies_are_not_buffered() {
     let addr = serve(router).await;
     let mut sender = sender(format!("http://{addr}/"))
         .max_response_body(64)
-        .build()
-        .unwrap();
+        .publisher()
+        .await;
     let err = sender.publish(event()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected);
     assert!(err.to_string().len() < 400, "{err}");
@@ -366,11 +374,11 @@ async fn huge_response_bodies_are_not_buffered() {
 #[tokio::test]
 async fn errors_and_debug_never_show_secrets_or_url_credentials() {
     let addr = dead_port().await;
-    let mut sender = WebhookSender::builder(format!("http://user:hunter2@{addr}/p?token=tok123"))
+    let mut sender = WebhookConfig::new(format!("http://user:hunter2@{addr}/p?token=tok123"))
         .secret(SECRET)
         .allow("127.0.0.1")
-        .build()
-        .unwrap();
+        .publisher()
+        .await;
     let err = sender.publish(event()).await.unwrap_err();
     let shown = format!("{err} {err:?} {sender:?}");
     for secret in ["hunter2", "tok123", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"] {
@@ -385,8 +393,8 @@ async fn https_goes_through_rustls_with_ring() {
     let (addr, seen) = status_server().await;
     let mut sender = sender(format!("https://{addr}/status/200"))
         .https_only(true)
-        .build()
-        .unwrap();
+        .publisher()
+        .await;
     let err = sender.publish(event()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
     assert!(err.is_retryable());
@@ -414,7 +422,7 @@ async fn huge_retry_after_hints_are_capped_without_overflow() {
             }),
         );
         let addr = serve(router).await;
-        let mut default = sender(format!("http://{addr}/")).build().unwrap();
+        let mut default = sender(format!("http://{addr}/")).publisher().await;
         let err = default.publish(event()).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Throttled, "{value}");
         assert!(err.is_retryable());
@@ -424,8 +432,8 @@ async fn huge_retry_after_hints_are_capped_without_overflow() {
 
         let mut capped = sender(format!("http://{addr}/"))
             .max_retry_after(Duration::from_secs(30))
-            .build()
-            .unwrap();
+            .publisher()
+            .await;
         let err = capped.publish(event()).await.unwrap_err();
         assert_eq!(err.retry_after(), Some(Duration::from_secs(30)), "{value}");
     }
@@ -434,10 +442,75 @@ async fn huge_retry_after_hints_are_capped_without_overflow() {
 #[tokio::test]
 async fn a_conflict_is_final() {
     let (addr, seen) = status_server().await;
-    let mut sender = sender(format!("http://{addr}/status/409")).build().unwrap();
+    let mut sender = sender(format!("http://{addr}/status/409")).publisher().await;
     let err = sender.publish(event()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Rejected);
     assert!(!err.is_retryable());
     assert!(err.to_string().contains("409"), "{err}");
     assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+/// A span's fields, by name.
+type SpanFields = Vec<(String, String)>;
+
+/// Records the `publish` spans opened on this thread.
+#[derive(Default, Clone)]
+struct SpanLog(Arc<Mutex<Vec<SpanFields>>>);
+
+struct Fields<'a>(&'a mut Vec<(String, String)>);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.push((field.name().to_owned(), value.to_owned()));
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name().to_owned(), format!("{value:?}")));
+    }
+}
+
+impl tracing::Subscriber for SpanLog {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let mut log = self.0.lock().unwrap();
+        if attrs.metadata().name() == "publish" {
+            let mut fields = Vec::new();
+            attrs.record(&mut Fields(&mut fields));
+            log.push(fields);
+        }
+        tracing::span::Id::from_u64(log.len() as u64 + 1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn each_call_opens_the_core_publish_span() {
+    let (addr, _seen) = status_server().await;
+    let mut publisher = sender(format!("http://{addr}/status/200")).publisher().await;
+    let log = SpanLog::default();
+    let _default = tracing::subscriber::set_default(log.clone());
+    let sent = event();
+    publisher.publish(sent.clone()).await.unwrap();
+    drop(_default);
+    let spans = log.0.lock().unwrap().clone();
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    let field = |name: &str| {
+        spans[0]
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {name} in {spans:?}"))
+    };
+    assert_eq!(field("messaging.system"), "webhook");
+    assert_eq!(field("messaging.destination.name"), sent.topic());
+    assert_eq!(field("messaging.operation.type"), "send");
+    assert_eq!(field("messaging.message.id"), sent.id());
 }

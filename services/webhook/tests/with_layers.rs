@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use support::{Behaviour, recorder, sender};
+use support::{Behaviour, Connect, recorder, sender};
 use tower::{ServiceBuilder, ServiceExt};
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::ext;
@@ -20,7 +20,7 @@ use watchtower_layers::circuit_breaker::{
 };
 use watchtower_layers::dead_letter::DeadLetterLayer;
 use watchtower_layers::retry::{RetryConfig, RetryLayer};
-use watchtower_webhook::{Endpoint, WebhookFanOut, WebhookSender, endpoint_of};
+use watchtower_webhook::{Endpoint, WebhookFanOut, WebhookPublisher, endpoint_of};
 
 #[tokio::test]
 async fn retries_wait_for_retry_after_and_keep_the_webhook_id() {
@@ -34,7 +34,7 @@ async fn retries_wait_for_retry_after_and_keep_the_webhook_id() {
         .on_retry(move |attempt| seen.lock().unwrap().push((attempt.error.kind(), attempt.delay)));
     let mut publisher = ServiceBuilder::new()
         .layer(RetryLayer::new(retry))
-        .service(sender(&endpoint.url).build().unwrap());
+        .service(sender(&endpoint.url).publisher().await);
 
     let first = Event::new("user.created", serde_json::json!({"n": 1}));
     publisher.publish(first.clone()).await.unwrap(); // request 1: handled
@@ -69,7 +69,7 @@ async fn a_thousand_events_fan_out_past_a_failing_and_a_throttling_endpoint() {
     let dead_letters = dlq.clone();
     let fan_out = WebhookFanOut::builder()
         // One stack per endpoint: its own breaker, its own retries.
-        .layer_fn(move |sender: &WebhookSender| {
+        .layer_fn(move |sender: &WebhookPublisher| {
             let breaker = CircuitBreakerLayer::new(
                 CircuitBreakerConfig::new()
                     .name(sender.name().clone())
@@ -92,13 +92,13 @@ async fn a_thousand_events_fan_out_past_a_failing_and_a_throttling_endpoint() {
                 .layer(breaker)
         })
         .endpoint(Endpoint::new(
-            sender(&healthy.url).name("healthy").build().unwrap(),
+            sender(&healthy.url).name("healthy").connect().await,
         ))
         .endpoint(Endpoint::new(
-            sender(&throttled.url).name("throttled").build().unwrap(),
+            sender(&throttled.url).name("throttled").connect().await,
         ))
         .endpoint(Endpoint::new(
-            sender(&failing.url).name("failing").build().unwrap(),
+            sender(&failing.url).name("failing").connect().await,
         ))
         .build()
         .unwrap();
@@ -190,10 +190,10 @@ async fn one_keyed_breaker_keys_the_endpoints_by_name() {
     let mut fan_out = WebhookFanOut::builder()
         .layer(keyed)
         .endpoint(Endpoint::new(
-            sender(&healthy.url).name("healthy").build().unwrap(),
+            sender(&healthy.url).name("healthy").connect().await,
         ))
         .endpoint(Endpoint::new(
-            sender(&failing.url).name("failing").build().unwrap(),
+            sender(&failing.url).name("failing").connect().await,
         ))
         .build()
         .unwrap();

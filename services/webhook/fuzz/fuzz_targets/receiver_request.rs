@@ -17,8 +17,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use watchtower_webhook::WebhookVerifier;
-use watchtower_webhook::receiver::Verified;
-use watchtower_webhook::signature::{self, Signer, VerifyKey};
+use watchtower_webhook::Verified;
+use watchtower_webhook::{Signer, VerifyKey, signature};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SIGNING_KEY: &str = "whsk_VEVTVFNJR05JTkdLRVlET05PVFVTRVRISVNGT1JBTlk=";

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use watchtower_webhook::sender::parse_retry_after_bytes;
+use watchtower_webhook::parse_retry_after_bytes;
 
 fuzz_target!(|data: &[u8]| {
     if let Some(after) = parse_retry_after_bytes(data) {
@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     let digits = data.iter().any(u8::is_ascii_digit) && !data.iter().any(u8::is_ascii_alphabetic);
     if let (true, Ok(value)) = (digits, http::HeaderValue::from_bytes(data)) {
         assert_eq!(
-            watchtower_webhook::sender::parse_retry_after(&value),
+            watchtower_webhook::parse_retry_after(&value),
             parse_retry_after_bytes(data)
         );
     }

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use watchtower_webhook::signature::{self, VerifyKey};
+use watchtower_webhook::{VerifyKey, signature};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(header) = std::str::from_utf8(data) else {
@@ -25,5 +25,5 @@ fuzz_target!(|data: &[u8]| {
     ));
     // Keys parsed from arbitrary text: an error, never a panic.
     let _ = VerifyKey::new(header);
-    let _ = signature::Signer::new(header);
+    let _ = watchtower_webhook::Signer::new(header);
 });

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use watchtower_webhook::{WebhookSender, WebhookSenderBuilder};
+use watchtower_webhook::{WebhookClient, WebhookConfig, WebhookPublisher};
 
 pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 pub const OTHER_SECRET: &str = "whsec_dGhpcyBpcyBhbm90aGVyIHNlY3JldCBrZXkhIQ==";
@@ -32,9 +32,27 @@ pub async fn dead_port() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
-/// A sender builder for `url` with the test secret, 127.0.0.1 allowed.
-pub fn sender(url: impl Into<String>) -> WebhookSenderBuilder {
-    WebhookSender::builder(url).secret(SECRET).allow("127.0.0.1")
+/// A configuration for `url` with the test secret, 127.0.0.1 allowed.
+pub fn sender(url: impl Into<String>) -> WebhookConfig {
+    WebhookConfig::new(url).secret(SECRET).allow("127.0.0.1")
+}
+
+/// `WebhookClient::connect`, for configurations the test knows are valid.
+pub trait Connect {
+    /// The client.
+    async fn connect(self) -> WebhookClient;
+    /// A publisher of a fresh client.
+    async fn publisher(self) -> WebhookPublisher;
+}
+
+impl Connect for WebhookConfig {
+    async fn connect(self) -> WebhookClient {
+        WebhookClient::connect(self).await.unwrap()
+    }
+
+    async fn publisher(self) -> WebhookPublisher {
+        self.connect().await.publisher()
+    }
 }
 
 /// A counter that can be awaited.
