@@ -1,22 +1,4 @@
-//! The one error type of WatchTower, and the kinds of failure it names.
-//!
-//! Every transport and layer reports failures as an [`Error`]. Its
-//! [`ErrorKind`] says *what* happened; [`Error::is_retryable`] says whether
-//! trying again can help. Layers decide by kind, never by parsing text.
-//!
-//! ```
-//! use watchtower::{Error, ErrorKind};
-//!
-//! let err = Error::new(ErrorKind::Connection, "connection refused");
-//! assert!(err.is_retryable());
-//! assert_eq!(err.to_string(), "connection failed: connection refused");
-//!
-//! let err = Error::new(ErrorKind::Rejected, "unknown stream");
-//! assert!(!err.is_retryable());
-//! ```
-//!
-//! Errors never carry secrets: transports redact credentials before they
-//! build a message, and [`redact_url`] is there for them to do it.
+//! What failed: [`Error`](crate::Error) and [`ErrorKind`](crate::ErrorKind).
 
 use std::fmt;
 use std::time::Duration;
@@ -142,6 +124,26 @@ impl fmt::Display for ErrorKind {
     }
 }
 
+/// The one error type of WatchTower, and the kinds of failure it names.
+///
+/// Every transport and layer reports failures as an [`Error`]. Its
+/// [`ErrorKind`] says *what* happened; [`Error::is_retryable`] says whether
+/// trying again can help. Layers decide by kind, never by parsing text.
+///
+/// ```
+/// use watchtower::{Error, ErrorKind};
+///
+/// let err = Error::new(ErrorKind::Connection, "connection refused");
+/// assert!(err.is_retryable());
+/// assert_eq!(err.to_string(), "connection failed: connection refused");
+///
+/// let err = Error::new(ErrorKind::Rejected, "unknown stream");
+/// assert!(!err.is_retryable());
+/// ```
+///
+/// Errors never carry secrets: transports redact credentials before they
+/// build a message, and [`redact_url`] is there for them to do it.
+///
 /// A WatchTower failure: a kind, a message, and optionally its cause, a
 /// retry-after hint and the event it concerns.
 ///

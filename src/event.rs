@@ -1,33 +1,4 @@
-//! The event: CloudEvents 1.0 in memory.
-//!
-//! An [`Event`] holds the CloudEvents context attributes and its payload as
-//! encoded bytes. Cloning one is a single reference-count increment, so the
-//! retry and dead-letter layers clone freely; changing a clone copies the
-//! attributes (themselves reference-counted strings), never the payload.
-//!
-//! # Example
-//!
-//! ```
-//! use serde::{Deserialize, Serialize};
-//! use watchtower::Event;
-//!
-//! let event = Event::new("user.created", serde_json::json!({"user_id": 123}));
-//! assert_eq!(event.ty(), "user.created");
-//! assert_eq!(event.topic(), "user.created");
-//! assert_eq!(event.datacontenttype(), Some("application/json"));
-//!
-//! #[derive(Serialize, Deserialize, PartialEq, Debug)]
-//! struct UserCreated { user_id: u64 }
-//! let typed = Event::builder("user.created")
-//!     .source("/accounts")
-//!     .subject("123")
-//!     .extension("tenant", "acme")
-//!     .json(&UserCreated { user_id: 123 })?
-//!     .build()?;
-//! assert_eq!(typed.json::<UserCreated>()?, UserCreated { user_id: 123 });
-//! assert_eq!(typed.extension("tenant"), Some("acme"));
-//! # Ok::<(), watchtower::Error>(())
-//! ```
+//! The event: [`Event`](crate::Event), CloudEvents 1.0.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
@@ -74,6 +45,37 @@ pub mod ext {
     pub const DEAD_LETTER_TIME: &str = "deadlettertime";
 }
 
+/// The event: CloudEvents 1.0 in memory.
+///
+/// An [`Event`] holds the CloudEvents context attributes and its payload as
+/// encoded bytes. Cloning one is a single reference-count increment, so the
+/// retry and dead-letter layers clone freely; changing a clone copies the
+/// attributes (themselves reference-counted strings), never the payload.
+///
+/// # Example
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use watchtower::Event;
+///
+/// let event = Event::new("user.created", serde_json::json!({"user_id": 123}));
+/// assert_eq!(event.ty(), "user.created");
+/// assert_eq!(event.topic(), "user.created");
+/// assert_eq!(event.datacontenttype(), Some("application/json"));
+///
+/// #[derive(Serialize, Deserialize, PartialEq, Debug)]
+/// struct UserCreated { user_id: u64 }
+/// let typed = Event::builder("user.created")
+///     .source("/accounts")
+///     .subject("123")
+///     .extension("tenant", "acme")
+///     .json(&UserCreated { user_id: 123 })?
+///     .build()?;
+/// assert_eq!(typed.json::<UserCreated>()?, UserCreated { user_id: 123 });
+/// assert_eq!(typed.extension("tenant"), Some("acme"));
+/// # Ok::<(), watchtower::Error>(())
+/// ```
+///
 /// A CloudEvents 1.0 event.
 ///
 /// Attributes follow the spec's names: [`id`](Event::id),

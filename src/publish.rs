@@ -1,19 +1,4 @@
-//! The publishing convention and its conveniences.
-//!
-//! A publisher is a `tower::Service<Event>` whose response is a
-//! [`Receipt`](crate::Receipt) of what the broker acknowledged and whose
-//! error converts into [`Error`]. [`PublishExt::publish`] waits for
-//! readiness and calls it, for code that publishes one event at a time.
-//!
-//! ```
-//! use watchtower::{Event, PublishExt, dead_letter::MemoryDeadLetters};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let mut sink = MemoryDeadLetters::default(); // any Service<Event> will do
-//! sink.publish(Event::new("user.created", serde_json::json!({"user_id": 1}))).await?;
-//! assert_eq!(sink.len(), 1);
-//! # Ok(()) }
-//! ```
+//! Publishing through any `Service<Event>`: [`PublishExt`](crate::PublishExt).
 
 use std::future::{Future, poll_fn};
 
@@ -22,6 +7,23 @@ use tower::Service;
 use crate::error::{BoxError, Error};
 use crate::event::Event;
 
+/// The publishing convention and its conveniences.
+///
+/// A publisher is a `tower::Service<Event>` whose response is a
+/// [`Receipt`](crate::Receipt) of what the broker acknowledged and whose
+/// error converts into [`Error`]. [`PublishExt::publish`] waits for
+/// readiness and calls it, for code that publishes one event at a time.
+///
+/// ```
+/// use watchtower::{Event, PublishExt, dead_letter::MemoryDeadLetters};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let mut sink = MemoryDeadLetters::default(); // any Service<Event> will do
+/// sink.publish(Event::new("user.created", serde_json::json!({"user_id": 1}))).await?;
+/// assert_eq!(sink.len(), 1);
+/// # Ok(()) }
+/// ```
+///
 /// `publish(event)` on any `Service<Event>`.
 pub trait PublishExt: Service<Event> {
     /// Waits until the service is ready, then sends `event`.

@@ -1,86 +1,4 @@
-//! The consumer runtime: drives a subscription into a handler service.
-//!
-//! [`serve`](crate::serve()) takes a subscription (a stream of
-//! [`Delivery`]s) and a handler, any `Service<Event>` — often
-//! [`tower::service_fn`], often wrapped in layers — and:
-//!
-//! * keeps at most [`concurrency`](Serve::concurrency) events in flight,
-//!   and pulls nothing from the subscription while the handler's
-//!   `poll_ready` is pending;
-//! * acknowledges an event when the handler returns `Ok`, and nacks it when
-//!   the handler returns a retryable `Err` or panics — a panic is an error,
-//!   not a crash — asking the transport to redeliver it after a growing
-//!   delay (100 ms, doubling on each delivery up to 30 s by default, see
-//!   [`redelivery_backoff`](Serve::redelivery_backoff); the error's own
-//!   [`retry_after`](crate::Error::retry_after) hint wins when it has one);
-//!   a redelivered event carries its delivery count in the `attempt`
-//!   extension;
-//! * gives up on an event when the handler's error is not retryable (a
-//!   decode error will not go away) or the delivery count reaches
-//!   [`max_deliveries`](Serve::max_deliveries) (10 by default): the event,
-//!   annotated by [`annotate`](crate::dead_letter::annotate), goes to the
-//!   dead-letter path and the delivery is rejected;
-//! * sends messages that did not decode to the same dead-letter path (set
-//!   with [`poison`](Serve::poison); by default a [`MemoryDeadLetters`]) as
-//!   [`Poison::into_event`](crate::Poison::into_event) events, then rejects
-//!   them so they do not loop; if the dead-letter path fails, the message
-//!   is nacked and kept by the transport;
-//! * on graceful shutdown stops pulling, lets in-flight events finish
-//!   within [`shutdown_timeout`](Serve::shutdown_timeout), settles them and
-//!   returns the final [`ServeStats`]. Events still running at the deadline
-//!   are dropped unsettled, which makes the transport redeliver them.
-//!
-//! Handler futures run concurrently on the serving task; spawn inside the
-//! handler for CPU-heavy work.
-//!
-//! # The default dead-letter path is not durable
-//!
-//! Unless [`poison`](Serve::poison) names a durable path (a dead-letter
-//! stream or queue on the broker, a file), what the runtime gives up on is
-//! kept in a [`MemoryDeadLetters`] in this process's memory, and **lost
-//! when the process exits**; the delivery has been rejected, so the broker
-//! no longer has it either. Every event that goes there is logged at WARN
-//! with its id. Read it with
-//! [`default_dead_letters`](Serve::default_dead_letters) (or
-//! [`SubscriptionHandle::dead_letters`]), or set a durable path for
-//! production.
-//!
-//! # Redelivery delays
-//!
-//! The delay is asked of the transport with the nack. Transports that
-//! declare [`Capabilities::nack_delay`](crate::Capabilities::nack_delay)
-//! (memory, NATS JetStream, Redis, RabbitMQ) honour it; one that cannot
-//! delay redelivers at once, and [`max_deliveries`](Serve::max_deliveries)
-//! still bounds the attempts.
-//!
-//! # Example
-//!
-//! ```
-//! use std::time::Duration;
-//! use tower::service_fn;
-//! use watchtower::{serve, Event, PublishExt, SubscribeOptions, Subscriber};
-//! use watchtower_memory::MemoryBroker;
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let broker = MemoryBroker::new();
-//! let subscription = broker.subscriber().open(SubscribeOptions::new(["user.*"])?).await?;
-//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-//! let server = tokio::spawn(
-//!     serve(subscription, service_fn(|event: Event| async move {
-//!         println!("got {}", event.ty());
-//!         Ok::<_, watchtower::Error>(())
-//!     }))
-//!     .concurrency(16)
-//!     .with_graceful_shutdown(async { stopped.await.ok(); })
-//!     .into_future(),
-//! );
-//! broker.publisher().publish(Event::new("user.created", serde_json::json!({}))).await?;
-//! broker.wait_idle(Duration::from_secs(5)).await;
-//! stop.send(()).ok();
-//! let stats = server.await.expect("serve task")?;
-//! assert_eq!(stats.acked, 1);
-//! # Ok(()) }
-//! ```
+//! The consumer runtime: [`serve`](crate::serve()).
 
 use std::fmt;
 use std::future::{Future, IntoFuture, poll_fn};
@@ -134,7 +52,92 @@ pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 type DeadLetterPath = BoxCloneSyncService<Event, (), Error>;
 type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Drives `subscription` into `handler`. See the [module docs](self).
+/// Drives `subscription` into `handler`.
+///
+/// The consumer runtime: drives a subscription into a handler service.
+///
+/// [`serve`](crate::serve()) takes a subscription (a stream of
+/// [`Delivery`]s) and a handler, any `Service<Event>` — often
+/// [`tower::service_fn`], often wrapped in layers — and:
+///
+/// * keeps at most [`concurrency`](Serve::concurrency) events in flight,
+///   and pulls nothing from the subscription while the handler's
+///   `poll_ready` is pending;
+/// * acknowledges an event when the handler returns `Ok`, and nacks it when
+///   the handler returns a retryable `Err` or panics — a panic is an error,
+///   not a crash — asking the transport to redeliver it after a growing
+///   delay (100 ms, doubling on each delivery up to 30 s by default, see
+///   [`redelivery_backoff`](Serve::redelivery_backoff); the error's own
+///   [`retry_after`](crate::Error::retry_after) hint wins when it has one);
+///   a redelivered event carries its delivery count in the `attempt`
+///   extension;
+/// * gives up on an event when the handler's error is not retryable (a
+///   decode error will not go away) or the delivery count reaches
+///   [`max_deliveries`](Serve::max_deliveries) (10 by default): the event,
+///   annotated by [`annotate`](crate::dead_letter::annotate), goes to the
+///   dead-letter path and the delivery is rejected;
+/// * sends messages that did not decode to the same dead-letter path (set
+///   with [`poison`](Serve::poison); by default a [`MemoryDeadLetters`]) as
+///   [`Poison::into_event`](crate::Poison::into_event) events, then rejects
+///   them so they do not loop; if the dead-letter path fails, the message
+///   is nacked and kept by the transport;
+/// * on graceful shutdown stops pulling, lets in-flight events finish
+///   within [`shutdown_timeout`](Serve::shutdown_timeout), settles them and
+///   returns the final [`ServeStats`]. Events still running at the deadline
+///   are dropped unsettled, which makes the transport redeliver them.
+///
+/// Handler futures run concurrently on the serving task; spawn inside the
+/// handler for CPU-heavy work.
+///
+/// # The default dead-letter path is not durable
+///
+/// Unless [`poison`](Serve::poison) names a durable path (a dead-letter
+/// stream or queue on the broker, a file), what the runtime gives up on is
+/// kept in a [`MemoryDeadLetters`] in this process's memory, and **lost
+/// when the process exits**; the delivery has been rejected, so the broker
+/// no longer has it either. Every event that goes there is logged at WARN
+/// with its id. Read it with
+/// [`default_dead_letters`](Serve::default_dead_letters) (or
+/// [`SubscriptionHandle::dead_letters`]), or set a durable path for
+/// production.
+///
+/// # Redelivery delays
+///
+/// The delay is asked of the transport with the nack. Transports that
+/// declare [`Capabilities::nack_delay`](crate::Capabilities::nack_delay)
+/// (memory, NATS JetStream, Redis, RabbitMQ) honour it; one that cannot
+/// delay redelivers at once, and [`max_deliveries`](Serve::max_deliveries)
+/// still bounds the attempts.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::service_fn;
+/// use watchtower::{serve, Event, PublishExt, SubscribeOptions, Subscriber};
+/// use watchtower_memory::MemoryBroker;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let broker = MemoryBroker::new();
+/// let subscription = broker.subscriber().open(SubscribeOptions::new(["user.*"])?).await?;
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let server = tokio::spawn(
+///     serve(subscription, service_fn(|event: Event| async move {
+///         println!("got {}", event.ty());
+///         Ok::<_, watchtower::Error>(())
+///     }))
+///     .concurrency(16)
+///     .with_graceful_shutdown(async { stopped.await.ok(); })
+///     .into_future(),
+/// );
+/// broker.publisher().publish(Event::new("user.created", serde_json::json!({}))).await?;
+/// broker.wait_idle(Duration::from_secs(5)).await;
+/// stop.send(()).ok();
+/// let stats = server.await.expect("serve task")?;
+/// assert_eq!(stats.acked, 1);
+/// # Ok(()) }
+/// ```
+///
 ///
 /// Configure with the builder methods, then `.await` it (or call
 /// [`into_future`](IntoFuture::into_future) to spawn it).
@@ -219,7 +222,7 @@ impl<St, H> Serve<St, H> {
 
     /// The default dead-letter path's queue, unless
     /// [`poison`](Serve::poison) replaced it. Not durable: see the
-    /// [module docs](self#the-default-dead-letter-path-is-not-durable).
+    /// [docs of `serve`](crate::serve()#the-default-dead-letter-path-is-not-durable).
     pub fn default_dead_letters(&self) -> Option<&MemoryDeadLetters> {
         self.default_dead_letters.as_ref()
     }
@@ -723,7 +726,7 @@ impl SubscriptionHandle {
 
     /// The default dead-letter path's queue: messages that did not decode
     /// and events the runtime gave up on. It lives in this process's memory
-    /// and is lost when it exits (see the [module docs](self)).
+    /// and is lost when it exits (see [`serve`](crate::serve())).
     pub fn dead_letters(&self) -> Option<&MemoryDeadLetters> {
         self.dead_letters.as_ref()
     }

@@ -1,24 +1,4 @@
-//! The subscription contract: deliveries, settlement, capabilities.
-//!
-//! A transport's [`Subscriber`] opens a subscription: a
-//! [`Stream`] of [`Delivery`]s. A delivery is an event
-//! (or, when the message did not decode, the raw message and why: a
-//! [`Poison`]) plus its settlement: [`ack`](Delivery::ack),
-//! [`nack`](Delivery::nack) with an optional delay, or
-//! [`reject`](Delivery::reject) (never redeliver), and the transport's
-//! delivery count.
-//!
-//! Most code does not touch deliveries: [`serve`](crate::serve()) drives a
-//! subscription into a handler service and settles each delivery by the
-//! handler's result.
-//!
-//! # Dropping a delivery
-//!
-//! A delivery dropped without being settled is *not* acknowledged: the
-//! transport redelivers it (at once for the memory transport, after the
-//! broker's ack timeout for NATS JetStream, Redis and RabbitMQ), so a crash
-//! or a cancelled handler never loses an event on an at-least-once
-//! transport.
+//! The subscribe contract: [`Subscriber`](crate::Subscriber), deliveries and receipts.
 
 use std::fmt;
 use std::future::Future;
@@ -185,7 +165,7 @@ impl Capabilities {
 /// Settles one delivery with the broker. Implemented by each transport.
 ///
 /// Dropping an acker without calling any method must leave the message to
-/// be redelivered (see the [module docs](self)).
+/// be redelivered (see [`Subscriber`](crate::Subscriber)).
 pub trait Acker: Send + 'static {
     /// The event was handled: do not deliver it again.
     fn ack(self) -> impl Future<Output = Result<(), Error>> + Send;
@@ -512,6 +492,28 @@ impl SubscribeOptions {
     }
 }
 
+/// The subscription contract: deliveries, settlement, capabilities.
+///
+/// A transport's [`Subscriber`] opens a subscription: a
+/// [`Stream`] of [`Delivery`]s. A delivery is an event
+/// (or, when the message did not decode, the raw message and why: a
+/// [`Poison`]) plus its settlement: [`ack`](Delivery::ack),
+/// [`nack`](Delivery::nack) with an optional delay, or
+/// [`reject`](Delivery::reject) (never redeliver), and the transport's
+/// delivery count.
+///
+/// Most code does not touch deliveries: [`serve`](crate::serve()) drives a
+/// subscription into a handler service and settles each delivery by the
+/// handler's result.
+///
+/// # Dropping a delivery
+///
+/// A delivery dropped without being settled is *not* acknowledged: the
+/// transport redelivers it (at once for the memory transport, after the
+/// broker's ack timeout for NATS JetStream, Redis and RabbitMQ), so a crash
+/// or a cancelled handler never loses an event on an at-least-once
+/// transport.
+///
 /// A transport's subscribing side.
 pub trait Subscriber: Send + Sync {
     /// How this transport settles deliveries.

@@ -1,30 +1,4 @@
-//! Topics and topic patterns: one syntax for every transport.
-//!
-//! A topic is a dot-separated list of non-empty tokens (`user.created`).
-//! A pattern may use `*` for exactly one token and `>` as its last token
-//! for one or more remaining tokens, as NATS does:
-//!
-//! | pattern | matches | does not match |
-//! |---|---|---|
-//! | `user.created` | `user.created` | `user.deleted` |
-//! | `user.*` | `user.created` | `user`, `user.a.b` |
-//! | `user.>` | `user.a`, `user.a.b` | `user` |
-//!
-//! Transports convert patterns to their broker's syntax:
-//! [`TopicPattern::to_amqp`] for RabbitMQ (`*` and `#`), the pattern itself
-//! for NATS, and [`TopicPattern::matches`] where a broker has no wildcards.
-//!
-//! ```
-//! use watchtower::TopicPattern;
-//!
-//! let pattern: TopicPattern = "user.>".parse()?;
-//! assert!(pattern.matches("user.created"));
-//! assert!(pattern.matches("user.profile.updated"));
-//! assert!(!pattern.matches("order.created"));
-//! assert_eq!(pattern.to_amqp(), "user.#");
-//! assert!("user.>.x".parse::<TopicPattern>().is_err());
-//! # Ok::<(), watchtower::Error>(())
-//! ```
+//! Topics and patterns: [`TopicPattern`](crate::TopicPattern).
 
 use std::fmt;
 use std::str::FromStr;
@@ -78,7 +52,36 @@ fn invalid(text: &str, why: &str) -> Error {
     Error::new(ErrorKind::InvalidTopic, format!("{shown:?} {why}"))
 }
 
-/// A validated topic pattern. See the [module docs](self).
+/// A validated topic pattern.
+///
+/// Topics and topic patterns: one syntax for every transport.
+///
+/// A topic is a dot-separated list of non-empty tokens (`user.created`).
+/// A pattern may use `*` for exactly one token and `>` as its last token
+/// for one or more remaining tokens, as NATS does:
+///
+/// | pattern | matches | does not match |
+/// |---|---|---|
+/// | `user.created` | `user.created` | `user.deleted` |
+/// | `user.*` | `user.created` | `user`, `user.a.b` |
+/// | `user.>` | `user.a`, `user.a.b` | `user` |
+///
+/// Transports convert patterns to their broker's syntax:
+/// [`TopicPattern::to_amqp`] for RabbitMQ (`*` and `#`), the pattern itself
+/// for NATS, and [`TopicPattern::matches`] where a broker has no wildcards.
+///
+/// ```
+/// use watchtower::TopicPattern;
+///
+/// let pattern: TopicPattern = "user.>".parse()?;
+/// assert!(pattern.matches("user.created"));
+/// assert!(pattern.matches("user.profile.updated"));
+/// assert!(!pattern.matches("order.created"));
+/// assert_eq!(pattern.to_amqp(), "user.#");
+/// assert!("user.>.x".parse::<TopicPattern>().is_err());
+/// # Ok::<(), watchtower::Error>(())
+/// ```
+///
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct TopicPattern {
     text: Arc<str>,

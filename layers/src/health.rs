@@ -2,7 +2,7 @@
 //!
 //! [`HealthView`] collects transport clients (anything that implements
 //! [`Transport`], whose [`health`](Transport::health) answers with the
-//! core's one [`Health`](watchtower::health::Health) type) and the layers'
+//! core's one [`Health`] type) and the layers'
 //! handles — breakers, backpressure queues, retry and dead-letter counters,
 //! in-memory DLQs — and [`HealthView::report`] reads them all into one
 //! serialisable [`HealthReport`], e.g. for a `/health` route.

@@ -29,7 +29,7 @@ use crate::unix_now;
 /// tolerance (±5 minutes by default, too old and too new alike), one of the
 /// signatures was made by one of the secrets (compared in constant time)
 /// and, by option, the `webhook-id` was not seen before within the window.
-/// [`verify`] is the same with the defaults, for code that has the headers
+/// [`verify`](crate::verify) is the same with the defaults, for code that has the headers
 /// and body at hand.
 ///
 /// [`WebhookReceiverLayer`] wraps a handler `Service<Event>` into an HTTP

@@ -118,7 +118,7 @@ impl WebhookVerifier {
     /// until now for `grace` longer, so that requests the sender signed
     /// with the old key (or with both, during its own rotation) keep
     /// passing. Applies to every clone, the one inside a
-    /// [`WebhookReceiverLayer`] included. `Duration::ZERO` retires the old
+    /// [`WebhookReceiverLayer`](crate::WebhookReceiverLayer) included. `Duration::ZERO` retires the old
     /// keys at once.
     pub fn rotate(&self, key: impl Into<VerifyKey>, grace: Duration) {
         self.keys.rotate(key.into(), grace);

@@ -299,7 +299,7 @@ impl<I: Send + Sync + 'static> WsHubBuilder<I> {
     /// Decides whether a connection may subscribe to a pattern (from a
     /// subscribe message or the upgrade URL). The hook sees the pattern
     /// itself, wildcards included: allow it only if every topic it can match
-    /// may be read, for which [`covers`](super::covers) is made. A refused pattern refuses
+    /// may be read, for which [`covers`](crate::covers) is made. A refused pattern refuses
     /// its whole subscription with a `forbidden` error (HTTP 403 for the
     /// upgrade URL). Default: every pattern.
     pub fn can_subscribe<F>(mut self, hook: F) -> Self

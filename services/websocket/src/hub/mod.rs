@@ -283,7 +283,7 @@ impl WsHub {
     /// `Origin` header against [`allowed_origins`](WsHubBuilder::allowed_origins),
     /// runs the authentication hook on `headers`, subscribes the connection
     /// to the `topic` parameters of `uri`'s query (see the
-    /// [module docs](self#subprotocols)), negotiates the subprotocol
+    /// [module docs](WsHub#subprotocols)), negotiates the subprotocol
     /// (`watchtower.v1` preferred, then `cloudevents.json`; clients that
     /// offer none are served as `watchtower.v1`) and serves the connection.
     pub fn upgrade_with_uri(&self, ws: WebSocketUpgrade, headers: &HeaderMap, uri: &Uri) -> Response {
