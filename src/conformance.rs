@@ -313,6 +313,19 @@ impl Collector {
         Collector::spawn(subscriber, options, wait, None, None).await
     }
 
+    /// A new subscriber of `h` and a collector of its subscription to
+    /// `topic`; the subscriber is kept alive beside it.
+    async fn on_topic<H: Harness>(
+        h: &H,
+        ns: &str,
+        topic: &str,
+    ) -> Result<(H::Subscriber, Collector), String> {
+        let subscriber = h.subscriber(ns).await.map_err(|e| err("subscriber", e))?;
+        let options = SubscribeOptions::new([topic]).map_err(|e| err("options", e))?;
+        let collector = Collector::start(&subscriber, options, h.patience()).await?;
+        Ok((subscriber, collector))
+    }
+
     /// A collector; with a `gate`, it handles one event at a time and
     /// holds its first event until `gate` is notified (or `wait` passes);
     /// with `started`, it notifies `started` for every event it receives.
@@ -581,13 +594,7 @@ async fn many_topics<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
 
 async fn concurrent_publishers<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
     let topic = format!("{ns}.concurrent");
-    let subscriber = h.subscriber(ns).await.map_err(|e| err("subscriber", e))?;
-    let mut collector = Collector::start(
-        &subscriber,
-        SubscribeOptions::new([&topic]).map_err(|e| err("options", e))?,
-        h.patience(),
-    )
-    .await?;
+    let (_subscriber, mut collector) = Collector::on_topic(h, ns, &topic).await?;
     let publisher = h.publisher(ns).await.map_err(|e| err("publisher", e))?;
     let mut tasks = Vec::new();
     let mut sent = Vec::new();
@@ -996,13 +1003,7 @@ async fn poison<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
 
 async fn topic_carried<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
     let topic = format!("{ns}.routed");
-    let subscriber = h.subscriber(ns).await.map_err(|e| err("subscriber", e))?;
-    let mut collector = Collector::start(
-        &subscriber,
-        SubscribeOptions::new([&topic]).map_err(|e| err("options", e))?,
-        h.patience(),
-    )
-    .await?;
+    let (_subscriber, mut collector) = Collector::on_topic(h, ns, &topic).await?;
     let sent: Vec<Event> = (0..3)
         .map(|i| Event::new(format!("{ns}.kind{i}"), serde_json::json!({ "n": i })).with_topic(topic.clone()))
         .collect();
@@ -1029,13 +1030,7 @@ async fn spans<H: Harness>(h: &H, ns: &str) -> CaseResultOf {
         return Err("a global tracing subscriber was installed before the suite's span recorder".into());
     }
     let topic = format!("{ns}.traced");
-    let subscriber = h.subscriber(ns).await.map_err(|e| err("subscriber", e))?;
-    let mut collector = Collector::start(
-        &subscriber,
-        SubscribeOptions::new([&topic]).map_err(|e| err("options", e))?,
-        h.patience(),
-    )
-    .await?;
+    let (_subscriber, mut collector) = Collector::on_topic(h, ns, &topic).await?;
     let sent: Vec<Event> = (0..3).map(|i| numbered(&topic, i)).collect();
     spans::watch(sent.iter().map(Event::id));
     let mut publisher = h.publisher(ns).await.map_err(|e| err("publisher", e))?;
