@@ -123,6 +123,34 @@ impl RabbitClient {
     pub fn close(&self) {
         self.link.close();
     }
+
+    /// Follows the connection's state: [`HealthChanges::changed`] resolves
+    /// each time it goes down, comes back or closes, so that a readiness
+    /// check or a test reads [`health`](Transport::health) again when
+    /// there is something new instead of polling it. Changes that happen
+    /// between two calls of `changed` are not missed.
+    pub fn health_changes(&self) -> HealthChanges {
+        HealthChanges(self.link.watch())
+    }
+}
+
+/// The changes of a [`RabbitClient`]'s connection state, from
+/// [`RabbitClient::health_changes`].
+pub struct HealthChanges(tokio::sync::watch::Receiver<LinkState<()>>);
+
+impl HealthChanges {
+    /// Waits for the next change of the connection's state. `false` once
+    /// the client's connection task has ended (the client is closed and
+    /// nothing more can change).
+    pub async fn changed(&mut self) -> bool {
+        self.0.changed().await.is_ok()
+    }
+}
+
+impl fmt::Debug for HealthChanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthChanges").finish_non_exhaustive()
+    }
 }
 
 impl Transport for RabbitClient {

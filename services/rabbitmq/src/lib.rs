@@ -210,7 +210,7 @@ mod publisher;
 mod subscriber;
 mod wire;
 
-pub use client::RabbitClient;
+pub use client::{HealthChanges, RabbitClient};
 pub use config::{ContentMode, ExchangeKind, PublishOptions, QueueOptions, QueueOverflow, RabbitConfig};
 pub use publisher::{RabbitPublisher, ResponseFuture};
 pub use subscriber::{RabbitAcker, RabbitSubscriber, RabbitSubscription};

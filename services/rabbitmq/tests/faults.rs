@@ -295,15 +295,17 @@ async fn stalled_peer_is_detected_by_heartbeat() {
     admin.close().await;
 }
 
-/// Polls the client's health until it has `status`, within the deadline.
+/// Reads the client's health each time its connection changes until it
+/// has `status`, within the deadline.
 async fn health_becomes(client: &RabbitClient, status: Status) -> Health {
+    let mut changes = client.health_changes();
     within("health", async {
         loop {
             let health = client.health().await;
             if health.status() == status {
                 return health;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert!(changes.changed().await, "the connection task ended at {health}");
         }
     })
     .await
