@@ -16,8 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
-use lapin::{Connection, ConnectionProperties};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use watchtower::backoff::{Backoff, Jitter};
@@ -351,6 +353,46 @@ async fn close_quietly(connection: &Connection) {
 
 /// Maps a lapin error to a WatchTower error kind. `what` names the
 /// operation, for the message.
+/// Declares the durable exchange `exchange` of `kind` and the durable queue
+/// `queue` bound to it with `binding`: where the alternate exchange and the
+/// dead-letter exchange keep what they are given. `what` names them in
+/// errors.
+pub(crate) async fn declare_kept(
+    channel: &Channel,
+    (exchange, kind): (ShortString, lapin::ExchangeKind),
+    queue: ShortString,
+    binding: ShortString,
+    what: &str,
+) -> Result<(), Error> {
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(exchange.clone(), kind, options, FieldTable::default())
+        .await
+        .map_err(|e| map_lapin_error(&e, &format!("declare {what}")))?;
+    channel
+        .queue_declare(
+            queue.clone(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_lapin_error(&e, &format!("declare the queue of {what}")))?;
+    channel
+        .queue_bind(
+            queue,
+            exchange,
+            binding,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_lapin_error(&e, &format!("bind the queue of {what}")))?;
+    Ok(())
+}
+
 pub(crate) fn map_lapin_error(err: &lapin::Error, what: &str) -> Error {
     use lapin::ErrorKind as L;
     let kind = match err.kind() {

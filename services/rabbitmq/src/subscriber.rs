@@ -12,9 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_core::Stream;
 use futures_util::StreamExt as _;
-use lapin::options::{
-    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Consumer};
 use watchtower::backoff::{Backoff, Jitter};
@@ -24,7 +22,7 @@ use watchtower::{
 
 use crate::ack::AckWindow;
 use crate::config::{ExchangeKind, QueueOptions, short};
-use crate::connection::{Link, LinkGuard, LinkState, Session, map_lapin_error};
+use crate::connection::{Link, LinkGuard, LinkState, Session, declare_kept, map_lapin_error};
 use crate::wire;
 
 use watchtower::Transport as _;
@@ -191,34 +189,16 @@ impl RabbitSubscriber {
 /// a reconnect.
 async fn declare_dead_letter(channel: &Channel, queue: &QueueOptions) -> Result<(), Error> {
     if let (Some(dlx), Some(dlq)) = (&queue.dead_letter_exchange, &queue.dead_letter_queue) {
-        let what = |op: &str| format!("{op} dead-letter topology {dlx:?}/{dlq:?}");
-        channel
-            .exchange_declare(
-                short("dead-letter exchange", dlx)?,
-                lapin::ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| map_lapin_error(&e, &what("declare")))?;
-        let dlq = short("dead-letter queue", dlq)?;
-        channel
-            .queue_declare(dlq.clone(), QueueDeclareOptions::durable(), FieldTable::default())
-            .await
-            .map_err(|e| map_lapin_error(&e, &what("declare")))?;
-        channel
-            .queue_bind(
-                dlq,
-                short("dead-letter exchange", dlx)?,
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| map_lapin_error(&e, &what("bind")))?;
+        let what = format!("dead-letter topology {dlx:?}/{dlq:?}");
+        let exchange = (short("dead-letter exchange", dlx)?, lapin::ExchangeKind::Topic);
+        declare_kept(
+            channel,
+            exchange,
+            short("dead-letter queue", dlq)?,
+            "#".into(),
+            &what,
+        )
+        .await?;
     }
     Ok(())
 }

@@ -109,18 +109,7 @@ impl RabbitConfig {
                 };
                 (Arc::from(redact_url(url).as_ref()), Arc::from(reason))
             });
-        RabbitConfig {
-            uri,
-            connection_name: None,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            reconnect_min: DEFAULT_RECONNECT_MIN,
-            reconnect_max: DEFAULT_RECONNECT_MAX,
-            exchange: DEFAULT_EXCHANGE.into(),
-            exchange_kind: ExchangeKind::Topic,
-            exchange_passive: false,
-            exchange_durable: true,
-            alternate_exchange: None,
-        }
+        RabbitConfig::with_uri(uri)
     }
 
     /// The local broker with the default account:
@@ -130,8 +119,14 @@ impl RabbitConfig {
         uri.authority.host = "127.0.0.1".into();
         uri.authority.port = 5672;
         uri.query.heartbeat = Some(DEFAULT_HEARTBEAT.as_secs() as u16);
+        RabbitConfig::with_uri(Ok(uri))
+    }
+
+    /// The defaults around `uri` (or the redacted URL and the reason it did
+    /// not parse).
+    fn with_uri(uri: Result<AMQPUri, (Arc<str>, Arc<str>)>) -> RabbitConfig {
         RabbitConfig {
-            uri: Ok(uri),
+            uri,
             connection_name: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             reconnect_min: DEFAULT_RECONNECT_MIN,

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection};
 use tokio::sync::Notify;
@@ -13,7 +13,7 @@ use watchtower::Error;
 use super::Inner;
 use crate::config::{PublishOptions, RabbitConfig, short};
 use crate::confirms::Confirms;
-use crate::connection::{Session, map_lapin_error};
+use crate::connection::{Session, declare_kept, map_lapin_error};
 
 /// The publisher's confirm-mode channels on one connection. A channel the
 /// broker closes (or that fails) is replaced in its slot, on the same
@@ -196,39 +196,10 @@ pub(crate) async fn declare_exchange(channel: &Channel, config: &RabbitConfig) -
 /// Declares the alternate exchange `name` (durable, fanout) and the
 /// durable queue of the same name that keeps what it gets.
 async fn declare_alternate(channel: &Channel, name: &str) -> Result<(), Error> {
-    let what = |op: &str| format!("{op} alternate exchange {name:?}");
+    let what = format!("alternate exchange {name:?}");
     let name = short("alternate exchange name", name)?;
-    channel
-        .exchange_declare(
-            name.clone(),
-            lapin::ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_lapin_error(&e, &what("declare")))?;
-    channel
-        .queue_declare(
-            name.clone(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_lapin_error(&e, &what("declare the queue of")))?;
-    channel
-        .queue_bind(
-            name.clone(),
-            name,
-            ShortString::default(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_lapin_error(&e, &what("bind the queue of")))?;
-    Ok(())
+    let kind = lapin::ExchangeKind::Fanout;
+    declare_kept(channel, (name.clone(), kind), name, ShortString::default(), &what).await
 }
 
 /// The next channel in turn that is open, and its slot; failed channels
