@@ -337,3 +337,70 @@ impl fmt::Debug for HealthView {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use watchtower::Transport;
+    use watchtower::health::{Health, Status};
+
+    use super::HealthView;
+    use crate::circuit_breaker::CircuitBreakerLayer;
+
+    /// A transport whose broker never answers a health check.
+    #[derive(Clone)]
+    struct Stalled;
+
+    impl Transport for Stalled {
+        const SYSTEM: &'static str = "stalled";
+
+        fn health(&self) -> impl Future<Output = Health> + Send {
+            std::future::pending()
+        }
+    }
+
+    /// A transport that is reconnecting.
+    #[derive(Clone)]
+    struct Reconnecting;
+
+    impl Transport for Reconnecting {
+        const SYSTEM: &'static str = "reconnecting";
+
+        fn health(&self) -> impl Future<Output = Health> + Send {
+            std::future::ready(Health::degraded(Self::SYSTEM, "reconnecting"))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transport_that_never_answers_is_down_after_the_check_timeout() {
+        let view = HealthView::new()
+            .transport("orders", Stalled)
+            .transport("audit", Reconnecting)
+            .check_timeout(Duration::from_secs(2));
+        let started = tokio::time::Instant::now();
+        let report = view.report().await;
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(report.status, Status::Down);
+        let names: Vec<_> = report.transports.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["orders", "audit"]);
+        let stalled = &report.transports[0].health;
+        assert_eq!(
+            (stalled.system(), stalled.status(), stalled.reason()),
+            ("stalled", Status::Down, Some("health check timed out"))
+        );
+        assert_eq!(report.transports[1].health.status(), Status::Degraded);
+    }
+
+    #[tokio::test]
+    async fn the_worst_part_sets_the_status() {
+        let breaker = CircuitBreakerLayer::default();
+        let view = HealthView::new()
+            .transport("audit", Reconnecting)
+            .breaker("audit", breaker.handle());
+        assert_eq!(view.report().await.status, Status::Degraded);
+        breaker.handle().force_open();
+        assert_eq!(view.report().await.status, Status::Down);
+    }
+}
