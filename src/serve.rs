@@ -21,7 +21,7 @@ use crate::dead_letter::MemoryDeadLetters;
 use crate::error::{BoxError, Error};
 use crate::event::{Event, ext};
 use crate::subscribe::{Acker, Delivery, SubscribeOptions, Subscriber};
-use crate::trace::{ConsumerMeter, Settlement, process_span, record_process_error, settle_span};
+use crate::trace::{ConsumerMeter, Settlement, process_span, record_error, settle_span};
 
 /// How many events may be settling (ack on its way) per concurrency slot.
 const SETTLING_FACTOR: usize = 4;
@@ -540,7 +540,7 @@ where
             let failure = outcome.as_ref().err().map(|e| e.kind().as_str());
             meter.processed(failure);
             if let Err(e) = &outcome {
-                record_process_error(&tracing::Span::current(), e);
+                record_error(&tracing::Span::current(), e);
             }
             match outcome {
                 Ok(()) => {
