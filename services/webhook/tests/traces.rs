@@ -67,12 +67,27 @@ async fn a_webhook_is_one_trace_from_sender_to_handler() {
 
     let flaky = Event::new("flaky", serde_json::json!({"n": 1}));
     let refused = Event::new("refused", serde_json::json!({"n": 2}));
-    let outcome = publisher.ready().await.unwrap().call(flaky.clone()).await.unwrap();
+    let outcome = publisher
+        .ready()
+        .await
+        .unwrap()
+        .call(flaky.clone())
+        .await
+        .unwrap();
     assert!(outcome.is_delivered());
-    let outcome = publisher.ready().await.unwrap().call(refused.clone()).await.unwrap();
+    let outcome = publisher
+        .ready()
+        .await
+        .unwrap()
+        .call(refused.clone())
+        .await
+        .unwrap();
     assert!(outcome.is_dead_lettered());
     assert_eq!(dlq.len(), 1);
-    assert_eq!(seen.lock().unwrap().clone(), HashMap::from([("flaky".into(), 2), ("refused".into(), 1)]));
+    assert_eq!(
+        seen.lock().unwrap().clone(),
+        HashMap::from([("flaky".into(), 2), ("refused".into(), 1)])
+    );
     drop(publisher);
 
     // flaky: create → publish (failed) → process (failed); create → publish → process.
@@ -80,7 +95,11 @@ async fn a_webhook_is_one_trace_from_sender_to_handler() {
     let create = named(&spans, "create");
     let publishes = named(&spans, "publish");
     let processes = named(&spans, "process");
-    assert_eq!((create.len(), publishes.len(), processes.len()), (1, 2, 2), "{spans:#?}");
+    assert_eq!(
+        (create.len(), publishes.len(), processes.len()),
+        (1, 2, 2),
+        "{spans:#?}"
+    );
     assert!(event_names(create[0]).contains(&"retrying".to_owned()));
     for publish in &publishes {
         assert!(parent_of(publish, create[0]));
@@ -108,7 +127,11 @@ async fn a_webhook_is_one_trace_from_sender_to_handler() {
     let create = named(&spans, "create");
     let publish = named(&spans, "publish");
     let process = named(&spans, "process");
-    assert_eq!((create.len(), publish.len(), process.len()), (1, 1, 1), "{spans:#?}");
+    assert_eq!(
+        (create.len(), publish.len(), process.len()),
+        (1, 1, 1),
+        "{spans:#?}"
+    );
     assert!(event_names(create[0]).contains(&"dead-lettering event".to_owned()));
     assert!(parent_of(publish[0], create[0]));
     assert!(parent_of(process[0], publish[0]));
