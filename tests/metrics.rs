@@ -12,8 +12,10 @@ use tower::service_fn;
 use watchtower::prelude::*;
 use watchtower_memory::MemoryBroker;
 
-/// Every series in the snapshot, by name and sorted labels.
-fn series(snapshotter: &Snapshotter) -> HashMap<(String, Vec<(String, String)>), DebugValue> {
+/// Every series of a snapshot, by name and sorted labels.
+type Series = HashMap<(String, Vec<(String, String)>), DebugValue>;
+
+fn series(snapshotter: &Snapshotter) -> Series {
     snapshotter
         .snapshot()
         .into_vec()
@@ -39,11 +41,7 @@ fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     v
 }
 
-fn counter(
-    all: &HashMap<(String, Vec<(String, String)>), DebugValue>,
-    name: &str,
-    l: &[(&str, &str)],
-) -> u64 {
+fn counter(all: &Series, name: &str, l: &[(&str, &str)]) -> u64 {
     match all.get(&(name.to_owned(), labels(l))) {
         Some(DebugValue::Counter(n)) => *n,
         None => 0,
@@ -51,11 +49,7 @@ fn counter(
     }
 }
 
-fn histogram_count(
-    all: &HashMap<(String, Vec<(String, String)>), DebugValue>,
-    name: &str,
-    l: &[(&str, &str)],
-) -> usize {
+fn histogram_count(all: &Series, name: &str, l: &[(&str, &str)]) -> usize {
     match all.get(&(name.to_owned(), labels(l))) {
         Some(DebugValue::Histogram(values)) => values.len(),
         None => 0,
@@ -63,7 +57,7 @@ fn histogram_count(
     }
 }
 
-fn gauge(all: &HashMap<(String, Vec<(String, String)>), DebugValue>, name: &str, l: &[(&str, &str)]) -> f64 {
+fn gauge(all: &Series, name: &str, l: &[(&str, &str)]) -> f64 {
     match all.get(&(name.to_owned(), labels(l))) {
         Some(DebugValue::Gauge(g)) => g.into_inner(),
         other => panic!("{name}: {other:?}"),
