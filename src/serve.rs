@@ -328,6 +328,9 @@ where
         ),
         None => tracing::Span::current(),
     };
+    if let Some(group) = delivery.group() {
+        span.record("messaging.consumer.group.name", group);
+    }
     let count = delivery.delivery_count();
     let topic = delivery.shared_topic();
     let meter = ConsumerMeter::received(delivery.system(), &topic, count);

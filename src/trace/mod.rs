@@ -188,6 +188,7 @@ pub fn process_span(system: &'static str, destination: &str, event: &Event, deli
         messaging.operation.name = "process",
         messaging.message.id = event.id(),
         messaging.message.delivery_count = delivery_count,
+        messaging.consumer.group.name = Empty,
         traceparent = Empty,
         error.type = Empty,
     );

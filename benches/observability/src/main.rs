@@ -27,11 +27,18 @@ use watchtower_nats::{NatsClient, NatsConfig};
 const EVENTS: usize = 100_000;
 
 fn rounds() -> usize {
-    std::env::var("BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(5)
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5)
 }
 
 fn event(n: usize, topic: &str) -> Event {
-    Event::new("bench.observed", serde_json::json!({"n": n, "pad": "x".repeat(128)})).with_topic(topic)
+    Event::new(
+        "bench.observed",
+        serde_json::json!({"n": n, "pad": "x".repeat(128)}),
+    )
+    .with_topic(topic)
 }
 
 /// Publishes `EVENTS` events to a subject nobody listens on, then waits
@@ -41,7 +48,13 @@ async fn nats_publish(client: &NatsClient, topic: &str) -> f64 {
     let events: Vec<Event> = (0..EVENTS).map(|n| event(n, topic)).collect();
     let start = Instant::now();
     for event in events {
-        publisher.ready().await.unwrap_or_else(|e| panic!("{e}")).call(event).await.unwrap_or_else(|e| panic!("{e}"));
+        publisher
+            .ready()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .call(event)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
     client.raw().flush().await.unwrap_or_else(|e| panic!("{e}"));
     EVENTS as f64 / start.elapsed().as_secs_f64()
@@ -75,7 +88,13 @@ async fn memory_round_trip() -> f64 {
     let start = Instant::now();
     let mut publisher = broker.publisher();
     for event in events {
-        publisher.ready().await.unwrap_or_else(|e| panic!("{e}")).call(event).await.unwrap_or_else(|e| panic!("{e}"));
+        publisher
+            .ready()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .call(event)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
     tokio::time::timeout(Duration::from_secs(60), done.notified())
         .await
@@ -155,7 +174,11 @@ async fn main() {
             let recorder = installed::recorder();
             let _tracing = tracing::subscriber::set_default(subscriber);
             let _metrics = metrics::set_default_local_recorder(&recorder);
-            record("nats core publish", "installed", nats_publish(&client, &topic).await);
+            record(
+                "nats core publish",
+                "installed",
+                nats_publish(&client, &topic).await,
+            );
             record("memory round trip", "installed", memory_round_trip().await);
             drop(_tracing);
             let _ = provider.shutdown();
