@@ -71,6 +71,7 @@ mod builder;
 pub mod circuit_breaker;
 pub mod dead_letter;
 pub mod health;
+pub mod metrics;
 pub mod retry;
 
 pub use builder::ServiceBuilderExt;
