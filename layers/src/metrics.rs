@@ -284,7 +284,8 @@ mod on {
                 return f(events, failures);
             }
             let events = counter!(DEAD_LETTER_EVENTS, "name" => self.name.clone(), "reason" => kind.as_str());
-            let failures = counter!(DEAD_LETTER_FAILURES, "name" => self.name.clone(), "reason" => kind.as_str());
+            let failures =
+                counter!(DEAD_LETTER_FAILURES, "name" => self.name.clone(), "reason" => kind.as_str());
             f(&events, &failures);
             by_kind.push((kind, events, failures));
         }
