@@ -393,6 +393,55 @@ async fn ready_is_503_once_a_transport_is_down_while_health_stays_200() {
     assert_eq!(content_type.as_deref(), Some("application/json"));
 }
 
+/// A transport whose health the test sets.
+#[derive(Clone)]
+struct Switch(Arc<std::sync::Mutex<watchtower::health::Status>>);
+
+impl watchtower::Transport for Switch {
+    const SYSTEM: &'static str = "switch";
+
+    fn health(&self) -> impl Future<Output = watchtower::health::Health> + Send {
+        use watchtower::health::{Health, Status};
+        let status = *self.0.lock().unwrap();
+        std::future::ready(match status {
+            Status::Up => Health::up(Self::SYSTEM),
+            Status::Degraded => Health::degraded(Self::SYSTEM, "reconnecting"),
+            Status::Down => Health::down(Self::SYSTEM, "connection refused"),
+        })
+    }
+}
+
+#[tokio::test]
+async fn ready_follows_a_transport_down_and_back_and_stays_200_while_degraded() {
+    use watchtower::health::Status;
+
+    let switch = Switch(Arc::new(std::sync::Mutex::new(Status::Up)));
+    let health = HealthView::new().transport("audit", switch.clone());
+    let addr = start(Observability::new(health).into_router()).await;
+    let mut seen = Vec::new();
+    for status in [
+        Status::Up,
+        Status::Down,
+        Status::Degraded,
+        Status::Down,
+        Status::Up,
+    ] {
+        *switch.0.lock().unwrap() = status;
+        let (code, body, _) = get(addr, "/ready").await;
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        seen.push((code, report["status"].as_str().unwrap().to_owned()));
+        assert_eq!(get(addr, "/health").await.0, 200);
+    }
+    let expected = [
+        (200, "up"),
+        (503, "down"),
+        (200, "degraded"),
+        (503, "down"),
+        (200, "up"),
+    ];
+    assert_eq!(seen, expected.map(|(c, s)| (c, s.to_owned())));
+}
+
 #[tokio::test]
 async fn a_second_global_recorder_is_refused_and_the_first_keeps_recording() {
     let prometheus = watchtower_axum::install_prometheus().unwrap();
