@@ -393,6 +393,64 @@ async fn ready_is_503_once_a_transport_is_down_while_health_stays_200() {
     assert_eq!(content_type.as_deref(), Some("application/json"));
 }
 
+/// A transport whose broker never answers a health check.
+#[derive(Clone)]
+struct Stalled;
+
+impl watchtower::Transport for Stalled {
+    const SYSTEM: &'static str = "stalled";
+
+    fn health(&self) -> impl Future<Output = watchtower::health::Health> + Send {
+        std::future::pending()
+    }
+}
+
+#[tokio::test]
+async fn ready_answers_503_when_a_transport_never_answers() {
+    let health = HealthView::new()
+        .transport("stalled", Stalled)
+        .check_timeout(Duration::from_millis(50));
+    let addr = start(Observability::new(health).into_router()).await;
+    let (status, body, _) = get(addr, "/ready").await;
+    assert_eq!(status, 503);
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        report["transports"][0]["health"]["reason"],
+        "health check timed out"
+    );
+}
+
+#[tokio::test]
+async fn names_with_quotes_backslashes_and_newlines_are_escaped_in_the_exposition() {
+    let (recorder, prometheus) = recorder();
+    let _recording = metrics::set_default_local_recorder(&recorder);
+    let name = "orders \"eu\" \\ west\nline 2 ✓";
+    let breaker = CircuitBreakerLayer::new(CircuitBreakerConfig::new().name(name));
+    breaker.handle().force_open();
+    let long = "x".repeat(10_000);
+    let _svc = ServiceBuilder::new()
+        .backpressure(BackpressureLayer::new(7, Overflow::Block).name(long.as_str()))
+        .service(broker_publisher());
+    let addr = start(observability(HealthView::new(), prometheus)).await;
+    let m = scrape(addr).await;
+    // One sample on one line, the label escaped as the text format says
+    // (prometheus-parse hands label values back as written, unescaped).
+    let escaped = name
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    assert_eq!(escaped, r#"orders \"eu\" \\ west\nline 2 ✓"#);
+    assert_eq!(value(&m, "watchtower_breaker_state", &[("name", &escaped)]), 3.0);
+    assert_eq!(
+        value(&m, "watchtower_backpressure_capacity", &[("name", &long)]),
+        7.0
+    );
+}
+
+fn broker_publisher() -> MemoryPublisher {
+    MemoryBroker::new().publisher()
+}
+
 /// A transport whose health the test sets.
 #[derive(Clone)]
 struct Switch(Arc<std::sync::Mutex<watchtower::health::Status>>);
