@@ -20,8 +20,9 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// [`observability`](crate::observability)).
 ///
 /// The recorder names series as Prometheus recommends (dots become
-/// underscores, counters end in `_total`: `watchtower.retry.retries` is
-/// scraped as `watchtower_retry_retries_total`) and renders histograms as
+/// underscores, counters end in `_total` and durations in `_seconds`:
+/// `watchtower.retry.retries` is scraped as
+/// `watchtower_retry_retries_total`) and renders histograms as
 /// true Prometheus histograms with buckets from 5 ms to 10 s (the
 /// OpenTelemetry messaging advice), which, unlike summaries, add up across
 /// pods. Called inside a tokio runtime, it also spawns the exporter's

@@ -64,9 +64,9 @@
 //!
 //! # Metrics
 //!
-//! The layers of `watchtower-layers` (with its feature `metrics`, which
-//! this crate turns on) and the core's transports and consumer runtime
-//! record through the [`metrics`] facade; [`install_prometheus`] installs
+//! The layers of `watchtower-layers` and the core's transports and
+//! consumer runtime record through the [`metrics`] facade (with their
+//! features `metrics`, which this crate turns on); [`install_prometheus`] installs
 //! the Prometheus recorder of `metrics-exporter-prometheus` as the global
 //! one and returns the [`PrometheusHandle`] that `/metrics` renders. The
 //! facade is what Rust services record through; a service exporting

@@ -309,6 +309,7 @@ async fn metrics_count_a_known_workload_through_the_layers() {
         .count();
     assert_eq!(transitions, 2);
     assert_eq!(value(&m, "watchtower_breaker_state", &orders), 0.0);
+    assert!(m.docs["watchtower_breaker_state"].contains("2 open, 3 forced open"));
     let policy = |p| [("name", "orders"), ("policy", p)];
     assert_eq!(
         value(
@@ -329,6 +330,23 @@ async fn metrics_count_a_known_workload_through_the_layers() {
     assert_eq!(value(&m, "watchtower_backpressure_abandoned_total", &orders), 1.0);
     assert_eq!(value(&m, "watchtower_backpressure_depth", &orders), 0.0);
     assert_eq!(value(&m, "watchtower_backpressure_capacity", &orders), 2.0);
+
+    // The transport's own: one sent message per event the broker saw.
+    let sent: Vec<_> = m
+        .samples
+        .iter()
+        .filter(|s| s.metric == "messaging_client_sent_messages_total")
+        .collect();
+    assert!(sent.iter().all(|s| s.labels.get("messaging_system") == Some("memory")));
+    assert!(sent.iter().all(|s| s.labels.get("error_type").is_none()), "{sent:?}");
+    let total: f64 = sent
+        .iter()
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) => v,
+            ref other => panic!("{other:?}"),
+        })
+        .sum();
+    assert_eq!(total, 11.0);
 
     // The same counts behind the handles, in the readiness report.
     let (status, body, _) = get(addr, "/ready").await;

@@ -94,7 +94,7 @@ pub(crate) use off::*;
 mod on {
     use std::sync::{Arc, Mutex};
 
-    use ::metrics::{Counter, Gauge, SharedString, counter, gauge};
+    use ::metrics::{Counter, Gauge, SharedString, counter, describe_counter, describe_gauge, gauge};
     use watchtower::ErrorKind;
 
     use super::*;
@@ -110,6 +110,36 @@ mod on {
         } else {
             SharedString::from(Arc::clone(name))
         }
+    }
+
+    /// The `# HELP` lines, given to the recorder with each layer built.
+    fn describe() {
+        describe_gauge!(
+            BREAKER_STATE,
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open, 3 forced open, -1 disabled, -2 metrics-only"
+        );
+        describe_counter!(BREAKER_TRANSITIONS, "Circuit breaker state changes");
+        describe_counter!(BREAKER_REJECTED, "Calls a circuit breaker refused while open");
+        describe_gauge!(BACKPRESSURE_DEPTH, "Events waiting in a backpressure queue");
+        describe_gauge!(BACKPRESSURE_CAPACITY, "Capacity of a backpressure queue");
+        describe_counter!(
+            BACKPRESSURE_DROPPED,
+            "Events a full backpressure queue refused or evicted"
+        );
+        describe_counter!(
+            BACKPRESSURE_ABANDONED,
+            "Queued events never sent because their caller stopped waiting"
+        );
+        describe_counter!(RETRY_RETRIES, "Retries made");
+        describe_counter!(RETRY_CALLS, "Calls that failed at least once, by how they ended");
+        describe_counter!(
+            DEAD_LETTER_EVENTS,
+            "Events sent to the dead-letter service, by failure kind"
+        );
+        describe_counter!(
+            DEAD_LETTER_FAILURES,
+            "Events the dead-letter service refused too, returned to their callers"
+        );
     }
 
     fn state_value(state: State) -> f64 {
@@ -134,6 +164,7 @@ mod on {
     impl BreakerMetrics {
         /// For one breaker; `gauge` for its state gauge (not for keyed ones).
         pub(crate) fn new(name: &Arc<str>, gauge: bool) -> Self {
+            describe();
             let name = label(name);
             let state = gauge.then(|| {
                 let g = gauge!(BREAKER_STATE, "name" => name.clone());
@@ -184,6 +215,7 @@ mod on {
 
     impl QueueMetrics {
         pub(crate) fn new(name: &Arc<str>, capacity: usize) -> Self {
+            describe();
             let name = label(name);
             gauge!(BACKPRESSURE_CAPACITY, "name" => name.clone()).set(capacity as f64);
             QueueMetrics {
@@ -226,6 +258,7 @@ mod on {
 
     impl RetryMetrics {
         pub(crate) fn new(name: &Arc<str>) -> Self {
+            describe();
             let name = label(name);
             let outcome = |o: &'static str| counter!(RETRY_CALLS, "name" => name.clone(), "outcome" => o);
             RetryMetrics {
@@ -272,6 +305,7 @@ mod on {
 
     impl DeadLetterMetrics {
         pub(crate) fn new(name: &Arc<str>) -> Self {
+            describe();
             DeadLetterMetrics {
                 name: label(name),
                 by_kind: Mutex::new(Vec::new()),
