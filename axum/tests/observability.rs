@@ -337,8 +337,14 @@ async fn metrics_count_a_known_workload_through_the_layers() {
         .iter()
         .filter(|s| s.metric == "messaging_client_sent_messages_total")
         .collect();
-    assert!(sent.iter().all(|s| s.labels.get("messaging_system") == Some("memory")));
-    assert!(sent.iter().all(|s| s.labels.get("error_type").is_none()), "{sent:?}");
+    assert!(
+        sent.iter()
+            .all(|s| s.labels.get("messaging_system") == Some("memory"))
+    );
+    assert!(
+        sent.iter().all(|s| s.labels.get("error_type").is_none()),
+        "{sent:?}"
+    );
     let total: f64 = sent
         .iter()
         .map(|s| match s.value {
