@@ -233,3 +233,65 @@ async fn layers_built_before_a_recorder_record_nowhere_and_still_count() {
         Vec::<f64>::new()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn retries_by_outcome_and_dead_letters_the_dead_letter_service_refused() {
+    use tower::retry::budget::TpsBudget;
+    use watchtower_layers::dead_letter::DeadLetterLayer;
+    use watchtower_layers::retry::{RetryConfig, RetryLayer};
+
+    let (recorder, prometheus) = recorder();
+    let _recording = metrics::set_default_local_recorder(&recorder);
+    // A dead-letter service that refuses everything.
+    let refusing =
+        service_fn(|_: Event| async { Err::<(), _>(Error::new(ErrorKind::Connection, "dlq down")) });
+    let dead_letter = DeadLetterLayer::new(refusing).name("audit");
+    let handle = dead_letter.handle();
+    let retry = RetryLayer::new(RetryConfig::new().name("audit").budget(TpsBudget::new(
+        Duration::from_secs(10),
+        0,
+        0.0,
+    )));
+    let mut svc = ServiceBuilder::new()
+        .layer(dead_letter)
+        .layer(retry)
+        .service(failing());
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Event::empty("fail"))
+        .await
+        .unwrap_err();
+    // Both failures come back, with the event.
+    assert_eq!(err.kind(), ErrorKind::Connection);
+    assert_eq!(err.event().map(Event::ty), Some("fail"));
+
+    let outcome = |o| [("name", "audit"), ("outcome", o)];
+    assert_eq!(
+        one(
+            &prometheus,
+            "watchtower_retry_calls_total",
+            &outcome("budget_exhausted")
+        ),
+        1.0
+    );
+    assert_eq!(
+        one(
+            &prometheus,
+            "watchtower_retry_retries_total",
+            &[("name", "audit")]
+        ),
+        0.0
+    );
+    let reason = [("name", "audit"), ("reason", "connection")];
+    assert_eq!(
+        one(&prometheus, "watchtower_dead_letter_failures_total", &reason),
+        1.0
+    );
+    assert_eq!(
+        one(&prometheus, "watchtower_dead_letter_events_total", &reason),
+        0.0
+    );
+    assert_eq!((handle.stats().dead_lettered, handle.stats().failed), (0, 1));
+}
