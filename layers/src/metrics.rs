@@ -39,10 +39,14 @@
 //!
 //! Each layer registers its handles once, when it (or, for backpressure,
 //! each service it wraps) is built, and keeps them: a call then costs an
-//! atomic add on the recorder's own counter, and nothing at all when no
-//! recorder was installed. Install the recorder **before** building the
-//! layers: handles registered earlier belong to the no-op recorder for
-//! good. Without the feature, no metrics code is compiled in.
+//! atomic add on the recorder's own counter, and a branch on an empty
+//! handle when no recorder was installed. Only the rare paths register
+//! later: a breaker looks its transition counter up at each change of
+//! state (thirty from/to pairs, few ever seen), and a dead-letter layer
+//! registers a pair of counters per failure kind at its first dead letter
+//! of that kind. Install the recorder **before** building the layers:
+//! handles registered earlier belong to the no-op recorder for good.
+//! Without the feature, no metrics code is compiled in.
 //!
 //! # Example
 //!
