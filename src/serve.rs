@@ -687,7 +687,7 @@ impl StatsHandle {
 }
 
 /// What a consumer runtime did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[non_exhaustive]
 pub struct ServeStats {
     /// Deliveries taken from the subscription.
@@ -750,6 +750,12 @@ impl SubscriptionHandle {
     /// The statistics so far.
     pub fn stats(&self) -> ServeStats {
         self.stats.snapshot()
+    }
+
+    /// A handle that reads the statistics while the subscription runs,
+    /// e.g. for a health view.
+    pub fn stats_handle(&self) -> StatsHandle {
+        self.stats.clone()
     }
 
     /// The default dead-letter path's queue: messages that did not decode

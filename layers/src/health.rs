@@ -41,8 +41,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::ser::SerializeStruct as _;
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::health::{Health, Status};
 use watchtower::{ServeStats, StatsHandle, Transport};
@@ -110,24 +109,7 @@ pub struct ConsumerHealth {
     /// The name it was registered under.
     pub name: String,
     /// Its statistics.
-    #[serde(serialize_with = "serialize_serve_stats")]
     pub stats: ServeStats,
-}
-
-fn serialize_serve_stats<S: Serializer>(s: &ServeStats, serializer: S) -> Result<S::Ok, S::Error> {
-    let mut out = serializer.serialize_struct("ServeStats", 11)?;
-    out.serialize_field("received", &s.received)?;
-    out.serialize_field("acked", &s.acked)?;
-    out.serialize_field("nacked", &s.nacked)?;
-    out.serialize_field("poisoned", &s.poisoned)?;
-    out.serialize_field("dead_lettered", &s.dead_lettered)?;
-    out.serialize_field("handler_errors", &s.handler_errors)?;
-    out.serialize_field("panics", &s.panics)?;
-    out.serialize_field("poison_errors", &s.poison_errors)?;
-    out.serialize_field("settle_errors", &s.settle_errors)?;
-    out.serialize_field("stream_errors", &s.stream_errors)?;
-    out.serialize_field("in_flight", &s.in_flight)?;
-    out.end()
 }
 
 /// Everything a [`HealthView`] read, at one moment.
