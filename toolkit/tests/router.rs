@@ -113,7 +113,12 @@ async fn a_mistyped_payload_goes_to_the_dead_letter_path_with_its_decode_error_o
     let subscription = client
         .subscriber_with(common::quick())
         .unwrap()
-        .open(SubscribeOptions::new(["order.placed"]).unwrap().group("shop").unwrap())
+        .open(
+            SubscribeOptions::new(["order.placed"])
+                .unwrap()
+                .group("shop")
+                .unwrap(),
+        )
         .await
         .unwrap();
     let dead = MemoryDeadLetters::new(100);
@@ -128,11 +133,17 @@ async fn a_mistyped_payload_goes_to_the_dead_letter_path_with_its_decode_error_o
     );
     let mut publisher = client.publisher();
     publisher
-        .publish(Event::new("order.placed", serde_json::json!({"id": "seven", "total_cents": 1})))
+        .publish(Event::new(
+            "order.placed",
+            serde_json::json!({"id": "seven", "total_cents": 1}),
+        ))
         .await
         .unwrap();
     publisher
-        .publish(Event::new("order.placed", serde_json::json!({"id": 8, "total_cents": 2})))
+        .publish(Event::new(
+            "order.placed",
+            serde_json::json!({"id": 8, "total_cents": 2}),
+        ))
         .await
         .unwrap();
     within("the bad payload to be dead-lettered", dead.wait_for(1)).await;
@@ -235,7 +246,13 @@ async fn a_route_layer_wraps_the_routes_before_it_and_nothing_else() {
         .route_layer(Counting(outer.clone()))
         .route("d", count.clone())
         .fallback(count);
-    for (ty, inner_after, outer_after) in [("a", 1, 1), ("b.x", 2, 2), ("c", 2, 3), ("d", 2, 3), ("zzz", 2, 3)] {
+    for (ty, inner_after, outer_after) in [
+        ("a", 1, 1),
+        ("b.x", 2, 2),
+        ("c", 2, 3),
+        ("d", 2, 3),
+        ("zzz", 2, 3),
+    ] {
         router
             .ready()
             .await
@@ -349,7 +366,13 @@ async fn nested_and_merged_routers_route_under_their_prefix() {
     assert_eq!(router.route_for("order.paid"), Some("order.>"));
     assert_eq!(router.route_for("user.gone"), Some("user.*"));
     assert_eq!(router.route_for("created"), None);
-    for ty in ["order.created", "order.x.line", "order.paid", "user.gone", "created"] {
+    for ty in [
+        "order.created",
+        "order.x.line",
+        "order.paid",
+        "user.gone",
+        "created",
+    ] {
         router
             .ready()
             .await
@@ -399,7 +422,10 @@ async fn a_misconfigured_router_stops_serve_before_it_takes_an_event() {
         .await
         .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Config);
-    assert!(error.to_string().contains("route `order.*` is given twice"), "{error}");
+    assert!(
+        error.to_string().contains("route `order.*` is given twice"),
+        "{error}"
+    );
     assert_eq!(pulled.load(Ordering::SeqCst), 0, "no event was taken");
     let bad = Router::new().route("order.>.x", || async {});
     assert_eq!(bad.check().unwrap_err().kind(), ErrorKind::Config);
@@ -432,8 +458,7 @@ async fn handler_errors_keep_their_kind_and_foreign_errors_are_retryable_handler
         });
     let call = |router: &mut Router, ty: &str| {
         let event = Event::new(ty.to_owned(), serde_json::json!({"id": "x"}));
-        let fut = router.call(event);
-        async move { fut.await }
+        router.call(event)
     };
     let foreign = call(&mut router, "foreign").await.unwrap_err();
     assert_eq!(foreign.kind(), ErrorKind::Handler);
@@ -478,7 +503,11 @@ async fn a_router_serves_many_events_concurrently_and_each_once() {
             3 => (format!("z{i}"), "fallback"),
             _ => (long_type.clone(), "star"),
         };
-        let data = if i == 7 { big.clone() } else { serde_json::json!({}) };
+        let data = if i == 7 {
+            big.clone()
+        } else {
+            serde_json::json!({})
+        };
         expected.push(format!("{label} {ty}"));
         publisher.publish(Event::new(ty, data)).await.unwrap();
     }
@@ -521,10 +550,8 @@ async fn a_handler_service_serves_one_typed_handler_without_a_router() {
     assert!(!bad.is_retryable());
     assert_eq!(total.load(Ordering::SeqCst), 6);
     // service_fn-style handlers still plug in next to typed routes.
-    let mut router = Router::new().route_service(
-        "plain",
-        service_fn(|_event: Event| async { Ok::<_, Error>(()) }),
-    );
+    let mut router =
+        Router::new().route_service("plain", service_fn(|_event: Event| async { Ok::<_, Error>(()) }));
     router
         .ready()
         .await

@@ -80,7 +80,11 @@ pub(crate) fn handler_error(e: impl Into<BoxError>) -> Error {
 pub trait Handler<T, S>: Clone + Send + Sync + 'static {
     /// Extracts the arguments from `event` and `state` and runs the
     /// function.
-    fn call(&self, event: Event, state: &S) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'static>>;
+    fn call(
+        &self,
+        event: Event,
+        state: &S,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'static>>;
 }
 
 macro_rules! impl_handler {

@@ -101,7 +101,7 @@ use watchtower::{BoxError, Error, ErrorKind, Event};
 pub use extract::{Attributes, Data, DeliveryCount, FromEvent, State, Topic};
 pub use handler::{Handler, HandlerExt, HandlerService, IntoHandlerResult};
 
-use handler::{BoxFuture, Bound, ErasedHandler};
+use handler::{Bound, BoxFuture, ErasedHandler};
 use table::Table;
 
 /// Dispatches events to handlers by event type pattern. See the

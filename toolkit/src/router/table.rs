@@ -2,8 +2,6 @@
 //! specificity.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
-use std::sync::Arc;
 
 use watchtower::TopicPattern;
 
@@ -11,7 +9,9 @@ use super::Route;
 
 #[derive(Clone, Default)]
 pub(crate) struct Table {
-    exact: HashMap<Arc<str>, Route>,
+    /// Sorted by type: a binary search of a few memcmps beats hashing the
+    /// type for the route counts programs have.
+    exact: Vec<(Box<str>, Route)>,
     /// Most specific first.
     wild: Vec<Wild>,
     pub(crate) fallback: Option<Route>,
@@ -24,7 +24,60 @@ struct Wild {
     pattern: TopicPattern,
     /// One class per token: literal, `*`, `>`.
     rank: Box<[Class]>,
+    tokens: Box<[Token]>,
     route: Route,
+}
+
+/// A pattern token, split once so that matching splits only the type.
+#[derive(Clone)]
+enum Token {
+    Literal(Box<str>),
+    Star,
+    Tail,
+}
+
+fn tokens(pattern: &TopicPattern) -> Box<[Token]> {
+    pattern
+        .as_str()
+        .split('.')
+        .map(|token| match token {
+            "*" => Token::Star,
+            ">" => Token::Tail,
+            t => Token::Literal(t.into()),
+        })
+        .collect()
+}
+
+/// [`TopicPattern::matches`], with the pattern split beforehand.
+fn matches(tokens: &[Token], ty: &str) -> bool {
+    let mut rest = Some(ty);
+    for token in tokens {
+        let Some(current) = rest else {
+            return false;
+        };
+        let (head, tail) = match token {
+            // One or more non-empty tokens.
+            Token::Tail => {
+                return !current.is_empty()
+                    && !current.starts_with('.')
+                    && !current.ends_with('.')
+                    && !current.contains("..");
+            }
+            _ => match current.find('.') {
+                Some(at) => (&current[..at], Some(&current[at + 1..])),
+                None => (current, None),
+            },
+        };
+        let fits = match token {
+            Token::Literal(literal) => **literal == *head,
+            _ => !head.is_empty(),
+        };
+        if !fits {
+            return false;
+        }
+        rest = tail;
+    }
+    rest.is_none()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -64,6 +117,7 @@ impl Table {
                 return self.fail(format!("route `{pattern}` is given twice"));
             }
             let rank = rank(&parsed);
+            let tokens = tokens(&parsed);
             let at = self
                 .wild
                 .partition_point(|w| specificity(&w.rank, &rank) != Ordering::Greater);
@@ -72,15 +126,15 @@ impl Table {
                 Wild {
                     pattern: parsed,
                     rank,
+                    tokens,
                     route,
                 },
             );
         } else {
-            let key: Arc<str> = Arc::from(pattern);
-            if self.exact.contains_key(&key) {
-                return self.fail(format!("route `{pattern}` is given twice"));
+            match self.exact.binary_search_by(|(k, _)| (**k).cmp(pattern)) {
+                Ok(_) => self.fail(format!("route `{pattern}` is given twice")),
+                Err(at) => self.exact.insert(at, (pattern.into(), route)),
             }
-            self.exact.insert(key, route);
         }
     }
 
@@ -91,17 +145,18 @@ impl Table {
     }
 
     pub(crate) fn find(&self, ty: &str) -> Option<(&str, &Route)> {
-        if let Some((pattern, route)) = self.exact.get_key_value(ty) {
+        if let Ok(at) = self.exact.binary_search_by(|(k, _)| (**k).cmp(ty)) {
+            let (pattern, route) = &self.exact[at];
             return Some((pattern, route));
         }
         self.wild
             .iter()
-            .find(|w| w.pattern.matches(ty))
+            .find(|w| matches(&w.tokens, ty))
             .map(|w| (w.pattern.as_str(), &w.route))
     }
 
     pub(crate) fn map_routes(&mut self, mut f: impl FnMut(Route) -> Route) {
-        for route in self.exact.values_mut() {
+        for (_, route) in &mut self.exact {
             *route = f(route.clone());
         }
         for wild in &mut self.wild {
@@ -110,8 +165,7 @@ impl Table {
     }
 
     pub(crate) fn patterns(&self) -> Vec<&str> {
-        let mut exact: Vec<&str> = self.exact.keys().map(|k| &**k).collect();
-        exact.sort_unstable();
+        let mut exact: Vec<&str> = self.exact.iter().map(|(k, _)| &**k).collect();
         exact.extend(self.wild.iter().map(|w| w.pattern.as_str()));
         exact
     }
@@ -154,7 +208,31 @@ impl Table {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    #[test]
+    fn the_split_matcher_agrees_with_topic_pattern() {
+        let patterns = [
+            "a", "*", ">", "a.*", "a.>", "*.b", "a.*.c", "*.*", "a.b.>", "*.>", "a.*.>",
+        ];
+        let topics = [
+            "", ".", "a", "b", "a.", ".a", "a.b", "a..b", "a.b.", "a.b.c", "a.x.c", "a.b.c.d", "b.b",
+            "a.b..c", "ab", "a.bc", "..", "a.b.c.",
+        ];
+        for p in patterns {
+            let pattern = TopicPattern::new(p).unwrap();
+            let split = tokens(&pattern);
+            for t in topics {
+                assert_eq!(
+                    matches(&split, t),
+                    pattern.matches(t),
+                    "pattern {p:?}, type {t:?}"
+                );
+            }
+        }
+    }
 
     fn ranked(patterns: &[&str]) -> Vec<String> {
         let mut table = Table::default();
@@ -177,7 +255,14 @@ mod tests {
     fn wildcards_are_ordered_most_specific_first_whatever_the_insertion_order() {
         // `order.*` and `order.*.created` never match the same type: a shorter
         // rank that is a prefix of a longer one sorts first.
-        let expected = ["order.created.*", "order.*", "order.*.created", "order.>", "*.*", ">"];
+        let expected = [
+            "order.created.*",
+            "order.*",
+            "order.*.created",
+            "order.>",
+            "*.*",
+            ">",
+        ];
         let mut shuffled = expected.to_vec();
         shuffled.reverse();
         assert_eq!(ranked(&shuffled), expected);
@@ -192,14 +277,27 @@ mod tests {
     #[test]
     fn the_most_specific_match_wins() {
         let mut table = Table::default();
-        for p in ["order.>", "order.*", "order.created", "*.*", "order.created.*", "order.*.created"] {
+        for p in [
+            "order.>",
+            "order.*",
+            "order.created",
+            "*.*",
+            "order.created.*",
+            "order.*.created",
+        ] {
             table.insert(p, Route::Handler(Arc::new(Nop)));
         }
         assert_eq!(find(&table, "order.created").as_deref(), Some("order.created"));
         assert_eq!(find(&table, "order.paid").as_deref(), Some("order.*"));
         assert_eq!(find(&table, "order.paid.late").as_deref(), Some("order.>"));
-        assert_eq!(find(&table, "order.created.created").as_deref(), Some("order.created.*"));
-        assert_eq!(find(&table, "order.paid.created").as_deref(), Some("order.*.created"));
+        assert_eq!(
+            find(&table, "order.created.created").as_deref(),
+            Some("order.created.*")
+        );
+        assert_eq!(
+            find(&table, "order.paid.created").as_deref(),
+            Some("order.*.created")
+        );
         assert_eq!(find(&table, "user.created").as_deref(), Some("*.*"));
         assert_eq!(find(&table, "user"), None);
         assert_eq!(find(&table, ""), None);
@@ -214,6 +312,11 @@ mod tests {
         assert_eq!(table.error.as_deref(), Some("route `a.*` is given twice"));
         let mut table = Table::default();
         table.insert("a.>.b", Route::Handler(Arc::new(Nop)));
-        assert!(table.error.as_deref().is_some_and(|e| e.starts_with("route `a.>.b`")));
+        assert!(
+            table
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("route `a.>.b`"))
+        );
     }
 }
