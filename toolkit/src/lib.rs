@@ -5,7 +5,10 @@
 //!
 //! * [`router`]: dispatch by event type pattern to ordinary async
 //!   functions whose arguments are extractors (`Data<T>`, `State<S>`,
-//!   the delivery count), with per-route layers, nesting and a fallback.
+//!   the delivery count), with per-route layers, nesting and a fallback;
+//! * [`idempotent`]: a layer that skips events already handled, with an
+//!   in-memory store and (feature `redis`) a Redis store shared by every
+//!   consumer.
 //!
 //! Every piece depends on the core only and works over every transport.
 //!
@@ -31,4 +34,5 @@
 // Library code never panics on input it does not control.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod idempotent;
 pub mod router;
