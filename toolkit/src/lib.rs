@@ -8,7 +8,10 @@
 //!   the delivery count), with per-route layers, nesting and a fallback;
 //! * [`idempotent`]: a layer that skips events already handled, with an
 //!   in-memory store and (feature `redis`) a Redis store shared by every
-//!   consumer.
+//!   consumer;
+//! * [`request`]: request–reply over any transport, a requester that is a
+//!   `Service<Event, Response = Event>` and a responder that answers with
+//!   the event its handler returns.
 //!
 //! Every piece depends on the core only and works over every transport.
 //!
@@ -35,4 +38,5 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod idempotent;
+pub mod request;
 pub mod router;
