@@ -17,8 +17,8 @@ use watchtower_test_support::{unique, within};
 use watchtower_toolkit::request::{RequestConfig, Requester, Responder};
 
 /// Doubles `n`; refuses negative numbers for good, fails on 13 for now.
-fn doubler() -> impl Service<Event, Response = Event, Error = Error, Future: Send + 'static> + Clone + Send + 'static
-{
+fn doubler()
+-> impl Service<Event, Response = Event, Error = Error, Future: Send + 'static> + Clone + Send + 'static {
     service_fn(|request: Event| async move {
         let n: i64 = request.json()?;
         if n < 0 {
@@ -72,7 +72,10 @@ where
     let refused = ask(&mut requester, topic, -1).await.unwrap_err();
     assert_eq!(refused.kind(), ErrorKind::Rejected);
     assert!(!refused.is_retryable());
-    assert!(refused.to_string().contains("negative numbers are not served"), "{refused}");
+    assert!(
+        refused.to_string().contains("negative numbers are not served"),
+        "{refused}"
+    );
     let unlucky = ask(&mut requester, topic, 13).await.unwrap_err();
     assert_eq!(unlucky.kind(), ErrorKind::Handler);
     assert!(unlucky.is_retryable());
@@ -134,7 +137,9 @@ async fn a_request_nobody_answers_times_out_on_nats() {
     )
     .await
     .unwrap();
-    let error = within("the timeout", ask(&mut requester, &topic, 1)).await.unwrap_err();
+    let error = within("the timeout", ask(&mut requester, &topic, 1))
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Timeout);
     assert!(error.is_retryable());
     assert!(error.to_string().contains("no reply to request"), "{error}");

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
 use tower_service::Service;
-use watchtower::{Error, Event, Receipt, Transport};
+
+use watchtower::{Error, ErrorKind, Event, Receipt, Transport, ext};
 
 use crate::MemoryBroker;
 use crate::group::Message;
@@ -31,6 +33,45 @@ impl fmt::Debug for MemoryPublisher {
     }
 }
 
+impl MemoryPublisher {
+    /// Publishes an event with a delivery time, without the mark.
+    fn delayed(&mut self, mut event: Event) -> Result<Receipt, Error> {
+        match watchtower::delay::remaining(&event)? {
+            Some(delay) => self.schedule(event, delay),
+            None => {
+                event.remove_extension(ext::DELIVER_AT);
+                let sequence = self.shared.publish(
+                    event.topic(),
+                    Message::Event(event.clone()),
+                    Some(&event),
+                    Some(&mut self.route),
+                )?;
+                Ok(Receipt::for_event(&event).with_sequence(sequence))
+            }
+        }
+    }
+
+    /// Holds a delayed event in the broker until it is due. It counts as
+    /// outstanding meanwhile, so `wait_idle` waits for it.
+    fn schedule(&self, mut event: Event, delay: Duration) -> Result<Receipt, Error> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::new(ErrorKind::Unsupported, "a delayed event needs a tokio runtime"))?;
+        let receipt = Receipt::for_event(&event);
+        // A placeholder, settled once the event is queued for delivery.
+        self.shared.enqueued.0.fetch_add(1, Ordering::SeqCst);
+        let shared = self.shared.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            event.remove_extension(ext::DELIVER_AT);
+            if let Err(e) = shared.publish(event.topic(), Message::Event(event.clone()), Some(&event), None) {
+                tracing::warn!(error = %e, event_id = event.id(), "a delayed event could not be delivered");
+            }
+            shared.settle();
+        });
+        Ok(receipt)
+    }
+}
+
 impl Service<Event> for MemoryPublisher {
     type Response = Receipt;
     type Error = Error;
@@ -47,6 +88,9 @@ impl Service<Event> for MemoryPublisher {
     fn call(&mut self, event: Event) -> Self::Future {
         let span = watchtower::trace::publish_span(MemoryBroker::SYSTEM, event.topic(), &event);
         let _entered = span.enter();
+        if event.extension(ext::DELIVER_AT).is_some() {
+            return ready(event.validate().and_then(|()| self.delayed(event)));
+        }
         let result = event.validate().and_then(|()| {
             let sequence = self.shared.publish(
                 event.topic(),

@@ -243,7 +243,11 @@ impl<P> Requester<P> {
 
     /// Requests waiting for their reply now.
     pub fn in_flight(&self) -> usize {
-        self.shared.pending.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 
@@ -335,7 +339,9 @@ where
             }
             match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(reply)) => from_reply(reply),
-                Ok(Err(_)) => Err(Error::closed("the reply subscription closed before the reply came")),
+                Ok(Err(_)) => Err(Error::closed(
+                    "the reply subscription closed before the reply came",
+                )),
                 Err(_) => Err(timed_out(&waiting.id, shared.timeout)),
             }
         })
@@ -364,7 +370,7 @@ fn from_reply(reply: Event) -> Result<Event, Error> {
 }
 
 fn kind_from_str(kind: &str) -> ErrorKind {
-    const KINDS: [ErrorKind; 17] = [
+    const KINDS: [ErrorKind; 18] = [
         ErrorKind::Connection,
         ErrorKind::Timeout,
         ErrorKind::Rejected,
@@ -381,6 +387,7 @@ fn kind_from_str(kind: &str) -> ErrorKind {
         ErrorKind::Handler,
         ErrorKind::Closed,
         ErrorKind::DeadLettered,
+        ErrorKind::Unsupported,
         ErrorKind::Other,
     ];
     KINDS

@@ -63,7 +63,10 @@ fn error_reply(error: &Error) -> Event {
     // Names are valid: checked by the tests of this module.
     let _ = reply.set_extension(ERROR_KIND, error.kind().as_str());
     let _ = reply.set_extension(ERROR_MESSAGE, error.to_string());
-    let _ = reply.set_extension(ERROR_RETRYABLE, if error.is_retryable() { "true" } else { "false" });
+    let _ = reply.set_extension(
+        ERROR_RETRYABLE,
+        if error.is_retryable() { "true" } else { "false" },
+    );
     reply
 }
 
@@ -81,9 +84,7 @@ where
     type Future = Pin<Box<dyn std::future::Future<Output = Result<(), Error>> + Send + 'static>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.inner
-            .poll_ready(cx)
-            .map_err(|e| Error::from_boxed(e.into()))
+        self.inner.poll_ready(cx).map_err(|e| Error::from_boxed(e.into()))
     }
 
     fn call(&mut self, request: Event) -> Self::Future {

@@ -351,6 +351,7 @@ impl PublisherShared {
     /// Checks `event` and finds its stream key.
     fn prepare(&self, event: &Event) -> Result<Arc<str>, Error> {
         event.validate()?;
+        watchtower::delay::refuse(event, "redis")?;
         self.stream_key(event.topic())
     }
 
