@@ -15,7 +15,7 @@ use super::store::{Begin, Claim, IdempotencyStore};
 /// expiry, at most `capacity` of them. Clones share the map.
 ///
 /// It recognises duplicates that reach **this process** only; consumers in
-/// several processes need a shared store ([`RedisStore`](super::RedisStore)).
+/// several processes need a shared store (`RedisStore`, feature `redis`).
 /// It is lost when the process exits.
 ///
 /// When full, it forgets expired marks first, then the done marks that

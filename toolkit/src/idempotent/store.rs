@@ -20,7 +20,7 @@ use watchtower::Error;
 /// [`Begin::Claimed`].
 ///
 /// Implemented by [`MemoryStore`](super::MemoryStore) and, with the
-/// feature `redis`, [`RedisStore`](super::RedisStore). A SQL store maps it
+/// feature `redis`, `RedisStore`. A SQL store maps it
 /// to one table `(key primary key, token, done, expires_at)`: `begin` is an
 /// `INSERT ... ON CONFLICT DO UPDATE ... WHERE expires_at < now()`
 /// returning the row, `complete` an `UPDATE` setting `done` and the new
