@@ -16,7 +16,7 @@
 //!
 //! * no reply within the [timeout](RequestConfig::timeout) (no responder,
 //!   a slow one, a lost message):
-//!   [`ErrorKind::Timeout`](watchtower::ErrorKind::Timeout);
+//!   [`ErrorKind::Timeout`];
 //! * the responder's handler failed: the responder answers with an error
 //!   reply (extensions `errorkind`, `errormessage`, `errorretryable`), and
 //!   the caller gets an [`Error`] of that kind and message;
@@ -180,7 +180,7 @@ impl<P> Requester<P> {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::InvalidTopic`](watchtower::ErrorKind::InvalidTopic) for
+    /// [`ErrorKind::InvalidTopic`] for
     /// a bad reply topic, or the transport's error if it cannot subscribe.
     pub async fn open<Sub: Subscriber>(
         subscriber: &Sub,
