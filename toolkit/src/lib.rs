@@ -11,7 +11,9 @@
 //!   consumer;
 //! * [`request`]: request–reply over any transport, a requester that is a
 //!   `Service<Event, Response = Event>` and a responder that answers with
-//!   the event its handler returns.
+//!   the event its handler returns;
+//! * [`batch`]: a consumer runtime for handlers that take a batch of
+//!   events and settle each on its own.
 //!
 //! Every piece depends on the core only and works over every transport.
 //!
@@ -37,6 +39,7 @@
 // Library code never panics on input it does not control.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod batch;
 pub mod idempotent;
 pub mod request;
 pub mod router;
