@@ -23,8 +23,9 @@
 //! * messages that do not decode never reach the handler: they go to the
 //!   dead-letter path as poison, as with `serve`.
 //!
-//! One batch is in the handler at a time, while the next one is gathered;
-//! the transport's prefetch or batch size should be at least `max_size`.
+//! One batch at a time: the next is gathered once the previous one is
+//! settled, so the transport's prefetch or batch size should be at least
+//! `max_size`.
 //! Redelivered events carry their delivery count in the `attempt`
 //! extension. On graceful shutdown, the gathering batch is handled and
 //! settled, then the runtime returns its [`ServeStats`].

@@ -6,10 +6,9 @@ use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-
 use std::time::Duration;
-use tower_service::Service;
 
+use tower_service::Service;
 use watchtower::{Error, ErrorKind, Event, Receipt, Transport, ext};
 
 use crate::MemoryBroker;
@@ -34,19 +33,18 @@ impl fmt::Debug for MemoryPublisher {
 }
 
 impl MemoryPublisher {
-    /// Publishes an event with a delivery time, without the mark.
-    fn delayed(&mut self, mut event: Event) -> Result<Receipt, Error> {
-        match watchtower::delay::remaining(&event)? {
-            Some(delay) => self.schedule(event, delay),
+    /// Holds `event` back if it asks for a later delivery time (and
+    /// answers its receipt); otherwise removes a past time, so that it is
+    /// published now without the mark.
+    fn hold_if_delayed(&self, event: &mut Event) -> Result<Option<Receipt>, Error> {
+        if event.extension(ext::DELIVER_AT).is_none() {
+            return Ok(None);
+        }
+        match watchtower::delay::remaining(event)? {
+            Some(delay) => self.schedule(event.clone(), delay).map(Some),
             None => {
                 event.remove_extension(ext::DELIVER_AT);
-                let sequence = self.shared.publish(
-                    event.topic(),
-                    Message::Event(event.clone()),
-                    Some(&event),
-                    Some(&mut self.route),
-                )?;
-                Ok(Receipt::for_event(&event).with_sequence(sequence))
+                Ok(None)
             }
         }
     }
@@ -85,13 +83,13 @@ impl Service<Event> for MemoryPublisher {
         }
     }
 
-    fn call(&mut self, event: Event) -> Self::Future {
+    fn call(&mut self, mut event: Event) -> Self::Future {
         let span = watchtower::trace::publish_span(MemoryBroker::SYSTEM, event.topic(), &event);
         let _entered = span.enter();
-        if event.extension(ext::DELIVER_AT).is_some() {
-            return ready(event.validate().and_then(|()| self.delayed(event)));
-        }
         let result = event.validate().and_then(|()| {
+            if let Some(receipt) = self.hold_if_delayed(&mut event)? {
+                return Ok(receipt);
+            }
             let sequence = self.shared.publish(
                 event.topic(),
                 Message::Event(event.clone()),
