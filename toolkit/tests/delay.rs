@@ -136,22 +136,110 @@ async fn nats_refuses_a_delayed_event_and_sends_nothing() {
     handle.stop().await.unwrap();
 }
 
+async fn zcard(key: &str) -> i64 {
+    let mut conn = common::raw(common::REDIS).await;
+    redis::cmd("ZCARD").arg(key).query_async(&mut conn).await.unwrap()
+}
+
+async fn xlen(key: &str) -> i64 {
+    let mut conn = common::raw(common::REDIS).await;
+    redis::cmd("XLEN").arg(key).query_async(&mut conn).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_refuses_a_delayed_event_and_stores_nothing() {
+async fn redis_delivers_a_delayed_event_no_earlier_than_asked() {
     let prefix = format!("{}:", unique("tk_delay"));
     let client = common::redis_client(&prefix).await;
-    let error = client.publisher().publish(delayed("t")).await.unwrap_err();
-    assert_eq!(error.kind(), ErrorKind::Unsupported);
-    assert!(
-        error.to_string().contains("redis transport cannot delay"),
-        "{error}"
-    );
-    let mut conn = common::raw(common::REDIS).await;
-    let exists: i64 = redis::cmd("EXISTS")
-        .arg(format!("{prefix}t"))
-        .query_async(&mut conn)
-        .await
+    let (handle, mut received) = recorder(
+        &client.subscriber_with(common::quick()).unwrap(),
+        SubscribeOptions::new(["later", "now"])
+            .unwrap()
+            .group("g")
+            .unwrap(),
+    )
+    .await;
+    let mut publisher = client.publisher();
+    let mut dues = Vec::new();
+    for millis in [400, 150] {
+        let mut event = Event::new("later", serde_json::json!({"after_ms": millis}));
+        delay::set_delay(&mut event, Duration::from_millis(millis));
+        dues.push((event.id().to_owned(), delay::deliver_at(&event).unwrap().unwrap()));
+        let receipt = publisher.publish(event).await.unwrap();
+        assert_eq!(receipt.message_id, None, "not in the stream yet");
+    }
+    let now = Event::new("now", serde_json::json!({}));
+    publisher.publish(now.clone()).await.unwrap();
+    let mut got = Vec::new();
+    within("three events", async {
+        while got.len() < 3 {
+            got.push(received.recv().await.unwrap());
+        }
+    })
+    .await;
+    assert_eq!(got[0].0.id(), now.id(), "the undelayed event comes first");
+    for (id, due) in &dues {
+        let (event, at) = got.iter().find(|(e, _)| e.id() == id).unwrap();
+        assert!(at >= due, "delivered at {at}, asked for {due}");
+        assert_eq!(event.extension(ext::DELIVER_AT), None);
+        assert_eq!(event.ty(), "later");
+    }
+    assert_eq!(zcard(&format!("{prefix}#delayed")).await, 0);
+    assert_eq!(xlen(&format!("{prefix}later")).await, 2);
+    assert_eq!(handle.stop().await.unwrap().acked, 3);
+    let bad = Event::new("later", serde_json::json!({}))
+        .with_extension(ext::DELIVER_AT, "soon")
         .unwrap();
-    assert_eq!(exists, 0);
+    assert_eq!(
+        publisher.publish(bad).await.unwrap_err().kind(),
+        ErrorKind::InvalidEvent
+    );
+    common::cleanup(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_events_of_publishers_dropped_at_once_are_each_moved_once() {
+    const EACH: usize = 25;
+    let prefix = format!("{}:", unique("tk_delay"));
+    let clients = [
+        common::redis_client(&prefix).await,
+        common::redis_client(&prefix).await,
+    ];
+    let (handle, mut received) = recorder(
+        &clients[0].subscriber_with(common::quick()).unwrap(),
+        SubscribeOptions::new(["job"]).unwrap().group("g").unwrap(),
+    )
+    .await;
+    // Each publisher is dropped as soon as it has published: the process's
+    // mover still moves what they scheduled, each event once.
+    let mut ids = std::collections::HashSet::new();
+    for client in &clients {
+        let mut publisher = client.publisher();
+        for n in 0..EACH {
+            let mut event = Event::new("job", serde_json::json!({"n": n}));
+            delay::set_delay(&mut event, Duration::from_millis(200));
+            ids.insert(event.id().to_owned());
+            publisher.publish(event).await.unwrap();
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    within("every delayed event", async {
+        while seen.len() < 2 * EACH {
+            let (event, _) = received.recv().await.unwrap();
+            assert!(
+                seen.insert(event.id().to_owned()),
+                "{} delivered twice",
+                event.id()
+            );
+        }
+    })
+    .await;
+    assert_eq!(seen, ids);
+    assert_eq!(
+        xlen(&format!("{prefix}job")).await,
+        2 * EACH as i64,
+        "each moved once"
+    );
+    assert_eq!(zcard(&format!("{prefix}#delayed")).await, 0);
+    handle.stop().await.unwrap();
     common::cleanup(&prefix).await;
 }
