@@ -49,6 +49,9 @@ pub enum ErrorKind {
     /// The event was sent to a dead-letter service (the caller's event is
     /// safe, but was not delivered).
     DeadLettered,
+    /// The transport cannot do what the event asks (a delayed delivery on
+    /// a transport without one); it was not sent.
+    Unsupported,
     /// Anything else.
     Other,
 }
@@ -91,6 +94,7 @@ impl ErrorKind {
             ErrorKind::Handler => "handler",
             ErrorKind::Closed => "closed",
             ErrorKind::DeadLettered => "dead_lettered",
+            ErrorKind::Unsupported => "unsupported",
             ErrorKind::Other => "other",
         }
     }
@@ -113,6 +117,7 @@ impl ErrorKind {
             ErrorKind::Handler => "handler failed",
             ErrorKind::Closed => "closed",
             ErrorKind::DeadLettered => "event dead-lettered",
+            ErrorKind::Unsupported => "not supported by this transport",
             ErrorKind::Other => "error",
         }
     }

@@ -43,6 +43,9 @@ pub mod ext {
     pub const DEAD_LETTER_TOPIC: &str = "deadlettertopic";
     /// When the event was dead-lettered (RFC 3339).
     pub const DEAD_LETTER_TIME: &str = "deadlettertime";
+    /// The earliest time the event may be delivered (RFC 3339); see
+    /// [`delay`](crate::delay).
+    pub const DELIVER_AT: &str = "deliverat";
 }
 
 /// The event: CloudEvents 1.0 in memory.

@@ -25,6 +25,8 @@
 //!   client shares: its `messaging.system` name, one health type, one
 //!   exponential backoff for its reconnect loop, and one [`Overflow`]
 //!   policy for its bounded queues;
+//! * [`delay`]: delayed delivery, a time carried in the `deliverat`
+//!   extension that transports honour or refuse;
 //! * [`trace`]: the publish and process spans with the OpenTelemetry
 //!   messaging attributes, opened by every transport and the runtime;
 //! * [`reply`]: a one-shot reply whose sender chooses when to wake the
@@ -77,6 +79,7 @@ mod transport;
 pub mod backoff;
 pub mod codec;
 pub mod dead_letter;
+pub mod delay;
 pub mod health;
 pub mod reply;
 pub mod trace;

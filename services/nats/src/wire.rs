@@ -86,6 +86,7 @@ impl Encoder {
         msg_id: bool,
         expected_stream: Option<&str>,
     ) -> Result<Encoded, Error> {
+        watchtower::delay::refuse(event, "nats")?;
         match self.mode {
             ContentMode::Structured => {
                 let body = codec::structured::to_bytes(event)?;

@@ -20,6 +20,7 @@ pub(crate) fn encode(
     options: &PublishOptions,
     mode: ContentMode,
 ) -> Result<(BasicProperties, Bytes), Error> {
+    watchtower::delay::refuse(event, "rabbitmq")?;
     match mode {
         ContentMode::Structured => {
             let body = codec::structured::to_bytes(event)?;

@@ -119,6 +119,7 @@ pub(crate) fn classify(text: &str) -> Frame {
 
 /// Encodes `event` for a text frame.
 pub(crate) fn encode(event: &Event) -> Result<String, Error> {
+    watchtower::delay::refuse(event, crate::SYSTEM)?;
     let bytes = if event.topic() != event.ty() {
         let mut routed = event.clone();
         routed.set_extension(TOPIC_EXTENSION, event.topic())?;

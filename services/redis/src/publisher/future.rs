@@ -16,6 +16,8 @@ use super::receipt;
 
 pub(super) enum State {
     Failed(Option<Error>),
+    /// A delayed event on its way to the sorted set.
+    Held(Pin<Box<dyn Future<Output = Result<Receipt, Error>> + Send>>),
     Waiting {
         reply: Reply<Answer>,
         key: Arc<str>,
@@ -52,6 +54,7 @@ impl Future for ResponseFuture {
             State::Failed(err) => Err(err
                 .take()
                 .unwrap_or_else(|| Error::closed("the publish future was polled after it finished"))),
+            State::Held(held) => ready!(held.as_mut().poll(cx)),
             State::Waiting { reply, key, event } => {
                 let result = ready!(reply.poll_reply(cx))
                     .unwrap_or_else(|| Err(Error::closed("the publisher's connection task has stopped")));

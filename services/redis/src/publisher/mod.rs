@@ -26,6 +26,7 @@ use crate::error::from_redis;
 use crate::link;
 use crate::wire::{fields_size, write_fields};
 
+mod delay;
 mod future;
 mod options;
 
@@ -210,6 +211,8 @@ struct PublisherShared {
     health: Arc<LinkState>,
     /// Stream keys by topic.
     keys: RwLock<HashMap<Box<str>, Arc<str>>>,
+    /// Delayed events and their mover.
+    delays: delay::Delays,
 }
 
 impl Drop for PublisherShared {
@@ -230,6 +233,58 @@ impl fmt::Debug for RedisPublisher {
 }
 
 impl RedisPublisher {
+    /// Passes an event on unless it asks for a later delivery time: then
+    /// it goes to the sorted set of delayed events (see `delay.rs`), and
+    /// the returned future answers when it is there. A time that has come
+    /// is removed, and the event is published now.
+    fn hold_if_delayed(
+        &mut self,
+        mut event: Event,
+        trace: PublishTrace,
+    ) -> Result<(Event, PublishTrace), ResponseFuture> {
+        if event.extension(watchtower::ext::DELIVER_AT).is_none() {
+            return Ok((event, trace));
+        }
+        let due = event
+            .validate()
+            .and_then(|()| watchtower::delay::deliver_at(&event))
+            .and_then(|at| Ok((at, self.shared.stream_key(event.topic())?)));
+        let (at, key) = match due {
+            Ok((Some(at), key)) if at > time::OffsetDateTime::now_utc() => (at, key),
+            Ok(_) => {
+                event.remove_extension(watchtower::ext::DELIVER_AT);
+                return Ok((event, trace));
+            }
+            Err(e) => {
+                return Err(ResponseFuture {
+                    state: State::Failed(Some(e.with_event(event))),
+                    trace: Some(trace),
+                });
+            }
+        };
+        // The queue's place, if `poll_ready` took one, is not needed.
+        if std::mem::take(&mut self.reserved) {
+            self.shared.queue.release(1);
+        }
+        let shared = self.shared.clone();
+        let held = async move {
+            let receipt = Receipt::new(key.clone(), &event);
+            let conn = shared.client.conn().clone();
+            match shared
+                .delays
+                .schedule(conn, shared.client.runtime(), &key, event.clone(), at)
+                .await
+            {
+                Ok(()) => Ok(receipt),
+                Err(e) => Err(e.with_event(event)),
+            }
+        };
+        Err(ResponseFuture {
+            state: State::Held(Box::pin(held)),
+            trace: Some(trace),
+        })
+    }
+
     /// A publisher on `client`'s connections with `options` (checked).
     pub(crate) fn new(client: RedisClient, options: RedisPublisherOptions) -> RedisPublisher {
         let queue = Queue::new(options.max_pending);
@@ -260,6 +315,7 @@ impl RedisPublisher {
                 target.clone(),
             ));
         }
+        let delays = delay::Delays::new(client.config().prefix());
         RedisPublisher {
             shared: Arc::new(PublisherShared {
                 queue,
@@ -267,6 +323,7 @@ impl RedisPublisher {
                 target,
                 health,
                 keys: RwLock::new(HashMap::new()),
+                delays,
             }),
             probe: None,
             room: None,
@@ -481,6 +538,10 @@ impl Service<Event> for RedisPublisher {
 
     fn call(&mut self, mut event: Event) -> ResponseFuture {
         let trace = PublishTrace::start(RedisClient::SYSTEM, &event.shared_topic(), &mut event);
+        let (event, trace) = match self.hold_if_delayed(event, trace) {
+            Ok(pair) => pair,
+            Err(held) => return held,
+        };
         let queue = &self.shared.queue;
         // A call without `poll_ready` takes a free place if there is one.
         let reserved = std::mem::take(&mut self.reserved) || queue.try_reserve();

@@ -63,6 +63,7 @@ pub(crate) async fn deliver(shared: Arc<Shared>, event: Event) -> Result<Receipt
     if let Some(reason) = shared.disabled() {
         return Err(shared.error(ErrorKind::Gone, format_args!("disabled: {reason}")));
     }
+    watchtower::delay::refuse(&event, "webhook")?;
     let wire = if event.extension(ENDPOINT_EXTENSION).is_some() {
         let mut wire = event.clone();
         wire.remove_extension(ENDPOINT_EXTENSION);

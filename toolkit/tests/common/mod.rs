@@ -1,0 +1,71 @@
+//! Helpers shared by the toolkit's integration tests.
+
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use watchtower_redis::{RedisClient, RedisConfig, RedisSubscriberOptions};
+
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+pub const NATS: &str = "nats://127.0.0.1:4222";
+
+pub async fn raw(url: &str) -> MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(20)));
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap()
+}
+
+/// A Redis client whose streams live under `prefix`.
+pub async fn redis_client(prefix: &str) -> RedisClient {
+    RedisClient::connect(
+        RedisConfig::new(REDIS)
+            .stream_prefix(prefix)
+            .response_timeout(Duration::from_secs(20)),
+    )
+    .await
+    .unwrap()
+}
+
+/// Subscriber options with short timings, so that redelivery and new
+/// streams show up within a test; the defaults suit production.
+pub fn quick() -> RedisSubscriberOptions {
+    RedisSubscriberOptions::new()
+        .block(Duration::from_millis(100))
+        .claim_idle(Duration::from_secs(2))
+        .claim_interval(Duration::from_millis(100))
+        .rescan_interval(Duration::from_millis(100))
+}
+
+/// Deletes every key starting with `prefix`.
+pub async fn cleanup(prefix: &str) {
+    let mut conn = raw(REDIS).await;
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+}
