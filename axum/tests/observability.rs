@@ -43,8 +43,25 @@ async fn start(app: axum::Router) -> SocketAddr {
     addr
 }
 
+/// A plain HTTP client: rustls with ring and no roots, whatever TLS
+/// features the workspace build gives reqwest (the tests speak plain HTTP
+/// to 127.0.0.1).
+fn client() -> reqwest::Client {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
 async fn get(addr: SocketAddr, path: &str) -> (u16, String, Option<String>) {
-    let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    let response = client().get(format!("http://{addr}{path}")).send().await.unwrap();
     let status = response.status().as_u16();
     let content_type = response
         .headers()
