@@ -1,0 +1,86 @@
+//! What the SQL transport's tests share: the databases, and clients on
+//! tables of their own that are dropped afterwards.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use watchtower_sql::{SqlClient, SqlConfig};
+use watchtower_test_support::unique;
+
+/// The shared PostgreSQL (trust authentication, database `test`).
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Postgres,
+    Sqlite,
+}
+
+/// A SQLite file of its own, in the temporary directory.
+pub fn sqlite_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join("watchtower-sql-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{name}.db"))
+}
+
+/// The URL of `db` for a test named `name`.
+pub fn url(db: Db, name: &str) -> String {
+    match db {
+        Db::Postgres => POSTGRES.to_owned(),
+        Db::Sqlite => format!("sqlite://{}", sqlite_path(name).display()),
+    }
+}
+
+/// A table prefix no other test uses: `t` and the unique tail of `name`.
+pub fn prefix(name: &str) -> String {
+    format!("t{}_", &name[name.len() - 18..])
+}
+
+/// Settings for tests: short timings, few connections.
+pub fn config(db: Db, name: &str) -> SqlConfig {
+    SqlConfig::new(url(db, name))
+        .table_prefix(prefix(name))
+        .poll_interval(Duration::from_millis(100))
+        .visibility_timeout(Duration::from_secs(10))
+        .batch_size(16)
+        .max_connections(4)
+}
+
+/// Tables of their own on `db`, dropped when the returned guard's
+/// `drop_all` runs.
+pub struct Tables {
+    pub name: String,
+    pub db: Db,
+    pub client: SqlClient,
+}
+
+impl Tables {
+    pub async fn new(db: Db, what: &str) -> Tables {
+        let name = unique(what);
+        let client = SqlClient::connect(config(db, &name)).await.unwrap();
+        Tables { name, db, client }
+    }
+
+    /// Another client on the same tables, with `config` changed by `f`.
+    pub async fn another(&self, f: impl FnOnce(SqlConfig) -> SqlConfig) -> SqlClient {
+        SqlClient::connect(f(config(self.db, &self.name))).await.unwrap()
+    }
+
+    pub async fn drop_all(self) {
+        drop_tables(&self.client, self.db, &self.name).await;
+    }
+}
+
+/// Drops the tables of `client` and, on SQLite, its files.
+pub async fn drop_tables(client: &SqlClient, db: Db, name: &str) {
+    client.drop_tables().await.unwrap();
+    if db == Db::Sqlite {
+        let path = sqlite_path(name);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+}
