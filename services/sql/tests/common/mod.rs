@@ -84,3 +84,42 @@ pub async fn drop_tables(client: &SqlClient, db: Db, name: &str) {
         }
     }
 }
+
+/// Subscribes `subscriber` with `options` through `serve`, sending every
+/// event the handler sees into the returned channel.
+pub async fn collect<S: watchtower::Subscriber + 'static>(
+    subscriber: &S,
+    options: watchtower::SubscribeOptions,
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<watchtower::Event>,
+    watchtower::SubscriptionHandle,
+) {
+    use watchtower::SubscriberExt as _;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let handle = subscriber
+        .subscribe_with(
+            options,
+            tower::service_fn(move |event: watchtower::Event| {
+                let sent = tx.send(event);
+                async move { sent.map_err(|_| watchtower::Error::closed("test over")) }
+            }),
+        )
+        .await
+        .unwrap();
+    (rx, handle)
+}
+
+/// The next `n` events from `rx`, within the test's patience.
+pub async fn take(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<watchtower::Event>,
+    n: usize,
+) -> Vec<watchtower::Event> {
+    let mut got = Vec::with_capacity(n);
+    watchtower_test_support::within(&format!("{n} events"), async {
+        while got.len() < n {
+            got.push(rx.recv().await.expect("subscription open"));
+        }
+    })
+    .await;
+    got
+}
