@@ -4,10 +4,15 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::Weak;
+
+use tokio::sync::mpsc;
+use watchtower::reply::{Filled, Replier, reply};
 use watchtower::{Acker, Error};
 
-use crate::client::{SqlClient, ms, on_pool};
+use crate::client::{Inner, SqlClient, ms, on_pool};
 use crate::error::from_sqlx;
+use crate::subscriber::in_list;
 
 /// Settles one delivery of the SQL transport: its lease row in the group.
 ///
@@ -56,15 +61,60 @@ impl SqlAcker {
 
     async fn delete(mut self) -> Result<(), Error> {
         self.settled = true;
-        let inner = &self.client.inner;
-        on_pool!(&inner.db, pool => sqlx::query(&inner.sql.ack)
-            .bind(&*self.group)
-            .bind(self.seq)
-            .execute(pool)
+        let (replier, reply) = reply();
+        let job = AckJob {
+            group: self.group.clone(),
+            seq: self.seq,
+            reply: replier,
+        };
+        if self.client.acks().send(job).await.is_err() {
+            return Err(Error::closed("the SQL client's acknowledgement writer has stopped"));
+        }
+        reply
             .await
-            .map(drop)
-            .map_err(|e| from_sqlx(e, "acknowledging")))
+            .unwrap_or_else(|| Err(Error::closed("the SQL client's acknowledgement writer has stopped")))
     }
+}
+
+/// One acknowledgement waiting for its `DELETE`.
+pub(crate) struct AckJob {
+    group: Arc<str>,
+    seq: i64,
+    reply: Replier<Result<(), Error>>,
+}
+
+/// The client's acknowledgement writer: deletes the leases of everything
+/// queued in one transaction (one statement per group), then answers.
+/// Acknowledging one event costs a commit; on SQLite a commit is a disk
+/// sync, which a batch shares.
+pub(crate) async fn ack_writer(client: Weak<Inner>, mut queue: mpsc::Receiver<AckJob>) {
+    const MAX: usize = 1000;
+    let mut jobs = Vec::with_capacity(MAX);
+    let mut filled: Vec<Filled<Result<(), Error>>> = Vec::with_capacity(MAX);
+    while queue.recv_many(&mut jobs, MAX).await > 0 {
+        let Some(inner) = client.upgrade() else { return };
+        jobs.sort_unstable_by(|a, b| a.group.cmp(&b.group).then(a.seq.cmp(&b.seq)));
+        let result = delete_leases(&inner, &jobs).await;
+        for job in jobs.drain(..) {
+            filled.push(job.reply.fill(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(Error::new(e.kind(), e.message()).with_retryable(e.is_retryable())),
+            }));
+        }
+        filled.clear();
+    }
+}
+
+async fn delete_leases(inner: &Inner, jobs: &[AckJob]) -> Result<(), Error> {
+    let fail = |e| from_sqlx(e, "acknowledging");
+    on_pool!(&inner.db, pool => {
+        let mut tx = pool.begin().await.map_err(fail)?;
+        for chunk in jobs.chunk_by(|a, b| a.group == b.group) {
+            let statement = format!("{}{}", inner.sql.ack_many, in_list(chunk.iter().map(|j| j.seq)));
+            sqlx::query(&statement).bind(&*chunk[0].group).execute(&mut *tx).await.map_err(fail)?;
+        }
+        tx.commit().await.map_err(fail)
+    })
 }
 
 /// Makes the lease visible after `delay`, if it is still this delivery's.

@@ -14,6 +14,7 @@ use watchtower::backoff::Backoff;
 use watchtower::health::Health;
 use watchtower::{Error, ErrorKind, Transport};
 
+use crate::acker::{AckJob, ack_writer};
 use crate::config::{Backend, SqlConfig};
 use crate::error::from_sqlx;
 use crate::publisher::{Job, SqlPublisher, writer};
@@ -74,6 +75,7 @@ pub(crate) struct Inner {
     /// publishers and settlements, and by `NOTIFY` on PostgreSQL.
     pub(crate) wake: watch::Sender<()>,
     writer: OnceLock<mpsc::Sender<Job>>,
+    acks: OnceLock<mpsc::Sender<AckJob>>,
     listener: OnceLock<JoinHandle<()>>,
 }
 
@@ -146,6 +148,7 @@ impl SqlClient {
                 sql,
                 wake: watch::Sender::new(()),
                 writer: OnceLock::new(),
+                acks: OnceLock::new(),
                 listener: OnceLock::new(),
             }),
         };
@@ -342,6 +345,19 @@ impl SqlClient {
                     self.inner.wake.clone(),
                     rx,
                 ));
+                tx
+            })
+            .clone()
+    }
+
+    /// The queue of the client's acknowledgement writer, started on first
+    /// use; it stops with the client.
+    pub(crate) fn acks(&self) -> mpsc::Sender<AckJob> {
+        self.inner
+            .acks
+            .get_or_init(|| {
+                let (tx, rx) = mpsc::channel(4096);
+                tokio::spawn(ack_writer(Arc::downgrade(&self.inner), rx));
                 tx
             })
             .clone()

@@ -41,8 +41,8 @@ pub(crate) struct Sql {
     pub(crate) delete_group: String,
     /// `group, visibility`, then `FROM events WHERE seq IN (...)`.
     pub(crate) insert_leases: String,
-    /// `group, seq`.
-    pub(crate) ack: String,
+    /// `group`, then `(seq, ...)`.
+    pub(crate) ack_many: String,
     /// `group, seq, deliveries, delay`: only the delivery it names.
     pub(crate) nack: String,
     pub(crate) forget_stale_groups: String,
@@ -261,7 +261,7 @@ impl Sql {
                 "INSERT INTO {leases} (grp, seq, deliveries, visible_ms) SELECT $1, seq, 1, {now} + $2 \
                  FROM {events} WHERE seq IN "
             )),
-            ack: q(format!("DELETE FROM {leases} WHERE grp = $1 AND seq = $2")),
+            ack_many: q(format!("DELETE FROM {leases} WHERE grp = $1 AND seq IN ")),
             nack: q(format!(
                 "UPDATE {leases} SET visible_ms = {now} + $4 WHERE grp = $1 AND seq = $2 AND deliveries = $3"
             )),

@@ -317,7 +317,7 @@ async fn claim(
 }
 
 /// `(1,2,3)`: sequence numbers the database gave, never caller input.
-fn in_list(seqs: impl Iterator<Item = i64>) -> String {
+pub(crate) fn in_list(seqs: impl Iterator<Item = i64>) -> String {
     let mut out = String::from("(");
     for (i, seq) in seqs.enumerate() {
         if i > 0 {

@@ -123,3 +123,50 @@ pub async fn take(
     .await;
     got
 }
+
+/// The shared Redis.
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+/// The shared NATS.
+pub const NATS: &str = "nats://127.0.0.1:4222";
+
+/// The event ids of every entry of the Redis stream `key`, in stream
+/// order, duplicates included.
+pub async fn redis_ids(key: &str) -> Vec<String> {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut ids = Vec::new();
+    let mut from = "-".to_owned();
+    loop {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let Some(last) = reply.ids.last() else { break };
+        from = format!("({}", last.id);
+        for entry in &reply.ids {
+            let data: Vec<u8> = entry.get("data").unwrap();
+            let event = watchtower::codec::structured::from_slice(&data).unwrap();
+            ids.push(event.id().to_owned());
+        }
+    }
+    ids
+}
+
+/// The length of the Redis stream `key`.
+pub async fn redis_len(key: &str) -> usize {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("XLEN").arg(key).query_async(&mut conn).await.unwrap()
+}
+
+/// Deletes the Redis keys `keys`.
+pub async fn redis_delete(keys: &[String]) {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.unwrap();
+}
