@@ -16,6 +16,7 @@ use watchtower::{Error, ErrorKind, Transport};
 
 use crate::acker::{AckJob, ack_writer};
 use crate::config::{Backend, SqlConfig};
+use crate::dead_letters::SqlDeadLetters;
 use crate::error::from_sqlx;
 use crate::publisher::{Job, SqlPublisher, writer};
 use crate::schema::Sql;
@@ -180,6 +181,12 @@ impl SqlClient {
     /// A subscriber. See [`SqlSubscriber`].
     pub fn subscriber(&self) -> SqlSubscriber {
         SqlSubscriber::new(self.clone())
+    }
+
+    /// The durable dead-letter queue in this client's
+    /// `<prefix>dead_letters` table. See [`SqlDeadLetters`].
+    pub fn dead_letters(&self) -> SqlDeadLetters {
+        SqlDeadLetters::new(self.clone())
     }
 
     /// Whether this is PostgreSQL (else SQLite).

@@ -10,15 +10,19 @@
 mod acker;
 mod client;
 mod config;
+mod dead_letters;
 mod error;
 mod publisher;
 mod schema;
+mod spool;
 mod subscriber;
 
 pub use acker::SqlAcker;
 pub use client::SqlClient;
 pub use config::SqlConfig;
+pub use dead_letters::{DeadLetter, RedriveReport, SqlDeadLetters};
 pub use publisher::{Database, ResponseFuture, SqlPublisher};
+pub use spool::{Spool, spool};
 pub use subscriber::{SqlSubscriber, SqlSubscription};
 
 /// Everything a program using the SQL transport needs:

@@ -45,6 +45,10 @@ pub(crate) struct Sql {
     pub(crate) ack_many: String,
     /// `group, seq, deliveries, delay`: only the delivery it names.
     pub(crate) nack: String,
+    /// Every lease of `group` visible at once.
+    pub(crate) release_group: String,
+    /// Events `group` has not settled.
+    pub(crate) pending: String,
     pub(crate) forget_stale_groups: String,
     pub(crate) forget_orphan_leases: String,
     pub(crate) lowest_cursor: String,
@@ -264,6 +268,12 @@ impl Sql {
             ack_many: q(format!("DELETE FROM {leases} WHERE grp = $1 AND seq IN ")),
             nack: q(format!(
                 "UPDATE {leases} SET visible_ms = {now} + $4 WHERE grp = $1 AND seq = $2 AND deliveries = $3"
+            )),
+            release_group: q(format!("UPDATE {leases} SET visible_ms = 0 WHERE grp = $1")),
+            pending: q(format!(
+                "SELECT (SELECT COUNT(*) FROM {events} e JOIN {groups} g ON g.name = $1
+                         WHERE (e.tx, e.seq) > (g.cursor_tx, g.cursor_seq))
+                      + (SELECT COUNT(*) FROM {leases} WHERE grp = $1)"
             )),
             forget_stale_groups: q(format!(
                 "DELETE FROM {groups} WHERE ephemeral = {ephemeral_true} AND seen_ms < {now} - $1"
