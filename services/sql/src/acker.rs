@@ -11,7 +11,7 @@ use watchtower::reply::{Filled, Replier, reply};
 use watchtower::{Acker, Error};
 
 use crate::client::{Inner, SqlClient, ms, on_pool};
-use crate::error::from_sqlx;
+use crate::error::{from_sqlx, timed};
 use crate::subscriber::in_list;
 
 /// Settles one delivery of the SQL transport: its lease row in the group.
@@ -68,11 +68,15 @@ impl SqlAcker {
             reply: replier,
         };
         if self.client.acks().send(job).await.is_err() {
-            return Err(Error::closed("the SQL client's acknowledgement writer has stopped"));
+            return Err(Error::closed(
+                "the SQL client's acknowledgement writer has stopped",
+            ));
         }
-        reply
-            .await
-            .unwrap_or_else(|| Err(Error::closed("the SQL client's acknowledgement writer has stopped")))
+        reply.await.unwrap_or_else(|| {
+            Err(Error::closed(
+                "the SQL client's acknowledgement writer has stopped",
+            ))
+        })
     }
 }
 
@@ -94,7 +98,12 @@ pub(crate) async fn ack_writer(client: Weak<Inner>, mut queue: mpsc::Receiver<Ac
     while queue.recv_many(&mut jobs, MAX).await > 0 {
         let Some(inner) = client.upgrade() else { return };
         jobs.sort_unstable_by(|a, b| a.group.cmp(&b.group).then(a.seq.cmp(&b.seq)));
-        let result = delete_leases(&inner, &jobs).await;
+        let result = timed(
+            inner.config.statement_timeout,
+            "acknowledging",
+            delete_leases(&inner, &jobs),
+        )
+        .await;
         for job in jobs.drain(..) {
             filled.push(job.reply.fill(match &result {
                 Ok(()) => Ok(()),
@@ -118,7 +127,13 @@ async fn delete_leases(inner: &Inner, jobs: &[AckJob]) -> Result<(), Error> {
 }
 
 /// Makes the lease visible after `delay`, if it is still this delivery's.
-async fn release(client: &SqlClient, group: &str, seq: i64, deliveries: i32, delay: Duration) -> Result<(), Error> {
+async fn release(
+    client: &SqlClient,
+    group: &str,
+    seq: i64,
+    deliveries: i32,
+    delay: Duration,
+) -> Result<(), Error> {
     let inner = &client.inner;
     on_pool!(&inner.db, pool => sqlx::query(&inner.sql.nack)
         .bind(group)
@@ -175,7 +190,8 @@ impl Drop for SqlAcker {
         }
         // Outside a runtime the visibility timeout brings the event back.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (client, group, seq, deliveries) = (self.client.clone(), self.group.clone(), self.seq, self.deliveries);
+            let (client, group, seq, deliveries) =
+                (self.client.clone(), self.group.clone(), self.seq, self.deliveries);
             runtime.spawn(async move {
                 if let Err(e) = release(&client, &group, seq, deliveries, Duration::ZERO).await {
                     tracing::debug!(error = %e, "a dropped delivery waits for its visibility timeout");

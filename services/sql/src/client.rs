@@ -6,7 +6,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Executor as _, Row as _};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -309,7 +311,10 @@ impl SqlClient {
                 if present.is_some() {
                     return Ok(());
                 }
-                let mut tx = pool.begin().await.map_err(|e| from_sqlx(e, "creating the schema"))?;
+                let mut tx = pool
+                    .begin()
+                    .await
+                    .map_err(|e| from_sqlx(e, "creating the schema"))?;
                 // Concurrent `CREATE ... IF NOT EXISTS` of one name can
                 // fail in PostgreSQL: one creator at a time.
                 sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
@@ -323,17 +328,24 @@ impl SqlClient {
                         .await
                         .map_err(|e| from_sqlx(e, "creating the schema"))?;
                 }
-                tx.commit().await.map_err(|e| from_sqlx(e, "creating the schema"))?;
+                tx.commit()
+                    .await
+                    .map_err(|e| from_sqlx(e, "creating the schema"))?;
             }
             Db::Sqlite(pool) => {
-                let mut tx = pool.begin().await.map_err(|e| from_sqlx(e, "creating the schema"))?;
+                let mut tx = pool
+                    .begin()
+                    .await
+                    .map_err(|e| from_sqlx(e, "creating the schema"))?;
                 for statement in &sql.ddl {
                     (&mut *tx)
                         .execute(statement.as_str())
                         .await
                         .map_err(|e| from_sqlx(e, "creating the schema"))?;
                 }
-                tx.commit().await.map_err(|e| from_sqlx(e, "creating the schema"))?;
+                tx.commit()
+                    .await
+                    .map_err(|e| from_sqlx(e, "creating the schema"))?;
             }
         }
         Ok(())
@@ -349,6 +361,7 @@ impl SqlClient {
                     self.inner.db.clone(),
                     self.inner.sql.events.clone(),
                     self.inner.config.publish_batch,
+                    self.inner.config.statement_timeout,
                     self.inner.wake.clone(),
                     rx,
                 ));
@@ -454,9 +467,7 @@ impl Transport for SqlClient {
     /// URL without credentials.
     async fn health(&self) -> Health {
         let timeout = self.inner.config.connect_timeout;
-        let probe = async {
-            on_pool!(&self.inner.db, pool => pool.execute("SELECT 1").await.map(drop))
-        };
+        let probe = async { on_pool!(&self.inner.db, pool => pool.execute("SELECT 1").await.map(drop)) };
         let reason = match tokio::time::timeout(timeout, probe).await {
             Ok(Ok(())) => return Health::up(Self::SYSTEM),
             Ok(Err(e)) => from_sqlx(e, "SELECT 1").message().to_owned(),

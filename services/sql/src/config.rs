@@ -46,6 +46,7 @@ pub struct SqlConfig {
     pub(crate) cleanup_interval: Duration,
     pub(crate) max_connections: u32,
     pub(crate) connect_timeout: Duration,
+    pub(crate) statement_timeout: Duration,
     pub(crate) create_schema: bool,
 }
 
@@ -69,6 +70,7 @@ impl fmt::Debug for SqlConfig {
             .field("cleanup_interval", &self.cleanup_interval)
             .field("max_connections", &self.max_connections)
             .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
             .field("create_schema", &self.create_schema)
             .finish()
     }
@@ -92,6 +94,7 @@ impl SqlConfig {
             cleanup_interval: Duration::from_secs(60),
             max_connections: 10,
             connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
             create_schema: true,
         }
     }
@@ -180,6 +183,19 @@ impl SqlConfig {
         self
     }
 
+    /// How long the transport's own work may take, per batch: a publish
+    /// batch's `INSERT`, a claim, a batch of acknowledgements. Default
+    /// 30 s. Past it the callers get [`ErrorKind::Timeout`](watchtower::ErrorKind::Timeout)
+    /// (a publish may then have been stored all the same) and the
+    /// connection is dropped, so that a database that stopped answering
+    /// does not hold callers forever. Not applied to
+    /// [`publish_in`](crate::SqlPublisher::publish_in), which runs in the
+    /// caller's transaction.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
     /// Whether [`SqlClient::connect`](crate::SqlClient::connect) creates
     /// the tables (idempotent `CREATE ... IF NOT EXISTS`). Default `true`;
     /// turn it off where the application's own migrations create them
@@ -222,9 +238,12 @@ impl SqlConfig {
             ("visibility_timeout", self.visibility_timeout),
             ("cleanup_interval", self.cleanup_interval),
             ("connect_timeout", self.connect_timeout),
+            ("statement_timeout", self.statement_timeout),
         ] {
             if d.is_zero() {
-                return Err(Error::config(format!("SqlConfig::{name} must be greater than zero")));
+                return Err(Error::config(format!(
+                    "SqlConfig::{name} must be greater than zero"
+                )));
             }
         }
         if self.batch_size == 0 || self.publish_queue == 0 || self.max_connections == 0 {
@@ -267,16 +286,40 @@ mod tests {
             assert!(validate_prefix(ok).is_ok(), "{ok}");
         }
         let long = "a".repeat(MAX_PREFIX_LEN + 1);
-        for bad in ["", "1abc", "Upper", "a-b", "a;drop table x", "a b", "é", long.as_str()] {
-            assert_eq!(validate_prefix(bad).unwrap_err().kind(), ErrorKind::Config, "{bad}");
+        for bad in [
+            "",
+            "1abc",
+            "Upper",
+            "a-b",
+            "a;drop table x",
+            "a b",
+            "é",
+            long.as_str(),
+        ] {
+            assert_eq!(
+                validate_prefix(bad).unwrap_err().kind(),
+                ErrorKind::Config,
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn urls_and_settings_are_checked_without_secrets() {
-        assert_eq!(SqlConfig::new("postgres://u:p@h/db").validate().unwrap(), Backend::Postgres);
-        assert_eq!(SqlConfig::new("sqlite://x.db").validate().unwrap(), Backend::Sqlite);
-        for url in ["mysql://u:hunter2@h/db", "", "http://u:hunter2@h", "sqlite::memory:"] {
+        assert_eq!(
+            SqlConfig::new("postgres://u:p@h/db").validate().unwrap(),
+            Backend::Postgres
+        );
+        assert_eq!(
+            SqlConfig::new("sqlite://x.db").validate().unwrap(),
+            Backend::Sqlite
+        );
+        for url in [
+            "mysql://u:hunter2@h/db",
+            "",
+            "http://u:hunter2@h",
+            "sqlite::memory:",
+        ] {
             let err = SqlConfig::new(url).validate().unwrap_err();
             assert_eq!(err.kind(), ErrorKind::Config, "{url}");
             assert!(!err.to_string().contains("hunter2"), "{err}");

@@ -218,7 +218,8 @@ impl Service<Event> for SqlDeadLetters {
                 .fetch_one(pool)
                 .await
                 .map_err(|e| from_sqlx(e, "storing a dead letter").with_event(event.clone())))?;
-            Ok(Receipt::new(inner.sql.dead_letters.as_str(), &event).with_sequence(u64::try_from(id).unwrap_or_default()))
+            Ok(Receipt::new(inner.sql.dead_letters.as_str(), &event)
+                .with_sequence(u64::try_from(id).unwrap_or_default()))
         })
     }
 }

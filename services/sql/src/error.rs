@@ -18,8 +18,10 @@ pub(crate) fn from_sqlx(e: sqlx::Error, what: &str) -> Error {
             // PostgreSQL: serialization failure, deadlock, lock not
             // available, connection exceptions, too many connections,
             // shutdown; SQLite: busy, locked.
-            Some("40001" | "40P01" | "55P03" | "53300" | "57P01" | "57P02" | "57P03" | "5" | "6" | "517"
-            | "262") => ErrorKind::Throttled,
+            Some(
+                "40001" | "40P01" | "55P03" | "53300" | "57P01" | "57P02" | "57P03" | "5" | "6" | "517"
+                | "262",
+            ) => ErrorKind::Throttled,
             Some(code) if code.starts_with("08") => ErrorKind::Connection,
             _ => ErrorKind::Rejected,
         },
@@ -30,4 +32,18 @@ pub(crate) fn from_sqlx(e: sqlx::Error, what: &str) -> Error {
         ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Throttled
     );
     Error::new(kind, format!("{what}: {e}")).with_retryable(retryable)
+}
+
+/// `work`, failing with [`ErrorKind::Timeout`] after `limit`.
+pub(crate) async fn timed<T>(
+    limit: std::time::Duration,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(
+            Error::new(ErrorKind::Timeout, format!("{what}: no answer within {limit:?}"))
+                .with_retryable(true),
+        )
+    })
 }

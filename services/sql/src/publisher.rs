@@ -19,7 +19,7 @@ use watchtower::{Error, Event, Receipt, Transport, validate_topic};
 
 use crate::client::{Db, SqlClient};
 use crate::config::Backend;
-use crate::error::from_sqlx;
+use crate::error::{from_sqlx, timed};
 
 /// One publish call waiting for its `INSERT`.
 pub(crate) struct Job {
@@ -97,7 +97,11 @@ impl Database for Postgres {
         sql: &'c str,
         (topic, id, body): (&'c str, &'c str, &'c [u8]),
     ) -> impl Future<Output = Result<i64, sqlx::Error>> + Send + 'c {
-        sqlx::query_scalar(sql).bind(topic).bind(id).bind(body).fetch_one(conn)
+        sqlx::query_scalar(sql)
+            .bind(topic)
+            .bind(id)
+            .bind(body)
+            .fetch_one(conn)
     }
 }
 
@@ -109,7 +113,11 @@ impl Database for Sqlite {
         sql: &'c str,
         (topic, id, body): (&'c str, &'c str, &'c [u8]),
     ) -> impl Future<Output = Result<i64, sqlx::Error>> + Send + 'c {
-        sqlx::query_scalar(sql).bind(topic).bind(id).bind(body).fetch_one(conn)
+        sqlx::query_scalar(sql)
+            .bind(topic)
+            .bind(id)
+            .bind(body)
+            .fetch_one(conn)
     }
 }
 
@@ -166,7 +174,10 @@ impl SqlPublisher {
             )));
         }
         let body = encode(&event)?;
-        let mut conn = conn.acquire().await.map_err(|e| from_sqlx(e, "acquiring a connection"))?;
+        let mut conn = conn
+            .acquire()
+            .await
+            .map_err(|e| from_sqlx(e, "acquiring a connection"))?;
         let seq = <A::Database as Database>::insert_one(
             &mut conn,
             &self.client.inner.sql.insert_one,
@@ -310,6 +321,7 @@ pub(crate) async fn writer(
     db: Db,
     table: String,
     max: usize,
+    limit: std::time::Duration,
     wake: watch::Sender<()>,
     mut queue: mpsc::Receiver<Job>,
 ) {
@@ -320,11 +332,14 @@ pub(crate) async fn writer(
         if jobs.is_empty() {
             continue;
         }
-        match insert(&db, &table, &jobs).await {
+        match timed(limit, "inserting events", insert(&db, &table, &jobs)).await {
             Ok(seqs) => {
                 filled.extend(jobs.drain(..).zip(seqs).map(|(job, seq)| {
                     job.reply.fill(seq.ok_or_else(|| {
-                        Error::new(watchtower::ErrorKind::Other, "the INSERT did not return the event")
+                        Error::new(
+                            watchtower::ErrorKind::Other,
+                            "the INSERT did not return the event",
+                        )
                     }))
                 }));
             }
@@ -350,7 +365,9 @@ async fn insert(db: &Db, table: &str, jobs: &[Job]) -> Result<Vec<Option<i64>>, 
         Db::Pg(pool) => {
             let mut query = QueryBuilder::<Postgres>::new(head);
             query.push_values(jobs, |mut row, job| {
-                row.push_bind(&*job.topic).push_bind(&*job.id).push_bind(&job.body[..]);
+                row.push_bind(&*job.topic)
+                    .push_bind(&*job.id)
+                    .push_bind(&job.body[..]);
             });
             query.push(" RETURNING seq, event_id");
             let rows = query.build().fetch_all(pool).await;
@@ -359,7 +376,9 @@ async fn insert(db: &Db, table: &str, jobs: &[Job]) -> Result<Vec<Option<i64>>, 
         Db::Sqlite(pool) => {
             let mut query = QueryBuilder::<Sqlite>::new(head);
             query.push_values(jobs, |mut row, job| {
-                row.push_bind(&*job.topic).push_bind(&*job.id).push_bind(&job.body[..]);
+                row.push_bind(&*job.topic)
+                    .push_bind(&*job.id)
+                    .push_bind(&job.body[..]);
             });
             query.push(" RETURNING seq, event_id");
             let rows = query.build().fetch_all(pool).await;

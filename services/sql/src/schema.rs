@@ -80,9 +80,7 @@ impl Sql {
         let channel = format!("{prefix}events");
         let pg = backend == Backend::Postgres;
         // PostgreSQL placeholders are `$n`, SQLite's `?n`.
-        let q = |sql: String| -> String {
-            if pg { sql } else { sql.replace('$', "?") }
-        };
+        let q = |sql: String| -> String { if pg { sql } else { sql.replace('$', "?") } };
         let ddl = if pg {
             vec![
                 format!(

@@ -20,7 +20,7 @@ use watchtower::{
 
 use crate::acker::SqlAcker;
 use crate::client::{Db, SqlClient, delete_group, ms, on_pool};
-use crate::error::from_sqlx;
+use crate::error::{from_sqlx, timed};
 
 /// Opens subscriptions on the events table.
 ///
@@ -182,9 +182,20 @@ async fn run(
         wake.borrow_and_update();
         let free = tx.capacity().min(config.batch_size);
         let claimed = if free == 0 {
-            touch(&client, &group).await.map(|()| Vec::new())
+            timed(
+                config.statement_timeout,
+                "touching the group",
+                touch(&client, &group),
+            )
+            .await
+            .map(|()| Vec::new())
         } else {
-            claim(&client, &group, &options, free).await
+            timed(
+                config.statement_timeout,
+                "claiming events",
+                claim(&client, &group, &options, free),
+            )
+            .await
         };
         match claimed {
             Ok(deliveries) => {

@@ -78,8 +78,18 @@ impl Harness for SqlHarness {
             client.config().events_table()
         );
         let result = match (client.pg_pool(), client.sqlite_pool()) {
-            (Some(pool), _) => sqlx::query(&insert).bind(topic).bind(&body[..]).execute(pool).await.map(drop),
-            (_, Some(pool)) => sqlx::query(&insert).bind(topic).bind(&body[..]).execute(pool).await.map(drop),
+            (Some(pool), _) => sqlx::query(&insert)
+                .bind(topic)
+                .bind(&body[..])
+                .execute(pool)
+                .await
+                .map(drop),
+            (_, Some(pool)) => sqlx::query(&insert)
+                .bind(topic)
+                .bind(&body[..])
+                .execute(pool)
+                .await
+                .map(drop),
             _ => unreachable!(),
         };
         result.map_err(|e| Error::new(ErrorKind::Connection, e.to_string()))?;
@@ -107,6 +117,9 @@ async fn conformance_sqlite() {
 #[tokio::test]
 async fn capabilities_are_declared() {
     let tables = common::Tables::new(Db::Sqlite, "caps").await;
-    assert_eq!(tables.client.subscriber().capabilities(), SqlSubscriber::CAPABILITIES);
+    assert_eq!(
+        tables.client.subscriber().capabilities(),
+        SqlSubscriber::CAPABILITIES
+    );
     tables.drop_all().await;
 }

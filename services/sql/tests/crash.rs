@@ -62,11 +62,17 @@ async fn child() {
             let redis = RedisClient::connect(RedisConfig::new(REDIS)).await.unwrap();
             let subscription = watchtower::Subscriber::open(
                 &client.subscriber(),
-                SubscribeOptions::new([format!("{name}.>")]).unwrap().group("forwarder").unwrap(),
+                SubscribeOptions::new([format!("{name}.>")])
+                    .unwrap()
+                    .group("forwarder")
+                    .unwrap(),
             )
             .await
             .unwrap();
-            serve(subscription, redis.publisher()).concurrency(CONCURRENCY).await.unwrap();
+            serve(subscription, redis.publisher())
+                .concurrency(CONCURRENCY)
+                .await
+                .unwrap();
         }
         "app" => {
             let pool = client.pg_pool().unwrap();
@@ -100,11 +106,12 @@ fn app_name(name: &str) -> String {
 async fn children_gone(pool: &sqlx::PgPool, name: &str) {
     within("the killed process's connections to close", async {
         loop {
-            let open: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = $1")
-                .bind(app_name(name))
-                .fetch_one(pool)
-                .await
-                .unwrap();
+            let open: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = $1")
+                    .bind(app_name(name))
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
             if open == 0 {
                 break;
             }
@@ -165,7 +172,10 @@ async fn crash_forwarder_killed_mid_batch_loses_nothing() {
     let unique: HashSet<&String> = got.iter().collect();
     let sent: HashSet<String> = events.iter().map(|e| e.id().to_owned()).collect();
     assert_eq!(unique.len(), sent.len());
-    assert!(unique.iter().all(|id| sent.contains(*id)), "only published events");
+    assert!(
+        unique.iter().all(|id| sent.contains(*id)),
+        "only published events"
+    );
     let duplicates = got.len() - unique.len();
     println!("forwarder killed at {at_kill} of 10000 events: {duplicates} duplicates");
     assert!(
@@ -209,15 +219,27 @@ async fn crash_app_killed_between_write_and_publish_loses_nothing() {
 
     let (mut rx, handle) = collect(
         &tables.client.subscriber(),
-        SubscribeOptions::new([format!("{ns}.order")]).unwrap().group("relay").unwrap(),
+        SubscribeOptions::new([format!("{ns}.order")])
+            .unwrap()
+            .group("relay")
+            .unwrap(),
     )
     .await;
     let got = take(&mut rx, n).await;
-    let numbers: Vec<i64> = got.iter().map(|e| e.json::<serde_json::Value>().unwrap()["n"].as_i64().unwrap()).collect();
-    assert_eq!(numbers, orders_stored, "one event per committed order, in commit order");
+    let numbers: Vec<i64> = got
+        .iter()
+        .map(|e| e.json::<serde_json::Value>().unwrap()["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        numbers, orders_stored,
+        "one event per committed order, in commit order"
+    );
     let stats = handle.stop().await.unwrap();
     assert_eq!(stats.acked as usize, n);
     assert!(rx.try_recv().is_err(), "no event without its order");
-    sqlx::query(&format!("DROP TABLE {orders}")).execute(pool).await.unwrap();
+    sqlx::query(&format!("DROP TABLE {orders}"))
+        .execute(pool)
+        .await
+        .unwrap();
     tables.drop_all().await;
 }

@@ -36,13 +36,19 @@ async fn dead_letters_survive_and_redrive(db: Db) {
     let dlq = later.dead_letters();
     assert_eq!(dlq.len().await.unwrap(), 5);
     let stored = dlq.list(0, 100).await.unwrap();
-    assert_eq!(stored.iter().map(|d| d.event.id()).collect::<Vec<_>>(), sent.iter().map(Event::id).collect::<Vec<_>>());
+    assert_eq!(
+        stored.iter().map(|d| d.event.id()).collect::<Vec<_>>(),
+        sent.iter().map(Event::id).collect::<Vec<_>>()
+    );
     assert_eq!(stored[0].event.extension("deadletterkind"), Some("rejected"));
     assert_eq!(stored[0].event.extension("deadlettertopic"), Some(topic.as_str()));
     assert_eq!(stored[0].event.data(), sent[0].data());
     // Pages.
     let page = dlq.list(stored[1].id, 2).await.unwrap();
-    assert_eq!(page.iter().map(|d| d.id).collect::<Vec<_>>(), [stored[2].id, stored[3].id]);
+    assert_eq!(
+        page.iter().map(|d| d.id).collect::<Vec<_>>(),
+        [stored[2].id, stored[3].id]
+    );
 
     // Redrive to a target that takes all but the third: the taken ones are
     // removed, restored to their topic without annotations; the third stays.
@@ -106,6 +112,9 @@ async fn dead_letters_list_garbage_as_poison() {
     let stored = tables.client.dead_letters().list(0, 10).await.unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].event.ty(), watchtower::POISON_EVENT_TYPE);
-    assert_eq!(stored[0].event.data().map(|d| &d[..]), Some(&b"\xff not json"[..]));
+    assert_eq!(
+        stored[0].event.data().map(|d| &d[..]),
+        Some(&b"\xff not json"[..])
+    );
     tables.drop_all().await;
 }

@@ -51,7 +51,12 @@ async fn forward_to_redis_at_least_once_then_clean_up() {
     let subscription = tables
         .client
         .subscriber()
-        .open(SubscribeOptions::new([format!("{ns}.>")]).unwrap().group("forwarder").unwrap())
+        .open(
+            SubscribeOptions::new([format!("{ns}.>")])
+                .unwrap()
+                .group("forwarder")
+                .unwrap(),
+        )
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -95,7 +100,11 @@ async fn two_forwarders_share_the_work_to_nats_core() {
     let tables = Tables::new(Db::Postgres, "fwdnats").await;
     let ns = tables.name.clone();
     let nats = NatsClient::connect(NatsConfig::new(NATS)).await.unwrap();
-    let (mut rx, receiver) = collect(&nats.subscriber(), SubscribeOptions::new([format!("{ns}.>")]).unwrap()).await;
+    let (mut rx, receiver) = collect(
+        &nats.subscriber(),
+        SubscribeOptions::new([format!("{ns}.>")]).unwrap(),
+    )
+    .await;
 
     // Two forwarder instances, each with its own client (as two processes
     // would have), in one group.
@@ -104,7 +113,12 @@ async fn two_forwarders_share_the_work_to_nats_core() {
         let client = tables.another(|c| c).await;
         let subscription = client
             .subscriber()
-            .open(SubscribeOptions::new([format!("{ns}.>")]).unwrap().group("forwarder").unwrap())
+            .open(
+                SubscribeOptions::new([format!("{ns}.>")])
+                    .unwrap()
+                    .group("forwarder")
+                    .unwrap(),
+            )
             .await
             .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -184,7 +198,12 @@ async fn jetstream_dedup_makes_the_hand_off_exactly_once() {
     let subscription = tables
         .client
         .subscriber()
-        .open(SubscribeOptions::new([format!("{ns}.>")]).unwrap().group("forwarder").unwrap())
+        .open(
+            SubscribeOptions::new([format!("{ns}.>")])
+                .unwrap()
+                .group("forwarder")
+                .unwrap(),
+        )
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -208,8 +227,16 @@ async fn jetstream_dedup_makes_the_hand_off_exactly_once() {
     let _ = stop.send(());
     let stats = forwarder.await.unwrap().unwrap();
     assert_eq!(stats.acked, 200, "{stats}");
-    assert_eq!(*duplicates.lock().unwrap(), 200, "every second hand-off is a known duplicate");
-    assert_eq!(nats.stream_messages(&stream).await.unwrap(), 200, "stored once each");
+    assert_eq!(
+        *duplicates.lock().unwrap(),
+        200,
+        "every second hand-off is a known duplicate"
+    );
+    assert_eq!(
+        nats.stream_messages(&stream).await.unwrap(),
+        200,
+        "stored once each"
+    );
     nats.delete_stream(&stream).await.unwrap();
     tables.drop_all().await;
 }

@@ -40,19 +40,32 @@ async fn commit_and_rollback(db: Db) {
             let pool = $pool;
             sqlx::query(&create).execute(pool).await.unwrap();
             let mut tx = pool.begin().await.unwrap();
-            sqlx::query(&insert).bind(1_i64).bind(100_i64).execute(&mut *tx).await.unwrap();
+            sqlx::query(&insert)
+                .bind(1_i64)
+                .bind(100_i64)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
             publisher.publish_in(&mut *tx, rolled_back.clone()).await.unwrap();
             tx.rollback().await.unwrap();
 
             let mut tx = pool.begin().await.unwrap();
-            sqlx::query(&insert).bind(2_i64).bind(200_i64).execute(&mut *tx).await.unwrap();
+            sqlx::query(&insert)
+                .bind(2_i64)
+                .bind(200_i64)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
             let receipt = publisher.publish_in(&mut tx, committed.clone()).await.unwrap();
             assert_eq!(receipt.event_id.as_ref(), committed.id());
             assert!(receipt.sequence.is_some());
             tx.commit().await.unwrap();
             let rows: i64 = sqlx::query_scalar(&count).fetch_one(pool).await.unwrap();
             assert_eq!(rows, 1, "only the committed business row is stored");
-            sqlx::query(&format!("DROP TABLE {accounts}")).execute(pool).await.unwrap();
+            sqlx::query(&format!("DROP TABLE {accounts}"))
+                .execute(pool)
+                .await
+                .unwrap();
         }};
     }
     match db {
@@ -62,7 +75,9 @@ async fn commit_and_rollback(db: Db) {
     // Published after both: once it is in, anything committed before it
     // is in too (a group receives events in commit order).
     let mut plain = publisher.clone();
-    watchtower::PublishExt::publish(&mut plain, marker.clone()).await.unwrap();
+    watchtower::PublishExt::publish(&mut plain, marker.clone())
+        .await
+        .unwrap();
     let got = take(&mut rx, 2).await;
     assert_eq!(
         got.iter().map(Event::id).collect::<Vec<_>>(),
@@ -111,7 +126,10 @@ async fn outbox_late_commit_is_not_skipped_postgres() {
     // While the slow transaction is open, nothing may be delivered: the
     // later event would move the group past the earlier one's number.
     let early_delivery = tokio::time::timeout(Duration::from_millis(600), subscription.next()).await;
-    assert!(early_delivery.is_err(), "delivered before the older transaction ended: {early_delivery:?}");
+    assert!(
+        early_delivery.is_err(),
+        "delivered before the older transaction ended: {early_delivery:?}"
+    );
     slow.commit().await.unwrap();
     let mut got = Vec::new();
     for _ in 0..2 {
@@ -147,7 +165,12 @@ async fn outbox_refuses_a_connection_of_the_other_database() {
     // An invalid event is refused before anything is written.
     let mut tx = pg_pool.begin().await.unwrap();
     let bad = Event::new("bad topic with spaces", serde_json::json!({}));
-    let err = postgres.client.publisher().publish_in(&mut *tx, bad).await.unwrap_err();
+    let err = postgres
+        .client
+        .publisher()
+        .publish_in(&mut *tx, bad)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidTopic, "{err}");
     tx.commit().await.unwrap();
     sqlite.drop_all().await;

@@ -17,14 +17,22 @@ use common::sqlite_path;
 async fn stream_ids(url: &str, key: &str) -> Vec<String> {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let reply: redis::streams::StreamRangeReply =
-        redis::cmd("XRANGE").arg(key).arg("-").arg("+").query_async(&mut conn).await.unwrap();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     reply
         .ids
         .iter()
         .map(|entry| {
             let data: Vec<u8> = entry.get("data").unwrap();
-            watchtower::codec::structured::from_slice(&data).unwrap().id().to_owned()
+            watchtower::codec::structured::from_slice(&data)
+                .unwrap()
+                .id()
+                .to_owned()
         })
         .collect()
 }
@@ -60,7 +68,10 @@ async fn spool_keeps_accepting_while_the_broker_is_down_and_drains_in_order() {
         spool.publish(event.clone()).await.unwrap();
         sent.entry(key.clone()).or_default().push(event.id().to_owned());
     }
-    assert!(spool.pending().await.unwrap() >= 399, "held while the broker is down");
+    assert!(
+        spool.pending().await.unwrap() >= 399,
+        "held while the broker is down"
+    );
 
     // Back (empty: no persistence): all 400 arrive, in order per key.
     server.restart().await;
@@ -108,7 +119,9 @@ async fn spool_survives_a_restart_and_dead_letters_what_the_broker_refuses() {
             }
         })
     };
-    let events: Vec<Event> = (0..10).map(|i| Event::new(key.clone(), serde_json::json!({ "i": i }))).collect();
+    let events: Vec<Event> = (0..10)
+        .map(|i| Event::new(key.clone(), serde_json::json!({ "i": i })))
+        .collect();
     let mut spool = watchtower_sql::spool(&path, broker.clone()).await.unwrap();
     for event in &events {
         spool.publish(event.clone()).await.unwrap();
@@ -123,8 +136,11 @@ async fn spool_survives_a_restart_and_dead_letters_what_the_broker_refuses() {
         }
     })
     .await;
-    let expected: Vec<String> = events.iter().filter(|e| e.json::<serde_json::Value>().unwrap()["i"] != 3)
-        .map(|e| e.id().to_owned()).collect();
+    let expected: Vec<String> = events
+        .iter()
+        .filter(|e| e.json::<serde_json::Value>().unwrap()["i"] != 3)
+        .map(|e| e.id().to_owned())
+        .collect();
     assert_eq!(*received.lock().unwrap(), expected, "in order, once each");
     let dead = spool.dead_letters().list(0, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
