@@ -21,7 +21,7 @@ use crate::dead_letter::MemoryDeadLetters;
 use crate::error::{BoxError, Error};
 use crate::event::{Event, ext};
 use crate::subscribe::{Acker, Delivery, SubscribeOptions, Subscriber};
-use crate::trace::process_span;
+use crate::trace::{ConsumerMeter, Settlement, process_span, record_process_error, settle_span};
 
 /// How many events may be settling (ack on its way) per concurrency slot.
 const SETTLING_FACTOR: usize = 4;
@@ -310,7 +310,7 @@ fn dispatch<A, H>(
     delivery: Delivery<A>,
     handler: &mut H,
     settle: &Settle,
-) -> (Work<H::Future>, A, tracing::Span)
+) -> (Work<H::Future>, A, tracing::Span, ConsumerMeter)
 where
     A: Acker,
     H: Service<Event>,
@@ -330,6 +330,7 @@ where
     };
     let count = delivery.delivery_count();
     let topic = delivery.shared_topic();
+    let meter = ConsumerMeter::received(delivery.system(), &topic, count);
     let (content, acker) = delivery.into_parts();
     let work = match content {
         Ok(mut event) => {
@@ -347,6 +348,7 @@ where
             }
         }
         Err(poison) => {
+            meter.poison();
             tracing::warn!(
                 topic = &*poison.raw.topic,
                 error = %poison.error,
@@ -356,7 +358,7 @@ where
             Work::Poison(poison.into_event())
         }
     };
-    (work, acker, span)
+    (work, acker, span, meter)
 }
 
 impl<St, A, H> Serve<St, H>
@@ -442,12 +444,12 @@ where
                     None => return Poll::Ready(Step::End),
                 };
                 coop.made_progress();
-                let (work, acker, span) = dispatch(delivery, &mut handler, &settle);
+                let (work, acker, span, meter) = dispatch(delivery, &mut handler, &settle);
                 // Most handlers finish without waiting: settle those here,
                 // and keep only the rest in the in-flight set.
                 let mut slot = spare.take().unwrap_or_else(|| Box::pin(OptionFuture::from(None)));
                 slot.as_mut()
-                    .set(Some(process(work, acker, &settle).instrument(span)).into());
+                    .set(Some(process(work, acker, meter, &settle).instrument(span)).into());
                 if slot.as_mut().poll(cx).is_pending() {
                     in_flight.push(slot);
                 } else {
@@ -507,7 +509,7 @@ struct Settle {
     handling: AtomicUsize,
 }
 
-async fn process<F, R, E, A>(work: Work<F>, acker: A, ctx: &Settle)
+async fn process<F, R, E, A>(work: Work<F>, acker: A, meter: ConsumerMeter, ctx: &Settle)
 where
     F: Future<Output = Result<R, E>>,
     E: Into<BoxError>,
@@ -535,29 +537,43 @@ where
                 None => Err(panicked(counters)),
             };
             ctx.handling.fetch_sub(1, Ordering::Relaxed);
+            let failure = outcome.as_ref().err().map(|e| e.kind().as_str());
+            meter.processed(failure);
+            if let Err(e) = &outcome {
+                record_process_error(&tracing::Span::current(), e);
+            }
             match outcome {
                 Ok(()) => {
-                    let settled = acker.ack().await;
+                    let settled = acker.ack().instrument(settle_span("ack")).await;
                     if settled.is_ok() {
                         counters.acked.fetch_add(1, Ordering::Relaxed);
+                        meter.settled(Settlement::Ack);
                     }
                     settled
                 }
                 Err(e) if !e.is_retryable() || count >= ctx.max_deliveries => {
                     tracing::debug!(error = %e, attempts = count, "handler gave up; dead-lettering");
                     let event = crate::dead_letter::annotate(event, &e, &topic, Some(count));
-                    dead_letter(event, acker, ctx, &counters.dead_lettered).await
+                    let settled = dead_letter(event, acker, ctx, &counters.dead_lettered, &meter).await;
+                    if let Ok(true) = settled {
+                        meter.settled(Settlement::DeadLetter);
+                    }
+                    settled.map(drop)
                 }
                 Err(e) => {
                     let delay = e.retry_after().unwrap_or_else(|| ctx.backoff.delay(count));
                     tracing::debug!(error = %e, attempts = count, ?delay, "handler failed; nacking");
-                    nack(acker, Some(delay), counters).await
+                    nack(acker, Some(delay), counters, &meter).await
                 }
             }
         }
         Work::Poison(event) => {
             ctx.handling.fetch_sub(1, Ordering::Relaxed);
-            dead_letter(event, acker, ctx, &counters.poisoned).await
+            let settled = dead_letter(event, acker, ctx, &counters.poisoned, &meter).await;
+            if let Ok(true) = settled {
+                meter.settled(Settlement::Reject);
+            }
+            settled.map(drop)
         }
     };
     if let Err(e) = settled {
@@ -573,14 +589,15 @@ fn panicked(counters: &Counters) -> Error {
     Error::new(crate::ErrorKind::Handler, "handler panicked")
 }
 
-/// Sends `event` to the dead-letter path and rejects the delivery; if the
-/// path fails, nacks it so that the transport keeps it.
+/// Sends `event` to the dead-letter path and rejects the delivery (`true`);
+/// if the path fails, nacks it so that the transport keeps it (`false`).
 async fn dead_letter<A: Acker>(
     event: Event,
     acker: A,
     ctx: &Settle,
     counter: &AtomicU64,
-) -> Result<(), Error> {
+    meter: &ConsumerMeter,
+) -> Result<bool, Error> {
     let id = (!ctx.durable).then(|| event.id_shared());
     match ctx.dead_letter.clone().oneshot(event).await {
         Ok(()) => {
@@ -591,11 +608,11 @@ async fn dead_letter<A: Acker>(
                      the process exits; set a durable path with `Serve::poison`"
                 );
             }
-            let settled = acker.reject().await;
+            let settled = acker.reject().instrument(settle_span("reject")).await;
             if settled.is_ok() {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
-            settled
+            settled.map(|()| true)
         }
         Err(e) => {
             ctx.counters.poison_errors.fetch_add(1, Ordering::Relaxed);
@@ -604,16 +621,24 @@ async fn dead_letter<A: Acker>(
                 acker,
                 Some(DEAD_LETTER_RETRY.max(ctx.backoff.initial())),
                 &ctx.counters,
+                meter,
             )
             .await
+            .map(|()| false)
         }
     }
 }
 
-async fn nack<A: Acker>(acker: A, delay: Option<Duration>, counters: &Counters) -> Result<(), Error> {
-    let settled = acker.nack(delay).await;
+async fn nack<A: Acker>(
+    acker: A,
+    delay: Option<Duration>,
+    counters: &Counters,
+    meter: &ConsumerMeter,
+) -> Result<(), Error> {
+    let settled = acker.nack(delay).instrument(settle_span("nack")).await;
     if settled.is_ok() {
         counters.nacked.fetch_add(1, Ordering::Relaxed);
+        meter.settled(Settlement::Nack);
     }
     settled
 }

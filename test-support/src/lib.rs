@@ -29,6 +29,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+#[cfg(feature = "otel")]
+pub mod otel;
 mod process;
 mod proxy;
 

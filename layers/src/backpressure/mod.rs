@@ -378,6 +378,7 @@ impl<R> Service<Event> for Backpressure<R> {
         let job = Job {
             event: event.clone(),
             reply: tx,
+            span: tracing::Span::current(),
         };
         let mut queue = shared.lock();
         if shared.stopped.load(Ordering::Acquire) {

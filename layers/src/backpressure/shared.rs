@@ -18,6 +18,10 @@ pub(crate) type Reply<R> = Replier<Result<R, watchtower::Error>>;
 pub(crate) struct Job<R> {
     pub(crate) event: Event,
     pub(crate) reply: Reply<R>,
+    /// The caller's span, entered when the worker calls the inner service,
+    /// so that the transport's publish span is its child, as if the caller
+    /// had called it.
+    pub(crate) span: tracing::Span,
 }
 
 pub(crate) struct Queue<R> {

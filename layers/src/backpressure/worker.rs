@@ -225,7 +225,10 @@ where
             match (job, ready) {
                 // Evicted meanwhile: the readiness stays for the next job.
                 (None, _) => None,
-                (Some(job), Ok(())) => Some(Ok((inner.call(job.event), job.reply))),
+                (Some(job), Ok(())) => {
+                    let _entered = job.span.enter();
+                    Some(Ok((inner.call(job.event), job.reply)))
+                }
                 (Some(job), Err(e)) => {
                     let err = Error::from_boxed(e.into()).with_event(job.event);
                     Some(Err((err, job.reply)))

@@ -8,6 +8,7 @@ use std::task::{Context, Poll, ready};
 use pin_project_lite::pin_project;
 use tower::Service;
 use tower::util::{Oneshot, ServiceExt as _};
+use tracing::Span;
 use watchtower::{BoxError, Error, Event};
 
 use super::outcome::{DeadLetterFailed, DeadLettered, Outcome};
@@ -25,6 +26,9 @@ pin_project! {
         event: Option<Event>,
         failure: Option<Error>,
         shared: Arc<Shared<D>>,
+        // The inner call and the dead-letter call run in it (see
+        // `watchtower::trace::create_span`).
+        span: Span,
     }
 }
 
@@ -40,21 +44,23 @@ pin_project! {
 }
 
 impl<F, D: Service<Event>> ResponseFuture<F, D> {
-    pub(crate) fn called(future: F, event: Event, shared: Arc<Shared<D>>) -> Self {
+    pub(crate) fn called(future: F, event: Event, shared: Arc<Shared<D>>, span: Span) -> Self {
         ResponseFuture {
             state: State::Called { future },
             event: Some(event),
             failure: None,
             shared,
+            span,
         }
     }
 
-    pub(crate) fn not_ready(error: Error, event: Event, shared: Arc<Shared<D>>) -> Self {
+    pub(crate) fn not_ready(error: Error, event: Event, shared: Arc<Shared<D>>, span: Span) -> Self {
         ResponseFuture {
             state: State::NotReady,
             event: Some(event),
             failure: Some(error),
             shared,
+            span,
         }
     }
 }
@@ -79,6 +85,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _entered = this.span.enter();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Called { future } => match ready!(future.poll(cx)) {

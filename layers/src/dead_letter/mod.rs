@@ -325,11 +325,15 @@ where
     }
 
     fn call(&mut self, event: Event) -> Self::Future {
+        let span = watchtower::trace::create_span(&event);
         match self.not_ready.take() {
-            Some(error) => ResponseFuture::not_ready(error, event, self.shared.clone()),
+            Some(error) => ResponseFuture::not_ready(error, event, self.shared.clone(), span),
             None => {
-                let future = self.inner.call(event.clone());
-                ResponseFuture::called(future, event, self.shared.clone())
+                let future = {
+                    let _entered = span.enter();
+                    self.inner.call(event.clone())
+                };
+                ResponseFuture::called(future, event, self.shared.clone(), span)
             }
         }
     }

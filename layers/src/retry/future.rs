@@ -8,6 +8,7 @@ use std::task::{Context, Poll, ready};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
+use tracing::Span;
 use watchtower::ext;
 use watchtower::{BoxError, Error, Event};
 
@@ -26,6 +27,8 @@ pin_project! {
         shared: Arc<Shared>,
         attempt: u32,
         first_failure: Option<Instant>,
+        // Every attempt runs in it (see `watchtower::trace::create_span`).
+        span: Span,
     }
 }
 
@@ -44,7 +47,7 @@ pin_project! {
 impl<S, F> ResponseFuture<S, F> {
     /// A call whose first attempt was the inner service refusing
     /// readiness with `error`.
-    pub(crate) fn refused(error: Error, service: S, event: Event, shared: Arc<Shared>) -> Self {
+    pub(crate) fn refused(error: Error, service: S, event: Event, shared: Arc<Shared>, span: Span) -> Self {
         ResponseFuture {
             state: State::Refused { error: Some(error) },
             service,
@@ -52,10 +55,11 @@ impl<S, F> ResponseFuture<S, F> {
             shared,
             attempt: 1,
             first_failure: None,
+            span,
         }
     }
 
-    pub(crate) fn new(future: F, service: S, event: Event, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(future: F, service: S, event: Event, shared: Arc<Shared>, span: Span) -> Self {
         ResponseFuture {
             state: State::Called { future },
             service,
@@ -63,6 +67,7 @@ impl<S, F> ResponseFuture<S, F> {
             shared,
             attempt: 1,
             first_failure: None,
+            span,
         }
     }
 }
@@ -141,6 +146,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _entered = this.span.enter();
         loop {
             let failure = match this.state.as_mut().project() {
                 StateProj::Refused { error } => match error.take() {

@@ -241,16 +241,20 @@ where
         if let Some(budget) = &self.shared.config.budget {
             budget.deposit();
         }
+        let span = watchtower::trace::create_span(&event);
         if let Some(refused) = self.refused.take() {
             // The inner service refused readiness: the call starts as a
             // failed first attempt, on a copy that waits for readiness.
-            return ResponseFuture::refused(refused, self.inner.clone(), event, self.shared.clone());
+            return ResponseFuture::refused(refused, self.inner.clone(), event, self.shared.clone(), span);
         }
         // The ready service makes the first attempt; its clone takes its
         // place here and waits for readiness as usual.
         let clone = self.inner.clone();
         let mut service = std::mem::replace(&mut self.inner, clone);
-        let future = service.call(event.clone());
-        ResponseFuture::new(future, service, event, self.shared.clone())
+        let future = {
+            let _entered = span.enter();
+            service.call(event.clone())
+        };
+        ResponseFuture::new(future, service, event, self.shared.clone(), span)
     }
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use tower_service::Service;
+use watchtower::trace::PublishTrace;
 use watchtower::{Error, Event, Receipt, Transport};
 
 use crate::MemoryBroker;
@@ -44,9 +45,9 @@ impl Service<Event> for MemoryPublisher {
         }
     }
 
-    fn call(&mut self, event: Event) -> Self::Future {
-        let span = watchtower::trace::publish_span(MemoryBroker::SYSTEM, event.topic(), &event);
-        let _entered = span.enter();
+    fn call(&mut self, mut event: Event) -> Self::Future {
+        let trace = PublishTrace::start(MemoryBroker::SYSTEM, &event.shared_topic(), &mut event);
+        let entered = trace.span().enter();
         let result = event.validate().and_then(|()| {
             let sequence = self.shared.publish(
                 event.topic(),
@@ -56,6 +57,8 @@ impl Service<Event> for MemoryPublisher {
             )?;
             Ok(Receipt::for_event(&event).with_sequence(sequence))
         });
+        drop(entered);
+        trace.finish(&result);
         ready(result)
     }
 }

@@ -56,6 +56,17 @@ async fn memory_transport_passes_every_case() {
     assert!(report.skipped().is_empty(), "{report}");
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn traces_cross_the_memory_transport() {
+    let traces = watchtower_test_support::otel::Traces::capture();
+    let harness = MemoryHarness {
+        broker: MemoryBroker::new(),
+    };
+    watchtower_test_support::otel::check_propagation(&harness, &traces)
+        .await
+        .unwrap();
+}
+
 /// A publisher that acknowledges every tenth event without sending it.
 #[derive(Clone)]
 struct DropsEveryTenth {

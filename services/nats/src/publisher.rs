@@ -12,7 +12,7 @@ use async_nats::jetstream::publish::PublishAck;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 use tower_service::Service;
-use tracing::Span;
+use watchtower::trace::PublishTrace;
 use watchtower::{Error, ErrorKind, Event, Receipt, Transport};
 
 use crate::client::NatsClient;
@@ -166,19 +166,19 @@ impl Service<Event> for NatsPublisher {
         poll_connection(&self.client, &mut self.recheck, cx)
     }
 
-    fn call(&mut self, event: Event) -> ResponseFuture {
+    fn call(&mut self, mut event: Event) -> ResponseFuture {
         if self.client.when_disconnected() == WhenDisconnected::Fail && !self.client.is_connected() {
             return ResponseFuture::ready(Err(self.client.disconnected_error().with_event(event)));
         }
-        let prepared = self.subjects.get(&self.subject, &event).and_then(|subject| {
-            let encoded = self.encoder.encode(&event, false, None)?;
-            Ok((subject, encoded))
-        });
-        let ((topic, subject), Encoded { headers, mut body }) = match prepared {
-            Ok(prepared) => prepared,
+        let (topic, subject) = match self.subjects.get(&self.subject, &event) {
+            Ok(subject) => subject,
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
-        let span = watchtower::trace::publish_span(NatsClient::SYSTEM, &topic, &event);
+        let trace = PublishTrace::start(NatsClient::SYSTEM, &topic, &mut event);
+        let Encoded { headers, mut body } = match self.encoder.encode(&event, false, None) {
+            Ok(encoded) => encoded,
+            Err(e) => return ResponseFuture::finished(trace, Err(e)),
+        };
         let receipt = Receipt::new(topic, &event);
         // The usual case first, without a task of its own: the client's
         // queue has room, and the message is handed over now. The future is
@@ -192,18 +192,21 @@ impl Service<Event> for NatsPublisher {
         // owned future is the only attempt.)
         if headers.is_none() {
             let sent = {
-                let _entered = span.enter();
+                let _entered = trace.span().enter();
                 poll_now(std::pin::pin!(self.client.raw().publish(subject.clone(), body)))
             };
             if let Poll::Ready(result) = sent {
-                return ResponseFuture::ready(match result {
-                    Ok(()) => Ok(receipt),
-                    Err(e) => Err(core_publish_error(&e)),
-                });
+                return ResponseFuture::finished(
+                    trace,
+                    match result {
+                        Ok(()) => Ok(receipt),
+                        Err(e) => Err(core_publish_error(&e)),
+                    },
+                );
             }
             body = match self.encoder.encode(&event, false, None) {
                 Ok(encoded) => encoded.body,
-                Err(e) => return ResponseFuture::ready(Err(e)),
+                Err(e) => return ResponseFuture::finished(trace, Err(e)),
             };
         }
         drop(event);
@@ -218,7 +221,7 @@ impl Service<Event> for NatsPublisher {
             .map_err(|e| core_publish_error(&e))?;
             Ok(receipt)
         });
-        ResponseFuture::start(fut, span)
+        ResponseFuture::start(fut, trace)
     }
 }
 
@@ -269,13 +272,13 @@ enum State {
     /// A core publish waiting for room in the client's queue.
     Queued {
         fut: BoxFuture,
-        span: Span,
+        trace: Option<PublishTrace>,
     },
     /// A JetStream publish: sending, then awaiting its PubAck.
     JetStream {
         step: Step,
         receipt: Option<Receipt>,
-        span: Span,
+        trace: Option<PublishTrace>,
         _permit: Option<OwnedSemaphorePermit>,
     },
 }
@@ -292,16 +295,25 @@ impl ResponseFuture {
         }
     }
 
+    /// A publish whose outcome is known: recorded on its trace now.
+    pub(crate) fn finished(trace: PublishTrace, result: Result<Receipt, Error>) -> ResponseFuture {
+        trace.finish(&result);
+        ResponseFuture::ready(result)
+    }
+
     /// Starts `fut` now; resolved at once unless it has to wait.
-    fn start(mut fut: BoxFuture, span: Span) -> ResponseFuture {
+    fn start(mut fut: BoxFuture, trace: PublishTrace) -> ResponseFuture {
         let first = {
-            let _entered = span.enter();
+            let _entered = trace.span().enter();
             poll_now(fut.as_mut())
         };
         match first {
-            Poll::Ready(result) => ResponseFuture::ready(result),
+            Poll::Ready(result) => ResponseFuture::finished(trace, result),
             Poll::Pending => ResponseFuture {
-                state: State::Queued { fut, span },
+                state: State::Queued {
+                    fut,
+                    trace: Some(trace),
+                },
             },
         }
     }
@@ -313,13 +325,13 @@ impl ResponseFuture {
         ack: async_nats::jetstream::context::PublishAckFuture,
         receipt: Receipt,
         permit: OwnedSemaphorePermit,
-        span: Span,
+        trace: PublishTrace,
     ) -> ResponseFuture {
         ResponseFuture {
             state: State::JetStream {
                 step: Step::Ack(std::future::IntoFuture::into_future(ack)),
                 receipt: Some(receipt),
-                span,
+                trace: Some(trace),
                 _permit: Some(permit),
             },
         }
@@ -329,32 +341,30 @@ impl ResponseFuture {
     /// connection, then the future awaits its acknowledgement and completes
     /// `receipt` with it, holding `permit` until then.
     pub(crate) fn jetstream(
-        send: SendFuture,
+        mut send: SendFuture,
         receipt: Receipt,
         permit: OwnedSemaphorePermit,
-        span: Span,
+        trace: PublishTrace,
     ) -> ResponseFuture {
-        let mut future = ResponseFuture {
+        let sent = {
+            let _entered = trace.span().enter();
+            poll_now(send.as_mut())
+        };
+        let step = match sent {
+            Poll::Ready(Ok(ack)) => Step::Ack(std::future::IntoFuture::into_future(ack)),
+            Poll::Ready(Err(e)) => {
+                return ResponseFuture::finished(trace, Err(crate::jetstream::publish_error(&e)));
+            }
+            Poll::Pending => Step::Send(send),
+        };
+        ResponseFuture {
             state: State::JetStream {
-                step: Step::Send(send),
+                step,
                 receipt: Some(receipt),
-                span,
+                trace: Some(trace),
                 _permit: Some(permit),
             },
-        };
-        if let State::JetStream { step, span, .. } = &mut future.state {
-            let _entered = span.enter();
-            if let Step::Send(send) = step {
-                match poll_now(send.as_mut()) {
-                    Poll::Ready(Ok(ack)) => *step = Step::Ack(std::future::IntoFuture::into_future(ack)),
-                    Poll::Ready(Err(e)) => {
-                        return ResponseFuture::ready(Err(crate::jetstream::publish_error(&e)));
-                    }
-                    Poll::Pending => {}
-                }
-            }
         }
-        future
     }
 }
 
@@ -378,23 +388,32 @@ impl Future for ResponseFuture {
                     ))
                 }))
             }
-            State::Queued { fut, span } => {
-                let _entered = span.enter();
-                fut.as_mut().poll(cx)
+            State::Queued { fut, trace } => {
+                let result = {
+                    let _entered = trace.as_ref().map(|t| t.span().enter());
+                    std::task::ready!(fut.as_mut().poll(cx))
+                };
+                if let Some(trace) = trace.take() {
+                    trace.finish(&result);
+                }
+                Poll::Ready(result)
             }
             State::JetStream {
-                step, receipt, span, ..
+                step, receipt, trace, ..
             } => {
-                let _entered = span.enter();
+                let entered = trace.as_ref().map(|t| t.span().enter());
                 loop {
                     match step {
                         Step::Send(send) => match std::task::ready!(send.as_mut().poll(cx)) {
                             Ok(ack) => *step = Step::Ack(std::future::IntoFuture::into_future(ack)),
                             Err(e) => {
-                                let e = crate::jetstream::publish_error(&e);
-                                drop(_entered);
+                                let result = Err(crate::jetstream::publish_error(&e));
+                                drop(entered);
+                                if let Some(trace) = trace.take() {
+                                    trace.finish(&result);
+                                }
                                 self.state = State::Done(None);
-                                return Poll::Ready(Err(e));
+                                return Poll::Ready(result);
                             }
                         },
                         Step::Ack(ack) => {
@@ -411,7 +430,10 @@ impl Future for ResponseFuture {
                                 },
                                 Err(e) => Err(crate::jetstream::publish_error(&e)),
                             };
-                            drop(_entered);
+                            drop(entered);
+                            if let Some(trace) = trace.take() {
+                                trace.finish(&result);
+                            }
                             // Releases the in-flight slot now, not when the
                             // future is dropped.
                             self.state = State::Done(None);

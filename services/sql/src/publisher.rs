@@ -12,9 +12,10 @@ use sqlx::{Postgres, QueryBuilder, Row as _, Sqlite};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::PollSender;
 use tower_service::Service;
+use tracing::Instrument as _;
 use watchtower::codec::structured;
 use watchtower::reply::{Filled, Replier, Reply, reply};
-use watchtower::trace::publish_span;
+use watchtower::trace::PublishTrace;
 use watchtower::{Error, Event, Receipt, Transport, validate_topic};
 
 use crate::client::{Db, SqlClient};
@@ -156,13 +157,23 @@ impl SqlPublisher {
     /// if `conn` is not of the client's database; the database's error, by
     /// its kind, if the `INSERT` fails (the transaction is then aborted,
     /// as after any failed statement, on PostgreSQL).
-    pub async fn publish_in<'c, A>(&self, conn: A, event: Event) -> Result<Receipt, Error>
+    pub async fn publish_in<'c, A>(&self, conn: A, mut event: Event) -> Result<Receipt, Error>
     where
         A: sqlx::Acquire<'c>,
         A::Database: Database,
     {
-        let span = publish_span(SqlClient::SYSTEM, event.topic(), &event);
-        let _entered = span.enter();
+        let trace = PublishTrace::start(SqlClient::SYSTEM, &event.shared_topic(), &mut event);
+        let span = trace.span().clone();
+        let result = self.insert_in(conn, event).instrument(span).await;
+        trace.finish(&result);
+        result
+    }
+
+    async fn insert_in<'c, A>(&self, conn: A, event: Event) -> Result<Receipt, Error>
+    where
+        A: sqlx::Acquire<'c>,
+        A::Database: Database,
+    {
         let backend = match self.client.inner.sql.backend {
             Backend::Postgres => "postgres",
             Backend::Sqlite => "sqlite",
@@ -219,13 +230,13 @@ impl Service<Event> for SqlPublisher {
             .map_err(|_| Error::closed("the SQL publisher's writer has stopped"))
     }
 
-    fn call(&mut self, event: Event) -> ResponseFuture {
-        let span = publish_span(SqlClient::SYSTEM, event.topic(), &event);
+    fn call(&mut self, mut event: Event) -> ResponseFuture {
+        let trace = PublishTrace::start(SqlClient::SYSTEM, &event.shared_topic(), &mut event);
         let body = match encode(&event) {
             Ok(body) => body,
             Err(e) => {
                 self.queue.abort_send();
-                return ResponseFuture::failed(e, span);
+                return ResponseFuture::failed(e, trace);
             }
         };
         let (replier, reply) = reply();
@@ -239,7 +250,7 @@ impl Service<Event> for SqlPublisher {
             return ResponseFuture::failed(
                 Error::closed("the SQL publisher's queue is closed, or call came without poll_ready")
                     .with_event(event),
-                span,
+                trace,
             );
         }
         ResponseFuture {
@@ -248,7 +259,7 @@ impl Service<Event> for SqlPublisher {
                 event: Some(event),
                 table: self.client.inner.sql.events.clone().into(),
             },
-            span,
+            trace: Some(trace),
         }
     }
 }
@@ -271,14 +282,14 @@ enum State {
 /// later, it is written all the same.
 pub struct ResponseFuture {
     state: State,
-    span: tracing::Span,
+    trace: Option<PublishTrace>,
 }
 
 impl ResponseFuture {
-    fn failed(error: Error, span: tracing::Span) -> ResponseFuture {
+    fn failed(error: Error, trace: PublishTrace) -> ResponseFuture {
         ResponseFuture {
             state: State::Failed(Some(error)),
-            span,
+            trace: Some(trace),
         }
     }
 }
@@ -294,23 +305,33 @@ impl Future for ResponseFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let _entered = this.span.enter();
-        let finished = || Error::closed("the publish future was polled after it finished");
-        match &mut this.state {
-            State::Failed(error) => Poll::Ready(Err(error.take().unwrap_or_else(finished))),
-            State::Waiting { reply, event, table } => {
-                let answer = ready!(reply.poll_reply(cx));
-                let Some(event) = event.take() else {
-                    return Poll::Ready(Err(finished()));
-                };
-                Poll::Ready(match answer {
-                    Some(Ok(seq)) => Ok(Receipt::for_event(&event)
-                        .with_stream(table.clone())
-                        .with_sequence(u64::try_from(seq).unwrap_or_default())),
-                    Some(Err(e)) => Err(e.with_event(event)),
-                    None => Err(Error::closed("the SQL publisher's writer has stopped").with_event(event)),
-                })
-            }
+        let result = {
+            let _entered = this.trace.as_ref().map(|t| t.span().enter());
+            ready!(poll_state(&mut this.state, cx))
+        };
+        if let Some(trace) = this.trace.take() {
+            trace.finish(&result);
+        }
+        Poll::Ready(result)
+    }
+}
+
+fn poll_state(state: &mut State, cx: &mut Context<'_>) -> Poll<Result<Receipt, Error>> {
+    let finished = || Error::closed("the publish future was polled after it finished");
+    match state {
+        State::Failed(error) => Poll::Ready(Err(error.take().unwrap_or_else(finished))),
+        State::Waiting { reply, event, table } => {
+            let answer = ready!(reply.poll_reply(cx));
+            let Some(event) = event.take() else {
+                return Poll::Ready(Err(finished()));
+            };
+            Poll::Ready(match answer {
+                Some(Ok(seq)) => Ok(Receipt::for_event(&event)
+                    .with_stream(table.clone())
+                    .with_sequence(u64::try_from(seq).unwrap_or_default())),
+                Some(Err(e)) => Err(e.with_event(event)),
+                None => Err(Error::closed("the SQL publisher's writer has stopped").with_event(event)),
+            })
         }
     }
 }

@@ -101,7 +101,7 @@
 //!   until [`WebhookClient::enable`].
 //! * The receiver answers `2xx` only after the handler succeeded.
 //! * Each publisher call opens the core's publish span
-//!   ([`watchtower::trace::publish_span`]) with `messaging.system =
+//!   ([`watchtower::trace::PublishTrace`]) with `messaging.system =
 //!   "webhook"`.
 //!
 //! # Signatures and the SSRF guard

@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
+use watchtower::trace::PublishTrace;
 use watchtower::{Error, ErrorKind, Event, Receipt, Transport};
 
 use crate::client::NatsClient;
@@ -199,7 +200,7 @@ impl Service<Event> for JetStreamPublisher {
         poll_connection(&self.client, &mut self.recheck, cx)
     }
 
-    fn call(&mut self, event: Event) -> ResponseFuture {
+    fn call(&mut self, mut event: Event) -> ResponseFuture {
         let Some(permit) = self
             .permit
             .take()
@@ -214,15 +215,15 @@ impl Service<Event> for JetStreamPublisher {
             return ResponseFuture::ready(Err(self.client.disconnected_error()));
         }
         let expected_stream = self.expected_stream.as_deref();
-        let prepared = self.subjects.get(&self.subject, &event).and_then(|subject| {
-            let encoded = self.encoder.encode(&event, true, expected_stream)?;
-            Ok((subject, encoded))
-        });
-        let ((topic, subject), Encoded { headers, body }) = match prepared {
-            Ok(prepared) => prepared,
+        let (topic, subject) = match self.subjects.get(&self.subject, &event) {
+            Ok(subject) => subject,
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
-        let span = watchtower::trace::publish_span(NatsClient::SYSTEM, &topic, &event);
+        let trace = PublishTrace::start(NatsClient::SYSTEM, &topic, &mut event);
+        let Encoded { headers, body } = match self.encoder.encode(&event, true, expected_stream) {
+            Ok(encoded) => encoded,
+            Err(e) => return ResponseFuture::finished(trace, Err(e)),
+        };
         let receipt = Receipt::new(topic, &event);
         // The usual case first, without a boxed future: the client's queue
         // has room and the message is handed over now, in place. When it
@@ -230,7 +231,7 @@ impl Service<Event> for JetStreamPublisher {
         // in the queue up (nothing was sent), and the publish starts again
         // as an owned future below, before any later call can take a place.
         let sent = {
-            let _entered = span.enter();
+            let _entered = trace.span().enter();
             let mut message = PublishMessage::build().payload(body);
             if let Some(headers) = headers {
                 message = message.headers(headers);
@@ -240,8 +241,8 @@ impl Service<Event> for JetStreamPublisher {
             ))
         };
         match sent {
-            Poll::Ready(Ok(ack)) => return ResponseFuture::jetstream_sent(ack, receipt, permit, span),
-            Poll::Ready(Err(e)) => return ResponseFuture::ready(Err(publish_error(&e))),
+            Poll::Ready(Ok(ack)) => return ResponseFuture::jetstream_sent(ack, receipt, permit, trace),
+            Poll::Ready(Err(e)) => return ResponseFuture::finished(trace, Err(publish_error(&e))),
             Poll::Pending => {}
         }
         // The message went with the attempt (a copy of its body handle
@@ -249,7 +250,7 @@ impl Service<Event> for JetStreamPublisher {
         // on this rare path, when the client's queue is full.
         let Encoded { headers, body } = match self.encoder.encode(&event, true, expected_stream) {
             Ok(encoded) => encoded,
-            Err(e) => return ResponseFuture::ready(Err(e)),
+            Err(e) => return ResponseFuture::finished(trace, Err(e)),
         };
         drop(event);
         let client = self.client.clone();
@@ -260,7 +261,7 @@ impl Service<Event> for JetStreamPublisher {
             }
             client.raw_jetstream().send_publish(subject, message).await
         });
-        ResponseFuture::jetstream(send, receipt, permit, span)
+        ResponseFuture::jetstream(send, receipt, permit, trace)
     }
 }
 

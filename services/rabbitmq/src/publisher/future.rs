@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use watchtower::trace::PublishTrace;
 use watchtower::{Error, Receipt};
 
 /// The future of [`RabbitPublisher::call`](crate::RabbitPublisher)'s `call`: resolves on the publisher
@@ -23,6 +24,12 @@ impl ResponseFuture {
         ResponseFuture {
             inner: Box::pin(std::future::ready(result)),
         }
+    }
+
+    /// A publish whose outcome is known: recorded on its trace now.
+    pub(super) fn finished(trace: PublishTrace, result: Result<Receipt, Error>) -> ResponseFuture {
+        trace.finish(&result);
+        ResponseFuture::ready(result)
     }
 }
 

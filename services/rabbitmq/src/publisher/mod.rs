@@ -20,6 +20,7 @@ use lapin::{Confirmation, Connection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
+use watchtower::trace::PublishTrace;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::config::{ContentMode, PublishOptions, RabbitConfig, short};
@@ -312,43 +313,53 @@ impl Service<Event> for RabbitPublisher {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, event: Event) -> ResponseFuture {
+    fn call(&mut self, mut event: Event) -> ResponseFuture {
         let Some(permit) = self.permit.take() else {
             return ResponseFuture::ready(Err(Error::new(
                 ErrorKind::Other,
                 "RabbitPublisher::call without poll_ready",
             )));
         };
+        let trace = PublishTrace::start(
+            <crate::RabbitClient as watchtower::Transport>::SYSTEM,
+            &event.shared_topic(),
+            &mut event,
+        );
         let prepared = wire::encode(&event, &self.inner.options, self.inner.mode)
             .and_then(|encoded| Ok((encoded, short("routing key", event.topic())?)));
         let ((properties, body), routing_key) = match prepared {
             Ok(p) => p,
-            Err(e) => return ResponseFuture::ready(Err(e)),
+            Err(e) => return ResponseFuture::finished(trace, Err(e)),
         };
         let session = match self.inner.link.state() {
             LinkState::Up(session) => session,
             LinkState::Connecting => {
-                return ResponseFuture::ready(Err(Error::new(
-                    ErrorKind::Connection,
-                    "the RabbitMQ connection is being re-established",
-                )));
+                return ResponseFuture::finished(
+                    trace,
+                    Err(Error::new(
+                        ErrorKind::Connection,
+                        "the RabbitMQ connection is being re-established",
+                    )),
+                );
             }
             LinkState::Closed => {
-                return ResponseFuture::ready(Err(Error::closed("the RabbitMQ publisher is closed")));
+                return ResponseFuture::finished(
+                    trace,
+                    Err(Error::closed("the RabbitMQ publisher is closed")),
+                );
             }
         };
         let Some((index, channel)) = pick(&self.inner, &session) else {
-            return ResponseFuture::ready(Err(Error::new(
-                ErrorKind::Connection,
-                "every RabbitMQ publisher channel failed; they are being replaced",
-            )));
+            return ResponseFuture::finished(
+                trace,
+                Err(Error::new(
+                    ErrorKind::Connection,
+                    "every RabbitMQ publisher channel failed; they are being replaced",
+                )),
+            );
         };
         let inner = self.inner.clone();
-        let span = watchtower::trace::publish_span(
-            <crate::RabbitClient as watchtower::Transport>::SYSTEM,
-            event.topic(),
-            &event,
-        );
+        let span = trace.span().clone();
         ResponseFuture {
             inner: Box::pin(tracing::Instrument::instrument(
                 async move {
@@ -424,14 +435,16 @@ impl Service<Event> for RabbitPublisher {
                         .with_retryable(true)),
                     }
                     };
-                    tokio::select! {
+                    let result = tokio::select! {
                         biased;
                         result = work => result,
                         () = session.lost.cancelled() => Err(Error::new(
                             ErrorKind::Connection,
                             "the connection was lost before the broker confirmed the event",
                         )),
-                    }
+                    };
+                    trace.finish(&result);
+                    result
                 },
                 span,
             )),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use watchtower::reply::Reply;
+use watchtower::trace::PublishTrace;
 use watchtower::{Error, Event, Receipt};
 
 use crate::batch::Answer;
@@ -32,7 +33,7 @@ pub(super) enum State {
 /// be stored all the same.
 pub struct ResponseFuture {
     pub(super) state: State,
-    pub(super) span: tracing::Span,
+    pub(super) trace: Option<PublishTrace>,
 }
 
 impl fmt::Debug for ResponseFuture {
@@ -46,22 +47,26 @@ impl Future for ResponseFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let _entered = this.span.enter();
-        match &mut this.state {
-            State::Failed(err) => Poll::Ready(Err(err
+        let entered = this.trace.as_ref().map(|t| t.span().enter());
+        let result = match &mut this.state {
+            State::Failed(err) => Err(err
                 .take()
-                .unwrap_or_else(|| Error::closed("the publish future was polled after it finished")))),
+                .unwrap_or_else(|| Error::closed("the publish future was polled after it finished"))),
             State::Waiting { reply, key, event } => {
                 let result = ready!(reply.poll_reply(cx))
                     .unwrap_or_else(|| Err(Error::closed("the publisher's connection task has stopped")));
-                let Some(event) = event.take() else {
-                    return Poll::Ready(Err(Error::closed(
-                        "the publish future was polled after it finished",
-                    )));
-                };
-                let result = result.map(|id| receipt(&event, key.clone(), id));
-                Poll::Ready(result.map_err(|e| e.with_event(event)))
+                match event.take() {
+                    Some(event) => result
+                        .map(|id| receipt(&event, key.clone(), id))
+                        .map_err(|e| e.with_event(event)),
+                    None => Err(Error::closed("the publish future was polled after it finished")),
+                }
             }
+        };
+        drop(entered);
+        if let Some(trace) = this.trace.take() {
+            trace.finish(&result);
         }
+        Poll::Ready(result)
     }
 }

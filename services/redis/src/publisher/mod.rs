@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
 use watchtower::reply::reply;
-use watchtower::trace::publish_span;
+use watchtower::trace::PublishTrace;
 use watchtower::validate_topic;
 use watchtower::{Error, ErrorKind, Event, Receipt, Transport};
 
@@ -479,8 +479,8 @@ impl Service<Event> for RedisPublisher {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, event: Event) -> ResponseFuture {
-        let span = publish_span(RedisClient::SYSTEM, event.topic(), &event);
+    fn call(&mut self, mut event: Event) -> ResponseFuture {
+        let trace = PublishTrace::start(RedisClient::SYSTEM, &event.shared_topic(), &mut event);
         let queue = &self.shared.queue;
         // A call without `poll_ready` takes a free place if there is one.
         let reserved = std::mem::take(&mut self.reserved) || queue.try_reserve();
@@ -521,6 +521,9 @@ impl Service<Event> for RedisPublisher {
                 }
             }
         };
-        ResponseFuture { state, span }
+        ResponseFuture {
+            state,
+            trace: Some(trace),
+        }
     }
 }

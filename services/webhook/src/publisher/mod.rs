@@ -14,6 +14,7 @@ use std::task::{Context, Poll, ready};
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 use tracing::Instrument;
+use watchtower::trace::PublishTrace;
 use watchtower::{Error, Event, Receipt, Transport};
 
 pub use client::WebhookClient;
@@ -199,16 +200,25 @@ impl Service<Event> for WebhookPublisher {
         }
     }
 
-    fn call(&mut self, event: Event) -> ResponseFuture {
+    fn call(&mut self, mut event: Event) -> ResponseFuture {
         if let (Some(rate), Slot::None | Slot::Waiting(_)) = (&self.shared.rate, &self.slot) {
             // Called without waiting for readiness: take a slot anyway, so
             // the budget still counts this request.
             rate.reserve();
         }
         self.slot = Slot::None;
-        let span = watchtower::trace::publish_span(WebhookClient::SYSTEM, event.topic(), &event);
+        let trace = PublishTrace::start(WebhookClient::SYSTEM, &event.shared_topic(), &mut event);
+        let span = trace.span().clone();
+        let shared = self.shared.clone();
         ResponseFuture {
-            inner: Box::pin(exchange::deliver(self.shared.clone(), event).instrument(span)),
+            inner: Box::pin(
+                async move {
+                    let result = exchange::deliver(shared, event).await;
+                    trace.finish(&result);
+                    result
+                }
+                .instrument(span),
+            ),
         }
     }
 }

@@ -8,6 +8,7 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
+use watchtower::trace::PublishTrace;
 use watchtower::{Error, Event, Receipt};
 
 use super::{ConnectionState, Handle, Outgoing, Overflow};
@@ -106,12 +107,15 @@ impl Service<Event> for WsPublisher {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, event: Event) -> ResponseFuture {
-        let span = watchtower::trace::publish_span(crate::SYSTEM, event.topic(), &event);
-        let _entered = span.enter();
+    fn call(&mut self, mut event: Event) -> ResponseFuture {
+        let trace = PublishTrace::start(crate::SYSTEM, &event.shared_topic(), &mut event);
+        let entered = trace.span().enter();
         let text = match encode(&event) {
             Ok(text) => Utf8Bytes::from(text),
-            Err(e) => return ResponseFuture::failed(e.with_event(event)),
+            Err(e) => {
+                drop(entered);
+                return ResponseFuture::failed(trace, e.with_event(event));
+            }
         };
         let (tx, rx) = oneshot::channel();
         self.handle.shared.enqueue(Outgoing {
@@ -120,7 +124,11 @@ impl Service<Event> for WsPublisher {
             done: Some(tx),
             _permit: self.permit.take(),
         });
-        ResponseFuture { rx: Ok(rx) }
+        drop(entered);
+        ResponseFuture {
+            rx: Ok(rx),
+            trace: Some(trace),
+        }
     }
 }
 
@@ -128,11 +136,15 @@ impl Service<Event> for WsPublisher {
 #[derive(Debug)]
 pub struct ResponseFuture {
     rx: Result<oneshot::Receiver<Result<Receipt, Error>>, Option<Error>>,
+    trace: Option<PublishTrace>,
 }
 
 impl ResponseFuture {
-    fn failed(error: Error) -> ResponseFuture {
-        ResponseFuture { rx: Err(Some(error)) }
+    fn failed(trace: PublishTrace, error: Error) -> ResponseFuture {
+        ResponseFuture {
+            rx: Err(Some(error)),
+            trace: Some(trace),
+        }
     }
 }
 
@@ -140,15 +152,18 @@ impl Future for ResponseFuture {
     type Output = Result<Receipt, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.rx {
-            Ok(rx) => Pin::new(rx).poll(cx).map(|r| {
-                // Every queued event is resolved, even when dropped unsent,
-                // so a closed channel means the runtime is shutting down.
-                r.unwrap_or_else(|_| Err(Error::closed("websocket client stopped")))
-            }),
-            Err(e) => Poll::Ready(Err(e
+        let result = match &mut self.rx {
+            // Every queued event is resolved, even when dropped unsent, so
+            // a closed channel means the runtime is shutting down.
+            Ok(rx) => ready!(Pin::new(rx).poll(cx))
+                .unwrap_or_else(|_| Err(Error::closed("websocket client stopped"))),
+            Err(e) => Err(e
                 .take()
-                .unwrap_or_else(|| Error::closed("response polled after completion")))),
+                .unwrap_or_else(|| Error::closed("response polled after completion"))),
+        };
+        if let Some(trace) = self.trace.take() {
+            trace.finish(&result);
         }
+        Poll::Ready(result)
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt as _};
+use watchtower::trace::PublishTrace;
 use watchtower::{BoxError, Error, Event, Receipt, TopicPattern};
 
 use crate::index::PatternIndex;
@@ -411,20 +412,22 @@ impl Service<Event> for WsHub {
         }
     }
 
-    fn call(&mut self, event: Event) -> Self::Future {
-        let span = watchtower::trace::publish_span(crate::SYSTEM, event.topic(), &event);
-        let _entered = span.enter();
-        std::future::ready(
-            self.broadcast(&event)
-                .map(|_| Receipt::for_event(&event))
-                .map_err(|e| {
-                    if e.event().is_some() {
-                        e
-                    } else {
-                        e.with_event(event)
-                    }
-                }),
-        )
+    fn call(&mut self, mut event: Event) -> Self::Future {
+        let trace = PublishTrace::start(crate::SYSTEM, &event.shared_topic(), &mut event);
+        let entered = trace.span().enter();
+        let result = self
+            .broadcast(&event)
+            .map(|_| Receipt::for_event(&event))
+            .map_err(|e| {
+                if e.event().is_some() {
+                    e
+                } else {
+                    e.with_event(event)
+                }
+            });
+        drop(entered);
+        trace.finish(&result);
+        std::future::ready(result)
     }
 }
 

@@ -1,0 +1,248 @@
+//! Tracing spans and metrics with the OpenTelemetry messaging names.
+//!
+//! Every transport opens a [`PublishTrace`] around each publish; the
+//! consumer runtime opens a process span around each handler call and a
+//! settle span around each acknowledgement. Their fields follow the
+//! OpenTelemetry semantic conventions for messaging
+//! (`messaging.system`, `messaging.destination.name`,
+//! `messaging.operation.type` = `send` / `process` / `settle`,
+//! `messaging.operation.name`, `messaging.message.id`, `error.type`), so
+//! that a `tracing-opentelemetry` layer exports them as the conventions
+//! name them.
+//!
+//! # Trace context across the wire
+//!
+//! With the feature `opentelemetry`, publishing writes the publish span's
+//! OpenTelemetry context into the event as the CloudEvents
+//! distributed-tracing extension (`traceparent`, `tracestate`, W3C Trace
+//! Context), on every transport, before the event is encoded; the consumer
+//! runtime reads it back and makes it the parent of the process span, so
+//! that a trace shows an event from its publisher, through the retries
+//! and the dead-letter path of the layers above the transport, to its
+//! handler, across any broker. It works through `tracing` and
+//! `tracing-opentelemetry`: keep your subscriber and add its
+//! `OpenTelemetryLayer`. The W3C format is written and read here, not by
+//! the global text-map propagator, whose default propagates nothing: the
+//! CloudEvents extension is W3C Trace Context by definition.
+//!
+//! Without the feature, an event's own `traceparent` (one the application
+//! set) is recorded on both spans as the field `traceparent`, so that logs
+//! can still link a consumer to its producer.
+//!
+//! # Metrics
+//!
+//! With the feature `metrics`, the same places record, through the
+//! [`metrics`](https://docs.rs/metrics) facade:
+//!
+//! | name | kind | labels |
+//! |---|---|---|
+//! | `messaging.client.sent.messages` | counter | system, destination, `messaging.operation.name` = `publish`, `error.type` on failure |
+//! | `messaging.client.operation.duration` | histogram, seconds | the same |
+//! | `messaging.client.consumed.messages` | counter | system, destination, `messaging.operation.name` = `process` |
+//! | `messaging.process.duration` | histogram, seconds | system, destination, `error.type` on failure |
+//! | `watchtower.consumer.acks`, `.nacks`, `.rejects` | counter | system, destination |
+//! | `watchtower.consumer.redeliveries` | counter | system, destination (deliveries after the first) |
+//! | `watchtower.consumer.poison` | counter | system, destination (undecodable messages) |
+//! | `watchtower.consumer.dead_letters` | counter | system, destination (events the handler gave up on) |
+//! | `watchtower.consumer.in_flight` | gauge | system, destination |
+//!
+//! Labels are `messaging.system` and `messaging.destination.name`. A
+//! Prometheus exporter writes the dots as underscores
+//! (`messaging_client_sent_messages_total`). Handles are registered once
+//! per thread, destination and recorder, so a publish costs one short
+//! lookup and, when no recorder is installed, calls nothing but no-op
+//! handles.
+//!
+//! # Filtering
+//!
+//! The spans are at DEBUG level with the target `watchtower::trace`, as
+//! tower-http's are, so that an INFO subscriber pays nothing per event;
+//! enable them for the OpenTelemetry layer alone with a per-layer filter
+//! such as `Targets::new().with_target("watchtower::trace", Level::DEBUG)`.
+
+use std::sync::Arc;
+
+use tracing::Span;
+use tracing::field::Empty;
+
+use crate::error::Error;
+use crate::event::Event;
+
+#[cfg(feature = "metrics")]
+mod metrics;
+#[cfg(feature = "opentelemetry")]
+mod otel;
+
+/// One publish, traced: its span and, with the feature `metrics`, when it
+/// started. A transport opens one with [`PublishTrace::start`] before it
+/// encodes the event, keeps it in its response future, enters its
+/// [`span`](PublishTrace::span) while it works, and calls
+/// [`finish`](PublishTrace::finish) with the outcome.
+#[derive(Debug)]
+pub struct PublishTrace {
+    span: Span,
+    #[cfg(feature = "metrics")]
+    meter: metrics::PublishMeter,
+}
+
+impl PublishTrace {
+    /// Opens the publish span for `event`, bound for `destination` over
+    /// `system`, as a child of the current span; with the feature
+    /// `opentelemetry`, writes the span's context into `event`'s
+    /// `traceparent` and `tracestate` (an event that already carries one
+    /// keeps it when no OpenTelemetry layer records the span).
+    pub fn start(system: &'static str, destination: &Arc<str>, event: &mut Event) -> PublishTrace {
+        let span = tracing::debug_span!(
+            "publish",
+            otel.name = Empty,
+            otel.kind = "producer",
+            otel.status_code = Empty,
+            messaging.system = system,
+            messaging.destination.name = &**destination,
+            messaging.operation.type = "send",
+            messaging.operation.name = "publish",
+            messaging.message.id = event.id(),
+            traceparent = Empty,
+            error.type = Empty,
+        );
+        if !span.is_disabled() {
+            span.record("otel.name", format!("publish {destination}").as_str());
+            #[cfg(feature = "opentelemetry")]
+            otel::inject(&span, event);
+            if let Some(tp) = event.traceparent() {
+                span.record("traceparent", tp);
+            }
+        }
+        PublishTrace {
+            #[cfg(feature = "metrics")]
+            meter: metrics::PublishMeter::start(system, destination),
+            span,
+        }
+    }
+
+    /// The publish span, to enter while the transport works on the event.
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+
+    /// Records the outcome: `error.type` on the span for a failure, and
+    /// the sent-message count and operation duration.
+    pub fn finish<T>(self, outcome: &Result<T, Error>) {
+        let failure = outcome.as_ref().err().map(|e| e.kind().as_str());
+        if let Some(kind) = failure {
+            record_error(&self.span, kind);
+        }
+        #[cfg(feature = "metrics")]
+        self.meter.finish(failure);
+    }
+}
+
+fn record_error(span: &Span, kind: &'static str) {
+    if !span.is_disabled() {
+        span.record("error.type", kind);
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
+/// The span that every attempt to send `event` runs in: the current span,
+/// or, when there is none, a new `create` span for it (OpenTelemetry's
+/// creation context of a message sent more than once).
+///
+/// The retry and dead-letter layers run their calls in it, so that the
+/// publish span of each attempt, the retries and the dead-letter publish
+/// all land in one trace, the caller's when it has one.
+pub fn create_span(event: &Event) -> Span {
+    let current = Span::current();
+    if !current.is_none() {
+        return current;
+    }
+    let span = tracing::debug_span!(
+        "create",
+        otel.name = Empty,
+        otel.kind = "producer",
+        messaging.destination.name = event.topic(),
+        messaging.operation.type = "create",
+        messaging.operation.name = "create",
+        messaging.message.id = event.id(),
+    );
+    if !span.is_disabled() {
+        span.record("otel.name", format!("create {}", event.topic()).as_str());
+    }
+    span
+}
+
+/// A span for processing `event`, received on `destination` over `system`.
+///
+/// With the feature `opentelemetry`, its parent is the context the event
+/// carries (its `traceparent`), so that the process span joins the trace
+/// of the publish that sent it.
+pub fn process_span(system: &'static str, destination: &str, event: &Event, delivery_count: u32) -> Span {
+    let span = tracing::debug_span!(
+        "process",
+        otel.name = Empty,
+        otel.kind = "consumer",
+        otel.status_code = Empty,
+        messaging.system = system,
+        messaging.destination.name = destination,
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.message.id = event.id(),
+        messaging.message.delivery_count = delivery_count,
+        traceparent = Empty,
+        error.type = Empty,
+    );
+    if !span.is_disabled() {
+        span.record("otel.name", format!("process {destination}").as_str());
+        if let Some(tp) = event.traceparent() {
+            span.record("traceparent", tp);
+        }
+        #[cfg(feature = "opentelemetry")]
+        otel::set_parent(&span, event);
+    }
+    span
+}
+
+/// Records a failed handler call on its process span.
+pub(crate) fn record_process_error(span: &Span, error: &Error) {
+    record_error(span, error.kind().as_str());
+}
+
+/// A span for settling a delivery: `operation` is `ack`, `nack` or
+/// `reject`; a child of the process span.
+pub(crate) fn settle_span(operation: &'static str) -> Span {
+    tracing::debug_span!(
+        "settle",
+        otel.kind = "consumer",
+        messaging.operation.type = "settle",
+        messaging.operation.name = operation,
+    )
+}
+
+/// The consumer runtime's metrics for one destination.
+#[cfg(feature = "metrics")]
+pub(crate) use metrics::ConsumerMeter;
+
+/// Without the feature `metrics`: nothing recorded, nothing stored.
+#[cfg(not(feature = "metrics"))]
+#[derive(Debug)]
+pub(crate) struct ConsumerMeter;
+
+#[cfg(not(feature = "metrics"))]
+#[allow(clippy::unused_self)]
+impl ConsumerMeter {
+    pub(crate) fn received(_system: &'static str, _destination: &Arc<str>, _delivery_count: u32) -> Self {
+        ConsumerMeter
+    }
+    pub(crate) fn poison(&self) {}
+    pub(crate) fn processed(&self, _failure: Option<&'static str>) {}
+    pub(crate) fn settled(&self, _settlement: Settlement) {}
+}
+
+/// How a delivery was settled, for the consumer runtime's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settlement {
+    Ack,
+    Nack,
+    Reject,
+    DeadLetter,
+}
