@@ -191,6 +191,16 @@ impl SqlClient {
         SqlDeadLetters::new(self.clone())
     }
 
+    /// The attempts logged by a [`RetryScheduleLayer`](crate::RetryScheduleLayer)
+    /// for the event `event_id`, first first.
+    ///
+    /// # Errors
+    ///
+    /// A database error, by its kind.
+    pub async fn attempts(&self, event_id: &str) -> Result<Vec<crate::Attempt>, Error> {
+        crate::schedule::attempts(self, event_id).await
+    }
+
     /// Whether this is PostgreSQL (else SQLite).
     pub fn is_postgres(&self) -> bool {
         matches!(self.inner.db, Db::Pg(_))
@@ -260,7 +270,9 @@ impl SqlClient {
     }
 
     /// Deletes the consumer group `name`, its position and its unsettled
-    /// deliveries, so that clean-up no longer keeps events for it.
+    /// deliveries, so that clean-up no longer keeps events for it. Stop
+    /// its subscriptions first: a running member creates it again, at the
+    /// start of the table.
     ///
     /// # Errors
     ///
@@ -284,6 +296,7 @@ impl SqlClient {
             format!("DROP TABLE IF EXISTS {}", sql.groups),
             format!("DROP TABLE IF EXISTS {prefix}leases"),
             format!("DROP TABLE IF EXISTS {}", sql.dead_letters),
+            format!("DROP TABLE IF EXISTS {prefix}attempts"),
         ];
         if sql.backend == Backend::Postgres {
             statements.push(format!("DROP FUNCTION IF EXISTS {prefix}notify() CASCADE"));

@@ -9,10 +9,14 @@ use watchtower::{Error, redact_url};
 /// longest name made from the prefix adds 15 (`_leases_seq_idx`).
 const MAX_PREFIX_LEN: usize = 48;
 
-/// Which database a URL names.
+/// Which database a client, or a connection given to
+/// [`SqlPublisher::publish_in`](crate::SqlPublisher::publish_in), is of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Backend {
+#[non_exhaustive]
+pub enum Backend {
+    /// PostgreSQL.
     Postgres,
+    /// SQLite.
     Sqlite,
 }
 

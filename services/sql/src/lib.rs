@@ -12,7 +12,10 @@
 //! * a **local spool**: [`spool`] keeps accepting events while the broker
 //!   is down and forwards them in order when it returns;
 //! * **durable dead letters**: [`SqlDeadLetters`], a table the dead-letter
-//!   layer points at, with inspect and redrive.
+//!   layer points at, with inspect and redrive;
+//! * a **retry schedule of hours** (a webhook's 5 s to 10 h):
+//!   [`RetryScheduleLayer`] turns a handler's failures into nacks with the
+//!   schedule's delay, kept in the table, with an attempts log.
 //!
 //! # Example
 //!
@@ -58,6 +61,7 @@
 //! | `<prefix>groups` | one row per consumer group: the position of the last event it took |
 //! | `<prefix>leases` | one row per event a group has taken and not settled: delivery count, visible again at |
 //! | `<prefix>dead_letters` | [`SqlDeadLetters`] |
+//! | `<prefix>attempts` | the attempts log of [`RetryScheduleLayer`] |
 //!
 //! On PostgreSQL a statement trigger on the events table sends
 //! `NOTIFY <prefix>events` after every insert, from any writer, at commit.
@@ -174,15 +178,17 @@ mod config;
 mod dead_letters;
 mod error;
 mod publisher;
+mod schedule;
 mod schema;
 mod spool;
 mod subscriber;
 
 pub use acker::SqlAcker;
 pub use client::SqlClient;
-pub use config::SqlConfig;
+pub use config::{Backend, SqlConfig};
 pub use dead_letters::{DeadLetter, RedriveReport, SqlDeadLetters};
-pub use publisher::{Database, ResponseFuture, SqlPublisher};
+pub use publisher::{Insert, OutboxConnection, ResponseFuture, SqlPublisher};
+pub use schedule::{Attempt, RetrySchedule, RetryScheduleLayer, RetryScheduled};
 pub use spool::{Spool, spool};
 pub use subscriber::{SqlSubscriber, SqlSubscription};
 

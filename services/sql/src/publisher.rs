@@ -68,58 +68,61 @@ impl fmt::Debug for SqlPublisher {
     }
 }
 
-/// The databases [`SqlPublisher::publish_in`] writes into: `sqlx`'s
-/// [`Postgres`] and [`Sqlite`]. Sealed.
-pub trait Database: sqlx::Database + sealed::Sealed {
+/// What [`SqlPublisher::publish_in`] writes with: a `sqlx` transaction
+/// or connection of PostgreSQL or SQLite (`&mut tx`, `&mut *tx`, a pooled
+/// connection). Sealed.
+pub trait OutboxConnection: Send + sealed::Sealed {
     /// Which database it is.
     #[doc(hidden)]
-    const BACKEND: &'static str;
+    const BACKEND: Backend;
 
     /// Inserts one row with `sql`, returning its sequence number.
     #[doc(hidden)]
-    fn insert_one<'c>(
-        conn: &'c mut Self::Connection,
-        sql: &'c str,
-        row: (&'c str, &'c str, &'c [u8]),
-    ) -> impl Future<Output = Result<i64, sqlx::Error>> + Send + 'c;
+    fn insert<'a>(&'a mut self, sql: &'a str, row: (&'a str, &'a str, &'a [u8])) -> Insert<'a>;
 }
+
+/// The future of [`OutboxConnection::insert`]: boxed, so that a caller's
+/// future that awaits `publish_in` stays `Send` (as axum handlers and
+/// `tokio::spawn` need), which the generic futures of `sqlx` do not
+/// always let the compiler prove.
+#[doc(hidden)]
+pub type Insert<'a> = Pin<Box<dyn Future<Output = Result<i64, sqlx::Error>> + Send + 'a>>;
 
 mod sealed {
     pub trait Sealed {}
-    impl Sealed for sqlx::Postgres {}
-    impl Sealed for sqlx::Sqlite {}
+    impl Sealed for sqlx::PgConnection {}
+    impl Sealed for sqlx::SqliteConnection {}
+    impl Sealed for sqlx::Transaction<'_, sqlx::Postgres> {}
+    impl Sealed for sqlx::Transaction<'_, sqlx::Sqlite> {}
+    impl Sealed for sqlx::pool::PoolConnection<sqlx::Postgres> {}
+    impl Sealed for sqlx::pool::PoolConnection<sqlx::Sqlite> {}
 }
 
-impl Database for Postgres {
-    const BACKEND: &'static str = "postgres";
+macro_rules! outbox_connection {
+    ($backend:expr, $($ty:ty => |$this:ident| $conn:expr;)+) => {$(
+        impl OutboxConnection for $ty {
+            const BACKEND: Backend = $backend;
 
-    fn insert_one<'c>(
-        conn: &'c mut Self::Connection,
-        sql: &'c str,
-        (topic, id, body): (&'c str, &'c str, &'c [u8]),
-    ) -> impl Future<Output = Result<i64, sqlx::Error>> + Send + 'c {
-        sqlx::query_scalar(sql)
-            .bind(topic)
-            .bind(id)
-            .bind(body)
-            .fetch_one(conn)
-    }
+            fn insert<'a>(&'a mut self, sql: &'a str, (topic, id, body): (&'a str, &'a str, &'a [u8])) -> Insert<'a> {
+                let $this = self;
+                Box::pin(sqlx::query_scalar(sql).bind(topic).bind(id).bind(body).fetch_one($conn))
+            }
+        }
+    )+};
 }
 
-impl Database for Sqlite {
-    const BACKEND: &'static str = "sqlite";
+outbox_connection! {
+    Backend::Postgres,
+    sqlx::PgConnection => |this| this;
+    sqlx::Transaction<'_, Postgres> => |this| &mut **this;
+    sqlx::pool::PoolConnection<Postgres> => |this| &mut **this;
+}
 
-    fn insert_one<'c>(
-        conn: &'c mut Self::Connection,
-        sql: &'c str,
-        (topic, id, body): (&'c str, &'c str, &'c [u8]),
-    ) -> impl Future<Output = Result<i64, sqlx::Error>> + Send + 'c {
-        sqlx::query_scalar(sql)
-            .bind(topic)
-            .bind(id)
-            .bind(body)
-            .fetch_one(conn)
-    }
+outbox_connection! {
+    Backend::Sqlite,
+    sqlx::SqliteConnection => |this| this;
+    sqlx::Transaction<'_, Sqlite> => |this| &mut **this;
+    sqlx::pool::PoolConnection<Sqlite> => |this| &mut **this;
 }
 
 impl SqlPublisher {
@@ -128,8 +131,8 @@ impl SqlPublisher {
         SqlPublisher { client, queue }
     }
 
-    /// Writes `event` with `conn`: the caller's transaction (`&mut tx`), a
-    /// connection, or a pool of the client's database. In a transaction,
+    /// Writes `event` with `conn`: the caller's transaction (`&mut tx`) or
+    /// a connection of the client's database (`&mut *tx`, a pooled one). In a transaction,
     /// the event commits with the caller's other writes or not at all,
     /// and subscriptions see it only once it has committed.
     ///
@@ -157,11 +160,11 @@ impl SqlPublisher {
     /// if `conn` is not of the client's database; the database's error, by
     /// its kind, if the `INSERT` fails (the transaction is then aborted,
     /// as after any failed statement, on PostgreSQL).
-    pub async fn publish_in<'c, A>(&self, conn: A, mut event: Event) -> Result<Receipt, Error>
-    where
-        A: sqlx::Acquire<'c>,
-        A::Database: Database,
-    {
+    pub async fn publish_in<C: OutboxConnection>(
+        &self,
+        conn: &mut C,
+        mut event: Event,
+    ) -> Result<Receipt, Error> {
         let trace = PublishTrace::start(SqlClient::SYSTEM, &event.shared_topic(), &mut event);
         let span = trace.span().clone();
         let result = self.insert_in(conn, event).instrument(span).await;
@@ -169,33 +172,22 @@ impl SqlPublisher {
         result
     }
 
-    async fn insert_in<'c, A>(&self, conn: A, event: Event) -> Result<Receipt, Error>
-    where
-        A: sqlx::Acquire<'c>,
-        A::Database: Database,
-    {
-        let backend = match self.client.inner.sql.backend {
-            Backend::Postgres => "postgres",
-            Backend::Sqlite => "sqlite",
-        };
-        if <A::Database as Database>::BACKEND != backend {
+    async fn insert_in<C: OutboxConnection>(&self, conn: &mut C, event: Event) -> Result<Receipt, Error> {
+        let backend = self.client.inner.sql.backend;
+        if C::BACKEND != backend {
             return Err(Error::config(format!(
-                "publish_in got a {} connection for a {backend} client",
-                <A::Database as Database>::BACKEND
+                "publish_in got a {:?} connection for a {backend:?} client",
+                C::BACKEND
             )));
         }
         let body = encode(&event)?;
-        let mut conn = conn
-            .acquire()
+        let seq = conn
+            .insert(
+                &self.client.inner.sql.insert_one,
+                (event.topic(), event.id(), &body),
+            )
             .await
-            .map_err(|e| from_sqlx(e, "acquiring a connection"))?;
-        let seq = <A::Database as Database>::insert_one(
-            &mut conn,
-            &self.client.inner.sql.insert_one,
-            (event.topic(), event.id(), &body),
-        )
-        .await
-        .map_err(|e| from_sqlx(e, "inserting an event").with_event(event.clone()))?;
+            .map_err(|e| from_sqlx(e, "inserting an event").with_event(event.clone()))?;
         // Subscriptions of this client look at once; others when they are
         // notified (PostgreSQL, at commit) or poll.
         self.client.inner.wake.send_replace(());

@@ -58,6 +58,9 @@ pub(crate) struct Sql {
     pub(crate) list_dead_letters: String,
     pub(crate) delete_dead_letter: String,
     pub(crate) count_dead_letters: String,
+    /// `event_id, attempt, error`.
+    pub(crate) log_attempt: String,
+    pub(crate) list_attempts: String,
 }
 
 /// Milliseconds since the Unix epoch, by the database's clock, so that all
@@ -76,6 +79,7 @@ impl Sql {
         let groups = format!("{prefix}groups");
         let leases = format!("{prefix}leases");
         let dead_letters = format!("{prefix}dead_letters");
+        let attempts = format!("{prefix}attempts");
         let trigger = format!("{prefix}events_notify");
         let channel = format!("{prefix}events");
         let pg = backend == Backend::Postgres;
@@ -118,6 +122,14 @@ impl Sql {
                         reason TEXT NOT NULL,
                         body BYTEA NOT NULL,
                         created_ms BIGINT NOT NULL DEFAULT {now})"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {attempts} (
+                        event_id TEXT NOT NULL,
+                        attempt BIGINT NOT NULL,
+                        at_ms BIGINT NOT NULL DEFAULT {now},
+                        error TEXT,
+                        PRIMARY KEY (event_id, attempt))"
                 ),
                 format!(
                     "CREATE OR REPLACE FUNCTION {prefix}notify() RETURNS trigger LANGUAGE plpgsql AS \
@@ -167,6 +179,14 @@ impl Sql {
                         reason TEXT NOT NULL,
                         body BLOB NOT NULL,
                         created_ms INTEGER NOT NULL DEFAULT {now})"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {attempts} (
+                        event_id TEXT NOT NULL,
+                        attempt INTEGER NOT NULL,
+                        at_ms INTEGER NOT NULL DEFAULT {now},
+                        error TEXT,
+                        PRIMARY KEY (event_id, attempt))"
                 ),
             ]
         };
@@ -291,6 +311,12 @@ impl Sql {
             )),
             delete_dead_letter: q(format!("DELETE FROM {dead_letters} WHERE id = $1")),
             count_dead_letters: format!("SELECT COUNT(*) FROM {dead_letters}"),
+            log_attempt: q(format!(
+                "INSERT INTO {attempts} (event_id, attempt, error) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+            )),
+            list_attempts: q(format!(
+                "SELECT attempt, at_ms, error FROM {attempts} WHERE event_id = $1 ORDER BY attempt"
+            )),
             events,
             groups,
             dead_letters,

@@ -193,7 +193,7 @@ async fn run(
             timed(
                 config.statement_timeout,
                 "claiming events",
-                claim(&client, &group, &options, free),
+                claim(&client, &group, ephemeral, &options, free),
             )
             .await
         };
@@ -255,6 +255,7 @@ type Claimed = (i64, String, Vec<u8>, i32);
 async fn claim(
     client: &SqlClient,
     group: &Arc<str>,
+    ephemeral: bool,
     options: &SubscribeOptions,
     limit: usize,
 ) -> Result<Vec<Delivery<SqlAcker>>, Error> {
@@ -270,6 +271,23 @@ async fn claim(
         let cursor = sqlx::query(&sql.lock_group).bind(&**group).fetch_optional(&mut *tx).await
             .and_then(|row| row.map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?))).transpose())
             .map_err(fail)?;
+        if cursor.is_none() {
+            // The group is gone (clean-up removed it while this
+            // subscription could not reach the database, or it was
+            // deleted) or, on PostgreSQL, another member is claiming:
+            // recreate a missing one, as `open` would have; the insert
+            // does nothing to an existing one, locked or not.
+            let start = if ephemeral {
+                sqlx::query(&sql.head).fetch_optional(&mut *tx).await
+                    .and_then(|row| row.map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?))).transpose())
+                    .map_err(fail)?
+                    .unwrap_or((0, 0))
+            } else {
+                (0, 0)
+            };
+            sqlx::query(&sql.create_group).bind(&**group).bind(start.0).bind(start.1).bind(ephemeral)
+                .execute(&mut *tx).await.map_err(fail)?;
+        }
         let due = sqlx::query(&sql.claim_due).bind(&**group).bind(limit).bind(visibility)
             .fetch_all(&mut *tx).await.map_err(fail)?;
         let mut claimed: Vec<Claimed> = Vec::with_capacity(due.len());

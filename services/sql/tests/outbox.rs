@@ -176,3 +176,29 @@ async fn outbox_refuses_a_connection_of_the_other_database() {
     sqlite.drop_all().await;
     postgres.drop_all().await;
 }
+
+/// An axum handler or a spawned task awaits `publish_in`: its future is
+/// `Send`, with a transaction, a connection or a pooled connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_publish_in_runs_in_spawned_tasks() {
+    let tables = Tables::new(Db::Postgres, "spawned").await;
+    let (client, topic) = (tables.client.clone(), format!("{}.spawned", tables.name));
+    let task = tokio::spawn(async move {
+        let pool = client.pg_pool().unwrap();
+        let publisher = client.publisher();
+        let mut tx = pool.begin().await.unwrap();
+        publisher.publish_in(&mut tx, event(&topic, 1)).await.unwrap();
+        publisher.publish_in(&mut *tx, event(&topic, 2)).await.unwrap();
+        tx.commit().await.unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        publisher
+            .publish_in(&mut conn, event(&topic, 3))
+            .await
+            .unwrap()
+            .sequence
+            .unwrap()
+    });
+    let last = task.await.unwrap();
+    assert!(last >= 3);
+    tables.drop_all().await;
+}

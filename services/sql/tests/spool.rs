@@ -15,8 +15,7 @@ use watchtower_test_support::{RedisServer, unique, within};
 use common::sqlite_path;
 
 async fn stream_ids(url: &str, key: &str) -> Vec<String> {
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = common::redis_conn(url).await;
     let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(key)
         .arg("-")

@@ -129,11 +129,21 @@ pub const REDIS: &str = "redis://127.0.0.1:6379";
 /// The shared NATS.
 pub const NATS: &str = "nats://127.0.0.1:4222";
 
+/// A connection to the Redis at `url` whose replies may take their time
+/// on a loaded machine (the `redis` crate's default is 500 ms).
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap()
+}
+
 /// The event ids of every entry of the Redis stream `key`, in stream
 /// order, duplicates included.
 pub async fn redis_ids(key: &str) -> Vec<String> {
-    let client = redis::Client::open(REDIS).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_conn(REDIS).await;
     let mut ids = Vec::new();
     let mut from = "-".to_owned();
     loop {
@@ -159,14 +169,12 @@ pub async fn redis_ids(key: &str) -> Vec<String> {
 
 /// The length of the Redis stream `key`.
 pub async fn redis_len(key: &str) -> usize {
-    let client = redis::Client::open(REDIS).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_conn(REDIS).await;
     redis::cmd("XLEN").arg(key).query_async(&mut conn).await.unwrap()
 }
 
 /// Deletes the Redis keys `keys`.
 pub async fn redis_delete(keys: &[String]) {
-    let client = redis::Client::open(REDIS).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_conn(REDIS).await;
     let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.unwrap();
 }
