@@ -13,7 +13,8 @@
 //!
 //! Run with `cargo bench -p watchtower-sql --bench sql` against the local
 //! PostgreSQL, NATS and Redis (`SQL_BENCH_ROUNDS`, default 3;
-//! `SQL_BENCH_N`, default 5,000).
+//! `SQL_BENCH_N`, default 5,000; `SQL_BENCH=outbox,publish,forward` for
+//! some of the cases).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -240,11 +241,19 @@ async fn main() {
         )
         .await
         .unwrap();
-        let outbox_n = if name == "sqlite" { n / 5 } else { n };
-        outbox(name, &client, outbox_n, rounds).await;
-        publish(name, &client, n, rounds).await;
-        forward(name, "nats", &client, nats.publisher(), n, rounds).await;
-        forward(name, "redis", &client, redis.publisher(), n, rounds).await;
+        let only = std::env::var("SQL_BENCH").unwrap_or_default();
+        let run = |case: &str| only.is_empty() || only.split(',').any(|c| c == case);
+        if run("outbox") {
+            let outbox_n = if name == "sqlite" { n / 5 } else { n };
+            outbox(name, &client, outbox_n, rounds).await;
+        }
+        if run("publish") {
+            publish(name, &client, n, rounds).await;
+        }
+        if run("forward") {
+            forward(name, "nats", &client, nats.publisher(), n, rounds).await;
+            forward(name, "redis", &client, redis.publisher(), n, rounds).await;
+        }
         client.drop_tables().await.unwrap();
     }
     let _ = std::fs::remove_dir_all(&dir);
