@@ -178,7 +178,7 @@
 //! A transaction's cost is its commit; the transport adds the encoding and
 //! its span. The forwarder to Redis measured 62/s in that run, far below
 //! what the forwarding test sees (1,000 events in about 1.5 s in a debug
-//! build); it was not investigated further in that session.
+//! build); not yet explained.
 //!
 //! # Choosing PostgreSQL or SQLite
 //!
