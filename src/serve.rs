@@ -21,7 +21,7 @@ use crate::dead_letter::MemoryDeadLetters;
 use crate::error::{BoxError, Error};
 use crate::event::{Event, ext};
 use crate::subscribe::{Acker, Delivery, SubscribeOptions, Subscriber};
-use crate::trace::{ConsumerMeter, Settlement, process_span, record_process_error, settle_span};
+use crate::trace::{ConsumerMeter, Settlement, process_span, record_error, settle_span};
 
 /// How many events may be settling (ack on its way) per concurrency slot.
 const SETTLING_FACTOR: usize = 4;
@@ -328,6 +328,9 @@ where
         ),
         None => tracing::Span::current(),
     };
+    if let Some(group) = delivery.group() {
+        span.record("messaging.consumer.group.name", group);
+    }
     let count = delivery.delivery_count();
     let topic = delivery.shared_topic();
     let meter = ConsumerMeter::received(delivery.system(), &topic, count);
@@ -540,7 +543,7 @@ where
             let failure = outcome.as_ref().err().map(|e| e.kind().as_str());
             meter.processed(failure);
             if let Err(e) = &outcome {
-                record_process_error(&tracing::Span::current(), e);
+                record_error(&tracing::Span::current(), e);
             }
             match outcome {
                 Ok(()) => {
@@ -684,7 +687,7 @@ impl StatsHandle {
 }
 
 /// What a consumer runtime did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[non_exhaustive]
 pub struct ServeStats {
     /// Deliveries taken from the subscription.
@@ -747,6 +750,12 @@ impl SubscriptionHandle {
     /// The statistics so far.
     pub fn stats(&self) -> ServeStats {
         self.stats.snapshot()
+    }
+
+    /// A handle that reads the statistics while the subscription runs,
+    /// e.g. for a health view.
+    pub fn stats_handle(&self) -> StatsHandle {
+        self.stats.clone()
     }
 
     /// The default dead-letter path's queue: messages that did not decode

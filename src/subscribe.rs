@@ -277,6 +277,7 @@ pub struct Delivery<A> {
     content: Result<Event, Poison>,
     topic: Arc<str>,
     system: &'static str,
+    group: Option<Arc<str>>,
     delivery_count: u32,
     acker: A,
 }
@@ -298,6 +299,7 @@ impl<A: Acker> Delivery<A> {
             content: Ok(event),
             topic,
             system: "unknown",
+            group: None,
             delivery_count: 1,
             acker,
         }
@@ -309,6 +311,7 @@ impl<A: Acker> Delivery<A> {
             topic: poison.raw.topic.clone(),
             content: Err(poison),
             system: "unknown",
+            group: None,
             delivery_count: 1,
             acker,
         }
@@ -326,6 +329,20 @@ impl<A: Acker> Delivery<A> {
     pub fn with_system(mut self, system: &'static str) -> Self {
         self.system = system;
         self
+    }
+
+    /// Sets the consumer group the message was delivered to (the
+    /// [`SubscribeOptions::group`] of the subscription), for tracing as
+    /// `messaging.consumer.group.name`.
+    pub fn with_group(mut self, group: Option<Arc<str>>) -> Self {
+        self.group = group;
+        self
+    }
+
+    /// The consumer group the message was delivered to, if the
+    /// subscription joined one.
+    pub fn group(&self) -> Option<&str> {
+        self.group.as_deref()
     }
 
     /// The event, unless the message did not decode.
@@ -409,6 +426,7 @@ impl<A> fmt::Debug for Delivery<A> {
             .field("content", &self.content)
             .field("topic", &self.topic)
             .field("system", &self.system)
+            .field("group", &self.group)
             .field("delivery_count", &self.delivery_count)
             .finish_non_exhaustive()
     }

@@ -147,6 +147,25 @@ fn layers(c: &mut Criterion) {
             .service(noop())
     });
 
+    // With the `metrics` feature and a Prometheus recorder the handles
+    // were registered with (the rows above then measure the feature with
+    // no recorder: compare them with a run without the feature).
+    #[cfg(feature = "metrics")]
+    {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        bench_one(c, &rt, "watchtower/full_stack+prometheus", || {
+            metrics::with_local_recorder(&recorder, || {
+                ServiceBuilder::new()
+                    .dead_letter(dlq.clone())
+                    .retries(RetryConfig::new())
+                    .circuit_breaker(CircuitBreakerConfig::new())
+                    .backpressure(BackpressureLayer::new(1024, Overflow::Block).concurrency(64))
+                    .service(noop())
+            })
+        });
+        std::hint::black_box(recorder.handle().render());
+    }
+
     bench_one(c, &rt, "tower/concurrency_limit", || {
         ServiceBuilder::new().concurrency_limit(64).service(noop_boxed())
     });

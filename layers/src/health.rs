@@ -4,8 +4,10 @@
 //! [`Transport`], whose [`health`](Transport::health) answers with the
 //! core's one [`Health`] type) and the layers'
 //! handles — breakers, backpressure queues, retry and dead-letter counters,
-//! in-memory DLQs — and [`HealthView::report`] reads them all into one
-//! serialisable [`HealthReport`], e.g. for a `/health` route.
+//! in-memory DLQs — and the statistics of consumer runtimes
+//! ([`watchtower::serve`]), and [`HealthView::report`] reads them all into
+//! one serialisable [`HealthReport`], e.g. for a `/ready` route
+//! (`watchtower-axum` serves one).
 //!
 //! ```
 //! use watchtower::dead_letter::MemoryDeadLetters;
@@ -40,9 +42,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use watchtower::Transport;
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::health::{Health, Status};
+use watchtower::{ServeStats, StatsHandle, Transport};
 
 use crate::backpressure::{BackpressureHandle, BackpressureStats};
 use crate::circuit_breaker::{CircuitBreakerHandle, KeyedBreakers, Metrics, State};
@@ -101,6 +103,15 @@ pub struct RetryHealth {
     pub stats: RetryStats,
 }
 
+/// One consumer runtime in a [`HealthReport`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerHealth {
+    /// The name it was registered under.
+    pub name: String,
+    /// Its statistics.
+    pub stats: ServeStats,
+}
+
 /// Everything a [`HealthView`] read, at one moment.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthReport {
@@ -116,6 +127,8 @@ pub struct HealthReport {
     pub retries: Vec<RetryHealth>,
     /// Dead-letter queues and layers.
     pub dead_letters: Vec<DeadLetterHealth>,
+    /// Consumer runtimes.
+    pub consumers: Vec<ConsumerHealth>,
 }
 
 impl HealthReport {
@@ -143,6 +156,7 @@ pub struct HealthView {
     retries: Vec<(String, RetryHandle)>,
     dead_letters: Vec<DeadLetterProbe>,
     keyed: Vec<KeyedProbe>,
+    consumers: Vec<(String, StatsHandle)>,
 }
 
 impl HealthView {
@@ -238,6 +252,16 @@ impl HealthView {
         self
     }
 
+    /// Adds a consumer runtime, by the statistics handle of
+    /// [`Serve::stats`](watchtower::Serve::stats). Its counters go into the
+    /// report; they do not change its status: a consumer is as ready as
+    /// the transport it reads from and the breakers its handler goes
+    /// through, which are added on their own.
+    pub fn consumer(mut self, name: impl Into<String>, stats: StatsHandle) -> Self {
+        self.consumers.push((name.into(), stats));
+        self
+    }
+
     /// Reads every handle now.
     pub async fn report(&self) -> HealthReport {
         let timeout = self.check_timeout.unwrap_or(CHECK_TIMEOUT);
@@ -311,6 +335,14 @@ impl HealthView {
                 d
             })
             .collect();
+        let consumers = self
+            .consumers
+            .iter()
+            .map(|(name, h)| ConsumerHealth {
+                name: name.clone(),
+                stats: h.snapshot(),
+            })
+            .collect();
         HealthReport {
             status,
             transports,
@@ -318,6 +350,7 @@ impl HealthView {
             queues,
             retries,
             dead_letters,
+            consumers,
         }
     }
 }
@@ -334,6 +367,10 @@ impl fmt::Debug for HealthView {
             .field("retries", &self.retries.len())
             .field("dead_letters", &self.dead_letters.len())
             .field("keyed", &self.keyed.len())
+            .field(
+                "consumers",
+                &self.consumers.iter().map(|(name, _)| name).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -391,6 +428,68 @@ mod tests {
             ("stalled", Status::Down, Some("health check timed out"))
         );
         assert_eq!(report.transports[1].health.status(), Status::Degraded);
+    }
+
+    #[tokio::test]
+    async fn a_consumer_s_statistics_go_into_the_report_without_changing_its_status() {
+        use std::future::IntoFuture as _;
+
+        use tower::service_fn;
+        use watchtower::{
+            Error, ErrorKind, Event, PublishExt as _, SubscribeOptions, Subscriber as _, serve,
+        };
+        use watchtower_memory::MemoryBroker;
+
+        let broker = MemoryBroker::new();
+        let subscription = broker
+            .subscriber()
+            .open(SubscribeOptions::new(["orders.*"]).unwrap())
+            .await
+            .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = serve(
+            subscription,
+            service_fn(|event: Event| async move {
+                match event.ty() {
+                    "orders.bad" => Err(Error::new(ErrorKind::Rejected, "schema mismatch")),
+                    _ => Ok(()),
+                }
+            }),
+        )
+        .with_graceful_shutdown(async {
+            stopped.await.ok();
+        });
+        let view = HealthView::new()
+            .transport("events", broker.clone())
+            .consumer("orders", server.stats());
+        let task = tokio::spawn(server.into_future());
+        let mut publisher = broker.publisher();
+        for ty in ["orders.placed", "orders.bad", "orders.paid", "orders.placed"] {
+            publisher.publish(Event::empty(ty)).await.unwrap();
+        }
+        assert!(broker.wait_idle(Duration::from_secs(10)).await);
+        stop.send(()).unwrap();
+        let last = task.await.unwrap().unwrap();
+
+        let report = view.report().await;
+        assert_eq!(report.status, Status::Up);
+        assert_eq!(report.consumers.len(), 1);
+        let consumer = &report.consumers[0];
+        assert_eq!(consumer.name, "orders");
+        assert_eq!(consumer.stats, last);
+        assert_eq!(
+            (
+                consumer.stats.received,
+                consumer.stats.acked,
+                consumer.stats.dead_lettered
+            ),
+            (4, 3, 1)
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["consumers"][0]["name"], "orders");
+        assert_eq!(json["consumers"][0]["stats"]["acked"], 3);
+        assert_eq!(json["consumers"][0]["stats"]["dead_lettered"], 1);
+        assert_eq!(json["consumers"][0]["stats"]["in_flight"], 0);
     }
 
     #[tokio::test]

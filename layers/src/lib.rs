@@ -17,7 +17,11 @@
 //!
 //! The table is also the recommended order, outermost first; see
 //! [`ServiceBuilderExt`] for why. Every layer has a cloneable handle for
-//! its counters, and [`health::HealthView`] combines them.
+//! its counters, and [`health::HealthView`] combines them. With the cargo
+//! feature `metrics`, the same counters are also recorded through the
+//! `metrics` facade, labelled with each layer's name: see [`metrics`] for
+//! the series, and `watchtower-axum` for serving them with `/health` and
+//! `/ready`.
 //!
 //! Together they keep one promise: an event is delivered, dead-lettered,
 //! or its caller gets an error carrying it — never silently dropped.
@@ -71,6 +75,7 @@ mod builder;
 pub mod circuit_breaker;
 pub mod dead_letter;
 pub mod health;
+pub mod metrics;
 pub mod retry;
 
 pub use builder::ServiceBuilderExt;

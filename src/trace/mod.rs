@@ -130,14 +130,14 @@ impl PublishTrace {
     pub fn finish<T>(self, outcome: &Result<T, Error>) {
         let failure = outcome.as_ref().err().map(|e| e.kind().as_str());
         if let Some(kind) = failure {
-            record_error(&self.span, kind);
+            record_error_kind(&self.span, kind);
         }
         #[cfg(feature = "metrics")]
         self.meter.finish(failure);
     }
 }
 
-fn record_error(span: &Span, kind: &'static str) {
+fn record_error_kind(span: &Span, kind: &'static str) {
     if !span.is_disabled() {
         span.record("error.type", kind);
         span.record("otel.status_code", "ERROR");
@@ -188,6 +188,7 @@ pub fn process_span(system: &'static str, destination: &str, event: &Event, deli
         messaging.operation.name = "process",
         messaging.message.id = event.id(),
         messaging.message.delivery_count = delivery_count,
+        messaging.consumer.group.name = Empty,
         traceparent = Empty,
         error.type = Empty,
     );
@@ -202,9 +203,10 @@ pub fn process_span(system: &'static str, destination: &str, event: &Event, deli
     span
 }
 
-/// Records a failed handler call on its process span.
-pub(crate) fn record_process_error(span: &Span, error: &Error) {
-    record_error(span, error.kind().as_str());
+/// Records a failure on a publish or process span: its `error.type` (the
+/// [`ErrorKind`](crate::ErrorKind)) and an error status.
+pub fn record_error(span: &Span, error: &Error) {
+    record_error_kind(span, error.kind().as_str());
 }
 
 /// A span for settling a delivery: `operation` is `ack`, `nack` or

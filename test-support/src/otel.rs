@@ -172,6 +172,9 @@ const GIVEN_UP: &str = "trace.given_up";
 /// * `given_up`: the handler refuses it for good; its process span has
 ///   `error.type` and a `reject` settle span, in the publish's trace.
 ///
+/// On a transport with consumer groups the subscription joins one, and
+/// every process span names it (`messaging.consumer.group.name`).
+///
 /// Returns a description of the first thing that is not so.
 pub async fn check_propagation<H: Harness>(h: &H, traces: &Traces) -> Result<(), String> {
     let ns = watchtower::conformance::unique("trace");
@@ -185,11 +188,15 @@ pub async fn check_propagation<H: Harness>(h: &H, traces: &Traces) -> Result<(),
 async fn propagation<H: Harness>(h: &H, traces: &Traces, ns: &str) -> Result<(), String> {
     let topic = format!("{ns}.orders");
     let redelivery = h.capabilities().redelivery;
+    // A consumer group where the transport has them, for
+    // `messaging.consumer.group.name`.
+    let group = h.capabilities().consumer_groups.then_some("traced");
     let subscriber = h.subscriber(ns).await.map_err(fail)?;
-    let subscription = subscriber
-        .open(SubscribeOptions::new([topic.as_str()]).map_err(fail)?)
-        .await
-        .map_err(fail)?;
+    let mut options = SubscribeOptions::new([topic.as_str()]).map_err(fail)?;
+    if let Some(group) = group {
+        options = options.group(group).map_err(fail)?;
+    }
+    let subscription = subscriber.open(options).await.map_err(fail)?;
 
     // The handler: what each event does, and every delivery it saw.
     let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
@@ -335,7 +342,11 @@ async fn propagation<H: Harness>(h: &H, traces: &Traces, ns: &str) -> Result<(),
         }
         expect_attr(process, "messaging.system", system, what)?;
         expect_attr(process, "messaging.destination.name", &topic, what)?;
-        expect_attr(process, "messaging.operation.type", "process", what)
+        expect_attr(process, "messaging.operation.type", "process", what)?;
+        match group {
+            Some(group) => expect_attr(process, "messaging.consumer.group.name", group, what),
+            None => Ok(()),
+        }
     };
     let settle_of = |process: &SpanData, op: &str, what: &str| -> Result<(), String> {
         let all = traces.spans();

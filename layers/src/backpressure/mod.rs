@@ -92,6 +92,7 @@ pub use future::ResponseFuture;
 pub use shared::{BackpressureHandle, BackpressureStats};
 pub use worker::Worker;
 
+use crate::metrics::QueueMetrics;
 use shared::{Counters, Direct, Job, Queue, Shared, Slots};
 
 /// The default concurrency: 64 calls in flight, as the consumer runtime
@@ -110,6 +111,7 @@ pub struct BackpressureLayer {
     overflow: Overflow,
     concurrency: usize,
     direct: bool,
+    name: Arc<str>,
     counters: Arc<Counters>,
 }
 
@@ -122,6 +124,7 @@ impl BackpressureLayer {
             overflow,
             concurrency: DEFAULT_CONCURRENCY,
             direct: false,
+            name: Arc::from(""),
             counters: Arc::new(Counters {
                 capacity,
                 ..Counters::default()
@@ -149,6 +152,14 @@ impl BackpressureLayer {
     /// worker run side by side.
     pub fn direct(mut self, direct: bool) -> Self {
         self.direct = direct;
+        self
+    }
+
+    /// The `name` label of the queue's [metrics](crate::metrics), set
+    /// before the layer wraps a service. Default: empty, labelled
+    /// `default`.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = name.into();
         self
     }
 
@@ -258,6 +269,7 @@ impl<R> Backpressure<R> {
             }),
             stopped: AtomicBool::new(false),
             counters: layer.counters.clone(),
+            metrics: QueueMetrics::new(&layer.name, layer.capacity),
             slots: (layer.overflow == Overflow::Block).then(|| Slots {
                 taken: AtomicUsize::new(0),
                 capacity: layer.capacity,
@@ -398,7 +410,7 @@ impl<R> Service<Event> for Backpressure<R> {
                     if reserved {
                         shared.release_slot();
                     }
-                    counters.dropped_newest.fetch_add(1, Ordering::Relaxed);
+                    shared.dropped_newest();
                     return ResponseFuture::failed(
                         dropped("queue full, newest event dropped").with_event(event),
                     );
@@ -408,15 +420,15 @@ impl<R> Service<Event> for Backpressure<R> {
         }
         queue.jobs.push_back(job);
         shared.queued.store(queue.jobs.len(), Ordering::Release);
-        counters.set_depth(queue.jobs.len());
+        shared.set_depth(queue.jobs.len());
         let waker = queue.worker.take();
         drop(queue);
         if let Some(old) = evicted {
             if old.reply.is_closed() {
                 // No one to tell: it would never have been sent anyway.
-                counters.abandoned.fetch_add(1, Ordering::Relaxed);
+                shared.abandoned(1);
             } else {
-                counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
+                shared.dropped_oldest();
                 old.reply.send(Err(
                     dropped("queue full, oldest event evicted").with_event(old.event)
                 ));

@@ -13,6 +13,8 @@ use tower::Service;
 use watchtower::reply::Replier;
 use watchtower::{BoxError, Event};
 
+use crate::metrics::QueueMetrics;
+
 pub(crate) type Reply<R> = Replier<Result<R, watchtower::Error>>;
 
 pub(crate) struct Job<R> {
@@ -37,6 +39,8 @@ pub(crate) struct Shared<R> {
     /// that a caller holding the lock sees it before pushing.
     pub(crate) stopped: AtomicBool,
     pub(crate) counters: Arc<Counters>,
+    /// The counters' metrics, registered for this queue.
+    pub(crate) metrics: QueueMetrics,
     /// Under `Overflow::Block`: slots reserved by callers (in `poll_ready`)
     /// or held by queued jobs, at most the capacity.
     pub(crate) slots: Option<Slots>,
@@ -90,6 +94,30 @@ impl<R> Shared<R> {
                 w.wake();
             }
         }
+    }
+
+    /// The queue holds `depth` jobs now.
+    pub(crate) fn set_depth(&self, depth: usize) {
+        self.counters.set_depth(depth);
+        self.metrics.depth(depth);
+    }
+
+    /// A new event refused, the queue full.
+    pub(crate) fn dropped_newest(&self) {
+        self.counters.dropped_newest.fetch_add(1, Ordering::Relaxed);
+        self.metrics.dropped_newest();
+    }
+
+    /// A queued event evicted for a newer one, its caller still waiting.
+    pub(crate) fn dropped_oldest(&self) {
+        self.counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
+        self.metrics.dropped_oldest();
+    }
+
+    /// `n` queued events skipped, their callers gone.
+    pub(crate) fn abandoned(&self, n: u64) {
+        self.counters.abandoned.fetch_add(n, Ordering::Relaxed);
+        self.metrics.abandoned(n);
     }
 
     /// Gives back the slot of a job taken off the queue.

@@ -58,7 +58,7 @@ pin_project! {
             for _ in 0..this.in_flight.len() {
                 this.shared.finish();
             }
-            this.shared.counters.set_depth(0);
+            this.shared.set_depth(0);
             for job in jobs {
                 this.shared.release_slot();
                 let err = Error::closed("backpressure worker stopped").with_event(job.event);
@@ -144,7 +144,6 @@ where
     S: Service<Event>,
     S::Error: Into<BoxError>,
 {
-    let counters = &this.shared.counters;
     loop {
         // A long poll does not keep its first callers waiting for all the
         // rest.
@@ -212,10 +211,10 @@ where
                     }
                 };
                 this.shared.queued.store(queue.jobs.len(), Ordering::Release);
-                counters.set_depth(queue.jobs.len());
+                this.shared.set_depth(queue.jobs.len());
                 drop(queue);
                 if abandoned > 0 {
-                    counters.abandoned.fetch_add(abandoned, Ordering::Relaxed);
+                    this.shared.abandoned(abandoned);
                     for _ in 0..abandoned {
                         this.shared.release_slot();
                     }

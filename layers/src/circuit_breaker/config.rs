@@ -147,8 +147,9 @@ impl CircuitBreakerConfig {
         }
     }
 
-    /// A name shown in the `CircuitOpen` error's message and in health
-    /// reports. Default: empty.
+    /// A name shown in the `CircuitOpen` error's message, in health
+    /// reports and as the `name` label of its [metrics](crate::metrics).
+    /// Default: empty, labelled `default` in metrics.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = name.into();
         self

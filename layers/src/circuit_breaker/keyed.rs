@@ -12,6 +12,7 @@ use watchtower::{BoxError, Error, Event};
 use super::config::CircuitBreakerConfig;
 use super::future::ResponseFuture;
 use super::state::{Breaker, CircuitBreakerHandle, State};
+use crate::metrics::BreakerMetrics;
 
 /// A registry of breakers, one per key, all built from one config.
 ///
@@ -38,6 +39,8 @@ struct Registry<K> {
     config: CircuitBreakerConfig,
     max_keys: usize,
     map: Mutex<Lru<K>>,
+    /// Shared by every key's breaker, without a state gauge.
+    metrics: BreakerMetrics,
 }
 
 struct Lru<K> {
@@ -60,6 +63,7 @@ impl<K: Eq + Hash + Clone> KeyedBreakers<K> {
     pub fn new(config: CircuitBreakerConfig, max_keys: usize) -> Self {
         KeyedBreakers {
             shared: Arc::new(Registry {
+                metrics: BreakerMetrics::new(&config.name, false),
                 config,
                 max_keys: max_keys.max(1),
                 map: Mutex::new(Lru {
@@ -92,7 +96,7 @@ impl<K: Eq + Hash + Clone> KeyedBreakers<K> {
                 lru.entries.remove(&victim);
             }
         }
-        let breaker = Breaker::new(self.shared.config.clone());
+        let breaker = Breaker::with_metrics(self.shared.config.clone(), self.shared.metrics.clone());
         lru.entries.insert(key.clone(), (breaker.clone(), now));
         breaker
     }

@@ -14,6 +14,7 @@ use watchtower::{Error, ErrorKind};
 
 use super::config::{CircuitBreakerConfig, SlidingWindow, StateChange, Verdict};
 use super::window::{AtomicCountWindow, CountWindow, Counts, Outcome, Recorded, TimeWindow, Window};
+use crate::metrics::BreakerMetrics;
 
 /// The state of a circuit breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -120,6 +121,7 @@ pub(crate) struct Breaker {
     pub(crate) notify: Arc<Notify>,
     /// What a permit's start time is measured from.
     origin: Instant,
+    metrics: BreakerMetrics,
 }
 
 struct Machine {
@@ -209,7 +211,14 @@ pub(crate) struct Permit {
 type Transition = Option<StateChange>;
 
 impl Breaker {
+    /// A breaker with metrics of its own, its state gauge included.
     pub(crate) fn new(config: CircuitBreakerConfig) -> Arc<Breaker> {
+        let metrics = BreakerMetrics::new(&config.name, true);
+        Breaker::with_metrics(config, metrics)
+    }
+
+    /// A breaker recording into `metrics` (shared by a keyed registry).
+    pub(crate) fn with_metrics(config: CircuitBreakerConfig, metrics: BreakerMetrics) -> Arc<Breaker> {
         let now = Instant::now();
         let (ring, window) = match config.window {
             SlidingWindow::Count(n) => match AtomicCountWindow::new(n) {
@@ -241,6 +250,7 @@ impl Breaker {
             }),
             notify: Arc::new(Notify::new()),
             origin: now,
+            metrics,
         })
     }
 
@@ -408,6 +418,7 @@ impl Breaker {
     /// Counts a refusal the caller sees, and calls the hook.
     pub(crate) fn rejected(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
+        self.metrics.rejected();
         if let Some(hook) = &self.config.on_rejected {
             hook();
         }
@@ -450,12 +461,15 @@ impl Breaker {
         }
         self.packed
             .store((m.epoch << 8) | to.to_bits(), Ordering::Release);
+        // Under the lock, so that the gauge follows changes in order.
+        self.metrics.state(to);
         Some(StateChange { from, to })
     }
 
     fn fire(&self, change: Transition) {
         if let Some(change) = change {
             self.notify.notify_waiters();
+            self.metrics.transition(change);
             tracing::debug!(breaker = &*self.config.name, from = %change.from, to = %change.to, "circuit breaker state change");
             if let Some(hook) = &self.config.on_state_change {
                 hook(change);

@@ -125,14 +125,14 @@ where
                     };
                     return Poll::Ready(match result {
                         Ok(_) => {
-                            this.shared.stats.dead_lettered();
+                            this.shared.dead_lettered(failure.kind());
                             Ok(Outcome::DeadLettered(DeadLettered {
                                 event,
                                 error: failure,
                             }))
                         }
                         Err(e) => {
-                            this.shared.stats.failed();
+                            this.shared.failed(failure.kind());
                             let dead_letter_error = Error::from_boxed(e.into());
                             tracing::error!(event_id = event.id(), error = %failure, dead_letter_error = %dead_letter_error, "dead-letter service failed; returning the event to the caller");
                             Err(DeadLetterFailed {

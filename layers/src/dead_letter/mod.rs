@@ -86,7 +86,9 @@ use std::task::{Context, Poll};
 
 use serde::Serialize;
 use tower::{Layer, Service};
-use watchtower::{BoxError, Error, Event};
+use watchtower::{BoxError, Error, ErrorKind, Event};
+
+use crate::metrics::DeadLetterMetrics;
 
 pub use file::{FileContents, FileDeadLetters, WriteFuture};
 pub use future::ResponseFuture;
@@ -96,7 +98,9 @@ pub use redrive::{RedriveReport, redrive, redrive_memory, restore};
 pub(crate) struct Shared<D> {
     dlq: D,
     topic: Option<Arc<str>>,
+    name: Arc<str>,
     stats: Counters,
+    metrics: DeadLetterMetrics,
 }
 
 #[derive(Debug, Default)]
@@ -105,13 +109,27 @@ struct Counters {
     failed: AtomicU64,
 }
 
-impl Counters {
-    fn dead_lettered(&self) {
-        self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+impl<D> Shared<D> {
+    fn new(dlq: D, topic: Option<Arc<str>>, name: Arc<str>) -> Arc<Self> {
+        Arc::new(Shared {
+            dlq,
+            topic,
+            metrics: DeadLetterMetrics::new(&name),
+            name,
+            stats: Counters::default(),
+        })
     }
 
-    fn failed(&self) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
+    /// The dead-letter service took an event that failed with `kind`.
+    fn dead_lettered(&self, kind: ErrorKind) {
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.metrics.dead_lettered(kind);
+    }
+
+    /// The dead-letter service refused an event that failed with `kind`.
+    fn failed(&self, kind: ErrorKind) {
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        self.metrics.failed(kind);
     }
 }
 
@@ -181,11 +199,7 @@ impl<D> DeadLetterLayer<D> {
     /// (wrap one that is not in `tower::buffer::Buffer`).
     pub fn new(dlq: D) -> Self {
         DeadLetterLayer {
-            shared: Arc::new(Shared {
-                dlq,
-                topic: None,
-                stats: Counters::default(),
-            }),
+            shared: Shared::new(dlq, None, Arc::from("")),
         }
     }
 
@@ -194,11 +208,21 @@ impl<D> DeadLetterLayer<D> {
     /// the topic that failed (the original is kept in `deadlettertopic`).
     pub fn with_topic(dlq: D, topic: impl Into<Arc<str>>) -> Self {
         DeadLetterLayer {
-            shared: Arc::new(Shared {
-                dlq,
-                topic: Some(topic.into()),
-                stats: Counters::default(),
-            }),
+            shared: Shared::new(dlq, Some(topic.into()), Arc::from("")),
+        }
+    }
+
+    /// The `name` label of the layer's [metrics](crate::metrics).
+    /// Default: empty, labelled `default`.
+    ///
+    /// Name the layer before taking its [`handle`](Self::handle): the
+    /// named layer starts counting afresh.
+    pub fn name(self, name: impl Into<Arc<str>>) -> Self
+    where
+        D: Clone,
+    {
+        DeadLetterLayer {
+            shared: Shared::new(self.shared.dlq.clone(), self.shared.topic.clone(), name.into()),
         }
     }
 
@@ -227,6 +251,7 @@ impl<D> Clone for DeadLetterLayer<D> {
 impl<D> fmt::Debug for DeadLetterLayer<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeadLetterLayer")
+            .field("name", &self.shared.name)
             .field("topic", &self.shared.topic)
             .finish_non_exhaustive()
     }

@@ -9,6 +9,8 @@ use tower::retry::budget::Budget;
 use watchtower::Error;
 use watchtower::backoff::{Backoff, Jitter};
 
+use crate::metrics::RetryMetrics;
+
 /// What a retry hook is told before each retry.
 #[derive(Debug)]
 pub struct RetryAttempt<'a> {
@@ -40,6 +42,7 @@ pub(crate) type SharedBudget = Arc<dyn Budget + Send + Sync>;
 /// ```
 #[derive(Clone)]
 pub struct RetryConfig {
+    pub(crate) name: Arc<str>,
     pub(crate) max_attempts: u32,
     pub(crate) backoff: Backoff,
     pub(crate) max_elapsed: Option<Duration>,
@@ -54,6 +57,7 @@ impl RetryConfig {
     /// The defaults, listed with each setter.
     pub fn new() -> Self {
         RetryConfig {
+            name: Arc::from(""),
             max_attempts: 3,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)).jitter(Jitter::Full),
             max_elapsed: Some(Duration::from_secs(30)),
@@ -63,6 +67,13 @@ impl RetryConfig {
             retry_if: None,
             on_retry: None,
         }
+    }
+
+    /// The `name` label of the layer's [metrics](crate::metrics).
+    /// Default: empty, labelled `default`.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// Attempts in all, the first included (at least 1). Default: 3, which
@@ -179,6 +190,7 @@ impl Default for RetryConfig {
 impl fmt::Debug for RetryConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryConfig")
+            .field("name", &self.name)
             .field("max_attempts", &self.max_attempts)
             .field("backoff", &self.backoff)
             .field("max_elapsed", &self.max_elapsed)
@@ -193,11 +205,13 @@ pub(crate) struct Shared {
     pub(crate) config: RetryConfig,
     pub(crate) rng: Mutex<SmallRng>,
     pub(crate) stats: super::stats::Counters,
+    pub(crate) metrics: RetryMetrics,
 }
 
 impl Shared {
     pub(crate) fn new(config: RetryConfig) -> Arc<Shared> {
         Arc::new(Shared {
+            metrics: RetryMetrics::new(&config.name),
             rng: Mutex::new(config.rng()),
             config,
             stats: Default::default(),

@@ -13,7 +13,7 @@ use watchtower::ext;
 use watchtower::{BoxError, Error, Event};
 
 use super::config::{RetryAttempt, Shared};
-use super::stats::Counters;
+use super::stats::Count;
 
 pin_project! {
     /// Response future of [`Retry`](super::Retry): runs the first attempt,
@@ -95,18 +95,18 @@ where
         err: Error,
     ) -> Result<std::time::Duration, Error> {
         let config = &shared.config;
-        let give_up = |mut err: Error, counter| {
-            Counters::add(counter);
+        let give_up = |mut err: Error, count| {
+            shared.count(count);
             if err.event().is_none() {
                 err = err.with_event(event.clone());
             }
             Err(err)
         };
         if !config.is_retryable(&err) {
-            return give_up(err, &shared.stats.not_retryable);
+            return give_up(err, Count::NotRetryable);
         }
         if attempt >= config.max_attempts {
-            return give_up(err, &shared.stats.exhausted);
+            return give_up(err, Count::Exhausted);
         }
         let mut delay = shared.delay_before(attempt + 1);
         if let Some(after) = err.retry_after() {
@@ -117,14 +117,14 @@ where
         if let Some(limit) = config.max_elapsed
             && first.elapsed().saturating_add(delay) > limit
         {
-            return give_up(err, &shared.stats.exhausted);
+            return give_up(err, Count::Exhausted);
         }
         if let Some(budget) = &config.budget
             && !budget.withdraw()
         {
-            return give_up(err, &shared.stats.budget_exhausted);
+            return give_up(err, Count::BudgetExhausted);
         }
-        Counters::add(&shared.stats.retries);
+        shared.count(Count::Retry);
         if let Some(hook) = &config.on_retry {
             hook(&RetryAttempt {
                 attempt: attempt + 1,
@@ -157,7 +157,12 @@ where
                     ),
                 },
                 StateProj::Called { future } => match ready!(future.poll(cx)) {
-                    Ok(response) => return Poll::Ready(Ok(response)),
+                    Ok(response) => {
+                        if *this.attempt > 1 {
+                            this.shared.count(Count::SucceededAfterRetry);
+                        }
+                        return Poll::Ready(Ok(response));
+                    }
                     Err(e) => Error::from_boxed(e.into()),
                 },
                 StateProj::Waiting { sleep } => {

@@ -121,9 +121,11 @@ impl Stream for MemorySubscription {
                 Err(error) => Delivery::poison(Poison::new(*raw, error), acker),
             },
         };
+        let group = self.group.durable.then(|| self.group.key.clone());
         Poll::Ready(Some(Ok(delivery
             .with_delivery_count(item.count)
-            .with_system(MemoryBroker::SYSTEM))))
+            .with_system(MemoryBroker::SYSTEM)
+            .with_group(group))))
     }
 }
 

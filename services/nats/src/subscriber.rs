@@ -97,6 +97,7 @@ impl Subscriber for NatsSubscriber {
             counters: Vec::new(),
             reported: 0,
             topics: TopicCache::default(),
+            group: options.group_name().map(Arc::from),
         };
         for pattern in options.patterns() {
             let subscribed = match options.group_name() {
@@ -143,6 +144,8 @@ pub struct NatsSubscription {
     counters: Vec<(Option<u64>, Arc<DropCounter>)>,
     reported: u64,
     topics: TopicCache,
+    /// The queue group, for tracing.
+    group: Option<Arc<str>>,
 }
 
 impl NatsSubscription {
@@ -172,7 +175,9 @@ impl Stream for NatsSubscription {
                     Ok(event) => Delivery::new(event, this.topics.get(subject), NatsAcker(())),
                     Err(poison) => Delivery::poison(poison, NatsAcker(())),
                 };
-                Poll::Ready(Some(Ok(delivery.with_system(NatsClient::SYSTEM))))
+                Poll::Ready(Some(Ok(delivery
+                    .with_system(NatsClient::SYSTEM)
+                    .with_group(this.group.clone()))))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {

@@ -178,6 +178,7 @@ impl RabbitSubscriber {
             durable: queue.is_some(),
             queue,
             bindings,
+            group: options.group_name().map(Arc::from),
             options: options.clone(),
             queue_options: self.queue.clone(),
         })
@@ -241,6 +242,8 @@ struct Plan {
     queue: Option<String>,
     durable: bool,
     bindings: Vec<ShortString>,
+    /// The consumer group, for tracing.
+    group: Option<Arc<str>>,
     options: SubscribeOptions,
     queue_options: Arc<QueueOptions>,
 }
@@ -440,13 +443,15 @@ impl RabbitSubscription {
                 Some(
                     Delivery::new(event, topic, acker)
                         .with_delivery_count(count)
-                        .with_system(SYSTEM),
+                        .with_system(SYSTEM)
+                        .with_group(self.plan.group.clone()),
                 )
             }
             Err(error) => Some(
                 Delivery::poison(Poison::new(raw, error), acker)
                     .with_delivery_count(count)
-                    .with_system(SYSTEM),
+                    .with_system(SYSTEM)
+                    .with_group(self.plan.group.clone()),
             ),
         }
     }

@@ -90,3 +90,11 @@ async fn conformance_quorum_queues() {
     // A queue holds only what was published after it was bound: no replay.
     assert_eq!(report.skipped(), ["replay"], "{report}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn traces_cross_rabbitmq() {
+    let traces = watchtower_test_support::otel::Traces::capture();
+    watchtower_test_support::otel::check_propagation(&RabbitHarness { quorum: false }, &traces)
+        .await
+        .unwrap();
+}

@@ -87,3 +87,11 @@ async fn conformance() {
     report.assert_passed();
     assert!(report.skipped().is_empty(), "{report}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn traces_cross_redis() {
+    let traces = watchtower_test_support::otel::Traces::capture();
+    watchtower_test_support::otel::check_propagation(&RedisHarness, &traces)
+        .await
+        .unwrap();
+}

@@ -120,3 +120,19 @@ async fn conformance_with_the_hub_publishing() {
 async fn conformance_with_a_client_publishing() {
     check(&run(ClientHarness(HubHarness::new(true).await)).await);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn traces_cross_the_hub() {
+    let traces = watchtower_test_support::otel::Traces::capture();
+    watchtower_test_support::otel::check_propagation(&HubHarness::new(false).await, &traces)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn traces_cross_a_client_and_the_hub() {
+    let traces = watchtower_test_support::otel::Traces::capture();
+    watchtower_test_support::otel::check_propagation(&ClientHarness(HubHarness::new(true).await), &traces)
+        .await
+        .unwrap();
+}

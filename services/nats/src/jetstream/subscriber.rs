@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -306,6 +307,7 @@ impl Subscriber for JetStreamSubscriber {
             double_ack: self.settings.double_ack,
             done: false,
             topics: TopicCache::default(),
+            group: options.group_name().map(Arc::from),
         })
     }
 }
@@ -341,6 +343,8 @@ pub struct JetStreamSubscription {
     double_ack: bool,
     done: bool,
     topics: TopicCache,
+    /// The durable consumer's group, for tracing.
+    group: Option<Arc<str>>,
 }
 
 impl fmt::Debug for JetStreamSubscription {
@@ -406,7 +410,8 @@ impl Stream for JetStreamSubscription {
             };
             return Poll::Ready(Some(Ok(delivery
                 .with_delivery_count(delivered)
-                .with_system(NatsClient::SYSTEM))));
+                .with_system(NatsClient::SYSTEM)
+                .with_group(this.group.clone()))));
         }
     }
 }

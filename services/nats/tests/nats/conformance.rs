@@ -138,3 +138,25 @@ async fn conformance_jetstream() {
     report.assert_passed();
     assert!(report.skipped().is_empty(), "{report}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn traces_cross_core_nats() {
+    let traces = watchtower_test_support::otel::Traces::capture();
+    let harness = Core {
+        client: local().await,
+    };
+    watchtower_test_support::otel::check_propagation(&harness, &traces)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn traces_cross_jetstream() {
+    let traces = watchtower_test_support::otel::Traces::capture();
+    let harness = Js {
+        client: local().await,
+    };
+    watchtower_test_support::otel::check_propagation(&harness, &traces)
+        .await
+        .unwrap();
+}

@@ -107,7 +107,8 @@ impl Shared {
                     );
                     return Some(Ok(Delivery::poison(Poison::new(raw, error), acker)
                         .with_delivery_count(count)
-                        .with_system(RedisClient::SYSTEM)));
+                        .with_system(RedisClient::SYSTEM)
+                        .with_group(Some(self.group.clone()))));
                 }
             }
         }
@@ -117,7 +118,8 @@ impl Shared {
         };
         Some(Ok(delivery
             .with_delivery_count(count)
-            .with_system(RedisClient::SYSTEM)))
+            .with_system(RedisClient::SYSTEM)
+            .with_group(Some(self.group.clone()))))
     }
 
     /// Copies the entry to the dead-letter stream and acknowledges it, in

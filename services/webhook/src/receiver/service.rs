@@ -14,6 +14,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tower::{Layer, Service, ServiceExt};
+use tracing::Instrument as _;
 use watchtower::{BoxError, Error, Event};
 
 use super::verifier::too_large;
@@ -282,11 +283,27 @@ where
         Ok(event) => event,
         Err(err) => return refuse(&err),
     };
+    // The sender's attempt number, when it says (WatchTower senders do).
+    let attempt = event
+        .extension(watchtower::ext::ATTEMPT)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1);
+    let span = watchtower::trace::process_span(
+        <crate::WebhookClient as watchtower::Transport>::SYSTEM,
+        event.topic(),
+        &event,
+        attempt,
+    );
     let into_error = |err: H::Error| Error::from_boxed(err.into());
     let handled = async {
         let handler = handler.ready_oneshot().await.map_err(into_error)?;
-        handler.oneshot(event).await.map(drop).map_err(into_error)
-    };
+        let result = handler.oneshot(event).await.map(drop).map_err(into_error);
+        if let Err(e) = &result {
+            watchtower::trace::record_error(&tracing::Span::current(), e);
+        }
+        result
+    }
+    .instrument(span);
     match AssertUnwindSafe(handled).catch_unwind().await {
         Ok(Ok(())) => {
             claim.complete();
