@@ -193,3 +193,25 @@ fn long_values_and_long_names_are_refused_by_every_codec() {
     let json = br#"{"specversion":"1.0","id":"1","type":"t","source":"/s","nnnnnnnn":"xxxxxxxxxxxxxxxx"}"#;
     assert!(structured::from_slice_with_limits(json, limits).is_ok());
 }
+
+/// The payload is not an attribute value: binary data larger than
+/// `max_value_len` round-trips in structured mode (as `data_base64`), as
+/// JSON data does (as `data`).
+#[test]
+fn large_binary_payload_is_not_an_attribute_value() {
+    let limits = Limits::default().max_value_len(1024);
+    let payload: Vec<u8> = (0..100_000).map(|i| (i % 251) as u8).collect();
+    let event = watchtower::Event::binary("t", "application/octet-stream", Bytes::from(payload));
+    let json = structured::to_vec(&event).unwrap();
+    assert_eq!(structured::from_slice_with_limits(&json, limits).unwrap(), event);
+    let long_subject = watchtower::Event::builder("t")
+        .subject("s".repeat(2000))
+        .build()
+        .unwrap();
+    let json = structured::to_vec(&long_subject).unwrap();
+    assert_refused(
+        structured::from_slice_with_limits(&json, limits),
+        "max_value_len",
+        "subject",
+    );
+}
