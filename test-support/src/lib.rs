@@ -1,7 +1,8 @@
 //! Test support shared by the WatchTower crates' tests: names no other test
 //! uses, free ports, waiting with a deadline, private broker processes a
-//! test may kill, restart or freeze, and a TCP proxy that cuts or stalls
-//! connections to a broker.
+//! test may kill, restart or freeze, a TCP proxy that cuts or stalls
+//! connections to a broker, and clusters of private brokers
+//! ([`NatsCluster`], [`RedisCluster`]) for the tests of scaling out.
 //!
 //! The shared brokers (NATS 4222, Redis 6379, RabbitMQ 5672) are never
 //! stopped or reconfigured by a test: a test names what it creates with
@@ -29,9 +30,11 @@
 use std::future::Future;
 use std::time::Duration;
 
+mod cluster;
 mod process;
 mod proxy;
 
+pub use cluster::{NatsCluster, RedisCluster};
 pub use process::{Broker, BrokerProcess, Nats, NatsServer, Redis, RedisServer};
 pub use proxy::TcpProxy;
 /// A name unique per process and call, made of `prefix`, `_` and lowercase

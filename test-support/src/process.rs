@@ -8,6 +8,7 @@ use std::process::Stdio;
 
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
 
 use crate::{PATIENCE, free_port, unique};
 
@@ -85,7 +86,15 @@ pub struct BrokerProcess<B> {
     dir: PathBuf,
     extra: Vec<String>,
     child: Option<Child>,
+    log: watch::Receiver<Log>,
     broker: PhantomData<B>,
+}
+
+/// What the running process has logged since it was last started.
+#[derive(Debug, Default)]
+struct Log {
+    lines: Vec<String>,
+    ended: bool,
 }
 
 impl<B: Broker> BrokerProcess<B> {
@@ -113,6 +122,7 @@ impl<B: Broker> BrokerProcess<B> {
             dir,
             extra: extra.iter().map(|&arg| arg.to_owned()).collect(),
             child: None,
+            log: watch::channel(Log::default()).1,
             broker: PhantomData,
         };
         process.spawn().await;
@@ -149,15 +159,48 @@ impl<B: Broker> BrokerProcess<B> {
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("{} could not start: {e}", B::PROGRAM));
+        let (tx, rx) = watch::channel(Log::default());
         if B::LOGS_TO_STDERR {
-            let log = child.stderr.take().expect("piped stderr");
-            self.child = Some(child);
-            ready::<B>(log).await;
+            tokio::spawn(record(child.stderr.take().expect("piped stderr"), tx));
         } else {
-            let log = child.stdout.take().expect("piped stdout");
-            self.child = Some(child);
-            ready::<B>(log).await;
+            tokio::spawn(record(child.stdout.take().expect("piped stdout"), tx));
         }
+        self.child = Some(child);
+        self.log = rx;
+        self.wait_for_log(B::READY).await;
+    }
+
+    /// Waits until the process, since it was last started, has logged a
+    /// line containing `needle` ("JetStream cluster new metadata leader").
+    ///
+    /// # Panics
+    ///
+    /// If it exits first, or has not logged it within [`PATIENCE`].
+    pub async fn wait_for_log(&self, needle: &str) {
+        let mut log = self.log.clone();
+        let found = tokio::time::timeout(
+            PATIENCE,
+            log.wait_for(|log| log.ended || log.lines.iter().any(|line| line.contains(needle))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{} did not log {needle:?} within {PATIENCE:?}", B::PROGRAM))
+        .is_ok_and(|log| log.lines.iter().any(|line| line.contains(needle)));
+        assert!(found, "{} exited before it logged {needle:?}", B::PROGRAM);
+    }
+
+    /// How many lines logged since it was last started contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .borrow()
+            .lines
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
+    /// Whether it runs (it was started and neither killed nor stopped).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Kills it (SIGKILL) and waits until it is gone; a no-op if it is not
@@ -272,21 +315,14 @@ impl<B: Broker> fmt::Debug for BrokerProcess<B> {
     }
 }
 
-/// Reads `log` until the broker says it is ready, then keeps reading in the
-/// background so that it never blocks on a full pipe.
-async fn ready<B: Broker>(log: impl AsyncRead + Unpin + Send + 'static) {
+/// Records every line of `log` until the process closes it, so that the
+/// pipe never fills up and tests can wait on what the broker said.
+async fn record(log: impl AsyncRead + Unpin + Send + 'static, tx: watch::Sender<Log>) {
     let mut lines = BufReader::new(log).lines();
-    tokio::time::timeout(PATIENCE, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains(B::READY) {
-                return;
-            }
-        }
-        panic!("{} exited before it was ready", B::PROGRAM);
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{} was not ready within {PATIENCE:?}", B::PROGRAM));
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    while let Ok(Some(line)) = lines.next_line().await {
+        tx.send_modify(|log| log.lines.push(line));
+    }
+    tx.send_modify(|log| log.ended = true);
 }
 
 /// Sends `signal` to process `pid` with kill(1) (the crate forbids the

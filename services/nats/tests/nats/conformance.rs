@@ -12,8 +12,9 @@ use watchtower_nats::{StorageType, StreamConfig};
 
 use crate::support::local;
 
-struct Core {
-    client: NatsClient,
+/// Core NATS on `client`.
+pub(crate) struct Core {
+    pub(crate) client: NatsClient,
 }
 
 impl Harness for Core {
@@ -49,8 +50,13 @@ impl Harness for Core {
     }
 }
 
-struct Js {
-    client: NatsClient,
+/// JetStream: subscribers on `client`, publishers on `publishing` (the
+/// same client, or one connected to another server of a cluster), a
+/// stream of `replicas` replicas per case.
+pub(crate) struct Js {
+    pub(crate) client: NatsClient,
+    pub(crate) publishing: NatsClient,
+    pub(crate) replicas: usize,
 }
 
 impl Harness for Js {
@@ -77,6 +83,7 @@ impl Harness for Js {
                 subjects: vec![format!("{namespace}.>")],
                 storage: StorageType::Memory,
                 max_age: Duration::from_secs(600),
+                num_replicas: self.replicas,
                 ..Default::default()
             })
             .await
@@ -88,7 +95,7 @@ impl Harness for Js {
     }
 
     async fn publisher(&self, _namespace: &str) -> Result<JetStreamPublisher, Error> {
-        Ok(self.client.jetstream_publisher())
+        Ok(self.publishing.jetstream_publisher())
     }
 
     async fn subscriber(&self, namespace: &str) -> Result<JetStreamSubscriber, Error> {
@@ -131,8 +138,11 @@ async fn conformance_core_nats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_jetstream() {
+    let client = local().await;
     let report = conformance::run(Js {
-        client: local().await,
+        publishing: client.clone(),
+        client,
+        replicas: 1,
     })
     .await;
     report.assert_passed();
