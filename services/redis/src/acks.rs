@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::conn::Conn;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use redis::Value;
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 use watchtower::{Error, ErrorKind};
 
@@ -43,7 +43,7 @@ pub(crate) enum AckOp {
 /// Runs until every acker and the subscription are gone, then destroys an
 /// ephemeral group.
 pub(crate) async fn ack_loop(
-    conn: ConnectionManager,
+    conn: Conn,
     group: Arc<str>,
     consumer: Arc<str>,
     claim_idle: Duration,
@@ -98,7 +98,7 @@ pub(crate) async fn ack_loop(
 }
 
 async fn send_batch(
-    mut conn: ConnectionManager,
+    mut conn: Conn,
     group: Arc<str>,
     consumer: Arc<str>,
     claim_idle: Duration,
@@ -164,7 +164,7 @@ async fn send_batch(
 /// those no longer in the stream were trimmed, and Redis 7 took them off
 /// the pending list without a word. Counts and logs them.
 async fn report_released_trimmed(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     group: &str,
     releases: &HashMap<Arc<str>, Vec<Arc<str>>>,
     claimed: Value,

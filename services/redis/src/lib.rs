@@ -176,6 +176,7 @@ mod acks;
 mod batch;
 mod client;
 mod config;
+mod conn;
 mod error;
 mod link;
 mod publisher;
