@@ -35,7 +35,7 @@ mod process;
 mod proxy;
 
 pub use cluster::{NatsCluster, RedisCluster};
-pub use process::{Broker, BrokerProcess, Nats, NatsServer, Redis, RedisServer};
+pub use process::{Broker, BrokerProcess, Nats, NatsServer, Rabbit, RabbitNode, Redis, RedisServer};
 pub use proxy::TcpProxy;
 /// A name unique per process and call, made of `prefix`, `_` and lowercase
 /// hex digits: a NATS subject token or stream name, a Redis key, a RabbitMQ

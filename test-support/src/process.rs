@@ -27,6 +27,16 @@ pub trait Broker {
     /// The arguments that make it listen on 127.0.0.1:`port` with its store
     /// in `dir`; the test's extra arguments follow them.
     fn args(port: u16, dir: &Path) -> Vec<String>;
+
+    /// Environment variables it needs on top of the test's own: none
+    /// unless the broker says.
+    fn env(_port: u16, _dir: &Path) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// Writes what it needs into `dir` before its first start
+    /// (configuration files): nothing unless the broker says.
+    fn prepare(_port: u16, _dir: &Path) {}
 }
 
 /// `nats-server` with JetStream, logging "Server is ready" on stderr.
@@ -69,6 +79,79 @@ impl Broker for Redis {
             .collect()
     }
 }
+
+/// `rabbitmq-server` (RabbitMQ 3.x as Debian installs it) run directly,
+/// not through the wrapper that switches to the `rabbitmq` user, with every
+/// setting in `dir`: its own node name, ports, database, logs, cookie,
+/// no plugins, and none of the machine's `/etc/rabbitmq` settings. It
+/// registers its node name with the machine's `epmd`, as every Erlang node
+/// does; the shared broker is not touched. It logs "startup complete" on
+/// stdout. Starting one takes several seconds.
+#[derive(Debug)]
+pub struct Rabbit;
+
+impl Broker for Rabbit {
+    const PROGRAM: &'static str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+    const SCHEME: &'static str = "amqp";
+    const READY: &'static str = "startup complete";
+    const LOGS_TO_STDERR: bool = false;
+
+    fn args(_port: u16, _dir: &Path) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn env(_port: u16, dir: &Path) -> Vec<(String, String)> {
+        let env_file = dir.join("env.conf").display().to_string();
+        [
+            ("HOME", dir.display().to_string()),
+            ("RABBITMQ_CONF_ENV_FILE", env_file),
+            // The server replaces its shell, so that a kill reaches it.
+            ("RUNNING_UNDER_SYSTEMD", "1".to_owned()),
+            ("RABBITMQ_LOGS", "-".to_owned()),
+        ]
+        .map(|(name, value)| (name.to_owned(), value))
+        .into()
+    }
+
+    fn prepare(port: u16, dir: &Path) {
+        let shown = dir.display();
+        let env = format!(
+            "NODENAME=wt{port}@localhost\n\
+             NODE_IP_ADDRESS=127.0.0.1\n\
+             NODE_PORT={port}\n\
+             DIST_PORT={dist}\n\
+             MNESIA_BASE={shown}/mnesia\n\
+             LOG_BASE={shown}/log\n\
+             ENABLED_PLUGINS_FILE={shown}/enabled_plugins\n\
+             CONFIG_FILE={shown}/rabbitmq.conf\n\
+             ERL_EPMD_ADDRESS=127.0.0.1\n\
+             export ERL_FLAGS=\"-kernel inet_dist_use_interface {{127,0,0,1}}\"\n",
+            dist = free_port(),
+        );
+        let config = format!("listeners.tcp.1 = 127.0.0.1:{port}\ndisk_free_limit.absolute = 1MB\n");
+        let files = [
+            ("env.conf", env),
+            ("rabbitmq.conf", config),
+            ("enabled_plugins", "[].\n".to_owned()),
+            // One cookie for every private node, so that they may cluster.
+            (".erlang.cookie", "WATCHTOWERTESTNODES".to_owned()),
+        ];
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("writing {name}: {e}"));
+        }
+        // Erlang refuses a cookie others may read.
+        let _ = std::process::Command::new("chmod")
+            .arg("400")
+            .arg(dir.join(".erlang.cookie"))
+            .status();
+    }
+}
+
+/// A private RabbitMQ node on a free port with its own database and
+/// logs, reached as `amqp://guest:guest@127.0.0.1:<port>/%2f`. Messages of
+/// durable queues outlive a [`stop`](BrokerProcess::stop) and
+/// [`restart`](BrokerProcess::restart).
+pub type RabbitNode = BrokerProcess<Rabbit>;
 
 /// A private `nats-server -js` on a free port with its own store.
 pub type NatsServer = BrokerProcess<Nats>;
@@ -117,8 +200,10 @@ impl<B: Broker> BrokerProcess<B> {
     pub async fn with_args(extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(unique(&format!("wt_{}", B::PROGRAM)));
         std::fs::create_dir_all(&dir).expect("a temporary store directory");
+        let port = free_port();
+        B::prepare(port, &dir);
         let mut process = BrokerProcess {
-            port: free_port(),
+            port,
             dir,
             extra: extra.iter().map(|&arg| arg.to_owned()).collect(),
             child: None,
@@ -149,6 +234,7 @@ impl<B: Broker> BrokerProcess<B> {
         command
             .args(B::args(self.port, &self.dir))
             .args(&self.extra)
+            .envs(B::env(self.port, &self.dir))
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if B::LOGS_TO_STDERR {

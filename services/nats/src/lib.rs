@@ -137,6 +137,33 @@
 //!   error; a received message that is not a CloudEvent is a
 //!   [poison](watchtower::Delivery::poison) delivery with its raw bytes.
 //!
+//! # Scaling out: a NATS cluster
+//!
+//! Give the client several servers of a cluster
+//! ([`NatsConfig::server`]): it connects to one, learns the others from
+//! it, and moves to another when its server goes away. Core NATS
+//! subscribers on one server receive what publishers on any other publish
+//! (interest crosses the routes within milliseconds; a message published
+//! before that reaches nobody, as always in core NATS). A JetStream stream
+//! with `num_replicas: 3` ([`StreamConfig`]) keeps each event on three
+//! servers, acknowledged once a majority stored it; one stream, one
+//! leader, so its events stay in one order. Partitioning means one stream
+//! per subject space; a stream does not spread over servers.
+//!
+//! What a server's death costs, measured by the cluster tests
+//! (`tests/nats/cluster.rs`, three local servers, 10,000 events through
+//! retry and dead letter, 256 in flight, the stream's leader killed after
+//! 3,000 and restarted after 6,000): nothing lost, nothing stored twice,
+//! nothing dead-lettered, every event consumed; publishing stalled for
+//! 2 to 3 s while the replicas elected a new leader. In that window the
+//! server answers a publish at once with "no responders", which this
+//! transport reports as a retryable
+//! [`Rejected`](watchtower::ErrorKind::Rejected): bound retries by time
+//! (`max_elapsed` of several seconds), not by a count that fast answers use
+//! up. A retried publish whose first acknowledgement was lost is caught by
+//! `Nats-Msg-Id` (the receipt says [`duplicate`](watchtower::Receipt::duplicate)).
+//! `scripts/cluster-up nats` starts such a cluster to try.
+//!
 //! # Wire format
 //!
 //! Publishers write CloudEvents in one of two [`ContentMode`]s, set with

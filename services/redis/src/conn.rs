@@ -30,6 +30,8 @@ use crate::config::RedisConfig;
 use crate::error::from_redis;
 
 /// What connections are opened from: one Redis, or the seeds of a cluster.
+// Held once per client, behind its `Arc`: the size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub(crate) enum Backend {
     Single(Client),

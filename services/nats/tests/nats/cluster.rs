@@ -148,6 +148,7 @@ async fn conformance_jetstream_with_three_replicas_publishing_through_another_se
         client,
         publishing,
         replicas: 3,
+        expires: Some(Duration::from_secs(1)),
     })
     .await;
     report.assert_passed();

@@ -57,6 +57,10 @@ pub(crate) struct Js {
     pub(crate) client: NatsClient,
     pub(crate) publishing: NatsClient,
     pub(crate) replicas: usize,
+    /// How long a pull waits, if not the default: on a cluster a pull is
+    /// lost when its consumer's leader changes, and is renewed only after
+    /// it expires.
+    pub(crate) expires: Option<Duration>,
 }
 
 impl Harness for Js {
@@ -104,10 +108,11 @@ impl Harness for Js {
         // group case, so that both members of a group get some, yet large
         // enough that 5,000 events do not take hundreds of pull round trips
         // on a loaded machine.
-        Ok(self
-            .client
-            .jetstream_subscriber(namespace)
-            .settings(ConsumerSettings::new().ack_wait(Duration::from_secs(2)).batch(40)))
+        let mut settings = ConsumerSettings::new().ack_wait(Duration::from_secs(2)).batch(40);
+        if let Some(expires) = self.expires {
+            settings = settings.expires(expires);
+        }
+        Ok(self.client.jetstream_subscriber(namespace).settings(settings))
     }
 
     async fn publish_raw(&self, _namespace: &str, topic: &str, body: Bytes) -> Result<bool, Error> {
@@ -143,6 +148,7 @@ async fn conformance_jetstream() {
         publishing: client.clone(),
         client,
         replicas: 1,
+        expires: None,
     })
     .await;
     report.assert_passed();
