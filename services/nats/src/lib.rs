@@ -162,6 +162,9 @@
 //! (`max_elapsed` of several seconds), not by a count that fast answers use
 //! up. A retried publish whose first acknowledgement was lost is caught by
 //! `Nats-Msg-Id` (the receipt says [`duplicate`](watchtower::Receipt::duplicate)).
+//! A consumer's pull request is lost when the consumer's leader moves: on a
+//! cluster, set [`ConsumerSettings::expires`] to a second or two so that a
+//! lost pull is renewed soon rather than after the default 30 s.
 //! `scripts/cluster-up nats` starts such a cluster to try.
 //!
 //! # Wire format

@@ -295,15 +295,12 @@ impl RedisConfig {
         if let Some(password) = &self.password {
             builder = builder.password(password);
         }
-        builder
-            .build()
-            .map(Backend::Cluster)
-            .map_err(|_| {
-                Error::config(format!(
-                    "invalid Redis Cluster settings for {}",
-                    self.redacted_url()
-                ))
-            })
+        builder.build().map(Backend::Cluster).map_err(|_| {
+            Error::config(format!(
+                "invalid Redis Cluster settings for {}",
+                self.redacted_url()
+            ))
+        })
     }
 
     fn check_timeouts(&self) -> Result<(), Error> {

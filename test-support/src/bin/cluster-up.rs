@@ -8,13 +8,14 @@
 //! ```
 //!
 //! `redis`: 3 masters and 3 replicas (Redis Cluster); `nats`: 3 routed
-//! `nats-server`s with clustered JetStream. The shared brokers on their
+//! `nats-server`s with clustered JetStream; `rabbitmq`: two independent
+//! RabbitMQ nodes (guest/guest) for failover. The shared brokers on their
 //! standard ports are never touched.
 
 use tokio::signal::unix::{SignalKind, signal};
-use watchtower_test_support::{NatsCluster, RedisCluster};
+use watchtower_test_support::{NatsCluster, RabbitNode, RedisCluster};
 
-const USAGE: &str = "usage: cluster-up redis|nats";
+const USAGE: &str = "usage: cluster-up redis|nats|rabbitmq";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -29,6 +30,15 @@ async fn main() {
             let cluster = NatsCluster::start(3).await;
             println!("WATCHTOWER_NATS_CLUSTER={}", hosts(&cluster.urls()));
             Box::new(cluster)
+        }
+        "rabbitmq" => {
+            let (first, second) = tokio::join!(RabbitNode::start(), RabbitNode::start());
+            println!(
+                "WATCHTOWER_RABBITMQ_NODES=127.0.0.1:{},127.0.0.1:{}",
+                first.port(),
+                second.port()
+            );
+            Box::new((first, second))
         }
         _ => {
             eprintln!("{USAGE}");
