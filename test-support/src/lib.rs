@@ -70,16 +70,28 @@ pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
         .unwrap_or_else(|_| panic!("{what} did not happen within {PATIENCE:?}"))
 }
 
-/// A TCP port of 127.0.0.1 that nothing listened on when it was asked for.
+/// A TCP port of 127.0.0.1 that nothing listened on when it was asked for,
+/// and that no earlier call in this process returned.
 ///
 /// The port is free, not reserved: bind it soon (a private broker does).
+/// A port is never handed out twice, so that the ports of one cluster
+/// (client and route ports chosen before any server binds them) never
+/// clash.
 ///
 /// # Panics
 ///
 /// If no port can be bound.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port on 127.0.0.1")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .expect("a free port on 127.0.0.1");
+        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }

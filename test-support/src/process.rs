@@ -269,9 +269,27 @@ impl<B: Broker> BrokerProcess<B> {
             log.wait_for(|log| log.ended || log.lines.iter().any(|line| line.contains(needle))),
         )
         .await
-        .unwrap_or_else(|_| panic!("{} did not log {needle:?} within {PATIENCE:?}", B::PROGRAM))
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} did not log {needle:?} within {PATIENCE:?}; it logged:\n{}",
+                B::PROGRAM,
+                self.last_lines()
+            )
+        })
         .is_ok_and(|log| log.lines.iter().any(|line| line.contains(needle)));
-        assert!(found, "{} exited before it logged {needle:?}", B::PROGRAM);
+        assert!(
+            found,
+            "{} exited before it logged {needle:?}; it logged:\n{}",
+            B::PROGRAM,
+            self.last_lines()
+        );
+    }
+
+    /// The last lines it logged, for a failure's message.
+    fn last_lines(&self) -> String {
+        let log = self.log.borrow();
+        let skip = log.lines.len().saturating_sub(30);
+        log.lines[skip..].join("\n")
     }
 
     /// How many lines logged since it was last started contain `needle`.
