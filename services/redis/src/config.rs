@@ -401,6 +401,32 @@ mod tests {
     }
 
     #[test]
+    fn cluster_keys_carry_the_topic_as_hash_tag_and_bad_seeds_are_config_errors() {
+        let config =
+            RedisConfig::cluster(["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]).stream_prefix("wt:");
+        assert!(config.is_cluster());
+        assert_eq!(config.stream_key("a.b"), "wt:{a.b}");
+        assert_eq!(config.topic_of("wt:{a.b}"), Some("a.b"));
+        assert_eq!(config.topic_of("wt:a.b"), None);
+        assert_eq!(config.dead_letter_key("dlq", "a.b"), "dlq{a.b}");
+        assert!(config.is_dead_letter_key("dlq", "dlq{a.b}"));
+        assert!(!config.is_dead_letter_key("dlq", "dlq"));
+        assert!(config.backend().is_ok());
+        for bad in [
+            RedisConfig::cluster(["redis://127.0.0.1:7000/2"]),
+            RedisConfig::cluster(["redis://127.0.0.1:7000"]).database(1),
+            RedisConfig::cluster(["http://u:hunter2@127.0.0.1:7000"]),
+            RedisConfig::cluster(Vec::<String>::new()),
+        ] {
+            let err = bad.backend().err().expect("a config error");
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+        let shown = format!("{:?}", RedisConfig::cluster(["redis://:hunter2@h:1"]));
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
     fn keys_and_topics() {
         let config = RedisConfig::default().stream_prefix("wt:");
         assert_eq!(config.stream_key("a.b"), "wt:a.b");

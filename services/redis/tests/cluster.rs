@@ -14,7 +14,9 @@ use redis::cluster::ClusterClient;
 use tower::{ServiceBuilder, ServiceExt as _};
 use watchtower::conformance::{Harness, run};
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::{Capabilities, Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber};
+use watchtower::{
+    Capabilities, Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, Transport,
+};
 use watchtower_layers::ServiceBuilderExt as _;
 use watchtower_layers::dead_letter::Outcome;
 use watchtower_layers::retry::RetryConfig;
@@ -122,6 +124,7 @@ async fn topics_spread_over_the_masters_with_their_dead_letters_beside_them() {
     let cluster = RedisCluster::start(3, 0).await;
     let config = config(&cluster);
     let client = RedisClient::connect(config.clone()).await.unwrap();
+    assert!(client.health().await.is_up());
     let ns = unique("spread");
     let dlq = format!("{ns}:dlq");
     // A pattern subscription first: it must find streams on every master.
