@@ -74,24 +74,40 @@ pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
 /// and that no earlier call in this process returned.
 ///
 /// The port is free, not reserved: bind it soon (a private broker does).
-/// A port is never handed out twice, so that the ports of one cluster
-/// (client and route ports chosen before any server binds them) never
-/// clash.
+/// It is taken from below the range the system hands out to outgoing
+/// connections (ports 20000 to 32767), so that a client connecting
+/// somewhere meanwhile cannot take it; and it is never handed out twice in
+/// a process, so that the ports of one cluster (client, route and bus
+/// ports chosen before any server binds them) never clash.
 ///
 /// # Panics
 ///
 /// If no port can be bound.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher as _, RandomState};
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+    let random = RandomState::new();
+    for attempt in 0u64.. {
+        let port = if attempt < 1000 {
+            // A random port of the range, from the standard library's
+            // randomly keyed hasher.
+            20_000 + (random.hash_one(attempt) % 12_768) as u16
+        } else {
+            0
+        };
+        let bound = std::net::TcpListener::bind(("127.0.0.1", port))
             .and_then(|listener| listener.local_addr())
-            .map(|addr| addr.port())
-            .expect("a free port on 127.0.0.1");
+            .map(|addr| addr.port());
+        let port = match bound {
+            Ok(port) => port,
+            Err(_) if port != 0 => continue,
+            Err(e) => panic!("no free port on 127.0.0.1: {e}"),
+        };
         let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !given.contains(&port) {
             given.push(port);
             return port;
         }
     }
+    unreachable!("the loop returns a port")
 }
