@@ -97,6 +97,24 @@ pub(crate) async fn ack_loop(
     }
 }
 
+/// Releases entries of `KEYS[1]` pending with consumer `ARGV[2]` of group
+/// `ARGV[1]`: sets their idle time to `ARGV[3]` ms, as `XCLAIM ... IDLE`
+/// does, if this consumer still owns them; answers the ids released, as
+/// `XCLAIM ... JUSTID` would.
+const RELEASE: &str = r"
+local released = {}
+for i = 4, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #pending > 0 then
+    local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    for _, id in ipairs(claimed) do
+      table.insert(released, id)
+    end
+  end
+end
+return released
+";
+
 async fn send_batch(
     mut conn: Conn,
     group: Arc<str>,
@@ -128,12 +146,19 @@ async fn send_batch(
     let idle = u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX);
     for (key, ids) in &releases {
         // Setting the idle time to the claim threshold makes the entries
-        // due for the next `XAUTOCLAIM` of any consumer in the group.
-        pipe.cmd("XCLAIM").arg(&**key).arg(&*group).arg(&*consumer).arg(0);
+        // due for the next `XAUTOCLAIM` of any consumer in the group; only
+        // those this consumer still owns, lest an entry another consumer
+        // has claimed meanwhile be taken back and delivered twice.
+        pipe.cmd("EVAL")
+            .arg(RELEASE)
+            .arg(1)
+            .arg(&**key)
+            .arg(&*group)
+            .arg(&*consumer)
+            .arg(idle);
         for id in ids {
             pipe.arg(&**id);
         }
-        pipe.arg("IDLE").arg(idle).arg("JUSTID");
     }
     let mut result = pipe.query_async::<Value>(&mut conn).await;
     if let Err(e) = &result

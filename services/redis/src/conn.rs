@@ -142,15 +142,18 @@ fn serving_masters(nodes: &str) -> Vec<(String, u16)> {
         .collect()
 }
 
-/// The key a command of this transport works on: the second argument, or
-/// the third for the `XGROUP` and `XINFO` subcommands.
+/// The key a command of this transport works on: the second argument, the
+/// third for the `XGROUP` and `XINFO` subcommands, the fourth for `EVAL`
+/// (its first key).
 fn key_of(cmd: &Cmd) -> Option<&[u8]> {
     let mut args = cmd.args_iter().filter_map(|arg| match arg {
         Arg::Simple(bytes) => Some(bytes),
         _ => None,
     });
     let name = args.next()?;
-    if name.eq_ignore_ascii_case(b"XGROUP") || name.eq_ignore_ascii_case(b"XINFO") {
+    if name.eq_ignore_ascii_case(b"EVAL") {
+        args.nth(2)
+    } else if name.eq_ignore_ascii_case(b"XGROUP") || name.eq_ignore_ascii_case(b"XINFO") {
         args.nth(1)
     } else {
         args.next()
@@ -245,6 +248,9 @@ mod tests {
         destroy.arg("DESTROY").arg("s").arg("g");
         assert_eq!(key_of(&destroy), Some(&b"s"[..]));
         assert_eq!(key_of(&redis::cmd("PING")), None);
+        let mut eval = redis::cmd("EVAL");
+        eval.arg("return 1").arg(1).arg("k{t}").arg("g");
+        assert_eq!(key_of(&eval), Some(&b"k{t}"[..]));
         // The hash tag decides the slot.
         assert_eq!(Slot::for_key("a{t}"), Slot::for_key("dlq{t}"));
     }
