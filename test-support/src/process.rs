@@ -5,6 +5,7 @@ use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
@@ -23,6 +24,9 @@ pub trait Broker {
     const READY: &'static str;
     /// Whether the broker logs to stderr (else stdout).
     const LOGS_TO_STDERR: bool;
+    /// How long it may take to get ready: [`PATIENCE`] unless the broker
+    /// says.
+    const STARTUP: Duration = PATIENCE;
 
     /// The arguments that make it listen on 127.0.0.1:`port` with its store
     /// in `dir`; the test's extra arguments follow them.
@@ -95,6 +99,9 @@ impl Broker for Rabbit {
     const SCHEME: &'static str = "amqp";
     const READY: &'static str = "startup complete";
     const LOGS_TO_STDERR: bool = false;
+    /// 90 s: an Erlang node boots in 5 to 15 s, several times that on a
+    /// loaded machine.
+    const STARTUP: Duration = Duration::from_secs(90);
 
     fn args(_port: u16, _dir: &Path) -> Vec<String> {
         Vec::new()
@@ -198,7 +205,10 @@ impl<B: Broker> BrokerProcess<B> {
     ///
     /// As [`start`](Self::start).
     pub async fn with_args(extra: &[&str]) -> Self {
-        let dir = std::env::temp_dir().join(unique(&format!("wt_{}", B::PROGRAM)));
+        let program = Path::new(B::PROGRAM)
+            .file_name()
+            .map_or(B::PROGRAM.into(), |name| name.to_string_lossy());
+        let dir = std::env::temp_dir().join(unique(&format!("wt_{program}")));
         std::fs::create_dir_all(&dir).expect("a temporary store directory");
         let port = free_port();
         B::prepare(port, &dir);
@@ -253,7 +263,7 @@ impl<B: Broker> BrokerProcess<B> {
         }
         self.child = Some(child);
         self.log = rx;
-        self.wait_for_log(B::READY).await;
+        self.wait_for_log_within(B::READY, B::STARTUP).await;
     }
 
     /// Waits until the process, since it was last started, has logged a
@@ -263,15 +273,19 @@ impl<B: Broker> BrokerProcess<B> {
     ///
     /// If it exits first, or has not logged it within [`PATIENCE`].
     pub async fn wait_for_log(&self, needle: &str) {
+        self.wait_for_log_within(needle, PATIENCE).await;
+    }
+
+    async fn wait_for_log_within(&self, needle: &str, patience: Duration) {
         let mut log = self.log.clone();
         let found = tokio::time::timeout(
-            PATIENCE,
+            patience,
             log.wait_for(|log| log.ended || log.lines.iter().any(|line| line.contains(needle))),
         )
         .await
         .unwrap_or_else(|_| {
             panic!(
-                "{} did not log {needle:?} within {PATIENCE:?}; it logged:\n{}",
+                "{} did not log {needle:?} within {patience:?}; it logged:\n{}",
                 B::PROGRAM,
                 self.last_lines()
             )
