@@ -245,6 +245,8 @@ impl<B: Broker> BrokerProcess<B> {
             .args(B::args(self.port, &self.dir))
             .args(&self.extra)
             .envs(B::env(self.port, &self.dir))
+            // Whatever it leaves behind (an Erlang crash dump) goes there.
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if B::LOGS_TO_STDERR {
