@@ -148,6 +148,14 @@
 //! RabbitMQ quorum queues). `scripts/cluster-up redis` starts such a
 //! cluster to try.
 //!
+//! Throughput beside a single Redis in the same run
+//! (`cargo bench -p watchtower-redis --bench cluster`: 50,000 events over
+//! eight topics, 256 callers, one round on two busy cores): publishing
+//! 0.44× (136,000 against 60,000 events/s: the single Redis gets the
+//! publisher's own connection, the cluster the `redis` crate's), consuming
+//! 1.57× (69,000 against 109,000 events/s: eight streams read at once on
+//! three masters).
+//!
 //! # Wire format
 //!
 //! Both CloudEvents content modes, chosen per publisher with
