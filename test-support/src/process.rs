@@ -5,9 +5,11 @@ use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
 
 use crate::{PATIENCE, free_port, unique};
 
@@ -22,10 +24,23 @@ pub trait Broker {
     const READY: &'static str;
     /// Whether the broker logs to stderr (else stdout).
     const LOGS_TO_STDERR: bool;
+    /// How long it may take to get ready: [`PATIENCE`] unless the broker
+    /// says.
+    const STARTUP: Duration = PATIENCE;
 
     /// The arguments that make it listen on 127.0.0.1:`port` with its store
     /// in `dir`; the test's extra arguments follow them.
     fn args(port: u16, dir: &Path) -> Vec<String>;
+
+    /// Environment variables it needs on top of the test's own: none
+    /// unless the broker says.
+    fn env(_port: u16, _dir: &Path) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// Writes what it needs into `dir` before its first start
+    /// (configuration files): nothing unless the broker says.
+    fn prepare(_port: u16, _dir: &Path) {}
 }
 
 /// `nats-server` with JetStream, logging "Server is ready" on stderr.
@@ -69,6 +84,82 @@ impl Broker for Redis {
     }
 }
 
+/// `rabbitmq-server` (RabbitMQ 3.x as Debian installs it) run directly,
+/// not through the wrapper that switches to the `rabbitmq` user, with every
+/// setting in `dir`: its own node name, ports, database, logs, cookie,
+/// no plugins, and none of the machine's `/etc/rabbitmq` settings. It
+/// registers its node name with the machine's `epmd`, as every Erlang node
+/// does; the shared broker is not touched. It logs "startup complete" on
+/// stdout. Starting one takes several seconds.
+#[derive(Debug)]
+pub struct Rabbit;
+
+impl Broker for Rabbit {
+    const PROGRAM: &'static str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+    const SCHEME: &'static str = "amqp";
+    const READY: &'static str = "startup complete";
+    const LOGS_TO_STDERR: bool = false;
+    /// 90 s: an Erlang node boots in 5 to 15 s, several times that on a
+    /// loaded machine.
+    const STARTUP: Duration = Duration::from_secs(90);
+
+    fn args(_port: u16, _dir: &Path) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn env(_port: u16, dir: &Path) -> Vec<(String, String)> {
+        let env_file = dir.join("env.conf").display().to_string();
+        [
+            ("HOME", dir.display().to_string()),
+            ("RABBITMQ_CONF_ENV_FILE", env_file),
+            // The server replaces its shell, so that a kill reaches it.
+            ("RUNNING_UNDER_SYSTEMD", "1".to_owned()),
+            ("RABBITMQ_LOGS", "-".to_owned()),
+        ]
+        .map(|(name, value)| (name.to_owned(), value))
+        .into()
+    }
+
+    fn prepare(port: u16, dir: &Path) {
+        let shown = dir.display();
+        let env = format!(
+            "NODENAME=wt{port}@localhost\n\
+             NODE_IP_ADDRESS=127.0.0.1\n\
+             NODE_PORT={port}\n\
+             DIST_PORT={dist}\n\
+             MNESIA_BASE={shown}/mnesia\n\
+             LOG_BASE={shown}/log\n\
+             ENABLED_PLUGINS_FILE={shown}/enabled_plugins\n\
+             CONFIG_FILE={shown}/rabbitmq.conf\n\
+             ERL_EPMD_ADDRESS=127.0.0.1\n\
+             export ERL_FLAGS=\"-kernel inet_dist_use_interface {{127,0,0,1}}\"\n",
+            dist = free_port(),
+        );
+        let config = format!("listeners.tcp.1 = 127.0.0.1:{port}\ndisk_free_limit.absolute = 1MB\n");
+        let files = [
+            ("env.conf", env),
+            ("rabbitmq.conf", config),
+            ("enabled_plugins", "[].\n".to_owned()),
+            // One cookie for every private node, so that they may cluster.
+            (".erlang.cookie", "WATCHTOWERTESTNODES".to_owned()),
+        ];
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("writing {name}: {e}"));
+        }
+        // Erlang refuses a cookie others may read.
+        let _ = std::process::Command::new("chmod")
+            .arg("400")
+            .arg(dir.join(".erlang.cookie"))
+            .status();
+    }
+}
+
+/// A private RabbitMQ node on a free port with its own database and
+/// logs, reached as `amqp://guest:guest@127.0.0.1:<port>/%2f`. Messages of
+/// durable queues outlive a [`stop`](BrokerProcess::stop) and
+/// [`restart`](BrokerProcess::restart).
+pub type RabbitNode = BrokerProcess<Rabbit>;
+
 /// A private `nats-server -js` on a free port with its own store.
 pub type NatsServer = BrokerProcess<Nats>;
 
@@ -85,7 +176,15 @@ pub struct BrokerProcess<B> {
     dir: PathBuf,
     extra: Vec<String>,
     child: Option<Child>,
+    log: watch::Receiver<Log>,
     broker: PhantomData<B>,
+}
+
+/// What the running process has logged since it was last started.
+#[derive(Debug, Default)]
+struct Log {
+    lines: Vec<String>,
+    ended: bool,
 }
 
 impl<B: Broker> BrokerProcess<B> {
@@ -106,13 +205,19 @@ impl<B: Broker> BrokerProcess<B> {
     ///
     /// As [`start`](Self::start).
     pub async fn with_args(extra: &[&str]) -> Self {
-        let dir = std::env::temp_dir().join(unique(&format!("wt_{}", B::PROGRAM)));
+        let program = Path::new(B::PROGRAM)
+            .file_name()
+            .map_or(B::PROGRAM.into(), |name| name.to_string_lossy());
+        let dir = std::env::temp_dir().join(unique(&format!("wt_{program}")));
         std::fs::create_dir_all(&dir).expect("a temporary store directory");
+        let port = free_port();
+        B::prepare(port, &dir);
         let mut process = BrokerProcess {
-            port: free_port(),
+            port,
             dir,
             extra: extra.iter().map(|&arg| arg.to_owned()).collect(),
             child: None,
+            log: watch::channel(Log::default()).1,
             broker: PhantomData,
         };
         process.spawn().await;
@@ -139,6 +244,9 @@ impl<B: Broker> BrokerProcess<B> {
         command
             .args(B::args(self.port, &self.dir))
             .args(&self.extra)
+            .envs(B::env(self.port, &self.dir))
+            // Whatever it leaves behind (an Erlang crash dump) goes there.
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if B::LOGS_TO_STDERR {
@@ -149,15 +257,70 @@ impl<B: Broker> BrokerProcess<B> {
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("{} could not start: {e}", B::PROGRAM));
+        let (tx, rx) = watch::channel(Log::default());
         if B::LOGS_TO_STDERR {
-            let log = child.stderr.take().expect("piped stderr");
-            self.child = Some(child);
-            ready::<B>(log).await;
+            tokio::spawn(record(child.stderr.take().expect("piped stderr"), tx));
         } else {
-            let log = child.stdout.take().expect("piped stdout");
-            self.child = Some(child);
-            ready::<B>(log).await;
+            tokio::spawn(record(child.stdout.take().expect("piped stdout"), tx));
         }
+        self.child = Some(child);
+        self.log = rx;
+        self.wait_for_log_within(B::READY, B::STARTUP).await;
+    }
+
+    /// Waits until the process, since it was last started, has logged a
+    /// line containing `needle` ("JetStream cluster new metadata leader").
+    ///
+    /// # Panics
+    ///
+    /// If it exits first, or has not logged it within [`PATIENCE`].
+    pub async fn wait_for_log(&self, needle: &str) {
+        self.wait_for_log_within(needle, PATIENCE).await;
+    }
+
+    async fn wait_for_log_within(&self, needle: &str, patience: Duration) {
+        let mut log = self.log.clone();
+        let found = tokio::time::timeout(
+            patience,
+            log.wait_for(|log| log.ended || log.lines.iter().any(|line| line.contains(needle))),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} did not log {needle:?} within {patience:?}; it logged:\n{}",
+                B::PROGRAM,
+                self.last_lines()
+            )
+        })
+        .is_ok_and(|log| log.lines.iter().any(|line| line.contains(needle)));
+        assert!(
+            found,
+            "{} exited before it logged {needle:?}; it logged:\n{}",
+            B::PROGRAM,
+            self.last_lines()
+        );
+    }
+
+    /// The last lines it logged, for a failure's message.
+    fn last_lines(&self) -> String {
+        let log = self.log.borrow();
+        let skip = log.lines.len().saturating_sub(30);
+        log.lines[skip..].join("\n")
+    }
+
+    /// How many lines logged since it was last started contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .borrow()
+            .lines
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
+    /// Whether it runs (it was started and neither killed nor stopped).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Kills it (SIGKILL) and waits until it is gone; a no-op if it is not
@@ -272,21 +435,14 @@ impl<B: Broker> fmt::Debug for BrokerProcess<B> {
     }
 }
 
-/// Reads `log` until the broker says it is ready, then keeps reading in the
-/// background so that it never blocks on a full pipe.
-async fn ready<B: Broker>(log: impl AsyncRead + Unpin + Send + 'static) {
+/// Records every line of `log` until the process closes it, so that the
+/// pipe never fills up and tests can wait on what the broker said.
+async fn record(log: impl AsyncRead + Unpin + Send + 'static, tx: watch::Sender<Log>) {
     let mut lines = BufReader::new(log).lines();
-    tokio::time::timeout(PATIENCE, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains(B::READY) {
-                return;
-            }
-        }
-        panic!("{} exited before it was ready", B::PROGRAM);
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{} was not ready within {PATIENCE:?}", B::PROGRAM));
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    while let Ok(Some(line)) = lines.next_line().await {
+        tx.send_modify(|log| log.lines.push(line));
+    }
+    tx.send_modify(|log| log.ended = true);
 }
 
 /// Sends `signal` to process `pid` with kill(1) (the crate forbids the

@@ -137,6 +137,43 @@
 //!   error; a received message that is not a CloudEvent is a
 //!   [poison](watchtower::Delivery::poison) delivery with its raw bytes.
 //!
+//! # Scaling out: a NATS cluster
+//!
+//! Give the client several servers of a cluster
+//! ([`NatsConfig::server`]): it connects to one, learns the others from
+//! it, and moves to another when its server goes away. Core NATS
+//! subscribers on one server receive what publishers on any other publish
+//! (interest crosses the routes within milliseconds; a message published
+//! before that reaches nobody, as always in core NATS). A JetStream stream
+//! with `num_replicas: 3` ([`StreamConfig`]) keeps each event on three
+//! servers, acknowledged once a majority stored it; one stream, one
+//! leader, so its events stay in one order. Partitioning means one stream
+//! per subject space; a stream does not spread over servers.
+//!
+//! What a server's death costs, measured by the cluster tests
+//! (`tests/nats/cluster.rs`, three local servers, 10,000 events through
+//! retry and dead letter, 256 in flight, the stream's leader killed after
+//! 3,000 and restarted after 6,000): nothing lost, nothing stored twice,
+//! nothing dead-lettered, every event consumed; publishing stalled for
+//! 2 to 3 s while the replicas elected a new leader. In that window the
+//! server answers a publish at once with "no responders", which this
+//! transport reports as a retryable
+//! [`Rejected`](watchtower::ErrorKind::Rejected): bound retries by time
+//! (`max_elapsed` of several seconds), not by a count that fast answers use
+//! up. A retried publish whose first acknowledgement was lost is caught by
+//! `Nats-Msg-Id` (the receipt says [`duplicate`](watchtower::Receipt::duplicate)).
+//! A consumer's pull request is lost when the consumer's leader moves: on a
+//! cluster, set [`ConsumerSettings::expires`] to a second or two so that a
+//! lost pull is renewed soon rather than after the default 30 s.
+//! `scripts/cluster-up nats` starts such a cluster to try.
+//!
+//! Throughput beside a single server in the same run
+//! (`cargo bench -p watchtower-nats --bench cluster`: 50,000 JetStream
+//! events to a file stream, 256 callers, one round on two busy cores):
+//! three replicas cost publishing 0.42× (41,000 against 17,000 events/s:
+//! each event is stored on a majority before its acknowledgement) and
+//! consuming 0.50× (60,000 against 30,000 events/s).
+//!
 //! # Wire format
 //!
 //! Publishers write CloudEvents in one of two [`ContentMode`]s, set with

@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use watchtower::backoff::{Backoff, Jitter};
 use watchtower::{Error, ErrorKind};
 
-use crate::config::RabbitConfig;
+use crate::config::{RabbitConfig, redact};
+use lapin::uri::AMQPUri;
 
 pub(crate) type SetupFuture<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
 pub(crate) type Setup<T> = Arc<dyn Fn(Arc<Connection>) -> SetupFuture<T> + Send + Sync>;
@@ -319,26 +320,38 @@ async fn watch_failure<T>(shared: &Shared<T>, session: &Session<T>) -> Option<St
 
 /// Opens one connection, within the connect timeout.
 pub(crate) async fn open(config: &RabbitConfig) -> Result<Connection, Error> {
+    let mut failed: Option<Error> = None;
+    for uri in config.amqp_uris()? {
+        match open_node(config, uri).await {
+            Ok(connection) => return Ok(connection),
+            Err(e) => {
+                tracing::debug!(error = %e, "a RabbitMQ node did not answer; trying the next");
+                failed = Some(e);
+            }
+        }
+    }
+    Err(failed.unwrap_or_else(|| Error::config("no RabbitMQ node to connect to")))
+}
+
+/// Connects to the node of `uri`, within the connect timeout.
+async fn open_node(config: &RabbitConfig, uri: AMQPUri) -> Result<Connection, Error> {
+    let shown = redact(&uri);
     let mut properties = ConnectionProperties::default();
     if let Some(name) = &config.connection_name {
         properties = properties.with_connection_name(name.as_bytes().into());
     }
-    let connect = Connection::connect_uri(config.amqp_uri()?.clone(), properties);
+    let connect = Connection::connect_uri(uri, properties);
     match tokio::time::timeout(config.connect_timeout, connect).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(e)) => {
             let err = map_lapin_error(&e, "connect");
-            Err(Error::new(
-                err.kind(),
-                format!("{}: {}", config.redacted_url(), err.message()),
-            )
-            .with_retryable(err.is_retryable()))
+            Err(Error::new(err.kind(), format!("{shown}: {}", err.message()))
+                .with_retryable(err.is_retryable()))
         }
         Err(_) => Err(Error::new(
             ErrorKind::Timeout,
             format!(
-                "connecting to {} took longer than {:?}",
-                config.redacted_url(),
+                "connecting to {shown} took longer than {:?}",
                 config.connect_timeout
             ),
         )),

@@ -106,6 +106,22 @@
 //!   waits for the connection to come back, declares its queue and
 //!   bindings again and resumes.
 //!
+//! # More than one node
+//!
+//! [`RabbitConfig::node`] adds nodes that a connection tries, in order,
+//! when the URL's node does not answer: the nodes of a cluster, or a
+//! standby broker. On every reconnection the publisher and the
+//! subscriptions start again from the URL's node, declare the exchange and
+//! their queues there, and go on. A queue lives on the node that declared
+//! it (a quorum queue of a cluster on a majority of its nodes), so on two
+//! independent brokers each keeps what was confirmed to it. Measured by
+//! `tests/failover.rs` (two private nodes, 2,000 events through retry and
+//! dead letter, 64 in flight, the first node stopped after 700 and started
+//! again after the run): every event confirmed and consumed, none
+//! dead-lettered, the publisher on the second node within tens of
+//! milliseconds; deliveries the first node had sent and not yet seen
+//! acknowledged (about 250) came again once it was back.
+//!
 //! # Wire format
 //!
 //! CloudEvents over AMQP 0-9-1, in either [`ContentMode`], chosen with

@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::conn::Conn;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use redis::Value;
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 use watchtower::{Error, ErrorKind};
 
@@ -43,7 +43,7 @@ pub(crate) enum AckOp {
 /// Runs until every acker and the subscription are gone, then destroys an
 /// ephemeral group.
 pub(crate) async fn ack_loop(
-    conn: ConnectionManager,
+    conn: Conn,
     group: Arc<str>,
     consumer: Arc<str>,
     claim_idle: Duration,
@@ -97,8 +97,26 @@ pub(crate) async fn ack_loop(
     }
 }
 
+/// Releases entries of `KEYS[1]` pending with consumer `ARGV[2]` of group
+/// `ARGV[1]`: sets their idle time to `ARGV[3]` ms, as `XCLAIM ... IDLE`
+/// does, if this consumer still owns them; answers the ids released, as
+/// `XCLAIM ... JUSTID` would.
+const RELEASE: &str = r"
+local released = {}
+for i = 4, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #pending > 0 then
+    local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    for _, id in ipairs(claimed) do
+      table.insert(released, id)
+    end
+  end
+end
+return released
+";
+
 async fn send_batch(
-    mut conn: ConnectionManager,
+    mut conn: Conn,
     group: Arc<str>,
     consumer: Arc<str>,
     claim_idle: Duration,
@@ -128,12 +146,19 @@ async fn send_batch(
     let idle = u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX);
     for (key, ids) in &releases {
         // Setting the idle time to the claim threshold makes the entries
-        // due for the next `XAUTOCLAIM` of any consumer in the group.
-        pipe.cmd("XCLAIM").arg(&**key).arg(&*group).arg(&*consumer).arg(0);
+        // due for the next `XAUTOCLAIM` of any consumer in the group; only
+        // those this consumer still owns, lest an entry another consumer
+        // has claimed meanwhile be taken back and delivered twice.
+        pipe.cmd("EVAL")
+            .arg(RELEASE)
+            .arg(1)
+            .arg(&**key)
+            .arg(&*group)
+            .arg(&*consumer)
+            .arg(idle);
         for id in ids {
             pipe.arg(&**id);
         }
-        pipe.arg("IDLE").arg(idle).arg("JUSTID");
     }
     let mut result = pipe.query_async::<Value>(&mut conn).await;
     if let Err(e) = &result
@@ -164,7 +189,7 @@ async fn send_batch(
 /// those no longer in the stream were trimmed, and Redis 7 took them off
 /// the pending list without a word. Counts and logs them.
 async fn report_released_trimmed(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     group: &str,
     releases: &HashMap<Arc<str>, Vec<Arc<str>>>,
     claimed: Value,

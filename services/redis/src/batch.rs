@@ -37,11 +37,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 
+use crate::conn::Conn;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use futures_util::task::AtomicWaker;
 use redis::Value;
-use redis::aio::ConnectionManager;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use watchtower::reply::Replier;
 use watchtower::{Error, ErrorKind, Event};
@@ -284,12 +284,7 @@ impl Drop for Places {
 ///
 /// `stopped` is made by the spawner, so that a task dropped before its
 /// first poll still lets its callers know.
-pub(crate) async fn batch_loop(
-    conn: ConnectionManager,
-    health: Arc<LinkState>,
-    stopped: Stopped,
-    target: Target,
-) {
+pub(crate) async fn batch_loop(conn: Conn, health: Arc<LinkState>, stopped: Stopped, target: Target) {
     let queue = &stopped.0;
     let mut in_flight = FuturesUnordered::new();
     poll_fn(|cx| {
@@ -317,12 +312,15 @@ pub(crate) async fn batch_loop(
 #[derive(Clone)]
 pub(crate) struct Target {
     pub(crate) prefix: Arc<str>,
+    /// Whether the topic is the key's hash tag (`prefix{topic}`, on a
+    /// Redis Cluster).
+    pub(crate) hash_tag: bool,
     pub(crate) max_len: Option<MaxLen>,
     pub(crate) mode: ContentMode,
 }
 
 async fn send(
-    mut conn: ConnectionManager,
+    mut conn: Conn,
     health: Arc<LinkState>,
     mut batch: Vec<Request>,
     target: Target,

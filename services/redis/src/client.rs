@@ -4,13 +4,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::Value;
-use redis::aio::ConnectionManager;
 use tokio::runtime::Handle;
 use watchtower::health::Health;
 use watchtower::{Error, Transport};
 
 use crate::config::RedisConfig;
+use crate::conn::{Backend, Conn};
 use crate::error::from_redis;
 use crate::publisher::{RedisPublisher, RedisPublisherOptions};
 use crate::subscriber::{RedisSubscriber, RedisSubscriberOptions};
@@ -48,8 +47,8 @@ pub struct RedisClient {
 
 struct Inner {
     config: RedisConfig,
-    client: redis::Client,
-    conn: ConnectionManager,
+    backend: Backend,
+    conn: Conn,
     /// Where publishers spawn their connection tasks: the runtime the
     /// client was made on, whose timers and sockets its connections use.
     runtime: Handle,
@@ -74,14 +73,14 @@ impl RedisClient {
     /// cannot be reached; [`ErrorKind::Rejected`](watchtower::ErrorKind::Rejected)
     /// if it refuses the credentials. No message holds a password.
     pub async fn connect(config: RedisConfig) -> Result<RedisClient, Error> {
-        let client = config.client()?;
+        let backend = config.backend()?;
         let runtime =
             Handle::try_current().map_err(|_| Error::config("RedisClient::connect needs a Tokio runtime"))?;
-        let conn = config.connect(&client, Duration::ZERO).await?;
+        let conn = backend.connect(&config, Duration::ZERO).await?;
         Ok(RedisClient {
             inner: Arc::new(Inner {
                 config,
-                client,
+                backend,
                 conn,
                 runtime,
             }),
@@ -127,12 +126,12 @@ impl RedisClient {
         Ok(RedisSubscriber::new(self.clone(), options.into_options()))
     }
 
-    pub(crate) fn redis(&self) -> &redis::Client {
-        &self.inner.client
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.inner.backend
     }
 
     /// The shared multiplexed connection.
-    pub(crate) fn conn(&self) -> &ConnectionManager {
+    pub(crate) fn conn(&self) -> &Conn {
         &self.inner.conn
     }
 
@@ -141,23 +140,48 @@ impl RedisClient {
     }
 }
 
-/// `PING` on a multiplexed connection.
-pub(crate) async fn ping(mut conn: ConnectionManager) -> Result<(), Error> {
-    redis::cmd("PING")
-        .query_async::<Value>(&mut conn)
+/// `PING` on a multiplexed connection; on a cluster, to one of the
+/// masters (a cluster connection would otherwise ask every node, and a
+/// node that died stays unanswering until the cluster forgets it).
+pub(crate) async fn ping(mut conn: Conn) -> Result<(), Error> {
+    conn.on_master(redis::cmd("PING"))
         .await
         .map(drop)
         .map_err(|e| from_redis(e, "PING"))
 }
 
+/// Whether the cluster serves every slot (`CLUSTER INFO` on one master).
+async fn cluster_state(mut conn: Conn) -> Result<(), Error> {
+    let info: String = conn
+        .on_master(redis::cmd("CLUSTER").arg("INFO").clone())
+        .await
+        .and_then(|v| redis::from_redis_value(v).map_err(Into::into))
+        .map_err(|e| from_redis(e, "CLUSTER INFO"))?;
+    if info.lines().any(|line| line.trim() == "cluster_state:ok") {
+        Ok(())
+    } else {
+        Err(Error::new(
+            watchtower::ErrorKind::Connection,
+            "the cluster does not serve every slot (cluster_state is not ok)",
+        ))
+    }
+}
+
 impl Transport for RedisClient {
     const SYSTEM: &'static str = "redis";
 
-    /// A `PING` round trip on the shared connection: [`Up`](watchtower::health::Status::Up)
-    /// when Redis answers, else [`Down`](watchtower::health::Status::Down)
-    /// with the error and the URL without credentials.
+    /// A `PING` round trip on the shared connection (on a cluster,
+    /// `CLUSTER INFO` on a master, up when every slot is served):
+    /// [`Up`](watchtower::health::Status::Up) when Redis answers, else
+    /// [`Down`](watchtower::health::Status::Down) with the error and the
+    /// URL without credentials.
     async fn health(&self) -> Health {
-        match ping(self.inner.conn.clone()).await {
+        let conn = self.inner.conn.clone();
+        let result = match conn {
+            Conn::Single(_) => ping(conn).await,
+            Conn::Cluster(_) => cluster_state(conn).await,
+        };
+        match result {
             Ok(()) => Health::up(Self::SYSTEM),
             Err(e) => Health::down(
                 Self::SYSTEM,

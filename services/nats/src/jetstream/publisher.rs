@@ -275,9 +275,16 @@ pub(crate) fn publish_error(e: &PublishError) -> Error {
             ErrorKind::Connection,
             "connection lost before the JetStream acknowledgement",
         ),
-        PublishErrorKind::StreamNotFound => {
-            Error::new(ErrorKind::Rejected, "no JetStream stream captures the subject")
-        }
+        // The server had no responder for the subject: no stream captures
+        // it, or (on a cluster) the stream's leader is gone and its
+        // replicas are electing a new one, for a second or two. The two
+        // look the same, so a retry layer may try again: on a cluster that
+        // is what keeps the event.
+        PublishErrorKind::StreamNotFound => Error::new(
+            ErrorKind::Rejected,
+            "no JetStream stream answered for the subject (none captures it, or its leader is being elected)",
+        )
+        .with_retryable(true),
         PublishErrorKind::MaxAckPending => {
             Error::new(ErrorKind::Overloaded, "too many JetStream publishes in flight")
         }

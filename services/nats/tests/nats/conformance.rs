@@ -12,8 +12,9 @@ use watchtower_nats::{StorageType, StreamConfig};
 
 use crate::support::local;
 
-struct Core {
-    client: NatsClient,
+/// Core NATS on `client`.
+pub(crate) struct Core {
+    pub(crate) client: NatsClient,
 }
 
 impl Harness for Core {
@@ -49,8 +50,17 @@ impl Harness for Core {
     }
 }
 
-struct Js {
-    client: NatsClient,
+/// JetStream: subscribers on `client`, publishers on `publishing` (the
+/// same client, or one connected to another server of a cluster), a
+/// stream of `replicas` replicas per case.
+pub(crate) struct Js {
+    pub(crate) client: NatsClient,
+    pub(crate) publishing: NatsClient,
+    pub(crate) replicas: usize,
+    /// How long a pull waits, if not the default: on a cluster a pull is
+    /// lost when its consumer's leader changes, and is renewed only after
+    /// it expires.
+    pub(crate) expires: Option<Duration>,
 }
 
 impl Harness for Js {
@@ -77,6 +87,7 @@ impl Harness for Js {
                 subjects: vec![format!("{namespace}.>")],
                 storage: StorageType::Memory,
                 max_age: Duration::from_secs(600),
+                num_replicas: self.replicas,
                 ..Default::default()
             })
             .await
@@ -88,7 +99,7 @@ impl Harness for Js {
     }
 
     async fn publisher(&self, _namespace: &str) -> Result<JetStreamPublisher, Error> {
-        Ok(self.client.jetstream_publisher())
+        Ok(self.publishing.jetstream_publisher())
     }
 
     async fn subscriber(&self, namespace: &str) -> Result<JetStreamSubscriber, Error> {
@@ -97,10 +108,11 @@ impl Harness for Js {
         // group case, so that both members of a group get some, yet large
         // enough that 5,000 events do not take hundreds of pull round trips
         // on a loaded machine.
-        Ok(self
-            .client
-            .jetstream_subscriber(namespace)
-            .settings(ConsumerSettings::new().ack_wait(Duration::from_secs(2)).batch(40)))
+        let mut settings = ConsumerSettings::new().ack_wait(Duration::from_secs(2)).batch(40);
+        if let Some(expires) = self.expires {
+            settings = settings.expires(expires);
+        }
+        Ok(self.client.jetstream_subscriber(namespace).settings(settings))
     }
 
     async fn publish_raw(&self, _namespace: &str, topic: &str, body: Bytes) -> Result<bool, Error> {
@@ -131,8 +143,12 @@ async fn conformance_core_nats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_jetstream() {
+    let client = local().await;
     let report = conformance::run(Js {
-        client: local().await,
+        publishing: client.clone(),
+        client,
+        replicas: 1,
+        expires: None,
     })
     .await;
     report.assert_passed();
@@ -153,8 +169,12 @@ async fn traces_cross_core_nats() {
 #[tokio::test(flavor = "current_thread")]
 async fn traces_cross_jetstream() {
     let traces = watchtower_test_support::otel::Traces::capture();
+    let client = local().await;
     let harness = Js {
-        client: local().await,
+        publishing: client.clone(),
+        client,
+        replicas: 1,
+        expires: None,
     };
     watchtower_test_support::otel::check_propagation(&harness, &traces)
         .await

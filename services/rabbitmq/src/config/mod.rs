@@ -72,6 +72,9 @@ pub struct RabbitConfig {
     /// The parsed URL, or the redacted URL and why it does not parse
     /// (reported by [`validate`](RabbitConfig::validate)).
     pub(crate) uri: Result<AMQPUri, (Arc<str>, Arc<str>)>,
+    /// Further nodes, tried in order when the URL's does not answer:
+    /// `host:port`, or the text that did not parse.
+    pub(crate) nodes: Vec<Result<(String, u16), Arc<str>>>,
     pub(crate) connection_name: Option<Arc<str>>,
     pub(crate) connect_timeout: Duration,
     pub(crate) reconnect_min: Duration,
@@ -127,6 +130,7 @@ impl RabbitConfig {
     fn with_uri(uri: Result<AMQPUri, (Arc<str>, Arc<str>)>) -> RabbitConfig {
         RabbitConfig {
             uri,
+            nodes: Vec::new(),
             connection_name: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             reconnect_min: DEFAULT_RECONNECT_MIN,
@@ -137,6 +141,43 @@ impl RabbitConfig {
             exchange_durable: true,
             alternate_exchange: None,
         }
+    }
+
+    /// Adds a node (`host:port`) to connect to when the URL's node does
+    /// not answer: another node of the same cluster, or a standby broker.
+    /// It is reached with the URL's credentials, virtual host, TLS and
+    /// heartbeat. Every connection, the first and each reconnection, tries
+    /// the URL's node first, then these in the order they were added, each
+    /// within the [connect timeout](RabbitConfig::connect_timeout).
+    ///
+    /// What a failover costs a publisher: the publishes awaiting their
+    /// confirm when the node went away fail with a retryable
+    /// [`ErrorKind::Connection`](watchtower::ErrorKind::Connection) (they
+    /// may have been stored: a retry can store them twice), the rest wait
+    /// until the next node is connected and the exchange declared there.
+    /// Queues live on the node that declared them unless they are quorum
+    /// queues of a cluster: a subscriber on a standby broker reads only
+    /// what was published there.
+    ///
+    /// ```
+    /// use watchtower_rabbitmq::RabbitConfig;
+    ///
+    /// let config = RabbitConfig::new("amqp://app:secret@rabbit-1:5672/%2f")
+    ///     .node("rabbit-2:5672")
+    ///     .node("rabbit-3:5672");
+    /// assert!(!format!("{config:?}").contains("secret"));
+    /// ```
+    pub fn node(mut self, address: &str) -> RabbitConfig {
+        let parsed = address
+            .rsplit_once(':')
+            .and_then(|(host, port)| {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let port = port.parse::<u16>().ok()?;
+                (!host.is_empty() && !host.contains(['/', '@', ' '])).then(|| (host.to_owned(), port))
+            })
+            .ok_or_else(|| Arc::from(address.chars().take(100).collect::<String>()));
+        self.nodes.push(parsed);
+        self
     }
 
     /// Sets the virtual host (unescaped: `/`, `staging`).
@@ -246,6 +287,14 @@ impl RabbitConfig {
     /// Checks everything the setters took: the URL and the names.
     pub(crate) fn validate(&self) -> Result<(), Error> {
         self.amqp_uri()?;
+        for node in &self.nodes {
+            if let Err(text) = node {
+                return Err(Error::config(format!(
+                    "invalid RabbitMQ node address {:?}: expected host:port",
+                    &**text
+                )));
+            }
+        }
         check_name("exchange", &self.exchange)?;
         if self.exchange.starts_with("amq.") {
             return Err(Error::config(format!(
@@ -274,6 +323,20 @@ impl RabbitConfig {
             .map_err(|(url, reason)| Error::config(format!("invalid AMQP URL {:?}: {reason}", &**url)))
     }
 
+    /// The URL's node and then each further [node](RabbitConfig::node):
+    /// the URIs to try, in order.
+    pub(crate) fn amqp_uris(&self) -> Result<Vec<AMQPUri>, Error> {
+        let first = self.amqp_uri()?;
+        let mut uris = vec![first.clone()];
+        for (host, port) in self.nodes.iter().flatten() {
+            let mut uri = first.clone();
+            uri.authority.host = host.clone();
+            uri.authority.port = *port;
+            uris.push(uri);
+        }
+        Ok(uris)
+    }
+
     /// The exchange name.
     pub fn exchange_name(&self) -> &str {
         &self.exchange
@@ -291,29 +354,38 @@ impl RabbitConfig {
 
     /// The broker's address without credentials, for logs and errors.
     pub fn redacted_url(&self) -> String {
-        let uri = match &self.uri {
-            Ok(uri) => uri,
-            Err((url, _)) => return url.to_string(),
-        };
-        let scheme = if self.is_tls() { "amqps" } else { "amqp" };
-        let user = if uri.authority.userinfo.username.is_empty() {
-            ""
-        } else {
-            "***@"
-        };
-        format!(
-            "{scheme}://{user}{}:{}/{}",
-            uri.authority.host,
-            uri.authority.port,
-            uri.vhost.replace('/', "%2f")
-        )
+        match &self.uri {
+            Ok(uri) => redact(uri),
+            Err((url, _)) => url.to_string(),
+        }
     }
+}
+
+/// `uri` without credentials.
+pub(crate) fn redact(uri: &AMQPUri) -> String {
+    let scheme = if uri.scheme == AMQPScheme::AMQPS {
+        "amqps"
+    } else {
+        "amqp"
+    };
+    let user = if uri.authority.userinfo.username.is_empty() {
+        ""
+    } else {
+        "***@"
+    };
+    format!(
+        "{scheme}://{user}{}:{}/{}",
+        uri.authority.host,
+        uri.authority.port,
+        uri.vhost.replace('/', "%2f")
+    )
 }
 
 impl fmt::Debug for RabbitConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitConfig")
             .field("url", &self.redacted_url())
+            .field("nodes", &self.nodes)
             .field(
                 "heartbeat",
                 &self.uri.as_ref().ok().and_then(|u| u.query.heartbeat),
@@ -390,6 +462,28 @@ mod tests {
         assert!(!shown.contains("hunter"), "{shown}");
         assert!(shown.contains("amqps://***@broker:5671/prod"), "{shown}");
         assert!(config.is_tls());
+    }
+
+    #[test]
+    fn nodes_are_tried_after_the_url_with_its_settings() {
+        let config = RabbitConfig::new("amqps://app:s3cret@one:5671/staging")
+            .node("two:5672")
+            .node("[::1]:5673");
+        let uris = config.amqp_uris().unwrap();
+        let shown: Vec<String> = uris.iter().map(redact).collect();
+        assert_eq!(
+            shown,
+            [
+                "amqps://***@one:5671/staging",
+                "amqps://***@two:5672/staging",
+                "amqps://***@::1:5673/staging"
+            ]
+        );
+        assert!(uris.iter().all(|u| u.authority.userinfo.password == "s3cret"));
+        for bad in ["two", "two:port", ":5672", "user@two:5672", "http://two:5672"] {
+            let err = RabbitConfig::local().node(bad).validate().unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Config, "{bad}");
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::conn::Conn;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use watchtower::codec::{CLOUDEVENTS_JSON, structured};
@@ -116,7 +116,7 @@ impl Delays {
     /// `stream`, and makes sure the mover runs.
     pub(super) async fn schedule(
         &self,
-        conn: ConnectionManager,
+        conn: Conn,
         runtime: &tokio::runtime::Handle,
         stream: &str,
         mut event: Event,
@@ -163,7 +163,7 @@ fn due_millis(at: OffsetDateTime) -> i64 {
     i64::try_from(millis.max(0)).unwrap_or(i64::MAX)
 }
 
-async fn move_due(mut conn: ConnectionManager, key: Arc<str>, wake: Arc<Notify>) {
+async fn move_due(mut conn: Conn, key: Arc<str>, wake: Arc<Notify>) {
     loop {
         let wait = match run(&mut conn, &key).await {
             Ok((moved, _)) if moved >= BATCH as i64 => Duration::ZERO,
@@ -196,7 +196,7 @@ async fn move_due(mut conn: ConnectionManager, key: Arc<str>, wake: Arc<Notify>)
     }
 }
 
-async fn run(conn: &mut ConnectionManager, key: &str) -> Result<(i64, i64), Error> {
+async fn run(conn: &mut Conn, key: &str) -> Result<(i64, i64), Error> {
     let answer: Vec<i64> = redis::cmd("EVAL")
         .arg(MOVE)
         .arg(1)

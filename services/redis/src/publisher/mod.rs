@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, ready};
 
-use redis::aio::ConnectionManager;
+use crate::conn::Conn;
 use redis::{Cmd, RedisWrite as _, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::PollSemaphore;
@@ -22,6 +22,7 @@ use watchtower::{Error, ErrorKind, Event, Receipt, Transport};
 use crate::batch::{Queue, Request, Stopped, Target, answer, batch_loop};
 use crate::client::{RedisClient, ping};
 use crate::config::RedisConfig;
+use crate::conn::Backend;
 use crate::error::from_redis;
 use crate::link;
 use crate::wire::{fields_size, write_fields};
@@ -291,15 +292,24 @@ impl RedisPublisher {
         let config = client.config();
         let target = Target {
             prefix: config.prefix().clone(),
+            hash_tag: config.is_cluster(),
             max_len: options.max_len,
             mode: options.mode,
         };
         let health = LinkState::new();
         let stopped = Stopped(queue.clone());
-        if link::supports(client.redis().get_connection_info().addr()) {
+        // The publisher's own connection speaks to one plain-TCP Redis; a
+        // cluster (or TLS) goes through the `redis` crate's connection.
+        let own = match client.backend() {
+            Backend::Single(redis) if link::supports(redis.get_connection_info().addr()) => {
+                Some(redis.clone())
+            }
+            _ => None,
+        };
+        if let Some(redis) = own {
             let (connection_timeout, response_timeout) = config.timeouts();
             let settings = link::Settings {
-                client: client.redis().clone(),
+                client: redis,
                 connection_timeout,
                 response_timeout,
                 target: target.clone(),
@@ -441,7 +451,7 @@ pub(crate) fn xadd(target: &Target, event: &Event) -> Cmd {
     // XADD key [MAXLEN ~ n] * fields...
     let mut cmd = Cmd::with_capacity(
         6 + field_args,
-        32 + target.prefix.len() + topic.len() + field_bytes,
+        34 + target.prefix.len() + topic.len() + field_bytes,
     );
     write_xadd(&mut cmd, target, event);
     cmd
@@ -452,6 +462,7 @@ pub(crate) fn xadd(target: &Target, event: &Event) -> Cmd {
 pub(crate) fn write_xadd(cmd: &mut Cmd, target: &Target, event: &Event) {
     let Target {
         prefix,
+        hash_tag,
         max_len,
         mode,
     } = target;
@@ -461,7 +472,13 @@ pub(crate) fn write_xadd(cmd: &mut Cmd, target: &Target, event: &Event) {
         let mut key = cmd.writer_for_next_arg();
         // Writing to the command's buffer cannot fail.
         let _ = key.write_all(prefix.as_bytes());
-        let _ = key.write_all(topic.as_bytes());
+        if *hash_tag {
+            let _ = key.write_all(b"{");
+            let _ = key.write_all(topic.as_bytes());
+            let _ = key.write_all(b"}");
+        } else {
+            let _ = key.write_all(topic.as_bytes());
+        }
     }
     match max_len {
         Some(MaxLen::Approx(n)) => {
@@ -486,7 +503,7 @@ fn receipt(event: &Event, key: Arc<str>, id: Arc<str>) -> Receipt {
 /// first finds the connection broken. The `XADD`s travel on a connection
 /// of their own, so the multiplexed connection may learn of a cut only
 /// from this `PING`; it connects again for the second.
-async fn probe(conn: ConnectionManager, health: Arc<LinkState>) -> Result<(), Error> {
+async fn probe(conn: Conn, health: Arc<LinkState>) -> Result<(), Error> {
     let mut result = ping(conn.clone()).await;
     if matches!(&result, Err(e) if e.kind() == ErrorKind::Connection) {
         result = ping(conn).await;
@@ -501,7 +518,10 @@ impl Service<Event> for RedisPublisher {
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        if self.probe.is_none() && !self.shared.health.is_connected() {
+        // On a cluster, one master's outage is not the publisher's: its
+        // `XADD`s fail (and are retried above) while the cluster
+        // connection learns the new master from the others.
+        if self.probe.is_none() && !self.shared.health.is_connected() && !self.shared.target.hash_tag {
             // A task rather than a stored future keeps the publisher `Sync`.
             self.probe = Some(self.shared.client.runtime().spawn(probe(
                 self.shared.client.conn().clone(),

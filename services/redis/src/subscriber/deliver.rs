@@ -79,7 +79,8 @@ impl Shared {
             match &self.options.dead_letter {
                 DeadLetter::Stream(dlq) => {
                     let mut acker = acker;
-                    return match self.dead_letter(dlq, stream, &entry.id, fields, count).await {
+                    let dlq = self.config.dead_letter_key(dlq, &stream.topic);
+                    return match self.dead_letter(&dlq, stream, &entry.id, fields, count).await {
                         Ok(()) => {
                             acker.settled = true;
                             None

@@ -24,12 +24,13 @@ use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use watchtower::{Capabilities, Error, SubscribeOptions, Subscriber};
 
 use crate::acks::{Trimmed, ack_loop};
 use crate::client::RedisClient;
 use crate::config::RedisConfig;
+use crate::conn::Backend;
 
 pub use config::{DeadLetter, RedisSubscriberOptions};
 pub(crate) use settle::MAX_ACK_BATCH;
@@ -39,7 +40,7 @@ pub use subscription::RedisSubscription;
 pub(crate) use trimmed::missing_from_stream;
 
 use config::Options;
-use read::read_loop;
+use read::{cluster_reads, read_loop};
 use reclaim::maintain;
 use shared::{RecentIds, Shared};
 
@@ -161,7 +162,10 @@ impl RedisSubscriber {
         };
         let start = if options.is_replay() { "0" } else { "$" };
         let config = self.client.config();
-        let read_conn = config.connect(self.client.redis(), self.options.block).await?;
+        let read_conn = match self.client.backend() {
+            Backend::Single(_) => Some(self.client.backend().connect(config, self.options.block).await?),
+            Backend::Cluster(_) => None,
+        };
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let (nack_tx, nack_rx) = mpsc::unbounded_channel();
         // Two batches wait while the subscription works through another, so
@@ -180,6 +184,7 @@ impl RedisSubscriber {
             trimmed: Arc::new(AtomicU64::new(0)),
             unread_trimmed: Mutex::new(HashMap::new()),
             gone: Mutex::new(RecentIds::default()),
+            added: Notify::new(),
         });
         let mut initial = Vec::new();
         for pattern in options.patterns() {
@@ -210,7 +215,14 @@ impl RedisSubscriber {
             },
         ));
         let trimmed = shared.trimmed.clone();
-        tokio::spawn(read_loop(shared.clone(), read_conn, tx.clone()));
+        match read_conn {
+            Some(conn) => tokio::spawn(read_loop(shared.clone(), conn, tx.clone(), None)),
+            None => tokio::spawn(cluster_reads(
+                shared.clone(),
+                self.client.backend().clone(),
+                tx.clone(),
+            )),
+        };
         tokio::spawn(maintain(shared, tx, nack_rx));
         Ok(RedisSubscription {
             rx,

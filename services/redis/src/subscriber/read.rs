@@ -4,19 +4,74 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashSet;
+
 use redis::Value;
-use redis::aio::ConnectionManager;
 use watchtower::backoff::{Backoff, Jitter};
+
+use crate::conn::{Backend, Conn};
 
 use crate::error::{from_redis, is_no_group};
 use crate::wire::{self, Entry};
 
 use super::shared::{Shared, StreamInfo, Tx};
 
+/// On a Redis Cluster, one [`read_loop`] per stream, each on a connection
+/// of its own: one `XREADGROUP` cannot span slots, and a blocking read
+/// holds its connection. A stream joined later (a pattern's rescan) gets
+/// its loop when it is added.
+pub(super) async fn cluster_reads(shared: Arc<Shared>, backend: Backend, tx: Tx) {
+    let backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2)).jitter(Jitter::Full);
+    let mut reading: HashSet<Arc<str>> = HashSet::new();
+    let mut failures = 0u32;
+    loop {
+        for stream in shared.snapshot() {
+            if reading.contains(&stream.key) {
+                continue;
+            }
+            match backend.connect(&shared.config, shared.options.block).await {
+                Ok(conn) => {
+                    failures = 0;
+                    reading.insert(stream.key.clone());
+                    tokio::spawn(read_loop(
+                        shared.clone(),
+                        conn,
+                        tx.clone(),
+                        Some(stream.key.clone()),
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "connecting to read a stream failed; retrying");
+                    failures = failures.saturating_add(1);
+                    break;
+                }
+            }
+        }
+        let wait = if failures > 0 {
+            backoff.delay(failures)
+        } else {
+            shared.options.rescan_interval
+        };
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = shared.added.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
 /// Reads the consumer's own pending entries, then new entries, on the
-/// dedicated connection.
-pub(super) async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, tx: Tx) {
-    for stream in shared.snapshot() {
+/// dedicated connection: of every stream of the subscription, or of the
+/// stream `only`.
+pub(super) async fn read_loop(shared: Arc<Shared>, mut conn: Conn, tx: Tx, only: Option<Arc<str>>) {
+    let streams_read = |shared: &Shared| {
+        let mut streams = shared.snapshot();
+        if let Some(only) = &only {
+            streams.retain(|s| s.key == *only);
+        }
+        streams
+    };
+    for stream in streams_read(&shared) {
         if !shared.check_unread_trimmed(&tx, &stream).await
             || !drain_own(&shared, &mut conn, &tx, &stream).await
         {
@@ -32,7 +87,7 @@ pub(super) async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, 
         // would only wait in memory.
         let Ok(permit) = tx.reserve().await else { return };
         drop(permit);
-        let streams = shared.snapshot();
+        let streams = streams_read(&shared);
         if streams.is_empty() {
             tokio::select! {
                 _ = tx.closed() => return,
@@ -113,7 +168,7 @@ pub(super) async fn read_loop(shared: Arc<Shared>, mut conn: ConnectionManager, 
 /// acknowledged (`XREADGROUP` from id `0`).
 pub(super) async fn drain_own(
     shared: &Arc<Shared>,
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     tx: &Tx,
     stream: &Arc<StreamInfo>,
 ) -> bool {

@@ -23,36 +23,53 @@ pub(super) fn glob_escape(text: &str) -> String {
 impl Shared {
     /// The existing stream keys matching `pattern`.
     pub(super) async fn scan(&self, pattern: &TopicPattern) -> Result<Vec<String>, Error> {
-        let glob = format!("{}{}", glob_escape(self.config.prefix()), pattern.to_glob());
+        let prefix = glob_escape(self.config.prefix());
+        let glob = if self.config.is_cluster() {
+            // Braces are not special to Redis' glob.
+            format!("{prefix}{{{}}}", pattern.to_glob())
+        } else {
+            format!("{prefix}{}", pattern.to_glob())
+        };
         let mut conn = self.conn.clone();
-        let mut cursor = 0u64;
+        // On a cluster, every master holds some of the streams.
+        let nodes = match conn.masters().await? {
+            Some(masters) => masters.into_iter().map(Some).collect(),
+            None => vec![None],
+        };
         let mut found = Vec::new();
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&glob)
-                .arg("COUNT")
-                .arg(1000)
-                .arg("TYPE")
-                .arg("stream")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| from_redis(e, "SCAN"))?;
-            for key in keys {
-                let Ok(key) = String::from_utf8(key) else { continue };
-                if self.is_dead_letter_stream(&key) {
-                    continue;
+        for node in &nodes {
+            let mut cursor = 0u64;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&glob)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("TYPE")
+                    .arg("stream");
+                let reply = conn
+                    .on_node(node.as_ref(), scan)
+                    .await
+                    .map_err(|e| from_redis(e, "SCAN"))?;
+                let (next, keys): (u64, Vec<Vec<u8>>) =
+                    redis::from_redis_value(reply).map_err(|e| from_redis(e.into(), "SCAN"))?;
+                for key in keys {
+                    let Ok(key) = String::from_utf8(key) else { continue };
+                    if self.is_dead_letter_stream(&key) {
+                        continue;
+                    }
+                    if self.config.topic_of(&key).is_some_and(|t| pattern.matches(t)) {
+                        found.push(key);
+                    }
                 }
-                if self.config.topic_of(&key).is_some_and(|t| pattern.matches(t)) {
-                    found.push(key);
+                if next == 0 {
+                    break;
                 }
+                cursor = next;
             }
-            if next == 0 {
-                return Ok(found);
-            }
-            cursor = next;
         }
+        Ok(found)
     }
 }
 

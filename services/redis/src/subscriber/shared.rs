@@ -5,9 +5,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::conn::Conn;
 use redis::Value;
-use redis::aio::ConnectionManager;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use watchtower::{Delivery, Error, TopicPattern};
 
 use crate::acks::AckOp;
@@ -26,7 +26,7 @@ pub(crate) struct StreamInfo {
 
 /// What one subscription's tasks and ackers share.
 pub(super) struct Shared {
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: Conn,
     pub(super) config: RedisConfig,
     pub(super) options: Arc<Options>,
     pub(super) group: Arc<str>,
@@ -44,6 +44,8 @@ pub(super) struct Shared {
     /// pending list and reclaiming can both come upon one before it leaves
     /// the pending list.
     pub(super) gone: Mutex<RecentIds>,
+    /// Told when a stream joins the read set.
+    pub(super) added: Notify,
 }
 
 /// The last [`RecentIds::CAPACITY`] entry ids seen, oldest dropped first.
@@ -100,7 +102,7 @@ impl Shared {
     }
 
     pub(super) fn is_dead_letter_stream(&self, key: &str) -> bool {
-        matches!(&self.options.dead_letter, DeadLetter::Stream(dlq) if dlq == key)
+        matches!(&self.options.dead_letter, DeadLetter::Stream(dlq) if self.config.is_dead_letter_key(dlq, key))
     }
 
     /// Creates the group on `key` (and the stream if missing) and adds the
@@ -118,6 +120,7 @@ impl Shared {
             && !streams.iter().any(|s| s.key == info.key)
         {
             streams.push(info);
+            self.added.notify_one();
         }
         Ok(())
     }

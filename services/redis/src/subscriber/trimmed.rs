@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
+use crate::conn::Conn;
 use redis::Value;
-use redis::aio::ConnectionManager;
 use watchtower::{Error, ErrorKind};
 
 use crate::wire::{self, Entry};
@@ -170,11 +170,7 @@ pub(super) fn unread_trimmed(info: &Value, groups: &Value, group: &str) -> Optio
 
 /// Those of `ids` no longer in the stream `key` (one `XRANGE` each, in one
 /// pipeline; none when Redis cannot be asked).
-pub(crate) async fn missing_from_stream(
-    conn: &mut ConnectionManager,
-    key: &str,
-    ids: Vec<&str>,
-) -> Vec<String> {
+pub(crate) async fn missing_from_stream(conn: &mut Conn, key: &str, ids: Vec<&str>) -> Vec<String> {
     if ids.is_empty() {
         return Vec::new();
     }

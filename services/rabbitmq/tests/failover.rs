@@ -1,0 +1,136 @@
+//! Failover between two private RabbitMQ nodes: a publisher given both
+//! moves to the second when the first stops, and every event a broker
+//! confirmed is delivered. The shared broker is not touched.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use tower::{ServiceBuilder, ServiceExt as _};
+use watchtower::dead_letter::MemoryDeadLetters;
+use watchtower::{Event, SubscribeOptions, Subscriber};
+use watchtower_layers::ServiceBuilderExt as _;
+use watchtower_layers::dead_letter::Outcome;
+use watchtower_layers::retry::RetryConfig;
+use watchtower_rabbitmq::{ExchangeKind, RabbitClient, RabbitConfig};
+use watchtower_test_support::{RabbitNode, within};
+
+fn config(url: &str) -> RabbitConfig {
+    RabbitConfig::new(url)
+        .exchange("failover", ExchangeKind::Topic)
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .connect_timeout(Duration::from_secs(2))
+}
+
+fn url(node: &RabbitNode) -> String {
+    format!("amqp://guest:guest@127.0.0.1:{}/%2f", node.port())
+}
+
+/// 2,000 events through dead letter + retry to a publisher given two
+/// nodes; the first stopped after 700. Each call ends delivered (confirmed
+/// by one of the nodes) or dead-lettered, and every confirmed event is
+/// consumed: from the second node at once, from the first once it is back
+/// (durable queue, persistent messages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_fails_over_to_the_next_node_and_every_confirmed_event_is_delivered() {
+    const EVENTS: usize = 2_000;
+    const CONCURRENCY: usize = 64;
+
+    let (mut first, second) = tokio::join!(RabbitNode::start(), RabbitNode::start());
+    // A group queue on each node, declared before anything is published.
+    let group = SubscribeOptions::new(["orders.*"])
+        .unwrap()
+        .group("billing")
+        .unwrap();
+    let mut subscriptions = Vec::new();
+    for node in [&first, &second] {
+        let client = RabbitClient::connect(config(&url(node))).await.unwrap();
+        subscriptions.push(client.subscriber().open(group.clone()).await.unwrap());
+    }
+    let both = config(&url(&first)).node(&format!("127.0.0.1:{}", second.port()));
+    let client = RabbitClient::connect(both).await.unwrap();
+    let dlq = MemoryDeadLetters::new(EVENTS);
+    let publisher = ServiceBuilder::new()
+        .dead_letter(dlq.clone())
+        .retries(
+            RetryConfig::new()
+                .max_attempts(1_000)
+                .delays(Duration::from_millis(20), Duration::from_millis(500))
+                .max_elapsed(Duration::from_secs(20)),
+        )
+        .service(client.publisher().await.unwrap());
+
+    let sent: Vec<Event> = (0..EVENTS)
+        .map(|i| Event::new("orders.paid", serde_json::json!({ "i": i })))
+        .collect();
+    let started = Instant::now();
+    let mut calls = FuturesUnordered::new();
+    let mut pending = sent.iter().cloned();
+    let (mut delivered, mut dead, mut done) = (HashSet::new(), 0usize, 0usize);
+    let (mut last, mut longest_stall) = (Instant::now(), Duration::ZERO);
+    loop {
+        while calls.len() < CONCURRENCY {
+            let Some(event) = pending.next() else { break };
+            calls.push(publisher.clone().oneshot(event));
+        }
+        let Some(result) = calls.next().await else { break };
+        longest_stall = longest_stall.max(last.elapsed());
+        last = Instant::now();
+        match result.expect("nothing reaches the caller: delivered or dead-lettered") {
+            Outcome::Delivered(receipt) => {
+                delivered.insert(receipt.event_id.to_string());
+            }
+            Outcome::DeadLettered(_) => dead += 1,
+        }
+        done += 1;
+        if done == 700 {
+            first.stop().await;
+            last = Instant::now();
+        }
+    }
+    let published_in = started.elapsed();
+    assert_eq!(done, EVENTS);
+    assert_eq!(
+        delivered.len() + dead,
+        EVENTS,
+        "delivered + dead-lettered = published"
+    );
+
+    // The first node comes back with what it had confirmed; its
+    // subscription reconnects by itself.
+    first.restart().await;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    let mut merged = futures_util::stream::select_all(subscriptions);
+    within("every confirmed event to be consumed", async {
+        while !delivered.iter().all(|id| seen.contains_key(id)) {
+            match merged.next().await.unwrap() {
+                Ok(d) => {
+                    let id = d.event().expect("a valid event").id().to_owned();
+                    // Deliveries the first node sent before it stopped
+                    // cannot be acknowledged: they come again.
+                    if let Err(e) = d.ack().await {
+                        assert!(e.is_retryable(), "{e}");
+                    }
+                    *seen.entry(id).or_default() += 1;
+                }
+                Err(e) => assert!(e.is_retryable(), "{e}"),
+            }
+        }
+    })
+    .await;
+    let all: HashSet<&str> = sent.iter().map(Event::id).collect();
+    assert!(
+        seen.keys().all(|id| all.contains(id.as_str())),
+        "an event nobody sent"
+    );
+    let twice = seen.values().filter(|&&n| n > 1).count();
+    println!(
+        "published {EVENTS} in {published_in:?}: confirmed {}, dead-lettered {dead}, consumed {} \
+         ({} more than once: unacknowledged when the first node stopped), longest publish stall {longest_stall:?}",
+        delivered.len(),
+        seen.len(),
+        twice
+    );
+}
