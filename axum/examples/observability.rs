@@ -1,6 +1,8 @@
-//! An axum service with WatchTower's observability routes: a publisher
-//! stack and a consumer on the in-memory transport, `/metrics`, `/health`
-//! and `/ready` on 127.0.0.1:3000, and a `POST /orders` that publishes.
+//! An axum service with WatchTower's observability: a publisher stack and
+//! a consumer on the local NATS server (127.0.0.1:4222), every event's
+//! trace printed when its spans end (publish → process → settle, one trace
+//! id, through `tracing-opentelemetry`), and `/metrics`, `/health` and
+//! `/ready` on 127.0.0.1:3000, with a `POST /orders` that publishes.
 //!
 //! ```text
 //! cargo run -p watchtower-axum --example observability
@@ -26,21 +28,63 @@ use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLay
 use watchtower_layers::dead_letter::{DeadLetterLayer, Outcome};
 use watchtower_layers::health::HealthView;
 use watchtower_layers::retry::{RetryConfig, RetryLayer};
-use watchtower_memory::MemoryBroker;
+use watchtower_nats::{NatsClient, NatsConfig};
+
+/// Prints each finished span: its trace, its parent and its name.
+#[derive(Debug)]
+struct Print;
+
+impl opentelemetry_sdk::trace::SpanExporter for Print {
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        for span in batch {
+            println!(
+                "trace {} span {} parent {} {}",
+                span.span_context.trace_id(),
+                span.span_context.span_id(),
+                span.parent_span_id,
+                span.name
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The application's own `tracing` subscriber, with the OpenTelemetry layer
+/// recording WatchTower's spans (DEBUG, target `watchtower`).
+fn install_tracing() {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_simple_exporter(Print)
+        .build();
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("observability-example"))
+        .with_filter(
+            tracing_subscriber::filter::Targets::new().with_target("watchtower", tracing::Level::DEBUG),
+        );
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(otel))
+        .unwrap_or_else(|e| eprintln!("a tracing subscriber was installed already: {e}"));
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // First: every layer and publisher built after this records into it.
     let prometheus = watchtower_axum::install_prometheus()?;
+    install_tracing();
 
-    let broker = MemoryBroker::new();
+    let client = NatsClient::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
     let dlq = MemoryDeadLetters::new(10_000);
     let dead_letter = DeadLetterLayer::new(dlq.clone()).name("orders");
     let retry = RetryLayer::new(RetryConfig::new().name("orders"));
     let breaker = CircuitBreakerLayer::new(CircuitBreakerConfig::new().name("orders"));
     let queue = BackpressureLayer::new(1024, Overflow::Block).name("orders");
     let health = HealthView::new()
-        .transport("events", broker.clone())
+        .transport("nats", client.clone())
         .breaker("orders", breaker.handle())
         .queue("orders", queue.handle())
         .retry("orders", retry.handle())
@@ -52,10 +96,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .retries(retry)
             .circuit_breaker(breaker.clone())
             .backpressure(queue)
-            .service(broker.publisher()),
+            .service(client.publisher()),
     );
 
-    let subscription = broker
+    let subscription = client
         .subscriber()
         .open(SubscribeOptions::new(["orders.>"])?)
         .await?;
