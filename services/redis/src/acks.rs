@@ -9,6 +9,7 @@ use crate::conn::Conn;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use redis::Value;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use watchtower::{Error, ErrorKind};
 
@@ -217,9 +218,16 @@ async fn report_released_trimmed(
         let ids = gone.join(", ");
         tracing::warn!(stream = &**key, group, count = gone.len(), ids = %ids, "{WHAT}");
         // Without waiting: acknowledgements must not wait for the consumer.
+        // A full queue (the reader is ahead of the consumer) gets the
+        // report from a task of its own rather than losing it.
         if let Some(tx) = trimmed.items.upgrade() {
             let message = format!("{} {WHAT} (stream {key:?}: {ids})", gone.len());
-            let _ = tx.try_send(Err(Error::new(ErrorKind::Dropped, message)));
+            if let Err(TrySendError::Full(report)) = tx.try_send(Err(Error::new(ErrorKind::Dropped, message)))
+            {
+                tokio::spawn(async move {
+                    let _ = tx.send(report).await;
+                });
+            }
         }
     }
 }
