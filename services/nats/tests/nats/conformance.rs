@@ -91,7 +91,7 @@ impl Js {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
-        let mut stream = js
+        let stream = js
             .get_stream(namespace)
             .await
             .map_err(|e| Error::new(watchtower::ErrorKind::Connection, e.to_string()))?;
