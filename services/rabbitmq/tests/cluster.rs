@@ -1,0 +1,168 @@
+//! A quorum queue on a private 3-node RabbitMQ cluster: the node leading
+//! the queue (and holding the publisher's and the subscriber's
+//! connections) is killed while 10,000 events are published with
+//! confirms, and every confirmed event is consumed. The shared broker is
+//! not touched.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use tower::{ServiceBuilder, ServiceExt as _};
+use watchtower::dead_letter::MemoryDeadLetters;
+use watchtower::{Event, SubscribeOptions, Subscriber};
+use watchtower_layers::ServiceBuilderExt as _;
+use watchtower_layers::dead_letter::Outcome;
+use watchtower_layers::retry::RetryConfig;
+use watchtower_rabbitmq::{ExchangeKind, QueueOptions, RabbitClient, RabbitConfig};
+use watchtower_test_support::{RabbitCluster, unique, within};
+
+/// A configuration that connects to `urls[first]` and fails over to the
+/// other nodes.
+fn config(cluster: &RabbitCluster, first: usize, exchange: &str) -> RabbitConfig {
+    let mut config = RabbitConfig::new(&cluster.urls()[first])
+        .exchange(exchange, ExchangeKind::Topic)
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .connect_timeout(Duration::from_secs(2));
+    for i in (0..cluster.len()).filter(|&i| i != first) {
+        config = config.node(&format!("127.0.0.1:{}", cluster.node(i).port()));
+    }
+    config
+}
+
+/// 10,000 events through dead letter + retry, 64 in flight, to a
+/// publisher given all three nodes; a consumer of a quorum group queue
+/// reads them meanwhile. After 3,000 calls the node leading the queue, the
+/// one both connections use, is killed (SIGKILL). Each call ends delivered
+/// (confirmed) or dead-lettered, and every confirmed event is consumed
+/// from the two nodes left: a quorum queue keeps what a majority stored.
+/// Duplicates (unacknowledged deliveries of the killed node, publishes
+/// retried after a lost confirm) are counted, not forbidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_loses_no_confirmed_event_when_its_leader_node_is_killed() {
+    const EVENTS: usize = 10_000;
+    const CONCURRENCY: usize = 64;
+    const KILL_AFTER: usize = 3_000;
+
+    let booted = Instant::now();
+    let mut cluster = RabbitCluster::start(3).await;
+    let boot = booted.elapsed();
+    let exchange = unique("quorum");
+
+    // The group queue is declared through node 0, which leads it.
+    let consumer = RabbitClient::connect(config(&cluster, 0, &exchange))
+        .await
+        .unwrap();
+    let subscriber = consumer.subscriber_with(QueueOptions::new().quorum(true).prefetch(256));
+    let group = SubscribeOptions::new(["orders.*"])
+        .unwrap()
+        .group("billing")
+        .unwrap();
+    let mut subscription = subscriber.open(group).await.unwrap();
+    let leader = cluster.leader_of(&subscriber.group_queue("billing")).await;
+
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let consuming = tokio::spawn(async move {
+        while let Some(delivery) = subscription.next().await {
+            match delivery {
+                Ok(d) => {
+                    let id = d.event().expect("a valid event").id().to_owned();
+                    // A delivery of the killed node cannot be acknowledged:
+                    // it comes again from the new leader.
+                    if let Err(e) = d.ack().await {
+                        assert!(e.is_retryable(), "{e}");
+                    }
+                    if seen_tx.send(id).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => assert!(e.is_retryable(), "{e}"),
+            }
+        }
+    });
+
+    let publishing = RabbitClient::connect(config(&cluster, leader, &exchange))
+        .await
+        .unwrap();
+    let dlq = MemoryDeadLetters::new(EVENTS);
+    let publisher = ServiceBuilder::new()
+        .dead_letter(dlq.clone())
+        .retries(
+            RetryConfig::new()
+                .max_attempts(1_000)
+                .delays(Duration::from_millis(20), Duration::from_millis(500))
+                .max_elapsed(Duration::from_secs(30)),
+        )
+        .service(publishing.publisher().await.unwrap());
+
+    let sent: Vec<Event> = (0..EVENTS)
+        .map(|i| Event::new("orders.paid", serde_json::json!({ "i": i })))
+        .collect();
+    let started = Instant::now();
+    let mut calls = FuturesUnordered::new();
+    let mut pending = sent.iter().cloned();
+    let (mut confirmed, mut dead, mut done) = (HashSet::new(), 0usize, 0usize);
+    let (mut last, mut longest_stall) = (Instant::now(), Duration::ZERO);
+    let (mut killed_at, mut recovered_in) = (None::<Instant>, None::<Duration>);
+    loop {
+        while calls.len() < CONCURRENCY {
+            let Some(event) = pending.next() else { break };
+            calls.push(publisher.clone().oneshot(event));
+        }
+        let Some(result) = calls.next().await else { break };
+        longest_stall = longest_stall.max(last.elapsed());
+        last = Instant::now();
+        match result.expect("nothing reaches the caller: delivered or dead-lettered") {
+            Outcome::Delivered(receipt) => {
+                confirmed.insert(receipt.event_id.to_string());
+                if let (Some(at), None) = (killed_at, recovered_in) {
+                    recovered_in = Some(at.elapsed());
+                }
+            }
+            Outcome::DeadLettered(_) => dead += 1,
+        }
+        done += 1;
+        if done == KILL_AFTER {
+            cluster.node_mut(leader).kill().await;
+            killed_at = Some(Instant::now());
+            last = Instant::now();
+        }
+    }
+    let published_in = started.elapsed();
+    assert_eq!(done, EVENTS);
+    assert_eq!(
+        confirmed.len() + dead,
+        EVENTS,
+        "confirmed + dead-lettered = published"
+    );
+    assert_eq!(dlq.len(), dead);
+
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    within("every confirmed event to be consumed", async {
+        while !confirmed.iter().all(|id| seen.contains_key(id)) {
+            let id = seen_rx.recv().await.expect("the consumer runs");
+            *seen.entry(id).or_default() += 1;
+        }
+    })
+    .await;
+    let new_leader = cluster.leader_of(&subscriber.group_queue("billing")).await;
+    assert_ne!(new_leader, leader, "another node leads the queue");
+    drop(seen_rx);
+    consuming.abort();
+
+    let all: HashSet<&str> = sent.iter().map(Event::id).collect();
+    assert!(
+        seen.keys().all(|id| all.contains(id.as_str())),
+        "an event nobody sent"
+    );
+    let twice = seen.values().filter(|&&n| n > 1).count();
+    println!(
+        "3-node cluster up in {boot:?}; published {EVENTS} in {published_in:?}: confirmed {}, \
+         dead-lettered {dead}, consumed {} distinct ({twice} more than once); \
+         first confirm {recovered_in:?} after the kill, longest publish stall {longest_stall:?}",
+        confirmed.len(),
+        seen.len(),
+    );
+}
