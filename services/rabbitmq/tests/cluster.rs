@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
@@ -17,7 +18,7 @@ use watchtower_layers::ServiceBuilderExt as _;
 use watchtower_layers::dead_letter::Outcome;
 use watchtower_layers::retry::RetryConfig;
 use watchtower_rabbitmq::{ExchangeKind, QueueOptions, RabbitClient, RabbitConfig};
-use watchtower_test_support::{RabbitCluster, unique, within};
+use watchtower_test_support::{PATIENCE, RabbitCluster, unique, within};
 
 /// A configuration that connects to `urls[first]` and fails over to the
 /// other nodes.
@@ -32,19 +33,23 @@ fn config(cluster: &RabbitCluster, first: usize, exchange: &str) -> RabbitConfig
     config
 }
 
-/// 10,000 events through dead letter + retry, 64 in flight, to a
-/// publisher given all three nodes; a consumer of a quorum group queue
-/// reads them meanwhile. After 3,000 calls the node leading the queue, the
-/// one both connections use, is killed (SIGKILL). Each call ends delivered
-/// (confirmed) or dead-lettered, and every confirmed event is consumed
-/// from the two nodes left: a quorum queue keeps what a majority stored.
-/// Duplicates (unacknowledged deliveries of the killed node, publishes
-/// retried after a lost confirm) are counted, not forbidden.
+/// 10,000 events through dead letter + retry (+ a 5 s timeout per
+/// attempt), 64 in flight, to a publisher given all three nodes; a
+/// consumer of a quorum group queue reads them meanwhile. After 3,000
+/// calls the node leading the queue, the one both connections use, is
+/// killed (SIGKILL). Each call ends delivered (confirmed) or
+/// dead-lettered, and every confirmed event is consumed from the two nodes
+/// left: a quorum queue keeps what a majority stored. Duplicates
+/// (unacknowledged deliveries of the killed node, publishes retried after
+/// a lost confirm) are counted, not forbidden; so are the failed attempts
+/// by their message. A publish that does not end within the patience
+/// fails the test with that count, rather than hang it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_queue_loses_no_confirmed_event_when_its_leader_node_is_killed() {
     const EVENTS: usize = 10_000;
     const CONCURRENCY: usize = 64;
     const KILL_AFTER: usize = 3_000;
+    const ATTEMPT: Duration = Duration::from_secs(5);
 
     let booted = Instant::now();
     let mut cluster = RabbitCluster::start(3).await;
@@ -87,6 +92,8 @@ async fn a_quorum_queue_loses_no_confirmed_event_when_its_leader_node_is_killed(
         .await
         .unwrap();
     let dlq = MemoryDeadLetters::new(EVENTS);
+    let failed: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let failures = failed.clone();
     let publisher = ServiceBuilder::new()
         .dead_letter(dlq.clone())
         .retries(
@@ -95,6 +102,14 @@ async fn a_quorum_queue_loses_no_confirmed_event_when_its_leader_node_is_killed(
                 .delays(Duration::from_millis(20), Duration::from_millis(500))
                 .max_elapsed(Duration::from_secs(30)),
         )
+        // Failed attempts, counted by their message.
+        .map_err(move |e: tower::BoxError| {
+            let mut seen = failures.lock().unwrap();
+            *seen.entry(e.to_string().chars().take(120).collect()).or_default() += 1;
+            e
+        })
+        // A publish whose confirm has not come within 5 s is tried again.
+        .timeout(ATTEMPT)
         .service(publishing.publisher().await.unwrap());
 
     let sent: Vec<Event> = (0..EVENTS)
@@ -109,15 +124,30 @@ async fn a_quorum_queue_loses_no_confirmed_event_when_its_leader_node_is_killed(
     loop {
         while calls.len() < CONCURRENCY {
             let Some(event) = pending.next() else { break };
-            calls.push(publisher.clone().oneshot(event));
+            let (call, called_at) = (publisher.clone().oneshot(event), Instant::now());
+            calls.push(async move { (called_at, call.await) });
         }
-        let Some(result) = calls.next().await else { break };
+        let next = tokio::time::timeout(PATIENCE, calls.next()).await;
+        let Some((called_at, result)) = next.unwrap_or_else(|_| {
+            panic!(
+                "no publish ended within {PATIENCE:?}: {done} done, {} in flight, killed {:?} ago, failed attempts {:?}",
+                calls.len(),
+                killed_at.map(|at| at.elapsed()),
+                failed.lock().unwrap()
+            )
+        }) else {
+            break;
+        };
         longest_stall = longest_stall.max(last.elapsed());
         last = Instant::now();
         match result.expect("nothing reaches the caller: delivered or dead-lettered") {
             Outcome::Delivered(receipt) => {
                 confirmed.insert(receipt.event_id.to_string());
-                if let (Some(at), None) = (killed_at, recovered_in) {
+                // The first publish made after the kill and confirmed:
+                // the publisher is on another node, the queue has a leader.
+                if let (Some(at), None) = (killed_at, recovered_in)
+                    && called_at > at
+                {
                     recovered_in = Some(at.elapsed());
                 }
             }
@@ -160,9 +190,10 @@ async fn a_quorum_queue_loses_no_confirmed_event_when_its_leader_node_is_killed(
     let twice = seen.values().filter(|&&n| n > 1).count();
     println!(
         "3-node cluster up in {boot:?}; published {EVENTS} in {published_in:?}: confirmed {}, \
-         dead-lettered {dead}, consumed {} distinct ({twice} more than once); \
-         first confirm {recovered_in:?} after the kill, longest publish stall {longest_stall:?}",
+         dead-lettered {dead}, failed attempts {:?}, consumed {} distinct ({twice} more than once); \
+         recovered (a publish made after the kill confirmed) {recovered_in:?} after it, longest publish stall {longest_stall:?}",
         confirmed.len(),
+        failed.lock().unwrap(),
         seen.len(),
     );
 }
