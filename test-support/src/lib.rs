@@ -32,12 +32,16 @@ use std::future::Future;
 use std::time::Duration;
 
 mod cluster;
+#[cfg(feature = "faults")]
+mod faults;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod process;
 mod proxy;
 
 pub use cluster::{NatsCluster, RabbitCluster, RedisCluster};
+#[cfg(feature = "faults")]
+pub use faults::{FaultRun, publish_through_faults};
 pub use process::{Broker, BrokerProcess, Nats, NatsServer, Rabbit, RabbitNode, Redis, RedisServer};
 pub use proxy::TcpProxy;
 /// A name unique per process and call, made of `prefix`, `_` and lowercase

@@ -10,15 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
-use futures_util::stream::FuturesUnordered;
-use tower::{ServiceBuilder, ServiceExt as _};
+use tower::ServiceBuilder;
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{Event, SubscribeOptions, Subscriber};
 use watchtower_layers::ServiceBuilderExt as _;
-use watchtower_layers::dead_letter::Outcome;
 use watchtower_layers::retry::RetryConfig;
 use watchtower_rabbitmq::{ExchangeKind, QueueOptions, RabbitClient, RabbitConfig};
-use watchtower_test_support::{PATIENCE, RabbitCluster, unique, within};
+use watchtower_test_support::{RabbitCluster, publish_through_faults, unique, within};
 
 /// A configuration that connects to `urls[first]` and fails over to the
 /// other nodes.
@@ -115,59 +113,20 @@ async fn a_quorum_queue_loses_no_confirmed_event_when_its_leader_node_is_killed(
     let sent: Vec<Event> = (0..EVENTS)
         .map(|i| Event::new("orders.paid", serde_json::json!({ "i": i })))
         .collect();
-    let started = Instant::now();
-    let mut calls = FuturesUnordered::new();
-    let mut pending = sent.iter().cloned();
-    let (mut confirmed, mut dead, mut done) = (HashSet::new(), 0usize, 0usize);
-    let (mut last, mut longest_stall) = (Instant::now(), Duration::ZERO);
-    let (mut killed_at, mut recovered_in) = (None::<Instant>, None::<Duration>);
-    loop {
-        while calls.len() < CONCURRENCY {
-            let Some(event) = pending.next() else { break };
-            let (call, called_at) = (publisher.clone().oneshot(event), Instant::now());
-            calls.push(async move { (called_at, call.await) });
-        }
-        let next = tokio::time::timeout(PATIENCE, calls.next()).await;
-        let Some((called_at, result)) = next.unwrap_or_else(|_| {
-            panic!(
-                "no publish ended within {PATIENCE:?}: {done} done, {} in flight, killed {:?} ago, failed attempts {:?}",
-                calls.len(),
-                killed_at.map(|at| at.elapsed()),
-                failed.lock().unwrap()
-            )
-        }) else {
-            break;
-        };
-        longest_stall = longest_stall.max(last.elapsed());
-        last = Instant::now();
-        match result.expect("nothing reaches the caller: delivered or dead-lettered") {
-            Outcome::Delivered(receipt) => {
-                confirmed.insert(receipt.event_id.to_string());
-                // The first publish made after the kill and confirmed:
-                // the publisher is on another node, the queue has a leader.
-                if let (Some(at), None) = (killed_at, recovered_in)
-                    && called_at > at
-                {
-                    recovered_in = Some(at.elapsed());
-                }
-            }
-            Outcome::DeadLettered(_) => dead += 1,
-        }
-        done += 1;
+    let run = publish_through_faults(publisher, sent.clone(), CONCURRENCY, async |done| {
         if done == KILL_AFTER {
             cluster.node_mut(leader).kill().await;
-            killed_at = Some(Instant::now());
-            last = Instant::now();
         }
-    }
-    let published_in = started.elapsed();
-    assert_eq!(done, EVENTS);
+        done == KILL_AFTER
+    })
+    .await;
+    let confirmed = run.delivered_ids();
     assert_eq!(
-        confirmed.len() + dead,
+        confirmed.len() + run.dead,
         EVENTS,
         "confirmed + dead-lettered = published"
     );
-    assert_eq!(dlq.len(), dead);
+    assert_eq!(dlq.len(), run.dead);
 
     let mut seen: HashMap<String, u32> = HashMap::new();
     within("every confirmed event to be consumed", async {
@@ -189,11 +148,15 @@ async fn a_quorum_queue_loses_no_confirmed_event_when_its_leader_node_is_killed(
     );
     let twice = seen.values().filter(|&&n| n > 1).count();
     println!(
-        "3-node cluster up in {boot:?}; published {EVENTS} in {published_in:?}: confirmed {}, \
-         dead-lettered {dead}, failed attempts {:?}, consumed {} distinct ({twice} more than once); \
-         recovered (a publish made after the kill confirmed) {recovered_in:?} after it, longest publish stall {longest_stall:?}",
+        "3-node cluster up in {boot:?}; published {EVENTS} in {:?}: confirmed {}, \
+         dead-lettered {}, failed attempts {:?}, consumed {} distinct ({twice} more than once); \
+         recovered (a publish made after the kill confirmed) {:?} after it, longest publish stall {:?}",
+        run.published_in,
         confirmed.len(),
+        run.dead,
         failed.lock().unwrap(),
         seen.len(),
+        run.recovered_in,
+        run.longest_stall,
     );
 }

@@ -63,7 +63,11 @@ struct Inner {
 /// * [`ErrorKind::Rejected`] if no queue is bound for the routing key (the
 ///   broker returned it, `mandatory`), not retryable;
 /// * [`ErrorKind::Rejected`], retryable, if the broker nacked it (a full
-///   queue with `reject-publish` overflow, an internal error);
+///   queue with `reject-publish` overflow, an internal error, a quorum
+///   queue whose leader moved); the channel it went out on is then
+///   replaced, since a channel opened while a quorum queue's leader moved
+///   can go on nacking every publish (the events awaiting their confirm
+///   on it fail with a retryable [`ErrorKind::Connection`]);
 /// * [`ErrorKind::Connection`], retryable, if the connection or the
 ///   channel failed before the confirm arrived: the event may or may not
 ///   have been stored, so a retry can duplicate it (at-least-once).
