@@ -1,7 +1,7 @@
 //! A stream of publishes with a fault injected part-way: the loop every
 //! kill-a-node test runs, written once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -10,8 +10,19 @@ use futures_util::stream::FuturesUnordered;
 use tower::{Service, ServiceExt as _};
 use watchtower::{Event, Receipt};
 use watchtower_layers::dead_letter::Outcome;
+use watchtower_layers::retry::RetryConfig;
 
 use crate::PATIENCE;
+
+/// Retries for a stack under faults: up to 1,000 attempts, 20 ms to
+/// 500 ms apart, for at most `max_elapsed`, so that a call outlives the
+/// fault (a failover, a reconnection) or ends dead-lettered.
+pub fn patient_retries(max_elapsed: Duration) -> RetryConfig {
+    RetryConfig::new()
+        .max_attempts(1_000)
+        .delays(Duration::from_millis(20), Duration::from_millis(500))
+        .max_elapsed(max_elapsed)
+}
 
 /// What [`publish_through_faults`] saw.
 #[derive(Debug)]
@@ -32,6 +43,30 @@ impl FaultRun {
     /// The ids of the delivered events.
     pub fn delivered_ids(&self) -> HashSet<String> {
         self.delivered.iter().map(|r| r.event_id.to_string()).collect()
+    }
+
+    /// Checks what a consumer saw (`seen`: how many times each event id
+    /// was consumed) against what was `sent`: every delivered event
+    /// consumed, none that nobody sent. Returns how many were consumed
+    /// more than once.
+    ///
+    /// # Panics
+    ///
+    /// If a delivered event was not consumed, or one nobody sent was.
+    pub fn check_consumed(&self, sent: &[Event], seen: &HashMap<String, u32>) -> usize {
+        for receipt in &self.delivered {
+            assert!(
+                seen.contains_key(&*receipt.event_id),
+                "delivered event {} was not consumed",
+                receipt.event_id
+            );
+        }
+        let all: HashSet<&str> = sent.iter().map(Event::id).collect();
+        assert!(
+            seen.keys().all(|id| all.contains(id.as_str())),
+            "an event nobody sent"
+        );
+        seen.values().filter(|&&n| n > 1).count()
     }
 }
 

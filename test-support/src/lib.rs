@@ -41,7 +41,7 @@ mod proxy;
 
 pub use cluster::{NatsCluster, RabbitCluster, RedisCluster};
 #[cfg(feature = "faults")]
-pub use faults::{FaultRun, publish_through_faults};
+pub use faults::{FaultRun, patient_retries, publish_through_faults};
 pub use process::{Broker, BrokerProcess, Nats, NatsServer, Rabbit, RabbitNode, Redis, RedisServer};
 pub use proxy::TcpProxy;
 /// A name unique per process and call, made of `prefix`, `_` and lowercase

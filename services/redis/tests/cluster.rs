@@ -22,6 +22,7 @@ use watchtower_layers::dead_letter::Outcome;
 use watchtower_layers::retry::RetryConfig;
 use watchtower_redis::{
     DeadLetter, RedisClient, RedisConfig, RedisPublisher, RedisSubscriber, RedisSubscriberOptions,
+    RedisSubscription,
 };
 use watchtower_test_support::{RedisCluster, unique, within};
 
@@ -41,6 +42,16 @@ fn subscriber_options() -> RedisSubscriberOptions {
         .claim_idle(Duration::from_secs(5))
         .claim_interval(Duration::from_millis(100))
         .rescan_interval(Duration::from_millis(100))
+}
+
+/// A subscription of group `g` to `topics`.
+async fn group_g(client: &RedisClient, topics: &[String]) -> RedisSubscription {
+    client
+        .subscriber_with(subscriber_options())
+        .unwrap()
+        .open(SubscribeOptions::new(topics).unwrap().group("g").unwrap())
+        .await
+        .unwrap()
 }
 
 struct OnCluster {
@@ -247,12 +258,7 @@ async fn ten_thousand_events_with_a_master_killed_are_delivered_or_dead_lettered
     let topics: Vec<String> = (0..TOPICS).map(|i| format!("{ns}.t{i}")).collect();
 
     let (seen_tx, mut seen) = tokio::sync::watch::channel(HashMap::<String, u32>::new());
-    let mut subscription = client
-        .subscriber_with(subscriber_options())
-        .unwrap()
-        .open(SubscribeOptions::new(&topics).unwrap().group("g").unwrap())
-        .await
-        .unwrap();
+    let mut subscription = group_g(&client, &topics).await;
     let consumer = tokio::spawn(async move {
         let mut errors = 0usize;
         while let Some(item) = subscription.next().await {
@@ -399,12 +405,7 @@ async fn delayed_events_on_a_cluster_arrive_no_earlier_than_asked_and_none_is_lo
     }
     assert!(masters.len() > 1, "the topics live on several masters");
 
-    let mut subscription = client
-        .subscriber_with(subscriber_options())
-        .unwrap()
-        .open(SubscribeOptions::new(&topics).unwrap().group("g").unwrap())
-        .await
-        .unwrap();
+    let mut subscription = group_g(&client, &topics).await;
     let mut due = HashMap::new();
     {
         let mut publisher = client.publisher();

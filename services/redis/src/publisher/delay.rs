@@ -169,12 +169,14 @@ impl Delays {
             .await
             .map_err(|e| from_redis(e, "ZADD of a delayed event"))?;
         // After the set, never before: see the module's docs.
-        redis::cmd("SADD")
-            .arg(&*self.index)
-            .arg(stream)
-            .query_async::<i64>(&mut added)
-            .await
-            .map_err(|e| from_redis(e, "SADD to the index of delayed events"))?;
+        index_cmd(
+            &mut added,
+            "SADD",
+            &self.index,
+            stream,
+            "SADD to the index of delayed events",
+        )
+        .await?;
         let wake = {
             let mut movers = movers();
             let mover = movers.entry(self.mover.clone()).or_insert_with(|| Mover {
@@ -264,26 +266,33 @@ async fn move_all(conn: &mut Conn, index: &str) -> Result<Option<Duration>, Erro
 /// puts it back, and answers `true`, if an event came meanwhile.
 async fn prune(conn: &mut Conn, index: &str, stream: &str, set: &str) -> Result<bool, Error> {
     let context = "pruning the index of delayed events";
-    redis::cmd("SREM")
-        .arg(index)
-        .arg(stream)
-        .query_async::<i64>(conn)
-        .await
-        .map_err(|e| from_redis(e, context))?;
+    index_cmd(conn, "SREM", index, stream, context).await?;
     let left: i64 = redis::cmd("ZCARD")
         .arg(set)
         .query_async(conn)
         .await
         .map_err(|e| from_redis(e, context))?;
     if left > 0 {
-        redis::cmd("SADD")
-            .arg(index)
-            .arg(stream)
-            .query_async::<i64>(conn)
-            .await
-            .map_err(|e| from_redis(e, context))?;
+        index_cmd(conn, "SADD", index, stream, context).await?;
     }
     Ok(left > 0)
+}
+
+/// `SADD` or `SREM` of `stream` on the index.
+async fn index_cmd(
+    conn: &mut Conn,
+    name: &str,
+    index: &str,
+    stream: &str,
+    context: &str,
+) -> Result<(), Error> {
+    redis::cmd(name)
+        .arg(index)
+        .arg(stream)
+        .query_async::<i64>(conn)
+        .await
+        .map(drop)
+        .map_err(|e| from_redis(e, context))
 }
 
 async fn run(conn: &mut Conn, set: &str, stream: &str) -> Result<(i64, i64), Error> {
