@@ -336,7 +336,7 @@ async fn send(
     }
     let keyed = batch
         .iter()
-        .map(|request| (xadd(&target, &request.event), stream_of(&target, &request.event)));
+        .map(|request| (xadd(&target, &request.event), wait_slot(&target, &request.event)));
     let (mut pipe, places_of) = with_waits(keyed, &target);
     // Each command's server error becomes its own reply, for its caller.
     pipe.ignore_errors();
@@ -371,19 +371,24 @@ pub(crate) struct ReplyPlaces {
     wait: Option<usize>,
 }
 
-/// The pipeline of `commands` (each with the key of its stream) and where
+/// The slot whose `WAIT` covers the `XADD` of `event`: its stream's on a
+/// cluster when the publisher waits for replicas, else none (one `WAIT`,
+/// if any, for the whole pipeline).
+pub(crate) fn wait_slot(target: &Target, event: &Event) -> Option<Slot> {
+    (target.replicas.is_some() && target.hash_tag).then(|| Slot::for_key(stream_of(target, event)))
+}
+
+/// The pipeline of `commands` (each with its [`wait_slot`]) and where
 /// each one's replies will be. If `target` waits for replicas, a `WAIT`
 /// follows the last command of each slot (the only one on a single
 /// Redis): on a cluster the pipeline is split by slot, a `WAIT` going with
 /// the command before it, so each master is asked about the writes it
 /// took, on the connection that sent them. The commands keep their order.
 pub(crate) fn with_waits(
-    commands: impl Iterator<Item = (redis::Cmd, String)>,
+    commands: impl Iterator<Item = (redis::Cmd, Option<Slot>)>,
     target: &Target,
 ) -> (redis::Pipeline, Vec<ReplyPlaces>) {
-    let commands: Vec<(redis::Cmd, Option<Slot>)> = commands
-        .map(|(cmd, key)| (cmd, target.hash_tag.then(|| Slot::for_key(&key))))
-        .collect();
+    let commands: Vec<(redis::Cmd, Option<Slot>)> = commands.collect();
     let mut last: HashMap<Option<Slot>, usize> = HashMap::new();
     if target.replicas.is_some() {
         for (i, (_, slot)) in commands.iter().enumerate() {
@@ -466,7 +471,7 @@ fn replicated(
 }
 
 /// The stream key of `event` under `target`.
-pub(crate) fn stream_of(target: &Target, event: &Event) -> String {
+fn stream_of(target: &Target, event: &Event) -> String {
     if target.hash_tag {
         format!("{}{{{}}}", target.prefix, event.topic())
     } else {

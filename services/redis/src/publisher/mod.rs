@@ -19,7 +19,7 @@ use watchtower::trace::PublishTrace;
 use watchtower::validate_topic;
 use watchtower::{Error, ErrorKind, Event, Receipt, Transport};
 
-use crate::batch::{Queue, Request, Stopped, Target, answer_waited, batch_loop, with_waits};
+use crate::batch::{Queue, Request, Stopped, Target, answer_waited, batch_loop, wait_slot, with_waits};
 use crate::client::{RedisClient, ping};
 use crate::config::RedisConfig;
 use crate::conn::Backend;
@@ -378,7 +378,7 @@ impl RedisPublisher {
         for event in events {
             match self.shared.xadd(&event) {
                 Ok((key, cmd)) => {
-                    commands.push((cmd, key.to_string()));
+                    commands.push((cmd, wait_slot(target, &event)));
                     prepared.push(Ok((key, event)));
                 }
                 Err(e) => prepared.push(Err(e)),

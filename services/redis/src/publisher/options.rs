@@ -123,7 +123,7 @@ impl RedisPublisherOptions {
     /// event.
     ///
     /// If fewer replicas acknowledged within `timeout`, every caller of
-    /// the batch (of that master) gets an [`ErrorKind::Timeout`] error
+    /// the batch (of that master) gets an [`ErrorKind::Timeout`](watchtower::ErrorKind::Timeout) error
     /// whose [source](std::error::Error::source) is a
     /// [`ReplicasNotAcknowledged`](crate::ReplicasNotAcknowledged) with
     /// the counts and the entry id. The event *is* stored on the master,
