@@ -552,6 +552,60 @@ mod tests {
     }
 
     #[test]
+    fn a_wait_follows_the_last_xadd_of_each_slot_and_the_order_holds() {
+        use std::time::Duration;
+
+        use redis::cluster_routing::Slot;
+
+        use super::{ReplyPlaces, Target, wait_slot, with_waits};
+        use crate::publisher::{ReplicaAcks, xadd};
+        use crate::wire::ContentMode;
+
+        let target = Target {
+            prefix: "p:".into(),
+            hash_tag: true,
+            max_len: None,
+            mode: ContentMode::Structured,
+            replicas: Some(ReplicaAcks {
+                replicas: 1,
+                timeout: Duration::from_millis(100),
+            }),
+        };
+        let events = ["a", "b", "a"].map(|topic| Event::new(topic, serde_json::json!({})));
+        assert_ne!(wait_slot(&target, &events[0]), wait_slot(&target, &events[1]));
+        assert_eq!(wait_slot(&target, &events[0]), Some(Slot::for_key("p:{a}")));
+        let (pipe, places) = with_waits(
+            events.iter().map(|e| (xadd(&target, e), wait_slot(&target, e))),
+            &target,
+        );
+        let names: Vec<String> = pipe
+            .cmd_iter()
+            .map(|cmd| match cmd.args_iter().next() {
+                Some(redis::Arg::Simple(name)) => String::from_utf8_lossy(name).into_owned(),
+                _ => String::new(),
+            })
+            .collect();
+        assert_eq!(names, ["XADD", "XADD", "WAIT", "XADD", "WAIT"]);
+        let place = |xadd, wait| ReplyPlaces {
+            xadd,
+            wait: Some(wait),
+        };
+        assert_eq!(places, [place(0, 4), place(1, 2), place(3, 4)]);
+
+        // Without waiting, the pipeline is the XADDs alone.
+        let plain = Target {
+            replicas: None,
+            ..target
+        };
+        let (pipe, places) = with_waits(
+            events.iter().map(|e| (xadd(&plain, e), wait_slot(&plain, e))),
+            &plain,
+        );
+        assert_eq!(pipe.cmd_iter().count(), 3);
+        assert!(places.iter().all(|p| p.wait.is_none()));
+    }
+
+    #[test]
     fn a_full_queue_wakes_its_waiters_when_places_are_freed() {
         let queue = Queue::new(2);
         assert!(queue.try_reserve());
