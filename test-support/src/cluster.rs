@@ -380,7 +380,7 @@ impl fmt::Debug for RedisCluster {
 /// ports, database and logs, and all share one Erlang cookie; the shared
 /// broker on 5672 is never touched. Killed on drop.
 ///
-/// Starting one takes about 20 s on a quiet machine (the nodes boot side
+/// Starting one takes 20 to 35 s on two busy cores (the nodes boot side
 /// by side in about 14 s; each join restarts the joining node's
 /// application, about 3 s).
 ///

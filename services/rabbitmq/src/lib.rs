@@ -127,12 +127,12 @@
 //! so order holds per queue and a queue survives the loss of a minority of
 //! its nodes; scale out by more queues (groups), each led by the node
 //! that declared it. Measured by `tests/cluster.rs` (a private 3-node
-//! cluster, 20–30 s to start on two busy cores; 10,000 events through
+//! cluster, 20–35 s to start on two busy cores; 10,000 events through
 //! retry and dead letter, 64 in flight, every node in the publisher's and
 //! the consumer's configuration; after 3,000 the node leading the queue,
 //! which both connections use, killed with SIGKILL): every event confirmed
 //! and consumed, none dead-lettered, the first publish made after the kill
-//! confirmed 0.25 to 0.6 s later (the longest publishing stall), and 64
+//! confirmed 0.2 to 0.7 s later (the longest publishing stall), and 62
 //! to 255 events consumed twice (deliveries unacknowledged on the dead
 //! node, publishes retried after a lost confirm). RabbitMQ 3.10 can go on
 //! nacking every publish of a channel opened while the queue's leader
