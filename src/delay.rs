@@ -11,7 +11,7 @@
 //! | transport | delayed delivery |
 //! |---|---|
 //! | memory | yes, held in the broker's process (lost with it, like everything the memory broker holds) |
-//! | Redis | yes, in a sorted set on the server, moved into the stream by the publishers' own task when due |
+//! | Redis | yes, in a sorted set beside the stream (on its slot on a Redis Cluster), moved into the stream by the publishers' own task when due |
 //! | NATS, JetStream, RabbitMQ, WebSocket, webhook | refused with [`ErrorKind::Unsupported`] |
 //!
 //! A time in the past, or now, means "deliver at once".
