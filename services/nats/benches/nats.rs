@@ -633,7 +633,7 @@ async fn run() {
                 "4-layer stack, binary",
                 "stack, worker hop, structured",
                 "publisher, structured, no dedup id",
-                "4-layer stack, structured, no dedup id",
+                "stack, structured, no dedup id",
             ],
         );
         for _ in 0..rounds {
@@ -696,7 +696,7 @@ async fn run() {
                 "4-layer stack, binary",
                 "stack, worker hop, structured",
                 "publisher, structured, no dedup id",
-                "4-layer stack, structured, no dedup id",
+                "stack, structured, no dedup id",
             ],
         );
         for _ in 0..rounds {
