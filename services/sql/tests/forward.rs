@@ -95,6 +95,77 @@ async fn forward_to_redis_at_least_once_then_clean_up() {
     tables.drop_all().await;
 }
 
+/// A forwarder whose group starts behind many events of other topics
+/// reads past them at once, page after page, rather than one page per
+/// poll interval: the interval is an hour here, so a forwarder that waited
+/// for it would not forward anything within the test's patience. (Each
+/// page of other topics used to cost a poll interval: 120 events/s into
+/// Redis after a forward to NATS left its events in the table.)
+async fn forward_past_other_topics_without_waiting_for_the_poll_interval(db: Db) {
+    let tables = Tables::new(db, "fwdskip").await;
+    let ns = tables.name.clone();
+    // Twenty pages of the batch size (16) for another topic, then the
+    // events the forwarder wants.
+    publish(&tables.client, &format!("{ns}.other"), 1, 320).await;
+    let sent = publish(&tables.client, &format!("{ns}.wanted"), 2, 40).await;
+
+    let client = tables
+        .another(|c| c.poll_interval(Duration::from_secs(3600)))
+        .await;
+    let subscription = client
+        .subscriber()
+        .open(
+            SubscribeOptions::new([format!("{ns}.wanted.>")])
+                .unwrap()
+                .group("forwarder")
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let redis = RedisClient::connect(RedisConfig::new(REDIS)).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let forwarder = tokio::spawn(
+        serve(subscription, redis.publisher())
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .into_future(),
+    );
+    let keys: Vec<String> = (0..2).map(|k| format!("{ns}.wanted.k{k}")).collect();
+    let mut got = Vec::new();
+    watchtower_test_support::within("40 events in Redis", async {
+        loop {
+            got.clear();
+            for key in &keys {
+                got.extend(redis_ids(key).await);
+            }
+            if got.len() >= sent.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let _ = stop.send(());
+    let stats = forwarder.await.unwrap().unwrap();
+    assert_eq!(stats.acked, 40, "{stats}");
+    assert_eq!(got.iter().cloned().collect::<HashSet<_>>(), ids(&sent));
+    assert_eq!(got.len(), 40, "no duplicates without a failure");
+    redis_delete(&keys).await;
+    drop(client);
+    tables.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_past_other_topics_without_waiting_postgres() {
+    forward_past_other_topics_without_waiting_for_the_poll_interval(Db::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_past_other_topics_without_waiting_sqlite() {
+    forward_past_other_topics_without_waiting_for_the_poll_interval(Db::Sqlite).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_forwarders_share_the_work_to_nats_core() {
     let tables = Tables::new(Db::Postgres, "fwdnats").await;
