@@ -49,7 +49,10 @@ use crate::error::{from_sqlx, timed};
 /// consumer has room for: first its group's deliveries whose visibility
 /// timeout passed or that were nacked (with `FOR UPDATE SKIP LOCKED` on
 /// PostgreSQL, so members never wait for one another), then events after
-/// the group's position. It looks again as soon as a publisher of the same
+/// the group's position. It claims again at once while a claim fills the
+/// room it had or reads as many events as it asked for (events of other
+/// topics move the position too, so a group behind many of them reads
+/// past them page after page); then as soon as a publisher of the same
 /// client writes, on PostgreSQL whenever any process inserts (`LISTEN`),
 /// and otherwise every [`poll_interval`](crate::SqlConfig::poll_interval).
 ///
