@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use tower::{ServiceExt as _, service_fn};
-use watchtower::{Error, ErrorKind, Event, PublishExt as _, SubscribeOptions, Subscriber as _, serve};
+use watchtower::{
+    Error, ErrorKind, Event, PublishExt as _, ServeStats, SubscribeOptions, Subscriber as _, serve,
+};
 use watchtower_nats::{NatsClient, NatsConfig, StorageType, StreamConfig};
 use watchtower_redis::{RedisClient, RedisConfig};
 
@@ -39,20 +41,21 @@ fn ids(events: &[Event]) -> HashSet<String> {
     events.iter().map(|e| e.id().to_owned()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forward_to_redis_at_least_once_then_clean_up() {
-    let tables = Tables::new(Db::Postgres, "fwdredis").await;
-    let ns = tables.name.clone();
-    let sent = publish(&tables.client, &ns, 4, 1000).await;
-
-    // The forwarder: a subscription in the group "forwarder", served into
-    // the Redis publisher.
+/// The forwarder: `client`'s subscription to `pattern` in the group
+/// "forwarder", served into a Redis publisher until the streams `keys`
+/// hold `n` entries, then stopped. Returns the entries' event ids and the
+/// runtime's stats.
+async fn forward_to_redis(
+    client: &watchtower_sql::SqlClient,
+    pattern: String,
+    keys: &[String],
+    n: usize,
+) -> (Vec<String>, ServeStats) {
     let redis = RedisClient::connect(RedisConfig::new(REDIS)).await.unwrap();
-    let subscription = tables
-        .client
+    let subscription = client
         .subscriber()
         .open(
-            SubscribeOptions::new([format!("{ns}.>")])
+            SubscribeOptions::new([pattern])
                 .unwrap()
                 .group("forwarder")
                 .unwrap(),
@@ -67,15 +70,14 @@ async fn forward_to_redis_at_least_once_then_clean_up() {
             })
             .into_future(),
     );
-    let keys: Vec<String> = (0..4).map(|k| format!("{ns}.k{k}")).collect();
     let mut got = Vec::new();
-    watchtower_test_support::within("1000 events in Redis", async {
+    watchtower_test_support::within(&format!("{n} events in Redis"), async {
         loop {
             got.clear();
-            for key in &keys {
+            for key in keys {
                 got.extend(redis_ids(key).await);
             }
-            if got.len() >= sent.len() {
+            if got.len() >= n {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -83,7 +85,17 @@ async fn forward_to_redis_at_least_once_then_clean_up() {
     })
     .await;
     let _ = stop.send(());
-    let stats = forwarder.await.unwrap().unwrap();
+    (got, forwarder.await.unwrap().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_to_redis_at_least_once_then_clean_up() {
+    let tables = Tables::new(Db::Postgres, "fwdredis").await;
+    let ns = tables.name.clone();
+    let sent = publish(&tables.client, &ns, 4, 1000).await;
+
+    let keys: Vec<String> = (0..4).map(|k| format!("{ns}.k{k}")).collect();
+    let (got, stats) = forward_to_redis(&tables.client, format!("{ns}.>"), &keys, 1000).await;
     assert_eq!(stats.acked, 1000, "{stats}");
     assert_eq!(got.len(), 1000, "no duplicates without a failure");
     assert_eq!(got.iter().cloned().collect::<HashSet<_>>(), ids(&sent));
@@ -112,42 +124,8 @@ async fn forward_past_other_topics_without_waiting_for_the_poll_interval(db: Db)
     let client = tables
         .another(|c| c.poll_interval(Duration::from_secs(3600)))
         .await;
-    let subscription = client
-        .subscriber()
-        .open(
-            SubscribeOptions::new([format!("{ns}.wanted.>")])
-                .unwrap()
-                .group("forwarder")
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let redis = RedisClient::connect(RedisConfig::new(REDIS)).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let forwarder = tokio::spawn(
-        serve(subscription, redis.publisher())
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .into_future(),
-    );
     let keys: Vec<String> = (0..2).map(|k| format!("{ns}.wanted.k{k}")).collect();
-    let mut got = Vec::new();
-    watchtower_test_support::within("40 events in Redis", async {
-        loop {
-            got.clear();
-            for key in &keys {
-                got.extend(redis_ids(key).await);
-            }
-            if got.len() >= sent.len() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let _ = stop.send(());
-    let stats = forwarder.await.unwrap().unwrap();
+    let (got, stats) = forward_to_redis(&client, format!("{ns}.wanted.>"), &keys, 40).await;
     assert_eq!(stats.acked, 40, "{stats}");
     assert_eq!(got.iter().cloned().collect::<HashSet<_>>(), ids(&sent));
     assert_eq!(got.len(), 40, "no duplicates without a failure");
