@@ -8,13 +8,24 @@
 //! ```
 //!
 //! Built without the feature `on`, WatchTower has neither `opentelemetry`
-//! nor `metrics`: the baseline. Built with it, it measures `idle` (the
-//! features compiled in, no subscriber and no recorder installed) or, with
-//! `BENCH_MODE=installed`, `installed` (a `tracing` subscriber whose
-//! OpenTelemetry layer records every WatchTower span, batch-exported to an
-//! exporter that drops them, and a Prometheus recorder). It prints events/s
-//! per round and the median; `scripts/bench-observability` runs the three
-//! modes in turn and compares them.
+//! nor `metrics`: the baseline. Built with it, it measures, by
+//! `BENCH_MODE`:
+//!
+//! * `idle` (the default): the features compiled in, no subscriber and no
+//!   recorder installed;
+//! * `installed`: a `tracing` subscriber whose OpenTelemetry layer (as
+//!   `tracing_opentelemetry::layer()` comes) records every WatchTower
+//!   span, batch-exported to an exporter that drops them, and a Prometheus
+//!   recorder;
+//! * `sampled`: the configuration the crate docs recommend for
+//!   production: the same recorder, and the layer without the attributes
+//!   nobody reads on a messaging span (source location, thread, busy and
+//!   idle times), its tracer sampling 1 trace in 100 by trace id (a
+//!   parent-based ratio sampler: a consumer follows the publisher's
+//!   decision).
+//!
+//! It prints events/s per round and the median;
+//! `scripts/bench-observability` runs the modes in turn and compares them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -117,7 +128,7 @@ mod installed {
 
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry_sdk::error::OTelSdkResult;
-    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::filter::Targets;
     use tracing_subscriber::layer::SubscriberExt as _;
@@ -134,11 +145,21 @@ mod installed {
     }
 
     /// A subscriber recording WatchTower's spans (DEBUG) into
-    /// OpenTelemetry, as an application would enable them.
-    pub(crate) fn subscriber() -> (impl tracing::Subscriber + Send + Sync, SdkTracerProvider) {
-        let provider = SdkTracerProvider::builder().with_batch_exporter(Discard).build();
+    /// OpenTelemetry, as an application would enable them: every span
+    /// with the layer's defaults, or (`sampled`) 1 trace in 100 with a lean
+    /// layer.
+    pub(crate) fn subscriber(sampled: bool) -> (impl tracing::Subscriber + Send + Sync, SdkTracerProvider) {
+        let mut provider = SdkTracerProvider::builder().with_batch_exporter(Discard);
+        if sampled {
+            provider =
+                provider.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.01))));
+        }
+        let provider = provider.build();
         let layer = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("bench"))
+            .with_location(!sampled)
+            .with_threads(!sampled)
+            .with_tracked_inactivity(!sampled)
             .with_filter(Targets::new().with_target("watchtower", tracing::Level::DEBUG));
         (tracing_subscriber::registry().with(layer), provider)
     }
@@ -170,23 +191,24 @@ async fn main() {
     // scoped and dropped, span creation takes tracing's slower path for the
     // rest of the process, so `idle` rounds after `installed` ones would
     // not measure `idle`.
-    let installed = std::env::var("BENCH_MODE").as_deref() == Ok("installed");
+    let mode = match (cfg!(feature = "on"), std::env::var("BENCH_MODE").as_deref()) {
+        (false, _) => "off",
+        (true, Ok("installed")) => "installed",
+        (true, Ok("sampled")) => "sampled",
+        (true, Ok("idle") | Err(_)) => "idle",
+        (true, Ok(other)) => panic!("BENCH_MODE={other}: idle, installed or sampled"),
+    };
     #[cfg(feature = "on")]
     let recorder = installed::recorder();
     #[cfg(feature = "on")]
-    let _installed = installed.then(|| {
-        let (subscriber, provider) = installed::subscriber();
+    let _installed = (mode != "idle").then(|| {
+        let (subscriber, provider) = installed::subscriber(mode == "sampled");
         (
             tracing::subscriber::set_default(subscriber),
             metrics::set_default_local_recorder(&recorder),
             provider,
         )
     });
-    let mode = match (cfg!(feature = "on"), installed) {
-        (false, _) => "off",
-        (true, false) => "idle",
-        (true, true) => "installed",
-    };
     for _ in 0..rounds {
         record("nats core publish", mode, nats_publish(&client, &topic).await);
         record("memory round trip", mode, memory_round_trip().await);
