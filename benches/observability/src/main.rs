@@ -117,6 +117,28 @@ async fn memory_round_trip() -> f64 {
     rate
 }
 
+/// CPU time this process's threads have run so far, in nanoseconds (the
+/// first field of each thread's `schedstat`; 0 where there is none): on a
+/// loaded machine the events/s of a round say more about the other
+/// processes than about this one, its CPU time per event does not.
+fn cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Runs `case`; its events/s and its CPU nanoseconds per event.
+async fn measured(case: impl std::future::Future<Output = f64>) -> (f64, f64) {
+    let before = cpu_ns();
+    let rate = case.await;
+    (rate, cpu_ns().saturating_sub(before) as f64 / EVENTS as f64)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -180,8 +202,8 @@ async fn main() {
     println!("observability cost, {EVENTS} events per round, {rounds} rounds, features {build}");
 
     let mut results: Vec<(&str, &str, Vec<f64>)> = Vec::new();
-    let mut record = |case: &'static str, mode: &'static str, rate: f64| {
-        println!("  {case:<22} {mode:<10} {rate:>12.0} events/s");
+    let mut record = |case: &'static str, mode: &'static str, (rate, cpu): (f64, f64)| {
+        println!("  {case:<22} {mode:<10} {rate:>12.0} events/s {cpu:>8.0} cpu-ns/event");
         match results.iter_mut().find(|(c, m, _)| *c == case && *m == mode) {
             Some((_, _, v)) => v.push(rate),
             None => results.push((case, mode, vec![rate])),
@@ -210,8 +232,12 @@ async fn main() {
         )
     });
     for _ in 0..rounds {
-        record("nats core publish", mode, nats_publish(&client, &topic).await);
-        record("memory round trip", mode, memory_round_trip().await);
+        record(
+            "nats core publish",
+            mode,
+            measured(nats_publish(&client, &topic)).await,
+        );
+        record("memory round trip", mode, measured(memory_round_trip()).await);
     }
     println!();
     println!("| case | mode | median events/s | ns/event |");
