@@ -21,7 +21,7 @@ use crate::dead_letter::MemoryDeadLetters;
 use crate::error::{BoxError, Error};
 use crate::event::{Event, ext};
 use crate::subscribe::{Acker, Delivery, SubscribeOptions, Subscriber};
-use crate::trace::{ConsumerMeter, Settlement, process_span, record_error, settle_span};
+use crate::trace::{ConsumerMeter, Settlement, process_span_in, record_error};
 
 /// How many events may be settling (ack on its way) per concurrency slot.
 const SETTLING_FACTOR: usize = 4;
@@ -320,17 +320,15 @@ where
     counters.in_flight.fetch_add(1, Ordering::Relaxed);
     settle.handling.fetch_add(1, Ordering::Relaxed);
     let span = match delivery.event() {
-        Some(event) => process_span(
+        Some(event) => process_span_in(
             delivery.system(),
             delivery.topic(),
             event,
             delivery.delivery_count(),
+            delivery.group(),
         ),
         None => tracing::Span::current(),
     };
-    if let Some(group) = delivery.group() {
-        span.record("messaging.consumer.group.name", group);
-    }
     let count = delivery.delivery_count();
     let topic = delivery.shared_topic();
     let meter = ConsumerMeter::received(delivery.system(), &topic, count);
@@ -547,7 +545,8 @@ where
             }
             match outcome {
                 Ok(()) => {
-                    let settled = acker.ack().instrument(settle_span("ack")).await;
+                    let settled = acker.ack().await;
+                    crate::trace::settled("ack", &settled);
                     if settled.is_ok() {
                         counters.acked.fetch_add(1, Ordering::Relaxed);
                         meter.settled(Settlement::Ack);
@@ -611,7 +610,8 @@ async fn dead_letter<A: Acker>(
                      the process exits; set a durable path with `Serve::poison`"
                 );
             }
-            let settled = acker.reject().instrument(settle_span("reject")).await;
+            let settled = acker.reject().await;
+            crate::trace::settled("reject", &settled);
             if settled.is_ok() {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
@@ -638,7 +638,8 @@ async fn nack<A: Acker>(
     counters: &Counters,
     meter: &ConsumerMeter,
 ) -> Result<(), Error> {
-    let settled = acker.nack(delay).instrument(settle_span("nack")).await;
+    let settled = acker.nack(delay).await;
+    crate::trace::settled("nack", &settled);
     if settled.is_ok() {
         counters.nacked.fetch_add(1, Ordering::Relaxed);
         meter.settled(Settlement::Nack);

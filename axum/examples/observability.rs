@@ -1,7 +1,8 @@
 //! An axum service with WatchTower's observability: a publisher stack and
 //! a consumer on the local NATS server (127.0.0.1:4222), every event's
-//! trace printed when its spans end (publish → process → settle, one trace
-//! id, through `tracing-opentelemetry`), and `/metrics`, `/health` and
+//! trace printed when its spans end (publish → process, one trace id,
+//! through `tracing-opentelemetry`, the process span with its `settle`
+//! event), and `/metrics`, `/health` and
 //! `/ready` on 127.0.0.1:3000, with a `POST /orders` that publishes.
 //!
 //! ```text
@@ -40,8 +41,9 @@ impl opentelemetry_sdk::trace::SpanExporter for Print {
         batch: Vec<opentelemetry_sdk::trace::SpanData>,
     ) -> opentelemetry_sdk::error::OTelSdkResult {
         for span in batch {
+            let events: Vec<&str> = span.events.iter().map(|e| e.name.as_ref()).collect();
             println!(
-                "trace {} span {} parent {} {}",
+                "trace {} span {} parent {} {} {events:?}",
                 span.span_context.trace_id(),
                 span.span_context.span_id(),
                 span.parent_span_id,

@@ -2,10 +2,14 @@
 //!
 //! Handles are registered once per thread, recorder, system and
 //! destination, and kept in a small thread-local table: a publish looks its
-//! handles up by the destination's name, never builds a metric key, and
-//! with no recorder installed increments no-op handles. A recorder
-//! installed later (or a thread-local one, as tests use) is a different
-//! recorder, so the table registers new handles for it.
+//! handles up by the destination's name and never builds a metric key. A
+//! recorder installed later (or a thread-local one, as tests use) is a
+//! different recorder, so the table registers new handles for it.
+//!
+//! With no recorder installed (the facade answers with its `NoopRecorder`)
+//! nothing is looked up, counted or timed: no table, no clock read. The
+//! facade does not say whether a recorder is installed; a recorder of zero
+//! size is taken for none, as only a recorder without state can be one.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -29,9 +33,13 @@ const PROCESS_DURATION: &str = "messaging.process.duration";
 /// forgotten (and registered again when it comes back).
 const REMEMBERED: usize = 64;
 
-/// Identifies the recorder in use on this thread: its address.
-fn recorder_id() -> usize {
-    metrics::with_recorder(|recorder| std::ptr::from_ref(recorder).cast::<()>() as usize)
+/// Identifies the recorder in use on this thread (its address), or `None`
+/// when there is none: the facade's `NoopRecorder`, which has no state
+/// and so no size.
+fn recorder_id() -> Option<usize> {
+    metrics::with_recorder(|recorder| {
+        (std::mem::size_of_val(recorder) != 0).then(|| std::ptr::from_ref(recorder).cast::<()>() as usize)
+    })
 }
 
 fn labels(system: &'static str, destination: &Arc<str>) -> [Label; 2] {
@@ -57,11 +65,11 @@ impl<T> Table<T> {
 
     fn get(
         &mut self,
+        recorder: usize,
         system: &'static str,
         destination: &Arc<str>,
         register: impl FnOnce(&'static str, &Arc<str>) -> T,
     ) -> Arc<T> {
-        let recorder = recorder_id();
         let found = self.0.iter().rev().find(|e| {
             e.recorder == recorder
                 && std::ptr::eq(e.system, system)
@@ -107,11 +115,9 @@ fn describe() {
     metrics::describe_histogram!(PROCESS_DURATION, Unit::Seconds, "Duration of a handler call");
 }
 
-/// The metrics of one publish: its destination's handles and its start.
-pub(crate) struct PublishMeter {
-    instruments: Arc<PublishInstruments>,
-    started: Instant,
-}
+/// The metrics of one publish: its destination's handles and its start;
+/// nothing when no recorder is installed.
+pub(crate) struct PublishMeter(Option<(Arc<PublishInstruments>, Instant)>);
 
 impl std::fmt::Debug for PublishMeter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -121,8 +127,11 @@ impl std::fmt::Debug for PublishMeter {
 
 impl PublishMeter {
     pub(crate) fn start(system: &'static str, destination: &Arc<str>) -> Self {
+        let Some(recorder) = recorder_id() else {
+            return PublishMeter(None);
+        };
         let instruments = PUBLISH.with_borrow_mut(|table| {
-            table.get(system, destination, |system, destination| {
+            table.get(recorder, system, destination, |system, destination| {
                 describe();
                 let [s, d] = labels(system, destination);
                 let op = Label::from_static_parts(OPERATION, "publish");
@@ -135,15 +144,14 @@ impl PublishMeter {
                 }
             })
         });
-        PublishMeter {
-            instruments,
-            started: Instant::now(),
-        }
+        PublishMeter(Some((instruments, Instant::now())))
     }
 
     pub(crate) fn finish(self, failure: Option<&'static str>) {
-        let elapsed = self.started.elapsed();
-        let i = &self.instruments;
+        let Some((i, started)) = self.0 else {
+            return;
+        };
+        let elapsed = started.elapsed();
         match failure {
             None => {
                 i.sent.increment(1);
@@ -181,11 +189,8 @@ pub(crate) struct ConsumerInstruments {
 }
 
 /// The metrics of one delivery in the consumer runtime; in flight until
-/// dropped.
-pub(crate) struct ConsumerMeter {
-    instruments: Arc<ConsumerInstruments>,
-    started: Instant,
-}
+/// dropped. Nothing when no recorder is installed.
+pub(crate) struct ConsumerMeter(Option<(Arc<ConsumerInstruments>, Instant)>);
 
 impl std::fmt::Debug for ConsumerMeter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -196,8 +201,11 @@ impl std::fmt::Debug for ConsumerMeter {
 impl ConsumerMeter {
     /// Counts a delivery taken from a subscription, now in flight.
     pub(crate) fn received(system: &'static str, destination: &Arc<str>, delivery_count: u32) -> Self {
+        let Some(recorder) = recorder_id() else {
+            return ConsumerMeter(None);
+        };
         let instruments = CONSUME.with_borrow_mut(|table| {
-            table.get(system, destination, |system, destination| {
+            table.get(recorder, system, destination, |system, destination| {
                 describe();
                 let [s, d] = labels(system, destination);
                 let base = vec![s, d];
@@ -226,21 +234,22 @@ impl ConsumerMeter {
             instruments.redeliveries.increment(1);
         }
         instruments.in_flight.increment(1.0);
-        ConsumerMeter {
-            instruments,
-            started: Instant::now(),
-        }
+        ConsumerMeter(Some((instruments, Instant::now())))
     }
 
     /// The delivery did not decode.
     pub(crate) fn poison(&self) {
-        self.instruments.poison.increment(1);
+        if let Some((i, _)) = &self.0 {
+            i.poison.increment(1);
+        }
     }
 
     /// The handler finished, with an error of this kind or none.
     pub(crate) fn processed(&self, failure: Option<&'static str>) {
-        let elapsed = self.started.elapsed();
-        let i = &self.instruments;
+        let Some((i, started)) = &self.0 else {
+            return;
+        };
+        let elapsed = started.elapsed();
         match failure {
             None => i.duration.record(elapsed.as_secs_f64()),
             Some(kind) => {
@@ -253,7 +262,9 @@ impl ConsumerMeter {
 
     /// The delivery was settled so.
     pub(crate) fn settled(&self, settlement: Settlement) {
-        let i = &self.instruments;
+        let Some((i, _)) = &self.0 else {
+            return;
+        };
         match settlement {
             Settlement::Ack => i.acks.increment(1),
             Settlement::Nack => i.nacks.increment(1),
@@ -270,6 +281,8 @@ impl Drop for ConsumerMeter {
     /// The delivery is no longer in flight: settled, or abandoned at the
     /// shutdown deadline.
     fn drop(&mut self) {
-        self.instruments.in_flight.decrement(1.0);
+        if let Some((i, _)) = &self.0 {
+            i.in_flight.decrement(1.0);
+        }
     }
 }

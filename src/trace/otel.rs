@@ -16,13 +16,13 @@ use crate::event::{Event, ext};
 const MAX_TRACESTATE: usize = 512;
 
 /// Writes `span`'s OpenTelemetry context into `event`, when the span has
-/// one (it is recorded by an OpenTelemetry layer).
-pub(super) fn inject(span: &Span, event: &mut Event) {
+/// one (it is recorded by an OpenTelemetry layer); whether it had.
+pub(super) fn inject(span: &Span, event: &mut Event) -> bool {
     let cx = span.context();
     let span_ref = cx.span();
     let sc = span_ref.span_context();
     if !sc.is_valid() {
-        return;
+        return false;
     }
     event.insert_extension(ext::TRACEPARENT, traceparent(sc).into());
     let state = sc.trace_state().header();
@@ -31,17 +31,19 @@ pub(super) fn inject(span: &Span, event: &mut Event) {
     } else {
         event.insert_extension(ext::TRACESTATE, state.into());
     }
+    true
 }
 
-/// Makes the context that `event` carries the parent of `span`.
-pub(super) fn set_parent(span: &Span, event: &Event) {
-    if let Some(sc) = event
+/// Makes the context that `event` carries the parent of `span`; whether
+/// it did (it carries one, and an OpenTelemetry layer records the span).
+pub(super) fn set_parent(span: &Span, event: &Event) -> bool {
+    event
         .traceparent()
         .and_then(|tp| parse(tp, event.extension(ext::TRACESTATE)))
-    {
-        // Fails only for a span that no OpenTelemetry layer records.
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
-    }
+        .is_some_and(|sc| {
+            span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc))
+                .is_ok()
+        })
 }
 
 /// `00-<trace id>-<span id>-<flags>`.

@@ -168,9 +168,9 @@ const GIVEN_UP: &str = "trace.given_up";
 ///   the dead-lettering, and the event reaches the dead-letter queue;
 /// * `redelivered` (transports with redelivery): the handler fails its
 ///   first delivery; both process spans are children of the one publish
-///   span, the first with `error.type` and a `nack` settle span;
+///   span, the first with `error.type` and a `nack` settle event;
 /// * `given_up`: the handler refuses it for good; its process span has
-///   `error.type` and a `reject` settle span, in the publish's trace.
+///   `error.type` and a `reject` settle event, in the publish's trace.
 ///
 /// On a transport with consumer groups the subscription joins one, and
 /// every process span names it (`messaging.consumer.group.name`).
@@ -349,13 +349,32 @@ async fn propagation<H: Harness>(h: &H, traces: &Traces, ns: &str) -> Result<(),
         }
     };
     let settle_of = |process: &SpanData, op: &str, what: &str| -> Result<(), String> {
-        let all = traces.spans();
-        let settle = all
-            .iter()
-            .find(|s| s.name == "settle" && s.parent_span_id == process.span_context.span_id())
-            .ok_or_else(|| format!("{what}: no settle span under the process span"))?;
-        expect_attr(settle, "messaging.operation.type", "settle", what)?;
-        expect_attr(settle, "messaging.operation.name", op, what)
+        let settles: Vec<_> = process.events.iter().filter(|e| e.name == "settle").collect();
+        let [settle] = settles.as_slice() else {
+            return Err(format!(
+                "{what}: expected one settle event in the process span, found {:?}",
+                event_names(process)
+            ));
+        };
+        let attr = |key: &str| {
+            settle
+                .attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == key)
+                .map(|kv| kv.value.to_string())
+        };
+        for (key, value) in [
+            ("messaging.operation.type", "settle"),
+            ("messaging.operation.name", op),
+        ] {
+            if attr(key).as_deref() != Some(value) {
+                return Err(format!(
+                    "{what}: the settle event has {key} = {:?}, expected {value:?}",
+                    attr(key)
+                ));
+            }
+        }
+        Ok(())
     };
 
     // ok: request → publish → process.

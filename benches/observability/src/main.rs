@@ -8,13 +8,24 @@
 //! ```
 //!
 //! Built without the feature `on`, WatchTower has neither `opentelemetry`
-//! nor `metrics`: the baseline. Built with it, it measures `idle` (the
-//! features compiled in, no subscriber and no recorder installed) or, with
-//! `BENCH_MODE=installed`, `installed` (a `tracing` subscriber whose
-//! OpenTelemetry layer records every WatchTower span, batch-exported to an
-//! exporter that drops them, and a Prometheus recorder). It prints events/s
-//! per round and the median; `scripts/bench-observability` runs the three
-//! modes in turn and compares them.
+//! nor `metrics`: the baseline. Built with it, it measures, by
+//! `BENCH_MODE`:
+//!
+//! * `idle` (the default): the features compiled in, no subscriber and no
+//!   recorder installed;
+//! * `installed`: a `tracing` subscriber whose OpenTelemetry layer (as
+//!   `tracing_opentelemetry::layer()` comes) records every WatchTower
+//!   span, batch-exported to an exporter that drops them, and a Prometheus
+//!   recorder;
+//! * `sampled`: the configuration the crate docs recommend for
+//!   production: the same recorder, and the layer without the attributes
+//!   nobody reads on a messaging span (source location, thread, busy and
+//!   idle times), its tracer sampling 1 trace in 100 by trace id (a
+//!   parent-based ratio sampler: a consumer follows the publisher's
+//!   decision).
+//!
+//! It prints events/s per round and the median;
+//! `scripts/bench-observability` runs the modes in turn and compares them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -106,6 +117,28 @@ async fn memory_round_trip() -> f64 {
     rate
 }
 
+/// CPU time this process's threads have run so far, in nanoseconds (the
+/// first field of each thread's `schedstat`; 0 where there is none): on a
+/// loaded machine the events/s of a round say more about the other
+/// processes than about this one, its CPU time per event does not.
+fn cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Runs `case`; its events/s and its CPU nanoseconds per event.
+async fn measured(case: impl std::future::Future<Output = f64>) -> (f64, f64) {
+    let before = cpu_ns();
+    let rate = case.await;
+    (rate, cpu_ns().saturating_sub(before) as f64 / EVENTS as f64)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -117,7 +150,7 @@ mod installed {
 
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry_sdk::error::OTelSdkResult;
-    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::filter::Targets;
     use tracing_subscriber::layer::SubscriberExt as _;
@@ -134,11 +167,21 @@ mod installed {
     }
 
     /// A subscriber recording WatchTower's spans (DEBUG) into
-    /// OpenTelemetry, as an application would enable them.
-    pub(crate) fn subscriber() -> (impl tracing::Subscriber + Send + Sync, SdkTracerProvider) {
-        let provider = SdkTracerProvider::builder().with_batch_exporter(Discard).build();
+    /// OpenTelemetry, as an application would enable them: every span
+    /// with the layer's defaults, or (`sampled`) 1 trace in 100 with a lean
+    /// layer.
+    pub(crate) fn subscriber(sampled: bool) -> (impl tracing::Subscriber + Send + Sync, SdkTracerProvider) {
+        let mut provider = SdkTracerProvider::builder().with_batch_exporter(Discard);
+        if sampled {
+            provider =
+                provider.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.01))));
+        }
+        let provider = provider.build();
         let layer = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("bench"))
+            .with_location(!sampled)
+            .with_threads(!sampled)
+            .with_tracked_inactivity(!sampled)
             .with_filter(Targets::new().with_target("watchtower", tracing::Level::DEBUG));
         (tracing_subscriber::registry().with(layer), provider)
     }
@@ -159,8 +202,8 @@ async fn main() {
     println!("observability cost, {EVENTS} events per round, {rounds} rounds, features {build}");
 
     let mut results: Vec<(&str, &str, Vec<f64>)> = Vec::new();
-    let mut record = |case: &'static str, mode: &'static str, rate: f64| {
-        println!("  {case:<22} {mode:<10} {rate:>12.0} events/s");
+    let mut record = |case: &'static str, mode: &'static str, (rate, cpu): (f64, f64)| {
+        println!("  {case:<22} {mode:<10} {rate:>12.0} events/s {cpu:>8.0} cpu-ns/event");
         match results.iter_mut().find(|(c, m, _)| *c == case && *m == mode) {
             Some((_, _, v)) => v.push(rate),
             None => results.push((case, mode, vec![rate])),
@@ -170,26 +213,31 @@ async fn main() {
     // scoped and dropped, span creation takes tracing's slower path for the
     // rest of the process, so `idle` rounds after `installed` ones would
     // not measure `idle`.
-    let installed = std::env::var("BENCH_MODE").as_deref() == Ok("installed");
+    let mode = match (cfg!(feature = "on"), std::env::var("BENCH_MODE").as_deref()) {
+        (false, _) => "off",
+        (true, Ok("installed")) => "installed",
+        (true, Ok("sampled")) => "sampled",
+        (true, Ok("idle") | Err(_)) => "idle",
+        (true, Ok(other)) => panic!("BENCH_MODE={other}: idle, installed or sampled"),
+    };
     #[cfg(feature = "on")]
     let recorder = installed::recorder();
     #[cfg(feature = "on")]
-    let _installed = installed.then(|| {
-        let (subscriber, provider) = installed::subscriber();
+    let _installed = (mode != "idle").then(|| {
+        let (subscriber, provider) = installed::subscriber(mode == "sampled");
         (
             tracing::subscriber::set_default(subscriber),
             metrics::set_default_local_recorder(&recorder),
             provider,
         )
     });
-    let mode = match (cfg!(feature = "on"), installed) {
-        (false, _) => "off",
-        (true, false) => "idle",
-        (true, true) => "installed",
-    };
     for _ in 0..rounds {
-        record("nats core publish", mode, nats_publish(&client, &topic).await);
-        record("memory round trip", mode, memory_round_trip().await);
+        record(
+            "nats core publish",
+            mode,
+            measured(nats_publish(&client, &topic)).await,
+        );
+        record("memory round trip", mode, measured(memory_round_trip()).await);
     }
     println!();
     println!("| case | mode | median events/s | ns/event |");

@@ -9,7 +9,11 @@
 //!   concurrent callers (batched into multi-row `INSERT`s);
 //! * **forward**: `N` events already in the table, forwarded by
 //!   `serve(subscription, publisher)` (concurrency 64) to NATS core and to
-//!   Redis Streams, timed until the runtime acknowledged them all.
+//!   Redis Streams, timed until the runtime acknowledged them all; beside
+//!   it, in the same round, the broker's raw client sending the same rows'
+//!   bodies (the CloudEvents JSON in the table) to the same subject or
+//!   stream: async-nats `publish` of each, then a flush; redis-rs `XADD`s
+//!   in pipelines of 512, the Redis publisher's largest batch.
 //!
 //! Run with `cargo bench -p watchtower-sql --bench sql` against the local
 //! PostgreSQL, NATS and Redis (`SQL_BENCH_ROUNDS`, default 3;
@@ -167,16 +171,65 @@ async fn publish(name: &str, client: &SqlClient, n: usize, rounds: usize) {
     );
 }
 
-async fn forward<P>(name: &str, target: &str, client: &SqlClient, publisher: P, n: usize, rounds: usize)
+/// The broker's own client, for the raw side of a forward.
+enum Raw {
+    Nats(NatsClient),
+    Redis(redis::aio::MultiplexedConnection),
+}
+
+impl Raw {
+    fn target(&self) -> &'static str {
+        match self {
+            Raw::Nats(_) => "nats",
+            Raw::Redis(_) => "redis",
+        }
+    }
+
+    /// Sends `bodies` to `topic`; events per second.
+    async fn send(&mut self, topic: &str, bodies: Vec<bytes::Bytes>) -> f64 {
+        let n = bodies.len();
+        let start = Instant::now();
+        match self {
+            Raw::Nats(nats) => {
+                for body in bodies {
+                    nats.raw().publish(topic.to_owned(), body).await.unwrap();
+                }
+                nats.raw().flush().await.unwrap();
+            }
+            Raw::Redis(conn) => {
+                for chunk in bodies.chunks(512) {
+                    let mut pipe = redis::pipe();
+                    for body in chunk {
+                        pipe.cmd("XADD")
+                            .arg(topic)
+                            .arg("*")
+                            .arg("data")
+                            .arg(&body[..])
+                            .ignore();
+                    }
+                    let () = pipe.query_async(conn).await.unwrap();
+                }
+            }
+        }
+        n as f64 / start.elapsed().as_secs_f64()
+    }
+}
+
+async fn forward<P>(name: &str, client: &SqlClient, publisher: P, mut raw: Raw, n: usize, rounds: usize)
 where
     P: tower::Service<Event> + Clone + Send + 'static,
     P::Error: Into<watchtower::BoxError>,
     P::Future: Send + 'static,
 {
-    let mut rates = Vec::new();
+    let target = raw.target();
+    let (mut rates, mut raw_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let topic = format!("bench.forward.{target}.{round}.{}", std::process::id());
         let sent = events(&topic, n);
+        let bodies: Vec<bytes::Bytes> = sent
+            .iter()
+            .map(|e| watchtower::codec::structured::to_vec(e).unwrap().into())
+            .collect();
         let sql = client.publisher();
         for receipt in join_all(sent.into_iter().map(|e| sql.clone().oneshot(e))).await {
             receipt.unwrap();
@@ -205,15 +258,22 @@ where
         while (stats.snapshot().acked as usize) < n {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        rates.push(n as f64 / start.elapsed().as_secs_f64());
+        let rate = n as f64 / start.elapsed().as_secs_f64();
         let _ = stop.send(());
         task.await.unwrap().unwrap();
         client.delete_group("forwarder").await.unwrap();
         client.cleanup().await.unwrap();
+        let raw_rate = raw.send(&topic, bodies).await;
+        rates.push(rate);
+        raw_rates.push(raw_rate);
+        ratios.push(rate / raw_rate);
     }
     println!(
-        "{name:<9} forward to {target:<5}, {n} events x {rounds}: median {:>8.0}/s",
-        median(rates)
+        "{name:<9} forward to {target:<5}, {n} events x {rounds}: raw {target} {:>8.0}/s  forwarder {:>8.0}/s  ratio median {:.3}x  per round {:?}",
+        median(raw_rates),
+        median(rates),
+        median(ratios.clone()),
+        ratios.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>()
     );
 }
 
@@ -251,8 +311,23 @@ async fn main() {
             publish(name, &client, n, rounds).await;
         }
         if run("forward") {
-            forward(name, "nats", &client, nats.publisher(), n, rounds).await;
-            forward(name, "redis", &client, redis.publisher(), n, rounds).await;
+            forward(
+                name,
+                &client,
+                nats.publisher(),
+                Raw::Nats(nats.clone()),
+                n,
+                rounds,
+            )
+            .await;
+            let config =
+                redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+            let conn = redis::Client::open("redis://127.0.0.1:6379")
+                .unwrap()
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .unwrap();
+            forward(name, &client, redis.publisher(), Raw::Redis(conn), n, rounds).await;
         }
         client.drop_tables().await.unwrap();
     }

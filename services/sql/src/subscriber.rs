@@ -49,7 +49,10 @@ use crate::error::{from_sqlx, timed};
 /// consumer has room for: first its group's deliveries whose visibility
 /// timeout passed or that were nacked (with `FOR UPDATE SKIP LOCKED` on
 /// PostgreSQL, so members never wait for one another), then events after
-/// the group's position. It looks again as soon as a publisher of the same
+/// the group's position. It claims again at once while a claim fills the
+/// room it had or reads as many events as it asked for (events of other
+/// topics move the position too, so a group behind many of them reads
+/// past them page after page); then as soon as a publisher of the same
 /// client writes, on PostgreSQL whenever any process inserts (`LISTEN`),
 /// and otherwise every [`poll_interval`](crate::SqlConfig::poll_interval).
 ///
@@ -188,7 +191,7 @@ async fn run(
                 touch(&client, &group),
             )
             .await
-            .map(|()| Vec::new())
+            .map(|()| (Vec::new(), false))
         } else {
             timed(
                 config.statement_timeout,
@@ -198,15 +201,19 @@ async fn run(
             .await
         };
         match claimed {
-            Ok(deliveries) => {
+            Ok((deliveries, more)) => {
                 failures = 0;
-                let full = free > 0 && deliveries.len() == free;
+                // Room left and events maybe left too (the claim filled
+                // the room, or read a full page of events, some of them
+                // for other patterns): look again at once rather than
+                // after the poll interval.
+                let again = free > 0 && (deliveries.len() == free || more);
                 for delivery in deliveries {
                     if tx.send(Ok(delivery)).await.is_err() {
                         break;
                     }
                 }
-                if full && !tx.is_closed() {
+                if again && !tx.is_closed() {
                     continue;
                 }
             }
@@ -251,20 +258,22 @@ async fn touch(client: &SqlClient, group: &str) -> Result<(), Error> {
 /// One claimed row: `seq, topic, body, deliveries`.
 type Claimed = (i64, String, Vec<u8>, i32);
 
-/// Claims up to `limit` events for `group` in one transaction.
+/// Claims up to `limit` events for `group` in one transaction; with
+/// whether more events may wait after the group's new position (it read
+/// as many as it asked for, whether or not they matched the patterns).
 async fn claim(
     client: &SqlClient,
     group: &Arc<str>,
     ephemeral: bool,
     options: &SubscribeOptions,
     limit: usize,
-) -> Result<Vec<Delivery<SqlAcker>>, Error> {
+) -> Result<(Vec<Delivery<SqlAcker>>, bool), Error> {
     let inner = &client.inner;
     let sql = &inner.sql;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let visibility = ms(inner.config.visibility_timeout);
     let fail = |e| from_sqlx(e, "claiming events");
-    let claimed: Vec<Claimed> = on_pool!(&inner.db, pool => {
+    let (claimed, more): (Vec<Claimed>, bool) = on_pool!(&inner.db, pool => {
         let mut tx = pool.begin().await.map_err(fail)?;
         // On SQLite the first statement is a write, which takes the
         // database's write lock before anything is read.
@@ -312,9 +321,11 @@ async fn claim(
             claimed.sort_unstable_by_key(|c| c.0);
         }
         let room = limit - claimed.len() as i64;
+        let mut more = false;
         if let (Some((cursor_tx, cursor_seq)), true) = (cursor, room > 0) {
             let rows = sqlx::query(&sql.next_events).bind(cursor_tx).bind(cursor_seq).bind(room)
                 .fetch_all(&mut *tx).await.map_err(fail)?;
+            more = rows.len() as i64 == room;
             let mut last = None;
             let mut fresh = Vec::new();
             for row in &rows {
@@ -337,12 +348,13 @@ async fn claim(
             claimed.extend(fresh);
         }
         tx.commit().await.map_err(fail)?;
-        claimed
+        (claimed, more)
     });
-    Ok(claimed
+    let deliveries = claimed
         .into_iter()
         .map(|(seq, topic, body, count)| delivery(client, group, seq, topic, body, count))
-        .collect())
+        .collect();
+    Ok((deliveries, more))
 }
 
 /// `(1,2,3)`: sequence numbers the database gave, never caller input.

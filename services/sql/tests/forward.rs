@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use tower::{ServiceExt as _, service_fn};
-use watchtower::{Error, ErrorKind, Event, PublishExt as _, SubscribeOptions, Subscriber as _, serve};
+use watchtower::{
+    Error, ErrorKind, Event, PublishExt as _, ServeStats, SubscribeOptions, Subscriber as _, serve,
+};
 use watchtower_nats::{NatsClient, NatsConfig, StorageType, StreamConfig};
 use watchtower_redis::{RedisClient, RedisConfig};
 
@@ -39,20 +41,21 @@ fn ids(events: &[Event]) -> HashSet<String> {
     events.iter().map(|e| e.id().to_owned()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forward_to_redis_at_least_once_then_clean_up() {
-    let tables = Tables::new(Db::Postgres, "fwdredis").await;
-    let ns = tables.name.clone();
-    let sent = publish(&tables.client, &ns, 4, 1000).await;
-
-    // The forwarder: a subscription in the group "forwarder", served into
-    // the Redis publisher.
+/// The forwarder: `client`'s subscription to `pattern` in the group
+/// "forwarder", served into a Redis publisher until the streams `keys`
+/// hold `n` entries, then stopped. Returns the entries' event ids and the
+/// runtime's stats.
+async fn forward_to_redis(
+    client: &watchtower_sql::SqlClient,
+    pattern: String,
+    keys: &[String],
+    n: usize,
+) -> (Vec<String>, ServeStats) {
     let redis = RedisClient::connect(RedisConfig::new(REDIS)).await.unwrap();
-    let subscription = tables
-        .client
+    let subscription = client
         .subscriber()
         .open(
-            SubscribeOptions::new([format!("{ns}.>")])
+            SubscribeOptions::new([pattern])
                 .unwrap()
                 .group("forwarder")
                 .unwrap(),
@@ -67,15 +70,14 @@ async fn forward_to_redis_at_least_once_then_clean_up() {
             })
             .into_future(),
     );
-    let keys: Vec<String> = (0..4).map(|k| format!("{ns}.k{k}")).collect();
     let mut got = Vec::new();
-    watchtower_test_support::within("1000 events in Redis", async {
+    watchtower_test_support::within(&format!("{n} events in Redis"), async {
         loop {
             got.clear();
-            for key in &keys {
+            for key in keys {
                 got.extend(redis_ids(key).await);
             }
-            if got.len() >= sent.len() {
+            if got.len() >= n {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -83,7 +85,17 @@ async fn forward_to_redis_at_least_once_then_clean_up() {
     })
     .await;
     let _ = stop.send(());
-    let stats = forwarder.await.unwrap().unwrap();
+    (got, forwarder.await.unwrap().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_to_redis_at_least_once_then_clean_up() {
+    let tables = Tables::new(Db::Postgres, "fwdredis").await;
+    let ns = tables.name.clone();
+    let sent = publish(&tables.client, &ns, 4, 1000).await;
+
+    let keys: Vec<String> = (0..4).map(|k| format!("{ns}.k{k}")).collect();
+    let (got, stats) = forward_to_redis(&tables.client, format!("{ns}.>"), &keys, 1000).await;
     assert_eq!(stats.acked, 1000, "{stats}");
     assert_eq!(got.len(), 1000, "no duplicates without a failure");
     assert_eq!(got.iter().cloned().collect::<HashSet<_>>(), ids(&sent));
@@ -93,6 +105,43 @@ async fn forward_to_redis_at_least_once_then_clean_up() {
     assert_eq!(tables.client.cleanup().await.unwrap(), 0);
     redis_delete(&keys).await;
     tables.drop_all().await;
+}
+
+/// A forwarder whose group starts behind many events of other topics
+/// reads past them at once, page after page, rather than one page per
+/// poll interval: the interval is an hour here, so a forwarder that waited
+/// for it would not forward anything within the test's patience. (Each
+/// page of other topics used to cost a poll interval: 120 events/s into
+/// Redis after a forward to NATS left its events in the table.)
+async fn forward_past_other_topics_without_waiting_for_the_poll_interval(db: Db) {
+    let tables = Tables::new(db, "fwdskip").await;
+    let ns = tables.name.clone();
+    // Twenty pages of the batch size (16) for another topic, then the
+    // events the forwarder wants.
+    publish(&tables.client, &format!("{ns}.other"), 1, 320).await;
+    let sent = publish(&tables.client, &format!("{ns}.wanted"), 2, 40).await;
+
+    let client = tables
+        .another(|c| c.poll_interval(Duration::from_secs(3600)))
+        .await;
+    let keys: Vec<String> = (0..2).map(|k| format!("{ns}.wanted.k{k}")).collect();
+    let (got, stats) = forward_to_redis(&client, format!("{ns}.wanted.>"), &keys, 40).await;
+    assert_eq!(stats.acked, 40, "{stats}");
+    assert_eq!(got.iter().cloned().collect::<HashSet<_>>(), ids(&sent));
+    assert_eq!(got.len(), 40, "no duplicates without a failure");
+    redis_delete(&keys).await;
+    drop(client);
+    tables.drop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_past_other_topics_without_waiting_postgres() {
+    forward_past_other_topics_without_waiting_for_the_poll_interval(Db::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_past_other_topics_without_waiting_sqlite() {
+    forward_past_other_topics_without_waiting_for_the_poll_interval(Db::Sqlite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
