@@ -170,6 +170,8 @@ async fn a_slow_responder_times_out_and_its_late_reply_is_dropped() {
     assert_eq!(requester.in_flight(), 0);
     // The late reply arrives and goes nowhere; the responder still acks.
     assert!(broker.wait_idle(Duration::from_secs(120)).await);
+    assert_eq!(requester.late_replies(), 1, "counted");
+    assert_eq!(requester.in_flight(), 0);
     let stats = handle.stop().await.unwrap();
     assert_eq!(stats.acked, 1);
 }

@@ -256,6 +256,7 @@ mod client;
 mod config;
 mod jetstream;
 mod publisher;
+mod request;
 mod subject;
 mod subscriber;
 mod wire;
@@ -268,6 +269,7 @@ pub use jetstream::{
     JetStreamSubscription, StorageType, StreamConfig, StreamInfo,
 };
 pub use publisher::{NatsPublisher, ResponseFuture};
+pub use request::NatsRequester;
 pub use subject::SubjectTemplate;
 pub use subscriber::{NatsAcker, NatsSubscriber, NatsSubscription};
 pub use wire::ContentMode;

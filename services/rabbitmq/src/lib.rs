@@ -223,12 +223,14 @@ mod config;
 mod confirms;
 mod connection;
 mod publisher;
+mod request;
 mod subscriber;
 mod wire;
 
 pub use client::{HealthChanges, RabbitClient};
 pub use config::{ContentMode, ExchangeKind, PublishOptions, QueueOptions, QueueOverflow, RabbitConfig};
 pub use publisher::{RabbitPublisher, ResponseFuture};
+pub use request::RabbitRequester;
 pub use subscriber::{RabbitAcker, RabbitSubscriber, RabbitSubscription};
 
 /// The lapin crate, for [`FieldTable`](lapin::types::FieldTable) binding
