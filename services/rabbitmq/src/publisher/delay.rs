@@ -1,43 +1,6 @@
 //! Delayed delivery without a plugin: per-delay TTL queues that
-//! dead-letter into the publisher's exchange.
-//!
-//! An event with a [delivery time](watchtower::delay) still ahead is not
-//! published to the exchange but to a delay queue, through the default
-//! exchange. The queue holds messages for a fixed time (`x-message-ttl`)
-//! and then dead-letters them to the exchange (`x-dead-letter-exchange`)
-//! with the event's topic as the routing key
-//! (`x-dead-letter-routing-key`), where the bindings route them as if they
-//! had just been published. The broker keeps the promise: the queue is
-//! durable and the messages persistent, so a delayed event survives a
-//! broker restart and a publisher or consumer that is gone meanwhile.
-//!
-//! **Why one queue per delay bucket, not a per-message `expiration`.** A
-//! RabbitMQ queue expires messages only at its head: a message with a
-//! one-hour expiration in front of one with a one-second expiration holds
-//! the second back for an hour. In a queue whose messages all have the
-//! same TTL, the head is always the first to expire, so every message
-//! leaves on time. Each distinct delay would need its own queue, so delays
-//! are rounded *up* (never early) to a bucket: exact milliseconds below
-//! 32 ms, above that to 5 significant bits (16 buckets per doubling), so
-//! an event is held at most 1/16 (6.25 %) longer than asked, and the
-//! delays from 1 ms to 24 days use at most about 400 queues per topic.
-//!
-//! A delay queue is named after the exchange, the bucket and the topic
-//! (`watchtower.delay.<exchange>.<bucket>ms.<topic>`, or a hash of the
-//! exchange and topic when that is longer than AMQP's 255 bytes). The
-//! publisher declares it once and remembers it; it declares it again at
-//! most once a minute while using it, since the queue goes away after
-//! `x-expires` (its TTL plus three minutes) without a declaration, so
-//! that buckets no longer used do not stay on the broker. A message is
-//! always published within a minute of the last declaration and expires
-//! within its TTL, before the queue can.
-//!
-//! The delayed publish is `mandatory` and confirmed like any other: its
-//! caller's `Ok` means the broker stored it in the delay queue. What
-//! happens at the due time is the broker's dead-lettering: a routing key
-//! with no binding then drops the event (the publish cannot be told any
-//! more), and a classic queue dead-letters at most once (a broker crash at
-//! that instant can lose it).
+//! dead-letter into the publisher's exchange. See the
+//! [crate docs](crate#delayed-delivery) for the design.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -160,6 +123,12 @@ fn queue_name(exchange: &str, ttl_ms: u64, topic: &str) -> ShortString {
 pub(crate) struct Declared(Mutex<HashMap<ShortString, Instant>>);
 
 impl Declared {
+    /// The names of the queues declared.
+    pub(crate) fn names(&self) -> Vec<String> {
+        let declared = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        declared.keys().map(|name| name.as_str().to_owned()).collect()
+    }
+
     /// Declares `queue` on `channel` unless it was declared less than a
     /// minute ago, dead-lettering to `exchange`.
     pub(crate) async fn ensure(

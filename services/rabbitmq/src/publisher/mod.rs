@@ -245,6 +245,13 @@ impl RabbitPublisher {
         self.inner.exchange.as_str()
     }
 
+    /// The delay queues this publisher (and its clones) declared for
+    /// delayed events (see the [crate docs](crate#delayed-delivery)). The
+    /// broker deletes each a few minutes after its last use.
+    pub fn delay_queues(&self) -> Vec<String> {
+        self.inner.delays.names()
+    }
+
     /// Closes the connection for every clone; later calls fail with
     /// [`ErrorKind::Closed`].
     pub fn close(&self) {
