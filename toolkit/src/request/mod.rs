@@ -16,7 +16,7 @@
 //!
 //! * no reply within the [timeout](RequestConfig::timeout) (no responder,
 //!   a slow one, a lost message):
-//!   [`ErrorKind::Timeout`];
+//!   [`ErrorKind::Timeout`](watchtower::ErrorKind::Timeout);
 //! * the responder's handler failed: the responder answers with an
 //!   [error reply](watchtower::request::error_reply), and the caller gets
 //!   an [`Error`] of that kind and message;
