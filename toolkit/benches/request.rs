@@ -29,10 +29,14 @@ const NATS: &str = "nats://127.0.0.1:4222";
 const RABBIT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
-fn echo() -> impl Service<Event, Response = Event, Error = Error, Future: Send + 'static> + Clone + Send + 'static {
+fn echo()
+-> impl Service<Event, Response = Event, Error = Error, Future: Send + 'static> + Clone + Send + 'static {
     service_fn(|request: Event| async move {
         Ok::<_, Error>(Event::new("echo", request.json::<serde_json::Value>()?))
     })
@@ -106,7 +110,10 @@ async fn rabbitmq() {
     let handle = client
         .subscriber()
         .subscribe_with(
-            SubscribeOptions::new(["echo"]).unwrap().group("responders").unwrap(),
+            SubscribeOptions::new(["echo"])
+                .unwrap()
+                .group("responders")
+                .unwrap(),
             Responder::new(echo(), client.publisher().await.unwrap()),
         )
         .await
@@ -137,7 +144,10 @@ async fn rabbitmq() {
         )
         .await;
     let _ = channel
-        .exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
+        .exchange_delete(
+            exchange.as_str().into(),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
         .await;
     let _ = connection.close(200, "done".into()).await;
 }

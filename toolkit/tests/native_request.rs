@@ -23,28 +23,13 @@ use watchtower_rabbitmq::{ExchangeKind, RabbitClient, RabbitConfig, RabbitReques
 use watchtower_test_support::{unique, within};
 use watchtower_toolkit::request::Responder;
 
+use common::{Answering, ask, doubler};
+
 const RABBIT: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const MANY: i64 = 1_000;
 
-/// Doubles `n`; refuses negative numbers for good, fails on 13 for now.
-fn doubler()
--> impl Service<Event, Response = Event, Error = Error, Future: Send + 'static> + Clone + Send + 'static {
-    service_fn(|request: Event| async move {
-        let n: i64 = request.json()?;
-        if n < 0 {
-            return Err(Error::new(ErrorKind::Rejected, "negative numbers are not served"));
-        }
-        if n == 13 {
-            return Err(Error::new(ErrorKind::Handler, "unlucky, try later"));
-        }
-        Ok(Event::new("doubled", serde_json::json!(n * 2)))
-    })
-}
-
 /// Answers only when the test lets it: one permit per reply.
-fn held(
-    gate: Arc<Semaphore>,
-) -> impl Service<Event, Response = Event, Error = Error, Future: Send + 'static> + Clone + Send + 'static {
+fn held(gate: Arc<Semaphore>) -> impl Answering {
     service_fn(move |request: Event| {
         let gate = gate.clone();
         async move {
@@ -55,17 +40,6 @@ fn held(
             ))
         }
     })
-}
-
-async fn ask<R>(requester: &mut R, topic: &str, n: i64) -> Result<Event, Error>
-where
-    R: Service<Event, Response = Event, Error = Error>,
-{
-    requester
-        .ready()
-        .await?
-        .call(Event::new(topic.to_owned(), serde_json::json!(n)))
-        .await
 }
 
 /// 1,000 requests at once, each answered with its own reply; a failing
@@ -99,17 +73,7 @@ where
     assert_eq!(answered, MANY - 1);
 
     let mut requester = requester;
-    let refused = ask(&mut requester, topic, -1).await.unwrap_err();
-    assert_eq!(refused.kind(), ErrorKind::Rejected);
-    assert!(!refused.is_retryable());
-    assert!(!NoResponders::is(&refused));
-    assert!(
-        refused.to_string().contains("negative numbers are not served"),
-        "{refused}"
-    );
-    let unlucky = ask(&mut requester, topic, 13).await.unwrap_err();
-    assert_eq!(unlucky.kind(), ErrorKind::Handler);
-    assert!(unlucky.is_retryable());
+    common::failures_come_back(&mut requester, topic).await;
     assert_eq!(in_flight(&requester), 0);
 }
 
@@ -123,16 +87,43 @@ async fn until(what: &str, done: impl Fn() -> bool) {
     .await;
 }
 
+/// A request to a responder held by `gate` times out on `hasty`, its
+/// entry removed; the reply that comes when the gate opens is dropped and
+/// counted; a `patient` clone then gets its reply, and nothing is left.
+async fn late_reply<R>(
+    mut hasty: R,
+    patient: R,
+    topic: &str,
+    gate: &Semaphore,
+    in_flight: impl Fn(&R) -> usize,
+    late_replies: impl Fn(&R) -> u64,
+) where
+    R: Service<Event, Response = Event, Error = Error>,
+{
+    let error = within("the timeout", ask(&mut hasty, topic, 7))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Timeout);
+    assert_eq!(in_flight(&hasty), 0, "the entry is removed at the timeout");
+    gate.add_permits(1);
+    until("the late reply", || late_replies(&hasty) == 1).await;
+    assert_eq!(in_flight(&hasty), 0);
+    // The requester goes on answering.
+    gate.add_permits(1);
+    let reply = within(
+        "a reply in time",
+        patient.oneshot(Event::new(topic.to_owned(), serde_json::json!(8))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.json::<i64>().unwrap(), 8);
+    assert_eq!(late_replies(&hasty), 1);
+    assert_eq!(in_flight(&hasty), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_inbox_requests_are_each_answered_and_failures_come_back() {
-    let client = NatsClient::connect(NatsConfig::new(common::NATS)).await.unwrap();
-    let topic = format!("{}.double", unique("tk_nreq"));
-    let handle = client
-        .subscriber()
-        .subscribe([&topic], Responder::new(doubler(), client.publisher()))
-        .await
-        .unwrap();
-    client.round_trip().await.unwrap();
+    let (client, topic, handle) = common::nats_responder("tk_nreq", "double", doubler()).await;
     let requester = client.requester().await.unwrap();
     within(
         "the requests",
@@ -169,41 +160,18 @@ async fn a_nats_request_nobody_subscribes_to_fails_at_once_with_no_responders() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_nats_reply_is_dropped_and_counted() {
-    let client = NatsClient::connect(NatsConfig::new(common::NATS)).await.unwrap();
-    let topic = format!("{}.slow", unique("tk_nreq"));
     let gate = Arc::new(Semaphore::new(0));
-    let handle = client
-        .subscriber()
-        .subscribe([&topic], Responder::new(held(gate.clone()), client.publisher()))
-        .await
-        .unwrap();
-    client.round_trip().await.unwrap();
-    let mut requester = client
-        .requester()
-        .await
-        .unwrap()
-        .timeout(Duration::from_millis(200));
-    let error = within("the timeout", ask(&mut requester, &topic, 7))
-        .await
-        .unwrap_err();
-    assert_eq!(error.kind(), ErrorKind::Timeout);
-    assert_eq!(requester.in_flight(), 0, "the entry is removed at the timeout");
-    gate.add_permits(1);
-    until("the late reply", || requester.late_replies() == 1).await;
-    assert_eq!(requester.in_flight(), 0);
-    // The requester goes on answering.
-    gate.add_permits(1);
-    let reply = within(
-        "a reply in time",
-        requester
-            .clone()
-            .timeout(Duration::from_secs(20))
-            .oneshot(Event::new(topic.clone(), serde_json::json!(8))),
+    let (client, topic, handle) = common::nats_responder("tk_nreq", "slow", held(gate.clone())).await;
+    let requester = client.requester().await.unwrap();
+    late_reply(
+        requester.clone().timeout(Duration::from_millis(200)),
+        requester.timeout(Duration::from_secs(20)),
+        &topic,
+        &gate,
+        NatsRequester::in_flight,
+        NatsRequester::late_replies,
     )
-    .await
-    .unwrap();
-    assert_eq!(reply.json::<i64>().unwrap(), 8);
-    assert_eq!(requester.late_replies(), 1);
+    .await;
     assert_eq!(handle.stop().await.unwrap().acked, 2);
 }
 
@@ -214,6 +182,23 @@ async fn rabbit() -> (RabbitClient, String) {
         .await
         .unwrap();
     (client, exchange)
+}
+
+/// Serves `handler` as a responder to `topic` in group `group`.
+async fn rabbit_responder(
+    client: &RabbitClient,
+    topic: &str,
+    group: &str,
+    handler: impl Answering,
+) -> SubscriptionHandle {
+    client
+        .subscriber()
+        .subscribe_with(
+            SubscribeOptions::new([topic]).unwrap().group(group).unwrap(),
+            Responder::new(handler, client.publisher().await.unwrap()),
+        )
+        .await
+        .unwrap()
 }
 
 /// Deletes the exchange and the queues of `groups`.
@@ -240,17 +225,7 @@ async fn rabbit_cleanup(exchange: &str, queues: &[String]) {
 async fn rabbitmq_direct_reply_to_requests_are_each_answered_and_failures_come_back() {
     let (client, exchange) = rabbit().await;
     let topic = "math.double";
-    let handle = client
-        .subscriber()
-        .subscribe_with(
-            SubscribeOptions::new([topic])
-                .unwrap()
-                .group("responders")
-                .unwrap(),
-            Responder::new(doubler(), client.publisher().await.unwrap()),
-        )
-        .await
-        .unwrap();
+    let handle = rabbit_responder(&client, topic, "responders", doubler()).await;
     let requester = client.requester().await.unwrap();
     within(
         "the requests",
@@ -280,17 +255,7 @@ async fn rabbitmq_requests_nobody_answers_fail_unroutable_at_once_and_unconsumed
     assert_eq!(requester.in_flight(), 0);
 
     // A queue keeps it, but nobody consumes: the timeout.
-    let handle = client
-        .subscriber()
-        .subscribe_with(
-            SubscribeOptions::new(["nobody.home"])
-                .unwrap()
-                .group("gone")
-                .unwrap(),
-            Responder::new(doubler(), client.publisher().await.unwrap()),
-        )
-        .await
-        .unwrap();
+    let handle = rabbit_responder(&client, "nobody.home", "gone", doubler()).await;
     handle.stop().await.unwrap();
     let mut requester = requester.timeout(Duration::from_millis(300));
     let error = within("the timeout", ask(&mut requester, "nobody.home", 1))
@@ -306,39 +271,17 @@ async fn rabbitmq_requests_nobody_answers_fail_unroutable_at_once_and_unconsumed
 async fn a_late_rabbitmq_reply_is_dropped_and_counted() {
     let (client, exchange) = rabbit().await;
     let gate = Arc::new(Semaphore::new(0));
-    let handle = client
-        .subscriber()
-        .subscribe_with(
-            SubscribeOptions::new(["slow"]).unwrap().group("slow").unwrap(),
-            Responder::new(held(gate.clone()), client.publisher().await.unwrap()),
-        )
-        .await
-        .unwrap();
-    let mut requester = client
-        .requester()
-        .await
-        .unwrap()
-        .timeout(Duration::from_millis(200));
-    let error = within("the timeout", ask(&mut requester, "slow", 7))
-        .await
-        .unwrap_err();
-    assert_eq!(error.kind(), ErrorKind::Timeout);
-    assert_eq!(requester.in_flight(), 0, "the entry is removed at the timeout");
-    gate.add_permits(1);
-    until("the late reply", || requester.late_replies() == 1).await;
-    gate.add_permits(1);
-    let reply = within(
-        "a reply in time",
-        requester
-            .clone()
-            .timeout(Duration::from_secs(20))
-            .oneshot(Event::new("slow", serde_json::json!(8))),
+    let handle = rabbit_responder(&client, "slow", "slow", held(gate.clone())).await;
+    let requester = client.requester().await.unwrap();
+    late_reply(
+        requester.clone().timeout(Duration::from_millis(200)),
+        requester.timeout(Duration::from_secs(20)),
+        "slow",
+        &gate,
+        RabbitRequester::in_flight,
+        RabbitRequester::late_replies,
     )
-    .await
-    .unwrap();
-    assert_eq!(reply.json::<i64>().unwrap(), 8);
-    assert_eq!(requester.late_replies(), 1);
-    assert_eq!(requester.in_flight(), 0);
+    .await;
     assert_eq!(handle.stop().await.unwrap().acked, 2);
     rabbit_cleanup(&exchange, &[client.subscriber().group_queue("slow")]).await;
 }

@@ -42,6 +42,24 @@ async fn recorder(
     (handle, rx)
 }
 
+/// A client on a fresh exchange (and its name), a recorder serving group
+/// `group` on `topic`, and a publisher.
+async fn fresh(
+    topic: &str,
+    group: &str,
+) -> (
+    String,
+    RabbitClient,
+    (SubscriptionHandle, mpsc::UnboundedReceiver<(Event, Instant)>),
+    RabbitPublisher,
+) {
+    let exchange = unique("rmq_delay");
+    let client = RabbitClient::connect(common::config(&exchange)).await.unwrap();
+    let recorded = recorder(&client, topic, group).await;
+    let publisher = client.publisher().await.unwrap();
+    (exchange, client, recorded, publisher)
+}
+
 /// Publishes `event` delayed by `by`, returning the instant taken before
 /// the delay was set: the event must not arrive before it plus `by`.
 async fn publish_delayed(publisher: &mut RabbitPublisher, mut event: Event, by: Duration) -> Instant {
@@ -62,10 +80,7 @@ async fn cleanup(exchange: &str, queues: impl IntoIterator<Item = String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_events_arrive_no_earlier_than_asked_in_delay_order_and_unmarked() {
-    let exchange = unique("rmq_delay");
-    let client = RabbitClient::connect(common::config(&exchange)).await.unwrap();
-    let (handle, mut received) = recorder(&client, "reminder.*", "g").await;
-    let mut publisher = client.publisher().await.unwrap();
+    let (exchange, client, (handle, mut received), mut publisher) = fresh("reminder.*", "g").await;
 
     // Ascending delays in three buckets, published in that order.
     let mut due = Vec::new();
@@ -122,12 +137,9 @@ async fn delayed_events_arrive_no_earlier_than_asked_in_delay_order_and_unmarked
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_events_wait_on_the_broker_across_a_consumer_restart() {
     const EVENTS: usize = 50;
-    let exchange = unique("rmq_delay");
-    let client = RabbitClient::connect(common::config(&exchange)).await.unwrap();
     // The group's queue is bound; then its consumer goes away.
-    let (handle, _) = recorder(&client, "job", "workers").await;
+    let (exchange, client, (handle, _), mut publisher) = fresh("job", "workers").await;
     handle.stop().await.unwrap();
-    let mut publisher = client.publisher().await.unwrap();
     let mut sent = HashSet::new();
     let mut due = std::collections::HashMap::new();
     for n in 0..EVENTS {
@@ -162,10 +174,7 @@ async fn delayed_events_wait_on_the_broker_across_a_consumer_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_delivery_time_is_refused_and_nothing_is_sent() {
-    let exchange = unique("rmq_delay");
-    let client = RabbitClient::connect(common::config(&exchange)).await.unwrap();
-    let (handle, mut received) = recorder(&client, "t", "g").await;
-    let mut publisher = client.publisher().await.unwrap();
+    let (exchange, client, (handle, mut received), mut publisher) = fresh("t", "g").await;
     let bad = Event::new("t", serde_json::json!({}))
         .with_extension(ext::DELIVER_AT, "next tuesday")
         .unwrap();
