@@ -285,3 +285,70 @@ async fn a_late_rabbitmq_reply_is_dropped_and_counted() {
     assert_eq!(handle.stop().await.unwrap().acked, 2);
     rabbit_cleanup(&exchange, &[client.subscriber().group_queue("slow")]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_nats_request_is_answered_on_its_reply_subject() {
+    let (client, topic, handle) = common::nats_responder("tk_nreq", "plain", doubler()).await;
+    // Any NATS client: a structured CloudEvent as the body, the client's
+    // own request muxer waiting on the reply subject.
+    let request = Event::new(topic.clone(), serde_json::json!(4));
+    let body = watchtower::codec::structured::to_bytes(&request).unwrap();
+    let reply = within("the reply", client.raw().request(topic.clone(), body))
+        .await
+        .unwrap();
+    let reply = watchtower::codec::structured::from_bytes(&reply.payload).unwrap();
+    assert_eq!(reply.json::<i64>().unwrap(), 8);
+    assert_eq!(reply.extension(ext::CORRELATION_ID), Some(request.id()));
+    assert_eq!(handle.stop().await.unwrap().acked, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_amqp_request_is_answered_with_its_correlation_id() {
+    use futures_util::StreamExt as _;
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+    let (client, exchange) = rabbit().await;
+    let handle = rabbit_responder(&client, "plain", "plain", doubler()).await;
+    // Any AMQP client: direct reply-to, `reply_to`, and the event id as
+    // `correlation_id` (the responder answers with the request's id).
+    let connection = lapin::Connection::connect(RABBIT, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut replies = channel
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "plain".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let request = Event::new("plain", serde_json::json!(5));
+    let properties = lapin::BasicProperties::default()
+        .with_content_type("application/cloudevents+json".into())
+        .with_reply_to("amq.rabbitmq.reply-to".into())
+        .with_correlation_id(request.id().into());
+    channel
+        .basic_publish(
+            exchange.as_str().into(),
+            "plain".into(),
+            BasicPublishOptions::default(),
+            &watchtower::codec::structured::to_bytes(&request).unwrap(),
+            properties,
+        )
+        .await
+        .unwrap();
+    let reply = within("the reply", replies.next()).await.unwrap().unwrap();
+    assert_eq!(
+        reply.properties.correlation_id().as_ref().map(|c| c.as_str()),
+        Some(request.id()),
+        "the reply's correlation id is the request's event id"
+    );
+    assert_eq!(&*reply.data, b"10");
+    let _ = connection.close(200, "done".into()).await;
+    assert_eq!(handle.stop().await.unwrap().acked, 1);
+    rabbit_cleanup(&exchange, &[client.subscriber().group_queue("plain")]).await;
+}
