@@ -273,8 +273,10 @@
 //! [`replyto`](watchtower::ext::REPLY_TO) extension and a
 //! [`RabbitPublisher`] sends an event whose topic is a direct reply-to
 //! address to the default exchange, so the toolkit's `Responder` answers
-//! as on any transport; a reply's `correlationid` extension is also its
-//! `correlation_id` property, for AMQP requesters.
+//! as on any transport; a reply's `correlationid` extension (the
+//! request's event id) is also its `correlation_id` property, so an AMQP
+//! requester of another library matches replies when it sends the event
+//! id as the request's `correlation_id`.
 //!
 
 #![forbid(unsafe_code)]
