@@ -6,7 +6,8 @@
 //! Each case sends `REQUEST_BENCH_TOTAL` requests (default 5,000) with
 //! `REQUEST_BENCH_IN_FLIGHT` (default 64) outstanding at once, after a
 //! warm-up of 500, and prints requests per second and the median and 99th
-//! percentile round trip, per round (`REQUEST_BENCH_ROUNDS`, default 3).
+//! percentile round trip, per round (`REQUEST_BENCH_ROUNDS`, default 3),
+//! the two requesters of a broker in turn, and their ratio per round.
 //!
 //! ```text
 //! cargo bench -p watchtower-toolkit --bench request
@@ -67,19 +68,30 @@ where
     (rate, times[times.len() / 2], times[times.len() * 99 / 100])
 }
 
-async fn measure<R>(name: &str, requester: R, topic: &str)
+/// Rounds of the reply-topic requester and the native one in turn, so
+/// that both see the same load.
+async fn measure<A, B>(broker: &str, topic_requester: A, native: B, topic: &str)
 where
-    R: Service<Event, Response = Event, Error = Error> + Clone,
+    A: Service<Event, Response = Event, Error = Error> + Clone,
+    B: Service<Event, Response = Event, Error = Error> + Clone,
 {
     let total = setting("REQUEST_BENCH_TOTAL", 5_000);
     let in_flight = setting("REQUEST_BENCH_IN_FLIGHT", 64);
-    run(&requester, topic, 500, in_flight).await;
+    run(&topic_requester, topic, 500, in_flight).await;
+    run(&native, topic, 500, in_flight).await;
     for round in 1..=setting("REQUEST_BENCH_ROUNDS", 3) {
-        let (rate, p50, p99) = run(&requester, topic, total, in_flight).await;
+        let topic_side = run(&topic_requester, topic, total, in_flight).await;
+        let native_side = run(&native, topic, total, in_flight).await;
+        for (side, (rate, p50, p99)) in [("reply topic", topic_side), ("native", native_side)] {
+            println!(
+                "{broker:<8} {side:<11} round {round}: {rate:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3
+            );
+        }
         println!(
-            "{name:<34} round {round}: {rate:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
-            p50.as_secs_f64() * 1e3,
-            p99.as_secs_f64() * 1e3
+            "{broker:<8} native / reply topic, round {round}: {:.2}",
+            native_side.0 / topic_side.0
         );
     }
 }
@@ -97,8 +109,7 @@ async fn nats() {
         .await
         .unwrap();
     client.round_trip().await.unwrap();
-    measure("NATS, reply topic", requester, &topic).await;
-    measure("NATS, native inbox", client.requester().await.unwrap(), &topic).await;
+    measure("NATS", requester, client.requester().await.unwrap(), &topic).await;
     handle.stop().await.unwrap();
 }
 
@@ -125,13 +136,7 @@ async fn rabbitmq() {
     )
     .await
     .unwrap();
-    measure("RabbitMQ, reply topic", requester, "echo").await;
-    measure(
-        "RabbitMQ, native direct reply-to",
-        client.requester().await.unwrap(),
-        "echo",
-    )
-    .await;
+    measure("RabbitMQ", requester, client.requester().await.unwrap(), "echo").await;
     handle.stop().await.unwrap();
     let connection = lapin::Connection::connect(RABBIT, lapin::ConnectionProperties::default())
         .await
