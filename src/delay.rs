@@ -11,7 +11,7 @@
 //! | transport | delayed delivery |
 //! |---|---|
 //! | memory | yes, held in the broker's process (lost with it, like everything the memory broker holds) |
-//! | Redis | yes, in a sorted set on the server, moved into the stream by the publishers' own task when due |
+//! | Redis | yes, in a sorted set beside the stream (on its slot on a Redis Cluster), moved into the stream by the publishers' own task when due |
 //! | RabbitMQ | yes, in durable per-delay TTL queues on the broker that dead-letter into the exchange when due (no plugin; the delay rounded up by at most 1/16) |
 //! | NATS, JetStream, WebSocket, webhook | refused with [`ErrorKind::Unsupported`] |
 //!

@@ -31,23 +31,48 @@ use crate::event::{Event, is_json_content_type, validate_extension_name};
 ///
 /// [`ErrorKind::InvalidEvent`] if the event breaks the CloudEvents rules.
 pub fn to_vec(event: &Event) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    write(event, &mut out)?;
+    Ok(out)
+}
+
+/// Appends `event`, as CloudEvents JSON, to `out`: for a publisher that
+/// keeps one buffer for all its events instead of allocating one for each.
+/// On error `out` is left as it was.
+///
+/// ```
+/// use watchtower::{codec::structured, Event};
+///
+/// let mut buf = Vec::new();
+/// for n in 0..3 {
+///     buf.clear();
+///     structured::write(&Event::new("order.placed", serde_json::json!({"n": n})), &mut buf)?;
+///     assert_eq!(structured::from_slice(&buf)?.ty(), "order.placed");
+/// }
+/// # Ok::<(), watchtower::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`to_vec`].
+pub fn write(event: &Event, out: &mut Vec<u8>) -> Result<(), Error> {
     event.validate()?;
     // Whether the payload goes inline as `data`, decided once: it may take
     // a parse of the payload.
     let inline = event
         .data()
         .map(|data| event.is_json() && &data[..] != b"null" && (event.data_is_json() || is_exact_json(data)));
-    let mut out = Vec::with_capacity(encoded_len(event, inline));
+    out.reserve(encoded_len(event, inline));
     out.extend_from_slice(HEAD);
-    write_str(&mut out, event.id());
+    write_str(out, event.id());
     out.extend_from_slice(TYPE);
-    write_str(&mut out, event.ty());
+    write_str(out, event.ty());
     out.extend_from_slice(SOURCE);
-    write_str(&mut out, event.source());
+    write_str(out, event.source());
     if let Some(time) = event.time() {
         out.extend_from_slice(TIME);
         out.push(b'"');
-        write_time(&mut out, time);
+        write_time(out, time);
         out.push(b'"');
     }
     for (name, value) in optional_attributes(event) {
@@ -55,14 +80,14 @@ pub fn to_vec(event: &Event) -> Result<Vec<u8>, Error> {
             out.extend_from_slice(b",\"");
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b"\":");
-            write_str(&mut out, value);
+            write_str(out, value);
         }
     }
     for (name, value) in event.extensions() {
         out.push(b',');
-        write_str(&mut out, name);
+        write_str(out, name);
         out.push(b':');
-        write_str(&mut out, value);
+        write_str(out, value);
     }
     if let (Some(data), Some(inline)) = (event.data(), inline) {
         if inline {
@@ -79,7 +104,7 @@ pub fn to_vec(event: &Event) -> Result<Vec<u8>, Error> {
         }
     }
     out.push(b'}');
-    Ok(out)
+    Ok(())
 }
 
 const HEAD: &[u8] = br#"{"specversion":"1.0","id":"#;

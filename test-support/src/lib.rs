@@ -2,7 +2,8 @@
 //! uses, free ports, waiting with a deadline, private broker processes a
 //! test may kill, restart or freeze, a TCP proxy that cuts or stalls
 //! connections to a broker, and clusters of private brokers
-//! ([`NatsCluster`], [`RedisCluster`]) for the tests of scaling out.
+//! ([`NatsCluster`], [`RedisCluster`], [`RabbitCluster`]) for the tests of
+//! scaling out.
 //!
 //! The shared brokers (NATS 4222, Redis 6379, RabbitMQ 5672) are never
 //! stopped or reconfigured by a test: a test names what it creates with
@@ -31,12 +32,16 @@ use std::future::Future;
 use std::time::Duration;
 
 mod cluster;
+#[cfg(feature = "faults")]
+mod faults;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod process;
 mod proxy;
 
-pub use cluster::{NatsCluster, RedisCluster};
+pub use cluster::{NatsCluster, RabbitCluster, RedisCluster};
+#[cfg(feature = "faults")]
+pub use faults::{FaultRun, patient_retries, publish_through_faults};
 pub use process::{Broker, BrokerProcess, Nats, NatsServer, Rabbit, RabbitNode, Redis, RedisServer};
 pub use proxy::TcpProxy;
 /// A name unique per process and call, made of `prefix`, `_` and lowercase

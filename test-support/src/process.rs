@@ -160,6 +160,52 @@ impl Broker for Rabbit {
 /// [`restart`](BrokerProcess::restart).
 pub type RabbitNode = BrokerProcess<Rabbit>;
 
+/// The `rabbitmqctl` escript itself, not the wrapper that switches to the
+/// `rabbitmq` user (whose home holds another cookie).
+const RABBITMQCTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
+
+impl BrokerProcess<Rabbit> {
+    /// Its Erlang node name, `wt<port>@localhost`: unique on the machine,
+    /// so it never meets the shared broker's node in `epmd`.
+    pub fn node_name(&self) -> String {
+        format!("wt{}@localhost", self.port)
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`, the URL a client
+    /// connects to.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Runs `rabbitmqctl -n <this node> args...` with the private nodes'
+    /// cookie and returns what it printed, or what it printed on stderr
+    /// if it failed.
+    ///
+    /// # Errors
+    ///
+    /// The command's stderr (or why it could not run) if it did not
+    /// succeed: the node is down, or refused the command.
+    pub async fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        let output = Command::new(RABBITMQCTL)
+            .arg("-n")
+            .arg(self.node_name())
+            .args(args)
+            // The cookie is read from $HOME/.erlang.cookie.
+            .env("HOME", &self.dir)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| format!("{RABBITMQCTL}: {e}"))?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+}
+
 /// A private `nats-server -js` on a free port with its own store.
 pub type NatsServer = BrokerProcess<Nats>;
 

@@ -183,7 +183,7 @@ async fn redis_delivers_a_delayed_event_no_earlier_than_asked() {
         assert_eq!(event.extension(ext::DELIVER_AT), None);
         assert_eq!(event.ty(), "later");
     }
-    assert_eq!(zcard(&format!("{prefix}#delayed")).await, 0);
+    assert_eq!(zcard(&format!("{prefix}later#delayed")).await, 0);
     assert_eq!(xlen(&format!("{prefix}later")).await, 2);
     assert_eq!(handle.stop().await.unwrap().acked, 3);
     let bad = Event::new("later", serde_json::json!({}))
@@ -239,7 +239,7 @@ async fn delayed_events_of_publishers_dropped_at_once_are_each_moved_once() {
         2 * EACH as i64,
         "each moved once"
     );
-    assert_eq!(zcard(&format!("{prefix}#delayed")).await, 0);
+    assert_eq!(zcard(&format!("{prefix}job#delayed")).await, 0);
     handle.stop().await.unwrap();
     common::cleanup(&prefix).await;
 }

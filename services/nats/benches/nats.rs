@@ -299,13 +299,14 @@ async fn js_ours(
     client: &NatsClient,
     subject: &str,
     n: usize,
-    mode: ContentMode,
+    (mode, deduplicate): (ContentMode, bool),
     layered: Option<bool>,
 ) -> Duration {
     let events = events(subject, n);
     let publisher = client
         .jetstream_publisher()
         .content_mode(mode)
+        .deduplicate(deduplicate)
         .max_in_flight(WINDOW);
     let start = Instant::now();
     match layered {
@@ -631,6 +632,8 @@ async fn run() {
                 "4-layer stack, structured",
                 "4-layer stack, binary",
                 "stack, worker hop, structured",
+                "publisher, structured, no dedup id",
+                "stack, structured, no dedup id",
             ],
         );
         for _ in 0..rounds {
@@ -673,7 +676,14 @@ async fn run() {
             .unwrap();
         let subject = format!("{stream}.js");
         js_raw(&client, &subject, 5_000, Headers::None).await;
-        js_ours(&client, &subject, 5_000, ContentMode::Structured, Some(true)).await;
+        js_ours(
+            &client,
+            &subject,
+            5_000,
+            (ContentMode::Structured, true),
+            Some(true),
+        )
+        .await;
         let mut case = Case::new(
             "JetStream publish, 1,024 in flight",
             &[
@@ -685,6 +695,8 @@ async fn run() {
                 "4-layer stack, structured",
                 "4-layer stack, binary",
                 "stack, worker hop, structured",
+                "publisher, structured, no dedup id",
+                "stack, structured, no dedup id",
             ],
         );
         for _ in 0..rounds {
@@ -696,11 +708,13 @@ async fn run() {
                 case.push(side, s);
             }
             let ours = [
-                (ContentMode::Structured, None),
-                (ContentMode::Binary, None),
-                (ContentMode::Structured, Some(true)),
-                (ContentMode::Binary, Some(true)),
-                (ContentMode::Structured, Some(false)),
+                ((ContentMode::Structured, true), None),
+                ((ContentMode::Binary, true), None),
+                ((ContentMode::Structured, true), Some(true)),
+                ((ContentMode::Binary, true), Some(true)),
+                ((ContentMode::Structured, true), Some(false)),
+                ((ContentMode::Structured, false), None),
+                ((ContentMode::Structured, false), Some(true)),
             ];
             for (i, (mode, layered)) in ours.into_iter().enumerate() {
                 let s = measure(n, async {

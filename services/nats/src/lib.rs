@@ -236,7 +236,10 @@
 //! 1.74 structured, 3.3 binary; the stack 2.4.
 //! JetStream: raw 4.1 µs, raw with only `Nats-Msg-Id` 5.6 (the header
 //! alone caps raw at about 0.7 of itself), raw with the `ce-` block 9.4;
-//! the publisher 7.2 structured. Round trip: raw 1.9 µs, structured 3.0,
+//! the publisher 7.2 structured. The dedup id is on by default, because
+//! it is what makes a retried publish safe;
+//! [`JetStreamPublisher::deduplicate`]`(false)` leaves it out, and a
+//! structured event then goes out as a bare body, as the raw client's. Round trip: raw 1.9 µs, structured 3.0,
 //! binary 7.5, and the latency from publish to handler at p99 64 ms
 //! structured and 207 ms binary against raw's 39 ms (the consumer keeps
 //! up in structured mode and falls behind in binary mode, where

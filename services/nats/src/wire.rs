@@ -4,7 +4,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use watchtower::codec::{self, Binding};
 use watchtower::{Error, ErrorKind, Event, Poison, RawMessage};
 
@@ -75,6 +75,45 @@ pub(crate) struct Encoded {
 pub(crate) struct Encoder {
     pub(crate) mode: ContentMode,
     headers: HeaderEncoder,
+    bodies: Bodies,
+}
+
+/// Where a publisher's structured bodies are written: one scratch buffer,
+/// reused, and blocks that many bodies share, so that a body costs neither
+/// an allocation of its own here nor a free of its own on the connection's
+/// thread, which drops it once written (a body keeps its block alive until
+/// then).
+#[derive(Default)]
+struct Bodies {
+    scratch: Vec<u8>,
+    block: BytesMut,
+}
+
+/// The size of a block of bodies.
+const BLOCK: usize = 16 * 1024;
+
+impl Bodies {
+    fn encode(&mut self, event: &Event) -> Result<Bytes, Error> {
+        self.scratch.clear();
+        codec::structured::write(event, &mut self.scratch)?;
+        if self.scratch.len() > BLOCK / 4 {
+            // A large body gets its own allocation, leaving the block for
+            // small ones.
+            return Ok(Bytes::copy_from_slice(&self.scratch));
+        }
+        if self.block.capacity() < self.scratch.len() {
+            self.block = BytesMut::with_capacity(BLOCK);
+        }
+        self.block.extend_from_slice(&self.scratch);
+        Ok(self.block.split().freeze())
+    }
+}
+
+impl Clone for Bodies {
+    /// A copy starts with buffers of its own.
+    fn clone(&self) -> Self {
+        Bodies::default()
+    }
 }
 
 impl Encoder {
@@ -89,7 +128,7 @@ impl Encoder {
         watchtower::delay::refuse(event, "nats")?;
         match self.mode {
             ContentMode::Structured => {
-                let body = codec::structured::to_bytes(event)?;
+                let body = self.bodies.encode(event)?;
                 let headers = if msg_id || expected_stream.is_some() {
                     Some(stream_headers(event, msg_id, expected_stream)?)
                 } else {
@@ -353,6 +392,39 @@ fn raw(subject: &str, headers: Option<&HeaderMap>, body: Bytes) -> RawMessage {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// Bodies written into shared blocks stay each their own: many small
+    /// ones across several blocks, a large one beside them, a copy of the
+    /// encoder with buffers of its own, and a refused event that leaves
+    /// nothing behind.
+    #[test]
+    fn bodies_sharing_blocks_are_each_intact() {
+        let mut encoder = Encoder::default();
+        let events: Vec<Event> = (0..500)
+            .map(|i| {
+                Event::new(
+                    "order.placed",
+                    serde_json::json!({"n": i, "pad": "x".repeat(i % 50)}),
+                )
+            })
+            .collect();
+        let large = Event::new("order.large", serde_json::json!({"pad": "y".repeat(3 * BLOCK)}));
+        let mut bodies: Vec<Bytes> = events
+            .iter()
+            .map(|e| encoder.encode(e, false, None).unwrap().body)
+            .collect();
+        let mut copy = encoder.clone();
+        bodies.push(copy.encode(&large, false, None).unwrap().body);
+        let mut bad = Event::new("order.placed", serde_json::json!({}));
+        bad.set_source("");
+        let refused = encoder.encode(&bad, false, None).err().map(|e| e.kind());
+        assert_eq!(refused, Some(ErrorKind::InvalidEvent));
+        bodies.push(encoder.encode(&events[0], false, None).unwrap().body);
+        for (body, event) in bodies.iter().zip(events.iter().chain([&large, &events[0]])) {
+            assert_eq!(body, &codec::structured::to_bytes(event).unwrap());
+        }
+        assert_eq!(bodies.len(), 502);
+    }
 
     #[test]
     fn binary_round_trip() {

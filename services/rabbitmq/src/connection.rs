@@ -124,14 +124,7 @@ impl<T: Send + Sync + 'static> Link<T> {
         setup: Setup<T>,
     ) -> Result<(Link<T>, LinkGuard), Error> {
         config.validate()?;
-        let connection = Arc::new(open(&config).await?);
-        let value = match setup(connection.clone()).await {
-            Ok(value) => value,
-            Err(e) => {
-                close_quietly(&connection).await;
-                return Err(e);
-            }
-        };
+        let (connection, value) = establish(&config, &setup).await?;
         let session = Arc::new(Session {
             connection,
             generation: 1,
@@ -234,18 +227,8 @@ async fn drive<T: Send + Sync + 'static>(shared: Arc<Shared<T>>, setup: Setup<T>
         if shared.token.is_cancelled() {
             break;
         }
-        let attempt = async {
-            let connection = Arc::new(open(&shared.config).await?);
-            match setup(connection.clone()).await {
-                Ok(value) => Ok((connection, value)),
-                Err(e) => {
-                    close_quietly(&connection).await;
-                    Err(e)
-                }
-            }
-        };
         let result = tokio::select! {
-            result = attempt => result,
+            result = establish(&shared.config, &setup) => result,
             () = shared.token.cancelled() => break,
         };
         match result {
@@ -314,6 +297,32 @@ async fn watch_failure<T>(shared: &Shared<T>, session: &Session<T>) -> Option<St
                     return Some("the connection is no longer open".to_owned());
                 }
             }
+        }
+    }
+}
+
+/// Opens a connection and runs `setup` on it, each within the connect
+/// timeout: a node that accepts the connection but never answers a
+/// channel's opening or a declaration (a cluster node busy with a peer's
+/// death) is given up, and the next attempt made, rather than waited on
+/// for ever.
+async fn establish<T>(config: &RabbitConfig, setup: &Setup<T>) -> Result<(Arc<Connection>, T), Error> {
+    let connection = Arc::new(open(config).await?);
+    let result = match tokio::time::timeout(config.connect_timeout, setup(connection.clone())).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "setting up the connection (channels, declarations) took longer than {:?}",
+                config.connect_timeout
+            ),
+        )),
+    };
+    match result {
+        Ok(value) => Ok((connection, value)),
+        Err(e) => {
+            close_quietly(&connection).await;
+            Err(e)
         }
     }
 }

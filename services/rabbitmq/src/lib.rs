@@ -122,6 +122,24 @@
 //! milliseconds; deliveries the first node had sent and not yet seen
 //! acknowledged (about 250) came again once it was back.
 //!
+//! On a cluster, [`QueueOptions::quorum`] makes group queues quorum
+//! queues: replicated on a majority of the nodes, served by one leader,
+//! so order holds per queue and a queue survives the loss of a minority of
+//! its nodes; scale out by more queues (groups), each led by the node
+//! that declared it. Measured by `tests/cluster.rs` (a private 3-node
+//! cluster, 20–35 s to start on two busy cores; 10,000 events through
+//! retry and dead letter, 64 in flight, every node in the publisher's and
+//! the consumer's configuration; after 3,000 the node leading the queue,
+//! which both connections use, killed with SIGKILL): every event confirmed
+//! and consumed, none dead-lettered, the first publish made after the kill
+//! confirmed 0.2 to 0.7 s later (the longest publishing stall), and 62
+//! to 255 events consumed twice (deliveries unacknowledged on the dead
+//! node, publishes retried after a lost confirm). RabbitMQ 3.10 can go on
+//! nacking every publish of a channel opened while the queue's leader
+//! moved (thousands of nacks over minutes, while a new channel was
+//! confirmed at once), so the publisher replaces a channel the broker
+//! nacks a publish on, and the retry goes out on the new one.
+//!
 //! # Wire format
 //!
 //! CloudEvents over AMQP 0-9-1, in either [`ContentMode`], chosen with

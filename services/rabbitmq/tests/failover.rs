@@ -3,19 +3,16 @@
 //! confirmed is delivered. The shared broker is not touched.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use futures_util::stream::FuturesUnordered;
-use tower::{ServiceBuilder, ServiceExt as _};
+use tower::ServiceBuilder;
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::{Event, SubscribeOptions, Subscriber};
 use watchtower_layers::ServiceBuilderExt as _;
-use watchtower_layers::dead_letter::Outcome;
-use watchtower_layers::retry::RetryConfig;
 use watchtower_rabbitmq::{ExchangeKind, RabbitClient, RabbitConfig};
-use watchtower_test_support::{RabbitNode, within};
+use watchtower_test_support::{RabbitNode, patient_retries, publish_through_faults, within};
 
 fn config(url: &str) -> RabbitConfig {
     RabbitConfig::new(url)
@@ -54,46 +51,22 @@ async fn a_publisher_fails_over_to_the_next_node_and_every_confirmed_event_is_de
     let dlq = MemoryDeadLetters::new(EVENTS);
     let publisher = ServiceBuilder::new()
         .dead_letter(dlq.clone())
-        .retries(
-            RetryConfig::new()
-                .max_attempts(1_000)
-                .delays(Duration::from_millis(20), Duration::from_millis(500))
-                .max_elapsed(Duration::from_secs(20)),
-        )
+        .retries(patient_retries(Duration::from_secs(20)))
         .service(client.publisher().await.unwrap());
 
     let sent: Vec<Event> = (0..EVENTS)
         .map(|i| Event::new("orders.paid", serde_json::json!({ "i": i })))
         .collect();
-    let started = Instant::now();
-    let mut calls = FuturesUnordered::new();
-    let mut pending = sent.iter().cloned();
-    let (mut delivered, mut dead, mut done) = (HashSet::new(), 0usize, 0usize);
-    let (mut last, mut longest_stall) = (Instant::now(), Duration::ZERO);
-    loop {
-        while calls.len() < CONCURRENCY {
-            let Some(event) = pending.next() else { break };
-            calls.push(publisher.clone().oneshot(event));
-        }
-        let Some(result) = calls.next().await else { break };
-        longest_stall = longest_stall.max(last.elapsed());
-        last = Instant::now();
-        match result.expect("nothing reaches the caller: delivered or dead-lettered") {
-            Outcome::Delivered(receipt) => {
-                delivered.insert(receipt.event_id.to_string());
-            }
-            Outcome::DeadLettered(_) => dead += 1,
-        }
-        done += 1;
+    let run = publish_through_faults(publisher, sent.clone(), CONCURRENCY, async |done| {
         if done == 700 {
             first.stop().await;
-            last = Instant::now();
         }
-    }
-    let published_in = started.elapsed();
-    assert_eq!(done, EVENTS);
+        done == 700
+    })
+    .await;
+    let delivered = run.delivered_ids();
     assert_eq!(
-        delivered.len() + dead,
+        delivered.len() + run.dead,
         EVENTS,
         "delivered + dead-lettered = published"
     );
@@ -120,17 +93,15 @@ async fn a_publisher_fails_over_to_the_next_node_and_every_confirmed_event_is_de
         }
     })
     .await;
-    let all: HashSet<&str> = sent.iter().map(Event::id).collect();
-    assert!(
-        seen.keys().all(|id| all.contains(id.as_str())),
-        "an event nobody sent"
-    );
-    let twice = seen.values().filter(|&&n| n > 1).count();
+    let twice = run.check_consumed(&sent, &seen);
     println!(
-        "published {EVENTS} in {published_in:?}: confirmed {}, dead-lettered {dead}, consumed {} \
-         ({} more than once: unacknowledged when the first node stopped), longest publish stall {longest_stall:?}",
+        "published {EVENTS} in {:?}: confirmed {}, dead-lettered {}, consumed {} \
+         ({} more than once: unacknowledged when the first node stopped), longest publish stall {:?}",
+        run.published_in,
         delivered.len(),
+        run.dead,
         seen.len(),
-        twice
+        twice,
+        run.longest_stall,
     );
 }

@@ -32,6 +32,7 @@
 //! together (a `FuturesUnordered`, a `buffer_unordered`) are woken once per
 //! batch and find all their replies, rather than once per reply.
 
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,12 +43,13 @@ use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use futures_util::task::AtomicWaker;
 use redis::Value;
+use redis::cluster_routing::Slot;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use watchtower::reply::Replier;
 use watchtower::{Error, ErrorKind, Event};
 
-use crate::error::from_redis;
-use crate::publisher::{LinkState, MaxLen, xadd};
+use crate::error::{ReplicasNotAcknowledged, from_redis};
+use crate::publisher::{LinkState, MaxLen, ReplicaAcks, xadd};
 use crate::wire::{ContentMode, shared_string};
 
 /// Pipelines on the wire at once.
@@ -317,6 +319,8 @@ pub(crate) struct Target {
     pub(crate) hash_tag: bool,
     pub(crate) max_len: Option<MaxLen>,
     pub(crate) mode: ContentMode,
+    /// `WAIT` for replicas after each master's share of a batch.
+    pub(crate) replicas: Option<ReplicaAcks>,
 }
 
 async fn send(
@@ -330,31 +334,25 @@ async fn send(
     if batch.is_empty() {
         return;
     }
-    let mut pipe = redis::Pipeline::with_capacity(batch.len());
+    let keyed = batch
+        .iter()
+        .map(|request| (xadd(&target, &request.event), wait_slot(&target, &request.event)));
+    let (mut pipe, places_of) = with_waits(keyed, &target);
     // Each command's server error becomes its own reply, for its caller.
     pipe.ignore_errors();
-    for request in &batch {
-        pipe.add_command(xadd(&target, &request.event));
-    }
     let result = pipe
         .query_async::<Vec<Value>>(&mut conn)
         .await
         .map_err(|e| from_redis(e, "XADD pipeline"));
     health.observe(&result);
     let filled: Vec<_> = match result {
-        Ok(replies) => {
-            let mut replies = replies.iter();
-            batch
-                .into_iter()
-                .map(|Request { event, reply }| {
-                    let answer = match replies.next() {
-                        Some(value) => answer(value, &target.prefix, &event),
-                        None => Err(Error::decode("XADD pipeline: missing reply")),
-                    };
-                    reply.fill(answer)
-                })
-                .collect()
-        }
+        Ok(replies) => batch
+            .into_iter()
+            .zip(places_of)
+            .map(|(Request { event, reply }, places)| {
+                reply.fill(answer_waited(&replies, places, &target, &event))
+            })
+            .collect(),
         Err(e) => batch
             .into_iter()
             .map(|request| request.reply.fill(Err(Error::new(e.kind(), e.message()))))
@@ -363,6 +361,122 @@ async fn send(
     // Room first, so that woken callers find it; then every caller.
     drop(places);
     drop(filled);
+}
+
+/// Where the replies of one `XADD` of a pipeline are: its own, and that
+/// of the `WAIT` after it, if the publisher waits for replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReplyPlaces {
+    xadd: usize,
+    wait: Option<usize>,
+}
+
+/// The slot whose `WAIT` covers the `XADD` of `event`: its stream's on a
+/// cluster when the publisher waits for replicas, else none (one `WAIT`,
+/// if any, for the whole pipeline).
+pub(crate) fn wait_slot(target: &Target, event: &Event) -> Option<Slot> {
+    (target.replicas.is_some() && target.hash_tag).then(|| Slot::for_key(stream_of(target, event)))
+}
+
+/// The pipeline of `commands` (each with its [`wait_slot`]) and where
+/// each one's replies will be. If `target` waits for replicas, a `WAIT`
+/// follows the last command of each slot (the only one on a single
+/// Redis): on a cluster the pipeline is split by slot, a `WAIT` going with
+/// the command before it, so each master is asked about the writes it
+/// took, on the connection that sent them. The commands keep their order.
+pub(crate) fn with_waits(
+    commands: impl Iterator<Item = (redis::Cmd, Option<Slot>)>,
+    target: &Target,
+) -> (redis::Pipeline, Vec<ReplyPlaces>) {
+    let commands: Vec<(redis::Cmd, Option<Slot>)> = commands.collect();
+    let mut last: HashMap<Option<Slot>, usize> = HashMap::new();
+    if target.replicas.is_some() {
+        for (i, (_, slot)) in commands.iter().enumerate() {
+            last.insert(*slot, i);
+        }
+    }
+    let mut pipe = redis::Pipeline::with_capacity(commands.len() + last.len());
+    let mut places = Vec::with_capacity(commands.len());
+    let mut waits: HashMap<Option<Slot>, usize> = HashMap::new();
+    let mut at = 0;
+    for (i, (cmd, slot)) in commands.into_iter().enumerate() {
+        pipe.add_command(cmd);
+        places.push((at, slot));
+        at += 1;
+        if let Some(acks) = target.replicas
+            && last.get(&slot) == Some(&i)
+        {
+            pipe.add_command(acks.command());
+            waits.insert(slot, at);
+            at += 1;
+        }
+    }
+    let places = places
+        .into_iter()
+        .map(|(xadd, slot)| ReplyPlaces {
+            xadd,
+            wait: waits.get(&slot).copied(),
+        })
+        .collect();
+    (pipe, places)
+}
+
+/// What the caller of the `XADD` of `event` is told, from the replies of
+/// a pipeline made by [`with_waits`].
+pub(crate) fn answer_waited(
+    replies: &[Value],
+    places: ReplyPlaces,
+    target: &Target,
+    event: &Event,
+) -> Answer {
+    let id = match replies.get(places.xadd) {
+        Some(value) => answer(value, &target.prefix, event)?,
+        None => return Err(Error::decode("XADD pipeline: missing reply")),
+    };
+    match (target.replicas, places.wait) {
+        (Some(acks), Some(wait)) => replicated(target, event, id, acks.replicas, replies.get(wait)),
+        _ => Ok(id),
+    }
+}
+
+/// What the caller of an `XADD` stored as `id` is told once its master
+/// answered the `WAIT` after it with `acknowledged`.
+fn replicated(
+    target: &Target,
+    event: &Event,
+    id: Arc<str>,
+    wanted: u32,
+    acknowledged: Option<&Value>,
+) -> Answer {
+    match acknowledged {
+        Some(Value::Int(n)) if *n >= i64::from(wanted) => Ok(id),
+        Some(Value::Int(n)) => Err(ReplicasNotAcknowledged {
+            stream: stream_of(target, event).into(),
+            entry_id: id,
+            acknowledged: u32::try_from(*n).unwrap_or(0),
+            wanted,
+        }
+        .into_error()),
+        Some(Value::ServerError(e)) => Err(Error::new(
+            ErrorKind::Rejected,
+            format!(
+                "WAIT after the XADD to {:?}: {} {}",
+                stream_of(target, event),
+                e.code(),
+                e.details().unwrap_or_default()
+            ),
+        )),
+        _ => Err(Error::decode("WAIT did not answer with a count of replicas")),
+    }
+}
+
+/// The stream key of `event` under `target`.
+fn stream_of(target: &Target, event: &Event) -> String {
+    if target.hash_tag {
+        format!("{}{{{}}}", target.prefix, event.topic())
+    } else {
+        format!("{}{}", target.prefix, event.topic())
+    }
 }
 
 /// What the caller of the `XADD` of `event` to the stream `prefix` + its
@@ -435,6 +549,60 @@ mod tests {
             assert_eq!((err.kind(), err.is_retryable()), (kind, retryable), "{line}");
             assert_eq!(err.message(), format!("XADD to \"wt:orders.created\": {line}"));
         }
+    }
+
+    #[test]
+    fn a_wait_follows_the_last_xadd_of_each_slot_and_the_order_holds() {
+        use std::time::Duration;
+
+        use redis::cluster_routing::Slot;
+
+        use super::{ReplyPlaces, Target, wait_slot, with_waits};
+        use crate::publisher::{ReplicaAcks, xadd};
+        use crate::wire::ContentMode;
+
+        let target = Target {
+            prefix: "p:".into(),
+            hash_tag: true,
+            max_len: None,
+            mode: ContentMode::Structured,
+            replicas: Some(ReplicaAcks {
+                replicas: 1,
+                timeout: Duration::from_millis(100),
+            }),
+        };
+        let events = ["a", "b", "a"].map(|topic| Event::new(topic, serde_json::json!({})));
+        assert_ne!(wait_slot(&target, &events[0]), wait_slot(&target, &events[1]));
+        assert_eq!(wait_slot(&target, &events[0]), Some(Slot::for_key("p:{a}")));
+        let (pipe, places) = with_waits(
+            events.iter().map(|e| (xadd(&target, e), wait_slot(&target, e))),
+            &target,
+        );
+        let names: Vec<String> = pipe
+            .cmd_iter()
+            .map(|cmd| match cmd.args_iter().next() {
+                Some(redis::Arg::Simple(name)) => String::from_utf8_lossy(name).into_owned(),
+                _ => String::new(),
+            })
+            .collect();
+        assert_eq!(names, ["XADD", "XADD", "WAIT", "XADD", "WAIT"]);
+        let place = |xadd, wait| ReplyPlaces {
+            xadd,
+            wait: Some(wait),
+        };
+        assert_eq!(places, [place(0, 4), place(1, 2), place(3, 4)]);
+
+        // Without waiting, the pipeline is the XADDs alone.
+        let plain = Target {
+            replicas: None,
+            ..target
+        };
+        let (pipe, places) = with_waits(
+            events.iter().map(|e| (xadd(&plain, e), wait_slot(&plain, e))),
+            &plain,
+        );
+        assert_eq!(pipe.cmd_iter().count(), 3);
+        assert!(places.iter().all(|p| p.wait.is_none()));
     }
 
     #[test]

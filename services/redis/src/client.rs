@@ -103,9 +103,11 @@ impl RedisClient {
     /// # Errors
     ///
     /// [`ErrorKind::Config`](watchtower::ErrorKind::Config) for an option
-    /// out of range (a `max_len` of 0).
+    /// out of range (a `max_len` of 0, a
+    /// [`wait_for_replicas`](RedisPublisherOptions::wait_for_replicas)
+    /// timeout of zero or not shorter than the response timeout).
     pub fn publisher_with(&self, options: RedisPublisherOptions) -> Result<RedisPublisher, Error> {
-        options.validate()?;
+        options.validate(self.config().timeouts().1)?;
         Ok(RedisPublisher::new(self.clone(), options))
     }
 

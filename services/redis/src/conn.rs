@@ -11,7 +11,9 @@
 //! the `XADD`s of a publisher's batch): on a cluster, [`Conn`] splits it
 //! into one pipeline per slot, sends those at once, and puts the replies
 //! back in order. Stream keys carry their topic as a hash tag on a cluster
-//! (`prefix{topic}`), so that each topic's commands stay on one slot.
+//! (`prefix{topic}`), so that each topic's commands stay on one slot. A
+//! command without a key (the `WAIT` after a slot's `XADD`s) goes with the
+//! command before it, to the same master on the same connection.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -169,8 +171,11 @@ async fn split_by_slot(
     count: usize,
 ) -> RedisResult<Vec<Value>> {
     let mut slots: HashMap<Option<Slot>, Vec<usize>> = HashMap::new();
+    let mut previous = None;
     for (i, cmd) in pipeline.cmd_iter().enumerate() {
-        let slot = key_of(cmd).map(Slot::for_key);
+        // A command without a key (a `WAIT`) goes with the one before it.
+        let slot = key_of(cmd).map(Slot::for_key).or(previous);
+        previous = slot;
         slots.entry(slot).or_default().push(i);
     }
     if slots.len() <= 1 || pipeline.is_transaction() {

@@ -1,7 +1,65 @@
-//! Mapping `redis` crate errors to WatchTower's error kinds.
+//! Mapping `redis` crate errors to WatchTower's error kinds, and the
+//! transport's own error conditions.
+
+use std::fmt;
+use std::sync::Arc;
 
 use redis::{RedisError, RetryMethod};
 use watchtower::{Error, ErrorKind};
+
+/// Fewer replicas than asked acknowledged an `XADD` within the timeout of
+/// [`wait_for_replicas`](crate::RedisPublisherOptions::wait_for_replicas):
+/// the event is stored on the master (as `entry_id`) but may be lost if
+/// the master fails before a replica has it.
+///
+/// It is the [source](std::error::Error::source) of the caller's
+/// [`ErrorKind::Timeout`] error:
+///
+/// ```
+/// use watchtower_redis::ReplicasNotAcknowledged;
+///
+/// fn replicas_missing(error: &watchtower::Error) -> Option<&ReplicasNotAcknowledged> {
+///     std::error::Error::source(error)?.downcast_ref()
+/// }
+/// # assert!(replicas_missing(&watchtower::Error::closed("x")).is_none());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplicasNotAcknowledged {
+    /// The stream the event was stored in.
+    pub stream: Arc<str>,
+    /// Its entry id on the master.
+    pub entry_id: Arc<str>,
+    /// How many replicas acknowledged it within the timeout.
+    pub acknowledged: u32,
+    /// How many were asked for.
+    pub wanted: u32,
+}
+
+impl fmt::Display for ReplicasNotAcknowledged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} of {} replicas acknowledged entry {} of {:?} in time",
+            self.acknowledged, self.wanted, self.entry_id, self.stream
+        )
+    }
+}
+
+impl std::error::Error for ReplicasNotAcknowledged {}
+
+impl ReplicasNotAcknowledged {
+    /// The caller's error: a retryable [`ErrorKind::Timeout`] with this
+    /// as its source.
+    pub(crate) fn into_error(self) -> Error {
+        Error::new(
+            ErrorKind::Timeout,
+            format!("XADD stored but not replicated: {self}"),
+        )
+        .with_retryable(true)
+        .with_source(self)
+    }
+}
 
 /// Converts a `redis` error into an [`Error`] of the matching kind, with
 /// `context` (which must not hold credentials) before the client's text.

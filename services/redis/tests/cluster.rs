@@ -22,6 +22,7 @@ use watchtower_layers::dead_letter::Outcome;
 use watchtower_layers::retry::RetryConfig;
 use watchtower_redis::{
     DeadLetter, RedisClient, RedisConfig, RedisPublisher, RedisSubscriber, RedisSubscriberOptions,
+    RedisSubscription,
 };
 use watchtower_test_support::{RedisCluster, unique, within};
 
@@ -41,6 +42,16 @@ fn subscriber_options() -> RedisSubscriberOptions {
         .claim_idle(Duration::from_secs(5))
         .claim_interval(Duration::from_millis(100))
         .rescan_interval(Duration::from_millis(100))
+}
+
+/// A subscription of group `g` to `topics`.
+async fn group_g(client: &RedisClient, topics: &[String]) -> RedisSubscription {
+    client
+        .subscriber_with(subscriber_options())
+        .unwrap()
+        .open(SubscribeOptions::new(topics).unwrap().group("g").unwrap())
+        .await
+        .unwrap()
 }
 
 struct OnCluster {
@@ -247,12 +258,7 @@ async fn ten_thousand_events_with_a_master_killed_are_delivered_or_dead_lettered
     let topics: Vec<String> = (0..TOPICS).map(|i| format!("{ns}.t{i}")).collect();
 
     let (seen_tx, mut seen) = tokio::sync::watch::channel(HashMap::<String, u32>::new());
-    let mut subscription = client
-        .subscriber_with(subscriber_options())
-        .unwrap()
-        .open(SubscribeOptions::new(&topics).unwrap().group("g").unwrap())
-        .await
-        .unwrap();
+    let mut subscription = group_g(&client, &topics).await;
     let consumer = tokio::spawn(async move {
         let mut errors = 0usize;
         while let Some(item) = subscription.next().await {
@@ -377,4 +383,77 @@ async fn ten_thousand_events_with_a_master_killed_are_delivered_or_dead_lettered
         sent.iter()
             .any(|e| e.id() == id.as_str() && e.topic() == topics[0])
     }));
+}
+
+/// 240 delayed events over eight topics (spread over the three masters),
+/// due 100 ms to 1.5 s later, through a publisher that is dropped once it
+/// has scheduled them: each is delivered once, no earlier than asked, and
+/// the sorted sets beside the streams are empty at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_events_on_a_cluster_arrive_no_earlier_than_asked_and_none_is_lost() {
+    const EVENTS: usize = 240;
+    const TOPICS: usize = 8;
+
+    let cluster = RedisCluster::start(3, 0).await;
+    let config = RedisConfig::cluster(cluster.urls());
+    let client = RedisClient::connect(config.clone()).await.unwrap();
+    let ns = unique("delayed");
+    let topics: Vec<String> = (0..TOPICS).map(|i| format!("{ns}.t{i}")).collect();
+    let mut masters = HashSet::new();
+    for topic in &topics {
+        masters.insert(cluster.master_of(&config.stream_key(topic)).await);
+    }
+    assert!(masters.len() > 1, "the topics live on several masters");
+
+    let mut subscription = group_g(&client, &topics).await;
+    let mut due = HashMap::new();
+    {
+        let mut publisher = client.publisher();
+        for i in 0..EVENTS {
+            let mut event = Event::new(topics[i % TOPICS].clone(), serde_json::json!({ "i": i }));
+            let millis = 100 + (i as u64 * 37) % 1_400;
+            watchtower::delay::set_delay(&mut event, Duration::from_millis(millis));
+            due.insert(
+                event.id().to_owned(),
+                watchtower::delay::deliver_at(&event).unwrap().unwrap(),
+            );
+            let receipt = publisher.publish(event).await.unwrap();
+            assert_eq!(receipt.message_id, None, "held, not in the stream yet");
+        }
+    }
+
+    let mut seen = HashSet::new();
+    within("every delayed event", async {
+        while seen.len() < EVENTS {
+            let delivery = subscription.next().await.unwrap().unwrap();
+            let at = time::OffsetDateTime::now_utc();
+            let event = delivery.event().expect("a valid event").clone();
+            delivery.ack().await.unwrap();
+            let asked = due.get(event.id()).expect("an event of this test");
+            assert!(
+                at >= *asked,
+                "{} delivered at {at}, asked for {asked}",
+                event.id()
+            );
+            assert_eq!(event.extension(watchtower::ext::DELIVER_AT), None);
+            assert!(
+                seen.insert(event.id().to_owned()),
+                "{} delivered twice",
+                event.id()
+            );
+        }
+    })
+    .await;
+    let mut conn = raw(&cluster.urls()).await;
+    for topic in &topics {
+        let key = config.stream_key(topic);
+        let left: i64 = redis::cmd("ZCARD")
+            .arg(format!("{key}#delayed"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "{key}");
+        let stored: i64 = redis::cmd("XLEN").arg(&key).query_async(&mut conn).await.unwrap();
+        assert_eq!(stored, (EVENTS / TOPICS) as i64, "each moved once into {key}");
+    }
 }

@@ -861,6 +861,59 @@ async fn own_pending_entries_and_reclaiming_do_not_deliver_an_entry_twice() {
     cleanup(URL, &ns).await;
 }
 
+/// The same race with each entry acknowledged at once: one path delivers
+/// an entry and it is acknowledged while the other path, which read it
+/// before, is still on its way to delivering it. The later path must find
+/// it no longer pending and leave it: every entry reaches the handler
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_acknowledged_while_another_path_read_it_is_not_delivered_again() {
+    let ns = unique("wtr_acked_twice");
+    let topic = format!("{ns}.jobs");
+    let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
+    let builder = RedisSubscriberOptions::new()
+        .consumer(format!("{ns}-worker-1"))
+        .batch_size(10)
+        .claim_idle(Duration::from_millis(1))
+        .claim_interval(Duration::from_millis(1));
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
+    let sent = numbered(&topic, 500);
+    let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
+    assert_eq!(taken, 500);
+
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .subscriber_with(builder)
+        .unwrap();
+    let mut subscription = subscriber.open(options).await.unwrap();
+    let mut seen = HashSet::new();
+    let mut deliveries = 0;
+    while seen.len() < sent.len() {
+        let delivery = next(&mut subscription).await;
+        deliveries += 1;
+        let id = delivery.event().unwrap().id().to_owned();
+        assert!(seen.insert(id.clone()), "{id} delivered twice");
+        delivery.ack().await.unwrap();
+    }
+    let mut conn = raw(URL).await;
+    assert_eq!(pending(&mut conn, &topic, "workers").await, 0);
+    let extra = tokio::time::timeout(Duration::from_millis(300), subscription.next()).await;
+    assert!(
+        extra.is_err(),
+        "an acknowledged entry came again: {:?}",
+        extra
+            .ok()
+            .flatten()
+            .map(|d| d.map(|d| d.event().map(|e| e.id().to_owned())))
+    );
+    assert_eq!(deliveries, sent.len());
+    cleanup(URL, &ns).await;
+}
+
 /// The delivery count of every entry pending in `group`, by entry id.
 async fn pending_counts(
     conn: &mut redis::aio::MultiplexedConnection,

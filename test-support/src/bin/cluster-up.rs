@@ -8,12 +8,12 @@
 //! ```
 //!
 //! `redis`: 3 masters and 3 replicas (Redis Cluster); `nats`: 3 routed
-//! `nats-server`s with clustered JetStream; `rabbitmq`: two independent
-//! RabbitMQ nodes (guest/guest) for failover. The shared brokers on their
+//! `nats-server`s with clustered JetStream; `rabbitmq`: a 3-node RabbitMQ
+//! cluster (guest/guest) for quorum queues. The shared brokers on their
 //! standard ports are never touched.
 
 use tokio::signal::unix::{SignalKind, signal};
-use watchtower_test_support::{NatsCluster, RabbitNode, RedisCluster};
+use watchtower_test_support::{NatsCluster, RabbitCluster, RedisCluster};
 
 const USAGE: &str = "usage: cluster-up redis|nats|rabbitmq";
 
@@ -32,13 +32,9 @@ async fn main() {
             Box::new(cluster)
         }
         "rabbitmq" => {
-            let (first, second) = tokio::join!(RabbitNode::start(), RabbitNode::start());
-            println!(
-                "WATCHTOWER_RABBITMQ_NODES=127.0.0.1:{},127.0.0.1:{}",
-                first.port(),
-                second.port()
-            );
-            Box::new((first, second))
+            let cluster = RabbitCluster::start(3).await;
+            println!("WATCHTOWER_RABBITMQ_CLUSTER={}", hosts(&cluster.urls()));
+            Box::new(cluster)
         }
         _ => {
             eprintln!("{USAGE}");
@@ -59,10 +55,15 @@ async fn main() {
     eprintln!("cluster-up: {kind} cluster stopped");
 }
 
-/// `host:port` of each URL, comma-separated.
+/// `host:port` of each URL (without scheme, credentials or path),
+/// comma-separated.
 fn hosts(urls: &[String]) -> String {
     urls.iter()
-        .map(|url| url.split_once("://").map_or(url.as_str(), |(_, rest)| rest))
+        .map(|url| {
+            let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+            let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+            rest.split('/').next().unwrap_or(rest)
+        })
         .collect::<Vec<_>>()
         .join(",")
 }

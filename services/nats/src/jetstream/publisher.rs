@@ -87,6 +87,7 @@ pub struct JetStreamPublisher {
     subjects: SubjectCache,
     encoder: Encoder,
     expected_stream: Option<Arc<str>>,
+    deduplicate: bool,
     window: PollSemaphore,
     max_in_flight: usize,
     permit: Option<OwnedSemaphorePermit>,
@@ -103,6 +104,7 @@ impl JetStreamPublisher {
             subjects: SubjectCache::default(),
             encoder: Encoder::default(),
             expected_stream: None,
+            deduplicate: true,
             window: PollSemaphore::new(Arc::new(Semaphore::new(DEFAULT_MAX_IN_FLIGHT))),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             permit: None,
@@ -130,6 +132,23 @@ impl JetStreamPublisher {
     /// (`Nats-Expected-Stream`), rejecting them otherwise.
     pub fn expected_stream(mut self, stream: impl Into<Arc<str>>) -> Self {
         self.expected_stream = Some(stream.into());
+        self
+    }
+
+    /// Whether each event carries its id as `Nats-Msg-Id`, so that the
+    /// stream stores a retried event once within its duplicate window.
+    /// Default `true`.
+    ///
+    /// With `false`, a structured-mode event goes out with no header at all,
+    /// as a raw publish of its body: the server skips its duplicate
+    /// tracking and the client builds no header map, which is most of what
+    /// JetStream publishing costs beyond the raw client (see the
+    /// [crate docs](crate#wire-format)); a retry after a lost
+    /// acknowledgement may then store the event twice. For a stream whose
+    /// consumers deduplicate by event id themselves, or whose publishers
+    /// never retry.
+    pub fn deduplicate(mut self, on: bool) -> Self {
+        self.deduplicate = on;
         self
     }
 
@@ -163,6 +182,7 @@ impl Clone for JetStreamPublisher {
             subjects: self.subjects.clone(),
             encoder: self.encoder.clone(),
             expected_stream: self.expected_stream.clone(),
+            deduplicate: self.deduplicate,
             window: self.window.clone(),
             max_in_flight: self.max_in_flight,
             permit: None,
@@ -220,7 +240,7 @@ impl Service<Event> for JetStreamPublisher {
             Err(e) => return ResponseFuture::ready(Err(e)),
         };
         let trace = PublishTrace::start(NatsClient::SYSTEM, &topic, &mut event);
-        let Encoded { headers, body } = match self.encoder.encode(&event, true, expected_stream) {
+        let Encoded { headers, body } = match self.encoder.encode(&event, self.deduplicate, expected_stream) {
             Ok(encoded) => encoded,
             Err(e) => return ResponseFuture::finished(trace, Err(e)),
         };
@@ -248,7 +268,7 @@ impl Service<Event> for JetStreamPublisher {
         // The message went with the attempt (a copy of its body handle
         // would cost a structured body another allocation): encoded again,
         // on this rare path, when the client's queue is full.
-        let Encoded { headers, body } = match self.encoder.encode(&event, true, expected_stream) {
+        let Encoded { headers, body } = match self.encoder.encode(&event, self.deduplicate, expected_stream) {
             Ok(encoded) => encoded,
             Err(e) => return ResponseFuture::finished(trace, Err(e)),
         };

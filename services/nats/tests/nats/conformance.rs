@@ -63,6 +63,46 @@ pub(crate) struct Js {
     pub(crate) expires: Option<Duration>,
 }
 
+impl Js {
+    /// Waits until a publish through `publishing` reaches the new stream:
+    /// on a cluster, the stream's leader is elected and its interest
+    /// reaches the other servers some time after the stream is created,
+    /// and a publish before that finds no stream. The probe is purged
+    /// before the case starts.
+    async fn await_stream_reachable(&self, namespace: &str) -> Result<(), Error> {
+        let js = self.publishing.raw_jetstream();
+        let probe = format!("{namespace}.setup-probe");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let acked = match js.publish(probe.clone(), Bytes::from_static(b"{}")).await {
+                Ok(ack) => ack.await.is_ok(),
+                Err(_) => false,
+            };
+            if acked {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::new(
+                    watchtower::ErrorKind::Connection,
+                    format!("stream {namespace} not reachable from the publishing server"),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+        let stream = js
+            .get_stream(namespace)
+            .await
+            .map_err(|e| Error::new(watchtower::ErrorKind::Connection, e.to_string()))?;
+        stream
+            .purge()
+            .await
+            .map_err(|e| Error::new(watchtower::ErrorKind::Connection, e.to_string()))?;
+        Ok(())
+    }
+}
+
 impl Harness for Js {
     type Publisher = JetStreamPublisher;
     type Subscriber = JetStreamSubscriber;
@@ -90,8 +130,11 @@ impl Harness for Js {
                 num_replicas: self.replicas,
                 ..Default::default()
             })
-            .await
-            .map(|_| ())
+            .await?;
+        if self.replicas > 1 {
+            self.await_stream_reachable(namespace).await?;
+        }
+        Ok(())
     }
 
     async fn teardown(&self, namespace: &str) -> Result<(), Error> {

@@ -59,6 +59,34 @@ async fn receipt_carries_stream_sequence_and_dedups_by_event_id() {
     client.delete_stream(&name).await.unwrap();
 }
 
+/// Without deduplication a structured event goes out bare, as a raw
+/// publish of its body: no header is stored, a retried event is stored
+/// again (the trade-off the option documents), and it reads back equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_deduplication_events_carry_no_header_and_a_retry_is_stored_again() {
+    let client = local().await;
+    let name = unique("WT");
+    stream(&client, &name).await;
+    let mut publisher = client.jetstream_publisher().deduplicate(false);
+    let event = Event::new(format!("{name}.a"), serde_json::json!({"n": 1}));
+    let r1 = publisher.publish(event.clone()).await.unwrap();
+    let r2 = publisher.publish(event.clone()).await.unwrap();
+    assert_eq!((r1.sequence, r1.duplicate), (Some(1), false));
+    assert_eq!((r2.sequence, r2.duplicate), (Some(2), false));
+    assert_eq!(client.stream_messages(&name).await.unwrap(), 2);
+    let stored = client.raw_jetstream().get_stream(&name).await.unwrap();
+    let first = stored.get_raw_message(1).await.unwrap();
+    assert_eq!(first.headers.iter().count(), 0);
+    assert_eq!(
+        watchtower::codec::structured::from_bytes(&first.payload).unwrap(),
+        event
+    );
+    // A clone keeps the choice.
+    let mut clone = publisher.clone();
+    assert_eq!(clone.publish(event).await.unwrap().sequence, Some(3));
+    client.delete_stream(&name).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_content_modes_store_the_dedup_id_and_read_back_equal() {
     let client = local().await;

@@ -219,8 +219,10 @@ impl RabbitConfig {
     }
 
     /// How long one connection attempt (TCP, TLS and AMQP handshake) may
-    /// take. Default 10 s: long enough for a TLS handshake to a remote
-    /// broker, short enough to notice a dead one.
+    /// take, and again how long setting the new connection up (opening
+    /// channels, declaring the exchange and queues) may take before it is
+    /// given up and tried again. Default 10 s: long enough for a TLS
+    /// handshake to a remote broker, short enough to notice a dead one.
     pub fn connect_timeout(mut self, timeout: Duration) -> RabbitConfig {
         self.connect_timeout = timeout;
         self

@@ -29,7 +29,7 @@ use crate::config::{ContentMode, PublishOptions, RabbitConfig, short};
 use crate::confirms::{Confirms, Outcome};
 use crate::connection::{Link, LinkGuard, LinkState, Setup, breaks_channel, map_lapin_error};
 use crate::wire;
-use channels::{Channels, open_channels, pick, repair};
+use channels::{Channels, open_channels, pick, repair, retire};
 use delay::{Declared, Route};
 
 struct Inner {
@@ -68,7 +68,11 @@ struct Inner {
 /// * [`ErrorKind::Rejected`] if no queue is bound for the routing key (the
 ///   broker returned it, `mandatory`), not retryable;
 /// * [`ErrorKind::Rejected`], retryable, if the broker nacked it (a full
-///   queue with `reject-publish` overflow, an internal error);
+///   queue with `reject-publish` overflow, an internal error, a quorum
+///   queue whose leader moved); the channel it went out on is then
+///   replaced, since a channel opened while a quorum queue's leader moved
+///   can go on nacking every publish (the events awaiting their confirm
+///   on it fail with a retryable [`ErrorKind::Connection`]);
 /// * [`ErrorKind::Connection`], retryable, if the connection or the
 ///   channel failed before the confirm arrived: the event may or may not
 ///   have been stored, so a retry can duplicate it (at-least-once).
@@ -444,28 +448,31 @@ impl Service<Event> for RabbitPublisher {
                             }),
                         };
                         match outcome {
-                        Some(Outcome::Ack) => Ok(receipt),
-                        Some(Outcome::Returned { code, text }) => Err(Error::new(
-                            ErrorKind::Rejected,
-                            format!(
-                                "no queue is bound for routing key {:?} on exchange {:?} ({code} {text})",
-                                event.topic(),
-                                inner.exchange.as_str(),
-                            ),
-                        )
-                        .with_event(event)),
-                        Some(Outcome::Nack) => Err(Error::new(
-                            ErrorKind::Rejected,
-                            "the broker nacked the event (a full queue refusing publishes, or an internal error)",
-                        )
-                        .with_retryable(true)),
-                        Some(Outcome::Failed(e)) => Err(failed(e, "publisher confirm")),
-                        None => Err(Error::new(
-                            ErrorKind::Connection,
-                            "the channel's confirm task stopped before the broker confirmed the event",
-                        )
-                        .with_retryable(true)),
-                    }
+                            Some(Outcome::Ack) => Ok(receipt),
+                            Some(Outcome::Returned { code, text }) => Err(Error::new(
+                                ErrorKind::Rejected,
+                                format!(
+                                    "no queue is bound for routing key {:?} on exchange {:?} ({code} {text})",
+                                    event.topic(),
+                                    inner.exchange.as_str(),
+                                ),
+                            )
+                            .with_event(event)),
+                            Some(Outcome::Nack) => {
+                                retire(&inner, &session, index, &channel);
+                                Err(Error::new(
+                                ErrorKind::Rejected,
+                                "the broker nacked the event (a full queue refusing publishes, or an internal error)",
+                            )
+                            .with_retryable(true))
+                            }
+                            Some(Outcome::Failed(e)) => Err(failed(e, "publisher confirm")),
+                            None => Err(Error::new(
+                                ErrorKind::Connection,
+                                "the channel's confirm task stopped before the broker confirmed the event",
+                            )
+                            .with_retryable(true)),
+                        }
                     };
                     let result = tokio::select! {
                         biased;

@@ -19,7 +19,7 @@ use watchtower::trace::PublishTrace;
 use watchtower::validate_topic;
 use watchtower::{Error, ErrorKind, Event, Receipt, Transport};
 
-use crate::batch::{Queue, Request, Stopped, Target, answer, batch_loop};
+use crate::batch::{Queue, Request, Stopped, Target, answer_waited, batch_loop, wait_slot, with_waits};
 use crate::client::{RedisClient, ping};
 use crate::config::RedisConfig;
 use crate::conn::Backend;
@@ -33,6 +33,7 @@ mod options;
 
 pub use future::ResponseFuture;
 use future::State;
+pub(crate) use options::ReplicaAcks;
 pub use options::{MaxLen, RedisPublisherOptions};
 
 /// Stream keys remembered per topic, so that a busy topic's key is not
@@ -295,13 +296,17 @@ impl RedisPublisher {
             hash_tag: config.is_cluster(),
             max_len: options.max_len,
             mode: options.mode,
+            replicas: options.replicas,
         };
         let health = LinkState::new();
         let stopped = Stopped(queue.clone());
         // The publisher's own connection speaks to one plain-TCP Redis; a
-        // cluster (or TLS) goes through the `redis` crate's connection.
+        // cluster (or TLS, or waiting for replicas) goes through the `redis`
+        // crate's connection.
         let own = match client.backend() {
-            Backend::Single(redis) if link::supports(redis.get_connection_info().addr()) => {
+            Backend::Single(redis)
+                if target.replicas.is_none() && link::supports(redis.get_connection_info().addr()) =>
+            {
                 Some(redis.clone())
             }
             _ => None,
@@ -325,7 +330,7 @@ impl RedisPublisher {
                 target.clone(),
             ));
         }
-        let delays = delay::Delays::new(client.config().prefix());
+        let delays = delay::Delays::new(client.config());
         RedisPublisher {
             shared: Arc::new(PublisherShared {
                 queue,
@@ -367,20 +372,22 @@ impl RedisPublisher {
     /// The outer error is a failure of the whole pipeline (connection,
     /// timeout): then none, some or all events may have been stored.
     pub async fn publish_batch(&self, events: Vec<Event>) -> Result<Vec<Result<Receipt, Error>>, Error> {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+        let target = &self.shared.target;
         let mut prepared = Vec::with_capacity(events.len());
+        let mut commands = Vec::with_capacity(events.len());
         for event in events {
             match self.shared.xadd(&event) {
                 Ok((key, cmd)) => {
-                    pipe.add_command(cmd);
+                    commands.push((cmd, wait_slot(target, &event)));
                     prepared.push(Ok((key, event)));
                 }
                 Err(e) => prepared.push(Err(e)),
             }
         }
+        let (mut pipe, places) = with_waits(commands.into_iter(), target);
+        pipe.ignore_errors();
         let mut conn = self.shared.client.conn().clone();
-        let replies: Vec<Value> = if pipe.cmd_iter().next().is_none() {
+        let replies: Vec<Value> = if places.is_empty() {
             Vec::new()
         } else {
             let result = pipe
@@ -390,18 +397,16 @@ impl RedisPublisher {
             self.shared.health.observe(&result);
             result?
         };
-        let mut replies = replies.into_iter();
+        let mut places = places.into_iter();
         Ok(prepared
             .into_iter()
             .map(|item| {
                 let (key, event) = item?;
-                match replies.next() {
-                    Some(reply) => {
-                        let id = answer(&reply, self.shared.client.config().prefix(), &event)?;
-                        Ok(receipt(&event, key, id))
-                    }
-                    None => Err(Error::decode("XADD pipeline: missing reply")),
-                }
+                let places = places
+                    .next()
+                    .ok_or_else(|| Error::decode("XADD pipeline: missing reply"))?;
+                let id = answer_waited(&replies, places, target, &event)?;
+                Ok(receipt(&event, key, id))
             })
             .collect())
     }
@@ -465,6 +470,7 @@ pub(crate) fn write_xadd(cmd: &mut Cmd, target: &Target, event: &Event) {
         hash_tag,
         max_len,
         mode,
+        ..
     } = target;
     let topic = event.topic();
     cmd.arg("XADD");

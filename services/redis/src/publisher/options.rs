@@ -1,4 +1,7 @@
-//! Per-publisher options: trimming, content mode, pending `XADD`s.
+//! Per-publisher options: trimming, content mode, pending `XADD`s,
+//! replica acknowledgement.
+
+use std::time::Duration;
 
 use watchtower::Error;
 
@@ -34,6 +37,25 @@ pub struct RedisPublisherOptions {
     pub(super) max_len: Option<MaxLen>,
     pub(super) max_pending: usize,
     pub(super) mode: ContentMode,
+    pub(super) replicas: Option<ReplicaAcks>,
+}
+
+/// `WAIT replicas timeout` after each batch of `XADD`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReplicaAcks {
+    pub(crate) replicas: u32,
+    pub(crate) timeout: Duration,
+}
+
+impl ReplicaAcks {
+    /// The `WAIT` command, its timeout in milliseconds (at least 1: 0
+    /// would wait for ever).
+    pub(crate) fn command(&self) -> redis::Cmd {
+        let millis = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(self.replicas).arg(millis);
+        cmd
+    }
 }
 
 impl Default for RedisPublisherOptions {
@@ -49,6 +71,7 @@ impl RedisPublisherOptions {
             max_len: None,
             max_pending: DEFAULT_MAX_PENDING,
             mode: ContentMode::default(),
+            replicas: None,
         }
     }
 
@@ -91,10 +114,65 @@ impl RedisPublisherOptions {
         self
     }
 
-    /// Checks the options.
-    pub(crate) fn validate(&self) -> Result<(), Error> {
+    /// Waits, after each batch of `XADD`s, until `replicas` replicas of
+    /// the master that stored them have acknowledged them, for at most
+    /// `timeout` (`WAIT replicas timeout`, sent on the same connection
+    /// right after the batch; on a Redis Cluster one per master the batch
+    /// wrote to). A caller hears of its event only then. Default: no
+    /// waiting, a caller is answered as soon as the master has stored its
+    /// event.
+    ///
+    /// If fewer replicas acknowledged within `timeout`, every caller of
+    /// the batch (of that master) gets an [`ErrorKind::Timeout`](watchtower::ErrorKind::Timeout) error
+    /// whose [source](std::error::Error::source) is a
+    /// [`ReplicasNotAcknowledged`](crate::ReplicasNotAcknowledged) with
+    /// the counts and the entry id. The event *is* stored on the master,
+    /// and may or may not survive its failure: the error is retryable, and
+    /// a retry stores it again (the consumer sees the event id twice).
+    ///
+    /// `WAIT` makes a write survive the failure of its master as long as
+    /// a replica that acknowledged it is promoted; it does not make Redis
+    /// strongly consistent (a failover may still promote a replica that
+    /// missed it). It costs a round trip to the replicas per batch, and
+    /// with it the publisher sends its batches on the `redis` crate's
+    /// multiplexed connection rather than its own pipelined one.
+    ///
+    /// A `replicas` of 0, a zero `timeout`, or a `timeout` not shorter
+    /// than the [response timeout](crate::RedisConfig::response_timeout)
+    /// is refused by [`publisher_with`](crate::RedisClient::publisher_with).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use watchtower_redis::RedisPublisherOptions;
+    ///
+    /// let options = RedisPublisherOptions::new().wait_for_replicas(1, Duration::from_millis(500));
+    /// # drop(options);
+    /// ```
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = Some(ReplicaAcks { replicas, timeout });
+        self
+    }
+
+    /// Checks the options, with the client's response timeout.
+    pub(crate) fn validate(&self, response_timeout: Duration) -> Result<(), Error> {
         if matches!(self.max_len, Some(MaxLen::Approx(0) | MaxLen::Exact(0))) {
             return Err(Error::config("max_len must be at least 1"));
+        }
+        if let Some(acks) = self.replicas {
+            if acks.replicas == 0 {
+                return Err(Error::config("wait_for_replicas needs at least one replica"));
+            }
+            if acks.timeout.is_zero() {
+                return Err(Error::config(
+                    "the wait_for_replicas timeout must be greater than zero",
+                ));
+            }
+            if acks.timeout >= response_timeout {
+                return Err(Error::config(format!(
+                    "the wait_for_replicas timeout ({:?}) must be shorter than the response timeout ({response_timeout:?})",
+                    acks.timeout
+                )));
+            }
         }
         Ok(())
     }

@@ -20,27 +20,34 @@ use super::shared::{Shared, StreamInfo, Tx};
 use super::trimmed::TRIMMED_PENDING;
 
 impl Shared {
-    /// Looks up the delivery counts of `ids` (all pending for this
-    /// consumer) on `key`.
-    pub(super) async fn delivery_counts(
-        &self,
-        key: &str,
-        entries: &[Entry],
-    ) -> Result<HashMap<String, u32>, Error> {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-            return Ok(HashMap::new());
+    /// The delivery counts of those of `entries` still pending for this
+    /// consumer on `key`: an entry left out is no longer pending. `None`
+    /// when that is unknown (the lookup failed, or its answer was cut
+    /// short).
+    async fn pending_counts(&self, key: &str, entries: &[(Entry, Held)]) -> Option<HashMap<String, u32>> {
+        let (Some((first, _)), Some((last, _))) = (entries.first(), entries.last()) else {
+            return Some(HashMap::new());
         };
-        let value: Value = redis::cmd("XPENDING")
+        let limit = entries.len() * 2;
+        let value: Result<Value, Error> = redis::cmd("XPENDING")
             .arg(key)
             .arg(&*self.group)
             .arg(&*first.id)
             .arg(&*last.id)
-            .arg(entries.len().max(1) * 2)
+            .arg(limit)
             .arg(&*self.options.consumer)
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(|e| from_redis(e, &format!("XPENDING on {key:?}")))?;
-        Ok(wire::parse_pending(value)?.into_iter().collect())
+            .map_err(|e| from_redis(e, &format!("XPENDING on {key:?}")));
+        match value.and_then(wire::parse_pending) {
+            // A full answer may have left some of the range out.
+            Ok(rows) if rows.len() < limit => Some(rows.into_iter().collect()),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not look up delivery counts");
+                None
+            }
+        }
     }
 
     /// Turns an entry into a delivery, or sends it to the dead-letter
@@ -50,6 +57,7 @@ impl Shared {
         self: &Arc<Self>,
         stream: &Arc<StreamInfo>,
         entry: Entry,
+        held: Held,
         count: u32,
     ) -> Option<Result<Delivery<RedisAcker>, Error>> {
         let Some(fields) = entry.fields else {
@@ -63,9 +71,6 @@ impl Shared {
             return None;
         };
         let id = entry.id.clone();
-        // Reading its own pending entries and reclaiming idle ones can both
-        // come upon the same entry; the first to hold it delivers it.
-        let held = Held::claim(self, &stream.key, &id)?;
         let acker = RedisAcker {
             shared: self.clone(),
             stream: stream.clone(),
@@ -189,21 +194,46 @@ impl Shared {
     /// Hands entries to the consumer, as one batch; if the subscription is
     /// closed, dropping the deliveries releases them for others to reclaim.
     /// Returns false once the subscription is closed.
+    ///
+    /// Entries read from a pending list ([`Source::Pending`]) may reach
+    /// this consumer by two paths at once (its own pending entries read at
+    /// start, idle entries reclaimed, nacked ones claimed back). Each entry
+    /// is held first — the first path to hold it delivers it — and only
+    /// then looked up in the pending list: an entry another path delivered
+    /// and acknowledged between this path's read and now is no longer
+    /// pending, and is not delivered a second time.
     pub(super) async fn hand_over(
         self: &Arc<Self>,
         tx: &Tx,
         stream: &Arc<StreamInfo>,
         entries: Vec<Entry>,
-        counts: impl Fn(&str) -> u32,
+        source: Source,
     ) -> bool {
-        let mut batch = Vec::with_capacity(entries.len());
+        let held: Vec<(Entry, Held)> = entries
+            .into_iter()
+            .filter_map(|entry| Held::claim(self, &stream.key, &entry.id).map(|held| (entry, held)))
+            .collect();
+        let counts = match source {
+            Source::New => None,
+            Source::Pending => Some(self.pending_counts(&stream.key, &held).await),
+        };
+        let mut batch = Vec::with_capacity(held.len());
         let mut gone = Vec::new();
-        for entry in entries {
+        for (entry, held) in held {
+            let count = match &counts {
+                None => 1,
+                Some(Some(pending)) => match pending.get(&*entry.id) {
+                    Some(count) => *count,
+                    // Acknowledged meanwhile (a trimmed entry stays pending).
+                    None if entry.fields.is_some() => continue,
+                    None => 2,
+                },
+                Some(None) => 2,
+            };
             if entry.fields.is_none() {
                 gone.push(entry.id.to_string());
             }
-            let count = counts(&entry.id);
-            match self.delivery(stream, entry, count).await {
+            match self.delivery(stream, entry, held, count).await {
                 Some(Ok(delivery)) => batch.push(delivery),
                 Some(Err(e)) => {
                     if !batch.is_empty() && tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
@@ -222,4 +252,14 @@ impl Shared {
         self.report_trimmed(tx, stream, gone.len() as u64, &gone, TRIMMED_PENDING)
             .await
     }
+}
+
+/// Where the entries handed over were read.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Source {
+    /// New entries (`XREADGROUP ... >`): delivered for the first time.
+    New,
+    /// Entries from a pending list: this consumer's own, reclaimed idle
+    /// ones, nacked ones claimed back.
+    Pending,
 }

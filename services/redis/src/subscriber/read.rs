@@ -14,6 +14,7 @@ use crate::conn::{Backend, Conn};
 use crate::error::{from_redis, is_no_group};
 use crate::wire::{self, Entry};
 
+use super::deliver::Source;
 use super::shared::{Shared, StreamInfo, Tx};
 
 /// On a Redis Cluster, one [`read_loop`] per stream, each on a connection
@@ -139,7 +140,7 @@ pub(super) async fn read_loop(shared: Arc<Shared>, mut conn: Conn, tx: Tx, only:
                 reported = false;
                 for (key, entries) in per_stream {
                     let Some(stream) = shared.find(&key) else { continue };
-                    if !shared.hand_over(&tx, &stream, entries, |_| 1).await {
+                    if !shared.hand_over(&tx, &stream, entries, Source::New).await {
                         return;
                     }
                 }
@@ -197,14 +198,7 @@ pub(super) async fn drain_own(
         };
         let Some(last) = entries.last() else { return true };
         cursor = last.id.to_string();
-        let counts = shared
-            .delivery_counts(&stream.key, &entries)
-            .await
-            .unwrap_or_default();
-        if !shared
-            .hand_over(tx, stream, entries, |id| counts.get(id).copied().unwrap_or(2))
-            .await
-        {
+        if !shared.hand_over(tx, stream, entries, Source::Pending).await {
             return false;
         }
     }

@@ -10,6 +10,7 @@ use watchtower::TopicPattern;
 use crate::error::from_redis;
 use crate::wire::{self};
 
+use super::deliver::Source;
 use super::rescan::rescan_streams;
 use super::shared::{Nack, Shared, StreamInfo, Tx};
 use super::trimmed::TRIMMED_PENDING;
@@ -73,10 +74,7 @@ pub(super) async fn redeliver(shared: &Arc<Shared>, tx: &Tx, batch: Vec<Nack>) -
             Ok(entries) => {
                 let asked: Vec<&str> = nacks.iter().map(|n| &*n.id).collect();
                 let gone = shared.vanished(&key, &asked, &entries).await;
-                let counts: HashMap<&str, u32> = nacks.iter().map(|n| (&*n.id, n.count + 1)).collect();
-                if !shared
-                    .hand_over(tx, &stream, entries, |id| counts.get(id).copied().unwrap_or(2))
-                    .await
+                if !shared.hand_over(tx, &stream, entries, Source::Pending).await
                     || !shared
                         .report_trimmed(tx, &stream, gone.len() as u64, &gone, TRIMMED_PENDING)
                         .await
@@ -187,14 +185,7 @@ pub(super) async fn reclaim(shared: &Arc<Shared>, tx: &Tx, cursors: &mut HashMap
                     count = entries.len(),
                     "reclaimed idle entries"
                 );
-                let counts = shared
-                    .delivery_counts(&stream.key, &entries)
-                    .await
-                    .unwrap_or_default();
-                if !shared
-                    .hand_over(tx, &stream, entries, |id| counts.get(id).copied().unwrap_or(2))
-                    .await
-                {
+                if !shared.hand_over(tx, &stream, entries, Source::Pending).await {
                     return false;
                 }
             }

@@ -117,7 +117,6 @@ impl Acker for RedisAcker {
         let nack = Nack {
             stream: self.stream.clone(),
             id: self.id.clone(),
-            count: self.count,
         };
         let tx = self.shared.nack_tx.clone();
         let result = match delay.filter(|d| !d.is_zero()) {

@@ -86,7 +86,6 @@ pub(crate) type Item = Result<Vec<Delivery<RedisAcker>>, Error>;
 pub(super) struct Nack {
     pub(super) stream: Arc<StreamInfo>,
     pub(super) id: Arc<str>,
-    pub(super) count: u32,
 }
 
 impl Shared {
