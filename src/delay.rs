@@ -12,7 +12,8 @@
 //! |---|---|
 //! | memory | yes, held in the broker's process (lost with it, like everything the memory broker holds) |
 //! | Redis | yes, in a sorted set beside the stream (on its slot on a Redis Cluster), moved into the stream by the publishers' own task when due |
-//! | NATS, JetStream, RabbitMQ, WebSocket, webhook | refused with [`ErrorKind::Unsupported`] |
+//! | RabbitMQ | yes, in durable per-delay TTL queues on the broker that dead-letter into the exchange when due (no plugin; the delay rounded up by at most 1/16) |
+//! | NATS, JetStream, WebSocket, webhook | refused with [`ErrorKind::Unsupported`] |
 //!
 //! A time in the past, or now, means "deliver at once".
 //!

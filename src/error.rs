@@ -57,6 +57,28 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [ErrorKind; 18] = [
+        ErrorKind::Connection,
+        ErrorKind::Timeout,
+        ErrorKind::Rejected,
+        ErrorKind::Throttled,
+        ErrorKind::Gone,
+        ErrorKind::Encode,
+        ErrorKind::Decode,
+        ErrorKind::InvalidEvent,
+        ErrorKind::InvalidTopic,
+        ErrorKind::Config,
+        ErrorKind::CircuitOpen,
+        ErrorKind::Overloaded,
+        ErrorKind::Dropped,
+        ErrorKind::Handler,
+        ErrorKind::Closed,
+        ErrorKind::DeadLettered,
+        ErrorKind::Unsupported,
+        ErrorKind::Other,
+    ];
+
     /// Whether a failure of this kind can go away on its own, so that
     /// retrying the same event may succeed.
     ///

@@ -46,6 +46,16 @@ pub mod ext {
     /// The earliest time the event may be delivered (RFC 3339); see
     /// [`delay`](crate::delay).
     pub const DELIVER_AT: &str = "deliverat";
+    /// The topic a request's reply goes to; see
+    /// [`request`](crate::request).
+    pub const REPLY_TO: &str = "replyto";
+    /// An error reply's [`ErrorKind`](crate::ErrorKind)
+    /// ([`as_str`](crate::ErrorKind::as_str)).
+    pub const ERROR_KIND: &str = "errorkind";
+    /// An error reply's message.
+    pub const ERROR_MESSAGE: &str = "errormessage";
+    /// Whether retrying can help after an error reply (`true` or `false`).
+    pub const ERROR_RETRYABLE: &str = "errorretryable";
 }
 
 /// The event: CloudEvents 1.0 in memory.

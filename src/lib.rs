@@ -32,6 +32,8 @@
 //! * [`reply`]: a one-shot reply whose sender chooses when to wake the
 //!   receiver, for transport and layer authors who answer many callers at
 //!   once;
+//! * [`request`]: what every request–reply implementation shares (the
+//!   table of callers waiting for replies, timeouts, error replies);
 //! * `conformance` (feature `conformance`): the test suite every transport
 //!   runs.
 //!
@@ -82,6 +84,7 @@ pub mod dead_letter;
 pub mod delay;
 pub mod health;
 pub mod reply;
+pub mod request;
 pub mod trace;
 
 #[cfg(feature = "conformance")]

@@ -16,33 +16,7 @@ use watchtower_nats::{NatsClient, NatsConfig};
 use watchtower_test_support::{unique, within};
 use watchtower_toolkit::request::{RequestConfig, Requester, Responder};
 
-/// Doubles `n`; refuses negative numbers for good, fails on 13 for now.
-fn doubler()
--> impl Service<Event, Response = Event, Error = Error, Future: Send + 'static> + Clone + Send + 'static {
-    service_fn(|request: Event| async move {
-        let n: i64 = request.json()?;
-        if n < 0 {
-            return Err(Error::new(ErrorKind::Rejected, "negative numbers are not served"));
-        }
-        if n == 13 {
-            return Err(Error::new(ErrorKind::Handler, "unlucky, try later"));
-        }
-        Ok(Event::new("doubled", serde_json::json!(n * 2)))
-    })
-}
-
-async fn ask<P>(requester: &mut Requester<P>, topic: &str, n: i64) -> Result<Event, Error>
-where
-    P: Service<Event> + Clone + Send + 'static,
-    P::Error: Into<watchtower::BoxError>,
-    P::Future: Send + 'static,
-{
-    requester
-        .ready()
-        .await?
-        .call(Event::new(topic.to_owned(), serde_json::json!(n)))
-        .await
-}
+use common::{ask, doubler};
 
 /// Requests, concurrently, the failure modes, on any transport.
 async fn exercise<P>(mut requester: Requester<P>, topic: &str)
@@ -69,16 +43,7 @@ where
     }
 
     // A failing responder: its error, kind and retryability kept.
-    let refused = ask(&mut requester, topic, -1).await.unwrap_err();
-    assert_eq!(refused.kind(), ErrorKind::Rejected);
-    assert!(!refused.is_retryable());
-    assert!(
-        refused.to_string().contains("negative numbers are not served"),
-        "{refused}"
-    );
-    let unlucky = ask(&mut requester, topic, 13).await.unwrap_err();
-    assert_eq!(unlucky.kind(), ErrorKind::Handler);
-    assert!(unlucky.is_retryable());
+    common::failures_come_back(&mut requester, topic).await;
     // A payload the responder cannot decode: a decode error.
     let garbled = requester
         .ready()
@@ -110,13 +75,7 @@ async fn requests_are_answered_and_failures_come_back_as_errors_on_the_memory_tr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_answered_and_failures_come_back_as_errors_on_nats() {
-    let client = NatsClient::connect(NatsConfig::new(common::NATS)).await.unwrap();
-    let topic = format!("{}.double", unique("tk_req"));
-    let handle = client
-        .subscriber()
-        .subscribe([&topic], Responder::new(doubler(), client.publisher()))
-        .await
-        .unwrap();
+    let (client, topic, handle) = common::nats_responder("tk_req", "double", doubler()).await;
     let requester = Requester::open(&client.subscriber(), client.publisher(), RequestConfig::new())
         .await
         .unwrap();
@@ -170,6 +129,8 @@ async fn a_slow_responder_times_out_and_its_late_reply_is_dropped() {
     assert_eq!(requester.in_flight(), 0);
     // The late reply arrives and goes nowhere; the responder still acks.
     assert!(broker.wait_idle(Duration::from_secs(120)).await);
+    assert_eq!(requester.late_replies(), 1, "counted");
+    assert_eq!(requester.in_flight(), 0);
     let stats = handle.stop().await.unwrap();
     assert_eq!(stats.acked, 1);
 }

@@ -137,6 +137,19 @@
 //!   error; a received message that is not a CloudEvent is a
 //!   [poison](watchtower::Delivery::poison) delivery with its raw bytes.
 //!
+//! # Request–reply
+//!
+//! [`client.requester()`](NatsClient::requester) makes a
+//! [`NatsRequester`], a `Service<Event, Response = Event>` over NATS
+//! inboxes: one wildcard subscription per requester, a reply subject per
+//! request, and the server's no-responders answer turned into an
+//! immediate, typed error
+//! ([`NoResponders`](watchtower::request::NoResponders)). A received
+//! message's reply subject becomes the event's
+//! [`replyto`](watchtower::ext::REPLY_TO) extension (unless it has one),
+//! so the toolkit's `Responder` answers requests from a `NatsRequester`
+//! and from any NATS client's `request` alike.
+//!
 //! # Scaling out: a NATS cluster
 //!
 //! Give the client several servers of a cluster
@@ -259,6 +272,7 @@ mod client;
 mod config;
 mod jetstream;
 mod publisher;
+mod request;
 mod subject;
 mod subscriber;
 mod wire;
@@ -271,6 +285,7 @@ pub use jetstream::{
     JetStreamSubscription, StorageType, StreamConfig, StreamInfo,
 };
 pub use publisher::{NatsPublisher, ResponseFuture};
+pub use request::NatsRequester;
 pub use subject::SubjectTemplate;
 pub use subscriber::{NatsAcker, NatsSubscriber, NatsSubscription};
 pub use wire::ContentMode;

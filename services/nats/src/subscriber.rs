@@ -172,7 +172,16 @@ impl Stream for NatsSubscription {
                 let subject = message.subject.as_str();
                 // The body moves into the event: no reference count taken.
                 let delivery = match wire::decode(subject, message.headers.as_ref(), message.payload) {
-                    Ok(event) => Delivery::new(event, this.topics.get(subject), NatsAcker(())),
+                    Ok(mut event) => {
+                        // A request from any NATS client: its reply subject is
+                        // where a responder answers.
+                        if let Some(reply) = &message.reply
+                            && event.extension(watchtower::ext::REPLY_TO).is_none()
+                        {
+                            let _ = event.set_extension(watchtower::ext::REPLY_TO, reply.as_str());
+                        }
+                        Delivery::new(event, this.topics.get(subject), NatsAcker(()))
+                    }
                     Err(poison) => Delivery::poison(poison, NatsAcker(())),
                 };
                 Poll::Ready(Some(Ok(delivery

@@ -11,6 +11,7 @@ use watchtower::{Error, Transport};
 use crate::config::{PublishOptions, QueueOptions, RabbitConfig};
 use crate::connection::{Link, LinkGuard, LinkState, Setup, map_lapin_error};
 use crate::publisher::{RabbitPublisher, declare_exchange};
+use crate::request::RabbitRequester;
 use crate::subscriber::RabbitSubscriber;
 
 /// A connection to a RabbitMQ broker, from which publishers and
@@ -96,6 +97,17 @@ impl RabbitClient {
     /// as [`connect`](RabbitClient::connect).
     pub async fn publisher_with(&self, options: PublishOptions) -> Result<RabbitPublisher, Error> {
         RabbitPublisher::open(self.link.config().clone(), options).await
+    }
+
+    /// A requester: request–reply over direct reply-to, on a connection
+    /// of its own. See [`RabbitRequester`].
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](RabbitClient::connect), for the requester's
+    /// connection and channel.
+    pub async fn requester(&self) -> Result<RabbitRequester, Error> {
+        RabbitRequester::open(self.link.config().clone()).await
     }
 
     /// A subscriber with the default [`QueueOptions`], consuming on the

@@ -230,6 +230,72 @@
 //! trip was measured and left out: it answered confirms one by one and
 //! was slower (see the publisher docs' table).
 //!
+//!
+//! # Delayed delivery
+//!
+//! An event with a [delivery time](watchtower::delay) still ahead
+//! (`delay::set_delay`, `delay::set_deliver_at`) is not published to the
+//! exchange but to a delay queue, through the default exchange. The queue holds messages for a fixed time (`x-message-ttl`)
+//! and then dead-letters them to the exchange (`x-dead-letter-exchange`)
+//! with the event's topic as the routing key
+//! (`x-dead-letter-routing-key`), where the bindings route them as if they
+//! had just been published, without the `deliverat` extension. The broker
+//! keeps the promise: the queue is durable and the messages persistent
+//! (unless [`PublishOptions::persistent`] is off), so a delayed event
+//! survives a broker restart and a publisher or consumer that is gone
+//! meanwhile.
+//!
+//! **Why one queue per delay bucket, not a per-message `expiration`.** A
+//! RabbitMQ queue expires messages only at its head: a message with a
+//! one-hour expiration in front of one with a one-second expiration holds
+//! the second back for an hour. In a queue whose messages all have the
+//! same TTL, the head is always the first to expire, so every message
+//! leaves on time. Each distinct delay would need its own queue, so delays
+//! are rounded *up* (never early) to a bucket: exact milliseconds below
+//! 32 ms, above that to 5 significant bits (16 buckets per doubling), so
+//! an event is held at most 1/16 (6.25 %) longer than asked, and the
+//! delays from 1 ms to 24 days use at most about 400 queues per topic.
+//!
+//! A delay queue is named after the exchange, the bucket and the topic
+//! (`watchtower.delay.<exchange>.<bucket>ms.<topic>`, or a hash of the
+//! exchange and topic when that is longer than AMQP's 255 bytes). The
+//! publisher declares it once and remembers it; it declares it again at
+//! most once a minute while using it, since the queue goes away after
+//! `x-expires` (its TTL plus three minutes) without a declaration, so
+//! that buckets no longer used do not stay on the broker. A message is
+//! always published within a minute of the last declaration and expires
+//! within its TTL, before the queue can.
+//!
+//! The delayed publish is `mandatory` and confirmed like any other: its
+//! caller's `Ok` means the broker stored it in the delay queue. What
+//! happens at the due time is the broker's dead-lettering: a routing key
+//! with no binding then drops the event (the publish cannot be told any
+//! more), and a classic queue dead-letters at most once (a broker crash at
+//! that instant can lose it).
+//!
+//! The names of the delay queues a publisher declared are in
+//! [`RabbitPublisher::delay_queues`]. A consumer's delayed
+//! [`nack`](RabbitAcker) does not use them: it holds the message and nacks
+//! it after the delay. A copy through a delay queue would have to
+//! dead-letter into the consumer's own queue (through the exchange it
+//! would reach every other group bound to the topic again), be published
+//! and confirmed before the original is acked, and would lose the
+//! broker's redelivery count and the quorum queue's delivery limit.
+//!
+//! # Request–reply
+//!
+//! [`client.requester()`](RabbitClient::requester) makes a
+//! [`RabbitRequester`], a `Service<Event, Response = Event>` over direct
+//! reply-to (`amq.rabbitmq.reply-to`): no reply queue to declare or clean
+//! up. A received request's `reply_to` becomes its
+//! [`replyto`](watchtower::ext::REPLY_TO) extension and a
+//! [`RabbitPublisher`] sends an event whose topic is a direct reply-to
+//! address to the default exchange, so the toolkit's `Responder` answers
+//! as on any transport; a reply's `correlationid` extension (the
+//! request's event id) is also its `correlation_id` property, so an AMQP
+//! requester of another library matches replies when it sends the event
+//! id as the request's `correlation_id`.
+//!
 
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -241,12 +307,14 @@ mod config;
 mod confirms;
 mod connection;
 mod publisher;
+mod request;
 mod subscriber;
 mod wire;
 
 pub use client::{HealthChanges, RabbitClient};
 pub use config::{ContentMode, ExchangeKind, PublishOptions, QueueOptions, QueueOverflow, RabbitConfig};
 pub use publisher::{RabbitPublisher, ResponseFuture};
+pub use request::RabbitRequester;
 pub use subscriber::{RabbitAcker, RabbitSubscriber, RabbitSubscription};
 
 /// The lapin crate, for [`FieldTable`](lapin::types::FieldTable) binding

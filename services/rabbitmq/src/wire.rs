@@ -20,6 +20,8 @@ pub(crate) fn encode(
     options: &PublishOptions,
     mode: ContentMode,
 ) -> Result<(BasicProperties, Bytes), Error> {
+    // Delayed events are routed to a delay queue first, losing the mark
+    // (`publisher::delay`); a request cannot be delayed.
     watchtower::delay::refuse(event, "rabbitmq")?;
     match mode {
         ContentMode::Structured => {
@@ -49,6 +51,12 @@ fn common(event: &Event, options: &PublishOptions, mut props: BasicProperties) -
         && let Ok(secs) = u64::try_from(time.unix_timestamp())
     {
         props = props.with_timestamp(secs);
+    }
+    // A reply: AMQP requesters match on the property.
+    if let Some(correlation) = event.extension(ext::CORRELATION_ID)
+        && let Ok(correlation) = ShortString::try_new(correlation)
+    {
+        props = props.with_correlation_id(correlation);
     }
     if let Some(ttl) = options.message_ttl {
         props = props.with_expiration(millis(ttl).to_string().into());
@@ -141,8 +149,20 @@ pub(crate) fn decode(routing_key: &str, properties: &BasicProperties, body: Byte
         if !routing_key.is_empty() {
             event.set_topic(routing_key);
         }
-        if let Some(death) = death {
+        // A delayed event leaves its delay queue by expiring there: it is
+        // on time, not a dead letter.
+        if let Some(death) = death
+            && !death
+                .queue
+                .as_deref()
+                .is_some_and(|q| q.starts_with(crate::publisher::DELAY_QUEUE_PREFIX))
+        {
             annotate_death(&mut event, death);
+        }
+        // A request: the broker's address for its reply (direct reply-to
+        // rewrites the requester's) is where a responder answers.
+        if let Some(reply_to) = properties.reply_to() {
+            let _ = event.set_extension(ext::REPLY_TO, reply_to.as_str());
         }
         event
     });

@@ -16,17 +16,27 @@
 //!
 //! * no reply within the [timeout](RequestConfig::timeout) (no responder,
 //!   a slow one, a lost message):
-//!   [`ErrorKind::Timeout`];
-//! * the responder's handler failed: the responder answers with an error
-//!   reply (extensions `errorkind`, `errormessage`, `errorretryable`), and
-//!   the caller gets an [`Error`] of that kind and message;
+//!   [`ErrorKind::Timeout`](watchtower::ErrorKind::Timeout);
+//! * the responder's handler failed: the responder answers with an
+//!   [error reply](watchtower::request::error_reply), and the caller gets
+//!   an [`Error`] of that kind and message;
 //! * the request could not be published: the publisher's error.
 //!
 //! The transport decides the delivery guarantee of requests and replies.
 //! On core NATS or the memory transport a request with no responder is
 //! simply not delivered and times out. A request is handled at least once
 //! on a persistent transport; the requester takes the first reply and
-//! ignores any later one.
+//! ignores any later one (counted in [`Requester::late_replies`]).
+//!
+//! NATS and RabbitMQ also answer natively, without a reply topic of the
+//! requester's own: `watchtower_nats::NatsRequester` (one wildcard inbox
+//! subscription per requester; a request nobody listens to fails at once
+//! with [`NoResponders`](watchtower::request::NoResponders)) and
+//! `watchtower_rabbitmq::RabbitRequester` (direct reply-to). The same
+//! [`Responder`] answers all of them: the transports put the native reply
+//! address in the request's [`replyto`](watchtower::ext::REPLY_TO)
+//! extension. The waiting, timeouts and error replies are one mechanism,
+//! [`watchtower::request`].
 //!
 //! # Example
 //!
@@ -63,34 +73,21 @@
 
 mod responder;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use tokio::sync::oneshot;
 use tower::Service;
-use watchtower::{Acker as _, BoxError, Error, ErrorKind, Event, SubscribeOptions, Subscriber, ext};
+use watchtower::request::{Correlator, from_reply};
+use watchtower::{Acker as _, BoxError, Error, Event, SubscribeOptions, Subscriber, ext};
 
 pub use responder::Responder;
-
-/// The extension naming the topic a reply goes to.
-pub const REPLY_TO: &str = "replyto";
-/// The extension of an error reply holding the error's kind
-/// ([`ErrorKind::as_str`]).
-pub const ERROR_KIND: &str = "errorkind";
-/// The extension of an error reply holding the error's message.
-pub const ERROR_MESSAGE: &str = "errormessage";
-/// The extension of an error reply saying whether a retry can help
-/// (`true` or `false`).
-pub const ERROR_RETRYABLE: &str = "errorretryable";
-/// The type of an error reply.
-pub const ERROR_REPLY_TYPE: &str = "watchtower.reply.error";
 
 /// How a [`Requester`] asks.
 #[derive(Debug, Clone)]
@@ -129,8 +126,6 @@ impl RequestConfig {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<Arc<str>, oneshot::Sender<Event>>>>;
-
 /// Sends requests and waits for their replies: a
 /// `Service<Event, Response = Event>`. See the [module docs](self).
 ///
@@ -142,7 +137,7 @@ pub struct Requester<P> {
 }
 
 struct Shared {
-    pending: Pending,
+    pending: Correlator,
     reply_topic: Arc<str>,
     timeout: Duration,
     /// Dropped with the last requester, which ends the reply task.
@@ -180,7 +175,7 @@ impl<P> Requester<P> {
     ///
     /// # Errors
     ///
-    /// [`ErrorKind::InvalidTopic`] for
+    /// [`ErrorKind::InvalidTopic`](watchtower::ErrorKind::InvalidTopic) for
     /// a bad reply topic, or the transport's error if it cannot subscribe.
     pub async fn open<Sub: Subscriber>(
         subscriber: &Sub,
@@ -191,7 +186,7 @@ impl<P> Requester<P> {
             .reply_topic
             .unwrap_or_else(|| format!("_reply.{}", unique_suffix()));
         let mut subscription = subscriber.open(SubscribeOptions::new([&reply_topic])?).await?;
-        let pending = Pending::default();
+        let pending = Correlator::new();
         let (stop, mut stopped) = oneshot::channel::<()>();
         let routes = pending.clone();
         tokio::spawn(async move {
@@ -210,7 +205,15 @@ impl<P> Requester<P> {
                 let (content, acker) = delivery.into_parts();
                 let settled = match content {
                     Ok(reply) => {
-                        deliver(&routes, reply);
+                        match reply.extension(ext::CORRELATION_ID).map(str::to_owned) {
+                            Some(correlation) => {
+                                routes.answer(&correlation, from_reply(reply));
+                            }
+                            None => tracing::debug!(
+                                id = reply.id(),
+                                "a reply without a correlation id; dropping it"
+                            ),
+                        }
                         acker.ack().await
                     }
                     Err(poison) => {
@@ -223,7 +226,9 @@ impl<P> Requester<P> {
                 }
             }
             // Callers still waiting learn at once that no reply will come.
-            routes.lock().unwrap_or_else(PoisonError::into_inner).clear();
+            routes.fail_all(&Error::closed(
+                "the reply subscription closed before the reply came",
+            ));
         });
         Ok(Requester {
             publisher,
@@ -243,44 +248,13 @@ impl<P> Requester<P> {
 
     /// Requests waiting for their reply now.
     pub fn in_flight(&self) -> usize {
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.shared.pending.in_flight()
     }
-}
 
-fn deliver(pending: &Pending, reply: Event) {
-    let Some(correlation) = reply.extension(ext::CORRELATION_ID) else {
-        tracing::debug!(id = reply.id(), "a reply without a correlation id; dropping it");
-        return;
-    };
-    let waiter = pending
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .remove(correlation);
-    match waiter {
-        Some(waiter) => {
-            let _ = waiter.send(reply);
-        }
-        // A late reply to a caller that timed out, or a duplicate.
-        None => tracing::debug!(correlation, "a reply nobody waits for; dropping it"),
-    }
-}
-
-/// Removes a request from the pending map when its caller stops waiting.
-struct Waiting {
-    pending: Pending,
-    id: Arc<str>,
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
+    /// Replies that came after their caller stopped waiting (timed out), or
+    /// a second reply to one request: dropped, and counted here.
+    pub fn late_replies(&self) -> u64 {
+        self.shared.pending.late_replies()
     }
 }
 
@@ -302,96 +276,18 @@ where
     }
 
     fn call(&mut self, mut event: Event) -> Self::Future {
-        let shared = self.shared.clone();
-        let id: Arc<str> = Arc::from(event.id());
-        let (tx, rx) = oneshot::channel();
-        let registered = {
-            let mut pending = shared.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            if pending.contains_key(&id) {
-                false
-            } else {
-                pending.insert(id.clone(), tx);
-                true
-            }
+        let waiter = match self.shared.pending.register(event.id()) {
+            Ok(waiter) => waiter,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
-        if !registered {
-            return Box::pin(std::future::ready(Err(Error::new(
-                ErrorKind::InvalidEvent,
-                format!("a request with id `{id}` is already waiting for its reply"),
-            )
-            .with_retryable(false))));
-        }
-        let waiting = Waiting {
-            pending: shared.pending.clone(),
-            id,
-        };
-        if let Err(e) = event.set_extension(REPLY_TO, shared.reply_topic.clone()) {
+        if let Err(e) = event.set_extension(ext::REPLY_TO, self.shared.reply_topic.clone()) {
             return Box::pin(std::future::ready(Err(e)));
         }
         let publish = self.publisher.call(event);
-        Box::pin(async move {
-            let waiting = waiting;
-            let deadline = tokio::time::Instant::now() + shared.timeout;
-            match tokio::time::timeout_at(deadline, publish).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(Error::from_boxed(e.into())),
-                Err(_) => return Err(timed_out(&waiting.id, shared.timeout)),
-            }
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(reply)) => from_reply(reply),
-                Ok(Err(_)) => Err(Error::closed(
-                    "the reply subscription closed before the reply came",
-                )),
-                Err(_) => Err(timed_out(&waiting.id, shared.timeout)),
-            }
-        })
+        let timeout = self.shared.timeout;
+        Box::pin(waiter.wait(
+            async move { publish.await.map(drop).map_err(|e| Error::from_boxed(e.into())) },
+            timeout,
+        ))
     }
-}
-
-fn timed_out(id: &str, timeout: Duration) -> Error {
-    Error::new(
-        ErrorKind::Timeout,
-        format!("no reply to request `{id}` within {timeout:?}"),
-    )
-}
-
-/// A reply, or the error an error reply carries.
-fn from_reply(reply: Event) -> Result<Event, Error> {
-    let Some(kind) = reply.extension(ERROR_KIND) else {
-        return Ok(reply);
-    };
-    let kind = kind_from_str(kind);
-    let message = reply.extension(ERROR_MESSAGE).unwrap_or_default();
-    let mut error = Error::new(kind, format!("the responder failed: {message}"));
-    if let Some(retryable) = reply.extension(ERROR_RETRYABLE) {
-        error = error.with_retryable(retryable == "true");
-    }
-    Err(error)
-}
-
-fn kind_from_str(kind: &str) -> ErrorKind {
-    const KINDS: [ErrorKind; 18] = [
-        ErrorKind::Connection,
-        ErrorKind::Timeout,
-        ErrorKind::Rejected,
-        ErrorKind::Throttled,
-        ErrorKind::Gone,
-        ErrorKind::Encode,
-        ErrorKind::Decode,
-        ErrorKind::InvalidEvent,
-        ErrorKind::InvalidTopic,
-        ErrorKind::Config,
-        ErrorKind::CircuitOpen,
-        ErrorKind::Overloaded,
-        ErrorKind::Dropped,
-        ErrorKind::Handler,
-        ErrorKind::Closed,
-        ErrorKind::DeadLettered,
-        ErrorKind::Unsupported,
-        ErrorKind::Other,
-    ];
-    KINDS
-        .into_iter()
-        .find(|k| k.as_str() == kind)
-        .unwrap_or(ErrorKind::Other)
 }

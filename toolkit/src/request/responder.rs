@@ -5,19 +5,19 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tower::{Service, ServiceExt as _};
+use watchtower::ext::REPLY_TO;
+use watchtower::request::error_reply;
 use watchtower::{BoxError, Error, ErrorKind, Event, ext};
-
-use super::{ERROR_KIND, ERROR_MESSAGE, ERROR_REPLY_TYPE, ERROR_RETRYABLE, REPLY_TO};
 
 /// Answers requests: wraps a handler that returns an event (any
 /// `Service<Event, Response = Event>`) and a publisher, and is itself a
 /// consumer handler for [`serve`](watchtower::serve()).
 ///
 /// For each request it calls the handler and publishes the reply to the
-/// request's `replyto` topic with `correlationid` set to the request's id.
-/// When the handler fails it publishes an error reply instead (type
-/// [`ERROR_REPLY_TYPE`], the error in the [`ERROR_KIND`],
-/// [`ERROR_MESSAGE`] and [`ERROR_RETRYABLE`] extensions), and the request
+/// request's [`replyto`](watchtower::ext::REPLY_TO) topic (which the NATS
+/// and RabbitMQ transports set from a native request's reply address) with `correlationid` set to the request's id.
+/// When the handler fails it publishes an
+/// [error reply](watchtower::request::error_reply) instead, and the request
 /// counts as handled: the caller learns of the failure at once and decides
 /// whether to ask again, rather than waiting out redeliveries it would not
 /// see.
@@ -56,18 +56,6 @@ impl<S, P> Responder<S, P> {
             publisher,
         }
     }
-}
-
-fn error_reply(error: &Error) -> Event {
-    let mut reply = Event::empty(ERROR_REPLY_TYPE);
-    // Names are valid: checked by the tests of this module.
-    let _ = reply.set_extension(ERROR_KIND, error.kind().as_str());
-    let _ = reply.set_extension(ERROR_MESSAGE, error.to_string());
-    let _ = reply.set_extension(
-        ERROR_RETRYABLE,
-        if error.is_retryable() { "true" } else { "false" },
-    );
-    reply
 }
 
 impl<S, P> Service<Event> for Responder<S, P>
@@ -117,21 +105,5 @@ where
                 .map(drop)
                 .map_err(|e| Error::from_boxed(e.into()))
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_reply_extension_names_are_valid() {
-        for name in [REPLY_TO, ERROR_KIND, ERROR_MESSAGE, ERROR_RETRYABLE] {
-            watchtower::validate_extension_name(name).unwrap();
-        }
-        let reply = error_reply(&Error::new(ErrorKind::Rejected, "no such account"));
-        assert_eq!(reply.extension(ERROR_KIND), Some("rejected"));
-        assert_eq!(reply.extension(ERROR_RETRYABLE), Some("false"));
-        assert_eq!(reply.extension(ERROR_MESSAGE), Some("rejected: no such account"));
     }
 }

@@ -69,3 +69,105 @@ pub async fn cleanup(prefix: &str) {
         cursor = next;
     }
 }
+
+/// A handler that answers requests, as a `Responder` takes it.
+pub trait Answering:
+    tower::Service<
+        watchtower::Event,
+        Response = watchtower::Event,
+        Error = watchtower::Error,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Answering for S where
+    S: tower::Service<
+            watchtower::Event,
+            Response = watchtower::Event,
+            Error = watchtower::Error,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// Doubles `n`; refuses negative numbers for good, fails on 13 for now:
+/// the handler of the request–reply tests.
+pub fn doubler() -> impl Answering {
+    use watchtower::{Error, ErrorKind, Event};
+    tower::service_fn(|request: Event| async move {
+        let n: i64 = request.json()?;
+        if n < 0 {
+            return Err(Error::new(ErrorKind::Rejected, "negative numbers are not served"));
+        }
+        if n == 13 {
+            return Err(Error::new(ErrorKind::Handler, "unlucky, try later"));
+        }
+        Ok(Event::new("doubled", serde_json::json!(n * 2)))
+    })
+}
+
+/// Asks `requester` about `n` on `topic`.
+pub async fn ask<R>(requester: &mut R, topic: &str, n: i64) -> Result<watchtower::Event, watchtower::Error>
+where
+    R: tower::Service<watchtower::Event, Response = watchtower::Event, Error = watchtower::Error>,
+{
+    use tower::ServiceExt as _;
+    requester
+        .ready()
+        .await?
+        .call(watchtower::Event::new(topic.to_owned(), serde_json::json!(n)))
+        .await
+}
+
+/// A NATS client and a responder with `handler` served on a fresh topic
+/// (`<unique prefix>.<name>`), ready once the server has the subscription.
+pub async fn nats_responder(
+    prefix: &str,
+    name: &str,
+    handler: impl Answering,
+) -> (
+    watchtower_nats::NatsClient,
+    String,
+    watchtower::SubscriptionHandle,
+) {
+    use watchtower::SubscriberExt as _;
+    let client = watchtower_nats::NatsClient::connect(watchtower_nats::NatsConfig::new(NATS))
+        .await
+        .unwrap();
+    let topic = format!("{}.{name}", watchtower_test_support::unique(prefix));
+    let handle = client
+        .subscriber()
+        .subscribe(
+            [&topic],
+            watchtower_toolkit::request::Responder::new(handler, client.publisher()),
+        )
+        .await
+        .unwrap();
+    client.round_trip().await.unwrap();
+    (client, topic, handle)
+}
+
+/// The doubler's failures reach the caller as errors of their kind:
+/// `-1` refused for good, `13` failing for now.
+pub async fn failures_come_back<R>(requester: &mut R, topic: &str)
+where
+    R: tower::Service<watchtower::Event, Response = watchtower::Event, Error = watchtower::Error>,
+{
+    use watchtower::ErrorKind;
+    let refused = ask(requester, topic, -1).await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Rejected);
+    assert!(!refused.is_retryable());
+    assert!(!watchtower::request::NoResponders::is(&refused));
+    assert!(
+        refused.to_string().contains("negative numbers are not served"),
+        "{refused}"
+    );
+    let unlucky = ask(requester, topic, 13).await.unwrap_err();
+    assert_eq!(unlucky.kind(), ErrorKind::Handler);
+    assert!(unlucky.is_retryable());
+}

@@ -19,6 +19,7 @@ use watchtower::{Error, ErrorKind, Transport};
 use crate::config::{NatsConfig, WhenDisconnected};
 use crate::jetstream::{JetStreamPublisher, JetStreamSubscriber};
 use crate::publisher::NatsPublisher;
+use crate::request::NatsRequester;
 use crate::subscriber::NatsSubscriber;
 use state::ConnState;
 
@@ -147,6 +148,17 @@ impl NatsClient {
     /// wildcards, groups as queue groups, at most once.
     pub fn subscriber(&self) -> NatsSubscriber {
         NatsSubscriber::new(self.clone())
+    }
+
+    /// A requester on this connection: request–reply over NATS inboxes,
+    /// one wildcard inbox subscription per requester. See
+    /// [`NatsRequester`].
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Connection`] if the inbox subscription cannot be made.
+    pub async fn requester(&self) -> Result<NatsRequester, Error> {
+        NatsRequester::open(self.clone()).await
     }
 
     /// A JetStream publisher on this connection: each event is stored by

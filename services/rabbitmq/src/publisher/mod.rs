@@ -2,9 +2,11 @@
 //! exchange with publisher confirms.
 
 mod channels;
+mod delay;
 mod future;
 
 pub(crate) use channels::declare_exchange;
+pub(crate) use delay::DELAY_QUEUE_PREFIX;
 pub use future::ResponseFuture;
 
 use std::fmt;
@@ -28,6 +30,7 @@ use crate::confirms::{Confirms, Outcome};
 use crate::connection::{Link, LinkGuard, LinkState, Setup, breaks_channel, map_lapin_error};
 use crate::wire;
 use channels::{Channels, open_channels, pick, repair, retire};
+use delay::{Declared, Route};
 
 struct Inner {
     pub(super) link: Link<Channels>,
@@ -37,6 +40,8 @@ struct Inner {
     pub(super) options: PublishOptions,
     mode: ContentMode,
     pub(super) next: AtomicUsize,
+    /// The delay queues declared, for delayed events.
+    delays: Declared,
     _guard: LinkGuard,
 }
 
@@ -224,6 +229,7 @@ impl RabbitPublisher {
                 options,
                 mode,
                 next: AtomicUsize::new(0),
+                delays: Declared::default(),
                 _guard: guard,
             }),
             semaphore,
@@ -241,6 +247,13 @@ impl RabbitPublisher {
     /// The exchange events go to.
     pub fn exchange(&self) -> &str {
         self.inner.exchange.as_str()
+    }
+
+    /// The delay queues this publisher (and its clones) declared for
+    /// delayed events (see the [crate docs](crate#delayed-delivery)). The
+    /// broker deletes each a few minutes after its last use.
+    pub fn delay_queues(&self) -> Vec<String> {
+        self.inner.delays.names()
     }
 
     /// Closes the connection for every clone; later calls fail with
@@ -329,9 +342,11 @@ impl Service<Event> for RabbitPublisher {
             &event.shared_topic(),
             &mut event,
         );
-        let prepared = wire::encode(&event, &self.inner.options, self.inner.mode)
-            .and_then(|encoded| Ok((encoded, short("routing key", event.topic())?)));
-        let ((properties, body), routing_key) = match prepared {
+        let prepared = delay::route(&mut event, self.inner.exchange.as_str()).and_then(|route| {
+            let encoded = wire::encode(&event, &self.inner.options, self.inner.mode)?;
+            Ok((encoded, short("routing key", event.topic())?, route))
+        });
+        let ((properties, body), routing_key, route) = match prepared {
             Ok(p) => p,
             Err(e) => return ResponseFuture::finished(trace, Err(e)),
         };
@@ -369,7 +384,7 @@ impl Service<Event> for RabbitPublisher {
                 async move {
                     let _permit = permit;
                     let work = async {
-                        let options = BasicPublishOptions {
+                        let mut options = BasicPublishOptions {
                             mandatory: inner.options.is_mandatory(),
                             immediate: false,
                         };
@@ -394,9 +409,26 @@ impl Service<Event> for RabbitPublisher {
                         // Announced before it is sent, so that the confirm task
                         // waits for its confirm, which may carry another
                         // publish's returned message (see `confirms`).
+                        let (exchange, routing_key) = match &route {
+                            Route::Exchange => (inner.exchange.clone(), routing_key),
+                            Route::Reply => {
+                                // Nobody to tell when the requester is gone:
+                                // the broker drops the reply.
+                                options.mandatory = false;
+                                (ShortString::from(""), routing_key)
+                            }
+                            Route::Delay(queue) => {
+                                inner
+                                    .delays
+                                    .ensure(&channel, queue, &inner.exchange)
+                                    .await
+                                    .map_err(|e| failed(e, "declare the delay queue"))?;
+                                (ShortString::from(""), queue.name.clone())
+                            }
+                        };
                         let ticket = channel.confirms.as_ref().map(Confirms::announce);
                         let confirm = channel
-                            .basic_publish(inner.exchange.clone(), routing_key, options, &body, properties)
+                            .basic_publish(exchange, routing_key, options, &body, properties)
                             .await
                             .map_err(|e| failed(e, "publish"))?;
                         let receipt = Receipt::for_event(&event).with_stream(inner.stream.clone());
