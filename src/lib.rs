@@ -16,6 +16,8 @@
 //! * [`TopicPattern`]: `user.*` and `user.>` for every transport;
 //! * [`Receipt`], [`Subscriber`], [`Delivery`], [`Acker`],
 //!   [`Capabilities`]: the publish and subscribe contracts;
+//! * [`batch`]: batch publishing, a publisher that is also a
+//!   `Service<Vec<Event>>` answering each event;
 //! * [`serve()`]: the consumer runtime; by default it tries an event at
 //!   most 10 times, with redelivery delays growing from 100 ms to 30 s;
 //! * [`MemoryDeadLetters`](dead_letter::MemoryDeadLetters): a bounded
@@ -77,6 +79,7 @@ mod transport;
 
 // Namespaces: their items are named through the module.
 pub mod backoff;
+pub mod batch;
 pub mod codec;
 pub mod dead_letter;
 pub mod delay;

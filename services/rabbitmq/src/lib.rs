@@ -228,7 +228,7 @@ mod wire;
 
 pub use client::{HealthChanges, RabbitClient};
 pub use config::{ContentMode, ExchangeKind, PublishOptions, QueueOptions, QueueOverflow, RabbitConfig};
-pub use publisher::{RabbitPublisher, ResponseFuture};
+pub use publisher::{RabbitBatchPublisher, RabbitPublisher, ResponseFuture};
 pub use subscriber::{RabbitAcker, RabbitSubscriber, RabbitSubscription};
 
 /// The lapin crate, for [`FieldTable`](lapin::types::FieldTable) binding

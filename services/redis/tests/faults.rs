@@ -257,7 +257,7 @@ async fn consuming_through_cut_connections_loses_nothing() {
         .publisher();
     let sent = numbered(&topic, 1000);
     for chunk in sent.chunks(100) {
-        for result in publisher.publish_batch(chunk.to_vec()).await.unwrap() {
+        for result in publisher.batched().publish_batch(chunk.to_vec()).await.unwrap() {
             result.unwrap();
         }
     }

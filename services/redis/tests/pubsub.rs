@@ -149,7 +149,7 @@ async fn concurrent_callers_and_batches() {
         5,
         Event::new("bad", serde_json::json!({})).with_topic("bad topic"),
     );
-    let results = publisher.publish_batch(events).await.unwrap();
+    let results = publisher.batched().publish_batch(events).await.unwrap();
     assert_eq!(results.len(), 21);
     assert_eq!(results[5].as_ref().unwrap_err().kind(), ErrorKind::InvalidTopic);
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 20);
@@ -206,7 +206,7 @@ async fn serve_acks_in_batches_and_nothing_stays_pending() {
         .unwrap()
         .publisher();
     let sent = numbered(&topic, 300);
-    for result in publisher.publish_batch(sent.clone()).await.unwrap() {
+    for result in publisher.batched().publish_batch(sent.clone()).await.unwrap() {
         result.unwrap();
     }
     let mut got = Vec::new();

@@ -14,6 +14,7 @@ use redis::{Cmd, RedisWrite as _, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
+use watchtower::batch::{BatchFuture, BatchReceipts};
 use watchtower::reply::reply;
 use watchtower::trace::PublishTrace;
 use watchtower::validate_topic;
@@ -80,9 +81,8 @@ impl LinkState {
 /// connections, and calls do not wait for each other. The `XADD`s of
 /// `call` travel on a connection of the publisher's own, which one task
 /// writes and reads (over `rediss://`, on the client's multiplexed
-/// connection instead); `PING` and
-/// [`publish_batch`](RedisPublisher::publish_batch) use the client's
-/// multiplexed connection, which reconnects by itself.
+/// connection instead); `PING` and the [batches](RedisPublisher::batched)
+/// use the client's multiplexed connection, which reconnects by itself.
 ///
 /// # Batching
 ///
@@ -141,8 +141,8 @@ impl LinkState {
 /// long as a retry can come) and skips one it has seen, or makes its
 /// handler idempotent.
 ///
-/// [`publish_batch`](RedisPublisher::publish_batch) sends a caller's own
-/// batch as one pipeline, outside the queue.
+/// [`batched`](RedisPublisher::batched) sends a caller's own batch as one
+/// pipeline, outside the queue.
 ///
 /// # Readiness
 ///
@@ -205,7 +205,7 @@ struct PublisherShared {
     /// publisher goes.
     queue: Arc<Queue>,
     /// The shared connection, for `PING` and
-    /// [`RedisPublisher::publish_batch`], and the configuration.
+    /// [`RedisBatchPublisher`], and the configuration.
     client: RedisClient,
     /// Where and how events are written.
     target: Target,
@@ -359,51 +359,135 @@ impl RedisPublisher {
         self.shared.queue.abandoned()
     }
 
-    /// Publishes several events in one pipeline (one round trip), in order.
-    /// Each event gets its own result.
-    ///
-    /// # Errors
-    ///
-    /// The outer error is a failure of the whole pipeline (connection,
-    /// timeout): then none, some or all events may have been stored.
-    pub async fn publish_batch(&self, events: Vec<Event>) -> Result<Vec<Result<Receipt, Error>>, Error> {
+    /// A batch publisher on this publisher's settings (stream prefix,
+    /// `MAXLEN`, content mode): each batch is one pipeline of `XADD`s on
+    /// the client's multiplexed connection. See [`RedisBatchPublisher`].
+    pub fn batched(&self) -> RedisBatchPublisher {
+        RedisBatchPublisher {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Publishes batches of events to Redis Streams, each batch as **one
+/// pipeline** of `XADD`s (one write, one round trip), answering each event
+/// with its own receipt or error, in the batch's order (see
+/// [`watchtower::batch`]). Made by [`RedisPublisher::batched`]; shares the
+/// publisher's settings and the client's multiplexed connection, which
+/// reconnects by itself.
+///
+/// * An event that cannot be sent (invalid, a bad topic) is answered with
+///   its error and left out of the pipeline; the others go.
+/// * The server's error for one `XADD` (a `WRONGTYPE` for one stream)
+///   fails that event alone.
+/// * A pipeline the connection loses or that times out answers every
+///   event with the [`ErrorKind::Connection`] or [`ErrorKind::Timeout`]
+///   error, with its event attached: none, some or all may be stored.
+/// * An event with a delivery time ([`watchtower::delay`]) is answered
+///   with [`ErrorKind::Unsupported`]: publish it with the publisher, which
+///   keeps it in the sorted set of delayed events.
+///
+/// Events of one batch reach their streams in the batch's order. The
+/// publisher's queue (and its readiness) is not involved: `poll_ready` is
+/// always ready, and a batch sent while Redis is down is answered with
+/// the connection's error.
+///
+/// ```no_run
+/// use watchtower::{Event, PublishExt};
+/// use watchtower_redis::{RedisClient, RedisConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let client = RedisClient::connect(RedisConfig::new("redis://127.0.0.1:6379")).await?;
+/// let mut batches = client.publisher().batched();
+/// let events = (0..100).map(|n| Event::new("order.paid", serde_json::json!({"n": n}))).collect();
+/// for answer in batches.publish_batch(events).await? {
+///     answer?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisBatchPublisher {
+    shared: Arc<PublisherShared>,
+}
+
+impl fmt::Debug for RedisBatchPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBatchPublisher")
+            .field("config", self.shared.client.config())
+            .field("max_len", &self.shared.target.max_len)
+            .field("content_mode", &self.shared.target.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service<Vec<Event>> for RedisBatchPublisher {
+    type Response = BatchReceipts;
+    type Error = Error;
+    type Future = BatchFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, events: Vec<Event>) -> BatchFuture {
+        let shared = self.shared.clone();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut prepared = Vec::with_capacity(events.len());
-        for event in events {
-            match self.shared.xadd(&event) {
+        for mut event in events {
+            let trace = PublishTrace::start(RedisClient::SYSTEM, &event.shared_topic(), &mut event);
+            let checked = if event.extension(watchtower::ext::DELIVER_AT).is_some() {
+                Err(Error::new(
+                    ErrorKind::Unsupported,
+                    "a delayed event cannot go in a batch: publish it with the publisher",
+                ))
+            } else {
+                shared.xadd(&event)
+            };
+            match checked {
                 Ok((key, cmd)) => {
                     pipe.add_command(cmd);
-                    prepared.push(Ok((key, event)));
+                    prepared.push((trace, Ok(key), event));
                 }
-                Err(e) => prepared.push(Err(e)),
+                Err(e) => prepared.push((trace, Err(e), event)),
             }
         }
-        let mut conn = self.shared.client.conn().clone();
-        let replies: Vec<Value> = if pipe.cmd_iter().next().is_none() {
-            Vec::new()
-        } else {
-            let result = pipe
-                .query_async::<Vec<Value>>(&mut conn)
-                .await
-                .map_err(|e| from_redis(e, "XADD pipeline"));
-            self.shared.health.observe(&result);
-            result?
-        };
-        let mut replies = replies.into_iter();
-        Ok(prepared
-            .into_iter()
-            .map(|item| {
-                let (key, event) = item?;
-                match replies.next() {
-                    Some(reply) => {
-                        let id = answer(&reply, self.shared.client.config().prefix(), &event)?;
-                        Ok(receipt(&event, key, id))
-                    }
-                    None => Err(Error::decode("XADD pipeline: missing reply")),
-                }
-            })
-            .collect())
+        Box::pin(async move {
+            let replies: Result<Vec<Value>, Error> = if pipe.cmd_iter().next().is_none() {
+                Ok(Vec::new())
+            } else {
+                let mut conn = shared.client.conn().clone();
+                let result = pipe
+                    .query_async::<Vec<Value>>(&mut conn)
+                    .await
+                    .map_err(|e| from_redis(e, "XADD pipeline"));
+                shared.health.observe(&result);
+                result
+            };
+            let (mut replies, failed) = match replies {
+                Ok(replies) => (replies.into_iter(), None),
+                Err(e) => (Vec::new().into_iter(), Some(e)),
+            };
+            let prefix = shared.client.config().prefix();
+            Ok(prepared
+                .into_iter()
+                .map(|(trace, key, event)| {
+                    let answer = key.and_then(|key| {
+                        let id = match (&failed, replies.next()) {
+                            (Some(e), _) => {
+                                Err(Error::new(e.kind(), e.message()).with_retryable(e.is_retryable()))
+                            }
+                            (None, Some(reply)) => answer(&reply, prefix, &event),
+                            (None, None) => Err(Error::decode("XADD pipeline: missing reply")),
+                        };
+                        Ok(receipt(&event, key, id?))
+                    });
+                    let answer = answer.map_err(|e| e.with_event(event));
+                    trace.finish(&answer);
+                    answer
+                })
+                .collect())
+        })
     }
 }
 
