@@ -35,7 +35,7 @@
 //!
 //! ```
 //! use watchtower::batch::OneByOne;
-//! use watchtower::{Event, PublishExt, dead_letter::MemoryDeadLetters};
+//! use watchtower::{Event, PublishBatchExt, dead_letter::MemoryDeadLetters};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
 //! let sink = MemoryDeadLetters::default(); // any Service<Event> will do
@@ -58,6 +58,58 @@ use tower::Service;
 
 use crate::error::{BoxError, Error};
 use crate::{Event, Receipt};
+
+/// `publish_batch(events)` on any batch publisher (a
+/// `Service<Vec<Event>>` answering [`BatchReceipts`]).
+pub trait PublishBatchExt: Service<Vec<Event>> {
+    /// Waits until the service is ready for a batch, then publishes
+    /// `events` as one: one answer per event, in order.
+    ///
+    /// ```
+    /// use watchtower::batch::Pipelined;
+    /// use watchtower::{Event, PublishBatchExt, dead_letter::MemoryDeadLetters};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+    /// let mut publisher = Pipelined::new(MemoryDeadLetters::default());
+    /// let answers = publisher.publish_batch(vec![Event::new("a", serde_json::json!(1))]).await?;
+    /// assert_eq!(answers.len(), 1);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The service's readiness error, or an error of the batch as a whole
+    /// (each event's own failure is in its answer).
+    fn publish_batch(
+        &mut self,
+        events: Vec<Event>,
+    ) -> impl Future<Output = Result<BatchReceipts, Error>> + Send + '_
+    where
+        Self: Service<Vec<Event>, Response = BatchReceipts> + Send,
+        Self::Future: Send,
+        Self::Error: Into<BoxError>;
+}
+
+impl<S: Service<Vec<Event>>> PublishBatchExt for S {
+    // Written out rather than `async fn` so the future is declared `Send`.
+    #[allow(clippy::manual_async_fn)]
+    fn publish_batch(
+        &mut self,
+        events: Vec<Event>,
+    ) -> impl Future<Output = Result<BatchReceipts, Error>> + Send + '_
+    where
+        Self: Service<Vec<Event>, Response = BatchReceipts> + Send,
+        Self::Future: Send,
+        Self::Error: Into<BoxError>,
+    {
+        async move {
+            poll_fn(|cx| self.poll_ready(cx))
+                .await
+                .map_err(|e| Error::from_boxed(e.into()))?;
+            self.call(events).await.map_err(|e| Error::from_boxed(e.into()))
+        }
+    }
+}
 
 /// The answer to a batch: one result per event, in the batch's order.
 pub type BatchReceipts = Vec<Result<Receipt, Error>>;

@@ -90,6 +90,7 @@ pub mod trace;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use batch::PublishBatchExt;
 pub use error::{BoxError, Error, ErrorKind, redact_url};
 pub use event::{
     APPLICATION_JSON, Event, EventBuilder, SPEC_VERSION, ext, is_json_content_type, validate_extension_name,
@@ -108,7 +109,8 @@ pub use transport::Transport;
 pub mod prelude {
     pub use crate::dead_letter::MemoryDeadLetters;
     pub use crate::{
-        Acker, Capabilities, Delivery, Error, ErrorKind, Event, Overflow, PublishExt, Receipt,
-        SubscribeOptions, Subscriber, SubscriberExt, SubscriptionHandle, TopicPattern, Transport, serve,
+        Acker, Capabilities, Delivery, Error, ErrorKind, Event, Overflow, PublishBatchExt, PublishExt,
+        Receipt, SubscribeOptions, Subscriber, SubscriberExt, SubscriptionHandle, TopicPattern, Transport,
+        serve,
     };
 }

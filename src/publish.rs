@@ -4,7 +4,6 @@ use std::future::{Future, poll_fn};
 
 use tower::Service;
 
-use crate::batch::BatchReceipts;
 use crate::error::{BoxError, Error};
 use crate::event::Event;
 
@@ -37,34 +36,6 @@ pub trait PublishExt: Service<Event> {
         Self: Send,
         Self::Future: Send,
         Self::Error: Into<BoxError>;
-
-    /// Waits until the service is ready for a batch, then publishes
-    /// `events` as one: one answer per event, in order. For a publisher
-    /// that is a `Service<Vec<Event>>` (see [`batch`](crate::batch)).
-    ///
-    /// ```
-    /// use watchtower::batch::Pipelined;
-    /// use watchtower::{Event, PublishExt, dead_letter::MemoryDeadLetters};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-    /// let mut publisher = Pipelined::new(MemoryDeadLetters::default());
-    /// let answers = publisher.publish_batch(vec![Event::new("a", serde_json::json!(1))]).await?;
-    /// assert_eq!(answers.len(), 1);
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// The service's readiness error, or an error of the batch as a whole
-    /// (each event's own failure is in its answer).
-    fn publish_batch(
-        &mut self,
-        events: Vec<Event>,
-    ) -> impl Future<Output = Result<BatchReceipts, Error>> + Send + '_
-    where
-        Self: Service<Vec<Event>, Response = BatchReceipts> + Send,
-        <Self as Service<Vec<Event>>>::Future: Send,
-        <Self as Service<Vec<Event>>>::Error: Into<BoxError>;
 }
 
 impl<S> PublishExt for S
@@ -84,26 +55,6 @@ where
                 .await
                 .map_err(|e| Error::from_boxed(e.into()))?;
             self.call(event).await.map_err(|e| Error::from_boxed(e.into()))
-        }
-    }
-
-    #[allow(clippy::manual_async_fn)]
-    fn publish_batch(
-        &mut self,
-        events: Vec<Event>,
-    ) -> impl Future<Output = Result<BatchReceipts, Error>> + Send + '_
-    where
-        Self: Service<Vec<Event>, Response = BatchReceipts> + Send,
-        <Self as Service<Vec<Event>>>::Future: Send,
-        <Self as Service<Vec<Event>>>::Error: Into<BoxError>,
-    {
-        async move {
-            poll_fn(|cx| <Self as Service<Vec<Event>>>::poll_ready(self, cx))
-                .await
-                .map_err(|e| Error::from_boxed(e.into()))?;
-            <Self as Service<Vec<Event>>>::call(self, events)
-                .await
-                .map_err(|e| Error::from_boxed(e.into()))
         }
     }
 }

@@ -463,25 +463,30 @@ async fn the_postgres_store_claims_once_among_many_concurrent_callers() {
 
 #[tokio::test]
 async fn a_postgres_mark_whose_lease_ended_is_taken_over_and_expired_rows_are_purged() {
-    let store = common::postgres_store(&unique("tk_idem_pg_lease")).await;
-    // A holder that crashed with a lease that has ended by now.
-    let Begin::Claimed(_) = store.begin("k", Duration::from_millis(1)).await.unwrap() else {
+    let table = unique("tk_idem_pg_lease");
+    let store = common::postgres_store(&table).await;
+    // Time passes on the database's clock: every mark's end moved back.
+    let age = format!("UPDATE {table} SET expires_at = expires_at - INTERVAL '1 hour'");
+    // A holder that crashed, and its lease ends.
+    let Begin::Claimed(_) = store.begin("k", Duration::from_secs(30)).await.unwrap() else {
         panic!("the first claim")
     };
-    // The database's clock decides; wait on it rather than on ours.
-    sqlx::query("SELECT pg_sleep(0.01)")
-        .execute(store.pool())
-        .await
-        .unwrap();
+    assert_eq!(
+        store.begin("k", Duration::from_secs(30)).await.unwrap(),
+        Begin::InProgress
+    );
+    sqlx::query(&age).execute(store.pool()).await.unwrap();
     let Begin::Claimed(claim) = store.begin("k", Duration::from_secs(30)).await.unwrap() else {
         panic!("the lease ended: the key is claimed again")
     };
-    store.complete(&claim, Duration::from_millis(1)).await.unwrap();
-    sqlx::query("SELECT pg_sleep(0.01)")
-        .execute(store.pool())
-        .await
-        .unwrap();
-    assert_eq!(store.purge().await.unwrap(), 1);
+    store.complete(&claim, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(store.purge().await.unwrap(), 0, "a live mark stays");
+    sqlx::query(&age).execute(store.pool()).await.unwrap();
+    assert_eq!(
+        store.purge().await.unwrap(),
+        1,
+        "a done mark past its keep time goes"
+    );
     store.drop_table().await.unwrap();
 }
 

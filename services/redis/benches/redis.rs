@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt as _;
 use tower::{ServiceBuilder, ServiceExt as _, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::{Error, Event, PublishExt as _, Receipt, SubscribeOptions, Subscriber, serve};
+use watchtower::{Error, Event, PublishBatchExt as _, Receipt, SubscribeOptions, Subscriber, serve};
 use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
 use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use watchtower_layers::dead_letter::{DeadLetterLayer, Outcome};

@@ -13,7 +13,7 @@ use futures_util::StreamExt as _;
 use tower::{Service, service_fn};
 use watchtower::Transport;
 use watchtower::health::Status;
-use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
+use watchtower::{Error, ErrorKind, Event, PublishBatchExt, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_redis::{
     RedisClient, RedisConfig, RedisPublisher, RedisPublisherOptions, RedisSubscriberOptions,
 };

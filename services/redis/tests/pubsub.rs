@@ -11,7 +11,9 @@ use futures_util::StreamExt as _;
 use tower::{Service, ServiceExt as _, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::health::Status;
-use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, Transport, serve};
+use watchtower::{
+    Error, ErrorKind, Event, PublishBatchExt, PublishExt, SubscribeOptions, Subscriber, Transport, serve,
+};
 use watchtower_redis::{
     ContentMode, DeadLetter, MaxLen, RedisClient, RedisConfig, RedisPublisher, RedisPublisherOptions,
     RedisSubscriberOptions,

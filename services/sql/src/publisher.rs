@@ -302,7 +302,7 @@ impl Service<Event> for SqlPublisher {
 /// [statement timeout](crate::SqlConfig::statement_timeout)).
 ///
 /// ```no_run
-/// use watchtower::{Event, PublishExt};
+/// use watchtower::{Event, PublishBatchExt};
 /// use watchtower_sql::{SqlClient, SqlConfig};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {

@@ -165,7 +165,7 @@ impl JetStreamPublisher {
     /// stream captures, a payload over the server's limit).
     ///
     /// ```no_run
-    /// use watchtower::{Event, PublishExt};
+    /// use watchtower::{Event, PublishBatchExt};
     /// use watchtower_nats::{NatsClient, NatsConfig};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {

@@ -560,7 +560,7 @@ impl RabbitPublisher {
 /// is being re-established or the window is full.
 ///
 /// ```no_run
-/// use watchtower::{Event, PublishExt};
+/// use watchtower::{Event, PublishBatchExt};
 /// use watchtower_rabbitmq::{RabbitClient, RabbitConfig};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {

@@ -393,7 +393,7 @@ impl RedisPublisher {
 /// the connection's error.
 ///
 /// ```no_run
-/// use watchtower::{Event, PublishExt};
+/// use watchtower::{Event, PublishBatchExt};
 /// use watchtower_redis::{RedisClient, RedisConfig};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
