@@ -14,6 +14,11 @@ async fn a_batch_larger_than_the_window_is_stored_complete_and_in_order() {
     stream(&client, &name).await;
     // 500 events through a window of 100: the batch waits for its own
     // first acknowledgements.
+    let mut sub = client
+        .jetstream_subscriber(&name)
+        .open(SubscribeOptions::new([format!("{name}.b")]).unwrap())
+        .await
+        .unwrap();
     let mut batches = client.jetstream_publisher().max_in_flight(100).batched();
     let events = numbered(&format!("{name}.b"), 500);
     let answers = batches.publish_batch(events.clone()).await.unwrap();
@@ -26,12 +31,7 @@ async fn a_batch_larger_than_the_window_is_stored_complete_and_in_order() {
     assert_eq!(batches.get_ref().in_flight(), 0);
     assert_eq!(client.stream_messages(&name).await.unwrap(), 500);
 
-    // Read back in the batch's order.
-    let mut sub = client
-        .jetstream_subscriber(&name)
-        .open(SubscribeOptions::new([format!("{name}.b")]).unwrap())
-        .await
-        .unwrap();
+    // Delivered in the batch's order.
     for event in &events {
         let delivery = next(&mut sub).await;
         assert_eq!(delivery.event().map(Event::id), Some(event.id()));
