@@ -91,8 +91,6 @@ pub trait PublishBatchExt: Service<Vec<Event>> {
 }
 
 impl<S: Service<Vec<Event>>> PublishBatchExt for S {
-    // Written out rather than `async fn` so the future is declared `Send`.
-    #[allow(clippy::manual_async_fn)]
     fn publish_batch(
         &mut self,
         events: Vec<Event>,
@@ -102,12 +100,7 @@ impl<S: Service<Vec<Event>>> PublishBatchExt for S {
         Self::Future: Send,
         Self::Error: Into<BoxError>,
     {
-        async move {
-            poll_fn(|cx| self.poll_ready(cx))
-                .await
-                .map_err(|e| Error::from_boxed(e.into()))?;
-            self.call(events).await.map_err(|e| Error::from_boxed(e.into()))
-        }
+        crate::publish::ready_then_call(self, events)
     }
 }
 

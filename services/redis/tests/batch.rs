@@ -11,30 +11,15 @@ use watchtower::{ErrorKind, Event, PublishBatchExt};
 use watchtower_redis::{RedisClient, RedisConfig};
 use watchtower_test_support::unique;
 
-use common::{URL, cleanup, event_id, numbered, raw};
+use common::{URL, cleanup, event_id, numbered, raw, wait_entries};
 
 /// The event ids of the stream `key`, in stream order.
 async fn stream_ids(key: &str) -> Vec<String> {
     let mut conn = raw(URL).await;
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
+    wait_entries(&mut conn, key, "0")
         .await
-        .unwrap();
-    reply
-        .ids
-        .iter()
-        .map(|entry| {
-            let fields = entry.map.iter().map(|(name, value)| {
-                let redis::Value::BulkString(value) = value else {
-                    panic!("a bulk string")
-                };
-                (name.as_bytes().to_vec(), value.clone())
-            });
-            String::from_utf8(event_id(fields)).unwrap()
-        })
+        .into_iter()
+        .map(|(_, fields)| String::from_utf8(event_id(fields)).unwrap())
         .collect()
 }
 

@@ -320,27 +320,29 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 1000).max(1)
 }
 
-/// A `sqlx` error as the kind a consumer can judge: the store being
-/// unreachable or busy is worth a redelivery.
+/// A `sqlx` error as the kind a consumer can judge: a store that cannot be
+/// reached, is busy or lost a race is worth a redelivery (the event is
+/// nacked and comes back); a statement the database refuses is not.
 fn failed(e: sqlx::Error) -> Error {
-    let kind = match &e {
-        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => ErrorKind::Connection,
-        sqlx::Error::PoolTimedOut => ErrorKind::Timeout,
-        sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => ErrorKind::Closed,
-        sqlx::Error::Configuration(_) => ErrorKind::Config,
-        sqlx::Error::Database(db) => match db.code().as_deref() {
-            // Serialization failure, deadlock, lock not available, too
-            // many connections, shutdown.
-            Some("40001" | "40P01" | "55P03" | "53300" | "57P01" | "57P02" | "57P03") => ErrorKind::Throttled,
-            Some(code) if code.starts_with("08") => ErrorKind::Connection,
-            _ => ErrorKind::Rejected,
-        },
-        _ => ErrorKind::Other,
+    // SQLSTATE classes: 08 connection exception, 40 transaction rollback
+    // (serialization failure, deadlock), 53 insufficient resources, 57
+    // operator intervention (shutdown).
+    let transient = |code: &str| {
+        ["08", "40", "53", "57"]
+            .iter()
+            .any(|class| code.starts_with(class))
     };
-    let retryable = matches!(
-        kind,
-        ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Throttled
-    );
+    let (kind, retryable) = match &e {
+        sqlx::Error::Database(db) if db.code().is_some_and(|code| transient(&code)) => {
+            (ErrorKind::Throttled, true)
+        }
+        sqlx::Error::Database(_) => (ErrorKind::Rejected, false),
+        sqlx::Error::Configuration(_) => (ErrorKind::Config, false),
+        sqlx::Error::PoolTimedOut => (ErrorKind::Timeout, true),
+        sqlx::Error::PoolClosed => (ErrorKind::Closed, false),
+        // I/O, TLS, protocol: the connection.
+        _ => (ErrorKind::Connection, true),
+    };
     // `sqlx` messages name no password.
     Error::new(kind, format!("idempotency store: {e}")).with_retryable(retryable)
 }
