@@ -55,16 +55,18 @@
 //! # Example
 //!
 //! ```
+//! use tower::service_fn;
 //! use watchtower::batch::OneByOne;
-//! use watchtower::{Event, PublishBatchExt, dead_letter::MemoryDeadLetters};
+//! use watchtower::{Error, Event, PublishBatchExt, Receipt};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-//! let sink = MemoryDeadLetters::default(); // any Service<Event> will do
-//! let mut publisher = OneByOne::new(sink.clone());
+//! // Any publisher will do: a `Service<Event, Response = Receipt>`.
+//! let publisher = service_fn(|event: Event| async move { Ok::<_, Error>(Receipt::for_event(&event)) });
+//! let mut batches = OneByOne::new(publisher);
 //! let events = (0..3).map(|n| Event::new("user.created", serde_json::json!({"n": n}))).collect();
-//! let answers = publisher.publish_batch(events).await?;
+//! let answers = batches.publish_batch(events).await?;
+//! assert_eq!(answers.len(), 3);
 //! assert!(answers.iter().all(Result::is_ok));
-//! assert_eq!(sink.len(), 3);
 //! # Ok(()) }
 //! ```
 
@@ -87,11 +89,13 @@ pub trait PublishBatchExt: Service<Vec<Event>> {
     /// `events` as one: one answer per event, in order.
     ///
     /// ```
+    /// use tower::service_fn;
     /// use watchtower::batch::Pipelined;
-    /// use watchtower::{Event, PublishBatchExt, dead_letter::MemoryDeadLetters};
+    /// use watchtower::{Error, Event, PublishBatchExt, Receipt};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
-    /// let mut publisher = Pipelined::new(MemoryDeadLetters::default());
+    /// let publisher = service_fn(|event: Event| async move { Ok::<_, Error>(Receipt::for_event(&event)) });
+    /// let mut publisher = Pipelined::new(publisher);
     /// let answers = publisher.publish_batch(vec![Event::new("a", serde_json::json!(1))]).await?;
     /// assert_eq!(answers.len(), 1);
     /// # Ok(()) }
