@@ -16,6 +16,8 @@
 //! * [`TopicPattern`]: `user.*` and `user.>` for every transport;
 //! * [`Receipt`], [`Subscriber`], [`Delivery`], [`Acker`],
 //!   [`Capabilities`]: the publish and subscribe contracts;
+//! * [`batch`]: batch publishing, a publisher that is also a
+//!   `Service<Vec<Event>>` answering each event;
 //! * [`serve()`]: the consumer runtime; by default it tries an event at
 //!   most 10 times, with redelivery delays growing from 100 ms to 30 s;
 //! * [`MemoryDeadLetters`](dead_letter::MemoryDeadLetters): a bounded
@@ -79,6 +81,7 @@ mod transport;
 
 // Namespaces: their items are named through the module.
 pub mod backoff;
+pub mod batch;
 pub mod codec;
 pub mod dead_letter;
 pub mod delay;
@@ -90,6 +93,7 @@ pub mod trace;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use batch::PublishBatchExt;
 pub use error::{BoxError, Error, ErrorKind, redact_url};
 pub use event::{
     APPLICATION_JSON, Event, EventBuilder, SPEC_VERSION, ext, is_json_content_type, validate_extension_name,
@@ -108,7 +112,8 @@ pub use transport::Transport;
 pub mod prelude {
     pub use crate::dead_letter::MemoryDeadLetters;
     pub use crate::{
-        Acker, Capabilities, Delivery, Error, ErrorKind, Event, Overflow, PublishExt, Receipt,
-        SubscribeOptions, Subscriber, SubscriberExt, SubscriptionHandle, TopicPattern, Transport, serve,
+        Acker, Capabilities, Delivery, Error, ErrorKind, Event, Overflow, PublishBatchExt, PublishExt,
+        Receipt, SubscribeOptions, Subscriber, SubscriberExt, SubscriptionHandle, TopicPattern, Transport,
+        serve,
     };
 }

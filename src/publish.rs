@@ -38,6 +38,22 @@ pub trait PublishExt: Service<Event> {
         Self::Error: Into<BoxError>;
 }
 
+/// Waits until `service` is ready, then calls it with `request`; both
+/// errors converted to [`Error`].
+pub(crate) async fn ready_then_call<S, R>(service: &mut S, request: R) -> Result<S::Response, Error>
+where
+    S: Service<R>,
+    S::Error: Into<BoxError>,
+{
+    poll_fn(|cx| service.poll_ready(cx))
+        .await
+        .map_err(|e| Error::from_boxed(e.into()))?;
+    service
+        .call(request)
+        .await
+        .map_err(|e| Error::from_boxed(e.into()))
+}
+
 impl<S> PublishExt for S
 where
     S: Service<Event>,
@@ -50,11 +66,6 @@ where
         Self::Future: Send,
         Self::Error: Into<BoxError>,
     {
-        async move {
-            poll_fn(|cx| self.poll_ready(cx))
-                .await
-                .map_err(|e| Error::from_boxed(e.into()))?;
-            self.call(event).await.map_err(|e| Error::from_boxed(e.into()))
-        }
+        ready_then_call(self, event)
     }
 }

@@ -7,8 +7,9 @@
 //!   functions whose arguments are extractors (`Data<T>`, `State<S>`,
 //!   the delivery count), with per-route layers, nesting and a fallback;
 //! * [`idempotent`]: a layer that skips events already handled, with an
-//!   in-memory store and (feature `redis`) a Redis store shared by every
-//!   consumer;
+//!   in-memory store and stores shared by every consumer on Redis
+//!   (feature `redis`) and PostgreSQL (feature `postgres`, which can also
+//!   record the key in the handler's own transaction);
 //! * [`request`]: request–reply over any transport, a requester that is a
 //!   `Service<Event, Response = Event>` and a responder that answers with
 //!   the event its handler returns;

@@ -18,7 +18,9 @@ use watchtower::prelude::*;
 use watchtower::{ServeStats, ext};
 use watchtower_memory::MemoryBroker;
 use watchtower_test_support::{free_port, unique, within};
-use watchtower_toolkit::idempotent::{Begin, IdempotencyStore, IdempotentLayer, MemoryStore, RedisStore};
+use watchtower_toolkit::idempotent::{
+    Begin, IdempotencyStore, IdempotentLayer, MemoryStore, PostgresStore, Recorded, RedisStore,
+};
 
 /// Side effects per event id.
 type Effects = Arc<Mutex<HashMap<String, usize>>>;
@@ -80,16 +82,24 @@ where
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_events_each_delivered_twice_concurrently_on_redis_are_each_handled_once() {
-    const EVENTS: usize = 1000;
-    let prefix = format!("{}:", unique("tk_idem"));
-    let client = common::redis_client(&prefix).await;
-    let store = RedisStore::connect(common::REDIS)
-        .await
-        .unwrap()
-        .prefix(format!("{prefix}seen:"));
-    let layer = IdempotentLayer::new(store).lease(Duration::from_secs(30));
+const EVENTS: usize = 1000;
+
+/// Serves `subscriptions` (one per consumer, one group) with `layer` over
+/// a handler that counts its side effects and loses the first ack of every
+/// fourth event, publishes [`EVENTS`] events twice each, back to back (so
+/// both copies are in flight at about the same time on the two consumers),
+/// and checks that each was handled exactly once and every copy acked.
+async fn each_of_a_thousand_twice_delivered_events_is_handled_once<Sub, A, St, P>(
+    layer: &IdempotentLayer<St>,
+    subscriptions: Vec<Sub>,
+    mut publisher: P,
+) where
+    Sub: futures_core::Stream<Item = Result<Delivery<A>, Error>> + Unpin + Send + 'static,
+    A: Acker,
+    St: IdempotencyStore,
+    P: Service<Event, Response = Receipt, Error = Error> + Send,
+    P::Future: Send,
+{
     let idempotent_stats = layer.stats();
     let effects = Effects::default();
     let (oks, mut oks_seen) = watch::channel(0usize);
@@ -97,13 +107,7 @@ async fn a_thousand_events_each_delivered_twice_concurrently_on_redis_are_each_h
 
     let mut servers = Vec::new();
     let mut stops = Vec::new();
-    for consumer in ["c1", "c2"] {
-        let subscription = client
-            .subscriber_with(common::quick().consumer(consumer).batch_size(50))
-            .unwrap()
-            .open(SubscribeOptions::new(["pay"]).unwrap().group("billing").unwrap())
-            .await
-            .unwrap();
+    for subscription in subscriptions {
         let handler = LoseFirstAck {
             inner: layer.layer(effect_handler(&effects)),
             oks: oks.clone(),
@@ -136,9 +140,6 @@ async fn a_thousand_events_each_delivered_twice_concurrently_on_redis_are_each_h
         ));
     }
 
-    // Every event twice, back to back, so both copies are in flight at
-    // about the same time on the two consumers.
-    let mut publisher = client.publisher();
     let mut ids = Vec::new();
     for n in 0..EVENTS {
         let event = Event::new("pay", serde_json::json!({"n": n}))
@@ -184,6 +185,30 @@ async fn a_thousand_events_each_delivered_twice_concurrently_on_redis_are_each_h
         idempotent_stats.skipped()
     );
     assert_eq!(idempotent_stats.store_errors(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_events_each_delivered_twice_concurrently_on_redis_are_each_handled_once() {
+    let prefix = format!("{}:", unique("tk_idem"));
+    let client = common::redis_client(&prefix).await;
+    let store = RedisStore::connect(common::REDIS)
+        .await
+        .unwrap()
+        .prefix(format!("{prefix}seen:"));
+    let layer = IdempotentLayer::new(store).lease(Duration::from_secs(30));
+    let mut subscriptions = Vec::new();
+    for consumer in ["c1", "c2"] {
+        subscriptions.push(
+            client
+                .subscriber_with(common::quick().consumer(consumer).batch_size(50))
+                .unwrap()
+                .open(SubscribeOptions::new(["pay"]).unwrap().group("billing").unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    each_of_a_thousand_twice_delivered_events_is_handled_once(&layer, subscriptions, client.publisher())
+        .await;
 
     // Every key is marked done in Redis, with an expiry.
     let mut conn = common::raw(common::REDIS).await;
@@ -206,6 +231,38 @@ async fn a_thousand_events_each_delivered_twice_concurrently_on_redis_are_each_h
         .unwrap();
     assert!(ttl > 0, "{ttl}");
     common::cleanup(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_events_each_delivered_twice_concurrently_on_postgres_are_each_handled_once() {
+    let name = unique("tk_idem_pg");
+    let client = common::sql_client(&name).await;
+    let store = common::postgres_store(&name).await;
+    let layer = IdempotentLayer::new(store.clone()).lease(Duration::from_secs(30));
+    let mut subscriptions = Vec::new();
+    for _consumer in ["c1", "c2"] {
+        subscriptions.push(
+            client
+                .subscriber()
+                .open(SubscribeOptions::new(["pay"]).unwrap().group("billing").unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    each_of_a_thousand_twice_delivered_events_is_handled_once(&layer, subscriptions, client.publisher())
+        .await;
+
+    // Every key is marked done in the table, with an expiry to come.
+    let (done, live): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT count(*) FILTER (WHERE done AND token IS NULL), \
+         count(*) FILTER (WHERE expires_at > clock_timestamp()) FROM {name}"
+    ))
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!((done, live), (EVENTS as i64, EVENTS as i64));
+    store.drop_table().await.unwrap();
+    client.drop_tables().await.unwrap();
 }
 
 #[tokio::test]
@@ -350,13 +407,9 @@ async fn a_store_that_cannot_be_reached_fails_retryably_and_the_handler_is_not_c
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_redis_store_claims_once_among_many_concurrent_callers() {
-    let prefix = format!("{}:", unique("tk_idem_race"));
-    let store = RedisStore::connect(common::REDIS)
-        .await
-        .unwrap()
-        .prefix(prefix.as_str());
+/// 50 concurrent `begin`s of one key on `store`: one claims it; a stranger
+/// cannot release it, its holder can; once complete it is done.
+async fn claims_once_among_many_concurrent_callers<St: IdempotencyStore + Clone>(store: St) {
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let store = store.clone();
@@ -388,5 +441,217 @@ async fn the_redis_store_claims_once_among_many_concurrent_callers() {
         store.begin("k", Duration::from_secs(30)).await.unwrap(),
         Begin::Done
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_store_claims_once_among_many_concurrent_callers() {
+    let prefix = format!("{}:", unique("tk_idem_race"));
+    let store = RedisStore::connect(common::REDIS)
+        .await
+        .unwrap()
+        .prefix(prefix.as_str());
+    claims_once_among_many_concurrent_callers(store).await;
     common::cleanup(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_claims_once_among_many_concurrent_callers() {
+    let store = common::postgres_store(&unique("tk_idem_pg_race")).await;
+    claims_once_among_many_concurrent_callers(store.clone()).await;
+    store.drop_table().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_postgres_mark_whose_lease_ended_is_taken_over_and_expired_rows_are_purged() {
+    let table = unique("tk_idem_pg_lease");
+    let store = common::postgres_store(&table).await;
+    // Time passes on the database's clock: every mark's end moved back.
+    let age = format!("UPDATE {table} SET expires_at = expires_at - INTERVAL '1 hour'");
+    // A holder that crashed, and its lease ends.
+    let Begin::Claimed(_) = store.begin("k", Duration::from_secs(30)).await.unwrap() else {
+        panic!("the first claim")
+    };
+    assert_eq!(
+        store.begin("k", Duration::from_secs(30)).await.unwrap(),
+        Begin::InProgress
+    );
+    sqlx::query(&age).execute(store.pool()).await.unwrap();
+    let Begin::Claimed(claim) = store.begin("k", Duration::from_secs(30)).await.unwrap() else {
+        panic!("the lease ended: the key is claimed again")
+    };
+    store.complete(&claim, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(store.purge().await.unwrap(), 0, "a live mark stays");
+    sqlx::query(&age).execute(store.pool()).await.unwrap();
+    assert_eq!(
+        store.purge().await.unwrap(),
+        1,
+        "a done mark past its keep time goes"
+    );
+    store.drop_table().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_postgres_table_name_or_url_is_refused_without_the_password() {
+    let store = common::postgres_store(&unique("tk_idem_pg_cfg")).await;
+    for bad in ["a b", "x; DROP TABLE y", "1abc", "a.b.c", ""] {
+        let error = store.clone().table(bad).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Config, "{bad}");
+    }
+    store.drop_table().await.unwrap();
+    let url = format!("postgres://user:s3cret@127.0.0.1:{}/test", free_port());
+    let error = PostgresStore::connect(&url).await.unwrap_err();
+    assert!(error.is_retryable(), "{error:?}");
+    assert!(!error.to_string().contains("s3cret"), "{error}");
+    let error = PostgresStore::connect("postgres://user:s3cret@[::1/x")
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Config);
+    assert!(!error.to_string().contains("s3cret"), "{error}");
+}
+
+/// Two transactions record one key: the second waits for the first, and
+/// is told `Duplicate` if it committed, `New` if it rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_recorded_in_a_transaction_is_a_duplicate_once_committed_and_new_after_a_rollback() {
+    let store = common::postgres_store(&unique("tk_idem_pg_tx")).await;
+    let keep = Duration::from_secs(60);
+    for commit in [false, true] {
+        let key = format!("k-{commit}");
+        let mut first = store.pool().begin().await.unwrap();
+        assert_eq!(
+            store.record_in(&mut first, &key, keep).await.unwrap(),
+            Recorded::New
+        );
+        let second = tokio::spawn({
+            let store = store.clone();
+            async move {
+                let mut tx = store.pool().begin().await.unwrap();
+                let recorded = store.record_in(&mut tx, &key, keep).await.unwrap();
+                tx.commit().await.unwrap();
+                recorded
+            }
+        });
+        if commit {
+            first.commit().await.unwrap();
+        } else {
+            first.rollback().await.unwrap();
+        }
+        let expected = if commit {
+            Recorded::Duplicate
+        } else {
+            Recorded::New
+        };
+        assert_eq!(second.await.unwrap(), expected, "first committed: {commit}");
+    }
+    store.drop_table().await.unwrap();
+}
+
+/// Exactly-once effects without the layer: each handler records the key in
+/// the transaction that writes its effect row. Every event is published
+/// twice, and the first ack of every fourth event is lost after its commit:
+/// the effects table holds each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn effects_written_in_the_transaction_that_records_the_key_happen_once_per_event() {
+    let name = unique("tk_idem_pg_once");
+    let client = common::sql_client(&name).await;
+    let store = common::postgres_store(&format!("{name}_seen")).await;
+    let effects = format!("{name}_effects");
+    sqlx::raw_sql(&format!("CREATE TABLE {effects} (event_id TEXT NOT NULL)"))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let duplicates = Arc::new(AtomicUsize::new(0));
+    let (oks, mut oks_seen) = watch::channel(0usize);
+    let handler = {
+        let store = store.clone();
+        let duplicates = duplicates.clone();
+        let insert = format!("INSERT INTO {effects} (event_id) VALUES ($1)");
+        service_fn(move |event: Event| {
+            let (store, duplicates, insert) = (store.clone(), duplicates.clone(), insert.clone());
+            async move {
+                let mut tx = store
+                    .pool()
+                    .begin()
+                    .await
+                    .map_err(|e| Error::new(ErrorKind::Handler, e.to_string()))?;
+                let key = watchtower_toolkit::idempotent::default_key(&event);
+                if store.record_in(&mut tx, &key, Duration::from_secs(60)).await? == Recorded::Duplicate {
+                    duplicates.fetch_add(1, Ordering::SeqCst);
+                    return Ok(());
+                }
+                sqlx::query(&insert)
+                    .bind(event.id())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| Error::new(ErrorKind::Handler, e.to_string()))?;
+                tx.commit()
+                    .await
+                    .map_err(|e| Error::new(ErrorKind::Handler, e.to_string()))?;
+                Ok::<_, Error>(())
+            }
+        })
+    };
+    let mut servers = Vec::new();
+    let mut stops = Vec::new();
+    for _consumer in ["c1", "c2"] {
+        let subscription = client
+            .subscriber()
+            .open(SubscribeOptions::new(["pay"]).unwrap().group("billing").unwrap())
+            .await
+            .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        stops.push(stop);
+        let handler = LoseFirstAck {
+            inner: handler.clone(),
+            oks: oks.clone(),
+        };
+        servers.push(tokio::spawn(
+            serve(subscription, handler)
+                .concurrency(32)
+                .redelivery_backoff(Duration::from_millis(20), Duration::from_secs(1))
+                .with_graceful_shutdown(async {
+                    stopped.await.ok();
+                })
+                .into_future(),
+        ));
+    }
+    let mut publisher = client.publisher();
+    for n in 0..EVENTS {
+        let event = Event::new("pay", serde_json::json!({"n": n}))
+            .with_extension("n", n.to_string())
+            .unwrap();
+        publisher.publish(event.clone()).await.unwrap();
+        publisher.publish(event).await.unwrap();
+    }
+    within("every copy handled", oks_seen.wait_for(|n| *n == 2 * EVENTS))
+        .await
+        .unwrap();
+    for stop in stops {
+        stop.send(()).unwrap();
+    }
+    let mut acked = 0;
+    for server in servers {
+        acked += server.await.unwrap().unwrap().acked;
+    }
+    assert_eq!(acked, 2 * EVENTS as u64);
+    let (rows, distinct): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT count(*), count(DISTINCT event_id) FROM {effects}"
+    ))
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!((rows, distinct), (EVENTS as i64, EVENTS as i64));
+    // Every second copy, and the redeliveries of lost acks (both copies of
+    // every fourth event lose their first ack, if their first try succeeds).
+    let duplicates = duplicates.load(Ordering::SeqCst);
+    assert!(
+        (EVENTS..=EVENTS + EVENTS / 2).contains(&duplicates),
+        "{duplicates}"
+    );
+    sqlx::raw_sql(&format!("DROP TABLE {effects}"))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    store.drop_table().await.unwrap();
+    client.drop_tables().await.unwrap();
 }

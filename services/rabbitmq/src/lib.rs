@@ -313,7 +313,7 @@ mod wire;
 
 pub use client::{HealthChanges, RabbitClient};
 pub use config::{ContentMode, ExchangeKind, PublishOptions, QueueOptions, QueueOverflow, RabbitConfig};
-pub use publisher::{RabbitPublisher, ResponseFuture};
+pub use publisher::{RabbitBatchPublisher, RabbitPublisher, ResponseFuture};
 pub use request::RabbitRequester;
 pub use subscriber::{RabbitAcker, RabbitSubscriber, RabbitSubscription};
 

@@ -22,29 +22,6 @@ use watchtower_test_support::{unique, within};
 
 use common::{Admin, URL, config};
 
-/// A queue bound to `exchange` for `key`, for reading what other clients
-/// see.
-async fn raw_queue(admin: &Admin, exchange: &str, key: &str) -> String {
-    let queue = unique("wt-raw");
-    admin
-        .channel
-        .queue_declare(queue.as_str().into(), Default::default(), Default::default())
-        .await
-        .unwrap();
-    admin
-        .channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.into(),
-            key.into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    queue
-}
-
 async fn raw_get(admin: &Admin, queue: &str) -> lapin::message::Delivery {
     within("raw get", async {
         loop {
@@ -66,7 +43,7 @@ async fn round_trip_in_structured_mode() {
         .open(SubscribeOptions::new(["user.*"]).unwrap())
         .await
         .unwrap();
-    let queue = raw_queue(&admin, &exchange, "user.#").await;
+    let queue = admin.bound_queue(&exchange, "user.#").await;
     let mut publisher = common::publisher_with(
         config(&exchange),
         PublishOptions::new().content_mode(ContentMode::Structured),
@@ -215,7 +192,7 @@ async fn round_trip_in_binary_mode_by_default() {
     delivery.ack().await.unwrap();
 
     // What another client sees: the AMQP binding of CloudEvents.
-    let queue = raw_queue(&admin, &exchange, "user.#").await;
+    let queue = admin.bound_queue(&exchange, "user.#").await;
     publisher.publish(event.clone()).await.unwrap();
     let raw = raw_get(&admin, &queue).await;
     let props = &raw.properties;
@@ -282,7 +259,7 @@ async fn alternate_exchange_keeps_unroutable_events() {
     let admin = Admin::connect().await;
     let with_alternate = config(&exchange).alternate_exchange(&alternate);
     let mut publisher = common::publisher(with_alternate.clone()).await.unwrap();
-    let routed_queue = raw_queue(&admin, &exchange, "routed.*").await;
+    let routed_queue = admin.bound_queue(&exchange, "routed.*").await;
 
     let lost = Event::new("nobody.listens", serde_json::json!({"n": 1}));
     let routed = Event::new("routed.x", serde_json::json!({"n": 2}));

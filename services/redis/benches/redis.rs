@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt as _;
 use tower::{ServiceBuilder, ServiceExt as _, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
-use watchtower::{Error, Event, Receipt, SubscribeOptions, Subscriber, serve};
+use watchtower::{Error, Event, PublishBatchExt as _, Receipt, SubscribeOptions, Subscriber, serve};
 use watchtower_layers::backpressure::{BackpressureLayer, Overflow};
 use watchtower_layers::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerLayer};
 use watchtower_layers::dead_letter::{DeadLetterLayer, Outcome};
@@ -287,7 +287,7 @@ async fn filled_stream(mode: ContentMode) -> String {
     let publisher = publisher(mode).await;
     let sent = events(&stream);
     for chunk in sent.chunks(1000) {
-        for r in publisher.publish_batch(chunk.to_vec()).await.unwrap() {
+        for r in publisher.batched().publish_batch(chunk.to_vec()).await.unwrap() {
             r.unwrap();
         }
     }

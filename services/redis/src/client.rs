@@ -21,7 +21,7 @@ use crate::subscriber::{RedisSubscriber, RedisSubscriberOptions};
 ///
 /// It holds the checked [`RedisConfig`] and one multiplexed connection
 /// that reconnects by itself, used for `PING`s, acknowledgements, claims
-/// and [`publish_batch`](RedisPublisher::publish_batch). Cloning it is
+/// and [batches](RedisPublisher::batched). Cloning it is
 /// cheap: clones share everything. Two kinds of connection are not shared,
 /// for speed: each publisher writes its `XADD`s on a connection of its own
 /// (over `redis://`; see [Batching](RedisPublisher#batching)), and each

@@ -253,7 +253,7 @@ mod wire;
 pub use client::RedisClient;
 pub use config::RedisConfig;
 pub use error::ReplicasNotAcknowledged;
-pub use publisher::{MaxLen, RedisPublisher, RedisPublisherOptions, ResponseFuture};
+pub use publisher::{MaxLen, RedisBatchPublisher, RedisPublisher, RedisPublisherOptions, ResponseFuture};
 pub use subscriber::{DeadLetter, RedisAcker, RedisSubscriber, RedisSubscriberOptions, RedisSubscription};
 pub use wire::{CONTENT_TYPE_FIELD, ContentMode, DATA_FIELD};
 

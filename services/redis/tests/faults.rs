@@ -13,7 +13,7 @@ use futures_util::StreamExt as _;
 use tower::{Service, service_fn};
 use watchtower::Transport;
 use watchtower::health::Status;
-use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, serve};
+use watchtower::{Error, ErrorKind, Event, PublishBatchExt, PublishExt, SubscribeOptions, Subscriber, serve};
 use watchtower_redis::{
     RedisClient, RedisConfig, RedisPublisher, RedisPublisherOptions, RedisSubscriberOptions,
 };
@@ -257,7 +257,7 @@ async fn consuming_through_cut_connections_loses_nothing() {
         .publisher();
     let sent = numbered(&topic, 1000);
     for chunk in sent.chunks(100) {
-        for result in publisher.publish_batch(chunk.to_vec()).await.unwrap() {
+        for result in publisher.batched().publish_batch(chunk.to_vec()).await.unwrap() {
             result.unwrap();
         }
     }

@@ -11,7 +11,9 @@ use futures_util::StreamExt as _;
 use tower::{Service, ServiceExt as _, service_fn};
 use watchtower::dead_letter::MemoryDeadLetters;
 use watchtower::health::Status;
-use watchtower::{Error, ErrorKind, Event, PublishExt, SubscribeOptions, Subscriber, Transport, serve};
+use watchtower::{
+    Error, ErrorKind, Event, PublishBatchExt, PublishExt, SubscribeOptions, Subscriber, Transport, serve,
+};
 use watchtower_redis::{
     ContentMode, DeadLetter, MaxLen, RedisClient, RedisConfig, RedisPublisher, RedisPublisherOptions,
     RedisSubscriberOptions,
@@ -149,7 +151,7 @@ async fn concurrent_callers_and_batches() {
         5,
         Event::new("bad", serde_json::json!({})).with_topic("bad topic"),
     );
-    let results = publisher.publish_batch(events).await.unwrap();
+    let results = publisher.batched().publish_batch(events).await.unwrap();
     assert_eq!(results.len(), 21);
     assert_eq!(results[5].as_ref().unwrap_err().kind(), ErrorKind::InvalidTopic);
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 20);
@@ -206,7 +208,7 @@ async fn serve_acks_in_batches_and_nothing_stays_pending() {
         .unwrap()
         .publisher();
     let sent = numbered(&topic, 300);
-    for result in publisher.publish_batch(sent.clone()).await.unwrap() {
+    for result in publisher.batched().publish_batch(sent.clone()).await.unwrap() {
         result.unwrap();
     }
     let mut got = Vec::new();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use tower::ServiceExt as _;
-use watchtower::{ErrorKind, Event, PublishExt as _, Receipt};
+use watchtower::{ErrorKind, Event, PublishBatchExt as _, PublishExt as _, Receipt};
 use watchtower_redis::{
     RedisClient, RedisConfig, RedisPublisher, RedisPublisherOptions, ReplicasNotAcknowledged,
 };
@@ -122,9 +122,9 @@ async fn on_a_cluster_every_event_is_on_a_replica_when_its_caller_hears_of_it() 
     let batch: Vec<Event> = (0..16)
         .map(|i| Event::new(format!("{ns}.t{}", i % 8), serde_json::json!({ "i": i })))
         .collect();
-    let results = publisher.publish_batch(batch.clone()).await.unwrap();
+    let results = publisher.batched().publish_batch(batch.clone()).await.unwrap();
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    let results = greedy.publish_batch(batch).await.unwrap();
+    let results = greedy.batched().publish_batch(batch).await.unwrap();
     for result in results {
         let error = result.unwrap_err();
         assert_eq!(not_acknowledged(&error).acknowledged, 1);

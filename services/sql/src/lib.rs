@@ -228,7 +228,7 @@ pub use acker::SqlAcker;
 pub use client::SqlClient;
 pub use config::{Backend, SqlConfig};
 pub use dead_letters::{DeadLetter, RedriveReport, SqlDeadLetters};
-pub use publisher::{Insert, OutboxConnection, ResponseFuture, SqlPublisher};
+pub use publisher::{Insert, OutboxConnection, ResponseFuture, SqlBatchPublisher, SqlPublisher};
 pub use schedule::{Attempt, RetrySchedule, RetryScheduleLayer, RetryScheduled};
 pub use spool::{Spool, spool};
 pub use subscriber::{SqlSubscriber, SqlSubscription};

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::PollSender;
 use tower_service::Service;
 use tracing::Instrument as _;
+use watchtower::batch::{BatchFuture, BatchReceipts};
 use watchtower::codec::structured;
 use watchtower::reply::{Filled, Replier, Reply, reply};
 use watchtower::trace::PublishTrace;
@@ -22,12 +23,39 @@ use crate::client::{Db, SqlClient};
 use crate::config::Backend;
 use crate::error::{from_sqlx, timed};
 
-/// One publish call waiting for its `INSERT`.
-pub(crate) struct Job {
+/// One row of the events table, encoded.
+pub(crate) struct Row {
     topic: Arc<str>,
     id: Arc<str>,
     body: Bytes,
+}
+
+impl Row {
+    fn of(event: &Event, body: Bytes) -> Row {
+        Row {
+            topic: event.shared_topic(),
+            id: Arc::from(event.id()),
+            body,
+        }
+    }
+}
+
+/// One publish call waiting for its `INSERT`.
+pub(crate) struct Job {
+    row: Row,
     reply: Replier<Result<i64, Error>>,
+}
+
+impl AsRef<Row> for Job {
+    fn as_ref(&self) -> &Row {
+        &self.row
+    }
+}
+
+impl AsRef<Row> for Row {
+    fn as_ref(&self) -> &Row {
+        self
+    }
 }
 
 /// Publishes into the events table. Cheap to clone; clones share the
@@ -233,9 +261,7 @@ impl Service<Event> for SqlPublisher {
         };
         let (replier, reply) = reply();
         let job = Job {
-            topic: event.shared_topic(),
-            id: Arc::from(event.id()),
-            body,
+            row: Row::of(&event, body),
             reply: replier,
         };
         if self.queue.send_item(job).is_err() {
@@ -253,6 +279,125 @@ impl Service<Event> for SqlPublisher {
             },
             trace: Some(trace),
         }
+    }
+}
+
+/// Publishes batches of events into the events table, each batch as **one
+/// multi-row `INSERT`** (in chunks of
+/// [`publish_batch`](crate::SqlConfig::publish_batch) rows, one statement
+/// and commit each), answering each event with its own receipt or error,
+/// in the batch's order (see [`watchtower::batch`]). Made by
+/// [`SqlPublisher::batched`]; writes with the client's pool, outside the
+/// publisher's queue.
+///
+/// * An event that cannot be stored (invalid, a bad topic) is answered
+///   with its error and left out of the `INSERT`; the others go.
+/// * A statement that fails fails its chunk: every event of it is
+///   answered with the database's error, with its event attached, and
+///   none of them is stored.
+///
+/// The rows of a chunk take sequence numbers in the batch's order, so
+/// subscriptions receive a batch in order. `poll_ready` is always ready
+/// (the pool waits for a connection, within the
+/// [statement timeout](crate::SqlConfig::statement_timeout)).
+///
+/// ```no_run
+/// use watchtower::{Event, PublishBatchExt};
+/// use watchtower_sql::{SqlClient, SqlConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let client = SqlClient::connect(SqlConfig::new("postgres://postgres@127.0.0.1/test")).await?;
+/// let mut batches = client.publisher().batched();
+/// let events = (0..100).map(|n| Event::new("order.paid", serde_json::json!({"n": n}))).collect();
+/// for answer in batches.publish_batch(events).await? {
+///     answer?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SqlBatchPublisher {
+    client: SqlClient,
+}
+
+impl fmt::Debug for SqlBatchPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlBatchPublisher")
+            .field("table", &self.client.inner.sql.events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqlPublisher {
+    /// A batch publisher on this publisher's client: see
+    /// [`SqlBatchPublisher`].
+    pub fn batched(&self) -> SqlBatchPublisher {
+        SqlBatchPublisher {
+            client: self.client.clone(),
+        }
+    }
+}
+
+impl Service<Vec<Event>> for SqlBatchPublisher {
+    type Response = BatchReceipts;
+    type Error = Error;
+    type Future = BatchFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, events: Vec<Event>) -> BatchFuture {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let inner = &client.inner;
+            let table: Arc<str> = inner.sql.events.as_str().into();
+            let mut answers = Vec::with_capacity(events.len());
+            let mut rows = Vec::new();
+            // The events of the rows, by their place in `answers`.
+            let mut waiting = Vec::new();
+            for mut event in events {
+                let trace = PublishTrace::start(SqlClient::SYSTEM, &event.shared_topic(), &mut event);
+                match encode(&event) {
+                    Ok(body) => {
+                        rows.push(Row::of(&event, body));
+                        waiting.push((answers.len(), trace, event));
+                        answers.push(Err(not_returned()));
+                    }
+                    Err(e) => {
+                        let e = Err(e);
+                        trace.finish(&e);
+                        answers.push(e);
+                    }
+                }
+            }
+            let chunk = inner.config.publish_batch.max(1);
+            let mut waiting = waiting.into_iter();
+            for rows in rows.chunks(chunk) {
+                let written = timed(
+                    inner.config.statement_timeout,
+                    "inserting events",
+                    insert(&inner.db, &inner.sql.events, rows),
+                )
+                .await;
+                for (n, (place, trace, event)) in waiting.by_ref().take(rows.len()).enumerate() {
+                    let answer = match &written {
+                        Ok(seqs) => match seqs.get(n).copied().flatten() {
+                            Some(seq) => Ok(Receipt::for_event(&event)
+                                .with_stream(table.clone())
+                                .with_sequence(u64::try_from(seq).unwrap_or_default())),
+                            None => Err(not_returned().with_event(event)),
+                        },
+                        Err(e) => Err(Error::new(e.kind(), e.message())
+                            .with_retryable(e.is_retryable())
+                            .with_event(event)),
+                    };
+                    trace.finish(&answer);
+                    answers[place] = answer;
+                }
+            }
+            inner.wake.send_replace(());
+            Ok(answers)
+        })
     }
 }
 
@@ -347,14 +492,11 @@ pub(crate) async fn writer(
         }
         match timed(limit, "inserting events", insert(&db, &table, &jobs)).await {
             Ok(seqs) => {
-                filled.extend(jobs.drain(..).zip(seqs).map(|(job, seq)| {
-                    job.reply.fill(seq.ok_or_else(|| {
-                        Error::new(
-                            watchtower::ErrorKind::Other,
-                            "the INSERT did not return the event",
-                        )
-                    }))
-                }));
+                filled.extend(
+                    jobs.drain(..)
+                        .zip(seqs)
+                        .map(|(job, seq)| job.reply.fill(seq.ok_or_else(not_returned))),
+                );
             }
             Err(e) => {
                 filled.extend(jobs.drain(..).map(|job| {
@@ -370,14 +512,22 @@ pub(crate) async fn writer(
     }
 }
 
-/// One multi-row `INSERT`; the sequence number of each job, matched by
+fn not_returned() -> Error {
+    Error::new(
+        watchtower::ErrorKind::Other,
+        "the INSERT did not return the event",
+    )
+}
+
+/// One multi-row `INSERT`; the sequence number of each row, matched by
 /// event id (the order of `RETURNING` rows is not promised).
-async fn insert(db: &Db, table: &str, jobs: &[Job]) -> Result<Vec<Option<i64>>, Error> {
+async fn insert<R: AsRef<Row>>(db: &Db, table: &str, jobs: &[R]) -> Result<Vec<Option<i64>>, Error> {
     let head = format!("INSERT INTO {table} (topic, event_id, body) ");
     let rows: Vec<(i64, String)> = match db {
         Db::Pg(pool) => {
             let mut query = QueryBuilder::<Postgres>::new(head);
             query.push_values(jobs, |mut row, job| {
+                let job = job.as_ref();
                 row.push_bind(&*job.topic)
                     .push_bind(&*job.id)
                     .push_bind(&job.body[..]);
@@ -389,6 +539,7 @@ async fn insert(db: &Db, table: &str, jobs: &[Job]) -> Result<Vec<Option<i64>>, 
         Db::Sqlite(pool) => {
             let mut query = QueryBuilder::<Sqlite>::new(head);
             query.push_values(jobs, |mut row, job| {
+                let job = job.as_ref();
                 row.push_bind(&*job.topic)
                     .push_bind(&*job.id)
                     .push_bind(&job.body[..]);
@@ -401,9 +552,9 @@ async fn insert(db: &Db, table: &str, jobs: &[Job]) -> Result<Vec<Option<i64>>, 
     .map_err(|e| from_sqlx(e, "inserting events"))?;
     let mut seqs = vec![None; jobs.len()];
     for (i, (seq, id)) in rows.into_iter().enumerate() {
-        if jobs.get(i).is_some_and(|job| *job.id == *id) && seqs[i].is_none() {
+        if jobs.get(i).is_some_and(|job| *job.as_ref().id == *id) && seqs[i].is_none() {
             seqs[i] = Some(seq);
-        } else if let Some(j) = (0..jobs.len()).find(|&j| seqs[j].is_none() && *jobs[j].id == *id) {
+        } else if let Some(j) = (0..jobs.len()).find(|&j| seqs[j].is_none() && *jobs[j].as_ref().id == *id) {
             seqs[j] = Some(seq);
         }
     }

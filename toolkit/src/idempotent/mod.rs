@@ -33,9 +33,20 @@
 //! again; make the parts idempotent themselves or do them in one
 //! transaction.
 //!
-//! Stores: [`MemoryStore`] (one process, bounded, with expiry) and, with
-//! the feature `redis`, `RedisStore` (shared by every consumer, `SET` with
-//! `PX` expiries).
+//! Stores: [`MemoryStore`] (one process, bounded, with expiry); with the
+//! feature `redis`, `RedisStore` (shared by every consumer, `SET` with
+//! `PX` expiries); with the feature `postgres`, `PostgresStore` (a table
+//! of the application's database, `INSERT ... ON CONFLICT`).
+//!
+//! # Exactly-once effects in one database
+//!
+//! When the handler's work is writes to the PostgreSQL database that holds
+//! the marks, `PostgresStore::record_in` writes the done mark inside the
+//! handler's own transaction: the work and the mark commit together, so a
+//! crash between the commit and the ack (which the layer alone cannot
+//! cover: the work is done, the mark is not) finds the key done on
+//! redelivery. Used under the layer, the layer still keeps concurrent
+//! duplicates from opening transactions at all.
 //!
 //! # Example
 //!
@@ -63,6 +74,8 @@
 //! [`ErrorKind::Handler`]: watchtower::ErrorKind::Handler
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 mod store;
@@ -78,6 +91,8 @@ use tower::{Layer, Service};
 use watchtower::{BoxError, Error, ErrorKind, Event};
 
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresStore, Recorded};
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
 pub use store::{Begin, Claim, IdempotencyStore};
@@ -115,8 +130,9 @@ impl<St> fmt::Debug for IdempotentLayer<St> {
     }
 }
 
-/// The default key: `source` and `id`, which together name a CloudEvent.
-fn source_and_id(event: &Event) -> String {
+/// The default key of [`IdempotentLayer`]: the event's `source` and `id`,
+/// which together name a CloudEvent, separated by a space.
+pub fn default_key(event: &Event) -> String {
     let mut key = String::with_capacity(event.source().len() + 1 + event.id().len());
     key.push_str(event.source());
     key.push(' ');
@@ -129,7 +145,7 @@ impl<St: IdempotencyStore> IdempotentLayer<St> {
     pub fn new(store: St) -> IdempotentLayer<St> {
         IdempotentLayer {
             store: Arc::new(store),
-            key: Arc::new(source_and_id),
+            key: Arc::new(default_key),
             lease: Duration::from_secs(30),
             keep: Duration::from_secs(24 * 60 * 60),
             stats: Arc::default(),

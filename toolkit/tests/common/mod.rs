@@ -171,3 +171,32 @@ where
     assert_eq!(unlucky.kind(), ErrorKind::Handler);
     assert!(unlucky.is_retryable());
 }
+
+/// The shared PostgreSQL (trust authentication, database `test`).
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A SQL transport client on PostgreSQL whose tables are named `name_*`,
+/// with short timings (the defaults suit production).
+pub async fn sql_client(name: &str) -> watchtower_sql::SqlClient {
+    watchtower_sql::SqlClient::connect(
+        watchtower_sql::SqlConfig::new(POSTGRES)
+            .table_prefix(format!("{name}_"))
+            .poll_interval(Duration::from_millis(100))
+            .visibility_timeout(Duration::from_secs(10))
+            .batch_size(50)
+            .max_connections(8),
+    )
+    .await
+    .unwrap()
+}
+
+/// A PostgreSQL idempotency store on a table `name` of its own, created.
+pub async fn postgres_store(name: &str) -> watchtower_toolkit::idempotent::PostgresStore {
+    let store = watchtower_toolkit::idempotent::PostgresStore::connect(POSTGRES)
+        .await
+        .unwrap()
+        .table(name)
+        .unwrap();
+    store.create_table().await.unwrap();
+    store
+}

@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
+use watchtower::batch::Pipelined;
 use watchtower::trace::PublishTrace;
 use watchtower::{Error, ErrorKind, Event, Receipt, Transport};
 
@@ -171,6 +172,32 @@ impl JetStreamPublisher {
     /// The connection.
     pub fn client(&self) -> &NatsClient {
         &self.client
+    }
+
+    /// This publisher as a batch publisher, a `Service<Vec<Event>>` (see
+    /// [`watchtower::batch`]): every publish of a batch is handed to the
+    /// connection at once, in order, and the PubAcks are awaited together.
+    /// Each event takes a place in the [in-flight
+    /// window](Self::max_in_flight) like a call of its own (a batch larger
+    /// than the window waits for the acknowledgements of its first events)
+    /// and is answered with its receipt or its own error (a subject no
+    /// stream captures, a payload over the server's limit).
+    ///
+    /// ```no_run
+    /// use watchtower::{Event, PublishBatchExt};
+    /// use watchtower_nats::{NatsClient, NatsConfig};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+    /// let client = NatsClient::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
+    /// let mut batches = client.jetstream_publisher().batched();
+    /// let events = (0..100).map(|n| Event::new("order.paid", serde_json::json!({"n": n}))).collect();
+    /// for answer in batches.publish_batch(events).await? {
+    ///     answer?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn batched(self) -> Pipelined<JetStreamPublisher> {
+        Pipelined::new(self)
     }
 }
 

@@ -13,7 +13,9 @@ use watchtower_test_support::{PATIENCE, unique};
 
 use crate::support::{call_all, local, numbered, stream};
 
-async fn next(sub: &mut JetStreamSubscription) -> watchtower::Delivery<watchtower_nats::JetStreamAcker> {
+pub(crate) async fn next(
+    sub: &mut JetStreamSubscription,
+) -> watchtower::Delivery<watchtower_nats::JetStreamAcker> {
     loop {
         match tokio::time::timeout(PATIENCE, sub.next())
             .await

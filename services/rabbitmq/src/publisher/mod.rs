@@ -18,19 +18,20 @@ use std::task::{Context, Poll, ready};
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::{Confirmation, Connection};
+use lapin::{Confirmation, Connection, PublisherConfirm};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
+use watchtower::batch::{BatchFuture, BatchReceipts};
 use watchtower::trace::PublishTrace;
 use watchtower::{Error, ErrorKind, Event, Receipt};
 
 use crate::config::{ContentMode, PublishOptions, RabbitConfig, short};
 use crate::confirms::{Confirms, Outcome};
-use crate::connection::{Link, LinkGuard, LinkState, Setup, breaks_channel, map_lapin_error};
+use crate::connection::{Link, LinkGuard, LinkState, Session, Setup, breaks_channel, map_lapin_error};
 use crate::wire;
 use channels::{Channels, open_channels, pick, repair, retire};
-use delay::{Declared, Route};
+use delay::Declared;
 
 struct Inner {
     pub(super) link: Link<Channels>,
@@ -342,152 +343,350 @@ impl Service<Event> for RabbitPublisher {
             &event.shared_topic(),
             &mut event,
         );
-        let prepared = delay::route(&mut event, self.inner.exchange.as_str()).and_then(|route| {
-            let encoded = wire::encode(&event, &self.inner.options, self.inner.mode)?;
-            Ok((encoded, short("routing key", event.topic())?, route))
-        });
-        let ((properties, body), routing_key, route) = match prepared {
-            Ok(p) => p,
+        let lane = match Lane::pick(&self.inner) {
+            Ok(lane) => lane,
             Err(e) => return ResponseFuture::finished(trace, Err(e)),
         };
-        let session = match self.inner.link.state() {
-            LinkState::Up(session) => session,
-            LinkState::Connecting => {
-                return ResponseFuture::finished(
-                    trace,
-                    Err(Error::new(
-                        ErrorKind::Connection,
-                        "the RabbitMQ connection is being re-established",
-                    )),
-                );
-            }
-            LinkState::Closed => {
-                return ResponseFuture::finished(
-                    trace,
-                    Err(Error::closed("the RabbitMQ publisher is closed")),
-                );
-            }
+        let prepared = match lane.prepare(event) {
+            Ok(prepared) => prepared,
+            Err(e) => return ResponseFuture::finished(trace, Err(e)),
         };
-        let Some((index, channel)) = pick(&self.inner, &session) else {
-            return ResponseFuture::finished(
-                trace,
-                Err(Error::new(
-                    ErrorKind::Connection,
-                    "every RabbitMQ publisher channel failed; they are being replaced",
-                )),
-            );
-        };
-        let inner = self.inner.clone();
         let span = trace.span().clone();
         ResponseFuture {
             inner: Box::pin(tracing::Instrument::instrument(
                 async move {
                     let _permit = permit;
-                    let work = async {
-                        let mut options = BasicPublishOptions {
-                            mandatory: inner.options.is_mandatory(),
-                            immediate: false,
-                        };
-                        // A failure that took the channel down: the channel is
-                        // replaced, and the event may or may not have been
-                        // stored, whatever closed the channel (another publish
-                        // may have), so the caller may retry it.
-                        let failed = |e: lapin::Error, what: &str| {
-                            if breaks_channel(&e) && !channel.status().connected() {
-                                repair(&inner, &session, index);
-                                Error::new(
-                                ErrorKind::Connection,
-                                format!(
-                                    "{what}: the channel closed before the broker confirmed the event: {e}"
-                                ),
-                            )
-                            .with_retryable(true)
-                            } else {
-                                map_lapin_error(&e, what)
-                            }
-                        };
-                        // Announced before it is sent, so that the confirm task
-                        // waits for its confirm, which may carry another
-                        // publish's returned message (see `confirms`).
-                        let (exchange, routing_key) = match &route {
-                            Route::Exchange => (inner.exchange.clone(), routing_key),
-                            Route::Reply => {
-                                // Nobody to tell when the requester is gone:
-                                // the broker drops the reply.
-                                options.mandatory = false;
-                                (ShortString::from(""), routing_key)
-                            }
-                            Route::Delay(queue) => {
-                                inner
-                                    .delays
-                                    .ensure(&channel, queue, &inner.exchange)
-                                    .await
-                                    .map_err(|e| failed(e, "declare the delay queue"))?;
-                                (ShortString::from(""), queue.name.clone())
-                            }
-                        };
-                        let ticket = channel.confirms.as_ref().map(Confirms::announce);
-                        let confirm = channel
-                            .basic_publish(exchange, routing_key, options, &body, properties)
-                            .await
-                            .map_err(|e| failed(e, "publish"))?;
-                        let receipt = Receipt::for_event(&event).with_stream(inner.stream.clone());
-                        if !inner.options.confirms {
-                            return Ok(receipt);
-                        }
-                        let outcome = match ticket {
-                            // The channel's confirm task answers, with the
-                            // returned message that belongs to this event (see
-                            // `confirms`).
-                            Some(ticket) => ticket.track(receipt.event_id.clone(), confirm).await,
-                            // Nothing can come back: the confirm is the answer.
-                            None => Some(match confirm.await {
-                                Ok(Confirmation::Nack(_)) => Outcome::Nack,
-                                Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => Outcome::Ack,
-                                Err(e) => Outcome::Failed(e),
-                            }),
-                        };
-                        match outcome {
-                            Some(Outcome::Ack) => Ok(receipt),
-                            Some(Outcome::Returned { code, text }) => Err(Error::new(
-                                ErrorKind::Rejected,
-                                format!(
-                                    "no queue is bound for routing key {:?} on exchange {:?} ({code} {text})",
-                                    event.topic(),
-                                    inner.exchange.as_str(),
-                                ),
-                            )
-                            .with_event(event)),
-                            Some(Outcome::Nack) => {
-                                retire(&inner, &session, index, &channel);
-                                Err(Error::new(
-                                ErrorKind::Rejected,
-                                "the broker nacked the event (a full queue refusing publishes, or an internal error)",
-                            )
-                            .with_retryable(true))
-                            }
-                            Some(Outcome::Failed(e)) => Err(failed(e, "publisher confirm")),
-                            None => Err(Error::new(
-                                ErrorKind::Connection,
-                                "the channel's confirm task stopped before the broker confirmed the event",
-                            )
-                            .with_retryable(true)),
-                        }
-                    };
-                    let result = tokio::select! {
-                        biased;
-                        result = work => result,
-                        () = session.lost.cancelled() => Err(Error::new(
-                            ErrorKind::Connection,
-                            "the connection was lost before the broker confirmed the event",
-                        )),
-                    };
+                    let result = lane
+                        .until_lost(async {
+                            let sent = lane.send(prepared).await?;
+                            lane.confirmed(sent).await
+                        })
+                        .await;
                     trace.finish(&result);
                     result
                 },
                 span,
             )),
         }
+    }
+}
+
+/// How a publish goes out: the session and the channel picked for it.
+struct Lane {
+    inner: Arc<Inner>,
+    session: Arc<Session<Channels>>,
+    index: usize,
+    channel: Arc<channels::Published>,
+}
+
+/// An event encoded for its route.
+struct Prepared {
+    event: Event,
+    properties: lapin::BasicProperties,
+    body: bytes::Bytes,
+    routing_key: ShortString,
+    route: delay::Route,
+}
+
+/// A publish handed to its channel, waiting for its confirm.
+struct Sent {
+    event: Event,
+    receipt: Receipt,
+    confirm: PublisherConfirm,
+    ticket: Option<crate::confirms::Ticket>,
+}
+
+impl Lane {
+    /// The current session and a usable channel of it.
+    fn pick(inner: &Arc<Inner>) -> Result<Lane, Error> {
+        let session = match inner.link.state() {
+            LinkState::Up(session) => session,
+            LinkState::Connecting => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    "the RabbitMQ connection is being re-established",
+                ));
+            }
+            LinkState::Closed => return Err(Error::closed("the RabbitMQ publisher is closed")),
+        };
+        let Some((index, channel)) = pick(inner, &session) else {
+            return Err(Error::new(
+                ErrorKind::Connection,
+                "every RabbitMQ publisher channel failed; they are being replaced",
+            ));
+        };
+        Ok(Lane {
+            inner: inner.clone(),
+            session,
+            index,
+            channel,
+        })
+    }
+
+    /// Finds `event`'s route (the exchange, a direct reply-to address, or
+    /// a delay queue, which takes its delivery mark off) and encodes it in
+    /// the publisher's content mode.
+    fn prepare(&self, mut event: Event) -> Result<Prepared, Error> {
+        let route = delay::route(&mut event, self.inner.exchange.as_str())?;
+        let (properties, body) = wire::encode(&event, &self.inner.options, self.inner.mode)?;
+        let routing_key = short("routing key", event.topic())?;
+        Ok(Prepared {
+            event,
+            properties,
+            body,
+            routing_key,
+            route,
+        })
+    }
+
+    /// `work`, unless the session is lost first.
+    async fn until_lost<T>(&self, work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        tokio::select! {
+            biased;
+            result = work => result,
+            () = self.session.lost.cancelled() => Err(Error::new(
+                ErrorKind::Connection,
+                "the connection was lost before the broker confirmed the event",
+            )),
+        }
+    }
+
+    /// A failure that took the channel down: the channel is replaced, and
+    /// the event may or may not have been stored, whatever closed the
+    /// channel (another publish may have), so the caller may retry it.
+    fn failed(&self, e: lapin::Error, what: &str) -> Error {
+        if breaks_channel(&e) && !self.channel.status().connected() {
+            repair(&self.inner, &self.session, self.index);
+            Error::new(
+                ErrorKind::Connection,
+                format!("{what}: the channel closed before the broker confirmed the event: {e}"),
+            )
+            .with_retryable(true)
+        } else {
+            map_lapin_error(&e, what)
+        }
+    }
+
+    /// Hands the event to the channel.
+    async fn send(&self, prepared: Prepared) -> Result<Sent, Error> {
+        let Prepared {
+            event,
+            properties,
+            body,
+            routing_key,
+            route,
+        } = prepared;
+        let mut options = BasicPublishOptions {
+            mandatory: self.inner.options.is_mandatory(),
+            immediate: false,
+        };
+        let (exchange, routing_key) = match &route {
+            delay::Route::Exchange => (self.inner.exchange.clone(), routing_key),
+            delay::Route::Reply => {
+                // Nobody to tell when the requester is gone: the broker
+                // drops the reply.
+                options.mandatory = false;
+                (ShortString::from(""), routing_key)
+            }
+            delay::Route::Delay(queue) => {
+                self.inner
+                    .delays
+                    .ensure(&self.channel, queue, &self.inner.exchange)
+                    .await
+                    .map_err(|e| self.failed(e, "declare the delay queue"))?;
+                (ShortString::from(""), queue.name.clone())
+            }
+        };
+        // Announced before it is sent, so that the confirm task waits for
+        // its confirm, which may carry another publish's returned message
+        // (see `confirms`).
+        let ticket = self.channel.confirms.as_ref().map(Confirms::announce);
+        let confirm = self
+            .channel
+            .basic_publish(exchange, routing_key, options, &body, properties)
+            .await
+            .map_err(|e| self.failed(e, "publish"))?;
+        let receipt = Receipt::for_event(&event).with_stream(self.inner.stream.clone());
+        Ok(Sent {
+            event,
+            receipt,
+            confirm,
+            ticket,
+        })
+    }
+
+    /// Waits for the broker's confirm of a sent event.
+    async fn confirmed(&self, sent: Sent) -> Result<Receipt, Error> {
+        let Sent {
+            event,
+            receipt,
+            confirm,
+            ticket,
+        } = sent;
+        if !self.inner.options.confirms {
+            return Ok(receipt);
+        }
+        let outcome = match ticket {
+            // The channel's confirm task answers, with the returned message
+            // that belongs to this event (see `confirms`).
+            Some(ticket) => ticket.track(receipt.event_id.clone(), confirm).await,
+            // Nothing can come back: the confirm is the answer.
+            None => Some(match confirm.await {
+                Ok(Confirmation::Nack(_)) => Outcome::Nack,
+                Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => Outcome::Ack,
+                Err(e) => Outcome::Failed(e),
+            }),
+        };
+        match outcome {
+            Some(Outcome::Ack) => Ok(receipt),
+            Some(Outcome::Returned { code, text }) => Err(Error::new(
+                ErrorKind::Rejected,
+                format!(
+                    "no queue is bound for routing key {:?} on exchange {:?} ({code} {text})",
+                    event.topic(),
+                    self.inner.exchange.as_str(),
+                ),
+            )
+            .with_event(event)),
+            Some(Outcome::Nack) => {
+                retire(&self.inner, &self.session, self.index, &self.channel);
+                Err(Error::new(
+                    ErrorKind::Rejected,
+                    "the broker nacked the event (a full queue refusing publishes, or an internal error)",
+                )
+                .with_retryable(true))
+            }
+            Some(Outcome::Failed(e)) => Err(self.failed(e, "publisher confirm")),
+            None => Err(Error::new(
+                ErrorKind::Connection,
+                "the channel's confirm task stopped before the broker confirmed the event",
+            )
+            .with_retryable(true)),
+        }
+    }
+}
+
+impl RabbitPublisher {
+    /// A batch publisher on this publisher's connection, channels and
+    /// in-flight window: see [`RabbitBatchPublisher`].
+    pub fn batched(&self) -> RabbitBatchPublisher {
+        RabbitBatchPublisher {
+            publisher: self.clone(),
+        }
+    }
+}
+
+/// Publishes batches of events to the publisher's exchange: every event of
+/// a batch is handed to **one channel** in the batch's order, then the
+/// publisher confirms are awaited **together** (the broker confirms many
+/// with one `basic.ack`), and each event is answered with its own receipt
+/// or error, in the batch's order (see [`watchtower::batch`]). Made by
+/// [`RabbitPublisher::batched`].
+///
+/// * An event that cannot be sent (a routing key over 255 bytes, an
+///   encoding failure) is answered with its error; the others go.
+/// * An event no queue is bound for (returned, `mandatory`) is answered
+///   with [`ErrorKind::Rejected`] alone; so is one the broker nacks.
+/// * A channel or connection lost mid-batch answers the events not yet
+///   confirmed with [`ErrorKind::Connection`], with their events attached.
+///
+/// Each event takes a place in the publisher's
+/// [in-flight window](PublishOptions::max_in_flight); a batch larger than
+/// the window goes in window-sized parts, each confirmed before the next
+/// is sent. `poll_ready` is the publisher's: pending while the connection
+/// is being re-established or the window is full.
+///
+/// ```no_run
+/// use watchtower::{Event, PublishBatchExt};
+/// use watchtower_rabbitmq::{RabbitClient, RabbitConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let client = RabbitClient::connect(RabbitConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f")).await?;
+/// let mut batches = client.publisher().await?.batched();
+/// let events = (0..100).map(|n| Event::new("order.paid", serde_json::json!({"n": n}))).collect();
+/// for answer in batches.publish_batch(events).await? {
+///     answer?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct RabbitBatchPublisher {
+    publisher: RabbitPublisher,
+}
+
+impl Service<Vec<Event>> for RabbitBatchPublisher {
+    type Response = BatchReceipts;
+    type Error = Error;
+    type Future = BatchFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Service::<Event>::poll_ready(&mut self.publisher, cx)
+    }
+
+    fn call(&mut self, events: Vec<Event>) -> BatchFuture {
+        // The place `poll_ready` took is given back: the batch takes its
+        // own, part by part.
+        self.publisher.permit = None;
+        let inner = self.publisher.inner.clone();
+        let window = self.publisher.semaphore.clone_inner();
+        Box::pin(async move {
+            let system = <crate::RabbitClient as watchtower::Transport>::SYSTEM;
+            let mut answers = Vec::with_capacity(events.len());
+            let mut events = events.into_iter().peekable();
+            while events.peek().is_some() {
+                let part: Vec<Event> = events.by_ref().take(inner.options.max_in_flight).collect();
+                let places = u32::try_from(part.len()).unwrap_or(u32::MAX);
+                let _permits = window
+                    .clone()
+                    .acquire_many_owned(places)
+                    .await
+                    .map_err(|_| Error::closed("the RabbitMQ publisher is closed"))?;
+                let lane = match Lane::pick(&inner) {
+                    Ok(lane) => lane,
+                    Err(e) => {
+                        answers.extend(part.into_iter().map(|mut event| {
+                            let trace = PublishTrace::start(system, &event.shared_topic(), &mut event);
+                            let answer = Err(Error::new(e.kind(), e.message())
+                                .with_retryable(e.is_retryable())
+                                .with_event(event));
+                            trace.finish(&answer);
+                            answer
+                        }));
+                        continue;
+                    }
+                };
+                // Handed to the channel one after the other, in order.
+                let mut sent = Vec::with_capacity(part.len());
+                for mut event in part {
+                    let trace = PublishTrace::start(system, &event.shared_topic(), &mut event);
+                    let handed = match lane.prepare(event) {
+                        Ok(prepared) => {
+                            let span = trace.span().clone();
+                            tracing::Instrument::instrument(lane.until_lost(lane.send(prepared)), span).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    sent.push((trace, handed));
+                }
+                let lane = &lane;
+                let confirmed = sent.into_iter().map(|(trace, handed)| {
+                    let span = trace.span().clone();
+                    tracing::Instrument::instrument(
+                        async move {
+                            let result = match handed {
+                                Ok(sent) => lane.until_lost(lane.confirmed(sent)).await,
+                                Err(e) => Err(e),
+                            };
+                            trace.finish(&result);
+                            result
+                        },
+                        span,
+                    )
+                });
+                answers.extend(futures_util::future::join_all(confirmed).await);
+            }
+            Ok(answers)
+        })
     }
 }
 

@@ -36,6 +36,27 @@ impl Admin {
         Admin { connection, channel }
     }
 
+    /// A queue bound to `exchange` for `key`, for reading what other
+    /// clients see.
+    pub async fn bound_queue(&self, exchange: &str, key: &str) -> String {
+        let queue = watchtower_test_support::unique("wt-raw");
+        self.channel
+            .queue_declare(queue.as_str().into(), Default::default(), Default::default())
+            .await
+            .unwrap();
+        self.channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.into(),
+                key.into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        queue
+    }
+
     pub async fn delete_exchange(&self, name: &str) {
         let _ = self
             .channel

@@ -14,6 +14,7 @@ use redis::{Cmd, RedisWrite as _, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::PollSemaphore;
 use tower_service::Service;
+use watchtower::batch::{BatchFuture, BatchReceipts};
 use watchtower::reply::reply;
 use watchtower::trace::PublishTrace;
 use watchtower::validate_topic;
@@ -81,9 +82,8 @@ impl LinkState {
 /// connections, and calls do not wait for each other. The `XADD`s of
 /// `call` travel on a connection of the publisher's own, which one task
 /// writes and reads (over `rediss://`, on the client's multiplexed
-/// connection instead); `PING` and
-/// [`publish_batch`](RedisPublisher::publish_batch) use the client's
-/// multiplexed connection, which reconnects by itself.
+/// connection instead); `PING` and the [batches](RedisPublisher::batched)
+/// use the client's multiplexed connection, which reconnects by itself.
 ///
 /// # Batching
 ///
@@ -142,8 +142,8 @@ impl LinkState {
 /// long as a retry can come) and skips one it has seen, or makes its
 /// handler idempotent.
 ///
-/// [`publish_batch`](RedisPublisher::publish_batch) sends a caller's own
-/// batch as one pipeline, outside the queue.
+/// [`batched`](RedisPublisher::batched) sends a caller's own batch as one
+/// pipeline, outside the queue.
 ///
 /// # Readiness
 ///
@@ -206,7 +206,7 @@ struct PublisherShared {
     /// publisher goes.
     queue: Arc<Queue>,
     /// The shared connection, for `PING` and
-    /// [`RedisPublisher::publish_batch`], and the configuration.
+    /// [`RedisBatchPublisher`], and the configuration.
     client: RedisClient,
     /// Where and how events are written.
     target: Target,
@@ -364,51 +364,137 @@ impl RedisPublisher {
         self.shared.queue.abandoned()
     }
 
-    /// Publishes several events in one pipeline (one round trip), in order.
-    /// Each event gets its own result.
-    ///
-    /// # Errors
-    ///
-    /// The outer error is a failure of the whole pipeline (connection,
-    /// timeout): then none, some or all events may have been stored.
-    pub async fn publish_batch(&self, events: Vec<Event>) -> Result<Vec<Result<Receipt, Error>>, Error> {
-        let target = &self.shared.target;
-        let mut prepared = Vec::with_capacity(events.len());
+    /// A batch publisher on this publisher's settings (stream prefix,
+    /// `MAXLEN`, content mode): each batch is one pipeline of `XADD`s on
+    /// the client's multiplexed connection. See [`RedisBatchPublisher`].
+    pub fn batched(&self) -> RedisBatchPublisher {
+        RedisBatchPublisher {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Publishes batches of events to Redis Streams, each batch as **one
+/// pipeline** of `XADD`s (one write, one round trip), answering each event
+/// with its own receipt or error, in the batch's order (see
+/// [`watchtower::batch`]). Made by [`RedisPublisher::batched`]; shares the
+/// publisher's settings and the client's multiplexed connection, which
+/// reconnects by itself.
+///
+/// * An event that cannot be sent (invalid, a bad topic) is answered with
+///   its error and left out of the pipeline; the others go.
+/// * The server's error for one `XADD` (a `WRONGTYPE` for one stream)
+///   fails that event alone.
+/// * A pipeline the connection loses or that times out answers every
+///   event with the [`ErrorKind::Connection`] or [`ErrorKind::Timeout`]
+///   error, with its event attached: none, some or all may be stored.
+/// * An event with a delivery time ([`watchtower::delay`]) is answered
+///   with [`ErrorKind::Unsupported`]: publish it with the publisher, which
+///   keeps it in the sorted set of delayed events.
+///
+/// Events of one batch reach their streams in the batch's order. The
+/// publisher's queue (and its readiness) is not involved: `poll_ready` is
+/// always ready, and a batch sent while Redis is down is answered with
+/// the connection's error.
+///
+/// ```no_run
+/// use watchtower::{Event, PublishBatchExt};
+/// use watchtower_redis::{RedisClient, RedisConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), watchtower::Error> {
+/// let client = RedisClient::connect(RedisConfig::new("redis://127.0.0.1:6379")).await?;
+/// let mut batches = client.publisher().batched();
+/// let events = (0..100).map(|n| Event::new("order.paid", serde_json::json!({"n": n}))).collect();
+/// for answer in batches.publish_batch(events).await? {
+///     answer?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisBatchPublisher {
+    shared: Arc<PublisherShared>,
+}
+
+impl fmt::Debug for RedisBatchPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBatchPublisher")
+            .field("config", self.shared.client.config())
+            .field("max_len", &self.shared.target.max_len)
+            .field("content_mode", &self.shared.target.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service<Vec<Event>> for RedisBatchPublisher {
+    type Response = BatchReceipts;
+    type Error = Error;
+    type Future = BatchFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, events: Vec<Event>) -> BatchFuture {
+        let shared = self.shared.clone();
         let mut commands = Vec::with_capacity(events.len());
-        for event in events {
-            match self.shared.xadd(&event) {
+        let mut prepared = Vec::with_capacity(events.len());
+        for mut event in events {
+            let trace = PublishTrace::start(RedisClient::SYSTEM, &event.shared_topic(), &mut event);
+            let checked = if event.extension(watchtower::ext::DELIVER_AT).is_some() {
+                Err(Error::new(
+                    ErrorKind::Unsupported,
+                    "a delayed event cannot go in a batch: publish it with the publisher",
+                ))
+            } else {
+                shared.xadd(&event)
+            };
+            match checked {
                 Ok((key, cmd)) => {
-                    commands.push((cmd, wait_slot(target, &event)));
-                    prepared.push(Ok((key, event)));
+                    commands.push((cmd, wait_slot(&shared.target, &event)));
+                    prepared.push((trace, Ok(key), event));
                 }
-                Err(e) => prepared.push(Err(e)),
+                Err(e) => prepared.push((trace, Err(e), event)),
             }
         }
-        let (mut pipe, places) = with_waits(commands.into_iter(), target);
+        // With replicas to wait for, a `WAIT` follows each slot's last `XADD`.
+        let (mut pipe, places) = with_waits(commands.into_iter(), &shared.target);
         pipe.ignore_errors();
-        let mut conn = self.shared.client.conn().clone();
-        let replies: Vec<Value> = if places.is_empty() {
-            Vec::new()
-        } else {
-            let result = pipe
-                .query_async::<Vec<Value>>(&mut conn)
-                .await
-                .map_err(|e| from_redis(e, "XADD pipeline"));
-            self.shared.health.observe(&result);
-            result?
-        };
-        let mut places = places.into_iter();
-        Ok(prepared
-            .into_iter()
-            .map(|item| {
-                let (key, event) = item?;
-                let places = places
-                    .next()
-                    .ok_or_else(|| Error::decode("XADD pipeline: missing reply"))?;
-                let id = answer_waited(&replies, places, target, &event)?;
-                Ok(receipt(&event, key, id))
-            })
-            .collect())
+        Box::pin(async move {
+            let replies: Result<Vec<Value>, Error> = if places.is_empty() {
+                Ok(Vec::new())
+            } else {
+                let mut conn = shared.client.conn().clone();
+                let result = pipe
+                    .query_async::<Vec<Value>>(&mut conn)
+                    .await
+                    .map_err(|e| from_redis(e, "XADD pipeline"));
+                shared.health.observe(&result);
+                result
+            };
+            let (replies, failed) = match replies {
+                Ok(replies) => (replies, None),
+                Err(e) => (Vec::new(), Some(e)),
+            };
+            let mut places = places.into_iter();
+            Ok(prepared
+                .into_iter()
+                .map(|(trace, key, event)| {
+                    let answer = key.and_then(|key| {
+                        let id = match (&failed, places.next()) {
+                            (Some(e), _) => {
+                                Err(Error::new(e.kind(), e.message()).with_retryable(e.is_retryable()))
+                            }
+                            (None, Some(places)) => answer_waited(&replies, places, &shared.target, &event),
+                            (None, None) => Err(Error::decode("XADD pipeline: missing reply")),
+                        };
+                        Ok(receipt(&event, key, id?))
+                    });
+                    let answer = answer.map_err(|e| e.with_event(event));
+                    trace.finish(&answer);
+                    answer
+                })
+                .collect())
+        })
     }
 }
 
