@@ -805,28 +805,12 @@ async fn an_entry_still_held_is_not_delivered_again_by_its_own_reclaiming() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_pending_entries_and_reclaiming_do_not_deliver_an_entry_twice() {
     let ns = unique("wtr_twice");
-    let topic = format!("{ns}.jobs");
-    let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
-    let builder = RedisSubscriberOptions::new()
-        .consumer(format!("{ns}-worker-1"))
-        // Every pending entry is due for reclaiming at once, while the
-        // restarted consumer reads the same entries from its own list.
-        .claim_idle(Duration::from_millis(1))
-        .claim_interval(Duration::from_millis(2));
-    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
-        .await
-        .unwrap()
-        .publisher();
-    let sent = numbered(&topic, 200);
-    let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
-    assert_eq!(taken, 200);
-
-    let subscriber = RedisClient::connect(RedisConfig::new(URL))
-        .await
-        .unwrap()
-        .subscriber_with(builder)
-        .unwrap();
-    let mut subscription = subscriber.open(options).await.unwrap();
+    let (topic, sent, _subscriber, mut subscription) = restarted_with_every_entry_pending(
+        &ns,
+        200,
+        RedisSubscriberOptions::new().claim_interval(Duration::from_millis(2)),
+    )
+    .await;
     let mut held = Vec::new();
     let mut seen = HashSet::new();
     while seen.len() < sent.len() {
@@ -871,27 +855,14 @@ async fn own_pending_entries_and_reclaiming_do_not_deliver_an_entry_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_acknowledged_while_another_path_read_it_is_not_delivered_again() {
     let ns = unique("wtr_acked_twice");
-    let topic = format!("{ns}.jobs");
-    let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
-    let builder = RedisSubscriberOptions::new()
-        .consumer(format!("{ns}-worker-1"))
-        .batch_size(10)
-        .claim_idle(Duration::from_millis(1))
-        .claim_interval(Duration::from_millis(1));
-    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
-        .await
-        .unwrap()
-        .publisher();
-    let sent = numbered(&topic, 500);
-    let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
-    assert_eq!(taken, 500);
-
-    let subscriber = RedisClient::connect(RedisConfig::new(URL))
-        .await
-        .unwrap()
-        .subscriber_with(builder)
-        .unwrap();
-    let mut subscription = subscriber.open(options).await.unwrap();
+    let (topic, sent, _subscriber, mut subscription) = restarted_with_every_entry_pending(
+        &ns,
+        500,
+        RedisSubscriberOptions::new()
+            .batch_size(10)
+            .claim_interval(Duration::from_millis(1)),
+    )
+    .await;
     let mut seen = HashSet::new();
     let mut deliveries = 0;
     while seen.len() < sent.len() {
@@ -914,6 +885,41 @@ async fn an_entry_acknowledged_while_another_path_read_it_is_not_delivered_again
     );
     assert_eq!(deliveries, sent.len());
     cleanup(URL, &ns).await;
+}
+
+/// A consumer of group `workers` restarted after a crash that left `count`
+/// events of the topic `<ns>.jobs` pending in its name, every one of them
+/// due for reclaiming at once (a claim idle time of 1 ms on `builder`):
+/// its own pending list and its reclaiming come upon the same entries.
+async fn restarted_with_every_entry_pending(
+    ns: &str,
+    count: usize,
+    builder: RedisSubscriberOptions,
+) -> (
+    String,
+    Vec<watchtower::Event>,
+    watchtower_redis::RedisSubscriber,
+    watchtower_redis::RedisSubscription,
+) {
+    let topic = format!("{ns}.jobs");
+    let options = SubscribeOptions::new([&topic]).unwrap().group("workers").unwrap();
+    let builder = builder
+        .consumer(format!("{ns}-worker-1"))
+        .claim_idle(Duration::from_millis(1));
+    let mut publisher = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .publisher();
+    let sent = numbered(&topic, count);
+    let taken = crash_after_taking(builder.clone(), options.clone(), &mut publisher, &sent).await;
+    assert_eq!(taken, count);
+    let subscriber = RedisClient::connect(RedisConfig::new(URL))
+        .await
+        .unwrap()
+        .subscriber_with(builder)
+        .unwrap();
+    let subscription = subscriber.open(options).await.unwrap();
+    (topic, sent, subscriber, subscription)
 }
 
 /// The delivery count of every entry pending in `group`, by entry id.
