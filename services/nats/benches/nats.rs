@@ -632,8 +632,6 @@ async fn run() {
                 "4-layer stack, structured",
                 "4-layer stack, binary",
                 "stack, worker hop, structured",
-                "publisher, structured, no dedup id",
-                "stack, structured, no dedup id",
             ],
         );
         for _ in 0..rounds {
