@@ -127,6 +127,20 @@ struct Inner {
     topic: Option<Arc<str>>,
 }
 
+/// The attributes of an event a codec decoded, for [`Event::decoded`].
+pub(crate) struct Decoded {
+    pub(crate) id: Arc<str>,
+    pub(crate) ty: Arc<str>,
+    pub(crate) source: Arc<str>,
+    pub(crate) time: Option<OffsetDateTime>,
+    pub(crate) subject: Option<Arc<str>>,
+    pub(crate) datacontenttype: Option<Arc<str>>,
+    pub(crate) dataschema: Option<Arc<str>>,
+    pub(crate) data: Option<Bytes>,
+    /// Whether `data` is known to be well-formed JSON.
+    pub(crate) data_is_json: bool,
+}
+
 fn new_id() -> Arc<str> {
     let mut buf = uuid::Uuid::encode_buffer();
     Arc::from(&*uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf))
@@ -201,21 +215,39 @@ impl Event {
         }
     }
 
-    /// An event with exactly the given required attributes and nothing
-    /// else (no time, no data). Codecs start from this.
-    pub(crate) fn bare(id: Arc<str>, ty: Arc<str>, source: Arc<str>) -> Event {
+    /// An event made of decoded attributes, in one allocation: codecs
+    /// build every part first (extension names already validated).
+    pub(crate) fn decoded<I>(parts: Decoded, extensions: I) -> Event
+    where
+        I: IntoIterator<Item = (Arc<str>, Arc<str>)>,
+    {
+        let Decoded {
+            id,
+            ty,
+            source,
+            time,
+            subject,
+            datacontenttype,
+            dataschema,
+            data,
+            data_is_json,
+        } = parts;
+        // Of repeated names the last wins; `n log n` in their number
+        // whatever their order.
+        let mut exts = BTreeMap::new();
+        exts.extend(extensions.into_iter().map(|(k, v)| (ExtName(k), v)));
         Event {
             inner: Arc::new(Inner {
                 id,
                 ty,
                 source,
-                time: None,
-                subject: None,
-                datacontenttype: None,
-                dataschema: None,
-                data: None,
-                data_is_json: false,
-                extensions: BTreeMap::new(),
+                time,
+                subject,
+                datacontenttype,
+                dataschema,
+                data,
+                data_is_json,
+                extensions: exts,
                 topic: None,
             }),
         }
@@ -403,17 +435,6 @@ impl Event {
                 exts.insert(ExtName(name.into()), value);
             }
         }
-    }
-
-    /// Sets many extensions whose names are known to be valid, in one
-    /// pass: `n log n` in their number whatever their order. Of repeated
-    /// names the last wins.
-    pub(crate) fn extend_extensions<I>(&mut self, extensions: I)
-    where
-        I: IntoIterator<Item = (Arc<str>, Arc<str>)>,
-    {
-        let exts = &mut self.inner_mut().extensions;
-        exts.extend(extensions.into_iter().map(|(k, v)| (ExtName(k), v)));
     }
 
     /// Builder-style [`set_extension`](Event::set_extension).

@@ -4,9 +4,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use time::OffsetDateTime;
 
-use super::{Limits, format_time, parse_time};
+use super::{Interned, Limits, format_time, intern, parse_time};
 use crate::error::Error;
-use crate::event::{Event, validate_extension_name};
+use crate::event::{Decoded, Event, validate_extension_name};
 
 /// How one protocol carries CloudEvents attributes in binary mode.
 ///
@@ -263,11 +263,11 @@ impl Attrs {
             "specversion" if value == "1.0" => self.specversion = true,
             "specversion" => return Err(Error::decode(format!("unsupported specversion {value:?}"))),
             "id" => self.id = Some(value.into()),
-            "type" => self.ty = Some(value.into()),
-            "source" => self.source = Some(value.into()),
+            "type" => self.ty = Some(intern(Interned::Type, &value)),
+            "source" => self.source = Some(intern(Interned::Source, &value)),
             "time" => self.time = Some(parse_time(&value)?),
             "subject" => self.subject = Some(value.into()),
-            "datacontenttype" => self.datacontenttype = Some(value.into()),
+            "datacontenttype" => self.datacontenttype = Some(intern(Interned::ContentType, &value)),
             "dataschema" => self.dataschema = Some(value.into()),
             "data" | "data_base64" => {
                 return Err(Error::decode(format!("`{attr}` is not allowed as a header")));
@@ -290,24 +290,28 @@ impl Attrs {
             Some(_) => Err(Error::decode(format!("`{name}` must not be empty"))),
             None => Err(Error::decode(format!("missing `{name}`"))),
         };
-        let mut event = Event::bare(
-            required(self.id, "id")?,
-            required(self.ty, "type")?,
-            required(self.source, "source")?,
-        );
-        event.set_time(self.time);
-        event.set_subject(self.subject);
-        event.set_dataschema(self.dataschema);
+        let id = required(self.id, "id")?;
+        let ty = required(self.ty, "type")?;
+        let source = required(self.source, "source")?;
         for (name, _) in &self.extensions {
             validate_extension_name(name).map_err(|e| Error::decode(e.message().to_owned()))?;
         }
-        event.extend_extensions(self.extensions);
         if self.datacontenttype.as_deref() == Some("") {
             return Err(Error::decode("`datacontenttype` must not be empty"));
         }
         // An empty body without a content type is an event without data.
-        let body = body.filter(|b| !b.is_empty() || self.datacontenttype.is_some());
-        event.set_data_raw(self.datacontenttype, body, false);
-        Ok(event)
+        let data = body.filter(|b| !b.is_empty() || self.datacontenttype.is_some());
+        let parts = Decoded {
+            id,
+            ty,
+            source,
+            time: self.time,
+            subject: self.subject,
+            datacontenttype: self.datacontenttype,
+            dataschema: self.dataschema,
+            data,
+            data_is_json: false,
+        };
+        Ok(Event::decoded(parts, self.extensions))
     }
 }

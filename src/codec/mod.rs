@@ -258,8 +258,89 @@ fn write_utc(out: &mut Vec<u8>, year: u32, month: u8, day: u8, hms: (u8, u8, u8)
 ///
 /// [`ErrorKind::Decode`] if `value` is not an RFC 3339 timestamp.
 pub fn parse_time(value: &str) -> Result<OffsetDateTime, Error> {
+    if let Some(time) = parse_utc(value.as_bytes()) {
+        return Ok(time);
+    }
     OffsetDateTime::parse(value, &Rfc3339)
         .map_err(|_| Error::new(ErrorKind::Decode, format!("`time` {value:?} is not RFC 3339")))
+}
+
+/// What every encoder writes, `YYYY-MM-DDTHH:MM:SS[.F]Z` with one to nine
+/// digits of fraction and a second below 60, read by hand; `None` for
+/// anything else, which the general parser then reads (or refuses), so
+/// both agree on every input.
+fn parse_utc(b: &[u8]) -> Option<OffsetDateTime> {
+    fn number(digits: &[u8]) -> Option<u32> {
+        digits.iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    }
+    let (b'Z', head) = b.split_last()? else {
+        return None;
+    };
+    if head.len() < 19 || [head[4], head[7], head[10], head[13], head[16]] != *b"--T::" {
+        return None;
+    }
+    let nanos = match &head[19..] {
+        [] => 0,
+        [b'.', fraction @ ..] if (1..=9).contains(&fraction.len()) => {
+            number(fraction)? * 10u32.pow(9 - fraction.len() as u32)
+        }
+        _ => return None,
+    };
+    let field = |at: usize, len: usize| number(&head[at..at + len]);
+    let (second, minute, hour) = (field(17, 2)?, field(14, 2)?, field(11, 2)?);
+    if second >= 60 {
+        // A leap second: the general parser's rules apply.
+        return None;
+    }
+    let month = time::Month::try_from(u8::try_from(field(5, 2)?).ok()?).ok()?;
+    let year = i32::try_from(field(0, 4)?).ok()?;
+    let date = time::Date::from_calendar_date(year, month, u8::try_from(field(8, 2)?).ok()?).ok()?;
+    let time = time::Time::from_hms_nano(
+        u8::try_from(hour).ok()?,
+        u8::try_from(minute).ok()?,
+        u8::try_from(second).ok()?,
+        nanos,
+    )
+    .ok()?;
+    Some(time::PrimitiveDateTime::new(date, time).assume_utc())
+}
+
+/// The attributes whose values repeat from one event to the next, which
+/// decoders share through [`intern`].
+#[derive(Clone, Copy)]
+pub(crate) enum Interned {
+    Type,
+    Source,
+    ContentType,
+}
+
+thread_local! {
+    /// The last value decoded on this thread for each [`Interned`] attribute.
+    static LAST: std::cell::RefCell<[Option<std::sync::Arc<str>>; 3]> =
+        const { std::cell::RefCell::new([None, None, None]) };
+}
+
+/// `value` as a shared string: the one decoded last on this thread for
+/// `attr` when it is the same (a consumer's events mostly share their type,
+/// source and content type), else a new one, kept for next time.
+pub(crate) fn intern(attr: Interned, value: &str) -> std::sync::Arc<str> {
+    LAST.try_with(|last| {
+        let mut last = last.try_borrow_mut().ok()?;
+        let slot = &mut last[attr as usize];
+        match slot {
+            Some(kept) if **kept == *value => Some(kept.clone()),
+            _ => {
+                let fresh = std::sync::Arc::<str>::from(value);
+                *slot = Some(fresh.clone());
+                Some(fresh)
+            }
+        }
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| std::sync::Arc::from(value))
 }
 
 /// Whether a content type says the message is in structured mode.
@@ -371,5 +452,107 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A UTC timestamp in the shape encoders write, with any digits: valid
+    /// or not as a date.
+    fn arb_utc_text() -> impl Strategy<Value = String> {
+        (
+            0u32..10_000,
+            0u32..14,
+            0u32..33,
+            0u32..26,
+            0u32..61,
+            0u32..62,
+            proptest::option::of("[0-9]{1,11}"),
+        )
+            .prop_map(|(y, mo, d, h, mi, s, fraction)| {
+                let fraction = fraction.map(|f| format!(".{f}")).unwrap_or_default();
+                format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{fraction}Z")
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4_000))]
+
+        /// The hand-written reading of the encoders' shape and the general
+        /// RFC 3339 parser agree on every such text, valid date or not.
+        #[test]
+        fn utc_times_read_by_hand_as_the_general_parser_reads_them(text in arb_utc_text()) {
+            let general = time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339).ok();
+            prop_assert_eq!(super::parse_time(&text).ok(), general, "{}", text);
+        }
+
+        /// Whatever the text, `parse_time` gives what the general parser
+        /// gives.
+        #[test]
+        fn any_text_parses_as_the_general_parser_parses_it(text in "[0-9TZz:.+-]{0,40}") {
+            let general = time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339).ok();
+            prop_assert_eq!(super::parse_time(&text).ok(), general, "{}", text);
+        }
+    }
+
+    #[test]
+    fn times_at_the_edges_parse_as_the_general_parser_parses_them() {
+        for text in [
+            "2024-02-29T23:59:59.999999999Z",
+            "2023-02-29T00:00:00Z",
+            "2025-12-31T23:59:60Z",
+            "2025-06-30T23:59:60.5Z",
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59Z",
+            "2025-01-01T24:00:00Z",
+            "2025-13-01T00:00:00Z",
+            "2025-00-10T00:00:00Z",
+            "2025-01-01T00:00:00.Z",
+            "2025-01-01T00:00:00.1234567891Z",
+            "2025-01-01t00:00:00z",
+            "2025-01-01T00:00:00+02:00",
+            "2025-01-01T00:00:00.5-00:30",
+            "2025-01-01 00:00:00Z",
+            "+2025-01-01T00:00:00Z",
+            "2025-1-01T00:00:00Z",
+            "Z",
+            "",
+        ] {
+            let general = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok();
+            assert_eq!(super::parse_time(text).ok(), general, "{text}");
+        }
+        let t = super::parse_time("2024-02-29T23:59:59.000000001Z").unwrap();
+        assert_eq!((t.year(), t.day(), t.nanosecond(), t.offset()), (2024, 29, 1, time::UtcOffset::UTC));
+    }
+
+    /// Events decoded one after another on a thread share the strings of a
+    /// repeated type, source and content type, and a changed value is
+    /// decoded as itself, in both modes.
+    #[test]
+    fn repeated_attribute_values_are_shared_and_changed_ones_are_exact() {
+        let json = |ty: &str, source: &str, ct: &str| {
+            format!(r#"{{"specversion":"1.0","id":"1","type":"{ty}","source":"{source}","datacontenttype":"{ct}","data":{{}}}}"#)
+        };
+        let a = structured::from_slice(json("a.b", "/s", "application/json").as_bytes()).unwrap();
+        let b = structured::from_slice(json("a.b", "/s", "application/json").as_bytes()).unwrap();
+        assert_eq!(a.ty().as_ptr(), b.ty().as_ptr());
+        assert_eq!(a.source().as_ptr(), b.source().as_ptr());
+        assert_eq!(
+            a.datacontenttype().unwrap().as_ptr(),
+            b.datacontenttype().unwrap().as_ptr()
+        );
+        let c = structured::from_slice(json("a.c", "/s", "text/json").as_bytes()).unwrap();
+        assert_eq!((c.ty(), c.source(), c.datacontenttype()), ("a.c", "/s", Some("text/json")));
+        assert_ne!(a.ty().as_ptr(), c.ty().as_ptr());
+        let headers = |ty: &str| {
+            vec![
+                ("ce-specversion", "1.0".to_owned()),
+                ("ce-id", "2".to_owned()),
+                ("ce-type", ty.to_owned()),
+                ("ce-source", "/s".to_owned()),
+            ]
+        };
+        let d = Binding::NATS.decode(headers("a.c"), None).unwrap();
+        let e = Binding::NATS.decode(headers("a.d"), None).unwrap();
+        assert_eq!(d.ty().as_ptr(), c.ty().as_ptr());
+        assert_eq!((d.ty(), e.ty(), e.source()), ("a.c", "a.d", "/s"));
+        assert_eq!(d.source().as_ptr(), c.source().as_ptr());
     }
 }

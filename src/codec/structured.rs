@@ -21,9 +21,9 @@ use bytes::Bytes;
 use serde::de::{self, Deserializer as _, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{Limits, parse_time, time_len, write_time};
+use super::{Interned, Limits, intern, parse_time, time_len, write_time};
 use crate::error::{Error, ErrorKind};
-use crate::event::{Event, is_json_content_type, validate_extension_name};
+use crate::event::{Decoded, Event, is_json_content_type, validate_extension_name};
 
 /// Encodes `event` as CloudEvents JSON.
 ///
@@ -173,6 +173,14 @@ pub fn from_bytes_with_limits(input: &Bytes, limits: Limits) -> Result<Event, Er
 }
 
 fn decode(input: &[u8], shared: Option<&Bytes>, limits: Limits) -> Result<Event, Error> {
+    match std::str::from_utf8(input).ok().and_then(|text| scan(text, limits)) {
+        Some(wire) => wire.into_event(shared),
+        None => parse(input, shared, limits),
+    }
+}
+
+/// Decodes with `serde_json`, any valid JSON, naming what is wrong.
+fn parse(input: &[u8], shared: Option<&Bytes>, limits: Limits) -> Result<Event, Error> {
     let mut de = serde_json::Deserializer::from_slice(input);
     let mut refused = None;
     let wire = de
@@ -195,6 +203,87 @@ fn decode(input: &[u8], shared: Option<&Bytes>, limits: Limits) -> Result<Event,
     wire.into_event(shared)
 }
 
+/// Reads the envelope every encoder writes, by hand: an object whose keys
+/// and string values have no escapes, attributes and extensions as
+/// strings, `data` any JSON value (read by `serde_json`). `None` for
+/// anything else, including input over a limit, which the general parser
+/// then reads, or refuses with the error it names; where this returns a
+/// `Wire`, the general parser returns the same.
+fn scan(text: &str, limits: Limits) -> Option<Wire<'_>> {
+    let b = text.as_bytes();
+    let mut at = skip_ws(b, 0);
+    if b.get(at) != Some(&b'{') {
+        return None;
+    }
+    at = skip_ws(b, at + 1);
+    let mut wire = Wire::default();
+    let mut extensions_seen = 0;
+    if b.get(at) == Some(&b'}') {
+        return (skip_ws(b, at + 1) == b.len()).then_some(wire);
+    }
+    loop {
+        let (key, next) = plain_str(text, at)?;
+        at = skip_ws(b, next);
+        if b.get(at) != Some(&b':') {
+            return None;
+        }
+        at = skip_ws(b, at + 1);
+        if key == "data" {
+            let rest = &text[at..];
+            let raw: &RawValue = de::Deserialize::deserialize(&mut serde_json::Deserializer::from_str(rest)).ok()?;
+            let value = raw.get();
+            at += value.as_ptr() as usize - rest.as_ptr() as usize + value.len();
+            wire.data = (value != "null").then_some(raw);
+        } else if let Some(slot) = wire.slot(key) {
+            let (value, next) = plain_str(text, at)?;
+            // `data_base64` is the payload, bounded by the transport.
+            if key != "data_base64" {
+                limits.check_value(key, value).ok()?;
+            }
+            *slot = Some(Cow::Borrowed(value));
+            at = next;
+        } else {
+            extensions_seen += 1;
+            limits.check_extension_count(extensions_seen).ok()?;
+            limits.check_name(key).ok()?;
+            let (value, next) = plain_str(text, at)?;
+            limits.check_value(key, value).ok()?;
+            wire.extensions.push((Cow::Borrowed(key), value.to_owned()));
+            at = next;
+        }
+        at = skip_ws(b, at);
+        match b.get(at) {
+            Some(b',') => at = skip_ws(b, at + 1),
+            Some(b'}') => return (skip_ws(b, at + 1) == b.len()).then_some(wire),
+            _ => return None,
+        }
+    }
+}
+
+/// The index of the first byte at or after `at` that is not JSON
+/// whitespace.
+fn skip_ws(b: &[u8], mut at: usize) -> usize {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = b.get(at) {
+        at += 1;
+    }
+    at
+}
+
+/// The JSON string starting at `at`, if it has no escapes and no control
+/// characters, and the index after its closing quote.
+fn plain_str(text: &str, at: usize) -> Option<(&str, usize)> {
+    let b = text.as_bytes();
+    if b.get(at) != Some(&b'"') {
+        return None;
+    }
+    let start = at + 1;
+    let len = b[start..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    let end = start + len;
+    // A quote ends it; an escape or a control character is left to the
+    // general parser.
+    (b[end] == b'"').then(|| (&text[start..end], end + 1))
+}
+
 #[derive(Default)]
 struct Wire<'a> {
     specversion: Option<Cow<'a, str>>,
@@ -211,40 +300,49 @@ struct Wire<'a> {
 }
 
 impl<'a> Wire<'a> {
+    /// Where the value of the string attribute `key` goes; `None` for
+    /// `data` and extensions.
+    fn slot(&mut self, key: &str) -> Option<&mut Option<Cow<'a, str>>> {
+        Some(match key {
+            "specversion" => &mut self.specversion,
+            "id" => &mut self.id,
+            "type" => &mut self.ty,
+            "source" => &mut self.source,
+            "time" => &mut self.time,
+            "subject" => &mut self.subject,
+            "datacontenttype" => &mut self.datacontenttype,
+            "dataschema" => &mut self.dataschema,
+            "data_base64" => &mut self.data_base64,
+            _ => return None,
+        })
+    }
+
     fn into_event(self, shared: Option<&Bytes>) -> Result<Event, Error> {
         match self.specversion.as_deref() {
             Some("1.0") => {}
             Some(other) => return Err(Error::decode(format!("unsupported specversion {other:?}"))),
             None => return Err(Error::decode("missing `specversion`")),
         }
-        let required = |value: Option<Cow<'a, str>>, name: &str| match value {
-            Some(v) if !v.is_empty() => Ok(Arc::<str>::from(&*v)),
-            Some(_) => Err(Error::decode(format!("`{name}` must not be empty"))),
-            None => Err(Error::decode(format!("missing `{name}`"))),
-        };
-        let mut event = Event::bare(
-            required(self.id, "id")?,
-            required(self.ty, "type")?,
-            required(self.source, "source")?,
-        );
-        if let Some(time) = self.time {
-            event.set_time(Some(parse_time(&time)?));
+        fn required<'v>(value: Option<&'v str>, name: &str) -> Result<&'v str, Error> {
+            match value {
+                Some(v) if !v.is_empty() => Ok(v),
+                Some(_) => Err(Error::decode(format!("`{name}` must not be empty"))),
+                None => Err(Error::decode(format!("missing `{name}`"))),
+            }
         }
-        event.set_subject(self.subject.map(|s| Arc::<str>::from(&*s)));
-        event.set_dataschema(self.dataschema.map(|s| Arc::<str>::from(&*s)));
+        let id = Arc::<str>::from(required(self.id.as_deref(), "id")?);
+        let ty = intern(Interned::Type, required(self.ty.as_deref(), "type")?);
+        let source = intern(Interned::Source, required(self.source.as_deref(), "source")?);
+        let time = self.time.as_deref().map(parse_time).transpose()?;
         for (name, _) in &self.extensions {
             validate_extension_name(name).map_err(|e| Error::decode(e.message().to_owned()))?;
         }
-        event.extend_extensions(
-            self.extensions
-                .into_iter()
-                .map(|(name, value)| (Arc::<str>::from(&*name), Arc::<str>::from(value))),
-        );
-        let content_type = self.datacontenttype.map(|s| Arc::<str>::from(&*s));
-        if content_type.as_deref() == Some("") {
-            return Err(Error::decode("`datacontenttype` must not be empty"));
-        }
-        match (self.data, self.data_base64) {
+        let content_type = match self.datacontenttype.as_deref() {
+            Some("") => return Err(Error::decode("`datacontenttype` must not be empty")),
+            Some(ct) => Some(intern(Interned::ContentType, ct)),
+            None => None,
+        };
+        let (data, data_is_json) = match (self.data, self.data_base64) {
             (Some(_), Some(_)) => return Err(Error::decode("both `data` and `data_base64` are present")),
             (Some(raw), None) => {
                 let json = is_json_content_type(content_type.as_deref());
@@ -260,17 +358,32 @@ impl<'a> Wire<'a> {
                         None => Bytes::copy_from_slice(text.as_bytes()),
                     }
                 };
-                event.set_data_raw(content_type, Some(bytes), json);
+                (Some(bytes), json)
             }
             (None, Some(b64)) => {
                 let bytes = BASE64
                     .decode(b64.as_bytes())
                     .map_err(|e| Error::decode(format!("invalid `data_base64`: {e}")))?;
-                event.set_data_raw(content_type, Some(bytes.into()), false);
+                (Some(bytes.into()), false)
             }
-            (None, None) => event.set_data_raw(content_type, None, false),
-        }
-        Ok(event)
+            (None, None) => (None, false),
+        };
+        let parts = Decoded {
+            id,
+            ty,
+            source,
+            time,
+            subject: self.subject.map(|s| Arc::<str>::from(&*s)),
+            datacontenttype: content_type,
+            dataschema: self.dataschema.map(|s| Arc::<str>::from(&*s)),
+            data,
+            data_is_json,
+        };
+        let extensions = self
+            .extensions
+            .into_iter()
+            .map(|(name, value)| (Arc::<str>::from(&*name), Arc::<str>::from(value)));
+        Ok(Event::decoded(parts, extensions))
     }
 }
 
@@ -303,35 +416,24 @@ impl<'de> Visitor<'de> for WireVisitor<'_> {
         let mut extensions_seen = 0;
         while let Some(key) = map.next_key::<CowStr<'de>>()? {
             let key = key.0;
-            let slot = match &*key {
-                "specversion" => &mut wire.specversion,
-                "id" => &mut wire.id,
-                "type" => &mut wire.ty,
-                "source" => &mut wire.source,
-                "time" => &mut wire.time,
-                "subject" => &mut wire.subject,
-                "datacontenttype" => &mut wire.datacontenttype,
-                "dataschema" => &mut wire.dataschema,
-                "data_base64" => &mut wire.data_base64,
-                "data" => {
-                    let raw: &'de RawValue = map.next_value()?;
-                    if raw.get() != "null" {
-                        wire.data = Some(raw);
-                    }
-                    continue;
+            if &*key == "data" {
+                let raw: &'de RawValue = map.next_value()?;
+                if raw.get() != "null" {
+                    wire.data = Some(raw);
                 }
-                _ => {
-                    // Checked before the value is read, so that a refused
-                    // message costs no more.
-                    extensions_seen += 1;
-                    self.check(limits.check_extension_count(extensions_seen))?;
-                    self.check(limits.check_name(&key))?;
-                    if let Some(value) = map.next_value::<ExtensionValue>()?.0 {
-                        self.check(limits.check_value(&key, &value))?;
-                        wire.extensions.push((key, value));
-                    }
-                    continue;
+                continue;
+            }
+            let Some(slot) = wire.slot(&key) else {
+                // Checked before the value is read, so that a refused
+                // message costs no more.
+                extensions_seen += 1;
+                self.check(limits.check_extension_count(extensions_seen))?;
+                self.check(limits.check_name(&key))?;
+                if let Some(value) = map.next_value::<ExtensionValue>()?.0 {
+                    self.check(limits.check_value(&key, &value))?;
+                    wire.extensions.push((key, value));
                 }
+                continue;
             };
             let value = map.next_value::<Option<CowStr<'de>>>()?.map(|s| s.0);
             // `data_base64` is the payload, which the transport bounds,
@@ -466,4 +568,142 @@ fn encoded_len(event: &Event, inline: Option<bool>) -> usize {
         };
     }
     len + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    use super::{Limits, decode, parse};
+
+    /// A member's value: plain and escaped strings, other JSON values,
+    /// nested ones, and some that are not JSON.
+    fn arb_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z./:0-9-]{0,12}".prop_map(|s| format!("\"{s}\"")),
+            Just("\"1.0\"".to_owned()),
+            Just("\"2025-01-01T00:00:00.5Z\"".to_owned()),
+            Just("\"application/json\"".to_owned()),
+            Just("\"text/plain\"".to_owned()),
+            Just("\"aGk=\"".to_owned()),
+            Just("\"a\\\"b\\u0041\"".to_owned()),
+            Just("\"tab\there\"".to_owned()),
+            Just("\"\"".to_owned()),
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just("-12.5e3".to_owned()),
+            Just("12x".to_owned()),
+            Just("{\"a\":[1,{\"b\":\"}\"}],\"c\":null}".to_owned()),
+            Just("[\"[\",\"\\\"]\"]".to_owned()),
+            Just("{\"open\":".to_owned()),
+            (120usize..130).prop_map(|n| format!("{}{}", "[".repeat(n), "]".repeat(n))),
+        ]
+    }
+
+    fn arb_key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("specversion"),
+            Just("id"),
+            Just("type"),
+            Just("source"),
+            Just("time"),
+            Just("subject"),
+            Just("datacontenttype"),
+            Just("dataschema"),
+            Just("data"),
+            Just("data_base64"),
+            Just("ext1"),
+            Just("tenant"),
+            Just("Bad-Name"),
+            Just("\\u0069d"),
+        ]
+        .prop_map(|k| format!("\"{k}\""))
+    }
+
+    fn arb_ws() -> impl Strategy<Value = &'static str> {
+        prop_oneof![Just(""), Just(""), Just(" "), Just("\n\t "), Just("\u{a0}")]
+    }
+
+    /// An object of members that mostly make an event, with whitespace,
+    /// repeats, missing or stray punctuation and trailing text.
+    fn arb_envelope() -> impl Strategy<Value = String> {
+        let member = (arb_ws(), arb_key(), arb_ws(), arb_value(), arb_ws());
+        let required = [
+            ("\"specversion\"", "\"1.0\""),
+            ("\"id\"", "\"e-1\""),
+            ("\"type\"", "\"user.created\""),
+            ("\"source\"", "\"/s\""),
+        ];
+        (
+            proptest::collection::vec(member, 0..8),
+            proptest::bool::weighted(0.8),
+            prop_oneof![Just(""), Just(""), Just(" \n"), Just(","), Just("}"), Just("x")],
+        )
+            .prop_map(move |(members, with_required, tail)| {
+                let mut parts: Vec<String> = if with_required {
+                    required.iter().map(|(k, v)| format!("{k}:{v}")).collect()
+                } else {
+                    Vec::new()
+                };
+                parts.extend(members.into_iter().map(|(a, k, b, v, c)| format!("{a}{k}{b}:{v}{c}")));
+                format!("{{{}}}{tail}", parts.join(","))
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3_000))]
+
+        /// Whatever the input, the hand-written reading gives exactly what
+        /// the general parser gives: the same event, or the same error.
+        #[test]
+        fn reading_by_hand_agrees_with_the_general_parser(text in arb_envelope(), tight in any::<bool>()) {
+            let limits = if tight { Limits::new().max_extensions(1).max_value_len(8) } else { Limits::new() };
+            let input = Bytes::from(text.clone());
+            let fast = decode(&input, Some(&input), limits);
+            let general = parse(&input, Some(&input), limits);
+            match (fast, general) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b, "{}", text),
+                (Err(a), Err(b)) => {
+                    prop_assert_eq!(a.kind(), b.kind(), "{}", text);
+                    prop_assert_eq!(a.message(), b.message(), "{}", text);
+                }
+                (a, b) => prop_assert!(false, "{}: by hand {:?}, general {:?}", text, a, b),
+            }
+        }
+    }
+
+    /// `data` nested deeper than `serde_json`'s recursion limit (which
+    /// does not apply to a raw value) is read alike both ways.
+    #[test]
+    fn deeply_nested_data_is_read_as_the_general_parser_reads_it() {
+        for depth in [127, 128, 129, 1000, 100_000] {
+            let text = format!(
+                r#"{{"specversion":"1.0","id":"1","type":"t","source":"/s","data":{}{}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            let input = Bytes::from(text);
+            let fast = decode(&input, Some(&input), Limits::new()).map_err(|e| e.message().to_owned());
+            let general = parse(&input, Some(&input), Limits::new()).map_err(|e| e.message().to_owned());
+            assert_eq!(fast, general, "depth {depth}");
+            assert!(fast.is_ok(), "depth {depth}");
+        }
+    }
+
+    /// The envelope encoders write is read by hand, not by the general
+    /// parser: the same event, with the payload sharing the input.
+    #[test]
+    fn what_encoders_write_is_read_by_hand() {
+        let event = crate::Event::new("user.created", serde_json::json!({"user_id": 7, "tags": ["a", "b"]}))
+            .with_extension("tenant", "acme")
+            .unwrap();
+        let bytes = Bytes::from(super::to_vec(&event).unwrap());
+        let text = std::str::from_utf8(&bytes).unwrap();
+        let wire = super::scan(text, Limits::new()).expect("read by hand");
+        assert_eq!(wire.into_event(Some(&bytes)).unwrap(), event);
+        let decoded = super::from_bytes(&bytes).unwrap();
+        let data = decoded.data().unwrap();
+        assert!(bytes.as_ptr_range().contains(&data.as_ptr()));
+    }
 }

@@ -40,7 +40,8 @@
 //!
 //! Environment: `NATS_BENCH_COUNT` events per side and round (50,000, the
 //! harness's count), `NATS_BENCH_ROUNDS` (3), `NATS_BENCH_ONLY=core|js|rt|encode`
-//! runs one case.
+//! runs one case, `NATS_BENCH_RT_MODE=structured|binary|raw` one side of the
+//! round trip beside raw's.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -389,13 +390,14 @@ async fn rt_raw(publisher: &NatsClient, subject: &str, n: usize) -> (Duration, (
     (start.elapsed(), lat.quantiles())
 }
 
-/// WatchTower: `NatsPublisher` on one connection, `serve` with a handler
-/// service on another.
+/// WatchTower: `NatsPublisher` in `mode` (or, with `None`, the raw client
+/// publishing the harness's JSON bodies) on one connection, `serve` with a
+/// handler service on another.
 async fn rt_ours(
     publisher: &NatsClient,
     subject: &str,
     n: usize,
-    mode: ContentMode,
+    mode: Option<ContentMode>,
 ) -> (Duration, (u64, u64)) {
     let sc = subscriber_client(n).await;
     let sub = sc
@@ -428,12 +430,26 @@ async fn rt_ours(
             })
             .into_future(),
     );
-    let mut svc = publisher.publisher().content_mode(mode);
-    let start = Instant::now();
-    for (i, event) in events.into_iter().enumerate() {
-        std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
-        lat.sent(i);
-        svc.call(event).await.unwrap();
+    let start;
+    match mode {
+        Some(mode) => {
+            let mut svc = publisher.publisher().content_mode(mode);
+            start = Instant::now();
+            for (i, event) in events.into_iter().enumerate() {
+                std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+                lat.sent(i);
+                svc.call(event).await.unwrap();
+            }
+        }
+        None => {
+            let raw = publisher.raw();
+            let bodies = bodies(n);
+            start = Instant::now();
+            for (i, body) in bodies.into_iter().enumerate() {
+                lat.sent(i);
+                raw.publish(subject.to_owned(), body).await.unwrap();
+            }
+        }
     }
     publisher.raw().flush().await.unwrap();
     done.notified().await;
@@ -561,7 +577,7 @@ impl Case {
             "side", "msgs/s", "ratio", "per round", "cpu us", "p50/p99 us"
         );
         let raw = &self.sides[0].1;
-        for (name, samples) in &self.sides {
+        for (name, samples) in self.sides.iter().filter(|(_, s)| !s.is_empty()) {
             let ratios: Vec<f64> = samples.iter().zip(raw).map(|(s, r)| s.rate / r.rate).collect();
             let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
             let latency = if samples.iter().any(|s| s.latency.is_some()) {
@@ -607,6 +623,7 @@ async fn run() {
     let rounds = count("NATS_BENCH_ROUNDS", 3);
     let only = std::env::var("NATS_BENCH_ONLY").unwrap_or_default();
     let runs = |case: &str| only.is_empty() || only == case;
+    let rt_modes = std::env::var("NATS_BENCH_RT_MODE").unwrap_or_default();
     let modes = [
         ("structured", ContentMode::Structured),
         ("binary", ContentMode::Binary),
@@ -733,6 +750,7 @@ async fn run() {
                 "raw",
                 "publisher -> serve, structured",
                 "publisher -> serve, binary",
+                "raw publish -> serve",
             ],
         );
         for round in 0..rounds {
@@ -743,12 +761,23 @@ async fn run() {
             .await;
             case.push(0, s);
             for (i, (name, mode)) in modes.iter().enumerate() {
+                if !rt_modes.is_empty() && rt_modes != *name {
+                    continue;
+                }
                 let s = measure(n, async {
-                    let (d, l) = rt_ours(&client, &format!("bench.{tag}.rt{round}{name}"), n, *mode).await;
+                    let (d, l) = rt_ours(&client, &format!("bench.{tag}.rt{round}{name}"), n, Some(*mode)).await;
                     (d, Some(l))
                 })
                 .await;
                 case.push(1 + i, s);
+            }
+            if rt_modes.is_empty() || rt_modes == "raw" {
+                let s = measure(n, async {
+                    let (d, l) = rt_ours(&client, &format!("bench.{tag}.rt{round}rs"), n, None).await;
+                    (d, Some(l))
+                })
+                .await;
+                case.push(3, s);
             }
         }
         case.report();
