@@ -277,11 +277,31 @@ fn plain_str(text: &str, at: usize) -> Option<(&str, usize)> {
         return None;
     }
     let start = at + 1;
-    let len = b[start..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
-    let end = start + len;
+    // Eight bytes at a time past those that cannot end the string, then
+    // byte by byte.
+    let mut from = start;
+    while let Some(chunk) = b.get(from..from + 8) {
+        let word = u64::from_le_bytes(chunk.try_into().ok()?);
+        if may_end_string(word) {
+            break;
+        }
+        from += 8;
+    }
+    let len = b[from..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    let end = from + len;
     // A quote ends it; an escape or a control character is left to the
     // general parser.
     (b[end] == b'"').then(|| (&text[start..end], end + 1))
+}
+
+/// Whether any of the eight bytes in `word` may be a quote, a backslash
+/// or a control character (never false when one is).
+fn may_end_string(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte below `n` (`n` ≤ 128) sets its high bit here.
+    let below = |w: u64, n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGH;
+    below(word ^ (ONES * u64::from(b'"')), 1) | below(word ^ (ONES * u64::from(b'\\')), 1) | below(word, 0x20) != 0
 }
 
 #[derive(Default)]
@@ -669,6 +689,54 @@ mod tests {
                     prop_assert_eq!(a.message(), b.message(), "{}", text);
                 }
                 (a, b) => prop_assert!(false, "{}: by hand {:?}, general {:?}", text, a, b),
+            }
+        }
+    }
+
+    /// The eight-byte test never misses a byte that may end a string,
+    /// whatever the bytes around it.
+    #[test]
+    fn no_byte_that_ends_a_string_is_skipped() {
+        let ends = |c: u8| c == b'"' || c == b'\\' || c < 0x20;
+        for fill in [b'a', 0xff, 0x80, b' ', b'!', b'#', b'[', b']', 0x21] {
+            for at in 0..8 {
+                for c in 0..=255u8 {
+                    let mut bytes = [fill; 8];
+                    bytes[at] = c;
+                    let word = u64::from_le_bytes(bytes);
+                    if bytes.iter().any(|&b| ends(b)) {
+                        assert!(super::may_end_string(word), "{bytes:?}");
+                    }
+                }
+            }
+        }
+        assert!(!super::may_end_string(u64::from_le_bytes(*b"user.cre")));
+    }
+
+    proptest! {
+        #[test]
+        fn strings_of_any_bytes_are_cut_where_the_general_parser_cuts(body in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let mut text = b"\"".to_vec();
+            text.extend(&body);
+            text.push(b'"');
+            let ends = |c: u8| c == b'"' || c == b'\\' || c < 0x20;
+            if let Ok(text) = std::str::from_utf8(&text) {
+                let first = body.iter().position(|&c| ends(c));
+                match super::plain_str(text, 0) {
+                    Some((s, end)) => {
+                        // Cut at the first byte that may end it, a quote.
+                        prop_assert_eq!(first.unwrap_or(body.len()), s.len());
+                        prop_assert_eq!(&text[1..end - 1], s);
+                        prop_assert_eq!(text.as_bytes()[end - 1], b'"');
+                        if end == text.len() {
+                            let general: String = serde_json::from_str(text).unwrap();
+                            prop_assert_eq!(general, s);
+                        }
+                    }
+                    // Left to the general parser: an escape or a control
+                    // character comes first.
+                    None => prop_assert!(first.is_some_and(|i| body[i] != b'"')),
+                }
             }
         }
     }
