@@ -179,17 +179,14 @@ pub fn format_time(time: OffsetDateTime) -> String {
 /// Writes `time` as [`format_time`] formats it, at the end of `out`.
 pub(crate) fn write_time(out: &mut Vec<u8>, time: OffsetDateTime) {
     let utc = time.to_offset(time::UtcOffset::UTC);
-    match u32::try_from(utc.year()) {
+    let (year, month, day) = utc.to_calendar_date();
+    match u32::try_from(year) {
         // Every encoder writes the time of every event: written by hand,
         // as the general formatter would, in a fraction of its time.
-        Ok(year) if year < 10_000 => write_utc(
-            out,
-            year,
-            u8::from(utc.month()),
-            utc.day(),
-            (utc.hour(), utc.minute(), utc.second()),
-            utc.nanosecond(),
-        ),
+        Ok(year) if year < 10_000 => {
+            let (hour, minute, second, nanos) = utc.to_hms_nano();
+            write_utc(out, year, u8::from(month), day, (hour, minute, second), nanos);
+        }
         _ => out.extend_from_slice(utc.format(&Rfc3339).unwrap_or_default().as_bytes()),
     }
 }
@@ -225,29 +222,32 @@ fn fraction(mut nanos: u32) -> (u32, u32) {
 /// when zero). `year` must be in 0..10_000, the other parts in their
 /// calendar ranges.
 fn write_utc(out: &mut Vec<u8>, year: u32, month: u8, day: u8, hms: (u8, u8, u8), nanos: u32) {
-    fn push(out: &mut Vec<u8>, n: u32, width: u32) {
-        let mut div = 10u32.pow(width - 1);
-        while div > 0 {
+    /// Writes the `N` lowest decimal digits of `n` into `at`.
+    fn digits<const N: usize>(at: &mut [u8], mut n: u32) {
+        for slot in at[..N].iter_mut().rev() {
             // A single decimal digit.
-            out.push(b'0' + (n / div % 10) as u8);
-            div /= 10;
+            *slot = b'0' + (n % 10) as u8;
+            n /= 10;
         }
     }
-    push(out, year, 4);
-    out.push(b'-');
-    push(out, u32::from(month), 2);
-    out.push(b'-');
-    push(out, u32::from(day), 2);
-    out.push(b'T');
-    push(out, u32::from(hms.0), 2);
-    out.push(b':');
-    push(out, u32::from(hms.1), 2);
-    out.push(b':');
-    push(out, u32::from(hms.2), 2);
+    let mut text = *b"0000-00-00T00:00:00.000000000Z";
+    digits::<4>(&mut text[0..], year);
+    digits::<2>(&mut text[5..], u32::from(month));
+    digits::<2>(&mut text[8..], u32::from(day));
+    digits::<2>(&mut text[11..], u32::from(hms.0));
+    digits::<2>(&mut text[14..], u32::from(hms.1));
+    digits::<2>(&mut text[17..], u32::from(hms.2));
     let (nanos, width) = fraction(nanos);
-    if width != 0 {
-        out.push(b'.');
-        push(out, nanos, width);
+    if width == 0 {
+        out.extend_from_slice(&text[..19]);
+    } else {
+        let width = width as usize;
+        let mut n = nanos;
+        for slot in text[20..20 + width].iter_mut().rev() {
+            *slot = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        out.extend_from_slice(&text[..20 + width]);
     }
     out.push(b'Z');
 }
@@ -481,6 +481,22 @@ mod tests {
         fn utc_times_read_by_hand_as_the_general_parser_reads_them(text in arb_utc_text()) {
             let general = time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339).ok();
             prop_assert_eq!(super::parse_time(&text).ok(), general, "{}", text);
+        }
+
+        /// Any time from year 0 to 9999, at any offset, is written as the
+        /// general formatter writes it in UTC, and reads back the same.
+        #[test]
+        fn times_are_written_as_the_general_formatter_writes_them(
+            seconds in -62_167_219_200i64..253_402_300_799,
+            nanos in prop_oneof![Just(0u32), 0u32..1_000_000_000, Just(999_999_999), Just(100_000_000)],
+            offset in -86_399i32..86_399,
+        ) {
+            let utc = time::OffsetDateTime::from_unix_timestamp(seconds).unwrap().replace_nanosecond(nanos).unwrap();
+            let at = utc.to_offset(time::UtcOffset::from_whole_seconds(offset).unwrap());
+            let text = super::format_time(at);
+            prop_assert_eq!(&text, &utc.format(&time::format_description::well_known::Rfc3339).unwrap());
+            prop_assert_eq!(text.len(), super::time_len(at));
+            prop_assert_eq!(super::parse_time(&text).unwrap(), utc);
         }
 
         /// Whatever the text, `parse_time` gives what the general parser
