@@ -106,29 +106,9 @@ pub struct Event {
     inner: Arc<Inner>,
 }
 
+/// An event's attributes and data, behind the event's one `Arc`.
 #[derive(Clone)]
-struct Inner {
-    id: Arc<str>,
-    ty: Arc<str>,
-    source: Arc<str>,
-    time: Option<OffsetDateTime>,
-    subject: Option<Arc<str>>,
-    datacontenttype: Option<Arc<str>>,
-    dataschema: Option<Arc<str>>,
-    data: Option<Bytes>,
-    /// Set when `data` is known to be well-formed JSON (built from serde,
-    /// or decoded from a structured `data` member), so that encoding does
-    /// not check it again.
-    data_is_json: bool,
-    /// Ordered by name, so encoding is deterministic; a tree rather than a
-    /// sorted `Vec`, so that setting many extensions in any order costs
-    /// `n log n`, not `n²`.
-    extensions: BTreeMap<ExtName, Arc<str>>,
-    topic: Option<Arc<str>>,
-}
-
-/// The attributes of an event a codec decoded, for [`Event::decoded`].
-pub(crate) struct Decoded {
+pub(crate) struct Inner {
     pub(crate) id: Arc<str>,
     pub(crate) ty: Arc<str>,
     pub(crate) source: Arc<str>,
@@ -137,8 +117,27 @@ pub(crate) struct Decoded {
     pub(crate) datacontenttype: Option<Arc<str>>,
     pub(crate) dataschema: Option<Arc<str>>,
     pub(crate) data: Option<Bytes>,
-    /// Whether `data` is known to be well-formed JSON.
+    /// Set when `data` is known to be well-formed JSON (built from serde,
+    /// or decoded from a structured `data` member), so that encoding does
+    /// not check it again.
     pub(crate) data_is_json: bool,
+    /// Ordered by name, so encoding is deterministic; a tree rather than a
+    /// sorted `Vec`, so that setting many extensions in any order costs
+    /// `n log n`, not `n²`.
+    pub(crate) extensions: BTreeMap<ExtName, Arc<str>>,
+    pub(crate) topic: Option<Arc<str>>,
+}
+
+/// Extensions whose names are known to be valid, as an event keeps them:
+/// of repeated names the last wins; `n log n` in their number whatever
+/// their order.
+pub(crate) fn extension_map<I>(extensions: I) -> BTreeMap<ExtName, Arc<str>>
+where
+    I: IntoIterator<Item = (Arc<str>, Arc<str>)>,
+{
+    let mut map = BTreeMap::new();
+    map.extend(extensions.into_iter().map(|(k, v)| (ExtName(k), v)));
+    map
 }
 
 fn new_id() -> Arc<str> {
@@ -198,58 +197,27 @@ impl Event {
         data: Option<Bytes>,
         data_is_json: bool,
     ) -> Event {
-        Event {
-            inner: Arc::new(Inner {
-                id: new_id(),
-                ty,
-                source: Arc::from(DEFAULT_SOURCE),
-                time: Some(OffsetDateTime::now_utc()),
-                subject: None,
-                datacontenttype,
-                dataschema: None,
-                data,
-                data_is_json,
-                extensions: BTreeMap::new(),
-                topic: None,
-            }),
-        }
-    }
-
-    /// An event made of decoded attributes, in one allocation: codecs
-    /// build every part first (extension names already validated).
-    pub(crate) fn decoded<I>(parts: Decoded, extensions: I) -> Event
-    where
-        I: IntoIterator<Item = (Arc<str>, Arc<str>)>,
-    {
-        let Decoded {
-            id,
+        Event::assemble(Inner {
+            id: new_id(),
             ty,
-            source,
-            time,
-            subject,
+            source: Arc::from(DEFAULT_SOURCE),
+            time: Some(OffsetDateTime::now_utc()),
+            subject: None,
             datacontenttype,
-            dataschema,
+            dataschema: None,
             data,
             data_is_json,
-        } = parts;
-        // Of repeated names the last wins; `n log n` in their number
-        // whatever their order.
-        let mut exts = BTreeMap::new();
-        exts.extend(extensions.into_iter().map(|(k, v)| (ExtName(k), v)));
+            extensions: BTreeMap::new(),
+            topic: None,
+        })
+    }
+
+    /// An event made of its attributes, in one allocation: constructors
+    /// and codecs build every part first (extension names already
+    /// validated, see [`extension_map`]).
+    pub(crate) fn assemble(inner: Inner) -> Event {
         Event {
-            inner: Arc::new(Inner {
-                id,
-                ty,
-                source,
-                time,
-                subject,
-                datacontenttype,
-                dataschema,
-                data,
-                data_is_json,
-                extensions: exts,
-                topic: None,
-            }),
+            inner: Arc::new(inner),
         }
     }
 
@@ -602,7 +570,7 @@ impl fmt::Debug for DebugMap<'_> {
 /// An extension name as a map key. Its own type so that the unit tests can
 /// count the comparisons the map makes (the work of building an event).
 #[derive(Clone, PartialEq, Eq)]
-struct ExtName(Arc<str>);
+pub(crate) struct ExtName(Arc<str>);
 
 impl Ord for ExtName {
     fn cmp(&self, other: &ExtName) -> Ordering {

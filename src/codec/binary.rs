@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 
 use super::{Interned, Limits, format_time, intern, parse_time};
 use crate::error::Error;
-use crate::event::{Decoded, Event, validate_extension_name};
+use crate::event::{Event, Inner, extension_map, validate_extension_name};
 
 /// How one protocol carries CloudEvents attributes in binary mode.
 ///
@@ -301,7 +301,7 @@ impl Attrs {
         }
         // An empty body without a content type is an event without data.
         let data = body.filter(|b| !b.is_empty() || self.datacontenttype.is_some());
-        let parts = Decoded {
+        let inner = Inner {
             id,
             ty,
             source,
@@ -311,7 +311,9 @@ impl Attrs {
             dataschema: self.dataschema,
             data,
             data_is_json: false,
+            extensions: extension_map(self.extensions),
+            topic: None,
         };
-        Ok(Event::decoded(parts, self.extensions))
+        Ok(Event::assemble(inner))
     }
 }

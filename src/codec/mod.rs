@@ -531,11 +531,15 @@ mod tests {
             "Z",
             "",
         ] {
-            let general = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok();
+            let general =
+                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok();
             assert_eq!(super::parse_time(text).ok(), general, "{text}");
         }
         let t = super::parse_time("2024-02-29T23:59:59.000000001Z").unwrap();
-        assert_eq!((t.year(), t.day(), t.nanosecond(), t.offset()), (2024, 29, 1, time::UtcOffset::UTC));
+        assert_eq!(
+            (t.year(), t.day(), t.nanosecond(), t.offset()),
+            (2024, 29, 1, time::UtcOffset::UTC)
+        );
     }
 
     /// Events decoded one after another on a thread share the strings of a
@@ -544,7 +548,9 @@ mod tests {
     #[test]
     fn repeated_attribute_values_are_shared_and_changed_ones_are_exact() {
         let json = |ty: &str, source: &str, ct: &str| {
-            format!(r#"{{"specversion":"1.0","id":"1","type":"{ty}","source":"{source}","datacontenttype":"{ct}","data":{{}}}}"#)
+            format!(
+                r#"{{"specversion":"1.0","id":"1","type":"{ty}","source":"{source}","datacontenttype":"{ct}","data":{{}}}}"#
+            )
         };
         let a = structured::from_slice(json("a.b", "/s", "application/json").as_bytes()).unwrap();
         let b = structured::from_slice(json("a.b", "/s", "application/json").as_bytes()).unwrap();
@@ -555,7 +561,10 @@ mod tests {
             b.datacontenttype().unwrap().as_ptr()
         );
         let c = structured::from_slice(json("a.c", "/s", "text/json").as_bytes()).unwrap();
-        assert_eq!((c.ty(), c.source(), c.datacontenttype()), ("a.c", "/s", Some("text/json")));
+        assert_eq!(
+            (c.ty(), c.source(), c.datacontenttype()),
+            ("a.c", "/s", Some("text/json"))
+        );
         assert_ne!(a.ty().as_ptr(), c.ty().as_ptr());
         let headers = |ty: &str| {
             vec![

@@ -1,5 +1,13 @@
 //! The CloudEvents JSON format (structured mode), both ways.
 //!
+//! Decoding reads the envelope encoders write (string attributes and
+//! extensions without escapes, `data` any JSON value) by hand, and any
+//! other JSON object with `serde_json`: both give the same event, or the
+//! same error, for every input. Decoded events share their `type`,
+//! `source` and `datacontenttype` strings with the event decoded before
+//! them on the same thread when those are equal, as a consumer's events
+//! mostly are.
+//!
 //! ```
 //! use watchtower::{codec::structured, Event};
 //!
@@ -23,7 +31,7 @@ use serde_json::value::RawValue;
 
 use super::{Interned, Limits, intern, parse_time, time_len, write_time};
 use crate::error::{Error, ErrorKind};
-use crate::event::{Decoded, Event, is_json_content_type, validate_extension_name};
+use crate::event::{Event, Inner, extension_map, is_json_content_type, validate_extension_name};
 
 /// Encodes `event` as CloudEvents JSON.
 ///
@@ -173,7 +181,10 @@ pub fn from_bytes_with_limits(input: &Bytes, limits: Limits) -> Result<Event, Er
 }
 
 fn decode(input: &[u8], shared: Option<&Bytes>, limits: Limits) -> Result<Event, Error> {
-    match std::str::from_utf8(input).ok().and_then(|text| scan(text, limits)) {
+    match std::str::from_utf8(input)
+        .ok()
+        .and_then(|text| scan(text, limits))
+    {
         Some(wire) => wire.into_event(shared),
         None => parse(input, shared, limits),
     }
@@ -230,7 +241,8 @@ fn scan(text: &str, limits: Limits) -> Option<Wire<'_>> {
         at = skip_ws(b, at + 1);
         if key == "data" {
             let rest = &text[at..];
-            let raw: &RawValue = de::Deserialize::deserialize(&mut serde_json::Deserializer::from_str(rest)).ok()?;
+            let raw: &RawValue =
+                de::Deserialize::deserialize(&mut serde_json::Deserializer::from_str(rest)).ok()?;
             let value = raw.get();
             at += value.as_ptr() as usize - rest.as_ptr() as usize + value.len();
             wire.data = (value != "null").then_some(raw);
@@ -287,7 +299,9 @@ fn plain_str(text: &str, at: usize) -> Option<(&str, usize)> {
         }
         from += 8;
     }
-    let len = b[from..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    let len = b[from..]
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
     let end = from + len;
     // A quote ends it; an escape or a control character is left to the
     // general parser.
@@ -301,7 +315,8 @@ fn may_end_string(word: u64) -> bool {
     const HIGH: u64 = 0x8080_8080_8080_8080;
     // A byte below `n` (`n` ≤ 128) sets its high bit here.
     let below = |w: u64, n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGH;
-    below(word ^ (ONES * u64::from(b'"')), 1) | below(word ^ (ONES * u64::from(b'\\')), 1) | below(word, 0x20) != 0
+    below(word ^ (ONES * u64::from(b'"')), 1) | below(word ^ (ONES * u64::from(b'\\')), 1) | below(word, 0x20)
+        != 0
 }
 
 #[derive(Default)]
@@ -388,7 +403,7 @@ impl<'a> Wire<'a> {
             }
             (None, None) => (None, false),
         };
-        let parts = Decoded {
+        let inner = Inner {
             id,
             ty,
             source,
@@ -398,12 +413,14 @@ impl<'a> Wire<'a> {
             dataschema: self.dataschema.map(|s| Arc::<str>::from(&*s)),
             data,
             data_is_json,
+            extensions: extension_map(
+                self.extensions
+                    .into_iter()
+                    .map(|(name, value)| (Arc::<str>::from(&*name), Arc::<str>::from(value))),
+            ),
+            topic: None,
         };
-        let extensions = self
-            .extensions
-            .into_iter()
-            .map(|(name, value)| (Arc::<str>::from(&*name), Arc::<str>::from(value)));
-        Ok(Event::decoded(parts, extensions))
+        Ok(Event::assemble(inner))
     }
 }
 
@@ -666,7 +683,11 @@ mod tests {
                 } else {
                     Vec::new()
                 };
-                parts.extend(members.into_iter().map(|(a, k, b, v, c)| format!("{a}{k}{b}:{v}{c}")));
+                parts.extend(
+                    members
+                        .into_iter()
+                        .map(|(a, k, b, v, c)| format!("{a}{k}{b}:{v}{c}")),
+                );
                 format!("{{{}}}{tail}", parts.join(","))
             })
     }
@@ -763,9 +784,12 @@ mod tests {
     /// parser: the same event, with the payload sharing the input.
     #[test]
     fn what_encoders_write_is_read_by_hand() {
-        let event = crate::Event::new("user.created", serde_json::json!({"user_id": 7, "tags": ["a", "b"]}))
-            .with_extension("tenant", "acme")
-            .unwrap();
+        let event = crate::Event::new(
+            "user.created",
+            serde_json::json!({"user_id": 7, "tags": ["a", "b"]}),
+        )
+        .with_extension("tenant", "acme")
+        .unwrap();
         let bytes = Bytes::from(super::to_vec(&event).unwrap());
         let text = std::str::from_utf8(&bytes).unwrap();
         let wire = super::scan(text, Limits::new()).expect("read by hand");

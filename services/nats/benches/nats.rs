@@ -765,7 +765,8 @@ async fn run() {
                     continue;
                 }
                 let s = measure(n, async {
-                    let (d, l) = rt_ours(&client, &format!("bench.{tag}.rt{round}{name}"), n, Some(*mode)).await;
+                    let (d, l) =
+                        rt_ours(&client, &format!("bench.{tag}.rt{round}{name}"), n, Some(*mode)).await;
                     (d, Some(l))
                 })
                 .await;

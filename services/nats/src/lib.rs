@@ -220,41 +220,43 @@
 //!   parse, whereas a structured event is one buffer. Measured on the local
 //!   broker with 50,000 events of ~195 bytes, as throughput relative to
 //!   raw async-nats sending a pre-built body without header in the same
-//!   run (`cargo bench -p watchtower-nats`, five rounds, median of the
-//!   per-round ratios; 2-core machine shared with the server, load average
-//!   about 3, where single rounds ranged from half to 1.5 times these
-//!   ratios; core publish in two runs):
+//!   run (`scripts/bench`: `cargo bench -p watchtower-nats`, three rounds,
+//!   median of the per-round ratios; 2-core machine shared with the
+//!   server, load average about 1.5, where single rounds ranged from 0.7
+//!   to 1.3 times these ratios):
 //!
 //! | case | raw msgs/s | publisher, structured | publisher, binary | 4-layer stack, structured | 4-layer stack, binary |
 //! |---|--:|--:|--:|--:|--:|
-//! | core publish | 1.17–1.20 M | 0.59, 0.73 | 0.10 | 0.51, 0.56 | 0.09, 0.10 |
-//! | JetStream publish, 1,024 in flight | 93 k | 0.61 | 0.60 | 0.57 | 0.44 |
-//! | JetStream publish, [`deduplicate`](JetStreamPublisher::deduplicate)`(false)` | 93 k | 0.85 | – | 0.76 | – |
-//! | publish → handler round trip | 432 k | 0.60 | 0.24 | – | – |
+//! | core publish | 1.47 M | 0.94 | 0.13 | 0.59 | 0.12 |
+//! | JetStream publish, 1,024 in flight | 188 k | 0.70 | 0.63 | 0.56 | 0.51 |
+//! | JetStream publish, [`deduplicate`](JetStreamPublisher::deduplicate)`(false)` | 188 k | 0.85 | – | 0.76 | – |
+//! | publish → handler round trip (through `serve`) | 922 k | 0.55 | 0.20 | – | – |
 //!
 //! Throughput swings with the machine's load; CPU time per message (all
-//! threads of the process) is steadier. Core publish: raw 2.3 µs, raw
-//! with one header 4.5–5.0, raw with eight `ce-` headers 11.4–12.3; the
-//! publisher 2.4–2.5 structured (its bodies share blocks of memory, so
+//! threads of the process, its setup included) is steadier. Core publish:
+//! raw 1.5 µs, raw with one header 2.8, raw with eight `ce-` headers 7.1;
+//! the publisher 1.5 structured (its bodies share blocks of memory, so
 //! neither encoding nor the connection's writer allocates or frees one per
-//! event), 11.1–11.5 binary; the stack 3.2–3.3.
-//! JetStream: raw 8.2 µs, raw with only `Nats-Msg-Id` 11.1 (the header
-//! alone caps raw at about 0.8 of itself), raw with the `ce-` block 17.8;
-//! the publisher 13.5 structured, 10.0 without the dedup id. The dedup id
-//! is on by default, because it is what makes a retried publish safe;
+//! event), 6.3 binary; the stack 2.1.
+//! JetStream: raw 4.2 µs, raw with only `Nats-Msg-Id` 5.9, raw with the
+//! `ce-` block 8.7; the publisher 5.7. Any one header caps raw async-nats
+//! at about three quarters of itself on JetStream (a header of another
+//! name measured the same as `Nats-Msg-Id`: the cost is the header block,
+//! which async-nats serializes into a new growing buffer per message, not
+//! the server's duplicate tracking). The dedup id is on by default,
+//! because it is what makes a retried publish safe;
 //! [`JetStreamPublisher::deduplicate`]`(false)` leaves it out, and a
 //! structured event then goes out as a bare body, as the raw client's.
-//! Round trip: raw 3.9 µs, structured 5.2, binary 11.2, and the latency
-//! from publish to handler at p99 80 ms structured and 281 ms binary
-//! against raw's 30 ms (the consumer falls behind in binary mode, where
-//! async-nats parses every header into its map). In process: a structured
-//! event encodes in about 0.2 µs and decodes in 1 µs; an async-nats
-//! header map of eight entries takes 1.9 µs to build (0.24 µs a header),
-//! 0.8 µs to clone (twice an earlier run's figures on the same code: the
-//! machine's clock and load differ by run). Counted in instructions
-//! (callgrind), the structured publisher's work per event is the client's
-//! `publish`, the encoding (into a reused buffer, copied into a shared
-//! block) and dropping the event.
+//! Round trip: raw 2.0 µs, structured 2.9, binary 8.3, and the latency
+//! from publish to handler at p99 44 ms structured and 133 ms binary
+//! against raw's 19 ms: the consumer, which decodes and dispatches every
+//! event, falls behind a publisher that does not wait, and events queue
+//! (with the raw client publishing, `serve` keeps 0.58 of the raw loop's
+//! pace). In process: a structured event encodes in 0.12 µs and decodes
+//! in 0.3 µs (the envelope encoders write is read by hand, repeated
+//! `type`, `source` and `datacontenttype` strings are shared, and any
+//! other JSON goes through `serde_json`); an async-nats header map of
+//! eight entries takes 1.0 µs to build, 0.44 µs to clone.
 //!
 //! Under `watchtower-layers`' backpressure layer, set
 //! `BackpressureLayer::direct(true)` over these publishers: they hand their
