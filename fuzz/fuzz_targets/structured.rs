@@ -1,6 +1,8 @@
 //! Any bytes through the structured (CloudEvents JSON) decoder: no panic;
-//! both entry points agree; what decodes encodes and decodes back to the
-//! same event, in structured mode and through every binary binding.
+//! both entry points agree, and agree with the general parser alone (the
+//! same event, or an error of the same kind and message); what decodes
+//! encodes and decodes back to the same event, in structured mode and
+//! through every binary binding.
 #![no_main]
 
 use bytes::Bytes;
@@ -14,6 +16,11 @@ fuzz_target!(|input: &[u8]| {
         (Ok(a), Ok(b)) => assert_eq!(a, b),
         (Err(a), Err(b)) => assert_eq!(a.kind(), b.kind()),
         _ => panic!("from_slice and from_bytes disagree: {copied:?} / {shared:?}"),
+    }
+    match (&copied, &structured::from_slice_by_serde(input)) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b),
+        (Err(a), Err(b)) => assert_eq!((a.kind(), a.message()), (b.kind(), b.message())),
+        (a, b) => panic!("read by hand {a:?}, by serde_json {b:?}"),
     }
     let Ok(event) = copied else { return };
     let json = structured::to_vec(&event).expect("a decoded event encodes");

@@ -190,6 +190,14 @@ fn decode(input: &[u8], shared: Option<&Bytes>, limits: Limits) -> Result<Event,
     }
 }
 
+/// [`from_slice`] through the general parser alone, for the fuzzer to
+/// compare both readings.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn from_slice_by_serde(input: &[u8]) -> Result<Event, Error> {
+    parse(input, None, Limits::new())
+}
+
 /// Decodes with `serde_json`, any valid JSON, naming what is wrong.
 fn parse(input: &[u8], shared: Option<&Bytes>, limits: Limits) -> Result<Event, Error> {
     let mut de = serde_json::Deserializer::from_slice(input);
@@ -399,7 +407,10 @@ impl<'a> Wire<'a> {
                 let bytes = BASE64
                     .decode(b64.as_bytes())
                     .map_err(|e| Error::decode(format!("invalid `data_base64`: {e}")))?;
-                (Some(bytes.into()), false)
+                // Empty data of no stated type is no data, as binary mode
+                // (an empty body without a content type) has it.
+                let data = Some(bytes).filter(|b| !b.is_empty() || content_type.is_some());
+                (data.map(Bytes::from), false)
             }
             (None, None) => (None, false),
         };
@@ -760,6 +771,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Empty base64 data without a content type is no data, as binary
+    /// mode has it (so both modes carry the event alike); with a content
+    /// type it stays empty data of that type.
+    #[test]
+    fn empty_base64_data_is_no_data_unless_typed() {
+        let untyped =
+            super::from_slice(br#"{"specversion":"1.0","id":"1","type":"t","source":"/","data_base64":""}"#)
+                .unwrap();
+        assert_eq!(untyped.data(), None);
+        let mut headers = Vec::new();
+        crate::codec::Binding::NATS
+            .write_headers(&untyped, |k, v| headers.push((k.to_owned(), v.to_owned())));
+        assert_eq!(
+            crate::codec::Binding::NATS
+                .decode(headers, Some(Bytes::new()))
+                .unwrap(),
+            untyped
+        );
+        let typed = super::from_slice(
+            br#"{"specversion":"1.0","id":"1","type":"t","source":"/","datacontenttype":"image/png","data_base64":""}"#,
+        )
+        .unwrap();
+        assert_eq!(typed.data().map(|d| d.len()), Some(0));
+        assert_eq!(typed.datacontenttype(), Some("image/png"));
     }
 
     /// `data` nested deeper than `serde_json`'s recursion limit (which

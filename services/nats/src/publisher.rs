@@ -7,8 +7,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_nats::jetstream::context::PublishError as JetStreamPublishError;
-use async_nats::jetstream::publish::PublishAck;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -17,6 +15,7 @@ use watchtower::{Error, ErrorKind, Event, Receipt, Transport};
 
 use crate::client::NatsClient;
 use crate::config::WhenDisconnected;
+use crate::jetstream::AckReceiver;
 use crate::subject::{SubjectCache, SubjectTemplate};
 use crate::wire::{ContentMode, Encoded, Encoder};
 
@@ -239,13 +238,10 @@ pub(crate) fn core_publish_error(e: &async_nats::PublishError) -> Error {
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Receipt, Error>> + Send>>;
-pub(crate) type SendFuture = Pin<
-    Box<
-        dyn Future<Output = Result<async_nats::jetstream::context::PublishAckFuture, JetStreamPublishError>>
-            + Send,
-    >,
->;
-type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, JetStreamPublishError>> + Send>>;
+/// A boxed step of a JetStream publish that succeeds or fails: handing it
+/// to the connection when its queue was full, opening the acknowledgement
+/// inbox.
+pub(crate) type Step = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
 
 /// Polls `fut` once with a waker that does nothing: the eager start of a
 /// publish in `call`. The tokio primitives a publish waits on (the client's
@@ -274,18 +270,15 @@ enum State {
         fut: BoxFuture,
         trace: Option<PublishTrace>,
     },
-    /// A JetStream publish: sending, then awaiting its PubAck.
+    /// A JetStream publish: being sent (when the connection's queue was
+    /// full), then awaiting its PubAck.
     JetStream {
-        step: Step,
+        send: Option<Step>,
+        ack: AckReceiver,
         receipt: Option<Receipt>,
         trace: Option<PublishTrace>,
         _permit: Option<OwnedSemaphorePermit>,
     },
-}
-
-enum Step {
-    Send(SendFuture),
-    Ack(AckFuture),
 }
 
 impl ResponseFuture {
@@ -318,53 +311,49 @@ impl ResponseFuture {
         }
     }
 
-    /// A JetStream publish handed to the connection already: awaits its
-    /// acknowledgement and completes `receipt` with it, holding `permit`
-    /// until then.
-    pub(crate) fn jetstream_sent(
-        ack: async_nats::jetstream::context::PublishAckFuture,
-        receipt: Receipt,
-        permit: OwnedSemaphorePermit,
-        trace: PublishTrace,
-    ) -> ResponseFuture {
-        ResponseFuture {
-            state: State::JetStream {
-                step: Step::Ack(std::future::IntoFuture::into_future(ack)),
-                receipt: Some(receipt),
-                trace: Some(trace),
-                _permit: Some(permit),
-            },
-        }
-    }
-
-    /// Starts a JetStream publish now: `send` hands the message to the
-    /// connection, then the future awaits its acknowledgement and completes
-    /// `receipt` with it, holding `permit` until then.
+    /// A JetStream publish: `send`, if it is still to be handed to the
+    /// connection, then its acknowledgement on `ack`, which completes
+    /// `receipt`; holds `permit` until then.
     pub(crate) fn jetstream(
-        mut send: SendFuture,
+        send: Option<Step>,
+        ack: AckReceiver,
         receipt: Receipt,
         permit: OwnedSemaphorePermit,
         trace: PublishTrace,
     ) -> ResponseFuture {
-        let sent = {
-            let _entered = trace.span().enter();
-            poll_now(send.as_mut())
-        };
-        let step = match sent {
-            Poll::Ready(Ok(ack)) => Step::Ack(std::future::IntoFuture::into_future(ack)),
-            Poll::Ready(Err(e)) => {
-                return ResponseFuture::finished(trace, Err(crate::jetstream::publish_error(&e)));
-            }
-            Poll::Pending => Step::Send(send),
-        };
-        ResponseFuture {
+        let mut future = ResponseFuture {
             state: State::JetStream {
-                step,
+                send,
+                ack,
                 receipt: Some(receipt),
                 trace: Some(trace),
                 _permit: Some(permit),
             },
+        };
+        // Started now, as a publish handed over in `call` is.
+        if let State::JetStream {
+            send: send @ Some(_),
+            trace,
+            ..
+        } = &mut future.state
+        {
+            let sent = {
+                let _entered = trace.as_ref().map(|t| t.span().enter());
+                send.as_mut().map(|s| poll_now(s.as_mut()))
+            };
+            match sent {
+                Some(Poll::Ready(Ok(()))) => *send = None,
+                Some(Poll::Ready(Err(e))) => {
+                    let failed = Err(e);
+                    if let Some(trace) = trace.take() {
+                        trace.finish(&failed);
+                    }
+                    return ResponseFuture::ready(failed);
+                }
+                _ => {}
+            }
         }
+        future
     }
 }
 
@@ -399,48 +388,52 @@ impl Future for ResponseFuture {
                 Poll::Ready(result)
             }
             State::JetStream {
-                step, receipt, trace, ..
+                send,
+                ack,
+                receipt,
+                trace,
+                ..
             } => {
                 let entered = trace.as_ref().map(|t| t.span().enter());
-                loop {
-                    match step {
-                        Step::Send(send) => match std::task::ready!(send.as_mut().poll(cx)) {
-                            Ok(ack) => *step = Step::Ack(std::future::IntoFuture::into_future(ack)),
-                            Err(e) => {
-                                let result = Err(crate::jetstream::publish_error(&e));
-                                drop(entered);
-                                if let Some(trace) = trace.take() {
-                                    trace.finish(&result);
-                                }
-                                self.state = State::Done(None);
-                                return Poll::Ready(result);
-                            }
-                        },
-                        Step::Ack(ack) => {
-                            let result = match std::task::ready!(ack.as_mut().poll(cx)) {
-                                Ok(ack) => match receipt.take() {
-                                    Some(receipt) => Ok(receipt
-                                        .with_stream(ack.stream)
-                                        .with_sequence(ack.sequence)
-                                        .with_duplicate(ack.duplicate)),
-                                    None => Err(Error::new(
-                                        ErrorKind::Other,
-                                        "publish future polled after completion",
-                                    )),
-                                },
-                                Err(e) => Err(crate::jetstream::publish_error(&e)),
-                            };
+                if let Some(sending) = send {
+                    match std::task::ready!(sending.as_mut().poll(cx)) {
+                        Ok(()) => *send = None,
+                        Err(e) => {
+                            let result = Err(e);
                             drop(entered);
                             if let Some(trace) = trace.take() {
                                 trace.finish(&result);
                             }
-                            // Releases the in-flight slot now, not when the
-                            // future is dropped.
                             self.state = State::Done(None);
                             return Poll::Ready(result);
                         }
                     }
                 }
+                let result = match std::task::ready!(Pin::new(ack).poll(cx)) {
+                    Ok(Ok(ack)) => match receipt.take() {
+                        Some(receipt) => Ok(receipt
+                            .with_stream(ack.stream)
+                            .with_sequence(ack.sequence)
+                            .with_duplicate(ack.duplicate)),
+                        None => Err(Error::new(
+                            ErrorKind::Other,
+                            "publish future polled after completion",
+                        )),
+                    },
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(Error::new(
+                        ErrorKind::Connection,
+                        "connection lost before the JetStream acknowledgement",
+                    )),
+                };
+                drop(entered);
+                if let Some(trace) = trace.take() {
+                    trace.finish(&result);
+                }
+                // Releases the in-flight slot now, not when the future is
+                // dropped.
+                self.state = State::Done(None);
+                Poll::Ready(result)
             }
         }
     }

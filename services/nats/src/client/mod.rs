@@ -17,7 +17,7 @@ use watchtower::health::Health;
 use watchtower::{Error, ErrorKind, Transport};
 
 use crate::config::{NatsConfig, WhenDisconnected};
-use crate::jetstream::{JetStreamPublisher, JetStreamSubscriber};
+use crate::jetstream::{Acks, JetStreamPublisher, JetStreamSubscriber};
 use crate::publisher::NatsPublisher;
 use crate::request::NatsRequester;
 use crate::subscriber::NatsSubscriber;
@@ -67,6 +67,9 @@ struct Inner {
     servers: String,
     request_timeout: Duration,
     when_disconnected: WhenDisconnected,
+    /// The JetStream publishers' acknowledgement inbox, opened by the
+    /// first of them.
+    acks: tokio::sync::OnceCell<Acks>,
 }
 
 /// Counters of a connection's life, from [`NatsClient::stats`].
@@ -120,6 +123,7 @@ impl NatsClient {
                 servers: shown,
                 request_timeout: config.request_timeout,
                 when_disconnected: config.when_disconnected,
+                acks: tokio::sync::OnceCell::new(),
             }),
         })
     }
@@ -135,6 +139,26 @@ impl NatsClient {
     /// direct gets).
     pub fn raw_jetstream(&self) -> &async_nats::jetstream::Context {
         &self.inner.jetstream
+    }
+
+    /// The acknowledgement inbox of this connection's JetStream publishers,
+    /// opened on first use.
+    pub(crate) async fn acks(&self) -> Result<&Acks, Error> {
+        self.inner
+            .acks
+            .get_or_try_init(|| {
+                Acks::open(
+                    &self.inner.client,
+                    self.inner.request_timeout,
+                    self.inner.state.watch_up(),
+                )
+            })
+            .await
+    }
+
+    /// The acknowledgement inbox, if a JetStream publisher opened it.
+    pub(crate) fn opened_acks(&self) -> Option<&Acks> {
+        self.inner.acks.get()
     }
 
     /// A core NATS publisher on this connection: each event goes to the

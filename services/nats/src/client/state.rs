@@ -43,6 +43,11 @@ impl DropCounter {
 }
 
 impl ConnState {
+    /// Follows the connection going up (`true`) and down.
+    pub(crate) fn watch_up(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.up.subscribe()
+    }
+
     pub(super) fn on_event(&self, event: async_nats::Event) {
         match event {
             async_nats::Event::Connected => {

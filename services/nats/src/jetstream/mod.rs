@@ -11,13 +11,14 @@
 //! * [`NatsClient::create_or_update_stream`] and friends, here, to set
 //!   streams and consumers up from configuration.
 
+mod acks;
 mod publisher;
 mod subscriber;
 
+pub(crate) use acks::{AckReceiver, Acks};
 pub use async_nats::jetstream::consumer::pull::Config as ConsumerConfig;
 pub use async_nats::jetstream::stream::{Config as StreamConfig, Info as StreamInfo, StorageType};
 pub use publisher::JetStreamPublisher;
-pub(crate) use publisher::publish_error;
 pub use subscriber::{ConsumerSettings, JetStreamAcker, JetStreamSubscriber, JetStreamSubscription};
 
 use watchtower::{Error, ErrorKind};

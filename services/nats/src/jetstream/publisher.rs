@@ -5,8 +5,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
-use async_nats::jetstream::message::PublishMessage;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tokio_util::sync::PollSemaphore;
@@ -17,7 +15,7 @@ use watchtower::{Error, ErrorKind, Event, Receipt, Transport};
 
 use crate::client::NatsClient;
 use crate::config::WhenDisconnected;
-use crate::publisher::{ResponseFuture, poll_connection};
+use crate::publisher::{ResponseFuture, Step, core_publish_error, poll_connection, poll_now};
 use crate::subject::{SubjectCache, SubjectTemplate};
 use crate::wire::{ContentMode, Encoded, Encoder};
 
@@ -93,6 +91,9 @@ pub struct JetStreamPublisher {
     max_in_flight: usize,
     permit: Option<OwnedSemaphorePermit>,
     recheck: Option<Pin<Box<Sleep>>>,
+    /// Opening the connection's acknowledgement inbox, by the first
+    /// `poll_ready` that finds it closed.
+    opening: Option<Step>,
 }
 
 impl JetStreamPublisher {
@@ -110,6 +111,7 @@ impl JetStreamPublisher {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             permit: None,
             recheck: None,
+            opening: None,
         }
     }
 
@@ -214,6 +216,7 @@ impl Clone for JetStreamPublisher {
             max_in_flight: self.max_in_flight,
             permit: None,
             recheck: None,
+            opening: None,
         }
     }
 }
@@ -244,6 +247,15 @@ impl Service<Event> for JetStreamPublisher {
                 Poll::Pending => return Poll::Pending,
             }
         }
+        if self.client.opened_acks().is_none() {
+            let opening = self.opening.get_or_insert_with(|| {
+                let client = self.client.clone();
+                Box::pin(async move { client.acks().await.map(drop) })
+            });
+            let opened = std::task::ready!(opening.as_mut().poll(cx));
+            self.opening = None;
+            opened?;
+        }
         poll_connection(&self.client, &mut self.recheck, cx)
     }
 
@@ -256,6 +268,12 @@ impl Service<Event> for JetStreamPublisher {
             return ResponseFuture::ready(Err(Error::new(
                 ErrorKind::Overloaded,
                 "JetStream publish window is full (call without poll_ready)",
+            )));
+        };
+        let Some(acks) = self.client.opened_acks() else {
+            return ResponseFuture::ready(Err(Error::new(
+                ErrorKind::Other,
+                "JetStream publisher called before poll_ready",
             )));
         };
         if self.client.when_disconnected() == WhenDisconnected::Fail && !self.client.is_connected() {
@@ -271,7 +289,14 @@ impl Service<Event> for JetStreamPublisher {
             Ok(encoded) => encoded,
             Err(e) => return ResponseFuture::finished(trace, Err(e)),
         };
+        // Registered before it is sent, so that no acknowledgement can
+        // come before its caller waits for it.
+        let (token, reply, ack) = match acks.register() {
+            Ok(registered) => registered,
+            Err(e) => return ResponseFuture::finished(trace, Err(e)),
+        };
         let receipt = Receipt::new(topic, &event);
+        let raw = self.client.raw();
         // The usual case first, without a boxed future: the client's queue
         // has room and the message is handed over now, in place. When it
         // would have to wait, the attempt is dropped, which gives its place
@@ -279,17 +304,20 @@ impl Service<Event> for JetStreamPublisher {
         // as an owned future below, before any later call can take a place.
         let sent = {
             let _entered = trace.span().enter();
-            let mut message = PublishMessage::build().payload(body);
-            if let Some(headers) = headers {
-                message = message.headers(headers);
+            let (subject, reply) = (subject.clone(), reply.clone());
+            match headers {
+                Some(headers) => poll_now(std::pin::pin!(
+                    raw.publish_with_reply_and_headers(subject, reply, headers, body)
+                )),
+                None => poll_now(std::pin::pin!(raw.publish_with_reply(subject, reply, body))),
             }
-            crate::publisher::poll_now(std::pin::pin!(
-                self.client.raw_jetstream().send_publish(subject.clone(), message)
-            ))
         };
         match sent {
-            Poll::Ready(Ok(ack)) => return ResponseFuture::jetstream_sent(ack, receipt, permit, trace),
-            Poll::Ready(Err(e)) => return ResponseFuture::finished(trace, Err(publish_error(&e))),
+            Poll::Ready(Ok(())) => return ResponseFuture::jetstream(None, ack, receipt, permit, trace),
+            Poll::Ready(Err(e)) => {
+                acks.forget(token);
+                return ResponseFuture::finished(trace, Err(core_publish_error(&e)));
+            }
             Poll::Pending => {}
         }
         // The message went with the attempt (a copy of its body handle
@@ -297,60 +325,29 @@ impl Service<Event> for JetStreamPublisher {
         // on this rare path, when the client's queue is full.
         let Encoded { headers, body } = match self.encoder.encode(&event, self.deduplicate, expected_stream) {
             Ok(encoded) => encoded,
-            Err(e) => return ResponseFuture::finished(trace, Err(e)),
+            Err(e) => {
+                acks.forget(token);
+                return ResponseFuture::finished(trace, Err(e));
+            }
         };
         drop(event);
         let client = self.client.clone();
-        let send = Box::pin(async move {
-            let mut message = PublishMessage::build().payload(body);
-            if let Some(headers) = headers {
-                message = message.headers(headers);
+        let send: Step = Box::pin(async move {
+            let raw = client.raw();
+            let sent = match headers {
+                Some(headers) => {
+                    raw.publish_with_reply_and_headers(subject, reply, headers, body)
+                        .await
+                }
+                None => raw.publish_with_reply(subject, reply, body).await,
+            };
+            if sent.is_err()
+                && let Some(acks) = client.opened_acks()
+            {
+                acks.forget(token);
             }
-            client.raw_jetstream().send_publish(subject, message).await
+            sent.map_err(|e| core_publish_error(&e))
         });
-        ResponseFuture::jetstream(send, receipt, permit, trace)
-    }
-}
-
-pub(crate) fn publish_error(e: &PublishError) -> Error {
-    let detail = std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
-        .map(|js| (js.code(), js.to_string()));
-    match e.kind() {
-        PublishErrorKind::TimedOut => Error::new(ErrorKind::Timeout, "no JetStream acknowledgement in time"),
-        PublishErrorKind::BrokenPipe => Error::new(
-            ErrorKind::Connection,
-            "connection lost before the JetStream acknowledgement",
-        ),
-        // The server had no responder for the subject: no stream captures
-        // it, or (on a cluster) the stream's leader is gone and its
-        // replicas are electing a new one, for a second or two. The two
-        // look the same, so a retry layer may try again: on a cluster that
-        // is what keeps the event.
-        PublishErrorKind::StreamNotFound => Error::new(
-            ErrorKind::Rejected,
-            "no JetStream stream answered for the subject (none captures it, or its leader is being elected)",
-        )
-        .with_retryable(true),
-        PublishErrorKind::MaxAckPending => {
-            Error::new(ErrorKind::Overloaded, "too many JetStream publishes in flight")
-        }
-        PublishErrorKind::MaxPayloadExceeded => Error::new(
-            ErrorKind::Rejected,
-            "event is larger than the server's max payload",
-        ),
-        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => Error::new(
-            ErrorKind::Rejected,
-            format!("JetStream refused the event: {}", e.kind()),
-        ),
-        _ => match detail {
-            // 503: JetStream not ready yet (a restarting server), worth retrying.
-            Some((503, text)) => Error::new(ErrorKind::Connection, format!("JetStream unavailable: {text}")),
-            Some((_, text)) => Error::new(
-                ErrorKind::Rejected,
-                format!("JetStream refused the event: {text}"),
-            ),
-            None => Error::new(ErrorKind::Connection, format!("JetStream publish failed: {e}")),
-        },
+        ResponseFuture::jetstream(Some(send), ack, receipt, permit, trace)
     }
 }

@@ -448,3 +448,75 @@ async fn poison_messages_are_terminated_and_the_consumer_goes_on() {
     assert_eq!(info.num_pending, 0);
     client.delete_stream(&name).await.unwrap();
 }
+
+/// A responder that is no stream, answering publishes on its subject with
+/// garbage, an API error, two answers, or nothing: each caller gets an
+/// error of the right kind or the first answer's receipt, never another
+/// caller's; no publish stays counted in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_responder_that_lies_gives_errors_never_wrong_receipts() {
+    use watchtower_nats::{NatsClient, NatsConfig};
+
+    let client = NatsClient::connect(
+        NatsConfig::new("nats://127.0.0.1:4222").request_timeout(Duration::from_millis(400)),
+    )
+    .await
+    .unwrap();
+    let base = unique("liar");
+    let mut requests = client.raw().subscribe(format!("{base}.*")).await.unwrap();
+    client.raw().flush().await.unwrap();
+    let liar = client.raw().clone();
+    let answered = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(request) = requests.next().await {
+            let reply = request
+                .reply
+                .clone()
+                .expect("a publish awaiting its ack has a reply subject");
+            let case = request.subject.rsplit('.').next().unwrap_or_default().to_owned();
+            let answers: &[&str] = match case.as_str() {
+                "garbage" => &["not json at all"],
+                "refused" => &[
+                    r#"{"error":{"code":400,"err_code":10060,"description":"expected stream does not match"}}"#,
+                ],
+                "twice" => &[r#"{"stream":"FIRST","seq":1}"#, r#"{"stream":"SECOND","seq":2}"#],
+                "partial" => &[r#"{"stream":"S"}"#],
+                _ => &[],
+            };
+            for answer in answers {
+                liar.publish(reply.clone(), Bytes::from_static(answer.as_bytes()))
+                    .await
+                    .unwrap();
+            }
+            seen.push(case);
+            if seen.len() == 5 {
+                return seen;
+            }
+        }
+        seen
+    });
+
+    let mut publisher = client.jetstream_publisher();
+    let event = |case: &str| Event::new(format!("{base}.{case}"), serde_json::json!({}));
+    let garbage = publisher.publish(event("garbage")).await.unwrap_err();
+    assert_eq!(garbage.kind(), ErrorKind::Connection);
+    let refused = publisher.publish(event("refused")).await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Rejected);
+    assert!(
+        refused.to_string().contains("expected stream does not match"),
+        "{refused}"
+    );
+    let twice = publisher.publish(event("twice")).await.unwrap();
+    assert_eq!(
+        (twice.stream.as_deref(), twice.sequence),
+        (Some("FIRST"), Some(1))
+    );
+    let partial = publisher.publish(event("partial")).await.unwrap_err();
+    assert_eq!(partial.kind(), ErrorKind::Connection);
+    let silent = publisher.publish(event("silent")).await.unwrap_err();
+    assert_eq!(silent.kind(), ErrorKind::Timeout);
+    let mut seen = tokio::time::timeout(PATIENCE, answered).await.unwrap().unwrap();
+    seen.sort();
+    assert_eq!(seen, ["garbage", "partial", "refused", "silent", "twice"]);
+    assert_eq!(publisher.in_flight(), 0);
+}
