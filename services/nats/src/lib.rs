@@ -247,6 +247,16 @@
 //! because it is what makes a retried publish safe;
 //! [`JetStreamPublisher::deduplicate`]`(false)` leaves it out, and a
 //! structured event then goes out as a bare body, as the raw client's.
+//! The publisher does not go through async-nats's JetStream context, which
+//! makes an inbox string, a timer and a boxed future for every publish and
+//! reads each acknowledgement into an untagged enum: its publishes reply
+//! to one inbox per connection (`<inbox>.<token>`), a queue of waiting
+//! callers indexed by token matches answers to callers, and one task reads
+//! the answers, expires the callers that waited past the
+//! [request timeout](NatsConfig::request_timeout) and fails the waiting
+//! ones at once when the connection drops (their answers are lost with
+//! it). That took the publisher's CPU time per event from 5.7 µs to 5.0
+//! (raw with `Nats-Msg-Id` 5.5) in the same bench.
 //! Round trip: raw 2.0 µs, structured 2.9, binary 8.3, and the latency
 //! from publish to handler at p99 44 ms structured and 133 ms binary
 //! against raw's 19 ms: the consumer, which decodes and dispatches every
