@@ -227,23 +227,24 @@
 //!
 //! | case | raw msgs/s | publisher, structured | publisher, binary | 4-layer stack, structured | 4-layer stack, binary |
 //! |---|--:|--:|--:|--:|--:|
-//! | core publish | 1.47 M | 0.94 | 0.13 | 0.59 | 0.12 |
-//! | JetStream publish, 1,024 in flight | 188 k | 0.70 | 0.63 | 0.56 | 0.51 |
-//! | JetStream publish, [`deduplicate`](JetStreamPublisher::deduplicate)`(false)` | 188 k | 0.85 | – | 0.76 | – |
-//! | publish → handler round trip (through `serve`) | 922 k | 0.55 | 0.20 | – | – |
+//! | core publish | 1.55 M | 0.78 | 0.12 | 0.58 | 0.11 |
+//! | JetStream publish, 1,024 in flight | 190 k | 0.66 | 0.62 | 0.62 | 0.54 |
+//! | JetStream publish, [`deduplicate`](JetStreamPublisher::deduplicate)`(false)` | 190 k | 0.98 | – | 0.87 | – |
+//! | publish → handler round trip (through `serve`) | 819 k | 0.58 | 0.23 | – | – |
 //!
 //! Throughput swings with the machine's load; CPU time per message (all
 //! threads of the process, its setup included) is steadier. Core publish:
-//! raw 1.5 µs, raw with one header 2.8, raw with eight `ce-` headers 7.1;
+//! raw 1.5 µs, raw with one header 2.9, raw with eight `ce-` headers 7.0;
 //! the publisher 1.5 structured (its bodies share blocks of memory, so
 //! neither encoding nor the connection's writer allocates or frees one per
-//! event), 6.3 binary; the stack 2.1.
-//! JetStream: raw 4.2 µs, raw with only `Nats-Msg-Id` 5.9, raw with the
-//! `ce-` block 8.7; the publisher 5.7. Any one header caps raw async-nats
-//! at about three quarters of itself on JetStream (a header of another
-//! name measured the same as `Nats-Msg-Id`: the cost is the header block,
-//! which async-nats serializes into a new growing buffer per message, not
-//! the server's duplicate tracking). The dedup id is on by default,
+//! event), 6.2 binary; the stack 1.7.
+//! JetStream: raw 4.6 µs, raw with only `Nats-Msg-Id` 5.1, raw with the
+//! `ce-` block 8.3; the publisher 4.4, 4.1 without the dedup id. Any one
+//! header caps the rate at about three quarters of raw's on JetStream (a
+//! header of another name measured the same as `Nats-Msg-Id`, and the
+//! publisher, spending less CPU than raw, is held to the same pace: the
+//! cost is in carrying a header block, not in the server's duplicate
+//! tracking). The dedup id is on by default,
 //! because it is what makes a retried publish safe;
 //! [`JetStreamPublisher::deduplicate`]`(false)` leaves it out, and a
 //! structured event then goes out as a bare body, as the raw client's.
@@ -255,15 +256,15 @@
 //! the answers, expires the callers that waited past the
 //! [request timeout](NatsConfig::request_timeout) and fails the waiting
 //! ones at once when the connection drops (their answers are lost with
-//! it). That took the publisher's CPU time per event from 5.7 µs to 5.0
-//! (raw with `Nats-Msg-Id` 5.5) in the same bench.
-//! Round trip: raw 2.0 µs, structured 2.9, binary 8.3, and the latency
-//! from publish to handler at p99 44 ms structured and 133 ms binary
-//! against raw's 19 ms: the consumer, which decodes and dispatches every
-//! event, falls behind a publisher that does not wait, and events queue
-//! (with the raw client publishing, `serve` keeps 0.58 of the raw loop's
-//! pace). In process: a structured event encodes in 0.12 µs and decodes
-//! in 0.3 µs (the envelope encoders write is read by hand, repeated
+//! it). That took the publisher's CPU time per event from 5.7 µs to 4.4–5.0
+//! (raw async-nats with `Nats-Msg-Id`: 5.1–5.5).
+//! Round trip: raw 2.0 µs, structured 2.6, binary 7.8, and the latency
+//! from publish to handler at p99 23.8 ms structured and 149 ms binary
+//! against raw's 19.4 ms: the consumer, which decodes and dispatches every
+//! event, keeps 0.76 of the raw loop's pace with the raw client
+//! publishing, and falls behind a publisher that does not wait, so events
+//! queue. In process: a structured event encodes in 0.12–0.14 µs and
+//! decodes in 0.3 µs (the envelope encoders write is read by hand, repeated
 //! `type`, `source` and `datacontenttype` strings are shared, and any
 //! other JSON goes through `serde_json`); an async-nats header map of
 //! eight entries takes 1.0 µs to build, 0.44 µs to clone.
