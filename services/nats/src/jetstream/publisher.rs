@@ -59,7 +59,9 @@ const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 ///
 /// [`ErrorKind::Timeout`] when no acknowledgement came within the request
 /// timeout (the event may be stored: retry it, deduplication makes that
-/// safe); [`ErrorKind::Connection`] when the connection dropped;
+/// safe); [`ErrorKind::Connection`] when the connection dropped before the
+/// acknowledgement came (callers waiting are told at once), or the answer
+/// was not an acknowledgement;
 /// [`ErrorKind::Rejected`] when no stream captures the subject or the
 /// stream refused the event; [`ErrorKind::Encode`] and
 /// [`ErrorKind::InvalidTopic`] for events that cannot be sent at all.
