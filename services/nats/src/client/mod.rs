@@ -110,8 +110,9 @@ impl NatsClient {
             .map_err(|e| connect::connect_error(&shown, &e))?;
         let jetstream = async_nats::jetstream::ContextBuilder::new()
             .timeout(config.request_timeout)
-            // The publishers bound their own in-flight window in `poll_ready`;
-            // this one only has to be larger.
+            // Streams, consumers and whatever a user does through
+            // `raw_jetstream`: the publishers take their acknowledgements on
+            // an inbox of their own and bound their window in `poll_ready`.
             .max_ack_inflight(1 << 20)
             .backpressure_on_inflight(true)
             .build(client.clone());
