@@ -7,12 +7,17 @@
 //! * [`JetStreamSubscriber`]: pull consumers with explicit acks — a durable
 //!   consumer per group, `nack` with delay, `reject` as `+TERM`,
 //!   `progress` as `+WPI`, the delivery count from the message metadata,
-//!   max-deliver and back-off from [`ConsumerSettings`];
+//!   max-deliver and back-off from [`ConsumerSettings`]; messages are
+//!   pulled in batches, asked for again when fewer than half a batch are
+//!   owed (each request counted as owed before it is sent, so a fast
+//!   reader never stalls on a miscount), and asked for anew when the
+//!   connection comes back or the server's heartbeats stop;
 //! * [`NatsClient::create_or_update_stream`] and friends, here, to set
 //!   streams and consumers up from configuration.
 
 mod acks;
 mod publisher;
+mod pull;
 mod subscriber;
 
 pub(crate) use acks::{AckReceiver, Acks};

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
-use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
 use futures_core::Stream;
@@ -18,6 +18,7 @@ use watchtower::{
 };
 
 use crate::client::NatsClient;
+use crate::jetstream::pull::{Pull, PullSettings};
 use crate::wire::{self, TopicCache};
 
 /// How a [`JetStreamSubscriber`] sets up and reads its consumers.
@@ -88,13 +89,19 @@ impl ConsumerSettings {
 
     /// Messages asked for per pull request. Default 200: large enough to
     /// keep a busy consumer fed, small enough that prefetched messages do
-    /// not sit long against their ack wait.
+    /// not sit long against their ack wait. A subscription asks again once
+    /// fewer than half a batch are still owed to it.
     pub fn batch(mut self, n: usize) -> Self {
         self.batch = n;
         self
     }
 
-    /// How long a pull request waits for messages. Default 30 s.
+    /// How long a pull request waits for messages. Default 30 s. While a
+    /// request waits, the server sends a heartbeat every half of this (at
+    /// most every 15 s); when two heartbeat periods pass with nothing
+    /// received, the subscription reports a [`ErrorKind::Connection`]
+    /// error and asks again, so a request lost with a connection or a
+    /// consumer leader costs at most that long.
     pub fn expires(mut self, expires: Duration) -> Self {
         self.expires = expires;
         self
@@ -286,20 +293,21 @@ impl Subscriber for JetStreamSubscriber {
                 }
             }
         };
-        let heartbeat = (self.settings.expires / 2).min(Duration::from_secs(15));
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(self.settings.batch)
-            .expires(self.settings.expires)
-            .heartbeat(heartbeat)
-            .messages()
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("cannot start pulling from JetStream: {e}"),
-                )
-            })?;
+        let settings = PullSettings {
+            batch: self.settings.batch,
+            expires: self.settings.expires,
+            heartbeat: (self.settings.expires / 2).min(Duration::from_secs(15)),
+        };
+        let info = consumer.cached_info();
+        let messages = Pull::start(
+            self.client.raw(),
+            context.clone(),
+            &info.stream_name,
+            &info.name,
+            &settings,
+            self.client.state().watch_up(),
+        )
+        .await?;
         let filter = (options.patterns().len() > 1).then(|| options.patterns().to_vec());
         Ok(JetStreamSubscription {
             messages,
@@ -338,7 +346,7 @@ fn consumer_error(stream: &str, e: &ConsumerError) -> Error {
 /// pulling, and the messages it held unsettled are redelivered after the
 /// ack wait.
 pub struct JetStreamSubscription {
-    messages: pull::Stream,
+    messages: Pull,
     filter: Option<Vec<TopicPattern>>,
     double_ack: bool,
     done: bool,
@@ -371,16 +379,7 @@ impl Stream for JetStreamSubscription {
                     this.done = true;
                     return Poll::Ready(None);
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    let (kind, end) = match e.kind() {
-                        MessagesErrorKind::ConsumerDeleted => (ErrorKind::Closed, true),
-                        MessagesErrorKind::PushBasedConsumer => (ErrorKind::Config, true),
-                        MessagesErrorKind::RequestLimitExceeded => (ErrorKind::Config, true),
-                        _ => (ErrorKind::Connection, false),
-                    };
-                    this.done = end;
-                    return Poll::Ready(Some(Err(Error::new(kind, format!("JetStream pull: {e}")))));
-                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(Some(Ok(message))) => message,
             };
             let delivered = message

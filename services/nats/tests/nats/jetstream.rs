@@ -520,3 +520,106 @@ async fn a_responder_that_lies_gives_errors_never_wrong_receipts() {
     assert_eq!(seen, ["garbage", "partial", "refused", "silent", "twice"]);
     assert_eq!(publisher.in_flight(), 0);
 }
+
+/// A consumer read as fast as the server sends, while 20 publishers write:
+/// the pull requests keep pace with what arrives, so every event is read in
+/// every round (counting a request only once it was sent lost the messages
+/// that answered it first, and the consumer stopped for a request's expiry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_read_as_fast_as_it_is_fed_never_stops_pulling() {
+    let client = local().await;
+    for _ in 0..20 {
+        let name = unique("WT");
+        stream(&client, &name).await;
+        let topics: Vec<String> = (0..20).map(|t| format!("{name}.t{t}")).collect();
+        let settings = ConsumerSettings::new().batch(40);
+        let sub = client
+            .jetstream_subscriber(&name)
+            .settings(settings)
+            .open(SubscribeOptions::new(&topics).unwrap())
+            .await
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let handler = tower::service_fn(move |event: Event| {
+            let sent = tx.send(event.id().to_owned());
+            async move { sent.map_err(|_| watchtower::Error::closed("test over")) }
+        });
+        let serving = tokio::spawn(watchtower::serve(sub, handler).into_future());
+        let reader = tokio::spawn(async move {
+            let mut ids = HashSet::new();
+            while ids.len() < 2000 {
+                let id = tokio::time::timeout(PATIENCE, rx.recv()).await;
+                ids.insert(id.expect("an event in time").unwrap());
+            }
+            ids
+        });
+        let mut publishers = Vec::new();
+        let mut sent = HashSet::new();
+        for topic in &topics {
+            let events = numbered(topic, 100);
+            sent.extend(events.iter().map(|e| e.id().to_owned()));
+            let mut publisher = client.jetstream_publisher();
+            publishers.push(tokio::spawn(async move {
+                for event in events {
+                    publisher.publish(event).await.unwrap();
+                }
+            }));
+        }
+        for publisher in publishers {
+            publisher.await.unwrap();
+        }
+        assert_eq!(reader.await.unwrap(), sent);
+        serving.abort();
+        client.delete_stream(&name).await.unwrap();
+    }
+}
+
+/// A consumer deleted under its subscription ends it with a `Closed`
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_consumer_ends_its_subscription() {
+    let client = local().await;
+    let name = unique("WT");
+    stream(&client, &name).await;
+    let options = SubscribeOptions::new([format!("{name}.>")])
+        .unwrap()
+        .group("gone")
+        .unwrap();
+    let mut sub = client.jetstream_subscriber(&name).open(options).await.unwrap();
+    // The pull request waits on the server when the consumer goes.
+    let pending = tokio::spawn(async move {
+        let mut items = Vec::new();
+        while let Some(item) = tokio::time::timeout(PATIENCE, sub.next())
+            .await
+            .expect("the end in time")
+        {
+            items.push(item.map(|_| ()));
+        }
+        items
+    });
+    let js = client.raw_jetstream();
+    let stream = js.get_stream(&name).await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while stream.consumer_info("gone").await.unwrap().num_waiting == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no pull request reached the server"
+        );
+        tokio::task::yield_now().await;
+    }
+    stream.delete_consumer("gone").await.unwrap();
+    let items = pending.await.unwrap();
+    let last = items
+        .last()
+        .expect("an error before the end")
+        .as_ref()
+        .unwrap_err();
+    assert_eq!(last.kind(), ErrorKind::Closed, "{items:?}");
+    assert!(
+        items[..items.len() - 1]
+            .iter()
+            .all(|i| matches!(i, Err(e) if e.kind() == ErrorKind::Connection)),
+        "{items:?}"
+    );
+    client.delete_stream(&name).await.unwrap();
+}
