@@ -33,9 +33,9 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use watchtower::{Error, ErrorKind};
 
-/// How long the stream waits before asking again when no consumer
-/// answered a pull request.
-const NO_RESPONDERS_PAUSE: Duration = Duration::from_millis(250);
+/// How long the stream waits before asking again when a pull request
+/// could not be sent or no consumer answered it.
+const PAUSE: Duration = Duration::from_millis(250);
 
 /// Heartbeat checks in a row with nothing received before the requests
 /// are taken as lost.
@@ -203,6 +203,13 @@ impl Pull {
         Some(Error::new(kind, format!("JetStream pull: {why} ({description})")))
     }
 
+    /// Asks for nothing until [`PAUSE`] has passed.
+    fn pause_asking(&mut self, cx: &mut Context<'_>) {
+        self.pause = Some(Box::pin(tokio::time::sleep(PAUSE)));
+        // Polled again at once, which registers the pause's timer.
+        cx.waker().wake_by_ref();
+    }
+
     /// Polls the timers; an error when the heartbeats stopped while
     /// messages were owed.
     fn poll_timers(&mut self, cx: &mut Context<'_>) -> Option<Error> {
@@ -253,7 +260,10 @@ impl Stream for Pull {
             {
                 this.sending = None;
                 if let Err(e) = sent {
+                    // Not sent: not owed. Asking again at once would fail
+                    // the same way, and keep the messages unread.
                     this.owed = this.owed.saturating_sub(this.batch);
+                    this.pause_asking(cx);
                     return Poll::Ready(Some(Err(Error::new(
                         ErrorKind::Connection,
                         format!("cannot ask JetStream for messages: {e}"),
@@ -282,8 +292,7 @@ impl Stream for Pull {
                     // No consumer answers the request: it is gone, or (on a
                     // cluster) its leader is being elected. Ask again later.
                     this.owed = this.owed.saturating_sub(this.batch);
-                    this.pause = Some(Box::pin(tokio::time::sleep(NO_RESPONDERS_PAUSE)));
-                    cx.waker().wake_by_ref();
+                    this.pause_asking(cx);
                     return Poll::Ready(Some(Err(Error::new(
                         ErrorKind::Connection,
                         "no JetStream consumer answered the pull request",
@@ -538,5 +547,40 @@ mod tests {
         peer.send(&second, 1).await;
         let pull = reader.await.unwrap();
         assert_eq!(pull.owed(), 9);
+    }
+
+    /// A connection closed for good ends the stream: errors at most, never
+    /// a loop of them.
+    #[tokio::test]
+    async fn a_closed_connection_ends_the_stream() {
+        let client = async_nats::connect(LOCAL).await.unwrap();
+        let context = jetstream::new(client.clone());
+        let (_up, watching) = watch::channel(true);
+        let settings = PullSettings {
+            batch: 10,
+            expires: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(15),
+        };
+        let subject = Subject::from(format!("pull-peer.{}", client.new_inbox()));
+        let mut pull = Pull::on_subject(&client, context, subject, &settings, watching)
+            .await
+            .unwrap();
+        client.drain().await.unwrap();
+        // Until the connection is gone, and a publish fails.
+        let deadline = Instant::now() + PATIENCE;
+        while client.publish("pull-peer.closed", Bytes::new()).await.is_ok() {
+            assert!(Instant::now() < deadline, "the connection did not close");
+            tokio::task::yield_now().await;
+        }
+        let mut errors = 0;
+        while let Some(item) = tokio::time::timeout(PATIENCE, pull.next())
+            .await
+            .expect("the end in time")
+        {
+            let error = item.map(|m| m.message.payload).unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Connection);
+            errors += 1;
+            assert!(errors <= 2, "{error}");
+        }
     }
 }
