@@ -34,12 +34,18 @@
 //!   handler service, both modes. Throughput from the first publish to the
 //!   last handled message, and the latency of each message from its
 //!   publish call to its handler (p50, p99).
+//! * JetStream consume: a memory stream holding `count` messages, read
+//!   through a new pull consumer (batches of 200) and each message
+//!   acknowledged: raw async-nats's pull stream, acking each message as it
+//!   comes, against `JetStreamSubscriber` under `watchtower::serve` with a
+//!   handler service (structured events stored by `JetStreamPublisher`).
+//!   Throughput from opening the consumer to the last message handled.
 //! * encode: the cost of the wire format alone, in process: structured
 //!   `to_bytes`, and async-nats header maps of one and eight entries built
 //!   per message.
 //!
 //! Environment: `NATS_BENCH_COUNT` events per side and round (50,000, the
-//! harness's count), `NATS_BENCH_ROUNDS` (3), `NATS_BENCH_ONLY=core|js|rt|encode`
+//! harness's count), `NATS_BENCH_ROUNDS` (3), `NATS_BENCH_ONLY=core|js|jsc|rt|encode`
 //! runs one case, `NATS_BENCH_RT_MODE=structured|binary|raw` one side of the
 //! round trip beside raw's.
 
@@ -460,6 +466,93 @@ async fn rt_ours(
     (elapsed, lat.quantiles())
 }
 
+// ------------------------------------------------------- JetStream consume
+
+/// A memory stream `name` holding `n` messages on `name.c`: the harness's
+/// bodies (`raw`) or structured events through the publisher.
+async fn filled_stream(client: &NatsClient, name: &str, n: usize, raw: bool) {
+    client
+        .create_or_update_stream(StreamConfig {
+            name: name.to_owned(),
+            subjects: vec![format!("{name}.>")],
+            storage: StorageType::Memory,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let subject = format!("{name}.c");
+    if raw {
+        js_raw(client, &subject, n, Headers::None).await;
+    } else {
+        js_ours(client, &subject, n, (ContentMode::Structured, true), None).await;
+    }
+}
+
+fn pull_config() -> async_nats::jetstream::consumer::pull::Config {
+    async_nats::jetstream::consumer::pull::Config {
+        deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::All,
+        ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+        max_ack_pending: 1000,
+        ..Default::default()
+    }
+}
+
+/// Raw: async-nats's pull stream, each message acknowledged as it comes.
+async fn jsc_raw(client: &NatsClient, name: &str, n: usize) -> Duration {
+    let js = client.raw_jetstream();
+    let start = Instant::now();
+    let consumer = js.create_consumer_on_stream(pull_config(), name).await.unwrap();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(200)
+        .messages()
+        .await
+        .unwrap();
+    for _ in 0..n {
+        let message = messages.next().await.unwrap().unwrap();
+        std::hint::black_box(&message.payload);
+        message.ack().await.unwrap();
+    }
+    start.elapsed()
+}
+
+/// WatchTower: `JetStreamSubscriber` under `serve`, a handler service.
+async fn jsc_ours(client: &NatsClient, name: &str, n: usize) -> Duration {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let (seen, done) = (seen.clone(), done.clone());
+        service_fn(move |event: Event| {
+            std::hint::black_box(&event);
+            if seen.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                done.notify_one();
+            }
+            std::future::ready(Ok::<_, watchtower::Error>(()))
+        })
+    };
+    let start = Instant::now();
+    let sub = client
+        .jetstream_subscriber(name)
+        .settings(watchtower_nats::ConsumerSettings::new().max_ack_pending(1000))
+        .open(SubscribeOptions::new([format!("{name}.>")]).unwrap().replay(true))
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        watchtower::serve(sub, handler)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .into_future(),
+    );
+    done.notified().await;
+    let elapsed = start.elapsed();
+    let _ = stop.send(());
+    let stats = server.await.unwrap().unwrap();
+    assert_eq!(stats.acked as usize, n);
+    elapsed
+}
+
 // ------------------------------------------------------------------ encode
 
 /// CPU nanoseconds per iteration of `f`, best of three runs of `n`.
@@ -741,6 +834,26 @@ async fn run() {
         }
         case.report();
         client.delete_stream(&stream).await.unwrap();
+    }
+
+    if runs("jsc") {
+        let mut case = Case::new(
+            "JetStream consume, acked",
+            &["raw", "subscriber -> serve, structured"],
+        );
+        for round in 0..rounds {
+            let raw = format!("BENCH_{tag}_C{round}R");
+            filled_stream(&client, &raw, n, true).await;
+            let ours = format!("BENCH_{tag}_C{round}W");
+            filled_stream(&client, &ours, n, false).await;
+            let s = measure(n, async { timed(jsc_raw(&client, &raw, n).await) }).await;
+            case.push(0, s);
+            let s = measure(n, async { timed(jsc_ours(&client, &ours, n).await) }).await;
+            case.push(1, s);
+            client.delete_stream(&raw).await.unwrap();
+            client.delete_stream(&ours).await.unwrap();
+        }
+        case.report();
     }
 
     if runs("rt") {

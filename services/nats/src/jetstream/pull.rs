@@ -22,7 +22,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_nats::jetstream;
 use async_nats::{Message, StatusCode, Subject};
 use bytes::Bytes;
 use futures_core::Stream;
@@ -69,8 +68,6 @@ impl PullSettings {
 /// The messages of one pull consumer.
 pub(crate) struct Pull {
     client: async_nats::Client,
-    /// For the messages' ackers.
-    context: jetstream::Context,
     /// Where pull requests go.
     subject: Subject,
     inbox: Subject,
@@ -100,20 +97,18 @@ impl Pull {
     /// `up` follows the connection.
     pub(crate) async fn start(
         client: &async_nats::Client,
-        context: jetstream::Context,
         stream: &str,
         consumer: &str,
         settings: &PullSettings,
         up: watch::Receiver<bool>,
     ) -> Result<Pull, Error> {
         let subject = Subject::from(format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"));
-        Pull::on_subject(client, context, subject, settings, up).await
+        Pull::on_subject(client, subject, settings, up).await
     }
 
     /// Pulls by sending requests to `subject`.
     async fn on_subject(
         client: &async_nats::Client,
-        context: jetstream::Context,
         subject: Subject,
         settings: &PullSettings,
         up: watch::Receiver<bool>,
@@ -137,7 +132,6 @@ impl Pull {
         .fuse();
         Ok(Pull {
             client: client.clone(),
-            context,
             subject,
             inbox,
             messages,
@@ -242,7 +236,7 @@ impl Pull {
 }
 
 impl Stream for Pull {
-    type Item = Result<jetstream::Message, Error>;
+    type Item = Result<Message, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
@@ -282,10 +276,7 @@ impl Stream for Pull {
             match message.status {
                 None | Some(StatusCode::OK) => {
                     this.owed = this.owed.saturating_sub(1);
-                    return Poll::Ready(Some(Ok(jetstream::Message {
-                        message,
-                        context: this.context.clone(),
-                    })));
+                    return Poll::Ready(Some(Ok(message)));
                 }
                 Some(StatusCode::IDLE_HEARTBEAT) => {}
                 Some(StatusCode::NO_RESPONDERS) => {
@@ -325,14 +316,13 @@ mod tests {
     /// connection's state.
     async fn pull_on(subject: Subject, batch: usize, heartbeat: Duration) -> (Pull, watch::Sender<bool>) {
         let client = async_nats::connect(LOCAL).await.unwrap();
-        let context = jetstream::new(client.clone());
         let (up, watching) = watch::channel(true);
         let settings = PullSettings {
             batch,
             expires: Duration::from_secs(30),
             heartbeat,
         };
-        let pull = Pull::on_subject(&client, context, subject, &settings, watching)
+        let pull = Pull::on_subject(&client, subject, &settings, watching)
             .await
             .unwrap();
         (pull, up)
@@ -414,7 +404,7 @@ mod tests {
         }
     }
 
-    async fn next(pull: &mut Pull) -> Result<jetstream::Message, Error> {
+    async fn next(pull: &mut Pull) -> Result<Message, Error> {
         tokio::time::timeout(PATIENCE, pull.next())
             .await
             .expect("an item in time")
@@ -554,7 +544,6 @@ mod tests {
     #[tokio::test]
     async fn a_closed_connection_ends_the_stream() {
         let client = async_nats::connect(LOCAL).await.unwrap();
-        let context = jetstream::new(client.clone());
         let (_up, watching) = watch::channel(true);
         let settings = PullSettings {
             batch: 10,
@@ -562,7 +551,7 @@ mod tests {
             heartbeat: Duration::from_secs(15),
         };
         let subject = Subject::from(format!("pull-peer.{}", client.new_inbox()));
-        let mut pull = Pull::on_subject(&client, context, subject, &settings, watching)
+        let mut pull = Pull::on_subject(&client, subject, &settings, watching)
             .await
             .unwrap();
         client.drain().await.unwrap();
@@ -577,7 +566,7 @@ mod tests {
             .await
             .expect("the end in time")
         {
-            let error = item.map(|m| m.message.payload).unwrap_err();
+            let error = item.map(|m| m.payload).unwrap_err();
             assert_eq!(error.kind(), ErrorKind::Connection);
             errors += 1;
             assert!(errors <= 2, "{error}");

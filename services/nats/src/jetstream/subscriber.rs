@@ -301,7 +301,6 @@ impl Subscriber for JetStreamSubscriber {
         let info = consumer.cached_info();
         let messages = Pull::start(
             self.client.raw(),
-            context.clone(),
             &info.stream_name,
             &info.name,
             &settings,
@@ -311,6 +310,7 @@ impl Subscriber for JetStreamSubscriber {
         let filter = (options.patterns().len() > 1).then(|| options.patterns().to_vec());
         Ok(JetStreamSubscription {
             messages,
+            client: self.client.clone(),
             filter,
             double_ack: self.settings.double_ack,
             done: false,
@@ -347,6 +347,8 @@ fn consumer_error(stream: &str, e: &ConsumerError) -> Error {
 /// ack wait.
 pub struct JetStreamSubscription {
     messages: Pull,
+    /// Where settlements go.
+    client: NatsClient,
     filter: Option<Vec<TopicPattern>>,
     double_ack: bool,
     done: bool,
@@ -382,13 +384,10 @@ impl Stream for JetStreamSubscription {
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(Some(Ok(message))) => message,
             };
-            let delivered = message
-                .info()
-                .map(|info| u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX))
-                .unwrap_or(1);
-            let (message, acker) = message.split();
+            let delivered = message.reply.as_deref().and_then(delivery_count).unwrap_or(1);
             let acker = JetStreamAcker {
-                acker,
+                client: this.client.clone(),
+                reply: message.reply.clone(),
                 double_ack: this.double_ack,
             };
             let subject = message.subject.as_str();
@@ -397,7 +396,7 @@ impl Stream for JetStreamSubscription {
             {
                 // Not for this subscription: settle it so the consumer moves on.
                 tokio::spawn(async move {
-                    if let Err(e) = acker.acker.ack_with(AckKind::Ack).await {
+                    if let Err(e) = acker.ack().await {
                         tracing::debug!(error = %e, "could not acknowledge a filtered-out JetStream message");
                     }
                 });
@@ -415,10 +414,34 @@ impl Stream for JetStreamSubscription {
     }
 }
 
+/// The delivery count in a JetStream message's reply subject:
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`,
+/// or with the domain and the account hash before the stream (11 tokens or
+/// more, the later ones ignored).
+fn delivery_count(reply: &str) -> Option<u32> {
+    // One pass: the first nine tokens, and whether there are more.
+    let mut tokens = [""; 9];
+    let mut n = 0;
+    for token in reply.strip_prefix("$JS.ACK.")?.split('.').take(tokens.len()) {
+        tokens[n] = token;
+        n += 1;
+    }
+    let delivered = match n {
+        7 => tokens[2],
+        9 => tokens[4],
+        _ => return None,
+    };
+    let delivered: u64 = delivered.parse().ok()?;
+    Some(u32::try_from(delivered.max(1)).unwrap_or(u32::MAX))
+}
+
 /// Settles a JetStream delivery: `+ACK`, `-NAK` (with delay), `+TERM`,
-/// `+WPI`.
+/// `+WPI`, published to the message's reply subject (or, with
+/// [`double_ack`](ConsumerSettings::double_ack), sent as a request the
+/// server confirms).
 pub struct JetStreamAcker {
-    acker: async_nats::jetstream::message::Acker,
+    client: NatsClient,
+    reply: Option<async_nats::Subject>,
     double_ack: bool,
 }
 
@@ -431,11 +454,24 @@ impl fmt::Debug for JetStreamAcker {
 }
 
 impl JetStreamAcker {
-    async fn send(&self, kind: AckKind) -> Result<(), Error> {
-        let sent = if self.double_ack {
-            self.acker.double_ack_with(kind).await
+    async fn send(&self, kind: AckKind, confirmed: bool) -> Result<(), Error> {
+        let Some(reply) = &self.reply else {
+            return Err(Error::new(
+                ErrorKind::Connection,
+                "cannot settle the JetStream message: it has no reply subject",
+            ));
+        };
+        let raw = self.client.raw();
+        let sent = if confirmed {
+            // Boxed: a request's future would make every settlement's large.
+            Box::pin(raw.request(reply.clone(), kind.into()))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
         } else {
-            self.acker.ack_with(kind).await
+            raw.publish(reply.clone(), kind.into())
+                .await
+                .map_err(|e| e.to_string())
         };
         sent.map_err(|e| {
             Error::new(
@@ -448,21 +484,57 @@ impl JetStreamAcker {
 
 impl Acker for JetStreamAcker {
     async fn ack(self) -> Result<(), Error> {
-        self.send(AckKind::Ack).await
+        self.send(AckKind::Ack, self.double_ack).await
     }
 
     async fn nack(self, delay: Option<Duration>) -> Result<(), Error> {
-        self.send(AckKind::Nak(delay)).await
+        self.send(AckKind::Nak(delay), self.double_ack).await
     }
 
     async fn reject(self) -> Result<(), Error> {
-        self.send(AckKind::Term).await
+        self.send(AckKind::Term, self.double_ack).await
     }
 
     async fn progress(&self) -> Result<(), Error> {
-        self.acker
-            .ack_with(AckKind::Progress)
-            .await
-            .map_err(|e| Error::new(ErrorKind::Connection, format!("cannot extend the ack wait: {e}")))
+        self.send(AckKind::Progress, false).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::delivery_count;
+
+    #[test]
+    fn delivery_counts_are_read_from_both_reply_subject_forms() {
+        assert_eq!(
+            delivery_count("$JS.ACK.ORDERS.c1.3.17.15.1700000000000000000.4"),
+            Some(3)
+        );
+        assert_eq!(
+            delivery_count("$JS.ACK.hub.ACCHASH.ORDERS.c1.5.17.15.1700000000000000000.4.rand"),
+            Some(5)
+        );
+        assert_eq!(
+            delivery_count("$JS.ACK.hub.ACCHASH.ORDERS.c1.6.17.15.1700000000000000000.4"),
+            Some(6)
+        );
+        // Zero is read as a first delivery; past u32 saturates.
+        assert_eq!(delivery_count("$JS.ACK.S.c.0.1.1.1.0"), Some(1));
+        assert_eq!(
+            delivery_count("$JS.ACK.S.c.18446744073709551615.1.1.1.0"),
+            Some(u32::MAX)
+        );
+        for bad in [
+            "",
+            "$JS.ACK.",
+            "$JS.ACK.S.c.x.1.1.1.0",
+            "$JS.ACK.S.c.-1.1.1.1.0",
+            "$JS.ACK.S.c.18446744073709551616.1.1.1.0",
+            "$JS.ACK.S.c.1.1.1.1",
+            "$JS.ACK.S.c.1.1.1.1.1.1",
+            "_INBOX.S.c.1.1.1.1.0",
+        ] {
+            assert_eq!(delivery_count(bad), None, "{bad}");
+        }
     }
 }
