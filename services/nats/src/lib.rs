@@ -222,24 +222,26 @@
 //!   raw async-nats sending a pre-built body without header in the same
 //!   run (`scripts/bench`: `cargo bench -p watchtower-nats`, three rounds,
 //!   median of the per-round ratios; 2-core machine shared with the
-//!   server, load average about 1.5, where single rounds ranged from 0.7
+//!   server, load average about 2, where single rounds ranged from 0.7
 //!   to 1.3 times these ratios):
 //!
 //! | case | raw msgs/s | publisher, structured | publisher, binary | 4-layer stack, structured | 4-layer stack, binary |
 //! |---|--:|--:|--:|--:|--:|
-//! | core publish | 1.55 M | 0.78 | 0.12 | 0.58 | 0.11 |
-//! | JetStream publish, 1,024 in flight | 190 k | 0.66 | 0.62 | 0.62 | 0.54 |
-//! | JetStream publish, [`deduplicate`](JetStreamPublisher::deduplicate)`(false)` | 190 k | 0.98 | – | 0.87 | – |
-//! | publish → handler round trip (through `serve`) | 819 k | 0.58 | 0.23 | – | – |
+//! | core publish | 1.58 M | 0.60 | 0.11 | 0.58 | 0.10 |
+//! | JetStream publish, 1,024 in flight | 181 k | 0.64 | 0.59 | 0.57 | 0.61 |
+//! | JetStream publish, [`deduplicate`](JetStreamPublisher::deduplicate)`(false)` | 181 k | 0.98 | – | 0.90 | – |
+//! | JetStream consume, each message acked (subscriber through `serve`) | 158 k | 0.91 | – | – | – |
+//! | publish → handler round trip (through `serve`) | 809 k | 0.55 | 0.22 | – | – |
 //!
 //! Throughput swings with the machine's load; CPU time per message (all
 //! threads of the process, its setup included) is steadier. Core publish:
-//! raw 1.5 µs, raw with one header 2.9, raw with eight `ce-` headers 7.0;
-//! the publisher 1.5 structured (its bodies share blocks of memory, so
+//! raw 1.5 µs, raw with one header 2.8, raw with eight `ce-` headers 7.3;
+//! the publisher 1.5–2.0 structured (its bodies share blocks of memory, so
 //! neither encoding nor the connection's writer allocates or frees one per
-//! event), 6.2 binary; the stack 1.7.
-//! JetStream: raw 4.6 µs, raw with only `Nats-Msg-Id` 5.1, raw with the
-//! `ce-` block 8.3; the publisher 4.4, 4.1 without the dedup id. Any one
+//! event), 7.0 binary; the stack 1.8.
+//! JetStream: raw 4.0–4.6 µs, raw with only `Nats-Msg-Id` 5.1–6.3, raw with
+//! the `ce-` block 8.3–8.8; the publisher 4.4–5.1, 4.1–4.4 without the
+//! dedup id. Any one
 //! header caps the rate at about three quarters of raw's on JetStream (a
 //! header of another name measured the same as `Nats-Msg-Id`, and the
 //! publisher, spending less CPU than raw, is held to the same pace: the
@@ -258,12 +260,24 @@
 //! ones at once when the connection drops (their answers are lost with
 //! it). That took the publisher's CPU time per event from 5.7 µs to 4.4–5.0
 //! (raw async-nats with `Nats-Msg-Id`: 5.1–5.5).
-//! Round trip: raw 2.0 µs, structured 2.6, binary 7.8, and the latency
-//! from publish to handler at p99 23.8 ms structured and 149 ms binary
-//! against raw's 19.4 ms: the consumer, which decodes and dispatches every
-//! event, keeps 0.76 of the raw loop's pace with the raw client
-//! publishing, and falls behind a publisher that does not wait, so events
-//! queue. In process: a structured event encodes in 0.12–0.14 µs and
+//! JetStream consume (a new pull consumer reading 50,000 stored events,
+//! each acknowledged): raw async-nats's pull stream 2.3–2.7 µs per message,
+//! the subscriber through `serve` 2.8–2.9, which includes parsing each
+//! message's `Nats-Msg-Id` header that raw's messages do not carry.
+//! Subscriptions pull with a request loop of their own: async-nats's pull
+//! stream counts a request only once it is handed to the connection, so
+//! messages answering it before that are lost to the count, and a reader
+//! as fast as the server stopped until a request expired (30 s by
+//! default; one run in about twenty of 2,000 events on this machine);
+//! here a request is owed from the moment it is made, settlements are
+//! published to the message's reply subject without a JetStream context
+//! per message (3.1 µs per message before, 2.8 after).
+//! Round trip: raw 1.9–2.0 µs, structured 2.6, binary 7.5–7.8, and the
+//! latency from publish to handler at p99 20.5–23.8 ms structured and
+//! 149–169 ms binary against raw's 19.4–23.4 ms: the consumer, which
+//! decodes and dispatches every event, keeps 0.6–0.76 of the raw loop's
+//! pace with the raw client publishing, and falls behind a publisher that
+//! does not wait, so events queue. In process: a structured event encodes in 0.12–0.14 µs and
 //! decodes in 0.3 µs (the envelope encoders write is read by hand, repeated
 //! `type`, `source` and `datacontenttype` strings are shared, and any
 //! other JSON goes through `serde_json`); an async-nats header map of
