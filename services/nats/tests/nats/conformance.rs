@@ -58,8 +58,8 @@ pub(crate) struct Js {
     pub(crate) publishing: NatsClient,
     pub(crate) replicas: usize,
     /// How long a pull waits, if not the default: on a cluster a pull is
-    /// lost when its consumer's leader changes, and is renewed only after
-    /// it expires.
+    /// lost when its consumer's leader changes, and is renewed when it
+    /// expires or when the heartbeats (every half of this) stop.
     pub(crate) expires: Option<Duration>,
 }
 
