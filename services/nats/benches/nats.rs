@@ -37,8 +37,10 @@
 //! * JetStream consume: a memory stream holding `count` messages, read
 //!   through a new pull consumer (batches of 200) and each message
 //!   acknowledged: raw async-nats's pull stream, acking each message as it
-//!   comes, against `JetStreamSubscriber` under `watchtower::serve` with a
-//!   handler service (structured events stored by `JetStreamPublisher`).
+//!   comes (messages stored without a header, and with `Nats-Msg-Id`),
+//!   against `JetStreamSubscriber` under `watchtower::serve` with a handler
+//!   service (structured events stored by `JetStreamPublisher`, which
+//!   carry `Nats-Msg-Id`).
 //!   Throughput from opening the consumer to the last message handled.
 //! * encode: the cost of the wire format alone, in process: structured
 //!   `to_bytes`, and async-nats header maps of one and eight entries built
@@ -469,8 +471,9 @@ async fn rt_ours(
 // ------------------------------------------------------- JetStream consume
 
 /// A memory stream `name` holding `n` messages on `name.c`: the harness's
-/// bodies (`raw`) or structured events through the publisher.
-async fn filled_stream(client: &NatsClient, name: &str, n: usize, raw: bool) {
+/// bodies (`raw`, with `headers`) or structured events through the
+/// publisher.
+async fn filled_stream(client: &NatsClient, name: &str, n: usize, raw: Option<Headers>) {
     client
         .create_or_update_stream(StreamConfig {
             name: name.to_owned(),
@@ -481,8 +484,8 @@ async fn filled_stream(client: &NatsClient, name: &str, n: usize, raw: bool) {
         .await
         .unwrap();
     let subject = format!("{name}.c");
-    if raw {
-        js_raw(client, &subject, n, Headers::None).await;
+    if let Some(headers) = raw {
+        js_raw(client, &subject, n, headers).await;
     } else {
         js_ours(client, &subject, n, (ContentMode::Structured, true), None).await;
     }
@@ -839,19 +842,28 @@ async fn run() {
     if runs("jsc") {
         let mut case = Case::new(
             "JetStream consume, acked",
-            &["raw", "subscriber -> serve, structured"],
+            &[
+                "raw",
+                "raw, messages with Nats-Msg-Id",
+                "subscriber -> serve, structured",
+            ],
         );
         for round in 0..rounds {
             let raw = format!("BENCH_{tag}_C{round}R");
-            filled_stream(&client, &raw, n, true).await;
+            filled_stream(&client, &raw, n, Some(Headers::None)).await;
+            let raw_id = format!("BENCH_{tag}_C{round}I");
+            filled_stream(&client, &raw_id, n, Some(Headers::One)).await;
             let ours = format!("BENCH_{tag}_C{round}W");
-            filled_stream(&client, &ours, n, false).await;
+            filled_stream(&client, &ours, n, None).await;
             let s = measure(n, async { timed(jsc_raw(&client, &raw, n).await) }).await;
             case.push(0, s);
-            let s = measure(n, async { timed(jsc_ours(&client, &ours, n).await) }).await;
+            let s = measure(n, async { timed(jsc_raw(&client, &raw_id, n).await) }).await;
             case.push(1, s);
-            client.delete_stream(&raw).await.unwrap();
-            client.delete_stream(&ours).await.unwrap();
+            let s = measure(n, async { timed(jsc_ours(&client, &ours, n).await) }).await;
+            case.push(2, s);
+            for name in [raw, raw_id, ours] {
+                client.delete_stream(&name).await.unwrap();
+            }
         }
         case.report();
     }
