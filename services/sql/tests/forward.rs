@@ -18,6 +18,7 @@ use watchtower::{
 };
 use watchtower_nats::{NatsClient, NatsConfig, StorageType, StreamConfig};
 use watchtower_redis::{RedisClient, RedisConfig};
+use watchtower_test_support::PATIENCE;
 
 use common::{Db, NATS, REDIS, Tables, collect, redis_delete, redis_ids, take};
 
@@ -144,6 +145,9 @@ async fn forward_past_other_topics_without_waiting_sqlite() {
     forward_past_other_topics_without_waiting_for_the_poll_interval(Db::Sqlite).await;
 }
 
+/// Two forwarders in one group share the work: while the first is held
+/// busy (it forwards nothing until the second has forwarded an event), the
+/// second claims what the first has no room for; then both go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_forwarders_share_the_work_to_nats_core() {
     let tables = Tables::new(Db::Postgres, "fwdnats").await;
@@ -157,8 +161,10 @@ async fn two_forwarders_share_the_work_to_nats_core() {
 
     // Two forwarder instances, each with its own client (as two processes
     // would have), in one group.
+    let (second_forwarded, forwarded_by_second) = tokio::sync::watch::channel(false);
+    let second_forwarded = Arc::new(second_forwarded);
     let mut forwarders = Vec::new();
-    for _ in 0..2 {
+    for member in 0..2 {
         let client = tables.another(|c| c).await;
         let subscription = client
             .subscriber()
@@ -170,9 +176,31 @@ async fn two_forwarders_share_the_work_to_nats_core() {
             )
             .await
             .unwrap();
+        let (publisher, second_forwarded, forwarded_by_second) = (
+            nats.publisher(),
+            second_forwarded.clone(),
+            forwarded_by_second.clone(),
+        );
+        let forward = service_fn(move |event: Event| {
+            let (mut publisher, second_forwarded, mut forwarded_by_second) = (
+                publisher.clone(),
+                second_forwarded.clone(),
+                forwarded_by_second.clone(),
+            );
+            async move {
+                if member == 0 {
+                    let _ = tokio::time::timeout(PATIENCE, forwarded_by_second.wait_for(|&yes| yes)).await;
+                }
+                let receipt = publisher.publish(event).await?;
+                if member == 1 {
+                    second_forwarded.send_replace(true);
+                }
+                Ok::<_, Error>(receipt)
+            }
+        });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let run = tokio::spawn(
-            serve(subscription, nats.publisher())
+            serve(subscription, forward)
                 .concurrency(8)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
