@@ -77,6 +77,8 @@ pub(crate) struct Inner {
     /// Bumped whenever events may have arrived: by this client's
     /// publishers and settlements, and by `NOTIFY` on PostgreSQL.
     pub(crate) wake: watch::Sender<()>,
+    /// Whether the `LISTEN` connection is up (PostgreSQL).
+    listening: watch::Sender<bool>,
     writer: OnceLock<mpsc::Sender<Job>>,
     acks: OnceLock<mpsc::Sender<AckJob>>,
     listener: OnceLock<JoinHandle<()>>,
@@ -150,6 +152,7 @@ impl SqlClient {
                 db,
                 sql,
                 wake: watch::Sender::new(()),
+                listening: watch::Sender::new(false),
                 writer: OnceLock::new(),
                 acks: OnceLock::new(),
                 listener: OnceLock::new(),
@@ -396,16 +399,24 @@ impl SqlClient {
             .clone()
     }
 
-    /// Starts the `LISTEN` task, once, on PostgreSQL.
-    pub(crate) fn listen(&self) {
+    /// Starts the `LISTEN` task, once, on PostgreSQL, and waits until it
+    /// listens, so that a subscription opened after this is woken by every
+    /// later insert of any process (not only when it polls next). The wait
+    /// is bounded by the statement timeout and 5 s: past it, subscriptions
+    /// poll until the task listens.
+    pub(crate) async fn listen(&self) {
         let Db::Pg(pool) = &self.inner.db else { return };
         self.inner.listener.get_or_init(|| {
             tokio::spawn(listen(
                 pool.clone(),
                 self.inner.sql.channel.clone(),
                 self.inner.wake.clone(),
+                self.inner.listening.clone(),
             ))
         });
+        let mut listening = self.inner.listening.subscribe();
+        let bound = self.inner.config.statement_timeout.min(Duration::from_secs(5));
+        let _ = tokio::time::timeout(bound, listening.wait_for(|&up| up)).await;
     }
 }
 
@@ -424,7 +435,7 @@ pub(crate) async fn delete_group(inner: &Inner, name: &str) -> Result<(), Error>
 /// Wakes the client's subscriptions on every `NOTIFY` of the events
 /// table's trigger; after a lost connection too, since notifications sent
 /// meanwhile are lost.
-async fn listen(pool: PgPool, channel: String, wake: watch::Sender<()>) {
+async fn listen(pool: PgPool, channel: String, wake: watch::Sender<()>, listening: watch::Sender<bool>) {
     let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut failures = 0;
     loop {
@@ -443,6 +454,7 @@ async fn listen(pool: PgPool, channel: String, wake: watch::Sender<()>) {
             tokio::time::sleep(backoff.delay(failures)).await;
             continue;
         }
+        listening.send_replace(true);
         wake.send_replace(());
         loop {
             match listener.try_recv().await {
@@ -455,6 +467,7 @@ async fn listen(pool: PgPool, channel: String, wake: watch::Sender<()>) {
                     wake.send_replace(());
                 }
                 Err(e) => {
+                    listening.send_replace(false);
                     failures += 1;
                     tracing::debug!(error = %e, "LISTEN connection lost; polling meanwhile");
                     tokio::time::sleep(backoff.delay(failures)).await;

@@ -52,7 +52,10 @@ use crate::error::{from_sqlx, timed};
 /// the group's position. It claims again at once while a claim fills the
 /// room it had or reads as many events as it asked for (events of other
 /// topics move the position too, so a group behind many of them reads
-/// past them page after page); then as soon as a publisher of the same
+/// past them page after page), and again after 10 ms when
+/// another member of its group was claiming (so that members share the
+/// work rather than one taking it all while the others wait to be woken);
+/// then as soon as a publisher of the same
 /// client writes, on PostgreSQL whenever any process inserts (`LISTEN`),
 /// and otherwise every [`poll_interval`](crate::SqlConfig::poll_interval).
 ///
@@ -131,7 +134,7 @@ impl Subscriber for SqlSubscriber {
             .await
             .map(drop)
             .map_err(|e| from_sqlx(e, "creating the group")))?;
-        client.listen();
+        client.listen().await;
         let (tx, rx) = mpsc::channel(inner.config.batch_size);
         let room = Arc::new(Notify::new());
         tokio::spawn(run(client.clone(), group, ephemeral, options, tx, room.clone()));
@@ -167,6 +170,10 @@ impl Stream for SqlSubscription {
     }
 }
 
+/// How long a subscription waits before claiming again when another
+/// member of its group was claiming.
+const BUSY_PAUSE: Duration = Duration::from_millis(10);
+
 /// The subscription's task.
 async fn run(
     client: SqlClient,
@@ -191,7 +198,7 @@ async fn run(
                 touch(&client, &group),
             )
             .await
-            .map(|()| (Vec::new(), false))
+            .map(|()| (Vec::new(), false, false))
         } else {
             timed(
                 config.statement_timeout,
@@ -201,7 +208,7 @@ async fn run(
             .await
         };
         match claimed {
-            Ok((deliveries, more)) => {
+            Ok((deliveries, more, busy)) => {
                 failures = 0;
                 // Room left and events maybe left too (the claim filled
                 // the room, or read a full page of events, some of them
@@ -215,6 +222,12 @@ async fn run(
                 }
                 if again && !tx.is_closed() {
                     continue;
+                }
+                if busy && free > 0 {
+                    tokio::select! {
+                        () = tokio::time::sleep(BUSY_PAUSE) => continue,
+                        () = tx.closed() => break,
+                    }
                 }
             }
             Err(e) => {
@@ -267,13 +280,13 @@ async fn claim(
     ephemeral: bool,
     options: &SubscribeOptions,
     limit: usize,
-) -> Result<(Vec<Delivery<SqlAcker>>, bool), Error> {
+) -> Result<(Vec<Delivery<SqlAcker>>, bool, bool), Error> {
     let inner = &client.inner;
     let sql = &inner.sql;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let visibility = ms(inner.config.visibility_timeout);
     let fail = |e| from_sqlx(e, "claiming events");
-    let (claimed, more): (Vec<Claimed>, bool) = on_pool!(&inner.db, pool => {
+    let (claimed, more, busy): (Vec<Claimed>, bool, bool) = on_pool!(&inner.db, pool => {
         let mut tx = pool.begin().await.map_err(fail)?;
         // On SQLite the first statement is a write, which takes the
         // database's write lock before anything is read.
@@ -348,13 +361,15 @@ async fn claim(
             claimed.extend(fresh);
         }
         tx.commit().await.map_err(fail)?;
-        (claimed, more)
+        // No position read: another member held the group (or it was just
+        // made again); its events are claimable soon.
+        (claimed, more, cursor.is_none())
     });
     let deliveries = claimed
         .into_iter()
         .map(|(seq, topic, body, count)| delivery(client, group, seq, topic, body, count))
         .collect();
-    Ok((deliveries, more))
+    Ok((deliveries, more, busy))
 }
 
 /// `(1,2,3)`: sequence numbers the database gave, never caller input.
