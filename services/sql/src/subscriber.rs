@@ -56,8 +56,9 @@ use crate::error::{from_sqlx, timed};
 /// another member of its group was claiming (so that members share the
 /// work rather than one taking it all while the others wait to be woken);
 /// then as soon as a publisher of the same
-/// client writes, on PostgreSQL whenever any process inserts (`LISTEN`),
-/// and otherwise every [`poll_interval`](crate::SqlConfig::poll_interval).
+/// client writes, on PostgreSQL whenever any process inserts (`LISTEN`;
+/// `open` returns once the client listens, waiting at most 5 s), and
+/// otherwise every [`poll_interval`](crate::SqlConfig::poll_interval).
 ///
 /// # Order
 ///
