@@ -52,7 +52,8 @@ use crate::error::{from_sqlx, timed};
 /// the group's position. It claims again at once while a claim fills the
 /// room it had or reads as many events as it asked for (events of other
 /// topics move the position too, so a group behind many of them reads
-/// past them page after page), and again after 10 ms when
+/// past them page after page), and again after 10 ms (doubling while it
+/// lasts, up to the poll interval) when
 /// another member of its group was claiming (so that members share the
 /// work rather than one taking it all while the others wait to be woken);
 /// then as soon as a publisher of the same
@@ -171,8 +172,9 @@ impl Stream for SqlSubscription {
     }
 }
 
-/// How long a subscription waits before claiming again when another
-/// member of its group was claiming.
+/// How long a subscription first waits before claiming again when another
+/// member of its group was claiming; the wait doubles while the group stays
+/// held, up to the poll interval.
 const BUSY_PAUSE: Duration = Duration::from_millis(10);
 
 /// The subscription's task.
@@ -188,6 +190,10 @@ async fn run(
     let mut wake = client.inner.wake.subscribe();
     let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut failures = 0;
+    // A member holding the group for long (a slow or stuck claim) is not
+    // asked every 10 ms.
+    let busy_backoff = Backoff::new(BUSY_PAUSE, config.poll_interval);
+    let mut held = 0;
     let mut next_cleanup = Instant::now() + config.cleanup_interval;
     loop {
         wake.borrow_and_update();
@@ -211,6 +217,7 @@ async fn run(
         match claimed {
             Ok((deliveries, more, busy)) => {
                 failures = 0;
+                held = if busy { held + 1 } else { 0 };
                 // Room left and events maybe left too (the claim filled
                 // the room, or read a full page of events, some of them
                 // for other patterns): look again at once rather than
@@ -226,7 +233,7 @@ async fn run(
                 }
                 if busy && free > 0 {
                     tokio::select! {
-                        () = tokio::time::sleep(BUSY_PAUSE) => continue,
+                        () = tokio::time::sleep(busy_backoff.delay(held)) => continue,
                         () = tx.closed() => break,
                     }
                 }

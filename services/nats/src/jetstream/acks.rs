@@ -424,6 +424,22 @@ mod tests {
         (client, acks, up)
     }
 
+    /// A new caller, answered with its own token as the sequence, gets
+    /// that answer: the inbox still matches answers to callers.
+    async fn a_new_caller_is_answered(client: &async_nats::Client, acks: &Acks) {
+        let (token, reply, receiver) = acks.register().unwrap();
+        client
+            .publish(reply, format!(r#"{{"stream":"S","seq":{token}}}"#).into())
+            .await
+            .unwrap();
+        let ack = tokio::time::timeout(Duration::from_secs(5), receiver)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(ack.sequence, token);
+    }
+
     /// Answers reach their own callers whatever their order; an answer
     /// that comes after its caller's deadline finds no one; nobody waits
     /// past the deadline.
@@ -464,17 +480,7 @@ mod tests {
             .publish(reply, r#"{"stream":"S","seq":1}"#.into())
             .await
             .unwrap();
-        let (token, reply, receiver) = acks.register().unwrap();
-        client
-            .publish(reply, format!(r#"{{"stream":"S","seq":{token}}}"#).into())
-            .await
-            .unwrap();
-        let ack = tokio::time::timeout(Duration::from_secs(5), receiver)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(ack.sequence, token);
+        a_new_caller_is_answered(&client, &acks).await;
     }
 
     /// A forgotten entry is gone; strange subjects on the inbox are
@@ -494,17 +500,7 @@ mod tests {
         }
         client.publish(reply, "{}".into()).await.unwrap();
         client.flush().await.unwrap();
-        let (token, reply, next) = acks.register().unwrap();
-        client
-            .publish(reply, format!(r#"{{"stream":"S","seq":{token}}}"#).into())
-            .await
-            .unwrap();
-        let ack = tokio::time::timeout(Duration::from_secs(5), next)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(ack.sequence, token);
+        a_new_caller_is_answered(&client, &acks).await;
         assert!(receiver.await.is_err(), "the forgotten caller gets nothing");
     }
 

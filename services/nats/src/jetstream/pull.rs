@@ -161,7 +161,7 @@ impl Pull {
         if self.sending.is_some() || self.pause.is_some() || self.owed > self.batch / 2 {
             return;
         }
-        self.owed += self.batch;
+        self.owed = self.owed.saturating_add(self.batch);
         let client = self.client.clone();
         let (subject, inbox, request) = (self.subject.clone(), self.inbox.clone(), self.request.clone());
         self.sending = Some(Box::pin(async move {
@@ -216,7 +216,8 @@ impl Pull {
         while self.check.as_mut().poll(cx).is_ready() {
             let deadline = Instant::now() + self.heartbeat;
             self.check.as_mut().reset(deadline);
-            if std::mem::take(&mut self.seen) {
+            // Silence is news only while requests wait on the server.
+            if std::mem::take(&mut self.seen) || self.owed == 0 {
                 self.silent = 0;
                 continue;
             }
