@@ -107,10 +107,17 @@ impl NatsCluster {
     }
 
     /// Starts server `i` again (killing it first if it runs) and waits
-    /// until it is back in the cluster with a JetStream metadata leader.
+    /// until it is back in the cluster with a JetStream metadata leader:
+    /// up to three times [`PATIENCE`], since a server that was killed first
+    /// rebuilds its file store before it rejoins, which on a loaded machine
+    /// has taken longer than `PATIENCE` alone.
     pub async fn restart(&mut self, i: usize) {
         self.servers[i].restart().await;
-        self.jetstream_ready(i).await;
+        if self.servers.len() > 1 {
+            self.servers[i]
+                .wait_for_log_within("metadata leader", PATIENCE * 3)
+                .await;
+        }
     }
 }
 

@@ -324,7 +324,8 @@ impl<B: Broker> BrokerProcess<B> {
         self.wait_for_log_within(needle, PATIENCE).await;
     }
 
-    async fn wait_for_log_within(&self, needle: &str, patience: Duration) {
+    /// [`wait_for_log`](Self::wait_for_log), with a patience of its own.
+    pub(crate) async fn wait_for_log_within(&self, needle: &str, patience: Duration) {
         let mut log = self.log.clone();
         let found = tokio::time::timeout(
             patience,
