@@ -466,9 +466,8 @@ impl<'de> Visitor<'de> for WireVisitor<'_> {
             let key = key.0;
             if &*key == "data" {
                 let raw: &'de RawValue = map.next_value()?;
-                if raw.get() != "null" {
-                    wire.data = Some(raw);
-                }
+                // The last one counts, as for every attribute; `null` is none.
+                wire.data = (raw.get() != "null").then_some(raw);
                 continue;
             }
             let Some(slot) = wire.slot(&key) else {
@@ -814,6 +813,24 @@ mod tests {
             let general = parse(&input, Some(&input), Limits::new()).map_err(|e| e.message().to_owned());
             assert_eq!(fast, general, "depth {depth}");
             assert!(fast.is_ok(), "depth {depth}");
+        }
+    }
+
+    /// A repeated `data` reads as its last value by hand and by the general
+    /// parser alike, a last `null` as no data.
+    #[test]
+    fn a_repeated_data_counts_as_its_last_value() {
+        let base = r#"{"specversion":"1.0","id":"e-1","type":"user.created","source":"/s","#;
+        for (tail, data) in [
+            (r#""data":"","data":null}"#, None),
+            (r#""data":null,"data":{"a":1}}"#, Some(&br#"{"a":1}"#[..])),
+            (r#""data":1,"data":2}"#, Some(&b"2"[..])),
+        ] {
+            let text = format!("{base}{tail}");
+            let by_hand = super::from_slice(text.as_bytes()).unwrap();
+            let by_serde = super::parse(text.as_bytes(), None, Limits::new()).unwrap();
+            assert_eq!(by_hand, by_serde, "{text}");
+            assert_eq!(by_hand.data().map(|d| &d[..]), data, "{text}");
         }
     }
 
