@@ -297,34 +297,41 @@ fn plain_str(text: &str, at: usize) -> Option<(&str, usize)> {
         return None;
     }
     let start = at + 1;
-    // Eight bytes at a time past those that cannot end the string, then
-    // byte by byte.
+    // Eight bytes at a time: the first byte that can end the string is
+    // found in the word that holds it; the last few bytes one by one.
     let mut from = start;
-    while let Some(chunk) = b.get(from..from + 8) {
-        let word = u64::from_le_bytes(chunk.try_into().ok()?);
-        if may_end_string(word) {
-            break;
+    let end = loop {
+        match b.get(from..from + 8) {
+            Some(chunk) => {
+                let word = u64::from_le_bytes(chunk.try_into().ok()?);
+                match ends_string(word) {
+                    0 => from += 8,
+                    found => break from + (found.trailing_zeros() / 8) as usize,
+                }
+            }
+            None => {
+                break from
+                    + b[from..]
+                        .iter()
+                        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+            }
         }
-        from += 8;
-    }
-    let len = b[from..]
-        .iter()
-        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
-    let end = from + len;
+    };
     // A quote ends it; an escape or a control character is left to the
     // general parser.
     (b[end] == b'"').then(|| (&text[start..end], end + 1))
 }
 
-/// Whether any of the eight bytes in `word` may be a quote, a backslash
-/// or a control character (never false when one is).
-fn may_end_string(word: u64) -> bool {
+/// The bytes of `word` (little-endian) that are a quote, a backslash or a
+/// control character, as their high bits: exact for the lowest such byte
+/// (a byte above one may be marked too), zero when there is none.
+fn ends_string(word: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
-    // A byte below `n` (`n` ≤ 128) sets its high bit here.
+    // A byte below `n` (`n` ≤ 128) sets its high bit here; a borrow can
+    // mark bytes above the lowest match, never one below it.
     let below = |w: u64, n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGH;
     below(word ^ (ONES * u64::from(b'"')), 1) | below(word ^ (ONES * u64::from(b'\\')), 1) | below(word, 0x20)
-        != 0
 }
 
 #[derive(Default)]
@@ -724,24 +731,40 @@ mod tests {
         }
     }
 
-    /// The eight-byte test never misses a byte that may end a string,
-    /// whatever the bytes around it.
+    /// The eight-byte test finds exactly the first byte that may end a
+    /// string, whatever the bytes around it (a second such byte above or
+    /// below it, bytes that borrow), and nothing where there is none.
     #[test]
-    fn no_byte_that_ends_a_string_is_skipped() {
+    fn the_first_byte_that_ends_a_string_is_found_exactly() {
         let ends = |c: u8| c == b'"' || c == b'\\' || c < 0x20;
-        for fill in [b'a', 0xff, 0x80, b' ', b'!', b'#', b'[', b']', 0x21] {
+        let seconds = [
+            (0, 0u8),
+            (3, b'"'),
+            (5, 0x00),
+            (7, b'\\'),
+            (6, 0x01),
+            (2, 0x1f),
+            (4, 0x23),
+        ];
+        for fill in [b'a', 0xff, 0x80, b' ', b'!', b'#', b'[', b']', 0x21, 0x01, 0x00] {
             for at in 0..8 {
                 for c in 0..=255u8 {
-                    let mut bytes = [fill; 8];
-                    bytes[at] = c;
-                    let word = u64::from_le_bytes(bytes);
-                    if bytes.iter().any(|&b| ends(b)) {
-                        assert!(super::may_end_string(word), "{bytes:?}");
+                    for &(at2, c2) in &seconds {
+                        let mut bytes = [fill; 8];
+                        bytes[at2] = c2;
+                        bytes[at] = c;
+                        let found = super::ends_string(u64::from_le_bytes(bytes));
+                        match bytes.iter().position(|&b| ends(b)) {
+                            Some(first) => {
+                                assert_eq!(found.trailing_zeros() / 8, first as u32, "{bytes:?}")
+                            }
+                            None => assert_eq!(found, 0, "{bytes:?}"),
+                        }
                     }
                 }
             }
         }
-        assert!(!super::may_end_string(u64::from_le_bytes(*b"user.cre")));
+        assert_eq!(super::ends_string(u64::from_le_bytes(*b"user.cre")), 0);
     }
 
     proptest! {

@@ -9,7 +9,9 @@
 //! same round (the median over rounds, and every round's ratio). The CPU
 //! time the process spent per message (all its threads, from
 //! `/proc/self/task/*/schedstat`) is shown beside it: load from other
-//! programs disturbs it much less than throughput.
+//! programs disturbs it much less than throughput; so is the broker's
+//! (`srv us`: the `nats-server` started with `-p 4222`, when its `/proc`
+//! entry is readable).
 //!
 //! The raw side is what the harness's raw client does: a pre-built
 //! ~195-byte CloudEvents JSON body per message, no header. WatchTower's
@@ -609,13 +611,39 @@ fn encode_costs(n: usize) {
 
 /// CPU time this process has used so far, all threads, in nanoseconds.
 fn cpu_ns() -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    tasks
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
-        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+    process_cpu_ns("self").unwrap_or(0)
+}
+
+/// CPU time process `pid` has used so far, all threads, in nanoseconds.
+fn process_cpu_ns(pid: &str) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+            .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+            .sum(),
+    )
+}
+
+/// The local broker's process (the `nats-server` listening on port 4222),
+/// when its `/proc` entry is readable.
+fn server_pid() -> Option<&'static str> {
+    static PID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    PID.get_or_init(|| {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid = e.file_name().into_string().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_server = args.first()?.ends_with(b"nats-server");
+            let on_4222 = args.windows(2).any(|w| w[0] == b"-p" && w[1] == b"4222");
+            (is_server && on_4222).then_some(pid)
+        })
+    })
+    .as_deref()
+}
+
+fn server_cpu_ns() -> Option<u64> {
+    process_cpu_ns(server_pid()?)
 }
 
 /// One side of one round: throughput, CPU µs per message, latency.
@@ -623,6 +651,8 @@ fn cpu_ns() -> u64 {
 struct Sample {
     rate: f64,
     cpu_us: f64,
+    /// The broker's CPU µs per message, when it runs on this machine.
+    server_us: Option<f64>,
     latency: Option<(u64, u64)>,
 }
 
@@ -630,11 +660,15 @@ async fn measure<F>(n: usize, side: F) -> Sample
 where
     F: std::future::Future<Output = (Duration, Option<(u64, u64)>)>,
 {
-    let before = cpu_ns();
+    let (before, server_before) = (cpu_ns(), server_cpu_ns());
     let (wall, latency) = side.await;
+    let per_message = |ns: u64| ns as f64 / n as f64 / 1000.0;
     Sample {
         rate: n as f64 / wall.as_secs_f64(),
-        cpu_us: cpu_ns().saturating_sub(before) as f64 / n as f64 / 1000.0,
+        cpu_us: per_message(cpu_ns().saturating_sub(before)),
+        server_us: server_before
+            .zip(server_cpu_ns())
+            .map(|(a, b)| per_message(b.saturating_sub(a))),
         latency,
     }
 }
@@ -669,8 +703,8 @@ impl Case {
         }
         println!("\n{}", self.name);
         println!(
-            "  {:<34} {:>10} {:>7} {:>18} {:>9} {:>16}",
-            "side", "msgs/s", "ratio", "per round", "cpu us", "p50/p99 us"
+            "  {:<34} {:>10} {:>7} {:>18} {:>9} {:>9} {:>16}",
+            "side", "msgs/s", "ratio", "per round", "cpu us", "srv us", "p50/p99 us"
         );
         let raw = &self.sides[0].1;
         for (name, samples) in self.sides.iter().filter(|(_, s)| !s.is_empty()) {
@@ -695,8 +729,14 @@ impl Case {
             } else {
                 String::new()
             };
+            let server: Vec<f64> = samples.iter().filter_map(|s| s.server_us).collect();
+            let server = if server.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:.2}", median(server))
+            };
             println!(
-                "  {name:<34} {:>10.0} {:>7.2} {:>18} {:>9.2} {:>16}",
+                "  {name:<34} {:>10.0} {:>7.2} {:>18} {:>9.2} {server:>9} {:>16}",
                 median(samples.iter().map(|s| s.rate).collect()),
                 median(ratios.clone()),
                 each.join(" "),
