@@ -297,29 +297,33 @@ fn plain_str(text: &str, at: usize) -> Option<(&str, usize)> {
         return None;
     }
     let start = at + 1;
-    // Eight bytes at a time: the first byte that can end the string is
-    // found in the word that holds it; the last few bytes one by one.
-    let mut from = start;
-    let end = loop {
-        match b.get(from..from + 8) {
-            Some(chunk) => {
-                let word = u64::from_le_bytes(chunk.try_into().ok()?);
-                match ends_string(word) {
-                    0 => from += 8,
-                    found => break from + (found.trailing_zeros() / 8) as usize,
-                }
-            }
-            None => {
-                break from
-                    + b[from..]
-                        .iter()
-                        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
-            }
+    let end = start + plain_len(&b[start..]);
+    // A quote ends it; an escape, a control character or the end of the
+    // input is left to the general parser.
+    (b.get(end) == Some(&b'"')).then(|| (&text[start..end], end + 1))
+}
+
+/// How many bytes at the start of `b` a JSON string holds as they are:
+/// the index of the first quote, backslash or control character, or the
+/// length of `b` when it has none.
+fn plain_len(b: &[u8]) -> usize {
+    // Eight bytes at a time: the first such byte is found in the word that
+    // holds it; the last few bytes one by one.
+    let mut chunks = b.chunks_exact(8);
+    let mut from = 0;
+    for chunk in chunks.by_ref() {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        match ends_string(u64::from_le_bytes(word)) {
+            0 => from += 8,
+            found => return from + (found.trailing_zeros() / 8) as usize,
         }
-    };
-    // A quote ends it; an escape or a control character is left to the
-    // general parser.
-    (b[end] == b'"').then(|| (&text[start..end], end + 1))
+    }
+    let rest = chunks.remainder();
+    from + rest
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+        .unwrap_or(rest.len())
 }
 
 /// The bytes of `word` (little-endian) that are a quote, a backslash or a
@@ -584,7 +588,7 @@ fn is_exact_json(data: &[u8]) -> bool {
 fn write_str(out: &mut Vec<u8>, s: &str) {
     // Attribute values rarely hold anything JSON escapes: those are copied
     // as they are, as serde_json would write them.
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if plain_len(s.as_bytes()) == s.len() {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());

@@ -7,11 +7,11 @@
 //! a case once, raw first, so that all sides see the same load on a shared
 //! machine; each side's throughput is reported as a ratio to raw's in the
 //! same round (the median over rounds, and every round's ratio). The CPU
-//! time the process spent per message (all its threads, from
-//! `/proc/self/task/*/schedstat`) is shown beside it: load from other
-//! programs disturbs it much less than throughput; so is the broker's
-//! (`srv us`: the `nats-server` started with `-p 4222`, when its `/proc`
-//! entry is readable).
+//! time the process spent per message over the timed section (all its
+//! threads, from `/proc/self/task/*/schedstat`) is shown beside it: load
+//! from other programs disturbs it much less than throughput; so is the
+//! broker's (`srv us`: the `nats-server` started with `-p 4222`, when its
+//! `/proc` entry is readable).
 //!
 //! The raw side is what the harness's raw client does: a pre-built
 //! ~195-byte CloudEvents JSON body per message, no header. WatchTower's
@@ -207,10 +207,10 @@ enum Headers {
     Eight,
 }
 
-async fn core_raw(client: &NatsClient, subject: &str, n: usize, headers: Headers) -> Duration {
+async fn core_raw(client: &NatsClient, subject: &str, n: usize, headers: Headers) -> Timed {
     let raw = client.raw();
     let bodies = bodies(n);
-    let start = Instant::now();
+    let start = Clock::start();
     for (i, body) in bodies.iter().enumerate() {
         match headers {
             Headers::None => raw.publish(subject.to_owned(), body.clone()).await,
@@ -226,7 +226,7 @@ async fn core_raw(client: &NatsClient, subject: &str, n: usize, headers: Headers
         .unwrap();
     }
     raw.flush().await.unwrap();
-    start.elapsed()
+    start.stop()
 }
 
 async fn core_ours(
@@ -235,16 +235,16 @@ async fn core_ours(
     n: usize,
     mode: ContentMode,
     layered: Option<bool>,
-) -> Duration {
+) -> Timed {
     let events = events(subject, n);
     let publisher = client.publisher().content_mode(mode);
-    let start = Instant::now();
+    let start = Clock::start();
     match layered {
         Some(direct) => one_by_one(stack(publisher, direct), events).await,
         None => one_by_one(publisher, events).await,
     }
     client.raw().flush().await.unwrap();
-    start.elapsed()
+    start.stop()
 }
 
 /// Publishes each event and awaits it before the next, as raw awaits each
@@ -273,10 +273,10 @@ type AckFuture = std::pin::Pin<
     >,
 >;
 
-async fn js_raw(client: &NatsClient, subject: &str, n: usize, headers: Headers) -> Duration {
+async fn js_raw(client: &NatsClient, subject: &str, n: usize, headers: Headers) -> Timed {
     let js = client.raw_jetstream();
     let bodies = bodies(n);
-    let start = Instant::now();
+    let start = Clock::start();
     let mut acks = FuturesUnordered::<AckFuture>::new();
     for (i, body) in bodies.iter().enumerate() {
         if acks.len() >= WINDOW {
@@ -303,7 +303,7 @@ async fn js_raw(client: &NatsClient, subject: &str, n: usize, headers: Headers) 
     while let Some(ack) = acks.next().await {
         ack.unwrap();
     }
-    start.elapsed()
+    start.stop()
 }
 
 async fn js_ours(
@@ -312,19 +312,19 @@ async fn js_ours(
     n: usize,
     (mode, deduplicate): (ContentMode, bool),
     layered: Option<bool>,
-) -> Duration {
+) -> Timed {
     let events = events(subject, n);
     let publisher = client
         .jetstream_publisher()
         .content_mode(mode)
         .deduplicate(deduplicate)
         .max_in_flight(WINDOW);
-    let start = Instant::now();
+    let start = Clock::start();
     match layered {
         Some(direct) => drive(stack(publisher, direct), events).await,
         None => drive(publisher, events).await,
     }
-    start.elapsed()
+    start.stop()
 }
 
 // -------------------------------------------------------------- round trip
@@ -374,7 +374,7 @@ async fn subscriber_client(n: usize) -> NatsClient {
 }
 
 /// Raw: a subscriber loop on one connection, `publish` on another.
-async fn rt_raw(publisher: &NatsClient, subject: &str, n: usize) -> (Duration, (u64, u64)) {
+async fn rt_raw(publisher: &NatsClient, subject: &str, n: usize) -> (Timed, (u64, u64)) {
     let sc = subscriber_client(n).await;
     let mut sub = sc.raw().subscribe(subject.to_owned()).await.unwrap();
     sc.raw().flush().await.unwrap();
@@ -389,7 +389,7 @@ async fn rt_raw(publisher: &NatsClient, subject: &str, n: usize) -> (Duration, (
             }
         })
     };
-    let start = Instant::now();
+    let start = Clock::start();
     let raw = publisher.raw();
     for (i, body) in bodies.into_iter().enumerate() {
         lat.sent(i);
@@ -397,7 +397,7 @@ async fn rt_raw(publisher: &NatsClient, subject: &str, n: usize) -> (Duration, (
     }
     raw.flush().await.unwrap();
     rx.await.unwrap();
-    (start.elapsed(), lat.quantiles())
+    (start.stop(), lat.quantiles())
 }
 
 /// WatchTower: `NatsPublisher` in `mode` (or, with `None`, the raw client
@@ -408,7 +408,7 @@ async fn rt_ours(
     subject: &str,
     n: usize,
     mode: Option<ContentMode>,
-) -> (Duration, (u64, u64)) {
+) -> (Timed, (u64, u64)) {
     let sc = subscriber_client(n).await;
     let sub = sc
         .subscriber()
@@ -440,11 +440,11 @@ async fn rt_ours(
             })
             .into_future(),
     );
-    let start;
+    let start: Clock;
     match mode {
         Some(mode) => {
             let mut svc = publisher.publisher().content_mode(mode);
-            start = Instant::now();
+            start = Clock::start();
             for (i, event) in events.into_iter().enumerate() {
                 std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
                 lat.sent(i);
@@ -454,7 +454,7 @@ async fn rt_ours(
         None => {
             let raw = publisher.raw();
             let bodies = bodies(n);
-            start = Instant::now();
+            start = Clock::start();
             for (i, body) in bodies.into_iter().enumerate() {
                 lat.sent(i);
                 raw.publish(subject.to_owned(), body).await.unwrap();
@@ -463,7 +463,7 @@ async fn rt_ours(
     }
     publisher.raw().flush().await.unwrap();
     done.notified().await;
-    let elapsed = start.elapsed();
+    let elapsed = start.stop();
     let _ = stop.send(());
     let stats = server.await.unwrap().unwrap();
     assert_eq!(stats.acked as usize, n);
@@ -503,9 +503,9 @@ fn pull_config() -> async_nats::jetstream::consumer::pull::Config {
 }
 
 /// Raw: async-nats's pull stream, each message acknowledged as it comes.
-async fn jsc_raw(client: &NatsClient, name: &str, n: usize) -> Duration {
+async fn jsc_raw(client: &NatsClient, name: &str, n: usize) -> Timed {
     let js = client.raw_jetstream();
-    let start = Instant::now();
+    let start = Clock::start();
     let consumer = js.create_consumer_on_stream(pull_config(), name).await.unwrap();
     let mut messages = consumer
         .stream()
@@ -518,11 +518,11 @@ async fn jsc_raw(client: &NatsClient, name: &str, n: usize) -> Duration {
         std::hint::black_box(&message.payload);
         message.ack().await.unwrap();
     }
-    start.elapsed()
+    start.stop()
 }
 
 /// WatchTower: `JetStreamSubscriber` under `serve`, a handler service.
-async fn jsc_ours(client: &NatsClient, name: &str, n: usize) -> Duration {
+async fn jsc_ours(client: &NatsClient, name: &str, n: usize) -> Timed {
     let seen = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(tokio::sync::Notify::new());
     let handler = {
@@ -535,7 +535,7 @@ async fn jsc_ours(client: &NatsClient, name: &str, n: usize) -> Duration {
             std::future::ready(Ok::<_, watchtower::Error>(()))
         })
     };
-    let start = Instant::now();
+    let start = Clock::start();
     let sub = client
         .jetstream_subscriber(name)
         .settings(watchtower_nats::ConsumerSettings::new().max_ack_pending(1000))
@@ -551,7 +551,7 @@ async fn jsc_ours(client: &NatsClient, name: &str, n: usize) -> Duration {
             .into_future(),
     );
     done.notified().await;
-    let elapsed = start.elapsed();
+    let elapsed = start.stop();
     let _ = stop.send(());
     let stats = server.await.unwrap().unwrap();
     assert_eq!(stats.acked as usize, n);
@@ -658,18 +658,55 @@ struct Sample {
 
 async fn measure<F>(n: usize, side: F) -> Sample
 where
-    F: std::future::Future<Output = (Duration, Option<(u64, u64)>)>,
+    F: std::future::Future<Output = (Timed, Option<(u64, u64)>)>,
 {
-    let (before, server_before) = (cpu_ns(), server_cpu_ns());
-    let (wall, latency) = side.await;
+    let (timed, latency) = side.await;
     let per_message = |ns: u64| ns as f64 / n as f64 / 1000.0;
     Sample {
-        rate: n as f64 / wall.as_secs_f64(),
-        cpu_us: per_message(cpu_ns().saturating_sub(before)),
-        server_us: server_before
-            .zip(server_cpu_ns())
-            .map(|(a, b)| per_message(b.saturating_sub(a))),
+        rate: n as f64 / timed.wall.as_secs_f64(),
+        cpu_us: per_message(timed.cpu_ns),
+        server_us: timed.server_ns.map(per_message),
         latency,
+    }
+}
+
+/// The start of a timed section: wall clock, this process's CPU time and
+/// the broker's.
+struct Clock {
+    wall: Instant,
+    cpu_ns: u64,
+    server_ns: Option<u64>,
+}
+
+/// What a timed section took.
+struct Timed {
+    wall: Duration,
+    cpu_ns: u64,
+    server_ns: Option<u64>,
+}
+
+impl Clock {
+    fn start() -> Clock {
+        // Reading `/proc` allocates: before the clock starts.
+        let (cpu_ns, server_ns) = (cpu_ns(), server_cpu_ns());
+        Clock {
+            wall: Instant::now(),
+            cpu_ns,
+            server_ns,
+        }
+    }
+
+    fn stop(&self) -> Timed {
+        // The clock stops before `/proc` is read.
+        let wall = self.wall.elapsed();
+        Timed {
+            wall,
+            cpu_ns: cpu_ns().saturating_sub(self.cpu_ns),
+            server_ns: self
+                .server_ns
+                .zip(server_cpu_ns())
+                .map(|(before, after)| after.saturating_sub(before)),
+        }
     }
 }
 
@@ -747,8 +784,8 @@ impl Case {
     }
 }
 
-fn timed(d: Duration) -> (Duration, Option<(u64, u64)>) {
-    (d, None)
+fn timed(t: Timed) -> (Timed, Option<(u64, u64)>) {
+    (t, None)
 }
 
 async fn run() {
