@@ -140,6 +140,26 @@ where
     map
 }
 
+thread_local! {
+    /// The default source and the JSON content type, shared by the events
+    /// made on this thread instead of allocated for each.
+    static SHARED: (Arc<str>, Arc<str>) = (Arc::from(DEFAULT_SOURCE), Arc::from(APPLICATION_JSON));
+}
+
+/// The default `source`, shared.
+fn default_source() -> Arc<str> {
+    SHARED
+        .try_with(|(source, _)| source.clone())
+        .unwrap_or_else(|_| Arc::from(DEFAULT_SOURCE))
+}
+
+/// `application/json`, shared.
+fn application_json() -> Arc<str> {
+    SHARED
+        .try_with(|(_, json)| json.clone())
+        .unwrap_or_else(|_| Arc::from(APPLICATION_JSON))
+}
+
 fn new_id() -> Arc<str> {
     let mut buf = uuid::Uuid::encode_buffer();
     Arc::from(&*uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf))
@@ -151,7 +171,7 @@ impl Event {
     pub fn new(ty: impl Into<Arc<str>>, data: serde_json::Value) -> Event {
         // Serialising a `Value` cannot fail: its map keys are strings.
         let data = serde_json::to_vec(&data).unwrap_or_else(|_| b"null".to_vec());
-        Event::from_parts(ty.into(), Some(APPLICATION_JSON.into()), Some(data.into()), true)
+        Event::from_parts(ty.into(), Some(application_json()), Some(data.into()), true)
     }
 
     /// A JSON event whose data is any serialisable value.
@@ -163,7 +183,7 @@ impl Event {
         let data = serde_json::to_vec(data).map_err(|e| Error::from_source(ErrorKind::Encode, e))?;
         Ok(Event::from_parts(
             ty.into(),
-            Some(APPLICATION_JSON.into()),
+            Some(application_json()),
             Some(data.into()),
             true,
         ))
@@ -200,7 +220,7 @@ impl Event {
         Event::assemble(Inner {
             id: new_id(),
             ty,
-            source: Arc::from(DEFAULT_SOURCE),
+            source: default_source(),
             time: Some(OffsetDateTime::now_utc()),
             subject: None,
             datacontenttype,
@@ -679,7 +699,7 @@ impl EventBuilder {
     pub fn json<T: Serialize + ?Sized>(mut self, data: &T) -> Result<Self, Error> {
         let data = serde_json::to_vec(data).map_err(|e| Error::from_source(ErrorKind::Encode, e))?;
         self.event
-            .set_data_raw(Some(APPLICATION_JSON.into()), Some(data.into()), true);
+            .set_data_raw(Some(application_json()), Some(data.into()), true);
         Ok(self)
     }
 
@@ -769,6 +789,28 @@ pub(crate) mod tests {
         assert!(e.time().is_some());
         assert_eq!(e.data().map(|d| &d[..]), Some(&br#"{"user_id":123}"#[..]));
         assert!(e.validate().is_ok());
+    }
+
+    /// The default source and the JSON content type are shared by the
+    /// events made on a thread, not allocated for each; changing one
+    /// event's leaves the others as they were.
+    #[test]
+    fn default_source_and_json_content_type_are_shared() {
+        let a = Event::new("a", serde_json::json!(1));
+        let b = Event::try_json("b", &2).unwrap();
+        let mut c = Event::builder("c").json(&3).unwrap().build().unwrap();
+        assert!(Arc::ptr_eq(&a.inner.source, &b.inner.source));
+        assert!(Arc::ptr_eq(&a.inner.source, &c.inner.source));
+        for other in [&b, &c] {
+            let (x, y) = (&a.inner.datacontenttype, &other.inner.datacontenttype);
+            assert!(matches!((x, y), (Some(x), Some(y)) if Arc::ptr_eq(x, y)));
+        }
+        c.set_source("/elsewhere");
+        assert_eq!(
+            (a.source(), b.source(), c.source()),
+            (DEFAULT_SOURCE, DEFAULT_SOURCE, "/elsewhere")
+        );
+        assert_eq!(a.datacontenttype(), Some(APPLICATION_JSON));
     }
 
     #[test]
