@@ -227,26 +227,31 @@
 //!
 //! | case | raw msgs/s | publisher, structured | publisher, binary | 4-layer stack, structured | 4-layer stack, binary |
 //! |---|--:|--:|--:|--:|--:|
-//! | core publish | 1.58 M | 0.60 | 0.11 | 0.58 | 0.10 |
-//! | JetStream publish, 1,024 in flight | 181 k | 0.64 | 0.59 | 0.57 | 0.61 |
-//! | JetStream publish, [`deduplicate`](JetStreamPublisher::deduplicate)`(false)` | 181 k | 0.98 | – | 0.90 | – |
-//! | JetStream consume, each message acked (subscriber through `serve`) | 158 k | 0.91 | – | – | – |
-//! | publish → handler round trip (through `serve`) | 809 k | 0.55 | 0.22 | – | – |
+//! | core publish | 1.23 M | 0.85 | 0.12 | 0.57 | 0.10 |
+//! | JetStream publish, 1,024 in flight | 141 k | 0.61 | 0.61 | 0.54 | 0.48 |
+//! | JetStream publish, [`deduplicate`](JetStreamPublisher::deduplicate)`(false)` | 141 k | 0.93 | – | 0.79 | – |
+//! | JetStream consume, each message acked (subscriber through `serve`) | 140 k | 0.81 | – | – | – |
+//! | publish → handler round trip (through `serve`) | 691 k | 0.58 | 0.26 | – | – |
 //!
-//! Throughput swings with the machine's load; CPU time per message (all
-//! threads of the process, its setup included) is steadier. Core publish:
-//! raw 1.5 µs, raw with one header 2.8, raw with eight `ce-` headers 7.3;
-//! the publisher 1.5–2.0 structured (its bodies share blocks of memory, so
-//! neither encoding nor the connection's writer allocates or frees one per
-//! event), 7.0 binary; the stack 1.8.
-//! JetStream: raw 4.0–4.6 µs, raw with only `Nats-Msg-Id` 5.1–6.3, raw with
-//! the `ce-` block 8.3–8.8; the publisher 4.4–5.1, 4.1–4.4 without the
-//! dedup id. Any one
-//! header caps the rate at about three quarters of raw's on JetStream (a
-//! header of another name measured the same as `Nats-Msg-Id`, and the
-//! publisher, spending less CPU than raw, is held to the same pace: the
-//! cost is in carrying a header block, not in the server's duplicate
-//! tracking). The dedup id is on by default,
+//! Throughput swings with the machine's load; CPU time per message over
+//! the timed section is steadier, the bench process's (all its threads)
+//! and the broker's, read from `/proc` beside each side.
+//! Core publish: raw 0.80 µs (the broker 0.43), raw with one header 2.3,
+//! raw with eight `ce-` headers 7.7; the publisher 1.2 structured (its
+//! bodies share blocks of memory, so neither encoding nor the connection's
+//! writer allocates or frees one per event), 7.6 binary; the stack 2.1.
+//! JetStream publish: the broker stores a stream's messages one after
+//! another, and its CPU time per message is the inverse of the rate on
+//! every side: 7.0 µs for raw's bare bodies (141 k/s), 10.7 with only
+//! `Nats-Msg-Id` (95 k/s), 13.2 with the `ce-` block as well (71 k/s),
+//! 11.8 for the publisher's structured events (90 k/s), 7.6 for them
+//! without the dedup id (136 k/s). The client spends 4.4 µs raw, 7.2 raw
+//! with `Nats-Msg-Id`, 7.2 for the publisher, 5.0 without the dedup id:
+//! the header's cost is the broker's, and no client can publish a header
+//! to JetStream faster than the broker stores it (in a separate run a
+//! header of another name cost the broker 6.9 µs against 6.1 without a
+//! header and 7.8 with `Nats-Msg-Id`: about half is carrying a header,
+//! half tracking duplicates). The dedup id is on by default,
 //! because it is what makes a retried publish safe;
 //! [`JetStreamPublisher::deduplicate`]`(false)` leaves it out, and a
 //! structured event then goes out as a bare body, as the raw client's.
@@ -258,14 +263,12 @@
 //! the answers, expires the callers that waited past the
 //! [request timeout](NatsConfig::request_timeout) and fails the waiting
 //! ones at once when the connection drops (their answers are lost with
-//! it). That took the publisher's CPU time per event from 5.7 µs to 4.4–5.0
-//! (raw async-nats with `Nats-Msg-Id`: 5.1–5.5).
+//! it).
 //! JetStream consume (a new pull consumer reading 50,000 stored events,
-//! each acknowledged): raw async-nats's pull stream 2.3–2.7 µs per message,
-//! the subscriber through `serve` 2.7–2.9, which includes parsing each
-//! message's `Nats-Msg-Id` header that raw's messages do not carry; raw
-//! reading messages that carry it spends 2.8 µs and makes 0.92 of raw's
-//! rate, the subscriber 0.93 in the same rounds.
+//! each acknowledged): raw async-nats's pull stream 3.0 µs per message
+//! (the broker 8.0), raw reading messages that carry `Nats-Msg-Id` 4.6
+//! (9.4) at 0.82 of raw's rate, the subscriber through `serve` 3.8 (11.7)
+//! at 0.81: the header costs both sides alike.
 //! Subscriptions pull with a request loop of their own: async-nats's pull
 //! stream counts a request only once it is handed to the connection, so
 //! messages answering it before that are lost to the count, and a reader
@@ -273,23 +276,24 @@
 //! default; one run in about twenty of 2,000 events on this machine);
 //! here a request is owed from the moment it is made, settlements are
 //! published to the message's reply subject without a JetStream context
-//! per message (3.1 µs per message before, 2.8 after).
-//! Round trip: raw 1.9–2.0 µs, structured 2.6, binary 7.5–7.8, and the
-//! latency from publish to handler at p99 20.5–23.8 ms structured and
-//! 149–169 ms binary against raw's 19.4–23.4 ms: the consumer, which
-//! decodes and dispatches every event, keeps 0.6–0.76 of the raw loop's
+//! per message.
+//! Round trip: raw 1.5 µs (the broker 1.1), structured 2.9 (1.5), binary
+//! 8.0 (2.3), the raw client publishing into `serve` 2.5 (1.2); latency
+//! from publish to handler at p99 69 ms structured against raw's 22 ms in
+//! this run (20.5 against 23.4 in the one before): the consumer, which
+//! decodes and dispatches every event, keeps 0.6–0.9 of the raw loop's
 //! pace with the raw client publishing, and falls behind a publisher that
-//! does not wait, so events queue. In process: a structured event encodes in 0.12–0.14 µs and
-//! decodes in 0.3 µs (the envelope encoders write is read by hand, repeated
-//! `type`, `source` and `datacontenttype` strings are shared, and any
-//! other JSON goes through `serde_json`); an async-nats header map of
-//! eight entries takes 1.0 µs to build, 0.44 µs to clone.
+//! does not wait, so events queue. In process: a structured event encodes
+//! in 0.12 µs and decodes in 0.38 µs (the envelope encoders write is read
+//! by hand, repeated `type`, `source` and `datacontenttype` strings are
+//! shared, and any other JSON goes through `serde_json`); an async-nats
+//! header map of eight entries takes 1.2 µs to build, 0.56 µs to clone.
 //!
 //! Under `watchtower-layers`' backpressure layer, set
 //! `BackpressureLayer::direct(true)` over these publishers: they hand their
 //! work to the connection's task already, and without it each event makes
-//! a round trip through the layer's worker task (17–19 µs CPU per event
-//! when each publish is awaited before the next, against 2.4 µs with it).
+//! a round trip through the layer's worker task (8.5 µs CPU per event
+//! when each publish is awaited before the next, against 2.1 µs with it).
 //!
 //! Binary mode remains for consumers that route or filter on headers
 //! without reading bodies. Its header names are built once; the headers
